@@ -1,0 +1,1 @@
+//! Images: shared content-addressed cache, catalog, downloads, per-VM overlays.

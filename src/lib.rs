@@ -1,0 +1,18 @@
+//! nox: cloud-image VMs on plain qemu + KVM, no libvirt.
+//!
+//! The binary (`src/main.rs`) is a thin shell around [`cli::main`]; every
+//! module here is usable on its own by tests and other programs.
+
+pub mod cli;
+pub mod firmware;
+pub mod image;
+pub mod net;
+pub mod qemu;
+pub mod qmp;
+pub mod seed;
+pub mod spec;
+pub mod sshkeys;
+pub mod state;
+pub mod store;
+pub mod supervisor;
+pub mod systemd;

@@ -1,0 +1,5 @@
+//! Networking: user-mode (slirp) port forwards and bridged taps.
+
+pub mod bridge;
+pub mod discover;
+pub mod tap;
