@@ -1,1 +1,352 @@
-//! TODO
+//! The VM's desired configuration and its validation.
+//!
+//! Everything here is pure: the CLI turns flags into a [`VmSpec`] through
+//! these functions, and the spec is what the rest of nox reads.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Longest name accepted: a DNS label (the name becomes the guest's hostname).
+pub const MAX_NAME_LEN: usize = 63;
+/// Smallest memory a cloud image boots in with cloud-init.
+pub const MIN_MEMORY: u64 = 128 << 20;
+/// Largest disk nox accepts; anything bigger is almost certainly a typo.
+pub const MAX_DISK: u64 = 64 << 40;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("invalid VM name {name:?}: {why}")]
+    Name { name: String, why: &'static str },
+    #[error("invalid {what} {value:?}: {why}")]
+    Size {
+        what: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("invalid --cpus {0}: must be between 1 and {1} (this host's CPUs)")]
+    Cpus(u32, u32),
+    #[error("invalid user name {0:?}: use lowercase letters, digits, '-' or '_', starting with a letter (max 32)")]
+    User(String),
+    #[error("invalid --network {0:?}: use 'user', 'bridge' or 'bridge:NAME'")]
+    Network(String),
+}
+
+/// Which accelerator the user asked for; [`crate::qemu::Accel`] is what was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelRequest {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// How the VM is attached to the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum NetworkSpec {
+    /// QEMU user-mode networking with an SSH port forward on 127.0.0.1.
+    User,
+    /// A tap on a host bridge.
+    Bridge { bridge: String },
+}
+
+impl NetworkSpec {
+    pub fn parse(s: &str) -> Result<NetworkSpec, SpecError> {
+        match s.split_once(':') {
+            None if s == "user" => Ok(NetworkSpec::User),
+            None if s == "bridge" => Ok(NetworkSpec::Bridge {
+                bridge: "br0".into(),
+            }),
+            Some(("bridge", br)) if valid_ifname(br) => Ok(NetworkSpec::Bridge {
+                bridge: br.into(),
+            }),
+            _ => Err(SpecError::Network(s.into())),
+        }
+    }
+}
+
+fn valid_ifname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && s != "."
+        && s != ".."
+}
+
+/// The base image a VM was created from, referenced by digest so that a
+/// changed upstream "latest" never changes an existing VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    /// What the user asked for (file path, catalog name or URL).
+    pub source: String,
+    /// `sha256:<hex>` of the cached base.
+    pub digest: String,
+    /// The cached base file (read-only, shared).
+    pub path: std::path::PathBuf,
+    /// Format of the base (`qcow2` or `raw`).
+    pub format: String,
+}
+
+/// A VM's desired configuration, saved as `spec.json` in its state directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub image: ImageRef,
+    /// Guest architecture: `amd64` or `arm64`.
+    pub arch: String,
+    pub cpus: u32,
+    /// Bytes.
+    pub memory: u64,
+    /// Bytes (virtual size of the overlay).
+    pub disk: u64,
+    /// Login user created in the guest.
+    pub user: String,
+    pub accel: AccelRequest,
+    pub network: NetworkSpec,
+    /// Locally administered MAC, stable for the VM's life.
+    pub mac: String,
+    /// Public keys authorised for `user` (OpenSSH lines), nox's own per-VM key first.
+    pub ssh_authorized_keys: Vec<String>,
+    /// Private key nox should use for `nox ssh` when the user brought their own
+    /// key pair (the file beside the `.pub` they gave); else the per-VM key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_identity: Option<std::path::PathBuf>,
+    /// Seconds `stop` waits for an ACPI powerdown before escalating.
+    pub stop_timeout: u64,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+}
+
+/// Checks a VM name: a DNS label in lowercase, so it is safe as a hostname,
+/// a directory name and part of a unit name.
+pub fn validate_name(name: &str) -> Result<(), SpecError> {
+    let err = |why| {
+        Err(SpecError::Name {
+            name: name.into(),
+            why,
+        })
+    };
+    if name.is_empty() {
+        return err("it is empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return err("longer than 63 characters (it becomes the guest's hostname)");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return err("use only lowercase letters, digits and '-'");
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return err("it must not start or end with '-'");
+    }
+    Ok(())
+}
+
+/// A readable, unique-enough name for `nox create` without NAME.
+pub fn generated_name() -> String {
+    format!("nox-{:08x}", rand::random::<u32>())
+}
+
+pub fn validate_user(user: &str) -> Result<(), SpecError> {
+    let ok = !user.is_empty()
+        && user.len() <= 32
+        && user.as_bytes()[0].is_ascii_lowercase()
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && user != "root";
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::User(user.into()))
+    }
+}
+
+/// Parses a size such as `512M`, `1G`, `1.5GiB`, `10G`. K/M/G/T are binary
+/// (as in qemu). A bare number is refused: `--memory 1024` is ambiguous
+/// between qemu's MiB and qemu-img's bytes.
+pub fn parse_size(what: &'static str, value: &str) -> Result<u64, SpecError> {
+    let err = |why: String| SpecError::Size {
+        what,
+        value: value.into(),
+        why,
+    };
+    let v = value.trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(err(format!("add a unit, e.g. {v}M or {v}G")));
+    }
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(v)
+        .map_err(|e| err(format!("{e} (use e.g. 512M, 2G)")))
+}
+
+/// Memory: at least [`MIN_MEMORY`], at most what the host has.
+pub fn parse_memory(value: &str, host_total: Option<u64>) -> Result<u64, SpecError> {
+    let bytes = parse_size("--memory", value)?;
+    let err = |why: String| SpecError::Size {
+        what: "--memory",
+        value: value.into(),
+        why,
+    };
+    if bytes < MIN_MEMORY {
+        return Err(err("at least 128M is needed to boot a cloud image".into()));
+    }
+    if let Some(total) = host_total
+        && bytes > total
+    {
+        return Err(err(format!(
+            "more than this host's {} MiB of memory",
+            total >> 20
+        )));
+    }
+    Ok(bytes & !((1 << 20) - 1))
+}
+
+/// Disk: at least 1 GiB, at most [`MAX_DISK`]; the base image's own size is
+/// checked when the overlay is made.
+pub fn parse_disk(value: &str) -> Result<u64, SpecError> {
+    let bytes = parse_size("--disk", value)?;
+    let err = |why: String| SpecError::Size {
+        what: "--disk",
+        value: value.into(),
+        why,
+    };
+    if bytes < 1 << 30 {
+        return Err(err("at least 1G".into()));
+    }
+    if bytes > MAX_DISK {
+        return Err(err("more than 64T".into()));
+    }
+    Ok(bytes)
+}
+
+pub fn validate_cpus(cpus: u32, host_cpus: u32) -> Result<u32, SpecError> {
+    if cpus == 0 || cpus > host_cpus.max(1) {
+        return Err(SpecError::Cpus(cpus, host_cpus.max(1)));
+    }
+    Ok(cpus)
+}
+
+/// Total memory of the host from /proc/meminfo.
+pub fn host_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+pub fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
+/// The host's architecture in Debian's naming.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["demo", "a", "web-1", "nox-3f9a1c2d", &"a".repeat(63)] {
+            validate_name(ok).unwrap();
+        }
+        let bad = [
+            ("", "empty"),
+            ("Demo", "lowercase"),
+            ("-x", "start"),
+            ("x-", "end"),
+            ("a_b", "lowercase"),
+            ("../etc", "lowercase"),
+            ("a/b", "lowercase"),
+            (".", "lowercase"),
+            ("a b", "lowercase"),
+            ("é", "lowercase"),
+        ];
+        for (name, why) in bad {
+            let e = validate_name(name).unwrap_err().to_string();
+            assert!(e.contains(why), "{name}: {e}");
+        }
+        let long = "a".repeat(64);
+        assert!(validate_name(&long).unwrap_err().to_string().contains("63"));
+    }
+
+    #[test]
+    fn generated_names_are_valid_and_distinct() {
+        let a = generated_name();
+        validate_name(&a).unwrap();
+        assert!(a.starts_with("nox-") && a.len() == 12);
+        assert_ne!(a, generated_name());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("--memory", "1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("--memory", "512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("--memory", "1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_disk("10G").unwrap(), 10 << 30);
+        for bad in ["10Q", "", "abc", "-1G", "1024"] {
+            assert!(parse_size("--memory", bad).is_err(), "{bad}");
+        }
+        assert!(
+            parse_size("--memory", "1024")
+                .unwrap_err()
+                .to_string()
+                .contains("1024M")
+        );
+        assert!(
+            parse_memory("0G", None)
+                .unwrap_err()
+                .to_string()
+                .contains("128M")
+        );
+        let e = parse_memory("64G", Some(8 << 30)).unwrap_err().to_string();
+        assert!(e.contains("8192 MiB"), "{e}");
+        assert_eq!(parse_memory("1G", Some(8 << 30)).unwrap(), 1 << 30);
+        assert!(parse_disk("100M").is_err());
+        assert!(parse_disk("100T").is_err());
+    }
+
+    #[test]
+    fn cpus_and_users() {
+        assert!(validate_cpus(0, 2).is_err());
+        assert!(validate_cpus(3, 2).is_err());
+        assert_eq!(validate_cpus(2, 2).unwrap(), 2);
+        validate_user("debian").unwrap();
+        for bad in ["", "Root", "root", "1abc", "a b", "a;b", &"a".repeat(33)] {
+            assert!(validate_user(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn networks() {
+        assert_eq!(NetworkSpec::parse("user").unwrap(), NetworkSpec::User);
+        assert_eq!(
+            NetworkSpec::parse("bridge").unwrap(),
+            NetworkSpec::Bridge {
+                bridge: "br0".into()
+            }
+        );
+        assert_eq!(
+            NetworkSpec::parse("bridge:lan0").unwrap(),
+            NetworkSpec::Bridge {
+                bridge: "lan0".into()
+            }
+        );
+        for bad in ["", "tap", "bridge:", "bridge:../x/y", "bridge:waytoolongname01"] {
+            assert!(NetworkSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
