@@ -1,2 +1,533 @@
-//! TODO
-pub fn main() -> i32 { 0 }
+//! Command-line definitions and dispatch; all printing happens here.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::spec::AccelRequest;
+use crate::state::Phase;
+use crate::store::Store;
+use crate::vm::{self, CreateOptions, Started, Stopped};
+use crate::{qemu, ssh, supervisor};
+
+#[derive(Parser, Debug)]
+#[command(name = "nox", version, about = "Cloud-image VMs on qemu + KVM, without libvirt")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Define a VM from a cloud image and (unless --no-start) start it
+    Create(CreateArgs),
+    /// Start a stopped VM
+    Start {
+        name: String,
+        /// Return only once SSH answers and cloud-init is done
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Power a VM off (ACPI), forcing it after --timeout seconds
+    Stop {
+        name: String,
+        /// Do not wait for the guest: quit qemu at once
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Stop then start a VM
+    Restart {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Delete a stopped VM (--force: also a running one)
+    #[command(alias = "rm")]
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// List VMs
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a VM
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// SSH into a VM (the host key is pinned; no trust-on-first-use)
+    Ssh {
+        name: String,
+        /// Command to run instead of a shell
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Attach to a VM's serial console (Ctrl-] detaches)
+    Console { name: String },
+    /// Print a VM's serial console log
+    Logs {
+        name: String,
+        /// Keep printing new output
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Check this host: qemu, accelerator, /dev/net/tun, state directory
+    Doctor,
+    /// Run a VM's supervisor in the foreground (what nox@NAME.service runs)
+    Run { name: String },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    /// VM name (DNS label); generated when omitted
+    pub name: Option<String>,
+    /// Local qcow2/raw file or catalog name
+    #[arg(long, default_value = "debian-13")]
+    pub image: String,
+    /// Guest architecture (amd64, arm64); the host's by default
+    #[arg(long)]
+    pub arch: Option<String>,
+    #[arg(long, default_value_t = default_cpus())]
+    pub cpus: u32,
+    #[arg(long, default_value = "1G")]
+    pub memory: String,
+    #[arg(long, default_value = "10G")]
+    pub disk: String,
+    /// Public key file to authorise (repeatable); default ~/.ssh/id_*.pub
+    #[arg(long = "ssh-key")]
+    pub ssh_key: Vec<PathBuf>,
+    /// Login user created in the guest
+    #[arg(long, default_value = "nox")]
+    pub user: String,
+    /// Extra cloud-init user-data (#cloud-config or a #! script), merged with nox's
+    #[arg(long)]
+    pub user_data: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = AccelRequest::Auto)]
+    pub accel: AccelRequest,
+    /// user, bridge or bridge:NAME
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Only define the VM
+    #[arg(long)]
+    pub no_start: bool,
+    /// Return only once SSH answers and cloud-init is done
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds to wait for start and --wait
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Seconds `stop` waits for the guest to power off before forcing it
+    #[arg(long, default_value_t = 60)]
+    pub stop_timeout: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn default_cpus() -> u32 {
+    crate::spec::host_cpus().min(2)
+}
+
+/// Entry point of the binary: runs the command, prints errors with their
+/// causes, returns the exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let is_run = matches!(cli.cmd, Cmd::Run { .. });
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NOX_LOG")
+        .unwrap_or_else(|_| if is_run { "info" } else { "warn" }.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    // One thread is plenty (the supervisor waits on a handful of fds) and
+    // keeps the supervisor small.
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            1
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<i32> {
+    let store = Store::from_env()?;
+    match cli.cmd {
+        Cmd::Create(a) => create(&store, a).await,
+        Cmd::Start {
+            name,
+            wait,
+            timeout,
+        } => {
+            start(&store, &name, wait, timeout)?;
+            Ok(0)
+        }
+        Cmd::Stop {
+            name,
+            force,
+            timeout,
+        } => {
+            stop(&store, &name, force, timeout).await?;
+            Ok(0)
+        }
+        Cmd::Restart {
+            name,
+            wait,
+            timeout,
+        } => {
+            let spec = store.vm(&name)?.load_spec()?;
+            stop(&store, &name, false, spec.stop_timeout).await?;
+            start(&store, &name, wait, timeout)?;
+            Ok(0)
+        }
+        Cmd::Delete { name, force } => {
+            vm::delete(&store, &name, force)
+                .await
+                .with_context(|| format!("cannot delete {name}"))?;
+            println!("Deleted {name}");
+            Ok(0)
+        }
+        Cmd::List { json } => list(&store, json),
+        Cmd::Info { name, json } => {
+            let vmp = store.vm(&name)?;
+            let info = vm::info(&vmp)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print_info(&info);
+            }
+            Ok(0)
+        }
+        Cmd::Ssh { name, command } => ssh_exec(&store, &name, &command),
+        Cmd::Console { name } => console(&store, &name),
+        Cmd::Logs { name, follow } => logs(&store, &name, follow),
+        Cmd::Doctor => doctor(&store),
+        Cmd::Run { name } => match vm::run(&store, &name).await {
+            Ok(supervisor::Outcome::Stopped(r)) => {
+                tracing::info!("{name} stopped ({r})");
+                Ok(0)
+            }
+            Ok(supervisor::Outcome::Crashed(r)) => {
+                tracing::error!("{name} crashed: {r}");
+                Ok(1)
+            }
+            Err(supervisor::SupervisorError::AlreadyRunning(n)) => {
+                eprintln!("{n} is already running");
+                Ok(supervisor::EXIT_ALREADY_RUNNING)
+            }
+            Err(e) => Err(e).with_context(|| format!("supervisor of {name}")),
+        },
+    }
+}
+
+async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
+    let opts = CreateOptions {
+        name: a.name,
+        image: a.image,
+        arch: a.arch,
+        cpus: a.cpus,
+        memory: a.memory,
+        disk: a.disk,
+        ssh_keys: a.ssh_key,
+        user: a.user,
+        user_data: a.user_data,
+        accel: a.accel,
+        network: a.network,
+        stop_timeout: a.stop_timeout,
+    };
+    let spec = vm::create(store, &opts).await.context("cannot create the VM")?;
+    let name = spec.name.clone();
+    if !a.json {
+        println!(
+            "Created {name} ({}, {} CPUs, {} MiB, {} GiB disk)",
+            spec.image.source,
+            spec.cpus,
+            spec.memory >> 20,
+            spec.disk >> 30
+        );
+    }
+    if !a.no_start {
+        start_quiet(store, &name, a.wait, a.timeout, a.json)?;
+    }
+    if a.json {
+        let info = vm::info(&store.vm(&name)?)?;
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    }
+    Ok(0)
+}
+
+fn start(store: &Store, name: &str, wait: bool, timeout: u64) -> Result<()> {
+    start_quiet(store, name, wait, timeout, false)
+}
+
+fn start_quiet(store: &Store, name: &str, wait: bool, timeout: u64, quiet: bool) -> Result<()> {
+    let t = Duration::from_secs(timeout);
+    let vmp = store.vm(name)?;
+    if let Some(w) = accel_warning(&vmp)? {
+        eprintln!("{w}");
+    }
+    match vm::start(store, name, t).with_context(|| format!("cannot start {name}"))? {
+        Started::AlreadyRunning if !quiet => println!("{name} is already running"),
+        Started::Now if !quiet => println!("Started {name}"),
+        _ => {}
+    }
+    if wait {
+        let spec = vmp.load_spec()?;
+        ssh::wait_ready(&spec, &vmp, t, || crate::state::load(&vmp).ok())
+            .with_context(|| format!("{name} is not ready"))?;
+        if !quiet {
+            println!("{name} is ready: nox ssh {name}");
+        }
+    }
+    Ok(())
+}
+
+/// The one-line warning when `auto` falls back to TCG.
+fn accel_warning(vmp: &crate::store::VmPaths) -> Result<Option<String>> {
+    let spec = vmp.load_spec()?;
+    let c = qemu::choose_accel(spec.accel, &spec.arch, &qemu::probe_kvm())?;
+    Ok(c.warning)
+}
+
+async fn stop(store: &Store, name: &str, force: bool, timeout: u64) -> Result<()> {
+    match vm::stop(store, name, force, Duration::from_secs(timeout))
+        .await
+        .with_context(|| format!("cannot stop {name}"))?
+    {
+        Stopped::AlreadyStopped => println!("{name} is already stopped"),
+        Stopped::Gracefully => println!("Stopped {name}"),
+        Stopped::Forced(why) => println!("Stopped {name} ({why})"),
+    }
+    Ok(())
+}
+
+fn list(store: &Store, json: bool) -> Result<i32> {
+    let mut infos = vec![];
+    for name in store.list()? {
+        // A VM deleted meanwhile is simply not listed.
+        if let Ok(info) = store.vm(&name).map_err(anyhow::Error::from).and_then(|v| Ok(vm::info(&v)?)) {
+            infos.push(info);
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&infos)?);
+        return Ok(0);
+    }
+    println!("{:<24} {:<9} {:>4} {:>7} {:<16} SSH", "NAME", "STATE", "CPUS", "MEMORY", "IP");
+    for i in infos {
+        let ssh = match (&i.ssh.host, i.ssh.port) {
+            (Some(h), Some(p)) => format!("{}@{h}:{p}", i.ssh.user),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<24} {:<9} {:>4} {:>6}M {:<16} {ssh}",
+            i.name,
+            i.state.as_str(),
+            i.cpus,
+            i.memory >> 20,
+            i.ip.as_deref().unwrap_or("-"),
+        );
+    }
+    Ok(0)
+}
+
+fn print_info(i: &vm::VmInfo) {
+    println!("name:     {}", i.name);
+    match &i.reason {
+        Some(r) => println!("state:    {} ({r})", i.state),
+        None => println!("state:    {}", i.state),
+    }
+    println!("image:    {} ({})", i.image.source, i.image.digest);
+    println!("arch:     {}", i.arch);
+    println!("cpus:     {}", i.cpus);
+    println!("memory:   {} MiB", i.memory >> 20);
+    println!("disk:     {} GiB", i.disk >> 30);
+    if let Some(a) = &i.accel {
+        println!("accel:    {a}");
+    }
+    println!("network:  {} (mac {})", i.network, i.mac);
+    if let Some(ip) = &i.ip {
+        println!("ip:       {ip}");
+    }
+    if let (Some(h), Some(p)) = (&i.ssh.host, i.ssh.port) {
+        println!("ssh:      {}@{h} port {p} (nox ssh {})", i.ssh.user, i.name);
+    }
+    if let Some(p) = i.pid {
+        println!("pid:      {p} (qemu {})", i.qemu_pid.unwrap_or(0));
+    }
+}
+
+fn ssh_exec(store: &Store, name: &str, command: &[String]) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let vmp = store.vm(name)?;
+    let spec = vmp.load_spec()?;
+    let st = crate::state::load(&vmp)?;
+    let ep = match (st.state, ssh::endpoint(&st)) {
+        (Phase::Running, Some(ep)) => ep,
+        (s, _) => bail!("{name} is {s}; start it with `nox start {name}`"),
+    };
+    let a = ssh::argv(&spec, &vmp, &ep, false, command);
+    let err = std::process::Command::new(&a[0]).args(&a[1..]).exec();
+    Err(err).context("cannot run ssh (Debian: apt install openssh-client)")
+}
+
+/// Restores the terminal mode when the console session ends.
+struct RawMode(Option<(std::os::fd::OwnedFd, nix::sys::termios::Termios)>);
+
+impl RawMode {
+    fn enter() -> RawMode {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let Ok(fd) = std::io::stdin().as_fd_owned() else {
+            return RawMode(None);
+        };
+        let Ok(orig) = tcgetattr(&fd) else {
+            return RawMode(None);
+        };
+        let mut raw = orig.clone();
+        cfmakeraw(&mut raw);
+        if tcsetattr(&fd, SetArg::TCSANOW, &raw).is_err() {
+            return RawMode(None);
+        }
+        RawMode(Some((fd, orig)))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some((fd, orig)) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(fd, nix::sys::termios::SetArg::TCSANOW, orig);
+        }
+    }
+}
+
+trait AsFdOwned {
+    fn as_fd_owned(&self) -> std::io::Result<std::os::fd::OwnedFd>;
+}
+
+impl AsFdOwned for std::io::Stdin {
+    fn as_fd_owned(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.as_fd().try_clone_to_owned()
+    }
+}
+
+fn console(store: &Store, name: &str) -> Result<i32> {
+    let vmp = store.vm(name)?;
+    let sock = std::os::unix::net::UnixStream::connect(vmp.serial_socket())
+        .with_context(|| format!("cannot attach to {name}'s console (is it running?)"))?;
+    eprintln!("Connected to {name}'s serial console; Ctrl-] detaches.\r");
+    let mut out = sock.try_clone()?;
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut out, &mut std::io::stdout());
+    });
+    let _raw = RawMode::enter();
+    let mut sock = sock;
+    let mut buf = [0u8; 1024];
+    let mut stdin = std::io::stdin();
+    loop {
+        let n = stdin.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if let Some(pos) = buf[..n].iter().position(|b| *b == 0x1d) {
+            sock.write_all(&buf[..pos])?;
+            break;
+        }
+        sock.write_all(&buf[..n])?;
+    }
+    drop(_raw);
+    eprintln!("\nDetached from {name}'s console.");
+    Ok(0)
+}
+
+fn logs(store: &Store, name: &str, follow: bool) -> Result<i32> {
+    let vmp = store.vm(name)?;
+    let path = vmp.console_log();
+    let mut pos = 0u64;
+    let mut out = std::io::stdout();
+    loop {
+        if let Ok(mut f) = std::fs::File::open(&path) {
+            use std::io::Seek;
+            f.seek(std::io::SeekFrom::Start(pos))?;
+            pos += std::io::copy(&mut f, &mut out)?;
+            out.flush()?;
+        } else if !follow {
+            eprintln!("{name} has no console log yet");
+        }
+        if !follow {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn doctor(store: &Store) -> Result<i32> {
+    let mut failed = false;
+    let mut line = |ok: bool, what: &str, detail: String| {
+        println!("{} {what}: {detail}", if ok { "ok  " } else { "FAIL" });
+        failed |= !ok;
+    };
+    let arch = qemu::arch_facts(crate::spec::host_arch())?;
+    match qemu::find_binary(arch) {
+        Ok(bin) => {
+            let version = std::process::Command::new(&bin)
+                .arg("--version")
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .and_then(|s| s.lines().next().map(String::from))
+                .unwrap_or_else(|| "version unknown".into());
+            line(true, "qemu", format!("{} ({version})", bin.display()));
+        }
+        Err(e) => line(false, "qemu", e.to_string()),
+    }
+    match qemu::which("qemu-img") {
+        Some(p) => line(true, "qemu-img", p.display().to_string()),
+        None => line(false, "qemu-img", "not found (Debian: apt install qemu-utils)".into()),
+    }
+    let kvm = qemu::probe_kvm();
+    let c = qemu::choose_accel(AccelRequest::Auto, arch.name, &kvm)?;
+    println!("ok   accelerator: {} ({})", c.accel.as_str(), c.why);
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun");
+    println!(
+        "{} /dev/net/tun: {}",
+        if tun.is_ok() { "ok  " } else { "warn" },
+        match tun {
+            Ok(_) => "usable (bridged networking possible)".into(),
+            Err(e) => format!("{e} (only user-mode networking)"),
+        }
+    );
+    match store.init() {
+        Ok(()) => line(true, "state", store.root().display().to_string()),
+        Err(e) => line(false, "state", e.to_string()),
+    }
+    match qemu::which("ssh") {
+        Some(p) => line(true, "ssh client", p.display().to_string()),
+        None => line(false, "ssh client", "not found (Debian: apt install openssh-client)".into()),
+    }
+    Ok(if failed { 1 } else { 0 })
+}

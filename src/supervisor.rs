@@ -1,1 +1,361 @@
-//! TODO
+//! The per-VM supervisor (`nox run NAME`): owns the VM's qemu process, its
+//! QMP session, its network resources and its state file, from start to exit.
+//!
+//! One supervisor per VM is guaranteed by the VM's lock, held for the
+//! supervisor's whole life. qemu gets `PR_SET_PDEATHSIG=SIGKILL`: if the
+//! supervisor is killed, its qemu dies with it, so a VM is never left running
+//! unmanaged and can never be started twice.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::qemu::{self, Accel, FirmwareArgs, NetBackend};
+use crate::qmp::{self, Qmp};
+use crate::spec::{NetworkSpec, VmSpec};
+use crate::state::{self, Phase, State};
+use crate::store::{self, StoreError, VmPaths};
+
+/// Exit code of `nox run` when another supervisor already runs the VM.
+pub const EXIT_ALREADY_RUNNING: i32 = 3;
+
+#[derive(Debug, Error)]
+pub enum SupervisorError {
+    #[error("{0} is already running (another supervisor holds its lock)")]
+    AlreadyRunning(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Qemu(#[from] qemu::QemuError),
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        binary: String,
+        source: std::io::Error,
+    },
+    #[error("qemu exited during start-up ({status}):\n{log}")]
+    EarlyExit { status: String, log: String },
+    #[error("QMP: {0}")]
+    Qmp(#[from] qmp::QmpError),
+    #[error("bridged networking: {0}")]
+    Network(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How a supervised run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Stopped(String),
+    Crashed(String),
+}
+
+/// Tells systemd (when it started us) what is going on. A no-op elsewhere.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!("sd_notify: {e}");
+    }
+}
+
+/// Runs the VM in the foreground until it stops. Holds the VM's lock
+/// throughout; writes the state file at every change.
+pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
+    let spec = vm.load_spec()?;
+    let _lock = vm
+        .try_lock()?
+        .ok_or_else(|| SupervisorError::AlreadyRunning(spec.name.clone()))?;
+    // Everything qemu creates (sockets, console log) is private.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    vm.check_socket_paths()?;
+    let choice = qemu::choose_accel(
+        spec.accel,
+        &spec.arch,
+        &qemu::probe_kvm(),
+    )?;
+    if let Some(w) = &choice.warning {
+        warn!("{w}");
+    }
+    let result = run_locked(vm, &spec, choice.accel).await;
+    let st = match &result {
+        Ok(Outcome::Stopped(r)) => State {
+            reason: Some(r.clone()),
+            ..State::new(Phase::Stopped)
+        },
+        Ok(Outcome::Crashed(r)) => State {
+            reason: Some(r.clone()),
+            ..State::new(Phase::Crashed)
+        },
+        Err(e) => State {
+            reason: Some(e.to_string()),
+            ..State::new(Phase::Crashed)
+        },
+    };
+    cleanup_runtime(vm);
+    state::save(vm, &st)?;
+    notify(&[sd_notify::NotifyState::Status(&format!(
+        "{}: {}",
+        st.state,
+        st.reason.as_deref().unwrap_or("")
+    ))]);
+    result
+}
+
+/// Removes the VM's runtime directory (sockets) if qemu left it behind.
+fn cleanup_runtime(vm: &VmPaths) {
+    if let Err(e) = std::fs::remove_dir_all(&vm.run)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!("cannot remove {}: {e}", vm.run.display());
+    }
+}
+
+/// A free TCP port on 127.0.0.1 for the SSH forward. (qemu binds it a moment
+/// later; a race with another program is caught at start-up and retried.)
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+struct Qemu {
+    child: tokio::process::Child,
+    pid: u32,
+}
+
+fn spawn_qemu(binary: &Path, argv: &[String], vm: &VmPaths) -> Result<Qemu, SupervisorError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(vm.log())
+        .map_err(store::io(&vm.log()))?;
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true);
+    // SAFETY: pre_exec runs in the forked child before exec; prctl is
+    // async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = cmd.spawn().map_err(|source| SupervisorError::Spawn {
+        binary: binary.display().to_string(),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0);
+    Ok(Qemu { child, pid })
+}
+
+/// Last `n` lines of a text file (for error messages).
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn describe_exit(st: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {
+            Ok(s) => format!("killed by {s}"),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        _ => "unknown exit".into(),
+    }
+}
+
+async fn run_locked(vm: &VmPaths, spec: &VmSpec, accel: Accel) -> Result<Outcome, SupervisorError> {
+    let arch = qemu::arch_facts(&spec.arch)?;
+    let binary = qemu::find_binary(arch)?;
+    let mut st = State {
+        pid: Some(std::process::id()),
+        accel: Some(accel.as_str().into()),
+        ..State::new(Phase::Starting)
+    };
+    state::save(vm, &st)?;
+    notify(&[sd_notify::NotifyState::Status("starting qemu")]);
+
+    // The port may be taken between our probe and qemu's bind: retry.
+    let mut attempt = 0;
+    let (mut q, qmp, mut events) = loop {
+        attempt += 1;
+        cleanup_runtime(vm);
+        store::mkdir_private(&vm.run)?;
+        let net = match &spec.network {
+            NetworkSpec::User => NetBackend::User {
+                ssh_port: free_port()?,
+            },
+            NetworkSpec::Bridge { bridge } => {
+                return Err(SupervisorError::Network(format!(
+                    "bridge {bridge}: not supported by this build; use --network user"
+                )));
+            }
+        };
+        if let NetBackend::User { ssh_port } = net {
+            st.ssh_port = Some(ssh_port);
+        }
+        let argv = qemu::argv(&qemu::Launch {
+            spec,
+            paths: vm,
+            accel,
+            net,
+            firmware: FirmwareArgs::default(),
+        })?;
+        info!("starting {}", argv.join(" "));
+        let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
+        let mut q = spawn_qemu(&binary, &argv, vm)?;
+        st.qemu_pid = Some(q.pid);
+        state::save(vm, &st)?;
+        let qmp_path = vm.qmp_socket();
+        let connected = tokio::select! {
+            r = Qmp::connect(&qmp_path, Duration::from_secs(30)) => Some(r),
+            _ = q.child.wait() => None,
+        };
+        match connected {
+            Some(Ok((qmp, events))) => break (q, qmp, events),
+            other => {
+                let _ = q.child.kill().await;
+                let status = q.child.wait().await.map(describe_exit).unwrap_or_default();
+                let log = read_from(&vm.log(), log_start);
+                if attempt < 3 && log.contains("hostfwd") {
+                    warn!("SSH forward port was taken, retrying");
+                    continue;
+                }
+                if let Some(Err(e)) = other {
+                    return Err(SupervisorError::Qmp(e));
+                }
+                return Err(SupervisorError::EarlyExit { status, log });
+            }
+        }
+    };
+    for sock in [vm.qmp_socket(), vm.ctl_socket(), vm.serial_socket()] {
+        let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
+    }
+    qmp.execute(qapi::qmp::cont {}).await?;
+    st.state = Phase::Running;
+    state::save(vm, &st)?;
+    info!("{} running (qemu pid {}, {})", spec.name, q.pid, accel.as_str());
+    let status = match st.ssh_port {
+        Some(p) => format!("running; ssh on 127.0.0.1:{p}"),
+        None => "running".into(),
+    };
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut shutdown_reason: Option<String> = None;
+    let mut crash: Option<String> = None;
+    let mut events_open = true;
+
+    let exit = loop {
+        tokio::select! {
+            st_exit = q.child.wait() => break st_exit?,
+            ev = events.recv(), if events_open => match ev {
+                None => events_open = false,
+                Some(ev) => {
+                    info!("event {} {}", ev.name, ev.data);
+                    match ev.name.as_str() {
+                        "SHUTDOWN" => {
+                            shutdown_reason = Some(ev.reason().unwrap_or("shutdown").to_string());
+                            if ev.reason() == Some("guest-panic") {
+                                crash.get_or_insert_with(|| "guest panicked".into());
+                            }
+                        }
+                        "POWERDOWN" => {
+                            st.state = Phase::Stopping;
+                            state::save(vm, &st)?;
+                            notify(&[sd_notify::NotifyState::Stopping]);
+                        }
+                        "GUEST_PANICKED" => {
+                            crash = Some("guest panicked".into());
+                            let _ = qmp.quit().await;
+                        }
+                        "STOP" => {
+                            if let Some(reason) = stuck(&qmp).await {
+                                crash = Some(reason);
+                                let _ = qmp.quit().await;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            },
+            _ = tick.tick(), if events_open => {
+                if let Some(reason) = stuck(&qmp).await {
+                    crash = Some(reason);
+                    let _ = qmp.quit().await;
+                }
+            }
+            _ = sigterm.recv() => graceful_stop(vm, spec, &mut st, &qmp, &mut q).await?,
+            _ = sigint.recv() => graceful_stop(vm, spec, &mut st, &qmp, &mut q).await?,
+        }
+    };
+    info!("qemu exited: {}", describe_exit(exit));
+    Ok(if let Some(c) = crash {
+        Outcome::Crashed(c)
+    } else if let Some(r) = shutdown_reason {
+        Outcome::Stopped(r)
+    } else if exit.success() {
+        Outcome::Stopped("qemu exited".into())
+    } else {
+        Outcome::Crashed(format!("qemu {}", describe_exit(exit)))
+    })
+}
+
+/// A paused guest that cannot go on by itself: QEMU's internal-error (e.g.
+/// a KVM emulation failure) or guest-panicked states.
+async fn stuck(qmp: &Qmp) -> Option<String> {
+    match qmp.query_status().await {
+        Ok(s) if s == "internal-error" => Some("qemu internal error (run state internal-error)".into()),
+        Ok(s) if s == "guest-panicked" => Some("guest panicked".into()),
+        _ => None,
+    }
+}
+
+/// SIGTERM/SIGINT: ACPI powerdown, wait up to the VM's stop timeout, then
+/// quit, then kill. Returns once qemu has exited (the main loop reaps it).
+async fn graceful_stop(
+    vm: &VmPaths,
+    spec: &VmSpec,
+    st: &mut State,
+    qmp: &Qmp,
+    q: &mut Qemu,
+) -> Result<(), SupervisorError> {
+    st.state = Phase::Stopping;
+    state::save(vm, st)?;
+    notify(&[sd_notify::NotifyState::Stopping]);
+    info!("stopping: ACPI powerdown, waiting up to {}s", spec.stop_timeout);
+    let _ = qmp.powerdown().await;
+    let wait = Duration::from_secs(spec.stop_timeout);
+    if tokio::time::timeout(wait, q.child.wait()).await.is_ok() {
+        return Ok(());
+    }
+    warn!("guest did not power off within {}s; quitting qemu", spec.stop_timeout);
+    let _ = qmp.quit().await;
+    if tokio::time::timeout(Duration::from_secs(10), q.child.wait()).await.is_ok() {
+        return Ok(());
+    }
+    warn!("qemu did not quit; killing it");
+    let _ = q.child.kill().await;
+    Ok(())
+}
+
+fn read_from(path: &Path, offset: u64) -> String {
+    let data = std::fs::read(path).unwrap_or_default();
+    let start = (offset as usize).min(data.len());
+    String::from_utf8_lossy(&data[start..]).trim().to_string()
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what nox needs on a Debian 12/13 host (qemu, firmware, ssh client,
+# dnsmasq for the network tests, the test-image builder's tools), then builds
+# and installs nox to /usr/local/bin. Run as root. Non-interactive.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+
+. /etc/os-release
+apt_t=()
+if [ "${VERSION_CODENAME:-}" = bookworm ]; then
+    # bookworm's qemu (7.2) conflicts with the qemu-utils from backports that
+    # these machines carry; take qemu from backports too.
+    echo "deb http://deb.debian.org/debian bookworm-backports main" \
+        > /etc/apt/sources.list.d/nox-bookworm-backports.list
+    apt_t=(-t bookworm-backports)
+fi
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${apt_t[@]}" \
+    qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64
+apt-get install -y -qq --no-install-recommends \
+    openssh-client dnsmasq-base iproute2 mtools dosfstools systemd
+
+if [ "${NOX_SKIP_INSTALL:-}" != 1 ]; then
+    cargo build --release --locked
+    install -m 0755 target/release/nox /usr/local/bin/nox
+    echo "installed /usr/local/bin/nox"
+fi

@@ -1,0 +1,241 @@
+//! `nox ssh`: the system ssh client with the VM's pinned host key, and the
+//! readiness wait behind `--wait` (SSH answers and cloud-init is done).
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::spec::VmSpec;
+use crate::state::State;
+use crate::store::VmPaths;
+
+#[derive(Debug, Error)]
+pub enum SshError {
+    #[error("{0} is not running")]
+    NotRunning(String),
+    #[error("ssh client not found in PATH (Debian: apt install openssh-client)")]
+    NoClient,
+    #[error("timed out after {secs}s waiting for {what}; the VM is left running.\nlast console lines:\n{console}")]
+    Timeout {
+        secs: u64,
+        what: &'static str,
+        console: String,
+    },
+    #[error("cloud-init reported an error:\n{0}")]
+    CloudInit(String),
+    #[error("the VM stopped while waiting ({0})")]
+    Stopped(String),
+    #[error("ssh: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where to reach the guest's sshd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+/// The endpoint of a running VM: the forwarded port on 127.0.0.1 (user
+/// networking) or the guest's own address (bridge).
+pub fn endpoint(st: &State) -> Option<Endpoint> {
+    match (&st.ip, st.ssh_port) {
+        (_, Some(port)) => Some(Endpoint {
+            host: "127.0.0.1".into(),
+            port,
+        }),
+        (Some(ip), None) => Some(Endpoint {
+            host: ip.clone(),
+            port: 22,
+        }),
+        _ => None,
+    }
+}
+
+/// The private key `nox ssh` offers: the user's own (beside the .pub they
+/// gave) or nox's per-VM key.
+pub fn identity(spec: &VmSpec, vm: &VmPaths) -> PathBuf {
+    spec.ssh_identity.clone().unwrap_or_else(|| vm.ssh_key())
+}
+
+/// The ssh argv (pure). The host key is pinned through a per-VM known_hosts
+/// file under a fixed alias, so it holds whatever port or address the VM
+/// gets, and no trust-on-first-use happens.
+pub fn argv(
+    spec: &VmSpec,
+    vm: &VmPaths,
+    ep: &Endpoint,
+    batch: bool,
+    command: &[String],
+) -> Vec<String> {
+    let mut a: Vec<String> = vec!["ssh".into()];
+    let mut opt = |o: String| {
+        a.push("-o".into());
+        a.push(o);
+    };
+    opt(format!("UserKnownHostsFile={}", vm.known_hosts().display()));
+    opt("GlobalKnownHostsFile=/dev/null".into());
+    opt("StrictHostKeyChecking=yes".into());
+    opt(format!("HostKeyAlias={}", host_alias(&spec.name)));
+    opt("CheckHostIP=no".into());
+    opt("LogLevel=ERROR".into());
+    if batch {
+        opt("BatchMode=yes".into());
+        opt("ConnectTimeout=5".into());
+        opt("ServerAliveInterval=5".into());
+        opt("ServerAliveCountMax=2".into());
+    }
+    a.push("-i".into());
+    a.push(identity(spec, vm).display().to_string());
+    a.push("-p".into());
+    a.push(ep.port.to_string());
+    a.push(format!("{}@{}", spec.user, ep.host));
+    if !command.is_empty() {
+        a.push("--".into());
+        a.extend(command.iter().cloned());
+    }
+    a
+}
+
+/// The name the guest's host key is pinned under in known_hosts.
+pub fn host_alias(name: &str) -> String {
+    format!("nox-{name}")
+}
+
+/// Waits until the guest accepts SSH with the VM's key and cloud-init has
+/// finished. `state` re-reads the VM's state (it may stop meanwhile).
+pub fn wait_ready(
+    spec: &VmSpec,
+    vm: &VmPaths,
+    timeout: Duration,
+    state: impl Fn() -> Option<State>,
+) -> Result<(), SshError> {
+    let deadline = Instant::now() + timeout;
+    let timed_out = |what| SshError::Timeout {
+        secs: timeout.as_secs(),
+        what,
+        console: crate::supervisor::tail(&vm.console_log(), 20),
+    };
+    // Phase 1: sshd answers and accepts our key.
+    let ep = loop {
+        let st = state().ok_or_else(|| SshError::Stopped("no state".into()))?;
+        if !st.state.is_active() {
+            return Err(SshError::Stopped(format!(
+                "{}: {}",
+                st.state,
+                st.reason.unwrap_or_default()
+            )));
+        }
+        if let Some(ep) = endpoint(&st) {
+            let ok = run(spec, vm, &ep, &["true".into()], Some(remaining(deadline)))?
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                break ep;
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(timed_out("SSH"));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // Phase 2: cloud-init done (`--wait` blocks in the guest until it is).
+    let cmd = ["cloud-init".into(), "status".into(), "--wait".into()];
+    let out = run(spec, vm, &ep, &cmd, Some(remaining(deadline)))?
+        .ok_or_else(|| timed_out("cloud-init"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Exit 0: done; 2: done with recoverable errors ("degraded"); 1: error.
+    match out.status.code() {
+        Some(0) | Some(2) if text.contains("done") => Ok(()),
+        _ => {
+            let long = ["cloud-init".into(), "status".into(), "--long".into()];
+            let detail = run(spec, vm, &ep, &long, Some(Duration::from_secs(30)))
+                .ok()
+                .flatten()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or(text);
+            Err(SshError::CloudInit(detail.trim().to_string()))
+        }
+    }
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// Runs a command in the guest over ssh (batch mode), killing the client
+/// after `limit`. `None` = timed out.
+pub fn run(
+    spec: &VmSpec,
+    vm: &VmPaths,
+    ep: &Endpoint,
+    command: &[String],
+    limit: Option<Duration>,
+) -> Result<Option<std::process::Output>, SshError> {
+    let a = argv(spec, vm, ep, true, command);
+    let mut child = Command::new(&a[0])
+        .args(&a[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => SshError::NoClient,
+            _ => SshError::Io(e),
+        })?;
+    let deadline = limit.map(|l| Instant::now() + l);
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(Some(child.wait_with_output()?));
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Phase;
+    use crate::store::Store;
+
+    #[test]
+    fn argv_pins_host_key() {
+        let st = Store::at("/v".into(), "/r".into());
+        let vm = st.vm_paths("demo");
+        let spec: VmSpec = serde_json::from_value(serde_json::json!({
+            "name": "demo", "image": {"source": "x", "digest": "sha256:0", "path": "/i", "format": "qcow2"},
+            "arch": "amd64", "cpus": 1, "memory": 1073741824u64, "disk": 10737418240u64, "user": "nox",
+            "accel": "auto", "network": {"mode": "user"}, "mac": "52:54:00:00:00:01",
+            "ssh_authorized_keys": [], "stop_timeout": 60, "created": 0
+        }))
+        .unwrap();
+        let ep = Endpoint {
+            host: "127.0.0.1".into(),
+            port: 40022,
+        };
+        let a = argv(&spec, &vm, &ep, false, &["uname".into(), "-a".into()]).join(" ");
+        assert_eq!(
+            a,
+            "ssh -o UserKnownHostsFile=/v/vms/demo/known_hosts -o GlobalKnownHostsFile=/dev/null \
+-o StrictHostKeyChecking=yes -o HostKeyAlias=nox-demo -o CheckHostIP=no -o LogLevel=ERROR \
+-i /v/vms/demo/id_ed25519 -p 40022 nox@127.0.0.1 -- uname -a"
+        );
+    }
+
+    #[test]
+    fn endpoints() {
+        let mut st = State::new(Phase::Running);
+        assert_eq!(endpoint(&st), None);
+        st.ip = Some("10.0.0.5".into());
+        assert_eq!(endpoint(&st).unwrap().port, 22);
+        st.ssh_port = Some(2222);
+        assert_eq!(endpoint(&st).unwrap().host, "127.0.0.1");
+    }
+}

@@ -1,0 +1,473 @@
+//! VM lifecycle operations behind the CLI: create, start, stop, delete, and
+//! the stable `--json` view of a VM.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::image::{self, Cache};
+use crate::qmp::Qmp;
+use crate::seed::{self, SeedConfig};
+use crate::spec::{self, AccelRequest, ImageRef, NetworkSpec, VmSpec};
+use crate::sshkeys::{self, KeyPair};
+use crate::state::{self, Phase, State};
+use crate::store::{self, Store, StoreError, VmPaths};
+use crate::supervisor::{self, EXIT_ALREADY_RUNNING};
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error(transparent)]
+    Seed(#[from] seed::SeedError),
+    #[error(transparent)]
+    Key(#[from] sshkeys::KeyError),
+    #[error(transparent)]
+    Qemu(#[from] crate::qemu::QemuError),
+    #[error("--user-data {path}: {source}")]
+    UserData {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is running; stop it first, or use --force")]
+    Running(String),
+    #[error("cannot start the supervisor: {0}")]
+    Spawn(std::io::Error),
+    #[error("{name} failed to start: {why}\n{log}")]
+    StartFailed {
+        name: String,
+        why: String,
+        log: String,
+    },
+    #[error("{name}: {what} did not finish within {secs}s")]
+    Timeout {
+        name: String,
+        what: &'static str,
+        secs: u64,
+    },
+}
+
+/// What `nox create` was asked for, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    pub name: Option<String>,
+    pub image: String,
+    pub arch: Option<String>,
+    pub cpus: u32,
+    pub memory: String,
+    pub disk: String,
+    pub ssh_keys: Vec<PathBuf>,
+    pub user: String,
+    pub user_data: Option<PathBuf>,
+    pub accel: AccelRequest,
+    pub network: Option<String>,
+    pub stop_timeout: u64,
+}
+
+/// Defines a VM atomically: every file is made in a private staging
+/// directory that becomes `vms/NAME` by one rename, so a failure or a kill at
+/// any point leaves nothing `list` shows and nothing that blocks a retry.
+pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError> {
+    // Validate everything that needs no I/O first.
+    let name = o.name.clone().unwrap_or_else(spec::generated_name);
+    spec::validate_name(&name)?;
+    spec::validate_user(&o.user)?;
+    let arch = o.arch.clone().unwrap_or_else(|| spec::host_arch().into());
+    crate::qemu::arch_facts(&arch)?;
+    let cpus = spec::validate_cpus(o.cpus, spec::host_cpus())?;
+    let memory = spec::parse_memory(&o.memory, spec::host_memory())?;
+    let disk = spec::parse_disk(&o.disk)?;
+    let network = match &o.network {
+        Some(n) => NetworkSpec::parse(n)?,
+        None => NetworkSpec::User,
+    };
+    let user_keys = user_public_keys(&o.ssh_keys)?;
+    let user_data = match &o.user_data {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|source| VmError::UserData {
+            path: p.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    if store.vms_dir().join(&name).exists() {
+        return Err(StoreError::Exists(name).into());
+    }
+    let staging = store.stage(&name)?;
+    let vm = store.vm_paths(&name).staged(staging.path());
+
+    let cache = Cache::open(&store.images_dir())?;
+    let base = cache.obtain(&o.image, &arch).await?;
+    image::create_overlay(&base, &vm.disk(), Some(disk))?;
+
+    // nox's own key lets `--wait` and `nox ssh` work without an agent; the
+    // user's keys are authorised beside it.
+    let own = sshkeys::generate_ed25519(&format!("nox@{name}"))?;
+    store::write_atomic(&vm.ssh_key(), own.private_openssh.as_bytes(), 0o600)?;
+    store::write_atomic(
+        &vm.ssh_key().with_extension("pub"),
+        format!("{}\n", own.public_openssh).as_bytes(),
+        0o644,
+    )?;
+    let host = sshkeys::generate_ed25519(&format!("root@{name}"))?;
+    store::write_atomic(&vm.host_key(), host.private_openssh.as_bytes(), 0o600)?;
+    store::write_atomic(
+        &vm.known_hosts(),
+        format!("{} {}\n", crate::ssh::host_alias(&name), strip_comment(&host.public_openssh)).as_bytes(),
+        0o600,
+    )?;
+    if let Some(ud) = &user_data {
+        store::write_atomic(&vm.user_data(), ud.as_bytes(), 0o600)?;
+    }
+    let mut authorized = vec![own.public_openssh.clone()];
+    authorized.extend(user_keys.keys);
+
+    let spec = VmSpec {
+        name: name.clone(),
+        image: ImageRef {
+            source: o.image.clone(),
+            digest: base.digest.clone(),
+            path: base.path.clone(),
+            format: base.format.clone(),
+        },
+        arch,
+        cpus,
+        memory,
+        disk,
+        user: o.user.clone(),
+        accel: o.accel,
+        network,
+        mac: random_mac(),
+        ssh_authorized_keys: authorized,
+        ssh_identity: user_keys.identity,
+        stop_timeout: o.stop_timeout,
+        created: state::now(),
+    };
+    write_seed(&spec, &vm, &host, user_data)?;
+    store::write_json(&vm.spec(), &spec)?;
+    staging.commit()?;
+    Ok(spec)
+}
+
+fn strip_comment(public: &str) -> String {
+    public.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
+/// A locally administered MAC in qemu's 52:54:00 range.
+pub fn random_mac() -> String {
+    let b: [u8; 3] = rand::random();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+/// Renders the cloud-init seed for a spec and writes it as the VM's FAT image.
+pub fn write_seed(
+    spec: &VmSpec,
+    vm: &VmPaths,
+    host_key: &KeyPair,
+    user_data: Option<String>,
+) -> Result<seed::Seed, VmError> {
+    let cfg = SeedConfig {
+        hostname: spec.name.clone(),
+        user: spec.user.clone(),
+        authorized_keys: spec.ssh_authorized_keys.clone(),
+        host_key: host_key.clone(),
+        network: seed::Network::Dhcp {
+            mac: spec.mac.clone(),
+        },
+        user_data,
+    };
+    let s = seed::render(&cfg)?;
+    seed::write_image(&s, &vm.seed())?;
+    Ok(s)
+}
+
+struct UserKeys {
+    keys: Vec<String>,
+    /// The private key beside the first `.pub` given, if it exists.
+    identity: Option<PathBuf>,
+}
+
+/// The user's public keys: the `--ssh-key` files, else `~/.ssh/id_*.pub`.
+fn user_public_keys(files: &[PathBuf]) -> Result<UserKeys, VmError> {
+    let defaults;
+    let files = if files.is_empty() {
+        defaults = std::env::var_os("HOME")
+            .map(|h| sshkeys::default_public_key_files(Path::new(&h)))
+            .unwrap_or_default();
+        &defaults[..]
+    } else {
+        files
+    };
+    let mut keys = vec![];
+    for f in files {
+        keys.extend(sshkeys::read_public_keys(f)?);
+    }
+    let identity = files
+        .iter()
+        .map(|f| f.with_extension(""))
+        .find(|p| p.is_file())
+        .and_then(|p| std::path::absolute(p).ok());
+    Ok(UserKeys { keys, identity })
+}
+
+/// How `start` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    Now,
+    AlreadyRunning,
+}
+
+/// Launches the supervisor detached (new session, output to the VM's log)
+/// and returns once QMP reports the guest running.
+pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, VmError> {
+    let vm = store.vm(name)?;
+    if state::load(&vm)?.state.is_active() {
+        return Ok(Started::AlreadyRunning);
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(vm.log())
+        .map_err(store::io(&vm.log()))?;
+    let exe = std::env::current_exe().map_err(VmError::Spawn)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("run")
+        .arg(name)
+        // The supervisor finds the same store from the same environment.
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().map_err(VmError::Spawn)?))
+        .stderr(Stdio::from(log));
+    // SAFETY: setsid in the forked child before exec: async-signal-safe, and
+    // detaches the supervisor from our terminal and session.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
+    let mut child = cmd.spawn().map_err(VmError::Spawn)?;
+    let pid = child.id();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().map_err(VmError::Spawn)? {
+            if status.code() == Some(EXIT_ALREADY_RUNNING) {
+                return Ok(Started::AlreadyRunning);
+            }
+            let st = state::load_raw(&vm)?;
+            return Err(VmError::StartFailed {
+                name: name.into(),
+                why: st.reason.unwrap_or_else(|| format!("supervisor {status}")),
+                log: log_since(&vm.log(), log_start),
+            });
+        }
+        let st = state::load_raw(&vm)?;
+        if st.pid == Some(pid) && st.state == Phase::Running {
+            return Ok(Started::Now);
+        }
+        if Instant::now() >= deadline {
+            return Err(VmError::Timeout {
+                name: name.into(),
+                what: "start",
+                secs: timeout.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn log_since(path: &Path, offset: u64) -> String {
+    let data = std::fs::read(path).unwrap_or_default();
+    let start = (offset as usize).min(data.len());
+    let text = String::from_utf8_lossy(&data[start..]);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// How `stop` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    AlreadyStopped,
+    /// The guest powered off by itself after the ACPI request.
+    Gracefully,
+    /// The guest ignored the request (or --force): qemu was made to quit.
+    Forced(String),
+}
+
+/// Stops a VM: ACPI powerdown through the VM's second QMP socket, wait up to
+/// `timeout`, then quit, then SIGKILL. `force` skips the wait. Returns once
+/// the supervisor has exited (its lock is free).
+pub async fn stop(store: &Store, name: &str, force: bool, timeout: Duration) -> Result<Stopped, VmError> {
+    let vm = store.vm(name)?;
+    let st = state::load(&vm)?;
+    if !st.state.is_active() {
+        return Ok(Stopped::AlreadyStopped);
+    }
+    let ctl = Qmp::connect(&vm.ctl_socket(), Duration::from_secs(5)).await.ok();
+    if !force {
+        if let Some((q, _)) = &ctl {
+            let _ = q.powerdown().await;
+        }
+        if wait_unlocked(&vm, timeout).await? {
+            return Ok(Stopped::Gracefully);
+        }
+    }
+    let why = if force {
+        "forced".to_string()
+    } else {
+        format!("guest did not power off within {}s; forced quit", timeout.as_secs())
+    };
+    if let Some((q, _)) = &ctl {
+        let _ = q.quit().await;
+    }
+    if wait_unlocked(&vm, Duration::from_secs(10)).await? {
+        return Ok(Stopped::Forced(why));
+    }
+    // qemu does not answer: kill it (only if it really is this VM's qemu).
+    if let Some(pid) = st.qemu_pid.filter(|p| is_our_qemu(*p, name)) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    if wait_unlocked(&vm, Duration::from_secs(10)).await? {
+        return Ok(Stopped::Forced(format!("{why}; qemu killed")));
+    }
+    Err(VmError::Timeout {
+        name: name.into(),
+        what: "stop",
+        secs: timeout.as_secs() + 20,
+    })
+}
+
+/// Whether `pid` is a qemu started for VM `name` (its argv has `-name NAME,`).
+pub fn is_our_qemu(pid: u32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let want = format!("{name},debug-threads=on");
+    args.first().is_some_and(|a| a.windows(11).any(|w| w == b"qemu-system"))
+        && args.windows(2).any(|w| w[0] == b"-name" && w[1] == want.as_bytes())
+}
+
+/// Waits until nobody holds the VM's lock (its supervisor has exited).
+async fn wait_unlocked(vm: &VmPaths, timeout: Duration) -> Result<bool, VmError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if vm.try_lock()?.is_some() {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Deletes a VM (its state directory; the shared base image stays). A
+/// running VM needs `force`, which stops it first.
+pub async fn delete(store: &Store, name: &str, force: bool) -> Result<(), VmError> {
+    let vm = store.vm(name)?;
+    loop {
+        if let Some(_lock) = vm.try_lock()? {
+            // Holding the lock: no supervisor can start while we remove.
+            store.remove(&vm)?;
+            return Ok(());
+        }
+        if !force {
+            return Err(VmError::Running(name.into()));
+        }
+        stop(store, name, true, Duration::from_secs(0)).await?;
+    }
+}
+
+/// The stable JSON view of a VM (documented in the README).
+#[derive(Debug, Clone, Serialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: Phase,
+    pub reason: Option<String>,
+    pub image: ImageInfo,
+    pub arch: String,
+    pub cpus: u32,
+    /// Bytes.
+    pub memory: u64,
+    /// Bytes.
+    pub disk: u64,
+    pub accel: Option<String>,
+    pub network: String,
+    pub mac: String,
+    pub ssh: SshInfo,
+    pub ssh_port: Option<u16>,
+    pub ip: Option<String>,
+    pub pid: Option<u32>,
+    pub qemu_pid: Option<u32>,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    pub source: String,
+    pub digest: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SshInfo {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: String,
+    pub identity: PathBuf,
+}
+
+pub fn info(vm: &VmPaths) -> Result<VmInfo, VmError> {
+    let spec = vm.load_spec()?;
+    let st = state::load(vm)?;
+    Ok(info_of(&spec, vm, &st))
+}
+
+pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
+    let active = st.state.is_active();
+    let ep = active.then(|| crate::ssh::endpoint(st)).flatten();
+    VmInfo {
+        name: spec.name.clone(),
+        state: st.state,
+        reason: st.reason.clone(),
+        image: ImageInfo {
+            source: spec.image.source.clone(),
+            digest: spec.image.digest.clone(),
+        },
+        arch: spec.arch.clone(),
+        cpus: spec.cpus,
+        memory: spec.memory,
+        disk: spec.disk,
+        accel: active.then(|| st.accel.clone()).flatten(),
+        network: match &spec.network {
+            NetworkSpec::User => "user".into(),
+            NetworkSpec::Bridge { bridge } => format!("bridge:{bridge}"),
+        },
+        mac: spec.mac.clone(),
+        ssh: SshInfo {
+            host: ep.as_ref().map(|e| e.host.clone()),
+            port: ep.as_ref().map(|e| e.port),
+            user: spec.user.clone(),
+            identity: crate::ssh::identity(spec, vm),
+        },
+        ssh_port: active.then_some(st.ssh_port).flatten(),
+        ip: active.then(|| st.ip.clone()).flatten(),
+        pid: active.then_some(st.pid).flatten(),
+        qemu_pid: active.then_some(st.qemu_pid).flatten(),
+        created: spec.created,
+    }
+}
+
+/// Runs the supervisor in the foreground (`nox run`).
+pub async fn run(store: &Store, name: &str) -> Result<supervisor::Outcome, supervisor::SupervisorError> {
+    let vm = store.vm(name)?;
+    supervisor::run(&vm).await
+}

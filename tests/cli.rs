@@ -1,0 +1,142 @@
+//! Bad input gets a clear one-line error, a non-zero exit, and changes nothing.
+//! These need qemu-img (to make a small image) but no root and no VM.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+
+fn small_image(h: &Home) -> Option<PathBuf> {
+    if !prereq(have("qemu-img"), "qemu-img not installed") {
+        return None;
+    }
+    let p = h.path().join("small.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&p)
+        .arg("1G")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    Some(p)
+}
+
+/// Only committed VMs and nothing half-made: no staging dirs either.
+fn vm_dirs(h: &Home) -> Vec<String> {
+    match std::fs::read_dir(h.path().join("vms")) {
+        Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => vec![],
+    }
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let img = img.to_str().unwrap();
+    let long = "a".repeat(64);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["create", "", "--image", img], "empty"),
+        (vec!["create", "Demo", "--image", img], "lowercase"),
+        (vec!["create", "a_b", "--image", img], "lowercase"),
+        (vec!["create", "../etc", "--image", img], "lowercase"),
+        (vec!["create", "--image", img, "--", "-x"], "start"),
+        (vec!["create", &long, "--image", img], "63"),
+        (vec!["create", "ok1", "--image", img, "--memory", "0"], "--memory"),
+        (vec!["create", "ok1", "--image", img, "--memory", "10Q"], "--memory"),
+        (vec!["create", "ok1", "--image", img, "--memory", "100000G"], "more than this host"),
+        (vec!["create", "ok1", "--image", img, "--disk", "10Q"], "--disk"),
+        (vec!["create", "ok1", "--image", img, "--cpus", "0"], "--cpus"),
+        (vec!["create", "ok1", "--image", "/nonexistent/disk.qcow2"], "/nonexistent/disk.qcow2"),
+        (vec!["create", "ok1", "--image", img, "--ssh-key", "/nonexistent.pub"], "/nonexistent.pub"),
+        (vec!["create", "ok1", "--image", img, "--user", "Root"], "user"),
+        (vec!["create", "ok1", "--image", img, "--network", "tap"], "--network"),
+        (vec!["start", "ghost"], "no VM named"),
+        (vec!["stop", "ghost"], "no VM named"),
+        (vec!["info", "ghost"], "no VM named"),
+        (vec!["delete", "ghost"], "no VM named"),
+        (vec!["ssh", "ghost"], "no VM named"),
+        (vec!["logs", "ghost"], "no VM named"),
+    ];
+    for (args, want) in cases {
+        let err = h.fails(&args);
+        assert!(err.contains(want), "nox {args:?}: expected {want:?} in {err:?}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(vm_dirs(&h).is_empty(), "nox {args:?} left {:?}", vm_dirs(&h));
+    }
+    // A private key given as --ssh-key is refused.
+    let key = h.path().join("id");
+    std::fs::write(&key, "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n").unwrap();
+    let err = h.fails(&["create", "ok1", "--image", img, "--ssh-key", key.to_str().unwrap()]);
+    assert!(err.contains(key.to_str().unwrap()), "{err}");
+    // A text file is not a disk image.
+    let txt = h.path().join("notes.txt");
+    std::fs::write(&txt, "hello").unwrap();
+    h.fails(&["create", "ok1", "--image", txt.to_str().unwrap()]);
+    assert!(vm_dirs(&h).is_empty(), "{:?}", vm_dirs(&h));
+}
+
+#[test]
+fn create_is_atomic_and_names_are_unique() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let img = img.to_str().unwrap();
+    // Unsupported user-data fails late (after the image and keys): nothing stays.
+    let ud = h.path().join("ud.txt");
+    std::fs::write(&ud, "just some text\n").unwrap();
+    let err = h.fails(&["create", "demo", "--image", img, "--no-start", "--user-data", ud.to_str().unwrap()]);
+    assert!(err.contains("user-data"), "{err}");
+    assert!(vm_dirs(&h).is_empty(), "{:?}", vm_dirs(&h));
+    // The retry works, and a duplicate is refused.
+    h.ok(&["create", "demo", "--image", img, "--no-start"]);
+    let err = h.fails(&["create", "demo", "--image", img, "--no-start"]);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(vm_dirs(&h), vec!["demo".to_string()]);
+    // Generated names.
+    let out = h.ok(&["create", "--image", img, "--no-start", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let name = v["name"].as_str().unwrap();
+    assert!(name.starts_with("nox-") && name.len() == 12, "{name}");
+    assert_eq!(v["state"], "stopped");
+    // Listing and deleting a stopped VM.
+    let list: serde_json::Value = serde_json::from_str(&h.ok(&["list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    h.ok(&["delete", "demo"]);
+    h.ok(&["delete", name]);
+    assert!(vm_dirs(&h).is_empty());
+    // The image stays in the cache after its VMs are gone.
+    assert!(std::fs::read_dir(h.path().join("images")).unwrap().count() > 0);
+}
+
+#[test]
+fn state_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    h.ok(&["create", "demo", "--image", img.to_str().unwrap(), "--no-start"]);
+    let mode = |p: &str| std::fs::metadata(h.path().join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("vms"), 0o700);
+    assert_eq!(mode("vms/demo"), 0o700);
+    assert_eq!(mode("vms/demo/id_ed25519"), 0o600);
+    assert_eq!(mode("vms/demo/ssh_host_ed25519_key"), 0o600);
+    assert_eq!(mode("vms/demo/seed.img"), 0o600);
+    assert_eq!(mode("vms/demo/spec.json"), 0o600);
+}
+
+#[test]
+fn missing_qemu_binary_is_named() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    h.ok(&["create", "demo", "--image", img.to_str().unwrap(), "--no-start", "--accel", "tcg"]);
+    // A PATH with nothing in it: the supervisor cannot find qemu.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nox"))
+        .args(["start", "demo", "--timeout", "20"])
+        .env("NOX_HOME", h.path())
+        .env("PATH", h.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("qemu-system-x86_64 not found") && err.contains("qemu-system-x86"), "{err}");
+    assert_eq!(h.info("demo")["state"], "crashed");
+}
