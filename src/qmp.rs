@@ -1,1 +1,834 @@
-//! TODO
+//! QMP session: qapi's typed commands over a small transport of our own.
+//!
+//! qapi 0.15's own async stream is built on QEMU 9.1's schema and drops the
+//! whole connection on any event it does not know (QEMU 10 emits such events),
+//! so we only borrow its command structs (`qapi::qmp::*`) and their `Ok` types.
+//! The transport here is newline-delimited JSON on a Unix socket: commands
+//! carry a numeric `id`, a reader task matches replies by that id, and every
+//! event is passed on raw (name, data, timestamp). The event receiver ends when
+//! the connection closes, which is how a supervisor learns that qemu exited.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+pub use qapi::qmp::QmpCommand;
+
+/// Timeout used by [`Qmp::execute`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Greeting and capability negotiation get at least this long, even when
+/// waiting for the socket used up most of the connect timeout.
+const HANDSHAKE_MIN: Duration = Duration::from_secs(2);
+/// Pause between connection attempts while qemu creates its socket.
+const RETRY_INTERVAL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP connect {}: {source}", path.display())]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("QMP greeting from {}: {reason}", path.display())]
+    Greeting { path: PathBuf, reason: String },
+    #[error("QMP {command}: i/o: {source}")]
+    Io { command: String, source: io::Error },
+    #[error("QMP {command}: connection closed")]
+    Closed { command: String },
+    #[error("QMP {command}: no reply after {after:?}")]
+    Timeout { command: String, after: Duration },
+    #[error("QMP {command}: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP {command}: encode arguments: {source}")]
+    Encode {
+        command: String,
+        source: serde_json::Error,
+    },
+    #[error("QMP {command}: decode reply: {source}")]
+    Decode {
+        command: String,
+        source: serde_json::Error,
+    },
+}
+
+impl QmpError {
+    /// The QMP command this error is about (`None` for connect/greeting errors).
+    pub fn command(&self) -> Option<&str> {
+        match self {
+            QmpError::Connect { .. } | QmpError::Greeting { .. } => None,
+            QmpError::Io { command, .. }
+            | QmpError::Closed { command }
+            | QmpError::Timeout { command, .. }
+            | QmpError::Command { command, .. }
+            | QmpError::Encode { command, .. }
+            | QmpError::Decode { command, .. } => Some(command),
+        }
+    }
+}
+
+/// An asynchronous QMP event, kept as raw JSON so that events unknown to
+/// qapi's schema pass through untouched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub name: String,
+    /// The event's `data` member; an empty object when QEMU sent none.
+    pub data: Value,
+    /// `(seconds, microseconds)` since the epoch, as QEMU stamped it.
+    pub timestamp: Option<(i64, i64)>,
+}
+
+impl Event {
+    /// `data.reason`, e.g. `"guest-shutdown"` for SHUTDOWN or `"host-qmp-quit"`.
+    pub fn reason(&self) -> Option<&str> {
+        self.data.get("reason").and_then(Value::as_str)
+    }
+
+    /// Decodes the data into qapi's typed event struct when the name matches,
+    /// e.g. `ev.decode::<qapi::qmp::SHUTDOWN>()`. `None` if the name differs or
+    /// the data does not fit the (QEMU 9.1) schema.
+    pub fn decode<E: qapi::Event>(&self) -> Option<E> {
+        if self.name != E::NAME {
+            return None;
+        }
+        serde_json::from_value(self.data.clone()).ok()
+    }
+}
+
+/// What the reader task found in one line from QEMU.
+#[derive(Debug, PartialEq)]
+enum Message {
+    Event(Event),
+    /// A reply: `Ok(return value)` or `Err((class, desc))`.
+    Reply {
+        id: Option<u64>,
+        result: Result<Value, (String, String)>,
+    },
+    /// Valid JSON that is neither (e.g. a second greeting); logged and ignored.
+    Other(Value),
+}
+
+type Reply = Result<Value, (String, String)>;
+
+fn parse_message(v: Value) -> Message {
+    let Value::Object(mut obj) = v else {
+        return Message::Other(v);
+    };
+    if let Some(Value::String(name)) = obj.get("event") {
+        let name = name.clone();
+        let data = match obj.remove("data") {
+            Some(d) => d,
+            None => Value::Object(Default::default()),
+        };
+        let timestamp = obj.get("timestamp").and_then(|t| {
+            Some((
+                t.get("seconds")?.as_i64()?,
+                t.get("microseconds")?.as_i64()?,
+            ))
+        });
+        return Message::Event(Event {
+            name,
+            data,
+            timestamp,
+        });
+    }
+    let id = obj.get("id").and_then(Value::as_u64);
+    if let Some(ret) = obj.remove("return") {
+        return Message::Reply {
+            id,
+            result: Ok(ret),
+        };
+    }
+    if let Some(err) = obj.get("error") {
+        let field = |k: &str| {
+            err.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string()
+        };
+        return Message::Reply {
+            id,
+            result: Err((field("class"), field("desc"))),
+        };
+    }
+    Message::Other(Value::Object(obj))
+}
+
+/// Builds one command line (without the trailing newline).
+fn encode_command(name: &str, args: &Value, id: u64) -> Result<Vec<u8>, serde_json::Error> {
+    let mut msg = serde_json::Map::new();
+    msg.insert("execute".into(), Value::String(name.into()));
+    // Commands without members serialize to `{}`; QEMU accepts that, but leave
+    // it out so the wire looks like what QEMU's own docs show.
+    let empty = matches!(args, Value::Object(m) if m.is_empty()) || args.is_null();
+    if !empty {
+        msg.insert("arguments".into(), args.clone());
+    }
+    msg.insert("id".into(), Value::from(id));
+    serde_json::to_vec(&Value::Object(msg))
+}
+
+/// `"10.0.2"` from a greeting line.
+fn parse_greeting(v: &Value) -> Option<String> {
+    let q = v.get("QMP")?.get("version")?.get("qemu")?;
+    let n = |k: &str| q.get(k).and_then(Value::as_u64);
+    Some(format!("{}.{}.{}", n("major")?, n("minor")?, n("micro")?))
+}
+
+#[derive(Default)]
+struct Pending {
+    waiters: HashMap<u64, oneshot::Sender<Reply>>,
+    /// Set by the reader on EOF; later commands fail at once with `Closed`.
+    closed: bool,
+}
+
+struct Inner {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Arc<Mutex<Pending>>,
+    next_id: AtomicU64,
+    version: String,
+    reader: AbortHandle,
+}
+
+impl Drop for Inner {
+    // The last handle gone: stop reading, which also ends the event receiver.
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A QMP session. Cheap to clone; commands may run concurrently.
+#[derive(Clone)]
+pub struct Qmp {
+    inner: Arc<Inner>,
+}
+
+fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+    // A poisoned lock only means another thread panicked mid-update of a map
+    // of senders; the map itself is still usable.
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn connect_retry(path: &Path, deadline: Instant) -> Result<UnixStream, QmpError> {
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                // NotFound / ConnectionRefused are expected while qemu starts;
+                // anything else is reported too once time is up.
+                if Instant::now() + RETRY_INTERVAL >= deadline {
+                    return Err(QmpError::Connect {
+                        path: path.to_path_buf(),
+                        source: e,
+                    });
+                }
+                tokio::time::sleep(RETRY_INTERVAL).await;
+            }
+        }
+    }
+}
+
+async fn read_json_line(
+    reader: &mut BufReader<OwnedReadHalf>,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<Value>> {
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', buf).await? == 0 {
+            return Ok(None);
+        }
+        let line = buf.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice(line) {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) => {
+                tracing::warn!(error = %e, line = %String::from_utf8_lossy(line), "QMP: skipping non-JSON line")
+            }
+        }
+    }
+}
+
+async fn reader_loop(
+    mut reader: BufReader<OwnedReadHalf>,
+    pending: Arc<Mutex<Pending>>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let v = match read_json_line(&mut reader, &mut buf).await {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                tracing::debug!("QMP: connection closed");
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "QMP: read failed");
+                break;
+            }
+        };
+        match parse_message(v) {
+            Message::Event(ev) => {
+                tracing::debug!(event = %ev.name, data = %ev.data, "QMP event");
+                // Nobody listening is fine: commands still work.
+                let _ = events.send(ev);
+            }
+            Message::Reply { id, result } => {
+                let waiter = id.and_then(|id| lock(&pending).waiters.remove(&id));
+                match waiter {
+                    // The caller may have timed out meanwhile; nothing to do.
+                    Some(tx) => drop(tx.send(result)),
+                    None => tracing::warn!(?id, "QMP: reply matches no pending command"),
+                }
+            }
+            Message::Other(v) => tracing::warn!(msg = %v, "QMP: unexpected message"),
+        }
+    }
+    let mut p = lock(&pending);
+    p.closed = true;
+    // Dropping the senders wakes every waiting command with `Closed`.
+    p.waiters.clear();
+}
+
+impl Qmp {
+    /// Connects to the QMP socket at `path`, retrying until `timeout` while
+    /// qemu creates it, reads the greeting and negotiates capabilities.
+    ///
+    /// The receiver yields every event; it ends (`None`) when the connection
+    /// closes, i.e. when qemu exited, or when the last `Qmp` clone is dropped.
+    pub async fn connect(
+        path: &Path,
+        timeout: Duration,
+    ) -> Result<(Qmp, mpsc::UnboundedReceiver<Event>), QmpError> {
+        let deadline = Instant::now() + timeout;
+        let stream = connect_retry(path, deadline).await?;
+        let handshake = deadline
+            .saturating_duration_since(Instant::now())
+            .max(HANDSHAKE_MIN);
+        let greeting_err = |reason: String| QmpError::Greeting {
+            path: path.to_path_buf(),
+            reason,
+        };
+
+        let (rd, wr) = stream.into_split();
+        let mut reader = BufReader::new(rd);
+        let mut buf = Vec::new();
+        let greeting = tokio::time::timeout(handshake, read_json_line(&mut reader, &mut buf))
+            .await
+            .map_err(|_| greeting_err(format!("none within {handshake:?}")))?
+            .map_err(|e| greeting_err(e.to_string()))?
+            .ok_or_else(|| greeting_err("connection closed".into()))?;
+        let version = parse_greeting(&greeting)
+            .ok_or_else(|| greeting_err(format!("not a QMP greeting: {greeting}")))?;
+
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(reader_loop(reader, pending.clone(), tx));
+        let qmp = Qmp {
+            inner: Arc::new(Inner {
+                writer: tokio::sync::Mutex::new(wr),
+                pending,
+                next_id: AtomicU64::new(1),
+                version,
+                reader: task.abort_handle(),
+            }),
+        };
+        qmp.execute_timeout(qapi::qmp::qmp_capabilities { enable: None }, handshake)
+            .await?;
+        tracing::debug!(path = %path.display(), version = %qmp.inner.version, "QMP ready");
+        Ok((qmp, rx))
+    }
+
+    /// QEMU's version from the greeting, e.g. `"10.0.2"`.
+    pub fn greeting_version(&self) -> String {
+        self.inner.version.clone()
+    }
+
+    /// Runs a typed command with the [`DEFAULT_TIMEOUT`].
+    pub async fn execute<C: QmpCommand>(&self, cmd: C) -> Result<C::Ok, QmpError> {
+        self.execute_timeout(cmd, DEFAULT_TIMEOUT).await
+    }
+
+    /// Runs a typed command; fails with `Timeout` if no reply within `t`.
+    pub async fn execute_timeout<C: QmpCommand>(
+        &self,
+        cmd: C,
+        t: Duration,
+    ) -> Result<C::Ok, QmpError> {
+        let args = serde_json::to_value(&cmd).map_err(|source| QmpError::Encode {
+            command: C::NAME.into(),
+            source,
+        })?;
+        let ret = self.execute_raw(C::NAME, args, t).await?;
+        serde_json::from_value(ret).map_err(|source| QmpError::Decode {
+            command: C::NAME.into(),
+            source,
+        })
+    }
+
+    /// Runs a command by name with raw JSON arguments (`{}` or `null` for
+    /// none) and returns the raw `return` value. For commands or replies that
+    /// qapi's QEMU 9.1 schema does not describe.
+    pub async fn execute_raw(
+        &self,
+        name: &str,
+        args: Value,
+        t: Duration,
+    ) -> Result<Value, QmpError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let closed = || QmpError::Closed {
+            command: name.into(),
+        };
+        let mut line = encode_command(name, &args, id).map_err(|source| QmpError::Encode {
+            command: name.into(),
+            source,
+        })?;
+        line.push(b'\n');
+
+        let rx = {
+            let mut p = lock(&self.inner.pending);
+            if p.closed {
+                return Err(closed());
+            }
+            let (tx, rx) = oneshot::channel();
+            p.waiters.insert(id, tx);
+            rx
+        };
+        // Removes the waiter on every exit path (timeout, write error, caller
+        // dropping the future) so the map cannot grow.
+        let _guard = WaiterGuard {
+            pending: &self.inner.pending,
+            id,
+        };
+
+        let exchange = async {
+            {
+                let mut w = self.inner.writer.lock().await;
+                tracing::debug!(command = name, id, "QMP ->");
+                let write = async {
+                    w.write_all(&line).await?;
+                    w.flush().await
+                };
+                if let Err(source) = write.await {
+                    // A peer that hung up shows as EPIPE here; report it as
+                    // closed when the reader already saw EOF.
+                    if lock(&self.inner.pending).closed {
+                        return Err(closed());
+                    }
+                    return Err(QmpError::Io {
+                        command: name.into(),
+                        source,
+                    });
+                }
+            }
+            rx.await.map_err(|_| closed())
+        };
+        let reply = tokio::time::timeout(t, exchange)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                command: name.into(),
+                after: t,
+            })??;
+        reply.map_err(|(class, desc)| QmpError::Command {
+            command: name.into(),
+            class,
+            desc,
+        })
+    }
+
+    /// The run state as QEMU names it: `"prelaunch"`, `"running"`, `"paused"`,
+    /// `"internal-error"`, `"guest-panicked"`, `"shutdown"`, ... Read from the
+    /// raw reply, so states newer than qapi's schema still come through.
+    pub async fn query_status(&self) -> Result<String, QmpError> {
+        let ret = self
+            .execute_raw(
+                <qapi::qmp::query_status as qapi::Command>::NAME,
+                Value::Null,
+                DEFAULT_TIMEOUT,
+            )
+            .await?;
+        status_from_reply(ret).map_err(|source| QmpError::Decode {
+            command: "query-status".into(),
+            source,
+        })
+    }
+
+    /// Asks the guest to power off (ACPI). The guest may ignore it.
+    pub async fn powerdown(&self) -> Result<(), QmpError> {
+        self.execute(qapi::qmp::system_powerdown {}).await.map(drop)
+    }
+
+    /// Makes qemu exit. QEMU may close the connection before its reply
+    /// arrives; that counts as success.
+    pub async fn quit(&self) -> Result<(), QmpError> {
+        match self.execute(qapi::qmp::quit {}).await {
+            Ok(_) | Err(QmpError::Closed { .. }) => Ok(()),
+            Err(QmpError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn status_from_reply(ret: Value) -> Result<String, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct Raw {
+        status: String,
+    }
+    serde_json::from_value::<Raw>(ret).map(|r| r.status)
+}
+
+struct WaiterGuard<'a> {
+    pending: &'a Mutex<Pending>,
+    id: u64,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.pending).waiters.remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::UnixListener;
+
+    #[test]
+    fn parses_event_with_timestamp_and_reason() {
+        let m = parse_message(json!({"event": "SHUTDOWN",
+            "data": {"guest": true, "reason": "guest-shutdown"},
+            "timestamp": {"seconds": 1700000000, "microseconds": 42}}));
+        let Message::Event(ev) = m else {
+            panic!("not an event: {m:?}")
+        };
+        assert_eq!(ev.name, "SHUTDOWN");
+        assert_eq!(ev.reason(), Some("guest-shutdown"));
+        assert_eq!(ev.timestamp, Some((1700000000, 42)));
+        let typed = ev.decode::<qapi::qmp::SHUTDOWN>().expect("typed SHUTDOWN");
+        assert!(typed.guest);
+        assert!(ev.decode::<qapi::qmp::STOP>().is_none());
+    }
+
+    #[test]
+    fn event_without_data_gets_empty_object() {
+        let Message::Event(ev) = parse_message(json!({"event": "STOP"})) else {
+            panic!()
+        };
+        assert_eq!(ev.data, json!({}));
+        assert_eq!(ev.timestamp, None);
+        assert_eq!(ev.reason(), None);
+        assert!(ev.decode::<qapi::qmp::STOP>().is_some());
+    }
+
+    #[test]
+    fn parses_replies() {
+        assert_eq!(
+            parse_message(json!({"return": {}, "id": 7})),
+            Message::Reply {
+                id: Some(7),
+                result: Ok(json!({}))
+            }
+        );
+        assert_eq!(
+            parse_message(json!({"error": {"class": "CommandNotFound", "desc": "nope"}, "id": 3})),
+            Message::Reply {
+                id: Some(3),
+                result: Err(("CommandNotFound".into(), "nope".into()))
+            }
+        );
+        // Replies QEMU sends without an id (e.g. to a malformed command).
+        assert!(matches!(
+            parse_message(json!({"error": {"class": "GenericError", "desc": "x"}})),
+            Message::Reply { id: None, .. }
+        ));
+        assert!(matches!(parse_message(json!([1])), Message::Other(_)));
+    }
+
+    #[test]
+    fn encodes_commands() {
+        let line = encode_command("query-status", &json!({}), 5).unwrap();
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v, json!({"execute": "query-status", "id": 5}));
+        let args = serde_json::to_value(qapi::qmp::qmp_capabilities {
+            enable: Some(vec![qapi::qmp::QMPCapability::oob]),
+        })
+        .unwrap();
+        let line = encode_command("qmp_capabilities", &args, 1).unwrap();
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            v,
+            json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}, "id": 1})
+        );
+    }
+
+    #[test]
+    fn greeting_version() {
+        let g = json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
+            "package": "Debian 1:10.0.2+ds-1"}, "capabilities": ["oob"]}});
+        assert_eq!(parse_greeting(&g).as_deref(), Some("10.0.2"));
+        assert_eq!(parse_greeting(&json!({"return": {}})), None);
+    }
+
+    #[test]
+    fn status_accepts_unknown_run_state() {
+        let r = json!({"running": false, "status": "some-future-state"});
+        assert_eq!(status_from_reply(r).unwrap(), "some-future-state");
+        assert!(status_from_reply(json!({})).is_err());
+    }
+
+    // --- a scripted fake QMP server on a Unix socket ---
+
+    struct FakeConn {
+        lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+        w: tokio::net::unix::OwnedWriteHalf,
+    }
+
+    impl FakeConn {
+        async fn recv(&mut self) -> Value {
+            let l = self
+                .lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("client hung up");
+            serde_json::from_str(&l).unwrap()
+        }
+        async fn send(&mut self, v: Value) {
+            let mut s = v.to_string();
+            s.push('\n');
+            self.w.write_all(s.as_bytes()).await.unwrap();
+        }
+        /// Receives one command (asserting its name), returns its id.
+        async fn expect(&mut self, name: &str) -> Value {
+            let c = self.recv().await;
+            assert_eq!(c["execute"], name, "command: {c}");
+            c["id"].clone()
+        }
+    }
+
+    /// Listens in a temp dir, accepts one client, sends the greeting and
+    /// answers qmp_capabilities, then hands the connection to `script`.
+    async fn fake_server<F, Fut>(script: F) -> (tempfile::TempDir, PathBuf)
+    where
+        F: FnOnce(FakeConn) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, w) = s.into_split();
+            let mut c = FakeConn {
+                lines: BufReader::new(r).lines(),
+                w,
+            };
+            c.send(
+                json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 99},
+                "package": ""}, "capabilities": ["oob"]}}),
+            )
+            .await;
+            let id = c.expect("qmp_capabilities").await;
+            c.send(json!({"return": {}, "id": id})).await;
+            script(c).await;
+        });
+        (dir, path)
+    }
+
+    fn status_reply(id: Value, status: &str) -> Value {
+        json!({"return": {"running": status == "running", "status": status}, "id": id})
+    }
+
+    #[tokio::test]
+    async fn unknown_event_passes_through_and_session_keeps_working() {
+        let (_dir, path) = fake_server(|mut c| async move {
+            let id = c.expect("query-status").await;
+            c.send(
+                json!({"event": "NOX_TEST_EVENT", "data": {"reason": "testing", "x": [1, 2]},
+                "timestamp": {"seconds": 5, "microseconds": 6}}),
+            )
+            .await;
+            c.send(status_reply(id, "running")).await;
+            let id = c.expect("query-status").await;
+            c.send(status_reply(id, "paused")).await;
+        })
+        .await;
+        let (qmp, mut events) = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(qmp.greeting_version(), "99.2.0");
+        let st = qmp.execute(qapi::qmp::query_status {}).await.unwrap();
+        assert!(st.running);
+        let ev = events.recv().await.unwrap();
+        assert_eq!(ev.name, "NOX_TEST_EVENT");
+        assert_eq!(ev.data, json!({"reason": "testing", "x": [1, 2]}));
+        assert_eq!(ev.reason(), Some("testing"));
+        assert_eq!(ev.timestamp, Some((5, 6)));
+        assert_eq!(qmp.query_status().await.unwrap(), "paused");
+        // The server script ended and closed the socket: the receiver ends.
+        assert!(events.recv().await.is_none());
+        assert!(matches!(
+            qmp.query_status().await,
+            Err(QmpError::Closed { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn command_timeout_names_command() {
+        let (_dir, path) = fake_server(|mut c| async move {
+            c.expect("query-status").await;
+            // Never answer; keep the connection open until the client is done.
+            let _ = c.lines.next_line().await;
+        })
+        .await;
+        let (qmp, _events) = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        let t0 = std::time::Instant::now();
+        let err = qmp
+            .execute_timeout(qapi::qmp::query_status {}, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        let took = t0.elapsed();
+        match &err {
+            QmpError::Timeout { command, after } => {
+                assert_eq!(command, "query-status");
+                assert_eq!(*after, Duration::from_millis(300));
+            }
+            e => panic!("expected timeout, got {e}"),
+        }
+        assert!(err.to_string().contains("query-status"), "{err}");
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2));
+        // The waiter was cleaned up.
+        assert!(lock(&qmp.inner.pending).waiters.is_empty());
+    }
+
+    #[tokio::test]
+    async fn out_of_order_replies_are_matched_by_id() {
+        let (_dir, path) = fake_server(|mut c| async move {
+            let mut ids = HashMap::new();
+            for _ in 0..2 {
+                let cmd = c.recv().await;
+                ids.insert(
+                    cmd["execute"].as_str().unwrap().to_string(),
+                    cmd["id"].clone(),
+                );
+            }
+            // Answer the later command first.
+            c.send(json!({"return": {"name": "vm0"}, "id": ids["query-name"]}))
+                .await;
+            c.send(status_reply(ids["query-status"].clone(), "paused"))
+                .await;
+            let _ = c.lines.next_line().await;
+        })
+        .await;
+        let (qmp, _events) = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        let (st, name) = tokio::join!(
+            qmp.execute(qapi::qmp::query_status {}),
+            qmp.execute(qapi::qmp::query_name {})
+        );
+        assert!(!st.unwrap().running);
+        assert_eq!(name.unwrap().name.as_deref(), Some("vm0"));
+    }
+
+    #[tokio::test]
+    async fn error_reply_gives_class_and_desc() {
+        let (_dir, path) = fake_server(|mut c| async move {
+            let id = c.expect("cont").await;
+            c.send(json!({"error": {"class": "SomeNewClass", "desc": "boom"}, "id": id}))
+                .await;
+            let id = c.expect("query-status").await;
+            c.send(status_reply(id, "some-future-state")).await;
+            let id = c.expect("query-status").await;
+            c.send(status_reply(id, "some-future-state")).await;
+            let _ = c.lines.next_line().await;
+        })
+        .await;
+        let (qmp, _events) = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        match qmp.execute(qapi::qmp::cont {}).await {
+            Err(QmpError::Command {
+                command,
+                class,
+                desc,
+            }) => {
+                assert_eq!(
+                    (command.as_str(), class.as_str(), desc.as_str()),
+                    ("cont", "SomeNewClass", "boom")
+                );
+            }
+            r => panic!("expected command error, got {:?}", r.map(drop)),
+        }
+        // A run state qapi's enum lacks: the typed decode fails, the helper works.
+        assert!(matches!(
+            qmp.execute(qapi::qmp::query_status {}).await,
+            Err(QmpError::Decode { .. })
+        ));
+        assert_eq!(qmp.query_status().await.unwrap(), "some-future-state");
+    }
+
+    #[tokio::test]
+    async fn quit_treats_hangup_as_success() {
+        let (_dir, path) = fake_server(|mut c| async move {
+            c.expect("quit").await;
+            // Hang up without replying, as a quitting qemu may.
+        })
+        .await;
+        let (qmp, mut events) = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        qmp.quit().await.unwrap();
+        assert!(events.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn connect_to_missing_path_fails_after_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("never.sock");
+        let t0 = std::time::Instant::now();
+        let err = match Qmp::connect(&path, Duration::from_millis(300)).await {
+            Err(e) => e,
+            Ok(_) => panic!("connected to nothing"),
+        };
+        let took = t0.elapsed();
+        assert!(
+            matches!(&err, QmpError::Connect { source, .. } if source.kind() == io::ErrorKind::NotFound)
+        );
+        assert!(err.to_string().contains("never.sock"), "{err}");
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn not_a_qmp_server_gives_greeting_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"{\"hello\": 1}\n").await.unwrap();
+            let _ = s.read_u8().await;
+        });
+        let err = match Qmp::connect(&path, Duration::from_secs(2)).await {
+            Err(e) => e,
+            Ok(_) => panic!("accepted a non-QMP greeting"),
+        };
+        assert!(matches!(err, QmpError::Greeting { .. }), "{err}");
+    }
+}
