@@ -7,10 +7,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::spec::AccelRequest;
+use crate::spec::{AccelRequest, RestartPolicy};
 use crate::state::Phase;
 use crate::store::Store;
 use crate::vm::{self, CreateOptions, Started, Stopped};
+use crate::systemd::{self, Scope};
 use crate::{qemu, ssh, supervisor};
 
 #[derive(Parser, Debug)]
@@ -89,6 +90,31 @@ pub enum Cmd {
     Doctor,
     /// Run a VM's supervisor in the foreground (what nox@NAME.service runs)
     Run { name: String },
+    /// systemd integration
+    #[command(subcommand)]
+    Systemd(SystemdCmd),
+    /// Start a VM at boot (systemctl enable --now nox@NAME)
+    Enable { name: String },
+    /// Stop starting a VM at boot
+    Disable { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SystemdCmd {
+    /// Write the nox@.service template unit
+    Install {
+        /// Directory for the unit (default /etc/systemd/system, or the user unit dir with --user)
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Install a user unit
+        #[arg(long)]
+        user: bool,
+    },
+    /// Print the template unit
+    Unit {
+        #[arg(long)]
+        user: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -133,6 +159,9 @@ pub struct CreateArgs {
     /// Seconds `stop` waits for the guest to power off before forcing it
     #[arg(long, default_value_t = 60)]
     pub stop_timeout: u64,
+    /// Restart the VM when it crashes (on-failure) or also when it powers off (always)
+    #[arg(long, value_enum, default_value_t = RestartPolicy::No)]
+    pub restart: RestartPolicy,
     #[arg(long)]
     pub json: bool,
 }
@@ -226,9 +255,42 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Console { name } => console(&store, &name),
         Cmd::Logs { name, follow } => logs(&store, &name, follow),
         Cmd::Doctor => doctor(&store),
+        Cmd::Systemd(SystemdCmd::Install { dir, user }) => {
+            let scope = if user { Scope::User } else { Scope::System };
+            let dir = dir
+                .or_else(|| systemd::default_dir(scope))
+                .context("no unit directory; pass --dir")?;
+            let path = systemd::install(&dir, &std::env::current_exe()?, scope)?;
+            println!("Installed {}", path.display());
+            if !systemd::booted() {
+                println!("systemd is not running here; the unit takes effect where it does");
+            }
+            Ok(0)
+        }
+        Cmd::Systemd(SystemdCmd::Unit { user }) => {
+            let scope = if user { Scope::User } else { Scope::System };
+            print!("{}", systemd::unit(&std::env::current_exe()?, scope));
+            Ok(0)
+        }
+        Cmd::Enable { name } | Cmd::Disable { name } if !systemd::booted() => {
+            store.vm(&name)?;
+            bail!(systemd::SystemdError::NotRunning(name))
+        }
+        Cmd::Enable { name } => {
+            store.vm(&name)?;
+            systemd::systemctl(Scope::System, &["enable", "--now", &systemd::unit_name(&name)])?;
+            println!("{name} starts at boot ({})", systemd::unit_name(&name));
+            Ok(0)
+        }
+        Cmd::Disable { name } => {
+            store.vm(&name)?;
+            systemd::systemctl(Scope::System, &["disable", &systemd::unit_name(&name)])?;
+            println!("{name} no longer starts at boot");
+            Ok(0)
+        }
         Cmd::Run { name } => match vm::run(&store, &name).await {
-            Ok(supervisor::Outcome::Stopped(r)) => {
-                tracing::info!("{name} stopped ({r})");
+            Ok(supervisor::Outcome::Stopped { reason, .. }) => {
+                tracing::info!("{name} stopped ({reason})");
                 Ok(0)
             }
             Ok(supervisor::Outcome::Crashed(r)) => {
@@ -258,6 +320,7 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         accel: a.accel,
         network: a.network,
         stop_timeout: a.stop_timeout,
+        restart: a.restart,
     };
     let spec = vm::create(store, &opts).await.context("cannot create the VM")?;
     let name = spec.name.clone();
@@ -378,6 +441,12 @@ fn print_info(i: &vm::VmInfo) {
     }
     if let Some(p) = i.pid {
         println!("pid:      {p} (qemu {})", i.qemu_pid.unwrap_or(0));
+    }
+    if i.restart != RestartPolicy::No || i.restarts > 0 {
+        println!("restart:  {:?}, {} restarts", i.restart, i.restarts);
+    }
+    if let Some(f) = &i.last_failure {
+        println!("failure:  {f}");
     }
 }
 

@@ -341,6 +341,7 @@ mod tests {
             ssh_authorized_keys: vec![],
             ssh_identity: None,
             stop_timeout: 60,
+            restart: Default::default(),
             created: 0,
         }
     }

@@ -41,6 +41,19 @@ pub enum AccelRequest {
     Tcg,
 }
 
+/// What the supervisor does when the VM ends without being asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never restart.
+    #[default]
+    No,
+    /// Restart after a crash (qemu died, guest panicked, internal error).
+    OnFailure,
+    /// Also restart when the guest powers itself off.
+    Always,
+}
+
 /// How the VM is attached to the network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "lowercase")]
@@ -115,6 +128,8 @@ pub struct VmSpec {
     pub ssh_identity: Option<std::path::PathBuf>,
     /// Seconds `stop` waits for an ACPI powerdown before escalating.
     pub stop_timeout: u64,
+    #[serde(default)]
+    pub restart: RestartPolicy,
     /// Creation time, seconds since the epoch.
     pub created: u64,
 }

@@ -59,6 +59,12 @@ pub struct State {
     pub accel: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// Restarts by the supervisor's restart policy since it started.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Why the VM last failed (kept across restarts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
     /// Unix seconds of the last change.
     pub updated: u64,
 }
@@ -73,6 +79,8 @@ impl State {
             ssh_port: None,
             accel: None,
             ip: None,
+            restarts: 0,
+            last_failure: None,
             updated: now(),
         }
     }

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::qemu::{self, Accel, FirmwareArgs, NetBackend};
 use crate::qmp::{self, Qmp};
-use crate::spec::{NetworkSpec, VmSpec};
+use crate::spec::{NetworkSpec, RestartPolicy, VmSpec};
 use crate::state::{self, Phase, State};
 use crate::store::{self, StoreError, VmPaths};
 
@@ -50,19 +50,58 @@ pub enum SupervisorError {
 /// How a supervised run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Stopped(String),
+    /// The guest powered off. `requested`: by nox (stop, SIGTERM) rather
+    /// than by the guest itself.
+    Stopped { reason: String, requested: bool },
     Crashed(String),
 }
 
 /// Tells systemd (when it started us) what is going on. A no-op elsewhere.
-fn notify(states: &[sd_notify::NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
+fn notify(lines: &[&str]) {
+    if let Err(e) = crate::systemd::notify(lines) {
         warn!("sd_notify: {e}");
     }
 }
 
-/// Runs the VM in the foreground until it stops. Holds the VM's lock
-/// throughout; writes the state file at every change.
+/// SIGTERM/SIGINT, installed once for the supervisor's whole life.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// Delay before the n-th restart: 1 s, 2 s, 4 s ... capped at a minute.
+pub fn backoff(restarts: u32) -> Duration {
+    Duration::from_secs(1u64 << restarts.min(6)).min(Duration::from_secs(60))
+}
+
+/// Whether the restart policy asks for another run after `outcome`.
+pub fn should_restart(policy: RestartPolicy, outcome: &Outcome) -> bool {
+    match (policy, outcome) {
+        (RestartPolicy::No, _) => false,
+        (_, Outcome::Crashed(_)) => true,
+        (RestartPolicy::Always, Outcome::Stopped { requested, .. }) => !requested,
+        (RestartPolicy::OnFailure, Outcome::Stopped { .. }) => false,
+    }
+}
+
+/// Runs the VM in the foreground until it stops (restarting it per its
+/// policy). Holds the VM's lock throughout; writes the state file at every
+/// change.
 pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
     let spec = vm.load_spec()?;
     let _lock = vm
@@ -71,37 +110,59 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
     // Everything qemu creates (sockets, console log) is private.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     vm.check_socket_paths()?;
-    let choice = qemu::choose_accel(
-        spec.accel,
-        &spec.arch,
-        &qemu::probe_kvm(),
-    )?;
+    let choice = qemu::choose_accel(spec.accel, &spec.arch, &qemu::probe_kvm())?;
     if let Some(w) = &choice.warning {
         warn!("{w}");
     }
-    let result = run_locked(vm, &spec, choice.accel).await;
-    let st = match &result {
-        Ok(Outcome::Stopped(r)) => State {
-            reason: Some(r.clone()),
-            ..State::new(Phase::Stopped)
-        },
-        Ok(Outcome::Crashed(r)) => State {
-            reason: Some(r.clone()),
-            ..State::new(Phase::Crashed)
-        },
-        Err(e) => State {
-            reason: Some(e.to_string()),
-            ..State::new(Phase::Crashed)
-        },
-    };
-    cleanup_runtime(vm);
-    state::save(vm, &st)?;
-    notify(&[sd_notify::NotifyState::Status(&format!(
-        "{}: {}",
-        st.state,
-        st.reason.as_deref().unwrap_or("")
-    ))]);
-    result
+    let mut signals = Signals::new()?;
+    let mut restarts = 0u32;
+    let mut last_failure: Option<String> = None;
+    loop {
+        let started = std::time::Instant::now();
+        let base = State {
+            restarts,
+            last_failure: last_failure.clone(),
+            ..State::new(Phase::Starting)
+        };
+        let result = run_once(vm, &spec, choice.accel, base.clone(), &mut signals).await;
+        let (phase, reason) = match &result {
+            Ok(Outcome::Stopped { reason, .. }) => (Phase::Stopped, reason.clone()),
+            Ok(Outcome::Crashed(r)) => (Phase::Crashed, r.clone()),
+            Err(e) => (Phase::Crashed, e.to_string()),
+        };
+        cleanup_runtime(vm);
+        if phase == Phase::Crashed {
+            last_failure = Some(reason.clone());
+        }
+        let st = State {
+            reason: Some(reason.clone()),
+            last_failure: last_failure.clone(),
+            ..State::new(phase)
+        };
+        let st = State { restarts, ..st };
+        state::save(vm, &st)?;
+        notify(&[&format!("STATUS={phase}: {reason}")]);
+        let again = match &result {
+            Ok(o) => should_restart(spec.restart, o),
+            // Start-up errors (bad config, missing qemu) repeat: don't loop.
+            Err(_) => false,
+        };
+        if !again {
+            return result;
+        }
+        // A VM that ran a good while earns a fresh back-off.
+        if started.elapsed() > Duration::from_secs(120) {
+            restarts = 0;
+        }
+        let delay = backoff(restarts);
+        restarts += 1;
+        warn!("{}: {reason}; restarting in {}s (restart #{restarts})", spec.name, delay.as_secs());
+        notify(&[&format!("STATUS=restarting in {}s after: {reason}", delay.as_secs())]);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = signals.recv() => return result,
+        }
+    }
 }
 
 /// Removes the VM's runtime directory (sockets) if qemu left it behind.
@@ -174,16 +235,19 @@ fn describe_exit(st: ExitStatus) -> String {
     }
 }
 
-async fn run_locked(vm: &VmPaths, spec: &VmSpec, accel: Accel) -> Result<Outcome, SupervisorError> {
+async fn run_once(
+    vm: &VmPaths,
+    spec: &VmSpec,
+    accel: Accel,
+    mut st: State,
+    signals: &mut Signals,
+) -> Result<Outcome, SupervisorError> {
     let arch = qemu::arch_facts(&spec.arch)?;
     let binary = qemu::find_binary(arch)?;
-    let mut st = State {
-        pid: Some(std::process::id()),
-        accel: Some(accel.as_str().into()),
-        ..State::new(Phase::Starting)
-    };
+    st.pid = Some(std::process::id());
+    st.accel = Some(accel.as_str().into());
     state::save(vm, &st)?;
-    notify(&[sd_notify::NotifyState::Status("starting qemu")]);
+    notify(&["STATUS=starting qemu"]);
 
     // The port may be taken between our probe and qemu's bind: retry.
     let mut attempt = 0;
@@ -249,13 +313,11 @@ async fn run_locked(vm: &VmPaths, spec: &VmSpec, accel: Accel) -> Result<Outcome
         Some(p) => format!("running; ssh on 127.0.0.1:{p}"),
         None => "running".into(),
     };
-    notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status),
-    ]);
+    notify(&["READY=1", &format!("STATUS={status}"), &format!("MAINPID={}", std::process::id())]);
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
+    let watchdog = crate::systemd::watchdog_interval();
+    let mut wd_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let mut requested = false;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let mut shutdown_reason: Option<String> = None;
     let mut crash: Option<String> = None;
@@ -276,9 +338,11 @@ async fn run_locked(vm: &VmPaths, spec: &VmSpec, accel: Accel) -> Result<Outcome
                             }
                         }
                         "POWERDOWN" => {
+                            // Only a host (nox stop, SIGTERM) asks for a powerdown.
+                            requested = true;
                             st.state = Phase::Stopping;
                             state::save(vm, &st)?;
-                            notify(&[sd_notify::NotifyState::Stopping]);
+                            notify(&["STOPPING=1", "STATUS=stopping"]);
                         }
                         "GUEST_PANICKED" => {
                             crash = Some("guest panicked".into());
@@ -300,17 +364,30 @@ async fn run_locked(vm: &VmPaths, spec: &VmSpec, accel: Accel) -> Result<Outcome
                     let _ = qmp.quit().await;
                 }
             }
-            _ = sigterm.recv() => graceful_stop(vm, spec, &mut st, &qmp, &mut q).await?,
-            _ = sigint.recv() => graceful_stop(vm, spec, &mut st, &qmp, &mut q).await?,
+            _ = wd_tick.tick(), if watchdog.is_some() => {
+                // Pet only while qemu answers: a hung VM is systemd's to handle.
+                if qmp.query_status().await.is_ok() {
+                    notify(&["WATCHDOG=1"]);
+                }
+            }
+            _ = signals.recv() => {
+                requested = true;
+                graceful_stop(vm, spec, &mut st, &qmp, &mut q).await?
+            }
         }
     };
     info!("qemu exited: {}", describe_exit(exit));
     Ok(if let Some(c) = crash {
         Outcome::Crashed(c)
     } else if let Some(r) = shutdown_reason {
-        Outcome::Stopped(r)
+        // "host-qmp-quit" etc.: someone on the host asked.
+        let requested = requested || r.starts_with("host-");
+        Outcome::Stopped { reason: r, requested }
     } else if exit.success() {
-        Outcome::Stopped("qemu exited".into())
+        Outcome::Stopped {
+            reason: "qemu exited".into(),
+            requested,
+        }
     } else {
         Outcome::Crashed(format!("qemu {}", describe_exit(exit)))
     })
@@ -337,7 +414,7 @@ async fn graceful_stop(
 ) -> Result<(), SupervisorError> {
     st.state = Phase::Stopping;
     state::save(vm, st)?;
-    notify(&[sd_notify::NotifyState::Stopping]);
+    notify(&["STOPPING=1", "STATUS=stopping"]);
     info!("stopping: ACPI powerdown, waiting up to {}s", spec.stop_timeout);
     let _ = qmp.powerdown().await;
     let wait = Duration::from_secs(spec.stop_timeout);

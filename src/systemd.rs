@@ -189,3 +189,65 @@ mod tests {
         assert!(user.contains("WantedBy=default.target"));
     }
 }
+
+/// Sends a state change to the service manager over `$NOTIFY_SOCKET` (the
+/// sd_notify protocol: one datagram of `KEY=VALUE` lines). A no-op when the
+/// variable is unset. Handles abstract-namespace sockets (`@name`), which
+/// the sd-notify crate does not.
+pub fn notify(lines: &[&str]) -> std::io::Result<()> {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(name)?
+        }
+        None => SocketAddr::from_pathname(&path)?,
+    };
+    let sock = UnixDatagram::unbound()?;
+    let mut msg = lines.join("\n");
+    msg.push('\n');
+    sock.send_to_addr(msg.as_bytes(), &addr)?;
+    Ok(())
+}
+
+/// How often to send `WATCHDOG=1`: half of `$WATCHDOG_USEC` when the
+/// watchdog is meant for this process.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    if let Some(pid) = std::env::var_os("WATCHDOG_PID")
+        && pid.to_str() != Some(&std::process::id().to_string())
+    {
+        return None;
+    }
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    (usec > 0).then(|| std::time::Duration::from_micros(usec / 2))
+}
+
+#[cfg(test)]
+mod notify_tests {
+    #[test]
+    fn notify_reaches_path_and_abstract_sockets() {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("notify");
+        let listener = UnixDatagram::bind(&p).unwrap();
+        let name = format!("nox-test-{}", std::process::id());
+        let abs = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        // SAFETY (test): no other thread of this test binary reads NOTIFY_SOCKET
+        // concurrently with these two set_var calls.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &p) };
+        super::notify(&["READY=1", "STATUS=hi"]).unwrap();
+        let mut buf = [0u8; 256];
+        let n = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=hi\n");
+        unsafe { std::env::set_var("NOTIFY_SOCKET", format!("@{name}")) };
+        super::notify(&["STOPPING=1"]).unwrap();
+        let n = abs.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STOPPING=1\n");
+        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+    }
+}

@@ -11,7 +11,7 @@ use thiserror::Error;
 use crate::image::{self, Cache};
 use crate::qmp::Qmp;
 use crate::seed::{self, SeedConfig};
-use crate::spec::{self, AccelRequest, ImageRef, NetworkSpec, VmSpec};
+use crate::spec::{self, AccelRequest, ImageRef, NetworkSpec, RestartPolicy, VmSpec};
 use crate::sshkeys::{self, KeyPair};
 use crate::state::{self, Phase, State};
 use crate::store::{self, Store, StoreError, VmPaths};
@@ -69,6 +69,7 @@ pub struct CreateOptions {
     pub accel: AccelRequest,
     pub network: Option<String>,
     pub stop_timeout: u64,
+    pub restart: RestartPolicy,
 }
 
 /// Defines a VM atomically: every file is made in a private staging
@@ -103,7 +104,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     let vm = store.vm_paths(&name).staged(staging.path());
 
     let cache = Cache::open(&store.images_dir())?;
-    let base = cache.obtain(&o.image, &arch).await?;
+    let base = obtain_image(&cache, &o.image, &arch).await?;
     image::create_overlay(&base, &vm.disk(), Some(disk))?;
 
     // nox's own key lets `--wait` and `nox ssh` work without an agent; the
@@ -147,12 +148,22 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
         ssh_authorized_keys: authorized,
         ssh_identity: user_keys.identity,
         stop_timeout: o.stop_timeout,
+        restart: o.restart,
         created: state::now(),
     };
     write_seed(&spec, &vm, &host, user_data)?;
     store::write_json(&vm.spec(), &spec)?;
     staging.commit()?;
     Ok(spec)
+}
+
+/// The base image for a create: a local file is imported into the cache
+/// once; a catalog name or URL is pulled (verified) on demand.
+async fn obtain_image(cache: &Cache, source: &str, arch: &str) -> Result<image::Image, VmError> {
+    Ok(match image::parse_source(source, arch)? {
+        image::Source::File(path) => cache.import_file(&path, None)?,
+        other => cache.pull(&other, &image::PullOptions::default()).await?,
+    })
 }
 
 fn strip_comment(public: &str) -> String {
@@ -229,6 +240,13 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
     let vm = store.vm(name)?;
     if state::load(&vm)?.state.is_active() {
         return Ok(Started::AlreadyRunning);
+    }
+    if crate::systemd::is_enabled(name) {
+        // systemd owns this VM: start it there so both views agree
+        // (Type=notify: systemctl returns once the supervisor is READY).
+        crate::systemd::systemctl(crate::systemd::Scope::System, &["start", &crate::systemd::unit_name(name)])
+            .map_err(|e| VmError::StartFailed { name: name.into(), why: e.to_string(), log: String::new() })?;
+        return Ok(Started::Now);
     }
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -307,6 +325,16 @@ pub async fn stop(store: &Store, name: &str, force: bool, timeout: Duration) -> 
     let st = state::load(&vm)?;
     if !st.state.is_active() {
         return Ok(Stopped::AlreadyStopped);
+    }
+    if crate::systemd::is_enabled(name) && !force {
+        // Through systemd, so it does not restart what we stop. systemd sends
+        // SIGTERM: the supervisor powers the guest down.
+        let unit = crate::systemd::unit_name(name);
+        if crate::systemd::systemctl(crate::systemd::Scope::System, &["stop", &unit]).is_ok()
+            && wait_unlocked(&vm, timeout).await?
+        {
+            return Ok(Stopped::Gracefully);
+        }
     }
     let ctl = Qmp::connect(&vm.ctl_socket(), Duration::from_secs(5)).await.ok();
     if !force {
@@ -408,6 +436,9 @@ pub struct VmInfo {
     pub ip: Option<String>,
     pub pid: Option<u32>,
     pub qemu_pid: Option<u32>,
+    pub restart: RestartPolicy,
+    pub restarts: u32,
+    pub last_failure: Option<String>,
     pub created: u64,
 }
 
@@ -462,6 +493,9 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
         ip: active.then(|| st.ip.clone()).flatten(),
         pid: active.then_some(st.pid).flatten(),
         qemu_pid: active.then_some(st.qemu_pid).flatten(),
+        restart: spec.restart,
+        restarts: st.restarts,
+        last_failure: st.last_failure.clone(),
         created: spec.created,
     }
 }

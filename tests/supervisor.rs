@@ -1,0 +1,321 @@
+//! Supervisor faults and systemd readiness, on a fast "guest": a blank disk
+//! on which the VM sits in firmware forever (so it also ignores ACPI
+//! powerdown). Boot is not the point of these tests; control is.
+
+mod common;
+
+use common::*;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn prereqs() -> bool {
+    prereq(is_root(), "supervisor tests need root")
+        && prereq(have("qemu-system-x86_64"), "qemu-system-x86_64 not installed")
+        && prereq(have("qemu-img"), "qemu-img not installed")
+}
+
+fn blank_vm(h: &Home, name: &str, extra: &[&str]) {
+    let img = h.path().join("blank.qcow2");
+    if !img.exists() {
+        let st = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("1G").status().unwrap();
+        assert!(st.success());
+    }
+    let mut args = vec![
+        "create", name, "--image", img.to_str().unwrap(), "--no-start", "--accel", "tcg", "--cpus", "1",
+        "--memory", "128M", "--disk", "1G", "--stop-timeout", "2",
+    ];
+    args.extend_from_slice(extra);
+    h.ok(&args);
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn kill9(pid: u64) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+#[test]
+fn notify_ready_status_stopping_and_sigterm() {
+    if !prereqs() {
+        return;
+    }
+    let h = Home::new();
+    blank_vm(&h, "sd", &[]);
+    let sock_path = h.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nox"))
+        .args(["run", "sd"])
+        .env("NOX_HOME", h.path())
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("READY=1") {
+        let n = sock.recv(&mut buf).expect("no READY=1 from the supervisor");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.contains("STATUS=running; ssh on 127.0.0.1:"), "{seen}");
+    assert!(seen.contains(&format!("MAINPID={}", child.id())), "{seen}");
+    assert_eq!(h.info("sd")["state"], "running");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut after = String::new();
+    while !after.contains("STOPPING=1") {
+        let n = sock.recv(&mut buf).expect("no STOPPING=1");
+        after.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "supervisor exit after SIGTERM");
+    let info = h.info("sd");
+    assert_eq!(info["state"], "stopped");
+    assert!(qemu_pids("sd").is_empty());
+}
+
+#[test]
+fn stop_escalates_when_the_guest_ignores_acpi() {
+    if !prereqs() {
+        return;
+    }
+    let h = Home::new();
+    blank_vm(&h, "deaf", &[]);
+    h.ok(&["start", "deaf"]);
+    let t0 = Instant::now();
+    let out = h.ok(&["stop", "deaf", "--timeout", "2"]);
+    assert!(out.contains("did not power off within 2s"), "{out}");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    assert_eq!(h.info("deaf")["state"], "stopped");
+    assert!(qemu_pids("deaf").is_empty());
+    // --force does not wait at all.
+    h.ok(&["start", "deaf"]);
+    let out = h.ok(&["stop", "deaf", "--force"]);
+    assert!(out.contains("forced"), "{out}");
+    assert!(qemu_pids("deaf").is_empty());
+}
+
+#[test]
+fn twenty_concurrent_starts_run_one_qemu() {
+    if !prereqs() {
+        return;
+    }
+    let h = Home::new();
+    blank_vm(&h, "race", &[]);
+    let spawn = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nox"))
+            .args(args)
+            .env("NOX_HOME", h.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let children: Vec<_> = (0..20).map(|_| spawn(&["start", "race"])).collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "start failed: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert_eq!(qemu_pids("race").len(), 1);
+    assert_eq!(h.info("race")["state"], "running");
+    // start racing stop, then stop racing delete: consistent end states.
+    let a = spawn(&["stop", "race", "--force"]);
+    let b = spawn(&["start", "race"]);
+    for c in [a, b] {
+        let out = c.wait_with_output().unwrap();
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    }
+    let st = h.info("race")["state"].as_str().unwrap().to_string();
+    let n = qemu_pids("race").len();
+    assert!((st == "running" && n == 1) || (st == "stopped" && n == 0), "{st} with {n} qemu");
+    h.ok(&["start", "race"]);
+    let a = spawn(&["stop", "race", "--force"]);
+    let b = spawn(&["delete", "race", "--force"]);
+    for c in [a, b] {
+        let out = c.wait_with_output().unwrap();
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    }
+    wait_for("no qemu", 20, || qemu_pids("race").is_empty());
+    // Either delete won (gone) or it lost to nothing: retrying leaves it gone.
+    let _ = h.nox(&["delete", "race", "--force"]);
+    assert!(!h.path().join("vms/race").exists());
+    assert!(!h.path().join("run/race").exists());
+}
+
+#[test]
+fn killed_supervisor_takes_its_qemu_and_start_works_again() {
+    if !prereqs() {
+        return;
+    }
+    let h = Home::new();
+    blank_vm(&h, "orphan", &[]);
+    h.ok(&["start", "orphan"]);
+    let info = h.info("orphan");
+    let sup = info["pid"].as_u64().unwrap();
+    kill9(sup);
+    // qemu dies with its supervisor (PDEATHSIG): never an unmanaged orphan.
+    wait_for("qemu to die with its supervisor", 20, || qemu_pids("orphan").is_empty());
+    let info = h.info("orphan");
+    assert_eq!(info["state"], "crashed", "{info}");
+    assert!(info["reason"].as_str().unwrap().contains("supervisor"), "{info}");
+    h.ok(&["start", "orphan"]);
+    assert_eq!(qemu_pids("orphan").len(), 1);
+    h.ok(&["delete", "orphan", "--force"]);
+}
+
+#[test]
+fn restart_policy_restarts_a_crashed_vm_with_backoff() {
+    if !prereqs() {
+        return;
+    }
+    let h = Home::new();
+    blank_vm(&h, "phoenix", &["--restart", "on-failure"]);
+    h.ok(&["start", "phoenix"]);
+    let first = h.info("phoenix")["qemu_pid"].as_u64().unwrap();
+    kill9(first);
+    wait_for("a restart", 60, || {
+        let i = h.info("phoenix");
+        i["state"] == "running" && i["qemu_pid"].as_u64().is_some_and(|p| p != first)
+    });
+    let info = h.info("phoenix");
+    assert_eq!(info["restarts"], 1);
+    assert!(info["last_failure"].as_str().unwrap().contains("SIGKILL"), "{info}");
+    assert_eq!(qemu_pids("phoenix").len(), 1);
+    // A requested stop is not a failure: no restart.
+    h.ok(&["stop", "phoenix", "--force"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(h.info("phoenix")["state"], "stopped");
+    assert!(qemu_pids("phoenix").is_empty());
+}
+
+#[test]
+fn stale_files_from_a_previous_boot() {
+    if !prereqs() {
+        return;
+    }
+    let h = Home::new();
+    blank_vm(&h, "reboot", &[]);
+    // What a host crash leaves: a "running" state with a dead pid, sockets.
+    let vm = h.path().join("vms/reboot");
+    std::fs::write(
+        vm.join("state.json"),
+        r#"{"state":"running","pid":999999,"qemu_pid":999998,"ssh_port":2222,"updated":1}"#,
+    )
+    .unwrap();
+    let run = h.path().join("run/reboot");
+    std::fs::create_dir_all(&run).unwrap();
+    for s in ["qmp.sock", "ctl.sock", "serial.sock"] {
+        std::fs::write(run.join(s), "").unwrap();
+    }
+    let list: serde_json::Value = serde_json::from_str(&h.ok(&["list", "--json"])).unwrap();
+    assert_eq!(list[0]["state"], "crashed", "{list}");
+    assert!(list[0]["ssh"]["port"].is_null());
+    h.ok(&["start", "reboot"]);
+    assert_eq!(h.info("reboot")["state"], "running");
+    h.ok(&["stop", "reboot", "--force"]);
+}
+
+#[test]
+fn hundred_cycles_leave_nothing_behind() {
+    if !prereqs() {
+        return;
+    }
+    let h = Home::new();
+    let img = h.path().join("blank.qcow2");
+    let st = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("1G").status().unwrap();
+    assert!(st.success());
+    let t0 = Instant::now();
+    for i in 0..100 {
+        let name = format!("cycle-{i}");
+        let quiet = |args: &[&str]| {
+            let out = Command::new(env!("CARGO_BIN_EXE_nox"))
+                .args(args)
+                .env("NOX_HOME", h.path())
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "nox {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        quiet(&["create", &name, "--image", img.to_str().unwrap(), "--accel", "tcg", "--cpus", "1", "--memory", "128M", "--disk", "1G"]);
+        quiet(&["stop", &name, "--force"]);
+        quiet(&["delete", &name]);
+    }
+    eprintln!("100 create/start/stop/delete cycles: {:?}", t0.elapsed());
+    let left: Vec<_> = std::fs::read_dir(h.path().join("vms")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "{left:?}");
+    let run: Vec<_> = std::fs::read_dir(h.path().join("run")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(run.is_empty(), "{run:?}");
+    for i in 0..100 {
+        assert!(qemu_pids(&format!("cycle-{i}")).is_empty());
+    }
+}
+
+#[test]
+fn full_or_read_only_state_dir_gives_clear_errors() {
+    if !prereqs() {
+        return;
+    }
+    if !prereq(have("mount"), "mount not installed") {
+        return;
+    }
+    let h = Home::new();
+    // A small tmpfs as the whole nox home.
+    let mnt = h.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(st.success());
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _m = Umount(mnt.clone());
+    let img = h.path().join("blank.qcow2");
+    let st = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("1G").status().unwrap();
+    assert!(st.success());
+    let nox = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nox"))
+            .args(args)
+            .env("NOX_HOME", &mnt)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = nox(&["create", "tiny", "--image", img.to_str().unwrap(), "--no-start", "--accel", "tcg", "--memory", "128M", "--disk", "1G"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spec_before = std::fs::read(mnt.join("vms/tiny/spec.json")).unwrap();
+    // Fill the disk.
+    let filler = mnt.join("filler");
+    let _ = Command::new("dd").args(["if=/dev/zero", "bs=1M", "count=64"]).arg(format!("of={}", filler.display())).output();
+    let out = nox(&["create", "tiny2", "--image", img.to_str().unwrap(), "--no-start", "--memory", "128M", "--disk", "1G"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(!err.contains("panicked"));
+    let names: Vec<_> = std::fs::read_dir(mnt.join("vms")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("tiny")]);
+    assert_eq!(std::fs::read(mnt.join("vms/tiny/spec.json")).unwrap(), spec_before);
+    std::fs::remove_file(&filler).unwrap();
+    // Read-only: clear error, state intact.
+    let st = Command::new("mount").args(["-o", "remount,ro"]).arg(&mnt).status().unwrap();
+    assert!(st.success());
+    let out = nox(&["start", "tiny"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(!err.contains("panicked"));
+    assert_eq!(std::fs::read(mnt.join("vms/tiny/spec.json")).unwrap(), spec_before);
+    let out = nox(&["delete", "tiny"]);
+    assert!(!out.status.success());
+    assert!(mnt.join("vms/tiny/spec.json").exists());
+}
