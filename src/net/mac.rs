@@ -19,7 +19,7 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], MacError> {
     }
     let mut mac = [0u8; 6];
     for (byte, part) in mac.iter_mut().zip(parts) {
-        if part.len() != 2 {
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
@@ -88,7 +88,7 @@ mod tests {
     #[test]
     fn generated_format_and_uniqueness() {
         let mut taken = Vec::new();
-        for _ in 0..2000 {
+        for _ in 0..300 {
             let m = generate_mac(&taken);
             let b = parse_mac(&m).unwrap();
             assert_eq!(&b[..3], &[0x52, 0x54, 0x00]);
