@@ -28,6 +28,8 @@ use tokio::sync::watch;
 const MAX_IPV6: usize = 8;
 /// `SO_ATTACH_FILTER` (26 on every Linux architecture; not exported by libc for all).
 const SO_ATTACH_FILTER: libc::c_int = 26;
+/// How often [`watch_tap`] checks that its interface still exists.
+const LIVENESS_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoverError {
@@ -273,7 +275,7 @@ fn packet_socket(name: &str, index: u32) -> Result<OwnedFd, DiscoverError> {
 /// traffic) for frames revealing the addresses of the guest with `mac`, and publishes
 /// each change on `tx` (merged into its current value). Runs until the future is
 /// dropped, until every receiver is gone (`Ok`), or until the interface disappears
-/// (`Err(Gone)`). Uses the network namespace of the calling thread.
+/// (`Err(Gone)`, noticed within about a second). Uses the network namespace of the calling thread.
 pub async fn watch_tap(
     ifname: &str,
     mac: [u8; 6],
@@ -285,20 +287,29 @@ pub async fn watch_tap(
     let fd = packet_socket(ifname, index)?;
     // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and
     // unchanged for as long as it is registered.
-    let afd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| {
-        DiscoverError::Socket {
+    let afd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::ERROR) }
+        .map_err(|e| DiscoverError::Socket {
             name: ifname.into(),
             op: "register with tokio",
             source: e.into(),
-        }
-    })?;
+        })?;
     let mut buf = vec![0u8; 65536];
+    // The kernel signals a device going down/away only once, as a socket error
+    // (ENETDOWN) that may arrive while the name still resolves: poll for existence.
+    let mut alive = tokio::time::interval(LIVENESS_PERIOD);
+    alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut guard = tokio::select! {
-            r = afd.readable() => r.map_err(|source| DiscoverError::Socket {
-                name: ifname.into(), op: "poll", source,
+            r = afd.ready(Interest::READABLE | Interest::ERROR) => r.map_err(|source| {
+                DiscoverError::Socket { name: ifname.into(), op: "poll", source }
             })?,
             () = tx.closed() => return Ok(()),
+            _ = alive.tick() => {
+                if nix::net::if_::if_nametoindex(ifname) != Ok(index) {
+                    return Err(DiscoverError::Gone { name: ifname.into() });
+                }
+                continue;
+            }
         };
         // Drain everything queued before waiting again.
         loop {
@@ -307,20 +318,10 @@ pub async fn watch_tap(
             }) {
                 Err(_would_block) => break,
                 Ok(Ok(n)) => n,
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // The kernel reports ENETDOWN once the bound device is unregistered.
-                Ok(Err(e))
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ENETDOWN | libc::ENXIO | libc::ENODEV)
-                    ) =>
-                {
-                    if nix::net::if_::if_nametoindex(ifname) == Ok(index) {
-                        continue; // merely set down; keep listening
-                    }
-                    return Err(DiscoverError::Gone {
-                        name: ifname.into(),
-                    });
+                // Down (or being deleted): reception resumes when it comes back up;
+                // the liveness tick notices deletion.
+                Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ENETDOWN)) => {
+                    continue;
                 }
                 Ok(Err(source)) => {
                     return Err(DiscoverError::Socket {
