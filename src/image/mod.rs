@@ -1,1 +1,715 @@
 //! Images: shared content-addressed cache, catalog, downloads, per-VM overlays.
+//!
+//! Layout of the cache directory (0700):
+//! - `blobs/sha256-<hex>`        the base image, mode 0444, never written after the rename
+//! - `meta/sha256-<hex>.json`    its [`Image`] record, written atomically
+//! - `sources/<sha256(src)>.json` source (file path or URL) → digest, so a second import or pull is
+//!   instant and an upstream "latest" that changes never changes what an existing digest means
+//! - `tmp/`                      imports and downloads in progress (never visible as images)
+//! - `locks/`                    per-source flock files: concurrent pulls download once
+//!
+//! VMs reference images by digest, so nothing here is ever rewritten in place.
+
+mod catalog;
+mod download;
+
+pub use catalog::{
+    CATALOG, CatalogEntry, Checksum, DEFAULT_IMAGE, Distro, HashAlgo, Source, catalog_entry,
+    host_arch, mirror_base, parse_checksum, parse_source, parse_sums,
+};
+pub use download::{Progress, PullOptions};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One cached base image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    /// `sha256:<hex>` of the file content as stored.
+    pub digest: String,
+    /// Where the base lives in the cache (absolute).
+    pub path: PathBuf,
+    /// `qcow2` or `raw`, as reported by `qemu-img info`.
+    pub format: String,
+    /// Guest-visible disk size in bytes.
+    pub virtual_size: u64,
+    /// Bytes on the host.
+    pub size: u64,
+    /// The file path or URL it came from.
+    pub source: String,
+    /// Catalog name (e.g. `debian-13`) or the name given at import.
+    pub name: Option<String>,
+    pub arch: Option<String>,
+    /// RFC 3339, UTC.
+    pub created: String,
+    /// Downloaded without any checksum to compare against.
+    #[serde(default)]
+    pub insecure: bool,
+    /// `sha512:<hex>` when the upstream checksum file gives SHA-512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha512: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: not a disk image: {why}", path.display())]
+    NotDiskImage { path: PathBuf, why: String },
+    #[error("cannot run {cmd}: {source}")]
+    Spawn { cmd: String, source: io::Error },
+    #[error("{cmd} failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("{}: bad metadata: {source}", path.display())]
+    Meta {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("no image {0} in the cache")]
+    NotFound(String),
+    #[error("{name} matches several images: {}", digests.join(", "))]
+    Ambiguous { name: String, digests: Vec<String> },
+    #[error("image {image} is in use by {}", users.join(", "))]
+    InUse { image: String, users: Vec<String> },
+    #[error("disk size {requested} is smaller than the image's virtual size {base}")]
+    Shrink { requested: u64, base: u64 },
+    #[error("{} already exists", .0.display())]
+    Exists(PathBuf),
+    #[error("unknown image {name:?}; known: {known}")]
+    UnknownCatalog { name: String, known: String },
+    #[error("no {name} image for arch {arch}")]
+    NoArch { name: String, arch: String },
+    #[error("bad checksum {0:?}: expected sha256:HEX or sha512:HEX")]
+    BadChecksum(String),
+    #[error(
+        "{url} is not in the catalog: give a checksum (sha256:HEX or sha512:HEX) or allow insecure"
+    )]
+    NeedChecksum { url: String },
+    #[error("GET {url}: HTTP {status}")]
+    Http { url: String, status: u16 },
+    #[error("GET {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url}: no checksum for {file} in {sums}")]
+    NoChecksum {
+        url: String,
+        file: String,
+        sums: String,
+    },
+    #[error("{url}: checksum mismatch: expected {expected}, got {actual}")]
+    ChecksumMismatch {
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{}: disk full", path.display())]
+    DiskFull { path: PathBuf },
+    #[error("{url}: download failed after {attempts} attempts: {last}")]
+    Retries {
+        url: String,
+        attempts: u32,
+        last: String,
+    },
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| {
+        if source.raw_os_error() == Some(nix::libc::ENOSPC) {
+            ImageError::DiskFull {
+                path: path.to_path_buf(),
+            }
+        } else {
+            ImageError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// What `sources/` records for one source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SourceRecord {
+    pub source: String,
+    pub digest: String,
+    /// For local files: size and mtime (ns) seen when hashed; a match skips rehashing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime_ns: Option<i128>,
+    /// For downloads: the upstream checksum that the content matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+}
+
+/// The shared image cache.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    dir: PathBuf,
+}
+
+const SUBDIRS: [&str; 5] = ["blobs", "meta", "sources", "tmp", "locks"];
+
+impl Cache {
+    /// Opens (creating, mode 0700) the cache at `dir`.
+    pub fn open(dir: &Path) -> Result<Cache, ImageError> {
+        let dir = std::path::absolute(dir).map_err(io_err(dir))?;
+        for sub in std::iter::once("").chain(SUBDIRS) {
+            let d = dir.join(sub);
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .map_err(io_err(&d))?;
+        }
+        Ok(Cache { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn blob_path(&self, hex: &str) -> PathBuf {
+        self.dir.join("blobs").join(format!("sha256-{hex}"))
+    }
+
+    fn meta_path(&self, hex: &str) -> PathBuf {
+        self.dir.join("meta").join(format!("sha256-{hex}.json"))
+    }
+
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
+    #[allow(dead_code)] // used by download.rs
+    pub(crate) fn lock_path(&self, source: &str) -> PathBuf {
+        self.dir
+            .join("locks")
+            .join(format!("{}.lock", sha256_hex(source.as_bytes())))
+    }
+
+    fn source_path(&self, source: &str) -> PathBuf {
+        self.dir
+            .join("sources")
+            .join(format!("{}.json", sha256_hex(source.as_bytes())))
+    }
+
+    pub(crate) fn source_record(&self, source: &str) -> Option<SourceRecord> {
+        let data = fs::read(self.source_path(source)).ok()?;
+        let rec: SourceRecord = serde_json::from_slice(&data).ok()?;
+        (rec.source == source).then_some(rec)
+    }
+
+    pub(crate) fn write_source_record(&self, rec: &SourceRecord) -> Result<(), ImageError> {
+        let path = self.source_path(&rec.source);
+        write_json_atomic(&path, rec)
+    }
+
+    /// Looks an image up by `sha256:<hex>` (or bare hex).
+    pub fn get(&self, digest: &str) -> Result<Image, ImageError> {
+        let hex = digest_hex(digest).ok_or_else(|| ImageError::NotFound(digest.to_string()))?;
+        let meta = self.meta_path(hex);
+        let data = match fs::read(&meta) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ImageError::NotFound(digest.to_string()));
+            }
+            Err(e) => return Err(io_err(&meta)(e)),
+        };
+        let img: Image = serde_json::from_slice(&data)
+            .map_err(|source| ImageError::Meta { path: meta, source })?;
+        if !img.path.exists() {
+            return Err(ImageError::NotFound(digest.to_string()));
+        }
+        Ok(img)
+    }
+
+    /// All complete images, oldest first.
+    pub fn list(&self) -> Result<Vec<Image>, ImageError> {
+        let meta_dir = self.dir.join("meta");
+        let mut out = Vec::new();
+        for ent in fs::read_dir(&meta_dir).map_err(io_err(&meta_dir))? {
+            let ent = ent.map_err(io_err(&meta_dir))?;
+            let name = ent.file_name();
+            let Some(hex) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("sha256-"))
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            match self.get(hex) {
+                Ok(img) => out.push(img),
+                Err(ImageError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.digest.cmp(&b.digest)));
+        Ok(out)
+    }
+
+    /// Finds an image by digest, unique digest prefix (≥ 12 hex digits) or name.
+    pub fn resolve(&self, digest_or_name: &str) -> Result<Image, ImageError> {
+        if let Ok(img) = self.get(digest_or_name) {
+            return Ok(img);
+        }
+        let all = self.list()?;
+        let prefix = digest_or_name
+            .strip_prefix("sha256:")
+            .unwrap_or(digest_or_name);
+        let is_prefix = prefix.len() >= 12 && prefix.bytes().all(|b| b.is_ascii_hexdigit());
+        let hits: Vec<Image> = all
+            .into_iter()
+            .filter(|i| {
+                i.name.as_deref() == Some(digest_or_name)
+                    || (is_prefix && i.digest["sha256:".len()..].starts_with(prefix))
+            })
+            .collect();
+        match hits.len() {
+            0 => Err(ImageError::NotFound(digest_or_name.to_string())),
+            1 => Ok(hits.into_iter().next().expect("one element")),
+            _ => Err(ImageError::Ambiguous {
+                name: digest_or_name.to_string(),
+                digests: hits.into_iter().map(|i| i.digest).collect(),
+            }),
+        }
+    }
+
+    /// Imports a local qcow2 or raw disk image once: the same content gives the same entry.
+    pub fn import_file(&self, file: &Path, name: Option<&str>) -> Result<Image, ImageError> {
+        let file = std::path::absolute(file).map_err(io_err(file))?;
+        let md = fs::metadata(&file).map_err(io_err(&file))?;
+        if !md.is_file() {
+            return Err(ImageError::NotDiskImage {
+                path: file,
+                why: "not a regular file".into(),
+            });
+        }
+        let source = file.to_string_lossy().into_owned();
+        let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
+        // Fast path: same path, size and mtime as a recorded import.
+        if let Some(rec) = self.source_record(&source)
+            && rec.file_size == Some(md.len())
+            && rec.mtime_ns == Some(mtime_ns)
+            && let Ok(img) = self.get(&rec.digest)
+        {
+            return self.maybe_name(img, name);
+        }
+        // Cheap refusal before copying gigabytes.
+        sniff(&file)?;
+        let mut src = File::open(&file).map_err(io_err(&file))?;
+        let (tmp, hex) = self.copy_hashing(&mut src, &file)?;
+        let img = self.commit_blob(tmp, &hex, source.clone(), name, None, false, None)?;
+        self.write_source_record(&SourceRecord {
+            source,
+            digest: img.digest.clone(),
+            file_size: Some(md.len()),
+            mtime_ns: Some(mtime_ns),
+            checksum: None,
+        })?;
+        Ok(img)
+    }
+
+    fn maybe_name(&self, mut img: Image, name: Option<&str>) -> Result<Image, ImageError> {
+        if let Some(n) = name
+            && img.name.is_none()
+        {
+            img.name = Some(n.to_string());
+            write_json_atomic(&self.meta_path(digest_hex(&img.digest).unwrap_or("")), &img)?;
+        }
+        Ok(img)
+    }
+
+    /// Copies `src` into a temp file in the cache, hashing what is written.
+    fn copy_hashing(
+        &self,
+        src: &mut impl Read,
+        src_path: &Path,
+    ) -> Result<(tempfile::NamedTempFile, String), ImageError> {
+        let tmp_dir = self.tmp_dir();
+        let mut tmp = tempfile::Builder::new()
+            .prefix("import-")
+            .tempfile_in(&tmp_dir)
+            .map_err(io_err(&tmp_dir))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err(src_path)(e)),
+            };
+            hasher.update(&buf[..n]);
+            tmp.as_file_mut()
+                .write_all(&buf[..n])
+                .map_err(io_err(tmp.path()))?;
+        }
+        Ok((tmp, hex::encode(hasher.finalize())))
+    }
+
+    /// Checks a complete temp file, then makes it a read-only blob with its metadata.
+    /// Content already cached → the temp file is dropped and the existing entry returned.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn commit_blob(
+        &self,
+        tmp: tempfile::NamedTempFile,
+        hex: &str,
+        source: String,
+        name: Option<&str>,
+        arch: Option<&str>,
+        insecure: bool,
+        sha512: Option<String>,
+    ) -> Result<Image, ImageError> {
+        if let Ok(img) = self.get(hex) {
+            return self.maybe_name(img, name);
+        }
+        sniff(tmp.path())?;
+        let info = qemu_img_info(tmp.path())?;
+        let file = tmp.as_file();
+        file.sync_all().map_err(io_err(tmp.path()))?;
+        let size = file.metadata().map_err(io_err(tmp.path()))?.len();
+        file.set_permissions(fs::Permissions::from_mode(0o444))
+            .map_err(io_err(tmp.path()))?;
+        let blob = self.blob_path(hex);
+        tmp.persist(&blob).map_err(|e| io_err(&blob)(e.error))?;
+        sync_dir(blob.parent().unwrap_or(&self.dir));
+        let img = Image {
+            digest: format!("sha256:{hex}"),
+            path: blob,
+            format: info.format,
+            virtual_size: info.virtual_size,
+            size,
+            source,
+            name: name.map(str::to_string),
+            arch: arch.map(str::to_string),
+            created: rfc3339(SystemTime::now()),
+            insecure,
+            sha512,
+        };
+        write_json_atomic(&self.meta_path(hex), &img)?;
+        Ok(img)
+    }
+
+    /// Removes an image. `users` are the VMs whose disks are based on it.
+    pub fn remove(
+        &self,
+        digest_or_name: &str,
+        users: &[String],
+        force: bool,
+    ) -> Result<Image, ImageError> {
+        let img = self.resolve(digest_or_name)?;
+        if !users.is_empty() && !force {
+            return Err(ImageError::InUse {
+                image: img.name.clone().unwrap_or_else(|| img.digest.clone()),
+                users: users.to_vec(),
+            });
+        }
+        let hex = digest_hex(&img.digest).unwrap_or("");
+        // Metadata first: a crash in between leaves an orphan blob, never a record without a file.
+        let meta = self.meta_path(hex);
+        remove_if_exists(&meta)?;
+        remove_if_exists(&img.path)?;
+        let src_dir = self.dir.join("sources");
+        if let Ok(rd) = fs::read_dir(&src_dir) {
+            for ent in rd.flatten() {
+                let p = ent.path();
+                let points_here = fs::read(&p)
+                    .ok()
+                    .and_then(|d| serde_json::from_slice::<SourceRecord>(&d).ok())
+                    .is_some_and(|r| r.digest == img.digest);
+                if points_here {
+                    remove_if_exists(&p)?;
+                }
+            }
+        }
+        Ok(img)
+    }
+}
+
+fn remove_if_exists(p: &Path) -> Result<(), ImageError> {
+    match fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(p)(e)),
+    }
+}
+
+/// `sha256:<hex>` or `<hex>` → the 64-digit lowercase hex, if well-formed.
+pub fn digest_hex(d: &str) -> Option<&str> {
+    let h = d.strip_prefix("sha256:").unwrap_or(d);
+    (h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(h)
+}
+
+pub(crate) fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// What the first sector says the file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniffed {
+    Qcow2,
+    /// A raw disk with an MBR / protective-MBR boot signature.
+    RawDisk,
+}
+
+/// Classifies the first 512 bytes: qcow2 magic, or 0x55AA at offset 510.
+/// Any file is "raw" to qemu, so raw needs a partition table or boot sector to count as a disk.
+pub fn sniff_bytes(head: &[u8]) -> Result<Sniffed, String> {
+    if head.starts_with(b"QFI\xfb") {
+        return Ok(Sniffed::Qcow2);
+    }
+    if head.len() >= 512 && head[510] == 0x55 && head[511] == 0xAA {
+        return Ok(Sniffed::RawDisk);
+    }
+    if head.len() < 512 {
+        return Err(format!("too small ({} bytes)", head.len()));
+    }
+    Err("no qcow2 header and no boot signature (55AA at offset 510)".into())
+}
+
+fn sniff(path: &Path) -> Result<Sniffed, ImageError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut head = Vec::with_capacity(512);
+    (&mut f)
+        .take(512)
+        .read_to_end(&mut head)
+        .map_err(io_err(path))?;
+    sniff_bytes(&head).map_err(|why| ImageError::NotDiskImage {
+        path: path.to_path_buf(),
+        why,
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImgInfo {
+    pub format: String,
+    pub virtual_size: u64,
+}
+
+/// Parses `qemu-img info --output=json`; refuses formats other than qcow2/raw and images that
+/// point at other files (a base must be self-contained).
+pub fn parse_img_info(json: &[u8]) -> Result<ImgInfo, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| format!("bad qemu-img output: {e}"))?;
+    let format = v["format"].as_str().unwrap_or("").to_string();
+    if format != "qcow2" && format != "raw" {
+        return Err(format!("format {format:?} (only qcow2 and raw)"));
+    }
+    if let Some(b) = v.get("backing-filename").and_then(|b| b.as_str()) {
+        return Err(format!("has a backing file {b:?}"));
+    }
+    if let Some(d) = v
+        .pointer("/format-specific/data/data-file")
+        .and_then(|d| d.as_str())
+    {
+        return Err(format!("has an external data file {d:?}"));
+    }
+    let virtual_size = v["virtual-size"]
+        .as_u64()
+        .ok_or("no virtual-size in qemu-img output")?;
+    Ok(ImgInfo {
+        format,
+        virtual_size,
+    })
+}
+
+pub fn qemu_img_info(path: &Path) -> Result<ImgInfo, ImageError> {
+    let cmd = format!("qemu-img info {}", path.display());
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(path)
+        .output()
+        .map_err(|source| ImageError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(ImageError::NotDiskImage {
+            path: path.to_path_buf(),
+            why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    parse_img_info(&out.stdout).map_err(|why| ImageError::NotDiskImage {
+        path: path.to_path_buf(),
+        why,
+    })
+}
+
+/// Creates a qcow2 overlay backed by `base`, `size` bytes large (default: the base's size).
+/// Refuses to shrink below the base and to overwrite an existing file.
+pub fn create_overlay(base: &Image, overlay: &Path, size: Option<u64>) -> Result<(), ImageError> {
+    if let Some(s) = size
+        && s < base.virtual_size
+    {
+        return Err(ImageError::Shrink {
+            requested: s,
+            base: base.virtual_size,
+        });
+    }
+    if overlay.symlink_metadata().is_ok() {
+        return Err(ImageError::Exists(overlay.to_path_buf()));
+    }
+    let dir = overlay
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    // Created under a temp name so a half-made overlay is never taken for a disk.
+    let tmp = tempfile::Builder::new()
+        .prefix(".overlay-")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?
+        .into_temp_path();
+    let base_path = std::path::absolute(&base.path).map_err(io_err(&base.path))?;
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(&base_path)
+        .args(["-F", &base.format])
+        .arg(&*tmp);
+    if let Some(s) = size {
+        cmd.arg(s.to_string());
+    }
+    let shown = format!(
+        "qemu-img create -b {} {}",
+        base_path.display(),
+        overlay.display()
+    );
+    let out = cmd.output().map_err(|source| ImageError::Spawn {
+        cmd: shown.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(ImageError::Command {
+            cmd: shown,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io_err(&tmp))?;
+    // Persist without replacing: hard-link then drop the temp name.
+    fs::hard_link(&tmp, overlay).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            ImageError::Exists(overlay.to_path_buf())
+        } else {
+            io_err(overlay)(e)
+        }
+    })?;
+    drop(tmp);
+    Ok(())
+}
+
+/// Writes JSON to a temp file beside `path`, fsyncs, renames.
+pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, v: &T) -> Result<(), ImageError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    let data = serde_json::to_vec_pretty(v).map_err(|source| ImageError::Meta {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    tmp.write_all(&data).map_err(io_err(path))?;
+    tmp.as_file().sync_all().map_err(io_err(path))?;
+    tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
+    sync_dir(dir);
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
+    // Best effort: durability of the rename; failure here does not make the data wrong.
+    if let Ok(d) = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY)
+        .open(dir)
+    {
+        let _ = d.sync_all();
+    }
+}
+
+/// RFC 3339 UTC timestamp, seconds precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096);
+        assert_eq!(rfc3339(t), "2024-02-29T12:34:56Z");
+    }
+
+    #[test]
+    fn sniff_qcow2_mbr_and_text() {
+        let mut q = b"QFI\xfb\0\0\0\x03".to_vec();
+        q.resize(512, 0);
+        assert_eq!(sniff_bytes(&q), Ok(Sniffed::Qcow2));
+        let mut mbr = vec![0u8; 512];
+        mbr[510] = 0x55;
+        mbr[511] = 0xAA;
+        assert_eq!(sniff_bytes(&mbr), Ok(Sniffed::RawDisk));
+        assert!(sniff_bytes(&[b'a'; 600]).is_err());
+        assert!(sniff_bytes(b"hello").is_err());
+    }
+
+    #[test]
+    fn img_info_parsing() {
+        let ok = br#"{"virtual-size": 1073741824, "filename": "x", "format": "qcow2"}"#;
+        assert_eq!(
+            parse_img_info(ok),
+            Ok(ImgInfo {
+                format: "qcow2".into(),
+                virtual_size: 1 << 30
+            })
+        );
+        let vmdk = br#"{"virtual-size": 1, "format": "vmdk"}"#;
+        assert!(parse_img_info(vmdk).is_err());
+        let backed =
+            br#"{"virtual-size": 1, "format": "qcow2", "backing-filename": "/etc/passwd"}"#;
+        assert!(parse_img_info(backed).unwrap_err().contains("backing"));
+        let ext = br#"{"virtual-size": 1, "format": "qcow2", "format-specific": {"type": "qcow2", "data": {"data-file": "/dev/sda"}}}"#;
+        assert!(parse_img_info(ext).unwrap_err().contains("data file"));
+    }
+
+    #[test]
+    fn digest_hex_forms() {
+        let h = "a".repeat(64);
+        assert_eq!(digest_hex(&format!("sha256:{h}")), Some(h.as_str()));
+        assert_eq!(digest_hex(&h), Some(h.as_str()));
+        assert_eq!(digest_hex("sha256:xyz"), None);
+        assert_eq!(digest_hex(&"A".repeat(64)), None);
+    }
+}

@@ -2,4 +2,5 @@
 
 pub mod bridge;
 pub mod discover;
+pub mod mac;
 pub mod tap;

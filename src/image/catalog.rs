@@ -1,0 +1,352 @@
+//! The catalog of known cloud images, image source parsing, checksum files. All pure.
+
+use super::ImageError;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Distro {
+    Debian,
+    Ubuntu,
+}
+
+impl Distro {
+    /// Upstream base URL; the catalog's paths are relative to it.
+    pub fn base_url(self) -> &'static str {
+        match self {
+            Distro::Debian => "https://cloud.debian.org/images/cloud/",
+            Distro::Ubuntu => "https://cloud-images.ubuntu.com/",
+        }
+    }
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Distro::Debian => "debian",
+            Distro::Ubuntu => "ubuntu",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashAlgo {
+    Sha256,
+    Sha512,
+}
+
+impl HashAlgo {
+    pub fn prefix(self) -> &'static str {
+        match self {
+            HashAlgo::Sha256 => "sha256",
+            HashAlgo::Sha512 => "sha512",
+        }
+    }
+    fn hex_len(self) -> usize {
+        match self {
+            HashAlgo::Sha256 => 64,
+            HashAlgo::Sha512 => 128,
+        }
+    }
+}
+
+/// An expected digest: `sha256:HEX` or `sha512:HEX`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checksum {
+    pub algo: HashAlgo,
+    /// Lowercase hex.
+    pub hex: String,
+}
+
+impl std::fmt::Display for Checksum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.algo.prefix(), self.hex)
+    }
+}
+
+pub fn parse_checksum(s: &str) -> Result<Checksum, ImageError> {
+    let bad = || ImageError::BadChecksum(s.to_string());
+    let (algo, hex) = s.split_once(':').ok_or_else(bad)?;
+    let algo = match algo.to_ascii_lowercase().as_str() {
+        "sha256" => HashAlgo::Sha256,
+        "sha512" => HashAlgo::Sha512,
+        _ => return Err(bad()),
+    };
+    let hex = hex.to_ascii_lowercase();
+    if hex.len() != algo.hex_len() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    Ok(Checksum { algo, hex })
+}
+
+/// One catalog image (for every arch in `arches`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogEntry {
+    pub name: &'static str,
+    pub distro: Distro,
+    /// Image path relative to the distro base; `{arch}` is replaced.
+    pub path: &'static str,
+    /// Checksum file relative to the distro base.
+    pub sums: &'static str,
+    pub algo: HashAlgo,
+    pub arches: &'static [&'static str],
+    pub end_of_life: bool,
+}
+
+impl CatalogEntry {
+    pub fn image_path(&self, arch: &str) -> String {
+        self.path.replace("{arch}", arch)
+    }
+    /// The file name as listed in the checksum file.
+    pub fn file_name(&self, arch: &str) -> String {
+        let p = self.image_path(arch);
+        p.rsplit('/').next().unwrap_or(&p).to_string()
+    }
+}
+
+pub const DEFAULT_IMAGE: &str = "debian-13";
+const BOTH: &[&str] = &["amd64", "arm64"];
+
+/// Debian's "latest" directories hold undated names beside SHA512SUMS; Ubuntu's release/
+/// directories hold the newest point release beside SHA256SUMS.
+pub const CATALOG: &[CatalogEntry] = &[
+    CatalogEntry {
+        name: "debian-13",
+        distro: Distro::Debian,
+        path: "trixie/latest/debian-13-genericcloud-{arch}.qcow2",
+        sums: "trixie/latest/SHA512SUMS",
+        algo: HashAlgo::Sha512,
+        arches: BOTH,
+        end_of_life: false,
+    },
+    CatalogEntry {
+        name: "debian-12",
+        distro: Distro::Debian,
+        path: "bookworm/latest/debian-12-genericcloud-{arch}.qcow2",
+        sums: "bookworm/latest/SHA512SUMS",
+        algo: HashAlgo::Sha512,
+        arches: BOTH,
+        end_of_life: false,
+    },
+    CatalogEntry {
+        name: "debian-11",
+        distro: Distro::Debian,
+        path: "bullseye/latest/debian-11-genericcloud-{arch}.qcow2",
+        sums: "bullseye/latest/SHA512SUMS",
+        algo: HashAlgo::Sha512,
+        arches: BOTH,
+        end_of_life: true,
+    },
+    CatalogEntry {
+        name: "ubuntu-24.04",
+        distro: Distro::Ubuntu,
+        path: "releases/24.04/release/ubuntu-24.04-server-cloudimg-{arch}.img",
+        sums: "releases/24.04/release/SHA256SUMS",
+        algo: HashAlgo::Sha256,
+        arches: BOTH,
+        end_of_life: false,
+    },
+    CatalogEntry {
+        name: "ubuntu-22.04",
+        distro: Distro::Ubuntu,
+        path: "releases/22.04/release/ubuntu-22.04-server-cloudimg-{arch}.img",
+        sums: "releases/22.04/release/SHA256SUMS",
+        algo: HashAlgo::Sha256,
+        arches: BOTH,
+        end_of_life: false,
+    },
+];
+
+pub fn catalog_entry(name: &str) -> Option<&'static CatalogEntry> {
+    CATALOG.iter().find(|e| e.name == name)
+}
+
+/// nox's arch name for the host: `amd64`, `arm64`, or Rust's name for anything else.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// Where an image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Catalog {
+        name: String,
+        arch: String,
+    },
+    Url {
+        url: String,
+        checksum: Option<Checksum>,
+        insecure: bool,
+    },
+}
+
+/// `http(s)://…` → URL (the caller adds a checksum or `insecure`); a path (contains `/`, starts
+/// with `.`, or exists) → file; otherwise a catalog name, checked against the catalog and arch.
+pub fn parse_source(s: &str, arch: &str) -> Result<Source, ImageError> {
+    if s.starts_with("http://") || s.starts_with("https://") {
+        return Ok(Source::Url {
+            url: s.to_string(),
+            checksum: None,
+            insecure: false,
+        });
+    }
+    if s.contains('/') || s.starts_with('.') || Path::new(s).exists() {
+        return Ok(Source::File(PathBuf::from(s)));
+    }
+    let e = catalog_entry(s).ok_or_else(|| ImageError::UnknownCatalog {
+        name: s.to_string(),
+        known: CATALOG
+            .iter()
+            .map(|e| e.name)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })?;
+    if !e.arches.contains(&arch) {
+        return Err(ImageError::NoArch {
+            name: s.to_string(),
+            arch: arch.to_string(),
+        });
+    }
+    Ok(Source::Catalog {
+        name: s.to_string(),
+        arch: arch.to_string(),
+    })
+}
+
+/// Finds `file`'s hex digest in a SHA256SUMS/SHA512SUMS text (`HEX  name` or `HEX *name`).
+pub fn parse_sums(text: &str, file: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (hex, name) = line.trim().split_once(char::is_whitespace)?;
+        let name = name.trim_start();
+        let name = name.strip_prefix('*').unwrap_or(name);
+        let name = name.strip_prefix("./").unwrap_or(name);
+        (name == file && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| hex.to_ascii_lowercase())
+    })
+}
+
+/// Base URL for a distro: `NOX_MIRROR_<DISTRO>`, then `NOX_MIRROR`, then config
+/// `mirrors.<distro>`, then config `mirror`, then upstream. Always ends with `/`.
+pub fn mirror_base(
+    distro: Distro,
+    env: impl Fn(&str) -> Option<String>,
+    config: Option<&serde_json::Value>,
+) -> String {
+    let per = format!("NOX_MIRROR_{}", distro.key().to_ascii_uppercase());
+    let from_cfg = |ptr: &str| {
+        config
+            .and_then(|c| c.pointer(ptr))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    let base = env(&per)
+        .or_else(|| env("NOX_MIRROR"))
+        .or_else(|| from_cfg(&format!("/mirrors/{}", distro.key())))
+        .or_else(|| from_cfg("/mirror"))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| distro.base_url().to_string());
+    if base.ends_with('/') {
+        base
+    } else {
+        format!("{base}/")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources() {
+        assert!(matches!(
+            parse_source("https://x/y.img", "amd64"),
+            Ok(Source::Url { .. })
+        ));
+        assert_eq!(
+            parse_source("./disk.qcow2", "amd64").unwrap(),
+            Source::File("./disk.qcow2".into())
+        );
+        assert_eq!(
+            parse_source("debian-13", "arm64").unwrap(),
+            Source::Catalog {
+                name: "debian-13".into(),
+                arch: "arm64".into()
+            }
+        );
+        let e = parse_source("fedora-40", "amd64").unwrap_err().to_string();
+        assert!(e.contains("debian-13") && e.contains("ubuntu-24.04"), "{e}");
+        assert!(matches!(
+            parse_source("debian-13", "riscv64"),
+            Err(ImageError::NoArch { .. })
+        ));
+    }
+
+    #[test]
+    fn catalog_layout() {
+        let d = catalog_entry("debian-13").unwrap();
+        assert_eq!(
+            d.image_path("amd64"),
+            "trixie/latest/debian-13-genericcloud-amd64.qcow2"
+        );
+        assert_eq!(d.file_name("arm64"), "debian-13-genericcloud-arm64.qcow2");
+        let u = catalog_entry("ubuntu-22.04").unwrap();
+        assert_eq!(
+            u.file_name("amd64"),
+            "ubuntu-22.04-server-cloudimg-amd64.img"
+        );
+        assert!(catalog_entry("debian-11").unwrap().end_of_life);
+        for e in CATALOG {
+            assert!(e.arches.contains(&"amd64") && e.arches.contains(&"arm64"));
+        }
+    }
+
+    #[test]
+    fn sums_files() {
+        let deb = format!(
+            "{}  debian-13-genericcloud-amd64.qcow2\n{}  debian-13-genericcloud-arm64.qcow2\n",
+            "a".repeat(128),
+            "b".repeat(128)
+        );
+        assert_eq!(
+            parse_sums(&deb, "debian-13-genericcloud-arm64.qcow2"),
+            Some("b".repeat(128))
+        );
+        let ubu = format!(
+            "{} *ubuntu-24.04-server-cloudimg-amd64.img\n",
+            "C".repeat(64)
+        );
+        assert_eq!(
+            parse_sums(&ubu, "ubuntu-24.04-server-cloudimg-amd64.img"),
+            Some("c".repeat(64))
+        );
+        assert_eq!(parse_sums(&ubu, "other.img"), None);
+    }
+
+    #[test]
+    fn checksums() {
+        let c = parse_checksum(&format!("sha256:{}", "A".repeat(64))).unwrap();
+        assert_eq!(c.to_string(), format!("sha256:{}", "a".repeat(64)));
+        assert!(parse_checksum("sha256:abc").is_err());
+        assert!(parse_checksum(&format!("md5:{}", "a".repeat(32))).is_err());
+        assert!(parse_checksum(&format!("sha512:{}", "0".repeat(128))).is_ok());
+    }
+
+    #[test]
+    fn mirrors() {
+        let none = |_: &str| None;
+        assert_eq!(
+            mirror_base(Distro::Debian, none, None),
+            "https://cloud.debian.org/images/cloud/"
+        );
+        let env = |k: &str| (k == "NOX_MIRROR").then(|| "http://127.0.0.1:8/m".to_string());
+        assert_eq!(
+            mirror_base(Distro::Ubuntu, env, None),
+            "http://127.0.0.1:8/m/"
+        );
+        let cfg = serde_json::json!({"mirror": "http://a/", "mirrors": {"ubuntu": "http://u"}});
+        assert_eq!(mirror_base(Distro::Debian, none, Some(&cfg)), "http://a/");
+        assert_eq!(mirror_base(Distro::Ubuntu, none, Some(&cfg)), "http://u/");
+    }
+}

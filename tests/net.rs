@@ -1,0 +1,585 @@
+//! Bridged networking against the real kernel, entirely inside network namespaces
+//! created (and deleted) by each test. Needs root, `ip`, /dev/net/tun; the discovery
+//! tests also `dnsmasq` and `busybox` (udhcpc, ping). The tests use `ip` to build the
+//! scenery; the library under test uses only netlink, ioctls and packet sockets.
+
+use std::fs::File;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sched::CloneFlags;
+use nox::net::bridge::{self, BridgeError};
+use nox::net::discover::{self, Addresses};
+use nox::net::mac::{generate_mac, parse_mac};
+use nox::net::tap::{Tap, TapError, tap_name};
+use tokio::sync::watch;
+
+fn prereq(ok: bool, why: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var("NOX_E2E").as_deref() == Ok("require") {
+        panic!("missing prerequisite: {why}");
+    }
+    eprintln!("skip: {why}");
+    false
+}
+
+fn has_cmd(cmd: &str, arg: &str) -> bool {
+    Command::new(cmd)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+fn base_prereqs() -> bool {
+    prereq(nix::unistd::geteuid().is_root(), "needs root")
+        && prereq(has_cmd("ip", "-V"), "needs iproute2 `ip`")
+        && prereq(Path::new("/dev/net/tun").exists(), "needs /dev/net/tun")
+}
+
+fn dhcp_prereqs() -> bool {
+    base_prereqs()
+        && prereq(has_cmd("dnsmasq", "--version"), "needs dnsmasq")
+        && prereq(has_cmd("busybox", "--help"), "needs busybox (udhcpc, ping)")
+}
+
+/// Runs `argv`, panicking with its stderr on failure; returns stdout.
+fn run(argv: &[&str]) -> String {
+    let out = Command::new(argv[0]).args(&argv[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{argv:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ip -n NS ARGS…`
+fn ipn(ns: &str, args: &[&str]) -> String {
+    let mut argv = vec!["ip", "-n", ns];
+    argv.extend_from_slice(args);
+    run(&argv)
+}
+
+/// A network namespace deleted (with every interface in it) on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("noxt{}{tag}", std::process::id());
+        run(&["ip", "netns", "add", &name]);
+        ipn(&name, &["link", "set", "lo", "up"]);
+        Netns { name }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A child process killed (by its own PID) and reaped on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `f` on a fresh thread that has entered network namespace `ns`, with its own
+/// current-thread tokio runtime: how nox code is used inside a namespace.
+fn in_ns<T, Fut>(ns: &str, f: impl FnOnce() -> Fut + Send + 'static) -> T
+where
+    T: Send + 'static,
+    Fut: Future<Output = T>,
+{
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap();
+        nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(f())
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn check_bridge_reports_each_problem() {
+    if !base_prereqs() {
+        return;
+    }
+    let ns = Netns::new("chk");
+    let n = &ns.name;
+    ipn(n, &["link", "add", "brdown", "type", "bridge"]);
+    ipn(n, &["link", "add", "brup", "type", "bridge"]);
+    ipn(n, &["link", "set", "brup", "up"]);
+    // No dummy module on these hosts: a veth is the non-bridge.
+    ipn(
+        n,
+        &[
+            "link", "add", "dum0", "type", "veth", "peer", "name", "dum1",
+        ],
+    );
+    ipn(n, &["link", "set", "dum0", "up"]);
+    let index: u32 = ipn(n, &["-o", "link", "show", "brup"])
+        .split(':')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    in_ns(n, move || async move {
+        let e = bridge::check_bridge("br0").await.unwrap_err();
+        assert!(matches!(e, BridgeError::NotFound { .. }), "{e:?}");
+        let e = bridge::check_bridge("dum0").await.unwrap_err();
+        assert!(
+            matches!(&e, BridgeError::NotABridge { kind, .. } if kind == "veth"),
+            "{e:?}"
+        );
+        let e = bridge::check_bridge("lo").await.unwrap_err();
+        assert!(matches!(e, BridgeError::NotABridge { .. }), "{e:?}");
+        let e = bridge::check_bridge("brdown").await.unwrap_err();
+        assert!(matches!(e, BridgeError::Down { .. }), "{e:?}");
+        let ok = bridge::check_bridge("brup").await.unwrap();
+        assert_eq!(ok.index, index);
+        assert!(ok.up);
+        let e = bridge::check_bridge("this-name-is-too-long")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BridgeError::BadName { .. }), "{e:?}");
+        assert!(bridge::link_exists("dum0").await.unwrap());
+        assert!(!bridge::link_exists("nothere").await.unwrap());
+    });
+}
+
+#[test]
+fn tap_attaches_and_vanishes_with_its_fds() {
+    if !base_prereqs() {
+        return;
+    }
+    let ns = Netns::new("tap");
+    let n = ns.name.clone();
+    ipn(&n, &["link", "add", "br0", "type", "bridge"]);
+    ipn(&n, &["link", "set", "br0", "up"]);
+    let name = tap_name("test-vm");
+    let tap = in_ns(&n, {
+        let name = name.clone();
+        move || async move {
+            let tap = Tap::create(&name).unwrap();
+            let br = bridge::check_bridge("br0").await.unwrap();
+            bridge::attach(tap.name(), &br).await.unwrap();
+            // A second opener of a live single-queue tap is refused.
+            assert!(matches!(Tap::create(&name), Err(TapError::Busy { .. })));
+            tap
+        }
+    });
+    let show = ipn(&n, &["-d", "link", "show", &name]);
+    assert!(show.contains("master br0"), "{show}");
+    assert!(show.contains("tun type tap"), "{show}");
+    let flags = show.split('<').nth(1).unwrap().split('>').next().unwrap();
+    assert!(flags.split(',').any(|f| f == "UP"), "{show}");
+    assert!(
+        show.contains("state UP") || show.contains("state UNKNOWN"),
+        "{show}"
+    );
+
+    // The dup for qemu keeps the device alive on its own, and is inheritable.
+    let child_fd = tap.fd_for_child().unwrap();
+    let fl = nix::fcntl::fcntl(&child_fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+    assert_eq!(fl & nix::libc::FD_CLOEXEC, 0);
+    assert_ne!(child_fd.as_raw_fd(), tap.fd().as_raw_fd());
+    drop(tap);
+    let exists = |nm: &str| {
+        let nm = nm.to_string();
+        in_ns(&n, move || async move {
+            bridge::link_exists(&nm).await.unwrap()
+        })
+    };
+    assert!(exists(&name), "dup must keep the tap alive");
+    drop(child_fd);
+    assert!(!exists(&name), "tap must vanish with its last fd");
+
+    // A persistent leftover is removed by delete_link; deleting again is fine.
+    ipn(&n, &["tuntap", "add", "mode", "tap", "name", "stale0"]);
+    assert!(exists("stale0"));
+    in_ns(&n, || async {
+        bridge::delete_link("stale0").await.unwrap();
+        bridge::delete_link("stale0").await.unwrap();
+    });
+    assert!(!exists("stale0"));
+}
+
+/// Writes one frame into the tap as if the guest sent it (10-byte zero vnet header).
+fn write_as_guest(tap: &Tap, frame: &[u8]) {
+    let mut buf = vec![0u8; 10];
+    buf.extend_from_slice(frame);
+    let n = nix::unistd::write(tap.fd(), &buf).unwrap();
+    assert_eq!(n, buf.len());
+}
+
+#[test]
+fn watch_tap_sees_arp_written_by_the_guest_side_of_a_real_tap() {
+    if !base_prereqs() {
+        return;
+    }
+    let ns = Netns::new("tarp");
+    ipn(&ns.name, &["link", "add", "br0", "type", "bridge"]);
+    ipn(&ns.name, &["link", "set", "br0", "up"]);
+    let mac = parse_mac(&generate_mac(&[])).unwrap();
+    let got = in_ns(&ns.name, move || async move {
+        let tap = Tap::create("noxtap0").unwrap();
+        // A tap that is down refuses writes (EIO); attaching also sets it up.
+        let br = bridge::check_bridge("br0").await.unwrap();
+        bridge::attach(tap.name(), &br).await.unwrap();
+        let (tx, mut rx) = watch::channel(Addresses::default());
+        // The socket is bound on the task's first poll; let it run once.
+        let task = tokio::spawn(async move { discover::watch_tap("noxtap0", mac, tx).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Gratuitous ARP from the guest: sender = target = 10.9.8.7.
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[10, 9, 8, 7, 0, 0, 0, 0, 0, 0, 10, 9, 8, 7]);
+        write_as_guest(&tap, &f);
+        let a = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|a| a.ipv4.is_some()))
+            .await
+            .expect("no address within 5 s")
+            .unwrap()
+            .clone();
+        // Removing the device ends the watch with an error, not a hang.
+        drop(tap);
+        let end = tokio::time::timeout(Duration::from_secs(5), task).await;
+        let end = end
+            .expect("watch_tap must end when its interface goes")
+            .unwrap();
+        assert!(
+            matches!(end, Err(discover::DiscoverError::Gone { .. })),
+            "{end:?}"
+        );
+        a
+    });
+    assert_eq!(got.ipv4, Some(Ipv4Addr::new(10, 9, 8, 7)));
+}
+
+/// Emulated guest: netns `guest` holding veth `eth0` (MAC `mac`) whose peer `vm0` is a
+/// port of bridge `br0` in netns `host`.
+fn add_guest(host: &str, guest: &str, mac: &str) {
+    ipn(
+        host,
+        &[
+            "link", "add", "vm0", "type", "veth", "peer", "name", "eth0", "netns", guest,
+        ],
+    );
+    ipn(guest, &["link", "set", "eth0", "address", mac]);
+    ipn(guest, &["link", "set", "eth0", "up"]);
+    ipn(host, &["link", "set", "vm0", "master", "br0", "up"]);
+}
+
+/// dnsmasq serving 10.77.0.50-150 on `iface` in netns `ns`, leases in `dir`.
+fn start_dnsmasq(ns: &str, iface: &str, dir: &Path) -> Proc {
+    let pidfile = dir.join("dnsmasq.pid");
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+        ])
+        .args(["--user=root", "--bind-interfaces", "--port=0", "--no-ping"])
+        .arg(format!("--interface={iface}"))
+        .arg("--dhcp-range=10.77.0.50,10.77.0.150,255.255.255.0,1h")
+        .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+        .arg(format!("--pid-file={}", pidfile.display()))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc = Proc(child);
+    let t = Instant::now();
+    while !pidfile.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "dnsmasq did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc
+}
+
+/// The IP dnsmasq's lease file gives `mac` ("expiry mac ip host clientid" lines).
+fn leased_ip(dir: &Path, mac: &str) -> Option<Ipv4Addr> {
+    std::fs::read_to_string(dir.join("leases"))
+        .ok()?
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() >= 3 && f[1].eq_ignore_ascii_case(mac))
+        .and_then(|f| f[2].parse().ok())
+}
+
+/// Watches `vm0` in netns `host` while a real DHCP client (busybox udhcpc) runs in
+/// netns `guest`; returns the address learned and the time from client start.
+fn dhcp_and_watch(host: &str, guest: &str, mac: [u8; 6]) -> (Addresses, Duration) {
+    let guest = guest.to_string();
+    in_ns(host, move || async move {
+        let (tx, mut rx) = watch::channel(Addresses::default());
+        let task = tokio::spawn(async move { discover::watch_tap("vm0", mac, tx).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let start = Instant::now();
+        let client = Proc(
+            Command::new("ip")
+                .args(["netns", "exec", &guest, "busybox", "udhcpc", "-i", "eth0"])
+                .args(["-f", "-q", "-n", "-t", "10", "-T", "1", "-s", "/bin/true"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let a = tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|a| a.ipv4.is_some()))
+            .await
+            .expect("no address learned within 20 s")
+            .unwrap()
+            .clone();
+        let took = start.elapsed();
+        drop(client);
+        task.abort();
+        (a, took)
+    })
+}
+
+#[test]
+fn dhcp_lease_learned_with_host_address_on_bridge() {
+    if !dhcp_prereqs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let host = Netns::new("dh");
+    let guest = Netns::new("dhg");
+    ipn(&host.name, &["link", "add", "br0", "type", "bridge"]);
+    ipn(&host.name, &["addr", "add", "10.77.0.1/24", "dev", "br0"]);
+    ipn(&host.name, &["link", "set", "br0", "up"]);
+    // nox's own tap on the same bridge, as in production.
+    let tap = in_ns(&host.name, || async {
+        let tap = Tap::create(&tap_name("dhcp-vm")).unwrap();
+        let br = bridge::check_bridge("br0").await.unwrap();
+        bridge::attach(tap.name(), &br).await.unwrap();
+        tap
+    });
+    let mac_s = generate_mac(&[]);
+    add_guest(&host.name, &guest.name, &mac_s);
+    let _dnsmasq = start_dnsmasq(&host.name, "br0", dir.path());
+
+    let (a, took) = dhcp_and_watch(&host.name, &guest.name, parse_mac(&mac_s).unwrap());
+    eprintln!(
+        "measure: DHCP (host address on bridge): udhcpc start -> IP known by watch_tap: {took:?}"
+    );
+    let t = Instant::now();
+    let leased = loop {
+        if let Some(ip) = leased_ip(dir.path(), &mac_s) {
+            break ip;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "no lease for {mac_s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(a.ipv4, Some(leased));
+    drop(tap);
+}
+
+#[test]
+fn dhcp_lease_learned_without_host_address_dhcp_elsewhere() {
+    if !dhcp_prereqs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let host = Netns::new("na");
+    let guest = Netns::new("nag");
+    let server = Netns::new("nas");
+    // Bridge with no address at all; DHCP served from a third namespace via a veth.
+    ipn(&host.name, &["link", "add", "br0", "type", "bridge"]);
+    ipn(&host.name, &["link", "set", "br0", "up"]);
+    ipn(
+        &host.name,
+        &[
+            "link",
+            "add",
+            "up0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lan0",
+            "netns",
+            &server.name,
+        ],
+    );
+    ipn(&host.name, &["link", "set", "up0", "master", "br0", "up"]);
+    ipn(
+        &server.name,
+        &["addr", "add", "10.77.0.1/24", "dev", "lan0"],
+    );
+    ipn(&server.name, &["link", "set", "lan0", "up"]);
+    let tap = in_ns(&host.name, || async {
+        let tap = Tap::create(&tap_name("noaddr-vm")).unwrap();
+        let br = bridge::check_bridge("br0").await.unwrap();
+        bridge::attach(tap.name(), &br).await.unwrap();
+        tap
+    });
+    let mac_s = generate_mac(&[]);
+    add_guest(&host.name, &guest.name, &mac_s);
+    let _dnsmasq = start_dnsmasq(&server.name, "lan0", dir.path());
+    let addrs = ipn(&host.name, &["-4", "addr", "show"]);
+    assert!(
+        !addrs.contains("10.77."),
+        "host side must have no address: {addrs}"
+    );
+
+    let (a, took) = dhcp_and_watch(&host.name, &guest.name, parse_mac(&mac_s).unwrap());
+    eprintln!(
+        "measure: DHCP (no host address, server elsewhere): udhcpc start -> IP known: {took:?}"
+    );
+    let t = Instant::now();
+    let leased = loop {
+        if let Some(ip) = leased_ip(dir.path(), &mac_s) {
+            break ip;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "no lease for {mac_s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(a.ipv4, Some(leased));
+    drop(tap);
+}
+
+#[test]
+fn static_guest_found_by_arp_ipv6_and_neighbour_table() {
+    if !dhcp_prereqs() {
+        return;
+    }
+    let host = Netns::new("st");
+    let guest = Netns::new("stg");
+    ipn(&host.name, &["link", "add", "br0", "type", "bridge"]);
+    ipn(&host.name, &["addr", "add", "10.77.0.1/24", "dev", "br0"]);
+    ipn(&host.name, &["link", "set", "br0", "up"]);
+    let mac_s = generate_mac(&[]);
+    let mac = parse_mac(&mac_s).unwrap();
+    // The guest's port is created but its end stays down until the watch runs, so
+    // the IPv6 link-local (DAD, then MLD/RS) is sent while we listen.
+    ipn(
+        &host.name,
+        &[
+            "link",
+            "add",
+            "vm0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &guest.name,
+        ],
+    );
+    ipn(&guest.name, &["link", "set", "eth0", "address", &mac_s]);
+    ipn(&host.name, &["link", "set", "vm0", "master", "br0", "up"]);
+    ipn(
+        &guest.name,
+        &["addr", "add", "10.77.0.23/24", "dev", "eth0"],
+    );
+
+    let g = guest.name.clone();
+    let a = in_ns(&host.name, move || async move {
+        let (tx, mut rx) = watch::channel(Addresses::default());
+        let task = tokio::spawn(async move { discover::watch_tap("vm0", mac, tx).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        run(&["ip", "-n", &g, "link", "set", "eth0", "up"]);
+        let start = Instant::now();
+        // The guest ARPs for the bridge address before its first ping.
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &g,
+                "busybox",
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                "10.77.0.1",
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        let a = tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|a| a.ipv4.is_some() && !a.ipv6.is_empty()),
+        )
+        .await
+        .expect("IPv4 and IPv6 not both learned within 10 s")
+        .unwrap()
+        .clone();
+        eprintln!(
+            "measure: static guest: link up -> IPv4+IPv6 known: {:?}",
+            start.elapsed()
+        );
+        task.abort();
+        a
+    });
+    assert_eq!(a.ipv4, Some(Ipv4Addr::new(10, 77, 0, 23)));
+    let ll = ipn(
+        &guest.name,
+        &["-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"],
+    );
+    let ll = ll
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    assert_eq!(a.ipv6, vec![ll.parse::<std::net::Ipv6Addr>().unwrap()]);
+
+    // Fallback: after the host talks to the guest, its neighbour table knows it.
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &host.name,
+        "busybox",
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        "10.77.0.23",
+    ]);
+    let n = in_ns(&host.name, move || async move {
+        discover::neighbours(mac).await.unwrap()
+    });
+    assert_eq!(n.ipv4, Some(Ipv4Addr::new(10, 77, 0, 23)));
+    // An unknown MAC has nothing.
+    let none = in_ns(&host.name, || async {
+        discover::neighbours([0x52, 0x54, 0, 0xde, 0xad, 0])
+            .await
+            .unwrap()
+    });
+    assert_eq!(none, Addresses::default());
+}
