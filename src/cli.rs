@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::spec::{AccelRequest, RestartPolicy};
+use crate::spec::{AccelRequest, FirmwareKind, RestartPolicy};
 use crate::state::Phase;
 use crate::store::Store;
 use crate::vm::{self, CreateOptions, Started, Stopped};
@@ -67,6 +67,17 @@ pub enum Cmd {
     /// Show a VM
     Info {
         name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a VM's IP address (bridged networking)
+    Ip {
+        name: String,
+        /// Wait until the address is known
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
         #[arg(long)]
         json: bool,
     },
@@ -159,6 +170,21 @@ pub struct CreateArgs {
     /// Seconds `stop` waits for the guest to power off before forcing it
     #[arg(long, default_value_t = 60)]
     pub stop_timeout: u64,
+    /// Boot firmware (default: BIOS on amd64, UEFI on arm64)
+    #[arg(long, value_enum)]
+    pub firmware: Option<FirmwareKind>,
+    /// UEFI Secure Boot with the distribution's enrolled keys
+    #[arg(long)]
+    pub secure_boot: bool,
+    /// Static IPv4 address ADDR/PREFIX instead of DHCP
+    #[arg(long)]
+    pub ip: Option<String>,
+    /// Gateway for --ip
+    #[arg(long, requires = "ip")]
+    pub gateway: Option<String>,
+    /// DNS server for --ip (repeatable)
+    #[arg(long, requires = "ip")]
+    pub dns: Vec<String>,
     /// Restart the VM when it crashes (on-failure) or also when it powers off (always)
     #[arg(long, value_enum, default_value_t = RestartPolicy::No)]
     pub restart: RestartPolicy,
@@ -194,10 +220,8 @@ pub fn main() -> i32 {
     match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            // The whole chain on one line: "error: cannot create the VM: invalid VM name ...".
+            eprintln!("error: {e:#}");
             1
         }
     }
@@ -251,10 +275,16 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Ip {
+            name,
+            wait,
+            timeout,
+            json,
+        } => ip(&store, &name, wait, timeout, json).await,
         Cmd::Ssh { name, command } => ssh_exec(&store, &name, &command),
         Cmd::Console { name } => console(&store, &name),
         Cmd::Logs { name, follow } => logs(&store, &name, follow),
-        Cmd::Doctor => doctor(&store),
+        Cmd::Doctor => doctor(&store).await,
         Cmd::Systemd(SystemdCmd::Install { dir, user }) => {
             let scope = if user { Scope::User } else { Scope::System };
             let dir = dir
@@ -321,6 +351,11 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         network: a.network,
         stop_timeout: a.stop_timeout,
         restart: a.restart,
+        firmware: a.firmware,
+        secure_boot: a.secure_boot,
+        ip: a.ip,
+        gateway: a.gateway,
+        dns: a.dns,
     };
     let spec = vm::create(store, &opts).await.context("cannot create the VM")?;
     let name = spec.name.clone();
@@ -433,6 +468,10 @@ fn print_info(i: &vm::VmInfo) {
         println!("accel:    {a}");
     }
     println!("network:  {} (mac {})", i.network, i.mac);
+    if let Some(t) = &i.tap {
+        println!("tap:      {t}");
+    }
+    println!("firmware: {:?}{}", i.firmware, if i.secure_boot { " (secure boot)" } else { "" });
     if let Some(ip) = &i.ip {
         println!("ip:       {ip}");
     }
@@ -448,6 +487,46 @@ fn print_info(i: &vm::VmInfo) {
     if let Some(f) = &i.last_failure {
         println!("failure:  {f}");
     }
+}
+
+async fn ip(store: &Store, name: &str, wait: bool, timeout: u64, json: bool) -> Result<i32> {
+    let vmp = store.vm(name)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+    let info = loop {
+        let info = vm::info(&vmp)?;
+        if info.bridge.is_none() {
+            bail!(
+                "{name} uses user-mode networking: it has no address of its own on the host's network \
+                 (reach it with `nox ssh {name}`; recreate it with --network bridge for an address)"
+            );
+        }
+        if info.ip.is_some() || !wait {
+            break info;
+        }
+        if !info.state.is_active() {
+            bail!("{name} is {}", info.state);
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("{name}: no IP address learned within {timeout}s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if json {
+        let v = serde_json::json!({
+            "name": info.name, "ip": info.ip, "ipv6": info.ipv6, "mac": info.mac,
+            "bridge": info.bridge, "tap": info.tap,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    match &info.ip {
+        Some(ip) => println!("{ip}"),
+        None => bail!("{name}: IP address not known yet (try --wait)"),
+    }
+    for v6 in &info.ipv6 {
+        println!("{v6}");
+    }
+    Ok(0)
 }
 
 fn ssh_exec(store: &Store, name: &str, command: &[String]) -> Result<i32> {
@@ -554,7 +633,7 @@ fn logs(store: &Store, name: &str, follow: bool) -> Result<i32> {
     }
 }
 
-fn doctor(store: &Store) -> Result<i32> {
+async fn doctor(store: &Store) -> Result<i32> {
     let mut failed = false;
     let mut line = |ok: bool, what: &str, detail: String| {
         println!("{} {what}: {detail}", if ok { "ok  " } else { "FAIL" });
@@ -590,6 +669,27 @@ fn doctor(store: &Store) -> Result<i32> {
             Err(e) => format!("{e} (only user-mode networking)"),
         }
     );
+    let (net, why) = vm::default_network().await;
+    println!(
+        "ok   default network: {} ({why})",
+        match net {
+            crate::spec::NetworkSpec::User => "user".to_string(),
+            crate::spec::NetworkSpec::Bridge { bridge } => format!("bridge:{bridge}"),
+        }
+    );
+    for (kind, name) in [("UEFI", crate::firmware::Interface::Uefi)].iter().map(|(k, i)| (*k, *i)) {
+        let req = crate::firmware::Request {
+            arch: arch.qemu_arch,
+            machine: arch.machine,
+            interface: name,
+            secure_boot: false,
+        };
+        match crate::firmware::select(&req, &crate::firmware::default_search_dirs()) {
+            Ok(Some(fw)) => println!("ok   {kind} firmware: {}", fw.executable.display()),
+            Ok(None) => println!("ok   {kind} firmware: qemu built-in"),
+            Err(e) => println!("{} {kind} firmware: {e}", if arch.has_bios { "warn" } else { "FAIL" }),
+        }
+    }
     match store.init() {
         Ok(()) => line(true, "state", store.root().display().to_string()),
         Err(e) => line(false, "state", e.to_string()),

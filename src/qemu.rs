@@ -294,6 +294,49 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
     Ok(a)
 }
 
+/// The firmware a VM boots with: its spec's choice or the architecture's
+/// default.
+pub fn firmware_kind(spec: &VmSpec, arch: &ArchFacts) -> crate::spec::FirmwareKind {
+    use crate::spec::FirmwareKind;
+    spec.firmware.unwrap_or(if arch.has_bios {
+        FirmwareKind::Bios
+    } else {
+        FirmwareKind::Uefi
+    })
+}
+
+/// Finds the VM's firmware (descriptor lookup), prepares its variable store
+/// on first use, and returns the qemu arguments for it.
+pub fn firmware_args(
+    spec: &VmSpec,
+    paths: &VmPaths,
+    nox_firmware_dir: Option<&Path>,
+) -> Result<FirmwareArgs, crate::firmware::FirmwareError> {
+    use crate::firmware::{self, Interface, Request};
+    let arch = arch_facts(&spec.arch).map_err(|e| firmware::FirmwareError::Unsupported(e.to_string()))?;
+    let interface = match firmware_kind(spec, arch) {
+        crate::spec::FirmwareKind::Bios => Interface::Bios,
+        crate::spec::FirmwareKind::Uefi => Interface::Uefi,
+    };
+    let req = Request {
+        arch: arch.qemu_arch,
+        machine: arch.machine,
+        interface,
+        secure_boot: spec.secure_boot,
+    };
+    let Some(fw) = firmware::select(&req, &firmware::search_dirs_with(nox_firmware_dir))? else {
+        return Ok(FirmwareArgs::default());
+    };
+    let vars = fw.needs_vars().then(|| paths.efi_vars());
+    if let Some(v) = &vars {
+        firmware::prepare_vars(&fw, v)?;
+    }
+    Ok(FirmwareArgs {
+        args: firmware::qemu_args(&fw, vars.as_deref())?,
+        machine_props: firmware::machine_props(&fw),
+    })
+}
+
 /// Finds a program in PATH.
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -342,6 +385,9 @@ mod tests {
             ssh_identity: None,
             stop_timeout: 60,
             restart: Default::default(),
+            firmware: None,
+            secure_boot: false,
+            static_ip: None,
             created: 0,
         }
     }

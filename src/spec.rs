@@ -29,6 +29,8 @@ pub enum SpecError {
     User(String),
     #[error("invalid --network {0:?}: use 'user', 'bridge' or 'bridge:NAME'")]
     Network(String),
+    #[error("invalid --ip {0}")]
+    Ip(String),
 }
 
 /// Which accelerator the user asked for; [`crate::qemu::Accel`] is what was chosen.
@@ -52,6 +54,48 @@ pub enum RestartPolicy {
     OnFailure,
     /// Also restart when the guest powers itself off.
     Always,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FirmwareKind {
+    Bios,
+    Uefi,
+}
+
+/// A static IPv4 configuration for the guest's NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaticIp {
+    /// CIDR, e.g. `192.168.1.50/24`.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+}
+
+impl StaticIp {
+    /// Parses `--ip ADDR/PREFIX` and `--gateway ADDR`.
+    pub fn parse(address: &str, gateway: Option<&str>, dns: &[String]) -> Result<StaticIp, SpecError> {
+        let bad = |why: &str| SpecError::Ip(format!("{address}: {why}"));
+        let (ip, prefix) = address.split_once('/').ok_or_else(|| bad("use ADDRESS/PREFIX, e.g. 10.0.0.5/24"))?;
+        ip.parse::<std::net::Ipv4Addr>().map_err(|_| bad("not an IPv4 address"))?;
+        match prefix.parse::<u8>() {
+            Ok(p) if (1..=32).contains(&p) => {}
+            _ => return Err(bad("prefix must be 1-32")),
+        }
+        if let Some(g) = gateway {
+            g.parse::<std::net::Ipv4Addr>().map_err(|_| SpecError::Ip(format!("gateway {g}: not an IPv4 address")))?;
+        }
+        for d in dns {
+            d.parse::<std::net::IpAddr>().map_err(|_| SpecError::Ip(format!("dns {d}: not an IP address")))?;
+        }
+        Ok(StaticIp {
+            address: address.into(),
+            gateway: gateway.map(String::from),
+            dns: dns.to_vec(),
+        })
+    }
 }
 
 /// How the VM is attached to the network.
@@ -130,6 +174,15 @@ pub struct VmSpec {
     pub stop_timeout: u64,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Boot firmware; None = the architecture's default (BIOS on amd64,
+    /// UEFI on arm64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<FirmwareKind>,
+    #[serde(default)]
+    pub secure_boot: bool,
+    /// A fixed address instead of DHCP (bridged networking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_ip: Option<StaticIp>,
     /// Creation time, seconds since the epoch.
     pub created: u64,
 }

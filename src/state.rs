@@ -59,6 +59,13 @@ pub struct State {
     pub accel: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipv6: Vec<String>,
+    /// The VM's tap and its bridge (bridged networking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
     /// Restarts by the supervisor's restart policy since it started.
     #[serde(default)]
     pub restarts: u32,
@@ -79,6 +86,9 @@ impl State {
             ssh_port: None,
             accel: None,
             ip: None,
+            ipv6: vec![],
+            tap: None,
+            bridge: None,
             restarts: 0,
             last_failure: None,
             updated: now(),
@@ -129,7 +139,9 @@ pub fn stale(st: State) -> State {
             st.state
         )),
         ip: None,
+        ipv6: vec![],
         ssh_port: None,
+        tap: None,
         ..st
     }
 }

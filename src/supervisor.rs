@@ -15,9 +15,12 @@ use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use crate::qemu::{self, Accel, FirmwareArgs, NetBackend};
+use crate::qemu::{self, Accel, NetBackend};
 use crate::qmp::{self, Qmp};
-use crate::spec::{NetworkSpec, RestartPolicy, VmSpec};
+use crate::net::attach::attach;
+use crate::net::discover::Addresses;
+use crate::spec::{RestartPolicy, VmSpec};
+use tokio::sync::watch;
 use crate::state::{self, Phase, State};
 use crate::store::{self, StoreError, VmPaths};
 
@@ -41,8 +44,10 @@ pub enum SupervisorError {
     EarlyExit { status: String, log: String },
     #[error("QMP: {0}")]
     Qmp(#[from] qmp::QmpError),
-    #[error("bridged networking: {0}")]
-    Network(String),
+    #[error(transparent)]
+    Network(#[from] crate::net::attach::AttachError),
+    #[error(transparent)]
+    Firmware(#[from] crate::firmware::FirmwareError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -174,14 +179,6 @@ fn cleanup_runtime(vm: &VmPaths) {
     }
 }
 
-/// A free TCP port on 127.0.0.1 for the SSH forward. (qemu binds it a moment
-/// later; a race with another program is caught at start-up and retried.)
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 struct Qemu {
     child: tokio::process::Child,
     pid: u32,
@@ -246,38 +243,37 @@ async fn run_once(
     let binary = qemu::find_binary(arch)?;
     st.pid = Some(std::process::id());
     st.accel = Some(accel.as_str().into());
+    let root_fw = vm.dir.parent().and_then(Path::parent).map(|r| r.join("firmware"));
+    let firmware = qemu::firmware_args(spec, vm, root_fw.as_deref())?;
     state::save(vm, &st)?;
     notify(&["STATUS=starting qemu"]);
 
     // The port may be taken between our probe and qemu's bind: retry.
     let mut attempt = 0;
-    let (mut q, qmp, mut events) = loop {
+    let (mut q, qmp, mut events, mut net) = loop {
         attempt += 1;
         cleanup_runtime(vm);
         store::mkdir_private(&vm.run)?;
-        let net = match &spec.network {
-            NetworkSpec::User => NetBackend::User {
-                ssh_port: free_port()?,
-            },
-            NetworkSpec::Bridge { bridge } => {
-                return Err(SupervisorError::Network(format!(
-                    "bridge {bridge}: not supported by this build; use --network user"
-                )));
-            }
-        };
-        if let NetBackend::User { ssh_port } = net {
+        let mut net = attach(&spec.name, &spec.network, &spec.mac).await?;
+        if let NetBackend::User { ssh_port } = net.backend {
             st.ssh_port = Some(ssh_port);
         }
+        st.tap = net.tap.as_ref().map(|t| t.name().to_string());
+        st.bridge = net.bridge.clone();
+        st.ip = spec.static_ip.as_ref().map(|s| s.address.split('/').next().unwrap_or("").to_string());
         let argv = qemu::argv(&qemu::Launch {
             spec,
             paths: vm,
             accel,
-            net,
-            firmware: FirmwareArgs::default(),
+            net: net.backend.clone(),
+            firmware: firmware.clone(),
         })?;
         info!("starting {}", argv.join(" "));
         let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
-        let mut q = spawn_qemu(&binary, &argv, vm)?;
+        let spawned = spawn_qemu(&binary, &argv, vm);
+        // qemu holds its copies now; ours must not leak into anything else.
+        net.child_fds.clear();
+        let mut q = spawned?;
         st.qemu_pid = Some(q.pid);
         state::save(vm, &st)?;
         let qmp_path = vm.qmp_socket();
@@ -286,7 +282,7 @@ async fn run_once(
             _ = q.child.wait() => None,
         };
         match connected {
-            Some(Ok((qmp, events))) => break (q, qmp, events),
+            Some(Ok((qmp, events))) => break (q, qmp, events, net),
             other => {
                 let _ = q.child.kill().await;
                 let status = q.child.wait().await.map(describe_exit).unwrap_or_default();
@@ -309,10 +305,7 @@ async fn run_once(
     st.state = Phase::Running;
     state::save(vm, &st)?;
     info!("{} running (qemu pid {}, {})", spec.name, q.pid, accel.as_str());
-    let status = match st.ssh_port {
-        Some(p) => format!("running; ssh on 127.0.0.1:{p}"),
-        None => "running".into(),
-    };
+    let status = status_line(&st);
     notify(&["READY=1", &format!("STATUS={status}"), &format!("MAINPID={}", std::process::id())]);
 
     let watchdog = crate::systemd::watchdog_interval();
@@ -364,6 +357,13 @@ async fn run_once(
                     let _ = qmp.quit().await;
                 }
             }
+            addrs = next_addresses(&mut net.addresses) => {
+                st.ip = addrs.ipv4.map(|a| a.to_string()).or(st.ip.take());
+                st.ipv6 = addrs.ipv6.iter().map(|a| a.to_string()).collect();
+                info!("guest addresses: {:?} {:?}", st.ip, st.ipv6);
+                state::save(vm, &st)?;
+                notify(&[&format!("STATUS={}", status_line(&st))]);
+            }
             _ = wd_tick.tick(), if watchdog.is_some() => {
                 // Pet only while qemu answers: a hung VM is systemd's to handle.
                 if qmp.query_status().await.is_ok() {
@@ -391,6 +391,34 @@ async fn run_once(
     } else {
         Outcome::Crashed(format!("qemu {}", describe_exit(exit)))
     })
+}
+
+/// The human status line for systemd (`systemctl status`).
+fn status_line(st: &State) -> String {
+    let mut s = String::from("running");
+    if let Some(ip) = &st.ip {
+        s.push_str(&format!("; ip {ip}"));
+    }
+    if let Some(p) = st.ssh_port {
+        s.push_str(&format!("; ssh on 127.0.0.1:{p}"));
+    }
+    if let (Some(t), Some(b)) = (&st.tap, &st.bridge) {
+        s.push_str(&format!("; {t} on {b}"));
+    }
+    s
+}
+
+/// The next change of the guest's addresses; never resolves for a VM
+/// without address discovery.
+async fn next_addresses(rx: &mut Option<watch::Receiver<Addresses>>) -> Addresses {
+    let Some(r) = rx else {
+        return std::future::pending().await;
+    };
+    if r.changed().await.is_err() {
+        *rx = None;
+        return std::future::pending().await;
+    }
+    r.borrow_and_update().clone()
 }
 
 /// A paused guest that cannot go on by itself: QEMU's internal-error (e.g.

@@ -11,7 +11,7 @@ use thiserror::Error;
 use crate::image::{self, Cache};
 use crate::qmp::Qmp;
 use crate::seed::{self, SeedConfig};
-use crate::spec::{self, AccelRequest, ImageRef, NetworkSpec, RestartPolicy, VmSpec};
+use crate::spec::{self, AccelRequest, FirmwareKind, ImageRef, NetworkSpec, RestartPolicy, VmSpec};
 use crate::sshkeys::{self, KeyPair};
 use crate::state::{self, Phase, State};
 use crate::store::{self, Store, StoreError, VmPaths};
@@ -36,6 +36,10 @@ pub enum VmError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Network(#[from] crate::net::attach::AttachError),
+    #[error("{0}")]
+    Invalid(String),
     #[error("{0} is running; stop it first, or use --force")]
     Running(String),
     #[error("cannot start the supervisor: {0}")]
@@ -70,6 +74,12 @@ pub struct CreateOptions {
     pub network: Option<String>,
     pub stop_timeout: u64,
     pub restart: RestartPolicy,
+    pub firmware: Option<FirmwareKind>,
+    pub secure_boot: bool,
+    /// `--ip ADDR/PREFIX` (static address), with `--gateway` and `--dns`.
+    pub ip: Option<String>,
+    pub gateway: Option<String>,
+    pub dns: Vec<String>,
 }
 
 /// Defines a VM atomically: every file is made in a private staging
@@ -87,8 +97,19 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     let disk = spec::parse_disk(&o.disk)?;
     let network = match &o.network {
         Some(n) => NetworkSpec::parse(n)?,
-        None => NetworkSpec::User,
+        None => default_network().await.0,
     };
+    if let NetworkSpec::Bridge { bridge } = &network {
+        // Fail now, with nothing created, rather than at start.
+        crate::net::bridge::check_bridge(bridge).await.map_err(crate::net::attach::AttachError::from)?;
+    }
+    let static_ip = match &o.ip {
+        Some(ip) => Some(spec::StaticIp::parse(ip, o.gateway.as_deref(), &o.dns)?),
+        None => None,
+    };
+    if o.secure_boot && o.firmware == Some(FirmwareKind::Bios) {
+        return Err(VmError::Invalid("--secure-boot needs --firmware uefi".into()));
+    }
     let user_keys = user_public_keys(&o.ssh_keys)?;
     let user_data = match &o.user_data {
         Some(p) => Some(std::fs::read_to_string(p).map_err(|source| VmError::UserData {
@@ -144,11 +165,14 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
         user: o.user.clone(),
         accel: o.accel,
         network,
-        mac: random_mac(),
+        mac: unique_mac(store),
         ssh_authorized_keys: authorized,
         ssh_identity: user_keys.identity,
         stop_timeout: o.stop_timeout,
         restart: o.restart,
+        firmware: if o.secure_boot { Some(FirmwareKind::Uefi) } else { o.firmware },
+        secure_boot: o.secure_boot,
+        static_ip,
         created: state::now(),
     };
     write_seed(&spec, &vm, &host, user_data)?;
@@ -170,10 +194,37 @@ fn strip_comment(public: &str) -> String {
     public.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
 }
 
-/// A locally administered MAC in qemu's 52:54:00 range.
-pub fn random_mac() -> String {
-    let b: [u8; 3] = rand::random();
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+/// The network a VM gets without `--network`: the bridge br0 when it exists,
+/// is up and nox may use it (CAP_NET_ADMIN, /dev/net/tun), else user-mode.
+/// Returns the choice and why.
+pub async fn default_network() -> (NetworkSpec, String) {
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").is_ok();
+    if !nix::unistd::geteuid().is_root() {
+        return (NetworkSpec::User, "user-mode: bridged networking needs root".into());
+    }
+    if !tun {
+        return (NetworkSpec::User, "user-mode: /dev/net/tun is not usable".into());
+    }
+    match crate::net::bridge::check_bridge("br0").await {
+        Ok(_) => (
+            NetworkSpec::Bridge { bridge: "br0".into() },
+            "bridge br0: it exists and is up".into(),
+        ),
+        Err(e) => (NetworkSpec::User, format!("user-mode: {e}")),
+    }
+}
+
+/// A locally administered MAC in qemu's 52:54:00 range, unique among this
+/// host's VMs.
+pub fn unique_mac(store: &Store) -> String {
+    let taken: Vec<String> = store
+        .list()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|n| store.vm_paths(n).load_spec().ok())
+        .map(|s| s.mac)
+        .collect();
+    crate::net::mac::generate_mac(&taken)
 }
 
 /// Renders the cloud-init seed for a spec and writes it as the VM's FAT image.
@@ -188,8 +239,16 @@ pub fn write_seed(
         user: spec.user.clone(),
         authorized_keys: spec.ssh_authorized_keys.clone(),
         host_key: host_key.clone(),
-        network: seed::Network::Dhcp {
-            mac: spec.mac.clone(),
+        network: match &spec.static_ip {
+            Some(s) => seed::Network::Static {
+                mac: spec.mac.clone(),
+                address: s.address.clone(),
+                gateway: s.gateway.clone(),
+                dns: s.dns.clone(),
+            },
+            None => seed::Network::Dhcp {
+                mac: spec.mac.clone(),
+            },
         },
         user_data,
     };
@@ -434,6 +493,11 @@ pub struct VmInfo {
     pub ssh: SshInfo,
     pub ssh_port: Option<u16>,
     pub ip: Option<String>,
+    pub ipv6: Vec<String>,
+    pub bridge: Option<String>,
+    pub tap: Option<String>,
+    pub firmware: FirmwareKind,
+    pub secure_boot: bool,
     pub pid: Option<u32>,
     pub qemu_pid: Option<u32>,
     pub restart: RestartPolicy,
@@ -491,6 +555,16 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
         },
         ssh_port: active.then_some(st.ssh_port).flatten(),
         ip: active.then(|| st.ip.clone()).flatten(),
+        ipv6: if active { st.ipv6.clone() } else { vec![] },
+        bridge: match &spec.network {
+            NetworkSpec::Bridge { bridge } => Some(bridge.clone()),
+            NetworkSpec::User => None,
+        },
+        tap: active.then(|| st.tap.clone()).flatten(),
+        firmware: crate::qemu::arch_facts(&spec.arch)
+            .map(|a| crate::qemu::firmware_kind(spec, a))
+            .unwrap_or(FirmwareKind::Bios),
+        secure_boot: spec.secure_boot,
         pid: active.then_some(st.pid).flatten(),
         qemu_pid: active.then_some(st.qemu_pid).flatten(),
         restart: spec.restart,

@@ -115,8 +115,7 @@ fn create_wait_ssh_restart_stop_delete() {
     assert!(!h.path().join("run/e2e-core").exists());
     assert!(h.ok(&["list", "--json"]).trim() == "[]");
     assert_eq!(sha256_file(&img), base_sum);
-    let images: Vec<_> = std::fs::read_dir(h.path().join("images")).unwrap().flatten().collect();
-    let cached: Vec<_> = images.iter().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "qcow2" || x == "img" || x == "raw")).collect();
+    let cached: Vec<_> = std::fs::read_dir(h.path().join("images/blobs")).unwrap().flatten().map(|e| e.path()).collect();
     assert!(!cached.is_empty(), "the base stays in the cache");
     for c in cached {
         assert_eq!(sha256_file(&c), base_sum, "cached base changed: {}", c.display());
