@@ -33,7 +33,7 @@ pub enum FirmwareError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("No {what} firmware found in {dirs}: install the Debian package `{package}`")]
+    #[error("No {what} found in {dirs}: install the Debian package `{package}`")]
     NotFound {
         what: String,
         dirs: String,
@@ -472,9 +472,16 @@ pub fn select(req: &Request, dirs: &[PathBuf]) -> Result<Option<Firmware>, Firmw
     if req.interface == Interface::Bios {
         return Ok(None);
     }
-    let sb = if req.secure_boot { " Secure Boot" } else { "" };
+    let sb = if req.secure_boot {
+        " with Secure Boot"
+    } else {
+        ""
+    };
     Err(FirmwareError::NotFound {
-        what: format!("{}{sb} for {arch} machine {}", req.interface, req.machine),
+        what: format!(
+            "{} firmware for {arch} machine {}{sb}",
+            req.interface, req.machine
+        ),
         dirs: dirs
             .iter()
             .map(|d| d.display().to_string())
@@ -1022,6 +1029,14 @@ mod tests {
             }
         ));
         let msg = err.to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "No UEFI firmware for x86_64 machine q35 found in {}: \
+                 install the Debian package `ovmf`",
+                tmp.path().display()
+            )
+        );
         assert!(
             msg.contains("`ovmf`") && msg.contains(&tmp.path().display().to_string()),
             "{msg}"
