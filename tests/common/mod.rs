@@ -29,22 +29,40 @@ pub fn have(program: &str) -> bool {
 /// failing test leaves no qemu behind.
 pub struct Home {
     pub dir: tempfile::TempDir,
+    /// Network namespace every nox command runs in (bridge tests).
+    pub ns: Option<String>,
 }
 
 impl Home {
     pub fn new() -> Home {
         // Short path: unix socket paths are limited to 108 bytes.
         let dir = tempfile::Builder::new().prefix("nox-t").tempdir_in("/tmp").unwrap();
-        Home { dir }
+        Home { dir, ns: None }
+    }
+    pub fn in_ns(ns: &str) -> Home {
+        let mut h = Home::new();
+        h.ns = Some(ns.into());
+        h
+    }
+    fn command(&self) -> Command {
+        let mut c = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_nox")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_nox")),
+        };
+        c.env("NOX_HOME", self.path()).env("HOME", self.path().join("home"));
+        c
     }
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
     pub fn nox(&self, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_nox"))
+        let out = self
+            .command()
             .args(args)
-            .env("NOX_HOME", self.path())
-            .env("HOME", self.path().join("home"))
             .stdin(std::process::Stdio::null())
             .output()
             .unwrap();
@@ -136,4 +154,117 @@ pub fn e2e_prereqs() -> Option<PathBuf> {
         return None;
     }
     img
+}
+
+/// A network namespace with a bridge (optionally with an address and a
+/// dnsmasq DHCP server), removed with everything in it on drop.
+pub struct Netns {
+    pub name: String,
+    pub bridge: String,
+    pub dir: tempfile::TempDir,
+    dnsmasq: Vec<u32>,
+    extra_ns: Vec<String>,
+}
+
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+pub fn in_ns(ns: &str, args: &[&str]) {
+    let mut a = vec!["ip", "netns", "exec", ns];
+    a.extend_from_slice(args);
+    sh(&a);
+}
+
+pub fn in_ns_output(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip").args(["netns", "exec", ns]).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Netns {
+    /// `ns` with bridge `brt` up. `host_addr`: e.g. Some("10.77.0.1/24").
+    pub fn new(tag: &str, host_addr: Option<&str>) -> Netns {
+        let name = format!("noxt-{tag}-{}", std::process::id());
+        sh(&["ip", "netns", "add", &name]);
+        let n = Netns {
+            name: name.clone(),
+            bridge: "brt".into(),
+            dir: tempfile::tempdir().unwrap(),
+            dnsmasq: vec![],
+            extra_ns: vec![],
+        };
+        in_ns(&name, &["ip", "link", "set", "lo", "up"]);
+        in_ns(&name, &["ip", "link", "add", "brt", "type", "bridge"]);
+        in_ns(&name, &["ip", "link", "set", "brt", "up"]);
+        if let Some(a) = host_addr {
+            in_ns(&name, &["ip", "addr", "add", a, "dev", "brt"]);
+        }
+        n
+    }
+
+    /// dnsmasq serving DHCP on `iface` inside namespace `ns`.
+    pub fn dnsmasq(&mut self, ns: &str, iface: &str, range: &str) -> std::path::PathBuf {
+        let leases = self.dir.path().join(format!("{ns}.leases"));
+        let pidfile = self.dir.path().join(format!("{ns}.pid"));
+        let st = Command::new("ip")
+            .args(["netns", "exec", ns, "dnsmasq", "--bind-interfaces", "--port=0", "--no-ping", "--no-resolv"])
+            .arg(format!("--interface={iface}"))
+            .arg(format!("--dhcp-range={range}"))
+            .arg(format!("--dhcp-leasefile={}", leases.display()))
+            .arg(format!("--pid-file={}", pidfile.display()))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        self.dnsmasq.push(pid);
+        leases
+    }
+
+    /// A second namespace joined to the bridge by a veth (its end: `eth0`
+    /// with `addr`).
+    pub fn peer(&mut self, tag: &str, addr: &str) -> String {
+        let peer = format!("noxt-{tag}-{}", std::process::id());
+        sh(&["ip", "netns", "add", &peer]);
+        self.extra_ns.push(peer.clone());
+        in_ns(&self.name, &["ip", "link", "add", "vport", "type", "veth", "peer", "name", "eth0", "netns", &peer]);
+        in_ns(&self.name, &["ip", "link", "set", "vport", "master", "brt", "up"]);
+        in_ns(&peer, &["ip", "link", "set", "lo", "up"]);
+        in_ns(&peer, &["ip", "addr", "add", addr, "dev", "eth0"]);
+        in_ns(&peer, &["ip", "link", "set", "eth0", "up"]);
+        peer
+    }
+
+    /// Names of nox taps attached to the bridge.
+    pub fn taps(&self) -> Vec<String> {
+        in_ns_output(&self.name, &["ip", "-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n.starts_with("nox"))
+            .collect()
+    }
+}
+
+/// Leases in a dnsmasq lease file: (mac, ip).
+pub fn leases(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3).then(|| (f[1].to_string(), f[2].to_string()))
+        })
+        .collect()
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for pid in &self.dnsmasq {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+        for ns in self.extra_ns.iter().chain(std::iter::once(&self.name)) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
 }
