@@ -193,10 +193,17 @@ fn network_config(net: &Network) -> Result<Value, SeedError> {
                         "gateway {gw} and address {address} are of different IP families"
                     )));
                 }
-                // "0.0.0.0/0" rather than "default": older cloud-init (e.g.
-                // Debian 12's 22.4) does not know the "default" keyword.
-                let to = if gw_ip.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
-                eth["routes"] = json!([{ "to": to, "via": gw }]);
+                // gateway4/6 rather than a default route under "routes": every
+                // renderer turns it into the native gateway setting, while
+                // cloud-init 22.4's ifupdown renderer (Debian 12) writes routes
+                // as `post-up route add ... || true`, which silently fails
+                // without net-tools. Netplan only warns that it is deprecated.
+                let key = if gw_ip.is_ipv4() {
+                    "gateway4"
+                } else {
+                    "gateway6"
+                };
+                eth[key] = json!(gw);
             }
             if !dns.is_empty() {
                 for d in dns {
@@ -631,7 +638,7 @@ mod tests {
                 "match": {"macaddress": "52:54:00:00:00:02"},
                 "dhcp4": false,
                 "addresses": ["10.77.0.5/24"],
-                "routes": [{"to": "0.0.0.0/0", "via": "10.77.0.1"}],
+                "gateway4": "10.77.0.1",
                 "nameservers": {"addresses": ["10.77.0.1", "2001:db8::53"]}}}})
         );
 
@@ -643,7 +650,16 @@ mod tests {
         };
         let net = json_of(&render(&cfg).unwrap().network_config);
         let eth = &net["ethernets"]["eth0"];
-        assert!(eth.get("routes").is_none() && eth.get("nameservers").is_none());
+        assert!(eth.get("gateway4").is_none() && eth.get("gateway6").is_none());
+        assert!(eth.get("nameservers").is_none());
+        cfg.network = Network::Static {
+            mac: "52:54:00:00:00:02".into(),
+            address: "2001:db8::5/64".into(),
+            gateway: Some("2001:db8::1".into()),
+            dns: vec![],
+        };
+        let net = json_of(&render(&cfg).unwrap().network_config);
+        assert_eq!(net["ethernets"]["eth0"]["gateway6"], "2001:db8::1");
 
         for (mac, address, gw) in [
             ("52:54:00:00:00", "10.0.0.5/24", None),
@@ -905,6 +921,23 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "cidata");
+    }
+
+    #[test]
+    fn fsck_fat_finds_no_errors() {
+        let ok = Command::new("fsck.fat").arg("--help").output().is_ok();
+        if !prereq(ok, "fsck.fat (dosfstools) not installed") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (_, img) = written_seed(dir.path());
+        // -n: check only, never write; exit 0 means no errors found.
+        let out = Command::new("fsck.fat")
+            .arg("-n")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
     }
 
     #[test]
