@@ -235,3 +235,427 @@ fn remove_refuses_image_in_use() {
     let back = cache.import_file(&q, None).unwrap();
     assert!(back.path.exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Downloads against a real HTTP server on 127.0.0.1.
+
+use nox::image::{Checksum, HashAlgo, Progress, PullOptions, Source};
+use std::io::BufRead;
+
+const DEB_DIR: &str = "trixie/latest";
+const DEB_FILE: &str = "debian-13-genericcloud-amd64.qcow2";
+const UBU_DIR: &str = "releases/24.04/release";
+const UBU_FILE: &str = "ubuntu-24.04-server-cloudimg-amd64.img";
+
+struct Server {
+    child: std::process::Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(dir: &Path, extra: &[&str]) -> Server {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/http_server.py");
+        let log = dir.with_extension("log");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg("--dir")
+            .arg(dir)
+            .arg("--log")
+            .arg(&log)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().parse().unwrap();
+        Server { child, port, log }
+    }
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+    /// Logged requests for paths ending in `suffix`: (range header, status).
+    fn gets(&self, suffix: &str) -> Vec<(String, String)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                (f.len() == 4 && f[1].ends_with(suffix))
+                    .then(|| (f[2].to_string(), f[3].to_string()))
+            })
+            .collect()
+    }
+}
+
+fn have_python() -> bool {
+    Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn hash_file(tool: &str, p: &Path) -> String {
+    let out = Command::new(tool).arg(p).output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Serves a qcow2 of `mib` MiB of incompressible data in Debian's and Ubuntu's layouts.
+/// Returns (served dir, sha256, sha512) of the image.
+fn mirror_tree(root: &Path, mib: usize) -> (PathBuf, String, String) {
+    let raw = root.join("src.raw");
+    let mut data = vec![0u8; mib << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    data[510] = 0x55;
+    data[511] = 0xAA;
+    std::fs::write(&raw, data).unwrap();
+    let srv = root.join("srv");
+    std::fs::create_dir_all(srv.join(DEB_DIR)).unwrap();
+    std::fs::create_dir_all(srv.join(UBU_DIR)).unwrap();
+    let img = srv.join(DEB_DIR).join(DEB_FILE);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    std::fs::hard_link(&img, srv.join(UBU_DIR).join(UBU_FILE)).unwrap();
+    let s256 = hash_file("sha256sum", &img);
+    let s512 = hash_file("sha512sum", &img);
+    std::fs::write(
+        srv.join(DEB_DIR).join("SHA512SUMS"),
+        format!(
+            "{}  debian-13-genericcloud-arm64.qcow2\n{s512}  {DEB_FILE}\n",
+            "0".repeat(128)
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        srv.join(UBU_DIR).join("SHA256SUMS"),
+        format!("{s256} *{UBU_FILE}\n"),
+    )
+    .unwrap();
+    (srv, s256, s512)
+}
+
+/// A cache under `<root>/images` whose `<root>/config.json` points the catalog at `mirror`.
+fn cache_with_mirror(root: &Path, mirror: &str) -> Cache {
+    std::fs::write(
+        root.join("config.json"),
+        serde_json::json!({ "mirror": mirror }).to_string(),
+    )
+    .unwrap();
+    Cache::open(&root.join("images")).unwrap()
+}
+
+fn quiet() -> PullOptions {
+    PullOptions {
+        progress: Progress::None,
+        ..PullOptions::default()
+    }
+}
+
+fn deb() -> Source {
+    Source::Catalog {
+        name: "debian-13".into(),
+        arch: "amd64".into(),
+    }
+}
+
+fn net_prereqs() -> bool {
+    prereq(have("qemu-img"), "qemu-img not installed") && prereq(have_python(), "python3 missing")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn tmp_is_empty(cache: &Cache) -> bool {
+    std::fs::read_dir(cache.dir().join("tmp")).unwrap().count() == 0
+}
+
+/// Runs in a child process started by `catalog_pull_through_nox_mirror` with NOX_MIRROR set
+/// (env changes are not safe inside the multi-threaded test process).
+#[test]
+#[ignore = "child of catalog_pull_through_nox_mirror"]
+fn child_pull_with_env_mirror() {
+    let root = PathBuf::from(std::env::var("NOX_TEST_ROOT").unwrap());
+    let cache = Cache::open(&root.join("images")).unwrap();
+    let img = rt().block_on(cache.pull(&deb(), &quiet())).unwrap();
+    println!("DIGEST {}", img.digest);
+}
+
+#[test]
+fn catalog_pull_through_nox_mirror() {
+    if !net_prereqs() {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let (srv_dir, s256, s512) = mirror_tree(td.path(), 4);
+    let srv = Server::start(&srv_dir, &[]);
+    let root = td.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_pull_with_env_mirror",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env("NOX_MIRROR", srv.base())
+        .env("NOX_TEST_ROOT", &root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("DIGEST sha256:{s256}")),
+        "{stdout}"
+    );
+
+    let cache = Cache::open(&root.join("images")).unwrap();
+    let img = cache.get(&format!("sha256:{s256}")).unwrap();
+    assert_eq!(img.sha512, Some(format!("sha512:{s512}")));
+    assert_eq!(img.name.as_deref(), Some("debian-13"));
+    assert_eq!(img.arch.as_deref(), Some("amd64"));
+    assert_eq!(img.source, format!("{}{DEB_DIR}/{DEB_FILE}", srv.base()));
+    assert_eq!(img.format, "qcow2");
+    assert!(!img.insecure);
+    assert_eq!(
+        std::fs::metadata(&img.path).unwrap().permissions().mode() & 0o777,
+        0o444
+    );
+    assert_eq!(hash_file("sha256sum", &img.path), s256);
+    assert!(tmp_is_empty(&cache));
+
+    // Again, now through config.json: the checksum file is read, the image is not fetched again.
+    let cache = cache_with_mirror(&root, &srv.base());
+    let again = rt().block_on(cache.pull(&deb(), &quiet())).unwrap();
+    assert_eq!(again.digest, img.digest);
+    assert_eq!(srv.gets(DEB_FILE).len(), 1);
+    assert_eq!(srv.gets("SHA512SUMS").len(), 2);
+}
+
+#[test]
+fn ubuntu_pull_sha256_and_url_rules() {
+    if !net_prereqs() {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let (srv_dir, s256, _) = mirror_tree(td.path(), 2);
+    let srv = Server::start(&srv_dir, &[]);
+    let cache = cache_with_mirror(td.path(), &srv.base());
+    let rt = rt();
+    let ubu = Source::Catalog {
+        name: "ubuntu-24.04".into(),
+        arch: "amd64".into(),
+    };
+    let img = rt.block_on(cache.pull(&ubu, &quiet())).unwrap();
+    assert_eq!(img.digest, format!("sha256:{s256}"));
+    assert_eq!(img.sha512, None);
+
+    // A URL outside the catalog needs a checksum or insecure.
+    let url = format!("{}{DEB_DIR}/{DEB_FILE}", srv.base());
+    let bare = Source::Url {
+        url: url.clone(),
+        checksum: None,
+        insecure: false,
+    };
+    let e = rt.block_on(cache.pull(&bare, &quiet())).unwrap_err();
+    assert!(matches!(e, ImageError::NeedChecksum { .. }), "{e}");
+    let insecure = Source::Url {
+        url: url.clone(),
+        checksum: None,
+        insecure: true,
+    };
+    let i = rt.block_on(cache.pull(&insecure, &quiet())).unwrap();
+    // Same content as the Ubuntu pull: same entry.
+    assert_eq!(i.digest, img.digest);
+    assert_eq!(cache.list().unwrap().len(), 1);
+}
+
+#[test]
+fn corrupted_download_rejected() {
+    if !net_prereqs() {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let (srv_dir, _, s512) = mirror_tree(td.path(), 2);
+    // Flip one byte in the served image: the published SHA-512 no longer matches.
+    let img_path = srv_dir.join(DEB_DIR).join(DEB_FILE);
+    let mut data = std::fs::read(&img_path).unwrap();
+    let n = data.len();
+    data[n / 2] ^= 0xff;
+    std::fs::remove_file(srv_dir.join(UBU_DIR).join(UBU_FILE)).unwrap();
+    std::fs::write(&img_path, &data).unwrap();
+    let srv = Server::start(&srv_dir, &[]);
+    let cache = cache_with_mirror(td.path(), &srv.base());
+    let e = rt().block_on(cache.pull(&deb(), &quiet())).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, ImageError::ChecksumMismatch { .. }), "{msg}");
+    assert!(msg.contains(&s512), "{msg}");
+    assert!(msg.contains(&hash_file("sha512sum", &img_path)), "{msg}");
+    assert!(cache.list().unwrap().is_empty());
+    assert!(tmp_is_empty(&cache), "partial download left behind");
+
+    // A URL with a wrong --checksum: same refusal.
+    let src = Source::Url {
+        url: format!("{}{DEB_DIR}/{DEB_FILE}", srv.base()),
+        checksum: Some(Checksum {
+            algo: HashAlgo::Sha256,
+            hex: "0".repeat(64),
+        }),
+        insecure: false,
+    };
+    let e = rt().block_on(cache.pull(&src, &quiet())).unwrap_err();
+    assert!(matches!(e, ImageError::ChecksumMismatch { .. }), "{e}");
+}
+
+fn interrupted(no_range: bool) {
+    if !net_prereqs() {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let (srv_dir, s256, _) = mirror_tree(td.path(), 8);
+    let cut = format!("{DEB_DIR}/{DEB_FILE}:3000000");
+    let mut args = vec!["--cut", cut.as_str()];
+    if no_range {
+        args.push("--no-range");
+    }
+    let srv = Server::start(&srv_dir, &args);
+    let cache = cache_with_mirror(td.path(), &srv.base());
+    let img = rt().block_on(cache.pull(&deb(), &quiet())).unwrap();
+    assert_eq!(img.digest, format!("sha256:{s256}"));
+    assert_eq!(hash_file("sha256sum", &img.path), s256);
+    let gets = srv.gets(DEB_FILE);
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert_eq!(gets[0], ("-".to_string(), "200".to_string()));
+    let (range, status) = &gets[1];
+    // The retry asks for the rest; a server without Range support answers 200 and we restart.
+    assert!(
+        range.starts_with("bytes=") && range.ends_with('-'),
+        "{gets:?}"
+    );
+    let resumed_at: u64 = range[6..range.len() - 1].parse().unwrap();
+    assert!(resumed_at > 0 && resumed_at <= 3_000_000, "{gets:?}");
+    assert_eq!(status, if no_range { "200" } else { "206" });
+    assert!(tmp_is_empty(&cache));
+}
+
+#[test]
+fn interrupted_transfer_resumes_with_range() {
+    interrupted(false);
+}
+
+#[test]
+fn interrupted_transfer_restarts_without_range() {
+    interrupted(true);
+}
+
+#[test]
+fn concurrent_pulls_download_once() {
+    if !net_prereqs() {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let (srv_dir, s256, _) = mirror_tree(td.path(), 4);
+    let srv = Server::start(&srv_dir, &["--delay", "0.3"]);
+    let cache = cache_with_mirror(td.path(), &srv.base());
+    let digests = rt().block_on(async {
+        let tasks: Vec<_> = (0..5)
+            .map(|_| {
+                let c = cache.clone();
+                tokio::spawn(async move { c.pull(&deb(), &quiet()).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap().unwrap().digest);
+        }
+        out
+    });
+    assert!(digests.iter().all(|d| *d == format!("sha256:{s256}")));
+    assert_eq!(srv.gets(DEB_FILE).len(), 1, "{:?}", srv.gets(""));
+    assert_eq!(srv.gets("SHA512SUMS").len(), 5);
+    assert_eq!(cache.list().unwrap().len(), 1);
+}
+
+#[test]
+fn http_errors_name_the_url() {
+    if !net_prereqs() {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let (srv_dir, _, _) = mirror_tree(td.path(), 1);
+    let srv = Server::start(&srv_dir, &[]);
+    let cache = cache_with_mirror(td.path(), &srv.base());
+    let rt = rt();
+    let missing = format!("{}nope/disk.qcow2", srv.base());
+    let src = Source::Url {
+        url: missing.clone(),
+        checksum: None,
+        insecure: true,
+    };
+    let e = rt.block_on(cache.pull(&src, &quiet())).unwrap_err();
+    assert!(matches!(e, ImageError::Http { status: 404, .. }), "{e}");
+    assert!(e.to_string().contains(&missing), "{e}");
+    // debian-12 is not in the mirror: its SHA512SUMS is a 404.
+    let d12 = Source::Catalog {
+        name: "debian-12".into(),
+        arch: "amd64".into(),
+    };
+    let e = rt.block_on(cache.pull(&d12, &quiet())).unwrap_err();
+    assert!(e.to_string().contains("bookworm/latest/SHA512SUMS"), "{e}");
+    assert!(e.to_string().contains("404"), "{e}");
+
+    // Connection refused: a port that was just free.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/x.qcow2");
+    let src = Source::Url {
+        url: url.clone(),
+        checksum: None,
+        insecure: true,
+    };
+    let e = rt.block_on(cache.pull(&src, &quiet())).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&url) && msg.to_lowercase().contains("refused"),
+        "{msg}"
+    );
+    assert!(cache.list().unwrap().is_empty());
+}

@@ -1,11 +1,20 @@
-//! Downloads: streamed, hashed on the fly, resumable, one at a time per source.
+//! Downloads: streamed to `tmp/`, hashed on the fly, resumed with HTTP Range, one download at a
+//! time per source (flock), visible in the cache only after the checksum matched.
 
-use super::{Cache, Image, ImageError, Source};
+use super::catalog::{Checksum, HashAlgo, Source, catalog_entry, mirror_base, parse_sums};
+use super::{Cache, Image, ImageError, SourceRecord, io_err, sha256_hex};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256, Sha512};
+use std::fs::{self, File, OpenOptions};
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// How to show download progress.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Progress {
-    /// A bar on a terminal, periodic lines otherwise.
+    /// A bar when stderr is a terminal, periodic lines otherwise.
     #[default]
     Auto,
     Bar,
@@ -13,16 +22,640 @@ pub enum Progress {
     None,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PullOptions {
     pub progress: Progress,
+    /// Attempts per download; an interrupted transfer resumes where it stopped.
+    pub attempts: u32,
+    /// Read timeout for a stalled connection.
+    pub read_timeout: Duration,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            progress: Progress::Auto,
+            attempts: 5,
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a partial download in `tmp/` was for: a different URL or checksum → start over.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct PartMeta {
+    url: String,
+    expected: Option<String>,
+}
+
+/// What one download should produce.
+struct Want<'a> {
+    url: &'a str,
+    expected: Option<&'a Checksum>,
+    name: Option<&'a str>,
+    arch: Option<&'a str>,
+    insecure: bool,
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn transport(url: &str, e: &reqwest::Error) -> ImageError {
+    ImageError::Transport {
+        url: url.to_string(),
+        detail: chain(e),
+    }
 }
 
 impl Cache {
-    pub async fn pull(&self, src: &Source, _opts: &PullOptions) -> Result<Image, ImageError> {
+    /// Gets an image into the cache: imports a file, or downloads a catalog image / URL.
+    pub async fn pull(&self, src: &Source, opts: &PullOptions) -> Result<Image, ImageError> {
         match src {
-            Source::File(p) => self.import_file(p, None),
-            _ => Err(ImageError::NotFound("download not implemented yet".into())),
+            Source::File(p) => {
+                let (c, p) = (self.clone(), p.clone());
+                tokio::task::spawn_blocking(move || c.import_file(&p, None))
+                    .await
+                    .map_err(|e| ImageError::Io {
+                        path: PathBuf::from("import task"),
+                        source: std::io::Error::other(e),
+                    })?
+            }
+            Source::Catalog { name, arch } => self.pull_catalog(name, arch, opts).await,
+            Source::Url {
+                url,
+                checksum,
+                insecure,
+            } => {
+                if checksum.is_none() && !insecure {
+                    return Err(ImageError::NeedChecksum { url: url.clone() });
+                }
+                let want = Want {
+                    url,
+                    expected: checksum.as_ref(),
+                    name: None,
+                    arch: None,
+                    insecure: checksum.is_none(),
+                };
+                self.fetch(&want, opts).await
+            }
+        }
+    }
+
+    fn config(&self) -> Option<serde_json::Value> {
+        let p = self.dir().parent()?.join("config.json");
+        serde_json::from_slice(&fs::read(p).ok()?).ok()
+    }
+
+    /// The image and checksum-file URLs of a catalog image, mirror applied.
+    pub fn catalog_urls(&self, name: &str, arch: &str) -> Result<(String, String), ImageError> {
+        let e = super::parse_source(name, arch).and_then(|_| {
+            catalog_entry(name).ok_or_else(|| ImageError::NotFound(name.to_string()))
+        })?;
+        let base = mirror_base(e.distro, |k| std::env::var(k).ok(), self.config().as_ref());
+        Ok((
+            format!("{base}{}", e.image_path(arch)),
+            format!("{base}{}", e.sums),
+        ))
+    }
+
+    async fn pull_catalog(
+        &self,
+        name: &str,
+        arch: &str,
+        opts: &PullOptions,
+    ) -> Result<Image, ImageError> {
+        let (url, sums_url) = self.catalog_urls(name, arch)?;
+        let entry = catalog_entry(name).ok_or_else(|| ImageError::NotFound(name.to_string()))?;
+        if entry.end_of_life {
+            tracing::warn!("{name} is end-of-life upstream: no more security updates");
+        }
+        let file = entry.file_name(arch);
+        let client = client(opts)?;
+        let sums = match get_text(&client, &sums_url).await {
+            Ok(t) => t,
+            Err(e) => {
+                // Offline but cached: use what we have rather than fail.
+                if let Some(rec) = self.source_record(&url)
+                    && let Ok(img) = self.get(&rec.digest)
+                {
+                    tracing::warn!("{e}; using the cached {name} ({})", img.digest);
+                    return Ok(img);
+                }
+                return Err(e);
+            }
+        };
+        let hex = parse_sums(&sums, &file).ok_or_else(|| ImageError::NoChecksum {
+            url: url.clone(),
+            file: file.clone(),
+            sums: sums_url.clone(),
+        })?;
+        let expected = Checksum {
+            algo: entry.algo,
+            hex,
+        };
+        let want = Want {
+            url: &url,
+            expected: Some(&expected),
+            name: Some(name),
+            arch: Some(arch),
+            insecure: false,
+        };
+        self.fetch(&want, opts).await
+    }
+
+    /// Already cached for this URL and expected checksum?
+    fn cached(&self, want: &Want<'_>) -> Option<Image> {
+        let rec = self.source_record(want.url)?;
+        let same = match want.expected {
+            Some(c) => rec.checksum.as_deref() == Some(c.to_string().as_str()),
+            None => true,
+        };
+        if !same {
+            return None;
+        }
+        let img = self.get(&rec.digest).ok()?;
+        self.maybe_name(img, want.name).ok()
+    }
+
+    async fn fetch(&self, want: &Want<'_>, opts: &PullOptions) -> Result<Image, ImageError> {
+        if let Some(img) = self.cached(want) {
+            return Ok(img);
+        }
+        // One download per source across processes: the others wait here, then find it cached.
+        let lock_path = self.lock_path(want.url);
+        let _lock = tokio::task::spawn_blocking(move || lock_file(&lock_path))
+            .await
+            .map_err(|e| ImageError::Io {
+                path: PathBuf::from("lock task"),
+                source: std::io::Error::other(e),
+            })??;
+        if let Some(img) = self.cached(want) {
+            return Ok(img);
+        }
+        let key = sha256_hex(want.url.as_bytes());
+        let part = self.tmp_dir().join(format!("{key}.part"));
+        let part_meta = self.tmp_dir().join(format!("{key}.part.json"));
+        let meta = PartMeta {
+            url: want.url.to_string(),
+            expected: want.expected.map(|c| c.to_string()),
+        };
+        let resumable = fs::read(&part_meta)
+            .ok()
+            .and_then(|d| serde_json::from_slice::<PartMeta>(&d).ok())
+            .is_some_and(|m| m == meta);
+        if !resumable {
+            let _ = fs::remove_file(&part);
+            super::write_json_atomic(&part_meta, &meta)?;
+        }
+        let result = self.download_verify(want, opts, &part).await;
+        let img = match result {
+            Ok((sha256, sha512)) => {
+                let committed = self.commit_blob(
+                    &part,
+                    &sha256,
+                    want.url.to_string(),
+                    want.name,
+                    want.arch,
+                    want.insecure,
+                    sha512,
+                );
+                let _ = fs::remove_file(&part);
+                let _ = fs::remove_file(&part_meta);
+                committed?
+            }
+            Err(e) => {
+                // Keep a partial only if a later attempt can resume it.
+                if !matches!(e, ImageError::Transport { .. } | ImageError::Retries { .. }) {
+                    let _ = fs::remove_file(&part);
+                    let _ = fs::remove_file(&part_meta);
+                }
+                return Err(e);
+            }
+        };
+        self.write_source_record(&SourceRecord {
+            source: want.url.to_string(),
+            digest: img.digest.clone(),
+            file_size: None,
+            mtime_ns: None,
+            checksum: want.expected.map(|c| c.to_string()),
+        })?;
+        Ok(img)
+    }
+
+    /// Downloads into `part` (resuming), returns (sha256 hex, sha512 if expected was SHA-512).
+    async fn download_verify(
+        &self,
+        want: &Want<'_>,
+        opts: &PullOptions,
+        part: &Path,
+    ) -> Result<(String, Option<String>), ImageError> {
+        let client = client(opts)?;
+        let want512 = want.expected.is_some_and(|c| c.algo == HashAlgo::Sha512);
+        let mut hashes = Hashes::new(want512);
+        let reporter = Reporter::new(opts.progress, want.url);
+        let attempts = opts.attempts.max(1);
+        let mut last = String::new();
+        for attempt in 1..=attempts {
+            match download_once(&client, want.url, part, &mut hashes, &reporter).await {
+                Ok(()) => {
+                    last.clear();
+                    break;
+                }
+                Err(Attempt::Fatal(e)) => {
+                    reporter.finish();
+                    return Err(e);
+                }
+                Err(Attempt::Retry(e)) => {
+                    tracing::warn!("{e} (attempt {attempt}/{attempts}), resuming");
+                    last = e.to_string();
+                    if attempt < attempts {
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    }
+                }
+            }
+        }
+        reporter.finish();
+        if !last.is_empty() {
+            return Err(ImageError::Retries {
+                url: want.url.to_string(),
+                attempts,
+                last,
+            });
+        }
+        let (sha256, sha512) = hashes.finish();
+        if let Some(exp) = want.expected {
+            let actual = match exp.algo {
+                HashAlgo::Sha256 => format!("sha256:{sha256}"),
+                HashAlgo::Sha512 => format!("sha512:{}", sha512.as_deref().unwrap_or("")),
+            };
+            if actual != exp.to_string() {
+                return Err(ImageError::ChecksumMismatch {
+                    url: want.url.to_string(),
+                    expected: exp.to_string(),
+                    actual,
+                });
+            }
+        }
+        Ok((sha256, sha512.map(|h| format!("sha512:{h}"))))
+    }
+}
+
+fn client(opts: &PullOptions) -> Result<reqwest::Client, ImageError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        .read_timeout(opts.read_timeout)
+        .user_agent(concat!("nox/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| transport("(client)", &e))
+}
+
+async fn get_text(client: &reqwest::Client, url: &str) -> Result<String, ImageError> {
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| transport(url, &e))?;
+    if !resp.status().is_success() {
+        return Err(ImageError::Http {
+            url: url.to_string(),
+            status: resp.status().as_u16(),
+        });
+    }
+    resp.text().await.map_err(|e| transport(url, &e))
+}
+
+fn lock_file(path: &Path) -> Result<Flock<File>, ImageError> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, errno)| ImageError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::from(errno),
+    })
+}
+
+/// Running digests of everything written to the partial file so far.
+struct Hashes {
+    sha256: Sha256,
+    sha512: Option<Sha512>,
+    len: u64,
+}
+
+impl Hashes {
+    fn new(want512: bool) -> Self {
+        Hashes {
+            sha256: Sha256::new(),
+            sha512: want512.then(Sha512::new),
+            len: 0,
+        }
+    }
+    fn update(&mut self, b: &[u8]) {
+        self.sha256.update(b);
+        if let Some(h) = &mut self.sha512 {
+            h.update(b);
+        }
+        self.len += b.len() as u64;
+    }
+    fn reset(&mut self) {
+        *self = Hashes::new(self.sha512.is_some());
+    }
+    /// Brings the digests up to the first `len` bytes of `file` (resuming after a restart).
+    fn catch_up(&mut self, file: &mut File, path: &Path, len: u64) -> Result<(), ImageError> {
+        if self.len != len {
+            self.rehash(file, path, len)?;
+        }
+        // Writes continue at the end of what is hashed (the file was opened without O_APPEND).
+        file.set_len(self.len).map_err(io_err(path))?;
+        file.seek(SeekFrom::Start(self.len)).map_err(io_err(path))?;
+        Ok(())
+    }
+    fn rehash(&mut self, file: &mut File, path: &Path, len: u64) -> Result<(), ImageError> {
+        self.reset();
+        file.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = len;
+        while left > 0 {
+            let n = file
+                .read(&mut buf[..left.min(1 << 20) as usize])
+                .map_err(io_err(path))?;
+            if n == 0 {
+                break;
+            }
+            self.update(&buf[..n]);
+            left -= n as u64;
+        }
+        Ok(())
+    }
+    fn finish(self) -> (String, Option<String>) {
+        (
+            hex::encode(self.sha256.finalize()),
+            self.sha512.map(|h| hex::encode(h.finalize())),
+        )
+    }
+}
+
+enum Attempt {
+    /// Worth trying again (resuming): the connection broke mid-body, a timeout, a 5xx.
+    Retry(ImageError),
+    Fatal(ImageError),
+}
+
+/// One GET, resuming from the partial file's length when the server honours Range.
+async fn download_once(
+    client: &reqwest::Client,
+    url: &str,
+    part: &Path,
+    hashes: &mut Hashes,
+    reporter: &Reporter,
+) -> Result<(), Attempt> {
+    let fatal = Attempt::Fatal;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(part)
+        .map_err(|e| fatal(io_err(part)(e)))?;
+    let have = file.metadata().map_err(|e| fatal(io_err(part)(e)))?.len();
+    let mut req = client.get(url);
+    if have > 0 {
+        req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+    }
+    let mut resp = req.send().await.map_err(|e| {
+        let err = transport(url, &e);
+        if e.is_timeout() {
+            Attempt::Retry(err)
+        } else {
+            Attempt::Fatal(err)
+        }
+    })?;
+    let status = resp.status();
+    let start = if status == reqwest::StatusCode::PARTIAL_CONTENT && have > 0 {
+        let cr = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !cr.starts_with(&format!("bytes {have}-")) {
+            // A range we did not ask for: start over without Range.
+            file.set_len(0).map_err(|e| fatal(io_err(part)(e)))?;
+            hashes.reset();
+            return Err(Attempt::Retry(ImageError::Http {
+                url: url.to_string(),
+                status: 206,
+            }));
+        }
+        have
+    } else if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE && have > 0 {
+        // The partial is as long as (or longer than) the file: start over.
+        file.set_len(0).map_err(|e| fatal(io_err(part)(e)))?;
+        hashes.reset();
+        return Err(Attempt::Retry(ImageError::Http {
+            url: url.to_string(),
+            status: 416,
+        }));
+    } else if status.is_success() {
+        // Server ignored Range (200): restart from zero.
+        0
+    } else {
+        let err = ImageError::Http {
+            url: url.to_string(),
+            status: status.as_u16(),
+        };
+        return Err(if status.is_server_error() {
+            Attempt::Retry(err)
+        } else {
+            Attempt::Fatal(err)
+        });
+    };
+    if start == 0 {
+        hashes.reset();
+        file.set_len(0).map_err(|e| fatal(io_err(part)(e)))?;
+    }
+    hashes
+        .catch_up(&mut file, part, start)
+        .map_err(Attempt::Fatal)?;
+    let total = resp.content_length().map(|l| l + start);
+    reporter.start(start, total);
+
+    // Hash and write on a blocking thread so that receiving, hashing and writing overlap.
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let owned = std::mem::replace(hashes, Hashes::new(false));
+    let writer = spawn_writer(rx, file, owned, part.to_path_buf());
+    let mut got = start;
+    let mut net_err = None;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                got += chunk.len() as u64;
+                reporter.update(got);
+                if tx.send(chunk).await.is_err() {
+                    break; // writer failed; its error is reported below
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                net_err = Some(transport(url, &e));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let (h, res) = writer.await.map_err(|e| {
+        fatal(ImageError::Io {
+            path: part.to_path_buf(),
+            source: std::io::Error::other(e),
+        })
+    })?;
+    *hashes = h;
+    res.map_err(fatal)?;
+    if let Some(e) = net_err {
+        return Err(Attempt::Retry(e));
+    }
+    if let Some(t) = total
+        && got != t
+    {
+        return Err(Attempt::Retry(ImageError::Transport {
+            url: url.to_string(),
+            detail: format!("connection closed after {got} of {t} bytes"),
+        }));
+    }
+    Ok(())
+}
+
+/// Writes and hashes received chunks on a blocking thread.
+fn spawn_writer<B: AsRef<[u8]> + Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<B>,
+    file: File,
+    mut hashes: Hashes,
+    path: PathBuf,
+) -> tokio::task::JoinHandle<(Hashes, Result<(), ImageError>)> {
+    tokio::task::spawn_blocking(move || {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let mut res = Ok(());
+        while let Some(chunk) = rx.blocking_recv() {
+            if let Err(e) = out.write_all(chunk.as_ref()) {
+                res = Err(io_err(&path)(e));
+                // What was hashed and what is on disk may differ now: rehash on resume.
+                hashes.len = u64::MAX;
+                break;
+            }
+            hashes.update(chunk.as_ref());
+        }
+        if res.is_ok()
+            && let Err(e) = out.flush()
+        {
+            res = Err(io_err(&path)(e));
+            hashes.len = u64::MAX;
+        }
+        (hashes, res)
+    })
+}
+
+/// Progress as a terminal bar, or plain lines every few seconds.
+struct Reporter {
+    bar: Option<indicatif::ProgressBar>,
+    lines: Option<std::sync::Mutex<LineState>>,
+    url: String,
+}
+
+struct LineState {
+    last: Instant,
+    began: Instant,
+    start: u64,
+    total: Option<u64>,
+}
+
+impl Reporter {
+    fn new(mode: Progress, url: &str) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let (bar, lines) = match mode {
+            Progress::None => (false, false),
+            Progress::Bar => (true, false),
+            Progress::Lines => (false, true),
+            Progress::Auto => (tty, !tty),
+        };
+        let bar = bar.then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            ) {
+                b.set_style(style.progress_chars("=> "));
+            }
+            b.set_message(url.rsplit('/').next().unwrap_or(url).to_string());
+            b
+        });
+        let now = Instant::now();
+        Reporter {
+            bar,
+            lines: lines.then(|| {
+                std::sync::Mutex::new(LineState {
+                    last: now,
+                    began: now,
+                    start: 0,
+                    total: None,
+                })
+            }),
+            url: url.to_string(),
+        }
+    }
+
+    fn start(&self, pos: u64, total: Option<u64>) {
+        if let Some(b) = &self.bar {
+            b.set_length(total.unwrap_or(0));
+            b.set_position(pos);
+            b.reset_eta();
+        }
+        if let Some(l) = &self.lines
+            && let Ok(mut l) = l.lock()
+        {
+            l.began = Instant::now();
+            l.start = pos;
+            l.total = total;
+        }
+    }
+
+    fn update(&self, pos: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(pos);
+        }
+        if let Some(l) = &self.lines
+            && let Ok(mut l) = l.lock()
+            && l.last.elapsed() >= Duration::from_secs(5)
+        {
+            l.last = Instant::now();
+            let secs = l.began.elapsed().as_secs_f64().max(0.001);
+            let rate = (pos - l.start.min(pos)) as f64 / secs / 1048576.0;
+            let mib = pos as f64 / 1048576.0;
+            match l.total {
+                Some(t) if t > 0 => eprintln!(
+                    "{}: {mib:.0}/{:.0} MiB ({}%), {rate:.1} MiB/s",
+                    self.url,
+                    t as f64 / 1048576.0,
+                    pos * 100 / t
+                ),
+                _ => eprintln!("{}: {mib:.0} MiB, {rate:.1} MiB/s", self.url),
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
         }
     }
 }

@@ -93,12 +93,8 @@ pub enum ImageError {
     NeedChecksum { url: String },
     #[error("GET {url}: HTTP {status}")]
     Http { url: String, status: u16 },
-    #[error("GET {url}: {source}")]
-    Transport {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    #[error("GET {url}: {detail}")]
+    Transport { url: String, detail: String },
     #[error("{url}: no checksum for {file} in {sums}")]
     NoChecksum {
         url: String,
@@ -190,7 +186,6 @@ impl Cache {
         self.dir.join("tmp")
     }
 
-    #[allow(dead_code)] // used by download.rs
     pub(crate) fn lock_path(&self, source: &str) -> PathBuf {
         self.dir
             .join("locks")
@@ -308,7 +303,7 @@ impl Cache {
         sniff(&file)?;
         let mut src = File::open(&file).map_err(io_err(&file))?;
         let (tmp, hex) = self.copy_hashing(&mut src, &file)?;
-        let img = self.commit_blob(tmp, &hex, source.clone(), name, None, false, None)?;
+        let img = self.commit_blob(tmp.path(), &hex, source.clone(), name, None, false, None)?;
         self.write_source_record(&SourceRecord {
             source,
             digest: img.digest.clone(),
@@ -319,7 +314,11 @@ impl Cache {
         Ok(img)
     }
 
-    fn maybe_name(&self, mut img: Image, name: Option<&str>) -> Result<Image, ImageError> {
+    pub(crate) fn maybe_name(
+        &self,
+        mut img: Image,
+        name: Option<&str>,
+    ) -> Result<Image, ImageError> {
         if let Some(n) = name
             && img.name.is_none()
         {
@@ -357,12 +356,12 @@ impl Cache {
         Ok((tmp, hex::encode(hasher.finalize())))
     }
 
-    /// Checks a complete temp file, then makes it a read-only blob with its metadata.
-    /// Content already cached → the temp file is dropped and the existing entry returned.
+    /// Checks a complete temp file in `tmp/`, then renames it into a read-only blob and writes
+    /// its metadata. Content already cached → the existing entry (the caller drops the temp file).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn commit_blob(
         &self,
-        tmp: tempfile::NamedTempFile,
+        tmp: &Path,
         hex: &str,
         source: String,
         name: Option<&str>,
@@ -373,15 +372,14 @@ impl Cache {
         if let Ok(img) = self.get(hex) {
             return self.maybe_name(img, name);
         }
-        sniff(tmp.path())?;
-        let info = qemu_img_info(tmp.path())?;
-        let file = tmp.as_file();
-        file.sync_all().map_err(io_err(tmp.path()))?;
-        let size = file.metadata().map_err(io_err(tmp.path()))?.len();
-        file.set_permissions(fs::Permissions::from_mode(0o444))
-            .map_err(io_err(tmp.path()))?;
+        sniff(tmp)?;
+        let info = qemu_img_info(tmp)?;
+        let file = File::open(tmp).map_err(io_err(tmp))?;
+        file.sync_all().map_err(io_err(tmp))?;
+        let size = file.metadata().map_err(io_err(tmp))?.len();
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).map_err(io_err(tmp))?;
         let blob = self.blob_path(hex);
-        tmp.persist(&blob).map_err(|e| io_err(&blob)(e.error))?;
+        fs::rename(tmp, &blob).map_err(io_err(&blob))?;
         sync_dir(blob.parent().unwrap_or(&self.dir));
         let img = Image {
             digest: format!("sha256:{hex}"),
