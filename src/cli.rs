@@ -10,12 +10,16 @@ use clap::{Parser, Subcommand};
 use crate::spec::{AccelRequest, FirmwareKind, RestartPolicy};
 use crate::state::Phase;
 use crate::store::Store;
-use crate::vm::{self, CreateOptions, Started, Stopped};
 use crate::systemd::{self, Scope};
+use crate::vm::{self, CreateOptions, Started, Stopped};
 use crate::{qemu, ssh, supervisor};
 
 #[derive(Parser, Debug)]
-#[command(name = "nox", version, about = "Cloud-image VMs on qemu + KVM, without libvirt")]
+#[command(
+    name = "nox",
+    version,
+    about = "Cloud-image VMs on qemu + KVM, without libvirt"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -24,7 +28,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Define a VM from a cloud image and (unless --no-start) start it
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Start a stopped VM
     Start {
         name: String,
@@ -70,6 +74,9 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Manage the shared image cache
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Print a VM's IP address (bridged networking)
     Ip {
         name: String,
@@ -108,6 +115,46 @@ pub enum Cmd {
     Enable { name: String },
     /// Stop starting a VM at boot
     Disable { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Download (and verify) a catalog image or a URL into the cache
+    Pull {
+        /// Catalog name (e.g. debian-13) or URL
+        source: String,
+        /// Expected digest for a URL: sha256:HEX or sha512:HEX
+        #[arg(long)]
+        checksum: Option<String>,
+        /// Accept a URL without a checksum (recorded on the image)
+        #[arg(long)]
+        insecure: bool,
+        /// Architecture (amd64, arm64); the host's by default
+        #[arg(long)]
+        arch: Option<String>,
+    },
+    /// List cached images
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a local qcow2/raw file
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove an image (refused while a VM uses it, unless --force)
+    #[command(alias = "rm")]
+    Remove {
+        /// Name or digest
+        image: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove every image no VM uses
+    Prune,
 }
 
 #[derive(Subcommand, Debug)]
@@ -185,6 +232,12 @@ pub struct CreateArgs {
     /// DNS server for --ip (repeatable)
     #[arg(long, requires = "ip")]
     pub dns: Vec<String>,
+    /// Expected digest of a URL image: sha256:HEX or sha512:HEX
+    #[arg(long)]
+    pub checksum: Option<String>,
+    /// Accept a URL image without a checksum
+    #[arg(long)]
+    pub insecure: bool,
     /// Restart the VM when it crashes (on-failure) or also when it powers off (always)
     #[arg(long, value_enum, default_value_t = RestartPolicy::No)]
     pub restart: RestartPolicy,
@@ -210,7 +263,10 @@ pub fn main() -> i32 {
         .init();
     // One thread is plenty (the supervisor waits on a handful of fds) and
     // keeps the supervisor small.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -230,7 +286,7 @@ pub fn main() -> i32 {
 async fn dispatch(cli: Cli) -> Result<i32> {
     let store = Store::from_env()?;
     match cli.cmd {
-        Cmd::Create(a) => create(&store, a).await,
+        Cmd::Create(a) => create(&store, *a).await,
         Cmd::Start {
             name,
             wait,
@@ -275,6 +331,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Image(cmd) => image_cmd(&store, cmd).await,
         Cmd::Ip {
             name,
             wait,
@@ -308,7 +365,10 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Enable { name } => {
             store.vm(&name)?;
-            systemd::systemctl(Scope::System, &["enable", "--now", &systemd::unit_name(&name)])?;
+            systemd::systemctl(
+                Scope::System,
+                &["enable", "--now", &systemd::unit_name(&name)],
+            )?;
             println!("{name} starts at boot ({})", systemd::unit_name(&name));
             Ok(0)
         }
@@ -356,8 +416,12 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         ip: a.ip,
         gateway: a.gateway,
         dns: a.dns,
+        checksum: a.checksum,
+        insecure: a.insecure,
     };
-    let spec = vm::create(store, &opts).await.context("cannot create the VM")?;
+    let spec = vm::create(store, &opts)
+        .await
+        .context("cannot create the VM")?;
     let name = spec.name.clone();
     if !a.json {
         println!(
@@ -427,7 +491,11 @@ fn list(store: &Store, json: bool) -> Result<i32> {
     let mut infos = vec![];
     for name in store.list()? {
         // A VM deleted meanwhile is simply not listed.
-        if let Ok(info) = store.vm(&name).map_err(anyhow::Error::from).and_then(|v| Ok(vm::info(&v)?)) {
+        if let Ok(info) = store
+            .vm(&name)
+            .map_err(anyhow::Error::from)
+            .and_then(|v| Ok(vm::info(&v)?))
+        {
             infos.push(info);
         }
     }
@@ -435,7 +503,10 @@ fn list(store: &Store, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&infos)?);
         return Ok(0);
     }
-    println!("{:<24} {:<9} {:>4} {:>7} {:<16} SSH", "NAME", "STATE", "CPUS", "MEMORY", "IP");
+    println!(
+        "{:<24} {:<9} {:>4} {:>7} {:<16} SSH",
+        "NAME", "STATE", "CPUS", "MEMORY", "IP"
+    );
     for i in infos {
         let ssh = match (&i.ssh.host, i.ssh.port) {
             (Some(h), Some(p)) => format!("{}@{h}:{p}", i.ssh.user),
@@ -471,7 +542,11 @@ fn print_info(i: &vm::VmInfo) {
     if let Some(t) = &i.tap {
         println!("tap:      {t}");
     }
-    println!("firmware: {:?}{}", i.firmware, if i.secure_boot { " (secure boot)" } else { "" });
+    println!(
+        "firmware: {:?}{}",
+        i.firmware,
+        if i.secure_boot { " (secure boot)" } else { "" }
+    );
     if let Some(ip) = &i.ip {
         println!("ip:       {ip}");
     }
@@ -487,6 +562,103 @@ fn print_info(i: &vm::VmInfo) {
     if let Some(f) = &i.last_failure {
         println!("failure:  {f}");
     }
+}
+
+async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
+    store.init()?;
+    let cache = crate::image::Cache::open(&store.images_dir())?;
+    match cmd {
+        ImageCmd::Pull {
+            source,
+            checksum,
+            insecure,
+            arch,
+        } => {
+            let arch = arch.unwrap_or_else(|| crate::spec::host_arch().into());
+            let img =
+                vm::obtain_image(&cache, &source, &arch, checksum.as_deref(), insecure).await?;
+            println!(
+                "{} {} ({} MiB)",
+                img.digest,
+                img.name.as_deref().unwrap_or(&img.source),
+                img.size >> 20
+            );
+        }
+        ImageCmd::Import { file, name } => {
+            let img = cache.import_file(&file, name.as_deref())?;
+            println!(
+                "{} {}",
+                img.digest,
+                img.name.as_deref().unwrap_or(&img.source)
+            );
+        }
+        ImageCmd::List { json } => {
+            let images = cache.list()?;
+            let rows: Vec<serde_json::Value> = images
+                .iter()
+                .map(|i| {
+                    serde_json::json!({
+                        "name": i.name, "arch": i.arch, "digest": i.digest, "size": i.size,
+                        "virtual_size": i.virtual_size, "format": i.format, "source": i.source,
+                        "created": i.created, "insecure": i.insecure,
+                        "used_by": vm::image_users(store, &i.digest),
+                    })
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(0);
+            }
+            println!(
+                "{:<16} {:<6} {:<20} {:>8}  USED BY",
+                "NAME", "ARCH", "DIGEST", "SIZE"
+            );
+            for (i, r) in images.iter().zip(&rows) {
+                let users: Vec<String> =
+                    serde_json::from_value(r["used_by"].clone()).unwrap_or_default();
+                println!(
+                    "{:<16} {:<6} {:<20} {:>7}M  {}",
+                    i.name.as_deref().unwrap_or("-"),
+                    i.arch.as_deref().unwrap_or("-"),
+                    &i.digest[..i.digest.len().min(19)],
+                    i.size >> 20,
+                    if users.is_empty() {
+                        "-".into()
+                    } else {
+                        users.join(",")
+                    }
+                );
+            }
+        }
+        ImageCmd::Remove { image, force } => {
+            let img = cache.resolve(&image)?;
+            let users = vm::image_users(store, &img.digest);
+            cache.remove(&img.digest, &users, force)?;
+            if users.is_empty() {
+                println!("Removed {}", img.digest);
+            } else {
+                // The VMs' overlays now lack their base: say which.
+                println!(
+                    "Removed {} (VMs that can no longer start: {})",
+                    img.digest,
+                    users.join(", ")
+                );
+            }
+        }
+        ImageCmd::Prune => {
+            for img in cache.list()? {
+                if vm::image_users(store, &img.digest).is_empty() {
+                    cache.remove(&img.digest, &[], false)?;
+                    println!(
+                        "Removed {} {}",
+                        img.digest,
+                        img.name.as_deref().unwrap_or(&img.source)
+                    );
+                }
+            }
+        }
+    }
+    Ok(0)
 }
 
 async fn ip(store: &Store, name: &str, wait: bool, timeout: u64, json: bool) -> Result<i32> {
@@ -655,12 +827,19 @@ async fn doctor(store: &Store) -> Result<i32> {
     }
     match qemu::which("qemu-img") {
         Some(p) => line(true, "qemu-img", p.display().to_string()),
-        None => line(false, "qemu-img", "not found (Debian: apt install qemu-utils)".into()),
+        None => line(
+            false,
+            "qemu-img",
+            "not found (Debian: apt install qemu-utils)".into(),
+        ),
     }
     let kvm = qemu::probe_kvm();
     let c = qemu::choose_accel(AccelRequest::Auto, arch.name, &kvm)?;
     println!("ok   accelerator: {} ({})", c.accel.as_str(), c.why);
-    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun");
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun");
     println!(
         "{} /dev/net/tun: {}",
         if tun.is_ok() { "ok  " } else { "warn" },
@@ -677,7 +856,10 @@ async fn doctor(store: &Store) -> Result<i32> {
             crate::spec::NetworkSpec::Bridge { bridge } => format!("bridge:{bridge}"),
         }
     );
-    for (kind, name) in [("UEFI", crate::firmware::Interface::Uefi)].iter().map(|(k, i)| (*k, *i)) {
+    for (kind, name) in [("UEFI", crate::firmware::Interface::Uefi)]
+        .iter()
+        .map(|(k, i)| (*k, *i))
+    {
         let req = crate::firmware::Request {
             arch: arch.qemu_arch,
             machine: arch.machine,
@@ -687,7 +869,10 @@ async fn doctor(store: &Store) -> Result<i32> {
         match crate::firmware::select(&req, &crate::firmware::default_search_dirs()) {
             Ok(Some(fw)) => println!("ok   {kind} firmware: {}", fw.executable.display()),
             Ok(None) => println!("ok   {kind} firmware: qemu built-in"),
-            Err(e) => println!("{} {kind} firmware: {e}", if arch.has_bios { "warn" } else { "FAIL" }),
+            Err(e) => println!(
+                "{} {kind} firmware: {e}",
+                if arch.has_bios { "warn" } else { "FAIL" }
+            ),
         }
     }
     match store.init() {
@@ -696,7 +881,11 @@ async fn doctor(store: &Store) -> Result<i32> {
     }
     match qemu::which("ssh") {
         Some(p) => line(true, "ssh client", p.display().to_string()),
-        None => line(false, "ssh client", "not found (Debian: apt install openssh-client)".into()),
+        None => line(
+            false,
+            "ssh client",
+            "not found (Debian: apt install openssh-client)".into(),
+        ),
     }
     Ok(if failed { 1 } else { 0 })
 }

@@ -237,7 +237,12 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &format!("{},debug-threads=on", s.name)]);
     push(&["-machine", &machine, "-cpu", cpu]);
-    push(&["-smp", &s.cpus.to_string(), "-m", &format!("{}M", s.memory >> 20)]);
+    push(&[
+        "-smp",
+        &s.cpus.to_string(),
+        "-m",
+        &format!("{}M", s.memory >> 20),
+    ]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
     push(&[
         "-sandbox",
@@ -313,7 +318,8 @@ pub fn firmware_args(
     nox_firmware_dir: Option<&Path>,
 ) -> Result<FirmwareArgs, crate::firmware::FirmwareError> {
     use crate::firmware::{self, Interface, Request};
-    let arch = arch_facts(&spec.arch).map_err(|e| firmware::FirmwareError::Unsupported(e.to_string()))?;
+    let arch =
+        arch_facts(&spec.arch).map_err(|e| firmware::FirmwareError::Unsupported(e.to_string()))?;
     let interface = match firmware_kind(spec, arch) {
         crate::spec::FirmwareKind::Bios => Interface::Bios,
         crate::spec::FirmwareKind::Uefi => Interface::Uefi,
@@ -446,7 +452,10 @@ mod tests {
                 vhost_fd: Some(4),
             },
             firmware: FirmwareArgs {
-                args: vec!["-drive".into(), "if=pflash,unit=0,file=/fw,readonly=on".into()],
+                args: vec![
+                    "-drive".into(),
+                    "if=pflash,unit=0,file=/fw,readonly=on".into(),
+                ],
                 machine_props: vec![],
             },
         })
@@ -472,7 +481,10 @@ mod tests {
             firmware: FirmwareArgs::default(),
         })
         .unwrap();
-        assert!(a.iter().any(|x| x.contains("seed.img,format=raw,readonly=on")));
+        assert!(
+            a.iter()
+                .any(|x| x.contains("seed.img,format=raw,readonly=on"))
+        );
         assert!(a.contains(&"host".to_string()));
     }
 
@@ -483,14 +495,23 @@ mod tests {
         let pvm = host("amd64", true, &["kvm_pvm"]);
         let none = host("amd64", false, &[]);
         let arm = host("arm64", true, &[]);
-        assert_eq!(choose_accel(Auto, "amd64", &intel).unwrap().accel, Accel::Kvm);
+        assert_eq!(
+            choose_accel(Auto, "amd64", &intel).unwrap().accel,
+            Accel::Kvm
+        );
         let c = choose_accel(Auto, "amd64", &pvm).unwrap();
         assert_eq!(c.accel, Accel::Tcg);
         assert!(c.warning.unwrap().contains("kvm_pvm"));
-        assert_eq!(choose_accel(Auto, "amd64", &none).unwrap().accel, Accel::Tcg);
+        assert_eq!(
+            choose_accel(Auto, "amd64", &none).unwrap().accel,
+            Accel::Tcg
+        );
         assert_eq!(choose_accel(Auto, "arm64", &arm).unwrap().accel, Accel::Kvm);
         // Foreign architecture: emulation only.
-        assert_eq!(choose_accel(Auto, "arm64", &intel).unwrap().accel, Accel::Tcg);
+        assert_eq!(
+            choose_accel(Auto, "arm64", &intel).unwrap().accel,
+            Accel::Tcg
+        );
         assert!(choose_accel(Kvm, "arm64", &intel).is_err());
         assert!(choose_accel(Kvm, "amd64", &none).is_err());
         let forced = choose_accel(Kvm, "amd64", &pvm).unwrap();

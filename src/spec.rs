@@ -25,7 +25,9 @@ pub enum SpecError {
     },
     #[error("invalid --cpus {0}: must be between 1 and {1} (this host's CPUs)")]
     Cpus(u32, u32),
-    #[error("invalid user name {0:?}: use lowercase letters, digits, '-' or '_', starting with a letter (max 32)")]
+    #[error(
+        "invalid user name {0:?}: use lowercase letters, digits, '-' or '_', starting with a letter (max 32)"
+    )]
     User(String),
     #[error("invalid --network {0:?}: use 'user', 'bridge' or 'bridge:NAME'")]
     Network(String),
@@ -76,19 +78,28 @@ pub struct StaticIp {
 
 impl StaticIp {
     /// Parses `--ip ADDR/PREFIX` and `--gateway ADDR`.
-    pub fn parse(address: &str, gateway: Option<&str>, dns: &[String]) -> Result<StaticIp, SpecError> {
+    pub fn parse(
+        address: &str,
+        gateway: Option<&str>,
+        dns: &[String],
+    ) -> Result<StaticIp, SpecError> {
         let bad = |why: &str| SpecError::Ip(format!("{address}: {why}"));
-        let (ip, prefix) = address.split_once('/').ok_or_else(|| bad("use ADDRESS/PREFIX, e.g. 10.0.0.5/24"))?;
-        ip.parse::<std::net::Ipv4Addr>().map_err(|_| bad("not an IPv4 address"))?;
+        let (ip, prefix) = address
+            .split_once('/')
+            .ok_or_else(|| bad("use ADDRESS/PREFIX, e.g. 10.0.0.5/24"))?;
+        ip.parse::<std::net::Ipv4Addr>()
+            .map_err(|_| bad("not an IPv4 address"))?;
         match prefix.parse::<u8>() {
             Ok(p) if (1..=32).contains(&p) => {}
             _ => return Err(bad("prefix must be 1-32")),
         }
         if let Some(g) = gateway {
-            g.parse::<std::net::Ipv4Addr>().map_err(|_| SpecError::Ip(format!("gateway {g}: not an IPv4 address")))?;
+            g.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| SpecError::Ip(format!("gateway {g}: not an IPv4 address")))?;
         }
         for d in dns {
-            d.parse::<std::net::IpAddr>().map_err(|_| SpecError::Ip(format!("dns {d}: not an IP address")))?;
+            d.parse::<std::net::IpAddr>()
+                .map_err(|_| SpecError::Ip(format!("dns {d}: not an IP address")))?;
         }
         Ok(StaticIp {
             address: address.into(),
@@ -115,9 +126,9 @@ impl NetworkSpec {
             None if s == "bridge" => Ok(NetworkSpec::Bridge {
                 bridge: "br0".into(),
             }),
-            Some(("bridge", br)) if valid_ifname(br) => Ok(NetworkSpec::Bridge {
-                bridge: br.into(),
-            }),
+            Some(("bridge", br)) if valid_ifname(br) => {
+                Ok(NetworkSpec::Bridge { bridge: br.into() })
+            }
             _ => Err(SpecError::Network(s.into())),
         }
     }
@@ -413,7 +424,13 @@ mod tests {
                 bridge: "lan0".into()
             }
         );
-        for bad in ["", "tap", "bridge:", "bridge:../x/y", "bridge:waytoolongname01"] {
+        for bad in [
+            "",
+            "tap",
+            "bridge:",
+            "bridge:../x/y",
+            "bridge:waytoolongname01",
+        ] {
             assert!(NetworkSpec::parse(bad).is_err(), "{bad}");
         }
     }

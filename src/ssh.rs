@@ -17,7 +17,9 @@ pub enum SshError {
     NotRunning(String),
     #[error("ssh client not found in PATH (Debian: apt install openssh-client)")]
     NoClient,
-    #[error("timed out after {secs}s waiting for {what}; the VM is left running.\nlast console lines:\n{console}")]
+    #[error(
+        "timed out after {secs}s waiting for {what}; the VM is left running.\nlast console lines:\n{console}"
+    )]
     Timeout {
         secs: u64,
         what: &'static str,

@@ -181,11 +181,9 @@ impl Store {
     /// supervisor runs); the directory is first renamed away so a kill half-way
     /// never leaves a half-deleted VM visible.
     pub fn remove(&self, vm: &VmPaths) -> Result<(), StoreError> {
-        let trash = self.vms_dir().join(format!(
-            ".del-{}-{:08x}",
-            vm.name,
-            rand::random::<u32>()
-        ));
+        let trash = self
+            .vms_dir()
+            .join(format!(".del-{}-{:08x}", vm.name, rand::random::<u32>()));
         fs::rename(&vm.dir, &trash).map_err(io(&vm.dir))?;
         fs::remove_dir_all(&trash).map_err(io(&trash))?;
         match fs::remove_dir_all(&vm.run) {
@@ -453,10 +451,17 @@ mod tests {
         assert_eq!(mode, 0o700);
         let p = s.root().join("x.json");
         write_json(&p, &serde_json::json!({"a": 1})).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let v: serde_json::Value = read_json(&p).unwrap().unwrap();
         assert_eq!(v["a"], 1);
-        assert!(read_json::<serde_json::Value>(&s.root().join("none")).unwrap().is_none());
+        assert!(
+            read_json::<serde_json::Value>(&s.root().join("none"))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

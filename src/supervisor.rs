@@ -15,14 +15,14 @@ use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use crate::qemu::{self, Accel, NetBackend};
-use crate::qmp::{self, Qmp};
 use crate::net::attach::attach;
 use crate::net::discover::Addresses;
+use crate::qemu::{self, Accel, NetBackend};
+use crate::qmp::{self, Qmp};
 use crate::spec::{RestartPolicy, VmSpec};
-use tokio::sync::watch;
 use crate::state::{self, Phase, State};
 use crate::store::{self, StoreError, VmPaths};
+use tokio::sync::watch;
 
 /// Exit code of `nox run` when another supervisor already runs the VM.
 pub const EXIT_ALREADY_RUNNING: i32 = 3;
@@ -57,7 +57,10 @@ pub enum SupervisorError {
 pub enum Outcome {
     /// The guest powered off. `requested`: by nox (stop, SIGTERM) rather
     /// than by the guest itself.
-    Stopped { reason: String, requested: bool },
+    Stopped {
+        reason: String,
+        requested: bool,
+    },
     Crashed(String),
 }
 
@@ -161,8 +164,15 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
         }
         let delay = backoff(restarts);
         restarts += 1;
-        warn!("{}: {reason}; restarting in {}s (restart #{restarts})", spec.name, delay.as_secs());
-        notify(&[&format!("STATUS=restarting in {}s after: {reason}", delay.as_secs())]);
+        warn!(
+            "{}: {reason}; restarting in {}s (restart #{restarts})",
+            spec.name,
+            delay.as_secs()
+        );
+        notify(&[&format!(
+            "STATUS=restarting in {}s after: {reason}",
+            delay.as_secs()
+        )]);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = signals.recv() => return result,
@@ -243,7 +253,11 @@ async fn run_once(
     let binary = qemu::find_binary(arch)?;
     st.pid = Some(std::process::id());
     st.accel = Some(accel.as_str().into());
-    let root_fw = vm.dir.parent().and_then(Path::parent).map(|r| r.join("firmware"));
+    let root_fw = vm
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|r| r.join("firmware"));
     let firmware = qemu::firmware_args(spec, vm, root_fw.as_deref())?;
     state::save(vm, &st)?;
     notify(&["STATUS=starting qemu"]);
@@ -260,7 +274,10 @@ async fn run_once(
         }
         st.tap = net.tap.as_ref().map(|t| t.name().to_string());
         st.bridge = net.bridge.clone();
-        st.ip = spec.static_ip.as_ref().map(|s| s.address.split('/').next().unwrap_or("").to_string());
+        st.ip = spec
+            .static_ip
+            .as_ref()
+            .map(|s| s.address.split('/').next().unwrap_or("").to_string());
         let argv = qemu::argv(&qemu::Launch {
             spec,
             paths: vm,
@@ -304,9 +321,18 @@ async fn run_once(
     qmp.execute(qapi::qmp::cont {}).await?;
     st.state = Phase::Running;
     state::save(vm, &st)?;
-    info!("{} running (qemu pid {}, {})", spec.name, q.pid, accel.as_str());
+    info!(
+        "{} running (qemu pid {}, {})",
+        spec.name,
+        q.pid,
+        accel.as_str()
+    );
     let status = status_line(&st);
-    notify(&["READY=1", &format!("STATUS={status}"), &format!("MAINPID={}", std::process::id())]);
+    notify(&[
+        "READY=1",
+        &format!("STATUS={status}"),
+        &format!("MAINPID={}", std::process::id()),
+    ]);
 
     let watchdog = crate::systemd::watchdog_interval();
     let mut wd_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
@@ -382,7 +408,10 @@ async fn run_once(
     } else if let Some(r) = shutdown_reason {
         // "host-qmp-quit" etc.: someone on the host asked.
         let requested = requested || r.starts_with("host-");
-        Outcome::Stopped { reason: r, requested }
+        Outcome::Stopped {
+            reason: r,
+            requested,
+        }
     } else if exit.success() {
         Outcome::Stopped {
             reason: "qemu exited".into(),
@@ -425,7 +454,9 @@ async fn next_addresses(rx: &mut Option<watch::Receiver<Addresses>>) -> Addresse
 /// a KVM emulation failure) or guest-panicked states.
 async fn stuck(qmp: &Qmp) -> Option<String> {
     match qmp.query_status().await {
-        Ok(s) if s == "internal-error" => Some("qemu internal error (run state internal-error)".into()),
+        Ok(s) if s == "internal-error" => {
+            Some("qemu internal error (run state internal-error)".into())
+        }
         Ok(s) if s == "guest-panicked" => Some("guest panicked".into()),
         _ => None,
     }
@@ -443,15 +474,24 @@ async fn graceful_stop(
     st.state = Phase::Stopping;
     state::save(vm, st)?;
     notify(&["STOPPING=1", "STATUS=stopping"]);
-    info!("stopping: ACPI powerdown, waiting up to {}s", spec.stop_timeout);
+    info!(
+        "stopping: ACPI powerdown, waiting up to {}s",
+        spec.stop_timeout
+    );
     let _ = qmp.powerdown().await;
     let wait = Duration::from_secs(spec.stop_timeout);
     if tokio::time::timeout(wait, q.child.wait()).await.is_ok() {
         return Ok(());
     }
-    warn!("guest did not power off within {}s; quitting qemu", spec.stop_timeout);
+    warn!(
+        "guest did not power off within {}s; quitting qemu",
+        spec.stop_timeout
+    );
     let _ = qmp.quit().await;
-    if tokio::time::timeout(Duration::from_secs(10), q.child.wait()).await.is_ok() {
+    if tokio::time::timeout(Duration::from_secs(10), q.child.wait())
+        .await
+        .is_ok()
+    {
         return Ok(());
     }
     warn!("qemu did not quit; killing it");

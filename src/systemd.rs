@@ -13,7 +13,9 @@ pub enum SystemdError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("systemd is not running as PID 1 here; run `nox run {0}` from your own service manager instead")]
+    #[error(
+        "systemd is not running as PID 1 here; run `nox run {0}` from your own service manager instead"
+    )]
     NotRunning(String),
     #[error("systemctl {args} failed: {stderr}")]
     Systemctl { args: String, stderr: String },
@@ -236,7 +238,9 @@ mod notify_tests {
         let p = t.path().join("notify");
         let listener = UnixDatagram::bind(&p).unwrap();
         let name = format!("nox-test-{}", std::process::id());
-        let abs = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        let abs =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+                .unwrap();
         // SAFETY (test): no other thread of this test binary reads NOTIFY_SOCKET
         // concurrently with these two set_var calls.
         unsafe { std::env::set_var("NOTIFY_SOCKET", &p) };

@@ -80,6 +80,9 @@ pub struct CreateOptions {
     pub ip: Option<String>,
     pub gateway: Option<String>,
     pub dns: Vec<String>,
+    /// For a URL image: `sha256:HEX` / `sha512:HEX`, or `insecure`.
+    pub checksum: Option<String>,
+    pub insecure: bool,
 }
 
 /// Defines a VM atomically: every file is made in a private staging
@@ -101,21 +104,27 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     };
     if let NetworkSpec::Bridge { bridge } = &network {
         // Fail now, with nothing created, rather than at start.
-        crate::net::bridge::check_bridge(bridge).await.map_err(crate::net::attach::AttachError::from)?;
+        crate::net::bridge::check_bridge(bridge)
+            .await
+            .map_err(crate::net::attach::AttachError::from)?;
     }
     let static_ip = match &o.ip {
         Some(ip) => Some(spec::StaticIp::parse(ip, o.gateway.as_deref(), &o.dns)?),
         None => None,
     };
     if o.secure_boot && o.firmware == Some(FirmwareKind::Bios) {
-        return Err(VmError::Invalid("--secure-boot needs --firmware uefi".into()));
+        return Err(VmError::Invalid(
+            "--secure-boot needs --firmware uefi".into(),
+        ));
     }
     let user_keys = user_public_keys(&o.ssh_keys)?;
     let user_data = match &o.user_data {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|source| VmError::UserData {
-            path: p.clone(),
-            source,
-        })?),
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|source| VmError::UserData {
+                path: p.clone(),
+                source,
+            })?,
+        ),
         None => None,
     };
     if store.vms_dir().join(&name).exists() {
@@ -125,7 +134,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     let vm = store.vm_paths(&name).staged(staging.path());
 
     let cache = Cache::open(&store.images_dir())?;
-    let base = obtain_image(&cache, &o.image, &arch).await?;
+    let base = obtain_image(&cache, &o.image, &arch, o.checksum.as_deref(), o.insecure).await?;
     image::create_overlay(&base, &vm.disk(), Some(disk))?;
 
     // nox's own key lets `--wait` and `nox ssh` work without an agent; the
@@ -141,7 +150,12 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     store::write_atomic(&vm.host_key(), host.private_openssh.as_bytes(), 0o600)?;
     store::write_atomic(
         &vm.known_hosts(),
-        format!("{} {}\n", crate::ssh::host_alias(&name), strip_comment(&host.public_openssh)).as_bytes(),
+        format!(
+            "{} {}\n",
+            crate::ssh::host_alias(&name),
+            strip_comment(&host.public_openssh)
+        )
+        .as_bytes(),
         0o600,
     )?;
     if let Some(ud) = &user_data {
@@ -170,7 +184,11 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
         ssh_identity: user_keys.identity,
         stop_timeout: o.stop_timeout,
         restart: o.restart,
-        firmware: if o.secure_boot { Some(FirmwareKind::Uefi) } else { o.firmware },
+        firmware: if o.secure_boot {
+            Some(FirmwareKind::Uefi)
+        } else {
+            o.firmware
+        },
         secure_boot: o.secure_boot,
         static_ip,
         created: state::now(),
@@ -183,31 +201,77 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
 
 /// The base image for a create: a local file is imported into the cache
 /// once; a catalog name or URL is pulled (verified) on demand.
-async fn obtain_image(cache: &Cache, source: &str, arch: &str) -> Result<image::Image, VmError> {
+pub async fn obtain_image(
+    cache: &Cache,
+    source: &str,
+    arch: &str,
+    checksum: Option<&str>,
+    insecure: bool,
+) -> Result<image::Image, VmError> {
     Ok(match image::parse_source(source, arch)? {
         image::Source::File(path) => cache.import_file(&path, None)?,
+        image::Source::Url { url, .. } => {
+            let checksum = checksum.map(image::parse_checksum).transpose()?;
+            let src = image::Source::Url {
+                url,
+                checksum,
+                insecure,
+            };
+            cache.pull(&src, &image::PullOptions::default()).await?
+        }
         other => cache.pull(&other, &image::PullOptions::default()).await?,
     })
 }
 
+/// Names of the VMs whose disks are based on the image with `digest`.
+pub fn image_users(store: &Store, digest: &str) -> Vec<String> {
+    store
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| {
+            store
+                .vm_paths(n)
+                .load_spec()
+                .is_ok_and(|s| s.image.digest == digest)
+        })
+        .collect()
+}
+
 fn strip_comment(public: &str) -> String {
-    public.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    public
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The network a VM gets without `--network`: the bridge br0 when it exists,
 /// is up and nox may use it (CAP_NET_ADMIN, /dev/net/tun), else user-mode.
 /// Returns the choice and why.
 pub async fn default_network() -> (NetworkSpec, String) {
-    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").is_ok();
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .is_ok();
     if !nix::unistd::geteuid().is_root() {
-        return (NetworkSpec::User, "user-mode: bridged networking needs root".into());
+        return (
+            NetworkSpec::User,
+            "user-mode: bridged networking needs root".into(),
+        );
     }
     if !tun {
-        return (NetworkSpec::User, "user-mode: /dev/net/tun is not usable".into());
+        return (
+            NetworkSpec::User,
+            "user-mode: /dev/net/tun is not usable".into(),
+        );
     }
     match crate::net::bridge::check_bridge("br0").await {
         Ok(_) => (
-            NetworkSpec::Bridge { bridge: "br0".into() },
+            NetworkSpec::Bridge {
+                bridge: "br0".into(),
+            },
             "bridge br0: it exists and is up".into(),
         ),
         Err(e) => (NetworkSpec::User, format!("user-mode: {e}")),
@@ -303,8 +367,15 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
     if crate::systemd::is_enabled(name) {
         // systemd owns this VM: start it there so both views agree
         // (Type=notify: systemctl returns once the supervisor is READY).
-        crate::systemd::systemctl(crate::systemd::Scope::System, &["start", &crate::systemd::unit_name(name)])
-            .map_err(|e| VmError::StartFailed { name: name.into(), why: e.to_string(), log: String::new() })?;
+        crate::systemd::systemctl(
+            crate::systemd::Scope::System,
+            &["start", &crate::systemd::unit_name(name)],
+        )
+        .map_err(|e| VmError::StartFailed {
+            name: name.into(),
+            why: e.to_string(),
+            log: String::new(),
+        })?;
         return Ok(Started::Now);
     }
     let log = std::fs::OpenOptions::new()
@@ -325,7 +396,11 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
     // detaches the supervisor from our terminal and session.
     unsafe {
         use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
     }
     let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
     let mut child = cmd.spawn().map_err(VmError::Spawn)?;
@@ -379,7 +454,12 @@ pub enum Stopped {
 /// Stops a VM: ACPI powerdown through the VM's second QMP socket, wait up to
 /// `timeout`, then quit, then SIGKILL. `force` skips the wait. Returns once
 /// the supervisor has exited (its lock is free).
-pub async fn stop(store: &Store, name: &str, force: bool, timeout: Duration) -> Result<Stopped, VmError> {
+pub async fn stop(
+    store: &Store,
+    name: &str,
+    force: bool,
+    timeout: Duration,
+) -> Result<Stopped, VmError> {
     let vm = store.vm(name)?;
     let st = state::load(&vm)?;
     if !st.state.is_active() {
@@ -395,7 +475,9 @@ pub async fn stop(store: &Store, name: &str, force: bool, timeout: Duration) -> 
             return Ok(Stopped::Gracefully);
         }
     }
-    let ctl = Qmp::connect(&vm.ctl_socket(), Duration::from_secs(5)).await.ok();
+    let ctl = Qmp::connect(&vm.ctl_socket(), Duration::from_secs(5))
+        .await
+        .ok();
     if !force {
         if let Some((q, _)) = &ctl {
             let _ = q.powerdown().await;
@@ -407,7 +489,10 @@ pub async fn stop(store: &Store, name: &str, force: bool, timeout: Duration) -> 
     let why = if force {
         "forced".to_string()
     } else {
-        format!("guest did not power off within {}s; forced quit", timeout.as_secs())
+        format!(
+            "guest did not power off within {}s; forced quit",
+            timeout.as_secs()
+        )
     };
     if let Some((q, _)) = &ctl {
         let _ = q.quit().await;
@@ -439,8 +524,11 @@ pub fn is_our_qemu(pid: u32, name: &str) -> bool {
     };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let want = format!("{name},debug-threads=on");
-    args.first().is_some_and(|a| a.windows(11).any(|w| w == b"qemu-system"))
-        && args.windows(2).any(|w| w[0] == b"-name" && w[1] == want.as_bytes())
+    args.first()
+        .is_some_and(|a| a.windows(11).any(|w| w == b"qemu-system"))
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"-name" && w[1] == want.as_bytes())
 }
 
 /// Waits until nobody holds the VM's lock (its supervisor has exited).
@@ -575,7 +663,10 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
 }
 
 /// Runs the supervisor in the foreground (`nox run`).
-pub async fn run(store: &Store, name: &str) -> Result<supervisor::Outcome, supervisor::SupervisorError> {
+pub async fn run(
+    store: &Store,
+    name: &str,
+) -> Result<supervisor::Outcome, supervisor::SupervisorError> {
     let vm = store.vm(name)?;
     supervisor::run(&vm).await
 }

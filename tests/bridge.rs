@@ -16,8 +16,21 @@ fn prereqs() -> Option<std::path::PathBuf> {
 
 fn create(h: &Home, name: &str, img: &std::path::Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
-        "create", name, "--image", img.to_str().unwrap(), "--network", "bridge:brt", "--accel", "tcg",
-        "--cpus", "1", "--memory", "512M", "--disk", "4G", "--json",
+        "create",
+        name,
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "bridge:brt",
+        "--accel",
+        "tcg",
+        "--cpus",
+        "1",
+        "--memory",
+        "512M",
+        "--disk",
+        "4G",
+        "--json",
     ];
     args.extend_from_slice(extra);
     serde_json::from_str(&h.ok(&args)).unwrap()
@@ -42,9 +55,17 @@ fn dhcp_address_is_found_ssh_works_and_taps_are_cleaned_up() {
     eprintln!("create --wait on the bridge: {:?}", t0.elapsed());
     assert_eq!(info["bridge"], "brt");
     let mac = info["mac"].as_str().unwrap().to_string();
-    let ip = h.ok(&["ip", "web", "--wait", "--timeout", "120"]).lines().next().unwrap().to_string();
+    let ip = h
+        .ok(&["ip", "web", "--wait", "--timeout", "120"])
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
     let lease = leases(&lease_file);
-    assert!(lease.contains(&(mac.clone(), ip.clone())), "ip {ip} mac {mac} not in leases {lease:?}");
+    assert!(
+        lease.contains(&(mac.clone(), ip.clone())),
+        "ip {ip} mac {mac} not in leases {lease:?}"
+    );
     assert_eq!(info["ip"], ip.as_str());
     let ipj: serde_json::Value = serde_json::from_str(&h.ok(&["ip", "web", "--json"])).unwrap();
     assert_eq!(ipj["ip"], ip.as_str());
@@ -54,7 +75,15 @@ fn dhcp_address_is_found_ssh_works_and_taps_are_cleaned_up() {
     let addrs = h.ok(&["ssh", "web", "--", "ip", "-4", "-o", "addr"]);
     assert!(addrs.contains(&ip), "{addrs}");
     // What VPN software needs: /dev/net/tun, and a tun device can be made.
-    let tun = h.ok(&["ssh", "web", "--", "sudo", "sh", "-c", "test -c /dev/net/tun && ip tuntap add dev nt0 mode tun && ip -o link show nt0"]);
+    let tun = h.ok(&[
+        "ssh",
+        "web",
+        "--",
+        "sudo",
+        "sh",
+        "-c",
+        "test -c /dev/net/tun && ip tuntap add dev nt0 mode tun && ip -o link show nt0",
+    ]);
     assert!(tun.contains("nt0"), "{tun}");
     // Exactly one tap while it runs; none after stop.
     assert_eq!(net.taps().len(), 1, "{:?}", net.taps());
@@ -64,15 +93,27 @@ fn dhcp_address_is_found_ssh_works_and_taps_are_cleaned_up() {
     h.ok(&["start", "web"]);
     assert_eq!(net.taps().len(), 1);
     let qpid = h.info("web")["qemu_pid"].as_u64().unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qpid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qpid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     wait_for("crashed state", 30, || h.info("web")["state"] == "crashed");
     wait_for("tap gone after kill -9 qemu", 10, || net.taps().is_empty());
     // kill -9 of the supervisor, then start: one tap, not two.
     h.ok(&["start", "web"]);
     let sup = h.info("web")["pid"].as_u64().unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    wait_for("qemu gone with its supervisor", 20, || qemu_pids("web").is_empty());
-    wait_for("tap gone after kill -9 supervisor", 10, || net.taps().is_empty());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for("qemu gone with its supervisor", 20, || {
+        qemu_pids("web").is_empty()
+    });
+    wait_for("tap gone after kill -9 supervisor", 10, || {
+        net.taps().is_empty()
+    });
     h.ok(&["start", "web"]);
     assert_eq!(net.taps().len(), 1, "{:?}", net.taps());
     h.ok(&["delete", "web", "--force"]);
@@ -91,9 +132,17 @@ fn two_vms_on_one_bridge_reach_each_other() {
     h.ok(&["start", "vmb"]);
     h.ok(&["start", "vma", "--wait", "--timeout", "900"]);
     h.ok(&["start", "vmb", "--wait", "--timeout", "900"]);
-    let ip_b = h.ok(&["ip", "vmb", "--wait"]).lines().next().unwrap().to_string();
+    let ip_b = h
+        .ok(&["ip", "vmb", "--wait"])
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
     let out = h.ok(&["ssh", "vma", "--", "ping", "-c", "3", "-W", "5", &ip_b]);
-    assert!(out.contains("3 received") || out.contains(" 0% packet loss"), "{out}");
+    assert!(
+        out.contains("3 received") || out.contains(" 0% packet loss"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -107,9 +156,18 @@ fn address_found_on_a_pure_l2_bridge_with_dhcp_elsewhere() {
     let info = create(&h, "l2", &img, &[]);
     let mac = info["mac"].as_str().unwrap().to_string();
     let t0 = Instant::now();
-    let ip = h.ok(&["ip", "l2", "--wait", "--timeout", "600"]).lines().next().unwrap().to_string();
+    let ip = h
+        .ok(&["ip", "l2", "--wait", "--timeout", "600"])
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
     eprintln!("qemu start to IP known (L2 bridge): {:?}", t0.elapsed());
-    assert!(leases(&lease_file).contains(&(mac, ip.clone())), "{ip} not in {:?}", leases(&lease_file));
+    assert!(
+        leases(&lease_file).contains(&(mac, ip.clone())),
+        "{ip} not in {:?}",
+        leases(&lease_file)
+    );
 }
 
 #[test]
@@ -117,7 +175,12 @@ fn static_address_is_reported_and_used() {
     let Some(img) = prereqs() else { return };
     let net = Netns::new("br4", Some("10.80.0.1/24"));
     let h = Home::in_ns(&net.name);
-    create(&h, "fixed", &img, &["--ip", "10.80.0.50/24", "--gateway", "10.80.0.1"]);
+    create(
+        &h,
+        "fixed",
+        &img,
+        &["--ip", "10.80.0.50/24", "--gateway", "10.80.0.1"],
+    );
     assert_eq!(h.ok(&["ip", "fixed"]).trim(), "10.80.0.50");
     h.ok(&["start", "fixed", "--wait", "--timeout", "900"]);
     let addrs = h.ok(&["ssh", "fixed", "--", "ip", "-4", "-o", "addr"]);
@@ -126,17 +189,46 @@ fn static_address_is_reported_and_used() {
 
 #[test]
 fn bad_bridges_are_refused_with_nothing_created() {
-    if !prereq(is_root(), "bridge tests need root") || !prereq(have("qemu-img"), "qemu-img missing") {
+    if !prereq(is_root(), "bridge tests need root") || !prereq(have("qemu-img"), "qemu-img missing")
+    {
         return;
     }
     let net = Netns::new("br5", None);
-    in_ns(&net.name, &["ip", "link", "add", "vx", "type", "veth", "peer", "name", "vy"]);
-    in_ns(&net.name, &["ip", "link", "add", "brdown", "type", "bridge"]);
+    in_ns(
+        &net.name,
+        &[
+            "ip", "link", "add", "vx", "type", "veth", "peer", "name", "vy",
+        ],
+    );
+    in_ns(
+        &net.name,
+        &["ip", "link", "add", "brdown", "type", "bridge"],
+    );
     let h = Home::in_ns(&net.name);
     let img = h.path().join("blank.qcow2");
-    sh(&["qemu-img", "create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1G"]);
-    for (network, want) in [("bridge:nosuch", "bridge nosuch not found"), ("bridge:vx", "vx is not a bridge"), ("bridge:brdown", "bridge brdown is down")] {
-        let err = h.fails(&["create", "bad", "--image", img.to_str().unwrap(), "--no-start", "--network", network]);
+    sh(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        img.to_str().unwrap(),
+        "1G",
+    ]);
+    for (network, want) in [
+        ("bridge:nosuch", "bridge nosuch not found"),
+        ("bridge:vx", "vx is not a bridge"),
+        ("bridge:brdown", "bridge brdown is down"),
+    ] {
+        let err = h.fails(&[
+            "create",
+            "bad",
+            "--image",
+            img.to_str().unwrap(),
+            "--no-start",
+            "--network",
+            network,
+        ]);
         assert!(err.contains(want), "{network}: {err}");
         assert!(!h.path().join("vms/bad").exists());
     }

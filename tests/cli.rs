@@ -24,7 +24,10 @@ fn small_image(h: &Home) -> Option<PathBuf> {
 /// Only committed VMs and nothing half-made: no staging dirs either.
 fn vm_dirs(h: &Home) -> Vec<String> {
     match std::fs::read_dir(h.path().join("vms")) {
-        Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
         Err(_) => vec![],
     }
 }
@@ -42,15 +45,49 @@ fn bad_input_is_refused_and_changes_nothing() {
         (vec!["create", "../etc", "--image", img], "lowercase"),
         (vec!["create", "--image", img, "--", "-x"], "start"),
         (vec!["create", &long, "--image", img], "63"),
-        (vec!["create", "ok1", "--image", img, "--memory", "0"], "--memory"),
-        (vec!["create", "ok1", "--image", img, "--memory", "10Q"], "--memory"),
-        (vec!["create", "ok1", "--image", img, "--memory", "100000G"], "more than this host"),
-        (vec!["create", "ok1", "--image", img, "--disk", "10Q"], "--disk"),
-        (vec!["create", "ok1", "--image", img, "--cpus", "0"], "--cpus"),
-        (vec!["create", "ok1", "--image", "/nonexistent/disk.qcow2"], "/nonexistent/disk.qcow2"),
-        (vec!["create", "ok1", "--image", img, "--ssh-key", "/nonexistent.pub"], "/nonexistent.pub"),
-        (vec!["create", "ok1", "--image", img, "--user", "Root"], "user"),
-        (vec!["create", "ok1", "--image", img, "--network", "tap"], "--network"),
+        (
+            vec!["create", "ok1", "--image", img, "--memory", "0"],
+            "--memory",
+        ),
+        (
+            vec!["create", "ok1", "--image", img, "--memory", "10Q"],
+            "--memory",
+        ),
+        (
+            vec!["create", "ok1", "--image", img, "--memory", "100000G"],
+            "more than this host",
+        ),
+        (
+            vec!["create", "ok1", "--image", img, "--disk", "10Q"],
+            "--disk",
+        ),
+        (
+            vec!["create", "ok1", "--image", img, "--cpus", "0"],
+            "--cpus",
+        ),
+        (
+            vec!["create", "ok1", "--image", "/nonexistent/disk.qcow2"],
+            "/nonexistent/disk.qcow2",
+        ),
+        (
+            vec![
+                "create",
+                "ok1",
+                "--image",
+                img,
+                "--ssh-key",
+                "/nonexistent.pub",
+            ],
+            "/nonexistent.pub",
+        ),
+        (
+            vec!["create", "ok1", "--image", img, "--user", "Root"],
+            "user",
+        ),
+        (
+            vec!["create", "ok1", "--image", img, "--network", "tap"],
+            "--network",
+        ),
         (vec!["start", "ghost"], "no VM named"),
         (vec!["stop", "ghost"], "no VM named"),
         (vec!["info", "ghost"], "no VM named"),
@@ -60,14 +97,32 @@ fn bad_input_is_refused_and_changes_nothing() {
     ];
     for (args, want) in cases {
         let err = h.fails(&args);
-        assert!(err.contains(want), "nox {args:?}: expected {want:?} in {err:?}");
+        assert!(
+            err.contains(want),
+            "nox {args:?}: expected {want:?} in {err:?}"
+        );
         assert!(!err.contains("panicked"), "{err}");
-        assert!(vm_dirs(&h).is_empty(), "nox {args:?} left {:?}", vm_dirs(&h));
+        assert!(
+            vm_dirs(&h).is_empty(),
+            "nox {args:?} left {:?}",
+            vm_dirs(&h)
+        );
     }
     // A private key given as --ssh-key is refused.
     let key = h.path().join("id");
-    std::fs::write(&key, "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n").unwrap();
-    let err = h.fails(&["create", "ok1", "--image", img, "--ssh-key", key.to_str().unwrap()]);
+    std::fs::write(
+        &key,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let err = h.fails(&[
+        "create",
+        "ok1",
+        "--image",
+        img,
+        "--ssh-key",
+        key.to_str().unwrap(),
+    ]);
     assert!(err.contains(key.to_str().unwrap()), "{err}");
     // A text file is not a disk image.
     let txt = h.path().join("notes.txt");
@@ -84,7 +139,15 @@ fn create_is_atomic_and_names_are_unique() {
     // Unsupported user-data fails late (after the image and keys): nothing stays.
     let ud = h.path().join("ud.txt");
     std::fs::write(&ud, "just some text\n").unwrap();
-    let err = h.fails(&["create", "demo", "--image", img, "--no-start", "--user-data", ud.to_str().unwrap()]);
+    let err = h.fails(&[
+        "create",
+        "demo",
+        "--image",
+        img,
+        "--no-start",
+        "--user-data",
+        ud.to_str().unwrap(),
+    ]);
     assert!(err.contains("user-data"), "{err}");
     assert!(vm_dirs(&h).is_empty(), "{:?}", vm_dirs(&h));
     // The retry works, and a duplicate is refused.
@@ -113,8 +176,20 @@ fn state_is_private() {
     use std::os::unix::fs::PermissionsExt;
     let h = Home::new();
     let Some(img) = small_image(&h) else { return };
-    h.ok(&["create", "demo", "--image", img.to_str().unwrap(), "--no-start"]);
-    let mode = |p: &str| std::fs::metadata(h.path().join(p)).unwrap().permissions().mode() & 0o777;
+    h.ok(&[
+        "create",
+        "demo",
+        "--image",
+        img.to_str().unwrap(),
+        "--no-start",
+    ]);
+    let mode = |p: &str| {
+        std::fs::metadata(h.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
     assert_eq!(mode("vms"), 0o700);
     assert_eq!(mode("vms/demo"), 0o700);
     assert_eq!(mode("vms/demo/id_ed25519"), 0o600);
@@ -127,7 +202,15 @@ fn state_is_private() {
 fn missing_qemu_binary_is_named() {
     let h = Home::new();
     let Some(img) = small_image(&h) else { return };
-    h.ok(&["create", "demo", "--image", img.to_str().unwrap(), "--no-start", "--accel", "tcg"]);
+    h.ok(&[
+        "create",
+        "demo",
+        "--image",
+        img.to_str().unwrap(),
+        "--no-start",
+        "--accel",
+        "tcg",
+    ]);
     // A PATH with nothing in it: the supervisor cannot find qemu.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_nox"))
         .args(["start", "demo", "--timeout", "20"])
@@ -137,6 +220,9 @@ fn missing_qemu_binary_is_named() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("qemu-system-x86_64 not found") && err.contains("qemu-system-x86"), "{err}");
+    assert!(
+        err.contains("qemu-system-x86_64 not found") && err.contains("qemu-system-x86"),
+        "{err}"
+    );
     assert_eq!(h.info("demo")["state"], "crashed");
 }

@@ -11,19 +11,40 @@ use std::time::{Duration, Instant};
 
 fn prereqs() -> bool {
     prereq(is_root(), "supervisor tests need root")
-        && prereq(have("qemu-system-x86_64"), "qemu-system-x86_64 not installed")
+        && prereq(
+            have("qemu-system-x86_64"),
+            "qemu-system-x86_64 not installed",
+        )
         && prereq(have("qemu-img"), "qemu-img not installed")
 }
 
 fn blank_vm(h: &Home, name: &str, extra: &[&str]) {
     let img = h.path().join("blank.qcow2");
     if !img.exists() {
-        let st = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("1G").status().unwrap();
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("1G")
+            .status()
+            .unwrap();
         assert!(st.success());
     }
     let mut args = vec![
-        "create", name, "--image", img.to_str().unwrap(), "--no-start", "--accel", "tcg", "--cpus", "1",
-        "--memory", "128M", "--disk", "1G", "--stop-timeout", "2",
+        "create",
+        name,
+        "--image",
+        img.to_str().unwrap(),
+        "--no-start",
+        "--accel",
+        "tcg",
+        "--cpus",
+        "1",
+        "--memory",
+        "128M",
+        "--disk",
+        "1G",
+        "--stop-timeout",
+        "2",
     ];
     args.extend_from_slice(extra);
     h.ok(&args);
@@ -38,7 +59,11 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 }
 
 fn kill9(pid: u64) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -50,7 +75,8 @@ fn notify_ready_status_stopping_and_sigterm() {
     blank_vm(&h, "sd", &[]);
     let sock_path = h.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_nox"))
         .args(["run", "sd"])
         .env("NOX_HOME", h.path())
@@ -67,7 +93,11 @@ fn notify_ready_status_stopping_and_sigterm() {
     assert!(seen.contains("STATUS=running; ssh on 127.0.0.1:"), "{seen}");
     assert!(seen.contains(&format!("MAINPID={}", child.id())), "{seen}");
     assert_eq!(h.info("sd")["state"], "running");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let mut after = String::new();
     while !after.contains("STOPPING=1") {
         let n = sock.recv(&mut buf).expect("no STOPPING=1");
@@ -136,7 +166,10 @@ fn twenty_concurrent_starts_run_one_qemu() {
     }
     let st = h.info("race")["state"].as_str().unwrap().to_string();
     let n = qemu_pids("race").len();
-    assert!((st == "running" && n == 1) || (st == "stopped" && n == 0), "{st} with {n} qemu");
+    assert!(
+        (st == "running" && n == 1) || (st == "stopped" && n == 0),
+        "{st} with {n} qemu"
+    );
     h.ok(&["start", "race"]);
     let a = spawn(&["stop", "race", "--force"]);
     let b = spawn(&["delete", "race", "--force"]);
@@ -163,10 +196,15 @@ fn killed_supervisor_takes_its_qemu_and_start_works_again() {
     let sup = info["pid"].as_u64().unwrap();
     kill9(sup);
     // qemu dies with its supervisor (PDEATHSIG): never an unmanaged orphan.
-    wait_for("qemu to die with its supervisor", 20, || qemu_pids("orphan").is_empty());
+    wait_for("qemu to die with its supervisor", 20, || {
+        qemu_pids("orphan").is_empty()
+    });
     let info = h.info("orphan");
     assert_eq!(info["state"], "crashed", "{info}");
-    assert!(info["reason"].as_str().unwrap().contains("supervisor"), "{info}");
+    assert!(
+        info["reason"].as_str().unwrap().contains("supervisor"),
+        "{info}"
+    );
     h.ok(&["start", "orphan"]);
     assert_eq!(qemu_pids("orphan").len(), 1);
     h.ok(&["delete", "orphan", "--force"]);
@@ -188,7 +226,10 @@ fn restart_policy_restarts_a_crashed_vm_with_backoff() {
     });
     let info = h.info("phoenix");
     assert_eq!(info["restarts"], 1);
-    assert!(info["last_failure"].as_str().unwrap().contains("SIGKILL"), "{info}");
+    assert!(
+        info["last_failure"].as_str().unwrap().contains("SIGKILL"),
+        "{info}"
+    );
     assert_eq!(qemu_pids("phoenix").len(), 1);
     // A requested stop is not a failure: no restart.
     h.ok(&["stop", "phoenix", "--force"]);
@@ -231,7 +272,12 @@ fn hundred_cycles_leave_nothing_behind() {
     }
     let h = Home::new();
     let img = h.path().join("blank.qcow2");
-    let st = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("1G").status().unwrap();
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("1G")
+        .status()
+        .unwrap();
     assert!(st.success());
     let t0 = Instant::now();
     for i in 0..100 {
@@ -243,16 +289,41 @@ fn hundred_cycles_leave_nothing_behind() {
                 .stdin(Stdio::null())
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "nox {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "nox {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
-        quiet(&["create", &name, "--image", img.to_str().unwrap(), "--accel", "tcg", "--cpus", "1", "--memory", "128M", "--disk", "1G"]);
+        quiet(&[
+            "create",
+            &name,
+            "--image",
+            img.to_str().unwrap(),
+            "--accel",
+            "tcg",
+            "--cpus",
+            "1",
+            "--memory",
+            "128M",
+            "--disk",
+            "1G",
+        ]);
         quiet(&["stop", &name, "--force"]);
         quiet(&["delete", &name]);
     }
     eprintln!("100 create/start/stop/delete cycles: {:?}", t0.elapsed());
-    let left: Vec<_> = std::fs::read_dir(h.path().join("vms")).unwrap().flatten().map(|e| e.file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(h.path().join("vms"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert!(left.is_empty(), "{left:?}");
-    let run: Vec<_> = std::fs::read_dir(h.path().join("run")).unwrap().flatten().map(|e| e.file_name()).collect();
+    let run: Vec<_> = std::fs::read_dir(h.path().join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert!(run.is_empty(), "{run:?}");
     for i in 0..100 {
         assert!(qemu_pids(&format!("cycle-{i}")).is_empty());
@@ -271,7 +342,11 @@ fn full_or_read_only_state_dir_gives_clear_errors() {
     // A small tmpfs as the whole nox home.
     let mnt = h.path().join("small");
     std::fs::create_dir_all(&mnt).unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"]).arg(&mnt).status().unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
     assert!(st.success());
     struct Umount(std::path::PathBuf);
     impl Drop for Umount {
@@ -281,7 +356,12 @@ fn full_or_read_only_state_dir_gives_clear_errors() {
     }
     let _m = Umount(mnt.clone());
     let img = h.path().join("blank.qcow2");
-    let st = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("1G").status().unwrap();
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("1G")
+        .status()
+        .unwrap();
     assert!(st.success());
     let nox = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_nox"))
@@ -291,30 +371,73 @@ fn full_or_read_only_state_dir_gives_clear_errors() {
             .output()
             .unwrap()
     };
-    let out = nox(&["create", "tiny", "--image", img.to_str().unwrap(), "--no-start", "--accel", "tcg", "--memory", "128M", "--disk", "1G"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = nox(&[
+        "create",
+        "tiny",
+        "--image",
+        img.to_str().unwrap(),
+        "--no-start",
+        "--accel",
+        "tcg",
+        "--memory",
+        "128M",
+        "--disk",
+        "1G",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let spec_before = std::fs::read(mnt.join("vms/tiny/spec.json")).unwrap();
     // Fill the disk.
     let filler = mnt.join("filler");
-    let _ = Command::new("dd").args(["if=/dev/zero", "bs=1M", "count=64"]).arg(format!("of={}", filler.display())).output();
-    let out = nox(&["create", "tiny2", "--image", img.to_str().unwrap(), "--no-start", "--memory", "128M", "--disk", "1G"]);
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=64"])
+        .arg(format!("of={}", filler.display()))
+        .output();
+    let out = nox(&[
+        "create",
+        "tiny2",
+        "--image",
+        img.to_str().unwrap(),
+        "--no-start",
+        "--memory",
+        "128M",
+        "--disk",
+        "1G",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("No space left on device"), "{err}");
     assert!(!err.contains("panicked"));
-    let names: Vec<_> = std::fs::read_dir(mnt.join("vms")).unwrap().flatten().map(|e| e.file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(mnt.join("vms"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("tiny")]);
-    assert_eq!(std::fs::read(mnt.join("vms/tiny/spec.json")).unwrap(), spec_before);
+    assert_eq!(
+        std::fs::read(mnt.join("vms/tiny/spec.json")).unwrap(),
+        spec_before
+    );
     std::fs::remove_file(&filler).unwrap();
     // Read-only: clear error, state intact.
-    let st = Command::new("mount").args(["-o", "remount,ro"]).arg(&mnt).status().unwrap();
+    let st = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
     assert!(st.success());
     let out = nox(&["start", "tiny"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("Read-only file system"), "{err}");
     assert!(!err.contains("panicked"));
-    assert_eq!(std::fs::read(mnt.join("vms/tiny/spec.json")).unwrap(), spec_before);
+    assert_eq!(
+        std::fs::read(mnt.join("vms/tiny/spec.json")).unwrap(),
+        spec_before
+    );
     let out = nox(&["delete", "tiny"]);
     assert!(!out.status.success());
     assert!(mnt.join("vms/tiny/spec.json").exists());

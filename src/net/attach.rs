@@ -49,7 +49,9 @@ impl Drop for Attached {
 /// A free TCP port on 127.0.0.1 for the SSH forward. (qemu binds it a moment
 /// later; the supervisor retries if another program took it meanwhile.)
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Opens /dev/vhost-net for qemu (inheritable), if the host has it.

@@ -36,7 +36,10 @@ pub struct Home {
 impl Home {
     pub fn new() -> Home {
         // Short path: unix socket paths are limited to 108 bytes.
-        let dir = tempfile::Builder::new().prefix("nox-t").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("nox-t")
+            .tempdir_in("/tmp")
+            .unwrap();
         Home { dir, ns: None }
     }
     pub fn in_ns(ns: &str) -> Home {
@@ -53,7 +56,8 @@ impl Home {
             }
             None => Command::new(env!("CARGO_BIN_EXE_nox")),
         };
-        c.env("NOX_HOME", self.path()).env("HOME", self.path().join("home"));
+        c.env("NOX_HOME", self.path())
+            .env("HOME", self.path().join("home"));
         c
     }
     pub fn path(&self) -> &Path {
@@ -77,7 +81,11 @@ impl Home {
     /// Runs nox and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.nox(args);
-        assert!(out.status.success(), "nox {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "nox {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
     /// Runs nox and asserts a failure; returns stderr.
@@ -113,10 +121,18 @@ pub fn test_image() -> Option<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-test-image.sh");
     let out = Command::new(script).output().ok()?;
     if !out.status.success() {
-        eprintln!("build-test-image.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "build-test-image.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         return None;
     }
-    let path = String::from_utf8(out.stdout).ok()?.lines().last()?.trim().to_string();
+    let path = String::from_utf8(out.stdout)
+        .ok()?
+        .lines()
+        .last()?
+        .trim()
+        .to_string();
     Some(PathBuf::from(path))
 }
 
@@ -124,10 +140,10 @@ pub fn test_image() -> Option<PathBuf> {
 pub fn qemu_pids(name: &str) -> Vec<u32> {
     let mut pids = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() {
-            if nox::vm::is_our_qemu(pid, name) {
-                pids.push(pid);
-            }
+        if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>()
+            && nox::vm::is_our_qemu(pid, name)
+        {
+            pids.push(pid);
         }
     }
     pids
@@ -135,7 +151,12 @@ pub fn qemu_pids(name: &str) -> Vec<u32> {
 
 pub fn sha256_file(p: &Path) -> String {
     let out = Command::new("sha256sum").arg(p).output().unwrap();
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// Everything nox e2e tests need from the host; None = skip.
@@ -143,14 +164,20 @@ pub fn e2e_prereqs() -> Option<PathBuf> {
     if !prereq(is_root(), "end-to-end tests need root") {
         return None;
     }
-    if !prereq(have("qemu-system-x86_64"), "qemu-system-x86_64 not installed") {
+    if !prereq(
+        have("qemu-system-x86_64"),
+        "qemu-system-x86_64 not installed",
+    ) {
         return None;
     }
     if !prereq(have("ssh"), "ssh client not installed") {
         return None;
     }
     let img = test_image();
-    if !prereq(img.as_ref().is_some_and(|p| p.exists()), "no test image (scripts/build-test-image.sh)") {
+    if !prereq(
+        img.as_ref().is_some_and(|p| p.exists()),
+        "no test image (scripts/build-test-image.sh)",
+    ) {
         return None;
     }
     img
@@ -168,7 +195,11 @@ pub struct Netns {
 
 pub fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn in_ns(ns: &str, args: &[&str]) {
@@ -178,7 +209,11 @@ pub fn in_ns(ns: &str, args: &[&str]) {
 }
 
 pub fn in_ns_output(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip").args(["netns", "exec", ns]).args(args).output().unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -208,7 +243,16 @@ impl Netns {
         let leases = self.dir.path().join(format!("{ns}.leases"));
         let pidfile = self.dir.path().join(format!("{ns}.pid"));
         let st = Command::new("ip")
-            .args(["netns", "exec", ns, "dnsmasq", "--bind-interfaces", "--port=0", "--no-ping", "--no-resolv"])
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "dnsmasq",
+                "--bind-interfaces",
+                "--port=0",
+                "--no-ping",
+                "--no-resolv",
+            ])
             .arg(format!("--interface={iface}"))
             .arg(format!("--dhcp-range={range}"))
             .arg(format!("--dhcp-leasefile={}", leases.display()))
@@ -216,7 +260,11 @@ impl Netns {
             .status()
             .unwrap();
         assert!(st.success());
-        let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         self.dnsmasq.push(pid);
         leases
     }
@@ -227,8 +275,17 @@ impl Netns {
         let peer = format!("noxt-{tag}-{}", std::process::id());
         sh(&["ip", "netns", "add", &peer]);
         self.extra_ns.push(peer.clone());
-        in_ns(&self.name, &["ip", "link", "add", "vport", "type", "veth", "peer", "name", "eth0", "netns", &peer]);
-        in_ns(&self.name, &["ip", "link", "set", "vport", "master", "brt", "up"]);
+        in_ns(
+            &self.name,
+            &[
+                "ip", "link", "add", "vport", "type", "veth", "peer", "name", "eth0", "netns",
+                &peer,
+            ],
+        );
+        in_ns(
+            &self.name,
+            &["ip", "link", "set", "vport", "master", "brt", "up"],
+        );
         in_ns(&peer, &["ip", "link", "set", "lo", "up"]);
         in_ns(&peer, &["ip", "addr", "add", addr, "dev", "eth0"]);
         in_ns(&peer, &["ip", "link", "set", "eth0", "up"]);
@@ -261,7 +318,10 @@ pub fn leases(path: &Path) -> Vec<(String, String)> {
 impl Drop for Netns {
     fn drop(&mut self) {
         for pid in &self.dnsmasq {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         for ns in self.extra_ns.iter().chain(std::iter::once(&self.name)) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
