@@ -259,3 +259,163 @@ fn qemu_killed_is_recorded_as_crashed() {
     h.ok(&["delete", "e2e-kill", "--force"]);
     assert!(qemu_pids("e2e-kill").is_empty());
 }
+
+#[test]
+fn sigterm_to_the_supervisor_powers_the_guest_off() {
+    use std::os::unix::net::UnixDatagram;
+    let Some(img) = e2e_prereqs() else { return };
+    let h = Home::new();
+    h.ok(&[
+        "create",
+        "e2e-term",
+        "--image",
+        img.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--no-start",
+        "--memory",
+        "512M",
+    ]);
+    let sock_path = h.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    // As systemd runs it: in the foreground, with NOTIFY_SOCKET.
+    let mut sup = Command::new(env!("CARGO_BIN_EXE_nox"))
+        .args(["run", "e2e-term"])
+        .env("NOX_HOME", h.path())
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut seen = String::new();
+    while !seen.contains("READY=1") {
+        let n = sock.recv(&mut buf).expect("READY=1");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    // `start --wait` on a running VM just waits for it to be ready.
+    let out = h.ok(&["start", "e2e-term", "--wait", "--timeout", "900"]);
+    assert!(
+        out.contains("already running") && out.contains("ready"),
+        "{out}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = sup.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut rest = String::new();
+    while let Ok(n) = sock.recv(&mut buf) {
+        rest.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if rest.contains("STATUS=stopped") {
+            break;
+        }
+    }
+    assert!(rest.contains("STOPPING=1"), "{rest}");
+    let info = h.info("e2e-term");
+    assert_eq!(info["state"], "stopped");
+    assert_eq!(info["reason"], "guest-shutdown", "{info}");
+    assert!(qemu_pids("e2e-term").is_empty());
+}
+
+/// A variable written by the guest into its UEFI store: survives restarts
+/// only if the per-VM store is kept.
+const EFIVAR: &str = "/sys/firmware/efi/efivars/NoxTest-4e4f5800-0000-4000-8000-000000000001";
+
+#[test]
+fn amd64_uefi_boot_keeps_its_variable_store() {
+    let Some(img) = e2e_prereqs() else { return };
+    let h = Home::new();
+    h.ok(&[
+        "create",
+        "e2e-uefi",
+        "--image",
+        img.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--firmware",
+        "uefi",
+        "--memory",
+        "1G",
+        "--wait",
+        "--timeout",
+        "900",
+    ]);
+    assert_eq!(h.info("e2e-uefi")["firmware"], "uefi");
+    let vars = h.path().join("vms/e2e-uefi/efivars.fd");
+    assert!(vars.exists());
+    assert!(
+        h.ok(&[
+            "ssh",
+            "e2e-uefi",
+            "--",
+            "test -d /sys/firmware/efi && echo uefi"
+        ])
+        .contains("uefi")
+    );
+    h.ok(&[
+        "ssh",
+        "e2e-uefi",
+        "--",
+        &format!(r#"sudo sh -c 'printf "\007\000\000\000nox" > {EFIVAR}'"#),
+    ]);
+    h.ok(&["restart", "e2e-uefi", "--wait", "--timeout", "900"]);
+    let back = h.ok(&["ssh", "e2e-uefi", "--", &format!("tail -c 3 {EFIVAR}")]);
+    assert_eq!(back, "nox");
+    h.ok(&["delete", "e2e-uefi", "--force"]);
+}
+
+#[test]
+fn arm64_guest_boots_through_uefi_under_tcg() {
+    if !prereq(is_root(), "needs root")
+        || !prereq(
+            have("qemu-system-aarch64"),
+            "qemu-system-aarch64 not installed",
+        )
+    {
+        return;
+    }
+    let img = test_image_for("arm64");
+    if !prereq(
+        img.as_ref().is_some_and(|p| p.exists()),
+        "no arm64 test image (scripts/build-test-image.sh --arch arm64)",
+    ) {
+        return;
+    }
+    let img = img.unwrap();
+    let h = Home::new();
+    let t0 = Instant::now();
+    let out = h.ok(&[
+        "create",
+        "e2e-arm",
+        "--image",
+        img.to_str().unwrap(),
+        "--arch",
+        "arm64",
+        "--cpus",
+        "2",
+        "--memory",
+        "1G",
+        "--wait",
+        "--timeout",
+        "1500",
+        "--json",
+    ]);
+    eprintln!("arm64 create --wait under TCG: {:?}", t0.elapsed());
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["arch"], "arm64");
+    assert_eq!(info["accel"], "tcg");
+    assert_eq!(info["firmware"], "uefi");
+    assert_eq!(
+        h.ok(&["ssh", "e2e-arm", "--", "uname", "-m"]).trim(),
+        "aarch64"
+    );
+    assert!(
+        h.ok(&["ssh", "e2e-arm", "--", "cloud-init", "status"])
+            .contains("done")
+    );
+    h.ok(&["delete", "e2e-arm", "--force"]);
+}

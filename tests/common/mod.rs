@@ -115,11 +115,22 @@ impl Drop for Home {
 
 /// The test guest image, built (or found in its cache) by the script.
 pub fn test_image() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("NOX_TEST_IMAGE") {
+    test_image_for("amd64")
+}
+
+/// The test guest for an architecture (`NOX_TEST_IMAGE` / `NOX_TEST_IMAGE_ARM64`
+/// override the script).
+pub fn test_image_for(arch: &str) -> Option<PathBuf> {
+    let var = if arch == "amd64" {
+        "NOX_TEST_IMAGE"
+    } else {
+        "NOX_TEST_IMAGE_ARM64"
+    };
+    if let Some(p) = std::env::var_os(var) {
         return Some(PathBuf::from(p));
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-test-image.sh");
-    let out = Command::new(script).output().ok()?;
+    let out = Command::new(script).args(["--arch", arch]).output().ok()?;
     if !out.status.success() {
         eprintln!(
             "build-test-image.sh failed:\n{}",

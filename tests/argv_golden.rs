@@ -1,0 +1,104 @@
+//! Golden qemu command lines for every architecture × firmware × accelerator,
+//! with firmware chosen from the real Debian descriptors in firmware/fixtures.
+//! `NOX_UPDATE_GOLDEN=1 cargo test --test argv_golden` rewrites the files.
+
+use std::path::{Path, PathBuf};
+
+use nox::firmware::{self, Interface, Request};
+use nox::qemu::{self, Accel, FirmwareArgs, Launch, NetBackend};
+use nox::spec::VmSpec;
+use nox::store::Store;
+
+fn spec(arch: &str) -> VmSpec {
+    serde_json::from_value(serde_json::json!({
+        "name": "demo", "image": {"source": "debian-13", "digest": "sha256:00", "path": "/var/lib/nox/images/blobs/sha256-00", "format": "qcow2"},
+        "arch": arch, "cpus": 2, "memory": 1073741824u64, "disk": 10737418240u64, "user": "nox",
+        "accel": "auto", "network": {"mode": "user"}, "mac": "52:54:00:12:34:56",
+        "ssh_authorized_keys": [], "stop_timeout": 60, "created": 0
+    }))
+    .unwrap()
+}
+
+fn firmware_args(
+    arch: &qemu::ArchFacts,
+    interface: Option<Interface>,
+    secure: bool,
+    vars: &Path,
+) -> FirmwareArgs {
+    let Some(interface) = interface else {
+        return FirmwareArgs::default();
+    };
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("firmware/fixtures");
+    let descriptors = firmware::load_descriptors(&[dir]).unwrap();
+    let req = Request {
+        arch: arch.qemu_arch,
+        machine: arch.machine,
+        interface,
+        secure_boot: secure,
+    };
+    // Pretend every firmware file is installed: selection is what is tested.
+    let fw = firmware::choose(&req, &descriptors, &|_| true).expect("firmware in fixtures");
+    FirmwareArgs {
+        args: firmware::qemu_args(&fw, fw.needs_vars().then_some(vars)).unwrap(),
+        machine_props: firmware::machine_props(&fw),
+    }
+}
+
+#[test]
+fn argv_golden_matrix() {
+    let store = Store::at("/var/lib/nox".into(), "/run/nox".into());
+    let paths = store.vm_paths("demo");
+    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let update = std::env::var_os("NOX_UPDATE_GOLDEN").is_some();
+    let mut checked = 0;
+    for arch_name in ["amd64", "arm64"] {
+        let arch = qemu::arch_facts(arch_name).unwrap();
+        let fws: &[(&str, Option<Interface>, bool)] = if arch.has_bios {
+            &[
+                ("bios", None, false),
+                ("uefi", Some(Interface::Uefi), false),
+                ("uefi-secure", Some(Interface::Uefi), true),
+            ]
+        } else {
+            &[("uefi", Some(Interface::Uefi), false)]
+        };
+        for (fw_name, interface, secure) in fws {
+            for accel in [Accel::Kvm, Accel::Tcg] {
+                for (net_name, net) in [
+                    ("user", NetBackend::User { ssh_port: 40022 }),
+                    (
+                        "tap",
+                        NetBackend::Tap {
+                            fd: 3,
+                            vhost_fd: Some(4),
+                        },
+                    ),
+                ] {
+                    let s = spec(arch_name);
+                    let argv = qemu::argv(&Launch {
+                        spec: &s,
+                        paths: &paths,
+                        accel,
+                        net,
+                        firmware: firmware_args(arch, *interface, *secure, &paths.efi_vars()),
+                    })
+                    .unwrap();
+                    let text = argv.join("\n") + "\n";
+                    let file = golden.join(format!(
+                        "{arch_name}-{fw_name}-{}-{net_name}.argv",
+                        accel.as_str()
+                    ));
+                    if update {
+                        std::fs::write(&file, &text).unwrap();
+                    }
+                    let want = std::fs::read_to_string(&file).unwrap_or_else(|_| {
+                        panic!("{} missing (NOX_UPDATE_GOLDEN=1)", file.display())
+                    });
+                    assert_eq!(text, want, "{}", file.display());
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 16);
+}

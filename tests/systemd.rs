@@ -1,0 +1,95 @@
+//! The generated unit passes `systemd-analyze verify`; enable/disable say
+//! clearly when systemd is not running.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+fn verify(unit: &std::path::Path) -> (bool, String) {
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(unit)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn generated_units_verify_clean() {
+    if !prereq(have("systemd-analyze"), "systemd-analyze not installed") {
+        return;
+    }
+    let h = Home::new();
+    for (flag, label) in [(None, "system"), (Some("--user"), "user")] {
+        let dir = h.path().join(label);
+        let mut args = vec!["systemd", "install", "--dir", dir.to_str().unwrap()];
+        args.extend(flag);
+        let out = h.ok(&args);
+        let template = dir.join("nox@.service");
+        assert!(out.contains(template.to_str().unwrap()), "{out}");
+        let unit = std::fs::read_to_string(&template).unwrap();
+        assert!(
+            unit.contains(&format!("ExecStart={} run %i", env!("CARGO_BIN_EXE_nox"))),
+            "{unit}"
+        );
+        assert!(unit.contains("Type=notify"));
+        // verify wants an instance of the template.
+        let instance = dir.join("nox@demo.service");
+        std::fs::copy(&template, &instance).unwrap();
+        let (ok, text) = verify(&instance);
+        assert!(ok && text.trim().is_empty(), "{label} unit: {text}");
+        // The check is real: a broken unit is reported.
+        std::fs::write(
+            &instance,
+            unit.replace("Type=notify", "Type=notify\nBogusKey=1"),
+        )
+        .unwrap();
+        let (_, text) = verify(&instance);
+        assert!(
+            text.contains("BogusKey"),
+            "verify did not notice a bad key: {text}"
+        );
+    }
+}
+
+#[test]
+fn enable_without_systemd_is_a_clear_error() {
+    if nox::systemd::booted() {
+        eprintln!("skip: systemd is PID 1 here; enable would really enable");
+        return;
+    }
+    if !prereq(have("qemu-img"), "qemu-img not installed") {
+        return;
+    }
+    let h = Home::new();
+    let img = h.path().join("blank.qcow2");
+    sh(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        img.to_str().unwrap(),
+        "1G",
+    ]);
+    h.ok(&[
+        "create",
+        "svc",
+        "--image",
+        img.to_str().unwrap(),
+        "--no-start",
+    ]);
+    let err = h.fails(&["enable", "svc"]);
+    assert!(
+        err.contains("not running as PID 1") && err.contains("nox run svc"),
+        "{err}"
+    );
+    let err = h.fails(&["enable", "ghost"]);
+    assert!(err.contains("no VM named"), "{err}");
+}
