@@ -173,9 +173,22 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
             "STATUS=restarting in {}s after: {reason}",
             delay.as_secs()
         )]);
+        // Still ours while we wait: `nox stop` must see an active VM.
+        let waiting = State {
+            reason: Some(format!("restarting in {}s after: {reason}", delay.as_secs())),
+            pid: Some(std::process::id()),
+            restarts,
+            last_failure: last_failure.clone(),
+            ..State::new(Phase::Starting)
+        };
+        state::save(vm, &waiting)?;
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = signals.recv() => return result,
+            _ = signals.recv() => {
+                let reason = "stopped during restart back-off".to_string();
+                state::save(vm, &State { reason: Some(reason.clone()), restarts, last_failure, ..State::new(Phase::Stopped) })?;
+                return Ok(Outcome::Stopped { reason, requested: true });
+            }
         }
     }
 }

@@ -475,9 +475,19 @@ pub async fn stop(
             return Ok(Stopped::Gracefully);
         }
     }
-    let ctl = Qmp::connect(&vm.ctl_socket(), Duration::from_secs(5))
+    let ctl = Qmp::connect(&vm.ctl_socket(), Duration::from_secs(2))
         .await
         .ok();
+    if ctl.is_none() {
+        // No qemu to talk to (starting up, or waiting to restart): the
+        // supervisor stops on SIGTERM.
+        if let Some(pid) = st.pid.filter(|p| is_our_supervisor(*p, name)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
     if !force {
         if let Some((q, _)) = &ctl {
             let _ = q.powerdown().await;
@@ -515,6 +525,15 @@ pub async fn stop(
         what: "stop",
         secs: timeout.as_secs() + 20,
     })
+}
+
+/// Whether `pid` is the supervisor of VM `name` (`nox run NAME`).
+fn is_our_supervisor(pid: u32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.windows(2).any(|w| w[0] == b"run" && w[1] == name.as_bytes())
 }
 
 /// Whether `pid` is a qemu started for VM `name` (its argv has `-name NAME,`).
@@ -641,7 +660,8 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
             user: spec.user.clone(),
             identity: crate::ssh::identity(spec, vm),
         },
-        ssh_port: active.then_some(st.ssh_port).flatten(),
+        // What a program needs with `ip`: 22 on a bridge, the forward otherwise.
+        ssh_port: ep.as_ref().map(|e| e.port),
         ip: active.then(|| st.ip.clone()).flatten(),
         ipv6: if active { st.ipv6.clone() } else { vec![] },
         bridge: match &spec.network {

@@ -31,6 +31,8 @@ pub struct Home {
     pub dir: tempfile::TempDir,
     /// Network namespace every nox command runs in (bridge tests).
     pub ns: Option<String>,
+    /// Extra environment for every nox command.
+    pub env: Vec<(String, String)>,
 }
 
 impl Home {
@@ -40,7 +42,11 @@ impl Home {
             .prefix("nox-t")
             .tempdir_in("/tmp")
             .unwrap();
-        Home { dir, ns: None }
+        Home {
+            dir,
+            ns: None,
+            env: vec![],
+        }
     }
     pub fn in_ns(ns: &str) -> Home {
         let mut h = Home::new();
@@ -337,5 +343,36 @@ impl Drop for Netns {
         for ns in self.extra_ns.iter().chain(std::iter::once(&self.name)) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+    }
+}
+
+/// A real HTTP server on 127.0.0.1 (tests/support/http_server.py) serving
+/// `dir`; killed on drop.
+pub struct HttpServer {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl HttpServer {
+    pub fn start(dir: &Path) -> HttpServer {
+        use std::io::BufRead;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/http_server.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        HttpServer { child, port: line.trim().parse().unwrap() }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
