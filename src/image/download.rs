@@ -203,6 +203,14 @@ impl Cache {
         if let Some(img) = self.cached(want) {
             return Ok(img);
         }
+        // Content already cached under the expected digest (e.g. imported from a file).
+        if let Some(c) = want.expected
+            && c.algo == HashAlgo::Sha256
+            && let Ok(img) = self.get(&c.hex)
+        {
+            self.record_download(want, &img)?;
+            return self.maybe_name(img, want.name);
+        }
         let key = sha256_hex(want.url.as_bytes());
         let part = self.tmp_dir().join(format!("{key}.part"));
         let part_meta = self.tmp_dir().join(format!("{key}.part.json"));
@@ -243,14 +251,18 @@ impl Cache {
                 return Err(e);
             }
         };
+        self.record_download(want, &img)?;
+        Ok(img)
+    }
+
+    fn record_download(&self, want: &Want<'_>, img: &Image) -> Result<(), ImageError> {
         self.write_source_record(&SourceRecord {
             source: want.url.to_string(),
             digest: img.digest.clone(),
             file_size: None,
             mtime_ns: None,
             checksum: want.expected.map(|c| c.to_string()),
-        })?;
-        Ok(img)
+        })
     }
 
     /// Downloads into `part` (resuming), returns (sha256 hex, sha512 if expected was SHA-512).
