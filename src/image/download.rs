@@ -549,30 +549,56 @@ async fn download_once(
     Ok(())
 }
 
-/// Writes and hashes received chunks on a blocking thread.
-fn spawn_writer<B: AsRef<[u8]> + Send + 'static>(
+/// Writes and hashes received chunks on a blocking thread; SHA-512 (no CPU instructions for
+/// it, unlike SHA-256) runs on a second thread so that it does not halve the throughput.
+fn spawn_writer<B: AsRef<[u8]> + Clone + Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<B>,
     file: File,
     mut hashes: Hashes,
     path: PathBuf,
 ) -> tokio::task::JoinHandle<(Hashes, Result<(), ImageError>)> {
     tokio::task::spawn_blocking(move || {
+        let side = hashes.sha512.take().map(|mut h| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<B>(64);
+            let t = std::thread::spawn(move || {
+                while let Ok(c) = rx.recv() {
+                    h.update(c.as_ref());
+                }
+                h
+            });
+            (tx, t)
+        });
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         let mut res = Ok(());
         while let Some(chunk) = rx.blocking_recv() {
             if let Err(e) = out.write_all(chunk.as_ref()) {
                 res = Err(io_err(&path)(e));
-                // What was hashed and what is on disk may differ now: rehash on resume.
-                hashes.len = u64::MAX;
                 break;
             }
-            hashes.update(chunk.as_ref());
+            hashes.sha256.update(chunk.as_ref());
+            hashes.len += chunk.as_ref().len() as u64;
+            if let Some((tx, _)) = &side {
+                let _ = tx.send(chunk);
+            }
         }
         if res.is_ok()
             && let Err(e) = out.flush()
         {
             res = Err(io_err(&path)(e));
+        }
+        if res.is_err() {
+            // What was hashed and what is on disk may differ now: rehash on resume.
             hashes.len = u64::MAX;
+        }
+        if let Some((tx, t)) = side {
+            drop(tx);
+            match t.join() {
+                Ok(h) => hashes.sha512 = Some(h),
+                Err(_) => {
+                    hashes.sha512 = Some(Sha512::new());
+                    hashes.len = u64::MAX;
+                }
+            }
         }
         (hashes, res)
     })
