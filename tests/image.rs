@@ -659,3 +659,95 @@ fn http_errors_name_the_url() {
     );
     assert!(cache.list().unwrap().is_empty());
 }
+
+#[test]
+fn upstream_latest_change_keeps_old_digest() {
+    if !net_prereqs() {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let (srv_dir, s256, _) = mirror_tree(td.path(), 1);
+    let srv = Server::start(&srv_dir, &[]);
+    let cache = cache_with_mirror(td.path(), &srv.base());
+    let rt = rt();
+    let old = rt.block_on(cache.pull(&deb(), &quiet())).unwrap();
+    assert_eq!(old.digest, format!("sha256:{s256}"));
+    // Upstream publishes a new "latest" under the same URL.
+    let next = td.path().join("next");
+    std::fs::create_dir_all(&next).unwrap();
+    let (next_srv, n256, n512) = mirror_tree(&next, 2);
+    std::fs::rename(
+        next_srv.join(DEB_DIR).join(DEB_FILE),
+        srv_dir.join(DEB_DIR).join(DEB_FILE),
+    )
+    .unwrap();
+    std::fs::write(
+        srv_dir.join(DEB_DIR).join("SHA512SUMS"),
+        format!("{n512}  {DEB_FILE}\n"),
+    )
+    .unwrap();
+    let new = rt.block_on(cache.pull(&deb(), &quiet())).unwrap();
+    assert_eq!(new.digest, format!("sha256:{n256}"));
+    assert_ne!(new.digest, old.digest);
+    // The old base is still there, unchanged, for the VMs that use it.
+    assert_eq!(cache.get(&old.digest).unwrap(), old);
+    assert_eq!(hash_file("sha256sum", &old.path), s256);
+    assert_eq!(cache.list().unwrap().len(), 2);
+}
+
+/// Runs inside `unshare -m` with its cache on a 3 MiB tmpfs (see `disk_full_is_clean`).
+#[test]
+#[ignore = "child of disk_full_is_clean"]
+fn child_disk_full() {
+    let root = PathBuf::from(std::env::var("NOX_TEST_ROOT").unwrap());
+    let small = root.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::copy(root.join("config.json"), small.join("config.json")).unwrap();
+    let cache = Cache::open(&small.join("images")).unwrap();
+    let e = rt().block_on(cache.pull(&deb(), &quiet())).unwrap_err();
+    assert!(matches!(e, ImageError::DiskFull { .. }), "{e}");
+    assert!(e.to_string().contains("disk full"), "{e}");
+    assert!(cache.list().unwrap().is_empty());
+    assert!(tmp_is_empty(&cache), "partial download left on a full disk");
+    println!("CHILD OK: {e}");
+}
+
+#[test]
+fn disk_full_is_clean() {
+    let root_ok = nix::unistd::Uid::effective().is_root();
+    if !net_prereqs()
+        || !prereq(root_ok, "not root: cannot mount a small tmpfs")
+        || !prereq(have("unshare"), "unshare missing")
+    {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let (srv_dir, _, _) = mirror_tree(td.path(), 6);
+    let srv = Server::start(&srv_dir, &[]);
+    cache_with_mirror(td.path(), &srv.base());
+    // A private mount namespace: the tmpfs disappears with the child, whatever happens.
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_disk_full",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env("NOX_TEST_ROOT", td.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("CHILD OK"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

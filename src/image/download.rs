@@ -203,6 +203,14 @@ impl Cache {
         if let Some(img) = self.cached(want) {
             return Ok(img);
         }
+        // Content already cached under the expected digest (e.g. imported from a file).
+        if let Some(c) = want.expected
+            && c.algo == HashAlgo::Sha256
+            && let Ok(img) = self.get(&c.hex)
+        {
+            self.record_download(want, &img)?;
+            return self.maybe_name(img, want.name);
+        }
         let key = sha256_hex(want.url.as_bytes());
         let part = self.tmp_dir().join(format!("{key}.part"));
         let part_meta = self.tmp_dir().join(format!("{key}.part.json"));
@@ -243,14 +251,18 @@ impl Cache {
                 return Err(e);
             }
         };
+        self.record_download(want, &img)?;
+        Ok(img)
+    }
+
+    fn record_download(&self, want: &Want<'_>, img: &Image) -> Result<(), ImageError> {
         self.write_source_record(&SourceRecord {
             source: want.url.to_string(),
             digest: img.digest.clone(),
             file_size: None,
             mtime_ns: None,
             checksum: want.expected.map(|c| c.to_string()),
-        })?;
-        Ok(img)
+        })
     }
 
     /// Downloads into `part` (resuming), returns (sha256 hex, sha512 if expected was SHA-512).
@@ -537,30 +549,56 @@ async fn download_once(
     Ok(())
 }
 
-/// Writes and hashes received chunks on a blocking thread.
-fn spawn_writer<B: AsRef<[u8]> + Send + 'static>(
+/// Writes and hashes received chunks on a blocking thread; SHA-512 (no CPU instructions for
+/// it, unlike SHA-256) runs on a second thread so that it does not halve the throughput.
+fn spawn_writer<B: AsRef<[u8]> + Clone + Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<B>,
     file: File,
     mut hashes: Hashes,
     path: PathBuf,
 ) -> tokio::task::JoinHandle<(Hashes, Result<(), ImageError>)> {
     tokio::task::spawn_blocking(move || {
+        let side = hashes.sha512.take().map(|mut h| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<B>(64);
+            let t = std::thread::spawn(move || {
+                while let Ok(c) = rx.recv() {
+                    h.update(c.as_ref());
+                }
+                h
+            });
+            (tx, t)
+        });
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         let mut res = Ok(());
         while let Some(chunk) = rx.blocking_recv() {
             if let Err(e) = out.write_all(chunk.as_ref()) {
                 res = Err(io_err(&path)(e));
-                // What was hashed and what is on disk may differ now: rehash on resume.
-                hashes.len = u64::MAX;
                 break;
             }
-            hashes.update(chunk.as_ref());
+            hashes.sha256.update(chunk.as_ref());
+            hashes.len += chunk.as_ref().len() as u64;
+            if let Some((tx, _)) = &side {
+                let _ = tx.send(chunk);
+            }
         }
         if res.is_ok()
             && let Err(e) = out.flush()
         {
             res = Err(io_err(&path)(e));
+        }
+        if res.is_err() {
+            // What was hashed and what is on disk may differ now: rehash on resume.
             hashes.len = u64::MAX;
+        }
+        if let Some((tx, t)) = side {
+            drop(tx);
+            match t.join() {
+                Ok(h) => hashes.sha512 = Some(h),
+                Err(_) => {
+                    hashes.sha512 = Some(Sha512::new());
+                    hashes.len = u64::MAX;
+                }
+            }
         }
         (hashes, res)
     })
