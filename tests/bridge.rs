@@ -75,14 +75,12 @@ fn dhcp_address_is_found_ssh_works_and_taps_are_cleaned_up() {
     let addrs = h.ok(&["ssh", "web", "--", "ip", "-4", "-o", "addr"]);
     assert!(addrs.contains(&ip), "{addrs}");
     // What VPN software needs: /dev/net/tun, and a tun device can be made.
+    // ssh joins the words of a remote command with spaces: quote for the remote shell.
     let tun = h.ok(&[
         "ssh",
         "web",
         "--",
-        "sudo",
-        "sh",
-        "-c",
-        "test -c /dev/net/tun && ip tuntap add dev nt0 mode tun && ip -o link show nt0",
+        "sudo sh -c 'test -c /dev/net/tun && ip tuntap add dev nt0 mode tun && ip -o link show nt0'",
     ]);
     assert!(tun.contains("nt0"), "{tun}");
     // Exactly one tap while it runs; none after stop.
