@@ -720,16 +720,7 @@ mod tests {
         choose(r, &fixture_descriptors(), &any)
     }
 
-    fn prereq(ok: bool, why: &str) -> bool {
-        if ok {
-            return true;
-        }
-        if std::env::var("NOX_E2E").as_deref() == Ok("require") {
-            panic!("missing prerequisite: {why}");
-        }
-        eprintln!("skip: {why}");
-        false
-    }
+    use crate::testing::prereq;
 
     #[test]
     fn parses_every_fixture() {

@@ -17,4 +17,6 @@ pub mod state;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
+#[doc(hidden)]
+pub mod testing;
 pub mod vm;

@@ -495,16 +495,7 @@ mod tests {
     use std::process::Command;
     use std::sync::OnceLock;
 
-    fn prereq(ok: bool, why: &str) -> bool {
-        if ok {
-            return true;
-        }
-        if std::env::var("NOX_E2E").as_deref() == Ok("require") {
-            panic!("missing prerequisite: {why}");
-        }
-        eprintln!("skip: {why}");
-        false
-    }
+    use crate::testing::prereq;
 
     fn have(cmd: &str) -> bool {
         Command::new(cmd).arg("--version").output().is_ok()

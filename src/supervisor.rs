@@ -175,7 +175,10 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
         )]);
         // Still ours while we wait: `nox stop` must see an active VM.
         let waiting = State {
-            reason: Some(format!("restarting in {}s after: {reason}", delay.as_secs())),
+            reason: Some(format!(
+                "restarting in {}s after: {reason}",
+                delay.as_secs()
+            )),
             pid: Some(std::process::id()),
             restarts,
             last_failure: last_failure.clone(),

@@ -533,7 +533,8 @@ fn is_our_supervisor(pid: u32, name: &str) -> bool {
         return false;
     };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.windows(2).any(|w| w[0] == b"run" && w[1] == name.as_bytes())
+    args.windows(2)
+        .any(|w| w[0] == b"run" && w[1] == name.as_bytes())
 }
 
 /// Whether `pid` is a qemu started for VM `name` (its argv has `-name NAME,`).

@@ -433,20 +433,51 @@ fn catalog_image_pulled_through_a_mirror_boots() {
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
     std::fs::copy(&img, &file).unwrap();
     let out = Command::new("sha512sum").arg(&file).output().unwrap();
-    let sum = String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string();
-    std::fs::write(srv.path().join(entry.sums), format!("{sum}  {}\n", entry.file_name("amd64"))).unwrap();
+    let sum = String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        srv.path().join(entry.sums),
+        format!("{sum}  {}\n", entry.file_name("amd64")),
+    )
+    .unwrap();
     let server = HttpServer::start(srv.path());
     let mut h = Home::new();
-    h.env.push(("NOX_MIRROR".into(), format!("http://127.0.0.1:{}/", server.port)));
+    h.env.push((
+        "NOX_MIRROR".into(),
+        format!("http://127.0.0.1:{}/", server.port),
+    ));
     let info: serde_json::Value = serde_json::from_str(&h.ok(&[
-        "create", "e2e-cat", "--image", "debian-13", "--arch", "amd64", "--accel", "tcg", "--memory", "1G",
-        "--wait", "--timeout", "900", "--json",
+        "create",
+        "e2e-cat",
+        "--image",
+        "debian-13",
+        "--arch",
+        "amd64",
+        "--accel",
+        "tcg",
+        "--memory",
+        "1G",
+        "--wait",
+        "--timeout",
+        "900",
+        "--json",
     ]))
     .unwrap();
     assert_eq!(info["image"]["source"], "debian-13");
-    assert_eq!(info["image"]["digest"], format!("sha256:{}", sha256_file(&img)));
-    assert!(h.ok(&["ssh", "e2e-cat", "--", "cloud-init", "status"]).contains("done"));
-    let images: serde_json::Value = serde_json::from_str(&h.ok(&["image", "list", "--json"])).unwrap();
+    assert_eq!(
+        info["image"]["digest"],
+        format!("sha256:{}", sha256_file(&img))
+    );
+    assert!(
+        h.ok(&["ssh", "e2e-cat", "--", "cloud-init", "status"])
+            .contains("done")
+    );
+    let images: serde_json::Value =
+        serde_json::from_str(&h.ok(&["image", "list", "--json"])).unwrap();
     assert_eq!(images[0]["name"], "debian-13");
     assert_eq!(images[0]["used_by"][0], "e2e-cat");
     // In use: refused without --force, naming the VM.
@@ -454,6 +485,7 @@ fn catalog_image_pulled_through_a_mirror_boots() {
     assert!(err.contains("e2e-cat"), "{err}");
     h.ok(&["delete", "e2e-cat", "--force"]);
     h.ok(&["image", "prune"]);
-    let images: serde_json::Value = serde_json::from_str(&h.ok(&["image", "list", "--json"])).unwrap();
+    let images: serde_json::Value =
+        serde_json::from_str(&h.ok(&["image", "list", "--json"])).unwrap();
     assert_eq!(images.as_array().unwrap().len(), 0);
 }

@@ -10,16 +10,7 @@ use std::time::{Duration, Instant};
 
 use nox::firmware::{self, Interface, Request};
 
-fn prereq(ok: bool, why: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("NOX_E2E").as_deref() == Ok("require") {
-        panic!("missing prerequisite: {why}");
-    }
-    eprintln!("skip: {why}");
-    false
-}
+use nox::testing::prereq;
 
 fn on_path(bin: &str) -> bool {
     std::env::var_os("PATH")

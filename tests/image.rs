@@ -6,16 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn prereq(ok: bool, why: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("NOX_E2E").as_deref() == Ok("require") {
-        panic!("missing prerequisite: {why}");
-    }
-    eprintln!("skip: {why}");
-    false
-}
+use nox::testing::prereq;
 
 fn have(cmd: &str) -> bool {
     Command::new(cmd)

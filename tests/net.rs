@@ -18,16 +18,7 @@ use nox::net::mac::{generate_mac, parse_mac};
 use nox::net::tap::{Tap, TapError, tap_name};
 use tokio::sync::watch;
 
-fn prereq(ok: bool, why: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("NOX_E2E").as_deref() == Ok("require") {
-        panic!("missing prerequisite: {why}");
-    }
-    eprintln!("skip: {why}");
-    false
-}
+use nox::testing::prereq;
 
 fn has_cmd(cmd: &str, arg: &str) -> bool {
     Command::new(cmd)

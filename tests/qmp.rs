@@ -7,16 +7,7 @@ use std::time::{Duration, Instant};
 use nox::qmp::{Event, Qmp};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-fn prereq(ok: bool, why: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("NOX_E2E").as_deref() == Ok("require") {
-        panic!("missing prerequisite: {why}");
-    }
-    eprintln!("skip: {why}");
-    false
-}
+use nox::testing::prereq;
 
 fn have_qemu() -> bool {
     Command::new("qemu-system-x86_64")

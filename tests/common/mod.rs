@@ -4,18 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// True if the prerequisite holds. Otherwise skips (printing why), or fails
-/// when `NOX_E2E=require` (CI).
-pub fn prereq(ok: bool, why: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("NOX_E2E").as_deref() == Ok("require") {
-        panic!("missing prerequisite (NOX_E2E=require): {why}");
-    }
-    eprintln!("skip: {why}");
-    false
-}
+pub use nox::testing::prereq;
 
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -365,8 +354,13 @@ impl HttpServer {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        HttpServer { child, port: line.trim().parse().unwrap() }
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        HttpServer {
+            child,
+            port: line.trim().parse().unwrap(),
+        }
     }
 }
 
