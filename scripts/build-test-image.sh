@@ -8,6 +8,13 @@
 #   ${NOX_TEST_CACHE:-/var/cache/nox-test}/debian-<suite>-<arch>-<sha256(this script)[:12]>.qcow2
 # An existing cached image is reused at once.
 #
+# Guest: trixie, linux-image-cloud-<arch>, cloud-init (NoCloud first), systemd-networkd +
+# systemd-resolved, openssh-server (no host keys baked in), cloud-guest-utils (growpart), empty
+# /etc/machine-id, locked root, fstab by UUID, C.UTF-8/en_US.UTF-8 generated, no docs/man pages.
+# amd64: GPT p14 BIOS boot (GRUB i386-pc) + p15 ESP (EFI/BOOT/BOOTX64.EFI) + p1 ext4 root,
+# console=ttyS0,115200. arm64: p15 ESP (EFI/BOOT/BOOTAA64.EFI) + p1 root, console=ttyAMA0,115200.
+# Build time here (2 shared cores): amd64 ~3.5-4.5 min, arm64 (under qemu-user) ~21 min.
+#
 # Build-host Debian packages (missing ones are apt-get installed automatically):
 #   mmdebstrap debian-archive-keyring gdisk dosfstools mtools e2fsprogs qemu-utils util-linux
 #   arm64 on a non-arm64 host also: qemu-user-static binfmt-support arch-test
@@ -256,10 +263,21 @@ ensure_tools() {
     apt-get install -y -q --no-install-recommends "${pkgs[@]}" >&2 </dev/null
 }
 
+# Running arm64 maintainer scripts on another architecture needs qemu-user-static registered in
+# binfmt_misc (which is not mounted on hosts where systemd is not PID 1).
+ensure_foreign_exec() {
+    [[ $ARCH != "$(dpkg --print-architecture)" ]] || return 0
+    arch-test "$ARCH" >/dev/null 2>&1 && return 0
+    mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+    update-binfmts --enable qemu-aarch64 >&2 || true
+    arch-test "$ARCH" >&2 || die "this host cannot execute $ARCH binaries (binfmt_misc + qemu-user-static)"
+}
+
 # Work in a private mount namespace so nothing mounted during the build (by mmdebstrap) can
 # outlive it or be kept busy by another process.
 if [[ -z ${NOX_TI_UNSHARED:-} ]]; then
     ensure_tools
+    ensure_foreign_exec
     NOX_TI_UNSHARED=1 exec unshare -m --propagation private "$SELF" --arch "$ARCH" </dev/null
 fi
 
