@@ -144,22 +144,43 @@ pub fn wait_ready(
         std::thread::sleep(Duration::from_millis(500));
     };
     // Phase 2: cloud-init done (`--wait` blocks in the guest until it is).
+    // An ssh failure here (exit 255: sshd restarted by cloud-init, the
+    // connection dropped) is not cloud-init's verdict: retry.
     let cmd = ["cloud-init".into(), "status".into(), "--wait".into()];
-    let out = run(spec, vm, &ep, &cmd, Some(remaining(deadline)))?
-        .ok_or_else(|| timed_out("cloud-init"))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    // Exit 0: done; 2: done with recoverable errors ("degraded"); 1: error.
-    match out.status.code() {
-        Some(0) | Some(2) if text.contains("done") => Ok(()),
-        _ => {
-            let long = ["cloud-init".into(), "status".into(), "--long".into()];
-            let detail = run(spec, vm, &ep, &long, Some(Duration::from_secs(30)))
-                .ok()
-                .flatten()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or(text);
-            Err(SshError::CloudInit(detail.trim().to_string()))
+    loop {
+        let out = run(spec, vm, &ep, &cmd, Some(remaining(deadline)))?
+            .ok_or_else(|| timed_out("cloud-init"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        match cloud_init_verdict(out.status.code(), &text) {
+            Some(true) => return Ok(()),
+            Some(false) => {
+                let long = ["cloud-init".into(), "status".into(), "--long".into()];
+                let detail = run(spec, vm, &ep, &long, Some(Duration::from_secs(30)))
+                    .ok()
+                    .flatten()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .filter(|d| !d.trim().is_empty())
+                    .unwrap_or(text);
+                return Err(SshError::CloudInit(detail.trim().to_string()));
+            }
+            None if Instant::now() >= deadline => return Err(timed_out("cloud-init")),
+            None => std::thread::sleep(Duration::from_secs(1)),
         }
+    }
+}
+
+/// What `cloud-init status` said: done (`Some(true)`; exit 2 is "done with
+/// recoverable errors"), error (`Some(false)`), or no verdict (`None`: ssh
+/// failed, or cloud-init still running).
+pub fn cloud_init_verdict(code: Option<i32>, stdout: &str) -> Option<bool> {
+    let status = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("status:"))
+        .map(str::trim)?;
+    match (code, status) {
+        (Some(0) | Some(2), "done") => Some(true),
+        (_, "error") | (Some(1), "done") => Some(false),
+        _ => None,
     }
 }
 
@@ -229,6 +250,15 @@ mod tests {
 -o StrictHostKeyChecking=yes -o HostKeyAlias=nox-demo -o CheckHostIP=no -o LogLevel=ERROR \
 -i /v/vms/demo/id_ed25519 -p 40022 nox@127.0.0.1 -- uname -a"
         );
+    }
+
+    #[test]
+    fn cloud_init_verdicts() {
+        assert_eq!(cloud_init_verdict(Some(0), "\nstatus: done\n"), Some(true));
+        assert_eq!(cloud_init_verdict(Some(2), "status: done\n"), Some(true));
+        assert_eq!(cloud_init_verdict(Some(1), "status: error\n"), Some(false));
+        assert_eq!(cloud_init_verdict(Some(255), ""), None);
+        assert_eq!(cloud_init_verdict(Some(0), "status: running\n"), None);
     }
 
     #[test]

@@ -52,7 +52,8 @@ impl Home {
             None => Command::new(env!("CARGO_BIN_EXE_nox")),
         };
         c.env("NOX_HOME", self.path())
-            .env("HOME", self.path().join("home"));
+            .env("HOME", self.path().join("home"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
     pub fn path(&self) -> &Path {
