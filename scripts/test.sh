@@ -4,8 +4,15 @@
 # With NOX_E2E=require a missing prerequisite fails instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${NOX_TEST_IMAGE:-}" ] && [ "$(id -u)" = 0 ]; then
-    NOX_TEST_IMAGE=$(scripts/build-test-image.sh | tail -n 1)
-    export NOX_TEST_IMAGE
+if [ "$(id -u)" = 0 ]; then
+    # Built once per script version, cached under /var/cache/nox-test.
+    if [ -z "${NOX_TEST_IMAGE:-}" ]; then
+        NOX_TEST_IMAGE=$(scripts/build-test-image.sh --arch amd64 | tail -n 1)
+        export NOX_TEST_IMAGE
+    fi
+    if [ -z "${NOX_TEST_IMAGE_ARM64:-}" ] && [ "${NOX_SKIP_ARM64:-}" != 1 ]; then
+        NOX_TEST_IMAGE_ARM64=$(scripts/build-test-image.sh --arch arm64 | tail -n 1)
+        export NOX_TEST_IMAGE_ARM64
+    fi
 fi
 exec cargo nextest run --no-fail-fast "$@"

@@ -419,6 +419,23 @@ async fn run_once(
         }
     };
     info!("qemu exited: {}", describe_exit(exit));
+    // What qemu said just before it exited (SHUTDOWN and its reason) may be
+    // still in flight when the exit is seen: read it to the end.
+    while events_open {
+        match tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
+            Ok(Some(ev)) if ev.name == "SHUTDOWN" => {
+                shutdown_reason = Some(ev.reason().unwrap_or("shutdown").to_string());
+                if ev.reason() == Some("guest-panic") {
+                    crash.get_or_insert_with(|| "guest panicked".into());
+                }
+            }
+            Ok(Some(ev)) if ev.name == "GUEST_PANICKED" => {
+                crash.get_or_insert_with(|| "guest panicked".into());
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => events_open = false,
+        }
+    }
     Ok(if let Some(c) = crash {
         Outcome::Crashed(c)
     } else if let Some(r) = shutdown_reason {
