@@ -320,13 +320,21 @@ impl VmPaths {
 
 /// Opens (creating, 0600) and flocks a lock file. `wait`: block until free.
 pub fn lock_file(path: &Path, wait: bool) -> Result<Option<Flock<File>>, StoreError> {
-    let f = OpenOptions::new()
+    let f = match OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
         .open(path)
-        .map_err(io(path))?;
+    {
+        Ok(f) => f,
+        // A read-only state dir: flock works on a read-only fd too, so
+        // `list`/`info` still tell the truth.
+        Err(e) if e.raw_os_error() == Some(nix::libc::EROFS) => {
+            File::open(path).map_err(io(path))?
+        }
+        Err(e) => return Err(io(path)(e)),
+    };
     let arg = if wait {
         FlockArg::LockExclusive
     } else {

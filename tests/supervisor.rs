@@ -438,6 +438,14 @@ fn full_or_read_only_state_dir_gives_clear_errors() {
         std::fs::read(mnt.join("vms/tiny/spec.json")).unwrap(),
         spec_before
     );
+    // Reading still works.
+    let out = nox(&["list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"tiny\""));
     let out = nox(&["delete", "tiny"]);
     assert!(!out.status.success());
     assert!(mnt.join("vms/tiny/spec.json").exists());
