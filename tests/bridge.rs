@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 fn prereqs() -> Option<std::path::PathBuf> {
     let img = e2e_prereqs()?;
@@ -34,14 +34,6 @@ fn create(h: &Home, name: &str, img: &std::path::Path, extra: &[&str]) -> serde_
     ];
     args.extend_from_slice(extra);
     serde_json::from_str(&h.ok(&args)).unwrap()
-}
-
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

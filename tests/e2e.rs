@@ -262,7 +262,6 @@ fn qemu_killed_is_recorded_as_crashed() {
 
 #[test]
 fn sigterm_to_the_supervisor_powers_the_guest_off() {
-    use std::os::unix::net::UnixDatagram;
     let Some(img) = e2e_prereqs() else { return };
     let h = Home::new();
     h.ok(&[
@@ -276,44 +275,19 @@ fn sigterm_to_the_supervisor_powers_the_guest_off() {
         "--memory",
         "512M",
     ]);
-    let sock_path = h.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
     // As systemd runs it: in the foreground, with NOTIFY_SOCKET.
-    let mut sup = Command::new(env!("CARGO_BIN_EXE_nox"))
-        .args(["run", "e2e-term"])
-        .env("NOX_HOME", h.path())
-        .env("NOTIFY_SOCKET", &sock_path)
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    let mut seen = String::new();
-    while !seen.contains("READY=1") {
-        let n = sock.recv(&mut buf).expect("READY=1");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let mut sup = Supervised::run(&h, "e2e-term");
+    sup.until("READY=1");
     // `start --wait` on a running VM just waits for it to be ready.
     let out = h.ok(&["start", "e2e-term", "--wait", "--timeout", "900"]);
     assert!(
         out.contains("already running") && out.contains("ready"),
         "{out}"
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sup.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = sup.wait().unwrap();
+    signal(sup.pid(), nix::sys::signal::Signal::SIGTERM);
+    let status = sup.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
-    let mut rest = String::new();
-    while let Ok(n) = sock.recv(&mut buf) {
-        rest.push_str(&String::from_utf8_lossy(&buf[..n]));
-        if rest.contains("STATUS=stopped") {
-            break;
-        }
-    }
+    let rest = sup.until("STATUS=stopped").to_string();
     assert!(rest.contains("STOPPING=1"), "{rest}");
     let info = h.info("e2e-term");
     assert_eq!(info["state"], "stopped");

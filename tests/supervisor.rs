@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -50,20 +49,8 @@ fn blank_vm(h: &Home, name: &str, extra: &[&str]) {
     h.ok(&args);
 }
 
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn kill9(pid: u64) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
 }
 
 #[test]
@@ -73,37 +60,14 @@ fn notify_ready_status_stopping_and_sigterm() {
     }
     let h = Home::new();
     blank_vm(&h, "sd", &[]);
-    let sock_path = h.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nox"))
-        .args(["run", "sd"])
-        .env("NOX_HOME", h.path())
-        .env("NOTIFY_SOCKET", &sock_path)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut seen = String::new();
-    let mut buf = [0u8; 4096];
-    while !seen.contains("READY=1") {
-        let n = sock.recv(&mut buf).expect("no READY=1 from the supervisor");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let mut sup = Supervised::run(&h, "sd");
+    let seen = sup.until("READY=1").to_string();
     assert!(seen.contains("STATUS=running; ssh on 127.0.0.1:"), "{seen}");
-    assert!(seen.contains(&format!("MAINPID={}", child.id())), "{seen}");
+    assert!(seen.contains(&format!("MAINPID={}", sup.pid())), "{seen}");
     assert_eq!(h.info("sd")["state"], "running");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let mut after = String::new();
-    while !after.contains("STOPPING=1") {
-        let n = sock.recv(&mut buf).expect("no STOPPING=1");
-        after.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    let status = child.wait().unwrap();
+    signal(sup.pid(), nix::sys::signal::Signal::SIGTERM);
+    sup.until("STOPPING=1");
+    let status = sup.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "supervisor exit after SIGTERM");
     let info = h.info("sd");
     assert_eq!(info["state"], "stopped");

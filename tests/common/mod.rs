@@ -371,3 +371,66 @@ impl Drop for HttpServer {
         let _ = self.child.wait();
     }
 }
+
+/// Polls `f` every 50 ms until it holds; panics after `secs`.
+pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+pub fn signal(pid: u64, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// `nox run NAME` in the foreground as systemd runs it, with a real
+/// NOTIFY_SOCKET datagram listener.
+pub struct Supervised {
+    pub child: std::process::Child,
+    sock: std::os::unix::net::UnixDatagram,
+    /// Everything received so far.
+    pub seen: String,
+}
+
+impl Supervised {
+    pub fn run(h: &Home, name: &str) -> Supervised {
+        let path = h.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_nox"))
+            .args(["run", name])
+            .env("NOX_HOME", h.path())
+            .env("NOTIFY_SOCKET", &path)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Supervised {
+            child,
+            sock,
+            seen: String::new(),
+        }
+    }
+
+    /// Receives until `needle` has been seen; returns all seen so far.
+    pub fn until(&mut self, needle: &str) -> &str {
+        let mut buf = [0u8; 4096];
+        while !self.seen.contains(needle) {
+            let n = self
+                .sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {needle} ({e}); got {}", self.seen));
+            self.seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        &self.seen
+    }
+
+    pub fn pid(&self) -> u64 {
+        self.child.id() as u64
+    }
+}
