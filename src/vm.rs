@@ -98,6 +98,10 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     let cpus = spec::validate_cpus(o.cpus, spec::host_cpus())?;
     let memory = spec::parse_memory(&o.memory, spec::host_memory())?;
     let disk = spec::parse_disk(&o.disk)?;
+    let static_ip = match &o.ip {
+        Some(ip) => Some(spec::StaticIp::parse(ip, o.gateway.as_deref(), &o.dns)?),
+        None => None,
+    };
     let network = match &o.network {
         Some(n) => NetworkSpec::parse(n)?,
         None => default_network().await.0,
@@ -108,10 +112,11 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
             .await
             .map_err(crate::net::attach::AttachError::from)?;
     }
-    let static_ip = match &o.ip {
-        Some(ip) => Some(spec::StaticIp::parse(ip, o.gateway.as_deref(), &o.dns)?),
-        None => None,
-    };
+    if static_ip.is_some() && network == NetworkSpec::User {
+        return Err(VmError::Invalid(
+            "--ip needs bridged networking (--network bridge[:BR]); user-mode networking has its own DHCP".into(),
+        ));
+    }
     if o.secure_boot && o.firmware == Some(FirmwareKind::Bios) {
         return Err(VmError::Invalid(
             "--secure-boot needs --firmware uefi".into(),
