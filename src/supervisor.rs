@@ -532,7 +532,8 @@ async fn graceful_stop(
     Ok(())
 }
 
-fn read_from(path: &Path, offset: u64) -> String {
+/// What a file got since `offset`.
+pub fn read_from(path: &Path, offset: u64) -> String {
     let data = std::fs::read(path).unwrap_or_default();
     let start = (offset as usize).min(data.len());
     String::from_utf8_lossy(&data[start..]).trim().to_string()

@@ -156,9 +156,8 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     store::write_atomic(
         &vm.known_hosts(),
         format!(
-            "{} {}\n",
-            crate::ssh::host_alias(&name),
-            strip_comment(&host.public_openssh)
+            "{}\n",
+            sshkeys::known_hosts_line(&crate::ssh::host_alias(&name), 22, &host.public_openssh)
         )
         .as_bytes(),
         0o600,
@@ -241,14 +240,6 @@ pub fn image_users(store: &Store, digest: &str) -> Vec<String> {
                 .is_ok_and(|s| s.image.digest == digest)
         })
         .collect()
-}
-
-fn strip_comment(public: &str) -> String {
-    public
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// The network a VM gets without `--network`: the bridge br0 when it exists,
@@ -438,10 +429,9 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
     }
 }
 
+/// The last lines a log got since `offset` (for start-up errors).
 fn log_since(path: &Path, offset: u64) -> String {
-    let data = std::fs::read(path).unwrap_or_default();
-    let start = (offset as usize).min(data.len());
-    let text = String::from_utf8_lossy(&data[start..]);
+    let text = supervisor::read_from(path, offset);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
