@@ -742,3 +742,35 @@ fn disk_full_is_clean() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn catalog_prefers_the_newest_dated_build() {
+    if !net_prereqs() {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let (srv_dir, s256, _) = mirror_tree(td.path(), 2);
+    // Two dated builds beside latest/, as on cloud.debian.org; the newest wins.
+    for stamp in ["20250101-0001", "20260102-0002"] {
+        let dir = srv_dir.join("trixie").join(stamp);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = format!("debian-13-genericcloud-amd64-{stamp}.qcow2");
+        std::fs::hard_link(srv_dir.join(DEB_DIR).join(DEB_FILE), dir.join(&file)).unwrap();
+        let s512 = hash_file("sha512sum", &dir.join(&file));
+        std::fs::write(dir.join("SHA512SUMS"), format!("{s512}  {file}\n")).unwrap();
+    }
+    let srv = Server::start(&srv_dir, &[]);
+    let cache = cache_with_mirror(td.path(), &srv.base());
+    let img = rt().block_on(cache.pull(&deb(), &quiet())).unwrap();
+    assert_eq!(
+        img.source,
+        format!(
+            "{}trixie/20260102-0002/debian-13-genericcloud-amd64-20260102-0002.qcow2",
+            srv.base()
+        )
+    );
+    assert_eq!(img.digest, format!("sha256:{s256}"));
+    assert!(srv.gets(DEB_FILE).is_empty(), "latest/ was not fetched");
+    // A mirror with no index (404 for directories) falls back to latest/: the
+    // other catalog tests cover that path.
+}

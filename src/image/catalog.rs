@@ -99,6 +99,64 @@ impl CatalogEntry {
         let p = self.image_path(arch);
         p.rsplit('/').next().unwrap_or(&p).to_string()
     }
+
+    /// The directory whose index lists the dated builds (`trixie/`,
+    /// `releases/24.04/`): the parent of `latest/` / `release/`.
+    pub fn dated_parent(&self) -> &'static str {
+        let mut parts = self.path.rsplitn(3, '/');
+        let _file = parts.next();
+        let _latest = parts.next();
+        match parts.next() {
+            Some(parent) => &self.path[..parent.len() + 1],
+            None => "",
+        }
+    }
+
+    /// (image path, checksum-file path, file name) of the dated build in
+    /// directory `dir` (from [`newest_dated_dir`]). Debian puts the stamp in
+    /// the file name too; Ubuntu keeps the name.
+    pub fn dated_paths(&self, arch: &str, dir: &str) -> (String, String, String) {
+        let latest = self.file_name(arch);
+        let file = match self.distro {
+            Distro::Debian => match latest.rsplit_once('.') {
+                Some((stem, ext)) => format!("{stem}-{dir}.{ext}"),
+                None => format!("{latest}-{dir}"),
+            },
+            Distro::Ubuntu => latest,
+        };
+        let sums = self.sums.rsplit('/').next().unwrap_or(self.sums);
+        let parent = self.dated_parent();
+        (
+            format!("{parent}{dir}/{file}"),
+            format!("{parent}{dir}/{sums}"),
+            file,
+        )
+    }
+}
+
+/// The newest dated build directory in an HTML directory index: Debian's
+/// `20251117-2299/`, Ubuntu's `release-20251113/` (or `release-20251113.1/`).
+/// Stamps sort as text, so the greatest is the newest.
+pub fn newest_dated_dir(index_html: &str, distro: Distro) -> Option<String> {
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    let is_dated = |d: &str| match distro {
+        Distro::Debian => d.split_once('-').is_some_and(|(date, n)| {
+            digits(date, 8) && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+        }),
+        Distro::Ubuntu => d.strip_prefix("release-").is_some_and(|rest| {
+            let (date, point) = rest.split_once('.').unwrap_or((rest, "0"));
+            digits(date, 8) && !point.is_empty() && point.bytes().all(|b| b.is_ascii_digit())
+        }),
+    };
+    index_html
+        .split("href=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .filter_map(|href| href.strip_suffix('/'))
+        .map(|d| d.trim_start_matches("./"))
+        .filter(|d| is_dated(d))
+        .max()
+        .map(String::from)
 }
 
 pub const DEFAULT_IMAGE: &str = "debian-13";
@@ -251,6 +309,47 @@ pub fn mirror_base(
         base
     } else {
         format!("{base}/")
+    }
+}
+
+#[cfg(test)]
+mod dated_tests {
+    use super::*;
+
+    #[test]
+    fn dated_directories() {
+        let deb = r#"<a href="../">../</a> <a href="20250814-2206/">x</a> <a href="20251117-2299/">y</a>
+            <a href="latest/">latest/</a> <a href="daily/">d</a>"#;
+        assert_eq!(
+            newest_dated_dir(deb, Distro::Debian).as_deref(),
+            Some("20251117-2299")
+        );
+        assert_eq!(
+            newest_dated_dir("<a href=\"latest/\">", Distro::Debian),
+            None
+        );
+        let ubu =
+            r#"<a href="release-20250101/"> <a href="release-20251113.1/"> <a href="release/">"#;
+        assert_eq!(
+            newest_dated_dir(ubu, Distro::Ubuntu).as_deref(),
+            Some("release-20251113.1")
+        );
+        let e = catalog_entry("debian-13").unwrap();
+        assert_eq!(e.dated_parent(), "trixie/");
+        assert_eq!(
+            e.dated_paths("amd64", "20251117-2299"),
+            (
+                "trixie/20251117-2299/debian-13-genericcloud-amd64-20251117-2299.qcow2".into(),
+                "trixie/20251117-2299/SHA512SUMS".into(),
+                "debian-13-genericcloud-amd64-20251117-2299.qcow2".into()
+            )
+        );
+        let u = catalog_entry("ubuntu-24.04").unwrap();
+        assert_eq!(u.dated_parent(), "releases/24.04/");
+        assert_eq!(
+            u.dated_paths("arm64", "release-20251113").0,
+            "releases/24.04/release-20251113/ubuntu-24.04-server-cloudimg-arm64.img"
+        );
     }
 }
 

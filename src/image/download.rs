@@ -1,7 +1,10 @@
 //! Downloads: streamed to `tmp/`, hashed on the fly, resumed with HTTP Range, one download at a
 //! time per source (flock), visible in the cache only after the checksum matched.
 
-use super::catalog::{Checksum, HashAlgo, Source, catalog_entry, mirror_base, parse_sums};
+use super::catalog::{
+    CatalogEntry, Checksum, HashAlgo, Source, catalog_entry, mirror_base, newest_dated_dir,
+    parse_sums,
+};
 use super::{Cache, Image, ImageError, SourceRecord, io_err, sha256_hex};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -140,8 +143,27 @@ impl Cache {
         if entry.end_of_life {
             tracing::warn!("{name} is end-of-life upstream: no more security updates");
         }
-        let file = entry.file_name(arch);
         let client = client(opts)?;
+        // A dated build directory pins an exact upstream file; "latest" is
+        // the fallback when the mirror lists none (or lists no index).
+        if let Some((url, sums_url, file, sums)) = self.dated(entry, arch, &client).await {
+            if let Some(hex) = parse_sums(&sums, &file) {
+                let expected = Checksum {
+                    algo: entry.algo,
+                    hex,
+                };
+                let want = Want {
+                    url: &url,
+                    expected: Some(&expected),
+                    name: Some(name),
+                    arch: Some(arch),
+                    insecure: false,
+                };
+                return self.fetch(&want, opts).await;
+            }
+            tracing::debug!("{sums_url} does not list {file}; using latest");
+        }
+        let file = entry.file_name(arch);
         let sums = match get_text(&client, &sums_url).await {
             Ok(t) => t,
             Err(e) => {
@@ -172,6 +194,30 @@ impl Cache {
             insecure: false,
         };
         self.fetch(&want, opts).await
+    }
+
+    /// The newest dated build of a catalog image on the mirror: (image URL,
+    /// checksum-file URL, file name, checksum file). None when the mirror
+    /// has no index or no dated directory.
+    async fn dated(
+        &self,
+        entry: &CatalogEntry,
+        arch: &str,
+        client: &reqwest::Client,
+    ) -> Option<(String, String, String, String)> {
+        let base = mirror_base(
+            entry.distro,
+            |k| std::env::var(k).ok(),
+            self.config().as_ref(),
+        );
+        let index = get_text(client, &format!("{base}{}", entry.dated_parent()))
+            .await
+            .ok()?;
+        let dir = newest_dated_dir(&index, entry.distro)?;
+        let (path, sums_path, file) = entry.dated_paths(arch, &dir);
+        let sums_url = format!("{base}{sums_path}");
+        let sums = get_text(client, &sums_url).await.ok()?;
+        Some((format!("{base}{path}"), sums_url, file, sums))
     }
 
     /// Already cached for this URL and expected checksum?

@@ -15,7 +15,7 @@ mod download;
 
 pub use catalog::{
     CATALOG, CatalogEntry, Checksum, DEFAULT_IMAGE, Distro, HashAlgo, Source, catalog_entry,
-    host_arch, mirror_base, parse_checksum, parse_source, parse_sums,
+    host_arch, mirror_base, newest_dated_dir, parse_checksum, parse_source, parse_sums,
 };
 pub use download::{Progress, PullOptions};
 

@@ -37,7 +37,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         rel = self.path.split("?", 1)[0].lstrip("/")
         full = os.path.realpath(os.path.join(ARGS.dir, rel))
         rng = self.headers.get("Range")
-        if not full.startswith(os.path.realpath(ARGS.dir) + os.sep) or not os.path.isfile(full):
+        root = os.path.realpath(ARGS.dir)
+        if (full == root or full.startswith(root + os.sep)) and os.path.isdir(full):
+            # A directory index, as Apache/nginx autoindex list them.
+            names = sorted(os.listdir(full))
+            body = "".join(
+                f'<a href="{n}/">{n}/</a>\n' if os.path.isdir(os.path.join(full, n))
+                else f'<a href="{n}">{n}</a>\n'
+                for n in names
+            ).encode()
+            log(f"GET {self.path} - 200")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if not full.startswith(root + os.sep) or not os.path.isfile(full):
             log(f"GET {self.path} {rng or '-'} 404")
             self.send_response(404)
             self.send_header("Content-Length", "0")
