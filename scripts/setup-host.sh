@@ -19,7 +19,8 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${apt_t[@]}" \
     qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64
 apt-get install -y -qq --no-install-recommends \
-    openssh-client dnsmasq-base iproute2 mtools dosfstools systemd
+    openssh-client dnsmasq-base iproute2 mtools dosfstools systemd \
+    busybox-static python3 util-linux coreutils
 
 if [ "${NOX_SKIP_INSTALL:-}" != 1 ]; then
     cargo build --release --locked

@@ -146,42 +146,31 @@ impl Cache {
         let client = client(opts)?;
         // A dated build directory pins an exact upstream file; "latest" is
         // the fallback when the mirror lists none (or lists no index).
-        if let Some((url, sums_url, file, sums)) = self.dated(entry, arch, &client).await {
-            if let Some(hex) = parse_sums(&sums, &file) {
-                let expected = Checksum {
-                    algo: entry.algo,
-                    hex,
+        let (url, hex) = match self.dated(entry, arch, &client).await {
+            Some(found) => found,
+            None => {
+                let file = entry.file_name(arch);
+                let sums = match get_text(&client, &sums_url).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        // Offline but cached: use what we have rather than fail.
+                        if let Some(rec) = self.source_record(&url)
+                            && let Ok(img) = self.get(&rec.digest)
+                        {
+                            tracing::warn!("{e}; using the cached {name} ({})", img.digest);
+                            return Ok(img);
+                        }
+                        return Err(e);
+                    }
                 };
-                let want = Want {
-                    url: &url,
-                    expected: Some(&expected),
-                    name: Some(name),
-                    arch: Some(arch),
-                    insecure: false,
-                };
-                return self.fetch(&want, opts).await;
-            }
-            tracing::debug!("{sums_url} does not list {file}; using latest");
-        }
-        let file = entry.file_name(arch);
-        let sums = match get_text(&client, &sums_url).await {
-            Ok(t) => t,
-            Err(e) => {
-                // Offline but cached: use what we have rather than fail.
-                if let Some(rec) = self.source_record(&url)
-                    && let Ok(img) = self.get(&rec.digest)
-                {
-                    tracing::warn!("{e}; using the cached {name} ({})", img.digest);
-                    return Ok(img);
-                }
-                return Err(e);
+                let hex = parse_sums(&sums, &file).ok_or_else(|| ImageError::NoChecksum {
+                    url: url.clone(),
+                    file: file.clone(),
+                    sums: sums_url.clone(),
+                })?;
+                (url, hex)
             }
         };
-        let hex = parse_sums(&sums, &file).ok_or_else(|| ImageError::NoChecksum {
-            url: url.clone(),
-            file: file.clone(),
-            sums: sums_url.clone(),
-        })?;
         let expected = Checksum {
             algo: entry.algo,
             hex,
@@ -196,15 +185,15 @@ impl Cache {
         self.fetch(&want, opts).await
     }
 
-    /// The newest dated build of a catalog image on the mirror: (image URL,
-    /// checksum-file URL, file name, checksum file). None when the mirror
-    /// has no index or no dated directory.
+    /// The newest dated build of a catalog image on the mirror, with its
+    /// checksum: (image URL, hex). None when the mirror has no index, no
+    /// dated directory, or a checksum file that does not list the image.
     async fn dated(
         &self,
         entry: &CatalogEntry,
         arch: &str,
         client: &reqwest::Client,
-    ) -> Option<(String, String, String, String)> {
+    ) -> Option<(String, String)> {
         let base = mirror_base(
             entry.distro,
             |k| std::env::var(k).ok(),
@@ -215,9 +204,9 @@ impl Cache {
             .ok()?;
         let dir = newest_dated_dir(&index, entry.distro)?;
         let (path, sums_path, file) = entry.dated_paths(arch, &dir);
-        let sums_url = format!("{base}{sums_path}");
-        let sums = get_text(client, &sums_url).await.ok()?;
-        Some((format!("{base}{path}"), sums_url, file, sums))
+        let sums = get_text(client, &format!("{base}{sums_path}")).await.ok()?;
+        let hex = parse_sums(&sums, &file)?;
+        Some((format!("{base}{path}"), hex))
     }
 
     /// Already cached for this URL and expected checksum?
