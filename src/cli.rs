@@ -1,13 +1,15 @@
 //! Command-line definitions and dispatch; all printing happens here.
 
 use std::io::{Read, Write};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::spec::{AccelRequest, FirmwareKind, RestartPolicy};
+use crate::ident::{Arch, Cidr, UserName, VmName};
+use crate::spec::{AccelRequest, FirmwareKind, NetworkSpec, RestartPolicy};
 use crate::state::Phase;
 use crate::store::Store;
 use crate::systemd::{self, Scope};
@@ -31,7 +33,7 @@ pub enum Cmd {
     Create(Box<CreateArgs>),
     /// Start a stopped VM
     Start {
-        name: String,
+        name: VmName,
         /// Return only once SSH answers and cloud-init is done
         #[arg(long)]
         wait: bool,
@@ -40,7 +42,7 @@ pub enum Cmd {
     },
     /// Power a VM off (ACPI), forcing it after --timeout seconds
     Stop {
-        name: String,
+        name: VmName,
         /// Do not wait for the guest: quit qemu at once
         #[arg(long)]
         force: bool,
@@ -49,7 +51,7 @@ pub enum Cmd {
     },
     /// Stop then start a VM
     Restart {
-        name: String,
+        name: VmName,
         #[arg(long)]
         wait: bool,
         #[arg(long, default_value_t = 600)]
@@ -58,7 +60,7 @@ pub enum Cmd {
     /// Delete a stopped VM (--force: also a running one)
     #[command(alias = "rm")]
     Delete {
-        name: String,
+        name: VmName,
         #[arg(long)]
         force: bool,
     },
@@ -70,7 +72,7 @@ pub enum Cmd {
     },
     /// Show a VM
     Info {
-        name: String,
+        name: VmName,
         #[arg(long)]
         json: bool,
     },
@@ -79,7 +81,7 @@ pub enum Cmd {
     Image(ImageCmd),
     /// Print a VM's IP address (bridged networking)
     Ip {
-        name: String,
+        name: VmName,
         /// Wait until the address is known
         #[arg(long)]
         wait: bool,
@@ -90,7 +92,7 @@ pub enum Cmd {
     },
     /// SSH into a VM (the host key is pinned; no trust-on-first-use)
     Ssh {
-        name: String,
+        name: VmName,
         /// Command to run instead of a shell
         #[arg(last = true)]
         command: Vec<String>,
@@ -99,7 +101,7 @@ pub enum Cmd {
     Console { name: String },
     /// Print a VM's serial console log
     Logs {
-        name: String,
+        name: VmName,
         /// Keep printing new output
         #[arg(short, long)]
         follow: bool,
@@ -131,7 +133,7 @@ pub enum ImageCmd {
         insecure: bool,
         /// Architecture (amd64, arm64); the host's by default
         #[arg(long)]
-        arch: Option<String>,
+        arch: Option<Arch>,
     },
     /// List cached images
     #[command(alias = "ls")]
@@ -178,13 +180,13 @@ pub enum SystemdCmd {
 #[derive(clap::Args, Debug)]
 pub struct CreateArgs {
     /// VM name (DNS label); generated when omitted
-    pub name: Option<String>,
+    pub name: Option<VmName>,
     /// Local qcow2/raw file or catalog name
     #[arg(long, default_value = "debian-13")]
     pub image: String,
-    /// Guest architecture (amd64, arm64); the host's by default
+    /// Guest architecture (amd64 or x86_64, arm64 or aarch64); the host's by default
     #[arg(long)]
-    pub arch: Option<String>,
+    pub arch: Option<Arch>,
     #[arg(long, default_value_t = default_cpus())]
     pub cpus: u32,
     #[arg(long, default_value = "1G")]
@@ -196,7 +198,7 @@ pub struct CreateArgs {
     pub ssh_key: Vec<PathBuf>,
     /// Login user created in the guest
     #[arg(long, default_value = "nox")]
-    pub user: String,
+    pub user: UserName,
     /// Extra cloud-init user-data (#cloud-config or a #! script), merged with nox's
     #[arg(long)]
     pub user_data: Option<PathBuf>,
@@ -204,7 +206,7 @@ pub struct CreateArgs {
     pub accel: AccelRequest,
     /// user, bridge or bridge:NAME
     #[arg(long)]
-    pub network: Option<String>,
+    pub network: Option<NetworkSpec>,
     /// Only define the VM
     #[arg(long)]
     pub no_start: bool,
@@ -225,13 +227,13 @@ pub struct CreateArgs {
     pub secure_boot: bool,
     /// Static IPv4 address ADDR/PREFIX instead of DHCP
     #[arg(long)]
-    pub ip: Option<String>,
+    pub ip: Option<Cidr>,
     /// Gateway for --ip
     #[arg(long, requires = "ip")]
-    pub gateway: Option<String>,
+    pub gateway: Option<IpAddr>,
     /// DNS server for --ip (repeatable)
     #[arg(long, requires = "ip")]
-    pub dns: Vec<String>,
+    pub dns: Vec<IpAddr>,
     /// Expected digest of a URL image: sha256:HEX or sha512:HEX
     #[arg(long)]
     pub checksum: Option<String>,
@@ -471,7 +473,7 @@ fn start_quiet(store: &Store, name: &str, wait: bool, timeout: u64, quiet: bool)
 /// The one-line warning when `auto` falls back to TCG.
 fn accel_warning(vmp: &crate::store::VmPaths) -> Result<Option<String>> {
     let spec = vmp.load_spec()?;
-    let c = qemu::choose_accel(spec.accel, &spec.arch, &qemu::probe_kvm())?;
+    let c = qemu::choose_accel(spec.accel, spec.arch, &qemu::probe_kvm())?;
     Ok(c.warning)
 }
 
@@ -574,9 +576,12 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
             insecure,
             arch,
         } => {
-            let arch = arch.unwrap_or_else(|| crate::spec::host_arch().into());
+            let arch = match arch {
+                Some(a) => a,
+                None => Arch::host()?,
+            };
             let img =
-                vm::obtain_image(&cache, &source, &arch, checksum.as_deref(), insecure).await?;
+                vm::obtain_image(&cache, &source, arch, checksum.as_deref(), insecure).await?;
             println!(
                 "{} {} ({} MiB)",
                 img.digest,
@@ -811,7 +816,7 @@ async fn doctor(store: &Store) -> Result<i32> {
         println!("{} {what}: {detail}", if ok { "ok  " } else { "FAIL" });
         failed |= !ok;
     };
-    let arch = qemu::arch_facts(crate::spec::host_arch())?;
+    let arch = qemu::arch_facts(Arch::host()?);
     match qemu::find_binary(arch) {
         Ok(bin) => {
             let version = std::process::Command::new(&bin)
@@ -834,7 +839,7 @@ async fn doctor(store: &Store) -> Result<i32> {
         ),
     }
     let kvm = qemu::probe_kvm();
-    let c = qemu::choose_accel(AccelRequest::Auto, arch.name, &kvm)?;
+    let c = qemu::choose_accel(AccelRequest::Auto, arch.arch, &kvm)?;
     println!("ok   accelerator: {} ({})", c.accel.as_str(), c.why);
     let tun = std::fs::OpenOptions::new()
         .read(true)
@@ -861,7 +866,7 @@ async fn doctor(store: &Store) -> Result<i32> {
         .map(|(k, i)| (*k, *i))
     {
         let req = crate::firmware::Request {
-            arch: arch.qemu_arch,
+            arch: arch.arch,
             machine: arch.machine,
             interface: name,
             secure_boot: false,

@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::ident::Arch;
+use crate::qemu::opts::{OptError, Opts};
+
 /// Errors of firmware lookup and NVRAM preparation.
 #[derive(Debug, thiserror::Error)]
 pub enum FirmwareError {
@@ -55,8 +58,8 @@ pub enum FirmwareError {
     },
     #[error("Firmware {descriptor} needs a variable store file, none was given")]
     MissingVars { descriptor: PathBuf },
-    #[error("Path is not valid UTF-8: {0}")]
-    NonUtf8Path(PathBuf),
+    #[error("Cannot pass the firmware to qemu")]
+    Opt(#[from] OptError),
 }
 
 // ---------------------------------------------------------------------------
@@ -155,8 +158,7 @@ impl fmt::Display for Interface {
 /// The guest nox wants firmware for.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
-    /// QEMU target name, "x86_64" or "aarch64" (Debian's "amd64"/"arm64" are accepted).
-    pub arch: &'a str,
+    pub arch: Arch,
     /// Machine type, versioned ("pc-q35-10.0") or an alias ("q35", "pc", "virt").
     pub machine: &'a str,
     pub interface: Interface,
@@ -305,15 +307,6 @@ const MACHINE_ALIASES: &[(&str, &str)] =
     &[("q35", "pc-q35"), ("pc", "pc-i440fx"), ("virt", "virt")];
 const ALIAS_VERSION: &str = "99.0";
 
-/// The QEMU target name for Debian's architecture names.
-fn qemu_arch(arch: &str) -> &str {
-    match arch {
-        "amd64" => "x86_64",
-        "arm64" => "aarch64",
-        other => other,
-    }
-}
-
 /// Whether a descriptor's machine glob accepts `machine` (or its alias expansion).
 pub fn machine_matches(pattern: &str, machine: &str) -> bool {
     let Ok(glob) = glob::Pattern::new(pattern) else {
@@ -333,19 +326,17 @@ pub fn machine_matches(pattern: &str, machine: &str) -> bool {
 }
 
 /// The Debian package that provides firmware for this request, for error messages.
-pub fn debian_package(arch: &str, interface: Interface) -> &'static str {
-    match (qemu_arch(arch), interface) {
-        ("aarch64", _) => "qemu-efi-aarch64",
-        ("x86_64", Interface::Uefi) => "ovmf",
-        ("x86_64", Interface::Bios) => "seabios",
-        ("arm", _) => "qemu-efi-arm",
-        _ => "qemu-system-data",
+pub fn debian_package(arch: Arch, interface: Interface) -> &'static str {
+    match (arch, interface) {
+        (Arch::Arm64, _) => "qemu-efi-aarch64",
+        (Arch::Amd64, Interface::Uefi) => "ovmf",
+        (Arch::Amd64, Interface::Bios) => "seabios",
     }
 }
 
 /// Rank of a descriptor for `req`: lower is better, `None` means unusable.
 fn rank(req: &Request, d: &Descriptor, exists: &dyn Fn(&Path) -> bool) -> Option<(u8, u8)> {
-    let arch = qemu_arch(req.arch);
+    let arch = req.arch.qemu_name();
     let target_ok = d.targets.iter().any(|t| {
         t.architecture == arch && t.machines.iter().any(|m| machine_matches(m, req.machine))
     });
@@ -452,14 +443,14 @@ pub fn choose(
 /// ships none; qemu loads its own `bios-256k.bin`). UEFI must always come
 /// from a descriptor; without one the error names the Debian package.
 pub fn select(req: &Request, dirs: &[PathBuf]) -> Result<Option<Firmware>, FirmwareError> {
-    let arch = qemu_arch(req.arch);
+    let arch = req.arch.qemu_name();
     if req.interface == Interface::Bios {
         if req.secure_boot {
             return Err(FirmwareError::Unsupported(
                 "Secure Boot needs UEFI firmware, not BIOS".into(),
             ));
         }
-        if arch != "x86_64" {
+        if req.arch != Arch::Amd64 {
             return Err(FirmwareError::Unsupported(format!(
                 "{arch} machines boot through UEFI, not BIOS"
             )));
@@ -487,7 +478,7 @@ pub fn select(req: &Request, dirs: &[PathBuf]) -> Result<Option<Firmware>, Firmw
             .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
             .join(", "),
-        package: debian_package(arch, req.interface),
+        package: debian_package(req.arch, req.interface),
     })
 }
 
@@ -617,13 +608,6 @@ fn sparse_copy(src: &mut fs::File, dst: &mut fs::File) -> io::Result<u64> {
     Ok(total)
 }
 
-/// Escapes a value for qemu's comma-separated option syntax.
-fn opt_value(path: &Path) -> Result<String, FirmwareError> {
-    path.to_str()
-        .map(|s| s.replace(',', ",,"))
-        .ok_or_else(|| FirmwareError::NonUtf8Path(path.to_path_buf()))
-}
-
 /// qemu arguments that load this firmware. `vars` is the VM's variable store
 /// (see [`prepare_vars`]); it is required when [`Firmware::needs_vars`].
 ///
@@ -638,20 +622,21 @@ pub fn qemu_args(fw: &Firmware, vars: Option<&Path>) -> Result<Vec<String>, Firm
         })
     };
     let drive = |unit: u8, format: &str, readonly: bool, file: &Path| {
-        let ro = if readonly { ",readonly=on" } else { "" };
-        Ok::<_, FirmwareError>(format!(
-            "if=pflash,unit={unit},format={format}{ro},file={}",
-            opt_value(file)?
-        ))
+        let o = Opts::kv("if", "pflash")
+            .set("unit", unit)
+            .set("format", format);
+        let o = if readonly { o.set("readonly", "on") } else { o };
+        Ok::<_, FirmwareError>(o.path("file", file)?.to_string())
     };
     let mut args = Vec::new();
     match (fw.device, fw.mode) {
         (Device::Memory, _) => {
             args.push("-bios".to_string());
+            // A plain file name, not an option list: nothing to escape.
             args.push(
                 fw.executable
                     .to_str()
-                    .ok_or_else(|| FirmwareError::NonUtf8Path(fw.executable.clone()))?
+                    .ok_or_else(|| OptError::NonUtf8(fw.executable.clone()))?
                     .to_string(),
             );
             return Ok(args);
@@ -709,7 +694,7 @@ mod tests {
 
     fn req(arch: &'static str, machine: &'static str, secure_boot: bool) -> Request<'static> {
         Request {
-            arch,
+            arch: arch.parse().unwrap(),
             machine,
             interface: Interface::Uefi,
             secure_boot,
@@ -1041,7 +1026,7 @@ mod tests {
     fn bios_uses_builtin_or_memory_descriptor() {
         let tmp = tempfile::tempdir().unwrap();
         let bios = |machine, secure_boot| Request {
-            arch: "x86_64",
+            arch: Arch::Amd64,
             machine,
             interface: Interface::Bios,
             secure_boot,
@@ -1054,7 +1039,7 @@ mod tests {
             Err(FirmwareError::Unsupported(_))
         ));
         let arm = Request {
-            arch: "aarch64",
+            arch: Arch::Arm64,
             ..bios("virt", false)
         };
         assert!(matches!(

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod firmware;
+pub mod ident;
 pub mod image;
 pub mod net;
 pub mod qemu;

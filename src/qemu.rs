@@ -5,15 +5,19 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+pub mod opts;
+
+use crate::ident::{Arch, VmName};
 use crate::spec::{AccelRequest, VmSpec};
 use crate::store::VmPaths;
+use opts::Opts;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum QemuError {
-    #[error("unsupported architecture {0:?} (nox knows amd64 and arm64)")]
-    Arch(String),
     #[error("--accel kvm: {0}")]
     NoKvm(String),
+    #[error("cannot build the qemu command line")]
+    Opt(#[from] opts::OptError),
     #[error("{binary} not found in PATH; install it (Debian: apt install {package})")]
     NoBinary {
         binary: &'static str,
@@ -25,10 +29,7 @@ pub enum QemuError {
 /// and doctor learn what differs between amd64 and arm64.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ArchFacts {
-    /// Debian's name (`amd64`, `arm64`).
-    pub name: &'static str,
-    /// QEMU's/firmware descriptors' name (`x86_64`, `aarch64`).
-    pub qemu_arch: &'static str,
+    pub arch: Arch,
     pub binary: &'static str,
     pub package: &'static str,
     pub machine: &'static str,
@@ -41,8 +42,7 @@ pub struct ArchFacts {
 }
 
 pub const AMD64: ArchFacts = ArchFacts {
-    name: "amd64",
-    qemu_arch: "x86_64",
+    arch: Arch::Amd64,
     binary: "qemu-system-x86_64",
     package: "qemu-system-x86",
     machine: "q35",
@@ -52,8 +52,7 @@ pub const AMD64: ArchFacts = ArchFacts {
 };
 
 pub const ARM64: ArchFacts = ArchFacts {
-    name: "arm64",
-    qemu_arch: "aarch64",
+    arch: Arch::Arm64,
     binary: "qemu-system-aarch64",
     package: "qemu-system-arm",
     machine: "virt",
@@ -62,11 +61,10 @@ pub const ARM64: ArchFacts = ArchFacts {
     panic_device: "pvpanic-pci",
 };
 
-pub fn arch_facts(arch: &str) -> Result<&'static ArchFacts, QemuError> {
+pub fn arch_facts(arch: Arch) -> &'static ArchFacts {
     match arch {
-        "amd64" | "x86_64" => Ok(&AMD64),
-        "arm64" | "aarch64" => Ok(&ARM64),
-        other => Err(QemuError::Arch(other.into())),
+        Arch::Amd64 => &AMD64,
+        Arch::Arm64 => &ARM64,
     }
 }
 
@@ -89,8 +87,8 @@ impl Accel {
 /// pure [`choose_accel`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KvmFacts {
-    /// Debian arch name of the host.
-    pub host_arch: String,
+    /// The host's architecture, if nox knows it.
+    pub host_arch: Option<Arch>,
     /// /dev/kvm exists and opens read-write.
     pub dev_kvm: bool,
     /// Loaded KVM flavour modules: kvm_intel, kvm_amd, kvm_pvm.
@@ -109,7 +107,7 @@ pub fn probe_kvm() -> KvmFacts {
         .map(String::from)
         .collect();
     KvmFacts {
-        host_arch: crate::spec::host_arch().into(),
+        host_arch: Arch::host().ok(),
         dev_kvm,
         modules,
     }
@@ -130,14 +128,15 @@ pub struct AccelChoice {
 /// but cannot run stock kernels, so `auto` never picks it.
 pub fn choose_accel(
     req: AccelRequest,
-    guest_arch: &str,
+    guest_arch: Arch,
     host: &KvmFacts,
 ) -> Result<AccelChoice, QemuError> {
     let hw = |m: &str| host.modules.iter().any(|x| x == m);
-    let usable: Result<&str, String> = if host.host_arch != guest_arch {
+    let native = host.host_arch == Some(guest_arch);
+    let usable: Result<&str, String> = if !native {
         Err(format!(
             "a {guest_arch} guest on a {} host needs emulation",
-            host.host_arch
+            host.host_arch.map_or(std::env::consts::ARCH, Arch::as_str)
         ))
     } else if !host.dev_kvm {
         Err("/dev/kvm is missing or not accessible".into())
@@ -147,7 +146,7 @@ pub fn choose_accel(
         Ok("hardware KVM (kvm_amd)")
     } else if hw("kvm_pvm") {
         Err("/dev/kvm is paravirtual KVM (kvm_pvm), which cannot boot stock guest kernels".into())
-    } else if host.host_arch == "arm64" {
+    } else if guest_arch == Arch::Arm64 {
         Ok("KVM on arm64")
     } else {
         Err("/dev/kvm has no hardware KVM module (kvm_intel/kvm_amd) behind it".into())
@@ -169,13 +168,11 @@ pub fn choose_accel(
             why: format!("TCG, because {why}"),
         }),
         // Explicit kvm on a PVM host: the user asked, let them try.
-        (AccelRequest::Kvm, Err(why)) if host.dev_kvm && host.host_arch == guest_arch => {
-            Ok(AccelChoice {
-                accel: Accel::Kvm,
-                warning: Some(format!("warning: {why}; using KVM as requested")),
-                why: format!("KVM as requested, although {why}"),
-            })
-        }
+        (AccelRequest::Kvm, Err(why)) if host.dev_kvm && native => Ok(AccelChoice {
+            accel: Accel::Kvm,
+            warning: Some(format!("warning: {why}; using KVM as requested")),
+            why: format!("KVM as requested, although {why}"),
+        }),
         (AccelRequest::Kvm, Err(why)) => Err(QemuError::NoKvm(why)),
     }
 }
@@ -208,24 +205,42 @@ pub struct Launch<'a> {
     pub firmware: FirmwareArgs,
 }
 
-fn path(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
+/// An argv under construction.
+struct Argv(Vec<String>);
+
+impl Argv {
+    fn flag(&mut self, flag: &str) {
+        self.0.push(flag.into());
+    }
+    fn opt(&mut self, flag: &str, value: impl std::fmt::Display) {
+        self.0.push(flag.into());
+        self.0.push(value.to_string());
+    }
+}
+
+/// The `-name` value of a VM's qemu. [`crate::vm::is_our_qemu`] compares a
+/// process's argv with exactly this, so it can never match another VM.
+pub fn name_arg(name: &VmName) -> String {
+    Opts::new(name).set("debug-threads", "on").into()
 }
 
 /// The full qemu argv (argv[0] is the binary name). Pure: golden-tested.
+/// Every option value goes through [`Opts`], so it is escaped.
 ///
 /// The VM starts paused (`-S`); the supervisor resumes it once QMP is up, so
 /// no event of the boot is missed.
 pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
-    let arch = arch_facts(&l.spec.arch)?;
+    let arch = arch_facts(l.spec.arch);
     let s = l.spec;
     let p = l.paths;
-    let mut machine = format!("{},accel={}", arch.machine, l.accel.as_str());
-    if arch.name == "arm64" && l.accel == Accel::Kvm {
+    let mut machine = Opts::new(arch.machine).set("accel", l.accel.as_str());
+    if arch.arch == Arch::Arm64 && l.accel == Accel::Kvm {
         // The host's GIC version, whatever the board has.
-        machine.push_str(",gic-version=host");
+        machine = machine.set("gic-version", "host");
     }
+    let mut machine = machine.to_string();
     for prop in &l.firmware.machine_props {
+        // Built by crate::firmware from constants (e.g. "smm=on").
         machine.push(',');
         machine.push_str(prop);
     }
@@ -233,70 +248,83 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
         Accel::Kvm => "host",
         Accel::Tcg => "max",
     };
-    let mut a: Vec<String> = vec![arch.binary.into()];
-    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    push(&["-name", &format!("{},debug-threads=on", s.name)]);
-    push(&["-machine", &machine, "-cpu", cpu]);
-    push(&[
-        "-smp",
-        &s.cpus.to_string(),
-        "-m",
-        &format!("{}M", s.memory >> 20),
-    ]);
-    push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
-    push(&[
+    let mut a = Argv(vec![arch.binary.into()]);
+    a.opt("-name", name_arg(&s.name));
+    a.opt("-machine", machine);
+    a.opt("-cpu", cpu);
+    a.opt("-smp", s.cpus);
+    a.opt("-m", format!("{}M", s.memory >> 20));
+    a.flag("-nodefaults");
+    a.flag("-no-user-config");
+    a.opt("-display", "none");
+    a.flag("-S");
+    a.opt(
         "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-    ]);
-    for sock in [p.qmp_socket(), p.ctl_socket()] {
-        push(&["-qmp", &format!("unix:{},server=on,wait=off", path(&sock))]);
+        Opts::new("on")
+            .set("obsolete", "deny")
+            .set("elevateprivileges", "deny")
+            .set("spawn", "deny")
+            .set("resourcecontrol", "deny"),
+    );
+    // Two monitors: the supervisor holds the first, clients (`nox stop`) use
+    // the second, since a QMP socket serves one client at a time.
+    for (id, sock) in [("qmp0", p.qmp_socket()), ("qmp1", p.ctl_socket())] {
+        let chardev = Opts::new("socket")
+            .set("id", id)
+            .path("path", &sock)?
+            .set("server", "on")
+            .set("wait", "off");
+        a.opt("-chardev", chardev);
+        a.opt("-mon", Opts::kv("chardev", id).set("mode", "control"));
     }
-    push(&[
-        "-chardev",
-        &format!(
-            "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
-            path(&p.serial_socket()),
-            path(&p.console_log())
-        ),
-        "-serial",
-        "chardev:serial0",
-    ]);
-    a.extend(l.firmware.args.iter().cloned());
-    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    push(&[
-        "-drive",
-        &format!(
-            "if=none,id=disk0,file={},format=qcow2,discard=unmap",
-            path(&p.disk())
-        ),
-        "-device",
-        "virtio-blk-pci,drive=disk0,bootindex=1",
-        "-drive",
-        &format!(
-            "if=none,id=seed0,file={},format=raw,readonly=on",
-            path(&p.seed())
-        ),
-        "-device",
-        "virtio-blk-pci,drive=seed0",
-    ]);
+    let serial = Opts::new("socket")
+        .set("id", "serial0")
+        .path("path", &p.serial_socket())?
+        .set("server", "on")
+        .set("wait", "off")
+        .path("logfile", &p.console_log())?
+        .set("logappend", "on");
+    a.opt("-chardev", serial);
+    a.opt("-serial", "chardev:serial0");
+    a.0.extend(l.firmware.args.iter().cloned());
+    let disk = Opts::kv("if", "none")
+        .set("id", "disk0")
+        .path("file", &p.disk())?
+        .set("format", "qcow2")
+        .set("discard", "unmap");
+    a.opt("-drive", disk);
+    let dev = Opts::new("virtio-blk-pci")
+        .set("drive", "disk0")
+        .set("bootindex", 1);
+    a.opt("-device", dev);
+    let seed = Opts::kv("if", "none")
+        .set("id", "seed0")
+        .path("file", &p.seed())?
+        .set("format", "raw")
+        .set("readonly", "on");
+    a.opt("-drive", seed);
+    a.opt("-device", Opts::new("virtio-blk-pci").set("drive", "seed0"));
     let netdev = match &l.net {
-        NetBackend::User { ssh_port } => {
-            format!("user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22")
+        NetBackend::User { ssh_port } => Opts::new("user")
+            .set("id", "net0")
+            .set("hostfwd", format!("tcp:127.0.0.1:{ssh_port}-:22")),
+        NetBackend::Tap { fd, vhost_fd } => {
+            let t = Opts::new("tap").set("id", "net0").set("fd", fd);
+            match vhost_fd {
+                Some(v) => t.set("vhost", "on").set("vhostfd", v),
+                None => t,
+            }
         }
-        NetBackend::Tap { fd, vhost_fd } => match vhost_fd {
-            Some(v) => format!("tap,id=net0,fd={fd},vhost=on,vhostfd={v}"),
-            None => format!("tap,id=net0,fd={fd}"),
-        },
     };
-    push(&[
-        "-netdev",
-        &netdev,
-        "-device",
-        &format!("virtio-net-pci,netdev=net0,mac={}", s.mac),
-    ]);
+    a.opt("-netdev", netdev);
+    let nic = Opts::new("virtio-net-pci")
+        .set("netdev", "net0")
+        .set("mac", s.mac);
+    a.opt("-device", nic);
     // Entropy speeds up the guest's early boot (sshd, cloud-init).
-    push(&["-device", "virtio-rng-pci", "-device", arch.panic_device]);
-    Ok(a)
+    a.opt("-device", "virtio-rng-pci");
+    a.opt("-device", arch.panic_device);
+    Ok(a.0)
 }
 
 /// The firmware a VM boots with: its spec's choice or the architecture's
@@ -318,14 +346,13 @@ pub fn firmware_args(
     nox_firmware_dir: Option<&Path>,
 ) -> Result<FirmwareArgs, crate::firmware::FirmwareError> {
     use crate::firmware::{self, Interface, Request};
-    let arch =
-        arch_facts(&spec.arch).map_err(|e| firmware::FirmwareError::Unsupported(e.to_string()))?;
+    let arch = arch_facts(spec.arch);
     let interface = match firmware_kind(spec, arch) {
         crate::spec::FirmwareKind::Bios => Interface::Bios,
         crate::spec::FirmwareKind::Uefi => Interface::Uefi,
     };
     let req = Request {
-        arch: arch.qemu_arch,
+        arch: arch.arch,
         machine: arch.machine,
         interface,
         secure_boot: spec.secure_boot,
@@ -370,23 +397,23 @@ mod tests {
     use crate::spec::{ImageRef, NetworkSpec};
     use crate::store::Store;
 
-    fn spec(arch: &str) -> VmSpec {
+    fn spec(arch: Arch) -> VmSpec {
         VmSpec {
-            name: "demo".into(),
+            name: "demo".parse().unwrap(),
             image: ImageRef {
                 source: "debian-13".into(),
                 digest: "sha256:00".into(),
                 path: "/var/lib/nox/images/x.qcow2".into(),
                 format: "qcow2".into(),
             },
-            arch: arch.into(),
+            arch,
             cpus: 2,
             memory: 1 << 30,
             disk: 10 << 30,
-            user: "debian".into(),
+            user: "debian".parse().unwrap(),
             accel: AccelRequest::Auto,
             network: NetworkSpec::User,
-            mac: "52:54:00:12:34:56".into(),
+            mac: "52:54:00:12:34:56".parse().unwrap(),
             ssh_authorized_keys: vec![],
             ssh_identity: None,
             stop_timeout: 60,
@@ -398,9 +425,9 @@ mod tests {
         }
     }
 
-    fn host(arch: &str, dev: bool, modules: &[&str]) -> KvmFacts {
+    fn host(arch: Arch, dev: bool, modules: &[&str]) -> KvmFacts {
         KvmFacts {
-            host_arch: arch.into(),
+            host_arch: Some(arch),
             dev_kvm: dev,
             modules: modules.iter().map(|m| m.to_string()).collect(),
         }
@@ -409,8 +436,8 @@ mod tests {
     #[test]
     fn golden_amd64_user_tcg() {
         let st = Store::at("/var/lib/nox".into(), "/run/nox".into());
-        let paths = st.vm_paths("demo");
-        let s = spec("amd64");
+        let paths = st.vm_paths(&"demo".parse().unwrap());
+        let s = spec(Arch::Amd64);
         let got = argv(&Launch {
             spec: &s,
             paths: &paths,
@@ -423,8 +450,8 @@ mod tests {
         let want = "qemu-system-x86_64 -name demo,debug-threads=on -machine q35,accel=tcg -cpu max \
 -smp 2 -m 1024M -nodefaults -no-user-config -display none -S \
 -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
--qmp unix:/run/nox/demo/qmp.sock,server=on,wait=off \
--qmp unix:/run/nox/demo/ctl.sock,server=on,wait=off \
+-chardev socket,id=qmp0,path=/run/nox/demo/qmp.sock,server=on,wait=off -mon chardev=qmp0,mode=control \
+-chardev socket,id=qmp1,path=/run/nox/demo/ctl.sock,server=on,wait=off -mon chardev=qmp1,mode=control \
 -chardev socket,id=serial0,path=/run/nox/demo/serial.sock,server=on,wait=off,logfile=/var/lib/nox/vms/demo/console.log,logappend=on \
 -serial chardev:serial0 \
 -drive if=none,id=disk0,file=/var/lib/nox/vms/demo/disk.qcow2,format=qcow2,discard=unmap \
@@ -440,9 +467,9 @@ mod tests {
     #[test]
     fn golden_arm64_tap_kvm_uefi() {
         let st = Store::at("/var/lib/nox".into(), "/run/nox".into());
-        let paths = st.vm_paths("pi");
-        let mut s = spec("arm64");
-        s.name = "pi".into();
+        let paths = st.vm_paths(&"pi".parse().unwrap());
+        let mut s = spec(Arch::Arm64);
+        s.name = "pi".parse().unwrap();
         let got = argv(&Launch {
             spec: &s,
             paths: &paths,
@@ -471,8 +498,8 @@ mod tests {
     #[test]
     fn seed_is_read_only_and_argv_has_no_shell() {
         let st = Store::at("/x".into(), "/r".into());
-        let paths = st.vm_paths("demo");
-        let s = spec("amd64");
+        let paths = st.vm_paths(&"demo".parse().unwrap());
+        let s = spec(Arch::Amd64);
         let a = argv(&Launch {
             spec: &s,
             paths: &paths,
@@ -491,33 +518,36 @@ mod tests {
     #[test]
     fn accel_choice() {
         use AccelRequest::*;
-        let intel = host("amd64", true, &["kvm_intel"]);
-        let pvm = host("amd64", true, &["kvm_pvm"]);
-        let none = host("amd64", false, &[]);
-        let arm = host("arm64", true, &[]);
+        let intel = host(Arch::Amd64, true, &["kvm_intel"]);
+        let pvm = host(Arch::Amd64, true, &["kvm_pvm"]);
+        let none = host(Arch::Amd64, false, &[]);
+        let arm = host(Arch::Arm64, true, &[]);
         assert_eq!(
-            choose_accel(Auto, "amd64", &intel).unwrap().accel,
+            choose_accel(Auto, Arch::Amd64, &intel).unwrap().accel,
             Accel::Kvm
         );
-        let c = choose_accel(Auto, "amd64", &pvm).unwrap();
+        let c = choose_accel(Auto, Arch::Amd64, &pvm).unwrap();
         assert_eq!(c.accel, Accel::Tcg);
         assert!(c.warning.unwrap().contains("kvm_pvm"));
         assert_eq!(
-            choose_accel(Auto, "amd64", &none).unwrap().accel,
+            choose_accel(Auto, Arch::Amd64, &none).unwrap().accel,
             Accel::Tcg
         );
-        assert_eq!(choose_accel(Auto, "arm64", &arm).unwrap().accel, Accel::Kvm);
+        assert_eq!(
+            choose_accel(Auto, Arch::Arm64, &arm).unwrap().accel,
+            Accel::Kvm
+        );
         // Foreign architecture: emulation only.
         assert_eq!(
-            choose_accel(Auto, "arm64", &intel).unwrap().accel,
+            choose_accel(Auto, Arch::Arm64, &intel).unwrap().accel,
             Accel::Tcg
         );
-        assert!(choose_accel(Kvm, "arm64", &intel).is_err());
-        assert!(choose_accel(Kvm, "amd64", &none).is_err());
-        let forced = choose_accel(Kvm, "amd64", &pvm).unwrap();
+        assert!(choose_accel(Kvm, Arch::Arm64, &intel).is_err());
+        assert!(choose_accel(Kvm, Arch::Amd64, &none).is_err());
+        let forced = choose_accel(Kvm, Arch::Amd64, &pvm).unwrap();
         assert_eq!(forced.accel, Accel::Kvm);
         assert!(forced.warning.is_some());
-        let t = choose_accel(Tcg, "amd64", &intel).unwrap();
+        let t = choose_accel(Tcg, Arch::Amd64, &intel).unwrap();
         assert_eq!((t.accel, t.warning), (Accel::Tcg, None));
     }
 }

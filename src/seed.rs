@@ -14,6 +14,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::ident::{Cidr, MacAddr, UserName, VmName};
 use crate::sshkeys::KeyPair;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,23 +37,22 @@ pub enum SeedError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Network {
     Dhcp {
-        mac: String,
+        mac: MacAddr,
     },
     Static {
-        mac: String,
-        /// CIDR, e.g. `10.0.0.5/24`.
-        address: String,
-        gateway: Option<String>,
-        dns: Vec<String>,
+        mac: MacAddr,
+        address: Cidr,
+        gateway: Option<IpAddr>,
+        dns: Vec<IpAddr>,
     },
 }
 
 #[derive(Debug, Clone)]
 pub struct SeedConfig {
-    /// The VM name, already validated (`[a-z0-9-]`, at most 63).
-    pub hostname: String,
+    /// The VM name.
+    pub hostname: VmName,
     /// Login user created in the guest.
-    pub user: String,
+    pub user: UserName,
     pub authorized_keys: Vec<String>,
     /// The guest's ed25519 host key, generated (and pinned) by nox.
     pub host_key: KeyPair,
@@ -112,7 +112,7 @@ pub fn render(cfg: &SeedConfig) -> Result<Seed, SeedError> {
 
     // Hash what the guest acts on; meta-data only repeats the hostname.
     let mut h = Sha256::new();
-    for piece in [&cfg.hostname, &user_data, &network_config] {
+    for piece in [cfg.hostname.as_str(), &user_data, &network_config] {
         h.update((piece.len() as u64).to_le_bytes());
         h.update(piece.as_bytes());
     }
@@ -171,7 +171,7 @@ fn nox_cloud_config(cfg: &SeedConfig) -> Value {
 fn network_config(net: &Network) -> Result<Value, SeedError> {
     let eth = match net {
         Network::Dhcp { mac } => json!({
-            "match": { "macaddress": normalise_mac(mac)? },
+            "match": { "macaddress": mac },
             "dhcp4": true,
         }),
         Network::Static {
@@ -180,15 +180,13 @@ fn network_config(net: &Network) -> Result<Value, SeedError> {
             gateway,
             dns,
         } => {
-            let addr = parse_cidr(address)?;
             let mut eth = json!({
-                "match": { "macaddress": normalise_mac(mac)? },
+                "match": { "macaddress": mac },
                 "dhcp4": false,
                 "addresses": [address],
             });
             if let Some(gw) = gateway {
-                let gw_ip = parse_ip(gw, "gateway")?;
-                if gw_ip.is_ipv4() != addr.is_ipv4() {
+                if gw.is_ipv4() != address.is_ipv4() {
                     return Err(SeedError::Invalid(format!(
                         "gateway {gw} and address {address} are of different IP families"
                     )));
@@ -198,17 +196,10 @@ fn network_config(net: &Network) -> Result<Value, SeedError> {
                 // cloud-init 22.4's ifupdown renderer (Debian 12) writes routes
                 // as `post-up route add ... || true`, which silently fails
                 // without net-tools. Netplan only warns that it is deprecated.
-                let key = if gw_ip.is_ipv4() {
-                    "gateway4"
-                } else {
-                    "gateway6"
-                };
+                let key = if gw.is_ipv4() { "gateway4" } else { "gateway6" };
                 eth[key] = json!(gw);
             }
             if !dns.is_empty() {
-                for d in dns {
-                    parse_ip(d, "DNS server")?;
-                }
                 eth["nameservers"] = json!({ "addresses": dns });
             }
             eth
@@ -219,63 +210,7 @@ fn network_config(net: &Network) -> Result<Value, SeedError> {
     Ok(json!({ "version": 2, "ethernets": { "eth0": eth } }))
 }
 
-fn normalise_mac(mac: &str) -> Result<String, SeedError> {
-    let octets: Vec<&str> = mac.split(':').collect();
-    let ok = octets.len() == 6
-        && octets
-            .iter()
-            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
-    if !ok {
-        return Err(SeedError::Invalid(format!("MAC address {mac:?}")));
-    }
-    Ok(mac.to_ascii_lowercase())
-}
-
-fn parse_ip(s: &str, what: &str) -> Result<IpAddr, SeedError> {
-    s.parse()
-        .map_err(|_| SeedError::Invalid(format!("{what} {s:?} is not an IP address")))
-}
-
-fn parse_cidr(s: &str) -> Result<IpAddr, SeedError> {
-    let bad = || {
-        SeedError::Invalid(format!(
-            "address {s:?} is not in CIDR form (e.g. 10.0.0.5/24)"
-        ))
-    };
-    let (ip, prefix) = s.split_once('/').ok_or_else(bad)?;
-    let ip: IpAddr = ip.parse().map_err(|_| bad())?;
-    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    if prefix > max {
-        return Err(bad());
-    }
-    Ok(ip)
-}
-
 fn validate(cfg: &SeedConfig) -> Result<(), SeedError> {
-    let h = &cfg.hostname;
-    if h.is_empty()
-        || h.len() > 63
-        || !h
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err(SeedError::Invalid(format!("hostname {h:?}")));
-    }
-    let u = &cfg.user;
-    let first_ok = u
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
-    if !first_ok
-        || u.len() > 32
-        || u == "root"
-        || !u
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-    {
-        return Err(SeedError::Invalid(format!("user name {u:?}")));
-    }
     // A line break would add lines of its own to authorized_keys.
     if let Some(k) = cfg
         .authorized_keys
@@ -509,15 +444,15 @@ mod tests {
 
     fn config() -> SeedConfig {
         SeedConfig {
-            hostname: "vm1".into(),
-            user: "alice".into(),
+            hostname: "vm1".parse().unwrap(),
+            user: "alice".parse().unwrap(),
             authorized_keys: vec![
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 alice@laptop".into(),
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey2 alice@desk".into(),
             ],
             host_key: host_key(),
             network: Network::Dhcp {
-                mac: "52:54:00:AB:cd:01".into(),
+                mac: "52:54:00:AB:cd:01".parse().unwrap(),
             },
             user_data: None,
         }
@@ -616,11 +551,15 @@ mod tests {
     #[test]
     fn renders_static_network() {
         let mut cfg = config();
+        let mac = "52:54:00:00:00:02".parse().unwrap();
         cfg.network = Network::Static {
-            mac: "52:54:00:00:00:02".into(),
-            address: "10.77.0.5/24".into(),
-            gateway: Some("10.77.0.1".into()),
-            dns: vec!["10.77.0.1".into(), "2001:db8::53".into()],
+            mac,
+            address: "10.77.0.5/24".parse().unwrap(),
+            gateway: "10.77.0.1".parse().ok(),
+            dns: vec![
+                "10.77.0.1".parse().unwrap(),
+                "2001:db8::53".parse().unwrap(),
+            ],
         };
         let net = json_of(&render(&cfg).unwrap().network_config);
         assert_eq!(
@@ -634,8 +573,8 @@ mod tests {
         );
 
         cfg.network = Network::Static {
-            mac: "52:54:00:00:00:02".into(),
-            address: "2001:db8::5/64".into(),
+            mac,
+            address: "2001:db8::5/64".parse().unwrap(),
             gateway: None,
             dns: vec![],
         };
@@ -644,47 +583,32 @@ mod tests {
         assert!(eth.get("gateway4").is_none() && eth.get("gateway6").is_none());
         assert!(eth.get("nameservers").is_none());
         cfg.network = Network::Static {
-            mac: "52:54:00:00:00:02".into(),
-            address: "2001:db8::5/64".into(),
-            gateway: Some("2001:db8::1".into()),
+            mac,
+            address: "2001:db8::5/64".parse().unwrap(),
+            gateway: "2001:db8::1".parse().ok(),
             dns: vec![],
         };
         let net = json_of(&render(&cfg).unwrap().network_config);
         assert_eq!(net["ethernets"]["eth0"]["gateway6"], "2001:db8::1");
 
-        for (mac, address, gw) in [
-            ("52:54:00:00:00", "10.0.0.5/24", None),
-            ("52:54:00:00:00:0g", "10.0.0.5/24", None),
-            ("52:54:00:00:00:01", "10.0.0.5", None),
-            ("52:54:00:00:00:01", "10.0.0.5/33", None),
-            ("52:54:00:00:00:01", "10.0.0.5/24", Some("fe80::1")),
-            ("52:54:00:00:00:01", "10.0.0.5/24", Some("gw")),
-        ] {
-            cfg.network = Network::Static {
-                mac: mac.into(),
-                address: address.into(),
-                gateway: gw.map(String::from),
-                dns: vec![],
-            };
-            assert!(
-                matches!(render(&cfg), Err(SeedError::Invalid(_))),
-                "{mac} {address} {gw:?}"
-            );
-        }
+        // Malformed MACs and addresses cannot reach here (they are types);
+        // mixed families still can.
+        cfg.network = Network::Static {
+            mac,
+            address: "10.0.0.5/24".parse().unwrap(),
+            gateway: "fe80::1".parse().ok(),
+            dns: vec![],
+        };
+        assert!(matches!(render(&cfg), Err(SeedError::Invalid(_))));
     }
 
     #[test]
     fn rejects_bad_config() {
         for f in [
-            (|c: &mut SeedConfig| c.hostname = "Bad_Name".into()) as fn(&mut SeedConfig),
-            |c| c.hostname = String::new(),
-            |c| c.user = "root".into(),
-            |c| c.user = "9lives".into(),
-            |c| c.user = "a b".into(),
-            |c| {
+            (|c: &mut SeedConfig| {
                 c.authorized_keys
                     .push("ssh-ed25519 AAAA x\nssh-rsa BBBB".into())
-            },
+            }) as fn(&mut SeedConfig),
             |c| c.host_key.private_openssh = String::new(),
         ] {
             let mut cfg = config();
@@ -701,15 +625,15 @@ mod tests {
 
         let mut ids = vec![a.instance_id.clone()];
         let changes: Vec<fn(&mut SeedConfig)> = vec![
-            |c| c.hostname = "vm2".into(),
-            |c| c.user = "bob".into(),
+            |c| c.hostname = "vm2".parse().unwrap(),
+            |c| c.user = "bob".parse().unwrap(),
             |c| {
                 c.authorized_keys.pop();
             },
             |c| c.host_key = sshkeys::generate_ed25519("other").unwrap(),
             |c| {
                 c.network = Network::Dhcp {
-                    mac: "52:54:00:ab:cd:02".into(),
+                    mac: "52:54:00:ab:cd:02".parse().unwrap(),
                 }
             },
             |c| c.user_data = Some("#cloud-config\npackages: [htop]\n".into()),

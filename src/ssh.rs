@@ -231,7 +231,7 @@ mod tests {
     #[test]
     fn argv_pins_host_key() {
         let st = Store::at("/v".into(), "/r".into());
-        let vm = st.vm_paths("demo");
+        let vm = st.vm_paths(&"demo".parse().unwrap());
         let spec: VmSpec = serde_json::from_value(serde_json::json!({
             "name": "demo", "image": {"source": "x", "digest": "sha256:0", "path": "/i", "format": "qcow2"},
             "arch": "amd64", "cpus": 1, "memory": 1073741824u64, "disk": 10737418240u64, "user": "nox",

@@ -156,7 +156,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let s = Store::at(t.path().join("r"), t.path().join("run"));
         s.init().unwrap();
-        let vm = s.vm_paths("demo");
+        let vm = s.vm_paths(&"demo".parse().unwrap());
         std::fs::create_dir_all(&vm.dir).unwrap();
         assert_eq!(load(&vm).unwrap().state, Phase::Stopped);
         let mut st = State::new(Phase::Running);

@@ -18,7 +18,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::spec::{self, VmSpec};
+use crate::ident::{IdentError, VmName};
+use crate::spec::VmSpec;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -33,15 +34,21 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: corrupt: {source}")]
+    #[error("{path}: corrupt")]
     Corrupt {
         path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: invalid field `{field}`")]
+    Field {
+        path: PathBuf,
+        field: String,
         source: serde_json::Error,
     },
     #[error("{0}: path too long for a unix socket (108 bytes); use a shorter NOX_HOME")]
     SocketPath(PathBuf),
     #[error(transparent)]
-    Spec(#[from] spec::SpecError),
+    Name(#[from] IdentError),
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -97,8 +104,8 @@ impl Store {
 
     /// The paths of an existing VM; `NotFound` if it does not exist.
     pub fn vm(&self, name: &str) -> Result<VmPaths, StoreError> {
-        spec::validate_name(name)?;
-        let paths = self.vm_paths(name);
+        let name: VmName = name.parse()?;
+        let paths = self.vm_paths(&name);
         if !paths.spec().exists() {
             return Err(StoreError::NotFound(name.into()));
         }
@@ -106,27 +113,28 @@ impl Store {
     }
 
     /// The paths a VM named `name` has or would have.
-    pub fn vm_paths(&self, name: &str) -> VmPaths {
+    pub fn vm_paths(&self, name: &VmName) -> VmPaths {
         VmPaths {
-            name: name.into(),
-            dir: self.vms_dir().join(name),
-            run: self.run.join(name),
+            name: name.clone(),
+            dir: self.vms_dir().join(name.as_str()),
+            run: self.run.join(name.as_str()),
         }
     }
 
     /// Names of all VMs, sorted. In-progress creates (dot-directories) are not VMs.
-    pub fn list(&self) -> Result<Vec<String>, StoreError> {
+    pub fn list(&self) -> Result<Vec<VmName>, StoreError> {
         let dir = self.vms_dir();
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
             Err(e) => return Err(io(&dir)(e)),
         };
-        let mut names: Vec<String> = entries
+        // Dot-directories (in-progress creates) are not valid names.
+        let mut names: Vec<VmName> = entries
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| !n.starts_with('.') && spec::validate_name(n).is_ok())
-            .filter(|n| dir.join(n).join("spec.json").exists())
+            .filter_map(|n| n.parse::<VmName>().ok())
+            .filter(|n| dir.join(n.as_str()).join("spec.json").exists())
             .collect();
         names.sort();
         Ok(names)
@@ -135,12 +143,11 @@ impl Store {
     /// Starts an atomic create: a private staging directory that becomes the
     /// VM only on [`Staging::commit`]. Stale stagings of killed creates are
     /// removed first, so nothing ever blocks a retry.
-    pub fn stage(&self, name: &str) -> Result<Staging, StoreError> {
-        spec::validate_name(name)?;
+    pub fn stage(&self, name: &VmName) -> Result<Staging, StoreError> {
         self.init()?;
         self.remove_stale_stagings();
-        if self.vms_dir().join(name).exists() {
-            return Err(StoreError::Exists(name.into()));
+        if self.vms_dir().join(name.as_str()).exists() {
+            return Err(StoreError::Exists(name.to_string()));
         }
         let dir = tempfile::Builder::new()
             .prefix(&format!(".new-{name}-"))
@@ -151,10 +158,10 @@ impl Store {
         // The staging dir is locked while in use so a concurrent create does
         // not take it for a stale one.
         let lock = lock_file(&dir.path().join("lock"), false)?
-            .ok_or_else(|| StoreError::Exists(name.into()))?;
+            .ok_or_else(|| StoreError::Exists(name.to_string()))?;
         Ok(Staging {
-            name: name.into(),
-            target: self.vms_dir().join(name),
+            name: name.to_string(),
+            target: self.vms_dir().join(name.as_str()),
             dir: Some(dir),
             _lock: lock,
         })
@@ -229,7 +236,7 @@ impl Staging {
 /// Where one VM's files live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmPaths {
-    pub name: String,
+    pub name: VmName,
     pub dir: PathBuf,
     pub run: PathBuf,
 }
@@ -298,7 +305,7 @@ impl VmPaths {
     }
 
     pub fn load_spec(&self) -> Result<VmSpec, StoreError> {
-        read_json(&self.spec())?.ok_or_else(|| StoreError::NotFound(self.name.clone()))
+        read_json(&self.spec())?.ok_or_else(|| StoreError::NotFound(self.name.to_string()))
     }
 
     /// Takes the VM's lock without waiting. `None`: someone holds it (a
@@ -384,12 +391,27 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError
 /// Reads a JSON file; `None` if it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
     match fs::read(path) {
-        Ok(data) => serde_json::from_slice(&data)
-            .map(Some)
-            .map_err(|source| StoreError::Corrupt {
-                path: path.into(),
-                source,
-            }),
+        // The error names the field, so a hand-edited file says what is wrong.
+        Ok(data) => {
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&data))
+                .map(Some)
+                .map_err(|e| {
+                    let field = e.path().to_string();
+                    let source = e.into_inner();
+                    if field == "." || source.is_syntax() || source.is_eof() {
+                        StoreError::Corrupt {
+                            path: path.into(),
+                            source,
+                        }
+                    } else {
+                        StoreError::Field {
+                            path: path.into(),
+                            field,
+                            source,
+                        }
+                    }
+                })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io(path)(e)),
     }
@@ -398,6 +420,10 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn n(s: &str) -> VmName {
+        s.parse().unwrap()
+    }
 
     fn store() -> (tempfile::TempDir, Store) {
         let t = tempfile::tempdir().unwrap();
@@ -408,19 +434,19 @@ mod tests {
     #[test]
     fn staging_is_invisible_until_commit() {
         let (_t, s) = store();
-        let st = s.stage("demo").unwrap();
+        let st = s.stage(&n("demo")).unwrap();
         fs::write(st.path().join("spec.json"), "{}").unwrap();
         assert!(s.list().unwrap().is_empty());
         st.commit().unwrap();
-        assert_eq!(s.list().unwrap(), vec!["demo".to_string()]);
-        assert!(matches!(s.stage("demo"), Err(StoreError::Exists(_))));
+        assert_eq!(s.list().unwrap(), vec![n("demo")]);
+        assert!(matches!(s.stage(&n("demo")), Err(StoreError::Exists(_))));
     }
 
     #[test]
     fn dropped_staging_leaves_nothing() {
         let (_t, s) = store();
         {
-            let st = s.stage("demo").unwrap();
+            let st = s.stage(&n("demo")).unwrap();
             fs::write(st.path().join("spec.json"), "{}").unwrap();
         }
         assert_eq!(fs::read_dir(s.vms_dir()).unwrap().count(), 0);
@@ -433,7 +459,7 @@ mod tests {
         let stale = s.vms_dir().join(".new-demo-abc");
         fs::create_dir(&stale).unwrap();
         fs::write(stale.join("spec.json"), "{}").unwrap();
-        let st = s.stage("demo").unwrap();
+        let st = s.stage(&n("demo")).unwrap();
         assert!(!stale.exists());
         st.commit().unwrap();
     }
@@ -441,13 +467,13 @@ mod tests {
     #[test]
     fn concurrent_commit_of_the_same_name_fails_cleanly() {
         let (_t, s) = store();
-        let a = s.stage("demo").unwrap();
-        let b = s.stage("demo").unwrap();
+        let a = s.stage(&n("demo")).unwrap();
+        let b = s.stage(&n("demo")).unwrap();
         fs::write(a.path().join("spec.json"), "{}").unwrap();
         fs::write(b.path().join("spec.json"), "{}").unwrap();
         a.commit().unwrap();
         assert!(matches!(b.commit(), Err(StoreError::Exists(_))));
-        assert_eq!(s.list().unwrap(), vec!["demo".to_string()]);
+        assert_eq!(s.list().unwrap(), vec![n("demo")]);
         assert_eq!(fs::read_dir(s.vms_dir()).unwrap().count(), 1);
     }
 
@@ -487,7 +513,7 @@ mod tests {
     #[test]
     fn bad_names_are_refused_before_touching_disk() {
         let (_t, s) = store();
-        assert!(s.stage("../x").is_err());
+        assert!("../x".parse::<VmName>().is_err());
         assert!(s.vm("../x").is_err());
         assert!(!s.root().exists());
         assert!(matches!(s.vm("ghost"), Err(StoreError::NotFound(_))));

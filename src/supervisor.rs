@@ -114,11 +114,11 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
     let spec = vm.load_spec()?;
     let _lock = vm
         .try_lock()?
-        .ok_or_else(|| SupervisorError::AlreadyRunning(spec.name.clone()))?;
+        .ok_or_else(|| SupervisorError::AlreadyRunning(spec.name.to_string()))?;
     // Everything qemu creates (sockets, console log) is private.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     vm.check_socket_paths()?;
-    let choice = qemu::choose_accel(spec.accel, &spec.arch, &qemu::probe_kvm())?;
+    let choice = qemu::choose_accel(spec.accel, spec.arch, &qemu::probe_kvm())?;
     if let Some(w) = &choice.warning {
         warn!("{w}");
     }
@@ -265,7 +265,7 @@ async fn run_once(
     mut st: State,
     signals: &mut Signals,
 ) -> Result<Outcome, SupervisorError> {
-    let arch = qemu::arch_facts(&spec.arch)?;
+    let arch = qemu::arch_facts(spec.arch);
     let binary = qemu::find_binary(arch)?;
     st.pid = Some(std::process::id());
     st.accel = Some(accel.as_str().into());
@@ -284,7 +284,7 @@ async fn run_once(
         attempt += 1;
         cleanup_runtime(vm);
         store::mkdir_private(&vm.run)?;
-        let mut net = attach(&spec.name, &spec.network, &spec.mac).await?;
+        let mut net = attach(&spec.name, &spec.network, spec.mac).await?;
         if let NetBackend::User { ssh_port } = net.backend {
             st.ssh_port = Some(ssh_port);
         }
@@ -293,7 +293,7 @@ async fn run_once(
         st.ip = spec
             .static_ip
             .as_ref()
-            .map(|s| s.address.split('/').next().unwrap_or("").to_string());
+            .map(|s| s.address.addr().to_string());
         let argv = qemu::argv(&qemu::Launch {
             spec,
             paths: vm,

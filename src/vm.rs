@@ -1,6 +1,7 @@
 //! VM lifecycle operations behind the CLI: create, start, stop, delete, and
 //! the stable `--json` view of a VM.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::ident::{Arch, Cidr, MacAddr, UserName, VmName};
 use crate::image::{self, Cache};
 use crate::qmp::Qmp;
 use crate::seed::{self, SeedConfig};
@@ -59,27 +61,27 @@ pub enum VmError {
 }
 
 /// What `nox create` was asked for, before validation.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CreateOptions {
-    pub name: Option<String>,
+    pub name: Option<VmName>,
     pub image: String,
-    pub arch: Option<String>,
+    pub arch: Option<Arch>,
     pub cpus: u32,
     pub memory: String,
     pub disk: String,
     pub ssh_keys: Vec<PathBuf>,
-    pub user: String,
+    pub user: UserName,
     pub user_data: Option<PathBuf>,
     pub accel: AccelRequest,
-    pub network: Option<String>,
+    pub network: Option<NetworkSpec>,
     pub stop_timeout: u64,
     pub restart: RestartPolicy,
     pub firmware: Option<FirmwareKind>,
     pub secure_boot: bool,
     /// `--ip ADDR/PREFIX` (static address), with `--gateway` and `--dns`.
-    pub ip: Option<String>,
-    pub gateway: Option<String>,
-    pub dns: Vec<String>,
+    pub ip: Option<Cidr>,
+    pub gateway: Option<IpAddr>,
+    pub dns: Vec<IpAddr>,
     /// For a URL image: `sha256:HEX` / `sha512:HEX`, or `insecure`.
     pub checksum: Option<String>,
     pub insecure: bool,
@@ -90,20 +92,20 @@ pub struct CreateOptions {
 /// any point leaves nothing `list` shows and nothing that blocks a retry.
 pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError> {
     // Validate everything that needs no I/O first.
-    let name = o.name.clone().unwrap_or_else(spec::generated_name);
-    spec::validate_name(&name)?;
-    spec::validate_user(&o.user)?;
-    let arch = o.arch.clone().unwrap_or_else(|| spec::host_arch().into());
-    crate::qemu::arch_facts(&arch)?;
+    let name = o.name.clone().unwrap_or_else(VmName::generate);
+    let arch = match o.arch {
+        Some(a) => a,
+        None => Arch::host().map_err(spec::SpecError::from)?,
+    };
     let cpus = spec::validate_cpus(o.cpus, spec::host_cpus())?;
     let memory = spec::parse_memory(&o.memory, spec::host_memory())?;
     let disk = spec::parse_disk(&o.disk)?;
-    let static_ip = match &o.ip {
-        Some(ip) => Some(spec::StaticIp::parse(ip, o.gateway.as_deref(), &o.dns)?),
+    let static_ip = match o.ip {
+        Some(ip) => Some(spec::StaticIp::new(ip, o.gateway, o.dns.clone())?),
         None => None,
     };
     let network = match &o.network {
-        Some(n) => NetworkSpec::parse(n)?,
+        Some(n) => n.clone(),
         None => default_network().await.0,
     };
     if let NetworkSpec::Bridge { bridge } = &network {
@@ -132,14 +134,14 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
         ),
         None => None,
     };
-    if store.vms_dir().join(&name).exists() {
-        return Err(StoreError::Exists(name).into());
+    if store.vms_dir().join(name.as_str()).exists() {
+        return Err(StoreError::Exists(name.to_string()).into());
     }
     let staging = store.stage(&name)?;
     let vm = store.vm_paths(&name).staged(staging.path());
 
     let cache = Cache::open(&store.images_dir())?;
-    let base = obtain_image(&cache, &o.image, &arch, o.checksum.as_deref(), o.insecure).await?;
+    let base = obtain_image(&cache, &o.image, arch, o.checksum.as_deref(), o.insecure).await?;
     image::create_overlay(&base, &vm.disk(), Some(disk))?;
 
     // nox's own key lets `--wait` and `nox ssh` work without an agent; the
@@ -208,11 +210,11 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
 pub async fn obtain_image(
     cache: &Cache,
     source: &str,
-    arch: &str,
+    arch: Arch,
     checksum: Option<&str>,
     insecure: bool,
 ) -> Result<image::Image, VmError> {
-    Ok(match image::parse_source(source, arch)? {
+    Ok(match image::parse_source(source, arch.as_str())? {
         image::Source::File(path) => cache.import_file(&path, None)?,
         image::Source::Url { url, .. } => {
             let checksum = checksum.map(image::parse_checksum).transpose()?;
@@ -239,6 +241,7 @@ pub fn image_users(store: &Store, digest: &str) -> Vec<String> {
                 .load_spec()
                 .is_ok_and(|s| s.image.digest == digest)
         })
+        .map(String::from)
         .collect()
 }
 
@@ -266,7 +269,7 @@ pub async fn default_network() -> (NetworkSpec, String) {
     match crate::net::bridge::check_bridge("br0").await {
         Ok(_) => (
             NetworkSpec::Bridge {
-                bridge: "br0".into(),
+                bridge: crate::ident::IfName::br0(),
             },
             "bridge br0: it exists and is up".into(),
         ),
@@ -276,15 +279,15 @@ pub async fn default_network() -> (NetworkSpec, String) {
 
 /// A locally administered MAC in qemu's 52:54:00 range, unique among this
 /// host's VMs.
-pub fn unique_mac(store: &Store) -> String {
-    let taken: Vec<String> = store
+pub fn unique_mac(store: &Store) -> MacAddr {
+    let taken: Vec<MacAddr> = store
         .list()
         .unwrap_or_default()
         .iter()
         .filter_map(|n| store.vm_paths(n).load_spec().ok())
         .map(|s| s.mac)
         .collect();
-    crate::net::mac::generate_mac(&taken)
+    MacAddr::generate(&taken)
 }
 
 /// Renders the cloud-init seed for a spec and writes it as the VM's FAT image.
@@ -301,14 +304,12 @@ pub fn write_seed(
         host_key: host_key.clone(),
         network: match &spec.static_ip {
             Some(s) => seed::Network::Static {
-                mac: spec.mac.clone(),
-                address: s.address.clone(),
-                gateway: s.gateway.clone(),
+                mac: spec.mac,
+                address: s.address,
+                gateway: s.gateway,
                 dns: s.dns.clone(),
             },
-            None => seed::Network::Dhcp {
-                mac: spec.mac.clone(),
-            },
+            None => seed::Network::Dhcp { mac: spec.mac },
         },
         user_data,
     };
@@ -532,13 +533,18 @@ fn is_our_supervisor(pid: u32, name: &str) -> bool {
         .any(|w| w[0] == b"run" && w[1] == name.as_bytes())
 }
 
-/// Whether `pid` is a qemu started for VM `name` (its argv has `-name NAME,`).
+/// Whether `pid` is a qemu started for VM `name` (its argv has the `-name`
+/// value [`crate::qemu::name_arg`] builds).
 pub fn is_our_qemu(pid: u32, name: &str) -> bool {
+    let Ok(name) = name.parse::<VmName>() else {
+        return false;
+    };
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let want = format!("{name},debug-threads=on");
+    // Exactly the value the argv builder wrote for this VM.
+    let want = crate::qemu::name_arg(&name);
     args.first()
         .is_some_and(|a| a.windows(11).any(|w| w == b"qemu-system"))
         && args
@@ -584,7 +590,7 @@ pub struct VmInfo {
     pub state: Phase,
     pub reason: Option<String>,
     pub image: ImageInfo,
-    pub arch: String,
+    pub arch: Arch,
     pub cpus: u32,
     /// Bytes.
     pub memory: u64,
@@ -592,7 +598,7 @@ pub struct VmInfo {
     pub disk: u64,
     pub accel: Option<String>,
     pub network: String,
-    pub mac: String,
+    pub mac: MacAddr,
     pub ssh: SshInfo,
     pub ssh_port: Option<u16>,
     pub ip: Option<String>,
@@ -633,27 +639,24 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
     let active = st.state.is_active();
     let ep = active.then(|| crate::ssh::endpoint(st)).flatten();
     VmInfo {
-        name: spec.name.clone(),
+        name: spec.name.to_string(),
         state: st.state,
         reason: st.reason.clone(),
         image: ImageInfo {
             source: spec.image.source.clone(),
             digest: spec.image.digest.clone(),
         },
-        arch: spec.arch.clone(),
+        arch: spec.arch,
         cpus: spec.cpus,
         memory: spec.memory,
         disk: spec.disk,
         accel: active.then(|| st.accel.clone()).flatten(),
-        network: match &spec.network {
-            NetworkSpec::User => "user".into(),
-            NetworkSpec::Bridge { bridge } => format!("bridge:{bridge}"),
-        },
-        mac: spec.mac.clone(),
+        network: spec.network.to_string(),
+        mac: spec.mac,
         ssh: SshInfo {
             host: ep.as_ref().map(|e| e.host.clone()),
             port: ep.as_ref().map(|e| e.port),
-            user: spec.user.clone(),
+            user: spec.user.to_string(),
             identity: crate::ssh::identity(spec, vm),
         },
         // What a program needs with `ip`: 22 on a bridge, the forward otherwise.
@@ -661,13 +664,11 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
         ip: active.then(|| st.ip.clone()).flatten(),
         ipv6: if active { st.ipv6.clone() } else { vec![] },
         bridge: match &spec.network {
-            NetworkSpec::Bridge { bridge } => Some(bridge.clone()),
+            NetworkSpec::Bridge { bridge } => Some(bridge.to_string()),
             NetworkSpec::User => None,
         },
         tap: active.then(|| st.tap.clone()).flatten(),
-        firmware: crate::qemu::arch_facts(&spec.arch)
-            .map(|a| crate::qemu::firmware_kind(spec, a))
-            .unwrap_or(FirmwareKind::Bios),
+        firmware: crate::qemu::firmware_kind(spec, crate::qemu::arch_facts(spec.arch)),
         secure_boot: spec.secure_boot,
         pid: active.then_some(st.pid).flatten(),
         qemu_pid: active.then_some(st.qemu_pid).flatten(),

@@ -31,7 +31,7 @@ fn firmware_args(
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("firmware/fixtures");
     let descriptors = firmware::load_descriptors(&[dir]).unwrap();
     let req = Request {
-        arch: arch.qemu_arch,
+        arch: arch.arch,
         machine: arch.machine,
         interface,
         secure_boot: secure,
@@ -47,12 +47,12 @@ fn firmware_args(
 #[test]
 fn argv_golden_matrix() {
     let store = Store::at("/var/lib/nox".into(), "/run/nox".into());
-    let paths = store.vm_paths("demo");
+    let paths = store.vm_paths(&"demo".parse().unwrap());
     let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let update = std::env::var_os("NOX_UPDATE_GOLDEN").is_some();
     let mut checked = 0;
     for arch_name in ["amd64", "arm64"] {
-        let arch = qemu::arch_facts(arch_name).unwrap();
+        let arch = qemu::arch_facts(arch_name.parse().unwrap());
         let fws: &[(&str, Option<Interface>, bool)] = if arch.has_bios {
             &[
                 ("bios", None, false),

@@ -268,3 +268,52 @@ fn missing_qemu_binary_is_named() {
     );
     assert_eq!(h.info("demo")["state"], "crashed");
 }
+
+/// A hand-edited spec.json is checked like the command line: a value that
+/// would smuggle options into qemu's argv is refused, naming file and field.
+#[test]
+fn hand_edited_spec_is_refused_naming_file_and_field() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let img = img.to_str().unwrap();
+    // QEMU's name for the architecture is the same architecture (not a
+    // foreign one that would force TCG): it is stored under Debian's name.
+    h.ok(&[
+        "create",
+        "demo",
+        "--image",
+        img,
+        "--no-start",
+        "--arch",
+        "x86_64",
+    ]);
+    let info = h.info("demo");
+    assert_eq!(info["arch"], "amd64", "{info}");
+    let spec_path = h.path().join("vms/demo/spec.json");
+    let good = std::fs::read_to_string(&spec_path).unwrap();
+    let mut spec: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let cases = [
+        (
+            "mac",
+            serde_json::json!("52:54:00:00:00:01,romfile=/etc/shadow"),
+        ),
+        ("name", serde_json::json!("demo,x=y")),
+        ("arch", serde_json::json!("sparc")),
+        ("user", serde_json::json!("root")),
+    ];
+    for (field, bad) in cases {
+        let saved = spec[field].clone();
+        spec[field] = bad.clone();
+        std::fs::write(&spec_path, serde_json::to_string_pretty(&spec).unwrap()).unwrap();
+        for cmd in [&["info", "demo"][..], &["start", "demo"]] {
+            let err = h.fails(cmd);
+            assert!(
+                err.contains(spec_path.to_str().unwrap()) && err.contains(&format!("`{field}`")),
+                "{field}={bad} with {cmd:?}: {err}"
+            );
+        }
+        spec[field] = saved;
+    }
+    std::fs::write(&spec_path, &good).unwrap();
+    assert_eq!(h.info("demo")["mac"], spec["mac"]);
+}

@@ -97,7 +97,7 @@ fn boot_until(
 
 fn select(arch: &str, machine: &str, secure_boot: bool) -> firmware::Firmware {
     let req = Request {
-        arch,
+        arch: arch.parse().unwrap(),
         machine,
         interface: Interface::Uefi,
         secure_boot,

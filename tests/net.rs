@@ -12,9 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sched::CloneFlags;
+use nox::ident::MacAddr;
 use nox::net::bridge::{self, BridgeError};
 use nox::net::discover::{self, Addresses};
-use nox::net::mac::{generate_mac, parse_mac};
 use nox::net::tap::{Tap, TapError, tap_name};
 use tokio::sync::watch;
 
@@ -243,7 +243,7 @@ fn watch_tap_sees_arp_written_by_the_guest_side_of_a_real_tap() {
     let ns = Netns::new("tarp");
     ipn(&ns.name, &["link", "add", "br0", "type", "bridge"]);
     ipn(&ns.name, &["link", "set", "br0", "up"]);
-    let mac = parse_mac(&generate_mac(&[])).unwrap();
+    let mac = MacAddr::generate(&[]).bytes();
     let got = in_ns(&ns.name, move || async move {
         let tap = Tap::create("noxtap0").unwrap();
         // A tap that is down refuses writes (EIO); attaching also sets it up.
@@ -408,14 +408,14 @@ fn dhcp_lease_learned_with_host_address_on_bridge() {
         bridge::attach(tap.name(), &br).await.unwrap();
         tap
     });
-    let mac_s = generate_mac(&[]);
+    let mac_s = MacAddr::generate(&[]).to_string();
     add_guest(&host.name, &guest.name, &mac_s);
     let _dnsmasq = start_dnsmasq(&host.name, "br0", dir.path());
 
     let (a, took) = dhcp_and_watch(
         &host.name,
         &guest.name,
-        parse_mac(&mac_s).unwrap(),
+        mac_s.parse::<MacAddr>().unwrap().bytes(),
         Some(tap.name().to_string()),
     );
     eprintln!(
@@ -472,7 +472,7 @@ fn dhcp_lease_learned_without_host_address_dhcp_elsewhere() {
         bridge::attach(tap.name(), &br).await.unwrap();
         tap
     });
-    let mac_s = generate_mac(&[]);
+    let mac_s = MacAddr::generate(&[]).to_string();
     add_guest(&host.name, &guest.name, &mac_s);
     let _dnsmasq = start_dnsmasq(&server.name, "lan0", dir.path());
     let addrs = ipn(&host.name, &["-4", "addr", "show"]);
@@ -481,7 +481,12 @@ fn dhcp_lease_learned_without_host_address_dhcp_elsewhere() {
         "host side must have no address: {addrs}"
     );
 
-    let (a, took) = dhcp_and_watch(&host.name, &guest.name, parse_mac(&mac_s).unwrap(), None);
+    let (a, took) = dhcp_and_watch(
+        &host.name,
+        &guest.name,
+        mac_s.parse::<MacAddr>().unwrap().bytes(),
+        None,
+    );
     eprintln!(
         "measure: DHCP (no host address, server elsewhere): udhcpc start -> IP known: {took:?}"
     );
@@ -507,8 +512,8 @@ fn static_guest_found_by_arp_ipv6_and_neighbour_table() {
     ipn(&host.name, &["link", "add", "br0", "type", "bridge"]);
     ipn(&host.name, &["addr", "add", "10.77.0.1/24", "dev", "br0"]);
     ipn(&host.name, &["link", "set", "br0", "up"]);
-    let mac_s = generate_mac(&[]);
-    let mac = parse_mac(&mac_s).unwrap();
+    let mac_s = MacAddr::generate(&[]).to_string();
+    let mac = mac_s.parse::<MacAddr>().unwrap().bytes();
     // The guest's port is created but its end stays down until the watch runs, so
     // the IPv6 link-local (DAD, then MLD/RS) is sent while we listen.
     ipn(

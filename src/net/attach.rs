@@ -10,7 +10,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::discover::{self, Addresses};
-use super::{bridge, mac, tap};
+use super::{bridge, tap};
+use crate::ident::{MacAddr, VmName};
 use crate::qemu::NetBackend;
 use crate::spec::NetworkSpec;
 
@@ -20,10 +21,8 @@ pub enum AttachError {
     Bridge(#[from] bridge::BridgeError),
     #[error(transparent)]
     Tap(#[from] tap::TapError),
-    #[error(transparent)]
-    Mac(#[from] mac::MacError),
-    #[error("no free port on 127.0.0.1 for the SSH forward: {0}")]
-    Port(std::io::Error),
+    #[error("no free port on 127.0.0.1 for the SSH forward")]
+    Port(#[source] std::io::Error),
 }
 
 /// A VM's network for one qemu run.
@@ -70,7 +69,11 @@ fn vhost_fd() -> Option<OwnedFd> {
 
 /// Sets up the VM's network: a free forwarded port for user-mode, or a fresh
 /// tap on the bridge (a stale tap of a killed run removed first).
-pub async fn attach(vm: &str, net: &NetworkSpec, vm_mac: &str) -> Result<Attached, AttachError> {
+pub async fn attach(
+    vm: &VmName,
+    net: &NetworkSpec,
+    vm_mac: MacAddr,
+) -> Result<Attached, AttachError> {
     match net {
         NetworkSpec::User => Ok(Attached {
             backend: NetBackend::User {
@@ -83,8 +86,8 @@ pub async fn attach(vm: &str, net: &NetworkSpec, vm_mac: &str) -> Result<Attache
             watcher: None,
         }),
         NetworkSpec::Bridge { bridge: br } => {
-            let info = bridge::check_bridge(br).await?;
-            let name = tap::tap_name(vm);
+            let info = bridge::check_bridge(br.as_str()).await?;
+            let name = tap::tap_name(vm.as_str());
             if bridge::link_exists(&name).await? {
                 warn!("removing stale tap {name}");
                 bridge::delete_link(&name).await?;
@@ -100,14 +103,14 @@ pub async fn attach(vm: &str, net: &NetworkSpec, vm_mac: &str) -> Result<Attache
             let mut child_fds = vec![fd];
             child_fds.extend(vhost);
             let (tx, rx) = watch::channel(Addresses::default());
-            let mac = mac::parse_mac(vm_mac)?;
+            let mac = vm_mac.bytes();
             let watcher = tokio::spawn(watch(name.clone(), mac, tx));
             info!("tap {name} attached to {br}");
             Ok(Attached {
                 backend,
                 child_fds,
                 tap: Some(t),
-                bridge: Some(br.clone()),
+                bridge: Some(br.to_string()),
                 addresses: Some(rx),
                 watcher: Some(watcher),
             })

@@ -8,8 +8,6 @@ use nix::libc;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec};
 
-use crate::net::tap::valid_ifname;
-
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
     #[error("invalid interface name {name:?}")]
@@ -74,7 +72,7 @@ fn connect() -> Result<Handle, BridgeError> {
 
 /// The link called `name`, or `None` when it does not exist.
 async fn get_link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, BridgeError> {
-    if !valid_ifname(name) {
+    if name.parse::<crate::ident::IfName>().is_err() {
         return Err(BridgeError::BadName { name: name.into() });
     }
     let mut links = handle.link().get().match_name(name).execute();

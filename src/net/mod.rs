@@ -3,5 +3,4 @@
 pub mod attach;
 pub mod bridge;
 pub mod discover;
-pub mod mac;
 pub mod tap;

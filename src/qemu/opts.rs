@@ -1,0 +1,99 @@
+//! qemu's comma-separated option values (`-drive if=none,file=…`), built so
+//! that every value is escaped: a `,` inside a value is written `,,`, which
+//! qemu reads back as one comma instead of the start of a new option. Without
+//! it a path or name holding `,` could add options of its own
+//! (`…,file=/a,b` → an option `b`).
+
+use std::fmt::{self, Display};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum OptError {
+    #[error("path {0:?} is not valid UTF-8, which qemu options cannot carry")]
+    NonUtf8(PathBuf),
+}
+
+/// Escapes one value for qemu's option syntax.
+pub fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// One option value: an optional leading bare item (a driver or backend
+/// name) followed by `key=value` pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opts(String);
+
+impl Opts {
+    /// Starts with a bare item, e.g. `virtio-blk-pci` or `socket`.
+    pub fn new(first: impl Display) -> Opts {
+        Opts(escape(&first.to_string()))
+    }
+
+    /// Starts with a first `key=value` pair.
+    pub fn kv(key: &str, value: impl Display) -> Opts {
+        Opts(String::new()).set(key, value)
+    }
+
+    /// Adds `key=value`; keys are nox's own constants, values are escaped.
+    pub fn set(mut self, key: &str, value: impl Display) -> Opts {
+        if !self.0.is_empty() {
+            self.0.push(',');
+        }
+        self.0.push_str(key);
+        self.0.push('=');
+        self.0.push_str(&escape(&value.to_string()));
+        self
+    }
+
+    /// Adds `key=PATH`; a path that is not UTF-8 is refused rather than
+    /// mangled into another file's name.
+    pub fn path(self, key: &str, path: &Path) -> Result<Opts, OptError> {
+        let s = path
+            .to_str()
+            .ok_or_else(|| OptError::NonUtf8(path.to_owned()))?;
+        Ok(self.set(key, s))
+    }
+}
+
+impl Display for Opts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<Opts> for String {
+    fn from(o: Opts) -> String {
+        o.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn values_are_escaped_keys_are_not() {
+        let o = Opts::new("socket")
+            .set("id", "serial0")
+            .path("path", Path::new("/var/lib/a,b/serial.sock"))
+            .unwrap();
+        assert_eq!(
+            o.to_string(),
+            "socket,id=serial0,path=/var/lib/a,,b/serial.sock"
+        );
+        assert_eq!(Opts::kv("if", "none").to_string(), "if=none");
+        assert_eq!(Opts::new("x,y").to_string(), "x,,y");
+    }
+
+    #[test]
+    fn non_utf8_paths_are_refused() {
+        let p = Path::new(std::ffi::OsStr::from_bytes(b"/tmp/\xff.img"));
+        assert_eq!(
+            Opts::kv("if", "none").path("file", p),
+            Err(OptError::NonUtf8(p.to_owned()))
+        );
+    }
+}
