@@ -850,7 +850,7 @@ async fn doctor(store: &Store) -> Result<i32> {
         if tun.is_ok() { "ok  " } else { "warn" },
         match tun {
             Ok(_) => "usable (bridged networking possible)".into(),
-            Err(e) => format!("{e} (only user-mode networking)"),
+            Err(e) => format!("{} (only user-mode networking)", crate::error_chain(&e)),
         }
     );
     let (net, why) = vm::default_network().await;
@@ -882,7 +882,7 @@ async fn doctor(store: &Store) -> Result<i32> {
     }
     match store.init() {
         Ok(()) => line(true, "state", store.root().display().to_string()),
-        Err(e) => line(false, "state", e.to_string()),
+        Err(e) => line(false, "state", crate::error_chain(&e)),
     }
     match qemu::which("ssh") {
         Some(p) => line(true, "ssh client", p.display().to_string()),

@@ -27,16 +27,16 @@ use crate::qemu::opts::{OptError, Opts};
 /// Errors of firmware lookup and NVRAM preparation.
 #[derive(Debug, thiserror::Error)]
 pub enum FirmwareError {
-    #[error("Cannot read firmware descriptor directory {path}")]
+    #[error("cannot read firmware descriptor directory {path}")]
     ReadDir { path: PathBuf, source: io::Error },
-    #[error("Cannot read firmware descriptor {path}")]
+    #[error("cannot read firmware descriptor {path}")]
     Read { path: PathBuf, source: io::Error },
-    #[error("Invalid firmware descriptor {path}")]
+    #[error("invalid firmware descriptor {path}")]
     Parse {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("No {what} found in {dirs}: install the Debian package `{package}`")]
+    #[error("no {what} found in {dirs}: install the Debian package `{package}`")]
     NotFound {
         what: String,
         dirs: String,
@@ -44,10 +44,10 @@ pub enum FirmwareError {
     },
     #[error("{0}")]
     Unsupported(String),
-    #[error("Cannot create firmware variable store {path}")]
+    #[error("cannot create firmware variable store {path}")]
     Vars { path: PathBuf, source: io::Error },
     #[error(
-        "Firmware variable store {path} has {found} bytes but {template} has {expected}: \
+        "firmware variable store {path} has {found} bytes but {template} has {expected}: \
          it belongs to other firmware; remove it to start from the template"
     )]
     VarsMismatch {
@@ -56,9 +56,9 @@ pub enum FirmwareError {
         found: u64,
         expected: u64,
     },
-    #[error("Firmware {descriptor} needs a variable store file, none was given")]
+    #[error("firmware {descriptor} needs a variable store file, none was given")]
     MissingVars { descriptor: PathBuf },
-    #[error("Cannot pass the firmware to qemu")]
+    #[error("cannot pass the firmware to qemu")]
     Opt(#[from] OptError),
 }
 
@@ -1008,7 +1008,7 @@ mod tests {
         assert_eq!(
             msg,
             format!(
-                "No UEFI firmware for x86_64 machine q35 found in {}: \
+                "no UEFI firmware for x86_64 machine q35 found in {}: \
                  install the Debian package `ovmf`",
                 tmp.path().display()
             )

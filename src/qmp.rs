@@ -35,11 +35,11 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("QMP connect {}: {source}", path.display())]
+    #[error("cannot connect to QMP socket {path}")]
     Connect { path: PathBuf, source: io::Error },
-    #[error("QMP greeting from {}: {reason}", path.display())]
+    #[error("QMP greeting from {path}: {reason}")]
     Greeting { path: PathBuf, reason: String },
-    #[error("QMP {command}: i/o: {source}")]
+    #[error("QMP {command}: i/o error")]
     Io { command: String, source: io::Error },
     #[error("QMP {command}: connection closed")]
     Closed { command: String },
@@ -51,12 +51,12 @@ pub enum QmpError {
         class: String,
         desc: String,
     },
-    #[error("QMP {command}: encode arguments: {source}")]
+    #[error("QMP {command}: cannot encode the arguments")]
     Encode {
         command: String,
         source: serde_json::Error,
     },
-    #[error("QMP {command}: decode reply: {source}")]
+    #[error("QMP {command}: cannot decode the reply")]
     Decode {
         command: String,
         source: serde_json::Error,

@@ -19,13 +19,13 @@ use crate::sshkeys::KeyPair;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
-    #[error("Unsupported user-data: {0}")]
+    #[error("unsupported user-data: {0}")]
     UnsupportedUserData(String),
-    #[error("Invalid seed config: {0}")]
+    #[error("invalid seed config: {0}")]
     Invalid(String),
-    #[error("Seed files too large for a seed image: {0} bytes")]
+    #[error("seed files too large for a seed image: {0} bytes")]
     TooLarge(u64),
-    #[error("Writing seed image {path}: {source}", path = path.display())]
+    #[error("cannot write seed image {path}")]
     Write {
         path: PathBuf,
         #[source]

@@ -29,7 +29,7 @@ pub enum SshError {
     CloudInit(String),
     #[error("the VM stopped while waiting ({0})")]
     Stopped(String),
-    #[error("ssh: {0}")]
+    #[error("cannot run ssh")]
     Io(#[from] std::io::Error),
 }
 

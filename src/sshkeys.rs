@@ -9,21 +9,21 @@ use ssh_key::{Algorithm, LineEnding, PrivateKey, PublicKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("Generating an ed25519 key: {0}")]
+    #[error("cannot generate an ed25519 key")]
     Generate(#[source] ssh_key::Error),
-    #[error("Invalid private key: {0}")]
+    #[error("invalid private key")]
     InvalidPrivate(#[source] ssh_key::Error),
-    #[error("Reading {path}: {source}", path = path.display())]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is a private key; give the public key (.pub) instead", path = path.display())]
+    #[error("{path} is a private key; give the public key (.pub) instead")]
     PrivateKeyFile { path: PathBuf },
-    #[error("{path} holds no public keys", path = path.display())]
+    #[error("{path} holds no public keys")]
     NoKeys { path: PathBuf },
-    #[error("{path} line {line}: not an OpenSSH public key ({reason})", path = path.display())]
+    #[error("{path} line {line}: not an OpenSSH public key ({reason})")]
     Invalid {
         path: PathBuf,
         line: usize,
@@ -239,7 +239,7 @@ mod tests {
         let missing = dir.path().join("nope.pub");
         let err = read_public_keys(&missing).unwrap_err().to_string();
         assert!(
-            err.starts_with("Reading ") && err.contains("nope.pub"),
+            err.starts_with("cannot read ") && err.contains("nope.pub"),
             "{err}"
         );
     }

@@ -29,7 +29,7 @@ pub enum StoreError {
     Exists(String),
     #[error("cannot find a home directory for the state (set NOX_HOME)")]
     NoHome,
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

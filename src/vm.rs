@@ -33,7 +33,7 @@ pub enum VmError {
     Key(#[from] sshkeys::KeyError),
     #[error(transparent)]
     Qemu(#[from] crate::qemu::QemuError),
-    #[error("--user-data {path}: {source}")]
+    #[error("cannot read --user-data {path}")]
     UserData {
         path: PathBuf,
         source: std::io::Error,
@@ -44,8 +44,8 @@ pub enum VmError {
     Invalid(String),
     #[error("{0} is running; stop it first, or use --force")]
     Running(String),
-    #[error("cannot start the supervisor: {0}")]
-    Spawn(std::io::Error),
+    #[error("cannot start the supervisor")]
+    Spawn(#[source] std::io::Error),
     #[error("{name} failed to start: {why}\n{log}")]
     StartFailed {
         name: String,
@@ -273,7 +273,10 @@ pub async fn default_network() -> (NetworkSpec, String) {
             },
             "bridge br0: it exists and is up".into(),
         ),
-        Err(e) => (NetworkSpec::User, format!("user-mode: {e}")),
+        Err(e) => (
+            NetworkSpec::User,
+            format!("user-mode: {}", crate::error_chain(&e)),
+        ),
     }
 }
 
@@ -370,7 +373,7 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
         )
         .map_err(|e| VmError::StartFailed {
             name: name.into(),
-            why: e.to_string(),
+            why: crate::error_chain(&e),
             log: String::new(),
         })?;
         return Ok(Started::Now);

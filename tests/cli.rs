@@ -317,3 +317,33 @@ fn hand_edited_spec_is_refused_naming_file_and_field() {
     std::fs::write(&spec_path, &good).unwrap();
     assert_eq!(h.info("demo")["mac"], spec["mac"]);
 }
+
+/// An error's cause is printed once: each message names its own layer, the
+/// CLI prints the chain.
+#[test]
+fn io_failure_under_create_prints_its_cause_once() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    // The state directory cannot be made: its parent is a regular file.
+    let file = h.path().join("not-a-dir");
+    std::fs::write(&file, "").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nox"))
+        .args([
+            "create",
+            "demo",
+            "--no-start",
+            "--network",
+            "user",
+            "--image",
+        ])
+        .arg(&img)
+        .env("NOX_HOME", file.join("state"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    let cause = "Not a directory";
+    assert_eq!(err.matches(cause).count(), 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("error: cannot create the VM: "), "{err}");
+}

@@ -146,7 +146,7 @@ async fn watch(tap: String, mac: [u8; 6], tx: watch::Sender<Addresses>) {
     tokio::select! {
         r = discover::watch_tap(&tap, mac, tx) => {
             if let Err(e) = r {
-                warn!("address discovery on {tap}: {e}");
+                warn!("address discovery on {tap}: {}", crate::error_chain(&e));
             }
         }
         _ = fallback => {}
