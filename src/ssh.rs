@@ -1,7 +1,6 @@
 //! `nox ssh`: the system ssh client with the VM's pinned host key, and the
 //! readiness wait behind `--wait` (SSH answers and cloud-init is done).
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -56,12 +55,6 @@ pub fn endpoint(st: &State) -> Option<Endpoint> {
     }
 }
 
-/// The private key `nox ssh` offers: the user's own (beside the .pub they
-/// gave) or nox's per-VM key.
-pub fn identity(spec: &VmSpec, vm: &VmPaths) -> PathBuf {
-    spec.ssh_identity.clone().unwrap_or_else(|| vm.ssh_key())
-}
-
 /// The ssh argv (pure). The host key is pinned through a per-VM known_hosts
 /// file under a fixed alias, so it holds whatever port or address the VM
 /// gets, and no trust-on-first-use happens.
@@ -89,8 +82,16 @@ pub fn argv(
         opt("ServerAliveInterval=5".into());
         opt("ServerAliveCountMax=2".into());
     }
+    // Only these keys, nox's own first: it needs no passphrase or agent, so
+    // `--wait` never stalls on the user's key; an agent's many keys cannot
+    // exhaust the server's MaxAuthTries before it either.
+    opt("IdentitiesOnly=yes".into());
     a.push("-i".into());
-    a.push(identity(spec, vm).display().to_string());
+    a.push(vm.ssh_key().display().to_string());
+    if let Some(user_key) = spec.ssh_identity.as_ref().filter(|_| !batch) {
+        a.push("-i".into());
+        a.push(user_key.display().to_string());
+    }
     a.push("-p".into());
     a.push(ep.port.to_string());
     a.push(format!("{}@{}", spec.user, ep.host));
@@ -248,8 +249,19 @@ mod tests {
             a,
             "ssh -o UserKnownHostsFile=/v/vms/demo/known_hosts -o GlobalKnownHostsFile=/dev/null \
 -o StrictHostKeyChecking=yes -o HostKeyAlias=nox-demo -o CheckHostIP=no -o LogLevel=ERROR \
--i /v/vms/demo/id_ed25519 -p 40022 nox@127.0.0.1 -- uname -a"
+-o IdentitiesOnly=yes -i /v/vms/demo/id_ed25519 -p 40022 nox@127.0.0.1 -- uname -a"
         );
+        // The user's own key is offered after nox's, and never in batch
+        // mode (`--wait`), where a passphrase prompt would hang.
+        let mut spec = spec;
+        spec.ssh_identity = Some("/home/u/.ssh/id_ed25519".into());
+        let a = argv(&spec, &vm, &ep, false, &[]).join(" ");
+        assert!(
+            a.contains("-i /v/vms/demo/id_ed25519 -i /home/u/.ssh/id_ed25519 -p"),
+            "{a}"
+        );
+        let a = argv(&spec, &vm, &ep, true, &[]).join(" ");
+        assert!(!a.contains("/home/u/.ssh"), "{a}");
     }
 
     #[test]
