@@ -237,6 +237,11 @@ enum UserDataKind {
     Script,
 }
 
+/// Checks that user-data is a kind nox can merge, before anything is made.
+pub fn check_user_data(s: &str) -> Result<(), SeedError> {
+    classify_user_data(s).map(|_| ())
+}
+
 fn classify_user_data(s: &str) -> Result<UserDataKind, SeedError> {
     let first = s.lines().next().unwrap_or("").trim_end();
     if first == "#cloud-config" {
@@ -244,10 +249,10 @@ fn classify_user_data(s: &str) -> Result<UserDataKind, SeedError> {
     } else if first.starts_with("#!") {
         Ok(UserDataKind::Script)
     } else {
-        let shown: String = first.chars().take(40).collect();
-        Err(SeedError::UnsupportedUserData(format!(
-            "it must start with a \"#cloud-config\" line or a \"#!\" script line, not {shown:?}"
-        )))
+        // The file's content is never echoed: user-data often holds secrets.
+        Err(SeedError::UnsupportedUserData(
+            "it must start with a \"#cloud-config\" line or a \"#!\" script line".into(),
+        ))
     }
 }
 
@@ -707,6 +712,7 @@ mod tests {
                 Err(e @ SeedError::UnsupportedUserData(_)) => {
                     let msg = e.to_string();
                     assert!(msg.contains("#cloud-config") && msg.contains("#!"), "{msg}");
+                    assert!(!msg.contains("htop") && !msg.contains("example"), "{msg}");
                 }
                 other => panic!("{bad:?} gave {other:?}"),
             }

@@ -126,14 +126,17 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     }
     let user_keys = user_public_keys(&o.ssh_keys)?;
     let user_data = match &o.user_data {
-        Some(p) => Some(
-            std::fs::read_to_string(p).map_err(|source| VmError::UserData {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| VmError::UserData {
                 path: p.clone(),
                 source,
-            })?,
-        ),
+            })?;
+            seed::check_user_data(&text)?;
+            Some(text)
+        }
         None => None,
     };
+
     if store.vms_dir().join(name.as_str()).exists() {
         return Err(StoreError::Exists(name.to_string()).into());
     }

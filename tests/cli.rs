@@ -191,6 +191,26 @@ fn create_is_atomic_and_names_are_unique() {
         ud.to_str().unwrap(),
     ]);
     assert!(err.contains("user-data"), "{err}");
+    // Its content is not echoed (user-data often holds secrets) ...
+    assert!(!err.contains("some text"), "{err}");
+    assert!(vm_dirs(&h).is_empty(), "{:?}", vm_dirs(&h));
+    // ... and it is checked before any download (port 1 on loopback refuses).
+    let err = h.fails(&[
+        "create",
+        "demo",
+        "--image",
+        "http://127.0.0.1:1/x.qcow2",
+        "--insecure",
+        "--no-start",
+        "--network",
+        "user",
+        "--user-data",
+        ud.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("user-data") && !err.contains("127.0.0.1"),
+        "{err}"
+    );
     assert!(vm_dirs(&h).is_empty(), "{:?}", vm_dirs(&h));
     // The retry works, and a duplicate is refused.
     h.ok(&["create", "demo", "--image", img, "--no-start"]);
