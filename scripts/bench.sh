@@ -3,10 +3,16 @@
 #   scripts/bench.sh [--bridge]     (root; builds nox in release mode)
 # --bridge also measures bridged networking inside a private namespace:
 # qemu start -> IP known, and IP known -> SSH ready.
+# NOX_BENCH_BIN=PATH benchmarks that binary instead (e.g. an older build, to
+# compare in one run); NOX_BENCH_QUICK=1 skips the guest boots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
-NOX=$PWD/target/release/nox
+if [ -n "${NOX_BENCH_BIN:-}" ]; then
+    NOX=$NOX_BENCH_BIN
+else
+    cargo build --release --quiet
+    NOX=${CARGO_TARGET_DIR:-$PWD/target}/release/nox
+fi
 IMG=${NOX_TEST_IMAGE:-$(scripts/build-test-image.sh | tail -n 1)}
 ACCEL=${NOX_BENCH_ACCEL:-auto}
 export NOX_HOME; NOX_HOME=$(mktemp -d /tmp/nox-bench.XXXXXX)
@@ -49,6 +55,7 @@ printf "start -> running (QMP):   %s ms\n" "$(ms "$t0" "$t1")"
 sup=$($NOX info b-1 --json | sed -n 's/.*"pid": \([0-9]*\).*/\1/p')
 printf "supervisor RSS:           %s KiB\n" "$(awk '/VmRSS/ {print $2}' /proc/"$sup"/status)"
 $NOX delete --force b-1 >/dev/null
+[ "${NOX_BENCH_QUICK:-}" = 1 ] && exit 0
 
 # create -> SSH ready and cloud-init done
 t0=$(now); $NOX create b-ssh --image "$IMG" --accel "$ACCEL" --wait --timeout 900 >/dev/null; t1=$(now)
