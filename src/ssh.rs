@@ -119,7 +119,8 @@ pub fn wait_ready(
     let timed_out = |what| SshError::Timeout {
         secs: timeout.as_secs(),
         what,
-        console: crate::supervisor::tail(&vm.console_log(), 20),
+        // Guest output: escaped, it must not drive the operator's terminal.
+        console: crate::text::printable(crate::supervisor::tail(&vm.console_log(), 20).as_bytes()),
     };
     // Phase 1: sshd answers and accepts our key.
     let ep = loop {

@@ -1,0 +1,66 @@
+//! Text nox shows the operator: errors with their causes, and guest output
+//! made safe for a terminal.
+
+/// An error with its causes on one line (`a: b: c`).
+///
+/// nox's errors follow one convention: a message names its own layer only and
+/// the cause sits in `source()`. The CLI prints the chain once; this is the
+/// same rendering for the places that keep an error as text (state.json
+/// reasons, `doctor` lines, logs).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Guest output (the serial console) as text that cannot drive the
+/// operator's terminal: every control character but newline and tab is
+/// shown escaped (`\u{1b}]0;title\u{7}`), so a guest cannot retitle the
+/// window, clear the screen or fake nox's own output. Invalid UTF-8 becomes
+/// U+FFFD.
+pub fn printable(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_terminal_controls_but_keeps_lines() {
+        let evil = b"ok\n\x1b]0;pwned\x07\x1b[2J\r\tend\x9b1m\xff";
+        let shown = printable(evil);
+        assert!(
+            !shown
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t')
+        );
+        assert_eq!(
+            shown,
+            "ok\n\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\r\tend\u{fffd}1m\u{fffd}"
+        );
+    }
+
+    #[test]
+    fn chains_causes_once() {
+        let inner = std::io::Error::other("disk full");
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot save state")]
+        struct Outer(#[source] std::io::Error);
+        assert_eq!(error_chain(&Outer(inner)), "cannot save state: disk full");
+    }
+}
