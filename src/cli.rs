@@ -566,7 +566,7 @@ fn print_info(i: &vm::VmInfo) {
 
 async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
     store.init()?;
-    let cache = crate::image::Cache::open(&store.images_dir())?;
+    let cache = crate::image::Cache::for_store(store)?;
     match cmd {
         ImageCmd::Pull {
             source,

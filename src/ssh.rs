@@ -118,7 +118,7 @@ pub fn wait_ready(
     let timed_out = |what| SshError::Timeout {
         secs: timeout.as_secs(),
         what,
-        console: crate::supervisor::tail(&vm.console_log(), 20),
+        console: crate::store::tail(&vm.console_log(), 0, 20),
     };
     // Phase 1: sshd answers and accepts our key.
     let ep = loop {

@@ -138,7 +138,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     let staging = store.stage(&name)?;
     let vm = store.vm_paths(&name).staged(staging.path());
 
-    let cache = Cache::open(&store.images_dir())?;
+    let cache = Cache::for_store(store)?;
     let base = obtain_image(&cache, &o.image, &arch, o.checksum.as_deref(), o.insecure).await?;
     image::create_overlay(&base, &vm.disk(), Some(disk))?;
 
@@ -411,7 +411,7 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
             return Err(VmError::StartFailed {
                 name: name.into(),
                 why: st.reason.unwrap_or_else(|| format!("supervisor {status}")),
-                log: log_since(&vm.log(), log_start),
+                log: store::tail(&vm.log(), log_start, 15),
             });
         }
         let st = state::load_raw(&vm)?;
@@ -427,13 +427,6 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The last lines a log got since `offset` (for start-up errors).
-fn log_since(path: &Path, offset: u64) -> String {
-    let text = supervisor::read_from(path, offset);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 /// How `stop` ended.

@@ -116,8 +116,7 @@ impl Cache {
     }
 
     fn config(&self) -> Option<serde_json::Value> {
-        let p = self.dir().parent()?.join("config.json");
-        serde_json::from_slice(&fs::read(p).ok()?).ok()
+        serde_json::from_slice(&fs::read(self.config.as_ref()?).ok()?).ok()
     }
 
     /// The image and checksum-file URLs of a catalog image, mirror applied.
