@@ -268,3 +268,18 @@ fn missing_qemu_binary_is_named() {
     );
     assert_eq!(h.info("demo")["state"], "crashed");
 }
+
+#[test]
+fn doctor_exits_non_zero_when_a_check_fails() {
+    let h = Home::new();
+    // A PATH with nothing in it: qemu, qemu-img and ssh are missing.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nox"))
+        .arg("doctor")
+        .env("NOX_HOME", h.path())
+        .env("PATH", h.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("FAIL qemu-img: not found"), "{stdout}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+}
