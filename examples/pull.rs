@@ -1,7 +1,8 @@
 //! Pulls one image into a cache directory: `pull CACHE_DIR SOURCE [--checksum ALGO:HEX]
 //! [--insecure] [--arch ARCH] [--quiet]`. Used by scripts/bench-download.sh.
 
-use nox::image::{Cache, Progress, PullOptions, Source, host_arch, parse_checksum, parse_source};
+use nox::ident::Arch;
+use nox::image::{Cache, Progress, PullOptions, Source, parse_checksum, parse_source};
 use std::time::Instant;
 
 #[tokio::main]
@@ -12,7 +13,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = args.next().ok_or(usage)?;
     let src = args.next().ok_or(usage)?;
     let (mut checksum, mut insecure, mut arch, mut quiet) =
-        (None, false, host_arch().to_string(), false);
+        (None, false, Arch::host()?.as_str().to_string(), false);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--checksum" => checksum = Some(parse_checksum(&args.next().ok_or(usage)?)?),

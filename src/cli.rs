@@ -568,7 +568,7 @@ fn print_info(i: &vm::VmInfo) {
 
 async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
     store.init()?;
-    let cache = crate::image::Cache::open(&store.images_dir())?;
+    let cache = crate::image::Cache::for_store(store)?;
     match cmd {
         ImageCmd::Pull {
             source,
@@ -810,12 +810,48 @@ fn logs(store: &Store, name: &str, follow: bool) -> Result<i32> {
     }
 }
 
+/// How one `nox doctor` check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Ok,
+    /// Works, with less (e.g. no bridged networking).
+    Warn,
+    /// nox cannot work this way: `doctor` exits non-zero.
+    Fail,
+}
+
+/// `nox doctor`'s report: prints each check, remembers whether any failed.
+#[derive(Debug, Default)]
+struct Checks {
+    failed: bool,
+}
+
+impl Checks {
+    fn report(&mut self, check: Check, what: &str, detail: impl std::fmt::Display) {
+        let label = match check {
+            Check::Ok => "ok  ",
+            Check::Warn => "warn",
+            Check::Fail => "FAIL",
+        };
+        println!("{label} {what}: {detail}");
+        self.failed |= check == Check::Fail;
+    }
+    fn line(&mut self, ok: bool, what: &str, detail: impl std::fmt::Display) {
+        self.report(if ok { Check::Ok } else { Check::Fail }, what, detail);
+    }
+    fn exit_code(&self) -> i32 {
+        i32::from(self.failed)
+    }
+}
+
+/// Missing UEFI firmware fails only where there is no BIOS to boot instead
+/// (arm64); elsewhere UEFI VMs alone are affected.
+fn missing_uefi(has_bios: bool) -> Check {
+    if has_bios { Check::Warn } else { Check::Fail }
+}
+
 async fn doctor(store: &Store) -> Result<i32> {
-    let mut failed = false;
-    let mut line = |ok: bool, what: &str, detail: String| {
-        println!("{} {what}: {detail}", if ok { "ok  " } else { "FAIL" });
-        failed |= !ok;
-    };
+    let mut c = Checks::default();
     let arch = qemu::arch_facts(Arch::host()?);
     match qemu::find_binary(arch) {
         Ok(bin) => {
@@ -826,71 +862,98 @@ async fn doctor(store: &Store) -> Result<i32> {
                 .and_then(|o| String::from_utf8(o.stdout).ok())
                 .and_then(|s| s.lines().next().map(String::from))
                 .unwrap_or_else(|| "version unknown".into());
-            line(true, "qemu", format!("{} ({version})", bin.display()));
+            c.line(true, "qemu", format!("{} ({version})", bin.display()));
         }
-        Err(e) => line(false, "qemu", e.to_string()),
+        Err(e) => c.line(false, "qemu", e),
     }
     match qemu::which("qemu-img") {
-        Some(p) => line(true, "qemu-img", p.display().to_string()),
-        None => line(
+        Some(p) => c.line(true, "qemu-img", p.display()),
+        None => c.line(
             false,
             "qemu-img",
-            "not found (Debian: apt install qemu-utils)".into(),
+            "not found (Debian: apt install qemu-utils)",
         ),
     }
     let kvm = qemu::probe_kvm();
-    let c = qemu::choose_accel(AccelRequest::Auto, arch.arch, &kvm)?;
-    println!("ok   accelerator: {} ({})", c.accel.as_str(), c.why);
-    let tun = std::fs::OpenOptions::new()
+    let accel = qemu::choose_accel(AccelRequest::Auto, arch.arch, &kvm)?;
+    c.report(
+        Check::Ok,
+        "accelerator",
+        format!("{} ({})", accel.accel.as_str(), accel.why),
+    );
+    match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/net/tun");
-    println!(
-        "{} /dev/net/tun: {}",
-        if tun.is_ok() { "ok  " } else { "warn" },
-        match tun {
-            Ok(_) => "usable (bridged networking possible)".into(),
-            Err(e) => format!("{} (only user-mode networking)", crate::error_chain(&e)),
-        }
-    );
-    let (net, why) = vm::default_network().await;
-    println!(
-        "ok   default network: {} ({why})",
-        match net {
-            crate::spec::NetworkSpec::User => "user".to_string(),
-            crate::spec::NetworkSpec::Bridge { bridge } => format!("bridge:{bridge}"),
-        }
-    );
-    for (kind, name) in [("UEFI", crate::firmware::Interface::Uefi)]
-        .iter()
-        .map(|(k, i)| (*k, *i))
+        .open("/dev/net/tun")
     {
-        let req = crate::firmware::Request {
-            arch: arch.arch,
-            machine: arch.machine,
-            interface: name,
-            secure_boot: false,
-        };
-        match crate::firmware::select(&req, &crate::firmware::default_search_dirs()) {
-            Ok(Some(fw)) => println!("ok   {kind} firmware: {}", fw.executable.display()),
-            Ok(None) => println!("ok   {kind} firmware: qemu built-in"),
-            Err(e) => println!(
-                "{} {kind} firmware: {e}",
-                if arch.has_bios { "warn" } else { "FAIL" }
-            ),
-        }
-    }
-    match store.init() {
-        Ok(()) => line(true, "state", store.root().display().to_string()),
-        Err(e) => line(false, "state", crate::error_chain(&e)),
-    }
-    match qemu::which("ssh") {
-        Some(p) => line(true, "ssh client", p.display().to_string()),
-        None => line(
-            false,
-            "ssh client",
-            "not found (Debian: apt install openssh-client)".into(),
+        Ok(_) => c.report(
+            Check::Ok,
+            "/dev/net/tun",
+            "usable (bridged networking possible)",
+        ),
+        Err(e) => c.report(
+            Check::Warn,
+            "/dev/net/tun",
+            format!("{} (only user-mode networking)", crate::error_chain(&e)),
         ),
     }
-    Ok(if failed { 1 } else { 0 })
+    let (net, why) = vm::default_network().await;
+    c.report(Check::Ok, "default network", format!("{net} ({why})"));
+    let req = crate::firmware::Request {
+        arch: arch.arch,
+        machine: arch.machine,
+        interface: crate::firmware::Interface::Uefi,
+        secure_boot: false,
+    };
+    // The same search the supervisor does, the store's own directory included.
+    let dirs = crate::firmware::search_dirs_with(Some(&store.firmware_dir()));
+    match crate::firmware::select(&req, &dirs) {
+        Ok(Some(fw)) => c.report(Check::Ok, "UEFI firmware", fw.executable.display()),
+        Ok(None) => c.report(Check::Ok, "UEFI firmware", "qemu built-in"),
+        Err(e) => c.report(
+            missing_uefi(arch.has_bios),
+            "UEFI firmware",
+            crate::error_chain(&e),
+        ),
+    }
+    match store.init() {
+        Ok(()) => c.line(true, "state", store.root().display()),
+        Err(e) => c.line(false, "state", crate::error_chain(&e)),
+    }
+    match qemu::which("ssh") {
+        Some(p) => c.line(true, "ssh client", p.display()),
+        None => c.line(
+            false,
+            "ssh client",
+            "not found (Debian: apt install openssh-client)",
+        ),
+    }
+    Ok(c.exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doctor_exits_non_zero_on_any_fail() {
+        let mut c = Checks::default();
+        c.report(Check::Ok, "qemu", "found");
+        c.report(Check::Warn, "/dev/net/tun", "absent");
+        assert_eq!(c.exit_code(), 0);
+        // arm64 (no BIOS) without UEFI firmware cannot boot anything.
+        let arm64 = qemu::arch_facts(Arch::Arm64);
+        c.report(missing_uefi(arm64.has_bios), "UEFI firmware", "none");
+        assert_eq!(c.exit_code(), 1);
+        c.report(Check::Ok, "state", "/var/lib/nox");
+        assert_eq!(c.exit_code(), 1);
+    }
+
+    #[test]
+    fn missing_uefi_only_warns_where_bios_boots() {
+        let amd64 = qemu::arch_facts(Arch::Amd64);
+        assert_eq!(missing_uefi(amd64.has_bios), Check::Warn);
+        let arm64 = qemu::arch_facts(Arch::Arm64);
+        assert_eq!(missing_uefi(arm64.has_bios), Check::Fail);
+    }
 }

@@ -521,37 +521,23 @@ pub fn prepare_vars(fw: &Firmware, vars: &Path) -> Result<(), FirmwareError> {
         Err(e) => return Err(verr(e)),
     }
 
-    let parent = match vars.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
     let mut src = fs::File::open(template).map_err(|source| FirmwareError::Read {
         path: template.clone(),
         source,
     })?;
-    // tempfile creates the file with mode 0600.
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".nox-vars-")
-        .tempfile_in(parent)
-        .map_err(verr)?;
-    let copied = sparse_copy(&mut src, tmp.as_file_mut()).map_err(verr)?;
-    tmp.as_file().sync_all().map_err(verr)?;
-    if copied != template_len {
-        return Err(verr(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("template {} changed while copying", template.display()),
-        )));
-    }
-    match tmp.persist_noclobber(vars) {
-        Ok(_) => {}
-        // Someone else created it meanwhile: theirs is as good as ours.
-        Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(verr(e.error)),
-    }
-    // Make the new directory entry durable too.
-    fs::File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(verr)
+    // Existing::Keep: if someone else created it meanwhile, theirs is as good as ours.
+    crate::store::write_atomic_with(vars, 0o600, crate::store::Existing::Keep, |f| {
+        let copied = sparse_copy(&mut src, f)?;
+        if copied != template_len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("template {} changed while copying", template.display()),
+            ));
+        }
+        Ok(())
+    })
+    .map(drop)
+    .map_err(verr)
 }
 
 fn check_existing(

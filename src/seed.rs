@@ -403,27 +403,18 @@ fn build_image(seed: &Seed) -> std::io::Result<Vec<u8>> {
     Ok(disk.into_inner())
 }
 
-/// Writes the seed as a FAT image at `path`: a temp file in the same
-/// directory, mode 0600, renamed into place (readers never see half a seed).
+/// Writes the seed as a FAT image at `path`, mode 0600, atomically (readers
+/// never see half a seed).
 pub fn write_image(seed: &Seed, path: &Path) -> Result<(), SeedError> {
     let werr = |source| SeedError::Write {
         path: path.to_path_buf(),
         source,
     };
     let bytes = build_image(seed).map_err(werr)?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    // tempfile creates the file with mode 0600.
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".seed-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(werr)?;
-    tmp.write_all(&bytes).map_err(werr)?;
-    tmp.as_file().sync_all().map_err(werr)?;
-    tmp.persist(path).map_err(|e| werr(e.error))?;
+    crate::store::write_atomic_with(path, 0o600, crate::store::Existing::Replace, |f| {
+        f.write_all(&bytes)
+    })
+    .map_err(werr)?;
     Ok(())
 }
 

@@ -120,7 +120,7 @@ pub fn wait_ready(
         secs: timeout.as_secs(),
         what,
         // Guest output: escaped, it must not drive the operator's terminal.
-        console: crate::text::printable(crate::supervisor::tail(&vm.console_log(), 20).as_bytes()),
+        console: crate::text::printable(crate::store::tail(&vm.console_log(), 0, 20).as_bytes()),
     };
     // Phase 1: sshd answers and accepts our key.
     let ep = loop {

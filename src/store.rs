@@ -2,14 +2,21 @@
 //!
 //! ```text
 //! ROOT/                      /var/lib/nox (root), ~/.nox (user), $NOX_HOME
+//!   config.json              optional settings (e.g. `mirror`, see crate::image)
+//!   firmware/                nox's own QEMU firmware descriptors (see crate::firmware)
 //!   images/                  shared base images (see crate::image)
 //!   vms/NAME/                one VM: spec.json, state.json, disk.qcow2, seed.img, keys, logs
 //!   vms/.new-NAME-XXXX/      a create in progress (invisible; removed by the next create)
 //! RUN/NAME/                  /run/nox (root), ROOT/run otherwise: qmp.sock, ctl.sock, serial.sock
 //! ```
+//!
+//! Every path of this layout is built here; other modules get them from
+//! [`Store`] and [`VmPaths`]. Files are written with [`write_atomic`] (or
+//! [`write_atomic_with`] / [`commit_file`] underneath it), the one atomic
+//! write, and logs are read back with the bounded [`tail`].
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -93,6 +100,14 @@ impl Store {
     pub fn vms_dir(&self) -> PathBuf {
         self.root.join("vms")
     }
+    /// Optional settings (`mirror`, `mirrors`); absent is fine.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("config.json")
+    }
+    /// nox's own QEMU firmware descriptors, the most specific search dir.
+    pub fn firmware_dir(&self) -> PathBuf {
+        self.root.join("firmware")
+    }
 
     /// Creates the top-level directories (0700).
     pub fn init(&self) -> Result<(), StoreError> {
@@ -118,6 +133,7 @@ impl Store {
             name: name.clone(),
             dir: self.vms_dir().join(name.as_str()),
             run: self.run.join(name.as_str()),
+            firmware_dir: self.firmware_dir(),
         }
     }
 
@@ -162,6 +178,7 @@ impl Store {
         Ok(Staging {
             name: name.to_string(),
             target: self.vms_dir().join(name.as_str()),
+            parent: self.vms_dir(),
             dir: Some(dir),
             _lock: lock,
         })
@@ -204,6 +221,8 @@ impl Store {
 pub struct Staging {
     name: String,
     target: PathBuf,
+    /// `vms/`, fsynced after the rename so a committed create survives a crash.
+    parent: PathBuf,
     dir: Option<tempfile::TempDir>,
     _lock: Flock<File>,
 }
@@ -229,7 +248,7 @@ impl Staging {
                 io(&self.target)(e)
             });
         }
-        Ok(())
+        sync_dir(&self.parent).map_err(io(&self.parent))
     }
 }
 
@@ -239,6 +258,7 @@ pub struct VmPaths {
     pub name: VmName,
     pub dir: PathBuf,
     pub run: PathBuf,
+    firmware_dir: PathBuf,
 }
 
 impl VmPaths {
@@ -248,7 +268,12 @@ impl VmPaths {
             name: self.name.clone(),
             dir: dir.to_owned(),
             run: self.run.clone(),
+            firmware_dir: self.firmware_dir.clone(),
         }
+    }
+    /// The store's own firmware descriptor directory (shared by all VMs).
+    pub fn firmware_dir(&self) -> &Path {
+        &self.firmware_dir
     }
     pub fn spec(&self) -> PathBuf {
         self.dir.join("spec.json")
@@ -364,19 +389,112 @@ pub fn mkdir_private(dir: &Path) -> Result<(), StoreError> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))
 }
 
-/// Writes `data` to `path` atomically (temp file in the same dir, fsync,
-/// rename) with the given mode. A crash leaves the old or the new content.
+/// Writes `data` to `path` atomically with the given mode; see [`write_atomic_with`].
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    write_atomic_with(path, mode, Existing::Replace, |f| f.write_all(data))
+        .map(drop)
+        .map_err(io(path))
+}
+
+/// What an atomic write does when its target already exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    Replace,
+    /// Leave the existing file as it is (the write reports `false`).
+    Keep,
+}
+
+/// The one atomic write: `fill` writes the content into a temp file beside
+/// `path`, which gets `mode` and is then committed by [`commit_file`]. A
+/// crash leaves the old content or the new one, never a mix, and no temp file
+/// stays behind on error. `Ok(false)`: `Keep` and `path` existed.
+pub fn write_atomic_with(
+    path: &Path,
+    mode: u32,
+    existing: Existing,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<bool> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".tmp-")
-        .permissions(fs::Permissions::from_mode(mode))
-        .tempfile_in(dir)
-        .map_err(io(dir))?;
-    tmp.write_all(data).map_err(io(path))?;
-    tmp.as_file().sync_all().map_err(io(path))?;
-    tmp.persist(path).map_err(|e| io(path)(e.error))?;
-    Ok(())
+        .tempfile_in(parent_dir(path))?;
+    fill(tmp.as_file_mut())?;
+    // fchmod, not the create mode: the umask must not change what we ask for.
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))?;
+    let tmp = tmp.into_temp_path();
+    let written = commit_file(&tmp, path, existing)?;
+    if written {
+        // Renamed away: nothing left for the guard to remove.
+        let _ = tmp.keep();
+    }
+    Ok(written)
+}
+
+/// Makes the complete file `tmp` (on the same filesystem) durable and
+/// visible as `path`: fsync it, rename it (`Keep`: link it, so an existing
+/// `path` is never replaced, then unlink the temp name), fsync `path`'s
+/// directory so the new name survives a crash. `Ok(false)`: `Keep` and
+/// `path` existed; `tmp` is then left to the caller.
+pub fn commit_file(tmp: &Path, path: &Path, existing: Existing) -> io::Result<bool> {
+    File::open(tmp)?.sync_all()?;
+    match existing {
+        Existing::Replace => fs::rename(tmp, path)?,
+        Existing::Keep => match fs::hard_link(tmp, path) {
+            Ok(()) => fs::remove_file(tmp)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(e),
+        },
+    }
+    sync_dir(parent_dir(path))?;
+    Ok(true)
+}
+
+/// fsync of a directory: makes renames and new entries in it durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// How much of a log [`tail`] reads at most.
+pub const TAIL_BYTES: u64 = 64 * 1024;
+
+/// The last `max_lines` lines of a text file from byte `offset` on (`0`: the
+/// whole file), trimmed, for error messages. Reads at most the last
+/// [`TAIL_BYTES`], so a huge log costs no more than a small one; a line cut
+/// by that limit is dropped. A missing or unreadable file gives "".
+pub fn tail(path: &Path, offset: u64, max_lines: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = offset.max(len.saturating_sub(TAIL_BYTES));
+    // Cut by the limit: read from one byte earlier and drop up to the first
+    // newline, so a line that starts exactly at `start` is kept whole.
+    let cut = start > offset;
+    let begin = if cut { start - 1 } else { start };
+    let mut data = Vec::new();
+    if start >= len
+        || f.seek(SeekFrom::Start(begin)).is_err()
+        || f.take(len - begin).read_to_end(&mut data).is_err()
+    {
+        return String::new();
+    }
+    if cut {
+        let nl = data
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(data.len(), |i| i + 1);
+        data.drain(..nl);
+    }
+    let text = String::from_utf8_lossy(&data);
+    let lines: Vec<&str> = text.trim().lines().collect();
+    lines[lines.len().saturating_sub(max_lines)..].join("\n")
 }
 
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
@@ -496,6 +614,145 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn atomic_write_sets_mode_and_content_and_leaves_no_temp_files() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("unit");
+        write_atomic(&p, b"one", 0o644).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"one");
+        assert_eq!(mode_of(&p), 0o644);
+        // Replacing takes the new mode too, whatever the old file had.
+        write_atomic(&p, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(mode_of(&p), 0o600);
+        // A mode the usual umask (022) would change is set exactly.
+        let q = t.path().join("grp");
+        write_atomic(&q, b"", 0o660).unwrap();
+        assert_eq!(mode_of(&q), 0o660);
+        assert_eq!(names_in(t.path()), ["grp", "unit"]);
+    }
+
+    #[test]
+    fn atomic_write_keep_and_failure_leave_the_old_file_alone() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("vars");
+        let fill = |f: &mut File| f.write_all(b"new");
+        fs::write(&p, b"old").unwrap();
+        assert!(!write_atomic_with(&p, 0o600, Existing::Keep, fill).unwrap());
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        let failed = write_atomic_with(&p, 0o600, Existing::Replace, |f| {
+            f.write_all(b"half")?;
+            Err(io::Error::other("disk on fire"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        assert_eq!(names_in(t.path()), ["vars"]);
+        fs::remove_file(&p).unwrap();
+        assert!(write_atomic_with(&p, 0o600, Existing::Keep, fill).unwrap());
+        assert_eq!(fs::read(&p).unwrap(), b"new");
+        assert_eq!(names_in(t.path()), ["vars"]);
+    }
+
+    #[test]
+    fn commit_file_moves_a_finished_file_across_directories() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir(t.path().join("tmp")).unwrap();
+        fs::create_dir(t.path().join("blobs")).unwrap();
+        let part = t.path().join("tmp/x.part");
+        let blob = t.path().join("blobs/x");
+        fs::write(&part, b"data").unwrap();
+        assert!(commit_file(&part, &blob, Existing::Replace).unwrap());
+        assert_eq!(fs::read(&blob).unwrap(), b"data");
+        assert!(names_in(&t.path().join("tmp")).is_empty());
+        fs::write(&part, b"other").unwrap();
+        assert!(!commit_file(&part, &blob, Existing::Keep).unwrap());
+        assert_eq!(fs::read(&blob).unwrap(), b"data");
+    }
+
+    /// Lines `0..n`, one per line, padded so each line has 16 bytes.
+    fn numbered(path: &Path, n: usize) {
+        let mut f = io::BufWriter::new(File::create(path).unwrap());
+        for i in 0..n {
+            writeln!(f, "line {i:010}").unwrap();
+        }
+        f.flush().unwrap();
+    }
+
+    #[test]
+    fn tail_of_a_big_file_reads_only_its_end() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("console.log");
+        // 1.6 MB: 25 times what tail may read.
+        numbered(&p, 100_000);
+        assert_eq!(
+            tail(&p, 0, 3),
+            "line 0000099997\nline 0000099998\nline 0000099999"
+        );
+        let all = tail(&p, 0, usize::MAX);
+        assert!(all.len() as u64 <= TAIL_BYTES, "{}", all.len());
+        // Whole lines only, ending with the last one.
+        assert!(all.lines().all(|l| l.len() == 15 && l.starts_with("line ")));
+        assert!(all.ends_with("line 0000099999"));
+        assert_eq!(all.lines().count() as u64, TAIL_BYTES / 16);
+
+        // A sparse 4 GiB log: reading it whole would take seconds and 4 GiB.
+        let huge = t.path().join("huge.log");
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&huge)
+            .unwrap();
+        f.set_len(4 << 30).unwrap();
+        (&f).write_all(b"\nsecond to last\nlast\n").unwrap();
+        assert_eq!(tail(&huge, 0, 5), "second to last\nlast");
+    }
+
+    #[test]
+    fn tail_from_an_offset() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("nox.log");
+        fs::write(&p, "old run\nstarting\nqemu: hostfwd failed\n").unwrap();
+        let off = "old run\n".len() as u64;
+        assert_eq!(tail(&p, off, 10), "starting\nqemu: hostfwd failed");
+        assert_eq!(tail(&p, off, 1), "qemu: hostfwd failed");
+        assert_eq!(tail(&p, fs::metadata(&p).unwrap().len(), 10), "");
+        assert_eq!(tail(&p, u64::MAX, 10), "");
+        assert_eq!(tail(&t.path().join("none"), 0, 10), "");
+
+        // An offset inside the last TAIL_BYTES of a big file: exactly what came after it.
+        let big = t.path().join("big.log");
+        numbered(&big, 100_000);
+        let off = 99_990 * 16;
+        let got = tail(&big, off, usize::MAX);
+        assert_eq!(got.lines().count(), 10);
+        assert!(got.starts_with("line 0000099990\n"), "{got}");
+        // An offset far back is still bounded by TAIL_BYTES.
+        assert!(tail(&big, 16, usize::MAX).len() as u64 <= TAIL_BYTES);
+    }
+
+    #[test]
+    fn vm_paths_carry_the_store_layout() {
+        let (_t, s) = store();
+        let vm = s.vm_paths(&n("demo"));
+        assert_eq!(vm.firmware_dir(), s.root().join("firmware"));
+        let staged = vm.staged(Path::new("/elsewhere"));
+        assert_eq!(staged.firmware_dir(), s.root().join("firmware"));
+        assert_eq!(s.config_path(), s.root().join("config.json"));
     }
 
     #[test]

@@ -238,14 +238,6 @@ fn spawn_qemu(binary: &Path, argv: &[String], vm: &VmPaths) -> Result<Qemu, Supe
     Ok(Qemu { child, pid })
 }
 
-/// Last `n` lines of a text file (for error messages).
-pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 fn describe_exit(st: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {
@@ -269,12 +261,7 @@ async fn run_once(
     let binary = qemu::find_binary(arch)?;
     st.pid = Some(std::process::id());
     st.accel = Some(accel.as_str().into());
-    let root_fw = vm
-        .dir
-        .parent()
-        .and_then(Path::parent)
-        .map(|r| r.join("firmware"));
-    let firmware = qemu::firmware_args(spec, vm, root_fw.as_deref())?;
+    let firmware = qemu::firmware_args(spec, vm, Some(vm.firmware_dir()))?;
     state::save(vm, &st)?;
     notify(&["STATUS=starting qemu"]);
 
@@ -319,7 +306,7 @@ async fn run_once(
             other => {
                 let _ = q.child.kill().await;
                 let status = q.child.wait().await.map(describe_exit).unwrap_or_default();
-                let log = read_from(&vm.log(), log_start);
+                let log = store::tail(&vm.log(), log_start, 20);
                 if attempt < 3 && log.contains("hostfwd") {
                     warn!("SSH forward port was taken, retrying");
                     continue;
@@ -530,11 +517,4 @@ async fn graceful_stop(
     warn!("qemu did not quit; killing it");
     let _ = q.child.kill().await;
     Ok(())
-}
-
-/// What a file got since `offset`.
-pub fn read_from(path: &Path, offset: u64) -> String {
-    let data = std::fs::read(path).unwrap_or_default();
-    let start = (offset as usize).min(data.len());
-    String::from_utf8_lossy(&data[start..]).trim().to_string()
 }

@@ -197,17 +197,23 @@ mod tests {
 /// variable is unset. Handles abstract-namespace sockets (`@name`), which
 /// the sd-notify crate does not.
 pub fn notify(lines: &[&str]) -> std::io::Result<()> {
+    match std::env::var_os("NOTIFY_SOCKET") {
+        Some(path) => notify_to(&path, lines),
+        None => Ok(()),
+    }
+}
+
+/// [`notify`] to an explicit `$NOTIFY_SOCKET` value (tests need no
+/// environment change, which is unsound while other test threads run).
+fn notify_to(path: &std::ffi::OsStr, lines: &[&str]) -> std::io::Result<()> {
     use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(());
-    };
     let bytes = path.as_encoded_bytes();
     let addr = match bytes.strip_prefix(b"@") {
         Some(name) => {
             use std::os::linux::net::SocketAddrExt;
             SocketAddr::from_abstract_name(name)?
         }
-        None => SocketAddr::from_pathname(&path)?,
+        None => SocketAddr::from_pathname(path)?,
     };
     let sock = UnixDatagram::unbound()?;
     let mut msg = lines.join("\n");
@@ -241,17 +247,12 @@ mod notify_tests {
         let abs =
             UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
                 .unwrap();
-        // SAFETY (test): no other thread of this test binary reads NOTIFY_SOCKET
-        // concurrently with these two set_var calls.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &p) };
-        super::notify(&["READY=1", "STATUS=hi"]).unwrap();
+        super::notify_to(p.as_os_str(), &["READY=1", "STATUS=hi"]).unwrap();
         let mut buf = [0u8; 256];
         let n = listener.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1\nSTATUS=hi\n");
-        unsafe { std::env::set_var("NOTIFY_SOCKET", format!("@{name}")) };
-        super::notify(&["STOPPING=1"]).unwrap();
+        super::notify_to(format!("@{name}").as_ref(), &["STOPPING=1"]).unwrap();
         let n = abs.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"STOPPING=1\n");
-        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
     }
 }

@@ -6,13 +6,17 @@
 /// nox's errors follow one convention: a message names its own layer only and
 /// the cause sits in `source()`. The CLI prints the chain once; this is the
 /// same rendering for the places that keep an error as text (state.json
-/// reasons, `doctor` lines, logs).
+/// reasons, `doctor` lines, logs). Other crates do not all follow that
+/// convention (hyper repeats its cause), so a cause already said is skipped.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
         cur = c.source();
     }
     s

@@ -143,7 +143,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     let staging = store.stage(&name)?;
     let vm = store.vm_paths(&name).staged(staging.path());
 
-    let cache = Cache::open(&store.images_dir())?;
+    let cache = Cache::for_store(store)?;
     let base = obtain_image(&cache, &o.image, arch, o.checksum.as_deref(), o.insecure).await?;
     image::create_overlay(&base, &vm.disk(), Some(disk))?;
 
@@ -418,7 +418,7 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
             return Err(VmError::StartFailed {
                 name: name.into(),
                 why: st.reason.unwrap_or_else(|| format!("supervisor {status}")),
-                log: log_since(&vm.log(), log_start),
+                log: store::tail(&vm.log(), log_start, 15),
             });
         }
         let st = state::load_raw(&vm)?;
@@ -434,13 +434,6 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The last lines a log got since `offset` (for start-up errors).
-fn log_since(path: &Path, offset: u64) -> String {
-    let text = supervisor::read_from(path, offset);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 /// How `stop` ended.

@@ -367,3 +367,18 @@ fn io_failure_under_create_prints_its_cause_once() {
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(err.starts_with("error: cannot create the VM: "), "{err}");
 }
+
+#[test]
+fn doctor_exits_non_zero_when_a_check_fails() {
+    let h = Home::new();
+    // A PATH with nothing in it: qemu, qemu-img and ssh are missing.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nox"))
+        .arg("doctor")
+        .env("NOX_HOME", h.path())
+        .env("PATH", h.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("FAIL qemu-img: not found"), "{stdout}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+}

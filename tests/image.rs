@@ -2,6 +2,7 @@
 //! 127.0.0.1 (tests/support/http_server.py).
 
 use nox::image::{Cache, ImageError, create_overlay};
+use nox::store::Store;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -359,7 +360,7 @@ fn cache_with_mirror(root: &Path, mirror: &str) -> Cache {
         serde_json::json!({ "mirror": mirror }).to_string(),
     )
     .unwrap();
-    Cache::open(&root.join("images")).unwrap()
+    Cache::for_store(&Store::at(root.to_path_buf(), root.join("run"))).unwrap()
 }
 
 fn quiet() -> PullOptions {
@@ -700,7 +701,7 @@ fn child_disk_full() {
         .unwrap();
     assert!(st.success());
     std::fs::copy(root.join("config.json"), small.join("config.json")).unwrap();
-    let cache = Cache::open(&small.join("images")).unwrap();
+    let cache = Cache::for_store(&Store::at(small.clone(), small.join("run"))).unwrap();
     let e = rt().block_on(cache.pull(&deb(), &quiet())).unwrap_err();
     assert!(matches!(e, ImageError::DiskFull { .. }), "{e}");
     assert!(e.to_string().contains("disk full"), "{e}");

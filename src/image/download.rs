@@ -60,24 +60,10 @@ struct Want<'a> {
     insecure: bool,
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 fn transport(url: &str, e: &reqwest::Error) -> ImageError {
     ImageError::Transport {
         url: url.to_string(),
-        detail: chain(e),
+        detail: crate::error_chain(e),
     }
 }
 
@@ -116,8 +102,7 @@ impl Cache {
     }
 
     fn config(&self) -> Option<serde_json::Value> {
-        let p = self.dir().parent()?.join("config.json");
-        serde_json::from_slice(&fs::read(p).ok()?).ok()
+        serde_json::from_slice(&fs::read(self.config.as_ref()?).ok()?).ok()
     }
 
     /// The image and checksum-file URLs of a catalog image, mirror applied.

@@ -15,18 +15,20 @@ mod download;
 
 pub use catalog::{
     CATALOG, CatalogEntry, Checksum, DEFAULT_IMAGE, Distro, HashAlgo, Source, catalog_entry,
-    host_arch, mirror_base, newest_dated_dir, parse_checksum, parse_source, parse_sums,
+    mirror_base, newest_dated_dir, parse_checksum, parse_source, parse_sums,
 };
 pub use download::{Progress, PullOptions};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::store::{self, Existing};
 
 /// One cached base image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,15 +60,15 @@ pub struct Image {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error("{}: not a disk image: {why}", path.display())]
     NotDiskImage { path: PathBuf, why: String },
-    #[error("cannot run {cmd}: {source}")]
+    #[error("cannot run {cmd}")]
     Spawn { cmd: String, source: io::Error },
     #[error("{cmd} failed: {stderr}")]
     Command { cmd: String, stderr: String },
-    #[error("{}: bad metadata: {source}", path.display())]
+    #[error("{}: bad metadata", path.display())]
     Meta {
         path: PathBuf,
         source: serde_json::Error,
@@ -151,12 +153,21 @@ pub(crate) struct SourceRecord {
 #[derive(Debug, Clone)]
 pub struct Cache {
     dir: PathBuf,
+    /// The store's `config.json` (mirrors), when the cache belongs to a store.
+    config: Option<PathBuf>,
 }
 
 const SUBDIRS: [&str; 5] = ["blobs", "meta", "sources", "tmp", "locks"];
 
 impl Cache {
-    /// Opens (creating, mode 0700) the cache at `dir`.
+    /// Opens the store's cache, which also reads the store's `config.json`.
+    pub fn for_store(store: &crate::store::Store) -> Result<Cache, ImageError> {
+        let mut cache = Cache::open(&store.images_dir())?;
+        cache.config = Some(store.config_path());
+        Ok(cache)
+    }
+
+    /// Opens (creating, mode 0700) the cache at `dir`, without a config file.
     pub fn open(dir: &Path) -> Result<Cache, ImageError> {
         let dir = std::path::absolute(dir).map_err(io_err(dir))?;
         for sub in std::iter::once("").chain(SUBDIRS) {
@@ -167,7 +178,7 @@ impl Cache {
                 .create(&d)
                 .map_err(io_err(&d))?;
         }
-        Ok(Cache { dir })
+        Ok(Cache { dir, config: None })
     }
 
     pub fn dir(&self) -> &Path {
@@ -374,13 +385,10 @@ impl Cache {
         }
         sniff(tmp)?;
         let info = qemu_img_info(tmp)?;
-        let file = File::open(tmp).map_err(io_err(tmp))?;
-        file.sync_all().map_err(io_err(tmp))?;
-        let size = file.metadata().map_err(io_err(tmp))?.len();
+        let size = fs::metadata(tmp).map_err(io_err(tmp))?.len();
         fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).map_err(io_err(tmp))?;
         let blob = self.blob_path(hex);
-        fs::rename(tmp, &blob).map_err(io_err(&blob))?;
-        sync_dir(blob.parent().unwrap_or(&self.dir));
+        store::commit_file(tmp, &blob, Existing::Replace).map_err(io_err(&blob))?;
         let img = Image {
             digest: format!("sha256:{hex}"),
             path: blob,
@@ -592,45 +600,23 @@ pub fn create_overlay(base: &Image, overlay: &Path, size: Option<u64>) -> Result
         });
     }
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io_err(&tmp))?;
-    // Persist without replacing: hard-link then drop the temp name.
-    fs::hard_link(&tmp, overlay).map_err(|e| {
-        if e.kind() == io::ErrorKind::AlreadyExists {
-            ImageError::Exists(overlay.to_path_buf())
-        } else {
-            io_err(overlay)(e)
-        }
-    })?;
-    drop(tmp);
+    if !store::commit_file(&tmp, overlay, Existing::Keep).map_err(io_err(overlay))? {
+        return Err(ImageError::Exists(overlay.to_path_buf()));
+    }
+    // Linked into place and the temp name removed: nothing left to clean up.
+    let _ = tmp.keep();
     Ok(())
 }
 
-/// Writes JSON to a temp file beside `path`, fsyncs, renames.
+/// Writes JSON atomically (see [`store::write_atomic_with`]), mode 0600.
 pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, v: &T) -> Result<(), ImageError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(io_err(dir))?;
     let data = serde_json::to_vec_pretty(v).map_err(|source| ImageError::Meta {
         path: path.to_path_buf(),
         source,
     })?;
-    tmp.write_all(&data).map_err(io_err(path))?;
-    tmp.as_file().sync_all().map_err(io_err(path))?;
-    tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
-    sync_dir(dir);
+    store::write_atomic_with(path, 0o600, Existing::Replace, |f| f.write_all(&data))
+        .map_err(io_err(path))?;
     Ok(())
-}
-
-fn sync_dir(dir: &Path) {
-    // Best effort: durability of the rename; failure here does not make the data wrong.
-    if let Ok(d) = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECTORY)
-        .open(dir)
-    {
-        let _ = d.sync_all();
-    }
 }
 
 /// RFC 3339 UTC timestamp, seconds precision.
