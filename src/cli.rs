@@ -105,6 +105,10 @@ pub enum Cmd {
         /// Keep printing new output
         #[arg(short, long)]
         follow: bool,
+        /// The bytes as the guest wrote them, even to a terminal (by default
+        /// control characters are shown escaped there)
+        #[arg(long)]
+        raw: bool,
     },
     /// Check this host: qemu, accelerator, /dev/net/tun, state directory
     Doctor,
@@ -342,7 +346,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         } => ip(&store, &name, wait, timeout, json).await,
         Cmd::Ssh { name, command } => ssh_exec(&store, &name, &command),
         Cmd::Console { name } => console(&store, &name),
-        Cmd::Logs { name, follow } => logs(&store, &name, follow),
+        Cmd::Logs { name, follow, raw } => logs(&store, &name, follow, raw),
         Cmd::Doctor => doctor(&store).await,
         Cmd::Systemd(SystemdCmd::Install { dir, user }) => {
             let scope = if user { Scope::User } else { Scope::System };
@@ -789,16 +793,31 @@ fn console(store: &Store, name: &str) -> Result<i32> {
     Ok(0)
 }
 
-fn logs(store: &Store, name: &str, follow: bool) -> Result<i32> {
+fn logs(store: &Store, name: &str, follow: bool, raw: bool) -> Result<i32> {
+    use std::io::{IsTerminal, Seek};
     let vmp = store.vm(name)?;
     let path = vmp.console_log();
     let mut pos = 0u64;
     let mut out = std::io::stdout();
+    // The console is the guest's: on a terminal its escape sequences could
+    // retitle the window, clear the screen or fake nox's own output.
+    let escape = !raw && out.is_terminal();
+    let mut buf = vec![0u8; 64 << 10];
     loop {
         if let Ok(mut f) = std::fs::File::open(&path) {
-            use std::io::Seek;
             f.seek(std::io::SeekFrom::Start(pos))?;
-            pos += std::io::copy(&mut f, &mut out)?;
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                pos += n as u64;
+                if escape {
+                    out.write_all(crate::text::printable(&buf[..n]).as_bytes())?;
+                } else {
+                    out.write_all(&buf[..n])?;
+                }
+            }
             out.flush()?;
         } else if !follow {
             eprintln!("{name} has no console log yet");

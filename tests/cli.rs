@@ -382,3 +382,50 @@ fn doctor_exits_non_zero_when_a_check_fails() {
     assert!(stdout.contains("FAIL qemu-img: not found"), "{stdout}");
     assert_eq!(out.status.code(), Some(1), "{stdout}");
 }
+
+/// The serial console is the guest's output: on a terminal, `nox logs`
+/// shows its control characters escaped; `--raw` and pipes get the bytes.
+#[test]
+fn logs_escape_guest_control_characters_on_a_terminal() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    if !prereq(have("script"), "script (util-linux) not installed") {
+        return;
+    }
+    h.ok(&[
+        "create",
+        "demo",
+        "--image",
+        img.to_str().unwrap(),
+        "--no-start",
+        "--network",
+        "user",
+    ]);
+    let evil = b"boot ok\n\x1b]0;pwned\x07\x1b[2Jlogin:\n";
+    std::fs::write(h.path().join("vms/demo/console.log"), evil).unwrap();
+    // A pipe: the bytes as they are.
+    let out = h.nox(&["logs", "demo"]);
+    assert_eq!(out.stdout, evil);
+    // A terminal (script(1) gives nox a pty): escaped.
+    let on_tty = |extra: &str| {
+        let cmd = format!("{} logs demo {extra}", env!("CARGO_BIN_EXE_nox"));
+        let out = std::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("NOX_HOME", h.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        out.stdout
+    };
+    let shown = String::from_utf8(on_tty("")).unwrap();
+    assert!(
+        !shown.contains('\x1b') && !shown.contains('\x07'),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains("\\u{1b}]0;pwned\\u{7}\\u{1b}[2Jlogin:"),
+        "{shown:?}"
+    );
+    let raw = on_tty("--raw");
+    assert!(raw.windows(3).any(|w| w == b"\x1b]0"), "{raw:?}");
+}
