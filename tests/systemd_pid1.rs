@@ -117,7 +117,13 @@ exec systemd-nspawn "$@""#;
             .arg(format!("--machine={}", self.name))
             .arg("-D")
             .arg(d.join("root"))
-            .args(["--bind=/dev/kvm", "--bind=/dev/net/tun"])
+            // Its own network namespace: the bridge the test makes in it
+            // goes away with it.
+            .args([
+                "--private-network",
+                "--bind=/dev/kvm",
+                "--bind=/dev/net/tun",
+            ])
             .arg(format!(
                 "--bind-ro={}:/usr/local/bin/nox",
                 d.join("nox").display()
@@ -453,6 +459,49 @@ fn nox_under_systemd_as_pid1() {
     });
     assert_eq!(c.prop("once", "NRestarts"), "0");
     assert_eq!(c.info("once")["state"], "crashed");
+
+    // A bridged VM: the sandbox still lets the supervisor make its tap
+    // (CAP_NET_ADMIN, /dev/net/tun) and attach it (netlink). Then delete of
+    // a running, enabled VM.
+    c.ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+    c.ok(&["ip", "link", "set", "br0", "up"]);
+    c.ok(&[
+        "nox",
+        "create",
+        "tapvm",
+        "--image",
+        IMAGE_IN,
+        "--network",
+        "bridge:br0",
+        "--accel",
+        "tcg",
+        "--memory",
+        "256M",
+        "--no-start",
+    ]);
+    // Running under a supervisor of its own: enable leaves it there.
+    c.ok(&["nox", "start", "tapvm"]);
+    let out = c.ok(&["nox", "enable", "tapvm"]);
+    assert!(out.contains("running outside systemd"), "{out}");
+    assert_eq!(c.is_enabled("tapvm"), "enabled");
+    assert_eq!(c.prop("tapvm", "ActiveState"), "inactive");
+    c.ok(&["nox", "stop", "--force", "tapvm"]);
+    // Enabled: nox start goes through systemd, into the unit's sandbox.
+    c.ok(&["nox", "start", "tapvm"]);
+    assert_eq!(c.prop("tapvm", "ActiveState"), "active");
+    assert_eq!(
+        c.prop("tapvm", "MainPID"),
+        c.info("tapvm")["pid"].to_string()
+    );
+    let info = c.info("tapvm");
+    assert_eq!(info["bridge"], "br0", "{info}");
+    let tap = info["tap"].as_str().unwrap().to_string();
+    let ports = c.ok(&["ip", "-o", "link", "show", "master", "br0"]);
+    assert!(ports.contains(&tap), "{tap} not on br0: {ports}");
+    c.ok(&["nox", "delete", "--force", "tapvm"]);
+    assert_eq!(c.is_enabled("tapvm"), "disabled");
+    assert!(!c.exists("/etc/systemd/system/nox@tapvm.service.d"));
+    assert_ne!(c.prop("tapvm", "ActiveState"), "active");
 
     // disable → not started at the next boot; still enabled → started.
     let out = c.ok(&["nox", "disable", "web"]);
