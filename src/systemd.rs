@@ -347,9 +347,9 @@ mod tests {
         assert!(!caps.contains("CAP_SYS_PTRACE") && !caps.contains("CAP_SYS_MODULE"));
         assert!(u.contains("Delegate="));
         // Delegation needs a writable cgroup tree.
-        assert!(!u.contains("ProtectControlGroups"));
+        assert!(!u.contains("ProtectControlGroups=yes"));
         assert!(u.contains(&format!("TimeoutStopSec={TIMEOUT_STOP_SEC}\n")));
-        assert!(!u.contains("MemoryDenyWriteExecute"));
+        assert!(!u.contains("MemoryDenyWriteExecute=yes"));
         assert!(u.contains("WantedBy=multi-user.target"));
         let user = unit(Path::new("/usr/bin/nox"), Scope::User);
         assert!(!user.contains("ProtectSystem"));
