@@ -365,6 +365,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Enable { name } => {
             let vm = store.vm(&name)?;
+            systemd::check_store(&store, &name)?;
             let spec = vm.load_spec()?;
             // A VM already running under a supervisor of its own: systemd's
             // would only find it locked. Enable for the next boot only.
@@ -379,6 +380,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Disable { name } => {
             store.vm(&name)?;
+            systemd::check_store(&store, &name)?;
             systemd::disable(&name)?;
             println!("{name} no longer starts at boot");
             Ok(0)

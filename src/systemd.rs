@@ -19,6 +19,10 @@ pub enum SystemdError {
         "systemd is not running as PID 1 here; run `nox run {0}` from your own service manager instead"
     )]
     NotRunning(String),
+    #[error(
+        "nox@{name}.service runs the VMs of {SYSTEM_STATE}, and {name} is in {root}; unset NOX_HOME and run as root"
+    )]
+    OtherStore { name: String, root: PathBuf },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("systemctl {args} failed: {stderr}")]
@@ -29,6 +33,26 @@ pub enum SystemdError {
 /// stop timeout (60 s) plus its quit/kill escalation (20 s), so nox, not
 /// systemd, decides how the guest goes down.
 pub const TIMEOUT_STOP_SEC: u64 = 90;
+
+/// The state directory of the system unit's VMs (its `StateDirectory=`).
+pub const SYSTEM_STATE: &str = "/var/lib/nox";
+
+/// Whether the system unit runs the VMs of `store` (a `NOX_HOME` store or a
+/// user's ~/.nox has no units: a VM there of the same name is another VM).
+pub fn manages(store: &crate::store::Store) -> bool {
+    store.root() == Path::new(SYSTEM_STATE)
+}
+
+/// Refuses to hand a VM of another store to the system unit.
+pub fn check_store(store: &crate::store::Store, name: &str) -> Result<(), SystemdError> {
+    if manages(store) {
+        return Ok(());
+    }
+    Err(SystemdError::OtherStore {
+        name: name.into(),
+        root: store.root().to_owned(),
+    })
+}
 
 /// Where the unit is installed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,6 +378,20 @@ mod tests {
         let user = unit(Path::new("/usr/bin/nox"), Scope::User);
         assert!(!user.contains("ProtectSystem"));
         assert!(user.contains("WantedBy=default.target"));
+    }
+
+    #[test]
+    fn only_the_system_store_has_units() {
+        use crate::store::Store;
+        let system = Store::at("/var/lib/nox".into(), "/run/nox".into());
+        assert!(manages(&system) && check_store(&system, "web").is_ok());
+        let mine = Store::at("/home/u/.nox".into(), "/home/u/.nox/run".into());
+        assert!(!manages(&mine));
+        let e = check_store(&mine, "web").unwrap_err().to_string();
+        assert!(
+            e.contains("/var/lib/nox") && e.contains("/home/u/.nox"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -573,10 +573,12 @@ pub async fn delete(store: &Store, name: &str, force: bool) -> Result<(), VmErro
         if let Some(_lock) = vm.try_lock()? {
             // Holding the lock: no supervisor can start while we remove.
             // An enabled unit of a deleted VM would fail at every boot.
-            crate::systemd::forget(name).map_err(|e| VmError::Systemd {
-                name: name.into(),
-                source: e,
-            })?;
+            if crate::systemd::manages(store) {
+                crate::systemd::forget(name).map_err(|e| VmError::Systemd {
+                    name: name.into(),
+                    source: e,
+                })?;
+            }
             store.remove(&vm)?;
             return Ok(());
         }
