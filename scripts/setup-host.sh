@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what nox needs on a Debian 12/13 host (qemu, firmware, ssh client,
-# dnsmasq for the network tests, the test-image builder's tools), then builds
-# and installs nox to /usr/local/bin. Run as root. Non-interactive.
+# dnsmasq for the network tests, the test-image builder's tools, systemd-nspawn
+# for the systemd-as-PID-1 tests), then builds and installs nox to
+# /usr/local/bin. Run as root. Non-interactive.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -20,7 +21,8 @@ apt-get install -y -qq --no-install-recommends "${apt_t[@]}" \
     qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64
 apt-get install -y -qq --no-install-recommends \
     openssh-client dnsmasq-base iproute2 mtools dosfstools systemd \
-    busybox-static python3 util-linux coreutils
+    busybox-static python3 util-linux coreutils \
+    systemd-container mmdebstrap debian-archive-keyring
 
 if [ "${NOX_SKIP_INSTALL:-}" != 1 ]; then
     cargo build --release --locked

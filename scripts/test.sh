@@ -14,5 +14,11 @@ if [ "$(id -u)" = 0 ]; then
         NOX_TEST_IMAGE_ARM64=$(scripts/build-test-image.sh --arch arm64 | tail -n 1)
         export NOX_TEST_IMAGE_ARM64
     fi
+    # A bookworm root that systemd-nspawn boots with systemd as PID 1
+    # (tests/systemd_pid1.rs), cached the same way.
+    if [ -z "${NOX_SYSTEMD_ROOT:-}" ]; then
+        NOX_SYSTEMD_ROOT=$(scripts/build-systemd-root.sh | tail -n 1)
+        export NOX_SYSTEMD_ROOT
+    fi
 fi
 exec cargo nextest run --no-fail-fast "$@"

@@ -370,17 +370,24 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             bail!(systemd::SystemdError::NotRunning(name))
         }
         Cmd::Enable { name } => {
-            store.vm(&name)?;
-            systemd::systemctl(
-                Scope::System,
-                &["enable", "--now", &systemd::unit_name(&name)],
-            )?;
+            let vm = store.vm(&name)?;
+            systemd::check_store(&store, &name)?;
+            let spec = vm.load_spec()?;
+            // A VM already running under a supervisor of its own: systemd's
+            // would only find it locked. Enable for the next boot only.
+            let elsewhere =
+                crate::state::load(&vm)?.state.is_active() && !systemd::is_active(&name);
+            systemd::enable(&name, spec.restart, !elsewhere)?;
             println!("{name} starts at boot ({})", systemd::unit_name(&name));
+            if elsewhere {
+                println!("{name} is running outside systemd; systemd runs it from its next start");
+            }
             Ok(0)
         }
         Cmd::Disable { name } => {
             store.vm(&name)?;
-            systemd::systemctl(Scope::System, &["disable", &systemd::unit_name(&name)])?;
+            systemd::check_store(&store, &name)?;
+            systemd::disable(&name)?;
             println!("{name} no longer starts at boot");
             Ok(0)
         }

@@ -6,9 +6,11 @@ use std::process::Command;
 
 use thiserror::Error;
 
+use crate::spec::RestartPolicy;
+
 #[derive(Debug, Error)]
 pub enum SystemdError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -17,6 +19,12 @@ pub enum SystemdError {
         "systemd is not running as PID 1 here; run `nox run {0}` from your own service manager instead"
     )]
     NotRunning(String),
+    #[error(
+        "nox@{name}.service runs the VMs of {SYSTEM_STATE}, and {name} is in {root}; unset NOX_HOME and run as root"
+    )]
+    OtherStore { name: String, root: PathBuf },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("systemctl {args} failed: {stderr}")]
     Systemctl { args: String, stderr: String },
 }
@@ -26,6 +34,26 @@ pub enum SystemdError {
 /// systemd, decides how the guest goes down.
 pub const TIMEOUT_STOP_SEC: u64 = 90;
 
+/// The state directory of the system unit's VMs (its `StateDirectory=`).
+pub const SYSTEM_STATE: &str = "/var/lib/nox";
+
+/// Whether the system unit runs the VMs of `store` (a `NOX_HOME` store or a
+/// user's ~/.nox has no units: a VM there of the same name is another VM).
+pub fn manages(store: &crate::store::Store) -> bool {
+    store.root() == Path::new(SYSTEM_STATE)
+}
+
+/// Refuses to hand a VM of another store to the system unit.
+pub fn check_store(store: &crate::store::Store, name: &str) -> Result<(), SystemdError> {
+    if manages(store) {
+        return Ok(());
+    }
+    Err(SystemdError::OtherStore {
+        name: name.into(),
+        root: store.root().to_owned(),
+    })
+}
+
 /// Where the unit is installed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -33,7 +61,41 @@ pub enum Scope {
     User,
 }
 
+/// Capabilities the supervisor keeps (system unit). Today's code needs
+/// CAP_NET_ADMIN (taps, bridge ports, vhost-net) and CAP_NET_RAW (AF_PACKET
+/// socket that learns the guest's address on its tap). The rest is for
+/// confining qemu: a per-VM uid/gid (SETUID, SETGID, SETPCAP to drop the
+/// bounding set), new mount/pid/ipc namespaces with a pivot_root'ed tree
+/// (SYS_ADMIN, SYS_CHROOT, MKNOD for its /dev, CHOWN/FOWNER/DAC_OVERRIDE to
+/// hand the VM's files to its uid), KILL (signal qemu under another uid) and
+/// SYS_RESOURCE (its rlimits).
+pub const CAPABILITIES: &[&str] = &[
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_CHROOT",
+    "CAP_MKNOD",
+    "CAP_CHOWN",
+    "CAP_FOWNER",
+    "CAP_DAC_OVERRIDE",
+    "CAP_KILL",
+    "CAP_SYS_RESOURCE",
+];
+
+/// Exit status of `nox run` that systemd must not answer with a restart
+/// (another supervisor already runs the VM).
+const NO_RESTART_STATUS: i32 = crate::supervisor::EXIT_ALREADY_RUNNING;
+
 /// The template unit (pure). `exe` is the absolute path of the nox binary.
+///
+/// Restarts: the supervisor restarts qemu itself per the VM's `--restart`
+/// (with back-off, counted in `nox info`), with or without systemd. The
+/// unit's `Restart=` is only the backstop for the supervisor itself dying;
+/// `nox enable` sets it per VM in a drop-in ([`restart_dropin`]) so that a
+/// VM created with `--restart no` is not restarted behind its back.
 pub fn unit(exe: &Path, scope: Scope) -> String {
     let exe = exe.display();
     let mut u = format!(
@@ -44,6 +106,9 @@ Description=nox VM %i
 Documentation=https://github.com/nox-vm/nox
 After=network-online.target
 Wants=network-online.target
+# Give up after 5 failed starts in 5 minutes (a broken VM must not loop).
+StartLimitIntervalSec=300
+StartLimitBurst=5
 
 [Service]
 Type=notify
@@ -54,42 +119,59 @@ ExecStart={exe} run %i
 KillMode=mixed
 TimeoutStartSec=120
 TimeoutStopSec={TIMEOUT_STOP_SEC}
+# Overridden per VM by `nox enable` (drop-in nox@NAME.service.d/{DROPIN_FILE}).
 Restart=on-failure
 RestartSec=5
+RestartPreventExitStatus={NO_RESTART_STATUS}
 # A VM's qemu must not be killed by the OOM killer before other services.
 OOMScoreAdjust=-100
 "
     );
     if scope == Scope::System {
-        // Hardening that still lets qemu use /dev/kvm, /dev/net/tun and
-        // vhost-net, and nox create taps (CAP_NET_ADMIN). No
-        // MemoryDenyWriteExecute: TCG generates code at run time.
-        u.push_str(
+        u.push_str(&format!(
             "\
+# Hardening that still lets qemu use /dev/kvm, /dev/net/tun and vhost-net
+# and the supervisor make taps. Writable: only /var/lib/nox and /run/nox.
 StateDirectory=nox
 StateDirectoryMode=0700
 RuntimeDirectory=nox
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes
 ProtectSystem=strict
-ReadWritePaths=/var/lib/nox /run/nox
-ProtectHome=read-only
+ProtectHome=yes
 PrivateTmp=yes
+PrivateMounts=yes
+PrivateIPC=yes
+DevicePolicy=closed
+DeviceAllow=/dev/kvm rw
+DeviceAllow=/dev/net/tun rw
+DeviceAllow=/dev/vhost-net rw
+# See nox::systemd::CAPABILITIES for why each is kept.
+CapabilityBoundingSet={caps}
 NoNewPrivileges=yes
+# The VM's cgroup is the supervisor's to divide (qemu's limits).
+# ProtectControlGroups= would make it read-only.
+Delegate=cpu cpuset io memory pids
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
-ProtectControlGroups=yes
 ProtectClock=yes
 ProtectHostname=yes
+# qemu's confinement makes mount, pid and ipc namespaces; nothing else.
+RestrictNamespaces=mnt pid ipc
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
 SystemCallArchitectures=native
+# A deny list: qemu's needs vary with its devices and accelerator. No
+# MemoryDenyWriteExecute: TCG generates code at run time.
+SystemCallFilter=~@clock @cpu-emulation @debug @module @obsolete @raw-io @reboot @swap
+SystemCallErrorNumber=EPERM
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK AF_PACKET
 UMask=0077
 ",
-        );
+            caps = CAPABILITIES.join(" ")
+        ));
     }
     u.push_str(
         "
@@ -101,6 +183,34 @@ WantedBy=multi-user.target
         u = u.replace("multi-user.target", "default.target");
     }
     u
+}
+
+/// File name of the per-VM drop-in `nox enable` writes.
+pub const DROPIN_FILE: &str = "50-nox-restart.conf";
+
+/// The per-VM drop-in (pure): the unit's `Restart=` for the VM's policy.
+/// The supervisor restarts qemu itself after a crash (and, with `always`,
+/// after the guest powers off); systemd restarts the supervisor when it
+/// fails, unless the VM is not to be restarted at all. Never
+/// `Restart=always`: the supervisor exits 0 only when asked to stop.
+pub fn restart_dropin(vm: &str, policy: RestartPolicy) -> String {
+    let (restart, name) = match policy {
+        RestartPolicy::No => ("no", "no"),
+        RestartPolicy::OnFailure => ("on-failure", "on-failure"),
+        RestartPolicy::Always => ("on-failure", "always"),
+    };
+    format!(
+        "\
+# Written by `nox enable {vm}` from the VM's --restart {name}.
+[Service]
+Restart={restart}
+"
+    )
+}
+
+/// Where a VM's drop-in lives (system scope).
+pub fn dropin_dir(vm: &str) -> PathBuf {
+    Path::new("/etc/systemd/system").join(format!("{}.d", unit_name(vm)))
 }
 
 /// Whether systemd is the init system of this host (sd_booted()).
@@ -128,12 +238,7 @@ pub fn install(dir: &Path, exe: &Path, scope: Scope) -> Result<PathBuf, SystemdE
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let path = dir.join("nox@.service");
-    crate::store::write_atomic(&path, unit(exe, scope).as_bytes(), 0o644).map_err(|e| {
-        SystemdError::Io {
-            path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        }
-    })?;
+    crate::store::write_atomic(&path, unit(exe, scope).as_bytes(), 0o644)?;
     if booted() {
         systemctl(scope, &["daemon-reload"])?;
     }
@@ -173,6 +278,68 @@ pub fn is_enabled(vm: &str) -> bool {
             .unwrap_or(false)
 }
 
+/// Whether a VM's unit is active (running, starting or stopping) now.
+pub fn is_active(vm: &str) -> bool {
+    booted()
+        && Command::new("systemctl")
+            .args(["is-active", "--quiet", &unit_name(vm)])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+}
+
+/// Hands a VM to systemd: writes its restart drop-in, reloads, enables its
+/// unit and, with `now`, starts it (returns once the supervisor is READY).
+pub fn enable(vm: &str, policy: RestartPolicy, now: bool) -> Result<(), SystemdError> {
+    let dir = dropin_dir(vm);
+    std::fs::create_dir_all(&dir).map_err(|source| SystemdError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let path = dir.join(DROPIN_FILE);
+    crate::store::write_atomic(&path, restart_dropin(vm, policy).as_bytes(), 0o644)?;
+    systemctl(Scope::System, &["daemon-reload"])?;
+    let unit = unit_name(vm);
+    let mut args = vec!["enable"];
+    if now {
+        args.push("--now");
+    }
+    args.push(&unit);
+    systemctl(Scope::System, &args)?;
+    Ok(())
+}
+
+/// Stops starting a VM at boot (a running VM keeps running).
+pub fn disable(vm: &str) -> Result<(), SystemdError> {
+    systemctl(Scope::System, &["disable", &unit_name(vm)])?;
+    Ok(())
+}
+
+/// Removes what systemd knows of a VM that is being deleted: disables its
+/// unit, removes its drop-in, forgets a failed state. A no-op for a VM that
+/// was never enabled.
+pub fn forget(vm: &str) -> Result<(), SystemdError> {
+    if is_enabled(vm) {
+        disable(vm)?;
+    }
+    let dir = dropin_dir(vm);
+    let had_dropin = dir.exists();
+    if had_dropin {
+        std::fs::remove_dir_all(&dir).map_err(|source| SystemdError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    if booted() {
+        // Nothing to reset is not an error worth reporting.
+        let _ = systemctl(Scope::System, &["reset-failed", &unit_name(vm)]);
+        if had_dropin {
+            systemctl(Scope::System, &["daemon-reload"])?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,12 +350,65 @@ mod tests {
         assert!(u.contains("Type=notify\n"));
         assert!(u.contains("ExecStart=/usr/local/bin/nox run %i\n"));
         assert!(u.contains("Restart=on-failure\n"));
+        assert!(u.contains("RestartPreventExitStatus=3\n"));
+        assert!(u.contains("ProtectHome=yes\n"));
+        assert!(u.contains("DevicePolicy=closed\n"));
+        for dev in ["/dev/kvm", "/dev/net/tun", "/dev/vhost-net"] {
+            assert!(u.contains(&format!("DeviceAllow={dev} rw\n")), "{dev}");
+        }
+        let caps = u
+            .lines()
+            .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+            .unwrap();
+        for cap in [
+            "CAP_NET_ADMIN",
+            "CAP_NET_RAW",
+            "CAP_SYS_ADMIN",
+            "CAP_SETUID",
+        ] {
+            assert!(caps.split(' ').any(|c| c == cap), "{cap} in {caps}");
+        }
+        assert!(!caps.contains("CAP_SYS_PTRACE") && !caps.contains("CAP_SYS_MODULE"));
+        assert!(u.contains("Delegate="));
+        // Delegation needs a writable cgroup tree.
+        assert!(!u.contains("ProtectControlGroups=yes"));
         assert!(u.contains(&format!("TimeoutStopSec={TIMEOUT_STOP_SEC}\n")));
-        assert!(!u.contains("MemoryDenyWriteExecute"));
+        assert!(!u.contains("MemoryDenyWriteExecute=yes"));
         assert!(u.contains("WantedBy=multi-user.target"));
         let user = unit(Path::new("/usr/bin/nox"), Scope::User);
         assert!(!user.contains("ProtectSystem"));
         assert!(user.contains("WantedBy=default.target"));
+    }
+
+    #[test]
+    fn only_the_system_store_has_units() {
+        use crate::store::Store;
+        let system = Store::at("/var/lib/nox".into(), "/run/nox".into());
+        assert!(manages(&system) && check_store(&system, "web").is_ok());
+        let mine = Store::at("/home/u/.nox".into(), "/home/u/.nox/run".into());
+        assert!(!manages(&mine));
+        let e = check_store(&mine, "web").unwrap_err().to_string();
+        assert!(
+            e.contains("/var/lib/nox") && e.contains("/home/u/.nox"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn restart_dropin_follows_policy() {
+        let d = restart_dropin("web", RestartPolicy::No);
+        assert!(d.contains("[Service]\nRestart=no\n"), "{d}");
+        assert!(d.contains("--restart no"));
+        let d = restart_dropin("web", RestartPolicy::OnFailure);
+        assert!(d.contains("\nRestart=on-failure\n"), "{d}");
+        // The supervisor restarts a guest that powered off; systemd must not
+        // restart a supervisor that was asked to stop.
+        let d = restart_dropin("web", RestartPolicy::Always);
+        assert!(d.contains("\nRestart=on-failure\n") && d.contains("--restart always"));
+        assert_eq!(
+            dropin_dir("web"),
+            Path::new("/etc/systemd/system/nox@web.service.d")
+        );
     }
 }
 

@@ -58,6 +58,11 @@ pub enum VmError {
         what: &'static str,
         secs: u64,
     },
+    #[error("{name}: cannot remove its systemd unit")]
+    Systemd {
+        name: String,
+        source: crate::systemd::SystemdError,
+    },
 }
 
 /// What `nox create` was asked for, before validation.
@@ -572,6 +577,13 @@ pub async fn delete(store: &Store, name: &str, force: bool) -> Result<(), VmErro
     loop {
         if let Some(_lock) = vm.try_lock()? {
             // Holding the lock: no supervisor can start while we remove.
+            // An enabled unit of a deleted VM would fail at every boot.
+            if crate::systemd::manages(store) {
+                crate::systemd::forget(name).map_err(|e| VmError::Systemd {
+                    name: name.into(),
+                    source: e,
+                })?;
+            }
             store.remove(&vm)?;
             return Ok(());
         }

@@ -93,3 +93,57 @@ fn enable_without_systemd_is_a_clear_error() {
     let err = h.fails(&["enable", "ghost"]);
     assert!(err.contains("no VM named"), "{err}");
 }
+
+/// systemd's own reading of the system unit's sandbox
+/// (`systemd-analyze security --offline=yes`): what the hardening promises
+/// is what systemd sees.
+#[test]
+fn system_unit_hardening_as_systemd_scores_it() {
+    if !prereq(have("systemd-analyze"), "systemd-analyze not installed") {
+        return;
+    }
+    let h = Home::new();
+    let dir = h.path().join("units");
+    h.ok(&["systemd", "install", "--dir", dir.to_str().unwrap()]);
+    let instance = dir.join("nox@demo.service");
+    std::fs::copy(dir.join("nox@.service"), &instance).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&instance)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score = text.lines().find(|l| l.contains("Overall exposure level"));
+    assert!(score.is_some(), "no score: {text}");
+    eprintln!("{}", score.unwrap());
+    for setting in [
+        "ProtectHome=",
+        "ProtectSystem=",
+        "PrivateMounts=",
+        "NoNewPrivileges=",
+        "CapabilityBoundingSet=~CAP_SYS_PTRACE",
+        "CapabilityBoundingSet=~CAP_SYS_MODULE",
+        "CapabilityBoundingSet=~CAP_SYS_RAWIO",
+        "CapabilityBoundingSet=~CAP_BPF",
+        "RestrictNamespaces=~user",
+        "RestrictNamespaces=~net",
+        "SystemCallFilter=~@module",
+        "SystemCallFilter=~@debug",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(setting));
+        assert!(
+            line.is_some_and(|l| l.starts_with('✓')),
+            "{setting}: {line:?}\n{text}"
+        );
+    }
+    // The devices qemu needs, and nothing else but the pseudo-devices.
+    let acl = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("DeviceAllow="))
+        .unwrap_or_default();
+    for dev in ["/dev/kvm:rw", "/dev/net/tun:rw", "/dev/vhost-net:rw"] {
+        assert!(acl.contains(dev), "{acl}");
+    }
+}
