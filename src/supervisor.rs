@@ -20,6 +20,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::net::attach::{Attached, attach};
@@ -29,7 +30,6 @@ use crate::qmp::{self, Qmp};
 use crate::spec::{RestartPolicy, VmSpec};
 use crate::state::{self, Event, Phase, RecordError, Recorder, State};
 use crate::store::{self, StoreError, VmPaths};
-use tokio::sync::watch;
 
 /// Exit code of `nox run` when another supervisor already runs the VM.
 pub const EXIT_ALREADY_RUNNING: i32 = 3;
