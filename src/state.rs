@@ -3,8 +3,13 @@
 //! The file alone can lie (a killed supervisor cannot update it, a host
 //! reboot leaves it behind), so readers combine it with the VM's lock: only a
 //! live supervisor holds the lock, so "running" without a held lock is stale.
+//!
+//! The supervisor changes the file only through a [`Recorder`], which applies
+//! lifecycle [`Event`]s checked by [`transition`] against one table of
+//! allowed (phase, event) pairs.
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use crate::store::{self, StoreError, VmPaths};
 
@@ -19,6 +24,14 @@ pub enum Phase {
 }
 
 impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::Starting,
+        Phase::Running,
+        Phase::Stopping,
+        Phase::Stopped,
+        Phase::Crashed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Starting => "starting",
@@ -103,8 +116,8 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Saves the state atomically (the supervisor is the only writer).
-pub fn save(vm: &VmPaths, st: &State) -> Result<(), StoreError> {
+/// Saves the state atomically. Only [`Recorder`] (and tests) call this.
+fn save(vm: &VmPaths, st: &State) -> Result<(), StoreError> {
     let mut st = st.clone();
     st.updated = now();
     store::write_json(&vm.state(), &st)
@@ -146,6 +159,237 @@ pub fn stale(st: State) -> State {
     }
 }
 
+/// Where the supervisor's network put the guest (recorded at spawn).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Network {
+    pub ssh_port: Option<u16>,
+    pub tap: Option<String>,
+    pub bridge: Option<String>,
+    /// The guest's static address, if it has one.
+    pub ip: Option<String>,
+}
+
+/// Something that happens to a supervised VM and changes its state file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A run begins: qemu is about to be launched with this accelerator.
+    Launch { accel: String },
+    /// qemu was spawned (paused), holding this network.
+    Spawned { qemu_pid: u32, net: Network },
+    /// QMP is up and the guest was resumed.
+    Resumed,
+    /// The guest's addresses changed.
+    Addresses {
+        ipv4: Option<String>,
+        ipv6: Vec<String>,
+    },
+    /// A stop was asked for: QMP POWERDOWN seen, or SIGTERM/SIGINT.
+    StopRequested,
+    /// qemu exited after the guest powered off.
+    PoweredOff { reason: String },
+    /// qemu exited after a crash, or never came up.
+    Crashed { reason: String },
+    /// The restart policy waits `delay_secs` before restart number `restarts`.
+    BackOff { delay_secs: u64, restarts: u32 },
+    /// A stop request during that wait.
+    BackOffCancelled,
+}
+
+/// An [`Event`] without its data: what the transition table is keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Launch,
+    Spawned,
+    Resumed,
+    Addresses,
+    StopRequested,
+    PoweredOff,
+    Crashed,
+    BackOff,
+    BackOffCancelled,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 9] = [
+        EventKind::Launch,
+        EventKind::Spawned,
+        EventKind::Resumed,
+        EventKind::Addresses,
+        EventKind::StopRequested,
+        EventKind::PoweredOff,
+        EventKind::Crashed,
+        EventKind::BackOff,
+        EventKind::BackOffCancelled,
+    ];
+}
+
+impl Event {
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::Launch { .. } => EventKind::Launch,
+            Event::Spawned { .. } => EventKind::Spawned,
+            Event::Resumed => EventKind::Resumed,
+            Event::Addresses { .. } => EventKind::Addresses,
+            Event::StopRequested => EventKind::StopRequested,
+            Event::PoweredOff { .. } => EventKind::PoweredOff,
+            Event::Crashed { .. } => EventKind::Crashed,
+            Event::BackOff { .. } => EventKind::BackOff,
+            Event::BackOffCancelled => EventKind::BackOffCancelled,
+        }
+    }
+}
+
+/// Every allowed (phase, event) pair and the phase it leads to. Any other
+/// pair is a supervisor bug and is refused. A supervisor begins in
+/// `stopped` (nothing running yet, whatever an old file says).
+const TRANSITIONS: &[(Phase, EventKind, Phase)] = {
+    use EventKind as E;
+    use Phase::*;
+    &[
+        (Stopped, E::Launch, Starting),
+        // The first run after a back-off wait.
+        (Starting, E::Launch, Starting),
+        (Starting, E::Spawned, Starting),
+        (Starting, E::Resumed, Running),
+        (Starting, E::Crashed, Crashed),
+        (Running, E::Addresses, Running),
+        (Running, E::StopRequested, Stopping),
+        (Running, E::PoweredOff, Stopped),
+        (Running, E::Crashed, Crashed),
+        (Stopping, E::Addresses, Stopping),
+        // A signal after `nox stop`'s POWERDOWN, or the POWERDOWN event
+        // after a signal.
+        (Stopping, E::StopRequested, Stopping),
+        (Stopping, E::PoweredOff, Stopped),
+        (Stopping, E::Crashed, Crashed),
+        (Stopped, E::BackOff, Starting),
+        (Crashed, E::BackOff, Starting),
+        (Starting, E::BackOffCancelled, Stopped),
+    ]
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("lifecycle event {event:?} is not allowed in phase {from}")]
+pub struct InvalidTransition {
+    pub from: Phase,
+    pub event: EventKind,
+}
+
+/// The phase `event` leads to from `from`, if the table allows it.
+pub fn transition(from: Phase, event: &Event) -> Result<Phase, InvalidTransition> {
+    let kind = event.kind();
+    TRANSITIONS
+        .iter()
+        .find(|(p, k, _)| *p == from && *k == kind)
+        .map(|&(_, _, to)| to)
+        .ok_or(InvalidTransition { from, event: kind })
+}
+
+/// The reason recorded when a stop request ends a restart back-off.
+pub const BACKOFF_CANCELLED: &str = "stopped during restart back-off";
+
+/// The state after an allowed event (`to` from [`transition`]).
+fn next_state(st: &State, supervisor: u32, to: Phase, event: &Event) -> State {
+    // Kept for the supervisor's whole life, across runs.
+    let kept = State {
+        restarts: st.restarts,
+        last_failure: st.last_failure.clone(),
+        ..State::new(to)
+    };
+    match event {
+        Event::Launch { accel } => State {
+            pid: Some(supervisor),
+            accel: Some(accel.clone()),
+            ..kept
+        },
+        Event::Spawned { qemu_pid, net } => State {
+            state: to,
+            qemu_pid: Some(*qemu_pid),
+            ssh_port: net.ssh_port,
+            tap: net.tap.clone(),
+            bridge: net.bridge.clone(),
+            ip: net.ip.clone(),
+            ..st.clone()
+        },
+        Event::Addresses { ipv4, ipv6 } => State {
+            state: to,
+            ip: ipv4.clone().or_else(|| st.ip.clone()),
+            ipv6: ipv6.clone(),
+            ..st.clone()
+        },
+        Event::Resumed | Event::StopRequested => State {
+            state: to,
+            ..st.clone()
+        },
+        Event::PoweredOff { reason } => State {
+            reason: Some(reason.clone()),
+            ..kept
+        },
+        Event::Crashed { reason } => State {
+            reason: Some(reason.clone()),
+            last_failure: Some(reason.clone()),
+            ..kept
+        },
+        Event::BackOff {
+            delay_secs,
+            restarts,
+        } => State {
+            reason: Some(format!(
+                "restarting in {delay_secs}s after: {}",
+                st.reason.as_deref().unwrap_or("?")
+            )),
+            // Still ours while we wait: `nox stop` must see an active VM.
+            pid: Some(supervisor),
+            restarts: *restarts,
+            ..kept
+        },
+        Event::BackOffCancelled => State {
+            reason: Some(BACKOFF_CANCELLED.into()),
+            ..kept
+        },
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidTransition),
+    #[error("cannot save the VM's state file")]
+    Save(#[source] StoreError),
+}
+
+/// The only writer of a VM's state file, owned by its supervisor: keeps the
+/// current state, applies events through [`transition`], saves after each.
+#[derive(Debug)]
+pub struct Recorder<'a> {
+    vm: &'a VmPaths,
+    supervisor: u32,
+    st: State,
+}
+
+impl<'a> Recorder<'a> {
+    /// For the supervisor with pid `supervisor`; writes nothing yet.
+    pub fn new(vm: &'a VmPaths, supervisor: u32) -> Recorder<'a> {
+        Recorder {
+            vm,
+            supervisor,
+            st: State::new(Phase::Stopped),
+        }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.st
+    }
+
+    /// Applies `event` and saves. A refused event changes nothing; when only
+    /// the save fails the new state is kept (and written with the next one).
+    pub fn apply(&mut self, event: &Event) -> Result<(), RecordError> {
+        let to = transition(self.st.state, event)?;
+        self.st = next_state(&self.st, self.supervisor, to, event);
+        save(self.vm, &self.st).map_err(RecordError::Save)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +415,229 @@ mod tests {
         // A holder of the lock makes it true.
         let _l = vm.try_lock().unwrap().unwrap();
         assert_eq!(load(&vm).unwrap().state, Phase::Running);
+    }
+
+    /// A value of each kind of event.
+    fn sample(kind: EventKind) -> Event {
+        match kind {
+            EventKind::Launch => Event::Launch {
+                accel: "tcg".into(),
+            },
+            EventKind::Spawned => Event::Spawned {
+                qemu_pid: 7,
+                net: Network::default(),
+            },
+            EventKind::Resumed => Event::Resumed,
+            EventKind::Addresses => Event::Addresses {
+                ipv4: None,
+                ipv6: vec![],
+            },
+            EventKind::StopRequested => Event::StopRequested,
+            EventKind::PoweredOff => Event::PoweredOff {
+                reason: "guest-shutdown".into(),
+            },
+            EventKind::Crashed => Event::Crashed {
+                reason: "boom".into(),
+            },
+            EventKind::BackOff => Event::BackOff {
+                delay_secs: 1,
+                restarts: 1,
+            },
+            EventKind::BackOffCancelled => Event::BackOffCancelled,
+        }
+    }
+
+    /// The lifecycle, written out independently of `TRANSITIONS`: the phase
+    /// each (phase, event) pair leads to, `-` where the event is refused.
+    const LIFECYCLE: &str = "
+        phase     Launch   Spawned  Resumed  Addresses StopRequested PoweredOff Crashed BackOff  BackOffCancelled
+        starting  starting starting running  -         -             -          crashed -        stopped
+        running   -        -        -        running   stopping      stopped    crashed -        -
+        stopping  -        -        -        stopping  stopping      stopped    crashed -        -
+        stopped   starting -        -        -         -             -          -       starting -
+        crashed   -        -        -        -         -             -          -       starting -
+    ";
+
+    fn phase(word: &str) -> Phase {
+        serde_json::from_value(serde_json::Value::String(word.into())).unwrap()
+    }
+
+    #[test]
+    fn every_phase_event_pair_is_allowed_or_refused_as_the_lifecycle_says() {
+        let mut rows = LIFECYCLE.trim().lines().map(|l| l.split_whitespace());
+        let header: Vec<&str> = rows.next().unwrap().skip(1).collect();
+        let names: Vec<String> = EventKind::ALL.iter().map(|k| format!("{k:?}")).collect();
+        assert_eq!(header, names, "columns must follow EventKind::ALL");
+        let mut seen = 0;
+        for (row, from) in rows.zip(Phase::ALL) {
+            let row: Vec<&str> = row.collect();
+            assert_eq!(phase(row[0]), from, "rows must follow Phase::ALL");
+            for (cell, kind) in row[1..].iter().zip(EventKind::ALL) {
+                let got = transition(from, &sample(kind));
+                let want = (*cell != "-").then(|| phase(cell));
+                assert_eq!(got.ok(), want, "({from}, {kind:?})");
+                if want.is_none() {
+                    assert_eq!(
+                        got,
+                        Err(InvalidTransition { from, event: kind }),
+                        "({from}, {kind:?})"
+                    );
+                }
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, Phase::ALL.len() * EventKind::ALL.len());
+    }
+
+    #[test]
+    fn only_an_exit_or_a_cancelled_back_off_leaves_the_active_phases() {
+        for &(from, kind, to) in TRANSITIONS {
+            if from.is_active() && !to.is_active() {
+                assert!(
+                    matches!(
+                        kind,
+                        EventKind::PoweredOff | EventKind::Crashed | EventKind::BackOffCancelled
+                    ),
+                    "({from}, {kind:?}) -> {to}"
+                );
+            }
+        }
+    }
+
+    fn saved(vm: &VmPaths) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(vm.state()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn recorder_writes_each_step_of_a_crash_restart_and_stop() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::at(t.path().join("r"), t.path().join("run"));
+        s.init().unwrap();
+        let vm = s.vm_paths(&"demo".parse().unwrap());
+        std::fs::create_dir_all(&vm.dir).unwrap();
+        let mut rec = Recorder::new(&vm, 4242);
+        // Nothing is written until the first event.
+        assert!(!vm.state().exists());
+        rec.apply(&sample(EventKind::Launch)).unwrap();
+        let f = saved(&vm);
+        assert_eq!(
+            (f["state"].as_str(), f["pid"].as_u64()),
+            (Some("starting"), Some(4242))
+        );
+        assert_eq!(f["accel"], "tcg");
+        let net = Network {
+            ssh_port: Some(2222),
+            ip: Some("10.0.0.5".into()),
+            ..Network::default()
+        };
+        rec.apply(&Event::Spawned { qemu_pid: 99, net }).unwrap();
+        rec.apply(&Event::Resumed).unwrap();
+        let f = saved(&vm);
+        assert_eq!(f["state"], "running");
+        assert_eq!(
+            (f["qemu_pid"].as_u64(), f["ssh_port"].as_u64()),
+            (Some(99), Some(2222))
+        );
+        // Discovery without an IPv4 address keeps the static one.
+        let addrs = Event::Addresses {
+            ipv4: None,
+            ipv6: vec!["fe80::1".into()],
+        };
+        rec.apply(&addrs).unwrap();
+        assert_eq!(
+            (saved(&vm)["ip"].as_str(), saved(&vm)["ipv6"][0].as_str()),
+            (Some("10.0.0.5"), Some("fe80::1"))
+        );
+        rec.apply(&Event::Crashed {
+            reason: "qemu killed by SIGKILL".into(),
+        })
+        .unwrap();
+        let f = saved(&vm);
+        assert_eq!(f["state"], "crashed");
+        assert_eq!(f["last_failure"], "qemu killed by SIGKILL");
+        assert!(f.get("pid").is_none() && f.get("qemu_pid").is_none(), "{f}");
+        rec.apply(&Event::BackOff {
+            delay_secs: 1,
+            restarts: 1,
+        })
+        .unwrap();
+        let f = saved(&vm);
+        assert_eq!(
+            (f["state"].as_str(), f["pid"].as_u64()),
+            (Some("starting"), Some(4242))
+        );
+        assert_eq!(
+            f["reason"],
+            "restarting in 1s after: qemu killed by SIGKILL"
+        );
+        assert_eq!(f["restarts"], 1);
+        // A refused event changes nothing, in memory or on disk.
+        let before = std::fs::read(vm.state()).unwrap();
+        assert!(matches!(
+            rec.apply(&sample(EventKind::PoweredOff)),
+            Err(RecordError::Invalid(_))
+        ));
+        assert_eq!(std::fs::read(vm.state()).unwrap(), before);
+        assert_eq!(rec.state().state, Phase::Starting);
+        rec.apply(&sample(EventKind::Launch)).unwrap();
+        assert!(saved(&vm).get("reason").is_none());
+        rec.apply(&Event::Resumed).unwrap();
+        rec.apply(&Event::StopRequested).unwrap();
+        assert_eq!(saved(&vm)["state"], "stopping");
+        rec.apply(&sample(EventKind::PoweredOff)).unwrap();
+        let f = saved(&vm);
+        assert_eq!(f["state"], "stopped");
+        assert_eq!(f["reason"], "guest-shutdown");
+        // Kept across runs: the restart count and the last failure.
+        assert_eq!(f["restarts"], 1);
+        assert_eq!(f["last_failure"], "qemu killed by SIGKILL");
+        // What the readers make of it.
+        assert_eq!(
+            load_raw(&vm).unwrap(),
+            State {
+                updated: load_raw(&vm).unwrap().updated,
+                ..rec.state().clone()
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_save_keeps_the_new_state_for_the_next_write() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::at(t.path().join("r"), t.path().join("run"));
+        s.init().unwrap();
+        // The VM's directory is missing: every save fails.
+        let vm = s.vm_paths(&"gone".parse().unwrap());
+        let mut rec = Recorder::new(&vm, 1);
+        let err = rec.apply(&sample(EventKind::Launch)).unwrap_err();
+        assert!(matches!(err, RecordError::Save(_)), "{err}");
+        assert_eq!(rec.state().state, Phase::Starting);
+        std::fs::create_dir_all(&vm.dir).unwrap();
+        rec.apply(&Event::Resumed).unwrap();
+        let f = saved(&vm);
+        assert_eq!(
+            (f["state"].as_str(), f["accel"].as_str()),
+            (Some("running"), Some("tcg"))
+        );
+    }
+
+    #[test]
+    fn a_stop_during_back_off_is_a_requested_stop() {
+        let mut st = State::new(Phase::Crashed);
+        st.reason = Some("boom".into());
+        st.last_failure = Some("boom".into());
+        let ev = Event::BackOff {
+            delay_secs: 4,
+            restarts: 3,
+        };
+        let waiting = next_state(&st, 10, transition(st.state, &ev).unwrap(), &ev);
+        assert!(waiting.state.is_active());
+        let ev = Event::BackOffCancelled;
+        let to = transition(waiting.state, &ev).unwrap();
+        let done = next_state(&waiting, 10, to, &ev);
+        assert_eq!(done.state, Phase::Stopped);
+        assert_eq!(done.reason.as_deref(), Some(BACKOFF_CANCELLED));
+        assert_eq!((done.restarts, done.pid), (3, None));
+        assert_eq!(done.last_failure.as_deref(), Some("boom"));
     }
 }

@@ -5,6 +5,12 @@
 //! supervisor's whole life. qemu gets `PR_SET_PDEATHSIG=SIGKILL`: if the
 //! supervisor is killed, its qemu dies with it, so a VM is never left running
 //! unmanaged and can never be started twice.
+//!
+//! A run is: [`launch`] (spawn qemu, QMP handshake, resume), [`supervise`]
+//! (QMP events, signals, addresses, watchdog) until qemu exits, then
+//! [`finish`] (qemu's last events, the outcome). Every change of the state
+//! file is a lifecycle [`Event`] given to the [`Recorder`], which checks it
+//! against the allowed transitions.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -13,16 +19,17 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
-use crate::net::attach::attach;
+use crate::net::attach::{Attached, attach};
 use crate::net::discover::Addresses;
 use crate::qemu::{self, Accel, NetBackend};
 use crate::qmp::{self, Qmp};
 use crate::spec::{RestartPolicy, VmSpec};
-use crate::state::{self, Phase, State};
+use crate::state::{self, Event, Phase, RecordError, Recorder, State};
 use crate::store::{self, StoreError, VmPaths};
-use tokio::sync::watch;
 
 /// Exit code of `nox run` when another supervisor already runs the VM.
 pub const EXIT_ALREADY_RUNNING: i32 = 3;
@@ -35,20 +42,27 @@ pub enum SupervisorError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Qemu(#[from] qemu::QemuError),
-    #[error("cannot start {binary}: {source}")]
+    #[error("cannot start {binary}")]
     Spawn {
         binary: String,
         source: std::io::Error,
     },
     #[error("qemu exited during start-up ({status}):\n{log}")]
     EarlyExit { status: String, log: String },
-    #[error("QMP: {0}")]
-    Qmp(#[from] qmp::QmpError),
+    #[error("QMP session with qemu")]
+    Qmp(#[source] qmp::QmpError),
     #[error(transparent)]
     Network(#[from] crate::net::attach::AttachError),
     #[error(transparent)]
     Firmware(#[from] crate::firmware::FirmwareError),
-    #[error("{0}")]
+    #[error("cannot record the VM's state")]
+    State(#[source] RecordError),
+    #[error("cannot install the SIGTERM/SIGINT handlers")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot wait for qemu")]
+    Wait(#[source] std::io::Error),
+    /// Setting up qemu's stdout/stderr (the only `?` on an io::Error).
+    #[error("cannot redirect qemu's output to its log")]
     Io(#[from] std::io::Error),
 }
 
@@ -67,7 +81,52 @@ pub enum Outcome {
 /// Tells systemd (when it started us) what is going on. A no-op elsewhere.
 fn notify(lines: &[&str]) {
     if let Err(e) = crate::systemd::notify(lines) {
-        warn!("sd_notify: {e}");
+        warn!("sd_notify: {}", crate::error_chain(&e));
+    }
+}
+
+/// Applies a lifecycle event to the state file, then tells systemd.
+fn apply(rec: &mut Recorder, event: Event) -> Result<(), RecordError> {
+    let from = rec.state().state;
+    let result = rec.apply(&event);
+    if !matches!(result, Err(RecordError::Invalid(_))) {
+        let lines = notices(from, &event, rec.state());
+        notify(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    result
+}
+
+/// [`apply`] while qemu may be live: a failed write (disk full, ...) is
+/// logged and supervision goes on; a VM is never abandoned over its state
+/// file. The next successful write carries the whole state.
+fn record(rec: &mut Recorder, event: Event) {
+    match apply(rec, event) {
+        Ok(()) => {}
+        Err(e @ RecordError::Invalid(_)) => error!("bug: {e}"),
+        Err(e) => warn!("{}", crate::error_chain(&e)),
+    }
+}
+
+/// What systemd hears about an event (READY/STATUS/STOPPING/MAINPID), given
+/// the phase before it and the state after it.
+fn notices(from: Phase, event: &Event, st: &State) -> Vec<String> {
+    let reason = st.reason.as_deref().unwrap_or("");
+    match event {
+        Event::Launch { .. } => vec!["STATUS=starting qemu".into()],
+        Event::Resumed => vec![
+            "READY=1".into(),
+            format!("STATUS={}", status_line(st)),
+            format!("MAINPID={}", st.pid.unwrap_or_else(std::process::id)),
+        ],
+        Event::Addresses { .. } => vec![format!("STATUS={}", status_line(st))],
+        Event::StopRequested if from != Phase::Stopping => {
+            vec!["STOPPING=1".into(), "STATUS=stopping".into()]
+        }
+        Event::PoweredOff { .. } | Event::Crashed { .. } => {
+            vec![format!("STATUS={}: {reason}", st.state)]
+        }
+        Event::BackOff { .. } => vec![format!("STATUS={reason}")],
+        Event::Spawned { .. } | Event::StopRequested | Event::BackOffCancelled => vec![],
     }
 }
 
@@ -108,8 +167,8 @@ pub fn should_restart(policy: RestartPolicy, outcome: &Outcome) -> bool {
 }
 
 /// Runs the VM in the foreground until it stops (restarting it per its
-/// policy). Holds the VM's lock throughout; writes the state file at every
-/// change.
+/// policy). Holds the VM's lock throughout; its [`Recorder`] writes the
+/// state file at every change.
 pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
     let spec = vm.load_spec()?;
     let _lock = vm
@@ -122,34 +181,14 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
     if let Some(w) = &choice.warning {
         warn!("{w}");
     }
-    let mut signals = Signals::new()?;
+    let mut signals = Signals::new().map_err(SupervisorError::Signals)?;
+    let mut rec = Recorder::new(vm, std::process::id());
     let mut restarts = 0u32;
-    let mut last_failure: Option<String> = None;
     loop {
         let started = std::time::Instant::now();
-        let base = State {
-            restarts,
-            last_failure: last_failure.clone(),
-            ..State::new(Phase::Starting)
-        };
-        let result = run_once(vm, &spec, choice.accel, base.clone(), &mut signals).await;
-        let (phase, reason) = match &result {
-            Ok(Outcome::Stopped { reason, .. }) => (Phase::Stopped, reason.clone()),
-            Ok(Outcome::Crashed(r)) => (Phase::Crashed, r.clone()),
-            Err(e) => (Phase::Crashed, e.to_string()),
-        };
+        let result = run_once(vm, &spec, choice.accel, &mut rec, &mut signals).await;
         cleanup_runtime(vm);
-        if phase == Phase::Crashed {
-            last_failure = Some(reason.clone());
-        }
-        let st = State {
-            reason: Some(reason.clone()),
-            last_failure: last_failure.clone(),
-            ..State::new(phase)
-        };
-        let st = State { restarts, ..st };
-        state::save(vm, &st)?;
-        notify(&[&format!("STATUS={phase}: {reason}")]);
+        record(&mut rec, ended(&result));
         let again = match &result {
             Ok(o) => should_restart(spec.restart, o),
             // Start-up errors (bad config, missing qemu) repeat: don't loop.
@@ -165,34 +204,39 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
         let delay = backoff(restarts);
         restarts += 1;
         warn!(
-            "{}: {reason}; restarting in {}s (restart #{restarts})",
+            "{}: {}; restarting in {}s (restart #{restarts})",
             spec.name,
+            rec.state().reason.as_deref().unwrap_or("?"),
             delay.as_secs()
         );
-        notify(&[&format!(
-            "STATUS=restarting in {}s after: {reason}",
-            delay.as_secs()
-        )]);
-        // Still ours while we wait: `nox stop` must see an active VM.
-        let waiting = State {
-            reason: Some(format!(
-                "restarting in {}s after: {reason}",
-                delay.as_secs()
-            )),
-            pid: Some(std::process::id()),
+        let event = Event::BackOff {
+            delay_secs: delay.as_secs(),
             restarts,
-            last_failure: last_failure.clone(),
-            ..State::new(Phase::Starting)
         };
-        state::save(vm, &waiting)?;
+        record(&mut rec, event);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = signals.recv() => {
-                let reason = "stopped during restart back-off".to_string();
-                state::save(vm, &State { reason: Some(reason.clone()), restarts, last_failure, ..State::new(Phase::Stopped) })?;
+                record(&mut rec, Event::BackOffCancelled);
+                let reason = state::BACKOFF_CANCELLED.to_string();
                 return Ok(Outcome::Stopped { reason, requested: true });
             }
         }
+    }
+}
+
+/// The lifecycle event for how a run ended.
+fn ended(result: &Result<Outcome, SupervisorError>) -> Event {
+    match result {
+        Ok(Outcome::Stopped { reason, .. }) => Event::PoweredOff {
+            reason: reason.clone(),
+        },
+        Ok(Outcome::Crashed(reason)) => Event::Crashed {
+            reason: reason.clone(),
+        },
+        Err(e) => Event::Crashed {
+            reason: crate::error_chain(e),
+        },
     }
 }
 
@@ -250,37 +294,79 @@ fn describe_exit(st: ExitStatus) -> String {
     }
 }
 
+/// One run of qemu, from launch to its outcome.
 async fn run_once(
     vm: &VmPaths,
     spec: &VmSpec,
     accel: Accel,
-    mut st: State,
+    rec: &mut Recorder<'_>,
     signals: &mut Signals,
 ) -> Result<Outcome, SupervisorError> {
+    let mut live = launch(vm, spec, accel, rec).await?;
+    let (exit, verdict) = supervise(&mut live, spec, rec, signals).await?;
+    Ok(finish(&mut live.events, verdict, exit).await)
+}
+
+/// A launched qemu and what it holds. Dropping it kills qemu
+/// (`kill_on_drop`) and releases its network.
+struct Live {
+    q: Qemu,
+    qmp: Qmp,
+    events: UnboundedReceiver<qmp::Event>,
+    net: Attached,
+}
+
+/// Spawns qemu (paused), connects QMP and resumes the guest.
+async fn launch(
+    vm: &VmPaths,
+    spec: &VmSpec,
+    accel: Accel,
+    rec: &mut Recorder<'_>,
+) -> Result<Live, SupervisorError> {
+    // Nothing is live yet: a state file nobody can read means nobody could
+    // see or stop this VM, so fail here rather than run it blind.
+    let event = Event::Launch {
+        accel: accel.as_str().into(),
+    };
+    apply(rec, event).map_err(SupervisorError::State)?;
     let arch = qemu::arch_facts(spec.arch);
     let binary = qemu::find_binary(arch)?;
-    st.pid = Some(std::process::id());
-    st.accel = Some(accel.as_str().into());
     let firmware = qemu::firmware_args(spec, vm, Some(vm.firmware_dir()))?;
-    state::save(vm, &st)?;
-    notify(&["STATUS=starting qemu"]);
 
+    let live = spawn_connected(vm, spec, accel, &binary, &firmware, rec).await?;
+    for sock in [vm.qmp_socket(), vm.ctl_socket(), vm.serial_socket()] {
+        let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
+    }
+    live.qmp
+        .execute(qapi::qmp::cont {})
+        .await
+        .map_err(SupervisorError::Qmp)?;
+    record(rec, Event::Resumed);
+    info!(
+        "{} running (qemu pid {}, {})",
+        spec.name,
+        live.q.pid,
+        accel.as_str()
+    );
+    Ok(live)
+}
+
+/// Spawns qemu (paused) with its network and connects its QMP socket.
+async fn spawn_connected(
+    vm: &VmPaths,
+    spec: &VmSpec,
+    accel: Accel,
+    binary: &Path,
+    firmware: &qemu::FirmwareArgs,
+    rec: &mut Recorder<'_>,
+) -> Result<Live, SupervisorError> {
     // The port may be taken between our probe and qemu's bind: retry.
     let mut attempt = 0;
-    let (mut q, qmp, mut events, mut net) = loop {
+    loop {
         attempt += 1;
         cleanup_runtime(vm);
         store::mkdir_private(&vm.run)?;
         let mut net = attach(&spec.name, &spec.network, spec.mac).await?;
-        if let NetBackend::User { ssh_port } = net.backend {
-            st.ssh_port = Some(ssh_port);
-        }
-        st.tap = net.tap.as_ref().map(|t| t.name().to_string());
-        st.bridge = net.bridge.clone();
-        st.ip = spec
-            .static_ip
-            .as_ref()
-            .map(|s| s.address.addr().to_string());
         let argv = qemu::argv(&qemu::Launch {
             spec,
             paths: vm,
@@ -290,20 +376,26 @@ async fn run_once(
         })?;
         info!("starting {}", argv.join(" "));
         let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
-        let spawned = spawn_qemu(&binary, &argv, vm);
+        let spawned = spawn_qemu(binary, &argv, vm);
         // qemu holds its copies now; ours must not leak into anything else.
         net.child_fds.clear();
         let mut q = spawned?;
-        st.qemu_pid = Some(q.pid);
-        state::save(vm, &st)?;
-        let qmp_path = vm.qmp_socket();
-        let connected = tokio::select! {
-            r = Qmp::connect(&qmp_path, Duration::from_secs(30)) => Some(r),
-            _ = q.child.wait() => None,
+        let net_facts = network(spec, &net);
+        let event = Event::Spawned {
+            qemu_pid: q.pid,
+            net: net_facts,
         };
-        match connected {
-            Some(Ok((qmp, events))) => break (q, qmp, events, net),
-            other => {
+        record(rec, event);
+        match connect(vm, &mut q).await {
+            Ok((qmp, events)) => {
+                return Ok(Live {
+                    q,
+                    qmp,
+                    events,
+                    net,
+                });
+            }
+            Err(failed) => {
                 let _ = q.child.kill().await;
                 let status = q.child.wait().await.map(describe_exit).unwrap_or_default();
                 let log = store::tail(&vm.log(), log_start, 20);
@@ -311,135 +403,193 @@ async fn run_once(
                     warn!("SSH forward port was taken, retrying");
                     continue;
                 }
-                if let Some(Err(e)) = other {
-                    return Err(SupervisorError::Qmp(e));
-                }
-                return Err(SupervisorError::EarlyExit { status, log });
+                return Err(failed.unwrap_or(SupervisorError::EarlyExit { status, log }));
             }
         }
-    };
-    for sock in [vm.qmp_socket(), vm.ctl_socket(), vm.serial_socket()] {
-        let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
     }
-    qmp.execute(qapi::qmp::cont {}).await?;
-    st.state = Phase::Running;
-    state::save(vm, &st)?;
-    info!(
-        "{} running (qemu pid {}, {})",
-        spec.name,
-        q.pid,
-        accel.as_str()
-    );
-    let status = status_line(&st);
-    notify(&[
-        "READY=1",
-        &format!("STATUS={status}"),
-        &format!("MAINPID={}", std::process::id()),
-    ]);
+}
 
+/// The QMP session of a freshly spawned qemu. `Err(None)`: qemu exited
+/// first; `Err(Some(_))`: QMP failed.
+async fn connect(
+    vm: &VmPaths,
+    q: &mut Qemu,
+) -> Result<(Qmp, UnboundedReceiver<qmp::Event>), Option<SupervisorError>> {
+    let path = vm.qmp_socket();
+    tokio::select! {
+        r = Qmp::connect(&path, Duration::from_secs(30)) => {
+            r.map_err(|e| Some(SupervisorError::Qmp(e)))
+        }
+        _ = q.child.wait() => Err(None),
+    }
+}
+
+/// What the state file says about the network a run holds.
+fn network(spec: &VmSpec, net: &Attached) -> state::Network {
+    state::Network {
+        ssh_port: match net.backend {
+            NetBackend::User { ssh_port } => Some(ssh_port),
+            NetBackend::Tap { .. } => None,
+        },
+        tap: net.tap.as_ref().map(|t| t.name().to_string()),
+        bridge: net.bridge.clone(),
+        ip: spec
+            .static_ip
+            .as_ref()
+            .map(|s| s.address.addr().to_string()),
+    }
+}
+
+/// The event loop of a running VM: QMP events, the stuck-guest poll,
+/// address changes, the systemd watchdog and stop signals, until qemu exits.
+async fn supervise(
+    live: &mut Live,
+    spec: &VmSpec,
+    rec: &mut Recorder<'_>,
+    signals: &mut Signals,
+) -> Result<(ExitStatus, Verdict), SupervisorError> {
     let watchdog = crate::systemd::watchdog_interval();
     let mut wd_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
-    let mut requested = false;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
-    let mut shutdown_reason: Option<String> = None;
-    let mut crash: Option<String> = None;
+    let mut verdict = Verdict::default();
     let mut events_open = true;
-
-    let exit = loop {
+    loop {
         tokio::select! {
-            st_exit = q.child.wait() => break st_exit?,
-            ev = events.recv(), if events_open => match ev {
-                None => events_open = false,
-                Some(ev) => {
-                    info!("event {} {}", ev.name, ev.data);
-                    match ev.name.as_str() {
-                        "SHUTDOWN" => {
-                            shutdown_reason = Some(ev.reason().unwrap_or("shutdown").to_string());
-                            if ev.reason() == Some("guest-panic") {
-                                crash.get_or_insert_with(|| "guest panicked".into());
-                            }
-                        }
-                        "POWERDOWN" => {
-                            // Only a host (nox stop, SIGTERM) asks for a powerdown.
-                            requested = true;
-                            st.state = Phase::Stopping;
-                            state::save(vm, &st)?;
-                            notify(&["STOPPING=1", "STATUS=stopping"]);
-                        }
-                        "GUEST_PANICKED" => {
-                            crash = Some("guest panicked".into());
-                            let _ = qmp.quit().await;
-                        }
-                        "STOP" => {
-                            if let Some(reason) = stuck(&qmp).await {
-                                crash = Some(reason);
-                                let _ = qmp.quit().await;
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            },
-            _ = tick.tick(), if events_open => {
-                if let Some(reason) = stuck(&qmp).await {
-                    crash = Some(reason);
-                    let _ = qmp.quit().await;
-                }
+            exit = live.q.child.wait() => {
+                return Ok((exit.map_err(SupervisorError::Wait)?, verdict));
             }
-            addrs = next_addresses(&mut net.addresses) => {
-                st.ip = addrs.ipv4.map(|a| a.to_string()).or(st.ip.take());
-                st.ipv6 = addrs.ipv6.iter().map(|a| a.to_string()).collect();
+            ev = live.events.recv(), if events_open => match ev {
+                None => events_open = false,
+                Some(ev) => react(live, rec, &mut verdict, &ev).await,
+            },
+            _ = tick.tick(), if events_open => check_stuck(&live.qmp, &mut verdict).await,
+            addrs = next_addresses(&mut live.net.addresses) => {
+                let ipv4 = addrs.ipv4.map(|a| a.to_string());
+                let ipv6 = addrs.ipv6.iter().map(|a| a.to_string()).collect();
+                record(rec, Event::Addresses { ipv4, ipv6 });
+                let st = rec.state();
                 info!("guest addresses: {:?} {:?}", st.ip, st.ipv6);
-                state::save(vm, &st)?;
-                notify(&[&format!("STATUS={}", status_line(&st))]);
             }
             _ = wd_tick.tick(), if watchdog.is_some() => {
                 // Pet only while qemu answers: a hung VM is systemd's to handle.
-                if qmp.query_status().await.is_ok() {
+                if live.qmp.query_status().await.is_ok() {
                     notify(&["WATCHDOG=1"]);
                 }
             }
             _ = signals.recv() => {
-                requested = true;
-                graceful_stop(vm, spec, &mut st, &qmp, &mut q).await?
+                verdict.requested = true;
+                graceful_stop(spec, rec, &live.qmp, &mut live.q).await;
             }
-        }
-    };
-    info!("qemu exited: {}", describe_exit(exit));
-    // What qemu said just before it exited (SHUTDOWN and its reason) may be
-    // still in flight when the exit is seen: read it to the end.
-    while events_open {
-        match tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
-            Ok(Some(ev)) if ev.name == "SHUTDOWN" => {
-                shutdown_reason = Some(ev.reason().unwrap_or("shutdown").to_string());
-                if ev.reason() == Some("guest-panic") {
-                    crash.get_or_insert_with(|| "guest panicked".into());
-                }
-            }
-            Ok(Some(ev)) if ev.name == "GUEST_PANICKED" => {
-                crash.get_or_insert_with(|| "guest panicked".into());
-            }
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => events_open = false,
         }
     }
-    Ok(if let Some(c) = crash {
-        Outcome::Crashed(c)
-    } else if let Some(r) = shutdown_reason {
-        // "host-qmp-quit" etc.: someone on the host asked.
-        let requested = requested || r.starts_with("host-");
-        Outcome::Stopped {
-            reason: r,
-            requested,
+}
+
+/// Acts on a QMP event while qemu runs.
+async fn react(live: &Live, rec: &mut Recorder<'_>, verdict: &mut Verdict, ev: &qmp::Event) {
+    info!("event {} {}", ev.name, ev.data);
+    match verdict.on_event(ev) {
+        Reaction::None => {}
+        Reaction::StopRequested => record(rec, Event::StopRequested),
+        Reaction::Quit => {
+            let _ = live.qmp.quit().await;
         }
-    } else if exit.success() {
-        Outcome::Stopped {
-            reason: "qemu exited".into(),
-            requested,
+        Reaction::CheckStuck => check_stuck(&live.qmp, verdict).await,
+    }
+}
+
+/// A guest that cannot go on by itself is a crash: make qemu exit.
+async fn check_stuck(qmp: &Qmp, verdict: &mut Verdict) {
+    if let Some(reason) = stuck(qmp).await {
+        verdict.crashed(reason);
+        let _ = qmp.quit().await;
+    }
+}
+
+/// What one run learned that decides its outcome.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Verdict {
+    /// The reason of QEMU's SHUTDOWN event.
+    shutdown: Option<String>,
+    /// The first sign of a crash.
+    crash: Option<String>,
+    /// A stop was asked for on the host (POWERDOWN, a signal).
+    requested: bool,
+}
+
+/// What the supervisor does about a QMP event while qemu runs.
+#[derive(Debug, PartialEq, Eq)]
+enum Reaction {
+    None,
+    StopRequested,
+    Quit,
+    CheckStuck,
+}
+
+impl Verdict {
+    fn crashed(&mut self, reason: String) {
+        self.crash.get_or_insert(reason);
+    }
+
+    /// The one QMP event handler, for the running VM and for the events
+    /// read after qemu exited (whose reactions are then moot).
+    fn on_event(&mut self, ev: &qmp::Event) -> Reaction {
+        match ev.name.as_str() {
+            "SHUTDOWN" => {
+                self.shutdown = Some(ev.reason().unwrap_or("shutdown").to_string());
+                if ev.reason() == Some("guest-panic") {
+                    self.crashed("guest panicked".into());
+                }
+                Reaction::None
+            }
+            "POWERDOWN" => {
+                // Only a host (nox stop, SIGTERM) asks for a powerdown.
+                self.requested = true;
+                Reaction::StopRequested
+            }
+            "GUEST_PANICKED" => {
+                self.crashed("guest panicked".into());
+                Reaction::Quit
+            }
+            // Paused: by an internal error or a panic, or harmlessly?
+            "STOP" => Reaction::CheckStuck,
+            _ => Reaction::None,
         }
-    } else {
-        Outcome::Crashed(format!("qemu {}", describe_exit(exit)))
-    })
+    }
+
+    fn outcome(self, exit: ExitStatus) -> Outcome {
+        if let Some(c) = self.crash {
+            Outcome::Crashed(c)
+        } else if let Some(r) = self.shutdown {
+            // "host-qmp-quit" etc.: someone on the host asked.
+            let requested = self.requested || r.starts_with("host-");
+            Outcome::Stopped {
+                reason: r,
+                requested,
+            }
+        } else if exit.success() {
+            Outcome::Stopped {
+                reason: "qemu exited".into(),
+                requested: self.requested,
+            }
+        } else {
+            Outcome::Crashed(format!("qemu {}", describe_exit(exit)))
+        }
+    }
+}
+
+/// After qemu exited: what it said just before (SHUTDOWN and its reason)
+/// may still be in flight, so read its events to the end, then decide.
+async fn finish(
+    events: &mut UnboundedReceiver<qmp::Event>,
+    mut verdict: Verdict,
+    exit: ExitStatus,
+) -> Outcome {
+    info!("qemu exited: {}", describe_exit(exit));
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
+        info!("event {} {}", ev.name, ev.data);
+        verdict.on_event(&ev);
+    }
+    verdict.outcome(exit)
 }
 
 /// The human status line for systemd (`systemctl status`).
@@ -483,17 +633,9 @@ async fn stuck(qmp: &Qmp) -> Option<String> {
 }
 
 /// SIGTERM/SIGINT: ACPI powerdown, wait up to the VM's stop timeout, then
-/// quit, then kill. Returns once qemu has exited (the main loop reaps it).
-async fn graceful_stop(
-    vm: &VmPaths,
-    spec: &VmSpec,
-    st: &mut State,
-    qmp: &Qmp,
-    q: &mut Qemu,
-) -> Result<(), SupervisorError> {
-    st.state = Phase::Stopping;
-    state::save(vm, st)?;
-    notify(&["STOPPING=1", "STATUS=stopping"]);
+/// quit, then kill. Returns once qemu has exited (the event loop reaps it).
+async fn graceful_stop(spec: &VmSpec, rec: &mut Recorder<'_>, qmp: &Qmp, q: &mut Qemu) {
+    record(rec, Event::StopRequested);
     info!(
         "stopping: ACPI powerdown, waiting up to {}s",
         spec.stop_timeout
@@ -501,7 +643,7 @@ async fn graceful_stop(
     let _ = qmp.powerdown().await;
     let wait = Duration::from_secs(spec.stop_timeout);
     if tokio::time::timeout(wait, q.child.wait()).await.is_ok() {
-        return Ok(());
+        return;
     }
     warn!(
         "guest did not power off within {}s; quitting qemu",
@@ -512,9 +654,202 @@ async fn graceful_stop(
         .await
         .is_ok()
     {
-        return Ok(());
+        return;
     }
     warn!("qemu did not quit; killing it");
     let _ = q.child.kill().await;
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn ev(name: &str, data: serde_json::Value) -> qmp::Event {
+        qmp::Event {
+            name: name.into(),
+            data,
+            timestamp: None,
+        }
+    }
+
+    fn shutdown(reason: &str) -> qmp::Event {
+        ev(
+            "SHUTDOWN",
+            serde_json::json!({ "guest": true, "reason": reason }),
+        )
+    }
+
+    /// Exit statuses as `waitpid` reports them.
+    fn exited(code: i32) -> ExitStatus {
+        ExitStatus::from_raw(code << 8)
+    }
+    fn killed(sig: i32) -> ExitStatus {
+        ExitStatus::from_raw(sig)
+    }
+
+    /// The outcome of a run that saw `events`, then qemu's `exit`.
+    fn outcome(events: &[qmp::Event], exit: ExitStatus) -> Outcome {
+        let mut v = Verdict::default();
+        for e in events {
+            v.on_event(e);
+        }
+        v.outcome(exit)
+    }
+
+    fn stopped(reason: &str, requested: bool) -> Outcome {
+        Outcome::Stopped {
+            reason: reason.into(),
+            requested,
+        }
+    }
+
+    #[test]
+    fn qmp_events_map_to_reactions() {
+        let mut v = Verdict::default();
+        assert_eq!(v.on_event(&shutdown("guest-shutdown")), Reaction::None);
+        assert_eq!(
+            v.on_event(&ev("POWERDOWN", serde_json::json!({}))),
+            Reaction::StopRequested
+        );
+        let panicked = ev("GUEST_PANICKED", serde_json::json!({ "action": "pause" }));
+        assert_eq!(v.on_event(&panicked), Reaction::Quit);
+        let stop = ev("STOP", serde_json::json!({}));
+        assert_eq!(v.on_event(&stop), Reaction::CheckStuck);
+        let reset = ev(
+            "RESET",
+            serde_json::json!({ "guest": true, "reason": "guest-reset" }),
+        );
+        assert_eq!(v.on_event(&reset), Reaction::None);
+        assert_eq!(
+            v.on_event(&ev("SOMETHING_NEW", serde_json::json!({}))),
+            Reaction::None
+        );
+    }
+
+    #[test]
+    fn outcomes_of_runs() {
+        // The guest powered itself off.
+        assert_eq!(
+            outcome(&[shutdown("guest-shutdown")], exited(0)),
+            stopped("guest-shutdown", false)
+        );
+        // nox stop: POWERDOWN first.
+        let powerdown = ev("POWERDOWN", serde_json::json!({}));
+        assert_eq!(
+            outcome(&[powerdown, shutdown("guest-shutdown")], exited(0)),
+            stopped("guest-shutdown", true)
+        );
+        // A host-side quit is a requested stop.
+        assert_eq!(
+            outcome(&[shutdown("host-qmp-quit")], exited(0)),
+            stopped("host-qmp-quit", true)
+        );
+        // SHUTDOWN with reason guest-panic is a crash.
+        assert_eq!(
+            outcome(&[shutdown("guest-panic")], exited(0)),
+            Outcome::Crashed("guest panicked".into())
+        );
+        let panicked = ev("GUEST_PANICKED", serde_json::json!({ "action": "pause" }));
+        assert_eq!(
+            outcome(&[panicked, shutdown("host-qmp-quit")], exited(0)),
+            Outcome::Crashed("guest panicked".into())
+        );
+        // No SHUTDOWN seen: qemu's exit decides.
+        assert_eq!(outcome(&[], exited(0)), stopped("qemu exited", false));
+        assert_eq!(
+            outcome(&[], exited(1)),
+            Outcome::Crashed("qemu exit status 1".into())
+        );
+        assert_eq!(
+            outcome(&[], killed(9)),
+            Outcome::Crashed("qemu killed by SIGKILL".into())
+        );
+    }
+
+    #[test]
+    fn the_first_sign_of_a_crash_is_the_reason() {
+        let mut v = Verdict::default();
+        v.crashed("qemu internal error (run state internal-error)".into());
+        v.on_event(&ev("GUEST_PANICKED", serde_json::json!({})));
+        assert_eq!(
+            v.outcome(exited(0)),
+            Outcome::Crashed("qemu internal error (run state internal-error)".into())
+        );
+    }
+
+    #[test]
+    fn systemd_hears_each_lifecycle_step() {
+        let mut st = State::new(Phase::Running);
+        st.pid = Some(42);
+        st.ssh_port = Some(2222);
+        assert_eq!(
+            notices(Phase::Starting, &Event::Resumed, &st),
+            [
+                "READY=1",
+                "STATUS=running; ssh on 127.0.0.1:2222",
+                "MAINPID=42"
+            ]
+        );
+        st.state = Phase::Stopping;
+        assert_eq!(
+            notices(Phase::Running, &Event::StopRequested, &st),
+            ["STOPPING=1", "STATUS=stopping"]
+        );
+        // Said once, however many stop requests follow.
+        assert!(notices(Phase::Stopping, &Event::StopRequested, &st).is_empty());
+        let st = State {
+            reason: Some("guest-shutdown".into()),
+            ..State::new(Phase::Stopped)
+        };
+        let ev = Event::PoweredOff {
+            reason: "guest-shutdown".into(),
+        };
+        assert_eq!(
+            notices(Phase::Stopping, &ev, &st),
+            ["STATUS=stopped: guest-shutdown"]
+        );
+        let st = State {
+            reason: Some("restarting in 2s after: boom".into()),
+            ..State::new(Phase::Starting)
+        };
+        let ev = Event::BackOff {
+            delay_secs: 2,
+            restarts: 2,
+        };
+        assert_eq!(
+            notices(Phase::Crashed, &ev, &st),
+            ["STATUS=restarting in 2s after: boom"]
+        );
+    }
+
+    #[test]
+    fn a_failed_start_is_recorded_with_its_causes() {
+        let e = SupervisorError::Spawn {
+            binary: "/usr/bin/qemu-system-x86_64".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        let Event::Crashed { reason } = ended(&Err(e)) else {
+            panic!("a failed start is a crash");
+        };
+        assert!(
+            reason.starts_with("cannot start /usr/bin/qemu-system-x86_64: "),
+            "{reason}"
+        );
+        assert!(reason.contains("not found"), "{reason}");
+    }
+
+    #[test]
+    fn restart_policy_and_back_off() {
+        let crash = Outcome::Crashed("boom".into());
+        let asked = stopped("guest-shutdown", true);
+        let by_itself = stopped("guest-shutdown", false);
+        assert!(!should_restart(RestartPolicy::No, &crash));
+        assert!(should_restart(RestartPolicy::OnFailure, &crash));
+        assert!(!should_restart(RestartPolicy::OnFailure, &by_itself));
+        assert!(should_restart(RestartPolicy::Always, &by_itself));
+        assert!(!should_restart(RestartPolicy::Always, &asked));
+        let secs: Vec<u64> = (0..8).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60]);
+    }
 }
