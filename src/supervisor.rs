@@ -15,6 +15,7 @@ use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
+use crate::jail;
 use crate::net::attach::attach;
 use crate::net::discover::Addresses;
 use crate::qemu::{self, Accel, NetBackend};
@@ -48,6 +49,8 @@ pub enum SupervisorError {
     Network(#[from] crate::net::attach::AttachError),
     #[error(transparent)]
     Firmware(#[from] crate::firmware::FirmwareError),
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -206,11 +209,19 @@ fn cleanup_runtime(vm: &VmPaths) {
 }
 
 struct Qemu {
+    /// The jail's intermediate process: it exits with qemu's status.
     child: tokio::process::Child,
+    /// qemu's own pid.
     pid: u32,
+    _jail: jail::Guard,
 }
 
-fn spawn_qemu(binary: &Path, argv: &[String], vm: &VmPaths) -> Result<Qemu, SupervisorError> {
+fn spawn_qemu(
+    binary: &Path,
+    argv: &[String],
+    vm: &VmPaths,
+    jail: &jail::Jail,
+) -> Result<Qemu, SupervisorError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -222,20 +233,14 @@ fn spawn_qemu(binary: &Path, argv: &[String], vm: &VmPaths) -> Result<Qemu, Supe
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
         .kill_on_drop(true);
-    // SAFETY: pre_exec runs in the forked child before exec; prctl is
-    // async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(std::io::Error::from)
-        });
-    }
-    let child = cmd.spawn().map_err(|source| SupervisorError::Spawn {
-        binary: binary.display().to_string(),
-        source,
-    })?;
-    let pid = child.id().unwrap_or(0);
-    Ok(Qemu { child, pid })
+    // Confinement, and PR_SET_PDEATHSIG so qemu dies with us (crate::jail).
+    let launch = jail.apply(&mut cmd, vm, binary, argv)?;
+    let (child, pid, guard) = launch.finish(cmd.spawn())?;
+    Ok(Qemu {
+        child,
+        pid,
+        _jail: guard,
+    })
 }
 
 /// Last `n` lines of a text file (for error messages).
@@ -275,6 +280,7 @@ async fn run_once(
         .and_then(Path::parent)
         .map(|r| r.join("firmware"));
     let firmware = qemu::firmware_args(spec, vm, root_fw.as_deref())?;
+    let jail = jail::Jail::new(vm, spec, accel)?;
     state::save(vm, &st)?;
     notify(&["STATUS=starting qemu"]);
 
@@ -303,7 +309,7 @@ async fn run_once(
         })?;
         info!("starting {}", argv.join(" "));
         let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
-        let spawned = spawn_qemu(&binary, &argv, vm);
+        let spawned = spawn_qemu(&binary, &argv, vm, &jail);
         // qemu holds its copies now; ours must not leak into anything else.
         net.child_fds.clear();
         let mut q = spawned?;
