@@ -879,6 +879,13 @@ async fn doctor(store: &Store) -> Result<i32> {
         Ok(()) => line(true, "state", store.root().display().to_string()),
         Err(e) => line(false, "state", e.to_string()),
     }
+    for (status, what, detail) in crate::jail::doctor(store.root()) {
+        match status {
+            crate::jail::Status::Ok => line(true, what, detail),
+            crate::jail::Status::Fail => line(false, what, detail),
+            crate::jail::Status::Warn => println!("warn {what}: {detail}"),
+        }
+    }
     match qemu::which("ssh") {
         Some(p) => line(true, "ssh client", p.display().to_string()),
         None => line(

@@ -14,7 +14,7 @@
 //!                         │            private propagation, tmpfs root, binds, links,
 //!                         │            mknod, pivot_root, rlimits, setgroups([]),
 //!                         │            setresgid, drop bounding set, setresuid,
-//!                         │            capset(0), no_new_privs ──► exec qemu
+//!                         │            capset(0), PDEATHSIG again, no_new_privs ──► exec
 //!                         reports qemu's pid on a pipe, waits, exits with its status
 //! ```
 //! A new PID namespace only takes effect for children, hence the second
@@ -292,6 +292,14 @@ pub unsafe fn enter(p: &Prepared) -> io::Result<()> {
             check(p, S_IDMAP, write_file(c"/proc/self/uid_map", uid_map))?;
             check(p, S_IDMAP, write_file(c"/proc/self/gid_map", gid_map))?;
         }
+        if p.userns.is_some() {
+            // Entering a user namespace may have cleared it.
+            check(
+                p,
+                S_PDEATH,
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).into(),
+            )?;
+        }
         if p.pidns {
             check(p, S_PIDNS, libc::unshare(libc::CLONE_NEWPID).into())?;
         }
@@ -449,6 +457,12 @@ unsafe fn confine(p: &Prepared) -> io::Result<()> {
                 libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()),
             )?;
         }
+        // Again: any change of credentials above cleared it.
+        check(
+            p,
+            S_PDEATH,
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).into(),
+        )?;
         check(
             p,
             S_NNP,

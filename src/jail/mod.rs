@@ -147,8 +147,18 @@ pub fn userns_allowed() -> Result<(), String> {
     Ok(())
 }
 
-/// One `nox doctor` line: (ok, what, detail).
-pub type DoctorLine = (bool, &'static str, String);
+/// How a `nox doctor` line reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Works, with less confinement.
+    Warn,
+    /// VMs cannot start.
+    Fail,
+}
+
+/// One `nox doctor` line: (status, what, detail).
+pub type DoctorLine = (Status, &'static str, String);
 
 /// What `nox doctor` reports about confinement for the store at `root`.
 pub fn doctor(root: &Path) -> Vec<DoctorLine> {
@@ -156,21 +166,21 @@ pub fn doctor(root: &Path) -> Vec<DoctorLine> {
     if nix::unistd::geteuid().is_root() {
         match UidRange::load(root).and_then(|r| r.check_free(&ids::config_path(root)).map(|_| r)) {
             Ok(r) => out.push((
-                true,
+                Status::Ok,
                 "VM uid range",
                 format!("{r} free in the account databases"),
             )),
-            Err(e) => out.push((false, "VM uid range", error_chain(&e))),
+            Err(e) => out.push((Status::Fail, "VM uid range", error_chain(&e))),
         }
     } else {
         match userns_allowed() {
             Ok(()) => out.push((
-                true,
+                Status::Ok,
                 "user namespaces",
                 "allowed: qemu gets its own mount, PID and IPC namespaces".into(),
             )),
             Err(why) => out.push((
-                false,
+                Status::Warn,
                 "user namespaces",
                 format!("{why}: qemu runs with no_new_privs and rlimits only"),
             )),
@@ -178,7 +188,7 @@ pub fn doctor(root: &Path) -> Vec<DoctorLine> {
     }
     match cgroup::probe() {
         Ok(p) => out.push((
-            true,
+            Status::Ok,
             "cgroups",
             format!(
                 "cgroup v2 at {}: per-VM memory, pids and cpu.weight limits",
@@ -186,7 +196,7 @@ pub fn doctor(root: &Path) -> Vec<DoctorLine> {
             ),
         )),
         Err(why) => out.push((
-            false,
+            Status::Warn,
             "cgroups",
             format!("{why}: VMs run without cgroup limits"),
         )),
