@@ -79,7 +79,9 @@ NoNewPrivileges=yes
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
-ProtectControlGroups=yes
+# The unit's cgroup is delegated to nox, which puts each qemu under
+# memory/pids/cpu limits in a child cgroup (so no ProtectControlGroups=).
+Delegate=yes
 ProtectClock=yes
 ProtectHostname=yes
 RestrictRealtime=yes
