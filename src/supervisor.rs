@@ -279,8 +279,9 @@ async fn run_once(
         .parent()
         .and_then(Path::parent)
         .map(|r| r.join("firmware"));
-    let firmware = qemu::firmware_args(spec, vm, root_fw.as_deref())?;
+    // First: a bad uid range refuses the start before anything is made.
     let jail = jail::Jail::new(vm, spec, accel)?;
+    let firmware = qemu::firmware_args(spec, vm, root_fw.as_deref())?;
     state::save(vm, &st)?;
     notify(&["STATUS=starting qemu"]);
 

@@ -6,7 +6,8 @@
 //!   own cgroup. cgroup v2 forbids processes in a cgroup that delegates
 //!   controllers to children, so the supervisor first moves itself into a
 //!   `supervisor` child; qemu goes to `vm`.
-//! - elsewhere, as root: `nox/NAME` under the cgroup v2 root.
+//! - without systemd as init, as root: `nox/NAME` under the cgroup v2 root.
+//! - under systemd but outside a unit: none (systemd owns the tree).
 //!
 //! qemu enters its cgroup itself, before exec (it writes `0` to the
 //! `cgroup.procs` the supervisor opened for it), so none of its memory is
@@ -70,6 +71,13 @@ pub fn probe() -> Result<Probe, String> {
             Some(own_dir.join("supervisor")),
             own_dir.clone(),
         )
+    } else if crate::systemd::booted() {
+        // Its tree is systemd's: only a delegated subtree is ours to change.
+        return Err(
+            "systemd manages the cgroup tree and nox is not in a nox@ unit \
+             (run VMs as units, `nox enable`, for cgroup limits)"
+                .into(),
+        );
     } else if nix::unistd::geteuid().is_root() {
         (mount.join("nox"), Some(mount.clone()), None, mount.clone())
     } else {

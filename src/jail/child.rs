@@ -652,6 +652,59 @@ mod tests {
     }
 
     #[test]
+    fn prepared_paths_live_under_the_root_with_hardened_flags() {
+        use crate::jail::plan::{HostFacts, Input};
+        use crate::jail::{Ids, Mode};
+        let st = crate::store::Store::at("/v".into(), "/r".into());
+        let vm = st.vm_paths("demo");
+        let plan = JailPlan::build(&Input {
+            mode: &Mode::Root(Ids {
+                uid: 70000,
+                gid: 70000,
+            }),
+            vm: &vm,
+            base_image: Path::new("/v/images/b"),
+            binary: Path::new("/usr/bin/qemu-system-x86_64"),
+            argv: &[],
+            kvm: false,
+            user_net: false,
+            memory: 1 << 30,
+            cpus: 1,
+            host: &HostFacts::default(),
+        });
+        let p = Prepared::new(&plan, 9, None).unwrap();
+        assert_eq!(p.root.as_deref(), Some(c"/r/demo/jail"));
+        let bind = |src: &CStr| p.binds.iter().find(|b| b.src.as_c_str() == src).unwrap();
+        let usr = bind(c"/usr");
+        assert_eq!(usr.dst.as_c_str(), c"/r/demo/jail/usr");
+        assert_eq!(
+            usr.flags,
+            libc::MS_NOSUID | libc::MS_RDONLY | libc::MS_NODEV
+        );
+        let disk = bind(c"/v/vms/demo/disk.qcow2");
+        assert_eq!(
+            disk.flags,
+            libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV
+        );
+        assert_eq!(
+            bind(c"/v/images/b").flags,
+            libc::MS_NOSUID | libc::MS_RDONLY | libc::MS_NOEXEC | libc::MS_NODEV
+        );
+        assert!(
+            p.mkdirs
+                .iter()
+                .all(|d| d.to_bytes().starts_with(b"/r/demo/jail/"))
+        );
+        assert_eq!(p.devices.len(), 4);
+        assert!(p.devices.iter().all(|d| d.owner.is_none()));
+        assert_eq!(
+            (p.ids, p.pidns, p.setgroups),
+            (Some((70000, 70000)), true, true)
+        );
+        assert!(p.userns.is_none());
+    }
+
+    #[test]
     fn remount_keeps_locked_flags() {
         assert_eq!(
             kept_flags(libc::ST_NOSUID | libc::ST_NODEV | libc::ST_RELATIME | 32),
