@@ -946,6 +946,14 @@ async fn doctor(store: &Store) -> Result<i32> {
         Ok(()) => c.line(true, "state", store.root().display()),
         Err(e) => c.line(false, "state", crate::error_chain(&e)),
     }
+    for (status, what, detail) in crate::jail::doctor(store.root()) {
+        let check = match status {
+            crate::jail::Status::Ok => Check::Ok,
+            crate::jail::Status::Warn => Check::Warn,
+            crate::jail::Status::Fail => Check::Fail,
+        };
+        c.report(check, what, detail);
+    }
     match qemu::which("ssh") {
         Some(p) => c.line(true, "ssh client", p.display()),
         None => c.line(

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod firmware;
 pub mod ident;
 pub mod image;
+pub mod jail;
 pub mod net;
 pub mod qemu;
 pub mod qmp;

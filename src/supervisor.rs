@@ -23,6 +23,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::jail;
 use crate::net::attach::{Attached, attach};
 use crate::net::discover::Addresses;
 use crate::qemu::{self, Accel, NetBackend};
@@ -55,6 +56,8 @@ pub enum SupervisorError {
     Network(#[from] crate::net::attach::AttachError),
     #[error(transparent)]
     Firmware(#[from] crate::firmware::FirmwareError),
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
     #[error("cannot record the VM's state")]
     State(#[source] RecordError),
     #[error("cannot install the SIGTERM/SIGINT handlers")]
@@ -250,11 +253,19 @@ fn cleanup_runtime(vm: &VmPaths) {
 }
 
 struct Qemu {
+    /// The jail's intermediate process: it exits with qemu's status.
     child: tokio::process::Child,
+    /// qemu's own pid.
     pid: u32,
+    _jail: jail::Guard,
 }
 
-fn spawn_qemu(binary: &Path, argv: &[String], vm: &VmPaths) -> Result<Qemu, SupervisorError> {
+fn spawn_qemu(
+    binary: &Path,
+    argv: &[String],
+    vm: &VmPaths,
+    jail: &jail::Jail,
+) -> Result<Qemu, SupervisorError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -266,20 +277,14 @@ fn spawn_qemu(binary: &Path, argv: &[String], vm: &VmPaths) -> Result<Qemu, Supe
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
         .kill_on_drop(true);
-    // SAFETY: pre_exec runs in the forked child before exec; prctl is
-    // async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(std::io::Error::from)
-        });
-    }
-    let child = cmd.spawn().map_err(|source| SupervisorError::Spawn {
-        binary: binary.display().to_string(),
-        source,
-    })?;
-    let pid = child.id().unwrap_or(0);
-    Ok(Qemu { child, pid })
+    // Confinement, and PR_SET_PDEATHSIG so qemu dies with us (crate::jail).
+    let launch = jail.apply(&mut cmd, vm, binary, argv)?;
+    let (child, pid, guard) = launch.finish(cmd.spawn())?;
+    Ok(Qemu {
+        child,
+        pid,
+        _jail: guard,
+    })
 }
 
 fn describe_exit(st: ExitStatus) -> String {
@@ -323,6 +328,8 @@ async fn launch(
     accel: Accel,
     rec: &mut Recorder<'_>,
 ) -> Result<Live, SupervisorError> {
+    // First: a bad uid range refuses the start before anything is made.
+    let jail = jail::Jail::new(vm, spec, accel)?;
     // Nothing is live yet: a state file nobody can read means nobody could
     // see or stop this VM, so fail here rather than run it blind.
     let event = Event::Launch {
@@ -333,7 +340,7 @@ async fn launch(
     let binary = qemu::find_binary(arch)?;
     let firmware = qemu::firmware_args(spec, vm, Some(vm.firmware_dir()))?;
 
-    let live = spawn_connected(vm, spec, accel, &binary, &firmware, rec).await?;
+    let live = spawn_connected(vm, spec, accel, &binary, &firmware, &jail, rec).await?;
     for sock in [vm.qmp_socket(), vm.ctl_socket(), vm.serial_socket()] {
         let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
     }
@@ -358,6 +365,7 @@ async fn spawn_connected(
     accel: Accel,
     binary: &Path,
     firmware: &qemu::FirmwareArgs,
+    jail: &jail::Jail,
     rec: &mut Recorder<'_>,
 ) -> Result<Live, SupervisorError> {
     // The port may be taken between our probe and qemu's bind: retry.
@@ -376,7 +384,7 @@ async fn spawn_connected(
         })?;
         info!("starting {}", argv.join(" "));
         let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
-        let spawned = spawn_qemu(binary, &argv, vm);
+        let spawned = spawn_qemu(binary, &argv, vm, jail);
         // qemu holds its copies now; ours must not leak into anything else.
         net.child_fds.clear();
         let mut q = spawned?;

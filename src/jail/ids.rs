@@ -1,0 +1,356 @@
+//! The uids/gids jailed qemus run as.
+//!
+//! A range `[uid_base, uid_base + uid_count)` (config.json of the store:
+//! `"jail": {"uid_base": 70000, "uid_count": 1000}`), used for both uids and
+//! gids. The default sits between the Debian-reserved ids (60000–64999; e.g.
+//! libvirt-qemu is 64055), systemd's DynamicUser range (61184–65519),
+//! nobody (65534) and the first subordinate ids useradd hands out (100000).
+//! Each VM gets a stable slot in it, recorded in its state dir (`jail-slot`).
+//! Before any start the whole range is checked against the passwd and group
+//! databases (through NSS) and /etc/subuid, /etc/subgid: a collision refuses
+//! the start, before anything is chowned.
+
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::JailError;
+use crate::store::{self, VmPaths};
+
+pub const DEFAULT_UID_BASE: u32 = 70000;
+pub const DEFAULT_UID_COUNT: u32 = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct UidRange {
+    #[serde(rename = "uid_base")]
+    pub base: u32,
+    #[serde(rename = "uid_count")]
+    pub count: u32,
+}
+
+impl Default for UidRange {
+    fn default() -> Self {
+        UidRange {
+            base: DEFAULT_UID_BASE,
+            count: DEFAULT_UID_COUNT,
+        }
+    }
+}
+
+impl fmt::Display for UidRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}-{}",
+            self.base,
+            u64::from(self.base) + u64::from(self.count) - 1
+        )
+    }
+}
+
+/// The uid and gid one qemu runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ids {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub fn config_path(root: &Path) -> PathBuf {
+    root.join("config.json")
+}
+
+#[derive(Deserialize)]
+struct ConfigFile {
+    #[serde(default)]
+    jail: Option<UidRange>,
+}
+
+impl UidRange {
+    /// The range configured for the store at `root` (the default if
+    /// config.json or its `jail` key is absent).
+    pub fn load(root: &Path) -> Result<UidRange, JailError> {
+        let path = config_path(root);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(UidRange::default()),
+            Err(source) => return Err(JailError::Config { path, source }),
+        };
+        let cfg: ConfigFile =
+            serde_json::from_slice(&data).map_err(|source| JailError::ConfigParse {
+                path: path.clone(),
+                source,
+            })?;
+        let Some(range) = cfg.jail else {
+            return Ok(UidRange::default());
+        };
+        // The file picks the uids qemu runs as: only its owner may say.
+        let meta = std::fs::metadata(&path).map_err(|source| JailError::Config {
+            path: path.clone(),
+            source,
+        })?;
+        if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
+            return Err(JailError::ConfigOwner { path });
+        }
+        range.validate()?;
+        Ok(range)
+    }
+
+    pub fn validate(&self) -> Result<(), JailError> {
+        if self.count == 0 {
+            return Err(JailError::BadRange(*self, "uid_count must be at least 1"));
+        }
+        if self.base == 0 {
+            return Err(JailError::BadRange(*self, "uid 0 is root"));
+        }
+        // (uid_t)-1 means "unchanged" to setresuid; stay clear of it.
+        if u64::from(self.base) + u64::from(self.count) > u64::from(u32::MAX) {
+            return Err(JailError::BadRange(*self, "range ends past 4294967294"));
+        }
+        Ok(())
+    }
+
+    pub fn contains(&self, id: u32) -> bool {
+        id >= self.base && u64::from(id) < u64::from(self.base) + u64::from(self.count)
+    }
+
+    /// Refuses the range if any user or group (through NSS), or any
+    /// subordinate id range (/etc/subuid, /etc/subgid), uses an id in it.
+    pub fn check_free(&self, config: &Path) -> Result<(), JailError> {
+        self.validate()?;
+        let collision = |kind: &'static str, name: String, id: u32| JailError::Collision {
+            range: *self,
+            kind,
+            name,
+            id,
+            config: config.to_owned(),
+        };
+        for id in self.base..self.base + self.count {
+            if let Ok(Some(u)) = nix::unistd::User::from_uid(id.into()) {
+                return Err(collision("user", u.name, id));
+            }
+            if let Ok(Some(g)) = nix::unistd::Group::from_gid(id.into()) {
+                return Err(collision("group", g.name, id));
+            }
+        }
+        for (file, kind) in [
+            ("/etc/subuid", "subordinate uids of"),
+            ("/etc/subgid", "subordinate gids of"),
+        ] {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            if let Some((name, id)) = sub_overlap(&text, self) {
+                return Err(collision(kind, name, id));
+            }
+        }
+        Ok(())
+    }
+
+    /// The ids of slot `slot`.
+    pub fn ids(&self, slot: u32) -> Ids {
+        Ids {
+            uid: self.base + slot,
+            gid: self.base + slot,
+        }
+    }
+}
+
+/// The first entry of an /etc/subuid-style file overlapping `range`, with the
+/// first overlapping id.
+pub fn sub_overlap(text: &str, range: &UidRange) -> Option<(String, u32)> {
+    text.lines().find_map(|l| {
+        let mut f = l.trim().split(':');
+        let (name, start, count) = (f.next()?, f.next()?, f.next()?);
+        let start: u64 = start.parse().ok()?;
+        let count: u64 = count.parse().ok()?;
+        let lo = start.max(u64::from(range.base));
+        let hi = (start + count).min(u64::from(range.base) + u64::from(range.count));
+        (lo < hi).then(|| (name.to_string(), lo as u32))
+    })
+}
+
+/// The lowest slot of `range` not in `taken`, preferring `own` if it is
+/// still valid and unused by another VM.
+pub fn pick_slot(range: &UidRange, own: Option<u32>, taken: &[u32]) -> Option<u32> {
+    if let Some(s) = own.filter(|s| *s < range.count && !taken.contains(s)) {
+        return Some(s);
+    }
+    (0..range.count).find(|s| !taken.contains(s))
+}
+
+fn slot_file(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("jail-slot")
+}
+
+fn read_slot(vm_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(slot_file(vm_dir))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The VM's slot in `range`: the one recorded in its state dir if still
+/// free, else the lowest free one (recorded). Allocation holds a store-wide
+/// lock so two VMs starting at once never share a slot.
+pub fn vm_slot(root: &Path, vm: &VmPaths, range: &UidRange) -> Result<u32, JailError> {
+    let lock_path = root.join("jail.lock");
+    let _lock = store::lock_file(&lock_path, true).map_err(|e| JailError::Prepare {
+        path: lock_path.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    let vms = root.join("vms");
+    let taken: Vec<u32> = std::fs::read_dir(&vms)
+        .map_err(super::prep_err(&vms))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != vm.name.as_str())
+        .filter_map(|e| read_slot(&e.path()))
+        .collect();
+    let own = read_slot(&vm.dir);
+    let slot = pick_slot(range, own, &taken).ok_or(JailError::RangeFull(*range))?;
+    if own != Some(slot) {
+        let f = slot_file(&vm.dir);
+        store::write_atomic(&f, format!("{slot}\n").as_bytes(), 0o600).map_err(|e| {
+            JailError::Prepare {
+                path: f.clone(),
+                source: std::io::Error::other(e),
+            }
+        })?;
+    }
+    Ok(slot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_validation_and_display() {
+        let r = UidRange::default();
+        assert_eq!(r.to_string(), "70000-70999");
+        assert!(r.validate().is_ok());
+        assert!(r.contains(70000) && r.contains(70999) && !r.contains(71000));
+        for bad in [
+            UidRange { base: 0, count: 10 },
+            UidRange { base: 10, count: 0 },
+            UidRange {
+                base: u32::MAX - 5,
+                count: 10,
+            },
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(JailError::BadRange(..))),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            r.ids(3),
+            Ids {
+                uid: 70003,
+                gid: 70003
+            }
+        );
+    }
+
+    #[test]
+    fn root_and_nobody_collide() {
+        let cfg = Path::new("/x/config.json");
+        let e = UidRange {
+            base: 65000,
+            count: 1000,
+        }
+        .check_free(cfg)
+        .unwrap_err();
+        // Every Debian host has nobody (65534) or, failing that, nogroup.
+        let msg = e.to_string();
+        assert!(msg.contains("65534"), "{msg}");
+        assert!(msg.contains("/x/config.json"), "{msg}");
+        let e = UidRange { base: 0, count: 1 }.check_free(cfg).unwrap_err();
+        assert!(matches!(e, JailError::BadRange(..)), "{e}");
+    }
+
+    #[test]
+    fn subordinate_ranges_overlap() {
+        let r = UidRange {
+            base: 70000,
+            count: 1000,
+        };
+        assert_eq!(sub_overlap("alice:100000:65536\n", &r), None);
+        assert_eq!(
+            sub_overlap("alice:100000:65536\nbob:69000:1001\n", &r),
+            Some(("bob".into(), 70000))
+        );
+        assert_eq!(
+            sub_overlap("carol:70999:5\n", &r),
+            Some(("carol".into(), 70999))
+        );
+        assert_eq!(sub_overlap("junk\n:x:y\n", &r), None);
+    }
+
+    #[test]
+    fn slots_are_stable_and_unique() {
+        let r = UidRange {
+            base: 70000,
+            count: 3,
+        };
+        assert_eq!(pick_slot(&r, None, &[]), Some(0));
+        assert_eq!(pick_slot(&r, None, &[0, 2]), Some(1));
+        assert_eq!(pick_slot(&r, Some(2), &[0]), Some(2));
+        // Own slot taken by another VM (copied state dir) or out of range.
+        assert_eq!(pick_slot(&r, Some(0), &[0]), Some(1));
+        assert_eq!(pick_slot(&r, Some(7), &[]), Some(0));
+        assert_eq!(pick_slot(&r, None, &[0, 1, 2]), None);
+    }
+
+    #[test]
+    fn slot_is_recorded_and_reused() {
+        let t = tempfile::tempdir().unwrap();
+        let s = crate::store::Store::at(t.path().into(), t.path().join("run"));
+        s.init().unwrap();
+        let r = UidRange {
+            base: 70000,
+            count: 10,
+        };
+        let mut got = vec![];
+        for n in ["a", "b"] {
+            let vm = s.vm_paths(&n.parse().unwrap());
+            std::fs::create_dir_all(&vm.dir).unwrap();
+            got.push(vm_slot(t.path(), &vm, &r).unwrap());
+        }
+        assert_eq!(got, vec![0, 1]);
+        assert_eq!(
+            vm_slot(t.path(), &s.vm_paths(&"b".parse().unwrap()), &r).unwrap(),
+            1
+        );
+    }
+
+    #[test]
+    fn config_is_read_and_checked() {
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(UidRange::load(t.path()).unwrap(), UidRange::default());
+        let p = t.path().join("config.json");
+        std::fs::write(&p, r#"{"mirror": "x"}"#).unwrap();
+        assert_eq!(UidRange::load(t.path()).unwrap(), UidRange::default());
+        std::fs::write(&p, r#"{"jail": {"uid_base": 80000, "uid_count": 5}}"#).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(
+            UidRange::load(t.path()).unwrap(),
+            UidRange {
+                base: 80000,
+                count: 5
+            }
+        );
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(matches!(
+            UidRange::load(t.path()),
+            Err(JailError::ConfigOwner { .. })
+        ));
+        std::fs::write(&p, r#"{"jail": {"uid_base": 0, "uid_count": 5}}"#).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            UidRange::load(t.path()),
+            Err(JailError::BadRange(..))
+        ));
+    }
+}

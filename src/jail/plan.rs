@@ -1,0 +1,584 @@
+//! What one qemu's jail holds: a pure function of the VM's paths, the qemu
+//! argv and a few probed host facts, unit-tested without root.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use super::{Ids, MEMORY_OVERHEAD, Mode, NOFILE, TCG_OVERHEAD};
+use crate::store::VmPaths;
+
+/// A bind mount: host `path` at the same absolute path inside the jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub path: PathBuf,
+    /// The host file bound there, when it is not `path` itself.
+    pub from: Option<PathBuf>,
+    /// A directory (else a file or device node).
+    pub dir: bool,
+    pub writable: bool,
+    /// Programs may run from it (only /usr and qemu's own directory).
+    pub exec: bool,
+}
+
+/// A character device node made inside the jail's /dev.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub path: PathBuf,
+    pub rdev: u64,
+    pub mode: u32,
+    /// Chowned to the VM's ids (else root's, world-usable by `mode`).
+    pub owned: bool,
+}
+
+/// A file the supervisor hands to the VM's ids before the start, and its mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owned {
+    pub path: PathBuf,
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupLimits {
+    /// memory.max: guest RAM + [`MEMORY_OVERHEAD`] (+ [`TCG_OVERHEAD`]).
+    pub memory_max: u64,
+    pub pids_max: u64,
+    pub cpu_weight: u64,
+}
+
+/// Everything the child does between fork and exec, decided up front.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailPlan {
+    pub mode: Mode,
+    /// Where the jail's root (a tmpfs) is built; `None` in [`Mode::Bare`].
+    pub root: Option<PathBuf>,
+    /// Directories made inside the new root, parents first.
+    pub dirs: Vec<PathBuf>,
+    pub binds: Vec<Bind>,
+    /// `(path, target)`: merged-/usr links such as /lib -> usr/lib.
+    pub symlinks: Vec<(PathBuf, PathBuf)>,
+    pub devices: Vec<Device>,
+    pub owned: Vec<Owned>,
+    pub nofile: u64,
+    pub limits: CgroupLimits,
+}
+
+/// What the plan needs to know about the host (probed by [`HostFacts::probe`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Top-level entries qemu's loader may go through (/lib, /lib64, /bin,
+    /// /sbin): `Some(target)` for a symlink, `None` for a real directory.
+    pub top: Vec<(PathBuf, Option<PathBuf>)>,
+    /// /etc/ld.so.cache exists.
+    pub ld_so_cache: bool,
+    /// The file /etc/resolv.conf resolves to (user-mode networking forwards
+    /// the guest's DNS to the host's servers).
+    pub resolv_conf: Option<PathBuf>,
+    /// /dev/kvm's device number.
+    pub kvm: Option<u64>,
+}
+
+impl HostFacts {
+    pub fn probe() -> HostFacts {
+        use std::os::unix::fs::MetadataExt;
+        let top = ["/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin"]
+            .into_iter()
+            .filter_map(|p| {
+                let p = Path::new(p);
+                let m = p.symlink_metadata().ok()?;
+                if m.file_type().is_symlink() {
+                    Some((p.to_owned(), Some(std::fs::read_link(p).ok()?)))
+                } else {
+                    m.is_dir().then(|| (p.to_owned(), None))
+                }
+            })
+            .collect();
+        HostFacts {
+            top,
+            ld_so_cache: Path::new("/etc/ld.so.cache").is_file(),
+            resolv_conf: std::fs::canonicalize("/etc/resolv.conf")
+                .ok()
+                .filter(|p| p.is_file()),
+            kvm: std::fs::metadata("/dev/kvm").ok().map(|m| m.rdev()),
+        }
+    }
+}
+
+/// Inputs of [`JailPlan::build`].
+#[derive(Debug, Clone)]
+pub struct Input<'a> {
+    pub mode: &'a Mode,
+    pub vm: &'a VmPaths,
+    /// The overlay's base image (the whole backing chain: nox refuses base
+    /// images that have backing files of their own).
+    pub base_image: &'a Path,
+    pub binary: &'a Path,
+    pub argv: &'a [String],
+    pub kvm: bool,
+    pub user_net: bool,
+    pub memory: u64,
+    pub cpus: u32,
+    pub host: &'a HostFacts,
+}
+
+const fn makedev(major: u64, minor: u64) -> u64 {
+    // glibc's gnu_dev_makedev layout.
+    ((major & 0xfffff000) << 32)
+        | ((major & 0xfff) << 8)
+        | ((minor & 0xffffff00) << 12)
+        | (minor & 0xff)
+}
+
+/// The standard Linux numbers of the harmless character devices.
+const DEVICES: [(&str, u64, u64); 4] = [
+    ("/dev/null", 1, 3),
+    ("/dev/zero", 1, 5),
+    ("/dev/random", 1, 8),
+    ("/dev/urandom", 1, 9),
+];
+
+/// The firmware files a qemu argv loads: `-bios FILE` and pflash drives'
+/// `file=` (with whether the drive is writable).
+pub fn firmware_files(argv: &[String]) -> Vec<(PathBuf, bool)> {
+    let mut out = vec![];
+    for w in argv.windows(2) {
+        match w[0].as_str() {
+            "-bios" => out.push((PathBuf::from(&w[1]), false)),
+            "-drive" => {
+                let opts = split_opts(&w[1]);
+                if !opts.iter().any(|o| o == "if=pflash") {
+                    continue;
+                }
+                let ro = opts.iter().any(|o| o == "readonly=on");
+                if let Some(f) = opts.iter().find_map(|o| o.strip_prefix("file=")) {
+                    out.push((PathBuf::from(f), !ro));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Splits a qemu option string on `,` (`,,` is a literal comma).
+fn split_opts(s: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                out.last_mut().expect("never empty").push(',');
+            } else {
+                out.push(String::new());
+            }
+        } else {
+            out.last_mut().expect("never empty").push(c);
+        }
+    }
+    out
+}
+
+pub fn cgroup_limits(memory: u64, cpus: u32, tcg: bool) -> CgroupLimits {
+    CgroupLimits {
+        memory_max: memory + MEMORY_OVERHEAD + if tcg { TCG_OVERHEAD } else { 0 },
+        // qemu's thread pool grows to 64 workers; one thread per vCPU; a
+        // handful more (main loop, RCU, I/O, VNC/audio are off).
+        pids_max: 128 + u64::from(cpus),
+        // CPU share under contention in proportion to the vCPUs.
+        cpu_weight: (100 * u64::from(cpus)).clamp(1, 10000),
+    }
+}
+
+impl JailPlan {
+    pub fn build(i: &Input) -> JailPlan {
+        let limits = cgroup_limits(i.memory, i.cpus, !i.kvm);
+        let mut plan = JailPlan {
+            mode: i.mode.clone(),
+            root: None,
+            dirs: vec![],
+            binds: vec![],
+            symlinks: vec![],
+            devices: vec![],
+            owned: vec![],
+            nofile: NOFILE,
+            limits,
+        };
+        let rooted = matches!(i.mode, Mode::Root(_));
+        let (vm, base) = (i.vm, i.base_image);
+        // Writable files go to the VM's ids; the seed (it holds the guest's
+        // private host key) is theirs to read only.
+        let firmware = firmware_files(i.argv);
+        let vars: Vec<&PathBuf> = firmware
+            .iter()
+            .filter(|(p, w)| *w && p.starts_with(&vm.dir))
+            .map(|(p, _)| p)
+            .collect();
+        if rooted {
+            plan.owned.push(Owned {
+                path: vm.run.clone(),
+                mode: 0o700,
+            });
+            for p in [vm.disk(), vm.console_log()]
+                .into_iter()
+                .chain(vars.iter().map(|p| p.to_path_buf()))
+            {
+                plan.owned.push(Owned {
+                    path: p,
+                    mode: 0o600,
+                });
+            }
+            plan.owned.push(Owned {
+                path: vm.seed(),
+                mode: 0o400,
+            });
+        }
+        if matches!(i.mode, Mode::Bare) {
+            return plan;
+        }
+        plan.root = Some(vm.run.join("jail"));
+        let file = |path: PathBuf, writable: bool| Bind {
+            path,
+            from: None,
+            dir: false,
+            writable,
+            exec: false,
+        };
+        plan.binds.push(Bind {
+            path: "/usr".into(),
+            from: None,
+            dir: true,
+            writable: false,
+            exec: true,
+        });
+        if !i.binary.starts_with("/usr")
+            && let Some(d) = i.binary.parent()
+        {
+            plan.binds.push(Bind {
+                path: d.to_owned(),
+                from: None,
+                dir: true,
+                writable: false,
+                exec: true,
+            });
+        }
+        for (p, target) in &i.host.top {
+            match target {
+                Some(t) => plan.symlinks.push((p.clone(), t.clone())),
+                None => plan.binds.push(Bind {
+                    path: p.clone(),
+                    from: None,
+                    dir: true,
+                    writable: false,
+                    exec: true,
+                }),
+            }
+        }
+        if i.host.ld_so_cache {
+            plan.binds.push(file("/etc/ld.so.cache".into(), false));
+        }
+        if i.user_net
+            && let Some(r) = &i.host.resolv_conf
+        {
+            // Bound at the name libslirp opens, whatever it links to.
+            plan.binds.push(Bind {
+                from: Some(r.clone()),
+                ..file("/etc/resolv.conf".into(), false)
+            });
+        }
+        plan.binds.push(Bind {
+            path: vm.run.clone(),
+            from: None,
+            dir: true,
+            writable: true,
+            exec: false,
+        });
+        plan.binds.push(file(vm.disk(), true));
+        plan.binds.push(file(vm.seed(), false));
+        plan.binds.push(file(vm.console_log(), true));
+        plan.binds.push(file(base.to_owned(), false));
+        for (p, w) in &firmware {
+            if !p.starts_with("/usr") && !plan.binds.iter().any(|b| &b.path == p) {
+                plan.binds.push(file(p.clone(), *w));
+            }
+        }
+        let mut devs: Vec<(PathBuf, u64, u32, bool)> = DEVICES
+            .iter()
+            .map(|(p, ma, mi)| (PathBuf::from(p), makedev(*ma, *mi), 0o666, false))
+            .collect();
+        if i.kvm
+            && let Some(rdev) = i.host.kvm
+        {
+            devs.push(("/dev/kvm".into(), rdev, 0o600, true));
+        }
+        for (path, rdev, mode, owned) in devs {
+            if rooted {
+                plan.devices.push(Device {
+                    path,
+                    rdev,
+                    mode,
+                    owned,
+                });
+            } else {
+                // No mknod in a user namespace: bind the host's node.
+                plan.binds.push(file(path, true));
+            }
+        }
+        let mut dirs = BTreeSet::new();
+        dirs.insert(PathBuf::from("/dev"));
+        let leaves = plan
+            .binds
+            .iter()
+            .map(|b| &b.path)
+            .chain(plan.symlinks.iter().map(|(p, _)| p))
+            .chain(plan.devices.iter().map(|d| &d.path));
+        for p in leaves {
+            for a in p.ancestors().skip(1) {
+                if a != Path::new("/") && !a.as_os_str().is_empty() {
+                    dirs.insert(a.to_owned());
+                }
+            }
+        }
+        plan.dirs = dirs.into_iter().collect();
+        plan
+    }
+
+    /// The VM's ids, when qemu gets ids of its own.
+    pub fn ids(&self) -> Option<Ids> {
+        match &self.mode {
+            Mode::Root(ids) | Mode::UserNs(ids) => Some(*ids),
+            Mode::Bare => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn host() -> HostFacts {
+        HostFacts {
+            top: vec![
+                ("/bin".into(), Some("usr/bin".into())),
+                ("/lib".into(), Some("usr/lib".into())),
+                ("/lib64".into(), Some("usr/lib64".into())),
+            ],
+            ld_so_cache: true,
+            resolv_conf: Some("/run/systemd/resolve/stub-resolv.conf".into()),
+            kvm: Some(makedev(10, 232)),
+        }
+    }
+
+    fn argv(extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = ["qemu-system-x86_64", "-name", "demo,debug-threads=on"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    const IDS: Ids = Ids {
+        uid: 70001,
+        gid: 70001,
+    };
+
+    fn build(mode: Mode, kvm: bool, user_net: bool, argv: &[String]) -> JailPlan {
+        let st = Store::at("/var/lib/nox".into(), "/run/nox".into());
+        let vm = st.vm_paths(&"demo".parse().unwrap());
+        let h = host();
+        JailPlan::build(&Input {
+            mode: &mode,
+            vm: &vm,
+            base_image: Path::new("/var/lib/nox/images/sha256-ab.qcow2"),
+            binary: Path::new("/usr/bin/qemu-system-x86_64"),
+            argv,
+            kvm,
+            user_net,
+            memory: 1 << 30,
+            cpus: 2,
+            host: &h,
+        })
+    }
+
+    fn bind<'a>(p: &'a JailPlan, path: &str) -> Option<&'a Bind> {
+        p.binds.iter().find(|b| b.path == Path::new(path))
+    }
+
+    #[test]
+    fn root_mode_holds_only_this_vms_files() {
+        let uefi = argv(&[
+            "-drive",
+            "if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "-drive",
+            "if=pflash,unit=1,format=raw,file=/var/lib/nox/vms/demo/efivars.fd",
+        ]);
+        let p = build(Mode::Root(IDS), true, true, &uefi);
+        assert_eq!(p.root.as_deref(), Some(Path::new("/run/nox/demo/jail")));
+        assert_eq!(p.ids(), Some(IDS));
+        let rw: Vec<&str> = p
+            .binds
+            .iter()
+            .filter(|b| b.writable)
+            .map(|b| b.path.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            rw,
+            [
+                "/run/nox/demo",
+                "/var/lib/nox/vms/demo/disk.qcow2",
+                "/var/lib/nox/vms/demo/console.log",
+                "/var/lib/nox/vms/demo/efivars.fd",
+            ]
+        );
+        for ro in [
+            "/usr",
+            "/etc/ld.so.cache",
+            "/var/lib/nox/vms/demo/seed.img",
+            "/var/lib/nox/images/sha256-ab.qcow2",
+        ] {
+            assert!(!bind(&p, ro).unwrap().writable, "{ro}");
+        }
+        // Nothing else of the store, and firmware under /usr comes with /usr.
+        let base = Path::new("/var/lib/nox/images/sha256-ab.qcow2");
+        assert!(p.binds.iter().all(|b| !b.path.starts_with("/var/lib/nox")
+            || b.path.starts_with("/var/lib/nox/vms/demo")
+            || b.path == base));
+        assert!(bind(&p, "/usr/share/OVMF/OVMF_CODE_4M.fd").is_none());
+        // User-mode net: the host's resolver, at the usual name.
+        assert!(bind(&p, "/etc/resolv.conf").is_some());
+        // Only /usr executes.
+        assert!(
+            p.binds
+                .iter()
+                .filter(|b| b.exec)
+                .all(|b| b.path == Path::new("/usr"))
+        );
+        assert_eq!(
+            p.symlinks,
+            vec![
+                ("/bin".into(), "usr/bin".into()),
+                ("/lib".into(), "usr/lib".into()),
+                ("/lib64".into(), "usr/lib64".into())
+            ]
+        );
+        let devs: Vec<(&str, u32, bool)> = p
+            .devices
+            .iter()
+            .map(|d| (d.path.to_str().unwrap(), d.mode, d.owned))
+            .collect();
+        assert_eq!(
+            devs,
+            [
+                ("/dev/null", 0o666, false),
+                ("/dev/zero", 0o666, false),
+                ("/dev/random", 0o666, false),
+                ("/dev/urandom", 0o666, false),
+                ("/dev/kvm", 0o600, true),
+            ]
+        );
+        assert_eq!(p.devices[3].rdev, makedev(1, 9));
+        let owned: Vec<(&str, u32)> = p
+            .owned
+            .iter()
+            .map(|o| (o.path.to_str().unwrap(), o.mode))
+            .collect();
+        assert_eq!(
+            owned,
+            [
+                ("/run/nox/demo", 0o700),
+                ("/var/lib/nox/vms/demo/disk.qcow2", 0o600),
+                ("/var/lib/nox/vms/demo/console.log", 0o600),
+                ("/var/lib/nox/vms/demo/efivars.fd", 0o600),
+                ("/var/lib/nox/vms/demo/seed.img", 0o400),
+            ]
+        );
+        // Parents before children, every leaf's parent present.
+        assert!(p.dirs.windows(2).all(|w| w[0] < w[1]));
+        for b in &p.binds {
+            let parent = b.path.parent().unwrap();
+            assert!(parent == Path::new("/") || p.dirs.iter().any(|d| d == parent));
+        }
+        assert!(p.dirs.contains(&"/dev".into()));
+    }
+
+    #[test]
+    fn tcg_bridge_bios_has_no_kvm_or_resolver() {
+        let p = build(
+            Mode::Root(IDS),
+            false,
+            false,
+            &argv(&["-bios", "/var/lib/nox/firmware/my.bin"]),
+        );
+        assert!(p.devices.iter().all(|d| d.path != Path::new("/dev/kvm")));
+        assert!(bind(&p, "/etc/resolv.conf").is_none());
+        let fw = bind(&p, "/var/lib/nox/firmware/my.bin").unwrap();
+        assert!(!fw.writable);
+        assert_eq!(
+            p.limits.memory_max,
+            (1 << 30) + MEMORY_OVERHEAD + TCG_OVERHEAD
+        );
+        assert_eq!(p.limits.pids_max, 130);
+        assert_eq!(p.limits.cpu_weight, 200);
+    }
+
+    #[test]
+    fn user_namespace_binds_devices_and_chowns_nothing() {
+        let p = build(Mode::UserNs(IDS), true, false, &argv(&[]));
+        assert!(p.devices.is_empty());
+        assert!(p.owned.is_empty());
+        for d in ["/dev/null", "/dev/urandom", "/dev/kvm"] {
+            assert!(bind(&p, d).is_some(), "{d}");
+        }
+    }
+
+    #[test]
+    fn bare_mode_has_no_root() {
+        let p = build(Mode::Bare, false, true, &argv(&[]));
+        assert_eq!(p.root, None);
+        assert!(p.binds.is_empty() && p.devices.is_empty() && p.owned.is_empty());
+        assert_eq!(p.nofile, NOFILE);
+    }
+
+    #[test]
+    fn firmware_files_from_argv() {
+        let a = argv(&[
+            "-drive",
+            "if=pflash,unit=0,format=raw,readonly=on,file=/a,,b.fd",
+            "-drive",
+            "if=none,id=disk0,file=/disk",
+            "-drive",
+            "if=pflash,unit=1,format=raw,file=/vars.fd",
+            "-bios",
+            "/bios.bin",
+        ]);
+        assert_eq!(
+            firmware_files(&a),
+            vec![
+                (PathBuf::from("/a,b.fd"), false),
+                (PathBuf::from("/vars.fd"), true),
+                (PathBuf::from("/bios.bin"), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn binary_outside_usr_is_bound() {
+        let st = Store::at("/x".into(), "/r".into());
+        let vm = st.vm_paths(&"demo".parse().unwrap());
+        let h = host();
+        let p = JailPlan::build(&Input {
+            mode: &Mode::Root(IDS),
+            vm: &vm,
+            base_image: Path::new("/x/images/b.qcow2"),
+            binary: Path::new("/opt/qemu/bin/qemu-system-x86_64"),
+            argv: &argv(&[]),
+            kvm: false,
+            user_net: false,
+            memory: 1 << 30,
+            cpus: 1,
+            host: &h,
+        });
+        assert!(bind(&p, "/opt/qemu/bin").unwrap().exec);
+    }
+}

@@ -1,0 +1,315 @@
+//! qemu's confinement (crate::jail), checked on a real guest: one boot
+//! shared by every assertion.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in status"))
+        .trim()
+        .to_string()
+}
+
+fn qemu_pid(h: &Home, name: &str) -> u32 {
+    let pid = h.info(name)["qemu_pid"].as_u64().unwrap() as u32;
+    assert_eq!(
+        qemu_pids(name),
+        vec![pid],
+        "state.json's qemu_pid is qemu's"
+    );
+    pid
+}
+
+/// Every path inside qemu's root, seen through /proc/PID/root (without
+/// descending into the read-only /usr).
+fn jail_tree(root: &Path) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let inside = Path::new("/").join(p.strip_prefix(root).unwrap());
+            if e.file_type().unwrap().is_dir() && inside != Path::new("/usr") {
+                stack.push(p);
+            }
+            out.insert(inside);
+        }
+    }
+    out
+}
+
+/// Whether `uid`/`gid` can open `path` for reading (a real process with
+/// those ids tries; std drops root's supplementary groups).
+fn readable_by(uid: u32, gid: u32, path: &Path) -> bool {
+    Command::new("head")
+        .args(["-c", "1"])
+        .arg(path)
+        .uid(uid)
+        .gid(gid)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn qemu_runs_jailed_and_the_guest_boots() {
+    let Some(img) = e2e_prereqs() else { return };
+    let h = Home::new();
+    let img = img.to_str().unwrap();
+    let common = ["--image", img, "--accel", "tcg", "--disk", "4G"];
+    // A second VM, only defined: its files must not be in the first one's jail.
+    h.ok(&[
+        &["create", "jail-b", "--memory", "512M", "--no-start"][..],
+        &common,
+    ]
+    .concat());
+    // UEFI: the variable store is a writable per-VM file in the jail too.
+    h.ok(&[
+        &[
+            "create",
+            "jail-a",
+            "--cpus",
+            "2",
+            "--memory",
+            "1G",
+            "--firmware",
+            "uefi",
+            "--wait",
+            "--timeout",
+            "900",
+        ][..],
+        &common,
+    ]
+    .concat());
+    // Confinement does not break booting: the guest answers over SSH.
+    assert_eq!(h.ok(&["ssh", "jail-a", "--", "hostname"]).trim(), "jail-a");
+
+    let pid = qemu_pid(&h, "jail-a");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        status_field(&status, key)
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect()
+    };
+    let (uid, gid) = (ids("Uid"), ids("Gid"));
+    assert_eq!(uid.len(), 4);
+    assert!(uid.iter().all(|u| *u == uid[0] && *u != 0), "{uid:?}");
+    assert!(gid.iter().all(|g| *g == gid[0] && *g != 0), "{gid:?}");
+    // The documented default range.
+    assert!((70000..71000).contains(&uid[0]), "{uid:?}");
+    assert_eq!(status_field(&status, "Groups"), "");
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(&status, cap), "0000000000000000", "{cap}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    // -sandbox (seccomp filter mode) is still on.
+    assert_eq!(status_field(&status, "Seccomp"), "2");
+    // PID 1 of a PID namespace of its own.
+    assert_eq!(
+        status_field(&status, "NSpid"),
+        format!("{pid}\t1"),
+        "{status}"
+    );
+    for ns in ["mnt", "pid", "ipc"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace");
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        nofile.split_whitespace().nth(3),
+        Some(nox::jail::NOFILE.to_string().as_str())
+    );
+    let rss_kib: u64 = status_field(&status, "VmRSS")
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    eprintln!(
+        "jailed qemu (1 GiB guest, TCG, UEFI) VmRSS {} MiB",
+        rss_kib / 1024
+    );
+
+    // qemu's mount namespace: its own files, the base image, /usr, a few
+    // device nodes, and nothing else.
+    let home = std::fs::canonicalize(h.path()).unwrap();
+    let vm_a = home.join("vms/jail-a");
+    let vm_b = home.join("vms/jail-b");
+    let run_a = home.join("run/jail-a");
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vm_a.join("spec.json")).unwrap()).unwrap();
+    let base = PathBuf::from(spec["image"]["path"].as_str().unwrap());
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let tree = jail_tree(&root);
+    let mut allowed: BTreeSet<PathBuf> = ["disk.qcow2", "seed.img", "console.log", "efivars.fd"]
+        .iter()
+        .map(|f| vm_a.join(f))
+        .collect();
+    allowed.insert(base.clone());
+    for p in tree.iter() {
+        let ok = allowed.contains(p)
+            || allowed.iter().chain([&run_a]).any(|a| a.starts_with(p)) // parent dirs
+            || p.starts_with(&run_a)
+            || p.starts_with("/usr")
+            || p.starts_with("/dev")
+            || p.starts_with("/etc")
+            || ["/bin", "/lib", "/lib64", "/sbin", "/lib32", "/libx32"]
+                .iter()
+                .any(|l| p == Path::new(l));
+        assert!(
+            ok,
+            "unexpected {} in qemu's root; all: {tree:?}",
+            p.display()
+        );
+    }
+    for f in &allowed {
+        assert!(tree.contains(f), "{} missing from qemu's root", f.display());
+    }
+    assert!(!tree.iter().any(|p| p.starts_with(&vm_b)), "{tree:?}");
+    assert!(!tree.contains(&home.join("vms/jail-a/ssh_host_ed25519_key")));
+    assert!(!tree.contains(&home.join("vms/jail-a/id_ed25519")));
+    let etc: BTreeSet<PathBuf> = tree
+        .iter()
+        .filter(|p| p.parent() == Some(Path::new("/etc")))
+        .cloned()
+        .collect();
+    assert_eq!(
+        etc,
+        ["/etc/ld.so.cache", "/etc/resolv.conf"]
+            .iter()
+            .map(PathBuf::from)
+            .collect(),
+    );
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    assert!(!mountinfo.contains("jail-b"), "{mountinfo}");
+    let mount_of = |target: &Path| {
+        mountinfo
+            .lines()
+            .find(|l| l.split_whitespace().nth(4) == Some(target.to_str().unwrap()))
+            .unwrap_or_else(|| panic!("{} not mounted: {mountinfo}", target.display()))
+            .to_string()
+    };
+    let opts = |line: &str| line.split_whitespace().nth(5).unwrap().to_string();
+    assert!(opts(&mount_of(Path::new("/"))).starts_with("ro,"));
+    assert!(opts(&mount_of(Path::new("/usr"))).starts_with("ro,"));
+    assert!(opts(&mount_of(&base)).starts_with("ro,"));
+    assert!(opts(&mount_of(&vm_a.join("seed.img"))).starts_with("ro,"));
+    assert!(opts(&mount_of(&vm_a.join("disk.qcow2"))).starts_with("rw,"));
+    // The host view: the VM's writable files are its uid's; the seed (it
+    // holds the guest's private host key) read-only; the base world-readable
+    // but read-only and root's.
+    for (f, mode) in [
+        ("disk.qcow2", 0o600),
+        ("efivars.fd", 0o600),
+        ("console.log", 0o600),
+        ("seed.img", 0o400),
+    ] {
+        let m = std::fs::metadata(vm_a.join(f)).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid(), m.mode() & 0o7777),
+            (uid[0], gid[0], mode),
+            "{f}"
+        );
+    }
+    let m = std::fs::metadata(&base).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o444));
+
+    // The second VM's disk: not in the first one's jail, and not readable
+    // by the first one's uid on the host either, even once the second VM
+    // runs (under a uid of its own).
+    assert!(readable_by(uid[0], gid[0], Path::new("/etc/hostname")));
+    assert!(!readable_by(uid[0], gid[0], &vm_b.join("disk.qcow2")));
+    h.ok(&["start", "jail-b"]);
+    let pid_b = qemu_pid(&h, "jail-b");
+    let status_b = std::fs::read_to_string(format!("/proc/{pid_b}/status")).unwrap();
+    let uid_b: u32 = status_field(&status_b, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(uid_b, uid[0], "each VM has its own uid");
+    // Denied by the store's 0700 directories, and by the file itself: it is
+    // the second VM's uid's alone.
+    let m = std::fs::metadata(vm_b.join("disk.qcow2")).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o077), (uid_b, 0));
+    assert!(!readable_by(uid[0], gid[0], &vm_b.join("disk.qcow2")));
+    assert!(!readable_by(uid_b, uid_b, &vm_a.join("disk.qcow2")));
+    h.ok(&["stop", "jail-b", "--force"]);
+
+    // Stopping still works through the jail, and the VM keeps its uid.
+    h.ok(&["stop", "jail-a"]);
+    assert!(qemu_pids("jail-a").is_empty());
+    assert_eq!(
+        std::fs::read_to_string(vm_a.join("jail-slot"))
+            .unwrap()
+            .trim(),
+        (uid[0] - 70000).to_string()
+    );
+}
+
+#[test]
+fn uid_range_colliding_with_an_account_is_refused() {
+    let Some(img) = e2e_prereqs() else { return };
+    let h = Home::new();
+    h.ok(&[
+        "create",
+        "jail-c",
+        "--image",
+        img.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--no-start",
+    ]);
+    // nobody is 65534 on every Debian host.
+    let cfg = h.path().join("config.json");
+    std::fs::write(&cfg, r#"{"jail": {"uid_base": 65000, "uid_count": 1000}}"#).unwrap();
+    let err = h.fails(&["start", "jail-c"]);
+    assert!(err.contains("65534"), "{err}");
+    assert!(
+        err.contains("\"nobody\"") || err.contains("\"nogroup\""),
+        "{err}"
+    );
+    assert!(err.contains("config.json"), "{err}");
+    // Nothing made: no slot, the files still root's, no qemu.
+    let vm = h.path().join("vms/jail-c");
+    assert!(!vm.join("jail-slot").exists());
+    assert_eq!(std::fs::metadata(vm.join("disk.qcow2")).unwrap().uid(), 0);
+    assert!(qemu_pids("jail-c").is_empty());
+    let doctor = String::from_utf8(h.nox(&["doctor"]).stdout).unwrap();
+    assert!(
+        doctor
+            .lines()
+            .any(|l| l.starts_with("FAIL VM uid range") && l.contains("65534")),
+        "{doctor}"
+    );
+    // root (uid 0) is refused too, before any lookup.
+    std::fs::write(&cfg, r#"{"jail": {"uid_base": 0, "uid_count": 10}}"#).unwrap();
+    let err = h.fails(&["start", "jail-c"]);
+    assert!(err.contains("uid 0 is root"), "{err}");
+    // A free range works again (no boot needed: the start is enough).
+    std::fs::write(&cfg, r#"{"jail": {"uid_base": 71000, "uid_count": 10}}"#).unwrap();
+    h.ok(&["start", "jail-c"]);
+    let pid = h.info("jail-c")["qemu_pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status_field(&status, "Uid").starts_with("71000"),
+        "{status}"
+    );
+    h.ok(&["stop", "jail-c", "--force"]);
+}
