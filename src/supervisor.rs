@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::net::attach::attach;
 use crate::net::discover::Addresses;
-use crate::qemu::{self, Accel, NetBackend};
+use crate::qemu::{self, Accel};
 use crate::qmp::{self, Qmp};
 use crate::spec::{RestartPolicy, VmSpec};
 use crate::state::{self, Phase, State};
@@ -284,10 +284,8 @@ async fn run_once(
         attempt += 1;
         cleanup_runtime(vm);
         store::mkdir_private(&vm.run)?;
-        let mut net = attach(&spec.name, &spec.network, spec.mac).await?;
-        if let NetBackend::User { ssh_port } = net.backend {
-            st.ssh_port = Some(ssh_port);
-        }
+        let mut net = attach(spec, &vm.log()).await?;
+        st.ssh_port = net.ssh_port;
         st.tap = net.tap.as_ref().map(|t| t.name().to_string());
         st.bridge = net.bridge.clone();
         st.ip = spec
