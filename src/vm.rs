@@ -110,16 +110,16 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
         Some(n) => n.clone(),
         None => default_network().await.0,
     };
+    if !o.publish.is_empty() && !network.is_user_mode() {
+        return Err(VmError::Invalid(format!(
+            "--publish needs user-mode networking (--network user); a bridged guest ({network}) is reachable at its own address"
+        )));
+    }
     if let NetworkSpec::Bridge { bridge } = &network {
         // Fail now, with nothing created, rather than at start.
         crate::net::bridge::check_bridge(bridge)
             .await
             .map_err(crate::net::attach::AttachError::from)?;
-    }
-    if !o.publish.is_empty() && !network.is_user_mode() {
-        return Err(VmError::Invalid(format!(
-            "--publish needs user-mode networking (--network user); a bridged guest ({network}) is reachable at its own address"
-        )));
     }
     crate::net::forward::check_unique(&o.publish).map_err(|e| VmError::Invalid(e.to_string()))?;
     if network.is_user_mode() {
