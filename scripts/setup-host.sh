@@ -21,7 +21,7 @@ apt-get install -y -qq --no-install-recommends "${apt_t[@]}" \
     qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64
 apt-get install -y -qq --no-install-recommends \
     openssh-client dnsmasq-base iproute2 mtools dosfstools systemd \
-    busybox-static python3 util-linux coreutils \
+    busybox-static python3 util-linux coreutils passt \
     systemd-container mmdebstrap debian-archive-keyring
 
 if [ "${NOX_SKIP_INSTALL:-}" != 1 ]; then

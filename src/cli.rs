@@ -208,9 +208,13 @@ pub struct CreateArgs {
     pub user_data: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = AccelRequest::Auto)]
     pub accel: AccelRequest,
-    /// user, bridge or bridge:NAME
+    /// user (passt, else qemu's slirp), passt, slirp, bridge or bridge:NAME
     #[arg(long)]
     pub network: Option<NetworkSpec>,
+    /// Forward a host port into the guest: [ADDR:]HOSTPORT:GUESTPORT[/tcp|/udp]
+    /// (repeatable; without ADDR every host address; user-mode networking)
+    #[arg(long, value_name = "[ADDR:]HOSTPORT:GUESTPORT[/PROTO]")]
+    pub publish: Vec<crate::net::forward::PortForward>,
     /// Only define the VM
     #[arg(long)]
     pub no_start: bool,
@@ -422,6 +426,7 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         user_data: a.user_data,
         accel: a.accel,
         network: a.network,
+        publish: a.publish,
         stop_timeout: a.stop_timeout,
         restart: a.restart,
         firmware: a.firmware,
@@ -445,7 +450,11 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
             spec.disk >> 30
         );
     }
-    if !a.no_start {
+    if a.no_start {
+        if let Some(w) = user_net_warning(&spec) {
+            eprintln!("{w}");
+        }
+    } else {
         start_quiet(store, &name, a.wait, a.timeout, a.json)?;
     }
     if a.json {
@@ -465,6 +474,9 @@ fn start_quiet(store: &Store, name: &str, wait: bool, timeout: u64, quiet: bool)
     if let Some(w) = accel_warning(&vmp)? {
         eprintln!("{w}");
     }
+    if let Some(w) = user_net_warning(&vmp.load_spec()?) {
+        eprintln!("{w}");
+    }
     match vm::start(store, name, t).with_context(|| format!("cannot start {name}"))? {
         Started::AlreadyRunning if !quiet => println!("{name} is already running"),
         Started::Now if !quiet => println!("Started {name}"),
@@ -479,6 +491,17 @@ fn start_quiet(store: &Store, name: &str, wait: bool, timeout: u64, quiet: bool)
         }
     }
     Ok(())
+}
+
+/// The warning when user-mode networking falls back to qemu's slirp.
+fn user_net_warning(spec: &crate::spec::VmSpec) -> Option<String> {
+    if spec.network != NetworkSpec::User {
+        return None;
+    }
+    match crate::net::attach::choose_user_net(&spec.network) {
+        Ok(crate::net::attach::UserNet::Slirp { warning }) => warning,
+        _ => None,
+    }
 }
 
 /// The one-line warning when `auto` falls back to TCG.
@@ -552,6 +575,9 @@ fn print_info(i: &vm::VmInfo) {
         println!("accel:    {a}");
     }
     println!("network:  {} (mac {})", i.network, i.mac);
+    if !i.publish.is_empty() {
+        println!("publish:  {}", i.publish.join(", "));
+    }
     if let Some(t) = &i.tap {
         println!("tap:      {t}");
     }
@@ -925,6 +951,26 @@ async fn doctor(store: &Store) -> Result<i32> {
     }
     let (net, why) = vm::default_network().await;
     c.report(Check::Ok, "default network", format!("{net} ({why})"));
+    // Not a failure: user-mode networking still works through slirp.
+    match crate::net::passt::probe() {
+        Ok(b) => c.report(
+            Check::Ok,
+            "passt",
+            format!(
+                "{} ({}; --no-map-gw: the guest cannot reach the host's loopback)",
+                b.path.display(),
+                b.version
+            ),
+        ),
+        Err(e) => c.report(
+            Check::Warn,
+            "passt",
+            format!(
+                "{} (user-mode VMs use qemu's slirp, where the guest reaches the host's 127.0.0.1)",
+                crate::error_chain(&e)
+            ),
+        ),
+    }
     let req = crate::firmware::Request {
         arch: arch.arch,
         machine: arch.machine,

@@ -8,6 +8,7 @@ use thiserror::Error;
 pub mod opts;
 
 use crate::ident::{Arch, VmName};
+use crate::net::forward::PortForward;
 use crate::spec::{AccelRequest, VmSpec};
 use crate::store::VmPaths;
 use opts::Opts;
@@ -180,8 +181,15 @@ pub fn choose_accel(
 /// How the guest's NIC is backed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetBackend {
-    /// User-mode networking, guest port 22 forwarded from 127.0.0.1:`ssh_port`.
-    User { ssh_port: u16 },
+    /// qemu's slirp, guest port 22 forwarded from 127.0.0.1:`ssh_port`, and
+    /// the published ports.
+    User {
+        ssh_port: u16,
+        publish: Vec<PortForward>,
+    },
+    /// passt (which holds the forwards), reached through a connected socket
+    /// qemu inherits as file descriptor `fd`.
+    Passt { fd: i32 },
     /// A tap opened by nox and inherited by qemu as file descriptor `fd`.
     Tap { fd: i32, vhost_fd: Option<i32> },
 }
@@ -305,9 +313,19 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
     a.opt("-drive", seed);
     a.opt("-device", Opts::new("virtio-blk-pci").set("drive", "seed0"));
     let netdev = match &l.net {
-        NetBackend::User { ssh_port } => Opts::new("user")
+        NetBackend::User { ssh_port, publish } => {
+            let mut o = Opts::new("user")
+                .set("id", "net0")
+                .set("hostfwd", format!("tcp:127.0.0.1:{ssh_port}-:22"));
+            for f in publish {
+                o = o.set("hostfwd", slirp_hostfwd(f));
+            }
+            o
+        }
+        NetBackend::Passt { fd } => Opts::new("stream")
             .set("id", "net0")
-            .set("hostfwd", format!("tcp:127.0.0.1:{ssh_port}-:22")),
+            .set("addr.type", "fd")
+            .set("addr.str", fd),
         NetBackend::Tap { fd, vhost_fd } => {
             let t = Opts::new("tap").set("id", "net0").set("fd", fd);
             match vhost_fd {
@@ -325,6 +343,16 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
     a.opt("-device", "virtio-rng-pci");
     a.opt("-device", arch.panic_device);
     Ok(a.0)
+}
+
+/// slirp's `hostfwd` value for a published port: `PROTO:[ADDR]:HOST-:GUEST`.
+fn slirp_hostfwd(f: &PortForward) -> String {
+    let addr = match f.addr {
+        Some(std::net::IpAddr::V6(a)) => format!("[{a}]"),
+        Some(a) => a.to_string(),
+        None => String::new(),
+    };
+    format!("{}:{addr}:{}-:{}", f.proto, f.host_port, f.guest_port)
 }
 
 /// The firmware a VM boots with: its spec's choice or the architecture's
@@ -421,6 +449,7 @@ mod tests {
             firmware: None,
             secure_boot: false,
             static_ip: None,
+            publish: vec![],
             created: 0,
         }
     }
@@ -442,7 +471,10 @@ mod tests {
             spec: &s,
             paths: &paths,
             accel: Accel::Tcg,
-            net: NetBackend::User { ssh_port: 40022 },
+            net: NetBackend::User {
+                ssh_port: 40022,
+                publish: vec![],
+            },
             firmware: FirmwareArgs::default(),
         })
         .unwrap()
@@ -504,7 +536,10 @@ mod tests {
             spec: &s,
             paths: &paths,
             accel: Accel::Kvm,
-            net: NetBackend::User { ssh_port: 1 },
+            net: NetBackend::User {
+                ssh_port: 1,
+                publish: vec![],
+            },
             firmware: FirmwareArgs::default(),
         })
         .unwrap();
@@ -513,6 +548,41 @@ mod tests {
                 .any(|x| x.contains("seed.img,format=raw,readonly=on"))
         );
         assert!(a.contains(&"host".to_string()));
+    }
+
+    #[test]
+    fn user_net_backends() {
+        let st = Store::at("/x".into(), "/r".into());
+        let paths = st.vm_paths(&"demo".parse().unwrap());
+        let s = spec(Arch::Amd64);
+        let netdev = |net| {
+            let a = argv(&Launch {
+                spec: &s,
+                paths: &paths,
+                accel: Accel::Tcg,
+                net,
+                firmware: FirmwareArgs::default(),
+            })
+            .unwrap();
+            let i = a.iter().position(|x| x == "-netdev").unwrap();
+            a[i + 1].clone()
+        };
+        assert_eq!(
+            netdev(NetBackend::Passt { fd: 7 }),
+            "stream,id=net0,addr.type=fd,addr.str=7"
+        );
+        let publish = ["127.0.0.1:8080:80", "[::1]:8443:443", "5353:53/udp"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(
+            netdev(NetBackend::User {
+                ssh_port: 2222,
+                publish
+            }),
+            "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:8080-:80,\
+hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
+        );
     }
 
     #[test]

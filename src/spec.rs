@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::ident::{Arch, Cidr, IdentError, IfName, MacAddr, UserName, VmName};
+use crate::net::forward::PortForward;
 
 /// Smallest memory a cloud image boots in with cloud-init.
 pub const MIN_MEMORY: u64 = 128 << 20;
@@ -28,7 +29,7 @@ pub enum SpecError {
     },
     #[error("invalid --cpus {cpus}: must be between 1 and {host} (this host's CPUs)")]
     Cpus { cpus: u32, host: u32 },
-    #[error("invalid --network {0:?}: use 'user', 'bridge' or 'bridge:NAME'")]
+    #[error("invalid --network {0:?}: use 'user', 'passt', 'slirp', 'bridge' or 'bridge:NAME'")]
     Network(String),
     #[error("invalid --ip: {0}")]
     Ip(&'static str),
@@ -100,13 +101,25 @@ impl StaticIp {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "lowercase")]
 pub enum NetworkSpec {
-    /// QEMU user-mode networking with an SSH port forward on 127.0.0.1.
+    /// User-mode networking with an SSH port forward on 127.0.0.1: passt
+    /// where the host has a usable one, else qemu's slirp (with a warning:
+    /// slirp lets the guest reach the host's loopback-only services).
     User,
+    /// User-mode networking through passt only; a host without it is an error.
+    Passt,
+    /// qemu's built-in slirp, as asked (the guest reaches the host's
+    /// 127.0.0.1 through 10.0.2.2).
+    Slirp,
     /// A tap on a host bridge.
     Bridge { bridge: IfName },
 }
 
 impl NetworkSpec {
+    /// User-mode networking of any kind (no tap, no bridge).
+    pub fn is_user_mode(&self) -> bool {
+        !matches!(self, NetworkSpec::Bridge { .. })
+    }
+
     /// The bridge nox uses when none is named.
     pub fn default_bridge() -> IfName {
         IfName::br0()
@@ -118,6 +131,8 @@ impl FromStr for NetworkSpec {
     fn from_str(s: &str) -> Result<NetworkSpec, SpecError> {
         match s.split_once(':') {
             None if s == "user" => Ok(NetworkSpec::User),
+            None if s == "passt" => Ok(NetworkSpec::Passt),
+            None if s == "slirp" => Ok(NetworkSpec::Slirp),
             None if s == "bridge" => Ok(NetworkSpec::Bridge {
                 bridge: NetworkSpec::default_bridge(),
             }),
@@ -133,6 +148,8 @@ impl std::fmt::Display for NetworkSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             NetworkSpec::User => f.write_str("user"),
+            NetworkSpec::Passt => f.write_str("passt"),
+            NetworkSpec::Slirp => f.write_str("slirp"),
             NetworkSpec::Bridge { bridge } => write!(f, "bridge:{bridge}"),
         }
     }
@@ -185,6 +202,9 @@ pub struct VmSpec {
     pub firmware: Option<FirmwareKind>,
     #[serde(default)]
     pub secure_boot: bool,
+    /// Host ports forwarded into the guest (user-mode networking).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<PortForward>,
     /// A fixed address instead of DHCP (bridged networking).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub static_ip: Option<StaticIp>,
@@ -326,6 +346,13 @@ mod tests {
     #[test]
     fn networks() {
         assert_eq!("user".parse::<NetworkSpec>().unwrap(), NetworkSpec::User);
+        for n in ["user", "passt", "slirp", "bridge:br0"] {
+            let v: NetworkSpec = n.parse().unwrap();
+            assert_eq!(v.to_string(), n);
+            assert_eq!(v.is_user_mode(), !n.starts_with("bridge"));
+            let j = serde_json::to_string(&v).unwrap();
+            assert_eq!(serde_json::from_str::<NetworkSpec>(&j).unwrap(), v);
+        }
         assert_eq!(
             "bridge".parse::<NetworkSpec>().unwrap(),
             NetworkSpec::Bridge {

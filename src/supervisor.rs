@@ -26,7 +26,7 @@ use tracing::{error, info, warn};
 use crate::jail;
 use crate::net::attach::{Attached, attach};
 use crate::net::discover::Addresses;
-use crate::qemu::{self, Accel, NetBackend};
+use crate::qemu::{self, Accel};
 use crate::qmp::{self, Qmp};
 use crate::spec::{RestartPolicy, VmSpec};
 use crate::state::{self, Event, Phase, RecordError, Recorder, State};
@@ -374,7 +374,7 @@ async fn spawn_connected(
         attempt += 1;
         cleanup_runtime(vm);
         store::mkdir_private(&vm.run)?;
-        let mut net = attach(&spec.name, &spec.network, spec.mac).await?;
+        let mut net = attach(spec, &vm.log()).await?;
         let argv = qemu::argv(&qemu::Launch {
             spec,
             paths: vm,
@@ -435,10 +435,7 @@ async fn connect(
 /// What the state file says about the network a run holds.
 fn network(spec: &VmSpec, net: &Attached) -> state::Network {
     state::Network {
-        ssh_port: match net.backend {
-            NetBackend::User { ssh_port } => Some(ssh_port),
-            NetBackend::Tap { .. } => None,
-        },
+        ssh_port: net.ssh_port,
         tap: net.tap.as_ref().map(|t| t.name().to_string()),
         bridge: net.bridge.clone(),
         ip: spec

@@ -79,6 +79,8 @@ pub struct CreateOptions {
     pub user_data: Option<PathBuf>,
     pub accel: AccelRequest,
     pub network: Option<NetworkSpec>,
+    /// `--publish`: host ports forwarded into a user-mode guest.
+    pub publish: Vec<crate::net::forward::PortForward>,
     pub stop_timeout: u64,
     pub restart: RestartPolicy,
     pub firmware: Option<FirmwareKind>,
@@ -113,13 +115,25 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
         Some(n) => n.clone(),
         None => default_network().await.0,
     };
+    if !o.publish.is_empty() && !network.is_user_mode() {
+        return Err(VmError::Invalid(format!(
+            "--publish needs user-mode networking (--network user); a bridged guest ({network}) is reachable at its own address"
+        )));
+    }
     if let NetworkSpec::Bridge { bridge } = &network {
         // Fail now, with nothing created, rather than at start.
         crate::net::bridge::check_bridge(bridge)
             .await
             .map_err(crate::net::attach::AttachError::from)?;
     }
-    if static_ip.is_some() && network == NetworkSpec::User {
+    crate::net::forward::check_unique(&o.publish).map_err(|e| VmError::Invalid(e.to_string()))?;
+    if network.is_user_mode() {
+        // `--network passt` on a host without a usable passt fails here, with
+        // nothing made; `user` falls back to slirp (the CLI warns).
+        crate::net::attach::choose_user_net(&network)?;
+        crate::net::attach::check_publish(&o.publish)?;
+    }
+    if static_ip.is_some() && network.is_user_mode() {
         return Err(VmError::Invalid(
             "--ip needs bridged networking (--network bridge[:BR]); user-mode networking has its own DHCP".into(),
         ));
@@ -205,6 +219,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
         },
         secure_boot: o.secure_boot,
         static_ip,
+        publish: o.publish.clone(),
         created: state::now(),
     };
     write_seed(&spec, &vm, &host, user_data)?;
@@ -612,6 +627,8 @@ pub struct VmInfo {
     pub mac: MacAddr,
     pub ssh: SshInfo,
     pub ssh_port: Option<u16>,
+    /// Published ports, `[ADDR:]HOSTPORT:GUESTPORT/PROTO`.
+    pub publish: Vec<String>,
     pub ip: Option<String>,
     pub ipv6: Vec<String>,
     pub bridge: Option<String>,
@@ -673,11 +690,12 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
         },
         // What a program needs with `ip`: 22 on a bridge, the forward otherwise.
         ssh_port: ep.as_ref().map(|e| e.port),
+        publish: spec.publish.iter().map(|p| p.to_string()).collect(),
         ip: active.then(|| st.ip.clone()).flatten(),
         ipv6: if active { st.ipv6.clone() } else { vec![] },
         bridge: match &spec.network {
             NetworkSpec::Bridge { bridge } => Some(bridge.to_string()),
-            NetworkSpec::User => None,
+            _ => None,
         },
         tap: active.then(|| st.tap.clone()).flatten(),
         firmware: crate::qemu::firmware_kind(spec, crate::qemu::arch_facts(spec.arch)),

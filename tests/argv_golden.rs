@@ -1,4 +1,5 @@
-//! Golden qemu command lines for every architecture × firmware × accelerator,
+//! Golden qemu command lines for every architecture × firmware × accelerator
+//! × network backend (slirp, passt, tap),
 //! with firmware chosen from the real Debian descriptors in firmware/fixtures.
 //! `NOX_UPDATE_GOLDEN=1 cargo test --test argv_golden` rewrites the files.
 
@@ -65,7 +66,15 @@ fn argv_golden_matrix() {
         for (fw_name, interface, secure) in fws {
             for accel in [Accel::Kvm, Accel::Tcg] {
                 for (net_name, net) in [
-                    ("user", NetBackend::User { ssh_port: 40022 }),
+                    // "user": qemu's slirp, the fallback without passt.
+                    (
+                        "user",
+                        NetBackend::User {
+                            ssh_port: 40022,
+                            publish: vec![],
+                        },
+                    ),
+                    ("passt", NetBackend::Passt { fd: 5 }),
                     (
                         "tap",
                         NetBackend::Tap {
@@ -100,5 +109,5 @@ fn argv_golden_matrix() {
             }
         }
     }
-    assert_eq!(checked, 16);
+    assert_eq!(checked, 24);
 }

@@ -1,8 +1,10 @@
 //! What the supervisor holds for a VM's network: the qemu backend plus, for
+//! a user-mode VM, its passt process (killed when this is dropped), and for
 //! a bridged VM, the tap (removed when this is dropped and qemu is gone) and
 //! the watcher that learns the guest's addresses from its own traffic.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -10,10 +12,12 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::discover::{self, Addresses};
+use super::forward::PortForward;
+use super::passt::{self, Passt, PasstError};
 use super::{bridge, tap};
 use crate::ident::{MacAddr, VmName};
 use crate::qemu::NetBackend;
-use crate::spec::NetworkSpec;
+use crate::spec::{NetworkSpec, VmSpec};
 
 #[derive(Debug, Error)]
 pub enum AttachError {
@@ -23,6 +27,54 @@ pub enum AttachError {
     Tap(#[from] tap::TapError),
     #[error("no free port on 127.0.0.1 for the SSH forward")]
     Port(#[source] std::io::Error),
+    #[error("cannot publish {0}: the host port is in use or the address is not this host's")]
+    PortInUse(PortForward, #[source] std::io::Error),
+    #[error("cannot publish {0}: passt could not bind the host port")]
+    PasstBind(PortForward, #[source] PasstError),
+    #[error("user-mode networking through passt")]
+    Passt(#[source] PasstError),
+    #[error("cannot connect passt to qemu")]
+    Socket(#[source] nix::Error),
+}
+
+/// Which user-mode stack a VM gets, and why (a warning for the fallback).
+#[derive(Debug)]
+pub enum UserNet {
+    Passt(passt::Binary),
+    Slirp { warning: Option<String> },
+}
+
+/// The warning printed when user-mode networking falls back to slirp.
+pub fn slirp_warning(why: &PasstError) -> String {
+    format!(
+        "warning: {why}; using qemu's slirp instead, where the guest can reach \
+         services on the host's 127.0.0.1 (through 10.0.2.2)"
+    )
+}
+
+/// Picks passt or slirp for a user-mode network. `user` falls back to slirp
+/// with a warning when passt is missing or too old; `passt` requires it.
+pub fn choose_user_net(net: &NetworkSpec) -> Result<UserNet, AttachError> {
+    match net {
+        NetworkSpec::Slirp => Ok(UserNet::Slirp { warning: None }),
+        NetworkSpec::Passt => passt::probe()
+            .map(UserNet::Passt)
+            .map_err(AttachError::Passt),
+        _ => Ok(match passt::probe() {
+            Ok(b) => UserNet::Passt(b),
+            Err(e) => UserNet::Slirp {
+                warning: Some(slirp_warning(&e)),
+            },
+        }),
+    }
+}
+
+/// Checks that every published host port is free right now.
+pub fn check_publish(publish: &[PortForward]) -> Result<(), AttachError> {
+    for f in publish {
+        f.check_free().map_err(|e| AttachError::PortInUse(*f, e))?;
+    }
+    Ok(())
 }
 
 /// A VM's network for one qemu run.
@@ -32,6 +84,10 @@ pub struct Attached {
     pub child_fds: Vec<OwnedFd>,
     pub tap: Option<tap::Tap>,
     pub bridge: Option<String>,
+    /// User-mode: the forwarded SSH port on 127.0.0.1.
+    pub ssh_port: Option<u16>,
+    /// User-mode through passt: the process, killed when this is dropped.
+    pub passt: Option<Passt>,
     /// Guest addresses as learned (bridge only).
     pub addresses: Option<watch::Receiver<Addresses>>,
     watcher: Option<tokio::task::JoinHandle<()>>,
@@ -67,24 +123,94 @@ fn vhost_fd() -> Option<OwnedFd> {
     .ok()
 }
 
-/// Sets up the VM's network: a free forwarded port for user-mode, or a fresh
-/// tap on the bridge (a stale tap of a killed run removed first).
-pub async fn attach(
-    vm: &VmName,
-    net: &NetworkSpec,
-    vm_mac: MacAddr,
-) -> Result<Attached, AttachError> {
-    match net {
-        NetworkSpec::User => Ok(Attached {
-            backend: NetBackend::User {
-                ssh_port: free_port().map_err(AttachError::Port)?,
-            },
-            child_fds: vec![],
-            tap: None,
-            bridge: None,
-            addresses: None,
-            watcher: None,
-        }),
+/// passt on one end of a fresh socketpair, qemu's end returned with it.
+/// A taken SSH port (picked free a moment before) is retried with another.
+async fn start_passt(
+    bin: &passt::Binary,
+    publish: &[PortForward],
+    log: &Path,
+) -> Result<(Passt, OwnedFd, u16), AttachError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let ssh_port = free_port().map_err(AttachError::Port)?;
+        // Close-on-exec until passt runs: neither end may leak into it twice.
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(AttachError::Socket)?;
+        match Passt::spawn(bin, theirs, ssh_port, publish, log).await {
+            Ok(p) => {
+                // qemu inherits this end.
+                nix::fcntl::fcntl(
+                    &ours,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                )
+                .map_err(AttachError::Socket)?;
+                return Ok((p, ours, ssh_port));
+            }
+            Err(e) if attempt < 3 && e.is_bind_failure(&passt::ssh_option_text(ssh_port)) => {
+                warn!("SSH forward port {ssh_port} was taken, retrying");
+            }
+            Err(e) => {
+                return Err(
+                    match publish
+                        .iter()
+                        .find(|f| e.is_bind_failure(&passt::option_text(f)))
+                    {
+                        Some(f) => AttachError::PasstBind(*f, e),
+                        None => AttachError::Passt(e),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Sets up the VM's network: passt (or qemu's slirp) with the forwards for
+/// user-mode, or a fresh tap on the bridge (a stale tap of a killed run
+/// removed first). passt's messages go to `log`.
+pub async fn attach(spec: &VmSpec, log: &Path) -> Result<Attached, AttachError> {
+    let vm: &VmName = &spec.name;
+    let vm_mac: MacAddr = spec.mac;
+    match &spec.network {
+        net @ (NetworkSpec::User | NetworkSpec::Passt | NetworkSpec::Slirp) => {
+            let choice = choose_user_net(net)?;
+            check_publish(&spec.publish)?;
+            let (backend, child_fds, ssh_port, passt) = match choice {
+                UserNet::Passt(bin) => {
+                    let (p, fd, ssh_port) = start_passt(&bin, &spec.publish, log).await?;
+                    info!("passt {} (pid {}) for {vm}", bin.path.display(), p.pid);
+                    let backend = NetBackend::Passt { fd: fd.as_raw_fd() };
+                    (backend, vec![fd], ssh_port, Some(p))
+                }
+                UserNet::Slirp { warning } => {
+                    if let Some(w) = warning {
+                        warn!("{w}");
+                    }
+                    let ssh_port = free_port().map_err(AttachError::Port)?;
+                    let backend = NetBackend::User {
+                        ssh_port,
+                        publish: spec.publish.clone(),
+                    };
+                    (backend, vec![], ssh_port, None)
+                }
+            };
+            Ok(Attached {
+                backend,
+                child_fds,
+                tap: None,
+                bridge: None,
+                ssh_port: Some(ssh_port),
+                passt,
+                addresses: None,
+                watcher: None,
+            })
+        }
         NetworkSpec::Bridge { bridge: br } => {
             let info = bridge::check_bridge(br.as_str()).await?;
             let name = tap::tap_name(vm.as_str());
@@ -111,6 +237,8 @@ pub async fn attach(
                 child_fds,
                 tap: Some(t),
                 bridge: Some(br.to_string()),
+                ssh_port: None,
+                passt: None,
                 addresses: Some(rx),
                 watcher: Some(watcher),
             })

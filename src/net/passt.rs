@@ -1,0 +1,369 @@
+//! passt: user-mode networking in a process of its own (what libvirt and
+//! Podman use), instead of qemu's built-in slirp. nox runs it with
+//! `--no-map-gw`, so the guest cannot reach the host's loopback-only
+//! services through the gateway address (slirp's 10.0.2.2 is the host's
+//! 127.0.0.1, reached as root).
+//!
+//! passt and qemu talk over a socketpair made here: passt gets one end
+//! (`--fd`), qemu inherits the other (`-netdev stream,addr.type=fd`). No
+//! socket path exists for anyone else to connect to, and passt exits as soon
+//! as its peer's end closes: when qemu exits, or when the supervisor dies
+//! before qemu is spawned. [`Passt`] also kills it when dropped.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use thiserror::Error;
+use tracing::info;
+
+use super::forward::{PortForward, Proto};
+
+/// Environment variable naming the passt binary to use; a path that does
+/// not exist makes nox act as if passt were not installed.
+pub const ENV: &str = "NOX_PASST";
+
+/// Where passt is looked for before PATH: the supervisor runs as root and
+/// should not take a passt from whatever PATH it inherited first.
+const SYSTEM_DIRS: &[&str] = &["/usr/bin", "/usr/local/bin", "/usr/sbin", "/bin"];
+
+/// Options nox needs that older passt builds lack.
+const NEEDED: &[&str] = &["--no-map-gw", "--fd"];
+
+#[derive(Debug, Error)]
+pub enum PasstError {
+    #[error("passt is not installed (Debian: apt install passt)")]
+    Missing,
+    #[error("{path} is too old: it has no {lacks} option (install a newer passt)")]
+    TooOld { path: PathBuf, lacks: &'static str },
+    #[error("cannot start {path}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("passt's pid file directory")]
+    PidDir(#[source] std::io::Error),
+    #[error("passt exited during start-up ({status}): {log}")]
+    Exited { status: String, log: String },
+    #[error("passt did not finish start-up within {0}s")]
+    Timeout(u64),
+}
+
+impl PasstError {
+    /// passt could not bind the host port of `option` (as [`option_text`]
+    /// writes it); passt says "Failed to bind any port for '-t SPEC'".
+    pub fn is_bind_failure(&self, option: &str) -> bool {
+        matches!(self, PasstError::Exited { log, .. }
+            if log.contains("Failed to bind") && log.contains(&format!("'{option}'")))
+    }
+}
+
+/// A passt binary fit for nox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binary {
+    pub path: PathBuf,
+    /// First line of `passt --version` (Debian's build says "unknown version").
+    pub version: String,
+}
+
+fn executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// The passt binary: `$NOX_PASST`, else the system directories, else PATH.
+pub fn find() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(ENV) {
+        let p = PathBuf::from(p);
+        return executable(&p).then_some(p);
+    }
+    SYSTEM_DIRS
+        .iter()
+        .map(|d| Path::new(d).join("passt"))
+        .find(|p| executable(p))
+        .or_else(|| crate::qemu::which("passt"))
+}
+
+/// Finds passt and checks that it has the options nox uses.
+pub fn probe() -> Result<Binary, PasstError> {
+    let path = find().ok_or(PasstError::Missing)?;
+    let run = |arg: &str| {
+        std::process::Command::new(&path)
+            .arg(arg)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| PasstError::Spawn {
+                path: path.clone(),
+                source,
+            })
+    };
+    let help = run("--help")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&help.stdout),
+        String::from_utf8_lossy(&help.stderr)
+    );
+    if let Some(lacks) = NEEDED.iter().find(|o| !text.contains(*o)) {
+        return Err(PasstError::TooOld {
+            path: path.clone(),
+            lacks,
+        });
+    }
+    let v = run("--version")?;
+    let version = String::from_utf8_lossy(&v.stdout)
+        .lines()
+        .next()
+        .unwrap_or("version unknown")
+        .trim()
+        .to_string();
+    Ok(Binary { path, version })
+}
+
+/// passt's `-t`/`-u` value for one forward: `[ADDR/]HOSTPORT:GUESTPORT`.
+fn port_spec(f: &PortForward) -> String {
+    match f.addr {
+        Some(a) => format!("{a}/{}:{}", f.host_port, f.guest_port),
+        None => format!("{}:{}", f.host_port, f.guest_port),
+    }
+}
+
+/// passt's `-t` value for the SSH forward.
+fn ssh_spec(ssh_port: u16) -> String {
+    format!("127.0.0.1/{ssh_port}:22")
+}
+
+/// A forward as a passt option, `-t SPEC` or `-u SPEC`.
+pub fn option_text(f: &PortForward) -> String {
+    let flag = match f.proto {
+        Proto::Tcp => "-t",
+        Proto::Udp => "-u",
+    };
+    format!("{flag} {}", port_spec(f))
+}
+
+/// The SSH forward as a passt option.
+pub fn ssh_option_text(ssh_port: u16) -> String {
+    format!("-t {}", ssh_spec(ssh_port))
+}
+
+/// passt's arguments (without argv[0]). Pure: unit-tested.
+pub fn args(
+    fd: i32,
+    pid_file: &Path,
+    runas: Option<(u32, u32)>,
+    ssh_port: u16,
+    publish: &[PortForward],
+) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "--foreground".into(),
+        "--quiet".into(),
+        "--fd".into(),
+        fd.to_string(),
+        "--pid".into(),
+        pid_file.display().to_string(),
+        // The point of passt here: the gateway address is not the host's loopback.
+        "--no-map-gw".into(),
+    ];
+    if let Some((uid, gid)) = runas {
+        a.extend(["--runas".into(), format!("{uid}:{gid}")]);
+    }
+    a.extend(["-t".into(), ssh_spec(ssh_port)]);
+    let mut udp = false;
+    for f in publish {
+        let flag = match f.proto {
+            Proto::Tcp => "-t",
+            Proto::Udp => {
+                udp = true;
+                "-u"
+            }
+        };
+        a.extend([flag.into(), port_spec(f)]);
+    }
+    if !udp {
+        // Else passt also forwards the UDP ports of every TCP forward.
+        a.extend(["-u".into(), "none".into()]);
+    }
+    a
+}
+
+/// A running passt, killed and reaped when dropped.
+pub struct Passt {
+    child: tokio::process::Child,
+    pub pid: u32,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Passt {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        // Reap it if it is already gone; otherwise tokio's orphan reaper does.
+        let _ = self.child.try_wait();
+    }
+}
+
+/// The user passt runs as when nox is root (passt itself refuses root and
+/// drops to nobody by default): named, so its pid file directory can be
+/// given to it.
+fn runas() -> Option<(u32, u32)> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let u = nix::unistd::User::from_name("nobody").ok().flatten()?;
+    Some((u.uid.as_raw(), u.gid.as_raw()))
+}
+
+impl Passt {
+    /// Starts passt on `fd` (its end of the socketpair) with the SSH forward
+    /// and the published ports, and waits until it has bound them all (its
+    /// pid file appears) or failed. Its output goes to `log`.
+    pub async fn spawn(
+        bin: &Binary,
+        fd: OwnedFd,
+        ssh_port: u16,
+        publish: &[PortForward],
+        log: &Path,
+    ) -> Result<Passt, PasstError> {
+        let who = runas();
+        let dir = tempfile::Builder::new()
+            .prefix("nox-passt-")
+            .tempdir()
+            .map_err(PasstError::PidDir)?;
+        if let Some((uid, gid)) = who {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
+                .map_err(PasstError::PidDir)?;
+        }
+        let pid_file = dir.path().join("passt.pid");
+        let raw = fd.as_raw_fd();
+        let argv = args(raw, &pid_file, who, ssh_port, publish);
+        info!("starting {} {}", bin.path.display(), argv.join(" "));
+        let spawn_err = |source| PasstError::Spawn {
+            path: bin.path.clone(),
+            source,
+        };
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(spawn_err)?;
+        let log_start = out.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut cmd = tokio::process::Command::new(&bin.path);
+        cmd.args(&argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().map_err(spawn_err)?))
+            .stderr(Stdio::from(out))
+            .kill_on_drop(true);
+        // SAFETY: pre_exec runs in the forked child before exec; fcntl and
+        // prctl are async-signal-safe and touch no memory of the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Only passt inherits its end of the socketpair.
+                let flags = nix::libc::fcntl(raw, nix::libc::F_GETFD);
+                if flags < 0
+                    || nix::libc::fcntl(raw, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Cleared again when passt drops root; the socketpair's
+                // closing is what ends it then.
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        drop(fd);
+        let pid = child.id().unwrap_or(0);
+        let limit = Duration::from_secs(10);
+        let ready = tokio::time::timeout(limit, async {
+            loop {
+                if pid_file.exists() {
+                    return Ok(());
+                }
+                if let Some(st) = child.try_wait().ok().flatten() {
+                    return Err(st);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        match ready {
+            Ok(Ok(())) => Ok(Passt {
+                child,
+                pid,
+                _dir: dir,
+            }),
+            Ok(Err(status)) => Err(PasstError::Exited {
+                status: status.to_string(),
+                log: passt_errors(&crate::store::tail(log, log_start, 20)),
+            }),
+            Err(_) => Err(PasstError::Timeout(limit.as_secs())),
+        }
+    }
+
+    /// Whether passt is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// passt's own lines from its log output, without the noise it prints when
+/// the host has no syslog socket.
+fn passt_errors(log: &str) -> String {
+    log.lines()
+        .filter(|l| !l.starts_with("Failed to send") && !l.starts_with("Don't run as root"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv() {
+        let publish: Vec<PortForward> = ["127.0.0.1:8080:80", "[::1]:8443:443", "5353:53/udp"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let a = args(
+            5,
+            Path::new("/tmp/x/passt.pid"),
+            Some((65534, 65534)),
+            40022,
+            &publish,
+        );
+        assert_eq!(
+            a.join(" "),
+            "--foreground --quiet --fd 5 --pid /tmp/x/passt.pid --no-map-gw --runas 65534:65534 \
+-t 127.0.0.1/40022:22 -t 127.0.0.1/8080:80 -t ::1/8443:443 -u 5353:53"
+        );
+        let a = args(3, Path::new("/p"), None, 2222, &[]).join(" ");
+        assert!(
+            a.ends_with("--no-map-gw -t 127.0.0.1/2222:22 -u none"),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn bind_failures_name_the_forward() {
+        let e = PasstError::Exited {
+            status: "exit status: 1".into(),
+            log: "Failed to bind any port for '-t 127.0.0.1/40251:22', exiting".into(),
+        };
+        assert!(e.is_bind_failure(&ssh_option_text(40251)));
+        assert!(!e.is_bind_failure(&ssh_option_text(40252)));
+        let f: PortForward = "127.0.0.1:40251:22".parse().unwrap();
+        assert!(e.is_bind_failure(&option_text(&f)));
+        let u: PortForward = "127.0.0.1:40251:22/udp".parse().unwrap();
+        assert!(!e.is_bind_failure(&option_text(&u)));
+        assert_eq!(
+            passt_errors(
+                "Failed to send 47 bytes to syslog\nDon't run as root. Changing to nobody...\nboom"
+            ),
+            "boom"
+        );
+    }
+}

@@ -1,0 +1,344 @@
+//! User-mode networking through passt: the guest cannot reach the host's
+//! loopback-only services, published ports reach the guest, and bad input
+//! (a port in use, malformed values, no passt) is refused with nothing made.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn have_passt() -> bool {
+    prereq(
+        nox::net::passt::probe().is_ok(),
+        "passt not installed (apt install passt)",
+    )
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The body of `GET path` from 127.0.0.1:`port`, if it answers.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// Pids of live passt processes whose argv holds `needle`.
+fn passt_pids(needle: &str) -> Vec<u32> {
+    let mut pids = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("passt") && cmd.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn qemu_cmdline(pid: u64) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .replace('\0', " ")
+}
+
+#[test]
+fn passt_hides_host_loopback_and_publishes_guest_ports() {
+    let Some(img) = e2e_prereqs() else { return };
+    if !have_passt() {
+        return;
+    }
+    // A file only the host's loopback serves.
+    let www = tempfile::tempdir().unwrap();
+    let token = "loopback-only-7f3a";
+    std::fs::write(www.path().join("secret.txt"), token).unwrap();
+    let server = HttpServer::start(www.path());
+    assert_eq!(
+        http_get(server.port, "/secret.txt").as_deref(),
+        Some(token),
+        "the host itself reaches the file"
+    );
+
+    let h = Home::new();
+    let hport = free_port();
+    let publish = format!("127.0.0.1:{hport}:8000");
+    let t0 = std::time::Instant::now();
+    let out = h.ok(&[
+        "create",
+        "e2e-usernet",
+        "--image",
+        img.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--network",
+        "user",
+        "--publish",
+        &publish,
+        "--wait",
+        "--timeout",
+        "900",
+        "--json",
+    ]);
+    eprintln!("create --wait (passt) took {:?}", t0.elapsed());
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["publish"][0], format!("{publish}/tcp"));
+    let qemu_pid = info["qemu_pid"].as_u64().unwrap();
+    let cmd = qemu_cmdline(qemu_pid);
+    assert!(cmd.contains("-netdev stream,id=net0,addr.type=fd"), "{cmd}");
+    let ssh_port = info["ssh"]["port"].as_u64().unwrap();
+    let passt = passt_pids(&format!("127.0.0.1/{ssh_port}:22"));
+    assert_eq!(passt.len(), 1, "one passt for the VM");
+
+    // From the guest: the gateway address (slirp's 10.0.2.2 maps to the
+    // host's 127.0.0.1; passt's would without --no-map-gw) and 10.0.2.2.
+    let probe = format!(
+        r#"gw=$(ip -4 route show default | awk '{{print $3; exit}}'); echo "gateway $gw"; for a in $gw 10.0.2.2; do python3 -c 'import sys,urllib.request
+try: print(sys.argv[1], "GOT", urllib.request.urlopen("http://%s:{port}/secret.txt" % sys.argv[1], timeout=8).read().decode())
+except Exception as e: print(sys.argv[1], "blocked:", e)' $a; done"#,
+        port = server.port
+    );
+    let seen = h.ok(&["ssh", "e2e-usernet", "--", &probe]);
+    assert!(seen.contains("gateway "), "{seen}");
+    assert_eq!(
+        seen.matches("blocked:").count() + seen.matches(" GOT ").count(),
+        2,
+        "{seen}"
+    );
+    assert!(
+        !seen.contains(token),
+        "the guest reached the host's loopback-only file:\n{seen}"
+    );
+
+    // A server in the guest, reached from the host through --publish.
+    h.ok(&[
+        "ssh",
+        "e2e-usernet",
+        "--",
+        // setsid -f: the server must not hold the ssh session open.
+        "mkdir -p /tmp/w && echo from-the-guest > /tmp/w/g.txt && \
+         setsid -f python3 -m http.server 8000 --directory /tmp/w </dev/null >/dev/null 2>&1",
+    ]);
+    wait_for("the published guest port", 120, || {
+        http_get(hport, "/g.txt").is_some_and(|b| b.trim() == "from-the-guest")
+    });
+
+    // passt ends with the VM.
+    h.ok(&["stop", "e2e-usernet"]);
+    wait_for("passt to exit", 30, || {
+        passt
+            .iter()
+            .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+    });
+    assert!(TcpStream::connect(("127.0.0.1", hport)).is_err());
+}
+
+fn small_image(h: &Home) -> Option<PathBuf> {
+    if !prereq(have("qemu-img"), "qemu-img not installed") {
+        return None;
+    }
+    let p = h.path().join("small.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&p)
+        .arg("1G")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    Some(p)
+}
+
+fn vm_dirs(h: &Home) -> Vec<String> {
+    match std::fs::read_dir(h.path().join("vms")) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => vec![],
+    }
+}
+
+#[test]
+fn bad_publish_values_are_refused_and_change_nothing() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let img = img.to_str().unwrap();
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    let in_use = format!("127.0.0.1:{busy_port}:80");
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (vec!["--publish", "8080"], "HOSTPORT:GUESTPORT".into()),
+        (vec!["--publish", "0:80"], "between 1 and 65535".into()),
+        (vec!["--publish", "8080:80/sctp"], "tcp or udp".into()),
+        (vec!["--publish", "localhost:8080:80"], "IP address".into()),
+        (vec!["--publish", "::1:8080:80"], "brackets".into()),
+        (
+            vec!["--publish", "18080:80", "--publish", "127.0.0.1:18080:81"],
+            "both use host port 18080/tcp".into(),
+        ),
+        (
+            vec!["--publish", "18080:80", "--network", "bridge:nox-nobr0"],
+            "--publish needs user-mode networking".into(),
+        ),
+        (
+            vec!["--publish", &in_use, "--network", "user"],
+            format!("cannot publish {in_use}/tcp"),
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["create", "pub1", "--image", img, "--no-start"];
+        args.extend(extra.iter().copied());
+        let err = h.fails(&args);
+        assert!(err.contains(&want), "{args:?}: {err}");
+        assert!(vm_dirs(&h).is_empty(), "{args:?} left {:?}", vm_dirs(&h));
+    }
+    drop(busy);
+}
+
+#[test]
+fn missing_passt_falls_back_to_slirp_with_a_warning() {
+    let mut h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    if !prereq(
+        have("qemu-system-x86_64"),
+        "qemu-system-x86_64 not installed",
+    ) {
+        return;
+    }
+    let img = img.to_str().unwrap();
+    h.env
+        .push(("NOX_PASST".into(), "/nonexistent/passt".into()));
+
+    // Asked for passt by name: a clear error, nothing made.
+    let err = h.fails(&[
+        "create",
+        "nopasst",
+        "--image",
+        img,
+        "--network",
+        "passt",
+        "--no-start",
+    ]);
+    assert!(err.contains("passt is not installed"), "{err}");
+    assert!(vm_dirs(&h).is_empty());
+
+    // Plain user-mode: made, with the warning at create and at start.
+    let out = h.nox(&[
+        "create",
+        "nopasst",
+        "--image",
+        img,
+        "--network",
+        "user",
+        "--accel",
+        "tcg",
+        "--memory",
+        "256M",
+        "--publish",
+        &format!("127.0.0.1:{}:80", free_port()),
+        "--no-start",
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("passt is not installed")
+            && err.contains("slirp")
+            && err.contains("127.0.0.1"),
+        "{err}"
+    );
+    let out = h.nox(&["start", "nopasst"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("slirp"));
+    let info = h.info("nopasst");
+    let cmd = qemu_cmdline(info["qemu_pid"].as_u64().unwrap());
+    assert!(
+        cmd.contains("-netdev user,id=net0,hostfwd=tcp:127.0.0.1:"),
+        "{cmd}"
+    );
+    assert!(
+        cmd.contains(":80"),
+        "the published port is a slirp hostfwd: {cmd}"
+    );
+    h.ok(&["stop", "nopasst", "--force"]);
+}
+
+#[test]
+fn a_published_port_taken_before_start_fails_the_start() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    if !prereq(
+        have("qemu-system-x86_64"),
+        "qemu-system-x86_64 not installed",
+    ) || !have_passt()
+    {
+        return;
+    }
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:80");
+    h.ok(&[
+        "create",
+        "late",
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "passt",
+        "--accel",
+        "tcg",
+        "--memory",
+        "256M",
+        "--publish",
+        &publish,
+        "--no-start",
+    ]);
+    let _taken = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let err = h.fails(&["start", "late"]);
+    assert!(
+        err.contains(&format!("cannot publish {publish}/tcp")),
+        "{err}"
+    );
+    assert!(qemu_pids("late").is_empty());
+    assert!(passt_pids(&format!("127.0.0.1/{port}:80")).is_empty());
+}
+
+/// passt's own bind failure (the port taken after nox's check) is
+/// recognised as such, with the port named.
+#[tokio::test]
+async fn passt_reports_a_port_it_cannot_bind() {
+    if !have_passt() {
+        return;
+    }
+    let bin = nox::net::passt::probe().unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fwd: nox::net::forward::PortForward =
+        format!("127.0.0.1:{}:80", taken.local_addr().unwrap().port())
+            .parse()
+            .unwrap();
+    let (_ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let r =
+        nox::net::passt::Passt::spawn(&bin, theirs.into(), free_port(), &[fwd], log.path()).await;
+    let e = r.err().expect("passt cannot bind a taken port");
+    assert!(
+        e.is_bind_failure(&nox::net::passt::option_text(&fwd)),
+        "{e:?}"
+    );
+}
