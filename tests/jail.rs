@@ -315,3 +315,122 @@ fn uid_range_colliding_with_an_account_is_refused() {
     );
     h.ok(&["stop", "jail-c", "--force"]);
 }
+
+/// nox run by an ordinary user: qemu keeps that user's ids but still gets
+/// its own user, mount, PID and IPC namespaces and no privileges. No boot
+/// needed: a blank disk and the start are enough.
+#[test]
+fn ordinary_user_gets_namespaces_and_no_privileges() {
+    if !prereq(is_root(), "switching to an ordinary uid needs root")
+        || !prereq(have("qemu-system-x86_64"), "qemu not installed")
+        || !prereq(have("qemu-img"), "qemu-img not installed")
+        || !prereq(
+            nox::jail::userns_allowed().is_ok(),
+            "unprivileged user namespaces are refused here",
+        )
+    {
+        return;
+    }
+    // An id no account uses, so nothing of the host is its.
+    let Some(id) = (59990..59999).find(|i| {
+        matches!(nix::unistd::User::from_uid((*i).into()), Ok(None))
+            && matches!(nix::unistd::Group::from_gid((*i).into()), Ok(None))
+    }) else {
+        panic!("no free uid in 59990..59999");
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("nox-u")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(id), Some(id)).unwrap();
+    let home = dir.path().join("h");
+    let nox = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_nox"))
+            .args(args)
+            .env("NOX_HOME", &home)
+            .env("HOME", dir.path())
+            .uid(id)
+            .gid(id)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        eprintln!(
+            "$ nox {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let img = dir.path().join("blank.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("1G")
+        .uid(id)
+        .gid(id)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let ok = |args: &[&str]| assert!(nox(args).status.success(), "nox {args:?}");
+    ok(&[
+        "create",
+        "jail-u",
+        "--image",
+        img.to_str().unwrap(),
+        "--no-start",
+        "--accel",
+        "tcg",
+        "--cpus",
+        "1",
+        "--memory",
+        "128M",
+        "--disk",
+        "1G",
+    ]);
+    // A failed assertion must not leave the VM running.
+    struct Cleanup<F: Fn()>(F);
+    impl<F: Fn()> Drop for Cleanup<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    let _cleanup = Cleanup(|| {
+        let _ = nox(&["delete", "jail-u", "--force"]);
+    });
+    ok(&["start", "jail-u"]);
+    let pids = qemu_pids("jail-u");
+    assert_eq!(pids.len(), 1);
+    let pid = pids[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let want_ids = format!("{id}\t{id}\t{id}\t{id}");
+    assert_eq!(status_field(&status, "Uid"), want_ids);
+    assert_eq!(status_field(&status, "Gid"), want_ids);
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(&status, cap), "0000000000000000", "{cap}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    assert_eq!(status_field(&status, "NSpid"), format!("{pid}\t1"));
+    for ns in ["user", "mnt", "pid", "ipc"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace");
+    }
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let targets: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    assert!(targets.contains(&"/usr") && targets.contains(&"/dev/null"));
+    let vm = home.join("vms/jail-u");
+    assert!(targets.contains(&vm.join("disk.qcow2").to_str().unwrap()));
+    assert!(
+        targets
+            .iter()
+            .all(|t| !t.starts_with("/home") && !t.starts_with("/root") && *t != "/tmp"),
+        "{mountinfo}"
+    );
+    ok(&["stop", "jail-u", "--force"]);
+    ok(&["delete", "jail-u"]);
+    assert!(qemu_pids("jail-u").is_empty());
+}
