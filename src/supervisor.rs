@@ -43,11 +43,6 @@ pub enum SupervisorError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Qemu(#[from] qemu::QemuError),
-    #[error("cannot start {binary}")]
-    Spawn {
-        binary: String,
-        source: std::io::Error,
-    },
     #[error("qemu exited during start-up ({status}):\n{log}")]
     EarlyExit { status: String, log: String },
     #[error("QMP session with qemu")]
@@ -830,17 +825,11 @@ mod tests {
 
     #[test]
     fn a_failed_start_is_recorded_with_its_causes() {
-        let e = SupervisorError::Spawn {
-            binary: "/usr/bin/qemu-system-x86_64".into(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        };
+        let e = SupervisorError::Wait(std::io::Error::from(std::io::ErrorKind::NotFound));
         let Event::Crashed { reason } = ended(&Err(e)) else {
             panic!("a failed start is a crash");
         };
-        assert!(
-            reason.starts_with("cannot start /usr/bin/qemu-system-x86_64: "),
-            "{reason}"
-        );
+        assert!(reason.starts_with("cannot wait for qemu: "), "{reason}");
         assert!(reason.contains("not found"), "{reason}");
     }
 

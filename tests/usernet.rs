@@ -5,10 +5,8 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
-use std::time::Duration;
 
 fn have_passt() -> bool {
     prereq(
@@ -23,20 +21,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// The body of `GET path` from 127.0.0.1:`port`, if it answers.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
 
 /// Pids of live passt processes whose argv holds `needle`.
@@ -62,24 +46,66 @@ fn qemu_cmdline(pid: u64) -> String {
         .replace('\0', " ")
 }
 
+/// A python3 http.server on 127.0.0.1:`port` inside namespace `ns`, killed
+/// on drop.
+struct NsHttpServer(std::process::Child);
+
+impl NsHttpServer {
+    fn start(ns: &str, dir: &std::path::Path, port: u16) -> NsHttpServer {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-m", "http.server"])
+            .arg(port.to_string())
+            .args(["--bind", "127.0.0.1", "--directory"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        NsHttpServer(child)
+    }
+}
+
+impl Drop for NsHttpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The body of `GET path` from 127.0.0.1:`port` inside namespace `ns`.
+fn ns_http_get(ns: &str, port: u16, path: &str) -> Option<String> {
+    let script = format!(
+        "import urllib.request\ntry: print(urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=5).read().decode(), end='')\nexcept Exception: print('NO-ANSWER', end='')"
+    );
+    let out = in_ns_output(ns, &["python3", "-c", &script]);
+    (out != "NO-ANSWER").then_some(out)
+}
+
 #[test]
 fn passt_hides_host_loopback_and_publishes_guest_ports() {
     let Some(img) = e2e_prereqs() else { return };
     if !have_passt() {
         return;
     }
-    // A file only the host's loopback serves.
+    // Everything runs in a namespace of its own: passt takes the address and
+    // route of its bridge (which has no ports), so whatever the guest sends
+    // to the gateway or to 10.0.2.2 cannot leave it.
+    let ns = Netns::new("usernet", Some("10.78.0.1/24"));
+    in_ns(
+        &ns.name,
+        &["ip", "route", "add", "default", "via", "10.78.0.254"],
+    );
+    // A file only the namespace's loopback serves.
     let www = tempfile::tempdir().unwrap();
     let token = "loopback-only-7f3a";
     std::fs::write(www.path().join("secret.txt"), token).unwrap();
-    let server = HttpServer::start(www.path());
-    assert_eq!(
-        http_get(server.port, "/secret.txt").as_deref(),
-        Some(token),
-        "the host itself reaches the file"
-    );
+    let sport = free_port();
+    let _server = NsHttpServer::start(&ns.name, www.path(), sport);
+    wait_for("the loopback-only server", 30, || {
+        ns_http_get(&ns.name, sport, "/secret.txt").as_deref() == Some(token)
+    });
 
-    let h = Home::new();
+    let h = Home::in_ns(&ns.name);
     let hport = free_port();
     let publish = format!("127.0.0.1:{hport}:8000");
     let t0 = std::time::Instant::now();
@@ -113,17 +139,12 @@ fn passt_hides_host_loopback_and_publishes_guest_ports() {
     // host's 127.0.0.1; passt's would without --no-map-gw) and 10.0.2.2.
     let probe = format!(
         r#"gw=$(ip -4 route show default | awk '{{print $3; exit}}'); echo "gateway $gw"; for a in $gw 10.0.2.2; do python3 -c 'import sys,urllib.request
-try: print(sys.argv[1], "GOT", urllib.request.urlopen("http://%s:{port}/secret.txt" % sys.argv[1], timeout=8).read().decode())
-except Exception as e: print(sys.argv[1], "blocked:", e)' $a; done"#,
-        port = server.port
+try: print(sys.argv[1], "GOT", urllib.request.urlopen("http://%s:{sport}/secret.txt" % sys.argv[1], timeout=8).read().decode())
+except Exception as e: print(sys.argv[1], "blocked:", e)' $a; done"#
     );
     let seen = h.ok(&["ssh", "e2e-usernet", "--", &probe]);
-    assert!(seen.contains("gateway "), "{seen}");
-    assert_eq!(
-        seen.matches("blocked:").count() + seen.matches(" GOT ").count(),
-        2,
-        "{seen}"
-    );
+    assert!(seen.contains("gateway 10.78.0.254"), "{seen}");
+    assert_eq!(seen.matches("blocked:").count(), 2, "{seen}");
     assert!(
         !seen.contains(token),
         "the guest reached the host's loopback-only file:\n{seen}"
@@ -139,7 +160,7 @@ except Exception as e: print(sys.argv[1], "blocked:", e)' $a; done"#,
          setsid -f python3 -m http.server 8000 --directory /tmp/w </dev/null >/dev/null 2>&1",
     ]);
     wait_for("the published guest port", 120, || {
-        http_get(hport, "/g.txt").is_some_and(|b| b.trim() == "from-the-guest")
+        ns_http_get(&ns.name, hport, "/g.txt").is_some_and(|b| b.trim() == "from-the-guest")
     });
 
     // passt ends with the VM.
@@ -149,7 +170,8 @@ except Exception as e: print(sys.argv[1], "blocked:", e)' $a; done"#,
             .iter()
             .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
     });
-    assert!(TcpStream::connect(("127.0.0.1", hport)).is_err());
+    assert_eq!(ns_http_get(&ns.name, hport, "/g.txt"), None);
+    h.ok(&["delete", "e2e-usernet"]);
 }
 
 fn small_image(h: &Home) -> Option<PathBuf> {
