@@ -4,33 +4,6 @@
 mod common;
 
 use common::*;
-use std::path::PathBuf;
-
-fn small_image(h: &Home) -> Option<PathBuf> {
-    if !prereq(have("qemu-img"), "qemu-img not installed") {
-        return None;
-    }
-    let p = h.path().join("small.qcow2");
-    let st = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&p)
-        .arg("1G")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    Some(p)
-}
-
-/// Only committed VMs and nothing half-made: no staging dirs either.
-fn vm_dirs(h: &Home) -> Vec<String> {
-    match std::fs::read_dir(h.path().join("vms")) {
-        Ok(rd) => rd
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(_) => vec![],
-    }
-}
 
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {

@@ -30,25 +30,7 @@ const IMAGE_IN: &str = "/var/tmp/test.qcow2";
 
 /// The cached root (NOX_SYSTEMD_ROOT, else the build script's output).
 fn systemd_root() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("NOX_SYSTEMD_ROOT") {
-        return Some(PathBuf::from(p));
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-systemd-root.sh");
-    let out = Command::new(script).output().ok()?;
-    if !out.status.success() {
-        eprintln!(
-            "build-systemd-root.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return None;
-    }
-    let path = String::from_utf8(out.stdout)
-        .ok()?
-        .lines()
-        .last()?
-        .trim()
-        .to_string();
-    Some(PathBuf::from(path))
+    cached_build("NOX_SYSTEMD_ROOT", "build-systemd-root.sh", &[])
 }
 
 /// A booted container. Dropping it kills it (its PID 1, so the kernel kills

@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use std::net::TcpListener;
-use std::path::PathBuf;
 
 fn have_passt() -> bool {
     prereq(
@@ -172,31 +171,6 @@ except Exception as e: print(sys.argv[1], "blocked:", e)' $a; done"#
     });
     assert_eq!(ns_http_get(&ns.name, hport, "/g.txt"), None);
     h.ok(&["delete", "e2e-usernet"]);
-}
-
-fn small_image(h: &Home) -> Option<PathBuf> {
-    if !prereq(have("qemu-img"), "qemu-img not installed") {
-        return None;
-    }
-    let p = h.path().join("small.qcow2");
-    let st = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&p)
-        .arg("1G")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    Some(p)
-}
-
-fn vm_dirs(h: &Home) -> Vec<String> {
-    match std::fs::read_dir(h.path().join("vms")) {
-        Ok(rd) => rd
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(_) => vec![],
-    }
 }
 
 #[test]

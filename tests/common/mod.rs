@@ -122,25 +122,58 @@ pub fn test_image_for(arch: &str) -> Option<PathBuf> {
     } else {
         "NOX_TEST_IMAGE_ARM64"
     };
+    cached_build(var, "build-test-image.sh", &["--arch", arch])
+}
+
+/// A cached build product: `$var` if set, else what `scripts/SCRIPT ARGS`
+/// prints as its last line (the scripts build once and cache).
+pub fn cached_build(var: &str, script: &str, args: &[&str]) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(var) {
         return Some(PathBuf::from(p));
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-test-image.sh");
-    let out = Command::new(script).args(["--arch", arch]).output().ok()?;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
+    let out = Command::new(path).args(args).output().ok()?;
     if !out.status.success() {
-        eprintln!(
-            "build-test-image.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        eprintln!("{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
         return None;
     }
-    let path = String::from_utf8(out.stdout)
+    let last = String::from_utf8(out.stdout)
         .ok()?
         .lines()
         .last()?
         .trim()
         .to_string();
-    Some(PathBuf::from(path))
+    Some(PathBuf::from(last))
+}
+
+/// A small blank qcow2 in the test's home (needs qemu-img, no VM boots it).
+pub fn small_image(h: &Home) -> Option<PathBuf> {
+    if !prereq(have("qemu-img"), "qemu-img not installed") {
+        return None;
+    }
+    let p = h.path().join("small.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&p)
+        .arg("1G")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    Some(p)
+}
+
+/// The VM directories of a home, staging ones included: after a refused
+/// create there must be none.
+pub fn vm_dirs(h: &Home) -> Vec<String> {
+    match std::fs::read_dir(h.path().join("vms")) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => vec![],
+    }
 }
 
 /// Pids of live qemu processes whose argv names VM `name`.
