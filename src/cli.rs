@@ -959,7 +959,7 @@ async fn doctor(store: &Store) -> Result<i32> {
             format!(
                 "{} ({}; --no-map-gw: the guest cannot reach the host's loopback)",
                 b.path.display(),
-                b.version
+                b.version()
             ),
         ),
         Err(e) => c.report(

@@ -243,8 +243,11 @@ impl Jail {
         let mode = if nix::unistd::geteuid().is_root() {
             let root = store_root(vm);
             let range = UidRange::load(root)?;
-            range.check_free(&ids::config_path(root))?;
-            Mode::Root(range.ids(ids::vm_slot(root, vm, &range)?))
+            let config = ids::config_path(root);
+            range.check_free(&config)?;
+            let ids = range.ids(ids::vm_slot(root, vm, &range)?);
+            range.check_ids(ids, &config)?;
+            Mode::Root(ids)
         } else if userns_allowed().is_ok() {
             Mode::UserNs(Ids {
                 uid: nix::unistd::getuid().as_raw(),

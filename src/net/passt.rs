@@ -64,8 +64,25 @@ impl PasstError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binary {
     pub path: PathBuf,
-    /// First line of `passt --version` (Debian's build says "unknown version").
-    pub version: String,
+}
+
+impl Binary {
+    /// First line of `passt --version` (Debian's build says "unknown
+    /// version"). Asked only by `doctor`: every spawn costs a create ~5 ms.
+    pub fn version(&self) -> String {
+        std::process::Command::new(&self.path)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(|l| l.trim().to_string())
+            })
+            .unwrap_or_else(|| "version unknown".into())
+    }
 }
 
 fn executable(p: &Path) -> bool {
@@ -113,14 +130,7 @@ pub fn probe() -> Result<Binary, PasstError> {
             lacks,
         });
     }
-    let v = run("--version")?;
-    let version = String::from_utf8_lossy(&v.stdout)
-        .lines()
-        .next()
-        .unwrap_or("version unknown")
-        .trim()
-        .to_string();
-    Ok(Binary { path, version })
+    Ok(Binary { path })
 }
 
 /// passt's `-t`/`-u` value for one forward: `[ADDR/]HOSTPORT:GUESTPORT`.
