@@ -402,3 +402,44 @@ fn logs_escape_guest_control_characters_on_a_terminal() {
     let raw = on_tty("--raw");
     assert!(raw.windows(3).any(|w| w == b"\x1b]0"), "{raw:?}");
 }
+
+/// A file in the working directory never replaces a catalog image; a bare
+/// file name that is no catalog name is pointed at its `./` form.
+#[test]
+fn catalog_names_win_over_files_in_the_working_directory() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let cwd = h.path().join("cwd");
+    std::fs::create_dir(&cwd).unwrap();
+    std::fs::copy(&img, cwd.join("debian-13")).unwrap();
+    std::fs::copy(&img, cwd.join("mine.qcow2")).unwrap();
+    let create = |image: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nox"))
+            .args([
+                "create",
+                "x",
+                "--no-start",
+                "--network",
+                "user",
+                "--image",
+                image,
+            ])
+            .current_dir(&cwd)
+            .env("NOX_HOME", h.path().join("state"))
+            // The catalog through a mirror that refuses at once (loopback).
+            .env("NOX_MIRROR", "http://127.0.0.1:1")
+            .output()
+            .unwrap()
+    };
+    let out = create("debian-13");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the local file was used: {err}");
+    assert!(err.contains("127.0.0.1:1"), "not the catalog: {err}");
+    let out = create("mine.qcow2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("./mine.qcow2"),
+        "{err}"
+    );
+    assert!(create("./mine.qcow2").status.success());
+}

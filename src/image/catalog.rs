@@ -241,17 +241,24 @@ pub fn parse_source(s: &str, arch: &str) -> Result<Source, ImageError> {
             insecure: false,
         });
     }
-    if s.contains('/') || s.starts_with('.') || Path::new(s).exists() {
+    // A path only when it says so: a file named like a catalog image in the
+    // working directory must not replace that image.
+    if s.contains('/') {
         return Ok(Source::File(PathBuf::from(s)));
     }
-    let e = catalog_entry(s).ok_or_else(|| ImageError::UnknownCatalog {
-        name: s.to_string(),
-        known: CATALOG
-            .iter()
-            .map(|e| e.name)
-            .collect::<Vec<_>>()
-            .join(", "),
-    })?;
+    let Some(e) = catalog_entry(s) else {
+        if Path::new(s).exists() {
+            return Err(ImageError::BareFileName(s.to_string()));
+        }
+        return Err(ImageError::UnknownCatalog {
+            name: s.to_string(),
+            known: CATALOG
+                .iter()
+                .map(|e| e.name)
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
     if !e.arches.contains(&arch) {
         return Err(ImageError::NoArch {
             name: s.to_string(),

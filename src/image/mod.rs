@@ -85,6 +85,8 @@ pub enum ImageError {
     Exists(PathBuf),
     #[error("unknown image {name:?}; known: {known}")]
     UnknownCatalog { name: String, known: String },
+    #[error("{0:?} is not a catalog image; to use the file of that name, give it as ./{0}")]
+    BareFileName(String),
     #[error("no {name} image for arch {arch}")]
     NoArch { name: String, arch: String },
     #[error("bad checksum {0:?}: expected sha256:HEX or sha512:HEX")]
