@@ -5,6 +5,7 @@
 //!   config.json              optional settings (e.g. `mirror`, see crate::image)
 //!   firmware/                nox's own QEMU firmware descriptors (see crate::firmware)
 //!   images/                  shared base images (see crate::image)
+//!   stage.lock               held for moments while a create makes its staging dir
 //!   vms/NAME/                one VM: spec.json, state.json, disk.qcow2, seed.img, keys, logs
 //!   vms/.new-NAME-XXXX/      a create in progress (invisible; removed by the next create)
 //! RUN/NAME/                  /run/nox (root), ROOT/run otherwise: qmp.sock, ctl.sock, serial.sock
@@ -161,6 +162,11 @@ impl Store {
     /// removed first, so nothing ever blocks a retry.
     pub fn stage(&self, name: &VmName) -> Result<Staging, StoreError> {
         self.init()?;
+        // Every create makes its staging directory and takes its lock under
+        // this store-wide lock, and looks for stale stagings under it too: so
+        // no create ever sees another's staging before that one is locked
+        // (and takes it for a killed create's). Held for milliseconds.
+        let _stage = lock_file(&self.root.join("stage.lock"), true)?;
         self.remove_stale_stagings();
         if self.vms_dir().join(name.as_str()).exists() {
             return Err(StoreError::Exists(name.to_string()));

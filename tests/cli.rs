@@ -443,3 +443,40 @@ fn catalog_names_win_over_files_in_the_working_directory() {
     );
     assert!(create("./mine.qcow2").status.success());
 }
+
+/// A Polaris-like host creates 10-20 VMs at once: concurrent creates of
+/// distinct names all succeed (none takes another's staging for stale).
+#[test]
+fn twenty_concurrent_creates_all_succeed() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let img = img.to_str().unwrap().to_string();
+    for round in 0..3 {
+        let children: Vec<_> = (0..20)
+            .map(|i| {
+                std::process::Command::new(env!("CARGO_BIN_EXE_nox"))
+                    .args(["create", &format!("c{round}-{i}"), "--no-start"])
+                    .args(["--network", "user", "--image", &img])
+                    .env("NOX_HOME", h.path())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut dirs = vm_dirs(&h);
+        dirs.sort();
+        assert_eq!(dirs.len(), 20, "round {round}: {dirs:?}");
+        for i in 0..20 {
+            h.ok(&["delete", &format!("c{round}-{i}")]);
+        }
+    }
+}
