@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::fs;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -56,6 +56,10 @@ pub enum FirmwareError {
         found: u64,
         expected: u64,
     },
+    #[error("cannot convert {from} to a qcow2 variable store: {stderr}")]
+    Convert { from: PathBuf, stderr: String },
+    #[error("firmware variable store {path} is not a usable qcow2 file: {why}")]
+    NotQcow2 { path: PathBuf, why: String },
     #[error("firmware {descriptor} needs a variable store file, none was given")]
     MissingVars { descriptor: PathBuf },
     #[error("cannot pass the firmware to qemu")]
@@ -487,27 +491,16 @@ pub fn select(req: &Request, dirs: &[PathBuf]) -> Result<Option<Firmware>, Firmw
 
 /// Creates the VM's variable store `vars` from the firmware's template (the
 /// NVRAM template in split mode, the executable in combined mode) if it does
-/// not exist yet: mode 0600, written to a temporary file beside it, synced
-/// and linked into place without replacing anything. An existing store is
-/// kept (it holds the guest's boot entries and keys) unless its size shows it
-/// was made for other firmware. Holes are kept sparse: AAVMF's 64 MiB
-/// variable store is almost all zeros.
+/// not exist yet. The store is always **qcow2** (qemu reads pflash through
+/// any block format), so that it can be snapshotted with the disk: a raw
+/// writable pflash makes qemu refuse every VM snapshot. It is converted from
+/// the template into a temporary file beside it, mode 0600, and linked into
+/// place without replacing anything. An existing store is kept (it holds the
+/// guest's boot entries and keys) unless its size shows it was made for
+/// other firmware.
 pub fn prepare_vars(fw: &Firmware, vars: &Path) -> Result<(), FirmwareError> {
-    let (template, format) = match (fw.device, fw.mode) {
-        (Device::Flash, Mode::Split) => match (&fw.nvram_template, &fw.nvram_format) {
-            (Some(t), Some(f)) => (t, f),
-            _ => {
-                return Err(FirmwareError::MissingVars {
-                    descriptor: fw.descriptor.clone(),
-                });
-            }
-        },
-        (Device::Flash, Mode::Combined) => (&fw.executable, &fw.executable_format),
-        _ => return Ok(()),
-    };
-    let verr = |source| FirmwareError::Vars {
-        path: vars.to_path_buf(),
-        source,
+    let Some((template, format)) = vars_template(fw)? else {
+        return Ok(());
     };
     let template_len = fs::metadata(template)
         .map_err(|source| FirmwareError::Read {
@@ -516,39 +509,107 @@ pub fn prepare_vars(fw: &Firmware, vars: &Path) -> Result<(), FirmwareError> {
         })?
         .len();
     match fs::metadata(vars) {
-        Ok(meta) => return check_existing(vars, meta.len(), template, template_len, format),
+        Ok(_) => return check_existing(vars, template, template_len, format),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(verr(e)),
-    }
-
-    let mut src = fs::File::open(template).map_err(|source| FirmwareError::Read {
-        path: template.clone(),
-        source,
-    })?;
-    // Existing::Keep: if someone else created it meanwhile, theirs is as good as ours.
-    crate::store::write_atomic_with(vars, 0o600, crate::store::Existing::Keep, |f| {
-        let copied = sparse_copy(&mut src, f)?;
-        if copied != template_len {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("template {} changed while copying", template.display()),
-            ));
+        Err(e) => {
+            return Err(FirmwareError::Vars {
+                path: vars.to_path_buf(),
+                source: e,
+            });
         }
-        Ok(())
+    }
+    to_qcow2(template, format, vars)
+}
+
+/// The template a store is made from and its block format.
+fn vars_template(fw: &Firmware) -> Result<Option<(&PathBuf, &str)>, FirmwareError> {
+    Ok(match (fw.device, fw.mode) {
+        (Device::Flash, Mode::Split) => match (&fw.nvram_template, &fw.nvram_format) {
+            (Some(t), Some(f)) => Some((t, f.as_str())),
+            _ => {
+                return Err(FirmwareError::MissingVars {
+                    descriptor: fw.descriptor.clone(),
+                });
+            }
+        },
+        (Device::Flash, Mode::Combined) => Some((&fw.executable, fw.executable_format.as_str())),
+        _ => None,
     })
-    .map(drop)
-    .map_err(verr)
+}
+
+/// Converts the variable store of older nox versions (`legacy`, in the
+/// firmware's own format, usually raw) into the qcow2 store `vars`, keeping
+/// every variable the guest wrote. The new store appears complete or not at
+/// all; the old one is removed only once the new one is in place, so a kill
+/// at any point loses nothing (a leftover old store beside a new one is
+/// removed by the next call). Nothing to do without a legacy store.
+pub fn migrate_vars(fw: &Firmware, vars: &Path, legacy: &Path) -> Result<(), FirmwareError> {
+    let Some((_, format)) = vars_template(fw)? else {
+        return Ok(());
+    };
+    if !legacy.exists() {
+        return Ok(());
+    }
+    if !vars.exists() {
+        to_qcow2(legacy, format, vars)?;
+        tracing::info!(
+            "converted UEFI variable store {} to qcow2 {}",
+            legacy.display(),
+            vars.display()
+        );
+    }
+    fs::remove_file(legacy).map_err(|source| FirmwareError::Vars {
+        path: legacy.to_path_buf(),
+        source,
+    })
+}
+
+/// `qemu-img convert -f FORMAT -O qcow2 SRC` into a temporary file linked
+/// into place as `dst` (never replacing an existing `dst`).
+fn to_qcow2(src: &Path, format: &str, dst: &Path) -> Result<(), FirmwareError> {
+    let verr = |source| FirmwareError::Vars {
+        path: dst.to_path_buf(),
+        source,
+    };
+    let dir = dst
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".efivars-")
+        .tempfile_in(dir)
+        .map_err(verr)?
+        .into_temp_path();
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", format, "-O", "qcow2"])
+        .arg(src)
+        .arg(&*tmp)
+        .output()
+        .map_err(verr)?;
+    if !out.status.success() {
+        return Err(FirmwareError::Convert {
+            from: src.to_path_buf(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(verr)?;
+    }
+    // Existing::Keep: if someone else created it meanwhile, theirs is as good as ours.
+    crate::store::commit_file(&tmp, dst, crate::store::Existing::Keep).map_err(verr)?;
+    Ok(())
 }
 
 fn check_existing(
     vars: &Path,
-    found: u64,
     template: &Path,
     expected: u64,
     format: &str,
 ) -> Result<(), FirmwareError> {
-    // A raw pflash image must match the chip size the firmware expects; a
-    // qcow2 file's size says nothing, so only raw stores are checked.
+    let found = qcow2_virtual_size(vars)?;
+    // A pflash image must match the chip size the firmware expects; a qcow2
+    // template's file size says nothing, so only raw templates are compared.
     if format == "raw" && found != expected {
         return Err(FirmwareError::VarsMismatch {
             path: vars.to_path_buf(),
@@ -560,42 +621,33 @@ fn check_existing(
     Ok(())
 }
 
-/// Copies `src` into the empty file `dst`, seeking over all-zero blocks.
-fn sparse_copy(src: &mut fs::File, dst: &mut fs::File) -> io::Result<u64> {
-    const BLOCK: usize = 64 * 1024;
-    let mut buf = vec![0u8; BLOCK];
-    let mut total = 0u64;
-    loop {
-        let mut filled = 0;
-        while filled < BLOCK {
-            match src.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if filled == 0 {
-            break;
-        }
-        let chunk = &buf[..filled];
-        if chunk.iter().all(|b| *b == 0) {
-            dst.seek(SeekFrom::Current(filled as i64))?;
-        } else {
-            dst.write_all(chunk)?;
-        }
-        total += filled as u64;
-        if filled < BLOCK {
-            break;
-        }
+/// The virtual size of the qcow2 file `path` (opened as qcow2 only: a store
+/// is never format-probed).
+fn qcow2_virtual_size(path: &Path) -> Result<u64, FirmwareError> {
+    let bad = |why: String| FirmwareError::NotQcow2 {
+        path: path.to_path_buf(),
+        why,
+    };
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-f", "qcow2", "--output=json"])
+        .arg(path)
+        .output()
+        .map_err(|source| FirmwareError::Vars {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(bad(String::from_utf8_lossy(&out.stderr).trim().to_string()));
     }
-    // Materialises a trailing hole as file length.
-    dst.set_len(total)?;
-    Ok(total)
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| bad(e.to_string()))?;
+    v["virtual-size"]
+        .as_u64()
+        .ok_or_else(|| bad("no virtual-size in qemu-img's answer".into()))
 }
 
 /// qemu arguments that load this firmware. `vars` is the VM's variable store
-/// (see [`prepare_vars`]); it is required when [`Firmware::needs_vars`].
+/// (qcow2, see [`prepare_vars`]); it is required when [`Firmware::needs_vars`].
 ///
 /// Flash firmware becomes pflash unit 0 (code, read-only unless combined) and
 /// unit 1 (variables, writable); Secure Boot firmware that requires SMM also
@@ -629,15 +681,15 @@ pub fn qemu_args(fw: &Firmware, vars: Option<&Path>) -> Result<Vec<String>, Firm
         }
         (Device::Flash, Mode::Split) => {
             let vars = need_vars()?;
-            let nvram_format = fw.nvram_format.as_deref().unwrap_or("raw");
             args.push("-drive".into());
             args.push(drive(0, &fw.executable_format, true, &fw.executable)?);
             args.push("-drive".into());
-            args.push(drive(1, nvram_format, false, vars)?);
+            // prepare_vars makes every store qcow2.
+            args.push(drive(1, "qcow2", false, vars)?);
         }
         (Device::Flash, Mode::Combined) => {
             args.push("-drive".into());
-            args.push(drive(0, &fw.executable_format, false, need_vars()?)?);
+            args.push(drive(0, "qcow2", false, need_vars()?)?);
         }
         (Device::Flash, Mode::Stateless) => {
             args.push("-drive".into());
@@ -1084,7 +1136,7 @@ mod tests {
                 "-drive",
                 "if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
                 "-drive",
-                "if=pflash,unit=1,format=raw,file=/var/lib/nox/vms/a,,b/efivars.fd",
+                "if=pflash,unit=1,format=qcow2,file=/var/lib/nox/vms/a,,b/efivars.fd",
             ]
         );
         assert_eq!(
@@ -1093,7 +1145,7 @@ mod tests {
                 "-drive",
                 "if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.ms.fd",
                 "-drive",
-                "if=pflash,unit=1,format=raw,file=/v/efivars.fd",
+                "if=pflash,unit=1,format=qcow2,file=/v/efivars.fd",
                 "-global",
                 "driver=cfi.pflash01,property=secure,value=on",
             ]
@@ -1105,7 +1157,7 @@ mod tests {
                 "-drive",
                 "if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/AAVMF/AAVMF_CODE.ms.fd",
                 "-drive",
-                "if=pflash,unit=1,format=raw,file=/v/efivars.fd",
+                "if=pflash,unit=1,format=qcow2,file=/v/efivars.fd",
             ]
         );
         assert!(matches!(
@@ -1139,6 +1191,7 @@ mod tests {
     }
 
     fn fake_firmware(dir: &Path, template: &[u8]) -> Firmware {
+        fs::create_dir_all(dir).unwrap();
         let t = dir.join("VARS.fd");
         fs::write(&t, template).unwrap();
         Firmware {
@@ -1147,28 +1200,52 @@ mod tests {
         }
     }
 
+    /// The guest-visible content of a qcow2 store.
+    fn raw_content(vars: &Path) -> Vec<u8> {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(vars)
+            .arg(out.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        fs::read(out.path()).unwrap()
+    }
+
+    fn have_qemu_img() -> bool {
+        crate::testing::prereq(
+            std::process::Command::new("qemu-img")
+                .arg("--version")
+                .output()
+                .is_ok(),
+            "qemu-img not installed",
+        )
+    }
+
     #[test]
-    fn prepare_vars_copies_once_and_keeps_existing() {
+    fn prepare_vars_makes_a_qcow2_store_once_and_keeps_it() {
+        if !have_qemu_img() {
+            return;
+        }
         let tmp = tempfile::tempdir().unwrap();
-        // Zero blocks around data exercise the sparse copy, with a short tail.
-        let mut template = vec![0u8; 3 * 65536 + 100];
+        let mut template = vec![0u8; 3 * 65536 + 512];
         template[70_000] = 1;
         template[3 * 65536 + 99] = 2;
         let fw = fake_firmware(tmp.path(), &template);
-        let vars = tmp.path().join("vm/efivars.fd");
+        let vars = tmp.path().join("vm/efivars.qcow2");
         fs::create_dir(tmp.path().join("vm")).unwrap();
 
         prepare_vars(&fw, &vars).unwrap();
-        assert_eq!(fs::read(&vars).unwrap(), template);
+        assert_eq!(&fs::read(&vars).unwrap()[..4], b"QFI\xfb");
+        assert_eq!(raw_content(&vars), template);
         let mode = fs::metadata(&vars).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
 
         // The guest writes its variables; a restart must keep them.
-        let mut guest = template.clone();
-        guest[5] = 0xee;
-        fs::write(&vars, &guest).unwrap();
+        let before = fs::read(&vars).unwrap();
         prepare_vars(&fw, &vars).unwrap();
-        assert_eq!(fs::read(&vars).unwrap(), guest);
+        assert_eq!(fs::read(&vars).unwrap(), before);
 
         // No temporary files are left behind.
         let names: Vec<_> = fs::read_dir(tmp.path().join("vm")).unwrap().collect();
@@ -1176,21 +1253,61 @@ mod tests {
     }
 
     #[test]
+    fn a_raw_store_of_an_older_nox_is_migrated_with_its_variables() {
+        if !have_qemu_img() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let template = vec![0u8; 65536];
+        let fw = fake_firmware(tmp.path(), &template);
+        let legacy = tmp.path().join("efivars.fd");
+        let vars = tmp.path().join("efivars.qcow2");
+        let mut guest = template.clone();
+        guest[5] = 0xee;
+        fs::write(&legacy, &guest).unwrap();
+        migrate_vars(&fw, &vars, &legacy).unwrap();
+        assert!(!legacy.exists());
+        assert_eq!(raw_content(&vars), guest);
+        prepare_vars(&fw, &vars).unwrap();
+        assert_eq!(
+            raw_content(&vars),
+            guest,
+            "prepare keeps the migrated store"
+        );
+        // A kill between the conversion and the removal: the new store wins.
+        fs::write(&legacy, &template).unwrap();
+        migrate_vars(&fw, &vars, &legacy).unwrap();
+        assert!(!legacy.exists());
+        assert_eq!(raw_content(&vars), guest);
+        // Nothing to migrate: nothing happens.
+        migrate_vars(&fw, &vars, &legacy).unwrap();
+    }
+
+    #[test]
     fn prepare_vars_rejects_store_of_other_firmware() {
+        if !have_qemu_img() {
+            return;
+        }
         let tmp = tempfile::tempdir().unwrap();
         let fw = fake_firmware(tmp.path(), &[0u8; 4096]);
-        let vars = tmp.path().join("efivars.fd");
-        fs::write(&vars, [0u8; 100]).unwrap();
+        let other = fake_firmware(&tmp.path().join("o"), &[0u8; 8192]);
+        let vars = tmp.path().join("efivars.qcow2");
+        prepare_vars(&other, &vars).unwrap();
+        let before = fs::read(&vars).unwrap();
         let err = prepare_vars(&fw, &vars).unwrap_err();
         assert!(matches!(
             err,
             FirmwareError::VarsMismatch {
-                found: 100,
+                found: 8192,
                 expected: 4096,
                 ..
             }
         ));
-        assert_eq!(fs::read(&vars).unwrap().len(), 100, "left untouched");
+        assert_eq!(fs::read(&vars).unwrap(), before, "left untouched");
+        // A store that is not qcow2 at all.
+        fs::write(&vars, [0u8; 100]).unwrap();
+        let err = prepare_vars(&fw, &vars).unwrap_err();
+        assert!(matches!(err, FirmwareError::NotQcow2 { .. }), "{err}");
     }
 
     #[test]

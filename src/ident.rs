@@ -28,6 +28,8 @@ pub enum IdentError {
     Mac(String),
     #[error("invalid address {value:?}: {why}")]
     Cidr { value: String, why: &'static str },
+    #[error("invalid snapshot name {name:?}: {why}")]
+    SnapName { name: String, why: &'static str },
 }
 
 /// Implements `Display`, `FromStr`, `TryFrom<String>`, `Deref<Target = str>` for a
@@ -381,6 +383,45 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// Longest snapshot name.
+pub const MAX_SNAP_NAME: usize = 63;
+
+/// A snapshot's name: the tag of an internal qcow2 snapshot of the VM's
+/// disk (and UEFI variable store). Letters, digits, `-`, `_`, `.`; not all
+/// digits, since qemu also looks snapshots up by their numeric id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SnapName(String);
+string_ident!(SnapName, check_snap_name);
+
+fn check_snap_name(name: &str) -> Result<(), IdentError> {
+    let err = |why| {
+        Err(IdentError::SnapName {
+            name: name.into(),
+            why,
+        })
+    };
+    if name.is_empty() {
+        return err("it is empty");
+    }
+    if name.len() > MAX_SNAP_NAME {
+        return err("longer than 63 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return err("use only letters, digits, '-', '_' and '.'");
+    }
+    if name.starts_with(['-', '.']) {
+        return err("it must not start with '-' or '.'");
+    }
+    if name.bytes().all(|b| b.is_ascii_digit()) {
+        return err("it must not be all digits (qemu takes those for snapshot ids)");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,6 +525,27 @@ mod tests {
             "10.0.0.5/24,x",
         ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn snapshot_names() {
+        for ok in ["before-upgrade", "s1", "v1.2_rc", "2026-11-22"] {
+            ok.parse::<SnapName>().unwrap();
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("a/b", "only letters"),
+            ("a b", "only letters"),
+            ("a,b", "only letters"),
+            ("../x", "only letters"),
+            ("-x", "start"),
+            (".x", "start"),
+            ("12", "digits"),
+            (&"a".repeat(200), "63"),
+        ] {
+            let e = bad.parse::<SnapName>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 }

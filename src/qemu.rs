@@ -390,6 +390,8 @@ pub fn firmware_args(
     };
     let vars = fw.needs_vars().then(|| paths.efi_vars());
     if let Some(v) = &vars {
+        // Raw stores of older versions become qcow2, which can be snapshotted.
+        firmware::migrate_vars(&fw, v, &paths.efi_vars_legacy())?;
         firmware::prepare_vars(&fw, v)?;
     }
     Ok(FirmwareArgs {

@@ -330,9 +330,27 @@ impl VmPaths {
     pub fn serial_socket(&self) -> PathBuf {
         self.run.join("serial.sock")
     }
-    /// UEFI variable store (per VM, writable).
+    /// UEFI variable store (per VM, writable), qcow2 so that it can be
+    /// snapshotted with the disk (see crate::firmware::prepare_vars).
     pub fn efi_vars(&self) -> PathBuf {
+        self.dir.join("efivars.qcow2")
+    }
+    /// The raw variable store of older nox versions, converted on start.
+    pub fn efi_vars_legacy(&self) -> PathBuf {
         self.dir.join("efivars.fd")
+    }
+    /// Held by a snapshot operation for its whole run (crate::snapshot).
+    pub fn snapshot_lock(&self) -> PathBuf {
+        self.dir.join("snapshot.lock")
+    }
+    /// What qcow2's snapshot table does not hold: the VM state each
+    /// snapshot was taken in.
+    pub fn snapshots_meta(&self) -> PathBuf {
+        self.dir.join("snapshots.json")
+    }
+    /// A RAM snapshot the next launch loads before resuming the guest.
+    pub fn pending_restore(&self) -> PathBuf {
+        self.dir.join("restore.json")
     }
 
     pub fn load_spec(&self) -> Result<VmSpec, StoreError> {

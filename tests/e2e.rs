@@ -319,7 +319,7 @@ fn amd64_uefi_boot_keeps_its_variable_store() {
         "900",
     ]);
     assert_eq!(h.info("e2e-uefi")["firmware"], "uefi");
-    let vars = h.path().join("vms/e2e-uefi/efivars.fd");
+    let vars = h.path().join("vms/e2e-uefi/efivars.qcow2");
     assert!(vars.exists());
     assert!(
         h.ok(&[

@@ -156,7 +156,7 @@ fn qemu_runs_jailed_and_the_guest_boots() {
     let base = PathBuf::from(spec["image"]["path"].as_str().unwrap());
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     let tree = jail_tree(&root);
-    let mut allowed: BTreeSet<PathBuf> = ["disk.qcow2", "seed.img", "console.log", "efivars.fd"]
+    let mut allowed: BTreeSet<PathBuf> = ["disk.qcow2", "seed.img", "console.log", "efivars.qcow2"]
         .iter()
         .map(|f| vm_a.join(f))
         .collect();
@@ -217,7 +217,7 @@ fn qemu_runs_jailed_and_the_guest_boots() {
     // but read-only and root's.
     for (f, mode) in [
         ("disk.qcow2", 0o600),
-        ("efivars.fd", 0o600),
+        ("efivars.qcow2", 0o600),
         ("console.log", 0o600),
         ("seed.img", 0o400),
     ] {
