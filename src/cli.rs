@@ -121,6 +121,39 @@ pub enum Cmd {
     Enable { name: String },
     /// Stop starting a VM at boot
     Disable { name: String },
+    /// Snapshots of a VM: live with RAM while it runs, of its disk when stopped
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Take a snapshot (default name: snap-YYYYMMDD-HHMMSS, UTC)
+    Create {
+        name: VmName,
+        snap: Option<crate::ident::SnapName>,
+    },
+    /// List a VM's snapshots
+    #[command(alias = "ls")]
+    List {
+        name: VmName,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Go back to a snapshot (a RAM snapshot starts a stopped VM)
+    Restore {
+        name: VmName,
+        snap: crate::ident::SnapName,
+        /// How long a start from a RAM snapshot may take
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Delete a snapshot
+    #[command(alias = "rm")]
+    Delete {
+        name: VmName,
+        snap: crate::ident::SnapName,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -342,6 +375,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Image(cmd) => image_cmd(&store, cmd).await,
+        Cmd::Snapshot(cmd) => snapshot_cmd(&store, cmd).await,
         Cmd::Ip {
             name,
             wait,
@@ -601,6 +635,73 @@ fn print_info(i: &vm::VmInfo) {
     if let Some(f) = &i.last_failure {
         println!("failure:  {f}");
     }
+}
+
+async fn snapshot_cmd(store: &Store, cmd: SnapshotCmd) -> Result<i32> {
+    use crate::snapshot::{self, Restored};
+    match cmd {
+        SnapshotCmd::Create { name, snap } => {
+            let c = snapshot::create(store, &name, snap)
+                .await
+                .with_context(|| format!("cannot snapshot {name}"))?;
+            let what = if c.ram { "with RAM, live" } else { "disk only" };
+            println!(
+                "Snapshot {} of {name} taken ({what}, {:.1} s)",
+                c.snap,
+                c.took.as_secs_f64()
+            );
+        }
+        SnapshotCmd::List { name, json } => {
+            let snaps = snapshot::list(&store.vm(&name)?)
+                .with_context(|| format!("cannot list the snapshots of {name}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snaps)?);
+                return Ok(0);
+            }
+            println!(
+                "{:<24} {:<20} {:<4} {:<8} {:>9} {:>9}",
+                "NAME", "CREATED", "RAM", "STATE", "RAM SIZE", "SIZE"
+            );
+            let mib = |b: u64| match b {
+                0 => "0".to_string(),
+                b if b < 1 << 20 => format!("{}K", b.div_ceil(1024)),
+                b => format!("{:.1}M", b as f64 / f64::from(1u32 << 20)),
+            };
+            for s in &snaps {
+                let at = std::time::UNIX_EPOCH + Duration::from_secs(s.created);
+                println!(
+                    "{:<24} {:<20} {:<4} {:<8} {:>9} {:>9}",
+                    s.name,
+                    crate::image::rfc3339(at),
+                    if s.ram { "yes" } else { "no" },
+                    s.state,
+                    mib(s.vm_state_size),
+                    s.size.map(mib).unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+        SnapshotCmd::Restore {
+            name,
+            snap,
+            timeout,
+        } => {
+            let r = snapshot::restore(store, &name, &snap, Duration::from_secs(timeout))
+                .await
+                .with_context(|| format!("cannot restore {name} to snapshot {snap}"))?;
+            match r {
+                Restored::Live => println!("{name} runs from snapshot {snap}"),
+                Restored::Started => println!("{name} started from snapshot {snap}"),
+                Restored::Disk => println!("{name}'s disk is back at snapshot {snap}"),
+            }
+        }
+        SnapshotCmd::Delete { name, snap } => {
+            snapshot::delete(store, &name, &snap)
+                .await
+                .with_context(|| format!("cannot delete snapshot {snap} of {name}"))?;
+            println!("Deleted snapshot {snap} of {name}");
+        }
+    }
+    Ok(0)
 }
 
 async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {

@@ -12,6 +12,7 @@ pub mod net;
 pub mod qemu;
 pub mod qmp;
 pub mod seed;
+pub mod snapshot;
 pub mod spec;
 pub mod ssh;
 pub mod sshkeys;

@@ -55,6 +55,8 @@ pub enum SupervisorError {
     Jail(#[from] jail::JailError),
     #[error("cannot record the VM's state")]
     State(#[source] RecordError),
+    #[error("cannot load the snapshot a restore asked for")]
+    Restore(#[source] crate::snapshot::SnapshotError),
     #[error("cannot install the SIGTERM/SIGINT handlers")]
     Signals(#[source] std::io::Error),
     #[error("cannot wait for qemu")]
@@ -338,6 +340,14 @@ async fn launch(
     let live = spawn_connected(vm, spec, accel, &binary, &firmware, &jail, rec).await?;
     for sock in [vm.qmp_socket(), vm.ctl_socket(), vm.serial_socket()] {
         let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
+    }
+    // `nox snapshot restore` of a RAM snapshot into a stopped VM: load it
+    // into the paused guest, which then resumes where the snapshot was taken.
+    if let Some(snap) = crate::snapshot::take_pending(vm).map_err(SupervisorError::Restore)? {
+        info!("loading snapshot {snap}");
+        crate::snapshot::load_at_launch(&live.qmp, &spec.name, &snap)
+            .await
+            .map_err(SupervisorError::Restore)?;
     }
     live.qmp
         .execute(qapi::qmp::cont {})

@@ -1,0 +1,282 @@
+//! Snapshots against the real test guest: one boot of an amd64 BIOS guest
+//! serves every live check (RAM snapshot and restore, live delete, a RAM
+//! snapshot restored into the stopped VM, refusals while it runs) and the
+//! offline ones after it is stopped. Bad input runs on `--no-start` VMs.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use common::{Home, e2e_prereqs, sha256_file, small_image};
+
+fn list(h: &Home, name: &str) -> serde_json::Value {
+    serde_json::from_str(&h.ok(&["snapshot", "list", name, "--json"])).unwrap()
+}
+
+fn names(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Runs a nox command and returns (stdout, seconds).
+fn timed(h: &Home, args: &[&str]) -> (String, f64) {
+    let t0 = Instant::now();
+    let out = h.ok(args);
+    (out, t0.elapsed().as_secs_f64())
+}
+
+/// `qemu-img map` of the disk's active layer: which host clusters hold it.
+/// A revert to a snapshot brings back exactly the map it had.
+fn map(disk: &Path) -> String {
+    let out = Command::new("qemu-img")
+        .args(["map", "-U", "-f", "qcow2", "--output=json"])
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Bytes the file occupies on the host.
+fn allocated(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap()) * 512
+}
+
+fn ssh(h: &Home, name: &str, cmd: &str) -> String {
+    h.ok(&["ssh", name, "--", cmd])
+}
+
+#[test]
+fn live_and_offline_snapshots_of_one_guest() {
+    let Some(img) = e2e_prereqs() else { return };
+    let h = Home::new();
+    let vm = "snap-live";
+    h.ok(&[
+        "create",
+        vm,
+        "--image",
+        img.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--memory",
+        "1G",
+        "--network",
+        "user",
+        "--wait",
+        "--timeout",
+        "900",
+    ]);
+    let dir = h.path().join("vms").join(vm);
+    let disk = dir.join("disk.qcow2");
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("spec.json")).unwrap()).unwrap();
+    let base = Path::new(spec["image"]["path"].as_str().unwrap()).to_path_buf();
+    let base_sum = sha256_file(&base);
+
+    // A process and a file from before the snapshot.
+    ssh(
+        &h,
+        vm,
+        "setsid sleep 100001 >/dev/null 2>&1 < /dev/null & echo before > ~/before; sync",
+    );
+    let (out, live_create) = timed(&h, &["snapshot", "create", vm, "s1"]);
+    assert!(out.contains("with RAM"), "{out}");
+    let qemu_pid = h.info(vm)["qemu_pid"].as_u64().unwrap();
+
+    // After it: a new file and process, and the old process gone.
+    ssh(
+        &h,
+        vm,
+        "echo after > ~/after; sync; pkill -f 'sleep 10000[1]'; \
+         setsid sleep 100002 >/dev/null 2>&1 < /dev/null &",
+    );
+    assert!(ssh(&h, vm, "pgrep -f 'sleep 10000[12]' -a || true").contains("100002"));
+
+    let (out, live_restore) = timed(&h, &["snapshot", "restore", vm, "s1"]);
+    assert!(out.contains("runs from snapshot s1"), "{out}");
+    let after = ssh(
+        &h,
+        vm,
+        "ls ~; pgrep -a -f 'sleep 10000[12]' || true; echo done",
+    );
+    assert!(after.contains("before"), "{after}");
+    assert!(!after.contains("after"), "the later file survived: {after}");
+    assert!(
+        after.contains("sleep 100001"),
+        "the snapshot-time process is gone: {after}"
+    );
+    assert!(
+        !after.contains("sleep 100002"),
+        "the later process survived: {after}"
+    );
+    // The same qemu, still supervised and running.
+    let info = h.info(vm);
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["qemu_pid"].as_u64(), Some(qemu_pid));
+
+    let snaps = list(&h, vm);
+    assert_eq!(names(&snaps), ["s1"]);
+    let s1 = &snaps[0];
+    assert_eq!(
+        (s1["ram"].as_bool(), s1["state"].as_str()),
+        (Some(true), Some("running"))
+    );
+    let ram = s1["vm_state_size"].as_u64().unwrap();
+    assert!(ram > 1 << 20, "{s1}");
+
+    // A live delete, and a duplicate name refused while running.
+    h.ok(&["snapshot", "create", vm, "s2"]);
+    let e = h.fails(&["snapshot", "create", vm, "s2"]);
+    assert!(e.contains("already has a snapshot named \"s2\""), "{e}");
+    h.ok(&["snapshot", "delete", vm, "s2"]);
+    assert_eq!(names(&list(&h, vm)), ["s1"]);
+
+    // Stopped: a disk-only snapshot, then the RAM snapshot restored into the
+    // stopped VM starts it where s1 was taken.
+    h.ok(&["stop", vm]);
+    let (out, offline_create) = timed(&h, &["snapshot", "create", vm, "d1"]);
+    assert!(out.contains("disk only"), "{out}");
+    let d1_map = map(&disk);
+    let (out, start_restore) = timed(&h, &["snapshot", "restore", vm, "s1"]);
+    assert!(out.contains("started from snapshot s1"), "{out}");
+    assert_eq!(h.info(vm)["state"], "running");
+    let back = ssh(&h, vm, "ls ~; pgrep -a -f 'sleep 10000[1]' || true");
+    assert!(
+        back.contains("before") && back.contains("sleep 100001"),
+        "{back}"
+    );
+    assert!(!dir.join("restore.json").exists());
+
+    // A disk-only snapshot is not restored under a running guest.
+    let qemu_pid = h.info(vm)["qemu_pid"].as_u64().unwrap();
+    let e = h.fails(&["snapshot", "restore", vm, "d1"]);
+    assert!(e.contains("disk-only") && e.contains("stop"), "{e}");
+    assert_eq!(h.info(vm)["qemu_pid"].as_u64(), Some(qemu_pid));
+    assert_eq!(h.info(vm)["state"], "running");
+
+    // The guest writes; offline, d1 brings back exactly the disk it had.
+    ssh(&h, vm, "echo later > ~/later; sync");
+    h.ok(&["stop", vm]);
+    assert_ne!(
+        map(&disk),
+        d1_map,
+        "the guest's writes did not reach the disk"
+    );
+    let (out, offline_restore) = timed(&h, &["snapshot", "restore", vm, "d1"]);
+    assert!(out.contains("disk is back at snapshot d1"), "{out}");
+    assert_eq!(map(&disk), d1_map);
+    assert_eq!(h.info(vm)["state"], "stopped");
+    let snaps = list(&h, vm);
+    assert_eq!(names(&snaps), ["s1", "d1"]);
+    assert_eq!(
+        (snaps[1]["ram"].as_bool(), snaps[1]["state"].as_str()),
+        (Some(false), Some("stopped"))
+    );
+
+    // Deleting snapshots gives their space back: 20 create/delete cycles
+    // leave the overlay within a few MiB of its data.
+    h.ok(&["snapshot", "delete", vm, "s1"]);
+    h.ok(&["snapshot", "delete", vm, "d1"]);
+    let before = allocated(&disk);
+    for i in 0..20 {
+        let s = format!("c{i}");
+        h.ok(&["snapshot", "create", vm, &s]);
+        h.ok(&["snapshot", "delete", vm, &s]);
+    }
+    let grown = allocated(&disk).saturating_sub(before);
+    eprintln!("overlay: {before} bytes allocated, {grown} more after 20 cycles");
+    assert!(grown < 4 << 20, "overlay grew by {grown} bytes");
+    assert!(list(&h, vm).as_array().unwrap().is_empty());
+    let check = Command::new("qemu-img")
+        .args(["check", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(check.success(), "qemu-img check found errors or leaks");
+    assert_eq!(sha256_file(&base), base_sum, "the shared base was written");
+
+    eprintln!(
+        "SNAPSHOT TIMES (TCG, 1 GiB guest, {:.0} MiB RAM state): live create {live_create:.2} s, \
+         live restore {live_restore:.2} s, stopped create {offline_create:.2} s, \
+         stopped restore {offline_restore:.2} s, RAM restore into the stopped VM (start) \
+         {start_restore:.2} s",
+        ram as f64 / f64::from(1u32 << 20)
+    );
+    h.ok(&["delete", vm, "--force"]);
+}
+
+#[test]
+fn bad_snapshot_input_changes_nothing() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let vm = "snap-bad";
+    h.ok(&[
+        "create",
+        vm,
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--accel",
+        "tcg",
+        "--no-start",
+    ]);
+    h.ok(&["snapshot", "create", vm, "good"]);
+    let disk = h.path().join("vms").join(vm).join("disk.qcow2");
+    let state = || (sha256_file(&disk), list(&h, vm));
+    let before = state();
+
+    let long = "a".repeat(200);
+    for (bad, why) in [
+        ("a/b", "invalid snapshot name"),
+        ("a b", "invalid snapshot name"),
+        (long.as_str(), "longer than 63"),
+        ("42", "all digits"),
+    ] {
+        for verb in ["create", "restore", "delete"] {
+            let out = h.nox(&["snapshot", verb, vm, bad]);
+            assert_eq!(out.status.code(), Some(2), "{verb} {bad}");
+            let e = String::from_utf8_lossy(&out.stderr);
+            assert!(e.contains(why), "{verb} {bad}: {e}");
+        }
+    }
+    let e = h.fails(&["snapshot", "create", vm, "good"]);
+    assert!(e.contains("already has a snapshot named \"good\""), "{e}");
+    for verb in ["restore", "delete"] {
+        let e = h.fails(&["snapshot", verb, vm, "missing"]);
+        assert!(e.contains("no snapshot named \"missing\""), "{e}");
+    }
+    let e = h.fails(&["snapshot", "list", "no-such-vm"]);
+    assert!(e.contains("no VM named"), "{e}");
+
+    // Another operation holds the VM: a snapshot operation, or its own lock
+    // (a delete or a supervisor starting).
+    let vmdir = h.path().join("vms").join(vm);
+    for (lock, why) in [
+        ("snapshot.lock", "another snapshot operation"),
+        ("lock", "held by another operation"),
+    ] {
+        let f = std::fs::File::open(vmdir.join(lock)).unwrap();
+        let held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+        for args in [
+            ["snapshot", "restore", vm, "good"],
+            ["snapshot", "create", vm, "new"],
+            ["snapshot", "delete", vm, "good"],
+        ] {
+            let e = h.fails(&args);
+            assert!(e.contains(why), "{args:?}: {e}");
+        }
+        drop(held);
+    }
+    assert_eq!(state(), before, "a refused operation changed something");
+    // Nothing left behind by the refusals.
+    assert!(!vmdir.join("restore.json").exists());
+    h.ok(&["snapshot", "restore", vm, "good"]);
+    h.ok(&["snapshot", "delete", vm, "good"]);
+    assert!(list(&h, vm).as_array().unwrap().is_empty());
+}
