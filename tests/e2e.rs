@@ -339,6 +339,25 @@ fn amd64_uefi_boot_keeps_its_variable_store() {
     h.ok(&["restart", "e2e-uefi", "--wait", "--timeout", "900"]);
     let back = h.ok(&["ssh", "e2e-uefi", "--", &format!("tail -c 3 {EFIVAR}")]);
     assert_eq!(back, "nox");
+
+    // A live RAM snapshot of a UEFI guest: its qcow2 variable store takes
+    // part (a raw writable pflash makes qemu refuse); restore is exact.
+    let out = h.ok(&["snapshot", "create", "e2e-uefi", "u1"]);
+    assert!(out.contains("with RAM"), "{out}");
+    let vars_snaps = Command::new("qemu-img")
+        .args(["snapshot", "-U", "-l", "-f", "qcow2"])
+        .arg(&vars)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&vars_snaps.stdout).contains("u1"),
+        "the variable store has no snapshot u1"
+    );
+    h.ok(&["ssh", "e2e-uefi", "--", "echo x > ~/after-u1; sync"]);
+    h.ok(&["snapshot", "restore", "e2e-uefi", "u1"]);
+    let ls = h.ok(&["ssh", "e2e-uefi", "--", "ls -a ~; echo end"]);
+    assert!(!ls.contains("after-u1"), "{ls}");
+    assert_eq!(h.info("e2e-uefi")["state"], "running");
     h.ok(&["delete", "e2e-uefi", "--force"]);
 }
 
