@@ -754,6 +754,28 @@ mod tests {
     }
 
     #[test]
+    fn a_pending_restore_is_taken_once() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::at(t.path().join("r"), t.path().join("run"));
+        s.init().unwrap();
+        let vm = s.vm_paths(&"demo".parse().unwrap());
+        std::fs::create_dir_all(&vm.dir).unwrap();
+        assert_eq!(take_pending(&vm).unwrap(), None);
+        let snap: SnapName = "s1".parse().unwrap();
+        store::write_json(&vm.pending_restore(), &Pending { snap: snap.clone() }).unwrap();
+        assert_eq!(take_pending(&vm).unwrap(), Some(snap));
+        assert_eq!(
+            take_pending(&vm).unwrap(),
+            None,
+            "loaded by one launch only"
+        );
+        // A broken note fails that launch, and is gone for the next.
+        std::fs::write(vm.pending_restore(), r#"{"snap": "a/b"}"#).unwrap();
+        assert!(take_pending(&vm).is_err());
+        assert_eq!(take_pending(&vm).unwrap(), None);
+    }
+
+    #[test]
     fn default_names_are_valid_and_dated() {
         let n = default_name().unwrap();
         assert!(n.starts_with("snap-20"), "{n}");

@@ -280,3 +280,56 @@ fn bad_snapshot_input_changes_nothing() {
     h.ok(&["snapshot", "delete", vm, "good"]);
     assert!(list(&h, vm).as_array().unwrap().is_empty());
 }
+
+#[test]
+fn a_raw_uefi_store_of_an_older_nox_is_converted_and_snapshotted() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    if !nox::testing::prereq(
+        Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd").exists(),
+        "OVMF not installed",
+    ) {
+        return;
+    }
+    let vm = "snap-uefi";
+    h.ok(&[
+        "create",
+        vm,
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--accel",
+        "tcg",
+        "--firmware",
+        "uefi",
+        "--no-start",
+    ]);
+    // What an older nox left: a raw store the guest wrote a variable into.
+    let dir = h.path().join("vms").join(vm);
+    let mut raw = std::fs::read("/usr/share/OVMF/OVMF_VARS_4M.fd").unwrap();
+    raw[100] ^= 0x5a;
+    std::fs::write(dir.join("efivars.fd"), &raw).unwrap();
+    h.ok(&["snapshot", "create", vm, "v1"]);
+    assert!(!dir.join("efivars.fd").exists());
+    let qcow = dir.join("efivars.qcow2");
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let st = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "-l",
+            "snapshot.name=v1",
+        ])
+        .arg(&qcow)
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "no snapshot v1 in the variable store");
+    assert_eq!(std::fs::read(out.path()).unwrap(), raw, "variables lost");
+    h.ok(&["snapshot", "restore", vm, "v1"]);
+    h.ok(&["snapshot", "delete", vm, "v1"]);
+}
