@@ -620,7 +620,8 @@ async fn run_job(
     if op != Op::Delete {
         args["vmstate"] = json!(nodes.vmstate);
     }
-    q.execute_raw(op.command(), args, crate::qmp::DEFAULT_TIMEOUT)
+    // qemu may answer only once the job has run (it runs in the main loop).
+    q.execute_raw(op.command(), args, JOB_TIMEOUT)
         .await
         .map_err(qmp_err)?;
     let deadline = Instant::now() + JOB_TIMEOUT;
