@@ -216,7 +216,7 @@ fn reidentify_script(user: &UserName, r: &Reidentify) -> Result<String, SeedErro
         "tr -d - </proc/sys/kernel/random/uuid >/etc/machine-id.nox \
          && mv /etc/machine-id.nox /etc/machine-id \
          && if [ -L /var/lib/dbus/machine-id ] || [ ! -e /var/lib/dbus/machine-id ]; then :; else cp /etc/machine-id /var/lib/dbus/machine-id; fi; \
-         systemctl restart systemd-journald || true",
+         systemctl --no-block restart systemd-journald || true",
     );
     for key in &r.revoke_keys {
         let Some(blob) = key.split_whitespace().nth(1) else {
