@@ -121,6 +121,23 @@ pub enum Cmd {
     Enable { name: String },
     /// Stop starting a VM at boot
     Disable { name: String },
+    /// A new VM from a stopped VM's disk (or one of its snapshots), with an
+    /// identity of its own; only the overlay is copied
+    Clone {
+        src: VmName,
+        new: VmName,
+        /// Clone the disk as it was at this internal snapshot of SRC
+        #[arg(long)]
+        snapshot: Option<crate::ident::SnapName>,
+        /// Start the clone
+        #[arg(long)]
+        start: bool,
+        /// Start it and return once SSH answers and cloud-init is done
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Snapshots of a VM: live with RAM while it runs, of its disk when stopped
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
@@ -194,6 +211,14 @@ pub enum ImageCmd {
     },
     /// Remove every image no VM uses
     Prune,
+    /// Turn a prepared, running VM into a template image: the guest cleans
+    /// its identity over SSH, is powered off, and its disk becomes an image
+    Commit {
+        name: VmName,
+        /// The template's name, for `create --image NAME`
+        #[arg(long = "as", value_name = "TEMPLATE")]
+        template: crate::ident::TemplateName,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -429,6 +454,22 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             println!("{name} no longer starts at boot");
             Ok(0)
         }
+        Cmd::Clone {
+            src,
+            new,
+            snapshot,
+            start,
+            wait,
+            timeout,
+        } => clone(
+            &store,
+            &src,
+            &new,
+            snapshot.as_deref(),
+            start || wait,
+            wait,
+            timeout,
+        ),
         Cmd::Run { name } => match vm::run(&store, &name).await {
             Ok(supervisor::Outcome::Stopped { reason, .. }) => {
                 tracing::info!("{name} stopped ({reason})");
@@ -445,6 +486,38 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             Err(e) => Err(e).with_context(|| format!("supervisor of {name}")),
         },
     }
+}
+
+fn clone(
+    store: &Store,
+    src: &VmName,
+    new: &VmName,
+    snapshot: Option<&str>,
+    start: bool,
+    wait: bool,
+    timeout: u64,
+) -> Result<i32> {
+    let c = crate::clone::clone(store, src, new, snapshot)
+        .with_context(|| format!("cannot clone {src} to {new}"))?;
+    println!(
+        "Cloned {src}{} to {new} in {:.1} s: disk {:.1} MiB (on {})",
+        snapshot
+            .map(|s| format!(" at snapshot {s}"))
+            .unwrap_or_default(),
+        c.elapsed.as_secs_f64(),
+        c.disk_bytes as f64 / (1u64 << 20) as f64,
+        c.spec.image.source,
+    );
+    if !c.dropped_publish.is_empty() {
+        println!(
+            "{new} does not publish {}: those host ports are {src}'s",
+            c.dropped_publish.join(", ")
+        );
+    }
+    if start {
+        start_quiet(store, new, wait, timeout, false)?;
+    }
+    Ok(0)
 }
 
 async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
@@ -737,6 +810,7 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
         }
         ImageCmd::List { json } => {
             let images = cache.list()?;
+            let templates = crate::template::list(&cache);
             let rows: Vec<serde_json::Value> = images
                 .iter()
                 .map(|i| {
@@ -745,6 +819,7 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
                         "virtual_size": i.virtual_size, "format": i.format, "source": i.source,
                         "created": i.created, "insecure": i.insecure,
                         "used_by": vm::image_users(store, &i.digest),
+                        "template": templates.iter().find(|t| t.digest == i.digest).map(|t| &t.origin),
                     })
                 })
                 .collect();
@@ -771,12 +846,19 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
                         users.join(",")
                     }
                 );
+                if let Some(t) = templates.iter().find(|t| t.digest == i.digest) {
+                    println!(
+                        "{:<16} template of VM {} ({}), {}",
+                        "", t.origin.vm, t.origin.image, t.origin.created
+                    );
+                }
             }
         }
         ImageCmd::Remove { image, force } => {
             let img = cache.resolve(&image)?;
             let users = vm::image_users(store, &img.digest);
             cache.remove(&img.digest, &users, force)?;
+            crate::template::forget(&cache, &img.digest);
             if users.is_empty() {
                 println!("Removed {}", img.digest);
             } else {
@@ -788,10 +870,26 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
                 );
             }
         }
+        ImageCmd::Commit { name, template } => {
+            let c = crate::template::commit(store, &name, &template)
+                .await
+                .with_context(|| format!("cannot commit {name} as template {template}"))?;
+            if let Stopped::Forced(why) = &c.stopped {
+                eprintln!("warning: {name} did not power off by itself: {why}");
+            }
+            println!(
+                "Committed {name} as template {template}: {} ({} MiB; guest cleaned and stopped in {:.1} s, image written in {:.1} s)",
+                c.image.digest,
+                c.image.size >> 20,
+                c.clean_time.as_secs_f64(),
+                c.convert_time.as_secs_f64()
+            );
+        }
         ImageCmd::Prune => {
             for img in cache.list()? {
                 if vm::image_users(store, &img.digest).is_empty() {
                     cache.remove(&img.digest, &[], false)?;
+                    crate::template::forget(&cache, &img.digest);
                     println!(
                         "Removed {} {}",
                         img.digest,

@@ -30,6 +30,10 @@ pub enum IdentError {
     Cidr { value: String, why: &'static str },
     #[error("invalid snapshot name {name:?}: {why}")]
     SnapName { name: String, why: &'static str },
+    #[error(
+        "invalid template name {0:?}: 1-63 lowercase letters, digits, '-', '_' or '.', starting with a letter"
+    )]
+    TemplateName(String),
 }
 
 /// Implements `Display`, `FromStr`, `TryFrom<String>`, `Deref<Target = str>` for a
@@ -176,6 +180,27 @@ fn check_if_name(s: &str) -> Result<(), IdentError> {
         Ok(())
     } else {
         Err(IdentError::IfName(s.into()))
+    }
+}
+
+/// A template's name (`nox image commit VM --as NAME`): the image name
+/// `create --image NAME` takes. Like the catalog's names (`ubuntu-24.04`), it
+/// has no '/' (that would make it a path) and no ':' (a URL or a digest).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TemplateName(String);
+string_ident!(TemplateName, check_template_name);
+
+fn check_template_name(s: &str) -> Result<(), IdentError> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.as_bytes().first().is_some_and(u8::is_ascii_lowercase)
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentError::TemplateName(s.into()))
     }
 }
 
@@ -546,6 +571,26 @@ mod tests {
         ] {
             let e = bad.parse::<SnapName>().unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn template_names() {
+        for ok in ["web-base", "ubuntu-24.04-dev", "t_1", "a"] {
+            assert!(ok.parse::<TemplateName>().is_ok(), "{ok}");
+        }
+        let long = "a".repeat(64);
+        for bad in [
+            "",
+            "Web",
+            "-x",
+            "1x",
+            "a/b",
+            "sha256:ab",
+            "a b",
+            long.as_str(),
+        ] {
+            assert!(bad.parse::<TemplateName>().is_err(), "{bad}");
         }
     }
 }

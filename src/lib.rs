@@ -4,6 +4,7 @@
 //! module here is usable on its own by tests and other programs.
 
 pub mod cli;
+pub mod clone;
 pub mod firmware;
 pub mod ident;
 pub mod image;
@@ -20,6 +21,7 @@ pub mod state;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
+pub mod template;
 #[doc(hidden)]
 pub mod testing;
 pub mod text;

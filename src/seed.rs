@@ -59,6 +59,20 @@ pub struct SeedConfig {
     pub network: Network,
     /// The user's own `--user-data` file content, verbatim.
     pub user_data: Option<String>,
+    /// Set for a clone: its disk was already booted as another VM.
+    pub reidentify: Option<Reidentify>,
+}
+
+/// What a clone's first boot must undo of the VM it was copied from, which
+/// cloud-init's own per-instance modules leave alone: the machine-id, and the
+/// source's nox login key in `authorized_keys` (cloud-init only adds keys).
+/// Host keys, hostname and `/etc/hosts` are redone by cloud-init itself on a
+/// new instance-id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reidentify {
+    /// Public keys (OpenSSH lines) to remove from the login user's and
+    /// root's `authorized_keys`.
+    pub revoke_keys: Vec<String>,
 }
 
 /// The three NoCloud documents.
@@ -80,7 +94,7 @@ pub const USER_MERGE_TYPE: &str = "list(append)+dict(no_replace,recurse_list)+st
 /// Renders the seed documents. Pure: no I/O, no clock, no randomness.
 pub fn render(cfg: &SeedConfig) -> Result<Seed, SeedError> {
     validate(cfg)?;
-    let nox_part = format!("#cloud-config\n{}\n", pretty(&nox_cloud_config(cfg)));
+    let nox_part = format!("#cloud-config\n{}\n", pretty(&nox_cloud_config(cfg)?));
     let user_data = match cfg.user_data.as_deref() {
         None => nox_part,
         Some(theirs) => {
@@ -137,8 +151,8 @@ fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
-fn nox_cloud_config(cfg: &SeedConfig) -> Value {
-    json!({
+fn nox_cloud_config(cfg: &SeedConfig) -> Result<Value, SeedError> {
+    let mut cc = json!({
         "hostname": cfg.hostname,
         "fqdn": cfg.hostname,
         "preserve_hostname": false,
@@ -165,7 +179,65 @@ fn nox_cloud_config(cfg: &SeedConfig) -> Value {
             "ed25519_private": cfg.host_key.private_openssh,
             "ed25519_public": cfg.host_key.public_openssh,
         },
-    })
+        // DHCP client id from the MAC, not from the machine-id: see
+        // NETWORKD_CLIENT_ID.
+        "write_files": [{
+            "path": NETWORKD_CLIENT_ID_PATH,
+            "content": NETWORKD_CLIENT_ID,
+            "permissions": "0644",
+        }],
+    });
+    if let Some(r) = &cfg.reidentify {
+        cc["bootcmd"] = json!([reidentify_script(&cfg.user, r)?]);
+    }
+    Ok(cc)
+}
+
+/// cloud-init's networkd renderer (a guest with systemd-networkd and no
+/// netplan) ignores the network-config's `dhcp-identifier: mac`, and
+/// systemd-networkd's DHCPv4 client id is by default a DUID derived from
+/// /etc/machine-id: two clones of one disk would ask for, and be given, the
+/// same lease. This drop-in beside the file that renderer writes makes the
+/// client id the MAC. Written in cloud-init's init stage, so it applies from
+/// the second boot on, which is every boot of a clone; elsewhere (netplan
+/// names its files differently) it is inert.
+const NETWORKD_CLIENT_ID_PATH: &str =
+    "/etc/systemd/network/10-cloud-init-eth0.network.d/50-nox-client-id.conf";
+const NETWORKD_CLIENT_ID: &str = "# Written by nox: the DHCP client id is the MAC, so copies of one disk get leases of their own.\n[DHCPv4]\nClientIdentifier=mac\n";
+
+/// A clone's `bootcmd`, run once per instance (`cloud-init-per instance`),
+/// before cloud-init's users and ssh modules: a new random machine-id (the
+/// copy's one is the source's), journald restarted so it logs under it, and
+/// the source's nox key removed from `authorized_keys` before the clone's
+/// own is added. Key blobs are base64 (`[A-Za-z0-9+/=]`) and the user name
+/// is a checked [`UserName`], so single quotes hold them safely.
+fn reidentify_script(user: &UserName, r: &Reidentify) -> Result<String, SeedError> {
+    let mut script = String::from(
+        "tr -d - </proc/sys/kernel/random/uuid >/etc/machine-id.nox \
+         && mv /etc/machine-id.nox /etc/machine-id \
+         && if [ -L /var/lib/dbus/machine-id ] || [ ! -e /var/lib/dbus/machine-id ]; then :; else cp /etc/machine-id /var/lib/dbus/machine-id; fi; \
+         systemctl --no-block restart systemd-journald || true",
+    );
+    for key in &r.revoke_keys {
+        let Some(blob) = key.split_whitespace().nth(1) else {
+            continue;
+        };
+        if !blob
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+        {
+            continue;
+        }
+        script.push_str(&format!(
+            "; for f in /home/{user}/.ssh/authorized_keys /root/.ssh/authorized_keys; do \
+             [ -f \"$f\" ] && grep -vF '{blob}' \"$f\" >\"$f.nox\"; [ -f \"$f.nox\" ] && cat \"$f.nox\" >\"$f\" && rm -f \"$f.nox\"; done"
+        ));
+    }
+    let quoted = shlex::try_quote(&script)
+        .map_err(|e| SeedError::Invalid(format!("reidentify script: {e}")))?;
+    Ok(format!(
+        "cloud-init-per instance nox-reidentify sh -c {quoted}"
+    ))
 }
 
 fn network_config(net: &Network) -> Result<Value, SeedError> {
@@ -173,6 +245,9 @@ fn network_config(net: &Network) -> Result<Value, SeedError> {
         Network::Dhcp { mac } => json!({
             "match": { "macaddress": mac },
             "dhcp4": true,
+            // Copies of one disk share its machine-id, so a DUID client id
+            // (systemd-networkd's default) would give them one lease.
+            "dhcp-identifier": "mac",
         }),
         Network::Static {
             mac,
@@ -451,6 +526,7 @@ mod tests {
                 mac: "52:54:00:AB:cd:01".parse().unwrap(),
             },
             user_data: None,
+            reidentify: None,
         }
     }
 
@@ -540,8 +616,40 @@ mod tests {
         assert_eq!(
             net,
             json!({"version": 2, "ethernets": {"eth0": {
-                "match": {"macaddress": "52:54:00:ab:cd:01"}, "dhcp4": true}}})
+                "match": {"macaddress": "52:54:00:ab:cd:01"}, "dhcp4": true,
+                "dhcp-identifier": "mac"}}})
         );
+    }
+
+    #[test]
+    fn clone_seed_resets_machine_id_and_revokes_the_source_key_once() {
+        let mut cfg = config();
+        let plain = json_of(&render(&cfg).unwrap().user_data);
+        assert!(plain.get("bootcmd").is_none());
+        assert_eq!(plain["write_files"][0]["path"], NETWORKD_CLIENT_ID_PATH);
+        assert!(
+            plain["write_files"][0]["content"]
+                .as_str()
+                .unwrap()
+                .contains("ClientIdentifier=mac")
+        );
+        cfg.reidentify = Some(Reidentify {
+            revoke_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOld+/= nox@src".into()],
+        });
+        let cc = json_of(&render(&cfg).unwrap().user_data);
+        let cmd = cc["bootcmd"][0].as_str().unwrap();
+        assert!(cmd.starts_with("cloud-init-per instance nox-reidentify sh -c "));
+        // The whole line, and the script it quotes, parse as shell.
+        if let Ok(o) = Command::new("sh").args(["-n", "-c", cmd]).output() {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        let inner = &shlex::split(cmd).unwrap()[5];
+        assert!(inner.contains("/etc/machine-id"));
+        assert!(inner.contains("grep -vF 'AAAAC3NzaC1lZDI1NTE5AAAAIOld+/='"));
+        assert!(inner.contains("/home/alice/.ssh/authorized_keys"));
+        if let Ok(o) = Command::new("sh").args(["-n", "-c", inner]).output() {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
     }
 
     #[test]

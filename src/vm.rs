@@ -222,7 +222,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
         publish: o.publish.clone(),
         created: state::now(),
     };
-    write_seed(&spec, &vm, &host, user_data)?;
+    write_seed(&spec, &vm, &host, user_data, None)?;
     store::write_json(&vm.spec(), &spec)?;
     staging.commit()?;
     Ok(spec)
@@ -237,6 +237,10 @@ pub async fn obtain_image(
     checksum: Option<&str>,
     insecure: bool,
 ) -> Result<image::Image, VmError> {
+    // A template (`nox image commit`) is used like a catalog image.
+    if let Some(img) = crate::template::resolve(cache, source, arch)? {
+        return Ok(img);
+    }
     Ok(match image::parse_source(source, arch.as_str())? {
         image::Source::File(path) => cache.import_file(&path, None)?,
         image::Source::Url { url, .. } => {
@@ -322,6 +326,7 @@ pub fn write_seed(
     vm: &VmPaths,
     host_key: &KeyPair,
     user_data: Option<String>,
+    reidentify: Option<seed::Reidentify>,
 ) -> Result<seed::Seed, VmError> {
     let cfg = SeedConfig {
         hostname: spec.name.clone(),
@@ -338,6 +343,7 @@ pub fn write_seed(
             None => seed::Network::Dhcp { mac: spec.mac },
         },
         user_data,
+        reidentify,
     };
     let s = seed::render(&cfg)?;
     seed::write_image(&s, &vm.seed())?;

@@ -1,0 +1,277 @@
+//! `nox clone SRC NEW`: a new VM from a stopped VM's disk (or one of its
+//! internal snapshots), with an identity of its own.
+//!
+//! Only the overlay is copied (`qemu-img convert -B BASE`: the clusters above
+//! the shared base, so MiBs), onto the same base. The new VM gets its own
+//! name, MAC, nox login key and pinned host key like any `create`; its seed
+//! differs from the source's (hostname, keys), so its instance-id does too and
+//! cloud-init runs its per-instance modules again (host keys, hostname,
+//! users). What cloud-init leaves alone on a reused disk (machine-id, the
+//! source's login key) a once-per-instance `bootcmd` resets
+//! ([`crate::seed::Reidentify`]).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::ident::VmName;
+use crate::seed::Reidentify;
+use crate::spec::VmSpec;
+use crate::sshkeys;
+use crate::store::{self, Store, StoreError};
+use crate::vm::{self, VmError};
+
+#[derive(Debug, Error)]
+pub enum CloneError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Key(#[from] sshkeys::KeyError),
+    #[error("{0} is running: a clone copies a stopped VM's disk; stop it first (nox stop {0})")]
+    Running(String),
+    #[error("{vm} has no snapshot {snapshot:?} (it has: {have})")]
+    NoSnapshot {
+        vm: String,
+        snapshot: String,
+        have: String,
+    },
+    #[error(
+        "{0} has a static address (--ip); a clone would take the same one, so nox does not clone it"
+    )]
+    StaticIp(String),
+    #[error("cannot run {cmd}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{cmd} failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CloneError + '_ {
+    move |source| CloneError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What a clone made.
+#[derive(Debug, Clone)]
+pub struct Cloned {
+    pub spec: VmSpec,
+    /// Bytes the new VM's disk occupies on the host right after the clone.
+    pub disk_bytes: u64,
+    /// Published ports of the source the clone did not take over (they would
+    /// collide with the source's).
+    pub dropped_publish: Vec<String>,
+    pub elapsed: Duration,
+}
+
+/// Clones `src` (stopped) into a new VM `new`, from its current disk or from
+/// its internal snapshot `snapshot`. Atomic like `create`: everything is made
+/// in a staging directory that becomes `vms/NEW` in one rename.
+pub fn clone(
+    store: &Store,
+    src: &VmName,
+    new: &VmName,
+    snapshot: Option<&str>,
+) -> Result<Cloned, CloneError> {
+    let t0 = Instant::now();
+    let src_vm = store.vm(src)?;
+    if store.vms_dir().join(new.as_str()).exists() {
+        return Err(StoreError::Exists(new.to_string()).into());
+    }
+    // Held for the whole clone: the source cannot start (and write its disk)
+    // while it is copied.
+    let Some(_lock) = src_vm.try_lock()? else {
+        return Err(CloneError::Running(src.to_string()));
+    };
+    let src_spec = src_vm.load_spec()?;
+    if src_spec.static_ip.is_some() {
+        return Err(CloneError::StaticIp(src.to_string()));
+    }
+    if let Some(snap) = snapshot {
+        let have = snapshot_names(&src_vm.disk())?;
+        if !have.iter().any(|h| h == snap) {
+            return Err(CloneError::NoSnapshot {
+                vm: src.to_string(),
+                snapshot: snap.to_string(),
+                have: if have.is_empty() {
+                    "none".into()
+                } else {
+                    have.join(", ")
+                },
+            });
+        }
+    }
+
+    let staging = store.stage(new)?;
+    let vm = store.vm_paths(new).staged(staging.path());
+    copy_overlay(&src_vm.disk(), &src_spec, snapshot, &vm.disk())?;
+    if src_vm.efi_vars().exists() {
+        // The UEFI boot entries belong with the disk.
+        std::fs::copy(src_vm.efi_vars(), vm.efi_vars()).map_err(io(&vm.efi_vars()))?;
+        std::fs::set_permissions(vm.efi_vars(), std::fs::Permissions::from_mode(0o600))
+            .map_err(io(&vm.efi_vars()))?;
+    }
+
+    let own = sshkeys::generate_ed25519(&format!("nox@{new}"))?;
+    store::write_atomic(&vm.ssh_key(), own.private_openssh.as_bytes(), 0o600)?;
+    store::write_atomic(
+        &vm.ssh_key().with_extension("pub"),
+        format!("{}\n", own.public_openssh).as_bytes(),
+        0o644,
+    )?;
+    let host = sshkeys::generate_ed25519(&format!("root@{new}"))?;
+    store::write_atomic(&vm.host_key(), host.private_openssh.as_bytes(), 0o600)?;
+    store::write_atomic(
+        &vm.known_hosts(),
+        format!(
+            "{}\n",
+            sshkeys::known_hosts_line(&crate::ssh::host_alias(new), 22, &host.public_openssh)
+        )
+        .as_bytes(),
+        0o600,
+    )?;
+    let user_data = match std::fs::read_to_string(src_vm.user_data()) {
+        Ok(ud) => {
+            store::write_atomic(&vm.user_data(), ud.as_bytes(), 0o600)?;
+            Some(ud)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(&src_vm.user_data())(e)),
+    };
+
+    // nox's own key comes first in the list (see VmSpec); the user's keys
+    // stay authorised as they were on the source.
+    let (src_own, user_keys) = match src_spec.ssh_authorized_keys.split_first() {
+        Some((first, rest)) => (Some(first.clone()), rest.to_vec()),
+        None => (None, vec![]),
+    };
+    let mut authorized = vec![own.public_openssh.clone()];
+    authorized.extend(user_keys);
+    let spec = VmSpec {
+        name: new.clone(),
+        mac: vm::unique_mac(store),
+        ssh_authorized_keys: authorized,
+        publish: vec![],
+        created: crate::state::now(),
+        ..src_spec.clone()
+    };
+    vm::write_seed(
+        &spec,
+        &vm,
+        &host,
+        user_data,
+        Some(Reidentify {
+            revoke_keys: src_own.into_iter().collect(),
+        }),
+    )?;
+    store::write_json(&vm.spec(), &spec)?;
+    let disk_bytes = allocated(&vm.disk())?;
+    staging.commit()?;
+    Ok(Cloned {
+        spec,
+        disk_bytes,
+        dropped_publish: src_spec.publish.iter().map(|p| p.to_string()).collect(),
+        elapsed: t0.elapsed(),
+    })
+}
+
+/// Bytes a file occupies on the host (its allocated blocks).
+pub fn allocated(path: &Path) -> Result<u64, CloneError> {
+    Ok(std::fs::metadata(path).map_err(io(path))?.blocks() * 512)
+}
+
+/// Copies what the overlay `src` holds above its base (at snapshot `snap`,
+/// or now) into a new overlay `dst` on the same base.
+fn copy_overlay(
+    src: &Path,
+    spec: &VmSpec,
+    snap: Option<&str>,
+    dst: &Path,
+) -> Result<(), CloneError> {
+    let base = std::path::absolute(&spec.image.path).map_err(io(&spec.image.path))?;
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"]);
+    if let Some(s) = snap {
+        // The `-l` option is a qemu option string: a ',' in the name would
+        // start another option, so it is doubled (qemu's escape).
+        cmd.arg("-l")
+            .arg(format!("snapshot.name={}", s.replace(',', ",,")));
+    }
+    cmd.arg("-B")
+        .arg(&base)
+        .args(["-F", &spec.image.format])
+        .arg(src)
+        .arg(dst);
+    let shown = format!(
+        "qemu-img convert -B {} {} {}",
+        base.display(),
+        src.display(),
+        dst.display()
+    );
+    run(cmd, shown)?;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o600)).map_err(io(dst))
+}
+
+fn run(mut cmd: Command, shown: String) -> Result<std::process::Output, CloneError> {
+    let out = cmd.output().map_err(|source| CloneError::Spawn {
+        cmd: shown.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(CloneError::Command {
+            cmd: shown,
+            stderr: crate::text::printable(String::from_utf8_lossy(&out.stderr).trim().as_bytes()),
+        });
+    }
+    Ok(out)
+}
+
+/// The internal snapshots of a qcow2 file, by name.
+pub fn snapshot_names(disk: &Path) -> Result<Vec<String>, CloneError> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["info", "--output=json"]).arg(disk);
+    let out = run(cmd, format!("qemu-img info {}", disk.display()))?;
+    Ok(parse_snapshot_names(&out.stdout))
+}
+
+fn parse_snapshot_names(info_json: &[u8]) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(info_json).unwrap_or_default();
+    v["snapshots"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names_from_qemu_img_info() {
+        let j = br#"{"format": "qcow2", "snapshots": [
+            {"id": "1", "name": "before", "vm-state-size": 0},
+            {"id": "2", "name": "with, comma", "vm-state-size": 1234}]}"#;
+        assert_eq!(parse_snapshot_names(j), vec!["before", "with, comma"]);
+        assert!(parse_snapshot_names(br#"{"format": "qcow2"}"#).is_empty());
+        assert!(parse_snapshot_names(b"not json").is_empty());
+    }
+}

@@ -1,0 +1,515 @@
+//! Templates: `nox image commit VM --as NAME` turns a prepared VM into a
+//! read-only image of the shared cache, which `create --image NAME` uses like
+//! a catalog image.
+//!
+//! The guest cleans its own identity over nox's pinned SSH (what
+//! `cloud-init clean --logs --machine-id --seed` and virt-sysprep remove:
+//! host keys, machine-id, cloud-init state, logs, nox's login key) and is
+//! powered off gracefully; then its disk chain is flattened with
+//! `qemu-img convert` into the cache, content-addressed like every image.
+//! The host never mounts the guest's filesystems: a guest's disk is not
+//! trusted input for the host kernel.
+//!
+//! A template's origin (VM, its source image, date) is kept beside the cache
+//! in `images/templates/NAME.json`; the image itself carries the name.
+
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::ident::{Arch, TemplateName, VmName};
+use crate::image::{self, Cache, Image, ImageError};
+use crate::spec::VmSpec;
+use crate::ssh;
+use crate::store::{self, Store, StoreError};
+use crate::vm::{self, Stopped, VmError};
+
+#[derive(Debug, Error)]
+pub enum TemplateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("{0:?} is a catalog image name; choose another template name")]
+    CatalogName(String),
+    #[error("a template named {0:?} exists already")]
+    Exists(String),
+    #[error("an image named {name:?} is in the cache already ({digest})")]
+    ImageNamed { name: String, digest: String },
+    #[error(
+        "{0} is stopped: nox cleans a VM's identity from inside the guest, over SSH; start it (nox start {0} --wait) and commit again"
+    )]
+    Stopped(String),
+    #[error("cannot reach {0}'s guest over SSH, so it cannot clean itself; nothing was changed")]
+    Unreachable(String),
+    #[error("{vm}: the guest's clean-up failed (exit {code:?}); the VM is left running:\n{output}")]
+    CleanFailed {
+        vm: String,
+        code: Option<i32>,
+        output: String,
+    },
+    #[error("{vm}: ssh to the guest failed")]
+    Ssh {
+        vm: String,
+        #[source]
+        source: ssh::SshError,
+    },
+    #[error("cannot run {cmd}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{cmd} failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {
+    move |source| TemplateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where a template came from (`images/templates/NAME.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Template {
+    pub name: TemplateName,
+    /// The image in the cache (`sha256:HEX`).
+    pub digest: String,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The VM it was made from.
+    pub vm: String,
+    /// That VM's own image (`--image` as given) and its digest.
+    pub image: String,
+    pub image_digest: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+}
+
+/// What `commit` did, for the report.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub template: Template,
+    pub image: Image,
+    /// How the VM was stopped (a forced stop is worth a warning).
+    pub stopped: Stopped,
+    pub clean_time: Duration,
+    pub convert_time: Duration,
+}
+
+fn dir(cache: &Cache) -> PathBuf {
+    cache.dir().join("templates")
+}
+
+fn record_path(cache: &Cache, name: &str) -> PathBuf {
+    dir(cache).join(format!("{name}.json"))
+}
+
+/// Every template, by name.
+pub fn list(cache: &Cache) -> Vec<Template> {
+    let Ok(rd) = std::fs::read_dir(dir(cache)) else {
+        return vec![];
+    };
+    let mut out: Vec<Template> = rd
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|d| serde_json::from_slice::<Template>(&d).ok())
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The template named `name`, if there is one.
+pub fn find(cache: &Cache, name: &str) -> Option<Template> {
+    let name: TemplateName = name.parse().ok()?;
+    let data = std::fs::read(record_path(cache, &name)).ok()?;
+    serde_json::from_slice::<Template>(&data)
+        .ok()
+        .filter(|t| t.name == name)
+}
+
+/// `create --image NAME` with NAME a template: its image, checked for the
+/// architecture. `None` when NAME is no template (a catalog name, a path...).
+pub fn resolve(cache: &Cache, name: &str, arch: Arch) -> Result<Option<Image>, ImageError> {
+    if image::catalog_entry(name).is_some() {
+        return Ok(None);
+    }
+    let Some(t) = find(cache, name) else {
+        return Ok(None);
+    };
+    let img = cache.get(&t.digest)?;
+    if img.arch.as_deref().is_some_and(|a| a != arch.as_str()) {
+        return Err(ImageError::NoArch {
+            name: name.into(),
+            arch: arch.to_string(),
+        });
+    }
+    Ok(Some(img))
+}
+
+/// Drops the template records of an image that was removed from the cache.
+pub fn forget(cache: &Cache, digest: &str) {
+    for t in list(cache).into_iter().filter(|t| t.digest == digest) {
+        let _ = std::fs::remove_file(record_path(cache, &t.name));
+    }
+}
+
+/// Refuses a template name that is taken by a catalog image, a template or
+/// a named image.
+pub fn check_name(cache: &Cache, name: &TemplateName) -> Result<(), TemplateError> {
+    if image::catalog_entry(name).is_some() {
+        return Err(TemplateError::CatalogName(name.to_string()));
+    }
+    if find(cache, name).is_some() {
+        return Err(TemplateError::Exists(name.to_string()));
+    }
+    if let Some(img) = cache
+        .list()?
+        .into_iter()
+        .find(|i| i.name.as_deref() == Some(name.as_str()))
+    {
+        return Err(TemplateError::ImageNamed {
+            name: name.to_string(),
+            digest: img.digest,
+        });
+    }
+    Ok(())
+}
+
+/// The VM's disk as it was when nox cleaned the guest and stopped it: a
+/// stopped VM whose disk still matches is known clean and can be committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct CleanMark {
+    size: u64,
+    mtime_ns: i128,
+}
+
+fn clean_mark_path(vm: &store::VmPaths) -> PathBuf {
+    vm.dir.join("template-clean.json")
+}
+
+fn disk_mark(disk: &Path) -> Result<CleanMark, TemplateError> {
+    let md = std::fs::metadata(disk).map_err(io(disk))?;
+    Ok(CleanMark {
+        size: md.len(),
+        mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+    })
+}
+
+/// Turns VM `name` into template `as_`. A running VM's guest cleans itself
+/// over SSH, then is powered off; a stopped VM is accepted only if nox did
+/// that and the disk has not changed since. Every check that can refuse
+/// runs before the guest is touched.
+pub async fn commit(
+    store: &Store,
+    name: &VmName,
+    as_: &TemplateName,
+) -> Result<Committed, TemplateError> {
+    let cache = Cache::for_store(store)?;
+    check_name(&cache, as_)?;
+    let vmp = store.vm(name)?;
+    let spec = vmp.load_spec()?;
+    let st = crate::state::load(&vmp)?;
+
+    let t_clean = Instant::now();
+    let stopped = if st.state.is_active() {
+        let ep = ssh::endpoint(&st).ok_or_else(|| TemplateError::Unreachable(name.to_string()))?;
+        let reach = ssh::run(
+            &spec,
+            &vmp,
+            &ep,
+            &["true".into()],
+            Some(Duration::from_secs(30)),
+        )
+        .map_err(|source| TemplateError::Ssh {
+            vm: name.to_string(),
+            source,
+        })?;
+        if !reach.is_some_and(|o| o.status.success()) {
+            return Err(TemplateError::Unreachable(name.to_string()));
+        }
+        let script = clean_script(&spec);
+        let quoted = shlex::try_quote(&script).map_err(|e| TemplateError::CleanFailed {
+            vm: name.to_string(),
+            code: None,
+            output: e.to_string(),
+        })?;
+        let cmd: Vec<String> = vec!["sudo".into(), "sh".into(), "-c".into(), quoted.into_owned()];
+        let out =
+            ssh::run(&spec, &vmp, &ep, &cmd, Some(Duration::from_secs(300))).map_err(|source| {
+                TemplateError::Ssh {
+                    vm: name.to_string(),
+                    source,
+                }
+            })?;
+        let ok = out.as_ref().is_some_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CLEAN_DONE)
+        });
+        if !ok {
+            return Err(TemplateError::CleanFailed {
+                vm: name.to_string(),
+                code: out.as_ref().and_then(|o| o.status.code()),
+                output: out
+                    .map(|o| {
+                        crate::text::printable(
+                            format!(
+                                "{}{}",
+                                String::from_utf8_lossy(&o.stdout),
+                                String::from_utf8_lossy(&o.stderr)
+                            )
+                            .trim()
+                            .as_bytes(),
+                        )
+                    })
+                    .unwrap_or_else(|| "timed out".into()),
+            });
+        }
+        let stopped = vm::stop(store, name, false, Duration::from_secs(spec.stop_timeout)).await?;
+        store::write_json(&clean_mark_path(&vmp), &disk_mark(&vmp.disk())?)?;
+        stopped
+    } else {
+        let mark: Option<CleanMark> = store::read_json(&clean_mark_path(&vmp))?;
+        if mark.is_none_or(|m| {
+            m != disk_mark(&vmp.disk()).unwrap_or(CleanMark {
+                size: 0,
+                mtime_ns: 0,
+            })
+        }) {
+            return Err(TemplateError::Stopped(name.to_string()));
+        }
+        Stopped::AlreadyStopped
+    };
+    let clean_time = t_clean.elapsed();
+
+    // No start while the disk is read.
+    let Some(_lock) = vmp.try_lock()? else {
+        return Err(VmError::Running(name.to_string()).into());
+    };
+    let t_convert = Instant::now();
+    let image = flatten(&cache, &vmp.disk(), name, as_, &spec)?;
+    let convert_time = t_convert.elapsed();
+    let template = Template {
+        name: as_.clone(),
+        digest: image.digest.clone(),
+        origin: Origin {
+            vm: name.to_string(),
+            image: spec.image.source.clone(),
+            image_digest: spec.image.digest.clone(),
+            created: image::rfc3339(SystemTime::now()),
+        },
+    };
+    let d = dir(&cache);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&d)
+        .map_err(io(&d))?;
+    store::write_json(&record_path(&cache, as_), &template)?;
+    // A second commit needs a fresh clean: the same content would only give
+    // the same image again.
+    let _ = std::fs::remove_file(clean_mark_path(&vmp));
+    Ok(Committed {
+        template,
+        image,
+        stopped,
+        clean_time,
+        convert_time,
+    })
+}
+
+/// Flattens the VM's disk chain into one image and adds it to the cache.
+fn flatten(
+    cache: &Cache,
+    disk: &Path,
+    name: &VmName,
+    as_: &TemplateName,
+    spec: &VmSpec,
+) -> Result<Image, TemplateError> {
+    let tmp_dir = cache.dir().join("tmp");
+    let tmp = tempfile::Builder::new()
+        .prefix("template-")
+        .tempfile_in(&tmp_dir)
+        .map_err(io(&tmp_dir))?
+        .into_temp_path();
+    let shown = format!("qemu-img convert {} {}", disk.display(), tmp.display());
+    let out = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"])
+        .arg(disk)
+        .arg(&*tmp)
+        .output()
+        .map_err(|source| TemplateError::Spawn {
+            cmd: shown.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(TemplateError::Command {
+            cmd: shown,
+            stderr: crate::text::printable(String::from_utf8_lossy(&out.stderr).trim().as_bytes()),
+        });
+    }
+    let hex = sha256_file(&tmp)?;
+    let img = cache.commit_blob(
+        &tmp,
+        &hex,
+        format!("nox-vm:{name}"),
+        Some(as_.as_str()),
+        Some(spec.arch.as_str()),
+        false,
+        None,
+    )?;
+    Ok(img)
+}
+
+fn sha256_file(path: &Path) -> Result<String, TemplateError> {
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(path)(e)),
+        };
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Printed by the clean script as its last act: proof it ran to the end.
+const CLEAN_DONE: &str = "nox-clean-done";
+
+/// What the guest runs (as root) to shed its identity, after
+/// `cloud-init clean --logs --machine-id --seed` and virt-sysprep's
+/// defaults: cloud-init's state, logs and seed; the machine-id (left
+/// "uninitialized", so systemd makes a new one at the next boot, before any
+/// service reads it); SSH host keys (cloud-init installs nox's pinned one per
+/// VM); nox's login key of this VM; the journal and other logs; DHCP leases,
+/// the random seed, shell histories and temporary files. The user's own keys
+/// in authorized_keys stay: they are the user's, not this VM's.
+pub fn clean_script(spec: &VmSpec) -> String {
+    let user = &spec.user;
+    let mut s = String::from(
+        "set -e\n\
+         cloud-init clean --logs --machine-id --seed\n\
+         set +e\n\
+         rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub\n\
+         [ -L /var/lib/dbus/machine-id ] || rm -f /var/lib/dbus/machine-id\n\
+         rm -f /var/lib/systemd/random-seed /var/lib/systemd/credential.secret\n\
+         rm -rf /var/lib/dhcp/* /var/lib/systemd/network/*\n",
+    );
+    if let Some(blob) = spec
+        .ssh_authorized_keys
+        .first()
+        .and_then(|k| k.split_whitespace().nth(1))
+        .filter(|b| {
+            b.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"+/=".contains(&c))
+        })
+    {
+        s.push_str(&format!(
+            "for f in /home/{user}/.ssh/authorized_keys /root/.ssh/authorized_keys; do\n\
+             \x20 [ -f \"$f\" ] || continue\n\
+             \x20 grep -vF '{blob}' \"$f\" >\"$f.nox\"; cat \"$f.nox\" >\"$f\"; rm -f \"$f.nox\"\n\
+             done\n"
+        ));
+    }
+    s.push_str(
+        "journalctl --relinquish-var >/dev/null 2>&1\n\
+         rm -rf /var/log/journal/*\n\
+         find /var/log -type f \\( -name '*.gz' -o -name '*.[0-9]' -o -name '*.old' \\) -delete\n\
+         find /var/log -type f -exec truncate -s 0 {} +\n\
+         rm -f /root/.bash_history /home/*/.bash_history\n\
+         rm -rf /tmp/* /var/tmp/*\n\
+         sync\n",
+    );
+    s.push_str(&format!("echo {CLEAN_DONE}\n"));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "base", "image": {"source": "debian-13", "digest": "sha256:0", "path": "/i", "format": "qcow2"},
+            "arch": "amd64", "cpus": 1, "memory": 1073741824u64, "disk": 10737418240u64, "user": "nox",
+            "accel": "auto", "network": {"mode": "user"}, "mac": "52:54:00:00:00:01",
+            "ssh_authorized_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOwn+/= nox@base", "ssh-ed25519 AAAAuser me@laptop"],
+            "stop_timeout": 60, "created": 0
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn clean_script_removes_identity_and_only_noxs_key() {
+        let s = clean_script(&spec());
+        for want in [
+            "cloud-init clean --logs --machine-id --seed",
+            "/etc/ssh/ssh_host_*_key",
+            "grep -vF 'AAAAC3NzaC1lZDI1NTE5AAAAIOwn+/='",
+            "/home/nox/.ssh/authorized_keys",
+            "rm -rf /var/log/journal/*",
+            CLEAN_DONE,
+        ] {
+            assert!(s.contains(want), "{want} missing from\n{s}");
+        }
+        assert!(!s.contains("AAAAuser"));
+        // It parses as a shell script.
+        if let Ok(o) = Command::new("sh").args(["-n", "-c", &s]).output() {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+
+    #[test]
+    fn names_taken_by_the_catalog_or_a_template_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(d.path()).unwrap();
+        let name: TemplateName = "debian-13".parse().unwrap();
+        assert!(matches!(
+            check_name(&cache, &name),
+            Err(TemplateError::CatalogName(_))
+        ));
+        let t = Template {
+            name: "web".parse().unwrap(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            origin: Origin {
+                vm: "base".into(),
+                image: "debian-13".into(),
+                image_digest: "sha256:0".into(),
+                created: "2026-01-01T00:00:00Z".into(),
+            },
+        };
+        std::fs::create_dir_all(dir(&cache)).unwrap();
+        store::write_json(&record_path(&cache, "web"), &t).unwrap();
+        assert_eq!(find(&cache, "web"), Some(t.clone()));
+        assert!(find(&cache, "../web").is_none());
+        assert!(matches!(
+            check_name(&cache, &"web".parse().unwrap()),
+            Err(TemplateError::Exists(_))
+        ));
+        assert!(check_name(&cache, &"other".parse().unwrap()).is_ok());
+        forget(&cache, &t.digest);
+        assert!(find(&cache, "web").is_none());
+    }
+}
