@@ -165,8 +165,56 @@ fn nox_cloud_config(cfg: &SeedConfig) -> Value {
             "ed25519_private": cfg.host_key.private_openssh,
             "ed25519_public": cfg.host_key.public_openssh,
         },
+        "cloud_init_modules": CLOUD_INIT_MODULES,
+        "cloud_config_modules": CLOUD_CONFIG_MODULES,
+        "cloud_final_modules": CLOUD_FINAL_MODULES,
     })
 }
+
+/// cloud-init's module lists for a nox VM: every module that acts on a
+/// user-data key a user may give (bootcmd, write_files, mounts, ca_certs,
+/// users, ssh, locale, passwords, apt, ntp, timezone, runcmd, packages,
+/// scripts, power_state), nothing that only does distribution or cloud
+/// chores without being asked: snap, ssh-import-id, keyboard, grub-dpkg
+/// (debconf, for a GRUB nox does not use), apt-pipelining, byobu,
+/// disable-ec2-metadata, fan, landscape, lxd, puppet, chef, mcollective,
+/// salt-minion, reset_rmc, install-hotplug, phone-home, rsyslog,
+/// seed_random (the guest has virtio-rng), disk_setup, and the host-key
+/// fingerprints on the console (nox pins the key). Each costs a Python
+/// import and a check under emulation. The user's own cloud-config is merged
+/// with lists appended, so it can add a module back.
+pub const CLOUD_INIT_MODULES: &[&str] = &[
+    "bootcmd",
+    "write_files",
+    "growpart",
+    "resizefs",
+    "mounts",
+    "set_hostname",
+    "update_hostname",
+    "update_etc_hosts",
+    "ca_certs",
+    "users_groups",
+    "ssh",
+];
+pub const CLOUD_CONFIG_MODULES: &[&str] = &[
+    "locale",
+    "set_passwords",
+    "apt_configure",
+    "ntp",
+    "timezone",
+    "runcmd",
+];
+pub const CLOUD_FINAL_MODULES: &[&str] = &[
+    "package_update_upgrade_install",
+    "write_files_deferred",
+    "scripts_vendor",
+    "scripts_per_once",
+    "scripts_per_boot",
+    "scripts_per_instance",
+    "scripts_user",
+    "final_message",
+    "power_state_change",
+];
 
 fn network_config(net: &Network) -> Result<Value, SeedError> {
     let eth = match net {
