@@ -540,6 +540,58 @@ mod tests {
     }
 
     #[test]
+    fn module_lists_keep_what_users_ask_for_and_drop_chores() {
+        let cc = json_of(&render(&config()).unwrap().user_data);
+        let list = |k: &str| -> Vec<String> {
+            cc[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        let all: Vec<String> = [
+            "cloud_init_modules",
+            "cloud_config_modules",
+            "cloud_final_modules",
+        ]
+        .iter()
+        .flat_map(|k| list(k))
+        .collect();
+        // What nox itself needs, and what user-data keys act through.
+        for m in [
+            "users_groups",
+            "ssh",
+            "growpart",
+            "resizefs",
+            "set_hostname",
+            "update_etc_hosts",
+            "locale",
+            "set_passwords",
+            "write_files",
+            "runcmd",
+            "package_update_upgrade_install",
+            "scripts_user",
+            "power_state_change",
+            "final_message",
+        ] {
+            assert!(all.iter().any(|x| x == m), "{m} missing");
+        }
+        for m in [
+            "snap",
+            "grub_dpkg",
+            "keys_to_console",
+            "ssh_authkey_fingerprints",
+            "byobu",
+            "lxd",
+        ] {
+            assert!(!all.iter().any(|x| x == m), "{m} kept");
+        }
+        // cloud-init's order: the ssh keys are written before the config stage.
+        assert_eq!(list("cloud_init_modules").last().unwrap(), "ssh");
+    }
+
+    #[test]
     fn renders_nox_cloud_config() {
         let cfg = config();
         let seed = render(&cfg).unwrap();
