@@ -75,6 +75,10 @@ pub enum Cmd {
         name: VmName,
         #[arg(long)]
         json: bool,
+        /// Also the boot timeline: each kept boot's phases, and the guest's
+        /// slowest units and cloud-init modules (gathered by `--wait`)
+        #[arg(long)]
+        boot: bool,
     },
     /// Manage the shared image cache
     #[command(subcommand)]
@@ -389,13 +393,24 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::List { json } => list(&store, json),
-        Cmd::Info { name, json } => {
+        Cmd::Info { name, json, boot } => {
             let vmp = store.vm(&name)?;
             let info = vm::info(&vmp)?;
+            let boots = boot.then(|| crate::timeline::view(&vmp));
             if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
+                let mut v = serde_json::to_value(&info)?;
+                if let (Some(b), Some(obj)) = (boots, v.as_object_mut()) {
+                    obj.insert("boot".into(), serde_json::to_value(b)?);
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_info(&info);
+                for b in boots.iter().flatten() {
+                    print!("\n{}", crate::timeline::render(b));
+                }
+                if boots.as_ref().is_some_and(Vec::is_empty) {
+                    println!("\nno boot recorded yet");
+                }
             }
             Ok(0)
         }

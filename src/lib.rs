@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`) is a thin shell around [`cli::main`]; every
 //! module here is usable on its own by tests and other programs.
 
+pub mod boot;
 pub mod cli;
 pub mod clone;
 pub mod firmware;
@@ -25,6 +26,7 @@ pub mod template;
 #[doc(hidden)]
 pub mod testing;
 pub mod text;
+pub mod timeline;
 pub mod vm;
 
 pub use text::error_chain;

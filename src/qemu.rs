@@ -211,6 +211,9 @@ pub struct Launch<'a> {
     pub accel: Accel,
     pub net: NetBackend,
     pub firmware: FirmwareArgs,
+    /// Direct kernel boot: the guest's own kernel, initramfs and nox's
+    /// command line instead of the bootloader on the disk.
+    pub direct: Option<crate::boot::DirectBoot>,
 }
 
 /// An argv under construction.
@@ -295,6 +298,11 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
     a.opt("-chardev", serial);
     a.opt("-serial", "chardev:serial0");
     a.0.extend(l.firmware.args.iter().cloned());
+    if let Some(d) = &l.direct {
+        a.opt("-kernel", opts::verbatim_path(&d.kernel)?);
+        a.opt("-initrd", opts::verbatim_path(&d.initrd)?);
+        a.opt("-append", opts::verbatim(&d.cmdline)?);
+    }
     let disk = Opts::kv("if", "none")
         .set("id", "disk0")
         .path("file", &p.disk())?
@@ -478,6 +486,7 @@ mod tests {
                 publish: vec![],
             },
             firmware: FirmwareArgs::default(),
+            direct: None,
         })
         .unwrap()
         .join(" ");
@@ -519,6 +528,7 @@ mod tests {
                 ],
                 machine_props: vec![],
             },
+            direct: None,
         })
         .unwrap();
         let j = got.join(" ");
@@ -543,6 +553,7 @@ mod tests {
                 publish: vec![],
             },
             firmware: FirmwareArgs::default(),
+            direct: None,
         })
         .unwrap();
         assert!(
@@ -564,6 +575,7 @@ mod tests {
                 accel: Accel::Tcg,
                 net,
                 firmware: FirmwareArgs::default(),
+                direct: None,
             })
             .unwrap();
             let i = a.iter().position(|x| x == "-netdev").unwrap();

@@ -186,6 +186,9 @@ fn nox_cloud_config(cfg: &SeedConfig) -> Result<Value, SeedError> {
             "content": NETWORKD_CLIENT_ID,
             "permissions": "0644",
         }],
+        "cloud_init_modules": CLOUD_INIT_MODULES,
+        "cloud_config_modules": CLOUD_CONFIG_MODULES,
+        "cloud_final_modules": CLOUD_FINAL_MODULES,
     });
     if let Some(r) = &cfg.reidentify {
         cc["bootcmd"] = json!([reidentify_script(&cfg.user, r)?]);
@@ -239,6 +242,51 @@ fn reidentify_script(user: &UserName, r: &Reidentify) -> Result<String, SeedErro
         "cloud-init-per instance nox-reidentify sh -c {quoted}"
     ))
 }
+
+/// cloud-init's module lists for a nox VM: every module that acts on a
+/// user-data key a user may give (bootcmd, write_files, mounts, ca_certs,
+/// users, ssh, locale, passwords, apt, ntp, timezone, runcmd, packages,
+/// scripts, power_state), nothing that only does distribution or cloud
+/// chores without being asked: snap, ssh-import-id, keyboard, grub-dpkg
+/// (debconf, for a GRUB nox does not use), apt-pipelining, byobu,
+/// disable-ec2-metadata, fan, landscape, lxd, puppet, chef, mcollective,
+/// salt-minion, reset_rmc, install-hotplug, phone-home, rsyslog,
+/// seed_random (the guest has virtio-rng), disk_setup, and the host-key
+/// fingerprints on the console (nox pins the key). Each costs a Python
+/// import and a check under emulation. The user's own cloud-config is merged
+/// with lists appended, so it can add a module back.
+pub const CLOUD_INIT_MODULES: &[&str] = &[
+    "bootcmd",
+    "write_files",
+    "growpart",
+    "resizefs",
+    "mounts",
+    "set_hostname",
+    "update_hostname",
+    "update_etc_hosts",
+    "ca_certs",
+    "users_groups",
+    "ssh",
+];
+pub const CLOUD_CONFIG_MODULES: &[&str] = &[
+    "locale",
+    "set_passwords",
+    "apt_configure",
+    "ntp",
+    "timezone",
+    "runcmd",
+];
+pub const CLOUD_FINAL_MODULES: &[&str] = &[
+    "package_update_upgrade_install",
+    "write_files_deferred",
+    "scripts_vendor",
+    "scripts_per_once",
+    "scripts_per_boot",
+    "scripts_per_instance",
+    "scripts_user",
+    "final_message",
+    "power_state_change",
+];
 
 fn network_config(net: &Network) -> Result<Value, SeedError> {
     let eth = match net {
@@ -565,6 +613,58 @@ mod tests {
             out.push((headers.to_string(), body));
         }
         out
+    }
+
+    #[test]
+    fn module_lists_keep_what_users_ask_for_and_drop_chores() {
+        let cc = json_of(&render(&config()).unwrap().user_data);
+        let list = |k: &str| -> Vec<String> {
+            cc[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        let all: Vec<String> = [
+            "cloud_init_modules",
+            "cloud_config_modules",
+            "cloud_final_modules",
+        ]
+        .iter()
+        .flat_map(|k| list(k))
+        .collect();
+        // What nox itself needs, and what user-data keys act through.
+        for m in [
+            "users_groups",
+            "ssh",
+            "growpart",
+            "resizefs",
+            "set_hostname",
+            "update_etc_hosts",
+            "locale",
+            "set_passwords",
+            "write_files",
+            "runcmd",
+            "package_update_upgrade_install",
+            "scripts_user",
+            "power_state_change",
+            "final_message",
+        ] {
+            assert!(all.iter().any(|x| x == m), "{m} missing");
+        }
+        for m in [
+            "snap",
+            "grub_dpkg",
+            "keys_to_console",
+            "ssh_authkey_fingerprints",
+            "byobu",
+            "lxd",
+        ] {
+            assert!(!all.iter().any(|x| x == m), "{m} kept");
+        }
+        // cloud-init's order: the ssh keys are written before the config stage.
+        assert_eq!(list("cloud_init_modules").last().unwrap(), "ssh");
     }
 
     #[test]

@@ -123,6 +123,7 @@ pub fn wait_ready(
         console: crate::text::printable(crate::store::tail(&vm.console_log(), 0, 20).as_bytes()),
     };
     // Phase 1: sshd answers and accepts our key.
+    let ssh_at;
     let ep = loop {
         let st = state().ok_or_else(|| SshError::Stopped("no state".into()))?;
         if !st.state.is_active() {
@@ -137,6 +138,7 @@ pub fn wait_ready(
                 .map(|o| o.status.success())
                 .unwrap_or(false);
             if ok {
+                ssh_at = crate::timeline::now_ms();
                 break ep;
             }
         }
@@ -154,7 +156,10 @@ pub fn wait_ready(
             .ok_or_else(|| timed_out("cloud-init"))?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         match cloud_init_verdict(out.status.code(), &text) {
-            Some(true) => return Ok(()),
+            Some(true) => {
+                report_boot(spec, vm, &ep, ssh_at, crate::timeline::now_ms());
+                return Ok(());
+            }
             Some(false) => {
                 let long = ["cloud-init".into(), "status".into(), "--long".into()];
                 let detail = run(spec, vm, &ep, &long, Some(Duration::from_secs(30)))
@@ -169,6 +174,84 @@ pub fn wait_ready(
             None => std::thread::sleep(Duration::from_secs(1)),
         }
     }
+}
+
+/// Adds what `--wait` saw (SSH, cloud-init done, both in unix ms) and the
+/// guest's own account of its boot to the newest boot's timeline. Only the
+/// first `--wait` of a boot reports: a later one would time its own start.
+/// Best effort: a failure here costs the report, never the wait.
+fn report_boot(spec: &VmSpec, vm: &VmPaths, ep: &Endpoint, ssh_at: u64, done_at: u64) {
+    use crate::timeline;
+    let Some(boot) = timeline::load(vm).boots.pop() else {
+        return;
+    };
+    if timeline::load_guest(vm).is_some_and(|g| g.started_ms == boot.started_ms) {
+        return;
+    }
+    let mut r = timeline::GuestReport {
+        started_ms: boot.started_ms,
+        ssh_ms: ssh_at.checked_sub(boot.started_ms),
+        cloud_init_done_ms: done_at.checked_sub(boot.started_ms),
+        ..Default::default()
+    };
+    let script = [timeline::guest_script()];
+    match run_bounded(
+        spec,
+        vm,
+        ep,
+        &script,
+        Duration::from_secs(60),
+        GUEST_REPORT_MAX,
+    ) {
+        Ok(out) => timeline::parse_guest(&mut r, &out),
+        Err(e) => tracing::warn!("boot report: {}", crate::error_chain(&e)),
+    }
+    if let Err(e) = timeline::save_guest(vm, &r) {
+        tracing::warn!("boot report: {}", crate::error_chain(&e));
+    }
+}
+
+/// The most of a guest's output nox reads for its boot report.
+const GUEST_REPORT_MAX: u64 = 256 << 10;
+
+/// Runs a command in the guest and returns at most `max` bytes of its
+/// output (the guest decides what it sends: it may send without end). The
+/// output goes to an unnamed temporary file, watched until the command ends,
+/// `limit` passes or `max` is exceeded; then ssh is killed.
+pub fn run_bounded(
+    spec: &VmSpec,
+    vm: &VmPaths,
+    ep: &Endpoint,
+    command: &[String],
+    limit: Duration,
+    max: u64,
+) -> Result<String, SshError> {
+    use std::io::{Read, Seek};
+    let a = argv(spec, vm, ep, true, command);
+    let mut out = tempfile::tempfile()?;
+    let mut child = Command::new(&a[0])
+        .args(&a[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out.try_clone()?))
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => SshError::NoClient,
+            _ => SshError::Io(e),
+        })?;
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if Instant::now() >= deadline || out.metadata()?.len() > max {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    out.rewind()?;
+    let mut buf = vec![];
+    out.take(max).read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// What `cloud-init status` said: done (`Some(true)`; exit 2 is "done with

@@ -31,6 +31,7 @@ use crate::qmp::{self, Qmp};
 use crate::spec::{RestartPolicy, VmSpec};
 use crate::state::{self, Event, Phase, RecordError, Recorder, State};
 use crate::store::{self, StoreError, VmPaths};
+use crate::timeline;
 
 /// Exit code of `nox run` when another supervisor already runs the VM.
 pub const EXIT_ALREADY_RUNNING: i32 = 3;
@@ -305,7 +306,7 @@ async fn run_once(
     signals: &mut Signals,
 ) -> Result<Outcome, SupervisorError> {
     let mut live = launch(vm, spec, accel, rec).await?;
-    let (exit, verdict) = supervise(&mut live, spec, rec, signals).await?;
+    let (exit, verdict) = supervise(&mut live, vm, spec, rec, signals).await?;
     Ok(finish(&mut live.events, verdict, exit).await)
 }
 
@@ -316,6 +317,44 @@ struct Live {
     qmp: Qmp,
     events: UnboundedReceiver<qmp::Event>,
     net: Attached,
+    /// This boot's timeline (`nox info --boot`).
+    watch: timeline::Watch,
+}
+
+/// The direct kernel boot for this start, or why there is none. Not tried
+/// when the spec names a firmware (`--firmware bios|uefi`, secure boot): the
+/// user asked for the image's own boot path.
+fn direct_boot(vm: &VmPaths, spec: &VmSpec) -> (Option<crate::boot::DirectBoot>, Option<String>) {
+    if spec.firmware.is_some() || spec.secure_boot {
+        return (None, None);
+    }
+    // The image cache: images/blobs/sha256-HEX -> images/boot/.
+    let Some(cache) = spec.image.path.parent().and_then(Path::parent) else {
+        return (
+            None,
+            Some("the base image is not in nox's image cache".into()),
+        );
+    };
+    match crate::boot::prepare(
+        spec.arch,
+        &vm.disk(),
+        &spec.image.digest,
+        &cache.join("boot"),
+    ) {
+        Ok(d) => (Some(d), None),
+        Err(e) => {
+            let why = crate::error_chain(&e);
+            info!("booting through the image's bootloader: {why}");
+            (None, Some(why))
+        }
+    }
+}
+
+/// Records a boot's timeline; a failure costs the timeline, never the VM.
+fn save_boot(vm: &VmPaths, watch: &timeline::Watch) {
+    if let Err(e) = timeline::save(vm, &watch.boot) {
+        warn!("boot timeline: {}", crate::error_chain(&e));
+    }
 }
 
 /// Spawns qemu (paused), connects QMP and resumes the guest.
@@ -336,8 +375,14 @@ async fn launch(
     let arch = qemu::arch_facts(spec.arch);
     let binary = qemu::find_binary(arch)?;
     let firmware = qemu::firmware_args(spec, vm, Some(vm.firmware_dir()))?;
+    let (direct, fallback) = direct_boot(vm, spec);
+    let method = if direct.is_some() {
+        "direct"
+    } else {
+        "firmware"
+    };
 
-    let live = spawn_connected(vm, spec, accel, &binary, &firmware, &jail, rec).await?;
+    let mut live = spawn_connected(vm, spec, accel, &binary, &firmware, direct, &jail, rec).await?;
     for sock in [vm.qmp_socket(), vm.ctl_socket(), vm.serial_socket()] {
         let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
     }
@@ -349,10 +394,16 @@ async fn launch(
             .await
             .map_err(SupervisorError::Restore)?;
     }
+    // qemu is paused: the console has said nothing of this boot yet.
+    let console_at = std::fs::metadata(vm.console_log())
+        .map(|m| m.len())
+        .unwrap_or(0);
     live.qmp
         .execute(qapi::qmp::cont {})
         .await
         .map_err(SupervisorError::Qmp)?;
+    live.watch = timeline::Watch::new(method, fallback, console_at);
+    save_boot(vm, &live.watch);
     record(rec, Event::Resumed);
     info!(
         "{} running (qemu pid {}, {})",
@@ -364,12 +415,14 @@ async fn launch(
 }
 
 /// Spawns qemu (paused) with its network and connects its QMP socket.
+#[allow(clippy::too_many_arguments)]
 async fn spawn_connected(
     vm: &VmPaths,
     spec: &VmSpec,
     accel: Accel,
     binary: &Path,
     firmware: &qemu::FirmwareArgs,
+    direct: Option<crate::boot::DirectBoot>,
     jail: &jail::Jail,
     rec: &mut Recorder<'_>,
 ) -> Result<Live, SupervisorError> {
@@ -386,6 +439,7 @@ async fn spawn_connected(
             accel,
             net: net.backend.clone(),
             firmware: firmware.clone(),
+            direct: direct.clone(),
         })?;
         info!("starting {}", argv.join(" "));
         let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
@@ -406,6 +460,7 @@ async fn spawn_connected(
                     qmp,
                     events,
                     net,
+                    watch: timeline::Watch::new("", None, 0),
                 });
             }
             Err(failed) => {
@@ -454,6 +509,7 @@ fn network(spec: &VmSpec, net: &Attached) -> state::Network {
 /// address changes, the systemd watchdog and stop signals, until qemu exits.
 async fn supervise(
     live: &mut Live,
+    vm: &VmPaths,
     spec: &VmSpec,
     rec: &mut Recorder<'_>,
     signals: &mut Signals,
@@ -461,6 +517,9 @@ async fn supervise(
     let watchdog = crate::systemd::watchdog_interval();
     let mut wd_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut tick = tokio::time::interval(Duration::from_secs(5));
+    // The console log is read for the boot's phases until the login prompt.
+    let mut console_tick = tokio::time::interval(Duration::from_millis(250));
+    let console = vm.console_log();
     let mut verdict = Verdict::default();
     let mut events_open = true;
     loop {
@@ -473,7 +532,15 @@ async fn supervise(
                 Some(ev) => react(live, rec, &mut verdict, &ev).await,
             },
             _ = tick.tick(), if events_open => check_stuck(&live.qmp, &mut verdict).await,
+            _ = console_tick.tick(), if !live.watch.done() => {
+                if live.watch.poll(&console) {
+                    save_boot(vm, &live.watch);
+                }
+            }
             addrs = next_addresses(&mut live.net.addresses) => {
+                if addrs.ipv4.is_some() && live.watch.ip_known() {
+                    save_boot(vm, &live.watch);
+                }
                 let ipv4 = addrs.ipv4.map(|a| a.to_string());
                 let ipv6 = addrs.ipv6.iter().map(|a| a.to_string()).collect();
                 record(rec, Event::Addresses { ipv4, ipv6 });

@@ -57,6 +57,8 @@ fn argv_golden_matrix() {
         let fws: &[(&str, Option<Interface>, bool)] = if arch.has_bios {
             &[
                 ("bios", None, false),
+                // Direct kernel boot (the default where it applies).
+                ("direct", None, false),
                 ("uefi", Some(Interface::Uefi), false),
                 ("uefi-secure", Some(Interface::Uefi), true),
             ]
@@ -90,6 +92,14 @@ fn argv_golden_matrix() {
                         accel,
                         net,
                         firmware: firmware_args(arch, *interface, *secure, &paths.efi_vars()),
+                        direct: (*fw_name == "direct").then(|| nox::boot::DirectBoot {
+                            kernel: "/var/lib/nox/images/boot/0123abcd.vmlinuz".into(),
+                            initrd: "/var/lib/nox/images/boot/0123abcd.initrd".into(),
+                            cmdline: nox::boot::cmdline(
+                                arch.arch,
+                                "e870bd57-b535-42e8-b207-b626bec60fb5",
+                            ),
+                        }),
                     })
                     .unwrap();
                     let text = argv.join("\n") + "\n";
@@ -109,5 +119,5 @@ fn argv_golden_matrix() {
             }
         }
     }
-    assert_eq!(checked, 24);
+    assert_eq!(checked, 30);
 }

@@ -59,6 +59,45 @@ fn create_wait_ssh_restart_stop_delete() {
     let port = info["ssh"]["port"].as_u64().unwrap();
     assert!(info["pid"].as_u64().is_some() && info["qemu_pid"].as_u64().is_some());
 
+    // Booted directly (the kernel read from the image, nox's command line),
+    // with the trimmed cloud-init module lists; the timeline has the phases.
+    let cmdline = h.ok(&["ssh", "e2e-core", "--", "cat", "/proc/cmdline"]);
+    assert!(
+        cmdline.contains("ci.ds=NoCloud") && cmdline.contains("console=ttyS0"),
+        "{cmdline}"
+    );
+    let sems = h.ok(&["ssh", "e2e-core", "--", SEMS]);
+    assert!(sems.contains("config_users_groups"), "{sems}");
+    assert!(!sems.contains("config_keys_to_console"), "{sems}");
+    let boot: serde_json::Value =
+        serde_json::from_str(&h.ok(&["info", "e2e-core", "--boot", "--json"])).unwrap();
+    let last = boot["boot"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["method"], "direct", "{last}");
+    let phases: Vec<&str> = last["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p[0].as_str())
+        .collect();
+    for want in ["kernel", "initramfs", "root_switched", "cloud_init_local"] {
+        assert!(phases.contains(&want), "{want} missing: {last}");
+    }
+    let guest = &last["guest"];
+    assert!(guest["ssh_ms"].as_u64().is_some(), "{last}");
+    assert!(
+        guest["cloud_init_done_ms"].as_u64() >= guest["ssh_ms"].as_u64(),
+        "{last}"
+    );
+    assert!(
+        !guest["cloud_init"].as_array().unwrap().is_empty(),
+        "{last}"
+    );
+    let shown = h.ok(&["info", "e2e-core", "--boot"]);
+    assert!(
+        shown.contains("kernel started") && shown.contains("SSH accepting"),
+        "{shown}"
+    );
+
     // cloud-init finished, hostname set.
     let status = h.ok(&["ssh", "e2e-core", "--", "cloud-init", "status"]);
     assert!(status.contains("done"), "{status}");
@@ -402,6 +441,15 @@ fn arm64_guest_boots_through_uefi_under_tcg() {
     assert_eq!(info["arch"], "arm64");
     assert_eq!(info["accel"], "tcg");
     assert_eq!(info["firmware"], "uefi");
+    // No direct kernel boot on arm64 yet: the timeline says why.
+    let boot: serde_json::Value =
+        serde_json::from_str(&h.ok(&["info", "e2e-arm", "--boot", "--json"])).unwrap();
+    let last = &boot["boot"][0];
+    assert_eq!(last["method"], "firmware", "{boot}");
+    assert!(
+        last["fallback"].as_str().unwrap().contains("amd64"),
+        "{boot}"
+    );
     assert_eq!(
         h.ok(&["ssh", "e2e-arm", "--", "uname", "-m"]).trim(),
         "aarch64"

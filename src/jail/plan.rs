@@ -136,13 +136,16 @@ const DEVICES: [(&str, u64, u64); 4] = [
     ("/dev/urandom", 1, 9),
 ];
 
-/// The firmware files a qemu argv loads: `-bios FILE` and pflash drives'
-/// `file=` (with whether the drive is writable).
+/// The firmware files a qemu argv loads: `-bios FILE`, a direct boot's
+/// `-kernel`/`-initrd`, and pflash drives' `file=` (with whether the drive is
+/// writable).
 pub fn firmware_files(argv: &[String]) -> Vec<(PathBuf, bool)> {
     let mut out = vec![];
     for w in argv.windows(2) {
         match w[0].as_str() {
             "-bios" => out.push((PathBuf::from(&w[1]), false)),
+            // Built by qemu::argv with `,` doubled (opts::verbatim_path).
+            "-kernel" | "-initrd" => out.push((PathBuf::from(w[1].replace(",,", ",")), false)),
             "-drive" => {
                 let opts = split_opts(&w[1]);
                 if !opts.iter().any(|o| o == "if=pflash") {
@@ -551,6 +554,10 @@ mod tests {
             "if=pflash,unit=1,format=raw,file=/vars.fd",
             "-bios",
             "/bios.bin",
+            "-kernel",
+            "/img/boot/k,,1.vmlinuz",
+            "-initrd",
+            "/img/boot/k.initrd",
         ]);
         assert_eq!(
             firmware_files(&a),
@@ -558,6 +565,8 @@ mod tests {
                 (PathBuf::from("/a,b.fd"), false),
                 (PathBuf::from("/vars.fd"), true),
                 (PathBuf::from("/bios.bin"), false),
+                (PathBuf::from("/img/boot/k,1.vmlinuz"), false),
+                (PathBuf::from("/img/boot/k.initrd"), false),
             ]
         );
     }

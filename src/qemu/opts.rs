@@ -13,6 +13,8 @@ use thiserror::Error;
 pub enum OptError {
     #[error("path {0:?} is not valid UTF-8, which qemu options cannot carry")]
     NonUtf8(PathBuf),
+    #[error("value {0:?} holds a control character")]
+    Control(String),
 }
 
 /// Escapes one value for qemu's option syntax.
@@ -57,6 +59,25 @@ impl Opts {
     }
 }
 
+/// A value qemu takes verbatim, with no option syntax (`-append LINE`):
+/// nothing to escape, but a control character is refused.
+pub fn verbatim(value: &str) -> Result<String, OptError> {
+    if value.chars().any(char::is_control) {
+        return Err(OptError::Control(value.into()));
+    }
+    Ok(value.into())
+}
+
+/// A file name qemu takes verbatim (`-kernel FILE`, `-initrd FILE`).
+/// `-initrd` splits its value on commas (several initrds), so a comma is
+/// escaped here too.
+pub fn verbatim_path(path: &Path) -> Result<String, OptError> {
+    let s = path
+        .to_str()
+        .ok_or_else(|| OptError::NonUtf8(path.to_owned()))?;
+    verbatim(&escape(s))
+}
+
 impl Display for Opts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -86,6 +107,13 @@ mod tests {
         );
         assert_eq!(Opts::kv("if", "none").to_string(), "if=none");
         assert_eq!(Opts::new("x,y").to_string(), "x,,y");
+    }
+
+    #[test]
+    fn verbatim_values() {
+        assert_eq!(verbatim("root=UUID=x ro").unwrap(), "root=UUID=x ro");
+        assert!(verbatim("a\nb").is_err());
+        assert_eq!(verbatim_path(Path::new("/a,b/k")).unwrap(), "/a,,b/k");
     }
 
     #[test]
