@@ -314,6 +314,34 @@ struct Live {
     qmp: Qmp,
     events: UnboundedReceiver<qmp::Event>,
     net: Attached,
+    _ready: Option<Readiness>,
+}
+
+/// The run's readiness watch ([`crate::ssh::watch_readiness`]), on a thread
+/// of its own; told to end when the run ends.
+struct Readiness(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Readiness {
+    fn spawn(vm: &VmPaths, spec: &VmSpec, qemu_pid: u32) -> Option<Readiness> {
+        let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (vm, spec, flag) = (vm.clone(), spec.clone(), cancel.clone());
+        let spawned = std::thread::Builder::new()
+            .name("readiness".into())
+            .spawn(move || crate::ssh::watch_readiness(&spec, &vm, qemu_pid, &flag));
+        match spawned {
+            Ok(_) => Some(Readiness(cancel)),
+            Err(e) => {
+                warn!("no readiness events for this run: cannot start a thread: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Readiness {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Spawns qemu (paused), connects QMP and resumes the guest.
@@ -335,7 +363,7 @@ async fn launch(
     let binary = qemu::find_binary(arch)?;
     let firmware = qemu::firmware_args(spec, vm, Some(vm.firmware_dir()))?;
 
-    let live = spawn_connected(vm, spec, accel, &binary, &firmware, &jail, rec).await?;
+    let mut live = spawn_connected(vm, spec, accel, &binary, &firmware, &jail, rec).await?;
     for sock in [vm.qmp_socket(), vm.ctl_socket(), vm.serial_socket()] {
         let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
     }
@@ -344,6 +372,7 @@ async fn launch(
         .await
         .map_err(SupervisorError::Qmp)?;
     record(rec, Event::Resumed);
+    live._ready = Readiness::spawn(vm, spec, live.q.pid);
     info!(
         "{} running (qemu pid {}, {})",
         spec.name,
@@ -396,6 +425,7 @@ async fn spawn_connected(
                     qmp,
                     events,
                     net,
+                    _ready: None,
                 });
             }
             Err(failed) => {
