@@ -559,8 +559,10 @@ async fn events(
     let since = since
         .map(|s| events::parse_since(s, chrono::Utc::now()))
         .transpose()?;
-    // A VM with neither a definition nor a log is a typo.
+    // A VM with neither a definition nor a log is a typo (unless we are to
+    // wait for it to appear).
     if let Some(n) = &name
+        && !follow
         && store.vm(n).is_err()
         && !store.vm_paths(n).events().exists()
     {

@@ -362,6 +362,37 @@ mod tests {
     }
 
     #[test]
+    fn a_server_counts_as_sshd_only_by_its_banner() {
+        use std::io::Write;
+        let serve = |greeting: &'static [u8]| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let _ = s.write_all(greeting);
+            });
+            Endpoint {
+                host: "127.0.0.1".into(),
+                port,
+            }
+        };
+        assert!(banner(&serve(b"SSH-2.0-OpenSSH_9.2\r\n")));
+        assert!(!banner(&serve(b"HTTP/1.1 400\r\n")));
+        // Accepted, then closed at once (a user-mode forward with nothing
+        // listening in the guest).
+        assert!(!banner(&serve(b"")));
+        // Nothing listening at all.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let ep = Endpoint {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        assert!(!banner(&ep));
+    }
+
+    #[test]
     fn cloud_init_verdicts() {
         assert_eq!(cloud_init_verdict(Some(0), "\nstatus: done\n"), Some(true));
         assert_eq!(cloud_init_verdict(Some(2), "status: done\n"), Some(true));
