@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what nox needs on a Debian 12/13 host (qemu, firmware, ssh client,
 # dnsmasq for the network tests, the test-image builder's tools, systemd-nspawn
-# for the systemd-as-PID-1 tests), then builds and installs nox to
-# /usr/local/bin. Run as root. Non-interactive.
+# for the systemd-as-PID-1 tests, pytest for the Python client's tests), then
+# builds and installs nox to /usr/local/bin. Run as root. Non-interactive.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -21,7 +21,7 @@ apt-get install -y -qq --no-install-recommends "${apt_t[@]}" \
     qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64
 apt-get install -y -qq --no-install-recommends \
     openssh-client dnsmasq-base iproute2 mtools dosfstools systemd \
-    busybox-static python3 util-linux coreutils passt \
+    busybox-static python3 python3-pytest util-linux coreutils passt \
     systemd-container mmdebstrap debian-archive-keyring
 
 if [ "${NOX_SKIP_INSTALL:-}" != 1 ]; then

@@ -114,6 +114,23 @@ pub enum Cmd {
         #[arg(long)]
         raw: bool,
     },
+    /// What happens to VMs: state changes, addresses, SSH and cloud-init
+    /// readiness, restarts (one VM, or all merged by time)
+    Events {
+        /// Only this VM's events (it may have been deleted)
+        name: Option<VmName>,
+        /// One JSON object per line (format in the README, "Events")
+        #[arg(long)]
+        json: bool,
+        /// Only events since a time: a duration back from now (30s, 10m,
+        /// 2h, 1day) or an RFC 3339 time (2026-01-31T12:00:00Z)
+        #[arg(long, value_name = "DURATION|TIME")]
+        since: Option<String>,
+        /// Keep printing new events until interrupted (without --since:
+        /// only new ones)
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Check this host: qemu, accelerator, /dev/net/tun, state directory
     Doctor,
     /// Run a VM's supervisor in the foreground (what nox@NAME.service runs)
@@ -425,6 +442,12 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Ssh { name, command } => ssh_exec(&store, &name, &command),
         Cmd::Console { name } => console(&store, &name),
         Cmd::Logs { name, follow, raw } => logs(&store, &name, follow, raw),
+        Cmd::Events {
+            name,
+            json,
+            since,
+            follow,
+        } => events(&store, name, json, since.as_deref(), follow).await,
         Cmd::Doctor => doctor(&store).await,
         Cmd::Systemd(SystemdCmd::Install { dir, user }) => {
             let scope = if user { Scope::User } else { Scope::System };
@@ -643,6 +666,74 @@ async fn stop(store: &Store, name: &str, force: bool, timeout: u64) -> Result<()
         Stopped::Forced(why) => println!("Stopped {name} ({why})"),
     }
     Ok(())
+}
+
+/// `nox events`: the history (all, or `--since`), then with `--follow` new
+/// events as they are appended, until interrupted or stdout closes.
+async fn events(
+    store: &Store,
+    name: Option<VmName>,
+    json: bool,
+    since: Option<&str>,
+    follow: bool,
+) -> Result<i32> {
+    use crate::events::{self, Reader};
+    let since = since
+        .map(|s| events::parse_since(s, chrono::Utc::now()))
+        .transpose()?;
+    // A VM with neither a definition nor a log is a typo (unless we are to
+    // wait for it to appear).
+    if let Some(n) = &name
+        && !follow
+        && store.vm(n).is_err()
+        && !store.vm_paths(n).events().exists()
+    {
+        bail!(crate::store::StoreError::NotFound(n.to_string()));
+    }
+    let mut reader = Reader::new(store, name, since);
+    let first = reader.poll()?;
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut out = std::io::stdout().lock();
+    let mut print = |lines: Vec<events::Line>| -> std::io::Result<()> {
+        for l in lines {
+            if json {
+                writeln!(out, "{}", l.raw.trim_end())?;
+            } else if terminal {
+                // Guest-controlled text (cloud-init's detail) is shown escaped.
+                writeln!(out, "{}", crate::text::printable(l.human().as_bytes()))?;
+            } else {
+                writeln!(out, "{}", l.human())?;
+            }
+        }
+        out.flush()
+    };
+    if (since.is_some() || !follow)
+        && let Err(e) = print(first)
+    {
+        return closed(e);
+    }
+    if !follow {
+        return Ok(0);
+    }
+    let mut interrupt = std::pin::pin!(tokio::signal::ctrl_c());
+    loop {
+        tokio::select! {
+            _ = &mut interrupt => return Ok(0),
+            _ = tokio::time::sleep(events::POLL) => {}
+        }
+        if let Err(e) = print(reader.poll()?) {
+            return closed(e);
+        }
+    }
+}
+
+/// A reader that went away (`nox events -f | head`) ends the stream quietly.
+fn closed(e: std::io::Error) -> Result<i32> {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Ok(0)
+    } else {
+        Err(e.into())
+    }
 }
 
 fn list(store: &Store, json: bool) -> Result<i32> {

@@ -254,6 +254,102 @@ pub fn run_bounded(
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
+/// The supervisor's readiness watch for one run of qemu (`qemu_pid`): tells
+/// the VM's event log when SSH first accepts nox's key (`ssh-ready`) and
+/// when cloud-init has finished (`cloud-init`). Runs on a thread of its own
+/// (it waits on ssh clients); ends when `cancel` is set or the run is over.
+/// Until sshd answers it only reads the SSH banner over a plain TCP
+/// connection, so a guest without sshd costs no ssh processes.
+pub fn watch_readiness(
+    spec: &VmSpec,
+    vm: &VmPaths,
+    qemu_pid: u32,
+    cancel: &std::sync::atomic::AtomicBool,
+) {
+    use crate::events::{self, CloudInit, Kind};
+    use std::sync::atomic::Ordering;
+    let live = || {
+        !cancel.load(Ordering::Relaxed)
+            && crate::state::load_raw(vm)
+                .is_ok_and(|st| st.state.is_active() && st.qemu_pid == Some(qemu_pid))
+    };
+    let pause = |d: Duration| {
+        let until = Instant::now() + d;
+        while Instant::now() < until && !cancel.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut delay = Duration::from_millis(500);
+    let ep = loop {
+        if !live() {
+            return;
+        }
+        let ep = crate::state::load_raw(vm).ok().and_then(|st| endpoint(&st));
+        if let Some(ep) = ep.filter(banner)
+            && matches!(
+                run(spec, vm, &ep, &["true".into()], Some(Duration::from_secs(30))),
+                Ok(Some(ref o)) if o.status.success()
+            )
+        {
+            break ep;
+        }
+        pause(delay);
+        delay = (delay * 2).min(Duration::from_secs(5));
+    };
+    events::emit(
+        vm,
+        Kind::SshReady {
+            host: ep.host.clone(),
+            port: ep.port,
+        },
+    );
+    let cmd = ["cloud-init".into(), "status".into(), "--wait".into()];
+    while live() {
+        let Ok(Some(out)) = run(spec, vm, &ep, &cmd, Some(Duration::from_secs(3600))) else {
+            pause(Duration::from_secs(2));
+            continue;
+        };
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let status = match cloud_init_verdict(out.status.code(), &text) {
+            Some(true) => CloudInit::Done,
+            Some(false) => CloudInit::Error,
+            // The connection dropped (sshd restarted by cloud-init): again.
+            None if out.status.code() == Some(255) => {
+                pause(Duration::from_secs(2));
+                continue;
+            }
+            // No cloud-init in this guest, or an answer we do not know.
+            None => return,
+        };
+        let detail = (status == CloudInit::Error).then(|| {
+            let long = ["cloud-init".into(), "status".into(), "--long".into()];
+            run(spec, vm, &ep, &long, Some(Duration::from_secs(30)))
+                .ok()
+                .flatten()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| text.trim().to_string())
+        });
+        events::emit(vm, Kind::CloudInit { status, detail });
+        return;
+    }
+}
+
+/// Whether an SSH server answers at `ep` (its banner starts with `SSH-`).
+fn banner(ep: &Endpoint) -> bool {
+    use std::io::Read;
+    let Ok(ip) = ep.host.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    let addr = std::net::SocketAddr::new(ip, ep.port);
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
+}
+
 /// What `cloud-init status` said: done (`Some(true)`; exit 2 is "done with
 /// recoverable errors"), error (`Some(false)`), or no verdict (`None`: ssh
 /// failed, or cloud-init still running).
@@ -346,6 +442,37 @@ mod tests {
         );
         let a = argv(&spec, &vm, &ep, true, &[]).join(" ");
         assert!(!a.contains("/home/u/.ssh"), "{a}");
+    }
+
+    #[test]
+    fn a_server_counts_as_sshd_only_by_its_banner() {
+        use std::io::Write;
+        let serve = |greeting: &'static [u8]| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let _ = s.write_all(greeting);
+            });
+            Endpoint {
+                host: "127.0.0.1".into(),
+                port,
+            }
+        };
+        assert!(banner(&serve(b"SSH-2.0-OpenSSH_9.2\r\n")));
+        assert!(!banner(&serve(b"HTTP/1.1 400\r\n")));
+        // Accepted, then closed at once (a user-mode forward with nothing
+        // listening in the guest).
+        assert!(!banner(&serve(b"")));
+        // Nothing listening at all.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let ep = Endpoint {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        assert!(!banner(&ep));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! The supervisor changes the file only through a [`Recorder`], which applies
 //! lifecycle [`Event`]s checked by [`transition`] against one table of
-//! allowed (phase, event) pairs.
+//! allowed (phase, event) pairs, and tells the VM's event log
+//! ([`crate::events`]) what changed ([`told`]).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -381,13 +382,56 @@ impl<'a> Recorder<'a> {
         &self.st
     }
 
-    /// Applies `event` and saves. A refused event changes nothing; when only
-    /// the save fails the new state is kept (and written with the next one).
+    /// Applies `event`, saves, and appends what changed to the VM's event
+    /// log. A refused event changes nothing; when only the save fails the new
+    /// state is kept (and written with the next one).
     pub fn apply(&mut self, event: &Event) -> Result<(), RecordError> {
         let to = transition(self.st.state, event)?;
-        self.st = next_state(&self.st, self.supervisor, to, event);
-        save(self.vm, &self.st).map_err(RecordError::Save)
+        let new = next_state(&self.st, self.supervisor, to, event);
+        let saved = save(self.vm, &new).map_err(RecordError::Save);
+        for kind in told(&self.st, &new, event) {
+            crate::events::emit(self.vm, kind);
+        }
+        self.st = new;
+        saved
     }
+}
+
+/// What the event log hears about an allowed event, given the state before
+/// and after it: the phase change (with its reason), new addresses, a
+/// scheduled restart.
+pub fn told(old: &State, new: &State, event: &Event) -> Vec<crate::events::Kind> {
+    use crate::events::Kind;
+    let mut out = vec![];
+    if let Event::BackOff {
+        delay_secs,
+        restarts,
+    } = event
+    {
+        out.push(Kind::Restart {
+            restarts: *restarts,
+            delay_secs: *delay_secs,
+            after: old.reason.clone(),
+        });
+    }
+    if old.state != new.state {
+        out.push(Kind::State {
+            state: new.state,
+            from: old.state,
+            reason: new.reason.clone(),
+        });
+    }
+    // Addresses learned or changed while the VM runs; losing them at the
+    // end of a run is said by the state change.
+    let changed = new.ip != old.ip || new.ipv6 != old.ipv6;
+    if new.state.is_active() && changed && (new.ip.is_some() || !new.ipv6.is_empty()) {
+        out.push(Kind::Ip {
+            ip: new.ip.clone(),
+            ipv6: new.ipv6.clone(),
+            previous: old.ip.clone().filter(|p| new.ip.as_ref() != Some(p)),
+        });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -598,6 +642,76 @@ mod tests {
                 updated: load_raw(&vm).unwrap().updated,
                 ..rec.state().clone()
             }
+        );
+    }
+
+    #[test]
+    fn the_recorder_tells_the_event_log_each_change() {
+        use crate::events::{Kind, Reader};
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::at(t.path().join("r"), t.path().join("run"));
+        s.init().unwrap();
+        let vm = s.vm_paths(&"demo".parse().unwrap());
+        std::fs::create_dir_all(&vm.dir).unwrap();
+        let mut rec = Recorder::new(&vm, 1);
+        let v4 = |ip: &str| Event::Addresses {
+            ipv4: Some(ip.into()),
+            ipv6: vec![],
+        };
+        for ev in [
+            sample(EventKind::Launch),
+            sample(EventKind::Spawned),
+            Event::Resumed,
+            v4("10.0.0.5"),
+            // The same addresses again: nothing to tell.
+            v4("10.0.0.5"),
+            v4("10.0.0.9"),
+            sample(EventKind::Crashed),
+            Event::BackOff {
+                delay_secs: 1,
+                restarts: 1,
+            },
+            sample(EventKind::Launch),
+            Event::BackOffCancelled,
+        ] {
+            rec.apply(&ev).unwrap();
+        }
+        let told: Vec<Kind> = Reader::new(&s, None, None)
+            .poll()
+            .unwrap()
+            .iter()
+            .map(|l| l.record().unwrap().kind)
+            .collect();
+        let st = |from, state, reason: Option<&str>| Kind::State {
+            state,
+            from,
+            reason: reason.map(String::from),
+        };
+        use Phase::*;
+        assert_eq!(
+            told,
+            [
+                st(Stopped, Starting, None),
+                st(Starting, Running, None),
+                Kind::Ip {
+                    ip: Some("10.0.0.5".into()),
+                    ipv6: vec![],
+                    previous: None
+                },
+                Kind::Ip {
+                    ip: Some("10.0.0.9".into()),
+                    ipv6: vec![],
+                    previous: Some("10.0.0.5".into())
+                },
+                st(Running, Crashed, Some("boom")),
+                Kind::Restart {
+                    restarts: 1,
+                    delay_secs: 1,
+                    after: Some("boom".into())
+                },
+                st(Crashed, Starting, Some("restarting in 1s after: boom")),
+                st(Starting, Stopped, Some(BACKOFF_CANCELLED)),
+            ]
         );
     }
 

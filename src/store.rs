@@ -6,6 +6,7 @@
 //!   firmware/                nox's own QEMU firmware descriptors (see crate::firmware)
 //!   images/                  shared base images (see crate::image)
 //!   stage.lock               held for moments while a create makes its staging dir
+//!   events/NAME.jsonl[.1]    the VM's event log (see crate::events); outlives the VM
 //!   vms/NAME/                one VM: spec.json, state.json, disk.qcow2, seed.img, keys, logs
 //!   vms/.new-NAME-XXXX/      a create in progress (invisible; removed by the next create)
 //! RUN/NAME/                  /run/nox (root), ROOT/run otherwise: qmp.sock, ctl.sock, serial.sock
@@ -109,6 +110,11 @@ impl Store {
     pub fn firmware_dir(&self) -> PathBuf {
         self.root.join("firmware")
     }
+    /// The VMs' event logs (`crate::events`), kept apart from `vms/` so a
+    /// deleted VM's log, with its `deleted` event, stays readable.
+    pub fn events_dir(&self) -> PathBuf {
+        self.root.join("events")
+    }
 
     /// Creates the top-level directories (0700).
     pub fn init(&self) -> Result<(), StoreError> {
@@ -135,6 +141,7 @@ impl Store {
             dir: self.vms_dir().join(name.as_str()),
             run: self.run.join(name.as_str()),
             firmware_dir: self.firmware_dir(),
+            events: self.events_dir().join(format!("{name}.jsonl")),
         }
     }
 
@@ -265,6 +272,7 @@ pub struct VmPaths {
     pub dir: PathBuf,
     pub run: PathBuf,
     firmware_dir: PathBuf,
+    events: PathBuf,
 }
 
 impl VmPaths {
@@ -275,6 +283,7 @@ impl VmPaths {
             dir: dir.to_owned(),
             run: self.run.clone(),
             firmware_dir: self.firmware_dir.clone(),
+            events: self.events.clone(),
         }
     }
     /// The store's own firmware descriptor directory (shared by all VMs).
@@ -329,6 +338,10 @@ impl VmPaths {
     }
     pub fn serial_socket(&self) -> PathBuf {
         self.run.join("serial.sock")
+    }
+    /// The VM's event log (`crate::events`); outside the VM's directory.
+    pub fn events(&self) -> &Path {
+        &self.events
     }
     /// UEFI variable store (per VM, writable), qcow2 so that it can be
     /// snapshotted with the disk (see crate::firmware::prepare_vars).

@@ -319,6 +319,34 @@ struct Live {
     net: Attached,
     /// This boot's timeline (`nox info --boot`).
     watch: timeline::Watch,
+    _ready: Option<Readiness>,
+}
+
+/// The run's readiness watch ([`crate::ssh::watch_readiness`]), on a thread
+/// of its own; told to end when the run ends.
+struct Readiness(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Readiness {
+    fn spawn(vm: &VmPaths, spec: &VmSpec, qemu_pid: u32) -> Option<Readiness> {
+        let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (vm, spec, flag) = (vm.clone(), spec.clone(), cancel.clone());
+        let spawned = std::thread::Builder::new()
+            .name("readiness".into())
+            .spawn(move || crate::ssh::watch_readiness(&spec, &vm, qemu_pid, &flag));
+        match spawned {
+            Ok(_) => Some(Readiness(cancel)),
+            Err(e) => {
+                warn!("no readiness events for this run: cannot start a thread: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Readiness {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The direct kernel boot for this start, or why there is none. Not tried
@@ -405,6 +433,7 @@ async fn launch(
     live.watch = timeline::Watch::new(method, fallback, console_at);
     save_boot(vm, &live.watch);
     record(rec, Event::Resumed);
+    live._ready = Readiness::spawn(vm, spec, live.q.pid);
     info!(
         "{} running (qemu pid {}, {})",
         spec.name,
@@ -461,6 +490,7 @@ async fn spawn_connected(
                     events,
                     net,
                     watch: timeline::Watch::new("", None, 0),
+                    _ready: None,
                 });
             }
             Err(failed) => {

@@ -225,6 +225,11 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     write_seed(&spec, &vm, &host, user_data, None)?;
     store::write_json(&vm.spec(), &spec)?;
     staging.commit()?;
+    let created = crate::events::Kind::Created {
+        image: spec.image.source.clone(),
+        network: spec.network.to_string(),
+    };
+    crate::events::emit(&vm, created);
     Ok(spec)
 }
 
@@ -606,6 +611,8 @@ pub async fn delete(store: &Store, name: &str, force: bool) -> Result<(), VmErro
                 })?;
             }
             store.remove(&vm)?;
+            crate::events::emit(&vm, crate::events::Kind::Deleted {});
+            crate::events::prune(store);
             return Ok(());
         }
         if !force {

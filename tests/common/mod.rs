@@ -467,3 +467,43 @@ impl Supervised {
         self.child.id() as u64
     }
 }
+
+/// A python3 that has pytest (`python3` on PATH, else /usr/bin/python3,
+/// where Debian's python3-pytest installs it); None = skip (printed, or a
+/// failure under NOX_E2E=require).
+pub fn python_with_pytest() -> Option<String> {
+    let found = ["python3", "/usr/bin/python3"].into_iter().find(|py| {
+        Command::new(py)
+            .args(["-c", "import pytest"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !prereq(
+        found.is_some(),
+        "python3 with pytest not found (Debian: apt install python3-pytest)",
+    ) {
+        return None;
+    }
+    found.map(String::from)
+}
+
+/// `python3 -m pytest clients/python/tests/FILES -q` against this build's
+/// nox binary, in `h`'s state directory; returns whether it passed.
+pub fn pytest(py: &str, h: &Home, files: &[&str], env: &[(&str, &str)]) -> bool {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python");
+    let st = Command::new(py)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .args(files.iter().map(|f| format!("tests/{f}")))
+        .current_dir(&dir)
+        .env("NOX_BIN", env!("CARGO_BIN_EXE_nox"))
+        .env("NOX_HOME", h.path())
+        .env("HOME", h.path().join("home"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    st.success()
+}
