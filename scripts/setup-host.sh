@@ -21,11 +21,17 @@ apt-get install -y -qq --no-install-recommends "${apt_t[@]}" \
     qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64
 apt-get install -y -qq --no-install-recommends \
     openssh-client dnsmasq-base iproute2 mtools dosfstools systemd \
-    busybox-static python3 python3-pytest util-linux coreutils passt \
+    busybox-static python3 python3-pytest util-linux coreutils passt bash-completion \
     systemd-container mmdebstrap debian-archive-keyring
 
 if [ "${NOX_SKIP_INSTALL:-}" != 1 ]; then
     cargo build --release --locked
     install -m 0755 target/release/nox /usr/local/bin/nox
     echo "installed /usr/local/bin/nox"
+    # Bash completion (loaded on demand by bash-completion; it calls nox back
+    # for VM and image names) and the man pages nox.1, nox-COMMAND.1.
+    install -d /usr/share/bash-completion/completions /usr/local/share/man/man1
+    /usr/local/bin/nox completions bash > /usr/share/bash-completion/completions/nox
+    /usr/local/bin/nox man --dir /usr/local/share/man/man1 > /dev/null
+    echo "installed /usr/share/bash-completion/completions/nox and /usr/local/share/man/man1/nox.1"
 fi

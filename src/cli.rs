@@ -159,6 +159,33 @@ pub enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Change a stopped VM's vCPUs, memory or disk size (disks only grow)
+    Set(SetArgs),
+    /// Copy files between the host and a running VM over its pinned SSH
+    /// connection: `nox cp ./f web:/tmp/`, `nox cp -r web:dir ./dir`
+    Cp {
+        /// Copy directories recursively
+        #[arg(short, long)]
+        recursive: bool,
+        /// `PATH` on the host or `NAME:PATH` in a VM
+        #[arg(value_name = "[NAME:]SRC")]
+        src: String,
+        #[arg(value_name = "[NAME:]DST")]
+        dst: String,
+    },
+    /// Show the defaults `nox create` uses (config.json)
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Print the shell completion script: bash, zsh or fish
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print the man page nox.1, or write nox.1 and nox-COMMAND.1 into --dir
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Snapshots of a VM: live with RAM while it runs, of its disk when stopped
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
@@ -192,6 +219,39 @@ pub enum SnapshotCmd {
         name: VmName,
         snap: crate::ident::SnapName,
     },
+}
+
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true)))]
+pub struct SetArgs {
+    pub name: VmName,
+    /// vCPUs
+    #[arg(long, group = "change")]
+    pub cpus: Option<u32>,
+    /// Guest memory, e.g. 1536M or 2G
+    #[arg(long, group = "change")]
+    pub memory: Option<String>,
+    /// New disk size (20G) or growth (+5G); disks only grow, and the guest's
+    /// root filesystem follows at its next boot
+    #[arg(long, group = "change", allow_hyphen_values = true)]
+    pub disk: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// The effective defaults of `nox create` and where each comes from
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Subcommand, Debug)]
@@ -264,24 +324,28 @@ pub enum SystemdCmd {
 pub struct CreateArgs {
     /// VM name (DNS label); generated when omitted
     pub name: Option<VmName>,
-    /// Local qcow2/raw file or catalog name
-    #[arg(long, default_value = "debian-13")]
-    pub image: String,
+    /// Local qcow2/raw file or catalog name [default: config.json's defaults, else debian-13]
+    #[arg(long)]
+    pub image: Option<String>,
     /// Guest architecture (amd64 or x86_64, arm64 or aarch64); the host's by default
     #[arg(long)]
     pub arch: Option<Arch>,
-    #[arg(long, default_value_t = default_cpus())]
-    pub cpus: u32,
-    #[arg(long, default_value = "1G")]
-    pub memory: String,
-    #[arg(long, default_value = "10G")]
-    pub disk: String,
-    /// Public key file to authorise (repeatable); default ~/.ssh/id_*.pub
+    /// vCPUs [default: config.json's defaults, else min(2, host CPUs)]
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Guest memory [default: config.json's defaults, else 1G]
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Disk size [default: config.json's defaults, else 10G]
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Public key file to authorise (repeatable); default: config.json's
+    /// defaults, else ~/.ssh/id_*.pub
     #[arg(long = "ssh-key")]
     pub ssh_key: Vec<PathBuf>,
-    /// Login user created in the guest
-    #[arg(long, default_value = "nox")]
-    pub user: UserName,
+    /// Login user created in the guest [default: config.json's defaults, else nox]
+    #[arg(long)]
+    pub user: Option<UserName>,
     /// Extra cloud-init user-data (#cloud-config or a #! script), merged with nox's
     #[arg(long)]
     pub user_data: Option<PathBuf>,
@@ -334,13 +398,12 @@ pub struct CreateArgs {
     pub json: bool,
 }
 
-fn default_cpus() -> u32 {
-    crate::spec::host_cpus().min(2)
-}
-
 /// Entry point of the binary: runs the command, prints errors with their
 /// causes, returns the exit code.
 pub fn main() -> i32 {
+    // `COMPLETE=bash nox -- WORDS…` (what the completion script runs):
+    // print the candidates and exit.
+    clap_complete::CompleteEnv::with_factory(command).complete();
     let cli = Cli::parse();
     let is_run = matches!(cli.cmd, Cmd::Run { .. });
     let filter = tracing_subscriber::EnvFilter::try_from_env("NOX_LOG")
@@ -523,6 +586,21 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             }
             Err(e) => Err(e).with_context(|| format!("supervisor of {name}")),
         },
+        Cmd::Set(a) => set(&store, &a),
+        Cmd::Cp {
+            recursive,
+            src,
+            dst,
+        } => cp(&store, recursive, &src, &dst),
+        Cmd::Config(ConfigCmd::Show { json }) => config_show(&store, json).await,
+        Cmd::Completions { shell } => {
+            completions(shell)?;
+            Ok(0)
+        }
+        Cmd::Man { dir } => {
+            man(dir.as_deref())?;
+            Ok(0)
+        }
     }
 }
 
@@ -559,18 +637,25 @@ fn clone(
 }
 
 async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
+    // A flag, then config.json's defaults, then the built-in default.
+    let cfg = crate::config::load(&store.config_path()).context("cannot create the VM")?;
+    let d = cfg.defaults.effective();
     let opts = CreateOptions {
         name: a.name,
-        image: a.image,
+        image: a.image.unwrap_or(d.image.0),
         arch: a.arch,
-        cpus: a.cpus,
-        memory: a.memory,
-        disk: a.disk,
-        ssh_keys: a.ssh_key,
-        user: a.user,
+        cpus: a.cpus.unwrap_or(d.cpus.0),
+        memory: a.memory.unwrap_or(d.memory.0),
+        disk: a.disk.unwrap_or(d.disk.0),
+        ssh_keys: if a.ssh_key.is_empty() {
+            d.ssh_keys.0
+        } else {
+            a.ssh_key
+        },
+        user: a.user.unwrap_or(d.user.0),
         user_data: a.user_data,
         accel: a.accel,
-        network: a.network,
+        network: a.network.or(d.network.0),
         publish: a.publish,
         stop_timeout: a.stop_timeout,
         restart: a.restart,
@@ -1167,6 +1252,286 @@ fn logs(store: &Store, name: &str, follow: bool, raw: bool) -> Result<i32> {
     }
 }
 
+fn set(store: &Store, a: &SetArgs) -> Result<i32> {
+    let opts = vm::SetOptions {
+        cpus: a.cpus,
+        memory: a.memory.clone(),
+        disk: a.disk.clone(),
+    };
+    let name = &a.name;
+    let (old, new) =
+        vm::set(store, name, &opts).with_context(|| format!("cannot change {name}"))?;
+    if old == new {
+        println!("{name} unchanged");
+        return Ok(0);
+    }
+    let mut changes = vec![];
+    if old.cpus != new.cpus {
+        changes.push(format!("{} CPUs (was {})", new.cpus, old.cpus));
+    }
+    if old.memory != new.memory {
+        changes.push(format!(
+            "{} MiB memory (was {})",
+            new.memory >> 20,
+            old.memory >> 20
+        ));
+    }
+    if old.disk != new.disk {
+        changes.push(format!(
+            "{} MiB disk (was {}; the root filesystem grows at the next boot)",
+            new.disk >> 20,
+            old.disk >> 20
+        ));
+    }
+    println!("{name}: {}", changes.join(", "));
+    Ok(0)
+}
+
+/// One side of `nox cp`: a host path, or a path in a VM (`NAME:PATH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CpPath {
+    Local(PathBuf),
+    Guest(VmName, String),
+}
+
+/// `NAME:PATH` is a guest path when NAME has no `/` (as with scp); give a
+/// host file with a colon as `./a:b`.
+fn parse_cp_path(s: &str) -> Result<CpPath> {
+    match s.split_once(':') {
+        Some((name, path)) if !name.contains('/') => {
+            let name: VmName = name
+                .parse()
+                .with_context(|| format!("{s:?}: not NAME:PATH (a host path with ':' is ./{s})"))?;
+            Ok(CpPath::Guest(name, path.to_string()))
+        }
+        _ => Ok(CpPath::Local(PathBuf::from(s))),
+    }
+}
+
+fn cp(store: &Store, recursive: bool, src: &str, dst: &str) -> Result<i32> {
+    let (name, direction, local, remote) = match (parse_cp_path(src)?, parse_cp_path(dst)?) {
+        (CpPath::Local(l), CpPath::Guest(n, r)) => (n, ssh::Direction::ToGuest, l, r),
+        (CpPath::Guest(n, r), CpPath::Local(l)) => (n, ssh::Direction::FromGuest, l, r),
+        (CpPath::Guest(..), CpPath::Guest(..)) => {
+            bail!("both {src:?} and {dst:?} are in VMs; copy through the host, one side at a time")
+        }
+        (CpPath::Local(_), CpPath::Local(_)) => {
+            bail!("neither {src:?} nor {dst:?} is in a VM; write one as NAME:PATH")
+        }
+    };
+    let vmp = store.vm(&name)?;
+    let spec = vmp.load_spec()?;
+    let st = crate::state::load(&vmp)?;
+    let ep = match (st.state, ssh::endpoint(&st)) {
+        (Phase::Running, Some(ep)) => ep,
+        (s, _) => bail!("{name} is {s}; start it with `nox start {name}`"),
+    };
+    let a = ssh::scp_argv(&spec, &vmp, &ep, recursive, direction, &local, &remote);
+    let status = std::process::Command::new(&a[0])
+        .args(&a[1..])
+        .status()
+        .context("cannot run scp (Debian: apt install openssh-client)")?;
+    // scp has said what went wrong; pass its exit code on.
+    Ok(status.code().unwrap_or(1))
+}
+
+async fn config_show(store: &Store, json: bool) -> Result<i32> {
+    use crate::config::Origin;
+    let cfg = crate::config::load(&store.config_path())?;
+    let e = cfg.defaults.effective();
+    for k in &cfg.unknown_keys {
+        eprintln!(
+            "warning: {}: unknown key {k:?} (ignored; known: defaults, jail, mirror, mirrors)",
+            cfg.path.display()
+        );
+    }
+    let from = |o: Origin| match o {
+        Origin::Config => "config.json",
+        Origin::BuiltIn => "built-in",
+    };
+    if json {
+        let origin = |o: Origin| serde_json::to_value(o).unwrap_or_default();
+        let v = serde_json::json!({
+            "path": cfg.path,
+            "exists": cfg.exists,
+            "defaults": {
+                "image": e.image.0, "cpus": e.cpus.0, "memory": e.memory.0, "disk": e.disk.0,
+                "network": e.network.0.as_ref().map(|n| n.to_string()),
+                "ssh_keys": e.ssh_keys.0, "user": e.user.0,
+            },
+            "origin": {
+                "image": origin(e.image.1), "cpus": origin(e.cpus.1), "memory": origin(e.memory.1),
+                "disk": origin(e.disk.1), "network": origin(e.network.1),
+                "ssh_keys": origin(e.ssh_keys.1), "user": origin(e.user.1),
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!(
+        "# {}{}",
+        cfg.path.display(),
+        if cfg.exists { "" } else { " (absent)" }
+    );
+    println!("image:    {:<24} {}", e.image.0, from(e.image.1));
+    println!("cpus:     {:<24} {}", e.cpus.0, from(e.cpus.1));
+    println!("memory:   {:<24} {}", e.memory.0, from(e.memory.1));
+    println!("disk:     {:<24} {}", e.disk.0, from(e.disk.1));
+    let network = match &e.network.0 {
+        Some(n) => n.to_string(),
+        None => format!("auto ({})", vm::default_network().await.1),
+    };
+    println!("network:  {:<24} {}", network, from(e.network.1));
+    let keys = if e.ssh_keys.0.is_empty() {
+        "~/.ssh/id_*.pub".to_string()
+    } else {
+        e.ssh_keys
+            .0
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("ssh_keys: {:<24} {}", keys, from(e.ssh_keys.1));
+    println!("user:     {:<24} {}", e.user.0, from(e.user.1));
+    Ok(0)
+}
+
+/// The clap command with dynamic completions: existing VM names for the
+/// commands that take one, image names for `--image` and `image rm`, and
+/// `NAME:` or host paths for `cp`. Completion runs through clap_complete's
+/// `CompleteEnv`: the shell script calls `COMPLETE=bash nox -- WORDS…`.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    use clap_complete::engine::{ArgValueCandidates, ArgValueCompleter};
+    let vms = ArgValueCandidates::new(|| complete_vms(""));
+    let images = ArgValueCandidates::new(|| complete_images(true));
+    let cached = ArgValueCandidates::new(|| complete_images(false));
+    let cp_path = ArgValueCompleter::new(complete_cp_path);
+    // In place (`mut_args`): `mut_arg` re-appends the argument, which would
+    // renumber positionals (ssh's NAME would come after its COMMAND).
+    let with = |c: clap::Command, id: &'static str, f: &dyn Fn(clap::Arg) -> clap::Arg| {
+        c.mut_args(|a| if a.get_id() == id { f(a) } else { a })
+    };
+    let mut cmd = Cli::command();
+    for sub in cmd.get_subcommands_mut() {
+        let name = sub.get_name().to_string();
+        let mut s = std::mem::take(sub);
+        match name.as_str() {
+            // `create`'s NAME is a new one.
+            "create" => s = with(s, "image", &|a| a.add(images.clone())),
+            "cp" => {
+                s = with(s, "src", &|a| a.add(cp_path.clone()));
+                s = with(s, "dst", &|a| a.add(cp_path.clone()));
+            }
+            "image" => {
+                for r in s.get_subcommands_mut() {
+                    *r = with(std::mem::take(r), "image", &|a| a.add(cached.clone()));
+                }
+            }
+            _ => s = with(s, "name", &|a| a.add(vms.clone())),
+        }
+        *sub = s;
+    }
+    cmd
+}
+
+fn complete_vms(suffix: &str) -> Vec<clap_complete::CompletionCandidate> {
+    let Ok(store) = Store::from_env() else {
+        return vec![];
+    };
+    store
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|n| clap_complete::CompletionCandidate::new(format!("{n}{suffix}")))
+        .collect()
+}
+
+/// Cached images' names, and with `catalog` the catalog's.
+fn complete_images(catalog: bool) -> Vec<clap_complete::CompletionCandidate> {
+    let mut names: Vec<String> = crate::image::CATALOG
+        .iter()
+        .filter(|_| catalog)
+        .map(|e| e.name.to_string())
+        .collect();
+    if let Ok(store) = Store::from_env()
+        && let Ok(cache) = crate::image::Cache::open(&store.images_dir())
+    {
+        names.extend(
+            cache
+                .list()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|i| i.name),
+        );
+    }
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(clap_complete::CompletionCandidate::new)
+        .collect()
+}
+
+/// `nox cp` operands: `NAME:` for each VM, and host paths.
+fn complete_cp_path(current: &std::ffi::OsStr) -> Vec<clap_complete::CompletionCandidate> {
+    let cur = current.to_string_lossy();
+    if cur.contains(':') {
+        // A path in the guest: not known on the host.
+        return vec![];
+    }
+    let mut c: Vec<_> = complete_vms(":")
+        .into_iter()
+        .filter(|v| v.get_value().to_string_lossy().starts_with(&*cur))
+        .collect();
+    use clap_complete::engine::ValueCompleter;
+    c.extend(clap_complete::engine::PathCompleter::any().complete(current));
+    c
+}
+
+fn completions(shell: CompletionShell) -> Result<()> {
+    use clap_complete::env::EnvCompleter;
+    let sh: &dyn EnvCompleter = match shell {
+        CompletionShell::Bash => &clap_complete::env::Bash,
+        CompletionShell::Zsh => &clap_complete::env::Zsh,
+        CompletionShell::Fish => &clap_complete::env::Fish,
+    };
+    let mut out = std::io::stdout().lock();
+    // The script calls `nox` from PATH back for every completion, so the
+    // VM names it offers are always the current ones.
+    sh.write_registration("COMPLETE", "nox", "nox", "nox", &mut out)?;
+    Ok(())
+}
+
+fn man(dir: Option<&std::path::Path>) -> Result<()> {
+    let cmd = command();
+    let Some(dir) = dir else {
+        clap_mangen::Man::new(cmd).render(&mut std::io::stdout().lock())?;
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut pages = vec![("nox.1".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let page = format!("nox-{}", sub.get_name());
+        let sub = sub
+            .clone()
+            .display_name(page.clone())
+            .bin_name(format!("nox {}", sub.get_name()));
+        pages.push((format!("{page}.1"), sub));
+    }
+    for (file, page) in pages {
+        let mut buf = vec![];
+        clap_mangen::Man::new(page)
+            .source(concat!("nox ", env!("CARGO_PKG_VERSION")))
+            .render(&mut buf)?;
+        let path = dir.join(&file);
+        crate::store::write_atomic(&path, &buf, 0o644)?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
 /// How one `nox doctor` check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Check {
@@ -1319,6 +1684,39 @@ async fn doctor(store: &Store) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completion_command_is_consistent() {
+        let cmd = command();
+        // VM names are offered where an existing VM is named, not at create.
+        let has_vms = |sub: &str| {
+            cmd.find_subcommand(sub)
+                .and_then(|s| s.get_arguments().find(|a| a.get_id() == "name"))
+                .is_some_and(|a| {
+                    a.get::<clap_complete::engine::ArgValueCandidates>()
+                        .is_some()
+                })
+        };
+        for sub in ["start", "stop", "set", "ssh", "delete", "info", "logs"] {
+            assert!(has_vms(sub), "{sub}");
+        }
+        assert!(!has_vms("create"));
+    }
+
+    #[test]
+    fn cp_paths() {
+        let g = |n: &str, p: &str| CpPath::Guest(n.parse().unwrap(), p.into());
+        assert_eq!(parse_cp_path("web:/tmp/x").unwrap(), g("web", "/tmp/x"));
+        assert_eq!(parse_cp_path("web:").unwrap(), g("web", ""));
+        assert_eq!(parse_cp_path("web:a:b").unwrap(), g("web", "a:b"));
+        assert_eq!(
+            parse_cp_path("./a:b").unwrap(),
+            CpPath::Local("./a:b".into())
+        );
+        assert_eq!(parse_cp_path("/x/y").unwrap(), CpPath::Local("/x/y".into()));
+        let e = format!("{:#}", parse_cp_path("Web:/x").unwrap_err());
+        assert!(e.contains("./Web:/x"), "{e}");
+    }
 
     #[test]
     fn doctor_exits_non_zero_on_any_fail() {

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod cli;
 pub mod clone;
 pub mod events;
+pub mod config;
 pub mod firmware;
 pub mod ident;
 pub mod image;

@@ -179,6 +179,11 @@ fn nox_cloud_config(cfg: &SeedConfig) -> Result<Value, SeedError> {
             "ed25519_private": cfg.host_key.private_openssh,
             "ed25519_public": cfg.host_key.public_openssh,
         },
+        // `nox set --disk` grows the disk; these grow the root partition and
+        // filesystem to fit at every boot (cloud-init's defaults, stated so
+        // an image's own cloud.cfg cannot turn them off).
+        "growpart": {"mode": "auto", "devices": ["/"]},
+        "resize_rootfs": true,
         // DHCP client id from the MAC, not from the machine-id: see
         // NETWORKD_CLIENT_ID.
         "write_files": [{
@@ -682,6 +687,8 @@ mod tests {
         assert_eq!(cc["ssh_pwauth"], false);
         assert_eq!(cc["ssh_deletekeys"], true);
         assert_eq!(cc["ssh_genkeytypes"], json!(["ed25519"]));
+        assert_eq!(cc["growpart"], json!({"mode": "auto", "devices": ["/"]}));
+        assert_eq!(cc["resize_rootfs"], true);
         let users = cc["users"].as_array().unwrap();
         assert_eq!(users.len(), 1);
         assert_eq!(users[0]["name"], "alice");

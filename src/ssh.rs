@@ -66,6 +66,20 @@ pub fn argv(
     command: &[String],
 ) -> Vec<String> {
     let mut a: Vec<String> = vec!["ssh".into()];
+    a.extend(options(spec, vm, batch));
+    a.push("-p".into());
+    a.push(ep.port.to_string());
+    a.push(format!("{}@{}", spec.user, ep.host));
+    if !command.is_empty() {
+        a.push("--".into());
+        a.extend(command.iter().cloned());
+    }
+    a
+}
+
+/// The options `ssh` and `scp` share: the pinned host key and the keys.
+fn options(spec: &VmSpec, vm: &VmPaths, batch: bool) -> Vec<String> {
+    let mut a: Vec<String> = vec![];
     let mut opt = |o: String| {
         a.push("-o".into());
         a.push(o);
@@ -92,12 +106,47 @@ pub fn argv(
         a.push("-i".into());
         a.push(user_key.display().to_string());
     }
-    a.push("-p".into());
-    a.push(ep.port.to_string());
-    a.push(format!("{}@{}", spec.user, ep.host));
-    if !command.is_empty() {
-        a.push("--".into());
-        a.extend(command.iter().cloned());
+    a
+}
+
+/// Which way `nox cp` copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ToGuest,
+    FromGuest,
+}
+
+/// The scp argv for `nox cp` (pure): the same pinning and keys as
+/// [`argv`]. `-s` forces the SFTP protocol, so the guest's shell never
+/// interprets the remote path (the legacy protocol runs it through one);
+/// `--` ends the options, so a path starting with `-` stays a path.
+pub fn scp_argv(
+    spec: &VmSpec,
+    vm: &VmPaths,
+    ep: &Endpoint,
+    recursive: bool,
+    direction: Direction,
+    local: &std::path::Path,
+    remote: &str,
+) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = vec!["scp".into(), "-s".into()];
+    if recursive {
+        a.push("-r".into());
+    }
+    a.extend(options(spec, vm, false).into_iter().map(Into::into));
+    a.push("-P".into());
+    a.push(ep.port.to_string().into());
+    a.push("--".into());
+    // An IPv6 address is bracketed, or its colons would end the host.
+    let host = if ep.host.contains(':') {
+        format!("[{}]", ep.host)
+    } else {
+        ep.host.clone()
+    };
+    let remote = format!("{}@{host}:{remote}", spec.user).into();
+    match direction {
+        Direction::ToGuest => a.extend([local.as_os_str().to_owned(), remote]),
+        Direction::FromGuest => a.extend([remote, local.as_os_str().to_owned()]),
     }
     a
 }
@@ -473,6 +522,59 @@ mod tests {
             port,
         };
         assert!(!banner(&ep));
+    }
+
+    #[test]
+    fn scp_argv_pins_host_key_and_ends_options() {
+        let st = Store::at("/v".into(), "/r".into());
+        let vm = st.vm_paths(&"demo".parse().unwrap());
+        let spec: VmSpec = serde_json::from_value(serde_json::json!({
+            "name": "demo", "image": {"source": "x", "digest": "sha256:0", "path": "/i", "format": "qcow2"},
+            "arch": "amd64", "cpus": 1, "memory": 1073741824u64, "disk": 10737418240u64, "user": "nox",
+            "accel": "auto", "network": {"mode": "user"}, "mac": "52:54:00:00:00:01",
+            "ssh_authorized_keys": [], "stop_timeout": 60, "created": 0
+        }))
+        .unwrap();
+        let ep = Endpoint {
+            host: "127.0.0.1".into(),
+            port: 40022,
+        };
+        let local = std::path::Path::new("-odd name");
+        let show = |a: Vec<std::ffi::OsString>| {
+            a.iter()
+                .map(|s| s.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let a = show(scp_argv(
+            &spec,
+            &vm,
+            &ep,
+            true,
+            Direction::ToGuest,
+            local,
+            "/tmp/a b",
+        ));
+        assert_eq!(
+            a,
+            "scp -s -r -o UserKnownHostsFile=/v/vms/demo/known_hosts -o GlobalKnownHostsFile=/dev/null \
+-o StrictHostKeyChecking=yes -o HostKeyAlias=nox-demo -o CheckHostIP=no -o LogLevel=ERROR \
+-o IdentitiesOnly=yes -i /v/vms/demo/id_ed25519 -P 40022 -- -odd name nox@127.0.0.1:/tmp/a b"
+        );
+        let ep6 = Endpoint {
+            host: "fd00::5".into(),
+            port: 22,
+        };
+        let a = show(scp_argv(
+            &spec,
+            &vm,
+            &ep6,
+            false,
+            Direction::FromGuest,
+            local,
+            "x",
+        ));
+        assert!(a.ends_with("-P 22 -- nox@[fd00::5]:x -odd name"), "{a}");
     }
 
     #[test]

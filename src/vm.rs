@@ -63,6 +63,10 @@ pub enum VmError {
         name: String,
         source: crate::systemd::SystemdError,
     },
+    #[error("{0} is running; stop it first (nox stop {0})")]
+    NotStopped(String),
+    #[error("invalid --disk {value:?}: {why}")]
+    Disk { value: String, why: String },
 }
 
 /// What `nox create` was asked for, before validation.
@@ -722,6 +726,73 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
     }
 }
 
+/// What `nox set` changes; `None` leaves a value as it is.
+#[derive(Debug, Clone, Default)]
+pub struct SetOptions {
+    pub cpus: Option<u32>,
+    pub memory: Option<String>,
+    /// An absolute size (`20G`) or growth (`+5G`).
+    pub disk: Option<String>,
+}
+
+/// The disk size `value` asks for, given the current size: `+SIZE` grows
+/// by SIZE, `SIZE` is absolute; smaller than now is refused.
+pub fn disk_target(value: &str, current: u64) -> Result<u64, VmError> {
+    let err = |why: String| VmError::Disk {
+        value: value.into(),
+        why,
+    };
+    let target = match value.trim().strip_prefix('+') {
+        Some(grow) => {
+            let by = spec::parse_size("--disk", grow)?;
+            current
+                .checked_add(by)
+                .filter(|t| *t <= spec::MAX_DISK)
+                .ok_or_else(|| err("more than 64T".into()))?
+        }
+        None => spec::parse_disk(value)?,
+    };
+    if target < current {
+        return Err(err(format!(
+            "the disk is {} MiB; disks only grow (shrinking would cut off the guest's data)",
+            current >> 20
+        )));
+    }
+    Ok(target)
+}
+
+/// Changes a stopped VM's vCPUs, memory or disk size. Holds the VM's lock
+/// throughout, so no supervisor starts meanwhile. Everything is checked
+/// before anything is changed; the disk is grown before spec.json is
+/// replaced (atomically), so spec.json never claims a size the disk lacks.
+/// The guest's root filesystem grows at its next boot (cloud-init's
+/// growpart and resizefs, which nox's seed turns on).
+pub fn set(store: &Store, name: &str, o: &SetOptions) -> Result<(VmSpec, VmSpec), VmError> {
+    let vm = store.vm(name)?;
+    let Some(_lock) = vm.try_lock()? else {
+        return Err(VmError::NotStopped(name.into()));
+    };
+    let old = vm.load_spec()?;
+    let mut new = old.clone();
+    if let Some(c) = o.cpus {
+        new.cpus = spec::validate_cpus(c, spec::host_cpus())?;
+    }
+    if let Some(m) = &o.memory {
+        new.memory = spec::parse_memory(m, spec::host_memory())?;
+    }
+    if let Some(d) = &o.disk {
+        // The overlay's own size, not the spec's: they differ if a resize
+        // went through and writing spec.json then failed.
+        let current = image::overlay_size(&vm.disk())?.max(old.disk);
+        new.disk = disk_target(d, current)?;
+        image::grow_overlay(&vm.disk(), new.disk)?;
+    }
+    if new != old {
+        store::write_json(&vm.spec(), &new)?;
+    }
+    Ok((old, new))
+}
+
 /// Runs the supervisor in the foreground (`nox run`).
 pub async fn run(
     store: &Store,
@@ -729,4 +800,23 @@ pub async fn run(
 ) -> Result<supervisor::Outcome, supervisor::SupervisorError> {
     let vm = store.vm(name)?;
     supervisor::run(&vm).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_targets_only_grow() {
+        let ten = 10u64 << 30;
+        assert_eq!(disk_target("+1G", ten).unwrap(), 11 << 30);
+        assert_eq!(disk_target("12G", ten).unwrap(), 12 << 30);
+        assert_eq!(disk_target("10G", ten).unwrap(), ten);
+        let e = disk_target("5G", ten).unwrap_err().to_string();
+        assert!(e.contains("only grow"), "{e}");
+        assert!(disk_target("+64T", ten).is_err());
+        assert!(disk_target("+1", ten).is_err());
+        assert!(disk_target("-1G", ten).is_err());
+        assert!(disk_target("100T", ten).is_err());
+    }
 }

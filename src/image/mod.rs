@@ -610,6 +610,69 @@ pub fn create_overlay(base: &Image, overlay: &Path, size: Option<u64>) -> Result
     Ok(())
 }
 
+/// The virtual size of a VM's qcow2 overlay (`qemu-img info -f qcow2`:
+/// the format is given, never probed).
+pub fn overlay_size(overlay: &Path) -> Result<u64, ImageError> {
+    let cmd = format!("qemu-img info -f qcow2 {}", overlay.display());
+    let out = Command::new("qemu-img")
+        .args(["info", "-f", "qcow2", "--output=json"])
+        .arg(overlay)
+        .output()
+        .map_err(|source| ImageError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(ImageError::Command {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| ImageError::NotDiskImage {
+            path: overlay.to_path_buf(),
+            why: format!("bad qemu-img output: {e}"),
+        })?;
+    v["virtual-size"]
+        .as_u64()
+        .ok_or_else(|| ImageError::NotDiskImage {
+            path: overlay.to_path_buf(),
+            why: "no virtual-size in qemu-img output".into(),
+        })
+}
+
+/// Grows a VM's qcow2 overlay to `size` bytes (`qemu-img resize -f qcow2`).
+/// Never shrinks: that would cut off the guest's data.
+pub fn grow_overlay(overlay: &Path, size: u64) -> Result<(), ImageError> {
+    let current = overlay_size(overlay)?;
+    if size < current {
+        return Err(ImageError::Shrink {
+            requested: size,
+            base: current,
+        });
+    }
+    if size == current {
+        return Ok(());
+    }
+    let cmd = format!("qemu-img resize -f qcow2 {} {size}", overlay.display());
+    let out = Command::new("qemu-img")
+        .args(["resize", "-q", "-f", "qcow2"])
+        .arg(overlay)
+        .arg(size.to_string())
+        .output()
+        .map_err(|source| ImageError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(ImageError::Command {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Writes JSON atomically (see [`store::write_atomic_with`]), mode 0600.
 pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, v: &T) -> Result<(), ImageError> {
     let data = serde_json::to_vec_pretty(v).map_err(|source| ImageError::Meta {
