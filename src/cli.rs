@@ -221,7 +221,6 @@ pub enum SnapshotCmd {
     },
 }
 
-
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("change").required(true).multiple(true)))]
 pub struct SetArgs {

@@ -6,8 +6,8 @@
 pub mod boot;
 pub mod cli;
 pub mod clone;
-pub mod events;
 pub mod config;
+pub mod events;
 pub mod firmware;
 pub mod ident;
 pub mod image;
