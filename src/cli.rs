@@ -638,6 +638,7 @@ fn clone(
 async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
     // A flag, then config.json's defaults, then the built-in default.
     let cfg = crate::config::load(&store.config_path()).context("cannot create the VM")?;
+    warn_unknown_config_keys(&cfg);
     let d = cfg.defaults.effective();
     let opts = CreateOptions {
         name: a.name,
@@ -1334,16 +1335,21 @@ fn cp(store: &Store, recursive: bool, src: &str, dst: &str) -> Result<i32> {
     Ok(status.code().unwrap_or(1))
 }
 
-async fn config_show(store: &Store, json: bool) -> Result<i32> {
-    use crate::config::Origin;
-    let cfg = crate::config::load(&store.config_path())?;
-    let e = cfg.defaults.effective();
+/// A top-level key nothing reads is most likely a typo of `defaults`.
+fn warn_unknown_config_keys(cfg: &crate::config::Config) {
     for k in &cfg.unknown_keys {
         eprintln!(
             "warning: {}: unknown key {k:?} (ignored; known: defaults, jail, mirror, mirrors)",
             cfg.path.display()
         );
     }
+}
+
+async fn config_show(store: &Store, json: bool) -> Result<i32> {
+    use crate::config::Origin;
+    let cfg = crate::config::load(&store.config_path())?;
+    let e = cfg.defaults.effective();
+    warn_unknown_config_keys(&cfg);
     let from = |o: Origin| match o {
         Origin::Config => "config.json",
         Origin::BuiltIn => "built-in",
@@ -1686,6 +1692,7 @@ mod tests {
 
     #[test]
     fn completion_command_is_consistent() {
+        command().debug_assert();
         let cmd = command();
         // VM names are offered where an existing VM is named, not at create.
         let has_vms = |sub: &str| {

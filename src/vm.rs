@@ -742,6 +742,11 @@ pub fn disk_target(value: &str, current: u64) -> Result<u64, VmError> {
         value: value.into(),
         why,
     };
+    if value.trim().starts_with('-') {
+        return Err(err(
+            "disks only grow (shrinking would cut off the guest's data)".into(),
+        ));
+    }
     let target = match value.trim().strip_prefix('+') {
         Some(grow) => {
             let by = spec::parse_size("--disk", grow)?;

@@ -155,7 +155,7 @@ fn set_refusals_change_nothing() {
             "more than this host",
         ),
         (&["set", "web", "--disk", "1G"], "disks only grow"),
-        (&["set", "web", "--disk", "-1G"], "--disk"),
+        (&["set", "web", "--disk", "-1G"], "disks only grow"),
         (&["set", "web", "--disk", "+64T"], "more than 64T"),
         (&["set", "web", "--disk", "+1"], "add a unit"),
         // A valid change beside an invalid one: neither is made.
