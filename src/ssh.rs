@@ -202,13 +202,21 @@ pub fn watch_readiness(
             return;
         }
         let ep = crate::state::load_raw(vm).ok().and_then(|st| endpoint(&st));
-        if let Some(ep) = ep.filter(banner)
-            && matches!(
-                run(spec, vm, &ep, &["true".into()], Some(Duration::from_secs(30))),
-                Ok(Some(ref o)) if o.status.success()
-            )
-        {
-            break ep;
+        if let Some(ep) = ep.filter(banner) {
+            match run(
+                spec,
+                vm,
+                &ep,
+                &["true".into()],
+                Some(Duration::from_secs(30)),
+            ) {
+                Ok(Some(o)) if o.status.success() => break ep,
+                Err(e @ SshError::NoClient) => {
+                    tracing::warn!("no readiness events: {e}");
+                    return;
+                }
+                _ => {}
+            }
         }
         pause(delay);
         delay = (delay * 2).min(Duration::from_secs(5));
