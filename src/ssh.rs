@@ -307,7 +307,7 @@ pub fn run_bounded(
 /// the VM's event log when SSH first accepts nox's key (`ssh-ready`) and
 /// when cloud-init has finished (`cloud-init`). Runs on a thread of its own
 /// (it waits on ssh clients); ends when `cancel` is set or the run is over.
-/// Until sshd answers it only reads the SSH banner over a plain TCP
+/// Until sshd answers it only trades SSH identification lines over a plain TCP
 /// connection, so a guest without sshd costs no ssh processes.
 pub fn watch_readiness(
     spec: &VmSpec,
@@ -334,13 +334,21 @@ pub fn watch_readiness(
             return;
         }
         let ep = crate::state::load_raw(vm).ok().and_then(|st| endpoint(&st));
-        if let Some(ep) = ep.filter(banner)
-            && matches!(
-                run(spec, vm, &ep, &["true".into()], Some(Duration::from_secs(30))),
-                Ok(Some(ref o)) if o.status.success()
-            )
-        {
-            break ep;
+        if let Some(ep) = ep.filter(banner) {
+            match run(
+                spec,
+                vm,
+                &ep,
+                &["true".into()],
+                Some(Duration::from_secs(30)),
+            ) {
+                Ok(Some(o)) if o.status.success() => break ep,
+                Err(e @ SshError::NoClient) => {
+                    tracing::warn!("no readiness events: {e}");
+                    return;
+                }
+                _ => {}
+            }
         }
         pause(delay);
         delay = (delay * 2).min(Duration::from_secs(5));
@@ -385,8 +393,10 @@ pub fn watch_readiness(
 }
 
 /// Whether an SSH server answers at `ep` (its banner starts with `SSH-`).
+/// We send our identification first, as RFC 4253 allows: through passt the
+/// guest's sshd was seen to say nothing until the client spoke.
 fn banner(ep: &Endpoint) -> bool {
-    use std::io::Read;
+    use std::io::{Read, Write};
     let Ok(ip) = ep.host.parse::<std::net::IpAddr>() else {
         return false;
     };
@@ -394,7 +404,11 @@ fn banner(ep: &Endpoint) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
         return false;
     };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"SSH-2.0-nox-probe\r\n").is_err() {
+        return false;
+    }
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
 }
@@ -501,6 +515,10 @@ mod tests {
             let port = l.local_addr().unwrap().port();
             std::thread::spawn(move || {
                 let (mut s, _) = l.accept().unwrap();
+                // Speaks only after the client's identification line.
+                let mut line = [0u8; 19];
+                let _ = std::io::Read::read_exact(&mut s, &mut line);
+                assert_eq!(&line, b"SSH-2.0-nox-probe\r\n");
                 let _ = s.write_all(greeting);
             });
             Endpoint {
