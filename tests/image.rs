@@ -775,3 +775,133 @@ fn catalog_prefers_the_newest_dated_build() {
     // A mirror with no index (404 for directories) falls back to latest/: the
     // other catalog tests cover that path.
 }
+
+// ---------------------------------------------------------------------------------------------
+// Untrusted local files (issue 14 items 2 and 4).
+
+/// The 513-byte VMDK descriptor of the issue: its extent names a FIFO, on which a `qemu-img
+/// info` that guesses formats blocks forever (and which root would open). Refused from its
+/// header, before qemu-img runs.
+#[test]
+fn vmdk_descriptor_naming_a_fifo_is_refused() {
+    if !prereq(have("qemu-img"), "qemu-img not installed") {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&td.path().join("images")).unwrap();
+    let fifo = td.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let mut desc = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+         createType=\"monolithicFlat\"\n\nRW 2048 FLAT \"{}\" 0\n\nddb.virtualHWVersion = \"4\"\n",
+        fifo.display()
+    )
+    .into_bytes();
+    assert!(desc.len() < 513);
+    desc.resize(513, b'\n');
+    let vmdk = td.path().join("disk.vmdk");
+    std::fs::write(&vmdk, &desc).unwrap();
+    let e = cache.import_file(&vmdk, None).unwrap_err();
+    assert!(matches!(e, ImageError::NotDiskImage { .. }), "{e}");
+    assert!(e.to_string().contains("vmdk"), "{e}");
+    // With a boot signature planted at offset 510 it is still not taken for raw.
+    desc[510] = 0x55;
+    desc[511] = 0xAA;
+    std::fs::write(&vmdk, &desc).unwrap();
+    let e = cache.import_file(&vmdk, None).unwrap_err();
+    assert!(e.to_string().contains("vmdk"), "{e}");
+    assert!(cache.list().unwrap().is_empty());
+    assert!(tmp_is_empty(&cache));
+}
+
+#[test]
+fn qcow2_with_backing_or_data_file_is_refused() {
+    if !prereq(have("qemu-img"), "qemu-img not installed") {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&td.path().join("images")).unwrap();
+    let fifo = td.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // A backing file that is a FIFO: qemu-img must never be pointed at it.
+    let child = td.path().join("child.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        fifo.to_str().unwrap(),
+        "-F",
+        "raw",
+        child.to_str().unwrap(),
+        "16M",
+    ]);
+    let e = cache.import_file(&child, None).unwrap_err();
+    assert!(e.to_string().contains("backing file"), "{e}");
+    assert!(e.to_string().contains("fifo"), "{e}");
+    // An external data file.
+    let data = td.path().join("data.raw");
+    let ext = td.path().join("ext.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", data.display()),
+        ext.to_str().unwrap(),
+        "16M",
+    ]);
+    let e = cache.import_file(&ext, None).unwrap_err();
+    assert!(e.to_string().contains("external data file"), "{e}");
+    assert!(cache.list().unwrap().is_empty());
+    assert!(tmp_is_empty(&cache));
+}
+
+#[test]
+fn import_refuses_links_fifos_sockets_and_devices() {
+    if !prereq(have("qemu-img"), "qemu-img not installed") {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&td.path().join("images")).unwrap();
+    let real = make_raw_mbr(td.path(), "real.raw", 1 << 20);
+    let link = td.path().join("link.raw");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let e = cache.import_file(&link, None).unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+
+    let fifo = td.path().join("fifo.raw");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let e = cache.import_file(&fifo, None).unwrap_err();
+    assert!(e.to_string().contains("FIFO"), "{e}");
+
+    let sock = td.path().join("sock.raw");
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let e = cache.import_file(&sock, None).unwrap_err();
+    assert!(e.to_string().contains("socket"), "{e}");
+
+    let e = cache.import_file(Path::new("/dev/null"), None).unwrap_err();
+    assert!(e.to_string().contains("device"), "{e}");
+    if prereq(
+        nix::unistd::Uid::effective().is_root(),
+        "not root: no block device node",
+    ) {
+        // loop0's numbers: opening the node works even with nothing attached.
+        let blk = td.path().join("blk.raw");
+        nix::sys::stat::mknod(
+            &blk,
+            nix::sys::stat::SFlag::S_IFBLK,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(7, 0),
+        )
+        .unwrap();
+        let e = cache.import_file(&blk, None).unwrap_err();
+        assert!(e.to_string().contains("device"), "{e}");
+    }
+    assert!(cache.list().unwrap().is_empty());
+    // The real file imports.
+    assert_eq!(cache.import_file(&real, None).unwrap().format, "raw");
+}

@@ -12,16 +12,18 @@
 
 mod catalog;
 mod download;
+mod probe;
 
 pub use catalog::{
     CATALOG, CatalogEntry, Checksum, DEFAULT_IMAGE, Distro, HashAlgo, Source, catalog_entry,
     mirror_base, newest_dated_dir, parse_checksum, parse_source, parse_sums,
 };
 pub use download::{Progress, PullOptions};
+pub use probe::{PROBE_TIMEOUT, Qcow2Refs, Sniffed, sniff_bytes};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -293,15 +295,15 @@ impl Cache {
     }
 
     /// Imports a local qcow2 or raw disk image once: the same content gives the same entry.
+    ///
+    /// The file is opened once ([`probe::open_untrusted`]: no symlink, no FIFO, device or
+    /// socket); its header is checked, and it is hashed and copied from that descriptor into
+    /// the cache's private `tmp/`. qemu-img then inspects the private copy, which nobody else
+    /// can change between the check and the use (a probe of the user's path, even through
+    /// `/proc/self/fd/N`, would check one content and let another be copied).
     pub fn import_file(&self, file: &Path, name: Option<&str>) -> Result<Image, ImageError> {
         let file = std::path::absolute(file).map_err(io_err(file))?;
-        let md = fs::metadata(&file).map_err(io_err(&file))?;
-        if !md.is_file() {
-            return Err(ImageError::NotDiskImage {
-                path: file,
-                why: "not a regular file".into(),
-            });
-        }
+        let (mut src, md) = probe::open_untrusted(&file)?;
         let source = file.to_string_lossy().into_owned();
         let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
         // Fast path: same path, size and mtime as a recorded import.
@@ -313,8 +315,7 @@ impl Cache {
             return self.maybe_name(img, name);
         }
         // Cheap refusal before copying gigabytes.
-        sniff(&file)?;
-        let mut src = File::open(&file).map_err(io_err(&file))?;
+        probe::check_header(&src, &file)?;
         let (tmp, hex) = self.copy_hashing(&mut src, &file)?;
         let img = self.commit_blob(tmp.path(), &hex, source.clone(), name, None, false, None)?;
         self.write_source_record(&SourceRecord {
@@ -385,7 +386,6 @@ impl Cache {
         if let Ok(img) = self.get(hex) {
             return self.maybe_name(img, name);
         }
-        sniff(tmp)?;
         let info = qemu_img_info(tmp)?;
         let size = fs::metadata(tmp).map_err(io_err(tmp))?.len();
         fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).map_err(io_err(tmp))?;
@@ -462,42 +462,6 @@ pub(crate) fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-/// What the first sector says the file is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sniffed {
-    Qcow2,
-    /// A raw disk with an MBR / protective-MBR boot signature.
-    RawDisk,
-}
-
-/// Classifies the first 512 bytes: qcow2 magic, or 0x55AA at offset 510.
-/// Any file is "raw" to qemu, so raw needs a partition table or boot sector to count as a disk.
-pub fn sniff_bytes(head: &[u8]) -> Result<Sniffed, String> {
-    if head.starts_with(b"QFI\xfb") {
-        return Ok(Sniffed::Qcow2);
-    }
-    if head.len() >= 512 && head[510] == 0x55 && head[511] == 0xAA {
-        return Ok(Sniffed::RawDisk);
-    }
-    if head.len() < 512 {
-        return Err(format!("too small ({} bytes)", head.len()));
-    }
-    Err("no qcow2 header and no boot signature (55AA at offset 510)".into())
-}
-
-fn sniff(path: &Path) -> Result<Sniffed, ImageError> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    let mut head = Vec::with_capacity(512);
-    (&mut f)
-        .take(512)
-        .read_to_end(&mut head)
-        .map_err(io_err(path))?;
-    sniff_bytes(&head).map_err(|why| ImageError::NotDiskImage {
-        path: path.to_path_buf(),
-        why,
-    })
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImgInfo {
     pub format: String,
@@ -531,26 +495,11 @@ pub fn parse_img_info(json: &[u8]) -> Result<ImgInfo, String> {
     })
 }
 
+/// Checks a file's header, then runs `qemu-img info` on it with that format, limited
+/// (see [`probe`]).
 pub fn qemu_img_info(path: &Path) -> Result<ImgInfo, ImageError> {
-    let cmd = format!("qemu-img info {}", path.display());
-    let out = Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(path)
-        .output()
-        .map_err(|source| ImageError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(ImageError::NotDiskImage {
-            path: path.to_path_buf(),
-            why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    parse_img_info(&out.stdout).map_err(|why| ImageError::NotDiskImage {
-        path: path.to_path_buf(),
-        why,
-    })
+    let kind = probe::sniff_path(path)?;
+    probe::qemu_img_info_as(path, kind)
 }
 
 /// Creates a qcow2 overlay backed by `base`, `size` bytes large (default: the base's size).
@@ -656,19 +605,6 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
         let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096);
         assert_eq!(rfc3339(t), "2024-02-29T12:34:56Z");
-    }
-
-    #[test]
-    fn sniff_qcow2_mbr_and_text() {
-        let mut q = b"QFI\xfb\0\0\0\x03".to_vec();
-        q.resize(512, 0);
-        assert_eq!(sniff_bytes(&q), Ok(Sniffed::Qcow2));
-        let mut mbr = vec![0u8; 512];
-        mbr[510] = 0x55;
-        mbr[511] = 0xAA;
-        assert_eq!(sniff_bytes(&mbr), Ok(Sniffed::RawDisk));
-        assert!(sniff_bytes(&[b'a'; 600]).is_err());
-        assert!(sniff_bytes(b"hello").is_err());
     }
 
     #[test]
