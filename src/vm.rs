@@ -92,6 +92,8 @@ pub struct CreateOptions {
     /// For a URL image: `sha256:HEX` / `sha512:HEX`, or `insecure`.
     pub checksum: Option<String>,
     pub insecure: bool,
+    /// Ask upstream for a newer catalog build even when one is cached.
+    pub refresh: bool,
 }
 
 /// Defines a VM atomically: every file is made in a private staging
@@ -163,7 +165,12 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     let vm = store.vm_paths(&name).staged(staging.path());
 
     let cache = Cache::for_store(store)?;
-    let base = obtain_image(&cache, &o.image, arch, o.checksum.as_deref(), o.insecure).await?;
+    let pull = image::PullOptions {
+        refresh: o.refresh,
+        insecure: o.insecure,
+        ..image::PullOptions::default()
+    };
+    let base = obtain_image(&cache, &o.image, arch, o.checksum.as_deref(), &pull).await?;
     image::create_overlay(&base, &vm.disk(), Some(disk))?;
 
     // nox's own key lets `--wait` and `nox ssh` work without an agent; the
@@ -235,7 +242,7 @@ pub async fn obtain_image(
     source: &str,
     arch: Arch,
     checksum: Option<&str>,
-    insecure: bool,
+    pull: &image::PullOptions,
 ) -> Result<image::Image, VmError> {
     Ok(match image::parse_source(source, arch.as_str())? {
         image::Source::File(path) => cache.import_file(&path, None)?,
@@ -244,11 +251,11 @@ pub async fn obtain_image(
             let src = image::Source::Url {
                 url,
                 checksum,
-                insecure,
+                insecure: pull.insecure,
             };
-            cache.pull(&src, &image::PullOptions::default()).await?
+            cache.pull(&src, pull).await?
         }
-        other => cache.pull(&other, &image::PullOptions::default()).await?,
+        other => cache.pull(&other, pull).await?,
     })
 }
 

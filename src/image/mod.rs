@@ -13,13 +13,16 @@
 mod catalog;
 mod download;
 mod probe;
+mod verify;
 
 pub use catalog::{
-    CATALOG, CatalogEntry, Checksum, DEFAULT_IMAGE, Distro, HashAlgo, Source, catalog_entry,
-    mirror_base, newest_dated_dir, parse_checksum, parse_source, parse_sums,
+    CATALOG, CatalogEntry, Checksum, DEFAULT_IMAGE, Distro, HashAlgo, Mirror, Source,
+    catalog_entry, mirror_base, mirror_for, newest_alpine_file, newest_dated_dir, parse_checksum,
+    parse_source, parse_sums,
 };
 pub use download::{Progress, PullOptions};
 pub use probe::{PROBE_TIMEOUT, Qcow2Refs, Sniffed, sniff_bytes};
+pub use verify::{UBUNTU_CLOUDIMAGE_KEYRING, load_keys, verify_detached};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -58,6 +61,9 @@ pub struct Image {
     /// `sha512:<hex>` when the upstream checksum file gives SHA-512.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha512: Option<String>,
+    /// Fingerprint of the OpenPGP key whose signature on the checksum file was verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +121,29 @@ pub enum ImageError {
     },
     #[error("{}: disk full", path.display())]
     DiskFull { path: PathBuf },
+    #[error(
+        "mirror {url} is plain http: refused (allow it with --insecure or \"allow_http\": true \
+         in the mirror's entry in config.json)"
+    )]
+    InsecureMirror { url: String },
+    #[error("GET {url}: larger than {max} bytes")]
+    TooLarge { url: String, max: u64 },
+    #[error(
+        "{sums} has no signature ({signature} is missing), although {distro} signs its \
+         checksum files: refused (a mirror without signatures needs \"unsigned\": true in its \
+         entry in config.json, or --insecure)"
+    )]
+    Unsigned {
+        sums: String,
+        signature: String,
+        distro: &'static str,
+    },
+    #[error("{url}: bad signature: {why}")]
+    BadSignature { url: String, why: String },
+    #[error("{}: unusable OpenPGP key: {why}", path.display())]
+    Key { path: PathBuf, why: String },
+    #[error("{index} lists no {file}")]
+    NoBuild { index: String, file: String },
     #[error("{url}: download failed after {attempts} attempts: {last}")]
     Retries {
         url: String,
@@ -191,6 +220,10 @@ impl Cache {
 
     fn blob_path(&self, hex: &str) -> PathBuf {
         self.dir.join("blobs").join(format!("sha256-{hex}"))
+    }
+
+    pub(crate) fn meta_path_of(&self, img: &Image) -> PathBuf {
+        self.meta_path(digest_hex(&img.digest).unwrap_or(""))
     }
 
     fn meta_path(&self, hex: &str) -> PathBuf {
@@ -403,6 +436,7 @@ impl Cache {
             created: rfc3339(SystemTime::now()),
             insecure,
             sha512,
+            signed_by: None,
         };
         write_json_atomic(&self.meta_path(hex), &img)?;
         Ok(img)
