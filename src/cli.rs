@@ -685,6 +685,7 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
             }
         }
         ImageCmd::Remove { image, force } => {
+            let _bases = cache.lock_bases()?;
             let img = cache.resolve(&image)?;
             let users = vm::image_users(store, &img.digest);
             cache.remove(&img.digest, &users, force)?;
@@ -700,6 +701,10 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
             }
         }
         ImageCmd::Prune => {
+            let _bases = cache.lock_bases()?;
+            for name in cache.clean_tmp(Duration::ZERO)? {
+                println!("Removed leftover {name}");
+            }
             for img in cache.list()? {
                 if vm::image_users(store, &img.digest).is_empty() {
                     cache.remove(&img.digest, &[], false)?;

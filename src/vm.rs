@@ -165,6 +165,8 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     let vm = store.vm_paths(&name).staged(staging.path());
 
     let cache = Cache::for_store(store)?;
+    // Until the commit below, this VM's base is in no spec: hold off `image rm`/`prune`.
+    let _bases = cache.hold_bases()?;
     let pull = image::PullOptions {
         refresh: o.refresh,
         insecure: o.insecure,
@@ -259,9 +261,10 @@ pub async fn obtain_image(
     })
 }
 
-/// Names of the VMs whose disks are based on the image with `digest`.
+/// Names of the VMs whose disks are based on the image with `digest`, and of
+/// creates still in their staging directory whose disk is based on it.
 pub fn image_users(store: &Store, digest: &str) -> Vec<String> {
-    store
+    let mut users: Vec<String> = store
         .list()
         .unwrap_or_default()
         .into_iter()
@@ -272,7 +275,11 @@ pub fn image_users(store: &Store, digest: &str) -> Vec<String> {
                 .is_ok_and(|s| s.image.digest == digest)
         })
         .map(String::from)
-        .collect()
+        .collect();
+    if let Ok(img) = Cache::for_store(store).and_then(|c| c.get(digest)) {
+        users.extend(image::staging_users(&store.vms_dir(), &img));
+    }
+    users
 }
 
 /// The network a VM gets without `--network`: the bridge br0 when it exists,

@@ -1240,3 +1240,112 @@ fn alpine_catalog_from_a_mirror_laid_out_like_alpines() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("checksum mismatch"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Leftovers and creates in progress (issue 14 item 14).
+
+fn age(p: &Path, when: &str) {
+    let st = Command::new("touch")
+        .args(["-d", when])
+        .arg(p)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn leftovers_of_killed_imports_and_downloads_are_cleaned() {
+    use nix::fcntl::{Flock, FlockArg};
+    let td = tempfile::tempdir().unwrap();
+    let dir = td.path().join("images");
+    let cache = Cache::open(&dir).unwrap();
+    let tmp = dir.join("tmp");
+    let locks = dir.join("locks");
+    // A killed import: nobody holds it.
+    std::fs::write(tmp.join("import-dead"), b"x").unwrap();
+    // A live import: its owner holds the lock on the file.
+    std::fs::write(tmp.join("import-live"), b"x").unwrap();
+    let _live = Flock::lock(
+        std::fs::File::open(tmp.join("import-live")).unwrap(),
+        FlockArg::LockExclusive,
+    )
+    .unwrap();
+    // Partial downloads: an old orphan, a young orphan (kept to resume), an old one in use.
+    for key in ["old", "young", "busy"] {
+        std::fs::write(tmp.join(format!("{key}.part")), b"x").unwrap();
+        std::fs::write(tmp.join(format!("{key}.part.json")), b"{}").unwrap();
+        if key != "young" {
+            age(&tmp.join(format!("{key}.part")), "3 days ago");
+            age(&tmp.join(format!("{key}.part.json")), "3 days ago");
+        }
+    }
+    let busy = std::fs::File::create(locks.join("busy.lock")).unwrap();
+    let _busy = Flock::lock(busy, FlockArg::LockExclusive).unwrap();
+    drop(cache);
+    // Opening the cache cleans.
+    let cache = Cache::open(&dir).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "busy.part",
+            "busy.part.json",
+            "import-live",
+            "young.part",
+            "young.part.json"
+        ]
+    );
+    // A prune-time clean keeps nothing that is not in use.
+    let mut removed = cache.clean_tmp(std::time::Duration::ZERO).unwrap();
+    removed.sort();
+    assert_eq!(removed, ["young.part", "young.part.json"]);
+}
+
+#[test]
+fn prune_and_rm_spare_the_base_of_a_create_in_progress() {
+    use nix::fcntl::{Flock, FlockArg};
+    if !prereq(have("qemu-img"), "qemu-img not installed") {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let root = td.path().join("store");
+    std::fs::create_dir_all(&root).unwrap();
+    let q = make_qcow2(td.path(), "base.qcow2", "16M");
+    assert!(
+        nox_cmd(
+            &root,
+            &["image", "import", q.to_str().unwrap(), "--name", "base"]
+        )
+        .status
+        .success()
+    );
+    let cache = Cache::for_store(&Store::at(root.clone(), root.join("run"))).unwrap();
+    let img = cache.resolve("base").unwrap();
+    // A create half-way: its staging directory, locked, with the overlay made.
+    let staging = root.join("vms/.new-web-abc123");
+    std::fs::create_dir_all(&staging).unwrap();
+    let lock = std::fs::File::create(staging.join("lock")).unwrap();
+    let held = Flock::lock(lock, FlockArg::LockExclusive).unwrap();
+    create_overlay(&img, &staging.join("disk.qcow2"), None).unwrap();
+
+    let out = nox_cmd(&root, &["image", "rm", "base"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("web (being created)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(nox_cmd(&root, &["image", "prune"]).status.success());
+    assert!(
+        img.path.exists(),
+        "prune removed the base of a create in progress"
+    );
+    // The create died (lock released): its leftover is no user any more.
+    drop(held);
+    assert!(nox_cmd(&root, &["image", "prune"]).status.success());
+    assert!(!img.path.exists());
+}

@@ -24,10 +24,12 @@ pub use download::{Progress, PullOptions};
 pub use probe::{PROBE_TIMEOUT, Qcow2Refs, Sniffed, sniff_bytes};
 pub use verify::{UBUNTU_CLOUDIMAGE_KEYRING, load_keys, verify_detached};
 
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::fs;
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -211,7 +213,13 @@ impl Cache {
                 .create(&d)
                 .map_err(io_err(&d))?;
         }
-        Ok(Cache { dir, config: None })
+        let cache = Cache { dir, config: None };
+        // Leftovers of killed imports and day-old partial downloads; a failure here must not
+        // stop the command that opened the cache.
+        if let Err(e) = cache.clean_tmp(std::time::Duration::from_secs(24 * 3600)) {
+            tracing::warn!("cleaning {}: {e}", cache.tmp_dir().display());
+        }
+        Ok(cache)
     }
 
     pub fn dir(&self) -> &Path {
@@ -349,7 +357,7 @@ impl Cache {
         }
         // Cheap refusal before copying gigabytes.
         probe::check_header(&src, &file)?;
-        let (tmp, hex) = self.copy_hashing(&mut src, &file)?;
+        let (tmp, hex, _held) = self.copy_hashing(&mut src, &file)?;
         let img = self.commit_blob(tmp.path(), &hex, source.clone(), name, None, false, None)?;
         self.write_source_record(&SourceRecord {
             source,
@@ -380,12 +388,21 @@ impl Cache {
         &self,
         src: &mut impl Read,
         src_path: &Path,
-    ) -> Result<(tempfile::NamedTempFile, String), ImageError> {
+    ) -> Result<(tempfile::NamedTempFile, String, Flock<File>), ImageError> {
         let tmp_dir = self.tmp_dir();
-        let mut tmp = tempfile::Builder::new()
-            .prefix("import-")
-            .tempfile_in(&tmp_dir)
-            .map_err(io_err(&tmp_dir))?;
+        // Made and locked under the shared tmp lock: a clean-up (which holds it exclusively)
+        // sees every import file either locked by its live owner or orphaned.
+        let (mut tmp, held) = {
+            let _guard = lock(&self.tmp_lock_path(), FlockArg::LockShared)?;
+            let tmp = tempfile::Builder::new()
+                .prefix("import-")
+                .tempfile_in(&tmp_dir)
+                .map_err(io_err(&tmp_dir))?;
+            let dup = tmp.as_file().try_clone().map_err(io_err(tmp.path()))?;
+            let held = Flock::lock(dup, FlockArg::LockExclusive)
+                .map_err(|(_, e)| io_err(tmp.path())(io::Error::from(e)))?;
+            (tmp, held)
+        };
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -400,7 +417,7 @@ impl Cache {
                 .write_all(&buf[..n])
                 .map_err(io_err(tmp.path()))?;
         }
-        Ok((tmp, hex::encode(hasher.finalize())))
+        Ok((tmp, hex::encode(hasher.finalize()), held))
     }
 
     /// Checks a complete temp file in `tmp/`, then renames it into a read-only blob and writes
@@ -442,6 +459,86 @@ impl Cache {
         Ok(img)
     }
 
+    fn tmp_lock_path(&self) -> PathBuf {
+        self.dir.join("locks").join("tmp.lock")
+    }
+
+    /// Removes what killed imports and downloads left in `tmp/`: import files no live process
+    /// holds, and partial downloads (`*.part`, `*.part.json`) whose per-source lock is free and
+    /// that are older than `keep` (younger ones are kept so a retry resumes them). Returns the
+    /// names removed. Never touches a file in use.
+    pub fn clean_tmp(&self, keep: std::time::Duration) -> Result<Vec<String>, ImageError> {
+        let _all = lock(&self.tmp_lock_path(), FlockArg::LockExclusive)?;
+        let tmp_dir = self.tmp_dir();
+        let mut removed = Vec::new();
+        for ent in fs::read_dir(&tmp_dir).map_err(io_err(&tmp_dir))? {
+            let ent = ent.map_err(io_err(&tmp_dir))?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let path = ent.path();
+            if name.starts_with("import-") {
+                let Ok(f) = File::open(&path) else { continue };
+                // Free lock = its import died; held = in progress.
+                if Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok() {
+                    remove_if_exists(&path)?;
+                    removed.push(name);
+                }
+                continue;
+            }
+            let Some(key) = name
+                .strip_suffix(".part")
+                .or_else(|| name.strip_suffix(".part.json"))
+            else {
+                continue;
+            };
+            let old = ent
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= keep);
+            if !old {
+                continue;
+            }
+            let lock_path = self.dir.join("locks").join(format!("{key}.lock"));
+            let Ok(f) = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+            else {
+                continue;
+            };
+            // The download holds this lock from before it makes its .part until it is done.
+            if let Ok(_free) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                remove_if_exists(&path)?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Held (shared) by a create from before it obtains its base until its VM is committed:
+    /// `image rm`/`prune` take it exclusively, so they never see a create half-way, whose base
+    /// is in no VM's spec yet.
+    pub fn hold_bases(&self) -> Result<Flock<File>, ImageError> {
+        lock(
+            &self.dir.join("locks").join("bases.lock"),
+            FlockArg::LockShared,
+        )
+    }
+
+    /// Taken by `image rm`/`prune`: waits for creates in progress to commit.
+    pub fn lock_bases(&self) -> Result<Flock<File>, ImageError> {
+        let path = self.dir.join("locks").join("bases.lock");
+        match lock(&path, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(l),
+            Err(_) => {
+                tracing::warn!("waiting for creates in progress to finish");
+                lock(&path, FlockArg::LockExclusive)
+            }
+        }
+    }
+
     /// Removes an image. `users` are the VMs whose disks are based on it.
     pub fn remove(
         &self,
@@ -476,6 +573,52 @@ impl Cache {
         }
         Ok(img)
     }
+}
+
+fn lock(path: &Path, arg: FlockArg) -> Result<Flock<File>, ImageError> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    Flock::lock(f, arg).map_err(|(_, e)| io_err(path)(io::Error::from(e)))
+}
+
+/// VMs still being created (`vms/.new-NAME-*`, their staging lock held) whose disk is an
+/// overlay on `base`: users of it, named `NAME (being created)`.
+pub fn staging_users(vms_dir: &Path, base: &Image) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(vms_dir) else {
+        return Vec::new();
+    };
+    let mut users = Vec::new();
+    for ent in rd.flatten() {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".new-") else {
+            continue;
+        };
+        let dir = ent.path();
+        // A free staging lock is a killed create's leftover, not a user.
+        let free = fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("lock"))
+            .ok()
+            .is_some_and(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok());
+        if free {
+            continue;
+        }
+        let Ok(disk) = File::open(dir.join("disk.qcow2")) else {
+            continue;
+        };
+        let backing = probe::qcow2_refs(&disk).ok().and_then(|r| r.backing_file);
+        if backing.is_some_and(|b| Path::new(&b) == base.path) {
+            let vm = rest.rsplit_once('-').map_or(rest, |(n, _)| n);
+            users.push(format!("{vm} (being created)"));
+        }
+    }
+    users.sort();
+    users
 }
 
 fn remove_if_exists(p: &Path) -> Result<(), ImageError> {
