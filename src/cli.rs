@@ -654,7 +654,7 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
                     serde_json::json!({
                         "name": i.name, "arch": i.arch, "digest": i.digest, "size": i.size,
                         "virtual_size": i.virtual_size, "format": i.format, "source": i.source,
-                        "created": i.created, "insecure": i.insecure,
+                        "created": i.created, "insecure": i.insecure, "signed_by": i.signed_by,
                         "used_by": vm::image_users(store, &i.digest),
                     })
                 })
