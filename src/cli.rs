@@ -262,7 +262,8 @@ pub enum ImageCmd {
         /// Expected digest for a URL: sha256:HEX or sha512:HEX
         #[arg(long)]
         checksum: Option<String>,
-        /// Accept a URL without a checksum (recorded on the image)
+        /// Accept a URL without a checksum (recorded on the image), an http:// mirror, or a
+        /// mirror without the signatures its distribution publishes
         #[arg(long)]
         insecure: bool,
         /// Architecture (amd64, arm64); the host's by default
@@ -387,9 +388,14 @@ pub struct CreateArgs {
     /// Expected digest of a URL image: sha256:HEX or sha512:HEX
     #[arg(long)]
     pub checksum: Option<String>,
-    /// Accept a URL image without a checksum
+    /// Accept a URL image without a checksum, an http:// mirror, or a mirror without the
+    /// signatures its distribution publishes
     #[arg(long)]
     pub insecure: bool,
+    /// Ask the mirror for a newer build of a catalog image even when one is cached (by
+    /// default a cached catalog image is used without any network request)
+    #[arg(long)]
+    pub refresh: bool,
     /// Restart the VM when it crashes (on-failure) or also when it powers off (always)
     #[arg(long, value_enum, default_value_t = RestartPolicy::No)]
     pub restart: RestartPolicy,
@@ -666,6 +672,7 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         dns: a.dns,
         checksum: a.checksum,
         insecure: a.insecure,
+        refresh: a.refresh,
     };
     let spec = vm::create(store, &opts)
         .await
@@ -982,8 +989,13 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
                 Some(a) => a,
                 None => Arch::host()?,
             };
-            let img =
-                vm::obtain_image(&cache, &source, arch, checksum.as_deref(), insecure).await?;
+            // `image pull` is the explicit request to ask upstream.
+            let pull = crate::image::PullOptions {
+                refresh: true,
+                insecure,
+                ..crate::image::PullOptions::default()
+            };
+            let img = vm::obtain_image(&cache, &source, arch, checksum.as_deref(), &pull).await?;
             println!(
                 "{} {} ({} MiB)",
                 img.digest,
@@ -1008,7 +1020,7 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
                     serde_json::json!({
                         "name": i.name, "arch": i.arch, "digest": i.digest, "size": i.size,
                         "virtual_size": i.virtual_size, "format": i.format, "source": i.source,
-                        "created": i.created, "insecure": i.insecure,
+                        "created": i.created, "insecure": i.insecure, "signed_by": i.signed_by,
                         "used_by": vm::image_users(store, &i.digest),
                         "template": templates.iter().find(|t| t.digest == i.digest).map(|t| &t.origin),
                     })
@@ -1046,6 +1058,7 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
             }
         }
         ImageCmd::Remove { image, force } => {
+            let _bases = cache.lock_bases()?;
             let img = cache.resolve(&image)?;
             let users = vm::image_users(store, &img.digest);
             cache.remove(&img.digest, &users, force)?;
@@ -1077,6 +1090,10 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
             );
         }
         ImageCmd::Prune => {
+            let _bases = cache.lock_bases()?;
+            for name in cache.clean_tmp(Duration::ZERO)? {
+                println!("Removed leftover {name}");
+            }
             for img in cache.list()? {
                 if vm::image_users(store, &img.digest).is_empty() {
                     cache.remove(&img.digest, &[], false)?;

@@ -96,6 +96,8 @@ pub struct CreateOptions {
     /// For a URL image: `sha256:HEX` / `sha512:HEX`, or `insecure`.
     pub checksum: Option<String>,
     pub insecure: bool,
+    /// Ask upstream for a newer catalog build even when one is cached.
+    pub refresh: bool,
 }
 
 /// Defines a VM atomically: every file is made in a private staging
@@ -167,7 +169,14 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     let vm = store.vm_paths(&name).staged(staging.path());
 
     let cache = Cache::for_store(store)?;
-    let base = obtain_image(&cache, &o.image, arch, o.checksum.as_deref(), o.insecure).await?;
+    // Until the commit below, this VM's base is in no spec: hold off `image rm`/`prune`.
+    let _bases = cache.hold_bases()?;
+    let pull = image::PullOptions {
+        refresh: o.refresh,
+        insecure: o.insecure,
+        ..image::PullOptions::default()
+    };
+    let base = obtain_image(&cache, &o.image, arch, o.checksum.as_deref(), &pull).await?;
     image::create_overlay(&base, &vm.disk(), Some(disk))?;
 
     // nox's own key lets `--wait` and `nox ssh` work without an agent; the
@@ -244,7 +253,7 @@ pub async fn obtain_image(
     source: &str,
     arch: Arch,
     checksum: Option<&str>,
-    insecure: bool,
+    pull: &image::PullOptions,
 ) -> Result<image::Image, VmError> {
     // A template (`nox image commit`) is used like a catalog image.
     if let Some(img) = crate::template::resolve(cache, source, arch)? {
@@ -257,17 +266,18 @@ pub async fn obtain_image(
             let src = image::Source::Url {
                 url,
                 checksum,
-                insecure,
+                insecure: pull.insecure,
             };
-            cache.pull(&src, &image::PullOptions::default()).await?
+            cache.pull(&src, pull).await?
         }
-        other => cache.pull(&other, &image::PullOptions::default()).await?,
+        other => cache.pull(&other, pull).await?,
     })
 }
 
-/// Names of the VMs whose disks are based on the image with `digest`.
+/// Names of the VMs whose disks are based on the image with `digest`, and of
+/// creates still in their staging directory whose disk is based on it.
 pub fn image_users(store: &Store, digest: &str) -> Vec<String> {
-    store
+    let mut users: Vec<String> = store
         .list()
         .unwrap_or_default()
         .into_iter()
@@ -278,7 +288,11 @@ pub fn image_users(store: &Store, digest: &str) -> Vec<String> {
                 .is_ok_and(|s| s.image.digest == digest)
         })
         .map(String::from)
-        .collect()
+        .collect();
+    if let Ok(img) = Cache::for_store(store).and_then(|c| c.get(digest)) {
+        users.extend(image::staging_users(&store.vms_dir(), &img));
+    }
+    users
 }
 
 /// The network a VM gets without `--network`: the bridge br0 when it exists,

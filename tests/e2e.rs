@@ -505,6 +505,8 @@ fn catalog_image_pulled_through_a_mirror_boots() {
         "--wait",
         "--timeout",
         "900",
+        // The loopback mirror is plain http: allowed only when asked.
+        "--insecure",
         "--json",
     ]))
     .unwrap();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 pub enum Distro {
     Debian,
     Ubuntu,
+    Alpine,
 }
 
 impl Distro {
@@ -15,6 +16,17 @@ impl Distro {
         match self {
             Distro::Debian => "https://cloud.debian.org/images/cloud/",
             Distro::Ubuntu => "https://cloud-images.ubuntu.com/",
+            Distro::Alpine => "https://dl-cdn.alpinelinux.org/alpine/",
+        }
+    }
+
+    /// The detached OpenPGP signature the distribution publishes beside its checksum file
+    /// (appended to the checksum file's URL), if it publishes one. Debian's current cloud
+    /// images have none: cloud.debian.org says to fetch the images and SHA512SUMS over TLS.
+    pub fn signature_suffix(self) -> Option<&'static str> {
+        match self {
+            Distro::Ubuntu => Some(".gpg"),
+            _ => None,
         }
     }
 
@@ -22,6 +34,7 @@ impl Distro {
         match self {
             Distro::Debian => "debian",
             Distro::Ubuntu => "ubuntu",
+            Distro::Alpine => "alpine",
         }
     }
 }
@@ -39,7 +52,7 @@ impl HashAlgo {
             HashAlgo::Sha512 => "sha512",
         }
     }
-    fn hex_len(self) -> usize {
+    pub fn hex_len(self) -> usize {
         match self {
             HashAlgo::Sha256 => 64,
             HashAlgo::Sha512 => 128,
@@ -92,7 +105,55 @@ pub struct CatalogEntry {
 
 impl CatalogEntry {
     pub fn image_path(&self, arch: &str) -> String {
-        self.path.replace("{arch}", arch)
+        // Alpine names arches as the kernel does, and boots x86_64 with BIOS, aarch64 with UEFI.
+        let (kernel_arch, fw) = match arch {
+            "arm64" => ("aarch64", "uefi"),
+            _ => ("x86_64", "bios"),
+        };
+        self.path
+            .replace("{arch}", arch)
+            .replace("{kernel_arch}", kernel_arch)
+            .replace("{fw}", fw)
+    }
+
+    /// The checksum file of the undated ("latest") image.
+    pub fn sums_path(&self, arch: &str) -> String {
+        match self.distro {
+            Distro::Alpine => format!("{}.sha512", self.image_path(arch)),
+            _ => self.sums.to_string(),
+        }
+    }
+
+    /// Whether the mirror has an undated path to fall back to when it lists no build.
+    pub fn has_latest(&self) -> bool {
+        self.distro != Distro::Alpine
+    }
+
+    /// The newest build in the index of [`Self::dated_parent`]: a dated directory (Debian,
+    /// Ubuntu), or Alpine's newest point release and revision of the image file.
+    pub fn newest_build(&self, index_html: &str, arch: &str) -> Option<String> {
+        match self.distro {
+            Distro::Alpine => newest_alpine_file(index_html, &self.file_name(arch)),
+            d => newest_dated_dir(index_html, d),
+        }
+    }
+
+    /// The hex digest of `file` in a checksum document: a SHA256SUMS/SHA512SUMS list, or
+    /// Alpine's `.sha512` beside each image (a bare digest, or `HEX  name`).
+    pub fn find_sum(&self, text: &str, file: &str) -> Option<String> {
+        if self.distro == Distro::Alpine {
+            let line = text.lines().find(|l| !l.trim().is_empty())?;
+            let mut parts = line.split_whitespace();
+            let hex = parts.next()?;
+            let name_ok = parts
+                .next()
+                .is_none_or(|n| n.trim_start_matches('*') == file);
+            return (name_ok
+                && hex.len() == self.algo.hex_len()
+                && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| hex.to_ascii_lowercase());
+        }
+        parse_sums(text, file)
     }
     /// The file name as listed in the checksum file.
     pub fn file_name(&self, arch: &str) -> String {
@@ -103,6 +164,13 @@ impl CatalogEntry {
     /// The directory whose index lists the dated builds (`trixie/`,
     /// `releases/24.04/`): the parent of `latest/` / `release/`.
     pub fn dated_parent(&self) -> &'static str {
+        if self.distro == Distro::Alpine {
+            // The directory that holds every point release's files.
+            return match self.path.rfind('/') {
+                Some(i) => &self.path[..i + 1],
+                None => "",
+            };
+        }
         let mut parts = self.path.rsplitn(3, '/');
         let _file = parts.next();
         let _latest = parts.next();
@@ -116,13 +184,21 @@ impl CatalogEntry {
     /// directory `dir` (from [`newest_dated_dir`]). Debian puts the stamp in
     /// the file name too; Ubuntu keeps the name.
     pub fn dated_paths(&self, arch: &str, dir: &str) -> (String, String, String) {
+        if self.distro == Distro::Alpine {
+            let parent = self.dated_parent();
+            return (
+                format!("{parent}{dir}"),
+                format!("{parent}{dir}.sha512"),
+                dir.to_string(),
+            );
+        }
         let latest = self.file_name(arch);
         let file = match self.distro {
             Distro::Debian => match latest.rsplit_once('.') {
                 Some((stem, ext)) => format!("{stem}-{dir}.{ext}"),
                 None => format!("{latest}-{dir}"),
             },
-            Distro::Ubuntu => latest,
+            Distro::Ubuntu | Distro::Alpine => latest,
         };
         let sums = self.sums.rsplit('/').next().unwrap_or(self.sums);
         let parent = self.dated_parent();
@@ -147,6 +223,7 @@ pub fn newest_dated_dir(index_html: &str, distro: Distro) -> Option<String> {
             let (date, point) = rest.split_once('.').unwrap_or((rest, "0"));
             digits(date, 8) && !point.is_empty() && point.bytes().all(|b| b.is_ascii_digit())
         }),
+        Distro::Alpine => false,
     };
     index_html
         .split("href=\"")
@@ -157,6 +234,37 @@ pub fn newest_dated_dir(index_html: &str, distro: Distro) -> Option<String> {
         .filter(|d| is_dated(d))
         .max()
         .map(String::from)
+}
+
+/// The newest Alpine image file in a `releases/cloud/` index matching `pattern`
+/// (`nocloud_alpine-3.22.*-x86_64-bios-cloudinit-r*.qcow2`): the greatest point release, then
+/// the greatest revision, compared as numbers.
+pub fn newest_alpine_file(index_html: &str, pattern: &str) -> Option<String> {
+    let (head, rest) = pattern.split_once(".*-")?;
+    let (mid, tail) = rest.split_once("-r*")?;
+    fn num(s: &str) -> Option<&str> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then_some(s)
+    }
+    index_html
+        .split("href=\"")
+        .skip(1)
+        .filter_map(|r| r.split('"').next())
+        .map(|h| h.trim_start_matches("./"))
+        .filter_map(|name| {
+            let point = num(name
+                .strip_prefix(head)?
+                .strip_prefix('.')?
+                .split_once('-')?
+                .0)?;
+            let after = name.strip_prefix(&format!("{head}.{point}-{mid}-r"))?;
+            let rev = num(after.strip_suffix(tail)?)?;
+            Some((
+                (point.parse::<u64>().ok()?, rev.parse::<u64>().ok()?),
+                name.to_string(),
+            ))
+        })
+        .max()
+        .map(|(_, n)| n)
 }
 
 pub const DEFAULT_IMAGE: &str = "debian-13";
@@ -207,6 +315,17 @@ pub const CATALOG: &[CatalogEntry] = &[
         path: "releases/22.04/release/ubuntu-22.04-server-cloudimg-{arch}.img",
         sums: "releases/22.04/release/SHA256SUMS",
         algo: HashAlgo::Sha256,
+        arches: BOTH,
+        end_of_life: false,
+    },
+    // Alpine's cloud-init "nocloud" images: every point release and revision of a branch in
+    // one directory, each file with a `.sha512` beside it (`*` = newest listed).
+    CatalogEntry {
+        name: "alpine-3.22",
+        distro: Distro::Alpine,
+        path: "v3.22/releases/cloud/nocloud_alpine-3.22.*-{kernel_arch}-{fw}-cloudinit-r*.qcow2",
+        sums: "",
+        algo: HashAlgo::Sha512,
         arches: BOTH,
         end_of_life: false,
     },
@@ -283,31 +402,85 @@ pub fn parse_sums(text: &str, file: &str) -> Option<String> {
     })
 }
 
-/// Base URL for a distro: `NOX_MIRROR_<DISTRO>`, then `NOX_MIRROR`, then config
-/// `mirrors.<distro>`, then config `mirror`, then upstream. Always ends with `/`.
+/// Where a distro's catalog images come from, and what the store's config allows for it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Mirror {
+    /// Base URL, ending with `/`.
+    pub base: String,
+    /// `allow_http` in the config entry: a plain-HTTP mirror is accepted without `--insecure`.
+    pub allow_http: bool,
+    /// `unsigned` in the config entry: a mirror without the signatures the distribution
+    /// publishes is accepted (with a warning) without `--insecure`.
+    pub unsigned: bool,
+    /// `keys` in the config entry: OpenPGP key files trusted for this mirror, beside the
+    /// distribution's pinned keys.
+    pub keys: Vec<PathBuf>,
+}
+
+/// The mirror for a distro: `NOX_MIRROR_<DISTRO>`, then `NOX_MIRROR` (a URL only), then config
+/// `mirrors.<distro>` (a URL, or `{"url": …, "allow_http": …, "unsigned": …, "keys": […]}`),
+/// then config `mirror` (a URL), then upstream.
+pub fn mirror_for(
+    distro: Distro,
+    env: impl Fn(&str) -> Option<String>,
+    config: Option<&serde_json::Value>,
+) -> Mirror {
+    let per = format!("NOX_MIRROR_{}", distro.key().to_ascii_uppercase());
+    let entry = config.and_then(|c| c.pointer(&format!("/mirrors/{}", distro.key())));
+    let flag = |k: &str| {
+        entry
+            .and_then(|e| e.get(k))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    };
+    let from_entry = entry.and_then(|e| e.as_str().or_else(|| e.get("url")?.as_str()));
+    let from_env = env(&per)
+        .or_else(|| env("NOX_MIRROR"))
+        .filter(|s| !s.is_empty());
+    let mut m = match (from_env, from_entry.filter(|s| !s.is_empty())) {
+        // An environment override carries none of the config entry's allowances.
+        (Some(url), _) => Mirror {
+            base: url,
+            ..Mirror::default()
+        },
+        (None, Some(url)) => Mirror {
+            base: url.to_string(),
+            allow_http: flag("allow_http"),
+            unsigned: flag("unsigned"),
+            keys: entry
+                .and_then(|e| e.get("keys"))
+                .and_then(|k| k.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str())
+                        .map(PathBuf::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        },
+        (None, None) => Mirror {
+            base: config
+                .and_then(|c| c.get("mirror"))
+                .and_then(|v| v.as_str())
+                .filter(|s| !s.is_empty())
+                .unwrap_or(distro.base_url())
+                .to_string(),
+            ..Mirror::default()
+        },
+    };
+    if !m.base.ends_with('/') {
+        m.base.push('/');
+    }
+    m
+}
+
+/// Base URL for a distro (see [`mirror_for`]). Always ends with `/`.
 pub fn mirror_base(
     distro: Distro,
     env: impl Fn(&str) -> Option<String>,
     config: Option<&serde_json::Value>,
 ) -> String {
-    let per = format!("NOX_MIRROR_{}", distro.key().to_ascii_uppercase());
-    let from_cfg = |ptr: &str| {
-        config
-            .and_then(|c| c.pointer(ptr))
-            .and_then(|v| v.as_str())
-            .map(str::to_string)
-    };
-    let base = env(&per)
-        .or_else(|| env("NOX_MIRROR"))
-        .or_else(|| from_cfg(&format!("/mirrors/{}", distro.key())))
-        .or_else(|| from_cfg("/mirror"))
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| distro.base_url().to_string());
-    if base.ends_with('/') {
-        base
-    } else {
-        format!("{base}/")
-    }
+    mirror_for(distro, env, config).base
 }
 
 #[cfg(test)]
@@ -394,6 +567,40 @@ mod tests {
             "ubuntu-22.04-server-cloudimg-amd64.img"
         );
         assert!(catalog_entry("debian-11").unwrap().end_of_life);
+        let a = catalog_entry("alpine-3.22").unwrap();
+        assert_eq!(a.dated_parent(), "v3.22/releases/cloud/");
+        assert_eq!(
+            a.file_name("arm64"),
+            "nocloud_alpine-3.22.*-aarch64-uefi-cloudinit-r*.qcow2"
+        );
+        let index = r#"<a href="nocloud_alpine-3.22.2-x86_64-bios-cloudinit-r0.qcow2">
+            <a href="nocloud_alpine-3.22.10-x86_64-bios-cloudinit-r0.qcow2">
+            <a href="nocloud_alpine-3.22.10-x86_64-bios-cloudinit-r1.qcow2.sha512">
+            <a href="nocloud_alpine-3.22.9-x86_64-bios-cloudinit-r3.qcow2">
+            <a href="generic_alpine-3.22.11-x86_64-bios-cloudinit-r0.qcow2">
+            <a href="nocloud_alpine-3.22.11-aarch64-uefi-cloudinit-r0.qcow2">"#;
+        assert_eq!(
+            a.newest_build(index, "amd64").as_deref(),
+            Some("nocloud_alpine-3.22.10-x86_64-bios-cloudinit-r0.qcow2")
+        );
+        assert_eq!(
+            a.newest_build(index, "arm64").as_deref(),
+            Some("nocloud_alpine-3.22.11-aarch64-uefi-cloudinit-r0.qcow2")
+        );
+        let f = "nocloud_alpine-3.22.10-x86_64-bios-cloudinit-r0.qcow2";
+        assert_eq!(
+            a.dated_paths("amd64", f),
+            (
+                format!("v3.22/releases/cloud/{f}"),
+                format!("v3.22/releases/cloud/{f}.sha512"),
+                f.to_string()
+            )
+        );
+        let h = "A".repeat(128);
+        assert_eq!(a.find_sum(&format!("{h}\n"), f), Some("a".repeat(128)));
+        assert_eq!(a.find_sum(&format!("{h}  {f}\n"), f), Some("a".repeat(128)));
+        assert_eq!(a.find_sum(&format!("{h}  other.qcow2\n"), f), None);
+        assert_eq!(a.find_sum("abc\n", f), None);
         for e in CATALOG {
             assert!(e.arches.contains(&"amd64") && e.arches.contains(&"arm64"));
         }
@@ -445,5 +652,21 @@ mod tests {
         let cfg = serde_json::json!({"mirror": "http://a/", "mirrors": {"ubuntu": "http://u"}});
         assert_eq!(mirror_base(Distro::Debian, none, Some(&cfg)), "http://a/");
         assert_eq!(mirror_base(Distro::Ubuntu, none, Some(&cfg)), "http://u/");
+        let cfg = serde_json::json!({"mirrors": {"ubuntu": {"url": "http://u", "allow_http": true,
+            "unsigned": true, "keys": ["/etc/k.asc"]}}});
+        let m = mirror_for(Distro::Ubuntu, none, Some(&cfg));
+        assert_eq!(
+            m,
+            Mirror {
+                base: "http://u/".into(),
+                allow_http: true,
+                unsigned: true,
+                keys: vec!["/etc/k.asc".into()]
+            }
+        );
+        // The environment replaces the URL and drops the entry's allowances.
+        let m = mirror_for(Distro::Ubuntu, env, Some(&cfg));
+        assert_eq!(m.base, "http://127.0.0.1:8/m/");
+        assert!(!m.allow_http && !m.unsigned && m.keys.is_empty());
     }
 }

@@ -2,8 +2,7 @@
 //! time per source (flock), visible in the cache only after the checksum matched.
 
 use super::catalog::{
-    CatalogEntry, Checksum, HashAlgo, Source, catalog_entry, mirror_base, newest_dated_dir,
-    parse_sums,
+    CatalogEntry, Checksum, Distro, HashAlgo, Mirror, Source, catalog_entry, mirror_for,
 };
 use super::{Cache, Image, ImageError, SourceRecord, io_err, sha256_hex};
 use nix::fcntl::{Flock, FlockArg};
@@ -32,6 +31,12 @@ pub struct PullOptions {
     pub attempts: u32,
     /// Read timeout for a stalled connection.
     pub read_timeout: Duration,
+    /// Ask upstream for the newest build even when the catalog image is cached (`image pull`,
+    /// `create --refresh`). Without it a cached catalog image is used with no network request.
+    pub refresh: bool,
+    /// Allow `http://` mirrors and https→http redirects, and a mirror without the signatures
+    /// its distribution publishes (`--insecure`).
+    pub insecure: bool,
 }
 
 impl Default for PullOptions {
@@ -40,6 +45,8 @@ impl Default for PullOptions {
             progress: Progress::Auto,
             attempts: 5,
             read_timeout: Duration::from_secs(60),
+            refresh: false,
+            insecure: false,
         }
     }
 }
@@ -105,15 +112,20 @@ impl Cache {
         serde_json::from_slice(&fs::read(self.config.as_ref()?).ok()?).ok()
     }
 
+    /// The mirror of a distro, from the environment and the store's config.
+    pub fn mirror(&self, distro: Distro) -> Mirror {
+        mirror_for(distro, |k| std::env::var(k).ok(), self.config().as_ref())
+    }
+
     /// The image and checksum-file URLs of a catalog image, mirror applied.
     pub fn catalog_urls(&self, name: &str, arch: &str) -> Result<(String, String), ImageError> {
         let e = super::parse_source(name, arch).and_then(|_| {
             catalog_entry(name).ok_or_else(|| ImageError::NotFound(name.to_string()))
         })?;
-        let base = mirror_base(e.distro, |k| std::env::var(k).ok(), self.config().as_ref());
+        let base = self.mirror(e.distro).base;
         Ok((
             format!("{base}{}", e.image_path(arch)),
-            format!("{base}{}", e.sums),
+            format!("{base}{}", e.sums_path(arch)),
         ))
     }
 
@@ -125,35 +137,47 @@ impl Cache {
     ) -> Result<Image, ImageError> {
         let (url, sums_url) = self.catalog_urls(name, arch)?;
         let entry = catalog_entry(name).ok_or_else(|| ImageError::NotFound(name.to_string()))?;
+        // The verified pull of this catalog name, whatever dated URL it came from: used as it
+        // is, offline too, unless upstream is to be asked for something newer.
+        let key = catalog_key(name, arch);
+        if !opts.refresh
+            && let Some(rec) = self.source_record(&key)
+            && let Ok(img) = self.get(&rec.digest)
+        {
+            return Ok(img);
+        }
+        let mirror = self.mirror(entry.distro);
+        if mirror.base.starts_with("http://") && !(mirror.allow_http || opts.insecure) {
+            return Err(ImageError::InsecureMirror { url: mirror.base });
+        }
         if entry.end_of_life {
             tracing::warn!("{name} is end-of-life upstream: no more security updates");
         }
         let client = client(opts)?;
         // A dated build directory pins an exact upstream file; "latest" is
         // the fallback when the mirror lists none (or lists no index).
-        let (url, hex) = match self.dated(entry, arch, &client).await {
+        let (url, hex, signed_by) = match self.dated(entry, arch, &mirror, &client, opts).await? {
             Some(found) => found,
+            None if !entry.has_latest() => {
+                return Err(ImageError::NoBuild {
+                    index: format!("{}{}", mirror.base, entry.dated_parent()),
+                    file: entry.file_name(arch),
+                });
+            }
             None => {
                 let file = entry.file_name(arch);
-                let sums = match get_text(&client, &sums_url).await {
-                    Ok(t) => t,
-                    Err(e) => {
-                        // Offline but cached: use what we have rather than fail.
-                        if let Some(rec) = self.source_record(&url)
-                            && let Ok(img) = self.get(&rec.digest)
-                        {
-                            tracing::warn!("{e}; using the cached {name} ({})", img.digest);
-                            return Ok(img);
-                        }
-                        return Err(e);
-                    }
-                };
-                let hex = parse_sums(&sums, &file).ok_or_else(|| ImageError::NoChecksum {
-                    url: url.clone(),
-                    file: file.clone(),
-                    sums: sums_url.clone(),
-                })?;
-                (url, hex)
+                let sums = get_bounded(&client, &sums_url, MAX_SUMS_BYTES).await?;
+                let signed_by = self
+                    .verify_sums(entry.distro, &mirror, &sums_url, &sums, &client, opts)
+                    .await?;
+                let hex = entry
+                    .find_sum(&String::from_utf8_lossy(&sums), &file)
+                    .ok_or_else(|| ImageError::NoChecksum {
+                        url: url.clone(),
+                        file: file.clone(),
+                        sums: sums_url.clone(),
+                    })?;
+                (url, hex, signed_by)
             }
         };
         let expected = Checksum {
@@ -167,31 +191,123 @@ impl Cache {
             arch: Some(arch),
             insecure: false,
         };
-        self.fetch(&want, opts).await
+        let mut img = self.fetch(&want, opts).await?;
+        if signed_by.is_some() && img.signed_by != signed_by {
+            img.signed_by = signed_by;
+            super::write_json_atomic(&self.meta_path_of(&img), &img)?;
+        }
+        self.write_source_record(&SourceRecord {
+            source: key,
+            digest: img.digest.clone(),
+            file_size: None,
+            mtime_ns: None,
+            checksum: Some(expected.to_string()),
+        })?;
+        Ok(img)
     }
 
     /// The newest dated build of a catalog image on the mirror, with its
-    /// checksum: (image URL, hex). None when the mirror has no index, no
-    /// dated directory, or a checksum file that does not list the image.
+    /// checksum: (image URL, hex, signing key). None when the mirror has no index, no
+    /// dated directory, or a checksum file that does not list the image. A checksum file
+    /// whose signature fails is an error, never a fallback.
     async fn dated(
         &self,
         entry: &CatalogEntry,
         arch: &str,
+        mirror: &Mirror,
         client: &reqwest::Client,
-    ) -> Option<(String, String)> {
-        let base = mirror_base(
-            entry.distro,
-            |k| std::env::var(k).ok(),
-            self.config().as_ref(),
-        );
-        let index = get_text(client, &format!("{base}{}", entry.dated_parent()))
-            .await
-            .ok()?;
-        let dir = newest_dated_dir(&index, entry.distro)?;
+        opts: &PullOptions,
+    ) -> Result<Option<(String, String, Option<String>)>, ImageError> {
+        let base = &mirror.base;
+        let parent = entry.dated_parent();
+        if parent.is_empty() {
+            return Ok(None);
+        }
+        let Ok(index) = get_bounded(client, &format!("{base}{parent}"), MAX_INDEX_BYTES).await
+        else {
+            return Ok(None);
+        };
+        let Some(dir) = entry.newest_build(&String::from_utf8_lossy(&index), arch) else {
+            return Ok(None);
+        };
         let (path, sums_path, file) = entry.dated_paths(arch, &dir);
-        let sums = get_text(client, &format!("{base}{sums_path}")).await.ok()?;
-        let hex = parse_sums(&sums, &file)?;
-        Some((format!("{base}{path}"), hex))
+        let sums_url = format!("{base}{sums_path}");
+        let Ok(sums) = get_bounded(client, &sums_url, MAX_SUMS_BYTES).await else {
+            return Ok(None);
+        };
+        let Some(hex) = entry.find_sum(&String::from_utf8_lossy(&sums), &file) else {
+            return Ok(None);
+        };
+        let signed_by = self
+            .verify_sums(entry.distro, mirror, &sums_url, &sums, client, opts)
+            .await?;
+        Ok(Some((format!("{base}{path}"), hex, signed_by)))
+    }
+
+    /// Checks the signature the distribution publishes beside a checksum file: the pinned
+    /// keys plus the mirror's configured key files. Returns the signing key's fingerprint;
+    /// None for a distribution that signs nothing, or a missing signature that the config
+    /// (`unsigned`) or `--insecure` accepts, with a warning.
+    async fn verify_sums(
+        &self,
+        distro: Distro,
+        mirror: &Mirror,
+        sums_url: &str,
+        sums: &[u8],
+        client: &reqwest::Client,
+        opts: &PullOptions,
+    ) -> Result<Option<String>, ImageError> {
+        let Some(suffix) = distro.signature_suffix() else {
+            return Ok(None);
+        };
+        let sig_url = format!("{sums_url}{suffix}");
+        let sig = match get_bounded(client, &sig_url, super::verify::MAX_KEY_BYTES).await {
+            Ok(s) => s,
+            Err(ImageError::Http { status: 404, .. }) if mirror.unsigned || opts.insecure => {
+                let why = if opts.insecure {
+                    "--insecure"
+                } else {
+                    "the mirror's config entry says unsigned"
+                };
+                tracing::warn!(
+                    "{sig_url} does not exist: using {sums_url} without a signature ({why})"
+                );
+                return Ok(None);
+            }
+            Err(ImageError::Http { status: 404, .. }) => {
+                return Err(ImageError::Unsigned {
+                    sums: sums_url.to_string(),
+                    signature: sig_url,
+                    distro: distro.key(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let mut keys = match distro {
+            Distro::Ubuntu => super::verify::load_keys(super::verify::UBUNTU_CLOUDIMAGE_KEYRING)
+                .map_err(|why| ImageError::Key {
+                    path: PathBuf::from("(pinned ubuntu-cloudimage-keyring)"),
+                    why,
+                })?,
+            _ => Vec::new(),
+        };
+        for path in &mirror.keys {
+            let bytes = read_bounded(path, super::verify::MAX_KEY_BYTES)?;
+            keys.extend(
+                super::verify::load_keys(&bytes).map_err(|why| ImageError::Key {
+                    path: path.clone(),
+                    why,
+                })?,
+            );
+        }
+        let fp = super::verify::verify_detached(&keys, sums, &sig).map_err(|why| {
+            ImageError::BadSignature {
+                url: sig_url.clone(),
+                why,
+            }
+        })?;
+        tracing::info!("{sums_url}: good signature by {fp}");
+        Ok(Some(fp))
     }
 
     /// Already cached for this URL and expected checksum?
@@ -343,8 +459,29 @@ impl Cache {
     }
 }
 
+/// The `sources/` key under which the last verified pull of a catalog image is recorded.
+fn catalog_key(name: &str, arch: &str) -> String {
+    format!("catalog:{name}/{arch}")
+}
+
 fn client(opts: &PullOptions) -> Result<reqwest::Client, ImageError> {
+    let insecure = opts.insecure;
+    // Never from https down to http (the checksum file would lose its only protection where
+    // the distribution signs nothing), unless --insecure.
+    let redirects = reqwest::redirect::Policy::custom(move |a| {
+        if a.previous().len() >= 10 {
+            a.error("more than 10 redirects")
+        } else if !insecure
+            && a.url().scheme() != "https"
+            && a.previous().iter().any(|u| u.scheme() == "https")
+        {
+            a.error("redirect from https to http refused (--insecure allows it)")
+        } else {
+            a.follow()
+        }
+    });
     reqwest::Client::builder()
+        .redirect(redirects)
         .connect_timeout(Duration::from_secs(30))
         .read_timeout(opts.read_timeout)
         .user_agent(concat!("nox/", env!("CARGO_PKG_VERSION")))
@@ -352,8 +489,14 @@ fn client(opts: &PullOptions) -> Result<reqwest::Client, ImageError> {
         .map_err(|e| transport("(client)", &e))
 }
 
-async fn get_text(client: &reqwest::Client, url: &str) -> Result<String, ImageError> {
-    let resp = client
+/// Most bytes of a directory index page read.
+const MAX_INDEX_BYTES: u64 = 4 << 20;
+/// Most bytes of a checksum file read.
+const MAX_SUMS_BYTES: u64 = 1 << 20;
+
+/// GETs a small document (index, checksum file, signature), refusing more than `max` bytes.
+async fn get_bounded(client: &reqwest::Client, url: &str, max: u64) -> Result<Vec<u8>, ImageError> {
+    let mut resp = client
         .get(url)
         .send()
         .await
@@ -364,7 +507,37 @@ async fn get_text(client: &reqwest::Client, url: &str) -> Result<String, ImageEr
             status: resp.status().as_u16(),
         });
     }
-    resp.text().await.map_err(|e| transport(url, &e))
+    let too_large = || ImageError::TooLarge {
+        url: url.to_string(),
+        max,
+    };
+    if resp.content_length().is_some_and(|l| l > max) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| transport(url, &e))? {
+        if body.len() as u64 + chunk.len() as u64 > max {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Reads a small local file (a key), refusing more than `max` bytes.
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ImageError> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let mut buf = Vec::new();
+    f.take(max + 1)
+        .read_to_end(&mut buf)
+        .map_err(io_err(path))?;
+    if buf.len() as u64 > max {
+        return Err(ImageError::Key {
+            path: path.to_path_buf(),
+            why: format!("larger than {max} bytes"),
+        });
+    }
+    Ok(buf)
 }
 
 fn lock_file(path: &Path) -> Result<Flock<File>, ImageError> {

@@ -12,17 +12,24 @@
 
 mod catalog;
 mod download;
+mod probe;
+mod verify;
 
 pub use catalog::{
-    CATALOG, CatalogEntry, Checksum, DEFAULT_IMAGE, Distro, HashAlgo, Source, catalog_entry,
-    mirror_base, newest_dated_dir, parse_checksum, parse_source, parse_sums,
+    CATALOG, CatalogEntry, Checksum, DEFAULT_IMAGE, Distro, HashAlgo, Mirror, Source,
+    catalog_entry, mirror_base, mirror_for, newest_alpine_file, newest_dated_dir, parse_checksum,
+    parse_source, parse_sums,
 };
 pub use download::{Progress, PullOptions};
+pub use probe::{PROBE_TIMEOUT, Qcow2Refs, Sniffed, sniff_bytes};
+pub use verify::{UBUNTU_CLOUDIMAGE_KEYRING, load_keys, verify_detached};
 
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -56,6 +63,9 @@ pub struct Image {
     /// `sha512:<hex>` when the upstream checksum file gives SHA-512.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha512: Option<String>,
+    /// Fingerprint of the OpenPGP key whose signature on the checksum file was verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +123,29 @@ pub enum ImageError {
     },
     #[error("{}: disk full", path.display())]
     DiskFull { path: PathBuf },
+    #[error(
+        "mirror {url} is plain http: refused (allow it with --insecure or \"allow_http\": true \
+         in the mirror's entry in config.json)"
+    )]
+    InsecureMirror { url: String },
+    #[error("GET {url}: larger than {max} bytes")]
+    TooLarge { url: String, max: u64 },
+    #[error(
+        "{sums} has no signature ({signature} is missing), although {distro} signs its \
+         checksum files: refused (a mirror without signatures needs \"unsigned\": true in its \
+         entry in config.json, or --insecure)"
+    )]
+    Unsigned {
+        sums: String,
+        signature: String,
+        distro: &'static str,
+    },
+    #[error("{url}: bad signature: {why}")]
+    BadSignature { url: String, why: String },
+    #[error("{}: unusable OpenPGP key: {why}", path.display())]
+    Key { path: PathBuf, why: String },
+    #[error("{index} lists no {file}")]
+    NoBuild { index: String, file: String },
     #[error("{url}: download failed after {attempts} attempts: {last}")]
     Retries {
         url: String,
@@ -180,7 +213,13 @@ impl Cache {
                 .create(&d)
                 .map_err(io_err(&d))?;
         }
-        Ok(Cache { dir, config: None })
+        let cache = Cache { dir, config: None };
+        // Leftovers of killed imports and day-old partial downloads; a failure here must not
+        // stop the command that opened the cache.
+        if let Err(e) = cache.clean_tmp(std::time::Duration::from_secs(24 * 3600)) {
+            tracing::warn!("cleaning {}: {e}", cache.tmp_dir().display());
+        }
+        Ok(cache)
     }
 
     pub fn dir(&self) -> &Path {
@@ -189,6 +228,10 @@ impl Cache {
 
     fn blob_path(&self, hex: &str) -> PathBuf {
         self.dir.join("blobs").join(format!("sha256-{hex}"))
+    }
+
+    pub(crate) fn meta_path_of(&self, img: &Image) -> PathBuf {
+        self.meta_path(digest_hex(&img.digest).unwrap_or(""))
     }
 
     fn meta_path(&self, hex: &str) -> PathBuf {
@@ -293,15 +336,15 @@ impl Cache {
     }
 
     /// Imports a local qcow2 or raw disk image once: the same content gives the same entry.
+    ///
+    /// The file is opened once ([`probe::open_untrusted`]: no symlink, no FIFO, device or
+    /// socket); its header is checked, and it is hashed and copied from that descriptor into
+    /// the cache's private `tmp/`. qemu-img then inspects the private copy, which nobody else
+    /// can change between the check and the use (a probe of the user's path, even through
+    /// `/proc/self/fd/N`, would check one content and let another be copied).
     pub fn import_file(&self, file: &Path, name: Option<&str>) -> Result<Image, ImageError> {
         let file = std::path::absolute(file).map_err(io_err(file))?;
-        let md = fs::metadata(&file).map_err(io_err(&file))?;
-        if !md.is_file() {
-            return Err(ImageError::NotDiskImage {
-                path: file,
-                why: "not a regular file".into(),
-            });
-        }
+        let (mut src, md) = probe::open_untrusted(&file)?;
         let source = file.to_string_lossy().into_owned();
         let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
         // Fast path: same path, size and mtime as a recorded import.
@@ -313,9 +356,8 @@ impl Cache {
             return self.maybe_name(img, name);
         }
         // Cheap refusal before copying gigabytes.
-        sniff(&file)?;
-        let mut src = File::open(&file).map_err(io_err(&file))?;
-        let (tmp, hex) = self.copy_hashing(&mut src, &file)?;
+        probe::check_header(&src, &file)?;
+        let (tmp, hex, _held) = self.copy_hashing(&mut src, &file)?;
         let img = self.commit_blob(tmp.path(), &hex, source.clone(), name, None, false, None)?;
         self.write_source_record(&SourceRecord {
             source,
@@ -346,12 +388,21 @@ impl Cache {
         &self,
         src: &mut impl Read,
         src_path: &Path,
-    ) -> Result<(tempfile::NamedTempFile, String), ImageError> {
+    ) -> Result<(tempfile::NamedTempFile, String, Flock<File>), ImageError> {
         let tmp_dir = self.tmp_dir();
-        let mut tmp = tempfile::Builder::new()
-            .prefix("import-")
-            .tempfile_in(&tmp_dir)
-            .map_err(io_err(&tmp_dir))?;
+        // Made and locked under the shared tmp lock: a clean-up (which holds it exclusively)
+        // sees every import file either locked by its live owner or orphaned.
+        let (mut tmp, held) = {
+            let _guard = lock(&self.tmp_lock_path(), FlockArg::LockShared)?;
+            let tmp = tempfile::Builder::new()
+                .prefix("import-")
+                .tempfile_in(&tmp_dir)
+                .map_err(io_err(&tmp_dir))?;
+            let dup = tmp.as_file().try_clone().map_err(io_err(tmp.path()))?;
+            let held = Flock::lock(dup, FlockArg::LockExclusive)
+                .map_err(|(_, e)| io_err(tmp.path())(io::Error::from(e)))?;
+            (tmp, held)
+        };
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -366,7 +417,7 @@ impl Cache {
                 .write_all(&buf[..n])
                 .map_err(io_err(tmp.path()))?;
         }
-        Ok((tmp, hex::encode(hasher.finalize())))
+        Ok((tmp, hex::encode(hasher.finalize()), held))
     }
 
     /// Checks a complete temp file in `tmp/`, then renames it into a read-only blob and writes
@@ -385,7 +436,6 @@ impl Cache {
         if let Ok(img) = self.get(hex) {
             return self.maybe_name(img, name);
         }
-        sniff(tmp)?;
         let info = qemu_img_info(tmp)?;
         let size = fs::metadata(tmp).map_err(io_err(tmp))?.len();
         fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).map_err(io_err(tmp))?;
@@ -403,9 +453,90 @@ impl Cache {
             created: rfc3339(SystemTime::now()),
             insecure,
             sha512,
+            signed_by: None,
         };
         write_json_atomic(&self.meta_path(hex), &img)?;
         Ok(img)
+    }
+
+    fn tmp_lock_path(&self) -> PathBuf {
+        self.dir.join("locks").join("tmp.lock")
+    }
+
+    /// Removes what killed imports and downloads left in `tmp/`: import files no live process
+    /// holds, and partial downloads (`*.part`, `*.part.json`) whose per-source lock is free and
+    /// that are older than `keep` (younger ones are kept so a retry resumes them). Returns the
+    /// names removed. Never touches a file in use.
+    pub fn clean_tmp(&self, keep: std::time::Duration) -> Result<Vec<String>, ImageError> {
+        let _all = lock(&self.tmp_lock_path(), FlockArg::LockExclusive)?;
+        let tmp_dir = self.tmp_dir();
+        let mut removed = Vec::new();
+        for ent in fs::read_dir(&tmp_dir).map_err(io_err(&tmp_dir))? {
+            let ent = ent.map_err(io_err(&tmp_dir))?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let path = ent.path();
+            if name.starts_with("import-") {
+                let Ok(f) = File::open(&path) else { continue };
+                // Free lock = its import died; held = in progress.
+                if Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok() {
+                    remove_if_exists(&path)?;
+                    removed.push(name);
+                }
+                continue;
+            }
+            let Some(key) = name
+                .strip_suffix(".part")
+                .or_else(|| name.strip_suffix(".part.json"))
+            else {
+                continue;
+            };
+            let old = ent
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= keep);
+            if !old {
+                continue;
+            }
+            let lock_path = self.dir.join("locks").join(format!("{key}.lock"));
+            let Ok(f) = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+            else {
+                continue;
+            };
+            // The download holds this lock from before it makes its .part until it is done.
+            if let Ok(_free) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                remove_if_exists(&path)?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Held (shared) by a create from before it obtains its base until its VM is committed:
+    /// `image rm`/`prune` take it exclusively, so they never see a create half-way, whose base
+    /// is in no VM's spec yet.
+    pub fn hold_bases(&self) -> Result<Flock<File>, ImageError> {
+        lock(
+            &self.dir.join("locks").join("bases.lock"),
+            FlockArg::LockShared,
+        )
+    }
+
+    /// Taken by `image rm`/`prune`: waits for creates in progress to commit.
+    pub fn lock_bases(&self) -> Result<Flock<File>, ImageError> {
+        let path = self.dir.join("locks").join("bases.lock");
+        match lock(&path, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(l),
+            Err(_) => {
+                tracing::warn!("waiting for creates in progress to finish");
+                lock(&path, FlockArg::LockExclusive)
+            }
+        }
     }
 
     /// Removes an image. `users` are the VMs whose disks are based on it.
@@ -444,6 +575,52 @@ impl Cache {
     }
 }
 
+fn lock(path: &Path, arg: FlockArg) -> Result<Flock<File>, ImageError> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    Flock::lock(f, arg).map_err(|(_, e)| io_err(path)(io::Error::from(e)))
+}
+
+/// VMs still being created (`vms/.new-NAME-*`, their staging lock held) whose disk is an
+/// overlay on `base`: users of it, named `NAME (being created)`.
+pub fn staging_users(vms_dir: &Path, base: &Image) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(vms_dir) else {
+        return Vec::new();
+    };
+    let mut users = Vec::new();
+    for ent in rd.flatten() {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".new-") else {
+            continue;
+        };
+        let dir = ent.path();
+        // A free staging lock is a killed create's leftover, not a user.
+        let free = fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("lock"))
+            .ok()
+            .is_some_and(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok());
+        if free {
+            continue;
+        }
+        let Ok(disk) = File::open(dir.join("disk.qcow2")) else {
+            continue;
+        };
+        let backing = probe::qcow2_refs(&disk).ok().and_then(|r| r.backing_file);
+        if backing.is_some_and(|b| Path::new(&b) == base.path) {
+            let vm = rest.rsplit_once('-').map_or(rest, |(n, _)| n);
+            users.push(format!("{vm} (being created)"));
+        }
+    }
+    users.sort();
+    users
+}
+
 fn remove_if_exists(p: &Path) -> Result<(), ImageError> {
     match fs::remove_file(p) {
         Ok(()) => Ok(()),
@@ -460,42 +637,6 @@ pub fn digest_hex(d: &str) -> Option<&str> {
 
 pub(crate) fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
-}
-
-/// What the first sector says the file is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sniffed {
-    Qcow2,
-    /// A raw disk with an MBR / protective-MBR boot signature.
-    RawDisk,
-}
-
-/// Classifies the first 512 bytes: qcow2 magic, or 0x55AA at offset 510.
-/// Any file is "raw" to qemu, so raw needs a partition table or boot sector to count as a disk.
-pub fn sniff_bytes(head: &[u8]) -> Result<Sniffed, String> {
-    if head.starts_with(b"QFI\xfb") {
-        return Ok(Sniffed::Qcow2);
-    }
-    if head.len() >= 512 && head[510] == 0x55 && head[511] == 0xAA {
-        return Ok(Sniffed::RawDisk);
-    }
-    if head.len() < 512 {
-        return Err(format!("too small ({} bytes)", head.len()));
-    }
-    Err("no qcow2 header and no boot signature (55AA at offset 510)".into())
-}
-
-fn sniff(path: &Path) -> Result<Sniffed, ImageError> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    let mut head = Vec::with_capacity(512);
-    (&mut f)
-        .take(512)
-        .read_to_end(&mut head)
-        .map_err(io_err(path))?;
-    sniff_bytes(&head).map_err(|why| ImageError::NotDiskImage {
-        path: path.to_path_buf(),
-        why,
-    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -531,26 +672,11 @@ pub fn parse_img_info(json: &[u8]) -> Result<ImgInfo, String> {
     })
 }
 
+/// Checks a file's header, then runs `qemu-img info` on it with that format, limited
+/// (see [`probe`]).
 pub fn qemu_img_info(path: &Path) -> Result<ImgInfo, ImageError> {
-    let cmd = format!("qemu-img info {}", path.display());
-    let out = Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(path)
-        .output()
-        .map_err(|source| ImageError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(ImageError::NotDiskImage {
-            path: path.to_path_buf(),
-            why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    parse_img_info(&out.stdout).map_err(|why| ImageError::NotDiskImage {
-        path: path.to_path_buf(),
-        why,
-    })
+    let kind = probe::sniff_path(path)?;
+    probe::qemu_img_info_as(path, kind)
 }
 
 /// Creates a qcow2 overlay backed by `base`, `size` bytes large (default: the base's size).
@@ -719,19 +845,6 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
         let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096);
         assert_eq!(rfc3339(t), "2024-02-29T12:34:56Z");
-    }
-
-    #[test]
-    fn sniff_qcow2_mbr_and_text() {
-        let mut q = b"QFI\xfb\0\0\0\x03".to_vec();
-        q.resize(512, 0);
-        assert_eq!(sniff_bytes(&q), Ok(Sniffed::Qcow2));
-        let mut mbr = vec![0u8; 512];
-        mbr[510] = 0x55;
-        mbr[511] = 0xAA;
-        assert_eq!(sniff_bytes(&mbr), Ok(Sniffed::RawDisk));
-        assert!(sniff_bytes(&[b'a'; 600]).is_err());
-        assert!(sniff_bytes(b"hello").is_err());
     }
 
     #[test]
