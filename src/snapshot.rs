@@ -264,6 +264,7 @@ pub async fn restore(
             let q = connect(&vm).await?;
             let nodes = writable_nodes(&q, name).await?;
             run_job(&q, name, Op::Load, snap, &nodes).await?;
+            announce(&q, name).await?;
             Ok(Restored::Live)
         }
         Mode::Offline(lock) if entry.vm_state_size > 0 => {
@@ -341,6 +342,20 @@ pub fn take_pending(vm: &VmPaths) -> Result<Option<SnapName>, SnapshotError> {
 pub async fn load_at_launch(qmp: &Qmp, vm: &VmName, snap: &SnapName) -> Result<(), SnapshotError> {
     let nodes = writable_nodes(qmp, vm).await?;
     run_job(qmp, vm, Op::Load, snap, &nodes).await
+}
+
+/// After a RAM restore the guest sends nothing by itself (it already has
+/// its address), so nothing on the host learns where it is: a new passt does
+/// not know its MAC and resets the forwarded connections, a bridge floods,
+/// nox's address discovery waits. qemu's `announce-self` makes the NIC send
+/// RARP frames and the guest (virtio-net's announce feature) gratuitous ARPs,
+/// as after a live migration. For a running guest.
+pub async fn announce(qmp: &Qmp, vm: &VmName) -> Result<(), SnapshotError> {
+    let args = json!({"initial": 50, "max": 550, "rounds": 5, "step": 100});
+    qmp.execute_raw("announce-self", args, crate::qmp::DEFAULT_TIMEOUT)
+        .await
+        .map(drop)
+        .map_err(|e| SnapshotError::Qmp(vm.clone(), e))
 }
 
 /// `snap-YYYYMMDD-HHMMSS` (UTC) for a create without a name.

@@ -145,6 +145,16 @@ fn live_and_offline_snapshots_of_one_guest() {
     let (out, start_restore) = timed(&h, &["snapshot", "restore", vm, "s1"]);
     assert!(out.contains("started from snapshot s1"), "{out}");
     assert_eq!(h.info(vm)["state"], "running");
+    // The forward of a fresh passt reaches the guest once it has heard from
+    // it (nox makes qemu announce the guest after a restore).
+    let t0 = Instant::now();
+    common::wait_for("ssh after the RAM restore", 120, || {
+        h.nox(&["ssh", vm, "--", "true"]).status.success()
+    });
+    eprintln!(
+        "ssh answered {:.1} s after the restore returned",
+        t0.elapsed().as_secs_f64()
+    );
     let back = ssh(&h, vm, "ls ~; pgrep -a -f 'sleep 10000[1]' || true");
     assert!(
         back.contains("before") && back.contains("sleep 100001"),
