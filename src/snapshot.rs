@@ -223,6 +223,7 @@ pub async fn create(
     update_meta(&vm, |m| {
         m.insert(snap.to_string(), Meta { state, size });
     })?;
+    told(&vm, "created", &snap);
     Ok(Created {
         snap,
         ram,
@@ -264,6 +265,8 @@ pub async fn restore(
             let q = connect(&vm).await?;
             let nodes = writable_nodes(&q, name).await?;
             run_job(&q, name, Op::Load, snap, &nodes).await?;
+            told(&vm, "restored", snap);
+            announce(&q, name).await?;
             Ok(Restored::Live)
         }
         Mode::Offline(lock) if entry.vm_state_size > 0 => {
@@ -279,6 +282,7 @@ pub async fn restore(
                     source: Box::new(e),
                 });
             }
+            told(&vm, "restored", snap);
             Ok(Restored::Started)
         }
         Mode::Offline(_) => {
@@ -288,6 +292,7 @@ pub async fn restore(
                     qemu_img(&["-a", snap], f)?;
                 }
             }
+            told(&vm, "restored", snap);
             Ok(Restored::Disk)
         }
     }
@@ -315,7 +320,19 @@ pub async fn delete(store: &Store, name: &VmName, snap: &SnapName) -> Result<(),
     update_meta(&vm, |m| {
         m.remove(snap.as_str());
     })?;
+    told(&vm, "deleted", snap);
     Ok(())
+}
+
+/// The VM's event log hears of each snapshot operation that succeeded.
+fn told(vm: &VmPaths, action: &str, snap: &SnapName) {
+    crate::events::emit(
+        vm,
+        crate::events::Kind::Snapshot {
+            action: action.into(),
+            snapshot: snap.to_string(),
+        },
+    );
 }
 
 /// The note a restore leaves for the next launch of a stopped VM.
@@ -341,6 +358,20 @@ pub fn take_pending(vm: &VmPaths) -> Result<Option<SnapName>, SnapshotError> {
 pub async fn load_at_launch(qmp: &Qmp, vm: &VmName, snap: &SnapName) -> Result<(), SnapshotError> {
     let nodes = writable_nodes(qmp, vm).await?;
     run_job(qmp, vm, Op::Load, snap, &nodes).await
+}
+
+/// After a RAM restore the guest sends nothing by itself (it already has
+/// its address), so nothing on the host learns where it is: a new passt does
+/// not know its MAC and resets the forwarded connections, a bridge floods,
+/// nox's address discovery waits. qemu's `announce-self` makes the NIC send
+/// RARP frames and the guest (virtio-net's announce feature) gratuitous ARPs,
+/// as after a live migration. For a running guest.
+pub async fn announce(qmp: &Qmp, vm: &VmName) -> Result<(), SnapshotError> {
+    let args = json!({"initial": 50, "max": 550, "rounds": 5, "step": 100});
+    qmp.execute_raw("announce-self", args, crate::qmp::DEFAULT_TIMEOUT)
+        .await
+        .map(drop)
+        .map_err(|e| SnapshotError::Qmp(vm.clone(), e))
 }
 
 /// `snap-YYYYMMDD-HHMMSS` (UTC) for a create without a name.

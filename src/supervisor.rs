@@ -416,9 +416,10 @@ async fn launch(
     }
     // `nox snapshot restore` of a RAM snapshot into a stopped VM: load it
     // into the paused guest, which then resumes where the snapshot was taken.
-    if let Some(snap) = crate::snapshot::take_pending(vm).map_err(SupervisorError::Restore)? {
+    let pending = crate::snapshot::take_pending(vm).map_err(SupervisorError::Restore)?;
+    if let Some(snap) = &pending {
         info!("loading snapshot {snap}");
-        crate::snapshot::load_at_launch(&live.qmp, &spec.name, &snap)
+        crate::snapshot::load_at_launch(&live.qmp, &spec.name, snap)
             .await
             .map_err(SupervisorError::Restore)?;
     }
@@ -432,6 +433,11 @@ async fn launch(
         .map_err(SupervisorError::Qmp)?;
     live.watch = timeline::Watch::new(method, fallback, console_at);
     save_boot(vm, &live.watch);
+    if pending.is_some()
+        && let Err(e) = crate::snapshot::announce(&live.qmp, &spec.name).await
+    {
+        warn!("{}", crate::error_chain(&e));
+    }
     record(rec, Event::Resumed);
     live._ready = Readiness::spawn(vm, spec, live.q.pid);
     info!(

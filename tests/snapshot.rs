@@ -145,6 +145,16 @@ fn live_and_offline_snapshots_of_one_guest() {
     let (out, start_restore) = timed(&h, &["snapshot", "restore", vm, "s1"]);
     assert!(out.contains("started from snapshot s1"), "{out}");
     assert_eq!(h.info(vm)["state"], "running");
+    // The forward of a fresh passt reaches the guest once it has heard from
+    // it (nox makes qemu announce the guest after a restore).
+    let t0 = Instant::now();
+    common::wait_for("ssh after the RAM restore", 120, || {
+        h.nox(&["ssh", vm, "--", "true"]).status.success()
+    });
+    eprintln!(
+        "ssh answered {:.1} s after the restore returned",
+        t0.elapsed().as_secs_f64()
+    );
     let back = ssh(&h, vm, "ls ~; pgrep -a -f 'sleep 10000[1]' || true");
     assert!(
         back.contains("before") && back.contains("sleep 100001"),
@@ -279,6 +289,23 @@ fn bad_snapshot_input_changes_nothing() {
     h.ok(&["snapshot", "restore", vm, "good"]);
     h.ok(&["snapshot", "delete", vm, "good"]);
     assert!(list(&h, vm).as_array().unwrap().is_empty());
+
+    // The event log tells each operation that succeeded, and none refused.
+    let told: Vec<(String, String)> = h
+        .ok(&["events", vm, "--json"])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["type"] == "snapshot")
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_string(),
+                e["snapshot"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want = [("created", "good"), ("restored", "good"), ("deleted", "good")]
+        .map(|(a, s)| (a.to_string(), s.to_string()));
+    assert_eq!(told, want);
 }
 
 #[test]
