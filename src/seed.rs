@@ -185,18 +185,17 @@ fn nox_cloud_config(cfg: &SeedConfig) -> Result<Value, SeedError> {
         "growpart": {"mode": "auto", "devices": ["/"]},
         "resize_rootfs": true,
         // DHCP client id from the MAC, not from the machine-id: see
-        // NETWORKD_CLIENT_ID.
-        "write_files": [{
-            "path": NETWORKD_CLIENT_ID_PATH,
-            "content": NETWORKD_CLIENT_ID,
-            "permissions": "0644",
-        }],
+        // NETWORKD_CLIENT_ID. Every boot (bootcmd), idempotent.
+        "bootcmd": [NETWORKD_CLIENT_ID],
         "cloud_init_modules": CLOUD_INIT_MODULES,
         "cloud_config_modules": CLOUD_CONFIG_MODULES,
         "cloud_final_modules": CLOUD_FINAL_MODULES,
     });
     if let Some(r) = &cfg.reidentify {
-        cc["bootcmd"] = json!([reidentify_script(&cfg.user, r)?]);
+        let cmd = reidentify_script(&cfg.user, r)?;
+        if let Some(a) = cc["bootcmd"].as_array_mut() {
+            a.push(json!(cmd));
+        }
     }
     Ok(cc)
 }
@@ -205,13 +204,13 @@ fn nox_cloud_config(cfg: &SeedConfig) -> Result<Value, SeedError> {
 /// netplan) ignores the network-config's `dhcp-identifier: mac`, and
 /// systemd-networkd's DHCPv4 client id is by default a DUID derived from
 /// /etc/machine-id: two clones of one disk would ask for, and be given, the
-/// same lease. This drop-in beside the file that renderer writes makes the
-/// client id the MAC. Written in cloud-init's init stage, so it applies from
-/// the second boot on, which is every boot of a clone; elsewhere (netplan
-/// names its files differently) it is inert.
-const NETWORKD_CLIENT_ID_PATH: &str =
-    "/etc/systemd/network/10-cloud-init-eth0.network.d/50-nox-client-id.conf";
-const NETWORKD_CLIENT_ID: &str = "# Written by nox: the DHCP client id is the MAC, so copies of one disk get leases of their own.\n[DHCPv4]\nClientIdentifier=mac\n";
+/// same lease. This puts a drop-in beside each `.network` file that renderer
+/// wrote (named after the guest's interface, which only the guest knows:
+/// hence a command, not write_files) making the client id the MAC. bootcmd
+/// runs once the network is up, so it applies from the second boot on, which
+/// is every boot of a clone. Where netplan renders (its files are named
+/// differently) it does nothing.
+const NETWORKD_CLIENT_ID: &str = "for f in /etc/systemd/network/10-cloud-init-*.network; do [ -f \"$f\" ] || continue; mkdir -p \"$f.d\" && printf '# Written by nox: copies of one disk must not share a DHCP lease.\\n[DHCPv4]\\nClientIdentifier=mac\\n' >\"$f.d/50-nox-client-id.conf\"; done";
 
 /// A clone's `bootcmd`, run once per instance (`cloud-init-per instance`),
 /// before cloud-init's users and ssh modules: a new random machine-id (the
@@ -732,19 +731,20 @@ mod tests {
     fn clone_seed_resets_machine_id_and_revokes_the_source_key_once() {
         let mut cfg = config();
         let plain = json_of(&render(&cfg).unwrap().user_data);
-        assert!(plain.get("bootcmd").is_none());
-        assert_eq!(plain["write_files"][0]["path"], NETWORKD_CLIENT_ID_PATH);
-        assert!(
-            plain["write_files"][0]["content"]
-                .as_str()
-                .unwrap()
-                .contains("ClientIdentifier=mac")
-        );
+        assert_eq!(plain["bootcmd"], json!([NETWORKD_CLIENT_ID]));
+        assert!(NETWORKD_CLIENT_ID.contains("ClientIdentifier=mac"));
+        if let Ok(o) = Command::new("sh")
+            .args(["-n", "-c", NETWORKD_CLIENT_ID])
+            .output()
+        {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
         cfg.reidentify = Some(Reidentify {
             revoke_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOld+/= nox@src".into()],
         });
         let cc = json_of(&render(&cfg).unwrap().user_data);
-        let cmd = cc["bootcmd"][0].as_str().unwrap();
+        assert_eq!(cc["bootcmd"][0], NETWORKD_CLIENT_ID);
+        let cmd = cc["bootcmd"][1].as_str().unwrap();
         assert!(cmd.starts_with("cloud-init-per instance nox-reidentify sh -c "));
         // The whole line, and the script it quotes, parse as shell.
         if let Ok(o) = Command::new("sh").args(["-n", "-c", cmd]).output() {
