@@ -169,8 +169,8 @@ pub fn should_restart(policy: RestartPolicy, outcome: &Outcome) -> bool {
 /// state file at every change.
 pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
     let spec = vm.load_spec()?;
-    let _lock = vm
-        .try_lock()?
+    let _lock = take_lock(vm)
+        .await?
         .ok_or_else(|| SupervisorError::AlreadyRunning(spec.name.to_string()))?;
     // Everything qemu creates (sockets, console log) is private.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -221,6 +221,19 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
             }
         }
     }
+}
+
+/// Takes the VM's lock, retrying for a moment: readers never take it, but a
+/// `delete` or a concurrent `start` that is about to give up may hold it
+/// briefly. `None`: still held (another supervisor runs the VM).
+async fn take_lock(vm: &VmPaths) -> Result<Option<store::Lock>, StoreError> {
+    for _ in 0..10 {
+        if let Some(l) = vm.try_lock()? {
+            return Ok(Some(l));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    vm.try_lock()
 }
 
 /// The lifecycle event for how a run ended.

@@ -401,6 +401,26 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
         })?;
         return Ok(Started::Now);
     }
+    // A supervisor that found the lock taken exits "already running"; if
+    // nobody holds the lock once it has gone (a delete or a starting
+    // supervisor that gave up held it for a moment), the VM is not running:
+    // try again rather than claim it is.
+    for _ in 0..3 {
+        match spawn_supervisor(&vm, name, timeout)? {
+            Started::AlreadyRunning if !vm.is_locked()? => continue,
+            started => return Ok(started),
+        }
+    }
+    Err(VmError::StartFailed {
+        name: name.into(),
+        why: "its lock was taken at every attempt, yet nobody holds it now".into(),
+        log: String::new(),
+    })
+}
+
+/// Spawns `nox run NAME` detached and waits until it runs the VM, fails, or
+/// exits because another supervisor runs it.
+fn spawn_supervisor(vm: &VmPaths, name: &str, timeout: Duration) -> Result<Started, VmError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -434,14 +454,14 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
             if status.code() == Some(EXIT_ALREADY_RUNNING) {
                 return Ok(Started::AlreadyRunning);
             }
-            let st = state::load_raw(&vm)?;
+            let st = state::load_raw(vm)?;
             return Err(VmError::StartFailed {
                 name: name.into(),
                 why: st.reason.unwrap_or_else(|| format!("supervisor {status}")),
                 log: store::tail(&vm.log(), log_start, 15),
             });
         }
-        let st = state::load_raw(&vm)?;
+        let st = state::load_raw(vm)?;
         if st.pid == Some(pid) && st.state == Phase::Running {
             return Ok(Started::Now);
         }
@@ -575,7 +595,7 @@ pub fn is_our_qemu(pid: u32, name: &str) -> bool {
 async fn wait_unlocked(vm: &VmPaths, timeout: Duration) -> Result<bool, VmError> {
     let deadline = Instant::now() + timeout;
     loop {
-        if vm.try_lock()?.is_some() {
+        if !vm.is_locked()? {
             return Ok(true);
         }
         if Instant::now() >= deadline {

@@ -149,6 +149,59 @@ fn twenty_concurrent_starts_run_one_qemu() {
 }
 
 #[test]
+fn readers_never_make_start_say_already_running() {
+    if !prereqs() {
+        return;
+    }
+    let h = Home::new();
+    blank_vm(&h, "busy", &[]);
+    let store = nox::store::Store::at(h.path().into(), h.path().join("run"));
+    let vm = store.vm("busy").unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    // A failed assertion must end the readers too, or the scope never ends.
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|sc| {
+        let _stop = Stop(&stop);
+        // Readers as busy as they get: `info`/`list` in-process, back to back
+        // (each used to hold the VM's lock for part of every call), and `nox
+        // list` processes.
+        for _ in 0..2 {
+            sc.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = nox::state::load(&vm);
+                }
+            });
+        }
+        sc.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = Command::new(env!("CARGO_BIN_EXE_nox"))
+                    .args(["list", "--json"])
+                    .env("NOX_HOME", h.path())
+                    .output();
+            }
+        });
+        for _ in 0..10 {
+            let out = h.ok(&["start", "busy"]);
+            assert!(!out.contains("already running"), "{out}");
+            assert_eq!(h.info("busy")["state"], "running");
+            // Its supervisor killed: state.json still says "running", which
+            // is what makes readers look at the lock (a host reboot too).
+            kill9(h.info("busy")["pid"].as_u64().unwrap());
+            wait_for("qemu to die with its supervisor", 20, || {
+                qemu_pids("busy").is_empty()
+            });
+            assert_eq!(h.info("busy")["state"], "crashed");
+        }
+    });
+    assert!(qemu_pids("busy").is_empty());
+}
+
+#[test]
 fn killed_supervisor_takes_its_qemu_and_start_works_again() {
     if !prereqs() {
         return;
