@@ -262,6 +262,8 @@ fn default_cpus() -> u32 {
 /// Entry point of the binary: runs the command, prints errors with their
 /// causes, returns the exit code.
 pub fn main() -> i32 {
+    // First, while single-threaded: as root, PATH is not the caller's.
+    crate::trust::sanitize_env();
     let cli = Cli::parse();
     let is_run = matches!(cli.cmd, Cmd::Run { .. });
     let filter = tracing_subscriber::EnvFilter::try_from_env("NOX_LOG")

@@ -22,6 +22,7 @@ pub mod systemd;
 #[doc(hidden)]
 pub mod testing;
 pub mod text;
+pub mod trust;
 pub mod vm;
 
 pub use text::error_chain;

@@ -19,10 +19,12 @@ pub enum QemuError {
     NoKvm(String),
     #[error("cannot build the qemu command line")]
     Opt(#[from] opts::OptError),
-    #[error("{binary} not found in PATH; install it (Debian: apt install {package})")]
+    #[error("{binary} not found {looked}; install it (Debian: apt install {package})")]
     NoBinary {
         binary: &'static str,
         package: &'static str,
+        /// Where it was looked for (crate::trust::program).
+        looked: String,
     },
 }
 
@@ -398,25 +400,25 @@ pub fn firmware_args(
     })
 }
 
-/// Finds a program in PATH.
+/// Finds a program nox runs: as configured in config.json `binaries`, else
+/// (root) in the system directories, else in PATH (crate::trust::program).
 pub fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| {
-            use std::os::unix::fs::PermissionsExt;
-            p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
+    match crate::trust::program(program) {
+        crate::trust::Found::Yes(p) => Some(p),
+        crate::trust::Found::No(_) => None,
+    }
 }
 
 /// The qemu binary for an architecture, or an error naming the package.
 pub fn find_binary(arch: &ArchFacts) -> Result<PathBuf, QemuError> {
-    which(arch.binary).ok_or(QemuError::NoBinary {
-        binary: arch.binary,
-        package: arch.package,
-    })
+    match crate::trust::program(arch.binary) {
+        crate::trust::Found::Yes(p) => Ok(p),
+        crate::trust::Found::No(looked) => Err(QemuError::NoBinary {
+            binary: arch.binary,
+            package: arch.package,
+            looked,
+        }),
+    }
 }
 
 #[cfg(test)]

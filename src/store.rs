@@ -56,6 +56,8 @@ pub enum StoreError {
     SocketPath(PathBuf),
     #[error(transparent)]
     Name(#[from] IdentError),
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -73,13 +75,31 @@ pub struct Store {
 
 impl Store {
     /// The store for this process: `NOX_HOME`, else `/var/lib/nox` + `/run/nox`
-    /// for root, else `~/.nox`.
+    /// for root, else `~/.nox`. As root the directories must be root's alone
+    /// ([`crate::trust::check_state_dir`]). The `binaries` of its
+    /// `config.json` become the programs this process runs.
     pub fn from_env() -> Result<Store, StoreError> {
+        let store = Store::env_paths()?;
+        let store = if crate::trust::as_root() {
+            // Checked as resolved, and used as checked.
+            let root = crate::trust::resolve(&store.root);
+            let run = crate::trust::resolve(&store.run);
+            crate::trust::check_state_dir(&root)?;
+            crate::trust::check_state_dir(&run)?;
+            Store::at(root, run)
+        } else {
+            store
+        };
+        crate::trust::set_programs(crate::trust::Programs::load(&store.config_path())?);
+        Ok(store)
+    }
+
+    fn env_paths() -> Result<Store, StoreError> {
         if let Some(home) = std::env::var_os("NOX_HOME").filter(|h| !h.is_empty()) {
             let root = std::path::absolute(PathBuf::from(home)).map_err(io(Path::new(".")))?;
             return Ok(Store::at(root.clone(), root.join("run")));
         }
-        if nix::unistd::geteuid().is_root() {
+        if crate::trust::as_root() {
             return Ok(Store::at("/var/lib/nox".into(), "/run/nox".into()));
         }
         let home = std::env::var_os("HOME").ok_or(StoreError::NoHome)?;
@@ -429,14 +449,17 @@ pub fn is_locked(path: &Path) -> Result<bool, StoreError> {
     Ok(fl.l_type != nix::libc::F_UNLCK as nix::libc::c_short)
 }
 
+/// Creates a directory (and missing parents) 0700. An existing one is left
+/// as it is: never chmod-ed behind the operator's back; as root it must be
+/// root's alone ([`crate::trust::check_state_dir`]), else it is refused.
 pub fn mkdir_private(dir: &Path) -> Result<(), StoreError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(io(dir))?;
-    // An existing directory keeps its mode from `create`: enforce it.
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))
+    crate::trust::check_state_dir(dir)?;
+    Ok(())
 }
 
 /// Writes `data` to `path` atomically with the given mode; see [`write_atomic_with`].

@@ -360,7 +360,8 @@ fn full_or_read_only_state_dir_gives_clear_errors() {
     let mnt = h.path().join("small");
     std::fs::create_dir_all(&mnt).unwrap();
     let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        // mode=0700: a tmpfs root is 1777 by default, which root refuses as a state directory.
+        .args(["-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs"])
         .arg(&mnt)
         .status()
         .unwrap();

@@ -11,7 +11,6 @@
 //! the start, before anything is chowned.
 
 use std::fmt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -90,7 +89,7 @@ impl UidRange {
             path: path.clone(),
             source,
         })?;
-        if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
+        if !crate::trust::owned_by_us(&meta) {
             return Err(JailError::ConfigOwner { path });
         }
         range.validate()?;
