@@ -227,6 +227,9 @@ pub struct CreateArgs {
     /// Seconds `stop` waits for the guest to power off before forcing it
     #[arg(long, default_value_t = 60)]
     pub stop_timeout: u64,
+    /// Size at which the console log is rotated (one old log is kept)
+    #[arg(long, value_name = "SIZE", default_value = "4M")]
+    pub console_log_size: String,
     /// Boot firmware (default: BIOS on amd64, UEFI on arm64)
     #[arg(long, value_enum)]
     pub firmware: Option<FirmwareKind>,
@@ -430,6 +433,7 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         network: a.network,
         publish: a.publish,
         stop_timeout: a.stop_timeout,
+        console_log_size: a.console_log_size,
         restart: a.restart,
         firmware: a.firmware,
         secure_boot: a.secure_boot,
@@ -838,8 +842,14 @@ fn logs(store: &Store, name: &str, follow: bool, raw: bool) -> Result<i32> {
     // retitle the window, clear the screen or fake nox's own output.
     let escape = !raw && out.is_terminal();
     let mut buf = vec![0u8; 64 << 10];
+    let mut inode = None;
     loop {
         if let Ok(mut f) = std::fs::File::open(&path) {
+            // Rotated (crate::console): a new file, read from its start.
+            let ino = std::os::unix::fs::MetadataExt::ino(&f.metadata()?);
+            if inode.replace(ino).is_some_and(|old| old != ino) {
+                pos = 0;
+            }
             f.seek(std::io::SeekFrom::Start(pos))?;
             loop {
                 let n = f.read(&mut buf)?;

@@ -4,6 +4,7 @@
 //! module here is usable on its own by tests and other programs.
 
 pub mod cli;
+pub mod console;
 pub mod firmware;
 pub mod ident;
 pub mod image;

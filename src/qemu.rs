@@ -292,7 +292,7 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
         .path("path", &p.serial_socket())?
         .set("server", "on")
         .set("wait", "off")
-        .path("logfile", &p.console_log())?
+        .path("logfile", &p.console_pipe())?
         .set("logappend", "on");
     a.opt("-chardev", serial);
     a.opt("-serial", "chardev:serial0");
@@ -453,6 +453,7 @@ mod tests {
             static_ip: None,
             publish: vec![],
             created: 0,
+            console_log_size: crate::console::DEFAULT_SIZE,
         }
     }
 
@@ -486,7 +487,7 @@ mod tests {
 -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
 -chardev socket,id=qmp0,path=/run/nox/demo/qmp.sock,server=on,wait=off -mon chardev=qmp0,mode=control \
 -chardev socket,id=qmp1,path=/run/nox/demo/ctl.sock,server=on,wait=off -mon chardev=qmp1,mode=control \
--chardev socket,id=serial0,path=/run/nox/demo/serial.sock,server=on,wait=off,logfile=/var/lib/nox/vms/demo/console.log,logappend=on \
+-chardev socket,id=serial0,path=/run/nox/demo/serial.sock,server=on,wait=off,logfile=/run/nox/demo/console.pipe,logappend=on \
 -serial chardev:serial0 \
 -drive if=none,id=disk0,file=/var/lib/nox/vms/demo/disk.qcow2,format=qcow2,discard=unmap \
 -device virtio-blk-pci,drive=disk0,bootindex=1 \

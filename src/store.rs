@@ -349,6 +349,11 @@ impl VmPaths {
     pub fn serial_socket(&self) -> PathBuf {
         self.run.join("serial.sock")
     }
+    /// The FIFO qemu writes the console log into; the supervisor copies it
+    /// to [`VmPaths::console_log`], capped (crate::console).
+    pub fn console_pipe(&self) -> PathBuf {
+        self.run.join("console.pipe")
+    }
     /// UEFI variable store (per VM, writable).
     pub fn efi_vars(&self) -> PathBuf {
         self.dir.join("efivars.fd")

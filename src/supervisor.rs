@@ -53,6 +53,8 @@ pub enum SupervisorError {
     Firmware(#[from] crate::firmware::FirmwareError),
     #[error(transparent)]
     Jail(#[from] jail::JailError),
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleError),
     #[error("cannot record the VM's state")]
     State(#[source] RecordError),
     #[error("cannot install the SIGTERM/SIGINT handlers")]
@@ -317,7 +319,9 @@ async fn run_once(
 ) -> Result<Outcome, SupervisorError> {
     let mut live = launch(vm, spec, accel, rec).await?;
     let (exit, verdict) = supervise(&mut live, spec, rec, signals).await?;
-    Ok(finish(&mut live.events, verdict, exit).await)
+    let outcome = finish(&mut live.events, verdict, exit).await;
+    live.console.finish().await;
+    Ok(outcome)
 }
 
 /// A launched qemu and what it holds. Dropping it kills qemu
@@ -327,6 +331,8 @@ struct Live {
     qmp: Qmp,
     events: UnboundedReceiver<qmp::Event>,
     net: Attached,
+    /// Copies the console into console.log until qemu is gone.
+    console: crate::console::Copier,
 }
 
 /// Spawns qemu (paused), connects QMP and resumes the guest.
@@ -382,6 +388,10 @@ async fn spawn_connected(
         attempt += 1;
         cleanup_runtime(vm);
         store::mkdir_private(&vm.run)?;
+        // qemu writes the console into a FIFO; we keep it, capped.
+        crate::console::make_fifo(&vm.console_pipe())?;
+        let log = crate::console::RotatingLog::new(&vm.console_log(), spec.console_log_size);
+        let console = crate::console::Copier::start(&vm.console_pipe(), log)?;
         let mut net = attach(spec, &vm.log()).await?;
         let argv = qemu::argv(&qemu::Launch {
             spec,
@@ -409,6 +419,7 @@ async fn spawn_connected(
                     qmp,
                     events,
                     net,
+                    console,
                 });
             }
             Err(failed) => {

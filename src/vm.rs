@@ -82,6 +82,8 @@ pub struct CreateOptions {
     /// `--publish`: host ports forwarded into a user-mode guest.
     pub publish: Vec<crate::net::forward::PortForward>,
     pub stop_timeout: u64,
+    /// `--console-log-size`, e.g. `4M`.
+    pub console_log_size: String,
     pub restart: RestartPolicy,
     pub firmware: Option<FirmwareKind>,
     pub secure_boot: bool,
@@ -107,6 +109,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     let cpus = spec::validate_cpus(o.cpus, spec::host_cpus())?;
     let memory = spec::parse_memory(&o.memory, spec::host_memory())?;
     let disk = spec::parse_disk(&o.disk)?;
+    let console_log_size = spec::parse_console_log_size(&o.console_log_size)?;
     let static_ip = match o.ip {
         Some(ip) => Some(spec::StaticIp::new(ip, o.gateway, o.dns.clone())?),
         None => None,
@@ -221,6 +224,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
         static_ip,
         publish: o.publish.clone(),
         created: state::now(),
+        console_log_size,
     };
     write_seed(&spec, &vm, &host, user_data)?;
     store::write_json(&vm.spec(), &spec)?;

@@ -468,3 +468,74 @@ fn full_or_read_only_state_dir_gives_clear_errors() {
     assert!(!out.status.success());
     assert!(mnt.join("vms/tiny/spec.json").exists());
 }
+
+/// A "guest" that floods its serial port: a 64 KiB BIOS whose reset vector
+/// writes 'A' to the UART forever, offered to nox as a firmware descriptor in
+/// the store's own firmware directory.
+fn flooding_bios(h: &Home) {
+    let rom = h.path().join("flood.rom");
+    let mut code = vec![0u8; 64 << 10];
+    // At F000:FFF0: mov dx,0x3f8; mov al,'A'; out dx,al; jmp $-1 (to the out).
+    let reset = [0xBA, 0xF8, 0x03, 0xB0, 0x41, 0xEE, 0xEB, 0xFD];
+    let at = code.len() - 16;
+    code[at..at + reset.len()].copy_from_slice(&reset);
+    std::fs::write(&rom, code).unwrap();
+    let dir = h.path().join("firmware");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("10-flood.json"),
+        serde_json::json!({
+            "description": "floods the serial port",
+            "interface-types": ["bios"],
+            "mapping": {"device": "memory", "filename": rom},
+            "targets": [{"architecture": "x86_64", "machines": ["pc-q35-*"]}],
+            "features": [], "tags": []
+        })
+        .to_string(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_guest_flooding_its_console_cannot_fill_the_disk() {
+    if !prereqs() {
+        return;
+    }
+    let h = Home::new();
+    flooding_bios(&h);
+    blank_vm(
+        &h,
+        "flood",
+        &["--console-log-size", "64K", "--firmware", "bios"],
+    );
+    h.ok(&["start", "flood"]);
+    let log = h.path().join("vms/flood/console.log");
+    let old = h.path().join("vms/flood/console.log.1");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    // Rotated several times over: more than 4 times the cap has gone by.
+    let mut rotations = 0;
+    let mut last_ino = 0;
+    wait_for("the console log to rotate 4 times", 120, || {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata(&old)
+            && m.ino() != last_ino
+        {
+            last_ino = m.ino();
+            rotations += 1;
+        }
+        assert!(size(&log) <= 64 << 10, "console.log: {}", size(&log));
+        rotations >= 4
+    });
+    assert_eq!(size(&old), 64 << 10);
+    let text = std::fs::read_to_string(&old).unwrap();
+    assert!(text.bytes().all(|b| b == b'A'), "what the guest wrote");
+    let files: Vec<String> = std::fs::read_dir(h.path().join("vms/flood"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("console"))
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(h.info("flood")["state"], "running");
+    h.ok(&["stop", "flood", "--force"]);
+    assert!(size(&log) <= 64 << 10);
+}
