@@ -429,7 +429,7 @@ fn recv_frame(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Direction)> {
         )
     };
     let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-    let dir = if sll.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+    let dir = if sll.sll_pkttype == libc::PACKET_OUTGOING {
         Direction::ToGuest
     } else {
         Direction::FromGuest
