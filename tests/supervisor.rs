@@ -539,3 +539,97 @@ fn a_guest_flooding_its_console_cannot_fill_the_disk() {
     h.ok(&["stop", "flood", "--force"]);
     assert!(size(&log) <= 64 << 10);
 }
+
+/// A Polaris-like host creates and starts 10-20 VMs at once. 20 concurrent
+/// `create` (which starts) of distinct names, three rounds, all succeed and
+/// run; then 20 concurrent deletes. qemu is a fake that only speaks QMP
+/// (tests/support/fake_qemu.py, named in the root-owned config.json): 60
+/// real guests would not fit on a CI machine, and booting is not the point.
+#[test]
+fn twenty_concurrent_creates_with_start_all_succeed() {
+    use std::os::unix::fs::PermissionsExt;
+    if !prereq(is_root(), "needs root (the jail)")
+        || !prereq(have("qemu-img"), "qemu-img not installed")
+        || !prereq(
+            std::path::Path::new("/usr/bin/python3").exists(),
+            "no /usr/bin/python3",
+        )
+    {
+        return;
+    }
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let bin = h.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = bin.join("qemu-system-x86_64");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_qemu.py"),
+        &fake,
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_config(
+        &h,
+        serde_json::json!({"binaries": {"qemu-system-x86_64": fake, "passt": "/nonexistent/passt"}}),
+    );
+    let spawn = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nox"))
+            .args(args)
+            .env("NOX_HOME", h.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let all_ok = |children: Vec<std::process::Child>, what: &str| {
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    for round in 0..3 {
+        let names: Vec<String> = (0..20).map(|i| format!("r{round}-{i}")).collect();
+        let t0 = Instant::now();
+        let creates = names
+            .iter()
+            .map(|n| {
+                spawn(&[
+                    "create",
+                    n,
+                    "--image",
+                    img.to_str().unwrap(),
+                    "--network",
+                    "user",
+                    "--accel",
+                    "tcg",
+                    "--cpus",
+                    "1",
+                    "--memory",
+                    "128M",
+                ])
+            })
+            .collect();
+        all_ok(creates, &format!("round {round}: create"));
+        eprintln!(
+            "round {round}: 20 concurrent create+start took {:?}",
+            t0.elapsed()
+        );
+        for n in &names {
+            let info = h.info(n);
+            assert_eq!(info["state"], "running", "{n}: {info}");
+        }
+        let deletes = names
+            .iter()
+            .map(|n| spawn(&["delete", n, "--force"]))
+            .collect();
+        all_ok(deletes, &format!("round {round}: delete"));
+        let left: Vec<String> = vm_dirs(&h);
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
