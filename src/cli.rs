@@ -460,8 +460,20 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         if let Some(w) = user_net_warning(&spec) {
             eprintln!("{w}");
         }
-    } else {
-        start_quiet(store, &name, a.wait, a.timeout, a.json)?;
+    } else if let Err(e) = start_quiet(store, &name, a.wait, a.timeout, a.json) {
+        // The VM may be running with an address the caller needs (e.g. no
+        // route to it from here): --json still says what is known.
+        let running = store
+            .vm(&name)
+            .ok()
+            .and_then(|v| vm::info(&v).ok())
+            .filter(|i| i.state.is_active());
+        if a.json
+            && let Some(info) = running
+        {
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        return Err(e);
     }
     if a.json {
         let info = vm::info(&store.vm(&name)?)?;

@@ -738,3 +738,31 @@ fn spoofed_dhcp_ack_from_another_port_is_ignored() {
     });
     assert_eq!(got.ipv4, Some(Ipv4Addr::new(10, 77, 0, 50)));
 }
+
+/// The host reaches a guest address through the bridge only when the bridge
+/// has an address in its subnet (what `create --wait` checks before waiting).
+#[test]
+fn route_to_a_guest_goes_through_the_bridge_only_with_an_address_there() {
+    if !base_prereqs() {
+        return;
+    }
+    let ns = Netns::new("route");
+    ipn(&ns.name, &["link", "add", "br0", "type", "bridge"]);
+    ipn(&ns.name, &["link", "set", "br0", "up"]);
+    let got = in_ns(&ns.name, || async {
+        let guest = Ipv4Addr::new(10, 81, 0, 50);
+        let before = bridge::reaches_on(guest, "br0").await.unwrap();
+        let out = Command::new("ip")
+            .args(["addr", "add", "10.81.0.1/24", "dev", "br0"])
+            .status()
+            .unwrap();
+        assert!(out.success());
+        let after = bridge::reaches_on(guest, "br0").await.unwrap();
+        let elsewhere = bridge::reaches_on(Ipv4Addr::new(10, 82, 0, 5), "br0")
+            .await
+            .unwrap();
+        let no_bridge = bridge::reaches_on(guest, "nosuchbr").await.unwrap();
+        (before, after, elsewhere, no_bridge)
+    });
+    assert_eq!(got, (false, true, false, false));
+}
