@@ -370,6 +370,9 @@ pub struct CreateArgs {
     /// Seconds `stop` waits for the guest to power off before forcing it
     #[arg(long, default_value_t = 60)]
     pub stop_timeout: u64,
+    /// Size at which the console log is rotated (one old log is kept)
+    #[arg(long, value_name = "SIZE", default_value = "4M")]
+    pub console_log_size: String,
     /// Boot firmware (default: BIOS on amd64, UEFI on arm64)
     #[arg(long, value_enum)]
     pub firmware: Option<FirmwareKind>,
@@ -406,6 +409,8 @@ pub struct CreateArgs {
 /// Entry point of the binary: runs the command, prints errors with their
 /// causes, returns the exit code.
 pub fn main() -> i32 {
+    // First, while single-threaded: as root, PATH is not the caller's.
+    crate::trust::sanitize_env();
     // `COMPLETE=bash nox -- WORDS…` (what the completion script runs):
     // print the candidates and exit.
     clap_complete::CompleteEnv::with_factory(command).complete();
@@ -664,6 +669,7 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         network: a.network.or(d.network.0),
         publish: a.publish,
         stop_timeout: a.stop_timeout,
+        console_log_size: a.console_log_size,
         restart: a.restart,
         firmware: a.firmware,
         secure_boot: a.secure_boot,
@@ -691,8 +697,20 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         if let Some(w) = user_net_warning(&spec) {
             eprintln!("{w}");
         }
-    } else {
-        start_quiet(store, &name, a.wait, a.timeout, a.json)?;
+    } else if let Err(e) = start_quiet(store, &name, a.wait, a.timeout, a.json) {
+        // The VM may be running with an address the caller needs (e.g. no
+        // route to it from here): --json still says what is known.
+        let running = store
+            .vm(&name)
+            .ok()
+            .and_then(|v| vm::info(&v).ok())
+            .filter(|i| i.state.is_active());
+        if a.json
+            && let Some(info) = running
+        {
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        return Err(e);
     }
     if a.json {
         let info = vm::info(&store.vm(&name)?)?;
@@ -1243,8 +1261,14 @@ fn logs(store: &Store, name: &str, follow: bool, raw: bool) -> Result<i32> {
     // retitle the window, clear the screen or fake nox's own output.
     let escape = !raw && out.is_terminal();
     let mut buf = vec![0u8; 64 << 10];
+    let mut inode = None;
     loop {
         if let Ok(mut f) = std::fs::File::open(&path) {
+            // Rotated (crate::console): a new file, read from its start.
+            let ino = std::os::unix::fs::MetadataExt::ino(&f.metadata()?);
+            if inode.replace(ino).is_some_and(|old| old != ino) {
+                pos = 0;
+            }
             f.seek(std::io::SeekFrom::Start(pos))?;
             loop {
                 let n = f.read(&mut buf)?;

@@ -54,13 +54,6 @@ pub enum ConfigError {
     Owner { path: PathBuf, uid: u32 },
 }
 
-/// Whether a configuration file may be trusted by this process: owned by
-/// its effective uid and not writable by group or others. It names the
-/// uids qemu runs as and the images VMs boot, so only its owner may say.
-pub fn owned_safely(meta: &std::fs::Metadata) -> bool {
-    meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o022 == 0
-}
-
 /// `defaults` in config.json. Every field is optional; a missing one falls
 /// back to nox's built-in default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,7 +150,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             path: path.to_owned(),
             source,
         })?;
-        if !owned_safely(&meta) {
+        if !crate::trust::owned_by_us(&meta) {
             return Err(ConfigError::Owner {
                 path: path.to_owned(),
                 uid: nix::unistd::geteuid().as_raw(),

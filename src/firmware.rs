@@ -214,8 +214,13 @@ impl Firmware {
 
 /// QEMU's standard descriptor directories, least specific first:
 /// `/usr/share/qemu/firmware`, `/etc/qemu/firmware`,
-/// `$XDG_CONFIG_HOME/qemu/firmware` (or `$HOME/.config/qemu/firmware`).
+/// `$XDG_CONFIG_HOME/qemu/firmware` (or `$HOME/.config/qemu/firmware`) —
+/// the last not as root: a descriptor picks what qemu loads, and root's
+/// environment is whoever ran sudo's (crate::trust).
 pub fn default_search_dirs() -> Vec<PathBuf> {
+    if crate::trust::as_root() {
+        return search_dirs(None, None);
+    }
     search_dirs(
         std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from),
         std::env::var_os("HOME").map(PathBuf::from),
@@ -1324,6 +1329,21 @@ mod tests {
         };
         prepare_vars(&stateless, &vars).unwrap();
         assert!(!vars.exists());
+    }
+
+    #[test]
+    fn root_does_not_read_descriptors_from_home() {
+        let home = std::env::var_os("HOME").filter(|h| Path::new(h).is_absolute());
+        let from_home = |dirs: &[PathBuf]| {
+            home.as_ref()
+                .is_some_and(|h| dirs.iter().any(|d| d.starts_with(h)))
+        };
+        if crate::trust::as_root() {
+            assert_eq!(default_search_dirs(), search_dirs(None, None));
+        } else if std::env::var_os("XDG_CONFIG_HOME").is_none() {
+            assert_eq!(from_home(&default_search_dirs()), home.is_some());
+        }
+        assert!(!from_home(&search_dirs(None, None)));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clone;
 pub mod config;
 pub mod events;
+pub mod console;
 pub mod firmware;
 pub mod ident;
 pub mod image;
@@ -29,6 +30,7 @@ pub mod template;
 pub mod testing;
 pub mod text;
 pub mod timeline;
+pub mod trust;
 pub mod vm;
 
 pub use text::error_chain;

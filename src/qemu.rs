@@ -19,10 +19,12 @@ pub enum QemuError {
     NoKvm(String),
     #[error("cannot build the qemu command line")]
     Opt(#[from] opts::OptError),
-    #[error("{binary} not found in PATH; install it (Debian: apt install {package})")]
+    #[error("{binary} not found {looked}; install it (Debian: apt install {package})")]
     NoBinary {
         binary: &'static str,
         package: &'static str,
+        /// Where it was looked for (crate::trust::program).
+        looked: String,
     },
 }
 
@@ -293,7 +295,7 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
         .path("path", &p.serial_socket())?
         .set("server", "on")
         .set("wait", "off")
-        .path("logfile", &p.console_log())?
+        .path("logfile", &p.console_pipe())?
         .set("logappend", "on");
     a.opt("-chardev", serial);
     a.opt("-serial", "chardev:serial0");
@@ -408,25 +410,25 @@ pub fn firmware_args(
     })
 }
 
-/// Finds a program in PATH.
+/// Finds a program nox runs: as configured in config.json `binaries`, else
+/// (root) in the system directories, else in PATH (crate::trust::program).
 pub fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| {
-            use std::os::unix::fs::PermissionsExt;
-            p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
+    match crate::trust::program(program) {
+        crate::trust::Found::Yes(p) => Some(p),
+        crate::trust::Found::No(_) => None,
+    }
 }
 
 /// The qemu binary for an architecture, or an error naming the package.
 pub fn find_binary(arch: &ArchFacts) -> Result<PathBuf, QemuError> {
-    which(arch.binary).ok_or(QemuError::NoBinary {
-        binary: arch.binary,
-        package: arch.package,
-    })
+    match crate::trust::program(arch.binary) {
+        crate::trust::Found::Yes(p) => Ok(p),
+        crate::trust::Found::No(looked) => Err(QemuError::NoBinary {
+            binary: arch.binary,
+            package: arch.package,
+            looked,
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -461,6 +463,7 @@ mod tests {
             static_ip: None,
             publish: vec![],
             created: 0,
+            console_log_size: crate::console::DEFAULT_SIZE,
         }
     }
 
@@ -495,7 +498,7 @@ mod tests {
 -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
 -chardev socket,id=qmp0,path=/run/nox/demo/qmp.sock,server=on,wait=off -mon chardev=qmp0,mode=control \
 -chardev socket,id=qmp1,path=/run/nox/demo/ctl.sock,server=on,wait=off -mon chardev=qmp1,mode=control \
--chardev socket,id=serial0,path=/run/nox/demo/serial.sock,server=on,wait=off,logfile=/var/lib/nox/vms/demo/console.log,logappend=on \
+-chardev socket,id=serial0,path=/run/nox/demo/serial.sock,server=on,wait=off,logfile=/run/nox/demo/console.pipe,logappend=on \
 -serial chardev:serial0 \
 -drive if=none,id=disk0,file=/var/lib/nox/vms/demo/disk.qcow2,format=qcow2,discard=unmap \
 -device virtio-blk-pci,drive=disk0,bootindex=1 \

@@ -210,6 +210,26 @@ pub struct VmSpec {
     pub static_ip: Option<StaticIp>,
     /// Creation time, seconds since the epoch.
     pub created: u64,
+    /// Bytes of console.log kept before it is rotated to console.log.1.
+    #[serde(default = "default_console_log_size")]
+    pub console_log_size: u64,
+}
+
+fn default_console_log_size() -> u64 {
+    crate::console::DEFAULT_SIZE
+}
+
+/// `--console-log-size`: at least [`crate::console::MIN_SIZE`].
+pub fn parse_console_log_size(value: &str) -> Result<u64, SpecError> {
+    let bytes = parse_size("--console-log-size", value)?;
+    if bytes < crate::console::MIN_SIZE {
+        return Err(SpecError::Size {
+            what: "--console-log-size",
+            value: value.into(),
+            why: "at least 64K".into(),
+        });
+    }
+    Ok(bytes)
 }
 
 /// Parses a size such as `512M`, `1G`, `1.5GiB`, `10G`. K/M/G/T are binary

@@ -24,6 +24,17 @@ pub enum SshError {
         what: &'static str,
         console: String,
     },
+    #[error(
+        "the guest has {ip} on bridge {bridge}, but this host has no route to it through \
+         {bridge}; give {bridge} an address in the guest's subnet (e.g. `ip addr add \
+         {example}/24 dev {bridge}`, with the subnet's real prefix and a free address) and \
+         run `nox start --wait` again; the VM is left running"
+    )]
+    NoRoute {
+        ip: String,
+        bridge: String,
+        example: String,
+    },
     #[error("cloud-init reported an error:\n{0}")]
     CloudInit(String),
     #[error("the VM stopped while waiting ({0})")]
@@ -173,6 +184,7 @@ pub fn wait_ready(
     };
     // Phase 1: sshd answers and accepts our key.
     let ssh_at;
+    let mut route_checked = None;
     let ep = loop {
         let st = state().ok_or_else(|| SshError::Stopped("no state".into()))?;
         if !st.state.is_active() {
@@ -181,6 +193,22 @@ pub fn wait_ready(
                 st.state,
                 st.reason.unwrap_or_default()
             )));
+        }
+        // A bridged guest's address is known: waiting is useless if this
+        // host cannot reach it (no address in its subnet on the bridge).
+        if let (Some(ip), Some(bridge), None) = (&st.ip, &st.bridge, st.ssh_port)
+            && route_checked.as_ref() != Some(ip)
+        {
+            route_checked = Some(ip.clone());
+            if let Ok(v4) = ip.parse::<std::net::Ipv4Addr>()
+                && !host_reaches(v4, bridge)
+            {
+                return Err(SshError::NoRoute {
+                    ip: ip.clone(),
+                    bridge: bridge.clone(),
+                    example: example_address(v4),
+                });
+            }
         }
         if let Some(ep) = endpoint(&st) {
             let ok = run(spec, vm, &ep, &["true".into()], Some(remaining(deadline)))?
@@ -413,6 +441,33 @@ fn banner(ep: &Endpoint) -> bool {
     s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
 }
 
+/// Whether the kernel routes `ip` out through `bridge` directly. Asked on a
+/// thread of its own (netlink is async; callers may be inside a runtime);
+/// an unanswerable question counts as yes, so waiting goes on as before.
+fn host_reaches(ip: std::net::Ipv4Addr, bridge: &str) -> bool {
+    let bridge = bridge.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(crate::net::bridge::reaches_on(ip, &bridge))
+            .ok()
+    })
+    .join()
+    .ok()
+    .flatten()
+    .unwrap_or(true)
+}
+
+/// An address to suggest for the bridge: the guest's /24 with .254 (.253
+/// if that is the guest's own).
+pub fn example_address(guest: std::net::Ipv4Addr) -> String {
+    let [a, b, c, d] = guest.octets();
+    let last = if d == 254 { 253 } else { 254 };
+    std::net::Ipv4Addr::new(a, b, c, last).to_string()
+}
+
 /// What `cloud-init status` said: done (`Some(true)`; exit 2 is "done with
 /// recoverable errors"), error (`Some(false)`), or no verdict (`None`: ssh
 /// failed, or cloud-init still running).
@@ -471,6 +526,18 @@ mod tests {
     use super::*;
     use crate::state::Phase;
     use crate::store::Store;
+
+    #[test]
+    fn a_free_looking_address_is_suggested_for_the_bridge() {
+        assert_eq!(
+            example_address("192.0.2.50".parse().unwrap()),
+            "192.0.2.254"
+        );
+        assert_eq!(
+            example_address("192.0.2.254".parse().unwrap()),
+            "192.0.2.253"
+        );
+    }
 
     #[test]
     fn argv_pins_host_key() {

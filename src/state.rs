@@ -136,8 +136,10 @@ pub fn load(vm: &VmPaths) -> Result<State, StoreError> {
     if !st.state.is_active() {
         return Ok(st);
     }
-    // A held lock means a live supervisor (or a delete under way).
-    if vm.try_lock()?.is_none() {
+    // A held lock means a live supervisor (or a delete under way). Asked
+    // without taking it: a reader must never make a starting supervisor
+    // find the lock taken.
+    if vm.is_locked()? {
         return Ok(st);
     }
     Ok(stale(st))

@@ -22,7 +22,6 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
@@ -58,6 +57,8 @@ pub enum StoreError {
     SocketPath(PathBuf),
     #[error(transparent)]
     Name(#[from] IdentError),
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -75,13 +76,31 @@ pub struct Store {
 
 impl Store {
     /// The store for this process: `NOX_HOME`, else `/var/lib/nox` + `/run/nox`
-    /// for root, else `~/.nox`.
+    /// for root, else `~/.nox`. As root the directories must be root's alone
+    /// ([`crate::trust::check_state_dir`]). The `binaries` of its
+    /// `config.json` become the programs this process runs.
     pub fn from_env() -> Result<Store, StoreError> {
+        let store = Store::env_paths()?;
+        let store = if crate::trust::as_root() {
+            // Checked as resolved, and used as checked.
+            let root = crate::trust::resolve(&store.root);
+            let run = crate::trust::resolve(&store.run);
+            crate::trust::check_state_dir(&root)?;
+            crate::trust::check_state_dir(&run)?;
+            Store::at(root, run)
+        } else {
+            store
+        };
+        crate::trust::set_programs(crate::trust::Programs::load(&store.config_path())?);
+        Ok(store)
+    }
+
+    fn env_paths() -> Result<Store, StoreError> {
         if let Some(home) = std::env::var_os("NOX_HOME").filter(|h| !h.is_empty()) {
             let root = std::path::absolute(PathBuf::from(home)).map_err(io(Path::new(".")))?;
             return Ok(Store::at(root.clone(), root.join("run")));
         }
-        if nix::unistd::geteuid().is_root() {
+        if crate::trust::as_root() {
             return Ok(Store::at("/var/lib/nox".into(), "/run/nox".into()));
         }
         let home = std::env::var_os("HOME").ok_or(StoreError::NoHome)?;
@@ -208,7 +227,7 @@ impl Store {
                 continue;
             }
             // Held lock = a create or delete in progress: leave it alone.
-            if let Ok(Some(_l)) = lock_file(&e.path().join("lock"), false) {
+            if let Ok(false) = is_locked(&e.path().join("lock")) {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
@@ -237,7 +256,7 @@ pub struct Staging {
     /// `vms/`, fsynced after the rename so a committed create survives a crash.
     parent: PathBuf,
     dir: Option<tempfile::TempDir>,
-    _lock: Flock<File>,
+    _lock: Lock,
 }
 
 impl Staging {
@@ -343,6 +362,11 @@ impl VmPaths {
     pub fn events(&self) -> &Path {
         &self.events
     }
+    /// The FIFO qemu writes the console log into; the supervisor copies it
+    /// to [`VmPaths::console_log`], capped (crate::console).
+    pub fn console_pipe(&self) -> PathBuf {
+        self.run.join("console.pipe")
+    }
     /// UEFI variable store (per VM, writable), qcow2 so that it can be
     /// snapshotted with the disk (see crate::firmware::prepare_vars).
     pub fn efi_vars(&self) -> PathBuf {
@@ -371,9 +395,16 @@ impl VmPaths {
     }
 
     /// Takes the VM's lock without waiting. `None`: someone holds it (a
-    /// supervisor runs, or a delete is under way).
-    pub fn try_lock(&self) -> Result<Option<Flock<File>>, StoreError> {
+    /// supervisor runs, or a delete is under way). Only those take it;
+    /// readers ask [`VmPaths::is_locked`].
+    pub fn try_lock(&self) -> Result<Option<Lock>, StoreError> {
         lock_file(&self.lock(), false)
+    }
+
+    /// Whether a supervisor (or a delete) holds the VM's lock, asked without
+    /// taking it.
+    pub fn is_locked(&self) -> Result<bool, StoreError> {
+        is_locked(&self.lock())
     }
 
     /// Checks the socket paths fit in sockaddr_un.
@@ -387,43 +418,84 @@ impl VmPaths {
     }
 }
 
-/// Opens (creating, 0600) and flocks a lock file. `wait`: block until free.
-pub fn lock_file(path: &Path, wait: bool) -> Result<Option<Flock<File>>, StoreError> {
-    let f = match OpenOptions::new()
+/// A held lock on a lock file: an open file description lock (OFD,
+/// `F_OFD_SETLK`) on the whole file, released when this is dropped (and when
+/// the last process holding a copy of the descriptor exits). OFD rather than
+/// `flock`: others can ask whether it is held without taking it
+/// ([`is_locked`]), so a reader never makes a supervisor think its VM is
+/// already running.
+#[derive(Debug)]
+pub struct Lock {
+    _file: File,
+}
+
+/// A whole-file write lock (or the query for one).
+fn whole_file(kind: nix::libc::c_short) -> nix::libc::flock {
+    // SAFETY: `flock` is a plain C struct; all-zero is a valid value (start 0,
+    // length 0 = the whole file, pid 0 as OFD locks require).
+    let mut fl: nix::libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = nix::libc::SEEK_SET as nix::libc::c_short;
+    fl
+}
+
+/// Opens (creating, 0600) and locks a lock file. `wait`: block until free.
+/// `None`: someone else holds it.
+pub fn lock_file(path: &Path, wait: bool) -> Result<Option<Lock>, StoreError> {
+    let f = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
         .open(path)
-    {
-        Ok(f) => f,
-        // A read-only state dir: flock works on a read-only fd too, so
-        // `list`/`info` still tell the truth.
-        Err(e) if e.raw_os_error() == Some(nix::libc::EROFS) => {
-            File::open(path).map_err(io(path))?
-        }
-        Err(e) => return Err(io(path)(e)),
+        .map_err(io(path))?;
+    let fl = whole_file(nix::libc::F_WRLCK as nix::libc::c_short);
+    let set = || {
+        let arg = if wait {
+            nix::fcntl::FcntlArg::F_OFD_SETLKW(&fl)
+        } else {
+            nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)
+        };
+        nix::fcntl::fcntl(&f, arg)
     };
-    let arg = if wait {
-        FlockArg::LockExclusive
-    } else {
-        FlockArg::LockExclusiveNonblock
-    };
-    match Flock::lock(f, arg) {
-        Ok(l) => Ok(Some(l)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, e)) => Err(io(path)(e.into())),
+    let mut result = set();
+    while result == Err(nix::errno::Errno::EINTR) {
+        result = set();
+    }
+    match result {
+        Ok(_) => Ok(Some(Lock { _file: f })),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => Ok(None),
+        Err(e) => Err(io(path)(e.into())),
     }
 }
 
+/// Whether someone holds the lock on `path`, asked without taking it
+/// (`F_OFD_GETLK`), so asking never gets in the holder's way. Opens the file
+/// read-only: works on a read-only state directory too. A missing file is
+/// not locked.
+pub fn is_locked(path: &Path) -> Result<bool, StoreError> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(path)(e)),
+    };
+    let mut fl = whole_file(nix::libc::F_WRLCK as nix::libc::c_short);
+    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
+        .map_err(|e| io(path)(e.into()))?;
+    Ok(fl.l_type != nix::libc::F_UNLCK as nix::libc::c_short)
+}
+
+/// Creates a directory (and missing parents) 0700. An existing one is left
+/// as it is: never chmod-ed behind the operator's back; as root it must be
+/// root's alone ([`crate::trust::check_state_dir`]), else it is refused.
 pub fn mkdir_private(dir: &Path) -> Result<(), StoreError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(io(dir))?;
-    // An existing directory keeps its mode from `create`: enforce it.
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))
+    crate::trust::check_state_dir(dir)?;
+    Ok(())
 }
 
 /// Writes `data` to `path` atomically with the given mode; see [`write_atomic_with`].
@@ -800,8 +872,36 @@ mod tests {
         let l = lock_file(&p, false).unwrap();
         assert!(l.is_some());
         assert!(lock_file(&p, false).unwrap().is_none());
+        // Asking does not take it, and sees it held.
+        assert!(is_locked(&p).unwrap());
+        assert!(lock_file(&p, false).unwrap().is_none());
         drop(l);
+        assert!(!is_locked(&p).unwrap());
         assert!(lock_file(&p, false).unwrap().is_some());
+        assert!(!is_locked(&s.root().join("no-such-lock")).unwrap());
+    }
+
+    #[test]
+    fn asking_about_a_lock_never_keeps_its_taker_out() {
+        let (_t, s) = store();
+        s.init().unwrap();
+        let p = s.root().join("lock");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            // Readers asking as fast as they can, as `nox list` loops do.
+            for _ in 0..2 {
+                sc.spawn(|| {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        is_locked(&p).unwrap();
+                    }
+                });
+            }
+            for _ in 0..2000 {
+                let l = lock_file(&p, false).unwrap();
+                assert!(l.is_some(), "a reader kept the lock's taker out");
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
     }
 
     #[test]

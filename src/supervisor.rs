@@ -54,6 +54,8 @@ pub enum SupervisorError {
     Firmware(#[from] crate::firmware::FirmwareError),
     #[error(transparent)]
     Jail(#[from] jail::JailError),
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleError),
     #[error("cannot record the VM's state")]
     State(#[source] RecordError),
     #[error("cannot load the snapshot a restore asked for")]
@@ -172,8 +174,8 @@ pub fn should_restart(policy: RestartPolicy, outcome: &Outcome) -> bool {
 /// state file at every change.
 pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
     let spec = vm.load_spec()?;
-    let _lock = vm
-        .try_lock()?
+    let _lock = take_lock(vm)
+        .await?
         .ok_or_else(|| SupervisorError::AlreadyRunning(spec.name.to_string()))?;
     // Everything qemu creates (sockets, console log) is private.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -224,6 +226,19 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
             }
         }
     }
+}
+
+/// Takes the VM's lock, retrying for a moment: readers never take it, but a
+/// `delete` or a concurrent `start` that is about to give up may hold it
+/// briefly. `None`: still held (another supervisor runs the VM).
+async fn take_lock(vm: &VmPaths) -> Result<Option<store::Lock>, StoreError> {
+    for _ in 0..10 {
+        if let Some(l) = vm.try_lock()? {
+            return Ok(Some(l));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    vm.try_lock()
 }
 
 /// The lifecycle event for how a run ended.
@@ -307,7 +322,9 @@ async fn run_once(
 ) -> Result<Outcome, SupervisorError> {
     let mut live = launch(vm, spec, accel, rec).await?;
     let (exit, verdict) = supervise(&mut live, vm, spec, rec, signals).await?;
-    Ok(finish(&mut live.events, verdict, exit).await)
+    let outcome = finish(&mut live.events, verdict, exit).await;
+    live.console.finish().await;
+    Ok(outcome)
 }
 
 /// A launched qemu and what it holds. Dropping it kills qemu
@@ -320,6 +337,8 @@ struct Live {
     /// This boot's timeline (`nox info --boot`).
     watch: timeline::Watch,
     _ready: Option<Readiness>,
+    /// Copies the console into console.log until qemu is gone.
+    console: crate::console::Copier,
 }
 
 /// The run's readiness watch ([`crate::ssh::watch_readiness`]), on a thread
@@ -467,6 +486,10 @@ async fn spawn_connected(
         attempt += 1;
         cleanup_runtime(vm);
         store::mkdir_private(&vm.run)?;
+        // qemu writes the console into a FIFO; we keep it, capped.
+        crate::console::make_fifo(&vm.console_pipe())?;
+        let log = crate::console::RotatingLog::new(&vm.console_log(), spec.console_log_size);
+        let console = crate::console::Copier::start(&vm.console_pipe(), log)?;
         let mut net = attach(spec, &vm.log()).await?;
         let argv = qemu::argv(&qemu::Launch {
             spec,
@@ -497,6 +520,7 @@ async fn spawn_connected(
                     net,
                     watch: timeline::Watch::new("", None, 0),
                     _ready: None,
+                    console,
                 });
             }
             Err(failed) => {

@@ -86,6 +86,8 @@ pub struct CreateOptions {
     /// `--publish`: host ports forwarded into a user-mode guest.
     pub publish: Vec<crate::net::forward::PortForward>,
     pub stop_timeout: u64,
+    /// `--console-log-size`, e.g. `4M`.
+    pub console_log_size: String,
     pub restart: RestartPolicy,
     pub firmware: Option<FirmwareKind>,
     pub secure_boot: bool,
@@ -113,6 +115,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
     let cpus = spec::validate_cpus(o.cpus, spec::host_cpus())?;
     let memory = spec::parse_memory(&o.memory, spec::host_memory())?;
     let disk = spec::parse_disk(&o.disk)?;
+    let console_log_size = spec::parse_console_log_size(&o.console_log_size)?;
     let static_ip = match o.ip {
         Some(ip) => Some(spec::StaticIp::new(ip, o.gateway, o.dns.clone())?),
         None => None,
@@ -234,6 +237,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
         static_ip,
         publish: o.publish.clone(),
         created: state::now(),
+        console_log_size,
     };
     write_seed(&spec, &vm, &host, user_data, None)?;
     store::write_json(&vm.spec(), &spec)?;
@@ -430,6 +434,26 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
         })?;
         return Ok(Started::Now);
     }
+    // A supervisor that found the lock taken exits "already running"; if
+    // nobody holds the lock once it has gone (a delete or a starting
+    // supervisor that gave up held it for a moment), the VM is not running:
+    // try again rather than claim it is.
+    for _ in 0..3 {
+        match spawn_supervisor(&vm, name, timeout)? {
+            Started::AlreadyRunning if !vm.is_locked()? => continue,
+            started => return Ok(started),
+        }
+    }
+    Err(VmError::StartFailed {
+        name: name.into(),
+        why: "its lock was taken at every attempt, yet nobody holds it now".into(),
+        log: String::new(),
+    })
+}
+
+/// Spawns `nox run NAME` detached and waits until it runs the VM, fails, or
+/// exits because another supervisor runs it.
+fn spawn_supervisor(vm: &VmPaths, name: &str, timeout: Duration) -> Result<Started, VmError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -463,14 +487,14 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
             if status.code() == Some(EXIT_ALREADY_RUNNING) {
                 return Ok(Started::AlreadyRunning);
             }
-            let st = state::load_raw(&vm)?;
+            let st = state::load_raw(vm)?;
             return Err(VmError::StartFailed {
                 name: name.into(),
                 why: st.reason.unwrap_or_else(|| format!("supervisor {status}")),
                 log: store::tail(&vm.log(), log_start, 15),
             });
         }
-        let st = state::load_raw(&vm)?;
+        let st = state::load_raw(vm)?;
         if st.pid == Some(pid) && st.state == Phase::Running {
             return Ok(Started::Now);
         }
@@ -604,7 +628,7 @@ pub fn is_our_qemu(pid: u32, name: &str) -> bool {
 async fn wait_unlocked(vm: &VmPaths, timeout: Duration) -> Result<bool, VmError> {
     let deadline = Instant::now() + timeout;
     loop {
-        if vm.try_lock()?.is_some() {
+        if !vm.is_locked()? {
             return Ok(true);
         }
         if Instant::now() >= deadline {

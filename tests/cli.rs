@@ -246,7 +246,12 @@ fn missing_qemu_binary_is_named() {
         "--accel",
         "tcg",
     ]);
-    // A PATH with nothing in it: the supervisor cannot find qemu.
+    // A PATH with nothing in it (root ignores PATH: config.json names a
+    // qemu that is not there): the supervisor cannot find qemu.
+    write_config(
+        &h,
+        serde_json::json!({"binaries": {"qemu-system-x86_64": "/nonexistent/qemu-system-x86_64"}}),
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_nox"))
         .args(["start", "demo", "--timeout", "20"])
         .env("NOX_HOME", h.path())
@@ -344,7 +349,12 @@ fn io_failure_under_create_prints_its_cause_once() {
 #[test]
 fn doctor_exits_non_zero_when_a_check_fails() {
     let h = Home::new();
-    // A PATH with nothing in it: qemu, qemu-img and ssh are missing.
+    // A PATH with nothing in it: qemu, qemu-img and ssh are missing (as
+    // root, PATH does not count: config.json names a missing qemu-img).
+    write_config(
+        &h,
+        serde_json::json!({"binaries": {"qemu-img": "/nonexistent/qemu-img"}}),
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_nox"))
         .arg("doctor")
         .env("NOX_HOME", h.path())
@@ -479,4 +489,132 @@ fn twenty_concurrent_creates_all_succeed() {
             h.ok(&["delete", &format!("c{round}-{i}")]);
         }
     }
+}
+
+/// As root, nox believes nothing the caller's environment says: a state
+/// directory others own or may write is refused (not chmod-ed), PATH does
+/// not choose the programs it runs, config.json does (when root's alone).
+/// An ordinary user keeps their PATH.
+#[test]
+fn as_root_state_and_programs_come_only_from_root() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !prereq(is_root(), "needs root") || !prereq(have("qemu-img"), "qemu-img not installed") {
+        return;
+    }
+    let h = Home::new();
+    let nox = |home: &std::path::Path, path: &std::path::Path, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nox"))
+            .args(args)
+            .env("NOX_HOME", home)
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        eprintln!(
+            "$ nox {args:?}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let sys = std::path::Path::new("/usr/bin");
+
+    // A state directory anyone may write: refused, and left as it was.
+    let open = h.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = nox(&open, sys, &["list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("writable by anyone") && err.contains("/open"),
+        "{err}"
+    );
+    assert_eq!(mode(&open), 0o777, "refused, not chmod-ed");
+    assert!(!open.join("vms").exists());
+    // One owned by someone else.
+    let theirs = h.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let err = String::from_utf8_lossy(&nox(&theirs, sys, &["list"]).stderr).into_owned();
+    assert!(err.contains("owned by uid 65534, not by root"), "{err}");
+    // A root-owned 0700 one below a directory anyone may write (not sticky):
+    // whoever can write there can swap it.
+    let below = open.join("home");
+    std::fs::create_dir(&below).unwrap();
+    std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let err = String::from_utf8_lossy(&nox(&below, sys, &["list"]).stderr).into_owned();
+    assert!(err.contains("/open: mode 777"), "{err}");
+    // An existing 0750 vms/ of a good home is not chmod-ed either.
+    let good = h.path().join("good");
+    std::fs::create_dir_all(good.join("vms")).unwrap();
+    std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(good.join("vms"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let out = nox(&good, sys, &["doctor"]);
+    let state = format!("ok   state: {}", good.display());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&state),
+        "{out:?}"
+    );
+    assert_eq!(mode(&good.join("vms")), 0o750);
+
+    // A qemu-img of the caller's PATH is not what root runs.
+    let bin = h.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let fake = bin.join("qemu-img");
+    std::fs::write(&fake, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let qemu_img_line = |out: &std::process::Output| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.contains(" qemu-img: "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let line = qemu_img_line(&nox(&good, &bin, &["doctor"]));
+    assert!(line.starts_with("ok   qemu-img: /"), "{line}");
+    assert!(
+        !line.contains(bin.to_str().unwrap()),
+        "root used PATH: {line}"
+    );
+    // config.json names it: that one.
+    let cfg = good.join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"binaries": {"qemu-img": fake}}).to_string(),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let line = qemu_img_line(&nox(&good, sys, &["doctor"]));
+    assert_eq!(line, format!("ok   qemu-img: {}", fake.display()));
+    // ... unless others may write config.json: then nothing runs.
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = nox(&good, sys, &["list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("config.json: must be owned by"), "{err}");
+    std::fs::remove_file(&cfg).unwrap();
+
+    // An ordinary user: their own PATH and home, as before.
+    let user_home = h.path().join("user");
+    std::fs::create_dir(&user_home).unwrap();
+    std::os::unix::fs::chown(&user_home, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(h.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nox"))
+        .arg("doctor")
+        .env("NOX_HOME", user_home.join("nox"))
+        .env("HOME", &user_home)
+        .env("PATH", &bin)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let line = qemu_img_line(&out);
+    assert_eq!(
+        line,
+        format!("ok   qemu-img: {}", fake.display()),
+        "{out:?}"
+    );
 }

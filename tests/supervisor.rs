@@ -149,6 +149,59 @@ fn twenty_concurrent_starts_run_one_qemu() {
 }
 
 #[test]
+fn readers_never_make_start_say_already_running() {
+    if !prereqs() {
+        return;
+    }
+    let h = Home::new();
+    blank_vm(&h, "busy", &[]);
+    let store = nox::store::Store::at(h.path().into(), h.path().join("run"));
+    let vm = store.vm("busy").unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    // A failed assertion must end the readers too, or the scope never ends.
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|sc| {
+        let _stop = Stop(&stop);
+        // Readers as busy as they get: `info`/`list` in-process, back to back
+        // (each used to hold the VM's lock for part of every call), and `nox
+        // list` processes.
+        for _ in 0..2 {
+            sc.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = nox::state::load(&vm);
+                }
+            });
+        }
+        sc.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = Command::new(env!("CARGO_BIN_EXE_nox"))
+                    .args(["list", "--json"])
+                    .env("NOX_HOME", h.path())
+                    .output();
+            }
+        });
+        for _ in 0..10 {
+            let out = h.ok(&["start", "busy"]);
+            assert!(!out.contains("already running"), "{out}");
+            assert_eq!(h.info("busy")["state"], "running");
+            // Its supervisor killed: state.json still says "running", which
+            // is what makes readers look at the lock (a host reboot too).
+            kill9(h.info("busy")["pid"].as_u64().unwrap());
+            wait_for("qemu to die with its supervisor", 20, || {
+                qemu_pids("busy").is_empty()
+            });
+            assert_eq!(h.info("busy")["state"], "crashed");
+        }
+    });
+    assert!(qemu_pids("busy").is_empty());
+}
+
+#[test]
 fn killed_supervisor_takes_its_qemu_and_start_works_again() {
     if !prereqs() {
         return;
@@ -307,7 +360,8 @@ fn full_or_read_only_state_dir_gives_clear_errors() {
     let mnt = h.path().join("small");
     std::fs::create_dir_all(&mnt).unwrap();
     let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        // mode=0700: a tmpfs root is 1777 by default, which root refuses as a state directory.
+        .args(["-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs"])
         .arg(&mnt)
         .status()
         .unwrap();
@@ -413,4 +467,169 @@ fn full_or_read_only_state_dir_gives_clear_errors() {
     let out = nox(&["delete", "tiny"]);
     assert!(!out.status.success());
     assert!(mnt.join("vms/tiny/spec.json").exists());
+}
+
+/// A "guest" that floods its serial port: a 64 KiB BIOS whose reset vector
+/// writes 'A' to the UART forever, offered to nox as a firmware descriptor in
+/// the store's own firmware directory.
+fn flooding_bios(h: &Home) {
+    let rom = h.path().join("flood.rom");
+    let mut code = vec![0u8; 64 << 10];
+    // At F000:FFF0: mov dx,0x3f8; mov al,'A'; out dx,al; jmp $-1 (to the out).
+    let reset = [0xBA, 0xF8, 0x03, 0xB0, 0x41, 0xEE, 0xEB, 0xFD];
+    let at = code.len() - 16;
+    code[at..at + reset.len()].copy_from_slice(&reset);
+    std::fs::write(&rom, code).unwrap();
+    let dir = h.path().join("firmware");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("10-flood.json"),
+        serde_json::json!({
+            "description": "floods the serial port",
+            "interface-types": ["bios"],
+            "mapping": {"device": "memory", "filename": rom},
+            "targets": [{"architecture": "x86_64", "machines": ["pc-q35-*"]}],
+            "features": [], "tags": []
+        })
+        .to_string(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_guest_flooding_its_console_cannot_fill_the_disk() {
+    if !prereqs() {
+        return;
+    }
+    let h = Home::new();
+    flooding_bios(&h);
+    blank_vm(
+        &h,
+        "flood",
+        &["--console-log-size", "64K", "--firmware", "bios"],
+    );
+    h.ok(&["start", "flood"]);
+    let log = h.path().join("vms/flood/console.log");
+    let old = h.path().join("vms/flood/console.log.1");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    // Rotated several times over: more than 4 times the cap has gone by.
+    let mut rotations = 0;
+    let mut last_ino = 0;
+    wait_for("the console log to rotate 4 times", 120, || {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata(&old)
+            && m.ino() != last_ino
+        {
+            last_ino = m.ino();
+            rotations += 1;
+        }
+        assert!(size(&log) <= 64 << 10, "console.log: {}", size(&log));
+        rotations >= 4
+    });
+    assert_eq!(size(&old), 64 << 10);
+    let text = std::fs::read_to_string(&old).unwrap();
+    assert!(text.bytes().all(|b| b == b'A'), "what the guest wrote");
+    let files: Vec<String> = std::fs::read_dir(h.path().join("vms/flood"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("console"))
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(h.info("flood")["state"], "running");
+    h.ok(&["stop", "flood", "--force"]);
+    assert!(size(&log) <= 64 << 10);
+}
+
+/// A Polaris-like host creates and starts 10-20 VMs at once. 20 concurrent
+/// `create` (which starts) of distinct names, three rounds, all succeed and
+/// run; then 20 concurrent deletes. qemu is a fake that only speaks QMP
+/// (tests/support/fake_qemu.py, named in the root-owned config.json): 60
+/// real guests would not fit on a CI machine, and booting is not the point.
+#[test]
+fn twenty_concurrent_creates_with_start_all_succeed() {
+    use std::os::unix::fs::PermissionsExt;
+    if !prereq(is_root(), "needs root (the jail)")
+        || !prereq(have("qemu-img"), "qemu-img not installed")
+        || !prereq(
+            std::path::Path::new("/usr/bin/python3").exists(),
+            "no /usr/bin/python3",
+        )
+    {
+        return;
+    }
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let bin = h.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = bin.join("qemu-system-x86_64");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_qemu.py"),
+        &fake,
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_config(
+        &h,
+        serde_json::json!({"binaries": {"qemu-system-x86_64": fake, "passt": "/nonexistent/passt"}}),
+    );
+    let spawn = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nox"))
+            .args(args)
+            .env("NOX_HOME", h.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let all_ok = |children: Vec<std::process::Child>, what: &str| {
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    for round in 0..3 {
+        let names: Vec<String> = (0..20).map(|i| format!("r{round}-{i}")).collect();
+        let t0 = Instant::now();
+        let creates = names
+            .iter()
+            .map(|n| {
+                spawn(&[
+                    "create",
+                    n,
+                    "--image",
+                    img.to_str().unwrap(),
+                    "--network",
+                    "user",
+                    "--accel",
+                    "tcg",
+                    "--cpus",
+                    "1",
+                    "--memory",
+                    "128M",
+                ])
+            })
+            .collect();
+        all_ok(creates, &format!("round {round}: create"));
+        eprintln!(
+            "round {round}: 20 concurrent create+start took {:?}",
+            t0.elapsed()
+        );
+        for n in &names {
+            let info = h.info(n);
+            assert_eq!(info["state"], "running", "{n}: {info}");
+        }
+        let deletes = names
+            .iter()
+            .map(|n| spawn(&["delete", n, "--force"]))
+            .collect();
+        all_ok(deletes, &format!("round {round}: delete"));
+        let left: Vec<String> = vm_dirs(&h);
+        assert!(left.is_empty(), "{left:?}");
+    }
 }

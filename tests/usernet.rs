@@ -221,8 +221,13 @@ fn missing_passt_falls_back_to_slirp_with_a_warning() {
         return;
     }
     let img = img.to_str().unwrap();
+    // NOX_PASST counts for users; root takes passt from config.json only.
     h.env
         .push(("NOX_PASST".into(), "/nonexistent/passt".into()));
+    write_config(
+        &h,
+        serde_json::json!({"binaries": {"passt": "/nonexistent/passt"}}),
+    );
 
     // Asked for passt by name: a clear error, nothing made.
     let err = h.fails(&[

@@ -122,6 +122,9 @@ pub struct Prepared {
     setgroups: bool,
     nofile: u64,
     last_cap: libc::c_int,
+    /// The supervisor: the intermediate's parent, checked after each
+    /// PDEATHSIG (a parent dead before it was set sends no signal).
+    supervisor: libc::pid_t,
 }
 
 fn cstr(p: &Path) -> Result<CString, super::JailError> {
@@ -218,6 +221,7 @@ impl Prepared {
             setgroups: matches!(plan.mode, Mode::Root(_)),
             nofile: plan.nofile,
             last_cap,
+            supervisor: nix::unistd::getpid().as_raw(),
         })
     }
 }
@@ -275,6 +279,11 @@ pub unsafe fn enter(p: &Prepared) -> io::Result<()> {
             S_PDEATH,
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).into(),
         )?;
+        // A supervisor that died before that sent no signal: we were
+        // re-parented. Go, or qemu would run with nobody to stop it.
+        if libc::getppid() != p.supervisor {
+            libc::_exit(1);
+        }
         // Neither the intermediate (a copy of the supervisor's memory) nor
         // qemu (guest RAM) may leave a core dump.
         let zero = libc::rlimit {
@@ -299,10 +308,18 @@ pub unsafe fn enter(p: &Prepared) -> io::Result<()> {
                 S_PDEATH,
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).into(),
             )?;
+            if libc::getppid() != p.supervisor {
+                libc::_exit(1);
+            }
         }
         if p.pidns {
             check(p, S_PIDNS, libc::unshare(libc::CLONE_NEWPID).into())?;
         }
+        // The grandchild's parent (us) may be in another PID namespace, where
+        // getppid() says 0: it watches us through a pidfd instead (-1 on a
+        // kernel without pidfd_open: then PDEATHSIG alone).
+        let me =
+            libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0 as libc::c_uint) as libc::c_int;
         let pid = libc::fork();
         if pid < 0 {
             return Err(fail(p, S_FORK));
@@ -310,8 +327,24 @@ pub unsafe fn enter(p: &Prepared) -> io::Result<()> {
         if pid > 0 {
             intermediate(p, pid);
         }
-        confine(p)
+        let r = confine(p, me);
+        if me >= 0 {
+            libc::close(me);
+        }
+        r
     }
+}
+
+/// Whether the process behind `pidfd` has exited (a pidfd polls readable
+/// then). Async-signal-safe.
+fn exited(pidfd: libc::c_int) -> bool {
+    let mut fds = libc::pollfd {
+        fd: pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no timeout.
+    pidfd >= 0 && unsafe { libc::poll(&mut fds, 1, 0) } > 0
 }
 
 /// The intermediate: reports qemu's pid, then lives exactly as long as qemu
@@ -390,16 +423,20 @@ fn kept_flags(f_flags: libc::c_ulong) -> libc::c_ulong {
         .fold(0, |acc, (_, ms)| acc | ms)
 }
 
-unsafe fn confine(p: &Prepared) -> io::Result<()> {
+unsafe fn confine(p: &Prepared, parent: libc::c_int) -> io::Result<()> {
     // SAFETY: for the whole function: raw syscalls on NUL-terminated strings and
     // plain values prepared before the fork; nothing allocates or locks.
     unsafe {
-        // The parent now is the intermediate.
+        // The parent now is the intermediate; if it is already gone, no
+        // signal will come.
         check(
             p,
             S_PDEATH,
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).into(),
         )?;
+        if exited(parent) {
+            libc::_exit(1);
+        }
         if let Some(fd) = p.cgroup_procs {
             let n = libc::write(fd, b"0".as_ptr().cast(), 1);
             check(p, S_CGROUP, n as libc::c_long)?;
@@ -457,12 +494,16 @@ unsafe fn confine(p: &Prepared) -> io::Result<()> {
                 libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()),
             )?;
         }
-        // Again: any change of credentials above cleared it.
+        // Again: any change of credentials above cleared it (and a parent
+        // that died meanwhile sent nothing).
         check(
             p,
             S_PDEATH,
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).into(),
         )?;
+        if exited(parent) {
+            libc::_exit(1);
+        }
         check(
             p,
             S_NNP,
@@ -636,6 +677,32 @@ pub fn decode(buf: &[u8]) -> (Option<u32>, Option<(&'static str, i32)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_parent_is_seen_through_its_pidfd() {
+        let open = |pid: u32| {
+            // SAFETY: a plain syscall on a pid we own.
+            unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as libc::c_int }
+        };
+        let mut live = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let fd = open(live.id());
+        if fd < 0 {
+            eprintln!("skipped: no pidfd_open on this kernel");
+            let _ = live.kill();
+            let _ = live.wait();
+            return;
+        }
+        assert!(!exited(fd));
+        live.kill().unwrap();
+        live.wait().unwrap();
+        assert!(exited(fd));
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        assert!(!exited(-1), "no pidfd: nothing to see");
+    }
 
     #[test]
     fn report_pipe_decodes() {

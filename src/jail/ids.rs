@@ -89,7 +89,7 @@ impl UidRange {
             path: path.clone(),
             source,
         })?;
-        if !crate::config::owned_safely(&meta) {
+        if !crate::trust::owned_by_us(&meta) {
             return Err(JailError::ConfigOwner { path });
         }
         range.validate()?;

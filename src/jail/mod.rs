@@ -298,7 +298,7 @@ impl Jail {
         argv: &[String],
     ) -> Result<Launch, JailError> {
         let plan = self.plan(vm, binary, argv);
-        prepare_files(&plan, vm, &self.base_image)?;
+        prepare_files(&plan, &self.base_image)?;
         let cgroup = match &self.cgroup {
             Ok(p) => match cgroup::setup(p, &vm.name, &plan.limits) {
                 Ok(c) => Some(c),
@@ -337,18 +337,11 @@ impl Jail {
 }
 
 /// Hands the VM's files to its ids (root) and makes the jail's mount point.
-fn prepare_files(plan: &JailPlan, vm: &VmPaths, base: &Path) -> Result<(), JailError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+fn prepare_files(plan: &JailPlan, base: &Path) -> Result<(), JailError> {
+    use std::os::unix::fs::PermissionsExt;
     let Some(root) = &plan.root else {
         return Ok(());
     };
-    // qemu appends to the console log; it must exist to be bound.
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(vm.console_log())
-        .map_err(prep_err(&vm.console_log()))?;
     let mode = |p: &Path, m: u32| {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).map_err(prep_err(p))
     };

@@ -221,7 +221,7 @@ impl JailPlan {
                 path: vm.run.clone(),
                 mode: 0o700,
             });
-            for p in [vm.disk(), vm.console_log()]
+            for p in [vm.disk(), vm.console_pipe()]
                 .into_iter()
                 .chain(vars.iter().map(|p| p.to_path_buf()))
             {
@@ -297,7 +297,6 @@ impl JailPlan {
         });
         plan.binds.push(file(vm.disk(), true));
         plan.binds.push(file(vm.seed(), false));
-        plan.binds.push(file(vm.console_log(), true));
         plan.binds.push(file(base.to_owned(), false));
         for (p, w) in &firmware {
             if !p.starts_with("/usr") && !plan.binds.iter().any(|b| &b.path == p) {
@@ -430,7 +429,6 @@ mod tests {
             [
                 "/run/nox/demo",
                 "/var/lib/nox/vms/demo/disk.qcow2",
-                "/var/lib/nox/vms/demo/console.log",
                 "/var/lib/nox/vms/demo/efivars.fd",
             ]
         );
@@ -491,7 +489,8 @@ mod tests {
             [
                 ("/run/nox/demo", 0o700),
                 ("/var/lib/nox/vms/demo/disk.qcow2", 0o600),
-                ("/var/lib/nox/vms/demo/console.log", 0o600),
+                // The console FIFO; console.log itself is the supervisor's.
+                ("/run/nox/demo/console.pipe", 0o600),
                 ("/var/lib/nox/vms/demo/efivars.fd", 0o600),
                 ("/var/lib/nox/vms/demo/seed.img", 0o400),
             ]

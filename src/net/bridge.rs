@@ -179,3 +179,37 @@ pub async fn link_index(name: &str) -> Result<u32, BridgeError> {
         .map(|l| l.header.index)
         .ok_or_else(|| BridgeError::LinkNotFound { name: name.into() })
 }
+
+/// Whether this host reaches `ip` directly on bridge `bridge` (the kernel's
+/// route to it leaves through the bridge, with no gateway), as `ip route get`
+/// would say. A guest on a bridge whose host side has no address in the
+/// guest's subnet is routed elsewhere (the default route) or not at all.
+pub async fn reaches_on(ip: std::net::Ipv4Addr, bridge: &str) -> Result<bool, BridgeError> {
+    use rtnetlink::packet_route::route::RouteAttribute;
+    let handle = connect()?;
+    let index = match get_link(&handle, bridge).await? {
+        Some(l) => l.header.index,
+        None => return Ok(false),
+    };
+    let msg = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+        .destination_prefix(ip, 32)
+        .build();
+    let mut routes = handle.route().get(msg).execute();
+    let route = match routes.try_next().await {
+        Ok(r) => r,
+        // ENETUNREACH and the like: no route at all.
+        Err(e) if errno(&e).is_some() => return Ok(false),
+        Err(e) => return Err(map_err("route get", bridge, e)),
+    };
+    Ok(route.is_some_and(|r| {
+        let oif = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        let via = r
+            .attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Gateway(_)));
+        oif == Some(index) && !via
+    }))
+}

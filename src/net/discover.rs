@@ -2,8 +2,14 @@
 //!
 //! [`watch_tap`] listens with an `AF_PACKET` socket on the guest's link (its tap, or any
 //! interface that carries only its traffic) and reads addresses off frames the guest
-//! exchanges anyway: the DHCP ACK addressed to its MAC, its ARP packets, and the
-//! source of its IPv6 (ICMPv6/MLD) packets. This needs no address on the bridge and
+//! exchanges anyway: the DHCP ACK that answers the guest's own DHCP request, its ARP
+//! packets, and the source of its IPv6 (ICMPv6/MLD) packets.
+//!
+//! Which way a frame went decides what it may prove ([`Direction`]): ARP and IPv6
+//! count only when the guest sent them (received on its tap), a DHCP ACK only when it
+//! travels towards the guest (sent on its tap) and carries the transaction id of a
+//! DHCP request the guest itself sent. So another host on the bridge cannot plant an
+//! address by sending an ACK for the guest's MAC, nor the guest by sending one. This needs no address on the bridge and
 //! works whoever serves DHCP. [`neighbours`] is the fallback for a guest that went
 //! quiet before watching started: the host's neighbour table, by MAC.
 //!
@@ -18,7 +24,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use futures_util::TryStreamExt;
 use nix::errno::Errno;
 use nix::libc;
-use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, socket};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -59,11 +65,23 @@ pub struct Addresses {
     pub ipv6: Vec<Ipv6Addr>,
 }
 
+/// Which way a frame went on the guest's link, as the host sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Sent by the guest (received on its tap).
+    FromGuest,
+    /// Going to the guest (sent on its tap: `PACKET_OUTGOING`).
+    ToGuest,
+}
+
 /// One fact read off one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Evidence {
-    /// DHCPACK for our MAC: the address the server leased (authoritative).
-    DhcpAck(Ipv4Addr),
+    /// The guest's own DHCPDISCOVER/DHCPREQUEST: its transaction id.
+    DhcpRequest(u32),
+    /// DHCPACK for our MAC, towards the guest: the address the server leased
+    /// (authoritative once it answers one of the guest's requests, see [`Leases`]).
+    DhcpAck { ip: Ipv4Addr, xid: u32 },
     /// ARP sent by the guest: the IPv4 address it uses.
     Arp(Ipv4Addr),
     /// Source of an IPv6 packet sent by the guest.
@@ -83,10 +101,10 @@ fn v4(b: &[u8], at: usize) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::from(o))
 }
 
-/// What `frame` (an Ethernet frame as seen on the guest's link, either direction)
-/// tells about the guest with `mac`, if anything.
-pub fn parse_frame(frame: &[u8], mac: [u8; 6]) -> Option<Evidence> {
-    let from_guest = frame.get(6..12)? == mac;
+/// What `frame` (an Ethernet frame as seen on the guest's link, going `dir`) tells
+/// about the guest with `mac`, if anything.
+pub fn parse_frame(frame: &[u8], mac: [u8; 6], dir: Direction) -> Option<Evidence> {
+    let from_guest = dir == Direction::FromGuest && frame.get(6..12)? == mac;
     let payload = frame.get(14..)?;
     match be16(frame, 12)? {
         0x0806 => {
@@ -103,7 +121,7 @@ pub fn parse_frame(frame: &[u8], mac: [u8; 6]) -> Option<Evidence> {
             let spa = v4(payload, 14)?;
             usable_v4(spa).then_some(Evidence::Arp(spa))
         }
-        0x0800 => parse_dhcp_ack(payload, mac),
+        0x0800 => parse_dhcp(payload, mac, dir),
         0x86dd => {
             if !from_guest || payload.first()? >> 4 != 6 {
                 return None;
@@ -118,24 +136,30 @@ pub fn parse_frame(frame: &[u8], mac: [u8; 6]) -> Option<Evidence> {
     }
 }
 
-/// A DHCPACK (BOOTREPLY from port 67) whose chaddr is `mac`. Only the ACK counts: a
-/// REQUEST names an address the server may still refuse (NAK).
-fn parse_dhcp_ack(ip: &[u8], mac: [u8; 6]) -> Option<Evidence> {
+/// A DHCPACK (BOOTREPLY from port 67) whose chaddr is `mac`, going to the guest; or
+/// the guest's DISCOVER/REQUEST (BOOTREQUEST to port 67). Only the ACK gives an
+/// address: a REQUEST names one the server may still refuse (NAK).
+fn parse_dhcp(ip: &[u8], mac: [u8; 6], dir: Direction) -> Option<Evidence> {
     let vihl = *ip.first()?;
     if vihl >> 4 != 4 || *ip.get(9)? != 17 || be16(ip, 6)? & 0x3fff != 0 {
         return None; // not IPv4, not UDP, or a fragment
     }
     let udp = ip.get(usize::from(vihl & 0x0f) * 4..)?;
-    if be16(udp, 0)? != 67 || be16(udp, 2)? != 68 {
+    let (op, ports) = match dir {
+        Direction::ToGuest => (2, (67, 68)),
+        Direction::FromGuest => (1, (68, 67)),
+    };
+    if (be16(udp, 0)?, be16(udp, 2)?) != ports {
         return None;
     }
     let bootp = udp.get(8..)?;
-    if *bootp.first()? != 2 || *bootp.get(1)? != 1 || *bootp.get(2)? != 6 {
-        return None; // not a BOOTREPLY for Ethernet
+    if *bootp.first()? != op || *bootp.get(1)? != 1 || *bootp.get(2)? != 6 {
+        return None; // not the expected BOOTP op, or not for Ethernet
     }
     if bootp.get(28..34)? != mac || bootp.get(236..240)? != [99, 130, 83, 99] {
         return None;
     }
+    let xid = u32::from_be_bytes(bootp.get(4..8)?.try_into().ok()?);
     let mut opts = bootp.get(240..)?;
     let mut msg_type = None;
     while let Some((&code, rest)) = opts.split_first() {
@@ -152,8 +176,44 @@ fn parse_dhcp_ack(ip: &[u8], mac: [u8; 6]) -> Option<Evidence> {
             }
         }
     }
-    let yiaddr = v4(bootp, 16)?;
-    (msg_type == Some(5) && usable_v4(yiaddr)).then_some(Evidence::DhcpAck(yiaddr))
+    match (dir, msg_type?) {
+        (Direction::FromGuest, 1 | 3) => Some(Evidence::DhcpRequest(xid)),
+        (Direction::ToGuest, 5) => {
+            let yiaddr = v4(bootp, 16)?;
+            usable_v4(yiaddr).then_some(Evidence::DhcpAck { ip: yiaddr, xid })
+        }
+        _ => None,
+    }
+}
+
+/// How many of the guest's DHCP transactions an ACK may answer (a client retries
+/// with new ids; a few suffice).
+const MAX_XIDS: usize = 8;
+
+/// The guest's recent DHCP transactions: an ACK counts only as the answer to one.
+#[derive(Debug, Default)]
+pub struct Leases {
+    xids: std::collections::VecDeque<u32>,
+}
+
+impl Leases {
+    /// Remembers the guest's requests; lets an ACK through only if it answers one
+    /// of them. Other evidence passes unchanged.
+    pub fn admit(&mut self, ev: Evidence) -> Option<Evidence> {
+        match ev {
+            Evidence::DhcpRequest(xid) => {
+                if !self.xids.contains(&xid) {
+                    if self.xids.len() == MAX_XIDS {
+                        self.xids.pop_front();
+                    }
+                    self.xids.push_back(xid);
+                }
+                None
+            }
+            Evidence::DhcpAck { xid, .. } if !self.xids.contains(&xid) => None,
+            ev => Some(ev),
+        }
+    }
 }
 
 /// Folds one fact into `addrs`; returns whether anything changed. A DHCP lease
@@ -161,7 +221,7 @@ fn parse_dhcp_ack(ip: &[u8], mac: [u8; 6]) -> Option<Evidence> {
 /// with several IPv4 addresses does not make it flap.
 pub fn apply(addrs: &mut Addresses, ev: Evidence) -> bool {
     match ev {
-        Evidence::DhcpAck(ip) if addrs.ipv4 != Some(ip) => {
+        Evidence::DhcpAck { ip, .. } if addrs.ipv4 != Some(ip) => {
             addrs.ipv4 = Some(ip);
             true
         }
@@ -294,6 +354,7 @@ pub async fn watch_tap(
             source: e.into(),
         })?;
     let mut buf = vec![0u8; 65536];
+    let mut leases = Leases::default();
     // The kernel signals a device going down/away only once, as a socket error
     // (ENETDOWN) that may arrive while the name still resolves: poll for existence.
     let mut alive = tokio::time::interval(LIVENESS_PERIOD);
@@ -313,11 +374,9 @@ pub async fn watch_tap(
         };
         // Drain everything queued before waiting again.
         loop {
-            let n = match guard.try_io(|s| {
-                recv(s.get_ref().as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(io::Error::from)
-            }) {
+            let (n, dir) = match guard.try_io(|s| recv_frame(s.get_ref(), &mut buf)) {
                 Err(_would_block) => break,
-                Ok(Ok(n)) => n,
+                Ok(Ok(got)) => got,
                 // Down (or being deleted): reception resumes when it comes back up;
                 // the liveness tick notices deletion.
                 Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ENETDOWN)) => {
@@ -331,12 +390,51 @@ pub async fn watch_tap(
                     });
                 }
             };
-            if let Some(ev) = buf.get(..n).and_then(|f| parse_frame(f, mac)) {
+            if let Some(ev) = buf.get(..n).and_then(|f| parse_frame(f, mac, dir)) {
                 tracing::debug!(ifname, ?ev, "guest address evidence");
-                tx.send_if_modified(|a| apply(a, ev));
+                match leases.admit(ev) {
+                    Some(ev) => {
+                        tx.send_if_modified(|a| apply(a, ev));
+                    }
+                    None if matches!(ev, Evidence::DhcpAck { .. }) => {
+                        tracing::warn!(
+                            ifname,
+                            ?ev,
+                            "DHCP ACK for the guest answers none of its requests: ignored"
+                        );
+                    }
+                    None => {}
+                }
             }
         }
     }
+}
+
+/// Receives one frame and which way it went (`PACKET_OUTGOING`: sent on the
+/// link, i.e. towards the guest).
+fn recv_frame(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Direction)> {
+    // SAFETY: sockaddr_ll is a plain C struct; all-zero is valid.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: fd is a valid socket, buf and sll are valid for writes of the lengths
+    // given, and len is sll's size.
+    let n = unsafe {
+        libc::recvfrom(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            0,
+            (&mut sll as *mut libc::sockaddr_ll).cast(),
+            &mut len,
+        )
+    };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    let dir = if sll.sll_pkttype == libc::PACKET_OUTGOING {
+        Direction::ToGuest
+    } else {
+        Direction::FromGuest
+    };
+    Ok((n, dir))
 }
 
 /// The addresses the host's neighbour table (this network namespace, all links)
@@ -392,6 +490,7 @@ mod tests {
     const GUEST: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
     const SERVER: [u8; 6] = [0x52, 0x54, 0, 9, 9, 9];
     const BCAST: [u8; 6] = [0xff; 6];
+    const XID: u32 = 0x1234_5678;
 
     fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
         let mut f = Vec::new();
@@ -425,6 +524,7 @@ mod tests {
         bootp[0] = op;
         bootp[1] = 1;
         bootp[2] = 6;
+        bootp[4..8].copy_from_slice(&XID.to_be_bytes());
         bootp[16..20].copy_from_slice(&yiaddr);
         bootp[28..34].copy_from_slice(&chaddr);
         bootp[236..240].copy_from_slice(&[99, 130, 83, 99]);
@@ -498,9 +598,22 @@ mod tests {
         }
     }
 
-    fn check(frame: &[u8], want: Option<Evidence>, pass_filter: bool) {
-        assert_eq!(parse_frame(frame, GUEST), want);
+    use Direction::{FromGuest, ToGuest};
+
+    /// `frame` seen going `dir` gives `want`; and whether the kernel filter passes it.
+    fn check_dir(frame: &[u8], dir: Direction, want: Option<Evidence>, pass_filter: bool) {
+        assert_eq!(parse_frame(frame, GUEST, dir), want);
         assert_eq!(bpf_accepts(&filter_program(), frame), pass_filter);
+    }
+
+    /// A frame from the guest (ARP, IPv6), or towards it (DHCP replies).
+    fn check(frame: &[u8], want: Option<Evidence>, pass_filter: bool) {
+        let dir = if frame.get(6..12) == Some(&GUEST[..]) {
+            FromGuest
+        } else {
+            ToGuest
+        };
+        check_dir(frame, dir, want, pass_filter);
     }
 
     #[test]
@@ -547,14 +660,20 @@ mod tests {
         let ack = dhcp(2, 67, 68, GUEST, ip, 5, 5);
         check(
             &eth(GUEST, SERVER, 0x0800, &ack),
-            Some(Evidence::DhcpAck(ip.into())),
+            Some(Evidence::DhcpAck {
+                ip: ip.into(),
+                xid: XID,
+            }),
             true,
         );
         // Broadcast delivery, IPv4 options present (IHL 6).
         let ack6 = dhcp(2, 67, 68, GUEST, ip, 5, 6);
         check(
             &eth(BCAST, SERVER, 0x0800, &ack6),
-            Some(Evidence::DhcpAck(ip.into())),
+            Some(Evidence::DhcpAck {
+                ip: ip.into(),
+                xid: XID,
+            }),
             true,
         );
         // OFFER, NAK, an ACK for another client, and the guest's own REQUEST: nothing.
@@ -575,7 +694,7 @@ mod tests {
         );
         check(
             &eth(BCAST, GUEST, 0x0800, &dhcp(1, 68, 67, GUEST, [0; 4], 3, 5)),
-            None,
+            Some(Evidence::DhcpRequest(XID)),
             true,
         );
         // Other UDP is filtered in the kernel.
@@ -588,7 +707,7 @@ mod tests {
         let f = eth(GUEST, SERVER, 0x0800, &ack);
         // (Cutting only the final END option still leaves a complete message type.)
         for n in 0..f.len() - 1 {
-            assert_eq!(parse_frame(&f[..n], GUEST), None, "{n}");
+            assert_eq!(parse_frame(&f[..n], GUEST, ToGuest), None, "{n}");
         }
     }
 
@@ -633,6 +752,48 @@ mod tests {
     }
 
     #[test]
+    fn direction_decides_what_a_frame_may_prove() {
+        let ip = [10, 0, 0, 50];
+        let ack = eth(GUEST, SERVER, 0x0800, &dhcp(2, 67, 68, GUEST, ip, 5, 5));
+        // An ACK the guest sends (claiming a lease) proves nothing.
+        check_dir(&ack, FromGuest, None, true);
+        // ARP and IPv6 with the guest's MAC coming *to* it: someone else spoofing.
+        let spoofed_arp = eth(BCAST, GUEST, 0x0806, &arp(GUEST, ip, [10, 0, 0, 1]));
+        check_dir(&spoofed_arp, ToGuest, None, true);
+        let ll: Ipv6Addr = "fe80::1".parse().unwrap();
+        check_dir(
+            &eth(BCAST, GUEST, 0x86dd, &ipv6(ll, 58)),
+            ToGuest,
+            None,
+            true,
+        );
+        // A REQUEST going to the guest is not the guest's.
+        let req = eth(BCAST, GUEST, 0x0800, &dhcp(1, 68, 67, GUEST, [0; 4], 3, 5));
+        check_dir(&req, ToGuest, None, true);
+    }
+
+    #[test]
+    fn an_ack_counts_only_as_the_answer_to_the_guest_s_request() {
+        let ack = |xid| Evidence::DhcpAck {
+            ip: Ipv4Addr::new(10, 0, 0, 50),
+            xid,
+        };
+        let mut l = Leases::default();
+        assert_eq!(l.admit(ack(XID)), None, "no request seen: spoofed");
+        assert_eq!(l.admit(Evidence::DhcpRequest(XID)), None);
+        assert_eq!(l.admit(ack(7)), None, "another transaction");
+        assert_eq!(l.admit(ack(XID)), Some(ack(XID)));
+        let arp = Evidence::Arp(Ipv4Addr::new(10, 0, 0, 9));
+        assert_eq!(l.admit(arp), Some(arp));
+        // Only the last few transactions.
+        for x in 100..100 + MAX_XIDS as u32 {
+            l.admit(Evidence::DhcpRequest(x));
+        }
+        assert_eq!(l.admit(ack(XID)), None);
+        assert_eq!(l.admit(ack(100)), Some(ack(100)));
+    }
+
+    #[test]
     fn other_ethertypes_ignored() {
         check(&eth(BCAST, GUEST, 0x88cc, &[0; 40]), None, false);
         check(&[0u8; 10], None, false);
@@ -644,8 +805,9 @@ mod tests {
         let (x, y) = (Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(10, 0, 0, 6));
         assert!(apply(&mut a, Evidence::Arp(x)));
         assert!(!apply(&mut a, Evidence::Arp(y)), "ARP does not replace");
-        assert!(apply(&mut a, Evidence::DhcpAck(y)), "a lease does");
-        assert!(!apply(&mut a, Evidence::DhcpAck(y)));
+        let ack = Evidence::DhcpAck { ip: y, xid: XID };
+        assert!(apply(&mut a, ack), "a lease does");
+        assert!(!apply(&mut a, ack));
         assert_eq!(a.ipv4, Some(y));
         for i in 0..20u16 {
             apply(

@@ -92,8 +92,13 @@ fn executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// The passt binary: `$NOX_PASST`, else the system directories, else PATH.
+/// The passt binary: config.json `binaries`, else as root the system
+/// directories (crate::trust); else `$NOX_PASST`, the system directories,
+/// PATH.
 pub fn find() -> Option<PathBuf> {
+    if crate::trust::as_root() {
+        return crate::qemu::which("passt");
+    }
     if let Some(p) = std::env::var_os(ENV) {
         let p = PathBuf::from(p);
         return executable(&p).then_some(p);

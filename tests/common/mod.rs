@@ -507,3 +507,11 @@ pub fn pytest(py: &str, h: &Home, files: &[&str], env: &[(&str, &str)]) -> bool 
         .unwrap();
     st.success()
 }
+
+/// Writes the home's config.json as nox trusts it (its owner's, 0600).
+pub fn write_config(h: &Home, config: serde_json::Value) {
+    use std::os::unix::fs::PermissionsExt;
+    let p = h.path().join("config.json");
+    std::fs::write(&p, config.to_string()).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+}

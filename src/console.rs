@@ -1,0 +1,289 @@
+//! The guest's serial console log, written by the supervisor, capped.
+//!
+//! qemu writes what the guest prints on its serial port (the chardev's
+//! `logfile`) into a FIFO in the VM's run directory; the supervisor reads it
+//! and appends it to `console.log`. When that file would pass the VM's
+//! `console_log_size`, it becomes `console.log.1` (replacing the one before)
+//! and a new `console.log` begins: at most twice the size is kept, however
+//! much the guest writes. (A guest could otherwise fill the host's disk; qemu
+//! itself cannot cap its logfile.)
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+use tracing::warn;
+
+/// Default cap of `console.log` (and of `console.log.1`).
+pub const DEFAULT_SIZE: u64 = 4 << 20;
+/// The smallest cap accepted: a boot's worth of kernel messages.
+pub const MIN_SIZE: u64 = 64 << 10;
+
+#[derive(Debug, Error)]
+pub enum ConsoleError {
+    #[error("{path}: cannot make the console FIFO")]
+    Fifo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot write the console log")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `console.log`, rotated to `console.log.1` at `cap` bytes.
+pub struct RotatingLog {
+    path: PathBuf,
+    rotated: PathBuf,
+    cap: u64,
+    file: Option<File>,
+    len: u64,
+}
+
+impl RotatingLog {
+    /// Appends to `path` (an existing log keeps its content, as a restart
+    /// of the VM continues it).
+    pub fn new(path: &Path, cap: u64) -> RotatingLog {
+        let mut rotated = path.as_os_str().to_owned();
+        rotated.push(".1");
+        RotatingLog {
+            path: path.to_owned(),
+            rotated: rotated.into(),
+            cap: cap.max(1),
+            file: None,
+            len: 0,
+        }
+    }
+
+    fn err(&self) -> impl FnOnce(std::io::Error) -> ConsoleError + '_ {
+        |source| ConsoleError::Write {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn open(&mut self) -> Result<&mut File, ConsoleError> {
+        if self.file.is_none() {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&self.path)
+                .map_err(self.err())?;
+            self.len = f.metadata().map_err(self.err())?.len();
+            self.file = Some(f);
+        }
+        Ok(self.file.as_mut().expect("opened above"))
+    }
+
+    /// Appends `data`, rotating first whenever the file would pass the cap
+    /// (a chunk bigger than the cap is split).
+    pub fn write(&mut self, mut data: &[u8]) -> Result<(), ConsoleError> {
+        while !data.is_empty() {
+            self.open()?;
+            if self.len >= self.cap {
+                self.rotate()?;
+                continue;
+            }
+            let room = usize::try_from(self.cap - self.len).unwrap_or(usize::MAX);
+            let (now, rest) = data.split_at(data.len().min(room));
+            let f = self.file.as_mut().expect("opened above");
+            if let Err(e) = f.write_all(now) {
+                return Err(self.err()(e));
+            }
+            self.len += now.len() as u64;
+            data = rest;
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<(), ConsoleError> {
+        self.file = None;
+        std::fs::rename(&self.path, &self.rotated).map_err(self.err())?;
+        self.open()?;
+        Ok(())
+    }
+}
+
+/// Makes the FIFO qemu writes the console into (0600; the jail hands it to
+/// the VM's uid).
+pub fn make_fifo(path: &Path) -> Result<(), ConsoleError> {
+    let _ = std::fs::remove_file(path);
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(|e| {
+        ConsoleError::Fifo {
+            path: path.to_owned(),
+            source: e.into(),
+        }
+    })
+}
+
+/// The task that copies the FIFO into the log for one run of qemu.
+pub struct Copier {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Copier {
+    /// Opens the FIFO (read and write, so it never reads end-of-file while
+    /// qemu has not opened it yet) and copies it into `log` until
+    /// [`Copier::finish`].
+    pub fn start(fifo: &Path, log: RotatingLog) -> Result<Copier, ConsoleError> {
+        let rx = tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(fifo)
+            .map_err(|source| ConsoleError::Fifo {
+                path: fifo.to_owned(),
+                source,
+            })?;
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(copy(rx, log, stopped));
+        Ok(Copier {
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Copies what qemu wrote last, then ends.
+    pub async fn finish(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Copier {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+async fn copy(
+    mut rx: tokio::net::unix::pipe::Receiver,
+    mut log: RotatingLog,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut failed = false;
+    let mut put = |log: &mut RotatingLog, data: &[u8]| {
+        // A full disk must not stop the VM: the console is dropped, once said.
+        if let Err(e) = log.write(data)
+            && !failed
+        {
+            warn!("{}; console output is dropped", crate::error_chain(&e));
+            failed = true;
+        }
+    };
+    loop {
+        tokio::select! {
+            r = rx.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => put(&mut log, &buf[..n]),
+            },
+            _ = &mut stopped => break,
+        }
+    }
+    // qemu has exited: what is still in the FIFO, without waiting.
+    while let Ok(n) = rx.try_read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        put(&mut log, &buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size(p: &Path) -> u64 {
+        std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+    }
+
+    #[test]
+    fn the_log_is_capped_and_rotated_once() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("console.log");
+        std::fs::write(&p, b"old boot\n").unwrap();
+        let mut log = RotatingLog::new(&p, 1000);
+        // 100 kB in chunks of every size, up to bigger than the cap.
+        let mut n = 0u64;
+        for i in 0..300usize {
+            let line = format!("{i:05} {}\n", "x".repeat(i * 7 % 1500));
+            log.write(line.as_bytes()).unwrap();
+            n += line.len() as u64;
+        }
+        assert!(n > 100 * 1000);
+        assert!(size(&p) <= 1000, "{}", size(&p));
+        let rotated = t.path().join("console.log.1");
+        assert_eq!(size(&rotated), 1000);
+        let mut names: Vec<_> = std::fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["console.log", "console.log.1"]);
+        // The newest output is at the end of console.log, continuing .1.
+        let both = [std::fs::read(&rotated).unwrap(), std::fs::read(&p).unwrap()].concat();
+        let last = format!("00299 {}\n", "x".repeat(299 * 7 % 1500));
+        assert!(both.ends_with(last.as_bytes()));
+    }
+
+    #[test]
+    fn an_existing_log_counts_toward_the_cap() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("console.log");
+        std::fs::write(&p, vec![b'a'; 900]).unwrap();
+        let mut log = RotatingLog::new(&p, 1000);
+        log.write(&[b'b'; 200]).unwrap();
+        assert_eq!(size(&p), 100);
+        assert_eq!(
+            std::fs::read(t.path().join("console.log.1")).unwrap(),
+            [vec![b'a'; 900], vec![b'b'; 100]].concat()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flood_through_the_fifo_keeps_at_most_twice_the_cap() {
+        let t = tempfile::tempdir().unwrap();
+        let fifo = t.path().join("console.pipe");
+        let p = t.path().join("console.log");
+        make_fifo(&fifo).unwrap();
+        let copier = Copier::start(&fifo, RotatingLog::new(&p, 64 << 10)).unwrap();
+        // A guest writing 8 MiB as fast as it can, then its last words.
+        let writer = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || {
+                let mut f = OpenOptions::new().write(true).open(&fifo).unwrap();
+                for _ in 0..128 {
+                    f.write_all(&[b'.'; 64 << 10]).unwrap();
+                }
+                f.write_all(b"\nreboot: Power down\n").unwrap();
+            }
+        });
+        while !writer.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        writer.join().unwrap();
+        copier.finish().await;
+        assert!(size(&p) <= 64 << 10);
+        assert_eq!(size(&t.path().join("console.log.1")), 64 << 10);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            text.ends_with("reboot: Power down\n"),
+            "the last words kept"
+        );
+    }
+}

@@ -1,0 +1,92 @@
+#!/usr/bin/python3
+"""A stand-in for qemu-system-*: serves QMP on the argv's chardev sockets and
+nothing else. For tests of nox's control paths at a scale real guests would
+not fit on a CI machine (nox's config.json "binaries" points at a copy).
+
+Answers qmp_capabilities, cont, query-status (running); system_powerdown
+emits POWERDOWN then SHUTDOWN (guest-shutdown) and exits 0; quit emits
+SHUTDOWN (host-qmp-quit) and exits 0. Other commands: an empty return."""
+
+import json
+import os
+import select
+import socket
+import sys
+
+
+def chardev_paths(argv):
+    """(path, is_serial, logfile) of every -chardev socket."""
+    out = []
+    for i, a in enumerate(argv[:-1]):
+        if a != "-chardev" or not argv[i + 1].startswith("socket,"):
+            continue
+        opts = dict(
+            kv.split("=", 1) for kv in argv[i + 1].split(",")[1:] if "=" in kv
+        )
+        out.append((opts.get("path"), opts.get("id") == "serial0", opts.get("logfile")))
+    return out
+
+
+def send(conn, obj):
+    conn.sendall((json.dumps(obj) + "\r\n").encode())
+
+
+def main():
+    listeners = {}
+    for path, serial, logfile in chardev_paths(sys.argv):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        s.listen(4)
+        listeners[s] = serial
+        if logfile:
+            with open(logfile, "w") as log:
+                log.write("fake qemu\n")
+    conns = {}
+    while True:
+        ready, _, _ = select.select(list(listeners) + list(conns), [], [])
+        for r in ready:
+            if r in listeners:
+                c, _ = r.accept()
+                if listeners[r]:
+                    c.close()
+                    continue
+                conns[c] = b""
+                send(c, {"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
+                                             "package": ""}, "capabilities": []}})
+                continue
+            data = r.recv(65536)
+            if not data:
+                del conns[r]
+                r.close()
+                continue
+            conns[r] += data
+            while b"\n" in conns[r]:
+                line, conns[r] = conns[r].split(b"\n", 1)
+                if not line.strip():
+                    continue
+                cmd = json.loads(line)
+                name, cid = cmd.get("execute"), cmd.get("id")
+                ret = {}
+                if name == "query-status":
+                    ret = {"status": "running", "running": True, "singlestep": False}
+                reply = {"return": ret}
+                if cid is not None:
+                    reply["id"] = cid
+                send(r, reply)
+                ts = {"seconds": 0, "microseconds": 0}
+                if name in ("system_powerdown", "quit"):
+                    events = [("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})]
+                    if name == "system_powerdown":
+                        events = [("POWERDOWN", {}),
+                                  ("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})]
+                    for c in conns:
+                        for ev, data in events:
+                            try:
+                                send(c, {"event": ev, "data": data, "timestamp": ts})
+                            except OSError:
+                                pass
+                    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
