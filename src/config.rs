@@ -8,7 +8,6 @@
 //! Precedence: a flag, then `defaults` here, then nox's built-in default.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};

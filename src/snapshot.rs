@@ -26,12 +26,10 @@
 //! Entry points: [`create`], [`restore`], [`delete`], [`list`].
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use thiserror::Error;
@@ -393,13 +391,13 @@ fn default_name() -> Result<SnapName, SnapshotError> {
 
 enum Mode {
     /// Stopped: we hold the VM's own lock, so nothing can start it.
-    Offline(Flock<File>),
+    Offline(store::Lock),
     /// Running: its supervisor holds the VM's lock; qemu does the work.
     Live,
 }
 
 struct Hold {
-    _op: Flock<File>,
+    _op: store::Lock,
     mode: Mode,
 }
 

@@ -179,17 +179,8 @@ fn set_refusals_change_nothing() {
     }
 
     // A VM whose lock is held (its supervisor is running) is refused.
-    let lock = std::fs::File::open(h.path().join("vms/web/lock"))
-        .or_else(|_| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(h.path().join("vms/web/lock"))
-        })
-        .unwrap();
-    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| e)
+    let held = nox::store::lock_file(&h.path().join("vms/web/lock"), false)
+        .unwrap()
         .unwrap();
     let err = h.fails(&["set", "web", "--cpus", "1", "--disk", "+1G"]);
     assert!(err.contains("web is running; stop it first"), "{err}");

@@ -1307,7 +1307,6 @@ fn leftovers_of_killed_imports_and_downloads_are_cleaned() {
 
 #[test]
 fn prune_and_rm_spare_the_base_of_a_create_in_progress() {
-    use nix::fcntl::{Flock, FlockArg};
     if !prereq(have("qemu-img"), "qemu-img not installed") {
         return;
     }
@@ -1328,8 +1327,9 @@ fn prune_and_rm_spare_the_base_of_a_create_in_progress() {
     // A create half-way: its staging directory, locked, with the overlay made.
     let staging = root.join("vms/.new-web-abc123");
     std::fs::create_dir_all(&staging).unwrap();
-    let lock = std::fs::File::create(staging.join("lock")).unwrap();
-    let held = Flock::lock(lock, FlockArg::LockExclusive).unwrap();
+    let held = nox::store::lock_file(&staging.join("lock"), false)
+        .unwrap()
+        .unwrap();
     create_overlay(&img, &staging.join("disk.qcow2"), None).unwrap();
 
     let out = nox_cmd(&root, &["image", "rm", "base"]);

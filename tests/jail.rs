@@ -218,7 +218,6 @@ fn qemu_runs_jailed_and_the_guest_boots() {
     for (f, mode) in [
         ("disk.qcow2", 0o600),
         ("efivars.qcow2", 0o600),
-        (0o600),
         ("seed.img", 0o400),
     ] {
         let m = std::fs::metadata(vm_a.join(f)).unwrap();

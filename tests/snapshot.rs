@@ -271,8 +271,9 @@ fn bad_snapshot_input_changes_nothing() {
         ("snapshot.lock", "another snapshot operation"),
         ("lock", "held by another operation"),
     ] {
-        let f = std::fs::File::open(vmdir.join(lock)).unwrap();
-        let held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+        let held = nox::store::lock_file(&vmdir.join(lock), false)
+            .unwrap()
+            .unwrap();
         for args in [
             ["snapshot", "restore", vm, "good"],
             ["snapshot", "create", vm, "new"],

@@ -600,12 +600,8 @@ pub fn staging_users(vms_dir: &Path, base: &Image) -> Vec<String> {
         };
         let dir = ent.path();
         // A free staging lock is a killed create's leftover, not a user.
-        let free = fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join("lock"))
-            .ok()
-            .is_some_and(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok());
-        if free {
+        // (Store::stage holds it as an OFD lock: ask, don't take.)
+        if !crate::store::is_locked(&dir.join("lock")).unwrap_or(false) {
             continue;
         }
         let Ok(disk) = File::open(dir.join("disk.qcow2")) else {
