@@ -70,9 +70,19 @@ pub struct Found {
 /// serial console nox logs (no `quiet`/`splash`: the console is how nox sees
 /// the boot's phases), and NoCloud named as the only datasource so
 /// cloud-init's ds-identify probes nothing else.
+///
+/// `console=tty0` before the serial console, as Debian's cloud images have
+/// it: with the serial console alone, trixie's systemd stalled at its first
+/// daemon-reload (after cloud-init's network stage) until a client attached
+/// to nox's serial socket and typed (seen twice here; with GRUB's
+/// `console=tty0 console=ttyS0` never). `no_timer_check`: an emulated guest
+/// on a busy host can fail the kernel's IO-APIC timer check and panic
+/// ("IO-APIC + timer doesn't work!", seen here under load).
 pub fn cmdline(arch: Arch, root_uuid: &str) -> String {
     let console = crate::qemu::arch_facts(arch).console;
-    format!("root=UUID={root_uuid} ro console={console},115200 ci.ds=NoCloud")
+    format!(
+        "root=UUID={root_uuid} ro console=tty0 console={console},115200 no_timer_check ci.ds=NoCloud"
+    )
 }
 
 /// Finds the kernel and initramfs in a root filesystem (pure lookup, no
@@ -378,7 +388,8 @@ mod tests {
         assert_eq!(std::fs::read(&b.initrd).unwrap(), b"initrd");
         assert_eq!(
             b.cmdline,
-            "root=UUID=0d2a4e71-5f2b-4d55-9c0e-6f6a7b1c2d3e ro console=ttyS0,115200 ci.ds=NoCloud"
+            "root=UUID=0d2a4e71-5f2b-4d55-9c0e-6f6a7b1c2d3e ro console=tty0 console=ttyS0,115200 \
+no_timer_check ci.ds=NoCloud"
         );
         // Same files, same cache entry; another base image, another one.
         assert_eq!(prepare(Arch::Amd64, &img, "sha256:00", &cache).unwrap(), b);
@@ -465,7 +476,7 @@ mod tests {
     fn cmdline_names_root_console_and_datasource() {
         assert_eq!(
             cmdline(Arch::Amd64, "u"),
-            "root=UUID=u ro console=ttyS0,115200 ci.ds=NoCloud"
+            "root=UUID=u ro console=tty0 console=ttyS0,115200 no_timer_check ci.ds=NoCloud"
         );
         assert!(cmdline(Arch::Arm64, "u").contains("console=ttyAMA0"));
     }
