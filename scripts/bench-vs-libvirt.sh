@@ -141,11 +141,17 @@ for i in $(seq 1 "$RUNS"); do
     done
 done
 [ -s "$W/lvconf" ] && echo "libvirt chose: $(cat "$W/lvconf")"
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# Medians of the runs that finished; timed-out runs are counted apart.
+median() { grep -v timeout | sort -n | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : "-")}'; }
 for col in 1 2; do
     what=$([ $col = 1 ] && echo "first SSH" || echo "cloud-init done")
     n=$(cut -d' ' -f$col "$W/res-nox" | median)
     l=$(cut -d' ' -f$col "$W/res-libvirt" | median)
     printf "%-16s nox %6s s   libvirt %6s s   ratio nox/libvirt %s\n" "$what:" "$n" "$l" \
-        "$(awk -v n="$n" -v l="$l" 'BEGIN { printf "%.2f", n / l }')"
+        "$(awk -v n="$n" -v l="$l" 'BEGIN { if (n + 0 > 0 && l + 0 > 0) printf "%.2f", n / l; else print "-" }')"
 done
+for who in nox libvirt; do
+    t=$(grep -c timeout "$W/res-$who" || true)
+    [ "$t" != 0 ] && echo "$who: $t of $RUNS runs timed out (not in the medians)"
+done
+true

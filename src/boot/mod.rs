@@ -72,12 +72,9 @@ pub struct Found {
 /// cloud-init's ds-identify probes nothing else.
 ///
 /// `console=tty0` before the serial console, as Debian's cloud images have
-/// it: with the serial console alone, trixie's systemd stalled at its first
-/// daemon-reload (after cloud-init's network stage) until a client attached
-/// to nox's serial socket and typed (seen twice here; with GRUB's
-/// `console=tty0 console=ttyS0` never). `no_timer_check`: an emulated guest
-/// on a busy host can fail the kernel's IO-APIC timer check and panic
-/// ("IO-APIC + timer doesn't work!", seen here under load).
+/// it (so the guest sees the same consoles either way). `no_timer_check`:
+/// an emulated guest on a busy host can fail the kernel's IO-APIC timer
+/// check and panic ("IO-APIC + timer doesn't work!", seen here under load).
 pub fn cmdline(arch: Arch, root_uuid: &str) -> String {
     let console = crate::qemu::arch_facts(arch).console;
     format!(
