@@ -39,6 +39,12 @@ pub enum BootError {
     NoKernel(String),
     #[error("{path}: {why}")]
     Unusual { path: String, why: String },
+    #[error("cannot read {path} in the guest's filesystem")]
+    Ext4 {
+        path: String,
+        #[source]
+        source: ext4_view::Ext4Error,
+    },
     #[error("cannot cache the kernel in {path}")]
     Cache {
         path: PathBuf,
@@ -97,9 +103,7 @@ pub fn discover(fs: &Ext4) -> Result<Found, BootError> {
             return Ok(Found { kernel, initrd });
         }
     }
-    let entries = fs
-        .read_dir("/boot")
-        .map_err(|e| BootError::NoKernel(format!("/boot: {e}")))?;
+    let entries = fs.read_dir("/boot").map_err(ext4("/boot"))?;
     let mut versions = vec![];
     for e in entries.flatten() {
         if let Ok(name) = e.file_name().as_str()
@@ -230,6 +234,13 @@ fn open_root(path: &Path) -> Result<(Ext4, Found), BootError> {
     Err(last)
 }
 
+fn ext4(path: &str) -> impl FnOnce(ext4_view::Ext4Error) -> BootError + '_ {
+    move |source| BootError::Ext4 {
+        path: path.into(),
+        source,
+    }
+}
+
 fn unusual(path: &str, why: impl std::fmt::Display) -> BootError {
     BootError::Unusual {
         path: path.into(),
@@ -239,7 +250,7 @@ fn unusual(path: &str, why: impl std::fmt::Display) -> BootError {
 
 /// Size and change time of a file, for the cache key; checks the size cap.
 fn identity(fs: &Ext4, path: &str, cap: u64) -> Result<String, BootError> {
-    let m = fs.metadata(path).map_err(|e| unusual(path, e))?;
+    let m = fs.metadata(path).map_err(ext4(path))?;
     if m.len() > cap {
         return Err(unusual(path, format!("{} bytes, more than {cap}", m.len())));
     }
