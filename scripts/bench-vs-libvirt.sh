@@ -142,7 +142,10 @@ for i in $(seq 1 "$RUNS"); do
 done
 [ -s "$W/lvconf" ] && echo "libvirt chose: $(cat "$W/lvconf")"
 # Medians of the runs that finished; timed-out runs are counted apart.
-median() { grep -v timeout | sort -n | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : "-")}'; }
+median() {
+    grep -v timeout | sort -n | awk '{a[NR]=$1} END {
+        if (!NR) print "-"; else if (NR % 2) print a[(NR+1)/2]; else printf "%.1f\n", (a[NR/2] + a[NR/2+1]) / 2 }'
+}
 for col in 1 2; do
     what=$([ $col = 1 ] && echo "first SSH" || echo "cloud-init done")
     n=$(cut -d' ' -f$col "$W/res-nox" | median)

@@ -75,7 +75,9 @@ pub struct Found {
 /// The kernel command line nox boots with: the root by filesystem UUID, the
 /// serial console nox logs (no `quiet`/`splash`: the console is how nox sees
 /// the boot's phases), and NoCloud named as the only datasource so
-/// cloud-init's ds-identify probes nothing else.
+/// cloud-init's ds-identify probes nothing else (`ds=`: the older `ci.ds=`
+/// is deprecated since cloud-init 23.2 and makes `cloud-init status` report
+/// "degraded done", exit 2).
 ///
 /// `console=tty0` before the serial console, as Debian's cloud images have
 /// it (so the guest sees the same consoles either way). `no_timer_check`:
@@ -84,7 +86,7 @@ pub struct Found {
 pub fn cmdline(arch: Arch, root_uuid: &str) -> String {
     let console = crate::qemu::arch_facts(arch).console;
     format!(
-        "root=UUID={root_uuid} ro console=tty0 console={console},115200 no_timer_check ci.ds=NoCloud"
+        "root=UUID={root_uuid} ro console=tty0 console={console},115200 no_timer_check ds=NoCloud"
     )
 }
 
@@ -397,7 +399,7 @@ mod tests {
         assert_eq!(
             b.cmdline,
             "root=UUID=0d2a4e71-5f2b-4d55-9c0e-6f6a7b1c2d3e ro console=tty0 console=ttyS0,115200 \
-no_timer_check ci.ds=NoCloud"
+no_timer_check ds=NoCloud"
         );
         // Same files, same cache entry; another base image, another one.
         assert_eq!(prepare(Arch::Amd64, &img, "sha256:00", &cache).unwrap(), b);
@@ -484,7 +486,7 @@ no_timer_check ci.ds=NoCloud"
     fn cmdline_names_root_console_and_datasource() {
         assert_eq!(
             cmdline(Arch::Amd64, "u"),
-            "root=UUID=u ro console=tty0 console=ttyS0,115200 no_timer_check ci.ds=NoCloud"
+            "root=UUID=u ro console=tty0 console=ttyS0,115200 no_timer_check ds=NoCloud"
         );
         assert!(cmdline(Arch::Arm64, "u").contains("console=ttyAMA0"));
     }
