@@ -131,21 +131,30 @@ run_libvirt() {
 }
 
 echo "nox vs libvirt: $(uname -m), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), guest ${CPUS} vCPU ${MEM} MiB, image $(basename "$IMG"), $RUNS runs"
-: >"$W/nox"; : >"$W/libvirt"
+: >"$W/res-nox"; : >"$W/res-libvirt"
 for i in $(seq 1 "$RUNS"); do
     if [ $((i % 2)) = 1 ]; then order="nox libvirt"; else order="libvirt nox"; fi
     for who in $order; do
         r=$(run_"$who" "$i")
-        echo "$r" >>"$W/$who"
+        echo "$r" >>"$W/res-$who"
         printf "run %s %-8s ssh %6s s  cloud-init done %6s s\n" "$i" "$who" $r
     done
 done
 [ -s "$W/lvconf" ] && echo "libvirt chose: $(cat "$W/lvconf")"
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# Medians of the runs that finished; timed-out runs are counted apart.
+median() {
+    grep -v timeout | sort -n | awk '{a[NR]=$1} END {
+        if (!NR) print "-"; else if (NR % 2) print a[(NR+1)/2]; else printf "%.1f\n", (a[NR/2] + a[NR/2+1]) / 2 }'
+}
 for col in 1 2; do
     what=$([ $col = 1 ] && echo "first SSH" || echo "cloud-init done")
-    n=$(cut -d' ' -f$col "$W/nox" | median)
-    l=$(cut -d' ' -f$col "$W/libvirt" | median)
+    n=$(cut -d' ' -f$col "$W/res-nox" | median)
+    l=$(cut -d' ' -f$col "$W/res-libvirt" | median)
     printf "%-16s nox %6s s   libvirt %6s s   ratio nox/libvirt %s\n" "$what:" "$n" "$l" \
-        "$(awk -v n="$n" -v l="$l" 'BEGIN { printf "%.2f", n / l }')"
+        "$(awk -v n="$n" -v l="$l" 'BEGIN { if (n + 0 > 0 && l + 0 > 0) printf "%.2f", n / l; else print "-" }')"
 done
+for who in nox libvirt; do
+    t=$(grep -c timeout "$W/res-$who" || true)
+    [ "$t" != 0 ] && echo "$who: $t of $RUNS runs timed out (not in the medians)"
+done
+true

@@ -485,6 +485,9 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::List { json } => list(&store, json),
         Cmd::Info { name, json, boot } => {
             let vmp = store.vm(&name)?;
+            if boot && let (Ok(spec), Ok(st)) = (vmp.load_spec(), crate::state::load(&vmp)) {
+                ssh::fetch_boot_report(&spec, &vmp, &st);
+            }
             let info = vm::info(&vmp)?;
             let boots = boot.then(|| crate::timeline::view(&vmp));
             if json {

@@ -234,7 +234,7 @@ pub fn wait_ready(
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         match cloud_init_verdict(out.status.code(), &text) {
             Some(true) => {
-                report_boot(spec, vm, &ep, ssh_at, crate::timeline::now_ms());
+                report_boot(vm, ssh_at, crate::timeline::now_ms());
                 return Ok(());
             }
             Some(false) => {
@@ -253,11 +253,12 @@ pub fn wait_ready(
     }
 }
 
-/// Adds what `--wait` saw (SSH, cloud-init done, both in unix ms) and the
-/// guest's own account of its boot to the newest boot's timeline. Only the
-/// first `--wait` of a boot reports: a later one would time its own start.
-/// Best effort: a failure here costs the report, never the wait.
-fn report_boot(spec: &VmSpec, vm: &VmPaths, ep: &Endpoint, ssh_at: u64, done_at: u64) {
+/// Adds what `--wait` saw (SSH, cloud-init done, both in unix ms) to the
+/// newest boot's timeline. Only the first `--wait` of a boot reports: a
+/// later one would time its own start. Best effort: a failure costs the
+/// report, never the wait; nothing is asked of the guest here (its own
+/// account is fetched by `nox info --boot`, so `--wait` returns at once).
+fn report_boot(vm: &VmPaths, ssh_at: u64, done_at: u64) {
     use crate::timeline;
     let Some(boot) = timeline::load(vm).boots.pop() else {
         return;
@@ -265,19 +266,45 @@ fn report_boot(spec: &VmSpec, vm: &VmPaths, ep: &Endpoint, ssh_at: u64, done_at:
     if timeline::load_guest(vm).is_some_and(|g| g.started_ms == boot.started_ms) {
         return;
     }
-    let mut r = timeline::GuestReport {
+    let r = timeline::GuestReport {
         started_ms: boot.started_ms,
         ssh_ms: ssh_at.checked_sub(boot.started_ms),
         cloud_init_done_ms: done_at.checked_sub(boot.started_ms),
         ..Default::default()
     };
+    if let Err(e) = timeline::save_guest(vm, &r) {
+        tracing::warn!("boot report: {}", crate::error_chain(&e));
+    }
+}
+
+/// Fetches the guest's own account of its current boot (`systemd-analyze`,
+/// `blame`, `cloud-init analyze show`) once, bounded, into its report, if
+/// the VM runs and the report does not have it yet. Errors are logged: the
+/// timeline is shown with what there is.
+pub fn fetch_boot_report(spec: &VmSpec, vm: &VmPaths, st: &State) {
+    use crate::timeline;
+    let Some(boot) = timeline::load(vm).boots.pop() else {
+        return;
+    };
+    let mut r = timeline::load_guest(vm)
+        .filter(|g| g.started_ms == boot.started_ms)
+        .unwrap_or(timeline::GuestReport {
+            started_ms: boot.started_ms,
+            ..Default::default()
+        });
+    if r.systemd.is_some() || !st.state.is_active() {
+        return;
+    }
+    let Some(ep) = endpoint(st) else {
+        return;
+    };
     let script = [timeline::guest_script()];
     match run_bounded(
         spec,
         vm,
-        ep,
+        &ep,
         &script,
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         GUEST_REPORT_MAX,
     ) {
         Ok(out) => timeline::parse_guest(&mut r, &out),

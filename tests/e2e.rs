@@ -63,7 +63,7 @@ fn create_wait_ssh_restart_stop_delete() {
     // with the trimmed cloud-init module lists; the timeline has the phases.
     let cmdline = h.ok(&["ssh", "e2e-core", "--", "cat", "/proc/cmdline"]);
     assert!(
-        cmdline.contains("ci.ds=NoCloud") && cmdline.contains("console=ttyS0"),
+        cmdline.contains("ds=NoCloud") && cmdline.contains("console=ttyS0"),
         "{cmdline}"
     );
     let sems = h.ok(&["ssh", "e2e-core", "--", SEMS]);

@@ -39,6 +39,12 @@ pub enum BootError {
     NoKernel(String),
     #[error("{path}: {why}")]
     Unusual { path: String, why: String },
+    #[error("cannot read {path} in the guest's filesystem")]
+    Ext4 {
+        path: String,
+        #[source]
+        source: ext4_view::Ext4Error,
+    },
     #[error("cannot cache the kernel in {path}")]
     Cache {
         path: PathBuf,
@@ -69,10 +75,19 @@ pub struct Found {
 /// The kernel command line nox boots with: the root by filesystem UUID, the
 /// serial console nox logs (no `quiet`/`splash`: the console is how nox sees
 /// the boot's phases), and NoCloud named as the only datasource so
-/// cloud-init's ds-identify probes nothing else.
+/// cloud-init's ds-identify probes nothing else (`ds=`: the older `ci.ds=`
+/// is deprecated since cloud-init 23.2 and makes `cloud-init status` report
+/// "degraded done", exit 2).
+///
+/// `console=tty0` before the serial console, as Debian's cloud images have
+/// it (so the guest sees the same consoles either way). `no_timer_check`:
+/// an emulated guest on a busy host can fail the kernel's IO-APIC timer
+/// check and panic ("IO-APIC + timer doesn't work!", seen here under load).
 pub fn cmdline(arch: Arch, root_uuid: &str) -> String {
     let console = crate::qemu::arch_facts(arch).console;
-    format!("root=UUID={root_uuid} ro console={console},115200 ci.ds=NoCloud")
+    format!(
+        "root=UUID={root_uuid} ro console=tty0 console={console},115200 no_timer_check ds=NoCloud"
+    )
 }
 
 /// Finds the kernel and initramfs in a root filesystem (pure lookup, no
@@ -90,9 +105,7 @@ pub fn discover(fs: &Ext4) -> Result<Found, BootError> {
             return Ok(Found { kernel, initrd });
         }
     }
-    let entries = fs
-        .read_dir("/boot")
-        .map_err(|e| BootError::NoKernel(format!("/boot: {e}")))?;
+    let entries = fs.read_dir("/boot").map_err(ext4("/boot"))?;
     let mut versions = vec![];
     for e in entries.flatten() {
         if let Ok(name) = e.file_name().as_str()
@@ -223,6 +236,13 @@ fn open_root(path: &Path) -> Result<(Ext4, Found), BootError> {
     Err(last)
 }
 
+fn ext4(path: &str) -> impl FnOnce(ext4_view::Ext4Error) -> BootError + '_ {
+    move |source| BootError::Ext4 {
+        path: path.into(),
+        source,
+    }
+}
+
 fn unusual(path: &str, why: impl std::fmt::Display) -> BootError {
     BootError::Unusual {
         path: path.into(),
@@ -232,7 +252,7 @@ fn unusual(path: &str, why: impl std::fmt::Display) -> BootError {
 
 /// Size and change time of a file, for the cache key; checks the size cap.
 fn identity(fs: &Ext4, path: &str, cap: u64) -> Result<String, BootError> {
-    let m = fs.metadata(path).map_err(|e| unusual(path, e))?;
+    let m = fs.metadata(path).map_err(ext4(path))?;
     if m.len() > cap {
         return Err(unusual(path, format!("{} bytes, more than {cap}", m.len())));
     }
@@ -378,7 +398,8 @@ mod tests {
         assert_eq!(std::fs::read(&b.initrd).unwrap(), b"initrd");
         assert_eq!(
             b.cmdline,
-            "root=UUID=0d2a4e71-5f2b-4d55-9c0e-6f6a7b1c2d3e ro console=ttyS0,115200 ci.ds=NoCloud"
+            "root=UUID=0d2a4e71-5f2b-4d55-9c0e-6f6a7b1c2d3e ro console=tty0 console=ttyS0,115200 \
+no_timer_check ds=NoCloud"
         );
         // Same files, same cache entry; another base image, another one.
         assert_eq!(prepare(Arch::Amd64, &img, "sha256:00", &cache).unwrap(), b);
@@ -465,7 +486,7 @@ mod tests {
     fn cmdline_names_root_console_and_datasource() {
         assert_eq!(
             cmdline(Arch::Amd64, "u"),
-            "root=UUID=u ro console=ttyS0,115200 ci.ds=NoCloud"
+            "root=UUID=u ro console=tty0 console=ttyS0,115200 no_timer_check ds=NoCloud"
         );
         assert!(cmdline(Arch::Arm64, "u").contains("console=ttyAMA0"));
     }
