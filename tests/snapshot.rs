@@ -304,8 +304,12 @@ fn bad_snapshot_input_changes_nothing() {
             )
         })
         .collect();
-    let want = [("created", "good"), ("restored", "good"), ("deleted", "good")]
-        .map(|(a, s)| (a.to_string(), s.to_string()));
+    let want = [
+        ("created", "good"),
+        ("restored", "good"),
+        ("deleted", "good"),
+    ]
+    .map(|(a, s)| (a.to_string(), s.to_string()));
     assert_eq!(told, want);
 }
 
