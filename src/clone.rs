@@ -127,24 +127,7 @@ pub fn clone(
             .map_err(io(&vm.efi_vars()))?;
     }
 
-    let own = sshkeys::generate_ed25519(&format!("nox@{new}"))?;
-    store::write_atomic(&vm.ssh_key(), own.private_openssh.as_bytes(), 0o600)?;
-    store::write_atomic(
-        &vm.ssh_key().with_extension("pub"),
-        format!("{}\n", own.public_openssh).as_bytes(),
-        0o644,
-    )?;
-    let host = sshkeys::generate_ed25519(&format!("root@{new}"))?;
-    store::write_atomic(&vm.host_key(), host.private_openssh.as_bytes(), 0o600)?;
-    store::write_atomic(
-        &vm.known_hosts(),
-        format!(
-            "{}\n",
-            sshkeys::known_hosts_line(&crate::ssh::host_alias(new), 22, &host.public_openssh)
-        )
-        .as_bytes(),
-        0o600,
-    )?;
+    let (own, host) = vm::new_keys(&vm, new)?;
     let user_data = match std::fs::read_to_string(src_vm.user_data()) {
         Ok(ud) => {
             store::write_atomic(&vm.user_data(), ud.as_bytes(), 0o600)?;

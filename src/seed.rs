@@ -61,6 +61,32 @@ pub struct SeedConfig {
     pub user_data: Option<String>,
     /// Set for a clone: its disk was already booted as another VM.
     pub reidentify: Option<Reidentify>,
+    /// How the guest's login user is made (differs on Alpine).
+    pub guest: GuestFlavour,
+}
+
+/// What the login user needs from the guest's userland.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestFlavour {
+    /// glibc distributions with PAM (Debian, Ubuntu): bash, locked password.
+    #[default]
+    Standard,
+    /// Alpine: no bash, and its sshd (built without PAM) refuses key logins
+    /// to an account whose password field starts with `!` (what
+    /// `lock_passwd` writes; lima-vm/lima#313). `*` allows no password
+    /// either, without marking the account locked.
+    Alpine,
+}
+
+impl GuestFlavour {
+    /// The flavour of an image, by its source (catalog name or template).
+    pub fn of_source(source: &str) -> GuestFlavour {
+        if source.starts_with("alpine-") {
+            GuestFlavour::Alpine
+        } else {
+            GuestFlavour::Standard
+        }
+    }
 }
 
 /// What a clone's first boot must undo of the VM it was copied from, which
@@ -161,13 +187,7 @@ fn nox_cloud_config(cfg: &SeedConfig) -> Result<Value, SeedError> {
         "manage_etc_hosts": true,
         // Without a usable locale cloud-init ends in status "error".
         "locale": "C.UTF-8",
-        "users": [{
-            "name": cfg.user,
-            "sudo": "ALL=(ALL) NOPASSWD:ALL",
-            "shell": "/bin/bash",
-            "lock_passwd": true,
-            "ssh_authorized_keys": cfg.authorized_keys,
-        }],
+        "users": [login_user(cfg)],
         "disable_root": true,
         "ssh_pwauth": false,
         // nox pins the host key: drop the image's keys and install ours. With
@@ -245,6 +265,23 @@ fn reidentify_script(user: &UserName, r: &Reidentify) -> Result<String, SeedErro
     Ok(format!(
         "cloud-init-per instance nox-reidentify sh -c {quoted}"
     ))
+}
+
+/// The login user's entry in cloud-config `users`.
+fn login_user(cfg: &SeedConfig) -> Value {
+    let mut u = json!({
+        "name": cfg.user,
+        "sudo": "ALL=(ALL) NOPASSWD:ALL",
+        "shell": "/bin/bash",
+        "lock_passwd": true,
+        "ssh_authorized_keys": cfg.authorized_keys,
+    });
+    if cfg.guest == GuestFlavour::Alpine {
+        u["shell"] = json!("/bin/sh");
+        u["lock_passwd"] = json!(false);
+        u["hashed_passwd"] = json!("*");
+    }
+    u
 }
 
 /// cloud-init's module lists for a nox VM: every module that acts on a
@@ -579,7 +616,28 @@ mod tests {
             },
             user_data: None,
             reidentify: None,
+            guest: GuestFlavour::Standard,
         }
+    }
+
+    #[test]
+    fn alpine_login_user_is_not_locked_and_needs_no_bash() {
+        let user = |guest| {
+            let cfg = SeedConfig { guest, ..config() };
+            let cc = nox_cloud_config(&cfg).unwrap();
+            cc["users"][0].clone()
+        };
+        let std = user(GuestFlavour::Standard);
+        assert_eq!(std["shell"], "/bin/bash");
+        assert_eq!(std["lock_passwd"], true);
+        assert!(std.get("hashed_passwd").is_none());
+        let alpine = user(GuestFlavour::Alpine);
+        assert_eq!(alpine["shell"], "/bin/sh");
+        assert_eq!(alpine["lock_passwd"], false);
+        assert_eq!(alpine["hashed_passwd"], "*");
+        assert_eq!(alpine["ssh_authorized_keys"], std["ssh_authorized_keys"]);
+        assert_eq!(GuestFlavour::of_source("alpine-3.22"), GuestFlavour::Alpine);
+        assert_eq!(GuestFlavour::of_source("debian-13"), GuestFlavour::Standard);
     }
 
     fn json_of(doc: &str) -> Value {

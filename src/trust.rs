@@ -42,7 +42,7 @@ pub enum TrustError {
     Stat(PathBuf, #[source] std::io::Error),
     #[error("{0}: cannot read the settings")]
     ConfigRead(PathBuf, #[source] std::io::Error),
-    #[error("{0}: bad settings")]
+    #[error("{0}: not valid JSON")]
     ConfigParse(PathBuf, #[source] serde_json::Error),
     #[error(
         "{0}: must be owned by the user nox runs as and not writable by others \

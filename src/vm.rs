@@ -102,6 +102,34 @@ pub struct CreateOptions {
     pub refresh: bool,
 }
 
+/// A new VM's keys, written into its directory `vm`: nox's login key
+/// (`id_ed25519[.pub]`) and the guest's SSH host key, pinned in its
+/// `known_hosts`. Returns (login key, host key).
+pub fn new_keys(
+    vm: &VmPaths,
+    name: &VmName,
+) -> Result<(sshkeys::KeyPair, sshkeys::KeyPair), VmError> {
+    let own = sshkeys::generate_ed25519(&format!("nox@{name}"))?;
+    store::write_atomic(&vm.ssh_key(), own.private_openssh.as_bytes(), 0o600)?;
+    store::write_atomic(
+        &vm.ssh_key().with_extension("pub"),
+        format!("{}\n", own.public_openssh).as_bytes(),
+        0o644,
+    )?;
+    let host = sshkeys::generate_ed25519(&format!("root@{name}"))?;
+    store::write_atomic(&vm.host_key(), host.private_openssh.as_bytes(), 0o600)?;
+    store::write_atomic(
+        &vm.known_hosts(),
+        format!(
+            "{}\n",
+            sshkeys::known_hosts_line(&crate::ssh::host_alias(name), 22, &host.public_openssh)
+        )
+        .as_bytes(),
+        0o600,
+    )?;
+    Ok((own, host))
+}
+
 /// Defines a VM atomically: every file is made in a private staging
 /// directory that becomes `vms/NAME` by one rename, so a failure or a kill at
 /// any point leaves nothing `list` shows and nothing that blocks a retry.
@@ -184,24 +212,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
 
     // nox's own key lets `--wait` and `nox ssh` work without an agent; the
     // user's keys are authorised beside it.
-    let own = sshkeys::generate_ed25519(&format!("nox@{name}"))?;
-    store::write_atomic(&vm.ssh_key(), own.private_openssh.as_bytes(), 0o600)?;
-    store::write_atomic(
-        &vm.ssh_key().with_extension("pub"),
-        format!("{}\n", own.public_openssh).as_bytes(),
-        0o644,
-    )?;
-    let host = sshkeys::generate_ed25519(&format!("root@{name}"))?;
-    store::write_atomic(&vm.host_key(), host.private_openssh.as_bytes(), 0o600)?;
-    store::write_atomic(
-        &vm.known_hosts(),
-        format!(
-            "{}\n",
-            sshkeys::known_hosts_line(&crate::ssh::host_alias(&name), 22, &host.public_openssh)
-        )
-        .as_bytes(),
-        0o600,
-    )?;
+    let (own, host) = new_keys(&vm, &name)?;
     if let Some(ud) = &user_data {
         store::write_atomic(&vm.user_data(), ud.as_bytes(), 0o600)?;
     }
@@ -371,6 +382,7 @@ pub fn write_seed(
         },
         user_data,
         reidentify,
+        guest: seed::GuestFlavour::of_source(&spec.image.source),
     };
     let s = seed::render(&cfg)?;
     seed::write_image(&s, &vm.seed())?;
