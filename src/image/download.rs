@@ -469,15 +469,9 @@ fn client(opts: &PullOptions) -> Result<reqwest::Client, ImageError> {
     // Never from https down to http (the checksum file would lose its only protection where
     // the distribution signs nothing), unless --insecure.
     let redirects = reqwest::redirect::Policy::custom(move |a| {
-        if a.previous().len() >= 10 {
-            a.error("more than 10 redirects")
-        } else if !insecure
-            && a.url().scheme() != "https"
-            && a.previous().iter().any(|u| u.scheme() == "https")
-        {
-            a.error("redirect from https to http refused (--insecure allows it)")
-        } else {
-            a.follow()
+        match redirect_refusal(a.previous(), a.url(), insecure) {
+            Some(why) => a.error(why),
+            None => a.follow(),
         }
     });
     reqwest::Client::builder()
@@ -487,6 +481,25 @@ fn client(opts: &PullOptions) -> Result<reqwest::Client, ImageError> {
         .user_agent(concat!("nox/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| transport("(client)", &e))
+}
+
+/// Why a redirect to `next` after `previous` is not followed, if it is not:
+/// past 10 hops, or from https down to http unless `insecure`.
+fn redirect_refusal(
+    previous: &[reqwest::Url],
+    next: &reqwest::Url,
+    insecure: bool,
+) -> Option<&'static str> {
+    if previous.len() >= 10 {
+        Some("more than 10 redirects")
+    } else if !insecure
+        && next.scheme() != "https"
+        && previous.iter().any(|u| u.scheme() == "https")
+    {
+        Some("redirect from https to http refused (--insecure allows it)")
+    } else {
+        None
+    }
 }
 
 /// Most bytes of a directory index page read.
@@ -888,5 +901,37 @@ impl Reporter {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_never_go_from_https_down_to_http() {
+        let u = |s: &str| reqwest::Url::parse(s).unwrap();
+        let https = [u("https://mirror.example/debian/")];
+        let http = [u("http://mirror.example/debian/")];
+        let down = u("http://cdn.example/x.qcow2");
+        let up = u("https://cdn.example/x.qcow2");
+        assert!(
+            redirect_refusal(&https, &down, false).is_some_and(|w| w.contains("https to http"))
+        );
+        assert_eq!(redirect_refusal(&https, &down, true), None);
+        assert_eq!(redirect_refusal(&https, &up, false), None);
+        // An allowed http mirror may redirect within http, or up to https.
+        assert_eq!(redirect_refusal(&http, &down, false), None);
+        assert_eq!(redirect_refusal(&http, &up, false), None);
+        // Once https, a later hop down is refused too.
+        let chain = [https[0].clone(), u("https://a.example/")];
+        assert!(redirect_refusal(&chain, &down, false).is_some());
+        let many: Vec<_> = (0..10)
+            .map(|i| u(&format!("https://h{i}.example/")))
+            .collect();
+        assert_eq!(
+            redirect_refusal(&many, &up, true),
+            Some("more than 10 redirects")
+        );
     }
 }
