@@ -365,3 +365,63 @@ fn a_raw_uefi_store_of_an_older_nox_is_converted_and_snapshotted() {
     h.ok(&["snapshot", "restore", vm, "v1"]);
     h.ok(&["snapshot", "delete", vm, "v1"]);
 }
+
+/// `nox clone --snapshot` copies the disk as it was when the snapshot was
+/// taken, not as it is now; no guest boots (qemu-io writes the disk).
+#[test]
+fn a_clone_from_a_snapshot_has_the_disk_of_that_moment() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let vm = "snap-src";
+    h.ok(&[
+        "create",
+        vm,
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--accel",
+        "tcg",
+        "--no-start",
+    ]);
+    let disk = |name: &str| h.path().join("vms").join(name).join("disk.qcow2");
+    let io = |d: &Path, cmd: &str| {
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd])
+            .arg(d)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.status.success() && !text.contains("Pattern verification failed")
+    };
+    assert!(io(&disk(vm), "write -P 0xaa 1M 64k"));
+    h.ok(&["snapshot", "create", vm, "then"]);
+    assert!(io(&disk(vm), "write -P 0xbb 1M 64k"));
+
+    let out = h.ok(&["clone", vm, "past", "--snapshot", "then"]);
+    assert!(out.contains("at snapshot then"), "{out}");
+    assert!(
+        io(&disk("past"), "read -P 0xaa 1M 64k"),
+        "the clone lacks the snapshot's data"
+    );
+    h.ok(&["clone", vm, "now"]);
+    assert!(
+        io(&disk("now"), "read -P 0xbb 1M 64k"),
+        "a plain clone copies the disk as it is"
+    );
+    // The source keeps both: its current data and the snapshot.
+    assert!(io(&disk(vm), "read -P 0xbb 1M 64k"));
+    assert_eq!(names(&list(&h, vm)), ["then"]);
+    // Only the overlay is copied: the clone is backed by the same base.
+    let info = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", "-f", "qcow2"])
+        .arg(disk("past"))
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let src: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.path().join("vms").join(vm).join("spec.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(info["backing-filename"], src["image"]["path"]);
+}
