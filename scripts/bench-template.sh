@@ -40,7 +40,6 @@ dnsmasq --bind-interfaces --interface="$BR" --port=0 --no-ping --dhcp-option=3 \
     --dhcp-range="$NET.10,$NET.250,1h" --dhcp-leasefile="$W/leases" --pid-file="$W/dnsmasq.pid"
 sleep 0.3; DNSMASQ_PID=$(cat "$W/dnsmasq.pid")
 
-$NOX image import "$IMG" --name bench-base >/dev/null
 now() { date +%s%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) / 1e9 }'; }
 create() { # NAME IMAGE -> seconds to SSH + cloud-init done
@@ -50,7 +49,7 @@ create() { # NAME IMAGE -> seconds to SSH + cloud-init done
 }
 
 echo "preparing the template (boot, commit)" >&2
-create prep bench-base >/dev/null
+create prep "$IMG" >/dev/null
 t0=$(now)
 $NOX image commit prep --as bench-tpl >/dev/null
 echo "image commit: $(secs "$t0" "$(now)") s" >&2
@@ -61,7 +60,7 @@ for i in $(seq "$RUNS"); do
     if [ $((i % 2)) = 1 ]; then order="image template"; else order="template image"; fi
     for what in $order; do
         if [ "$what" = image ]; then
-            s=$(create "i$i" bench-base); IMG_T+=("$s"); $NOX delete --force "i$i" >/dev/null
+            s=$(create "i$i" "$IMG"); IMG_T+=("$s"); $NOX delete --force "i$i" >/dev/null
         else
             s=$(create "t$i" bench-tpl); TPL_T+=("$s"); $NOX delete --force "t$i" >/dev/null
         fi
