@@ -32,6 +32,8 @@ pub enum CloneError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Key(#[from] sshkeys::KeyError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("{0} is running: a clone copies a stopped VM's disk; stop it first (nox stop {0})")]
     Running(String),
     #[error("{vm} has no snapshot {snapshot:?} (it has: {have})")]
@@ -103,7 +105,7 @@ pub fn clone(
         return Err(CloneError::StaticIp(src.to_string()));
     }
     if let Some(snap) = snapshot {
-        let have = snapshot_names(&src_vm.disk())?;
+        let have = crate::snapshot::names(&src_vm.disk())?;
         if !have.iter().any(|h| h == snap) {
             return Err(CloneError::NoSnapshot {
                 vm: src.to_string(),
@@ -222,39 +224,4 @@ fn run(mut cmd: Command, shown: String) -> Result<std::process::Output, CloneErr
         });
     }
     Ok(out)
-}
-
-/// The internal snapshots of a qcow2 file, by name.
-pub fn snapshot_names(disk: &Path) -> Result<Vec<String>, CloneError> {
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(["info", "--output=json"]).arg(disk);
-    let out = run(cmd, format!("qemu-img info {}", disk.display()))?;
-    Ok(parse_snapshot_names(&out.stdout))
-}
-
-fn parse_snapshot_names(info_json: &[u8]) -> Vec<String> {
-    let v: serde_json::Value = serde_json::from_slice(info_json).unwrap_or_default();
-    v["snapshots"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn snapshot_names_from_qemu_img_info() {
-        let j = br#"{"format": "qcow2", "snapshots": [
-            {"id": "1", "name": "before", "vm-state-size": 0},
-            {"id": "2", "name": "with, comma", "vm-state-size": 1234}]}"#;
-        assert_eq!(parse_snapshot_names(j), vec!["before", "with, comma"]);
-        assert!(parse_snapshot_names(br#"{"format": "qcow2"}"#).is_empty());
-        assert!(parse_snapshot_names(b"not json").is_empty());
-    }
 }

@@ -498,6 +498,11 @@ fn table(file: &Path) -> Result<Vec<Entry>, SnapshotError> {
     parse_table(&out.stdout).map_err(bad)
 }
 
+/// The names of the internal snapshots of the qcow2 file `disk`.
+pub fn names(disk: &Path) -> Result<Vec<String>, SnapshotError> {
+    Ok(table(disk)?.into_iter().map(|e| e.name).collect())
+}
+
 fn parse_table(json: &[u8]) -> Result<Vec<Entry>, String> {
     #[derive(Deserialize)]
     struct Info {
