@@ -163,6 +163,7 @@ pub fn clone(
         Some(Reidentify {
             revoke_keys: src_own.into_iter().collect(),
         }),
+        None,
     )?;
     store::write_json(&vm.spec(), &spec)?;
     let disk_bytes = allocated(&vm.disk())?;

@@ -32,5 +32,6 @@ pub mod text;
 pub mod timeline;
 pub mod trust;
 pub mod vm;
+pub mod warm;
 
 pub use text::error_chain;

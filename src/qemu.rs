@@ -216,6 +216,9 @@ pub struct Launch<'a> {
     /// Direct kernel boot: the guest's own kernel, initramfs and nox's
     /// command line instead of the bootloader on the disk.
     pub direct: Option<crate::boot::DirectBoot>,
+    /// Warm start: a template's saved machine state, which qemu reads from
+    /// this inherited file descriptor instead of booting.
+    pub incoming: Option<i32>,
 }
 
 /// An argv under construction.
@@ -352,7 +355,86 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
     // Entropy speeds up the guest's early boot (sshd, cloud-init).
     a.opt("-device", "virtio-rng-pci");
     a.opt("-device", arch.panic_device);
+    // Pages the guest frees go back to the host (density: an idle VM gives
+    // back what its boot used).
+    a.opt(
+        "-device",
+        Opts::new("virtio-balloon-pci").set("free-page-reporting", "on"),
+    );
+    if arch.arch == Arch::Amd64 {
+        // A new generation id whenever the guest is resumed from saved state
+        // (a warm start): the kernel reseeds its RNG and tells userspace,
+        // which is how a warm clone learns to take its own identity.
+        // qemu-system-aarch64 has no vmgenid.
+        a.opt("-device", Opts::new("vmgenid").set("guid", "auto"));
+    }
+    if let Some(fd) = l.incoming {
+        a.opt("-incoming", format!("fd:{fd}"));
+    }
     Ok(a.0)
+}
+
+/// What of an argv must be equal for a saved machine state to load into
+/// it: the argv with every per-VM value (paths, names, MAC, descriptors,
+/// forwarded ports, the generation id) replaced by `*`, `-incoming`
+/// dropped, and a netdev reduced to whether it is qemu's slirp (the only
+/// backend with state of its own). Pure.
+pub fn machine_shape(argv: &[String]) -> Vec<String> {
+    const PER_VM: [&str; 9] = [
+        "path", "file", "logfile", "mac", "fd", "vhostfd", "addr.str", "hostfwd", "guid",
+    ];
+    let mut out = vec![];
+    let mut it = argv.iter().skip(1);
+    while let Some(flag) = it.next() {
+        if !flag.starts_with('-') {
+            out.push(flag.clone());
+            continue;
+        }
+        let takes_value = !matches!(flag.as_str(), "-S" | "-nodefaults" | "-no-user-config");
+        let Some(value) = it.next().filter(|_| takes_value) else {
+            out.push(flag.clone());
+            continue;
+        };
+        let shaped = match flag.as_str() {
+            "-incoming" => continue,
+            "-name" | "-kernel" | "-initrd" => "*".to_string(),
+            "-netdev" if value.starts_with("user,") => "user".into(),
+            "-netdev" => "other".into(),
+            _ => split_opts(value)
+                .into_iter()
+                .map(|item| match item.split_once('=') {
+                    Some((k, _)) if PER_VM.contains(&k) => format!("{k}=*"),
+                    _ => item,
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        out.push(flag.clone());
+        out.push(shaped);
+    }
+    out
+}
+
+/// Splits a qemu option string at its unescaped commas (`,,` is a comma
+/// inside a value).
+fn split_opts(s: &str) -> Vec<String> {
+    let mut items = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                if let Some(i) = items.last_mut() {
+                    i.push_str(",,");
+                }
+            } else {
+                items.push(String::new());
+            }
+        } else if let Some(i) = items.last_mut() {
+            i.push(c);
+        }
+    }
+    items
 }
 
 /// slirp's `hostfwd` value for a published port: `PROTO:[ADDR]:HOST-:GUEST`.
@@ -490,6 +572,7 @@ mod tests {
             },
             firmware: FirmwareArgs::default(),
             direct: None,
+            incoming: None,
         })
         .unwrap()
         .join(" ");
@@ -506,7 +589,8 @@ mod tests {
 -device virtio-blk-pci,drive=seed0 \
 -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 \
 -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56 \
--device virtio-rng-pci -device pvpanic";
+-device virtio-rng-pci -device pvpanic -device virtio-balloon-pci,free-page-reporting=on \
+-device vmgenid,guid=auto";
         assert_eq!(got, want);
     }
 
@@ -532,6 +616,7 @@ mod tests {
                 machine_props: vec![],
             },
             direct: None,
+            incoming: None,
         })
         .unwrap();
         let j = got.join(" ");
@@ -539,7 +624,10 @@ mod tests {
         assert!(j.contains("-machine virt,accel=kvm,gic-version=host -cpu host"));
         assert!(j.contains("-drive if=pflash,unit=0,file=/fw,readonly=on"));
         assert!(j.contains("-netdev tap,id=net0,fd=3,vhost=on,vhostfd=4"));
-        assert!(j.ends_with("-device pvpanic-pci"));
+        assert!(
+            j.ends_with("-device pvpanic-pci -device virtio-balloon-pci,free-page-reporting=on")
+        );
+        assert!(!j.contains("vmgenid"));
     }
 
     #[test]
@@ -557,6 +645,7 @@ mod tests {
             },
             firmware: FirmwareArgs::default(),
             direct: None,
+            incoming: None,
         })
         .unwrap();
         assert!(
@@ -579,6 +668,7 @@ mod tests {
                 net,
                 firmware: FirmwareArgs::default(),
                 direct: None,
+                incoming: None,
             })
             .unwrap();
             let i = a.iter().position(|x| x == "-netdev").unwrap();
@@ -600,6 +690,76 @@ mod tests {
             "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:8080-:80,\
 hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
         );
+    }
+
+    #[test]
+    fn machine_shape_keeps_the_machine_and_masks_the_vm() {
+        let st = Store::at("/var/lib/nox".into(), "/run/nox".into());
+        let launch = |name: &str, mac: &str, net: NetBackend, incoming| {
+            let mut s = spec(Arch::Amd64);
+            s.name = name.parse().unwrap();
+            s.mac = mac.parse().unwrap();
+            let paths = st.vm_paths(&s.name);
+            argv(&Launch {
+                spec: &s,
+                paths: &paths,
+                accel: Accel::Tcg,
+                net,
+                firmware: FirmwareArgs::default(),
+                direct: None,
+                incoming,
+            })
+            .unwrap()
+        };
+        let src = launch(
+            "base",
+            "52:54:00:00:00:01",
+            NetBackend::Passt { fd: 5 },
+            None,
+        );
+        let warm = launch(
+            "web-1",
+            "52:54:00:00:00:02",
+            NetBackend::Tap {
+                fd: 3,
+                vhost_fd: Some(4),
+            },
+            Some(9),
+        );
+        assert!(warm.join(" ").contains("-incoming fd:9"));
+        assert_eq!(machine_shape(&src), machine_shape(&warm));
+        let shape = machine_shape(&src).join(" ");
+        assert!(
+            shape.contains("virtio-net-pci,netdev=net0,mac=*"),
+            "{shape}"
+        );
+        assert!(shape.contains("-m 1024M"));
+        // slirp has state of its own; memory and CPUs are the machine.
+        let slirp = launch(
+            "x",
+            "52:54:00:00:00:03",
+            NetBackend::User {
+                ssh_port: 1,
+                publish: vec![],
+            },
+            None,
+        );
+        assert_ne!(machine_shape(&src), machine_shape(&slirp));
+        let mut s = spec(Arch::Amd64);
+        s.memory = 2 << 30;
+        let paths = st.vm_paths(&s.name);
+        let big = argv(&Launch {
+            spec: &s,
+            paths: &paths,
+            accel: Accel::Tcg,
+            net: NetBackend::Passt { fd: 5 },
+            firmware: FirmwareArgs::default(),
+            direct: None,
+            incoming: None,
+        })
+        .unwrap();
+        assert_ne!(machine_shape(&src), machine_shape(&big));
+        assert_eq!(split_opts("a,b=c,,d,e"), ["a", "b=c,,d", "e"]);
     }
 
     #[test]

@@ -63,6 +63,21 @@ pub struct SeedConfig {
     pub reidentify: Option<Reidentify>,
     /// How the guest's login user is made (differs on Alpine).
     pub guest: GuestFlavour,
+    /// Set when the VM may resume a warm template: what the template's
+    /// guest hook needs to make it this VM ([`crate::warm`]).
+    pub warm: Option<WarmIdentity>,
+}
+
+/// The parts of a warm clone's identity that are not already in the seed's
+/// cloud-config, chosen by the caller (render stays pure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmIdentity {
+    /// The template source's MAC: the guest's network config names it.
+    pub old_mac: MacAddr,
+    /// 32 lowercase hex digits.
+    pub machine_id: String,
+    /// Bytes the guest adds to its entropy pool.
+    pub entropy: Vec<u8>,
 }
 
 /// What the login user needs from the guest's userland.
@@ -108,6 +123,8 @@ pub struct Seed {
     pub meta_data: String,
     pub user_data: String,
     pub network_config: String,
+    /// `nox-warm.env` for a VM that may resume a warm template.
+    pub warm_env: Option<String>,
 }
 
 /// Merge rule for the user's cloud-config part, applied by cloud-init when it
@@ -164,12 +181,57 @@ pub fn render(cfg: &SeedConfig) -> Result<Seed, SeedError> {
             "local-hostname": cfg.hostname,
         }))
     );
+    let warm_env = cfg.warm.as_ref().map(|w| warm_env(cfg, w)).transpose()?;
     Ok(Seed {
         instance_id,
         meta_data,
         user_data,
         network_config,
+        warm_env,
     })
+}
+
+/// `nox-warm.env`: one `KEY=value` a line, read by the warm hook with sed;
+/// values that are not plain tokens are base64.
+fn warm_env(cfg: &SeedConfig, w: &WarmIdentity) -> Result<String, SeedError> {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    if w.machine_id.len() != 32
+        || !w
+            .machine_id
+            .bytes()
+            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(SeedError::Invalid(format!(
+            "machine-id {:?} is not 32 hex digits",
+            w.machine_id
+        )));
+    }
+    let mac = match &cfg.network {
+        Network::Dhcp { mac } | Network::Static { mac, .. } => mac,
+    };
+    let keys = cfg
+        .authorized_keys
+        .iter()
+        .map(|k| format!("{k}\n"))
+        .collect::<String>();
+    Ok([
+        ("HOSTNAME", cfg.hostname.to_string()),
+        ("USER", cfg.user.to_string()),
+        ("MAC", mac.to_string()),
+        ("OLD_MAC", w.old_mac.to_string()),
+        ("MACHINE_ID", w.machine_id.clone()),
+        ("HOST_KEY", b64(cfg.host_key.private_openssh.as_bytes())),
+        (
+            "HOST_KEY_PUB",
+            b64(format!("{}\n", cfg.host_key.public_openssh).as_bytes()),
+        ),
+        ("AUTHORIZED_KEYS", b64(keys.as_bytes())),
+        ("ENTROPY", b64(&w.entropy)),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{k}={v}\n"))
+    .collect())
 }
 
 fn pretty(v: &Value) -> String {
@@ -525,6 +587,8 @@ fn build_image(seed: &Seed) -> std::io::Result<Vec<u8>> {
         ("user-data", &seed.user_data),
         ("network-config", &seed.network_config),
     ];
+    let warm = seed.warm_env.as_ref().map(|w| ("nox-warm.env", w));
+    let files: Vec<(&str, &String)> = files.into_iter().chain(warm).collect();
     let payload: u64 = files.iter().map(|(_, c)| c.len() as u64).sum();
     // 1 MiB for the usual few KiB; room for FAT overhead if user-data is big.
     let size = (payload + payload / 4 + 256 * 1024).div_ceil(MIB).max(1) * MIB;
@@ -555,7 +619,7 @@ fn build_image(seed: &Seed) -> std::io::Result<Vec<u8>> {
         )?;
         {
             let root = fs.root_dir();
-            for (name, content) in files {
+            for &(name, content) in &files {
                 let mut f = root.create_file(name)?;
                 f.truncate()?;
                 f.write_all(content.as_bytes())?;
@@ -617,6 +681,7 @@ mod tests {
             user_data: None,
             reidentify: None,
             guest: GuestFlavour::Standard,
+            warm: None,
         }
     }
 

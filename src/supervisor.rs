@@ -60,6 +60,9 @@ pub enum SupervisorError {
     State(#[source] RecordError),
     #[error("cannot load the snapshot a restore asked for")]
     Restore(#[source] crate::snapshot::SnapshotError),
+    /// The warm template's state did not load (the launch then boots cold).
+    #[error("resuming the warm template failed: {0}")]
+    WarmLoad(String),
     #[error("cannot install the SIGTERM/SIGINT handlers")]
     Signals(#[source] std::io::Error),
     #[error("cannot wait for qemu")]
@@ -339,6 +342,8 @@ struct Live {
     _ready: Option<Readiness>,
     /// Copies the console into console.log until qemu is gone.
     console: crate::console::Copier,
+    /// The guest was resumed from a warm template's state.
+    warm: bool,
 }
 
 /// The run's readiness watch ([`crate::ssh::watch_readiness`]), on a thread
@@ -423,13 +428,50 @@ async fn launch(
     let binary = qemu::find_binary(arch)?;
     let firmware = qemu::firmware_args(spec, vm, Some(vm.firmware_dir()))?;
     let (direct, fallback) = direct_boot(vm, spec);
-    let method = if direct.is_some() {
+    let mut method = if direct.is_some() {
         "direct"
     } else {
         "firmware"
     };
-
-    let mut live = spawn_connected(vm, spec, accel, &binary, &firmware, direct, &jail, rec).await?;
+    // The first start of a VM made from a warm template resumes its guest.
+    let warm = crate::warm::take_pending(vm)?;
+    let mut live = match &warm {
+        Some(w) => {
+            let tried = spawn_connected(
+                vm,
+                spec,
+                accel,
+                &binary,
+                &firmware,
+                direct.clone(),
+                &jail,
+                rec,
+                Some(w),
+            )
+            .await;
+            match tried {
+                Ok(live) if live.warm => {
+                    method = "warm";
+                    live
+                }
+                Ok(live) => live,
+                Err(SupervisorError::WarmLoad(why)) => {
+                    warn!("{}: booting cold: {why}", spec.name);
+                    spawn_connected(
+                        vm, spec, accel, &binary, &firmware, direct, &jail, rec, None,
+                    )
+                    .await?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        None => {
+            spawn_connected(
+                vm, spec, accel, &binary, &firmware, direct, &jail, rec, None,
+            )
+            .await?
+        }
+    };
     for sock in [vm.qmp_socket(), vm.ctl_socket(), vm.serial_socket()] {
         let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
     }
@@ -452,7 +494,7 @@ async fn launch(
         .map_err(SupervisorError::Qmp)?;
     live.watch = timeline::Watch::new(method, fallback, console_at);
     save_boot(vm, &live.watch);
-    if pending.is_some()
+    if (pending.is_some() || live.warm)
         && let Err(e) = crate::snapshot::announce(&live.qmp, &spec.name).await
     {
         warn!("{}", crate::error_chain(&e));
@@ -479,6 +521,7 @@ async fn spawn_connected(
     direct: Option<crate::boot::DirectBoot>,
     jail: &jail::Jail,
     rec: &mut Recorder<'_>,
+    warm: Option<&crate::warm::Pending>,
 ) -> Result<Live, SupervisorError> {
     // The port may be taken between our probe and qemu's bind: retry.
     let mut attempt = 0;
@@ -491,19 +534,33 @@ async fn spawn_connected(
         let log = crate::console::RotatingLog::new(&vm.console_log(), spec.console_log_size);
         let console = crate::console::Copier::start(&vm.console_pipe(), log)?;
         let mut net = attach(spec, &vm.log()).await?;
-        let argv = qemu::argv(&qemu::Launch {
+        let mut launch = qemu::Launch {
             spec,
             paths: vm,
             accel,
             net: net.backend.clone(),
             firmware: firmware.clone(),
             direct: direct.clone(),
-        })?;
+            incoming: None,
+        };
+        let mut argv = qemu::argv(&launch)?;
+        let mut incoming = None;
+        if let Some(w) = warm {
+            let fd = warm_state_fd(w, binary, accel, &argv).map_err(SupervisorError::WarmLoad)?;
+            launch.incoming = Some(std::os::fd::AsRawFd::as_raw_fd(&fd));
+            argv = qemu::argv(&launch)?;
+            info!("resuming warm template {}", w.template);
+            incoming = Some(fd);
+        }
         info!("starting {}", argv.join(" "));
+        if let Err(e) = store::write_json(&crate::warm::argv_path(vm), &argv) {
+            warn!("{}", crate::error_chain(&e));
+        }
         let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
         let spawned = spawn_qemu(binary, &argv, vm, jail);
         // qemu holds its copies now; ours must not leak into anything else.
         net.child_fds.clear();
+        drop(incoming.take());
         let mut q = spawned?;
         let net_facts = network(spec, &net);
         let event = Event::Spawned {
@@ -513,7 +570,26 @@ async fn spawn_connected(
         record(rec, event);
         match connect(vm, &mut q).await {
             Ok((qmp, events)) => {
+                if let Some(w) = warm {
+                    let loaded = tokio::select! {
+                        r = crate::warm::wait_loaded(&qmp, Duration::from_secs(300)) => r,
+                        _ = q.child.wait() => Err("qemu exited".into()),
+                    };
+                    match loaded {
+                        Ok(took) => info!(
+                            "loaded warm template {}'s state in {} ms",
+                            w.template,
+                            took.as_millis()
+                        ),
+                        Err(why) => {
+                            let _ = q.child.kill().await;
+                            let log = store::tail(&vm.log(), log_start, 10);
+                            return Err(SupervisorError::WarmLoad(format!("{why}: {log}")));
+                        }
+                    }
+                }
                 return Ok(Live {
+                    warm: warm.is_some(),
                     q,
                     qmp,
                     events,
@@ -535,6 +611,21 @@ async fn spawn_connected(
             }
         }
     }
+}
+
+/// The warm template's state as a descriptor for qemu, if this qemu and
+/// argv can load it; else why not.
+fn warm_state_fd(
+    w: &crate::warm::Pending,
+    binary: &Path,
+    accel: Accel,
+    argv: &[String],
+) -> Result<std::os::fd::OwnedFd, String> {
+    let version = crate::warm::qemu_version(binary).map_err(|e| crate::error_chain(&e))?;
+    if let Some(why) = crate::warm::incompatible(&w.warm, &version, accel.as_str(), argv) {
+        return Err(why);
+    }
+    crate::warm::open_state(&w.warm).map_err(|e| crate::error_chain(&e))
 }
 
 /// The QMP session of a freshly spawned qemu. `Err(None)`: qemu exited

@@ -70,6 +70,12 @@ pub enum TemplateError {
     },
     #[error("{cmd} failed: {stderr}")]
     Command { cmd: String, stderr: String },
+    #[error(transparent)]
+    Warm(#[from] crate::warm::WarmError),
+    #[error(
+        "{0} is stopped: a warm template saves a running guest; start it (nox start {0} --wait) and commit again"
+    )]
+    WarmStopped(String),
     #[error("{}", path.display())]
     Io {
         path: PathBuf,
@@ -92,6 +98,10 @@ pub struct Template {
     /// The image in the cache (`sha256:HEX`).
     pub digest: String,
     pub origin: Origin,
+    /// A warm template's saved machine (`--warm`): VMs made from it resume
+    /// the booted guest ([`crate::warm`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<crate::warm::WarmState>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +124,8 @@ pub struct Committed {
     pub stopped: Stopped,
     pub clean_time: Duration,
     pub convert_time: Duration,
+    /// Saving the machine state (`--warm`).
+    pub save_time: Option<Duration>,
 }
 
 fn dir(cache: &Cache) -> PathBuf {
@@ -166,11 +178,19 @@ pub fn resolve(cache: &Cache, name: &str, arch: Arch) -> Result<Option<Image>, I
     Ok(Some(img))
 }
 
-/// Drops the template records of an image that was removed from the cache.
+/// Drops the template records (and saved machine states) of an image that
+/// was removed from the cache.
 pub fn forget(cache: &Cache, digest: &str) {
     for t in list(cache).into_iter().filter(|t| t.digest == digest) {
+        if let Some(w) = &t.warm {
+            let _ = std::fs::remove_file(&w.state);
+        }
         let _ = std::fs::remove_file(record_path(cache, &t.name));
     }
+}
+
+fn state_path(cache: &Cache, name: &str) -> PathBuf {
+    dir(cache).join(format!("{name}.state"))
 }
 
 /// Refuses a template name that is taken by a catalog image, a template or
@@ -223,66 +243,26 @@ pub async fn commit(
     store: &Store,
     name: &VmName,
     as_: &TemplateName,
+    warm: bool,
 ) -> Result<Committed, TemplateError> {
     let cache = Cache::for_store(store)?;
     check_name(&cache, as_)?;
     let vmp = store.vm(name)?;
     let spec = vmp.load_spec()?;
     let st = crate::state::load(&vmp)?;
+    if warm {
+        if spec.arch != Arch::Amd64 {
+            return Err(crate::warm::WarmError::NoVmgenid.into());
+        }
+        if !st.state.is_active() {
+            return Err(TemplateError::WarmStopped(name.to_string()));
+        }
+        return commit_warm(store, &cache, &vmp, &spec, &st, as_).await;
+    }
 
     let t_clean = Instant::now();
     let stopped = if st.state.is_active() {
-        let ep = ssh::endpoint(&st).ok_or_else(|| TemplateError::Unreachable(name.to_string()))?;
-        let reach = ssh::run(
-            &spec,
-            &vmp,
-            &ep,
-            &["true".into()],
-            Some(Duration::from_secs(30)),
-        )
-        .map_err(|source| TemplateError::Ssh {
-            vm: name.to_string(),
-            source,
-        })?;
-        if !reach.is_some_and(|o| o.status.success()) {
-            return Err(TemplateError::Unreachable(name.to_string()));
-        }
-        let script = clean_script(&spec);
-        let quoted = shlex::try_quote(&script).map_err(|e| TemplateError::CleanFailed {
-            vm: name.to_string(),
-            code: None,
-            output: e.to_string(),
-        })?;
-        let cmd: Vec<String> = vec!["sudo".into(), "sh".into(), "-c".into(), quoted.into_owned()];
-        let out =
-            ssh::run(&spec, &vmp, &ep, &cmd, Some(Duration::from_secs(300))).map_err(|source| {
-                TemplateError::Ssh {
-                    vm: name.to_string(),
-                    source,
-                }
-            })?;
-        let ok = out.as_ref().is_some_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CLEAN_DONE)
-        });
-        if !ok {
-            return Err(TemplateError::CleanFailed {
-                vm: name.to_string(),
-                code: out.as_ref().and_then(|o| o.status.code()),
-                output: out
-                    .map(|o| {
-                        crate::text::printable(
-                            format!(
-                                "{}{}",
-                                String::from_utf8_lossy(&o.stdout),
-                                String::from_utf8_lossy(&o.stderr)
-                            )
-                            .trim()
-                            .as_bytes(),
-                        )
-                    })
-                    .unwrap_or_else(|| "timed out".into()),
-            });
-        }
+        clean_guest(&spec, &vmp, &st, &clean_script(&spec))?;
         let stopped = vm::stop(store, name, false, Duration::from_secs(spec.stop_timeout)).await?;
         store::write_json(&clean_mark_path(&vmp), &disk_mark(&vmp.disk())?)?;
         stopped
@@ -305,25 +285,9 @@ pub async fn commit(
         return Err(VmError::Running(name.to_string()).into());
     };
     let t_convert = Instant::now();
-    let image = flatten(&cache, &vmp.disk(), name, as_, &spec)?;
+    let image = flatten(&cache, &vmp.disk(), name, as_, &spec, false)?;
     let convert_time = t_convert.elapsed();
-    let template = Template {
-        name: as_.clone(),
-        digest: image.digest.clone(),
-        origin: Origin {
-            vm: name.to_string(),
-            image: spec.image.source.clone(),
-            image_digest: spec.image.digest.clone(),
-            created: image::rfc3339(SystemTime::now()),
-        },
-    };
-    let d = dir(&cache);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&d)
-        .map_err(io(&d))?;
-    store::write_json(&record_path(&cache, as_), &template)?;
+    let template = save_record(&cache, as_, &spec, &image, None)?;
     // A second commit needs a fresh clean: the same content would only give
     // the same image again.
     let _ = std::fs::remove_file(clean_mark_path(&vmp));
@@ -333,7 +297,193 @@ pub async fn commit(
         stopped,
         clean_time,
         convert_time,
+        save_time: None,
     })
+}
+
+/// Writes `images/templates/NAME.json`.
+fn save_record(
+    cache: &Cache,
+    as_: &TemplateName,
+    spec: &VmSpec,
+    image: &Image,
+    warm: Option<crate::warm::WarmState>,
+) -> Result<Template, TemplateError> {
+    let template = Template {
+        name: as_.clone(),
+        digest: image.digest.clone(),
+        origin: Origin {
+            vm: spec.name.to_string(),
+            image: spec.image.source.clone(),
+            image_digest: spec.image.digest.clone(),
+            created: image::rfc3339(SystemTime::now()),
+        },
+        warm,
+    };
+    let d = dir(cache);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&d)
+        .map_err(io(&d))?;
+    store::write_json(&record_path(cache, as_), &template)?;
+    Ok(template)
+}
+
+/// `commit --warm`: the guest cleans itself and gets the warm hook, then is
+/// paused and its machine state saved while its disk is flattened at that
+/// same instant; then it is resumed and powered off like a cold commit's.
+async fn commit_warm(
+    store: &Store,
+    cache: &Cache,
+    vmp: &store::VmPaths,
+    spec: &VmSpec,
+    st: &crate::state::State,
+    as_: &TemplateName,
+) -> Result<Committed, TemplateError> {
+    use crate::warm::{self, WarmError};
+    let name = &spec.name;
+    let no_save = |why: String| WarmError::Save {
+        vm: name.clone(),
+        why,
+    };
+    let argv: Vec<String> = store::read_json(&warm::argv_path(vmp))?.ok_or_else(|| {
+        no_save(
+            "nox has no record of its qemu's command line; restart the VM and commit again".into(),
+        )
+    })?;
+    let binary = crate::qemu::find_binary(crate::qemu::arch_facts(spec.arch))
+        .map_err(|e| no_save(crate::error_chain(&e)))?;
+    let qemu = warm::qemu_version(&binary)?;
+    let accel = st.accel.clone().unwrap_or_default();
+
+    let t_clean = Instant::now();
+    let script = format!(
+        "set -e\n{}{}",
+        warm::hook_install_script(),
+        clean_script(spec)
+    );
+    clean_guest(spec, vmp, st, &script)?;
+    let clean_time = t_clean.elapsed();
+
+    let d = dir(cache);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&d)
+        .map_err(io(&d))?;
+    let tmp = d.join(format!(".{as_}.state.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let resume = || async {
+        if let Err(e) = warm::resume(vmp).await {
+            tracing::warn!("{}", crate::error_chain(&e));
+        }
+    };
+    let saved = match warm::save(vmp, &tmp).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            resume().await;
+            return Err(e.into());
+        }
+    };
+    let t_convert = Instant::now();
+    let image = match flatten(cache, &vmp.disk(), name, as_, spec, true) {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            resume().await;
+            return Err(e);
+        }
+    };
+    let convert_time = t_convert.elapsed();
+    resume().await;
+    let stopped = vm::stop(store, name, false, Duration::from_secs(spec.stop_timeout)).await?;
+    let state = state_path(cache, as_);
+    std::fs::rename(&tmp, &state).map_err(io(&state))?;
+    let w = warm::WarmState {
+        state,
+        size: saved.size,
+        sha256: saved.sha256,
+        qemu,
+        accel,
+        shape: crate::qemu::machine_shape(&argv),
+        cpus: spec.cpus,
+        memory: spec.memory,
+        disk: spec.disk,
+        mac: spec.mac,
+        user: spec.user.clone(),
+    };
+    let template = save_record(cache, as_, spec, &image, Some(w))?;
+    Ok(Committed {
+        template,
+        image,
+        stopped,
+        clean_time,
+        convert_time,
+        save_time: Some(saved.took),
+    })
+}
+
+/// Runs `script` as root in the VM's guest over nox's pinned SSH, after
+/// checking the guest answers at all (nothing is changed otherwise).
+fn clean_guest(
+    spec: &VmSpec,
+    vmp: &store::VmPaths,
+    st: &crate::state::State,
+    script: &str,
+) -> Result<(), TemplateError> {
+    let name = &spec.name;
+    let ep = ssh::endpoint(st).ok_or_else(|| TemplateError::Unreachable(name.to_string()))?;
+    let reach = ssh::run(
+        spec,
+        vmp,
+        &ep,
+        &["true".into()],
+        Some(Duration::from_secs(30)),
+    )
+    .map_err(|source| TemplateError::Ssh {
+        vm: name.to_string(),
+        source,
+    })?;
+    if !reach.is_some_and(|o| o.status.success()) {
+        return Err(TemplateError::Unreachable(name.to_string()));
+    }
+    let quoted = shlex::try_quote(script).map_err(|e| TemplateError::CleanFailed {
+        vm: name.to_string(),
+        code: None,
+        output: e.to_string(),
+    })?;
+    let cmd: Vec<String> = vec!["sudo".into(), "sh".into(), "-c".into(), quoted.into_owned()];
+    let out = ssh::run(spec, vmp, &ep, &cmd, Some(Duration::from_secs(300))).map_err(|source| {
+        TemplateError::Ssh {
+            vm: name.to_string(),
+            source,
+        }
+    })?;
+    let ok = out.as_ref().is_some_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CLEAN_DONE)
+    });
+    if !ok {
+        return Err(TemplateError::CleanFailed {
+            vm: name.to_string(),
+            code: out.as_ref().and_then(|o| o.status.code()),
+            output: out
+                .map(|o| {
+                    crate::text::printable(
+                        format!(
+                            "{}{}",
+                            String::from_utf8_lossy(&o.stdout),
+                            String::from_utf8_lossy(&o.stderr)
+                        )
+                        .trim()
+                        .as_bytes(),
+                    )
+                })
+                .unwrap_or_else(|| "timed out".into()),
+        });
+    }
+    Ok(())
 }
 
 /// Flattens the VM's disk chain into one image and adds it to the cache.
@@ -343,6 +493,7 @@ fn flatten(
     name: &VmName,
     as_: &TemplateName,
     spec: &VmSpec,
+    force_share: bool,
 ) -> Result<Image, TemplateError> {
     let tmp_dir = cache.dir().join("tmp");
     let tmp = tempfile::Builder::new()
@@ -351,8 +502,13 @@ fn flatten(
         .map_err(io(&tmp_dir))?
         .into_temp_path();
     let shown = format!("qemu-img convert {} {}", disk.display(), tmp.display());
-    let out = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"])
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"]);
+    if force_share {
+        // A paused qemu that has just migrated holds the file, flushed.
+        cmd.arg("-U");
+    }
+    let out = cmd
         .arg(disk)
         .arg(&*tmp)
         .output()
@@ -499,6 +655,7 @@ mod tests {
                 image_digest: "sha256:0".into(),
                 created: "2026-01-01T00:00:00Z".into(),
             },
+            warm: None,
         };
         std::fs::create_dir_all(dir(&cache)).unwrap();
         store::write_json(&record_path(&cache, "web"), &t).unwrap();

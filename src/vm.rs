@@ -250,7 +250,31 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
         created: state::now(),
         console_log_size,
     };
-    write_seed(&spec, &vm, &host, user_data, None)?;
+    // A warm template: the first start may resume its booted guest.
+    let warm = crate::template::find(&cache, &o.image)
+        .filter(|t| t.digest == base.digest)
+        .and_then(|t| t.warm.map(|w| (t.name, w)));
+    let mut warm_identity = None;
+    if let Some((template, w)) = warm {
+        match crate::warm::unusable(&spec, &w, user_data.is_some()) {
+            None => {
+                warm_identity = Some(seed::WarmIdentity {
+                    old_mac: w.mac,
+                    machine_id: hex::encode(rand::random::<[u8; 16]>()),
+                    entropy: rand::random::<[u8; 64]>().to_vec(),
+                });
+                let pending = crate::warm::Pending {
+                    template: template.to_string(),
+                    warm: w,
+                };
+                crate::warm::set_pending(&vm, &pending)?;
+            }
+            Some(why) => tracing::warn!(
+                "{name} will boot cold: warm template {template} was saved with other settings: {why}"
+            ),
+        }
+    }
+    write_seed(&spec, &vm, &host, user_data, None, warm_identity)?;
     store::write_json(&vm.spec(), &spec)?;
     staging.commit()?;
     let created = crate::events::Kind::Created {
@@ -365,6 +389,7 @@ pub fn write_seed(
     host_key: &KeyPair,
     user_data: Option<String>,
     reidentify: Option<seed::Reidentify>,
+    warm: Option<seed::WarmIdentity>,
 ) -> Result<seed::Seed, VmError> {
     let cfg = SeedConfig {
         hostname: spec.name.clone(),
@@ -383,6 +408,7 @@ pub fn write_seed(
         user_data,
         reidentify,
         guest: seed::GuestFlavour::of_source(&spec.image.source),
+        warm,
     };
     let s = seed::render(&cfg)?;
     seed::write_image(&s, &vm.seed())?;

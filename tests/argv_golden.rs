@@ -100,6 +100,7 @@ fn argv_golden_matrix() {
                                 "e870bd57-b535-42e8-b207-b626bec60fb5",
                             ),
                         }),
+                        incoming: None,
                     })
                     .unwrap();
                     let text = argv.join("\n") + "\n";

@@ -1,0 +1,561 @@
+//! Warm start: a template that also holds its booted guest's machine state
+//! (RAM and devices, qemu's migration stream), so that a VM made from it
+//! resumes an already-booted guest instead of booting one.
+//!
+//! - `nox image commit VM --as T --warm` pauses the cleaned guest, has qemu
+//!   migrate into a socket nox reads into `images/templates/T.state`, and
+//!   flattens the disk at that very instant (qemu has flushed and released
+//!   it), so disk and RAM agree.
+//! - `nox create --image T` notes (`warm.json`) that its first start may
+//!   resume that state; the supervisor gives qemu the file as an inherited
+//!   descriptor (`-incoming fd:N`), so the jailed qemu never opens the cache.
+//! - The resumed guest takes its own identity itself: qemu's vmgenid device
+//!   gets a new generation id, the guest kernel reseeds its RNG and sends a
+//!   uevent, and the hook the commit installed ([`hook_install_script`])
+//!   reads the identity nox put in the VM's seed (`nox-warm.env`, see
+//!   [`crate::seed::WarmIdentity`]): hostname, machine-id, pinned host key,
+//!   login keys, MAC (networkd then takes a new lease), clock.
+//! - State saved by another qemu, for another machine shape
+//!   ([`crate::qemu::machine_shape`]) or accelerator cannot be loaded: the
+//!   VM boots cold from the same disk (a normal first boot through
+//!   cloud-init) and nox says why.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+
+use crate::ident::{MacAddr, UserName, VmName};
+use crate::qmp::Qmp;
+use crate::spec::VmSpec;
+use crate::store::{self, StoreError, VmPaths};
+
+#[derive(Debug, Error)]
+pub enum WarmError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}: cannot reach qemu's control socket")]
+    Connect(VmName, #[source] crate::qmp::QmpError),
+    #[error("{0}: QMP")]
+    Qmp(VmName, #[source] crate::qmp::QmpError),
+    #[error("{vm}: saving the machine state failed: {why}")]
+    Save { vm: VmName, why: String },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "warm templates need qemu's vmgenid device (the guest learns from it that it was resumed as a new VM), which qemu-system-aarch64 does not have; commit without --warm"
+    )]
+    NoVmgenid,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WarmError + '_ {
+    move |source| WarmError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A warm template's saved machine and what it can be loaded into (kept in
+/// the template's record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmState {
+    /// qemu's migration stream (root, 0400).
+    pub state: PathBuf,
+    pub size: u64,
+    /// `sha256:HEX` of the stream.
+    pub sha256: String,
+    /// The first line of `qemu-system-* --version` that saved it.
+    pub qemu: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// [`crate::qemu::machine_shape`] of the saving qemu's argv.
+    pub shape: Vec<String>,
+    pub cpus: u32,
+    pub memory: u64,
+    /// Virtual disk size (the guest knows it).
+    pub disk: u64,
+    /// The source's MAC, which the guest's network config names.
+    pub mac: MacAddr,
+    /// The login user that exists in the guest.
+    pub user: UserName,
+}
+
+/// What a VM's first start may resume (`warm.json`, written by create).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub template: String,
+    pub warm: WarmState,
+}
+
+/// The argv of the VM's running qemu, written by the supervisor at each
+/// spawn (in the VM's root-owned directory, not the jail-owned runtime one).
+pub fn argv_path(vm: &VmPaths) -> PathBuf {
+    vm.dir.join("qemu-argv.json")
+}
+
+fn pending_path(vm: &VmPaths) -> PathBuf {
+    vm.dir.join("warm.json")
+}
+
+pub fn set_pending(vm: &VmPaths, p: &Pending) -> Result<(), StoreError> {
+    store::write_json(&pending_path(vm), p)
+}
+
+/// The warm state the next launch should resume, removed as it is read: a
+/// VM resumes a template once, its later starts boot its own disk.
+pub fn take_pending(vm: &VmPaths) -> Result<Option<Pending>, StoreError> {
+    let path = pending_path(vm);
+    let p: Result<Option<Pending>, StoreError> = store::read_json(&path);
+    if path.exists() {
+        std::fs::remove_file(&path).map_err(store::io(&path))?;
+    }
+    p
+}
+
+/// Why a VM with this spec cannot resume `w` (it then boots cold), or None.
+/// Pure: the checks create can make before anything runs.
+pub fn unusable(spec: &VmSpec, w: &WarmState, user_data: bool) -> Option<String> {
+    let mut why = vec![];
+    if spec.cpus != w.cpus {
+        why.push(format!(
+            "--cpus {} (the template has {})",
+            spec.cpus, w.cpus
+        ));
+    }
+    if spec.memory != w.memory {
+        why.push(format!(
+            "--memory {}M (the template has {}M)",
+            spec.memory >> 20,
+            w.memory >> 20
+        ));
+    }
+    if spec.disk != w.disk {
+        why.push(format!(
+            "--disk {}G (the template has {}G)",
+            spec.disk >> 30,
+            w.disk >> 30
+        ));
+    }
+    if spec.user != w.user {
+        why.push(format!(
+            "--user {} (the template's guest has {})",
+            spec.user, w.user
+        ));
+    }
+    if user_data {
+        why.push("--user-data (cloud-init runs only on a cold boot)".into());
+    }
+    if spec.static_ip.is_some() {
+        why.push("--ip (a static address is cloud-init's work)".into());
+    }
+    if spec.firmware.is_some() || spec.secure_boot {
+        why.push("--firmware/--secure-boot".into());
+    }
+    if why.is_empty() {
+        None
+    } else {
+        Some(why.join(", "))
+    }
+}
+
+/// Why the saved state cannot load into this qemu (binary version and
+/// argv), or None. Pure.
+pub fn incompatible(
+    w: &WarmState,
+    qemu_version: &str,
+    accel: &str,
+    argv: &[String],
+) -> Option<String> {
+    if w.qemu != qemu_version {
+        return Some(format!(
+            "the state was saved by {:?}, this is {:?}",
+            w.qemu, qemu_version
+        ));
+    }
+    if w.accel != accel {
+        return Some(format!(
+            "the state was saved under {}, this start uses {}",
+            w.accel, accel
+        ));
+    }
+    let shape = crate::qemu::machine_shape(argv);
+    if shape != w.shape {
+        let differs = shape
+            .iter()
+            .zip(w.shape.iter())
+            .find(|(a, b)| a != b)
+            .map(|(a, b)| format!("{a:?} where the template had {b:?}"))
+            .unwrap_or_else(|| "a different number of arguments".into());
+        return Some(format!(
+            "the machine differs from the template's: {differs}"
+        ));
+    }
+    None
+}
+
+/// The first line of `BINARY --version`.
+pub fn qemu_version(binary: &Path) -> Result<String, WarmError> {
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .map_err(io(binary))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}
+
+/// Opens the state for qemu: a descriptor it inherits (no FD_CLOEXEC). The
+/// file must still be the one recorded (size), and a regular file.
+pub fn open_state(w: &WarmState) -> Result<OwnedFd, WarmError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&w.state)
+        .map_err(io(&w.state))?;
+    let md = f.metadata().map_err(io(&w.state))?;
+    if !md.is_file() || md.len() != w.size {
+        return Err(WarmError::Io {
+            path: w.state.clone(),
+            source: std::io::Error::other(format!(
+                "is {} bytes, the template recorded {}",
+                md.len(),
+                w.size
+            )),
+        });
+    }
+    // dup(2) never sets FD_CLOEXEC on the new descriptor.
+    nix::unistd::dup(&f).map_err(|e| io(&w.state)(e.into()))
+}
+
+/// Waits until a qemu started with `-incoming` has loaded the state
+/// (`inmigrate` left). `Err`: it failed (qemu exits on a failed load).
+pub async fn wait_loaded(qmp: &Qmp, limit: Duration) -> Result<Duration, String> {
+    let t = Instant::now();
+    loop {
+        match qmp.query_status().await {
+            Ok(s) if s == "inmigrate" => {}
+            Ok(_) => return Ok(t.elapsed()),
+            Err(e) => return Err(crate::error_chain(&e)),
+        }
+        if t.elapsed() > limit {
+            return Err(format!("not loaded after {limit:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What [`save`] wrote.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub size: u64,
+    pub sha256: String,
+    pub took: Duration,
+}
+
+/// Pauses the running VM and has its qemu migrate into `dest` (created
+/// 0400). The guest stays paused, its disks flushed and released by qemu:
+/// the caller copies the disk now, then [`resume`]s or stops the VM.
+pub async fn save(vm: &VmPaths, dest: &Path) -> Result<Saved, WarmError> {
+    let name = vm.name.clone();
+    let (q, _events) = Qmp::connect(&vm.ctl_socket(), Duration::from_secs(5))
+        .await
+        .map_err(|e| WarmError::Connect(name.clone(), e))?;
+    let t = Instant::now();
+    let qerr = |e| WarmError::Qmp(vm.name.clone(), e);
+    q.execute_raw("stop", Value::Null, crate::qmp::DEFAULT_TIMEOUT)
+        .await
+        .map_err(qerr)?;
+    // qemu connects to a socket nox listens on: it gets no file of ours.
+    let sock = vm.run.join("migrate.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock).map_err(io(&sock))?;
+    let _gone = RemoveOnDrop(sock.clone());
+    if let Ok(md) = std::fs::metadata(&vm.run) {
+        // The jailed qemu runs as the owner of its runtime directory.
+        let _ = std::os::unix::fs::chown(&sock, Some(md.uid()), Some(md.gid()));
+    }
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(dest)
+        .await
+        .map_err(io(dest))?;
+    let reader = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            use tokio::io::AsyncReadExt;
+            let got = conn.read(&mut buf).await?;
+            if got == 0 {
+                break;
+            }
+            h.update(&buf[..got]);
+            file.write_all(&buf[..got]).await?;
+            n += got as u64;
+        }
+        file.sync_all().await?;
+        Ok::<_, std::io::Error>((n, hex::encode(h.finalize())))
+    });
+    let uri = format!("unix:{}", sock.display());
+    q.execute_raw(
+        "migrate",
+        json!({ "uri": uri }),
+        crate::qmp::DEFAULT_TIMEOUT,
+    )
+    .await
+    .map_err(qerr)?;
+    let failed = |why: String| WarmError::Save {
+        vm: name.clone(),
+        why,
+    };
+    loop {
+        let r = q
+            .execute_raw("query-migrate", Value::Null, crate::qmp::DEFAULT_TIMEOUT)
+            .await
+            .map_err(|e| WarmError::Qmp(name.clone(), e))?;
+        match r["status"].as_str().unwrap_or("") {
+            "completed" => break,
+            "failed" | "cancelled" => {
+                reader.abort();
+                return Err(failed(
+                    r["error-desc"]
+                        .as_str()
+                        .unwrap_or("qemu gave no reason")
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        if t.elapsed() > Duration::from_secs(1800) {
+            reader.abort();
+            return Err(failed("not done after 30 minutes".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (size, hex) = reader
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(format!("reading qemu's stream: {e}")))?;
+    Ok(Saved {
+        size,
+        sha256: format!("sha256:{hex}"),
+        took: t.elapsed(),
+    })
+}
+
+/// Resumes a VM [`save`] left paused.
+pub async fn resume(vm: &VmPaths) -> Result<(), WarmError> {
+    let (q, _events) = Qmp::connect(&vm.ctl_socket(), Duration::from_secs(5))
+        .await
+        .map_err(|e| WarmError::Connect(vm.name.clone(), e))?;
+    q.execute_raw("cont", Value::Null, crate::qmp::DEFAULT_TIMEOUT)
+        .await
+        .map(drop)
+        .map_err(|e| WarmError::Qmp(vm.name.clone(), e))
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Written to the kernel log (so to the serial console, where the boot
+/// timeline reads it) when a warm clone has taken its identity.
+pub const APPLIED: &str = "nox-warm: identity applied";
+
+/// The guest side, installed (as root, over SSH) by a warm commit: a udev
+/// rule that starts a one-shot unit when the VM generation id changes, and
+/// the script it runs, which applies the `nox-warm.env` of the seed disk.
+/// The guest is the executor: every value comes from nox's seed, base64
+/// where it is not a plain token. Runs with `sh` (dash on Debian).
+pub fn hook_install_script() -> String {
+    let hook = r#"#!/bin/sh
+# Installed by nox (warm template): a VM resumed from this template's saved
+# state takes its own identity from its seed disk (nox-warm.env).
+set -u
+seed=/run/nox-seed
+mkdir -p "$seed"
+for d in /dev/vd? /dev/sd?; do [ -b "$d" ] && blockdev --flushbufs "$d" 2>/dev/null; done
+dev=$(blkid -c /dev/null -o device -t LABEL=cidata 2>/dev/null | head -n 1)
+[ -n "$dev" ] || dev=$(blkid -c /dev/null -o device -t LABEL=CIDATA 2>/dev/null | head -n 1)
+[ -n "$dev" ] || exit 0
+mount -o ro "$dev" "$seed" || exit 1
+env="$seed/nox-warm.env"
+if [ ! -f "$env" ]; then umount "$seed"; exit 0; fi
+val() { sed -n "s/^$1=//p" "$env" | head -n 1; }
+b64() { val "$1" | base64 -d; }
+# The clock: the RTC follows the host; the resumed kernel's clock does not.
+if [ -r /sys/class/rtc/rtc0/since_epoch ]; then
+  date -s "@$(cat /sys/class/rtc/rtc0/since_epoch)" >/dev/null
+fi
+b64 ENTROPY >/dev/urandom
+host=$(val HOSTNAME)
+old=$(hostname)
+echo "$host" >/etc/hostname
+hostname "$host"
+[ -n "$old" ] && sed -i "s/\(127\.0\.1\.1[[:space:]]\+\)$old\b/\1$host/" /etc/hosts
+val MACHINE_ID >/etc/machine-id
+rm -f /etc/ssh/ssh_host_*
+umask 077
+b64 HOST_KEY >/etc/ssh/ssh_host_ed25519_key
+umask 022
+b64 HOST_KEY_PUB >/etc/ssh/ssh_host_ed25519_key.pub
+user=$(val USER)
+home=$(getent passwd "$user" | cut -d: -f6)
+if [ -n "$home" ]; then
+  mkdir -p "$home/.ssh"
+  b64 AUTHORIZED_KEYS >>"$home/.ssh/authorized_keys"
+  chown -R "$user:" "$home/.ssh"
+  chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
+fi
+systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service 2>/dev/null
+old_mac=$(val OLD_MAC)
+mac=$(val MAC)
+umount "$seed"
+for f in /etc/systemd/network/*.network /run/systemd/network/*.network /etc/netplan/*.yaml; do
+  [ -f "$f" ] && sed -i "s/$old_mac/$mac/I" "$f"
+done
+for i in /sys/class/net/*; do
+  [ "$(cat "$i/address" 2>/dev/null)" = "$old_mac" ] || continue
+  ifc=${i##*/}
+  ip link set dev "$ifc" down
+  ip link set dev "$ifc" address "$mac"
+  ip link set dev "$ifc" up
+  networkctl reload 2>/dev/null && networkctl reconfigure "$ifc" 2>/dev/null
+done
+echo "nox-warm: identity applied" >/dev/kmsg
+"#;
+    let unit = "[Unit]\n\
+        Description=nox warm start: take this VM's own identity\n\
+        DefaultDependencies=no\n\
+        [Service]\n\
+        Type=oneshot\n\
+        ExecStart=/usr/local/sbin/nox-warm-identity\n";
+    let rule = "ACTION==\"change\", ENV{NEW_VMGENID}==\"1\", RUN+=\"/usr/bin/systemctl --no-block start nox-warm-identity.service\"\n";
+    format!(
+        "mkdir -p /usr/local/sbin /etc/udev/rules.d\n\
+         cat >/usr/local/sbin/nox-warm-identity <<'NOX_HOOK'\n{hook}NOX_HOOK\n\
+         chmod 755 /usr/local/sbin/nox-warm-identity\n\
+         cat >/etc/systemd/system/nox-warm-identity.service <<'NOX_UNIT'\n{unit}NOX_UNIT\n\
+         cat >/etc/udev/rules.d/90-nox-warm.rules <<'NOX_RULE'\n{rule}NOX_RULE\n\
+         systemctl daemon-reload\n\
+         udevadm control --reload\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        serde_json::from_value(json!({
+            "name": "web-1", "image": {"source": "t", "digest": "sha256:0", "path": "/i", "format": "qcow2"},
+            "arch": "amd64", "cpus": 2, "memory": 1073741824u64, "disk": 10737418240u64, "user": "nox",
+            "accel": "auto", "network": {"mode": "user"}, "mac": "52:54:00:00:00:02",
+            "ssh_authorized_keys": [], "stop_timeout": 60, "created": 0
+        }))
+        .unwrap()
+    }
+
+    fn warm() -> WarmState {
+        WarmState {
+            state: "/s".into(),
+            size: 1,
+            sha256: "sha256:0".into(),
+            qemu: "QEMU emulator version 10.0.2".into(),
+            accel: "tcg".into(),
+            shape: vec!["-m".into(), "1024M".into()],
+            cpus: 2,
+            memory: 1 << 30,
+            disk: 10 << 30,
+            mac: "52:54:00:00:00:01".parse().unwrap(),
+            user: "nox".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_spec_unlike_the_template_boots_cold_and_says_why() {
+        assert_eq!(unusable(&spec(), &warm(), false), None);
+        let mut s = spec();
+        s.memory = 2 << 30;
+        s.user = "other".parse().unwrap();
+        let why = unusable(&s, &warm(), true).unwrap();
+        for want in [
+            "--memory 2048M (the template has 1024M)",
+            "--user other",
+            "--user-data",
+        ] {
+            assert!(why.contains(want), "{why}");
+        }
+    }
+
+    #[test]
+    fn another_qemu_or_machine_cannot_load_the_state() {
+        let w = warm();
+        let argv: Vec<String> = ["qemu", "-m", "1024M"].map(String::from).into();
+        assert_eq!(incompatible(&w, &w.qemu, "tcg", &argv), None);
+        assert!(
+            incompatible(&w, "QEMU emulator version 9.2.0", "tcg", &argv)
+                .unwrap()
+                .contains("9.2.0")
+        );
+        assert!(
+            incompatible(&w, &w.qemu, "kvm", &argv)
+                .unwrap()
+                .contains("tcg")
+        );
+        let big: Vec<String> = ["qemu", "-m", "2048M"].map(String::from).into();
+        assert!(
+            incompatible(&w, &w.qemu, "tcg", &big)
+                .unwrap()
+                .contains("2048M")
+        );
+    }
+
+    #[test]
+    fn the_hook_installs_as_a_valid_shell_script() {
+        let s = hook_install_script();
+        assert!(s.contains("NEW_VMGENID"));
+        assert!(s.contains(APPLIED));
+        if let Ok(o) = std::process::Command::new("sh")
+            .args(["-n", "-c", &s])
+            .output()
+        {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+
+    #[test]
+    fn a_pending_warm_start_is_taken_once() {
+        let d = tempfile::tempdir().unwrap();
+        let st = crate::store::Store::at(d.path().join("lib"), d.path().join("run"));
+        let vm = st.vm_paths(&"web-1".parse().unwrap());
+        std::fs::create_dir_all(&vm.dir).unwrap();
+        let p = Pending {
+            template: "t".into(),
+            warm: warm(),
+        };
+        set_pending(&vm, &p).unwrap();
+        assert_eq!(take_pending(&vm).unwrap(), Some(p));
+        assert_eq!(take_pending(&vm).unwrap(), None);
+    }
+}

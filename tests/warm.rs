@@ -1,0 +1,184 @@
+//! Warm start (`nox image commit --warm`) on the real test guest: one guest
+//! boots and becomes a warm template; ten VMs made from it resume that guest
+//! at once on a bridge with dnsmasq in the test's own namespace, and each
+//! must be itself (hostname, machine-id, pinned host key, MAC, DHCP lease,
+//! login key) while keeping the template's files. A VM whose settings the
+//! saved machine does not fit boots cold and is told so.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+const VMS: usize = 10;
+
+fn create(h: &Home, name: &str, image: &str, memory: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "create",
+        name,
+        "--image",
+        image,
+        "--network",
+        "bridge:brt",
+        "--accel",
+        "tcg",
+        "--cpus",
+        "1",
+        "--memory",
+        memory,
+        "--disk",
+        "4G",
+    ];
+    args.extend_from_slice(extra);
+    let out = h.nox(&args);
+    assert!(
+        out.status.success(),
+        "create {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn guest(h: &Home, vm: &str, cmd: &str) -> String {
+    h.ok(&["ssh", vm, "--", cmd]).trim().to_string()
+}
+
+/// qemu's resident memory, in MiB.
+fn rss_mib(vm: &str) -> u64 {
+    let pid = qemu_pids(vm)[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap()
+        >> 10
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+#[test]
+fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
+    let Some(img) = e2e_prereqs() else { return };
+    if !prereq(have("dnsmasq"), "dnsmasq not installed") {
+        return;
+    }
+    let img = img.to_str().unwrap();
+    let mut net = Netns::new("wm1", Some("10.82.0.1/24"));
+    let lease_file = net.dnsmasq(&net.name.clone(), "brt", "10.82.0.100,10.82.0.199,1h");
+    let h = Home::in_ns(&net.name);
+
+    let t0 = Instant::now();
+    create(&h, "base", img, "512M", &["--wait", "--timeout", "1200"]);
+    let cold = t0.elapsed();
+    eprintln!("MEASURE cold create -> SSH + cloud-init done: {cold:?}");
+    guest(&h, "base", "echo hello-from-base >~/hello && sync");
+    let base_mac = h.info("base")["mac"].as_str().unwrap().to_string();
+    let base_rss = rss_mib("base");
+    eprintln!("MEASURE qemu RSS of the cold-booted idle guest: {base_rss} MiB");
+
+    let t0 = Instant::now();
+    let out = h.ok(&["image", "commit", "base", "--as", "warm-t", "--warm"]);
+    eprintln!("MEASURE image commit --warm: {:?}; {}", t0.elapsed(), out.trim());
+    assert!(out.contains("machine state"), "{out}");
+    assert_eq!(h.info("base")["state"], "stopped");
+    let state = h.path().join("images/templates/warm-t.state");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&state).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o400, "the saved state is read-only");
+
+    // Settings the saved machine does not fit: told, and no warm start noted.
+    let err = create(&h, "coldvm", "warm-t", "640M", &["--no-start"]);
+    assert!(
+        err.contains("will boot cold") && err.contains("--memory 640M"),
+        "{err}"
+    );
+    assert!(!h.path().join("vms/coldvm/warm.json").exists());
+    h.ok(&["delete", "coldvm"]);
+
+    // One alone: create -> SSH.
+    let t0 = Instant::now();
+    create(&h, "w1", "warm-t", "512M", &["--wait", "--timeout", "600"]);
+    let first = t0.elapsed();
+    eprintln!("MEASURE warm create -> SSH (alone): {first:?} (cold: {cold:?})");
+    // Then nine more at once.
+    let names: Vec<String> = (1..=VMS).map(|i| format!("w{i}")).collect();
+    let t0 = Instant::now();
+    for n in &names[1..] {
+        create(&h, n, "warm-t", "512M", &[]);
+    }
+    let mut ready = vec![];
+    for n in &names[1..] {
+        h.ok(&["start", n, "--wait", "--timeout", "900"]);
+        ready.push(t0.elapsed());
+    }
+    eprintln!("MEASURE nine more warm VMs, created and started at once, SSH ready at {ready:?}");
+
+    let leases_now = || leases(&lease_file);
+    let mut seen = std::collections::BTreeMap::new();
+    for n in &names {
+        h.ok(&["ip", n, "--wait", "--timeout", "300"]);
+        let info = h.info(n);
+        let mac = info["mac"].as_str().unwrap().to_string();
+        let ip = info["ip"].as_str().unwrap().to_string();
+        assert_eq!(guest(&h, n, "hostname"), *n);
+        assert_eq!(guest(&h, n, "cat ~/hello"), "hello-from-base");
+        let macs = guest(&h, n, "cat /sys/class/net/*/address");
+        assert!(macs.lines().any(|m| m == mac), "{n}: {macs} (want {mac})");
+        assert!(!macs.contains(&base_mac), "{n} kept the template's MAC");
+        let mid = guest(&h, n, "cat /etc/machine-id");
+        assert_eq!(mid.len(), 32, "{n}: {mid}");
+        let key = guest(&h, n, "cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub");
+        let pinned =
+            std::fs::read_to_string(h.path().join("vms").join(n).join("known_hosts")).unwrap();
+        assert!(pinned.contains(&key), "{n}: host key not the pinned one");
+        let dmesg = guest(&h, n, "sudo dmesg");
+        assert!(dmesg.contains("nox-warm: identity applied"), "{n}: {dmesg}");
+        // The guest's clock was stepped to the host's.
+        let guest_now: i64 = guest(&h, n, "date +%s").parse().unwrap();
+        let host_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!((guest_now - host_now).abs() < 30, "{n}: clock {guest_now} vs {host_now}");
+        let boot: serde_json::Value =
+            serde_json::from_str(&h.ok(&["info", n, "--boot", "--json"])).unwrap();
+        assert_eq!(boot["boot"][0]["method"], "warm", "{n}: {boot}");
+        assert!(
+            leases_now().contains(&(mac.clone(), ip.clone())),
+            "{n}: {mac} {ip} not in {:?}",
+            leases_now()
+        );
+        for (what, v) in [("ip", &ip), ("machine-id", &mid), ("host key", &key)] {
+            if let Some(other) = seen.insert(format!("{what} {v}"), n.clone()) {
+                panic!("{n} and {other} share their {what} {v}");
+            }
+        }
+    }
+
+    // Density: qemu's resident memory per idle VM, now and after a minute
+    // (free page reporting hands freed guest pages back).
+    let now: Vec<u64> = names.iter().map(|n| rss_mib(n)).collect();
+    std::thread::sleep(Duration::from_secs(60));
+    let later: Vec<u64> = names.iter().map(|n| rss_mib(n)).collect();
+    eprintln!(
+        "MEASURE qemu RSS per warm VM ({VMS} running): median {} MiB {now:?}; a minute later median {} MiB {later:?}; cold-booted guest {base_rss} MiB",
+        median(now.clone()),
+        median(later.clone())
+    );
+    assert!(now.iter().all(|&m| m > 0));
+
+    // A warm VM's next start boots its own disk.
+    h.ok(&["stop", "w1"]);
+    assert!(!h.path().join("vms/w1/warm.json").exists());
+    for n in &names {
+        h.ok(&["delete", n, "--force"]);
+    }
+    h.ok(&["image", "rm", "warm-t"]);
+    assert!(!state.exists(), "the saved state went with the template");
+}
