@@ -363,16 +363,27 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
     );
     if arch.arch == Arch::Amd64 {
         // A new generation id whenever the guest is resumed from saved state
-        // (a warm start): the kernel reseeds its RNG and tells userspace,
-        // which is how a warm clone learns to take its own identity.
-        // qemu-system-aarch64 has no vmgenid.
+        // (a warm start): the kernel reseeds its RNG, so warm clones of one
+        // template do not share random numbers. qemu-system-aarch64 has no
+        // vmgenid.
         a.opt("-device", Opts::new("vmgenid").set("guid", "auto"));
     }
     if let Some(fd) = l.incoming {
-        a.opt("-incoming", format!("fd:{fd}"));
+        // An inherited descriptor as an fd set: qemu reads the file
+        // without being able to open anything in nox's cache.
+        a.opt(
+            "-add-fd",
+            Opts::kv("fd", fd)
+                .set("set", INCOMING_FDSET)
+                .set("opaque", "warm-state"),
+        );
+        a.opt("-incoming", format!("file:/dev/fdset/{INCOMING_FDSET}"));
     }
     Ok(a.0)
 }
+
+/// The fd set holding a warm start's saved state.
+const INCOMING_FDSET: u32 = 1;
 
 /// What of an argv must be equal for a saved machine state to load into
 /// it: the argv with every per-VM value (paths, names, MAC, descriptors,
@@ -396,7 +407,7 @@ pub fn machine_shape(argv: &[String]) -> Vec<String> {
             continue;
         };
         let shaped = match flag.as_str() {
-            "-incoming" => continue,
+            "-incoming" | "-add-fd" => continue,
             "-name" | "-kernel" | "-initrd" => "*".to_string(),
             "-netdev" if value.starts_with("user,") => "user".into(),
             "-netdev" => "other".into(),
@@ -726,7 +737,10 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
             },
             Some(9),
         );
-        assert!(warm.join(" ").contains("-incoming fd:9"));
+        assert!(
+            warm.join(" ")
+                .contains("-add-fd fd=9,set=1,opaque=warm-state -incoming file:/dev/fdset/1")
+        );
         assert_eq!(machine_shape(&src), machine_shape(&warm));
         let shape = machine_shape(&src).join(" ");
         assert!(

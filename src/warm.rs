@@ -8,11 +8,11 @@
 //!   it), so disk and RAM agree.
 //! - `nox create --image T` notes (`warm.json`) that its first start may
 //!   resume that state; the supervisor gives qemu the file as an inherited
-//!   descriptor (`-incoming fd:N`), so the jailed qemu never opens the cache.
+//!   descriptor (`-add-fd` + `-incoming file:/dev/fdset/N`), so the jailed qemu never opens the cache.
 //! - The resumed guest takes its own identity itself: qemu's vmgenid device
-//!   gets a new generation id, the guest kernel reseeds its RNG and sends a
-//!   uevent, and the hook the commit installed ([`hook_install_script`])
-//!   reads the identity nox put in the VM's seed (`nox-warm.env`, see
+//!   gets a new generation id, so the guest kernel reseeds its RNG, and the
+//!   hook the commit installed ([`hook_install_script`]) sees the seed disk
+//!   change and applies the identity nox put in it (`nox-warm.env`, see
 //!   [`crate::seed::WarmIdentity`]): hostname, machine-id, pinned host key,
 //!   login keys, MAC (networkd then takes a new lease), clock.
 //! - State saved by another qemu, for another machine shape
@@ -382,22 +382,35 @@ impl Drop for RemoveOnDrop {
 /// timeline reads it) when a warm clone has taken its identity.
 pub const APPLIED: &str = "nox-warm: identity applied";
 
-/// The guest side, installed (as root, over SSH) by a warm commit: a udev
-/// rule that starts a one-shot unit when the VM generation id changes, and
-/// the script it runs, which applies the `nox-warm.env` of the seed disk.
+/// The guest side, installed and started (as root, over SSH) by a warm
+/// commit: a unit that waits for the seed disk to become another VM's and
+/// then applies its `nox-warm.env`. (The vmgenid uevent would be the
+/// natural trigger, but this guest's udev never ran a rule on it here; the
+/// seed check also works on arm64, which has no vmgenid.)
 /// The guest is the executor: every value comes from nox's seed, base64
 /// where it is not a plain token. Runs with `sh` (dash on Debian).
 pub fn hook_install_script() -> String {
     let hook = r#"#!/bin/sh
-# Installed by nox (warm template): a VM resumed from this template's saved
-# state takes its own identity from its seed disk (nox-warm.env).
+# Installed by nox (warm template). Started while the template's guest is
+# saved, it watches the seed disk's FAT volume id, which differs for every
+# VM: a VM resumed from the saved state sees its own seed, and takes its
+# identity from it (nox-warm.env). Reads with O_DIRECT: no stale cache.
 set -u
+seed_dev() {
+  for d in /dev/vd? /dev/sd?; do
+    [ -b "$d" ] || continue
+    label=$(dd if="$d" bs=512 count=1 iflag=direct 2>/dev/null | od -An -c -j43 -N6 | tr -d ' ')
+    [ "$label" = cidata ] && { echo "$d"; return; }
+  done
+}
+volid() { dd if="$1" bs=512 count=1 iflag=direct 2>/dev/null | od -An -tx1 -j39 -N4; }
+dev=$(seed_dev)
+[ -n "$dev" ] || exit 0
+mine=$(volid "$dev")
+while [ "$(volid "$dev")" = "$mine" ]; do sleep 0.5; done
 seed=/run/nox-seed
 mkdir -p "$seed"
-for d in /dev/vd? /dev/sd?; do [ -b "$d" ] && blockdev --flushbufs "$d" 2>/dev/null; done
-dev=$(blkid -c /dev/null -o device -t LABEL=cidata 2>/dev/null | head -n 1)
-[ -n "$dev" ] || dev=$(blkid -c /dev/null -o device -t LABEL=CIDATA 2>/dev/null | head -n 1)
-[ -n "$dev" ] || exit 0
+blockdev --flushbufs "$dev" 2>/dev/null
 mount -o ro "$dev" "$seed" || exit 1
 env="$seed/nox-warm.env"
 if [ ! -f "$env" ]; then umount "$seed"; exit 0; fi
@@ -444,21 +457,22 @@ for i in /sys/class/net/*; do
 done
 echo "nox-warm: identity applied" >/dev/kmsg
 "#;
+    // Started, never enabled: it runs in the template's saved guest (and so
+    // in every VM resumed from it), not on any cold boot.
     let unit = "[Unit]\n\
-        Description=nox warm start: take this VM's own identity\n\
-        DefaultDependencies=no\n\
+        Description=nox warm start: take this VM's own identity when resumed\n\
         [Service]\n\
-        Type=oneshot\n\
+        Type=simple\n\
         ExecStart=/usr/local/sbin/nox-warm-identity\n";
-    let rule = "ACTION==\"change\", ENV{NEW_VMGENID}==\"1\", RUN+=\"/usr/bin/systemctl --no-block start nox-warm-identity.service\"\n";
     format!(
-        "mkdir -p /usr/local/sbin /etc/udev/rules.d\n\
+        "mkdir -p /usr/local/sbin\n\
          cat >/usr/local/sbin/nox-warm-identity <<'NOX_HOOK'\n{hook}NOX_HOOK\n\
          chmod 755 /usr/local/sbin/nox-warm-identity\n\
          cat >/etc/systemd/system/nox-warm-identity.service <<'NOX_UNIT'\n{unit}NOX_UNIT\n\
-         cat >/etc/udev/rules.d/90-nox-warm.rules <<'NOX_RULE'\n{rule}NOX_RULE\n\
          systemctl daemon-reload\n\
-         udevadm control --reload\n"
+         systemctl restart nox-warm-identity.service\n\
+         sleep 1\n\
+         systemctl is-active --quiet nox-warm-identity.service\n"
     )
 }
 
@@ -534,7 +548,7 @@ mod tests {
     #[test]
     fn the_hook_installs_as_a_valid_shell_script() {
         let s = hook_install_script();
-        assert!(s.contains("NEW_VMGENID"));
+        assert!(s.contains("iflag=direct"));
         assert!(s.contains(APPLIED));
         if let Ok(o) = std::process::Command::new("sh")
             .args(["-n", "-c", &s])

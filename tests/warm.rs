@@ -83,13 +83,16 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
 
     let t0 = Instant::now();
     let out = h.ok(&["image", "commit", "base", "--as", "warm-t", "--warm"]);
-    eprintln!("MEASURE image commit --warm: {:?}; {}", t0.elapsed(), out.trim());
+    eprintln!(
+        "MEASURE image commit --warm: {:?}; {}",
+        t0.elapsed(),
+        out.trim()
+    );
     assert!(out.contains("machine state"), "{out}");
     assert_eq!(h.info("base")["state"], "stopped");
     let state = h.path().join("images/templates/warm-t.state");
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(&state).unwrap().permissions(),
-    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&state).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o400, "the saved state is read-only");
 
     // Settings the saved machine does not fit: told, and no warm start noted.
@@ -145,7 +148,10 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        assert!((guest_now - host_now).abs() < 30, "{n}: clock {guest_now} vs {host_now}");
+        assert!(
+            (guest_now - host_now).abs() < 30,
+            "{n}: clock {guest_now} vs {host_now}"
+        );
         let boot: serde_json::Value =
             serde_json::from_str(&h.ok(&["info", n, "--boot", "--json"])).unwrap();
         assert_eq!(boot["boot"][0]["method"], "warm", "{n}: {boot}");
