@@ -224,6 +224,12 @@ pub fn wait_ready(
         }
         std::thread::sleep(Duration::from_millis(500));
     };
+    // A resumed warm template's guest finished cloud-init before it was
+    // saved; its identity is proven by the pinned host key SSH just checked.
+    if crate::timeline::resumed_warm(vm) {
+        report_boot(vm, ssh_at, crate::timeline::now_ms());
+        return Ok(());
+    }
     // Phase 2: cloud-init done (`--wait` blocks in the guest until it is).
     // An ssh failure here (exit 255: sshd restarted by cloud-init, the
     // connection dropped) is not cloud-init's verdict: retry.
@@ -415,6 +421,9 @@ pub fn watch_readiness(
             port: ep.port,
         },
     );
+    if crate::timeline::resumed_warm(vm) {
+        return;
+    }
     let cmd = ["cloud-init".into(), "status".into(), "--wait".into()];
     while live() {
         let Ok(Some(out)) = run(spec, vm, &ep, &cmd, Some(Duration::from_secs(3600))) else {

@@ -272,6 +272,12 @@ pub fn load(vm: &VmPaths) -> Boots {
         .unwrap_or_default()
 }
 
+/// Whether the VM's current (newest) boot resumed a warm template: no
+/// cloud-init runs in it, so nothing waits for one.
+pub fn resumed_warm(vm: &VmPaths) -> bool {
+    load(vm).boots.last().is_some_and(|b| b.method == "warm")
+}
+
 /// Records `boot` as the newest boot (replacing the entry with the same start).
 pub fn save(vm: &VmPaths, boot: &Boot) -> Result<(), StoreError> {
     let mut all = load(vm);
