@@ -189,6 +189,17 @@ pub fn forget(cache: &Cache, digest: &str) {
     }
 }
 
+/// `images/templates`, made 0700 if missing.
+fn make_dir(cache: &Cache) -> Result<PathBuf, TemplateError> {
+    let d = dir(cache);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&d)
+        .map_err(io(&d))?;
+    Ok(d)
+}
+
 fn state_path(cache: &Cache, name: &str) -> PathBuf {
     dir(cache).join(format!("{name}.state"))
 }
@@ -320,12 +331,7 @@ fn save_record(
         },
         warm,
     };
-    let d = dir(cache);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&d)
-        .map_err(io(&d))?;
+    make_dir(cache)?;
     store::write_json(&record_path(cache, as_), &template)?;
     Ok(template)
 }
@@ -366,12 +372,7 @@ async fn commit_warm(
     clean_guest(spec, vmp, st, &script)?;
     let clean_time = t_clean.elapsed();
 
-    let d = dir(cache);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&d)
-        .map_err(io(&d))?;
+    let d = make_dir(cache)?;
     let tmp = d.join(format!(".{as_}.state.tmp"));
     let _ = std::fs::remove_file(&tmp);
     let resume = || async {
