@@ -12,12 +12,12 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::ident::VmName;
+use crate::image::vmdisk::{self, VmDisk};
 use crate::seed::Reidentify;
 use crate::spec::VmSpec;
 use crate::sshkeys;
@@ -46,14 +46,8 @@ pub enum CloneError {
         "{0} has a static address (--ip); a clone would take the same one, so nox does not clone it"
     )]
     StaticIp(String),
-    #[error("cannot run {cmd}")]
-    Spawn {
-        cmd: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{cmd} failed: {stderr}")]
-    Command { cmd: String, stderr: String },
+    #[error(transparent)]
+    Disk(#[from] vmdisk::VmDiskError),
     #[error("{}", path.display())]
     Io {
         path: PathBuf,
@@ -182,7 +176,9 @@ pub fn allocated(path: &Path) -> Result<u64, CloneError> {
 }
 
 /// Copies what the overlay `src` holds above its base (at snapshot `snap`,
-/// or now) into a new overlay `dst` on the same base.
+/// or now) into a new overlay `dst` on the same base. `src` is the source
+/// VM's (its jailed qemu could write it): qemu-img reads it through a checked
+/// descriptor on the base from the spec, never the header's backing name.
 fn copy_overlay(
     src: &Path,
     spec: &VmSpec,
@@ -190,39 +186,25 @@ fn copy_overlay(
     dst: &Path,
 ) -> Result<(), CloneError> {
     let base = std::path::absolute(&spec.image.path).map_err(io(&spec.image.path))?;
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"]);
-    if let Some(s) = snap {
-        // The `-l` option is a qemu option string: a ',' in the name would
-        // start another option, so it is doubled (qemu's escape).
-        cmd.arg("-l")
-            .arg(format!("snapshot.name={}", s.replace(',', ",,")));
+    let base_s = base.to_string_lossy();
+    // The `-l` option is a qemu option string: a ',' in the name would start
+    // another option, so it is doubled (qemu's escape).
+    let snap_opt = snap.map(|s| format!("snapshot.name={}", s.replace(',', ",,")));
+    let mut pre = vec!["-q", "-O", "qcow2"];
+    if let Some(o) = &snap_opt {
+        pre.extend(["-l", o]);
     }
-    cmd.arg("-B")
-        .arg(&base)
-        .args(["-F", &spec.image.format])
-        .arg(src)
-        .arg(dst);
-    let shown = format!(
-        "qemu-img convert -B {} {} {}",
-        base.display(),
-        src.display(),
-        dst.display()
-    );
-    run(cmd, shown)?;
+    pre.extend(["-B", &base_s, "-F", &spec.image.format]);
+    let dst_s = dst.to_string_lossy();
+    VmDisk::open(src, false)?.qemu_img(
+        "convert",
+        &pre,
+        vmdisk::Chain::On {
+            base: &base,
+            format: &spec.image.format,
+        },
+        &[&dst_s],
+        vmdisk::DATA_TIMEOUT,
+    )?;
     std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o600)).map_err(io(dst))
-}
-
-fn run(mut cmd: Command, shown: String) -> Result<std::process::Output, CloneError> {
-    let out = cmd.output().map_err(|source| CloneError::Spawn {
-        cmd: shown.clone(),
-        source,
-    })?;
-    if !out.status.success() {
-        return Err(CloneError::Command {
-            cmd: shown,
-            stderr: crate::text::printable(String::from_utf8_lossy(&out.stderr).trim().as_bytes()),
-        });
-    }
-    Ok(out)
 }

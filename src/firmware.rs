@@ -626,29 +626,16 @@ fn check_existing(
     Ok(())
 }
 
-/// The virtual size of the qcow2 file `path` (opened as qcow2 only: a store
-/// is never format-probed).
+/// The virtual size of the VM's qcow2 variable store `path` (the jailed
+/// qemu's to write: through a checked descriptor, no backing file opened).
 fn qcow2_virtual_size(path: &Path) -> Result<u64, FirmwareError> {
-    let bad = |why: String| FirmwareError::NotQcow2 {
+    let bad = |e: crate::image::vmdisk::VmDiskError| FirmwareError::NotQcow2 {
         path: path.to_path_buf(),
-        why,
+        why: crate::error_chain(&e),
     };
-    let out = std::process::Command::new("qemu-img")
-        .args(["info", "-f", "qcow2", "--output=json"])
-        .arg(path)
-        .output()
-        .map_err(|source| FirmwareError::Vars {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(bad(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| bad(e.to_string()))?;
-    v["virtual-size"]
-        .as_u64()
-        .ok_or_else(|| bad("no virtual-size in qemu-img's answer".into()))
+    crate::image::vmdisk::VmDisk::open(path, false)
+        .and_then(|d| d.virtual_size())
+        .map_err(bad)
 }
 
 /// qemu arguments that load this firmware. `vars` is the VM's variable store

@@ -27,7 +27,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -35,6 +34,7 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 use crate::ident::{SnapName, VmName};
+use crate::image::vmdisk::{self, Chain, VmDisk, VmDiskError};
 use crate::qmp::{Qmp, QmpError};
 use crate::state::{self, Phase};
 use crate::store::{self, Store, StoreError, VmPaths};
@@ -58,10 +58,8 @@ pub enum SnapshotError {
          running guest would corrupt it; stop {vm} first (`nox stop {vm}`), then restore"
     )]
     DiskOnlyWhileRunning { vm: VmName, snap: SnapName },
-    #[error("cannot run {cmd}")]
-    Spawn { cmd: String, source: std::io::Error },
-    #[error("{cmd} failed: {stderr}")]
-    QemuImg { cmd: String, stderr: String },
+    #[error(transparent)]
+    Disk(#[from] VmDiskError),
     #[error("cannot read the snapshot table of {path}: {why}")]
     Table { path: PathBuf, why: String },
     #[error("cannot reach the QMP control socket of {0}")]
@@ -457,45 +455,36 @@ fn snapshot_files(vm: &VmPaths, offline: bool) -> Result<Vec<PathBuf>, SnapshotE
     Ok(files)
 }
 
-/// `qemu-img snapshot -f qcow2 ARGS FILE`.
+/// `qemu-img snapshot ARGS FILE` on a stopped VM's file: through a checked
+/// descriptor, the header's backing name unused (the jailed qemu could have
+/// written it; a snapshot table needs no backing file).
 fn qemu_img(args: &[&str], file: &Path) -> Result<(), SnapshotError> {
-    let cmd = format!("qemu-img snapshot {} {}", args.join(" "), file.display());
-    let out = Command::new("qemu-img")
-        .args(["snapshot", "-q", "-f", "qcow2"])
-        .args(args)
-        .arg(file)
-        .output()
-        .map_err(|source| SnapshotError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(SnapshotError::QemuImg {
-            cmd,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    let mut pre = vec!["-q"];
+    pre.extend_from_slice(args);
+    VmDisk::open(file, true)?.qemu_img(
+        "snapshot",
+        &pre,
+        Chain::Alone,
+        &[],
+        vmdisk::META_TIMEOUT,
+    )?;
     Ok(())
 }
 
-/// The qcow2 snapshot table of `file`.
+/// The qcow2 snapshot table of `file` (`qemu-img info -U`: also while the
+/// VM runs, under a time limit, no backing file opened).
 fn table(file: &Path) -> Result<Vec<Entry>, SnapshotError> {
-    let bad = |why: String| SnapshotError::Table {
+    let out = VmDisk::open(file, false)?.qemu_img(
+        "info",
+        &["-U", "--output=json"],
+        Chain::Alone,
+        &[],
+        vmdisk::META_TIMEOUT,
+    )?;
+    parse_table(&out.stdout).map_err(|why| SnapshotError::Table {
         path: file.to_path_buf(),
         why,
-    };
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "-f", "qcow2", "--output=json"])
-        .arg(file)
-        .output()
-        .map_err(|source| SnapshotError::Spawn {
-            cmd: format!("qemu-img info {}", file.display()),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(bad(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-    }
-    parse_table(&out.stdout).map_err(bad)
+    })
 }
 
 /// The names of the internal snapshots of the qcow2 file `disk`.

@@ -390,6 +390,7 @@ fn direct_boot(vm: &VmPaths, spec: &VmSpec) -> (Option<crate::boot::DirectBoot>,
     match crate::boot::prepare(
         spec.arch,
         &vm.disk(),
+        Some((&spec.image.path, &spec.image.format)),
         &spec.image.digest,
         &cache.join("boot"),
     ) {

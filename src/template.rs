@@ -16,7 +16,6 @@
 use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +23,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::ident::{Arch, TemplateName, VmName};
+use crate::image::vmdisk::{self, VmDisk};
 use crate::image::{self, Cache, Image, ImageError};
 use crate::spec::VmSpec;
 use crate::ssh;
@@ -72,6 +72,8 @@ pub enum TemplateError {
     Command { cmd: String, stderr: String },
     #[error(transparent)]
     Warm(#[from] crate::warm::WarmError),
+    #[error(transparent)]
+    Disk(#[from] crate::image::vmdisk::VmDiskError),
     #[error(
         "{0} is stopped: a warm template saves a running guest; start it (nox start {0} --wait) and commit again"
     )]
@@ -487,14 +489,19 @@ fn clean_guest(
     Ok(())
 }
 
-/// Flattens the VM's disk chain into one image and adds it to the cache.
+/// Flattens the VM's disk (its overlay on the spec's base) into one image
+/// and adds it to the cache. The overlay is the jailed qemu's to write, so
+/// it goes to qemu-img as a checked descriptor on the base nox recorded, its
+/// header's backing name unused ([`vmdisk`]). `live`: the VM's qemu is still
+/// alive (paused after a warm save): the overlay is first copied into a
+/// root-owned file, so nothing qemu writes after the check is read.
 fn flatten(
     cache: &Cache,
     disk: &Path,
     name: &VmName,
     as_: &TemplateName,
     spec: &VmSpec,
-    force_share: bool,
+    live: bool,
 ) -> Result<Image, TemplateError> {
     let tmp_dir = cache.dir().join("tmp");
     let tmp = tempfile::Builder::new()
@@ -502,27 +509,26 @@ fn flatten(
         .tempfile_in(&tmp_dir)
         .map_err(io(&tmp_dir))?
         .into_temp_path();
-    let shown = format!("qemu-img convert {} {}", disk.display(), tmp.display());
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"]);
-    if force_share {
-        // A paused qemu that has just migrated holds the file, flushed.
-        cmd.arg("-U");
-    }
-    let out = cmd
-        .arg(disk)
-        .arg(&*tmp)
-        .output()
-        .map_err(|source| TemplateError::Spawn {
-            cmd: shown.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(TemplateError::Command {
-            cmd: shown,
-            stderr: crate::text::printable(String::from_utf8_lossy(&out.stderr).trim().as_bytes()),
-        });
-    }
+    let base = std::path::absolute(&spec.image.path).map_err(io(&spec.image.path))?;
+    let chain = vmdisk::Chain::On {
+        base: &base,
+        format: &spec.image.format,
+    };
+    let overlay = VmDisk::open(disk, false)?;
+    let (overlay, _copy) = if live {
+        let (c, p) = overlay.private_copy(&tmp_dir)?;
+        (c, Some(p))
+    } else {
+        (overlay, None)
+    };
+    let out = tmp.to_string_lossy();
+    overlay.qemu_img(
+        "convert",
+        &["-q", "-O", "qcow2"],
+        chain,
+        &[&out],
+        vmdisk::DATA_TIMEOUT,
+    )?;
     let hex = sha256_file(&tmp)?;
     let img = cache.commit_blob(
         &tmp,
@@ -633,7 +639,10 @@ mod tests {
         }
         assert!(!s.contains("AAAAuser"));
         // It parses as a shell script.
-        if let Ok(o) = Command::new("sh").args(["-n", "-c", &s]).output() {
+        if let Ok(o) = std::process::Command::new("sh")
+            .args(["-n", "-c", &s])
+            .output()
+        {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
     }

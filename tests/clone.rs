@@ -357,3 +357,94 @@ fn bad_clones_and_commits_are_refused_with_nothing_changed() {
         std::fs::read(h.path().join("vms/c/known_hosts")).unwrap()
     );
 }
+
+/// The jailed qemu can rewrite its disk's qcow2 header. Root must never
+/// follow it: a header naming a root-only file leaks nothing into a
+/// template, and one naming a FIFO hangs neither `image commit` nor `start`
+/// (issue 18 item 1, reproduced without a boot).
+#[test]
+fn a_rewritten_disk_header_is_never_followed_by_root() {
+    if !prereq(is_root(), "needs root (the VM's qemu runs in a jail)")
+        || !prereq(
+            have("qemu-system-x86_64"),
+            "qemu-system-x86_64 not installed",
+        )
+    {
+        return;
+    }
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    blank(&h, "a", &img);
+    let disk = h.path().join("vms/a/disk.qcow2");
+    let rebase = |to: &Path| {
+        let st = Command::new("qemu-img")
+            .args(["rebase", "-u", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(to)
+            .arg(&disk)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    // What nox writes after cleaning a guest: the disk is taken as clean.
+    let mark_clean = || {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(&disk).unwrap();
+        let mark = serde_json::json!({
+            "size": md.len(),
+            "mtime_ns": i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+        });
+        std::fs::write(h.path().join("vms/a/template-clean.json"), mark.to_string()).unwrap();
+    };
+    let secret = h.path().join("secret");
+    std::fs::write(&secret, b"ROOT-ONLY-SECRET".repeat(4096)).unwrap();
+    rebase(&secret);
+    mark_clean();
+    h.ok(&["image", "commit", "a", "--as", "t1"]);
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.path().join("images/templates/t1.json")).unwrap())
+            .unwrap();
+    let digest = rec["digest"].as_str().unwrap().replace(':', "-");
+    let blob = h.path().join("images/blobs").join(&digest);
+    let raw = h.path().join("t1.raw");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+        .arg(&blob)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let data = std::fs::read(&raw).unwrap();
+    assert!(
+        data.iter().all(|&b| b == 0),
+        "the template holds bytes the base does not have"
+    );
+
+    // A FIFO where the header points: nothing root does blocks on it.
+    let fifo = h.path().join("fifo");
+    std::fs::write(&fifo, b"").unwrap();
+    rebase(&fifo);
+    std::fs::remove_file(&fifo).unwrap();
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    mark_clean();
+    let bounded = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_nox"))
+            .args(args)
+            .env("NOX_HOME", h.path())
+            .env("HOME", h.path().join("home"))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while c.try_wait().unwrap().is_none() {
+            if t0.elapsed() > std::time::Duration::from_secs(120) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("nox {args:?} hung on a FIFO named by the disk's header");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    bounded(&["image", "commit", "a", "--as", "t2"]);
+    bounded(&["start", "a"]);
+    let _ = h.nox(&["stop", "a", "--force"]);
+}

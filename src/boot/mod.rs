@@ -219,12 +219,12 @@ fn candidates(disk: &mut Disk) -> Vec<(u64, u64)> {
 }
 
 /// The root filesystem: the first candidate that is ext4 and has a kernel.
-fn open_root(path: &Path) -> Result<(Ext4, Found), BootError> {
-    let mut disk = Disk::open(path)?;
+fn open_root(path: &Path, base: Option<(&Path, &str)>) -> Result<(Ext4, Found), BootError> {
+    let mut disk = Disk::open(path, base)?;
     let parts = candidates(&mut disk);
     let mut last = BootError::NoRoot;
     for (start, len) in parts {
-        let disk = Disk::open(path)?;
+        let disk = Disk::open(path, base)?;
         let Ok(fs) = Ext4::load(Box::new(Part { disk, start, len })) else {
             continue;
         };
@@ -266,18 +266,21 @@ fn identity(fs: &Ext4, path: &str, cap: u64) -> Result<String, BootError> {
 }
 
 /// Finds the kernel on the VM's disk (`disk`, read through its qcow2
-/// chain), extracts it into `cache_dir` unless it is there already, and
-/// returns what qemu needs. `base_digest` names the base image in the key.
+/// overlay on `base`, the base image and format from the VM's spec: never the
+/// header's backing name), extracts it into `cache_dir` unless it is there
+/// already, and returns what qemu needs. `base_digest` names the base image
+/// in the key.
 pub fn prepare(
     arch: Arch,
     disk: &Path,
+    base: Option<(&Path, &str)>,
     base_digest: &str,
     cache_dir: &Path,
 ) -> Result<DirectBoot, BootError> {
     if arch != Arch::Amd64 {
         return Err(BootError::Arch);
     }
-    let (fs, found) = open_root(disk)?;
+    let (fs, found) = open_root(disk, base)?;
     let mut h = Sha256::new();
     h.update(b"nox-direct-boot-1\0");
     h.update(base_digest.as_bytes());
@@ -393,7 +396,7 @@ mod tests {
             return;
         };
         let cache = d.path().join("cache");
-        let b = prepare(Arch::Amd64, &img, "sha256:00", &cache).unwrap();
+        let b = prepare(Arch::Amd64, &img, None, "sha256:00", &cache).unwrap();
         assert_eq!(std::fs::read(&b.kernel).unwrap(), bzimage());
         assert_eq!(std::fs::read(&b.initrd).unwrap(), b"initrd");
         assert_eq!(
@@ -402,15 +405,18 @@ mod tests {
 no_timer_check ds=NoCloud"
         );
         // Same files, same cache entry; another base image, another one.
-        assert_eq!(prepare(Arch::Amd64, &img, "sha256:00", &cache).unwrap(), b);
+        assert_eq!(
+            prepare(Arch::Amd64, &img, None, "sha256:00", &cache).unwrap(),
+            b
+        );
         assert_ne!(
-            prepare(Arch::Amd64, &img, "sha256:11", &cache)
+            prepare(Arch::Amd64, &img, None, "sha256:11", &cache)
                 .unwrap()
                 .kernel,
             b.kernel
         );
         assert!(matches!(
-            prepare(Arch::Arm64, &img, "sha256:00", &cache),
+            prepare(Arch::Arm64, &img, None, "sha256:00", &cache),
             Err(BootError::Arch)
         ));
     }
@@ -428,7 +434,7 @@ no_timer_check ds=NoCloud"
             return;
         };
         let cache = d.path().join("cache");
-        let e = prepare(Arch::Amd64, &img, "d", &cache).unwrap_err();
+        let e = prepare(Arch::Amd64, &img, None, "d", &cache).unwrap_err();
         assert!(e.to_string().contains("2 kernels"), "{e}");
         // A "kernel" that is no bzImage.
         let d = tempfile::tempdir().unwrap();
@@ -437,12 +443,12 @@ no_timer_check ds=NoCloud"
             std::fs::write(t.join("boot/initrd.img-1"), b"i").unwrap();
         })
         .unwrap();
-        let e = prepare(Arch::Amd64, &img, "d", &cache).unwrap_err();
+        let e = prepare(Arch::Amd64, &img, None, "d", &cache).unwrap_err();
         assert!(e.to_string().contains("bzImage"), "{e}");
         // Not ext4 at all.
         std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
         assert!(matches!(
-            prepare(Arch::Amd64, &img, "d", &cache),
+            prepare(Arch::Amd64, &img, None, "d", &cache),
             Err(BootError::NoRoot)
         ));
         assert!(!cache.exists() || std::fs::read_dir(&cache).unwrap().next().is_none());
@@ -468,7 +474,14 @@ no_timer_check ds=NoCloud"
         assert!(ok, "qemu-img create");
         let cache = d.path().join("boot");
         let t = std::time::Instant::now();
-        let b = prepare(Arch::Amd64, &top, "sha256:test", &cache).unwrap();
+        let b = prepare(
+            Arch::Amd64,
+            &top,
+            Some((Path::new(&image), "qcow2")),
+            "sha256:test",
+            &cache,
+        )
+        .unwrap();
         eprintln!("extracted in {:?}", t.elapsed());
         let k = std::fs::read(&b.kernel).unwrap();
         assert!(is_bzimage(&k));
@@ -476,7 +489,14 @@ no_timer_check ds=NoCloud"
         assert!(b.cmdline.starts_with("root=UUID="), "{}", b.cmdline);
         let t = std::time::Instant::now();
         assert_eq!(
-            prepare(Arch::Amd64, &top, "sha256:test", &cache).unwrap(),
+            prepare(
+                Arch::Amd64,
+                &top,
+                Some((Path::new(&image), "qcow2")),
+                "sha256:test",
+                &cache
+            )
+            .unwrap(),
             b
         );
         eprintln!("cached in {:?}", t.elapsed());

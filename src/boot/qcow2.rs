@@ -1,6 +1,8 @@
-//! A read-only view of a disk image through its qcow2 backing chain, enough
-//! to read a kernel out of a VM's disk: standard, zero and zlib-compressed
-//! clusters, qcow2 or raw backing files. Anything else (encryption, an
+//! A read-only view of a VM's disk (its qcow2 overlay on the base image nox
+//! recorded), enough to read a kernel out of it: standard, zero and
+//! zlib-compressed clusters, a qcow2 or raw base. The overlay is writable by
+//! the VM's jailed qemu, so it is opened through a checked descriptor and its
+//! header's backing name is never followed: the base comes from the spec. Anything else (encryption, an
 //! external data file, extended L2 entries, zstd, a corrupt flag, unknown
 //! incompatible features) is refused, and the caller boots through the
 //! image's own bootloader instead.
@@ -33,8 +35,6 @@ pub enum Qcow2Error {
 }
 
 const MAGIC: &[u8; 4] = b"QFI\xfb";
-/// Deeper chains are not something nox makes.
-const MAX_CHAIN: usize = 8;
 /// Decompressed clusters kept (ext4 reads 4 KiB blocks out of 64 KiB clusters).
 const CLUSTER_CACHE: usize = 32;
 /// L2 tables kept.
@@ -83,12 +83,27 @@ fn be64(b: &[u8], at: usize) -> u64 {
 }
 
 impl Disk {
-    /// Opens `path` (qcow2 if it starts with qcow2's magic, else raw).
-    pub fn open(path: &Path) -> Result<Disk, Qcow2Error> {
-        Disk::open_depth(path, None, 0)
+    /// Opens `path` (qcow2 if it starts with qcow2's magic, else raw) through
+    /// a checked descriptor (no symlink, no FIFO: a regular file only).
+    ///
+    /// `base` is the backing image as nox records it (the VM's spec), never
+    /// the name in the qcow2 header: the overlay is writable by the VM's
+    /// jailed qemu, so its header is not to be followed. A qcow2 file whose
+    /// header names a backing file is refused when no `base` is given; a base
+    /// must itself stand alone (the cache's images do).
+    pub fn open(path: &Path, base: Option<(&Path, &str)>) -> Result<Disk, Qcow2Error> {
+        let backing = match base {
+            Some((b, format)) => Some(Disk::open_file(b, Some(format), None)?),
+            None => None,
+        };
+        Disk::open_file(path, None, backing)
     }
 
-    fn open_depth(path: &Path, format: Option<&str>, depth: usize) -> Result<Disk, Qcow2Error> {
+    fn open_file(
+        path: &Path,
+        format: Option<&str>,
+        backing: Option<Disk>,
+    ) -> Result<Disk, Qcow2Error> {
         let io = |source| Qcow2Error::Io {
             path: path.to_owned(),
             source,
@@ -97,15 +112,18 @@ impl Disk {
             path: path.to_owned(),
             what: what.into(),
         };
-        if depth > MAX_CHAIN {
-            return Err(unsupported("backing chain too deep"));
-        }
-        let file = File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
+        let (file, md) = crate::image::probe::open_untrusted(path).map_err(|e| match e {
+            crate::image::ImageError::NotDiskImage { why, .. } => unsupported(&why),
+            e => unsupported(&crate::error_chain(&e)),
+        })?;
+        let len = md.len();
         let mut magic = [0u8; 4];
         let is_qcow2 = len >= 4 && file.read_exact_at(&mut magic, 0).is_ok() && &magic == MAGIC;
         match format {
             Some("raw") | None if !is_qcow2 => {
+                if backing.is_some() {
+                    return Err(unsupported("a raw file cannot have a base image"));
+                }
                 return Ok(Disk::Raw {
                     file,
                     path: path.to_owned(),
@@ -113,7 +131,7 @@ impl Disk {
                 });
             }
             Some("qcow2") | None => {}
-            Some(f) => return Err(unsupported(&format!("backing format {f:?}"))),
+            Some(f) => return Err(unsupported(&format!("image format {f:?}"))),
         }
         if !is_qcow2 {
             return Err(unsupported("not a qcow2 image"));
@@ -125,7 +143,7 @@ impl Disk {
         }
         let version = be32(&h, 4);
         let backing_offset = be64(&h, 8);
-        let backing_len = be32(&h, 16) as usize;
+        let backing_len = be32(&h, 16);
         let cluster_bits = be32(&h, 20);
         let size = be64(&h, 24);
         let crypt = be32(&h, 32);
@@ -140,13 +158,11 @@ impl Disk {
         if crypt != 0 {
             return Err(unsupported("encrypted image"));
         }
-        let mut header_len = 72;
         if version == 3 {
             if h.len() < 104 {
                 return Err(unsupported("truncated v3 header"));
             }
             let incompatible = be64(&h, 72);
-            header_len = be32(&h, 100) as usize;
             // Bit 0 (dirty: refcounts only) is harmless for reading; bit 3
             // says a compression type byte follows, which must be zlib.
             if incompatible & !0b1001 != 0 {
@@ -158,6 +174,12 @@ impl Disk {
                 return Err(unsupported("compression other than zlib"));
             }
         }
+        // The header's backing name is never opened (see `open`).
+        if backing.is_none() && backing_offset != 0 && backing_len > 0 {
+            return Err(unsupported(
+                "its header names a backing file, and nox gave none",
+            ));
+        }
         let l1_bytes = l1_size * 8;
         if l1_bytes > MAX_L1_BYTES {
             return Err(unsupported("L1 table too large"));
@@ -165,24 +187,6 @@ impl Disk {
         let mut raw = vec![0u8; l1_bytes as usize];
         file.read_exact_at(&mut raw, l1_offset).map_err(io)?;
         let l1 = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
-        let backing = if backing_offset != 0 && backing_len > 0 {
-            if backing_len > 1023 {
-                return Err(unsupported("backing file name too long"));
-            }
-            let mut name = vec![0u8; backing_len];
-            file.read_exact_at(&mut name, backing_offset).map_err(io)?;
-            let name = String::from_utf8(name).map_err(|_| unsupported("backing name"))?;
-            let format = backing_format(&file, header_len as u64, cluster_bits).map_err(io)?;
-            let p = Path::new(&name);
-            let p = if p.is_absolute() {
-                p.to_owned()
-            } else {
-                path.parent().unwrap_or(Path::new(".")).join(p)
-            };
-            Some(Disk::open_depth(&p, format.as_deref(), depth + 1)?)
-        } else {
-            None
-        };
         Ok(Disk::Qcow2(Box::new(Qcow2 {
             file,
             path: path.to_owned(),
@@ -219,26 +223,6 @@ impl Disk {
             Disk::Qcow2(q) => q.read_at(off, buf),
         }
     }
-}
-
-/// The backing format from the header extensions (0xE2792ACA), if given.
-fn backing_format(file: &File, mut at: u64, cluster_bits: u32) -> std::io::Result<Option<String>> {
-    let end = 1u64 << cluster_bits;
-    while at + 8 <= end {
-        let mut h = [0u8; 8];
-        file.read_exact_at(&mut h, at)?;
-        let (kind, len) = (be32(&h, 0), be32(&h, 4) as u64);
-        if kind == 0 {
-            break;
-        }
-        if kind == 0xE279_2ACA && len <= 64 {
-            let mut v = vec![0u8; len as usize];
-            file.read_exact_at(&mut v, at + 8)?;
-            return Ok(Some(String::from_utf8_lossy(&v).into_owned()));
-        }
-        at += 8 + len.div_ceil(8) * 8;
-    }
-    Ok(None)
 }
 
 impl Qcow2 {
@@ -416,7 +400,7 @@ mod tests {
             data[65536..65536 + 4096].fill(0xab);
         }
         data.resize(4 << 20, 0);
-        let mut disk = Disk::open(&top).unwrap();
+        let mut disk = Disk::open(&top, Some((&base, "qcow2"))).unwrap();
         assert_eq!(disk.size(), 4 << 20);
         for (off, len) in [
             (0u64, 512usize),
@@ -436,6 +420,33 @@ mod tests {
         assert!(disk.read_at((4 << 20) - 1, &mut buf).is_err());
         // The files were opened read-only: nothing changed.
         assert!(qemu_img(&["check", "-q", t]));
+        // The jailed qemu rewrites the header to name a FIFO (root would block
+        // opening it) or a root-only file: the base nox gives is what is read.
+        // (qemu-img checks the new name exists, so the FIFO replaces a file.)
+        let fifo = d.path().join("fifo");
+        std::fs::write(&fifo, b"").unwrap();
+        assert!(qemu_img(&[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            fifo.to_str().unwrap(),
+            t
+        ]));
+        std::fs::remove_file(&fifo).unwrap();
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut disk = Disk::open(&top, Some((&base, "qcow2"))).unwrap();
+        let mut buf = vec![0u8; 100_000];
+        disk.read_at(3 << 20, &mut buf).unwrap();
+        assert!(buf == data[3 << 20..(3 << 20) + 100_000]);
+        // Without a base from nox, a header naming one is refused.
+        assert!(matches!(
+            Disk::open(&top, None),
+            Err(Qcow2Error::Unsupported { .. })
+        ));
     }
 
     #[test]
@@ -449,17 +460,17 @@ mod tests {
         h[72..80].copy_from_slice(&(1u64 << 4).to_be_bytes()); // extended L2
         h[100..104].copy_from_slice(&112u32.to_be_bytes());
         std::fs::write(&p, &h).unwrap();
-        let e = Disk::open(&p).unwrap_err();
+        let e = Disk::open(&p, None).unwrap_err();
         assert!(matches!(e, Qcow2Error::Unsupported { .. }), "{e}");
         h[72..80].fill(0);
         h[32..36].copy_from_slice(&1u32.to_be_bytes()); // AES
         std::fs::write(&p, &h).unwrap();
         assert!(matches!(
-            Disk::open(&p),
+            Disk::open(&p, None),
             Err(Qcow2Error::Unsupported { .. })
         ));
         // Not qcow2 at all: a raw disk.
         std::fs::write(&p, b"hello").unwrap();
-        assert_eq!(Disk::open(&p).unwrap().size(), 5);
+        assert_eq!(Disk::open(&p, None).unwrap().size(), 5);
     }
 }

@@ -12,8 +12,11 @@
 
 mod catalog;
 mod download;
-mod probe;
+pub(crate) mod probe;
 mod verify;
+pub mod vmdisk;
+
+use vmdisk::VmDisk;
 
 pub use catalog::{
     CATALOG, CatalogEntry, Checksum, DEFAULT_IMAGE, Distro, HashAlgo, Mirror, Source,
@@ -121,6 +124,8 @@ pub enum ImageError {
         expected: String,
         actual: String,
     },
+    #[error(transparent)]
+    VmDisk(#[from] vmdisk::VmDiskError),
     #[error("{}: disk full", path.display())]
     DiskFull { path: PathBuf },
     #[error(
@@ -732,41 +737,17 @@ pub fn create_overlay(base: &Image, overlay: &Path, size: Option<u64>) -> Result
     Ok(())
 }
 
-/// The virtual size of a VM's qcow2 overlay (`qemu-img info -f qcow2`:
-/// the format is given, never probed).
+/// The virtual size of a VM's qcow2 overlay (through a checked descriptor,
+/// no backing file opened: see [`vmdisk`]).
 pub fn overlay_size(overlay: &Path) -> Result<u64, ImageError> {
-    let cmd = format!("qemu-img info -f qcow2 {}", overlay.display());
-    let out = Command::new("qemu-img")
-        .args(["info", "-f", "qcow2", "--output=json"])
-        .arg(overlay)
-        .output()
-        .map_err(|source| ImageError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(ImageError::Command {
-            cmd,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| ImageError::NotDiskImage {
-            path: overlay.to_path_buf(),
-            why: format!("bad qemu-img output: {e}"),
-        })?;
-    v["virtual-size"]
-        .as_u64()
-        .ok_or_else(|| ImageError::NotDiskImage {
-            path: overlay.to_path_buf(),
-            why: "no virtual-size in qemu-img output".into(),
-        })
+    Ok(VmDisk::open(overlay, false)?.virtual_size()?)
 }
 
-/// Grows a VM's qcow2 overlay to `size` bytes (`qemu-img resize -f qcow2`).
-/// Never shrinks: that would cut off the guest's data.
+/// Grows a stopped VM's qcow2 overlay to `size` bytes (`qemu-img resize` on
+/// a checked descriptor). Never shrinks: that would cut off the guest's data.
 pub fn grow_overlay(overlay: &Path, size: u64) -> Result<(), ImageError> {
-    let current = overlay_size(overlay)?;
+    let disk = VmDisk::open(overlay, true)?;
+    let current = disk.virtual_size()?;
     if size < current {
         return Err(ImageError::Shrink {
             requested: size,
@@ -776,22 +757,13 @@ pub fn grow_overlay(overlay: &Path, size: u64) -> Result<(), ImageError> {
     if size == current {
         return Ok(());
     }
-    let cmd = format!("qemu-img resize -f qcow2 {} {size}", overlay.display());
-    let out = Command::new("qemu-img")
-        .args(["resize", "-q", "-f", "qcow2"])
-        .arg(overlay)
-        .arg(size.to_string())
-        .output()
-        .map_err(|source| ImageError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(ImageError::Command {
-            cmd,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    disk.qemu_img(
+        "resize",
+        &["-q"],
+        vmdisk::Chain::Alone,
+        &[&size.to_string()],
+        vmdisk::META_TIMEOUT,
+    )?;
     Ok(())
 }
 

@@ -248,10 +248,6 @@ pub enum Limited {
 /// Runs `cmd` with stdin closed, rlimits on address space and CPU time, in a process group of
 /// its own, killed after `timeout`; stdout and stderr are kept up to [`PROBE_OUTPUT_MAX`] each.
 pub fn run_limited(mut cmd: Command, timeout: Duration) -> io::Result<Limited> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
     // SAFETY: the closure runs between fork and exec and only makes setrlimit system calls
     // on stack values, which is async-signal-safe; it allocates nothing and takes no locks.
     unsafe {
@@ -273,6 +269,16 @@ pub fn run_limited(mut cmd: Command, timeout: Duration) -> io::Result<Limited> {
             Ok(())
         });
     }
+    run_with_deadline(cmd, timeout)
+}
+
+/// Runs `cmd` with stdin closed, in a process group of its own, killed (the whole group) after
+/// `timeout`; stdout and stderr are kept up to [`PROBE_OUTPUT_MAX`] each.
+pub fn run_with_deadline(mut cmd: Command, timeout: Duration) -> io::Result<Limited> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
     let mut child = cmd.spawn()?;
     let reader = |r: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
