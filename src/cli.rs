@@ -687,9 +687,13 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         insecure: a.insecure,
         refresh: a.refresh,
     };
-    let spec = vm::create(store, &opts)
+    let created = vm::create(store, &opts)
         .await
         .context("cannot create the VM")?;
+    for n in &created.notes {
+        eprintln!("{n}");
+    }
+    let spec = created.spec;
     let name = spec.name.clone();
     if !a.json {
         println!(

@@ -295,7 +295,8 @@ struct KeyFile(PathBuf);
 impl<'de> Deserialize<'de> for KeyFile {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<KeyFile, D::Error> {
         checked_str(d, |s| {
-            let home = std::env::var_os("HOME").map(PathBuf::from);
+            // As root `~` is the key owner's passwd home, never `$HOME`.
+            let home = crate::userkeys::tilde_home();
             expand_home(s, home.as_deref()).map(KeyFile)
         })
     }

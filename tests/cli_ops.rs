@@ -245,6 +245,56 @@ fn cp_refusals() {
     assert_eq!(std::fs::read(f).unwrap(), b"x");
 }
 
+/// Issue 18 item 6: as root the default keys are root's (or SUDO_USER's),
+/// from the passwd home: a `$HOME` the caller points elsewhere chooses none.
+#[test]
+fn default_ssh_keys_as_root_never_come_from_home_env() {
+    let mut h = Home::new();
+    h.env.push(("SUDO_USER".into(), String::new()));
+    let Some(img) = small_image(&h) else { return };
+    let ssh = h.path().join("home/.ssh");
+    std::fs::create_dir_all(&ssh).unwrap();
+    std::fs::write(
+        ssh.join("id_ed25519.pub"),
+        KEY.replace("test@cliops", "evil@home"),
+    )
+    .unwrap();
+    std::fs::write(ssh.join("id_ed25519"), "not read\n").unwrap();
+    std::fs::set_permissions(
+        ssh.join("id_ed25519"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let img = img.to_str().unwrap();
+    let out = h.nox(&[
+        "create",
+        "k1",
+        "--image",
+        img,
+        "--network",
+        "user",
+        "--no-start",
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let spec = String::from_utf8(spec_bytes(&h, "k1")).unwrap();
+    let home = h.path().join("home").display().to_string();
+    if is_root() {
+        assert!(
+            !spec.contains("evil@home"),
+            "$HOME's key authorised: {spec}"
+        );
+        assert!(!spec.contains(&home), "$HOME's identity recorded: {spec}");
+        assert!(!err.contains(&home), "{err}");
+    } else {
+        assert!(spec.contains("evil@home"), "{spec}");
+        assert!(
+            err.contains("Authorised SSH key") && err.contains("id_ed25519.pub"),
+            "{err}"
+        );
+    }
+}
+
 fn write_config(h: &Home, text: &str, mode: u32) -> std::path::PathBuf {
     let p = h.path().join("config.json");
     std::fs::write(&p, text).unwrap();
@@ -297,6 +347,23 @@ fn config_defaults_apply_and_flags_win() {
         text.contains("256M") && text.contains("config.json"),
         "{text}"
     );
+    // `~` is the caller's $HOME, except as root: root's passwd home (the
+    // caller's environment is not believed), so root's create would read
+    // /root/keys/me.pub; here the key is then named by its full path.
+    let tilde = if is_root() {
+        "/root/keys/me.pub".to_string()
+    } else {
+        h.path().join("home/keys/me.pub").display().to_string()
+    };
+    assert_eq!(show["defaults"]["ssh_keys"][0], tilde.as_str());
+    if is_root() {
+        let full = h.path().join("home/keys/me.pub");
+        write_config(
+            &h,
+            &cfg.replace("~/keys/me.pub", full.to_str().unwrap()),
+            0o600,
+        );
+    }
 
     // Config over built-ins.
     h.ok(&["create", "c1", "--no-start"]);
