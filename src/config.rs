@@ -1,8 +1,8 @@
 //! The store's `config.json`: the `defaults` users would otherwise repeat on
 //! every `nox create`, and the owner check every reader of the file uses.
 //!
-//! The file is shared: `jail` is read by [`crate::jail::ids`], `mirror` and
-//! `mirrors` by the image catalog. This loader types only `defaults` (unknown
+//! The file is shared: `jail` is read by [`crate::jail::ids`], `mirror`,
+//! `mirrors` and `max_image_size` by the image catalog and downloads. This loader types only `defaults` (unknown
 //! keys there are errors) and keeps the other top-level keys as they are.
 //!
 //! Precedence: a flag, then `defaults` here, then nox's built-in default.
@@ -26,7 +26,7 @@ pub const BUILTIN_DISK: &str = "10G";
 pub const BUILTIN_USER: &str = "nox";
 
 /// Top-level keys other modules read from the same file.
-const OTHER_KEYS: &[&str] = &["jail", "mirror", "mirrors"];
+const OTHER_KEYS: &[&str] = &["jail", "mirror", "mirrors", "max_image_size"];
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
