@@ -818,7 +818,7 @@ async fn events(
     let mut print = |lines: Vec<events::Line>| -> std::io::Result<()> {
         for l in lines {
             if json {
-                writeln!(out, "{}", l.raw.trim_end())?;
+                writeln!(out, "{}", l.json())?;
             } else if terminal {
                 // Guest-controlled text (cloud-init's detail) is shown escaped.
                 writeln!(out, "{}", crate::text::printable(l.human().as_bytes()))?;
