@@ -667,6 +667,37 @@ mod tests {
     }
 
     #[test]
+    fn direct_boot_paths_are_plain_paths_even_with_commas() {
+        // A state directory with a comma: option values escape it, -kernel
+        // and -initrd (plain file names) must not.
+        let st = Store::at("/st,ate".into(), "/r".into());
+        let paths = st.vm_paths(&"demo".parse().unwrap());
+        let s = spec(Arch::Amd64);
+        let a = argv(&Launch {
+            spec: &s,
+            paths: &paths,
+            accel: Accel::Tcg,
+            net: NetBackend::User {
+                ssh_port: 1,
+                publish: vec![],
+            },
+            firmware: FirmwareArgs::default(),
+            direct: Some(crate::boot::DirectBoot {
+                kernel: "/st,ate/images/boot/k,1".into(),
+                initrd: "/st,ate/images/boot/i,1".into(),
+                cmdline: "root=UUID=x ro console=ttyS0".into(),
+            }),
+            incoming: None,
+        })
+        .unwrap();
+        let after = |flag: &str| a[a.iter().position(|x| x == flag).unwrap() + 1].clone();
+        assert_eq!(after("-kernel"), "/st,ate/images/boot/k,1");
+        assert_eq!(after("-initrd"), "/st,ate/images/boot/i,1");
+        assert_eq!(after("-append"), "root=UUID=x ro console=ttyS0");
+        assert!(after("-drive").contains("file=/st,,ate/"), "{a:?}");
+    }
+
+    #[test]
     fn user_net_backends() {
         let st = Store::at("/x".into(), "/r".into());
         let paths = st.vm_paths(&"demo".parse().unwrap());
