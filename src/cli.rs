@@ -425,6 +425,9 @@ pub fn main() -> i32 {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // The supervisor writes into nox.log, whose tail start errors quote:
+        // colour codes only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     // One thread is plenty (the supervisor waits on a handful of fds) and
