@@ -16,6 +16,8 @@ use crate::systemd::{self, Scope};
 use crate::vm::{self, CreateOptions, Started, Stopped};
 use crate::{qemu, ssh, supervisor};
 
+mod pipe;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "nox",
@@ -415,6 +417,8 @@ pub struct CreateArgs {
 pub fn main() -> i32 {
     // First, while single-threaded: as root, PATH is not the caller's.
     crate::trust::sanitize_env();
+    // `nox … | head -1`: end quietly, as a closed pipe conventionally does.
+    pipe::install_hook();
     // `COMPLETE=bash nox -- WORDS…` (what the completion script runs):
     // print the candidates and exit.
     clap_complete::CompleteEnv::with_factory(command).complete();
@@ -444,6 +448,7 @@ pub fn main() -> i32 {
     };
     match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
+        Err(e) if pipe::is_closed_output(&e) => pipe::die_of_sigpipe(),
         Err(e) => {
             // The whole chain on one line: "error: cannot create the VM: invalid VM name ...".
             eprintln!("error: {e:#}");
