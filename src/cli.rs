@@ -1339,6 +1339,9 @@ fn set(store: &Store, a: &SetArgs) -> Result<i32> {
     let mut changes = vec![];
     if old.cpus != new.cpus {
         changes.push(format!("{} CPUs (was {})", new.cpus, old.cpus));
+        if let Some(w) = crate::spec::cpu_overcommit(new.cpus, crate::spec::host_cpus()) {
+            eprintln!("{w}");
+        }
     }
     if old.memory != new.memory {
         changes.push(format!(

@@ -229,7 +229,7 @@ fn cpus<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
         }
         fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u32, E> {
             let n = u32::try_from(n).unwrap_or(u32::MAX);
-            // The host's count is checked at create, where the VM is made.
+            // qemu's bound (per architecture) is checked at create.
             spec::validate_cpus(n, u32::MAX).map_err(E::custom)
         }
     }

@@ -42,6 +42,8 @@ pub struct ArchFacts {
     pub has_bios: bool,
     /// Device that reports guest panics to QEMU.
     pub panic_device: &'static str,
+    /// Most vCPUs the machine nox builds takes (see [`AMD64`], [`ARM64`]).
+    pub max_cpus: u32,
 }
 
 pub const AMD64: ArchFacts = ArchFacts {
@@ -52,6 +54,10 @@ pub const AMD64: ArchFacts = ArchFacts {
     console: "ttyS0",
     has_bios: true,
     panic_device: "pvpanic",
+    // q35 takes up to 4096 (qemu 10), but an APIC ID above 254 needs x2APIC
+    // with interrupt remapping (`-device intel-iommu,intremap=on,eim=on`
+    // and a split irqchip under KVM), which nox does not add: 255.
+    max_cpus: 255,
 };
 
 pub const ARM64: ArchFacts = ArchFacts {
@@ -62,6 +68,9 @@ pub const ARM64: ArchFacts = ArchFacts {
     console: "ttyAMA0",
     has_bios: false,
     panic_device: "pvpanic-pci",
+    // `virt`'s own limit with GICv3 (qemu 10's query-machines cpu-max; a
+    // GICv2 host under KVM stops at 8, which qemu itself reports).
+    max_cpus: 512,
 };
 
 pub fn arch_facts(arch: Arch) -> &'static ArchFacts {

@@ -149,7 +149,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<Created, VmError
         Some(a) => a,
         None => Arch::host().map_err(spec::SpecError::from)?,
     };
-    let cpus = spec::validate_cpus(o.cpus, spec::host_cpus())?;
+    let cpus = spec::validate_cpus(o.cpus, crate::qemu::arch_facts(arch).max_cpus)?;
     let memory = spec::parse_memory(&o.memory, spec::host_memory())?;
     let disk = spec::parse_disk(&o.disk)?;
     let console_log_size = spec::parse_console_log_size(&o.console_log_size)?;
@@ -291,10 +291,9 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<Created, VmError
         network: spec.network.to_string(),
     };
     crate::events::emit(&vm, created);
-    Ok(Created {
-        spec,
-        notes: user_keys.report,
-    })
+    let mut notes = user_keys.report;
+    notes.extend(spec::cpu_overcommit(spec.cpus, spec::host_cpus()));
+    Ok(Created { spec, notes })
 }
 
 /// The base image for a create: a local file is imported into the cache
@@ -874,7 +873,7 @@ pub fn set(store: &Store, name: &str, o: &SetOptions) -> Result<(VmSpec, VmSpec)
     let old = vm.load_spec()?;
     let mut new = old.clone();
     if let Some(c) = o.cpus {
-        new.cpus = spec::validate_cpus(c, spec::host_cpus())?;
+        new.cpus = spec::validate_cpus(c, crate::qemu::arch_facts(old.arch).max_cpus)?;
     }
     if let Some(m) = &o.memory {
         new.memory = spec::parse_memory(m, spec::host_memory())?;

@@ -146,7 +146,8 @@ fn set_refusals_change_nothing() {
     let cases: &[(&[&str], &str)] = &[
         (&["set", "web"], "required arguments"),
         (&["set", "web", "--cpus", "0"], "--cpus 0"),
-        (&["set", "web", "--cpus", "100000"], "this host's CPUs"),
+        (&["set", "web", "--cpus", "100000"], "between 1 and 255"),
+        (&["set", "web", "--cpus", "256"], "qemu's limit"),
         (&["set", "web", "--cpus", "two"], "invalid value"),
         (&["set", "web", "--memory", "12Q"], "--memory"),
         (&["set", "web", "--memory", "1024"], "add a unit"),
@@ -208,6 +209,44 @@ fn set_refusals_change_nothing() {
     assert_eq!(h.info("web")["disk"], 4u64 << 30);
     // Same size: nothing to do, not an error.
     assert!(h.ok(&["set", "web", "--disk", "4G"]).contains("unchanged"));
+
+    // More vCPUs than the host has: overcommit, allowed with a warning
+    // (issue 18 item 12); qemu's bound for the machine stays the limit.
+    let over = (nox::spec::host_cpus() + 1).to_string();
+    let out = h.nox(&["set", "web", "--cpus", &over]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning:") && err.contains("overcommit"),
+        "{err}"
+    );
+    assert_eq!(h.info("web")["cpus"].as_u64().unwrap().to_string(), over);
+    let out = h.nox(&[
+        "create",
+        "many",
+        "--image",
+        img,
+        "--network",
+        "user",
+        "--cpus",
+        "255",
+        "--no-start",
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("255 vCPUs on a host with"), "{err}");
+    let err = h.fails(&[
+        "create",
+        "more",
+        "--image",
+        img,
+        "--network",
+        "user",
+        "--cpus",
+        "256",
+        "--no-start",
+    ]);
+    assert!(err.contains("between 1 and 255"), "{err}");
 }
 
 #[test]
