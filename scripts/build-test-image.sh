@@ -17,7 +17,8 @@
 #
 # Build-host Debian packages (missing ones are apt-get installed automatically):
 #   mmdebstrap debian-archive-keyring gdisk dosfstools mtools e2fsprogs qemu-utils util-linux
-#   arm64 on a non-arm64 host also: qemu-user-static binfmt-support arch-test
+#   arm64 on a non-arm64 host also: qemu-user-static binfmt-support arch-test (or backports'
+#   qemu-user + qemu-user-binfmt, whose binfmt.d entry the script registers itself)
 #
 # Why it is built this way (this host's kernel: no partition scanning on loop devices, no
 # device-mapper, no vfat): no loop device or mount is used at all. The root is populated into an
@@ -263,14 +264,40 @@ ensure_tools() {
     apt-get install -y -q --no-install-recommends "${pkgs[@]}" >&2 </dev/null
 }
 
-# Running arm64 maintainer scripts on another architecture needs qemu-user-static registered in
-# binfmt_misc (which is not mounted on hosts where systemd is not PID 1).
+# Registers binfmt_misc entry $1 from its systemd-binfmt file (binfmt.d(5): /etc over /run over
+# /usr/lib, by file name; comment lines start with # or ;), unless binfmt_misc has it already (a
+# disabled one is enabled). Backports' qemu-user + qemu-user-binfmt register only this way, and
+# nothing runs systemd-binfmt where systemd is not PID 1. The line is written as systemd-binfmt
+# writes it: the kernel decodes its \x escapes. NOX_TI_BINFMT_MISC / NOX_TI_BINFMT_D: other places
+# (for checking this function by hand).
+register_from_binfmt_d() {
+    local name=$1 misc=${NOX_TI_BINFMT_MISC:-/proc/sys/fs/binfmt_misc} dir conf line
+    if [[ -e $misc/$name ]]; then
+        [[ $(head -n 1 "$misc/$name") == enabled ]] || echo 1 >"$misc/$name"
+        return 0
+    fi
+    for dir in ${NOX_TI_BINFMT_D:-/etc/binfmt.d /run/binfmt.d /usr/lib/binfmt.d}; do
+        conf=$dir/$name.conf
+        [[ -f $conf ]] || continue
+        line=$(grep -v -e '^[[:space:]]*[#;]' -e '^[[:space:]]*$' "$conf" | head -n 1)
+        [[ -n $line ]] || return 1
+        log "registering $name in binfmt_misc from $conf"
+        printf '%s' "$line" >"$misc/register"
+        return
+    done
+    return 1
+}
+
+# Running arm64 maintainer scripts on another architecture needs qemu-user registered in
+# binfmt_misc (which is not mounted on hosts where systemd is not PID 1): bookworm's
+# qemu-user-static through update-binfmts, backports' qemu-user-binfmt through binfmt.d.
 ensure_foreign_exec() {
     [[ $ARCH != "$(dpkg --print-architecture)" ]] || return 0
     arch-test "$ARCH" >/dev/null 2>&1 && return 0
     mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
     update-binfmts --enable qemu-aarch64 >&2 || true
-    arch-test "$ARCH" >&2 || die "this host cannot execute $ARCH binaries (binfmt_misc + qemu-user-static)"
+    register_from_binfmt_d qemu-aarch64 || true
+    arch-test "$ARCH" >&2 || die "this host cannot execute $ARCH binaries (binfmt_misc + qemu-user-static, or qemu-user + qemu-user-binfmt)"
 }
 
 # Work in a private mount namespace so nothing mounted during the build (by mmdebstrap) can

@@ -16,6 +16,8 @@ use crate::systemd::{self, Scope};
 use crate::vm::{self, CreateOptions, Started, Stopped};
 use crate::{qemu, ssh, supervisor};
 
+mod pipe;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "nox",
@@ -415,6 +417,8 @@ pub struct CreateArgs {
 pub fn main() -> i32 {
     // First, while single-threaded: as root, PATH is not the caller's.
     crate::trust::sanitize_env();
+    // `nox … | head -1`: end quietly, as a closed pipe conventionally does.
+    pipe::install_hook();
     // `COMPLETE=bash nox -- WORDS…` (what the completion script runs):
     // print the candidates and exit.
     clap_complete::CompleteEnv::with_factory(command).complete();
@@ -425,6 +429,9 @@ pub fn main() -> i32 {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // The supervisor writes into nox.log, whose tail start errors quote:
+        // colour codes only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     // One thread is plenty (the supervisor waits on a handful of fds) and
@@ -441,6 +448,7 @@ pub fn main() -> i32 {
     };
     match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
+        Err(e) if pipe::is_closed_output(&e) => pipe::die_of_sigpipe(),
         Err(e) => {
             // The whole chain on one line: "error: cannot create the VM: invalid VM name ...".
             eprintln!("error: {e:#}");
@@ -687,9 +695,13 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         insecure: a.insecure,
         refresh: a.refresh,
     };
-    let spec = vm::create(store, &opts)
+    let created = vm::create(store, &opts)
         .await
         .context("cannot create the VM")?;
+    for n in &created.notes {
+        eprintln!("{n}");
+    }
+    let spec = created.spec;
     let name = spec.name.clone();
     if !a.json {
         println!(
@@ -814,7 +826,7 @@ async fn events(
     let mut print = |lines: Vec<events::Line>| -> std::io::Result<()> {
         for l in lines {
             if json {
-                writeln!(out, "{}", l.raw.trim_end())?;
+                writeln!(out, "{}", l.json())?;
             } else if terminal {
                 // Guest-controlled text (cloud-init's detail) is shown escaped.
                 writeln!(out, "{}", crate::text::printable(l.human().as_bytes()))?;
@@ -1327,6 +1339,9 @@ fn set(store: &Store, a: &SetArgs) -> Result<i32> {
     let mut changes = vec![];
     if old.cpus != new.cpus {
         changes.push(format!("{} CPUs (was {})", new.cpus, old.cpus));
+        if let Some(w) = crate::spec::cpu_overcommit(new.cpus, crate::spec::host_cpus()) {
+            eprintln!("{w}");
+        }
     }
     if old.memory != new.memory {
         changes.push(format!(

@@ -1,8 +1,8 @@
 //! The store's `config.json`: the `defaults` users would otherwise repeat on
 //! every `nox create`, and the owner check every reader of the file uses.
 //!
-//! The file is shared: `jail` is read by [`crate::jail::ids`], `mirror` and
-//! `mirrors` by the image catalog. This loader types only `defaults` (unknown
+//! The file is shared: `jail` is read by [`crate::jail::ids`], `mirror`,
+//! `mirrors` and `max_image_size` by the image catalog and downloads. This loader types only `defaults` (unknown
 //! keys there are errors) and keeps the other top-level keys as they are.
 //!
 //! Precedence: a flag, then `defaults` here, then nox's built-in default.
@@ -26,7 +26,7 @@ pub const BUILTIN_DISK: &str = "10G";
 pub const BUILTIN_USER: &str = "nox";
 
 /// Top-level keys other modules read from the same file.
-const OTHER_KEYS: &[&str] = &["jail", "mirror", "mirrors"];
+const OTHER_KEYS: &[&str] = &["jail", "mirror", "mirrors", "max_image_size"];
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -229,7 +229,7 @@ fn cpus<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
         }
         fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u32, E> {
             let n = u32::try_from(n).unwrap_or(u32::MAX);
-            // The host's count is checked at create, where the VM is made.
+            // qemu's bound (per architecture) is checked at create.
             spec::validate_cpus(n, u32::MAX).map_err(E::custom)
         }
     }
@@ -295,7 +295,8 @@ struct KeyFile(PathBuf);
 impl<'de> Deserialize<'de> for KeyFile {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<KeyFile, D::Error> {
         checked_str(d, |s| {
-            let home = std::env::var_os("HOME").map(PathBuf::from);
+            // As root `~` is the key owner's passwd home, never `$HOME`.
+            let home = crate::userkeys::tilde_home();
             expand_home(s, home.as_deref()).map(KeyFile)
         })
     }

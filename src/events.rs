@@ -146,7 +146,8 @@ pub fn emit(vm: &VmPaths, kind: Kind) {
 /// Appends one line under the log's lock, rotating first when it would grow
 /// past [`MAX_LOG`].
 pub fn append(path: &Path, rec: &Record) -> Result<(), EventsError> {
-    let mut line = serde_json::to_string(rec).map_err(|e| io(path)(e.into()))?;
+    let line = serde_json::to_string(rec).map_err(|e| io(path)(e.into()))?;
+    let mut line = crate::text::json_escape_c1(&line);
     line.push('\n');
     if let Some(dir) = path.parent()
         && !dir.is_dir()
@@ -248,6 +249,12 @@ impl Line {
             raw: raw.to_string(),
             value,
         })
+    }
+
+    /// The line as `events --json` prints it: C1 controls escaped (a log
+    /// written before they were is shown safely too).
+    pub fn json(&self) -> String {
+        crate::text::json_escape_c1(self.raw.trim_end())
     }
 
     /// The event in the form of this version, if it is one this nox knows.
@@ -552,6 +559,38 @@ mod tests {
         let got = recent.poll().unwrap();
         assert!(got.iter().all(|l| l.time >= since));
         assert!(!got.is_empty());
+    }
+
+    #[test]
+    fn c1_controls_in_guest_text_are_escaped_in_json() {
+        let (_t, s) = store();
+        let a = s.vm_paths(&"a".parse().unwrap());
+        let rec = Record {
+            v: VERSION,
+            time: "2026-01-01T00:00:00.000Z".into(),
+            vm: "a".into(),
+            kind: Kind::CloudInit {
+                status: CloudInit::Error,
+                detail: Some("boom\u{9b}31m red".into()),
+            },
+        };
+        append(a.events(), &rec).unwrap();
+        let written = fs::read_to_string(a.events()).unwrap();
+        assert!(written.contains("boom\\u009b31m"), "{written:?}");
+        // A log written before (raw C1 in it) is printed escaped too.
+        fs::write(a.events(), serde_json::to_string(&rec).unwrap() + "\n").unwrap();
+        let lines = Reader::new(&s, None, None).poll().unwrap();
+        assert!(lines[0].raw.contains('\u{9b}'));
+        let json = lines[0].json();
+        assert!(
+            !json.contains('\u{9b}') && json.contains("\\u009b"),
+            "{json:?}"
+        );
+        assert_eq!(
+            serde_json::from_str::<Record>(&json).unwrap(),
+            rec,
+            "the same event"
+        );
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod testing;
 pub mod text;
 pub mod timeline;
 pub mod trust;
+pub mod userkeys;
 pub mod vm;
 pub mod warm;
 

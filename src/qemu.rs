@@ -42,6 +42,8 @@ pub struct ArchFacts {
     pub has_bios: bool,
     /// Device that reports guest panics to QEMU.
     pub panic_device: &'static str,
+    /// Most vCPUs the machine nox builds takes (see [`AMD64`], [`ARM64`]).
+    pub max_cpus: u32,
 }
 
 pub const AMD64: ArchFacts = ArchFacts {
@@ -52,6 +54,10 @@ pub const AMD64: ArchFacts = ArchFacts {
     console: "ttyS0",
     has_bios: true,
     panic_device: "pvpanic",
+    // q35 takes up to 4096 (qemu 10), but an APIC ID above 254 needs x2APIC
+    // with interrupt remapping (`-device intel-iommu,intremap=on,eim=on`
+    // and a split irqchip under KVM), which nox does not add: 255.
+    max_cpus: 255,
 };
 
 pub const ARM64: ArchFacts = ArchFacts {
@@ -62,6 +68,9 @@ pub const ARM64: ArchFacts = ArchFacts {
     console: "ttyAMA0",
     has_bios: false,
     panic_device: "pvpanic-pci",
+    // `virt`'s own limit with GICv3 (qemu 10's query-machines cpu-max; a
+    // GICv2 host under KVM stops at 8, which qemu itself reports).
+    max_cpus: 512,
 };
 
 pub fn arch_facts(arch: Arch) -> &'static ArchFacts {
@@ -664,6 +673,37 @@ mod tests {
                 .any(|x| x.contains("seed.img,format=raw,readonly=on"))
         );
         assert!(a.contains(&"host".to_string()));
+    }
+
+    #[test]
+    fn direct_boot_paths_are_plain_paths_even_with_commas() {
+        // A state directory with a comma: option values escape it, -kernel
+        // and -initrd (plain file names) must not.
+        let st = Store::at("/st,ate".into(), "/r".into());
+        let paths = st.vm_paths(&"demo".parse().unwrap());
+        let s = spec(Arch::Amd64);
+        let a = argv(&Launch {
+            spec: &s,
+            paths: &paths,
+            accel: Accel::Tcg,
+            net: NetBackend::User {
+                ssh_port: 1,
+                publish: vec![],
+            },
+            firmware: FirmwareArgs::default(),
+            direct: Some(crate::boot::DirectBoot {
+                kernel: "/st,ate/images/boot/k,1".into(),
+                initrd: "/st,ate/images/boot/i,1".into(),
+                cmdline: "root=UUID=x ro console=ttyS0".into(),
+            }),
+            incoming: None,
+        })
+        .unwrap();
+        let after = |flag: &str| a[a.iter().position(|x| x == flag).unwrap() + 1].clone();
+        assert_eq!(after("-kernel"), "/st,ate/images/boot/k,1");
+        assert_eq!(after("-initrd"), "/st,ate/images/boot/i,1");
+        assert_eq!(after("-append"), "root=UUID=x ro console=ttyS0");
+        assert!(after("-drive").contains("file=/st,,ate/"), "{a:?}");
     }
 
     #[test]

@@ -27,8 +27,8 @@ pub enum SpecError {
         value: String,
         why: String,
     },
-    #[error("invalid --cpus {cpus}: must be between 1 and {host} (this host's CPUs)")]
-    Cpus { cpus: u32, host: u32 },
+    #[error("invalid --cpus {cpus}: must be between 1 and {max} (qemu's limit for this machine)")]
+    Cpus { cpus: u32, max: u32 },
     #[error("invalid --network {0:?}: use 'user', 'passt', 'slirp', 'bridge' or 'bridge:NAME'")]
     Network(String),
     #[error("invalid --ip: {0}")]
@@ -291,14 +291,27 @@ pub fn parse_disk(value: &str) -> Result<u64, SpecError> {
     Ok(bytes)
 }
 
-pub fn validate_cpus(cpus: u32, host_cpus: u32) -> Result<u32, SpecError> {
-    if cpus == 0 || cpus > host_cpus.max(1) {
+/// vCPUs: at least 1, at most `max` (qemu's bound for the machine,
+/// `ArchFacts::max_cpus`). More than the host has is allowed (overcommit,
+/// as libvirt, Lima and Multipass allow): see [`cpu_overcommit`].
+pub fn validate_cpus(cpus: u32, max: u32) -> Result<u32, SpecError> {
+    if cpus == 0 || cpus > max.max(1) {
         return Err(SpecError::Cpus {
             cpus,
-            host: host_cpus.max(1),
+            max: max.max(1),
         });
     }
     Ok(cpus)
+}
+
+/// The warning for more vCPUs than the host has CPUs, if so.
+pub fn cpu_overcommit(cpus: u32, host_cpus: u32) -> Option<String> {
+    (cpus > host_cpus).then(|| {
+        format!(
+            "warning: {cpus} vCPUs on a host with {host_cpus} CPUs: they share the host's \
+             CPUs (overcommit), so each runs slower than a real one"
+        )
+    })
 }
 
 /// Total memory of the host from /proc/meminfo.
@@ -349,9 +362,23 @@ mod tests {
 
     #[test]
     fn cpus() {
-        assert!(validate_cpus(0, 2).is_err());
-        assert!(validate_cpus(3, 2).is_err());
-        assert_eq!(validate_cpus(2, 2).unwrap(), 2);
+        assert!(validate_cpus(0, 255).is_err());
+        assert_eq!(validate_cpus(2, 255).unwrap(), 2);
+        // More than the host has: allowed, with a warning.
+        assert_eq!(validate_cpus(64, 255).unwrap(), 64);
+        let w = cpu_overcommit(64, 2).unwrap();
+        assert!(w.contains("64 vCPUs on a host with 2 CPUs"), "{w}");
+        assert_eq!(cpu_overcommit(2, 2), None);
+        // qemu's bound for the machine is the hard one.
+        assert_eq!(validate_cpus(255, 255).unwrap(), 255);
+        let e = validate_cpus(256, 255).unwrap_err().to_string();
+        assert!(
+            e.contains("between 1 and 255") && e.contains("qemu's limit"),
+            "{e}"
+        );
+        let amd64 = crate::qemu::arch_facts(Arch::Amd64).max_cpus;
+        let arm64 = crate::qemu::arch_facts(Arch::Arm64).max_cpus;
+        assert_eq!((amd64, arm64), (255, 512));
     }
 
     #[test]

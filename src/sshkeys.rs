@@ -83,6 +83,11 @@ pub fn read_public_keys(path: &Path) -> Result<Vec<String>, KeyError> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_public_keys(path, &text)
+}
+
+/// The public keys in `text`, read from `path` (named in errors).
+pub(crate) fn parse_public_keys(path: &Path, text: &str) -> Result<Vec<String>, KeyError> {
     if text.contains("PRIVATE KEY-----") {
         return Err(KeyError::PrivateKeyFile {
             path: path.to_path_buf(),

@@ -48,6 +48,12 @@ pub enum SupervisorError {
     EarlyExit { status: String, log: String },
     #[error("QMP session with qemu")]
     Qmp(#[source] qmp::QmpError),
+    #[error("qemu's last lines:\n{log}\nQMP session with qemu")]
+    QmpStart {
+        #[source]
+        source: qmp::QmpError,
+        log: String,
+    },
     #[error(transparent)]
     Network(#[from] crate::net::attach::AttachError),
     #[error(transparent)]
@@ -601,16 +607,50 @@ async fn spawn_connected(
                 });
             }
             Err(failed) => {
-                let _ = q.child.kill().await;
-                let status = q.child.wait().await.map(describe_exit).unwrap_or_default();
+                let (status, by_itself) = reap_failed_start(&mut q).await;
                 let log = store::tail(&vm.log(), log_start, 20);
                 if attempt < 3 && log.contains("hostfwd") {
                     warn!("SSH forward port was taken, retrying");
                     continue;
                 }
-                return Err(failed.unwrap_or(SupervisorError::EarlyExit { status, log }));
+                return Err(start_error(failed, by_itself, status, log));
             }
         }
+    }
+}
+
+/// Ends a qemu whose start failed: (how it ended, whether by itself). A
+/// qemu dying at start closes QMP a moment before it is reaped, so it gets
+/// [`DYING_GRACE`] to exit on its own before it is killed.
+async fn reap_failed_start(q: &mut Qemu) -> (String, bool) {
+    if let Ok(Ok(st)) = tokio::time::timeout(DYING_GRACE, q.child.wait()).await {
+        return (describe_exit(st), true);
+    }
+    let _ = q.child.kill().await;
+    let status = q.child.wait().await.map(describe_exit).unwrap_or_default();
+    (status, false)
+}
+
+/// How long a qemu whose QMP failed at start may take to exit by itself.
+const DYING_GRACE: Duration = Duration::from_secs(2);
+
+/// The error of a failed start, with qemu's own last lines (`log`): when qemu
+/// exited by itself, its words are the reason and a QMP failure (`Connection
+/// reset by peer`) only the symptom.
+fn start_error(
+    qmp: Option<SupervisorError>,
+    by_itself: bool,
+    status: String,
+    log: String,
+) -> SupervisorError {
+    match qmp {
+        Some(e) if !by_itself => match e {
+            SupervisorError::Qmp(source) if !log.is_empty() => {
+                SupervisorError::QmpStart { source, log }
+            }
+            e => e,
+        },
+        _ => SupervisorError::EarlyExit { status, log },
     }
 }
 
@@ -1060,6 +1100,53 @@ mod tests {
         };
         assert!(reason.starts_with("cannot wait for qemu: "), "{reason}");
         assert!(reason.contains("not found"), "{reason}");
+    }
+
+    #[test]
+    fn a_qemu_dying_at_start_is_reported_in_its_own_words() {
+        let reset = || {
+            SupervisorError::Qmp(qmp::QmpError::Greeting {
+                path: "/r/qmp.sock".into(),
+                reason: "Connection reset by peer (os error 104)".into(),
+            })
+        };
+        let qemu_said = "qemu-system-x86_64: could not open kernel file '/s,,t/k'";
+        let text = |e: SupervisorError| crate::error_chain(&e);
+        // qemu exited by itself: its stderr is the reason, QMP the symptom.
+        let e = text(start_error(
+            Some(reset()),
+            true,
+            "exit status 1".into(),
+            qemu_said.into(),
+        ));
+        assert!(e.contains("exited during start-up (exit status 1)"), "{e}");
+        assert!(e.contains(qemu_said) && !e.contains("reset"), "{e}");
+        // Exited before QMP answered at all: the same.
+        let e = text(start_error(
+            None,
+            true,
+            "exit status 1".into(),
+            qemu_said.into(),
+        ));
+        assert!(e.contains(qemu_said), "{e}");
+        // Still running, QMP broken: the QMP error, with what qemu said.
+        let e = text(start_error(
+            Some(reset()),
+            false,
+            "killed".into(),
+            qemu_said.into(),
+        ));
+        assert!(
+            e.contains(qemu_said) && e.contains("Connection reset"),
+            "{e}"
+        );
+        let e = text(start_error(
+            Some(reset()),
+            false,
+            "killed".into(),
+            String::new(),
+        ));
+        assert_eq!(e, text(reset()));
     }
 
     #[test]

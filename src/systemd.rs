@@ -27,6 +27,15 @@ pub enum SystemdError {
     Store(#[from] crate::store::StoreError),
     #[error("systemctl {args} failed: {stderr}")]
     Systemctl { args: String, stderr: String },
+    #[error(
+        "refusing to install a system unit that runs {exe} as root: {path} is {why}; \
+         install nox where only root can write (e.g. /usr/local/bin, see scripts/setup-host.sh)"
+    )]
+    UntrustedExe {
+        exe: PathBuf,
+        path: PathBuf,
+        why: String,
+    },
 }
 
 /// Seconds systemd waits for `nox run` to stop. Longer than nox's own default
@@ -229,13 +238,38 @@ pub fn default_dir(scope: Scope) -> Option<PathBuf> {
     }
 }
 
+/// Refuses an `ExecStart=` binary that root would run but someone else could
+/// replace: the file and every directory up to `/` must be root's and not
+/// writable by group or others (a sticky directory above it is fine: others
+/// cannot rename what root made in it).
+pub fn check_exe(exe: &Path) -> Result<(), SystemdError> {
+    for (i, p) in exe.ancestors().enumerate() {
+        let refuse = |why: String| SystemdError::UntrustedExe {
+            exe: exe.to_owned(),
+            path: p.to_owned(),
+            why,
+        };
+        let meta = std::fs::symlink_metadata(p).map_err(|e| refuse(format!("unreadable ({e})")))?;
+        if meta.file_type().is_symlink() {
+            return Err(refuse("a symbolic link".into()));
+        }
+        use std::os::unix::fs::MetadataExt;
+        crate::trust::judge(meta.uid(), meta.mode(), i > 0).map_err(refuse)?;
+    }
+    Ok(())
+}
+
 /// Writes `nox@.service` into `dir` (atomically) and reloads systemd when it
-/// runs. Returns the unit's path.
+/// runs. Returns the unit's path. The system unit runs `exe` as root, so
+/// `exe` must pass [`check_exe`].
 pub fn install(dir: &Path, exe: &Path, scope: Scope) -> Result<PathBuf, SystemdError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| SystemdError::Io { path, source }
     };
+    if scope == Scope::System {
+        check_exe(exe)?;
+    }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let path = dir.join("nox@.service");
     crate::store::write_atomic(&path, unit(exe, scope).as_bytes(), 0o644)?;
@@ -409,6 +443,58 @@ mod tests {
             dropin_dir("web"),
             Path::new("/etc/systemd/system/nox@web.service.d")
         );
+    }
+
+    #[test]
+    fn system_unit_runs_only_a_binary_only_root_can_replace() {
+        use std::os::unix::fs::PermissionsExt;
+        if !crate::testing::prereq(crate::trust::as_root(), "needs root (chown)") {
+            return;
+        }
+        let chmod = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        // Below /tmp (sticky, fine above the binary).
+        let t = tempfile::tempdir().unwrap();
+        chmod(t.path(), 0o755);
+        let bin = t.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let exe = bin.join("nox");
+        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
+        chmod(&bin, 0o755);
+        chmod(&exe, 0o755);
+        check_exe(&exe).unwrap();
+        // (A successful install would reload systemd where it runs: not here.)
+        let units = t.path().join("units");
+
+        chmod(&exe, 0o775);
+        let e = check_exe(&exe).unwrap_err().to_string();
+        assert!(
+            e.contains("/bin/nox is mode 775: writable by its group"),
+            "{e}"
+        );
+        let e = install(&units, &exe, Scope::System).unwrap_err();
+        assert!(matches!(e, SystemdError::UntrustedExe { .. }), "{e}");
+        assert!(!units.exists(), "nothing written");
+        chmod(&exe, 0o755);
+
+        chmod(&bin, 0o777);
+        let e = check_exe(&exe).unwrap_err().to_string();
+        assert!(e.contains("/bin is mode 777: writable by anyone"), "{e}");
+        chmod(&bin, 0o1777);
+        // Sticky is fine above the binary, never on the binary itself.
+        check_exe(&exe).unwrap();
+        chmod(&bin, 0o755);
+
+        std::os::unix::fs::lchown(&exe, Some(1000), None).unwrap();
+        let e = check_exe(&exe).unwrap_err().to_string();
+        assert!(e.contains("owned by uid 1000, not by root"), "{e}");
+        std::os::unix::fs::lchown(&exe, Some(0), None).unwrap();
+
+        let link = bin.join("link");
+        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        let e = check_exe(&link).unwrap_err().to_string();
+        assert!(e.contains("a symbolic link"), "{e}");
     }
 }
 

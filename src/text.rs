@@ -40,9 +40,39 @@ pub fn printable(bytes: &[u8]) -> String {
     out
 }
 
+/// JSON text with every C1 control (U+0080–U+009F) written as `\u00XX`.
+/// serde_json leaves them raw, and on a terminal that reads 8-bit controls
+/// U+009B is CSI: guest text in `--json` output could drive the terminal.
+/// Raw characters other than ASCII appear only inside JSON strings, where
+/// the escape means the same character, so the value is unchanged.
+pub fn json_escape_c1(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if ('\u{80}'..='\u{9f}').contains(&c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_c1_controls_are_escaped_and_the_value_kept() {
+        let v = serde_json::json!({"detail": "a\u{9b}2J\u{85}b\u{a0}é\u{1b}"});
+        let raw = serde_json::to_string(&v).unwrap();
+        assert!(raw.contains('\u{9b}'), "serde_json leaves C1 raw: {raw:?}");
+        let safe = json_escape_c1(&raw);
+        // U+00A0 (not a control) stays; ESC was already escaped by serde_json.
+        assert_eq!(safe, "{\"detail\":\"a\\u009b2J\\u0085b\u{a0}é\\u001b\"}");
+        assert!(!safe.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c)));
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back, v);
+    }
 
     #[test]
     fn escapes_terminal_controls_but_keeps_lines() {

@@ -2,7 +2,7 @@
 //! the stable `--json` view of a VM.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -130,17 +130,26 @@ pub fn new_keys(
     Ok((own, host))
 }
 
+/// A VM `create` defined.
+#[derive(Debug)]
+pub struct Created {
+    pub spec: VmSpec,
+    /// Lines for the user: which default SSH keys were authorised, which
+    /// were left out and why.
+    pub notes: Vec<String>,
+}
+
 /// Defines a VM atomically: every file is made in a private staging
 /// directory that becomes `vms/NAME` by one rename, so a failure or a kill at
 /// any point leaves nothing `list` shows and nothing that blocks a retry.
-pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError> {
+pub async fn create(store: &Store, o: &CreateOptions) -> Result<Created, VmError> {
     // Validate everything that needs no I/O first.
     let name = o.name.clone().unwrap_or_else(VmName::generate);
     let arch = match o.arch {
         Some(a) => a,
         None => Arch::host().map_err(spec::SpecError::from)?,
     };
-    let cpus = spec::validate_cpus(o.cpus, spec::host_cpus())?;
+    let cpus = spec::validate_cpus(o.cpus, crate::qemu::arch_facts(arch).max_cpus)?;
     let memory = spec::parse_memory(&o.memory, spec::host_memory())?;
     let disk = spec::parse_disk(&o.disk)?;
     let console_log_size = spec::parse_console_log_size(&o.console_log_size)?;
@@ -282,7 +291,9 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<VmSpec, VmError>
         network: spec.network.to_string(),
     };
     crate::events::emit(&vm, created);
-    Ok(spec)
+    let mut notes = user_keys.report;
+    notes.extend(spec::cpu_overcommit(spec.cpus, spec::host_cpus()));
+    Ok(Created { spec, notes })
 }
 
 /// The base image for a create: a local file is imported into the cache
@@ -419,19 +430,21 @@ struct UserKeys {
     keys: Vec<String>,
     /// The private key beside the first `.pub` given, if it exists.
     identity: Option<PathBuf>,
+    /// What to tell the user about the default keys taken or left out.
+    report: Vec<String>,
 }
 
-/// The user's public keys: the `--ssh-key` files, else `~/.ssh/id_*.pub`.
+/// The user's public keys: the `--ssh-key` files, else the default ones
+/// (crate::userkeys: as root, checked and never from `$HOME`).
 fn user_public_keys(files: &[PathBuf]) -> Result<UserKeys, VmError> {
-    let defaults;
-    let files = if files.is_empty() {
-        defaults = std::env::var_os("HOME")
-            .map(|h| sshkeys::default_public_key_files(Path::new(&h)))
-            .unwrap_or_default();
-        &defaults[..]
-    } else {
-        files
-    };
+    if files.is_empty() {
+        let d = crate::userkeys::defaults()?;
+        return Ok(UserKeys {
+            report: d.report(),
+            keys: d.keys,
+            identity: d.identity,
+        });
+    }
     let mut keys = vec![];
     for f in files {
         keys.extend(sshkeys::read_public_keys(f)?);
@@ -441,7 +454,11 @@ fn user_public_keys(files: &[PathBuf]) -> Result<UserKeys, VmError> {
         .map(|f| f.with_extension(""))
         .find(|p| p.is_file())
         .and_then(|p| std::path::absolute(p).ok());
-    Ok(UserKeys { keys, identity })
+    Ok(UserKeys {
+        keys,
+        identity,
+        report: vec![],
+    })
 }
 
 /// How `start` ended.
@@ -856,7 +873,7 @@ pub fn set(store: &Store, name: &str, o: &SetOptions) -> Result<(VmSpec, VmSpec)
     let old = vm.load_spec()?;
     let mut new = old.clone();
     if let Some(c) = o.cpus {
-        new.cpus = spec::validate_cpus(c, spec::host_cpus())?;
+        new.cpus = spec::validate_cpus(c, crate::qemu::arch_facts(old.arch).max_cpus)?;
     }
     if let Some(m) = &o.memory {
         new.memory = spec::parse_memory(m, spec::host_memory())?;

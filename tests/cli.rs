@@ -618,3 +618,52 @@ fn as_root_state_and_programs_come_only_from_root() {
         "{out:?}"
     );
 }
+
+/// Issue 18 item 11: every command ends quietly when its output is a pipe
+/// nobody reads (`nox info NAME --json | head -1`): killed by SIGPIPE as
+/// conventional tools are (the shell's 141), no panic, no message.
+#[test]
+fn a_closed_output_pipe_ends_commands_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    h.ok(&[
+        "create",
+        "piped",
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--no-start",
+    ]);
+    let commands: [&[&str]; 7] = [
+        &["info", "piped", "--json"],
+        &["info", "piped"],
+        &["list", "--json"],
+        &["list"],
+        &["config", "show", "--json"],
+        &["completions", "bash"],
+        &["man"],
+    ];
+    for args in commands {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        drop(r);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nox"))
+            .args(args)
+            .env("NOX_HOME", h.path())
+            .env("HOME", h.path().join("home"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(w))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.is_empty(), "nox {args:?} said: {err}");
+        assert_eq!(
+            out.status.signal(),
+            Some(13),
+            "nox {args:?}: {:?}",
+            out.status
+        );
+    }
+}

@@ -146,7 +146,8 @@ fn set_refusals_change_nothing() {
     let cases: &[(&[&str], &str)] = &[
         (&["set", "web"], "required arguments"),
         (&["set", "web", "--cpus", "0"], "--cpus 0"),
-        (&["set", "web", "--cpus", "100000"], "this host's CPUs"),
+        (&["set", "web", "--cpus", "100000"], "between 1 and 255"),
+        (&["set", "web", "--cpus", "256"], "qemu's limit"),
         (&["set", "web", "--cpus", "two"], "invalid value"),
         (&["set", "web", "--memory", "12Q"], "--memory"),
         (&["set", "web", "--memory", "1024"], "add a unit"),
@@ -208,6 +209,44 @@ fn set_refusals_change_nothing() {
     assert_eq!(h.info("web")["disk"], 4u64 << 30);
     // Same size: nothing to do, not an error.
     assert!(h.ok(&["set", "web", "--disk", "4G"]).contains("unchanged"));
+
+    // More vCPUs than the host has: overcommit, allowed with a warning
+    // (issue 18 item 12); qemu's bound for the machine stays the limit.
+    let over = (nox::spec::host_cpus() + 1).to_string();
+    let out = h.nox(&["set", "web", "--cpus", &over]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning:") && err.contains("overcommit"),
+        "{err}"
+    );
+    assert_eq!(h.info("web")["cpus"].as_u64().unwrap().to_string(), over);
+    let out = h.nox(&[
+        "create",
+        "many",
+        "--image",
+        img,
+        "--network",
+        "user",
+        "--cpus",
+        "255",
+        "--no-start",
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("255 vCPUs on a host with"), "{err}");
+    let err = h.fails(&[
+        "create",
+        "more",
+        "--image",
+        img,
+        "--network",
+        "user",
+        "--cpus",
+        "256",
+        "--no-start",
+    ]);
+    assert!(err.contains("between 1 and 255"), "{err}");
 }
 
 #[test]
@@ -243,6 +282,56 @@ fn cp_refusals() {
         assert!(!err.contains("panicked"), "{err}");
     }
     assert_eq!(std::fs::read(f).unwrap(), b"x");
+}
+
+/// Issue 18 item 6: as root the default keys are root's (or SUDO_USER's),
+/// from the passwd home: a `$HOME` the caller points elsewhere chooses none.
+#[test]
+fn default_ssh_keys_as_root_never_come_from_home_env() {
+    let mut h = Home::new();
+    h.env.push(("SUDO_USER".into(), String::new()));
+    let Some(img) = small_image(&h) else { return };
+    let ssh = h.path().join("home/.ssh");
+    std::fs::create_dir_all(&ssh).unwrap();
+    std::fs::write(
+        ssh.join("id_ed25519.pub"),
+        KEY.replace("test@cliops", "evil@home"),
+    )
+    .unwrap();
+    std::fs::write(ssh.join("id_ed25519"), "not read\n").unwrap();
+    std::fs::set_permissions(
+        ssh.join("id_ed25519"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let img = img.to_str().unwrap();
+    let out = h.nox(&[
+        "create",
+        "k1",
+        "--image",
+        img,
+        "--network",
+        "user",
+        "--no-start",
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let spec = String::from_utf8(spec_bytes(&h, "k1")).unwrap();
+    let home = h.path().join("home").display().to_string();
+    if is_root() {
+        assert!(
+            !spec.contains("evil@home"),
+            "$HOME's key authorised: {spec}"
+        );
+        assert!(!spec.contains(&home), "$HOME's identity recorded: {spec}");
+        assert!(!err.contains(&home), "{err}");
+    } else {
+        assert!(spec.contains("evil@home"), "{spec}");
+        assert!(
+            err.contains("Authorised SSH key") && err.contains("id_ed25519.pub"),
+            "{err}"
+        );
+    }
 }
 
 fn write_config(h: &Home, text: &str, mode: u32) -> std::path::PathBuf {
@@ -297,6 +386,23 @@ fn config_defaults_apply_and_flags_win() {
         text.contains("256M") && text.contains("config.json"),
         "{text}"
     );
+    // `~` is the caller's $HOME, except as root: root's passwd home (the
+    // caller's environment is not believed), so root's create would read
+    // /root/keys/me.pub; here the key is then named by its full path.
+    let tilde = if is_root() {
+        "/root/keys/me.pub".to_string()
+    } else {
+        h.path().join("home/keys/me.pub").display().to_string()
+    };
+    assert_eq!(show["defaults"]["ssh_keys"][0], tilde.as_str());
+    if is_root() {
+        let full = h.path().join("home/keys/me.pub");
+        write_config(
+            &h,
+            &cfg.replace("~/keys/me.pub", full.to_str().unwrap()),
+            0o600,
+        );
+    }
 
     // Config over built-ins.
     h.ok(&["create", "c1", "--no-start"]);

@@ -1075,6 +1075,52 @@ fn http_mirrors_and_oversized_documents_are_refused() {
     assert!(srv.gets(DEB_FILE).is_empty());
 }
 
+/// Issue 18 item 9: an image larger than `max_image_size` is refused, whether
+/// the server declares its length or not, and leaves nothing behind.
+#[test]
+fn oversized_images_are_refused() {
+    if !net_prereqs() {
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let (srv_dir, _, _) = mirror_tree(td.path(), 2);
+    let rt = rt();
+    for extra in [&[][..], &["--no-length"][..]] {
+        let srv = Server::start(&srv_dir, extra);
+        // Both servers append to one log.
+        let before = srv.gets(DEB_FILE).len();
+        let entry = serde_json::json!({ "url": srv.base(), "allow_http": true, "unsigned": true });
+        let cache = write_config(
+            td.path(),
+            serde_json::json!({ "mirrors": { "debian": entry }, "max_image_size": "1M" }),
+        );
+        let e = rt.block_on(cache.pull(&deb(), &quiet())).unwrap_err();
+        assert!(
+            matches!(e, ImageError::ImageTooLarge { .. }),
+            "{extra:?}: {e}"
+        );
+        let msg = e.to_string();
+        let why = if extra.is_empty() {
+            "the server declares"
+        } else {
+            "more than 1048576 bytes came"
+        };
+        assert!(msg.contains(why), "{msg}");
+        assert_eq!(
+            srv.gets(DEB_FILE).len(),
+            before + 1,
+            "not retried: {:?}",
+            srv.gets(DEB_FILE)
+        );
+        assert!(tmp_is_empty(&cache), "a refused download is not kept");
+        assert!(cache.list().unwrap().is_empty());
+        // Under the cap (the default, 64 GiB) it comes.
+        let cache = cache_with_mirror(td.path(), &srv.base());
+        rt.block_on(cache.pull(&deb(), &quiet())).unwrap();
+        std::fs::remove_dir_all(td.path().join("images")).unwrap();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Offline use of cached catalog images (issue 14 item 10).
 

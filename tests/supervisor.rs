@@ -633,3 +633,49 @@ fn twenty_concurrent_creates_with_start_all_succeed() {
         assert!(left.is_empty(), "{left:?}");
     }
 }
+
+/// Issue 18 item 10: a qemu that dies at start after making its sockets
+/// (the QMP greeting then fails with `Connection reset by peer`) is
+/// reported in its own words: its stderr is in the recorded reason. qemu is
+/// the fake (tests/support/fake_qemu.py), which dies so for a VM named
+/// `dies-at-start*`.
+#[test]
+fn qemu_dying_at_start_is_reported_with_its_stderr() {
+    use std::os::unix::fs::PermissionsExt;
+    if !prereq(is_root(), "needs root (the jail)")
+        || !prereq(have("qemu-img"), "qemu-img not installed")
+        || !prereq(
+            std::path::Path::new("/usr/bin/python3").exists(),
+            "no /usr/bin/python3",
+        )
+    {
+        return;
+    }
+    let h = Home::new();
+    let bin = h.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = bin.join("qemu-system-x86_64");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_qemu.py"),
+        &fake,
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_config(
+        &h,
+        serde_json::json!({"binaries": {"qemu-system-x86_64": fake, "passt": "/nonexistent/passt"}}),
+    );
+    blank_vm(&h, "dies-at-start", &["--network", "user"]);
+    let err = h.fails(&["start", "dies-at-start"]);
+    assert!(err.contains("could not open kernel file"), "{err}");
+    let reason = h.info("dies-at-start")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("could not open kernel file '/fake/k'"),
+        "the recorded reason hides qemu's words: {reason}"
+    );
+    assert!(reason.contains("exited during start-up"), "{reason}");
+}

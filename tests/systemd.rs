@@ -59,6 +59,12 @@ fn generated_units_verify_clean() {
         let dir = h.path().join(label);
         let mut args = vec!["systemd", "install", "--dir", dir.to_str().unwrap()];
         args.extend(flag);
+        if flag.is_none() && !is_root() {
+            // The system unit runs the binary as root: a user's build is refused.
+            let err = h.fails(&args);
+            assert!(err.contains("refusing to install a system unit"), "{err}");
+            continue;
+        }
         let out = h.ok(&args);
         let template = dir.join("nox@.service");
         assert!(out.contains(template.to_str().unwrap()), "{out}");
@@ -85,6 +91,32 @@ fn generated_units_verify_clean() {
             "verify did not notice a bad key: {text}"
         );
     }
+}
+
+/// Issue 18 item 9: `ExecStart=` never names a binary others could replace.
+#[test]
+fn system_install_refuses_a_binary_others_can_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Home::new();
+    let bin = h.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let exe = bin.join("nox");
+    std::fs::copy(env!("CARGO_BIN_EXE_nox"), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let dir = h.path().join("units");
+    let out = Command::new(&exe)
+        .args(["systemd", "install", "--dir", dir.to_str().unwrap()])
+        .env("NOX_HOME", h.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("refusing to install a system unit"), "{err}");
+    if is_root() {
+        let why = format!("{} is mode 775: writable by its group", exe.display());
+        assert!(err.contains(&why), "{err}");
+    }
+    assert!(!dir.join("nox@.service").exists());
 }
 
 #[test]

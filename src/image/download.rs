@@ -112,6 +112,14 @@ impl Cache {
         serde_json::from_slice(&fs::read(self.config.as_ref()?).ok()?).ok()
     }
 
+    /// The most bytes one image download may bring (`max_image_size`).
+    fn max_image_bytes(&self) -> Result<u64, ImageError> {
+        max_image_bytes(self.config().as_ref()).map_err(|why| ImageError::MaxImageSize {
+            path: self.config.clone().unwrap_or_default(),
+            why,
+        })
+    }
+
     /// The mirror of a distro, from the environment and the store's config.
     pub fn mirror(&self, distro: Distro) -> Mirror {
         mirror_for(distro, |k| std::env::var(k).ok(), self.config().as_ref())
@@ -362,7 +370,8 @@ impl Cache {
             let _ = fs::remove_file(&part);
             super::write_json_atomic(&part_meta, &meta)?;
         }
-        let result = self.download_verify(want, opts, &part).await;
+        let max = self.max_image_bytes()?;
+        let result = self.download_verify(want, opts, &part, max).await;
         let img = match result {
             Ok((sha256, sha512)) => {
                 let committed = self.commit_blob(
@@ -407,6 +416,7 @@ impl Cache {
         want: &Want<'_>,
         opts: &PullOptions,
         part: &Path,
+        max: u64,
     ) -> Result<(String, Option<String>), ImageError> {
         let client = client(opts)?;
         let want512 = want.expected.is_some_and(|c| c.algo == HashAlgo::Sha512);
@@ -415,7 +425,7 @@ impl Cache {
         let attempts = opts.attempts.max(1);
         let mut last = String::new();
         for attempt in 1..=attempts {
-            match download_once(&client, want.url, part, &mut hashes, &reporter).await {
+            match download_once(&client, want.url, part, &mut hashes, &reporter, max).await {
                 Ok(()) => {
                     last.clear();
                     break;
@@ -500,6 +510,48 @@ fn redirect_refusal(
     } else {
         None
     }
+}
+
+/// Default cap on one image download: far above any cloud image (~0.5 GB)
+/// and an installer DVD, far below filling a host's disk by surprise.
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 64 << 30;
+
+/// `max_image_size` of config.json (`"64G"`, or a number of bytes), else
+/// [`DEFAULT_MAX_IMAGE_BYTES`].
+fn max_image_bytes(config: Option<&serde_json::Value>) -> Result<u64, String> {
+    let max = match config.and_then(|c| c.get("max_image_size")) {
+        None => return Ok(DEFAULT_MAX_IMAGE_BYTES),
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| format!("{n} is not a number of bytes"))?,
+        Some(serde_json::Value::String(s)) => {
+            crate::spec::parse_size("max_image_size", s).map_err(|e| e.to_string())?
+        }
+        Some(v) => {
+            return Err(format!(
+                "{v} is neither a size (\"64G\") nor a number of bytes"
+            ));
+        }
+    };
+    if max == 0 {
+        return Err("0 would refuse every image".into());
+    }
+    Ok(max)
+}
+
+/// Whether an image download past the cap must stop: `total`, the length
+/// the server declared (with what we had), or `got`, what came.
+fn over_image_cap(url: &str, total: Option<u64>, got: u64, max: u64) -> Result<(), ImageError> {
+    let what = match total {
+        Some(t) if t > max => format!("the server declares {t}"),
+        _ if got > max => format!("more than {max} bytes came"),
+        _ => return Ok(()),
+    };
+    Err(ImageError::ImageTooLarge {
+        url: url.to_string(),
+        max,
+        what,
+    })
 }
 
 /// Most bytes of a directory index page read.
@@ -639,6 +691,7 @@ async fn download_once(
     part: &Path,
     hashes: &mut Hashes,
     reporter: &Reporter,
+    max: u64,
 ) -> Result<(), Attempt> {
     let fatal = Attempt::Fatal;
     let mut file = OpenOptions::new()
@@ -707,7 +760,8 @@ async fn download_once(
     hashes
         .catch_up(&mut file, part, start)
         .map_err(Attempt::Fatal)?;
-    let total = resp.content_length().map(|l| l + start);
+    let total = resp.content_length().map(|l| l.saturating_add(start));
+    over_image_cap(url, total, start, max).map_err(fatal)?;
     reporter.start(start, total);
 
     // Hash and write on a blocking thread so that receiving, hashing and writing overlap.
@@ -716,10 +770,15 @@ async fn download_once(
     let writer = spawn_writer(rx, file, owned, part.to_path_buf());
     let mut got = start;
     let mut net_err = None;
+    let mut cap_err = None;
     loop {
         match resp.chunk().await {
             Ok(Some(chunk)) => {
                 got += chunk.len() as u64;
+                if let Err(e) = over_image_cap(url, None, got, max) {
+                    cap_err = Some(e);
+                    break;
+                }
                 reporter.update(got);
                 if tx.send(chunk).await.is_err() {
                     break; // writer failed; its error is reported below
@@ -741,6 +800,9 @@ async fn download_once(
     })?;
     *hashes = h;
     res.map_err(fatal)?;
+    if let Some(e) = cap_err {
+        return Err(fatal(e));
+    }
     if let Some(e) = net_err {
         return Err(Attempt::Retry(e));
     }
@@ -907,6 +969,39 @@ impl Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_size_cap_from_config_and_its_checks() {
+        use serde_json::json;
+        assert_eq!(max_image_bytes(None), Ok(64 << 30));
+        assert_eq!(max_image_bytes(Some(&json!({"mirror": "x"}))), Ok(64 << 30));
+        assert_eq!(
+            max_image_bytes(Some(&json!({"max_image_size": "2G"}))),
+            Ok(2 << 30)
+        );
+        assert_eq!(
+            max_image_bytes(Some(&json!({"max_image_size": 4096}))),
+            Ok(4096)
+        );
+        for bad in [json!("lots"), json!(0), json!(-1), json!(true), json!("12")] {
+            let r = max_image_bytes(Some(&json!({ "max_image_size": bad })));
+            assert!(r.is_err(), "{bad}: {r:?}");
+        }
+        let u = "http://m/i.qcow2";
+        assert!(over_image_cap(u, Some(100), 0, 100).is_ok());
+        assert!(over_image_cap(u, None, 100, 100).is_ok());
+        let e = over_image_cap(u, Some(101), 0, 100)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("declares 101") && e.contains("max_image_size"),
+            "{e}"
+        );
+        // A server that declares nothing, or less than it sends, is cut off by what came.
+        let e = over_image_cap(u, None, 101, 100).unwrap_err().to_string();
+        assert!(e.contains("more than 100 bytes came"), "{e}");
+        assert!(over_image_cap(u, Some(50), 101, 100).is_err());
+    }
 
     #[test]
     fn redirects_never_go_from_https_down_to_http() {

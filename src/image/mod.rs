@@ -136,6 +136,13 @@ pub enum ImageError {
     #[error("GET {url}: larger than {max} bytes")]
     TooLarge { url: String, max: u64 },
     #[error(
+        "GET {url}: the image is larger than {max} bytes ({what}); \
+         \"max_image_size\" in config.json raises the cap"
+    )]
+    ImageTooLarge { url: String, max: u64, what: String },
+    #[error("{}: \"max_image_size\": {why}", path.display())]
+    MaxImageSize { path: PathBuf, why: String },
+    #[error(
         "{sums} has no signature ({signature} is missing), although {distro} signs its \
          checksum files: refused (a mirror without signatures needs \"unsigned\": true in its \
          entry in config.json, or --insecure)"

@@ -68,14 +68,15 @@ pub fn verbatim(value: &str) -> Result<String, OptError> {
     Ok(value.into())
 }
 
-/// A file name qemu takes verbatim (`-kernel FILE`, `-initrd FILE`).
-/// `-initrd` splits its value on commas (several initrds), so a comma is
-/// escaped here too.
+/// A file name qemu takes verbatim (`-kernel FILE`, `-initrd FILE`): a
+/// plain path, not an option list, so a comma is not escaped (`,,` would
+/// name another file). Only a multiboot kernel's `-initrd` is a list, and
+/// nox boots Linux.
 pub fn verbatim_path(path: &Path) -> Result<String, OptError> {
     let s = path
         .to_str()
         .ok_or_else(|| OptError::NonUtf8(path.to_owned()))?;
-    verbatim(&escape(s))
+    verbatim(s)
 }
 
 impl Display for Opts {
@@ -113,7 +114,9 @@ mod tests {
     fn verbatim_values() {
         assert_eq!(verbatim("root=UUID=x ro").unwrap(), "root=UUID=x ro");
         assert!(verbatim("a\nb").is_err());
-        assert_eq!(verbatim_path(Path::new("/a,b/k")).unwrap(), "/a,,b/k");
+        // A path, not an option list: the comma stays one comma.
+        assert_eq!(verbatim_path(Path::new("/a,b/k")).unwrap(), "/a,b/k");
+        assert!(verbatim_path(Path::new("/a\nb/k")).is_err());
     }
 
     #[test]

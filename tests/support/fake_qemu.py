@@ -5,7 +5,12 @@ not fit on a CI machine (nox's config.json "binaries" points at a copy).
 
 Answers qmp_capabilities, cont, query-status (running); system_powerdown
 emits POWERDOWN then SHUTDOWN (guest-shutdown) and exits 0; quit emits
-SHUTDOWN (host-qmp-quit) and exits 0. Other commands: an empty return."""
+SHUTDOWN (host-qmp-quit) and exits 0. Other commands: an empty return.
+
+A VM named dies-at-start*: like a qemu that fails after making its sockets
+(e.g. a kernel file it cannot open), it accepts the first QMP connection,
+writes an error to stderr, resets the connection before any greeting and
+exits 1 a moment later."""
 
 import json
 import os
@@ -31,7 +36,27 @@ def send(conn, obj):
     conn.sendall((json.dumps(obj) + "\r\n").encode())
 
 
+def vm_name(argv):
+    for i, a in enumerate(argv[:-1]):
+        if a == "-name":
+            return argv[i + 1].split(",")[0]
+    return ""
+
+
+def die_at_start(conn):
+    sys.stderr.write(
+        "qemu-system-x86_64: could not open kernel file '/fake/k': No such file or directory\n"
+    )
+    sys.stderr.flush()
+    # RST, not a clean close: what the supervisor saw from a real qemu.
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    conn.close()
+    select.select([], [], [], 0.3)
+    os._exit(1)
+
+
 def main():
+    dies = vm_name(sys.argv).startswith("dies-at-start")
     listeners = {}
     for path, serial, logfile in chardev_paths(sys.argv):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -50,6 +75,8 @@ def main():
                 if listeners[r]:
                     c.close()
                     continue
+                if dies:
+                    die_at_start(c)
                 conns[c] = b""
                 send(c, {"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
                                              "package": ""}, "capabilities": []}})

@@ -6,6 +6,7 @@ Prints the port on the first line of stdout, then serves --dir until killed.
   --cut PATH:BYTES  the first GET of PATH sends BYTES of body, then drops the connection
   --delay SECONDS   wait before answering each GET (lets concurrent clients overlap)
   --log FILE        one line per request: "GET <path> <range-or-> <status>"
+  --no-length       send bodies without Content-Length (end marked by closing the connection)
 """
 import argparse
 import http.server
@@ -76,7 +77,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = end - start + 1
         log(f"GET {self.path} {rng or '-'} {status}")
         self.send_response(status)
-        self.send_header("Content-Length", str(length))
+        if ARGS.no_length:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(length))
         self.send_header("Accept-Ranges", "none" if ARGS.no_range else "bytes")
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
@@ -112,6 +117,7 @@ def main():
     p.add_argument("--cut")
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--log")
+    p.add_argument("--no-length", action="store_true")
     ARGS = p.parse_args()
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     srv.daemon_threads = True
