@@ -136,15 +136,22 @@ fn record_path(cache: &Cache, name: &str) -> PathBuf {
     dir(cache).join(format!("{name}.json"))
 }
 
-/// Every template, by name.
+/// A template record is a few hundred bytes; anything larger is not one.
+const MAX_RECORD: u64 = 64 << 10;
+
+/// Every template, by name. Only the `NAME.json` records are read: the
+/// directory also holds warm templates' RAM-sized `NAME.state` files.
 pub fn list(cache: &Cache) -> Vec<Template> {
     let Ok(rd) = std::fs::read_dir(dir(cache)) else {
         return vec![];
     };
     let mut out: Vec<Template> = rd
         .flatten()
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter_map(|d| serde_json::from_slice::<Template>(&d).ok())
+        .filter_map(|e| {
+            let file = e.file_name();
+            let name = file.to_str()?.strip_suffix(".json")?;
+            find(cache, name)
+        })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
@@ -153,10 +160,28 @@ pub fn list(cache: &Cache) -> Vec<Template> {
 /// The template named `name`, if there is one.
 pub fn find(cache: &Cache, name: &str) -> Option<Template> {
     let name: TemplateName = name.parse().ok()?;
-    let data = std::fs::read(record_path(cache, &name)).ok()?;
+    let data = read_record(&record_path(cache, &name))?;
     serde_json::from_slice::<Template>(&data)
         .ok()
         .filter(|t| t.name == name)
+}
+
+/// A record's bytes, if it is a regular file of ours (no link followed, no
+/// FIFO waited on), writable by nobody else and of a record's size.
+fn read_record(path: &Path) -> Option<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let md = f.metadata().ok()?;
+    if !md.is_file() || !crate::trust::owned_by_us(&md) || md.len() > MAX_RECORD {
+        return None;
+    }
+    let mut data = Vec::new();
+    f.take(MAX_RECORD + 1).read_to_end(&mut data).ok()?;
+    Some(data)
 }
 
 /// `create --image NAME` with NAME a template: its image, checked for the
@@ -636,6 +661,53 @@ mod tests {
         if let Ok(o) = Command::new("sh").args(["-n", "-c", &s]).output() {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
+    }
+
+    fn record(name: &str) -> Template {
+        Template {
+            name: name.parse().unwrap(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            origin: Origin {
+                vm: "base".into(),
+                image: "debian-13".into(),
+                image_digest: "sha256:0".into(),
+                created: "2026-01-01T00:00:00Z".into(),
+            },
+            warm: None,
+        }
+    }
+
+    /// A warm template's RAM-sized `.state` beside the records is never
+    /// read: FIFOs stand for it here (reading one would block forever), and
+    /// a sparse 400 MiB file. A record others may write is not believed.
+    #[test]
+    fn list_reads_only_the_records() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(d.path()).unwrap();
+        let dir = make_dir(&cache).unwrap();
+        let t = record("web");
+        store::write_json(&record_path(&cache, "web"), &t).unwrap();
+        for fifo in ["web.state", "fifo.json"] {
+            nix::unistd::mkfifo(&dir.join(fifo), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        }
+        let big = std::fs::File::create(dir.join("big.state")).unwrap();
+        big.set_len(400 << 20).unwrap();
+        store::write_json(&record_path(&cache, "open"), &record("open")).unwrap();
+        std::fs::set_permissions(
+            record_path(&cache, "open"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o666),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = cache.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((list(&c), find(&c, "fifo")));
+        });
+        let (listed, fifo) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("template::list blocked on a file that is not a record");
+        assert_eq!(listed, vec![t]);
+        assert_eq!(fifo, None);
     }
 
     #[test]
