@@ -387,12 +387,10 @@ fn direct_boot(vm: &VmPaths, spec: &VmSpec) -> (Option<crate::boot::DirectBoot>,
             Some("the base image is not in nox's image cache".into()),
         );
     };
-    match crate::boot::prepare(
-        spec.arch,
-        &vm.disk(),
-        &spec.image.digest,
-        &cache.join("boot"),
-    ) {
+    // Which entries are in use: the records beside this VM's.
+    let vms = vm.dir.parent().unwrap_or(&vm.dir).to_owned();
+    let boot_cache = crate::boot::cache::BootCache::new(cache.join("boot"), vms);
+    match crate::boot::prepare(spec.arch, &vm.disk(), &boot_cache, &vm.dir) {
         Ok(d) => (Some(d), None),
         Err(e) => {
             let why = crate::error_chain(&e);
