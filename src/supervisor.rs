@@ -433,6 +433,7 @@ async fn launch(
     };
     // The first start of a VM made from a warm template resumes its guest.
     let warm = crate::warm::take_pending(vm)?;
+    let mut warm_refused = None;
     let mut live = match &warm {
         Some(w) => {
             let tried = spawn_connected(
@@ -455,6 +456,7 @@ async fn launch(
                 Ok(live) => live,
                 Err(SupervisorError::WarmLoad(why)) => {
                     warn!("{}: booting cold: {why}", spec.name);
+                    warm_refused = Some(why);
                     spawn_connected(
                         vm, spec, accel, &binary, &firmware, direct, &jail, rec, None,
                     )
@@ -491,6 +493,7 @@ async fn launch(
         .await
         .map_err(SupervisorError::Qmp)?;
     live.watch = timeline::Watch::new(method, fallback, console_at);
+    live.watch.boot.warm_refused = warm_refused;
     save_boot(vm, &live.watch);
     if (pending.is_some() || live.warm)
         && let Err(e) = crate::snapshot::announce(&live.qmp, &spec.name).await

@@ -209,6 +209,7 @@ pub fn forget(cache: &Cache, digest: &str) {
     for t in list(cache).into_iter().filter(|t| t.digest == digest) {
         if let Some(w) = &t.warm {
             let _ = std::fs::remove_file(&w.state);
+            let _ = std::fs::remove_file(crate::warm::verified_path(&w.state));
         }
         let _ = std::fs::remove_file(record_path(cache, &t.name));
     }
@@ -427,6 +428,8 @@ async fn commit_warm(
     let stopped = vm::stop(store, name, false, Duration::from_secs(spec.stop_timeout)).await?;
     let state = state_path(cache, as_);
     std::fs::rename(&tmp, &state).map_err(io(&state))?;
+    // Hashed as it was written: the first start need not hash it again.
+    warm::set_verified(&state, &saved.sha256)?;
     let w = warm::WarmState {
         state,
         size: saved.size,
