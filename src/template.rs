@@ -391,9 +391,10 @@ async fn commit_warm(
 
     let t_clean = Instant::now();
     let script = format!(
-        "set -e\n{}{}",
+        "set -e\n{}{}{}echo {CLEAN_DONE}\n",
         warm::hook_install_script(),
-        clean_script(spec)
+        clean_steps(spec),
+        warm::throwaway_host_key_script()
     );
     clean_guest(spec, vmp, st, &script)?;
     let clean_time = t_clean.elapsed();
@@ -426,6 +427,7 @@ async fn commit_warm(
     let convert_time = t_convert.elapsed();
     resume().await;
     let stopped = vm::stop(store, name, false, Duration::from_secs(spec.stop_timeout)).await?;
+    new_host_key(vmp, spec)?;
     let state = state_path(cache, as_);
     std::fs::rename(&tmp, &state).map_err(io(&state))?;
     // Hashed as it was written: the first start need not hash it again.
@@ -452,6 +454,23 @@ async fn commit_warm(
         convert_time,
         save_time: Some(saved.took),
     })
+}
+
+/// After a warm commit: the source's host key was in its guest's RAM until
+/// just before the save (sshd's memory, then perhaps freed pages), so it may
+/// be in every VM resumed from the template. The stopped source gets a new
+/// one (its seed first, then nox's pin), so that old key is pinned for no VM.
+fn new_host_key(vmp: &store::VmPaths, spec: &VmSpec) -> Result<(), TemplateError> {
+    let host =
+        crate::sshkeys::generate_ed25519(&format!("root@{}", spec.name)).map_err(VmError::from)?;
+    let user_data = match std::fs::read_to_string(vmp.user_data()) {
+        Ok(ud) => Some(ud),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(&vmp.user_data())(e)),
+    };
+    vm::write_seed(spec, vmp, &host, user_data, None, None)?;
+    vm::pin_host_key(vmp, &spec.name, &host)?;
+    Ok(())
 }
 
 /// Runs `script` as root in the VM's guest over nox's pinned SSH, after
@@ -592,6 +611,11 @@ const CLEAN_DONE: &str = "nox-clean-done";
 /// the random seed, shell histories and temporary files. The user's own keys
 /// in authorized_keys stay: they are the user's, not this VM's.
 pub fn clean_script(spec: &VmSpec) -> String {
+    format!("{}echo {CLEAN_DONE}\n", clean_steps(spec))
+}
+
+/// [`clean_script`] without its last line.
+fn clean_steps(spec: &VmSpec) -> String {
     let user = &spec.user;
     let mut s = String::from(
         "set -e\n\
@@ -627,7 +651,6 @@ pub fn clean_script(spec: &VmSpec) -> String {
          rm -rf /tmp/* /var/tmp/*\n\
          sync\n",
     );
-    s.push_str(&format!("echo {CLEAN_DONE}\n"));
     s
 }
 
@@ -711,6 +734,42 @@ mod tests {
             .expect("template::list blocked on a file that is not a record");
         assert_eq!(listed, vec![t]);
         assert_eq!(fifo, None);
+    }
+
+    /// After a warm commit the source's pinned host key (which the saved
+    /// RAM may hold) is replaced: in its seed, its key file and the pin.
+    #[test]
+    fn the_source_gets_a_new_host_key() {
+        let d = tempfile::tempdir().unwrap();
+        let st = Store::at(d.path().join("lib"), d.path().join("run"));
+        let s = spec();
+        let vmp = st.vm_paths(&s.name);
+        std::fs::create_dir_all(&vmp.dir).unwrap();
+        let (_, old) = vm::new_keys(&vmp, &s.name).unwrap();
+        vm::write_seed(&s, &vmp, &old, None, None, None).unwrap();
+        new_host_key(&vmp, &s).unwrap();
+        let blob = |k: &crate::sshkeys::KeyPair| {
+            k.public_openssh
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .to_string()
+        };
+        let has = |file: &Path, b: &str| {
+            std::fs::read(file)
+                .unwrap()
+                .windows(b.len())
+                .any(|w| w == b.as_bytes())
+        };
+        let new = crate::sshkeys::KeyPair::from_private_openssh(
+            &std::fs::read_to_string(vmp.host_key()).unwrap(),
+        )
+        .unwrap();
+        assert_ne!(blob(&new), blob(&old));
+        for file in [vmp.known_hosts(), vmp.seed()] {
+            assert!(has(&file, &blob(&new)), "{}", file.display());
+            assert!(!has(&file, &blob(&old)), "{}", file.display());
+        }
     }
 
     #[test]

@@ -475,6 +475,24 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// Run in the source's guest after its clean-up, before the save: sshd's
+/// memory is saved with the guest, so sshd is switched to a throwaway host
+/// key that no VM pins (every resumed VM installs its own, a cold boot's
+/// cloud-init deletes it). Waits (10 s at most) until the listener serves
+/// it, i.e. has re-executed and dropped the pinned key.
+pub fn throwaway_host_key_script() -> String {
+    "rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub\n\
+     ssh-keygen -q -t ed25519 -N '' -C nox-throwaway -f /etc/ssh/ssh_host_ed25519_key\n\
+     pub=$(cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub)\n\
+     systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service 2>/dev/null\n\
+     i=0\n\
+     while [ $i -lt 40 ]; do\n\
+     \x20 ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | grep -qF \"$pub\" && break\n\
+     \x20 sleep 0.25; i=$((i + 1))\n\
+     done\n"
+        .into()
+}
+
 /// Written to the kernel log (so to the serial console, where the boot
 /// timeline reads it) when a warm clone has taken its identity.
 pub const APPLIED: &str = "nox-warm: identity applied";
@@ -640,6 +658,18 @@ mod tests {
                 .unwrap()
                 .contains("2048M")
         );
+    }
+
+    #[test]
+    fn the_throwaway_key_script_is_valid_shell() {
+        let s = throwaway_host_key_script();
+        assert!(s.contains("ssh-keygen -q -t ed25519"));
+        if let Ok(o) = std::process::Command::new("sh")
+            .args(["-n", "-c", &s])
+            .output()
+        {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
     }
 
     #[test]
