@@ -1153,7 +1153,10 @@ fn prune_boot_cache(store: &Store, cache: &crate::image::Cache) {
     let boot = crate::boot::cache::BootCache::new(cache.dir().join("boot"), store.vms_dir());
     match crate::boot::cache::prune(&boot) {
         Ok(0) => {}
-        Ok(n) => println!("Removed {} MiB of extracted kernels no VM uses", n >> 20),
+        Ok(n) => println!(
+            "Removed {:.1} MiB of extracted kernels no VM boots",
+            n as f64 / f64::from(1 << 20)
+        ),
         Err(e) => eprintln!("warning: {}", crate::error_chain(&e)),
     }
 }
