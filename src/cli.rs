@@ -1100,6 +1100,7 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
             let users = vm::image_users(store, &img.digest);
             cache.remove(&img.digest, &users, force)?;
             crate::template::forget(&cache, &img.digest);
+            prune_boot_cache(store, &cache);
             if users.is_empty() {
                 println!("Removed {}", img.digest);
             } else {
@@ -1153,9 +1154,23 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
                     );
                 }
             }
+            prune_boot_cache(store, &cache);
         }
     }
     Ok(0)
+}
+
+/// `image rm`/`prune`: the extracted kernels no VM boots go with the images.
+fn prune_boot_cache(store: &Store, cache: &crate::image::Cache) {
+    let boot = crate::boot::cache::BootCache::new(cache.dir().join("boot"), store.vms_dir());
+    match crate::boot::cache::prune(&boot) {
+        Ok(0) => {}
+        Ok(n) => println!(
+            "Removed {:.1} MiB of extracted kernels no VM boots",
+            n as f64 / f64::from(1 << 20)
+        ),
+        Err(e) => eprintln!("warning: {}", crate::error_chain(&e)),
+    }
 }
 
 async fn ip(store: &Store, name: &str, wait: bool, timeout: u64, json: bool) -> Result<i32> {

@@ -393,12 +393,15 @@ fn direct_boot(vm: &VmPaths, spec: &VmSpec) -> (Option<crate::boot::DirectBoot>,
             Some("the base image is not in nox's image cache".into()),
         );
     };
+    // Which entries are in use: the records beside this VM's.
+    let vms = vm.dir.parent().unwrap_or(&vm.dir).to_owned();
+    let boot_cache = crate::boot::cache::BootCache::new(cache.join("boot"), vms);
     match crate::boot::prepare(
         spec.arch,
         &vm.disk(),
         Some((&spec.image.path, &spec.image.format)),
-        &spec.image.digest,
-        &cache.join("boot"),
+        &boot_cache,
+        &vm.dir,
     ) {
         Ok(d) => (Some(d), None),
         Err(e) => {
@@ -442,6 +445,7 @@ async fn launch(
     };
     // The first start of a VM made from a warm template resumes its guest.
     let warm = crate::warm::take_pending(vm)?;
+    let mut warm_refused = None;
     let mut live = match &warm {
         Some(w) => {
             let tried = spawn_connected(
@@ -464,6 +468,7 @@ async fn launch(
                 Ok(live) => live,
                 Err(SupervisorError::WarmLoad(why)) => {
                     warn!("{}: booting cold: {why}", spec.name);
+                    warm_refused = Some(why);
                     spawn_connected(
                         vm, spec, accel, &binary, &firmware, direct, &jail, rec, None,
                     )
@@ -500,6 +505,7 @@ async fn launch(
         .await
         .map_err(SupervisorError::Qmp)?;
     live.watch = timeline::Watch::new(method, fallback, console_at);
+    live.watch.boot.warm_refused = warm_refused;
     save_boot(vm, &live.watch);
     if (pending.is_some() || live.warm)
         && let Err(e) = crate::snapshot::announce(&live.qmp, &spec.name).await

@@ -138,15 +138,22 @@ fn record_path(cache: &Cache, name: &str) -> PathBuf {
     dir(cache).join(format!("{name}.json"))
 }
 
-/// Every template, by name.
+/// A template record is a few hundred bytes; anything larger is not one.
+const MAX_RECORD: u64 = 64 << 10;
+
+/// Every template, by name. Only the `NAME.json` records are read: the
+/// directory also holds warm templates' RAM-sized `NAME.state` files.
 pub fn list(cache: &Cache) -> Vec<Template> {
     let Ok(rd) = std::fs::read_dir(dir(cache)) else {
         return vec![];
     };
     let mut out: Vec<Template> = rd
         .flatten()
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter_map(|d| serde_json::from_slice::<Template>(&d).ok())
+        .filter_map(|e| {
+            let file = e.file_name();
+            let name = file.to_str()?.strip_suffix(".json")?;
+            find(cache, name)
+        })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
@@ -155,10 +162,28 @@ pub fn list(cache: &Cache) -> Vec<Template> {
 /// The template named `name`, if there is one.
 pub fn find(cache: &Cache, name: &str) -> Option<Template> {
     let name: TemplateName = name.parse().ok()?;
-    let data = std::fs::read(record_path(cache, &name)).ok()?;
+    let data = read_record(&record_path(cache, &name))?;
     serde_json::from_slice::<Template>(&data)
         .ok()
         .filter(|t| t.name == name)
+}
+
+/// A record's bytes, if it is a regular file of ours (no link followed, no
+/// FIFO waited on), writable by nobody else and of a record's size.
+fn read_record(path: &Path) -> Option<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let md = f.metadata().ok()?;
+    if !md.is_file() || !crate::trust::owned_by_us(&md) || md.len() > MAX_RECORD {
+        return None;
+    }
+    let mut data = Vec::new();
+    f.take(MAX_RECORD + 1).read_to_end(&mut data).ok()?;
+    Some(data)
 }
 
 /// `create --image NAME` with NAME a template: its image, checked for the
@@ -186,6 +211,7 @@ pub fn forget(cache: &Cache, digest: &str) {
     for t in list(cache).into_iter().filter(|t| t.digest == digest) {
         if let Some(w) = &t.warm {
             let _ = std::fs::remove_file(&w.state);
+            let _ = std::fs::remove_file(crate::warm::verified_path(&w.state));
         }
         let _ = std::fs::remove_file(record_path(cache, &t.name));
     }
@@ -367,9 +393,10 @@ async fn commit_warm(
 
     let t_clean = Instant::now();
     let script = format!(
-        "set -e\n{}{}",
+        "set -e\n{}{}{}echo {CLEAN_DONE}\n",
         warm::hook_install_script(),
-        clean_script(spec)
+        clean_steps(spec),
+        warm::throwaway_host_key_script()
     );
     clean_guest(spec, vmp, st, &script)?;
     let clean_time = t_clean.elapsed();
@@ -402,8 +429,11 @@ async fn commit_warm(
     let convert_time = t_convert.elapsed();
     resume().await;
     let stopped = vm::stop(store, name, false, Duration::from_secs(spec.stop_timeout)).await?;
+    new_host_key(vmp, spec)?;
     let state = state_path(cache, as_);
     std::fs::rename(&tmp, &state).map_err(io(&state))?;
+    // Hashed as it was written: the first start need not hash it again.
+    warm::set_verified(&state, &saved.sha256)?;
     let w = warm::WarmState {
         state,
         size: saved.size,
@@ -426,6 +456,23 @@ async fn commit_warm(
         convert_time,
         save_time: Some(saved.took),
     })
+}
+
+/// After a warm commit: the source's host key was in its guest's RAM until
+/// just before the save (sshd's memory, then perhaps freed pages), so it may
+/// be in every VM resumed from the template. The stopped source gets a new
+/// one (its seed first, then nox's pin), so that old key is pinned for no VM.
+fn new_host_key(vmp: &store::VmPaths, spec: &VmSpec) -> Result<(), TemplateError> {
+    let host =
+        crate::sshkeys::generate_ed25519(&format!("root@{}", spec.name)).map_err(VmError::from)?;
+    let user_data = match std::fs::read_to_string(vmp.user_data()) {
+        Ok(ud) => Some(ud),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(&vmp.user_data())(e)),
+    };
+    vm::write_seed(spec, vmp, &host, user_data, None, None)?;
+    vm::pin_host_key(vmp, &spec.name, &host)?;
+    Ok(())
 }
 
 /// Runs `script` as root in the VM's guest over nox's pinned SSH, after
@@ -570,6 +617,11 @@ const CLEAN_DONE: &str = "nox-clean-done";
 /// the random seed, shell histories and temporary files. The user's own keys
 /// in authorized_keys stay: they are the user's, not this VM's.
 pub fn clean_script(spec: &VmSpec) -> String {
+    format!("{}echo {CLEAN_DONE}\n", clean_steps(spec))
+}
+
+/// [`clean_script`] without its last line.
+fn clean_steps(spec: &VmSpec) -> String {
     let user = &spec.user;
     let mut s = String::from(
         "set -e\n\
@@ -605,7 +657,6 @@ pub fn clean_script(spec: &VmSpec) -> String {
          rm -rf /tmp/* /var/tmp/*\n\
          sync\n",
     );
-    s.push_str(&format!("echo {CLEAN_DONE}\n"));
     s
 }
 
@@ -644,6 +695,89 @@ mod tests {
             .output()
         {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+
+    fn record(name: &str) -> Template {
+        Template {
+            name: name.parse().unwrap(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            origin: Origin {
+                vm: "base".into(),
+                image: "debian-13".into(),
+                image_digest: "sha256:0".into(),
+                created: "2026-01-01T00:00:00Z".into(),
+            },
+            warm: None,
+        }
+    }
+
+    /// A warm template's RAM-sized `.state` beside the records is never
+    /// read: FIFOs stand for it here (reading one would block forever), and
+    /// a sparse 400 MiB file. A record others may write is not believed.
+    #[test]
+    fn list_reads_only_the_records() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(d.path()).unwrap();
+        let dir = make_dir(&cache).unwrap();
+        let t = record("web");
+        store::write_json(&record_path(&cache, "web"), &t).unwrap();
+        for fifo in ["web.state", "fifo.json"] {
+            nix::unistd::mkfifo(&dir.join(fifo), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        }
+        let big = std::fs::File::create(dir.join("big.state")).unwrap();
+        big.set_len(400 << 20).unwrap();
+        store::write_json(&record_path(&cache, "open"), &record("open")).unwrap();
+        std::fs::set_permissions(
+            record_path(&cache, "open"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o666),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = cache.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((list(&c), find(&c, "fifo")));
+        });
+        let (listed, fifo) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("template::list blocked on a file that is not a record");
+        assert_eq!(listed, vec![t]);
+        assert_eq!(fifo, None);
+    }
+
+    /// After a warm commit the source's pinned host key (which the saved
+    /// RAM may hold) is replaced: in its seed, its key file and the pin.
+    #[test]
+    fn the_source_gets_a_new_host_key() {
+        let d = tempfile::tempdir().unwrap();
+        let st = Store::at(d.path().join("lib"), d.path().join("run"));
+        let s = spec();
+        let vmp = st.vm_paths(&s.name);
+        std::fs::create_dir_all(&vmp.dir).unwrap();
+        let (_, old) = vm::new_keys(&vmp, &s.name).unwrap();
+        vm::write_seed(&s, &vmp, &old, None, None, None).unwrap();
+        new_host_key(&vmp, &s).unwrap();
+        let blob = |k: &crate::sshkeys::KeyPair| {
+            k.public_openssh
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .to_string()
+        };
+        let has = |file: &Path, b: &str| {
+            std::fs::read(file)
+                .unwrap()
+                .windows(b.len())
+                .any(|w| w == b.as_bytes())
+        };
+        let new = crate::sshkeys::KeyPair::from_private_openssh(
+            &std::fs::read_to_string(vmp.host_key()).unwrap(),
+        )
+        .unwrap();
+        assert_ne!(blob(&new), blob(&old));
+        for file in [vmp.known_hosts(), vmp.seed()] {
+            assert!(has(&file, &blob(&new)), "{}", file.display());
+            assert!(!has(&file, &blob(&old)), "{}", file.display());
         }
     }
 

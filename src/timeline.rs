@@ -155,6 +155,9 @@ pub struct Boot {
     /// Why the boot went through the firmware, when nox tried direct.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// Why a warm template's saved state was not resumed (the VM booted cold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_refused: Option<String>,
     /// Console phases, in the order first seen, with milliseconds since start.
     #[serde(default)]
     pub phases: Vec<(Mark, u64)>,
@@ -187,6 +190,7 @@ impl Watch {
                 started_ms: now_ms(),
                 method: method.into(),
                 fallback,
+                warm_refused: None,
                 phases: vec![],
                 ip_known_ms: None,
             },
@@ -458,6 +462,9 @@ pub fn render(v: &BootView) -> String {
     if let Some(f) = &v.boot.fallback {
         let _ = writeln!(o, "  direct kernel boot not used: {}", p(f));
     }
+    if let Some(w) = &v.boot.warm_refused {
+        let _ = writeln!(o, "  warm state not resumed (booted cold): {}", p(w));
+    }
     let mut rows: Vec<(u64, String)> = v
         .boot
         .phases
@@ -645,6 +652,7 @@ Finished stage: (init-local) 00.26000 seconds\n"
                 started_ms: 1,
                 method: "direct".into(),
                 fallback: None,
+                warm_refused: Some("t.state: its SHA-256 is \x1b[2J...".into()),
                 phases: vec![(Mark::Kernel, 1500)],
                 ip_known_ms: None,
             },
@@ -661,6 +669,10 @@ Finished stage: (init-local) 00.26000 seconds\n"
         );
         assert!(shown.contains("1.5 s kernel started"), "{shown}");
         assert!(shown.contains("20.0 s SSH accepting"), "{shown}");
+        assert!(
+            shown.contains("warm state not resumed (booted cold): t.state: its SHA-256"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -117,6 +117,13 @@ pub fn new_keys(
         0o644,
     )?;
     let host = sshkeys::generate_ed25519(&format!("root@{name}"))?;
+    pin_host_key(vm, name, &host)?;
+    Ok((own, host))
+}
+
+/// Keeps `host` as the guest's host key in the VM's directory and pins it
+/// in its `known_hosts`.
+pub fn pin_host_key(vm: &VmPaths, name: &VmName, host: &KeyPair) -> Result<(), VmError> {
     store::write_atomic(&vm.host_key(), host.private_openssh.as_bytes(), 0o600)?;
     store::write_atomic(
         &vm.known_hosts(),
@@ -127,7 +134,7 @@ pub fn new_keys(
         .as_bytes(),
         0o600,
     )?;
-    Ok((own, host))
+    Ok(())
 }
 
 /// A VM `create` defined.

@@ -56,6 +56,15 @@ pub enum WarmError {
         "warm templates need qemu's vmgenid device (the guest learns from it that it was resumed as a new VM), which qemu-system-aarch64 does not have; commit without --warm"
     )]
     NoVmgenid,
+    #[error(
+        "{}: its SHA-256 is {got}, the template recorded {want}: the saved state changed after the commit",
+        path.display()
+    )]
+    Tampered {
+        path: PathBuf,
+        want: String,
+        got: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WarmError + '_ {
@@ -217,8 +226,95 @@ pub fn qemu_version(binary: &Path) -> Result<String, WarmError> {
         .to_string())
 }
 
+/// What a state file was when its SHA-256 was last found to be the
+/// recorded one (`T.verified`, beside `T.state`): the same file unchanged
+/// (device, inode, size, times) is not hashed again at the next start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Verified {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    sha256: String,
+}
+
+impl Verified {
+    fn of(md: &std::fs::Metadata, sha256: &str) -> Verified {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Verified {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.len(),
+            mtime_ns: ns(md.mtime(), md.mtime_nsec()),
+            ctime_ns: ns(md.ctime(), md.ctime_nsec()),
+            sha256: sha256.into(),
+        }
+    }
+}
+
+/// Where a state file's [`Verified`] record is kept.
+pub fn verified_path(state: &Path) -> PathBuf {
+    state.with_extension("verified")
+}
+
+/// Notes that `state` (as it is now) has SHA-256 `sha256`: the commit that
+/// has just streamed it through the hash says so.
+pub fn set_verified(state: &Path, sha256: &str) -> Result<(), WarmError> {
+    let md = std::fs::symlink_metadata(state).map_err(io(state))?;
+    store::write_json(&verified_path(state), &Verified::of(&md, sha256))?;
+    Ok(())
+}
+
+/// SHA-256 of an open file, read with pread (the descriptor's offset,
+/// shared with the copy qemu inherits, stays at 0).
+fn sha256_at(f: &std::fs::File, path: &Path) -> Result<String, WarmError> {
+    use std::os::unix::fs::FileExt;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let n = match f.read_at(&mut buf, at) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(path)(e)),
+        };
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// Checks the open state file against the template's recorded SHA-256,
+/// unless the same unchanged file was checked before. `Ok(true)`: it was
+/// hashed now.
+fn verify(f: &std::fs::File, w: &WarmState) -> Result<bool, WarmError> {
+    let md = f.metadata().map_err(io(&w.state))?;
+    let now = Verified::of(&md, &w.sha256);
+    let stamp = verified_path(&w.state);
+    if store::read_json::<Verified>(&stamp).ok().flatten() == Some(now.clone()) {
+        return Ok(false);
+    }
+    let got = sha256_at(f, &w.state)?;
+    if got != w.sha256 {
+        let _ = std::fs::remove_file(&stamp);
+        return Err(WarmError::Tampered {
+            path: w.state.clone(),
+            want: w.sha256.clone(),
+            got,
+        });
+    }
+    // A record that cannot be written costs the next start a hash, no more.
+    if let Err(e) = store::write_json(&stamp, &now) {
+        tracing::warn!("{}", crate::error_chain(&e));
+    }
+    Ok(true)
+}
+
 /// Opens the state for qemu: a descriptor it inherits (no FD_CLOEXEC). The
-/// file must still be the one recorded (size), and a regular file.
+/// file must still be the one recorded (size, SHA-256: [`verify`]), and a
+/// regular file.
 pub fn open_state(w: &WarmState) -> Result<OwnedFd, WarmError> {
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -236,6 +332,7 @@ pub fn open_state(w: &WarmState) -> Result<OwnedFd, WarmError> {
             )),
         });
     }
+    verify(&f, w)?;
     // dup(2) never sets FD_CLOEXEC on the new descriptor.
     nix::unistd::dup(&f).map_err(|e| io(&w.state)(e.into()))
 }
@@ -376,6 +473,24 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// Run in the source's guest after its clean-up, before the save: sshd's
+/// memory is saved with the guest, so sshd is switched to a throwaway host
+/// key that no VM pins (every resumed VM installs its own, a cold boot's
+/// cloud-init deletes it). Waits (10 s at most) until the listener serves
+/// it, i.e. has re-executed and dropped the pinned key.
+pub fn throwaway_host_key_script() -> String {
+    "rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub\n\
+     ssh-keygen -q -t ed25519 -N '' -C nox-throwaway -f /etc/ssh/ssh_host_ed25519_key\n\
+     pub=$(cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub)\n\
+     systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service 2>/dev/null\n\
+     i=0\n\
+     while [ $i -lt 40 ]; do\n\
+     \x20 ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | grep -qF \"$pub\" && break\n\
+     \x20 sleep 0.25; i=$((i + 1))\n\
+     done\n"
+        .into()
 }
 
 /// Written to the kernel log (so to the serial console, where the boot
@@ -546,6 +661,18 @@ mod tests {
     }
 
     #[test]
+    fn the_throwaway_key_script_is_valid_shell() {
+        let s = throwaway_host_key_script();
+        assert!(s.contains("ssh-keygen -q -t ed25519"));
+        if let Ok(o) = std::process::Command::new("sh")
+            .args(["-n", "-c", &s])
+            .output()
+        {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+
+    #[test]
     fn the_hook_installs_as_a_valid_shell_script() {
         let s = hook_install_script();
         assert!(s.contains("iflag=direct"));
@@ -556,6 +683,43 @@ mod tests {
         {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
+    }
+
+    /// A state file changed after the commit is refused (the VM then boots
+    /// cold); an unchanged one is hashed once, later starts trust the
+    /// record of that check.
+    #[test]
+    fn a_tampered_state_is_refused() {
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("t.state");
+        let data = vec![7u8; 3 << 20];
+        std::fs::write(&state, &data).unwrap();
+        let mut w = warm();
+        w.state = state.clone();
+        w.size = data.len() as u64;
+        w.sha256 = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+        let f = std::fs::File::open(&state).unwrap();
+        assert!(verify(&f, &w).unwrap(), "hashed the first time");
+        assert!(!verify(&f, &w).unwrap(), "not hashed again");
+        assert!(open_state(&w).is_ok());
+        // The same size, one byte changed (a clock tick later: file times
+        // have that granularity).
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&state)
+            .unwrap()
+            .write_all_at(&[8], 1 << 20)
+            .unwrap();
+        let e = open_state(&w).unwrap_err();
+        assert!(matches!(e, WarmError::Tampered { .. }), "{e}");
+        assert!(e.to_string().contains("changed after the commit"), "{e}");
+        assert!(!verified_path(&state).exists());
+        // A commit's own record counts as a check.
+        std::fs::write(&state, &data).unwrap();
+        set_verified(&state, &w.sha256).unwrap();
+        assert!(!verify(&std::fs::File::open(&state).unwrap(), &w).unwrap());
     }
 
     #[test]

@@ -73,6 +73,22 @@ fn create_wait_ssh_restart_stop_delete() {
         serde_json::from_str(&h.ok(&["info", "e2e-core", "--boot", "--json"])).unwrap();
     let last = boot["boot"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["method"], "direct", "{last}");
+    // The extracted kernel is the cache entry of its content the VM records.
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.path().join("vms/e2e-core/boot-cache.json")).unwrap(),
+    )
+    .unwrap();
+    let entry = rec["key"].as_str().unwrap();
+    assert!(
+        h.path()
+            .join(format!("images/boot/{entry}.vmlinuz"))
+            .exists()
+    );
+    assert!(
+        h.path()
+            .join(format!("images/boot/{entry}.initrd"))
+            .exists()
+    );
     let phases: Vec<&str> = last["phases"]
         .as_array()
         .unwrap()

@@ -1395,3 +1395,41 @@ fn prune_and_rm_spare_the_base_of_a_create_in_progress() {
     assert!(nox_cmd(&root, &["image", "prune"]).status.success());
     assert!(!img.path.exists());
 }
+
+/// `image prune` removes the direct-boot cache's entries no VM boots (a
+/// guest could otherwise leave kernels there forever) and keeps the rest.
+#[test]
+fn prune_removes_extracted_kernels_no_vm_boots() {
+    let td = tempfile::tempdir().unwrap();
+    let root = td.path().join("store");
+    let boot = root.join("images/boot");
+    std::fs::create_dir_all(&boot).unwrap();
+    let (used, unused) = ("a".repeat(64), "b".repeat(64));
+    for key in [&used, &unused] {
+        for ext in ["vmlinuz", "initrd"] {
+            std::fs::write(boot.join(format!("{key}.{ext}")), vec![0u8; 4096]).unwrap();
+        }
+    }
+    let vm = root.join("vms/web");
+    std::fs::create_dir_all(&vm).unwrap();
+    std::fs::write(
+        vm.join("boot-cache.json"),
+        format!("{{\"key\": \"{used}\", \"changes\": [1]}}"),
+    )
+    .unwrap();
+    let out = nox_cmd(&root, &["image", "prune"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("extracted kernels no VM boots"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(boot.join(format!("{used}.vmlinuz")).exists());
+    assert!(boot.join(format!("{used}.initrd")).exists());
+    assert!(!boot.join(format!("{unused}.vmlinuz")).exists());
+    assert!(!boot.join(format!("{unused}.initrd")).exists());
+}

@@ -10,11 +10,12 @@
 //! is an [`BootError`] and the VM boots through its own bootloader, as it
 //! would without nox. The disk is only ever read.
 //!
-//! The extracted files are cached under `images/boot/`, named by a hash of the
-//! base image's digest and the files' paths, sizes and times, so a start
-//! reads the filesystem's metadata through the chain and the 30 MB of kernel
-//! and initramfs only when they changed.
+//! The extracted files are cached under `images/boot/`, named by their
+//! content and bounded ([`cache`]): each start streams the kernel and
+//! initramfs through the chain once to hash them (~30 MB, nothing kept in
+//! memory), and writes them only when the cache has no such entry.
 
+pub mod cache;
 pub mod qcow2;
 
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -45,12 +46,10 @@ pub enum BootError {
         #[source]
         source: ext4_view::Ext4Error,
     },
-    #[error("cannot cache the kernel in {path}")]
-    Cache {
-        path: PathBuf,
-        #[source]
-        source: crate::store::StoreError,
-    },
+    #[error("cannot cache the kernel")]
+    Cache(#[from] cache::CacheError),
+    #[error("{path} changed while nox read it")]
+    Changed { path: String },
 }
 
 /// Larger files are not a kernel or initramfs nox should boot.
@@ -250,70 +249,107 @@ fn unusual(path: &str, why: impl std::fmt::Display) -> BootError {
     }
 }
 
-/// Size and change time of a file, for the cache key; checks the size cap.
-fn identity(fs: &Ext4, path: &str, cap: u64) -> Result<String, BootError> {
-    let m = fs.metadata(path).map_err(ext4(path))?;
-    if m.len() > cap {
-        return Err(unusual(path, format!("{} bytes, more than {cap}", m.len())));
+/// Streams file `path` of the guest's filesystem (at most `cap` bytes)
+/// through `sink`; returns its SHA-256 and its first KiB.
+fn stream(
+    fs: &Ext4,
+    path: &str,
+    cap: u64,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), BootError>,
+) -> Result<(Vec<u8>, Vec<u8>), BootError> {
+    let mut f = fs.open(path).map_err(ext4(path))?;
+    let len = f.metadata().len();
+    if len > cap {
+        return Err(unusual(path, format!("{len} bytes, more than {cap}")));
     }
-    let t = m.modified();
-    Ok(format!(
-        "{path}\0{}\0{}.{}",
-        m.len(),
-        t.seconds(),
-        t.nanoseconds()
-    ))
+    let mut h = Sha256::new();
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0u64;
+    loop {
+        let n = f.read_bytes(&mut buf).map_err(ext4(path))?;
+        if n == 0 {
+            break;
+        }
+        read += n as u64;
+        if read > cap {
+            return Err(unusual(path, format!("more than {cap} bytes")));
+        }
+        let chunk = &buf[..n];
+        let want = (1024 - head.len()).min(n);
+        head.extend_from_slice(&chunk[..want]);
+        h.update(chunk);
+        sink(chunk)?;
+    }
+    Ok((h.finalize().to_vec(), head))
+}
+
+/// Streams `path` into the temporary file `to`; returns its SHA-256.
+fn copy_into(
+    fs: &Ext4,
+    path: &str,
+    cap: u64,
+    to: &mut tempfile::NamedTempFile,
+) -> Result<Vec<u8>, BootError> {
+    let tmp = to.path().to_owned();
+    let mut write = |b: &[u8]| {
+        to.write_all(b).map_err(|source| {
+            BootError::Cache(cache::CacheError::Io {
+                path: tmp.clone(),
+                source,
+            })
+        })
+    };
+    Ok(stream(fs, path, cap, &mut write)?.0)
 }
 
 /// Finds the kernel on the VM's disk (`disk`, read through its qcow2
-/// overlay on `base`, the base image and format from the VM's spec: never the
-/// header's backing name), extracts it into `cache_dir` unless it is there
-/// already, and returns what qemu needs. `base_digest` names the base image
-/// in the key.
+/// overlay on `base`: the base image and format from the VM's spec, never
+/// the header's backing name), puts it in the boot cache unless an entry of that content is
+/// there already, records it as the VM's (`vm_dir`), and returns what qemu
+/// needs.
 pub fn prepare(
     arch: Arch,
     disk: &Path,
     base: Option<(&Path, &str)>,
-    base_digest: &str,
-    cache_dir: &Path,
+    cache: &cache::BootCache,
+    vm_dir: &Path,
 ) -> Result<DirectBoot, BootError> {
     if arch != Arch::Amd64 {
         return Err(BootError::Arch);
     }
     let (fs, found) = open_root(disk, base)?;
-    let mut h = Sha256::new();
-    h.update(b"nox-direct-boot-1\0");
-    h.update(base_digest.as_bytes());
-    h.update(identity(&fs, &found.kernel, MAX_KERNEL)?.as_bytes());
-    h.update(identity(&fs, &found.initrd, MAX_INITRD)?.as_bytes());
-    let key = &hex::encode(h.finalize())[..32];
-    let kernel = cache_dir.join(format!("{key}.vmlinuz"));
-    let initrd = cache_dir.join(format!("{key}.initrd"));
-    let cmdline = cmdline(arch, &fs.uuid().to_string());
-    if kernel.is_file() && initrd.is_file() {
-        return Ok(DirectBoot {
-            kernel,
-            initrd,
-            cmdline,
-        });
-    }
-    let k = fs
-        .read(found.kernel.as_str())
-        .map_err(|e| unusual(&found.kernel, e))?;
-    if !is_bzimage(&k) {
+    // First pass: the content's key, nothing written.
+    let mut nothing = |_: &[u8]| Ok(());
+    let (k_sum, head) = stream(&fs, &found.kernel, MAX_KERNEL, &mut nothing)?;
+    if !is_bzimage(&head) {
         return Err(unusual(&found.kernel, "not an x86 bzImage"));
     }
-    let i = fs
-        .read(found.initrd.as_str())
-        .map_err(|e| unusual(&found.initrd, e))?;
-    let cache = |path: &Path, source| BootError::Cache {
-        path: path.to_owned(),
-        source,
+    let (i_sum, _) = stream(&fs, &found.initrd, MAX_INITRD, &mut nothing)?;
+    let key = cache::key(&k_sum, &i_sum);
+    let cmdline = cmdline(arch, &fs.uuid().to_string());
+
+    let _lock = cache.lock()?;
+    let rec = cache.record(vm_dir)?;
+    cache.admit(&rec, &key)?;
+    let (kernel, initrd) = match cache.get(&key) {
+        Some(paths) => paths,
+        None => {
+            let size = |p: &str| fs.metadata(p).map(|m| m.len()).map_err(ext4(p));
+            let need = size(&found.kernel)?.saturating_add(size(&found.initrd)?);
+            cache.make_room(need, &key)?;
+            let mut k = cache.temp()?;
+            let mut i = cache.temp()?;
+            if copy_into(&fs, &found.kernel, MAX_KERNEL, &mut k)? != k_sum {
+                return Err(BootError::Changed { path: found.kernel });
+            }
+            if copy_into(&fs, &found.initrd, MAX_INITRD, &mut i)? != i_sum {
+                return Err(BootError::Changed { path: found.initrd });
+            }
+            cache.put(&key, k, i)?
+        }
     };
-    crate::store::mkdir_private(cache_dir).map_err(|e| cache(cache_dir, e))?;
-    // initrd first: the kernel's presence marks a complete pair.
-    crate::store::write_atomic(&initrd, &i, 0o444).map_err(|e| cache(&initrd, e))?;
-    crate::store::write_atomic(&kernel, &k, 0o444).map_err(|e| cache(&kernel, e))?;
+    cache.set(vm_dir, rec, &key)?;
     Ok(DirectBoot {
         kernel,
         initrd,
@@ -389,14 +425,36 @@ mod tests {
         );
     }
 
+    /// A boot cache in `dir` and VM `name`'s directory beside it.
+    fn cache_and_vm(dir: &Path, name: &str) -> (cache::BootCache, PathBuf) {
+        let vms = dir.join("vms");
+        let vm = vms.join(name);
+        std::fs::create_dir_all(&vm).unwrap();
+        (cache::BootCache::new(dir.join("boot"), vms), vm)
+    }
+
+    /// The cache's files, without its lock.
+    fn cached(cache: &cache::BootCache) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&cache.dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != ".lock")
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
     #[test]
     fn extracts_from_a_bare_filesystem_and_caches() {
         let d = tempfile::tempdir().unwrap();
         let Some(img) = ext4_image(d.path(), debian_layout) else {
             return;
         };
-        let cache = d.path().join("cache");
-        let b = prepare(Arch::Amd64, &img, None, "sha256:00", &cache).unwrap();
+        let (cache, vm) = cache_and_vm(d.path(), "a");
+        let b = prepare(Arch::Amd64, &img, None, &cache, &vm).unwrap();
         assert_eq!(std::fs::read(&b.kernel).unwrap(), bzimage());
         assert_eq!(std::fs::read(&b.initrd).unwrap(), b"initrd");
         assert_eq!(
@@ -404,21 +462,118 @@ mod tests {
             "root=UUID=0d2a4e71-5f2b-4d55-9c0e-6f6a7b1c2d3e ro console=tty0 console=ttyS0,115200 \
 no_timer_check ds=NoCloud"
         );
-        // Same files, same cache entry; another base image, another one.
-        assert_eq!(
-            prepare(Arch::Amd64, &img, None, "sha256:00", &cache).unwrap(),
-            b
-        );
-        assert_ne!(
-            prepare(Arch::Amd64, &img, None, "sha256:11", &cache)
-                .unwrap()
-                .kernel,
-            b.kernel
-        );
+        // Same content, same entry: for this VM again, and for another.
+        assert_eq!(prepare(Arch::Amd64, &img, None, &cache, &vm).unwrap(), b);
+        let (_, other) = cache_and_vm(d.path(), "b");
+        assert_eq!(prepare(Arch::Amd64, &img, None, &cache, &other).unwrap(), b);
+        assert_eq!(cached(&cache).len(), 2);
         assert!(matches!(
-            prepare(Arch::Arm64, &img, None, "sha256:00", &cache),
+            prepare(Arch::Arm64, &img, None, &cache, &vm),
             Err(BootError::Arch)
         ));
+    }
+
+    /// Runs `qemu-io -c CMD` on a qcow2 image, as a guest's writes would.
+    fn qemu_io(img: &Path, cmd: &str) {
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd])
+            .arg(img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"),
+            "qemu-io {cmd}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A guest that rewrites its kernel (here: qemu-io writing into the
+    /// VM's overlay, the file's size and times unchanged) gets its new
+    /// kernel booted, keeps one entry in the cache, and after a few new
+    /// kernels boots through its own bootloader; the whole cache stays
+    /// within its size, and prune removes what no VM boots.
+    #[test]
+    fn a_guest_rewriting_its_kernel_is_bounded() {
+        let have = |p: &str| {
+            Command::new(p)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !crate::testing::prereq(
+            have("mkfs.ext4") || Path::new("/usr/sbin/mkfs.ext4").exists(),
+            "mkfs.ext4 is missing",
+        ) || !crate::testing::prereq(have("qemu-io") && have("qemu-img"), "qemu-io is missing")
+        {
+            return;
+        }
+        const MARK: &[u8] = b"NOX-KERNEL-MARK!";
+        let d = tempfile::tempdir().unwrap();
+        let base = ext4_image(d.path(), |t| {
+            let mut k = bzimage();
+            k[0x400..0x400 + MARK.len()].copy_from_slice(MARK);
+            std::fs::write(t.join("boot/vmlinuz-1"), k).unwrap();
+            std::fs::write(t.join("boot/initrd.img-1"), b"initrd").unwrap();
+        })
+        .expect("mkfs.ext4");
+        let raw = std::fs::read(&base).unwrap();
+        let at = raw
+            .windows(MARK.len())
+            .position(|w| w == MARK)
+            .expect("the kernel's bytes in the filesystem image");
+        let disk = d.path().join("disk.qcow2");
+        let ok = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&base)
+            .arg(&disk)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "qemu-img create");
+
+        let (mut cache, vm) = cache_and_vm(d.path(), "a");
+        cache.limits = cache::Limits {
+            total: 1 << 20,
+            changes: 3,
+            window: std::time::Duration::from_secs(3600),
+        };
+        // An old entry fills the cache: it is evicted to make room.
+        std::fs::create_dir_all(&cache.dir).unwrap();
+        let stale = cache.dir.join(format!("{}.vmlinuz", "f".repeat(64)));
+        let f = std::fs::File::create(&stale).unwrap();
+        f.set_len((1 << 20) - 1024).unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+        drop(f);
+
+        let mut seen =
+            vec![prepare(Arch::Amd64, &disk, Some((&base, "raw")), &cache, &vm).unwrap()];
+        assert!(!stale.exists(), "the least recently used entry was evicted");
+        for n in 1..3u8 {
+            let pattern = 0x40 + n;
+            qemu_io(&disk, &format!("write -P {pattern} {at} {}", MARK.len()));
+            let b = prepare(Arch::Amd64, &disk, Some((&base, "raw")), &cache, &vm).unwrap();
+            assert!(!seen.contains(&b), "rewrite {n}: the old kernel was reused");
+            let k = std::fs::read(&b.kernel).unwrap();
+            assert_eq!(k[0x400..0x400 + MARK.len()], [pattern; MARK.len()]);
+            // The VM's previous entry is gone: one pair in the cache.
+            assert_eq!(cached(&cache).len(), 2, "{:?}", cached(&cache));
+            seen.push(b);
+        }
+        // A fourth kernel within the window: no new entry, and why.
+        qemu_io(&disk, &format!("write -P 0x7a {at} {}", MARK.len()));
+        let e = prepare(Arch::Amd64, &disk, Some((&base, "raw")), &cache, &vm).unwrap_err();
+        let why = crate::error_chain(&e);
+        assert!(why.contains("changed 3 times in the last 1 h"), "{why}");
+        assert_eq!(cached(&cache).len(), 2);
+
+        // Prune keeps what a VM boots, removes the rest.
+        let legacy = cache.dir.join(format!("{}.initrd", "0".repeat(32)));
+        std::fs::write(&legacy, b"old").unwrap();
+        assert_eq!(cache::prune(&cache).unwrap(), 3);
+        assert_eq!(cached(&cache).len(), 2);
+        std::fs::remove_file(cache::record_path(&vm)).unwrap();
+        assert!(cache::prune(&cache).unwrap() > 0);
+        assert!(cached(&cache).is_empty(), "{:?}", cached(&cache));
     }
 
     #[test]
@@ -433,8 +588,8 @@ no_timer_check ds=NoCloud"
         }) else {
             return;
         };
-        let cache = d.path().join("cache");
-        let e = prepare(Arch::Amd64, &img, None, "d", &cache).unwrap_err();
+        let (cache, vm) = cache_and_vm(d.path(), "a");
+        let e = prepare(Arch::Amd64, &img, None, &cache, &vm).unwrap_err();
         assert!(e.to_string().contains("2 kernels"), "{e}");
         // A "kernel" that is no bzImage.
         let d = tempfile::tempdir().unwrap();
@@ -443,15 +598,15 @@ no_timer_check ds=NoCloud"
             std::fs::write(t.join("boot/initrd.img-1"), b"i").unwrap();
         })
         .unwrap();
-        let e = prepare(Arch::Amd64, &img, None, "d", &cache).unwrap_err();
+        let e = prepare(Arch::Amd64, &img, None, &cache, &vm).unwrap_err();
         assert!(e.to_string().contains("bzImage"), "{e}");
         // Not ext4 at all.
         std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
         assert!(matches!(
-            prepare(Arch::Amd64, &img, None, "d", &cache),
+            prepare(Arch::Amd64, &img, None, &cache, &vm),
             Err(BootError::NoRoot)
         ));
-        assert!(!cache.exists() || std::fs::read_dir(&cache).unwrap().next().is_none());
+        assert!(cached(&cache).is_empty());
     }
 
     /// The real test image (GPT, compressed qcow2) through an overlay, as a
@@ -472,14 +627,14 @@ no_timer_check ds=NoCloud"
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "qemu-img create");
-        let cache = d.path().join("boot");
+        let (cache, vm) = cache_and_vm(d.path(), "a");
         let t = std::time::Instant::now();
         let b = prepare(
             Arch::Amd64,
             &top,
             Some((Path::new(&image), "qcow2")),
-            "sha256:test",
             &cache,
+            &vm,
         )
         .unwrap();
         eprintln!("extracted in {:?}", t.elapsed());
@@ -493,13 +648,13 @@ no_timer_check ds=NoCloud"
                 Arch::Amd64,
                 &top,
                 Some((Path::new(&image), "qcow2")),
-                "sha256:test",
-                &cache
+                &cache,
+                &vm
             )
             .unwrap(),
             b
         );
-        eprintln!("cached in {:?}", t.elapsed());
+        eprintln!("hashed and found in the cache in {:?}", t.elapsed());
     }
 
     #[test]
