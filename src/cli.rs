@@ -424,7 +424,8 @@ pub fn main() -> i32 {
         .unwrap_or_else(|_| if is_run { "info" } else { "warn" }.into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // The supervisor's lines go to its capped nox.log (crate::console).
+        .with_writer(crate::console::supervisor_writer)
         .with_target(false)
         .init();
     // One thread is plenty (the supervisor waits on a handful of fds) and
@@ -1242,7 +1243,7 @@ impl AsFdOwned for std::io::Stdin {
 
 fn console(store: &Store, name: &str) -> Result<i32> {
     let vmp = store.vm(name)?;
-    let sock = std::os::unix::net::UnixStream::connect(vmp.serial_socket())
+    let sock = crate::rundir::connect_serial(&vmp)
         .with_context(|| format!("cannot attach to {name}'s console (is it running?)"))?;
     eprintln!("Connected to {name}'s serial console; Ctrl-] detaches.\r");
     let mut out = sock.try_clone()?;
