@@ -214,13 +214,18 @@ async fn copy(
             _ = &mut stopped => break,
         }
     }
-    // qemu has exited: what is still in the pipe, without waiting.
-    while let Ok(n) = rx.try_read(&mut buf) {
-        if n == 0 {
-            break;
+    // The writer has exited: what is still in the pipe, to its end (all
+    // of it is there by now), but never waiting long for a writer that
+    // somehow lives on.
+    let rest = async {
+        while let Ok(n) = rx.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            put(&mut log, &buf[..n]);
         }
-        put(&mut log, &buf[..n]);
-    }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), rest).await;
 }
 
 /// A [`RotatingLog`] shared by every writer of one log (`nox.log`: qemu's

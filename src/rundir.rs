@@ -19,7 +19,7 @@
 //! falls back to signalling the supervisor.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -51,8 +51,10 @@ pub enum RunDirError {
     },
 }
 
-/// The channels of one qemu start: the supervisor's ends, and qemu's
-/// (inheritable, no `FD_CLOEXEC`), to be dropped once qemu is spawned.
+/// The channels of one qemu start: the supervisor's ends, and qemu's, to be
+/// dropped once qemu is spawned. Every one is close-on-exec: only qemu gets
+/// its own, through [`inherit`] between its fork and exec (a passt spawned
+/// meanwhile must not get qemu's monitors).
 pub struct Channels {
     /// The supervisor's end of the QMP socketpair.
     pub qmp: UnixStream,
@@ -71,6 +73,17 @@ pub struct ChildFds {
 }
 
 impl ChildFds {
+    /// The descriptors, for [`inherit`].
+    pub fn raw(&self) -> [RawFd; 4] {
+        use std::os::fd::AsRawFd;
+        [
+            self.qmp.as_raw_fd(),
+            self.ctl.as_raw_fd(),
+            self.serial.as_raw_fd(),
+            self.console.as_raw_fd(),
+        ]
+    }
+
     pub fn chardevs(&self) -> Chardevs {
         use std::os::fd::AsRawFd;
         Chardevs {
@@ -82,11 +95,21 @@ impl ChildFds {
     }
 }
 
-/// A descriptor qemu inherits: `FD_CLOEXEC` cleared.
-fn inheritable(fd: OwnedFd) -> io::Result<OwnedFd> {
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
-    Ok(fd)
+/// Clears `FD_CLOEXEC` of `fds`, so that the program exec'd next gets
+/// them. For a `pre_exec` hook: fcntl only, async-signal-safe.
+pub fn inherit(fds: &[RawFd]) -> io::Result<()> {
+    for &fd in fds {
+        // SAFETY: fcntl on descriptors the caller keeps open; no memory.
+        let set = unsafe {
+            let flags = nix::libc::fcntl(fd, nix::libc::F_GETFD);
+            flags >= 0
+                && nix::libc::fcntl(fd, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC) >= 0
+        };
+        if !set {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Makes the run directory afresh (whatever a previous run left, qemu's
@@ -113,15 +136,14 @@ pub fn prepare(vm: &VmPaths) -> Result<Channels, RunDirError> {
         // By path: the directory is ours alone, nothing in it can be swapped.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(err(&path))?;
-        inheritable(OwnedFd::from(l)).map_err(err(&path))
+        Ok(OwnedFd::from(l))
     };
     let ctl = listen(vm.ctl_socket())?;
     let serial = listen(vm.serial_socket())?;
     let (qmp, theirs) = UnixStream::pair().map_err(err(&vm.run))?;
-    let qmp_child = inheritable(OwnedFd::from(theirs)).map_err(err(&vm.run))?;
-    let (read, write) =
+    let qmp_child = OwnedFd::from(theirs);
+    let (read, console) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| err(&vm.run)(e.into()))?;
-    let console = inheritable(write).map_err(err(&vm.run))?;
     Ok(Channels {
         qmp,
         console: read,
@@ -254,16 +276,19 @@ mod tests {
         // The link was removed, not followed: /etc/passwd keeps its mode.
         let pw = std::fs::metadata("/etc/passwd").unwrap();
         assert_eq!(pw.mode() & 0o777, 0o644);
-        // qemu's descriptors are inherited; ours are not.
-        let c = ch.child.chardevs();
-        for fd in [c.qmp, c.ctl, c.serial, c.console] {
-            // SAFETY: `ch.child` owns these descriptors and outlives the borrow.
+        // Nothing is inherited by whatever else is spawned meanwhile (passt):
+        // qemu gets its own through `inherit`, in its pre_exec.
+        let cloexec = |fd: RawFd| {
+            // SAFETY: `ch` owns these descriptors and outlives the borrow.
             let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
-            assert_eq!(flags & nix::libc::FD_CLOEXEC, 0, "fd {fd:?}");
-        }
-        let flags = nix::fcntl::fcntl(&ch.console, nix::fcntl::FcntlArg::F_GETFD).unwrap();
-        assert_ne!(flags & nix::libc::FD_CLOEXEC, 0);
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).unwrap() & nix::libc::FD_CLOEXEC
+                != 0
+        };
+        let raw = ch.child.raw();
+        assert!(raw.iter().all(|fd| cloexec(*fd)));
+        assert!(cloexec(std::os::fd::AsRawFd::as_raw_fd(&ch.console)));
+        inherit(&raw).unwrap();
+        assert!(raw.iter().all(|fd| !cloexec(*fd)));
         // Only the two sockets: no FIFO, no QMP socket to find by name.
         let mut names: Vec<_> = std::fs::read_dir(&vm.run)
             .unwrap()

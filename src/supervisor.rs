@@ -287,6 +287,7 @@ fn spawn_qemu(
     vm: &VmPaths,
     jail: &jail::Jail,
     log: &crate::console::Sink,
+    keep: [std::os::fd::RawFd; 4],
 ) -> Result<Qemu, SupervisorError> {
     // Through a pipe: qemu never holds nox.log itself, so it cannot grow it
     // past the cap.
@@ -297,6 +298,12 @@ fn spawn_qemu(
         .stdout(Stdio::from(tx.try_clone()?))
         .stderr(Stdio::from(tx))
         .kill_on_drop(true);
+    // Its channels (crate::rundir): qemu inherits them, nothing else does.
+    // SAFETY: `inherit` only calls fcntl, async-signal-safe, on descriptors
+    // the caller keeps open until the spawn returns.
+    unsafe {
+        cmd.pre_exec(move || crate::rundir::inherit(&keep));
+    }
     // Confinement, and PR_SET_PDEATHSIG so qemu dies with us (crate::jail).
     let launch = jail.apply(&mut cmd, vm, binary, argv)?;
     let spawned = cmd.spawn();
@@ -544,7 +551,7 @@ async fn spawn_connected(
             crate::console::RotatingLog::new(&vm.console_log(), spec.console_log_size);
         let console = crate::console::Copier::start(channels.console, console_log)?;
         let passt = crate::net::passt::Place {
-            log: &vm.log(),
+            log,
             dir: &vm.passt_dir(),
             runas: jail.passt_ids().map(|i| (i.uid, i.gid)),
         };
@@ -573,7 +580,7 @@ async fn spawn_connected(
             warn!("{}", crate::error_chain(&e));
         }
         let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
-        let spawned = spawn_qemu(binary, &argv, vm, jail, log);
+        let spawned = spawn_qemu(binary, &argv, vm, jail, log, channels.child.raw());
         // qemu holds its copies now; ours must not leak into anything else.
         net.child_fds.clear();
         drop(incoming.take());

@@ -336,8 +336,9 @@ async fn passt_reports_a_port_it_cannot_bind() {
     let (_ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let log = tempfile::NamedTempFile::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let sink = nox::console::Sink::new(log.path(), nox::console::LOG_SIZE);
     let place = nox::net::passt::Place {
-        log: log.path(),
+        log: &sink,
         dir: &dir.path().join("passt"),
         runas: None,
     };

@@ -214,10 +214,11 @@ pub fn args(
 }
 
 /// Where one VM's passt keeps its files, and who it runs as.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Place<'a> {
-    /// Where its messages go.
-    pub log: &'a Path,
+    /// Where its messages go (`nox.log`, capped: passt parses the guest's
+    /// traffic, and what it prints is not trusted to stay small).
+    pub log: &'a crate::console::Sink,
     /// Its own directory (made afresh, given to `runas`), for its pid file.
     pub dir: &'a Path,
     /// The VM's passt ids when nox is root; `None`: as root, `nobody` (what
@@ -229,6 +230,8 @@ pub struct Place<'a> {
 pub struct Passt {
     child: tokio::process::Child,
     pub pid: u32,
+    /// Copies its output into the log.
+    _output: crate::console::Copier,
 }
 
 impl Drop for Passt {
@@ -297,12 +300,11 @@ impl Passt {
             path: bin.path.clone(),
             source,
         };
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(spawn_err)?;
-        let log_start = out.metadata().map(|m| m.len()).unwrap_or(0);
+        let log_path = log.path();
+        let log_start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
+        let (output, out) = log
+            .pipe()
+            .map_err(|e| spawn_err(std::io::Error::other(crate::error_chain(&e))))?;
         let mut cmd = tokio::process::Command::new(&bin.path);
         cmd.args(&argv)
             .stdin(Stdio::null())
@@ -331,6 +333,8 @@ impl Passt {
             });
         }
         let mut child = cmd.spawn().map_err(spawn_err)?;
+        // Our copies of its output pipe go, or the copy never ends.
+        drop(cmd);
         drop(fd);
         drop(dir);
         let pid = child.id().unwrap_or(0);
@@ -350,11 +354,19 @@ impl Passt {
         })
         .await;
         match ready {
-            Ok(Ok(())) => Ok(Passt { child, pid }),
-            Ok(Err(status)) => Err(PasstError::Exited {
-                status: status.to_string(),
-                log: passt_errors(&crate::store::tail(log, log_start, 20)),
+            Ok(Ok(())) => Ok(Passt {
+                child,
+                pid,
+                _output: output,
             }),
+            Ok(Err(status)) => {
+                // passt is gone: what it said is in the pipe; copy it first.
+                output.finish().await;
+                Err(PasstError::Exited {
+                    status: status.to_string(),
+                    log: passt_errors(&crate::store::tail(&log_path, log_start, 20)),
+                })
+            }
             Err(_) => Err(PasstError::Timeout(limit.as_secs())),
         }
     }
