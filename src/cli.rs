@@ -428,9 +428,9 @@ pub fn main() -> i32 {
         .unwrap_or_else(|_| if is_run { "info" } else { "warn" }.into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // The supervisor writes into nox.log, whose tail start errors quote:
-        // colour codes only on a terminal.
+        // The supervisor's lines go to its capped nox.log (crate::console),
+        // whose tail start errors quote: colour codes only on a terminal.
+        .with_writer(crate::console::supervisor_writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
@@ -1269,7 +1269,7 @@ impl AsFdOwned for std::io::Stdin {
 
 fn console(store: &Store, name: &str) -> Result<i32> {
     let vmp = store.vm(name)?;
-    let sock = std::os::unix::net::UnixStream::connect(vmp.serial_socket())
+    let sock = crate::rundir::connect_serial(&vmp)
         .with_context(|| format!("cannot attach to {name}'s console (is it running?)"))?;
     eprintln!("Connected to {name}'s serial console; Ctrl-] detaches.\r");
     let mut out = sock.try_clone()?;

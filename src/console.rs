@@ -1,17 +1,23 @@
-//! The guest's serial console log, written by the supervisor, capped.
+//! The logs qemu feeds, written by the supervisor, capped.
 //!
 //! qemu writes what the guest prints on its serial port (the chardev's
-//! `logfile`) into a FIFO in the VM's run directory; the supervisor reads it
-//! and appends it to `console.log`. When that file would pass the VM's
+//! `logfile`) into a pipe it inherits (crate::rundir); the supervisor reads
+//! it and appends it to `console.log`. When that file would pass the VM's
 //! `console_log_size`, it becomes `console.log.1` (replacing the one before)
 //! and a new `console.log` begins: at most twice the size is kept, however
 //! much the guest writes. (A guest could otherwise fill the host's disk; qemu
 //! itself cannot cap its logfile.)
+//!
+//! `nox.log` is kept the same way ([`LOG_SIZE`]): qemu's and passt's
+//! stdout/stderr reach it through pipes the supervisor copies ([`Sink`]),
+//! and so do the supervisor's own lines when its stderr is that file.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use thiserror::Error;
 use tokio::io::AsyncReadExt;
@@ -22,11 +28,13 @@ use tracing::warn;
 pub const DEFAULT_SIZE: u64 = 4 << 20;
 /// The smallest cap accepted: a boot's worth of kernel messages.
 pub const MIN_SIZE: u64 = 64 << 10;
+/// Cap of `nox.log` (and of `nox.log.1`).
+pub const LOG_SIZE: u64 = 4 << 20;
 
 #[derive(Debug, Error)]
 pub enum ConsoleError {
-    #[error("{path}: cannot make the console FIFO")]
-    Fifo {
+    #[error("{path}: cannot read the console pipe")]
+    Pipe {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -113,38 +121,35 @@ impl RotatingLog {
     }
 }
 
-/// Makes the FIFO qemu writes the console into (0600; the jail hands it to
-/// the VM's uid).
-pub fn make_fifo(path: &Path) -> Result<(), ConsoleError> {
-    let _ = std::fs::remove_file(path);
-    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(|e| {
-        ConsoleError::Fifo {
-            path: path.to_owned(),
-            source: e.into(),
-        }
-    })
-}
-
-/// The task that copies the FIFO into the log for one run of qemu.
+/// The task that copies qemu's console pipe into the log for one run.
 pub struct Copier {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Copier {
-    /// Opens the FIFO (read and write, so it never reads end-of-file while
-    /// qemu has not opened it yet) and copies it into `log` until
-    /// [`Copier::finish`].
-    pub fn start(fifo: &Path, log: RotatingLog) -> Result<Copier, ConsoleError> {
-        let rx = tokio::net::unix::pipe::OpenOptions::new()
-            .read_write(true)
-            .open_receiver(fifo)
-            .map_err(|source| ConsoleError::Fifo {
-                path: fifo.to_owned(),
-                source,
-            })?;
+    /// Copies the pipe's read end `rx` into `log` until [`Copier::finish`]
+    /// (or until every writer has closed it: qemu has exited).
+    pub fn start(rx: OwnedFd, log: RotatingLog) -> Result<Copier, ConsoleError> {
+        let path = log.path.clone();
+        let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(rx)
+            .map_err(|source| ConsoleError::Pipe { path, source })?;
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(copy(rx, log, stopped));
+        let task = tokio::spawn(copy(rx, Out::Log(log), stopped));
+        Ok(Copier {
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Copies `rx` (a child's stdout/stderr) into `sink` until every
+    /// writer has closed it.
+    pub fn to_sink(rx: OwnedFd, sink: Sink) -> Result<Copier, ConsoleError> {
+        let path = sink.path();
+        let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(rx)
+            .map_err(|source| ConsoleError::Pipe { path, source })?;
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(copy(rx, Out::Sink(sink), stopped));
         Ok(Copier {
             stop: Some(stop),
             task: Some(task),
@@ -170,19 +175,33 @@ impl Drop for Copier {
     }
 }
 
+enum Out {
+    Log(RotatingLog),
+    Sink(Sink),
+}
+
+impl Out {
+    fn write(&mut self, data: &[u8]) -> Result<(), ConsoleError> {
+        match self {
+            Out::Log(l) => l.write(data),
+            Out::Sink(s) => s.write(data),
+        }
+    }
+}
+
 async fn copy(
     mut rx: tokio::net::unix::pipe::Receiver,
-    mut log: RotatingLog,
+    mut log: Out,
     mut stopped: oneshot::Receiver<()>,
 ) {
     let mut buf = vec![0u8; 64 << 10];
     let mut failed = false;
-    let mut put = |log: &mut RotatingLog, data: &[u8]| {
-        // A full disk must not stop the VM: the console is dropped, once said.
+    let mut put = |log: &mut Out, data: &[u8]| {
+        // A full disk must not stop the VM: the output is dropped, once said.
         if let Err(e) = log.write(data)
             && !failed
         {
-            warn!("{}; console output is dropped", crate::error_chain(&e));
+            warn!("{}; output is dropped", crate::error_chain(&e));
             failed = true;
         }
     };
@@ -195,12 +214,96 @@ async fn copy(
             _ = &mut stopped => break,
         }
     }
-    // qemu has exited: what is still in the FIFO, without waiting.
-    while let Ok(n) = rx.try_read(&mut buf) {
-        if n == 0 {
-            break;
+    // The writer has exited: what is still in the pipe, to its end (all
+    // of it is there by now), but never waiting long for a writer that
+    // somehow lives on.
+    let rest = async {
+        while let Ok(n) = rx.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            put(&mut log, &buf[..n]);
         }
-        put(&mut log, &buf[..n]);
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), rest).await;
+}
+
+/// A [`RotatingLog`] shared by every writer of one log (`nox.log`: qemu's
+/// and passt's output, the supervisor's own lines).
+#[derive(Clone)]
+pub struct Sink(Arc<Mutex<RotatingLog>>);
+
+impl Sink {
+    pub fn new(path: &Path, cap: u64) -> Sink {
+        Sink(Arc::new(Mutex::new(RotatingLog::new(path, cap))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RotatingLog> {
+        // A writer that panicked mid-write leaves a usable log.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.lock().path.clone()
+    }
+
+    pub fn write(&self, data: &[u8]) -> Result<(), ConsoleError> {
+        self.lock().write(data)
+    }
+
+    /// A pipe whose write end a child gets as stdout/stderr; what it writes
+    /// is copied here, capped, until it closes.
+    pub fn pipe(&self) -> Result<(Copier, OwnedFd), ConsoleError> {
+        let err = |e: nix::errno::Errno| ConsoleError::Pipe {
+            path: self.path(),
+            source: e.into(),
+        };
+        let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(err)?;
+        Ok((Copier::to_sink(rx, self.clone())?, tx))
+    }
+}
+
+/// Where the supervisor's own log lines go once it knows its VM: `nox.log`
+/// through its [`Sink`] (set by [`log_supervisor_to`]), else stderr.
+static SUPERVISOR_LOG: OnceLock<Sink> = OnceLock::new();
+
+/// Sends the supervisor's log lines through `sink` when its stderr is that
+/// log's file (as `nox start` spawns it), so that the file stays capped;
+/// under systemd (the journal) or in a terminal, stderr stays.
+pub fn log_supervisor_to(sink: &Sink) {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let same = match (
+        nix::sys::stat::fstat(std::io::stderr().as_fd()),
+        std::fs::metadata(sink.path()),
+    ) {
+        (Ok(a), Ok(b)) => a.st_dev == b.dev() && a.st_ino == b.ino(),
+        _ => false,
+    };
+    if same {
+        let _ = SUPERVISOR_LOG.set(sink.clone());
+    }
+}
+
+/// The writer of the supervisor's log lines (a tracing `MakeWriter`).
+pub fn supervisor_writer() -> SupervisorWriter {
+    SupervisorWriter
+}
+
+pub struct SupervisorWriter;
+
+impl Write for SupervisorWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match SUPERVISOR_LOG.get() {
+            Some(sink) => sink
+                .write(data)
+                .map(|()| data.len())
+                .map_err(std::io::Error::other),
+            None => std::io::stderr().write(data),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 
@@ -256,22 +359,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_flood_through_the_fifo_keeps_at_most_twice_the_cap() {
+    async fn a_flood_through_the_pipe_keeps_at_most_twice_the_cap() {
         let t = tempfile::tempdir().unwrap();
-        let fifo = t.path().join("console.pipe");
         let p = t.path().join("console.log");
-        make_fifo(&fifo).unwrap();
-        let copier = Copier::start(&fifo, RotatingLog::new(&p, 64 << 10)).unwrap();
+        let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let copier = Copier::start(rx, RotatingLog::new(&p, 64 << 10)).unwrap();
         // A guest writing 8 MiB as fast as it can, then its last words.
-        let writer = std::thread::spawn({
-            let fifo = fifo.clone();
-            move || {
-                let mut f = OpenOptions::new().write(true).open(&fifo).unwrap();
-                for _ in 0..128 {
-                    f.write_all(&[b'.'; 64 << 10]).unwrap();
-                }
-                f.write_all(b"\nreboot: Power down\n").unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut f = File::from(tx);
+            for _ in 0..128 {
+                f.write_all(&[b'.'; 64 << 10]).unwrap();
             }
+            f.write_all(b"\nreboot: Power down\n").unwrap();
         });
         while !writer.is_finished() {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -285,5 +384,32 @@ mod tests {
             text.ends_with("reboot: Power down\n"),
             "the last words kept"
         );
+    }
+
+    /// qemu's stderr flooding nox.log: capped like the console, and the
+    /// supervisor's own lines share the same cap.
+    #[tokio::test]
+    async fn nox_log_is_capped_for_every_writer() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("nox.log");
+        let sink = Sink::new(&p, 64 << 10);
+        let (copier, tx) = sink.pipe().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut f = File::from(tx);
+            for _ in 0..64 {
+                f.write_all(&[b'e'; 64 << 10]).unwrap();
+            }
+        });
+        for _ in 0..1000 {
+            sink.write(b"supervisor line\n").unwrap();
+        }
+        while !writer.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        writer.join().unwrap();
+        // Every writer closed: the copier ends by itself.
+        copier.finish().await;
+        assert!(size(&p) <= 64 << 10, "{}", size(&p));
+        assert!(size(&t.path().join("nox.log.1")) <= 64 << 10);
     }
 }

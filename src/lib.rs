@@ -16,6 +16,7 @@ pub mod jail;
 pub mod net;
 pub mod qemu;
 pub mod qmp;
+pub mod rundir;
 pub mod seed;
 pub mod snapshot;
 pub mod spec;

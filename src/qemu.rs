@@ -228,6 +228,22 @@ pub struct Launch<'a> {
     /// Warm start: a template's saved machine state, which qemu reads from
     /// this inherited file descriptor instead of booting.
     pub incoming: Option<i32>,
+    /// qemu's channels to the host, inherited descriptors (crate::rundir).
+    pub chardevs: Chardevs,
+}
+
+/// The inherited descriptors of qemu's monitors, serial port and console
+/// log: qemu opens no path of nox's run directory (crate::rundir).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chardevs {
+    /// The supervisor's QMP: a connected socket.
+    pub qmp: i32,
+    /// `ctl.sock`, QMP for clients: a listening socket.
+    pub ctl: i32,
+    /// `serial.sock`: a listening socket.
+    pub serial: i32,
+    /// The write end of the console log's pipe.
+    pub console: i32,
 }
 
 /// An argv under construction.
@@ -293,21 +309,29 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
     );
     // Two monitors: the supervisor holds the first, clients (`nox stop`) use
     // the second, since a QMP socket serves one client at a time.
-    for (id, sock) in [("qmp0", p.qmp_socket()), ("qmp1", p.ctl_socket())] {
-        let chardev = Opts::new("socket")
-            .set("id", id)
-            .path("path", &sock)?
-            .set("server", "on")
-            .set("wait", "off");
+    let c = l.chardevs;
+    let qmp = Opts::new("socket").set("id", "qmp0").set("fd", c.qmp);
+    let ctl = Opts::new("socket")
+        .set("id", "qmp1")
+        .set("fd", c.ctl)
+        .set("server", "on")
+        .set("wait", "off");
+    for (id, chardev) in [("qmp0", qmp), ("qmp1", ctl)] {
         a.opt("-chardev", chardev);
         a.opt("-mon", Opts::kv("chardev", id).set("mode", "control"));
     }
+    a.opt(
+        "-add-fd",
+        Opts::kv("fd", c.console)
+            .set("set", CONSOLE_FDSET)
+            .set("opaque", "console-log"),
+    );
     let serial = Opts::new("socket")
         .set("id", "serial0")
-        .path("path", &p.serial_socket())?
+        .set("fd", c.serial)
         .set("server", "on")
         .set("wait", "off")
-        .path("logfile", &p.console_pipe())?
+        .set("logfile", format!("/dev/fdset/{CONSOLE_FDSET}"))
         .set("logappend", "on");
     a.opt("-chardev", serial);
     a.opt("-serial", "chardev:serial0");
@@ -393,6 +417,8 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
 
 /// The fd set holding a warm start's saved state.
 const INCOMING_FDSET: u32 = 1;
+/// The fd set holding the console log's pipe.
+const CONSOLE_FDSET: u32 = 2;
 
 /// What of an argv must be equal for a saved machine state to load into
 /// it: the argv with every per-VM value (paths, names, MAC, descriptors,
@@ -420,6 +446,7 @@ pub fn machine_shape(argv: &[String]) -> Vec<String> {
             "-name" | "-kernel" | "-initrd" => "*".to_string(),
             "-netdev" if value.starts_with("user,") => "user".into(),
             "-netdev" => "other".into(),
+            "-chardev" => chardev_shape(value),
             _ => split_opts(value)
                 .into_iter()
                 .map(|item| match item.split_once('=') {
@@ -435,9 +462,34 @@ pub fn machine_shape(argv: &[String]) -> Vec<String> {
     out
 }
 
+/// A chardev without how it reaches the host (a path or an inherited
+/// descriptor, as server or client, its log file): none of that is machine
+/// state, and older nox versions gave qemu socket paths where it now gets
+/// descriptors.
+fn chardev_shape(value: &str) -> String {
+    const ADDRESS: [&str; 5] = ["path", "fd", "server", "wait", "logfile"];
+    split_opts(value)
+        .into_iter()
+        .filter(|item| !matches!(item.split_once('='), Some((k, _)) if ADDRESS.contains(&k)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A shape recorded by an older nox, in today's terms (its chardevs
+/// reduced as [`machine_shape`] now does), so its warm templates still load.
+pub fn upgrade_shape(shape: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = shape.to_vec();
+    for i in 1..out.len() {
+        if out[i - 1] == "-chardev" {
+            out[i] = chardev_shape(&out[i]);
+        }
+    }
+    out
+}
+
 /// Splits a qemu option string at its unescaped commas (`,,` is a comma
-/// inside a value).
-fn split_opts(s: &str) -> Vec<String> {
+/// inside a value, and stays `,,` in the item).
+pub fn split_opts(s: &str) -> Vec<String> {
     let mut items = vec![String::new()];
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -539,6 +591,14 @@ mod tests {
     use crate::spec::{ImageRef, NetworkSpec};
     use crate::store::Store;
 
+    /// Descriptor numbers as a supervisor might hand them to qemu.
+    const CHARDEVS: Chardevs = Chardevs {
+        qmp: 10,
+        ctl: 11,
+        serial: 12,
+        console: 13,
+    };
+
     fn spec(arch: Arch) -> VmSpec {
         VmSpec {
             name: "demo".parse().unwrap(),
@@ -593,15 +653,17 @@ mod tests {
             firmware: FirmwareArgs::default(),
             direct: None,
             incoming: None,
+            chardevs: CHARDEVS,
         })
         .unwrap()
         .join(" ");
         let want = "qemu-system-x86_64 -name demo,debug-threads=on -machine q35,accel=tcg -cpu max \
 -smp 2 -m 1024M -nodefaults -no-user-config -display none -S \
 -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
--chardev socket,id=qmp0,path=/run/nox/demo/qmp.sock,server=on,wait=off -mon chardev=qmp0,mode=control \
--chardev socket,id=qmp1,path=/run/nox/demo/ctl.sock,server=on,wait=off -mon chardev=qmp1,mode=control \
--chardev socket,id=serial0,path=/run/nox/demo/serial.sock,server=on,wait=off,logfile=/run/nox/demo/console.pipe,logappend=on \
+-chardev socket,id=qmp0,fd=10 -mon chardev=qmp0,mode=control \
+-chardev socket,id=qmp1,fd=11,server=on,wait=off -mon chardev=qmp1,mode=control \
+-add-fd fd=13,set=2,opaque=console-log \
+-chardev socket,id=serial0,fd=12,server=on,wait=off,logfile=/dev/fdset/2,logappend=on \
 -serial chardev:serial0 \
 -drive if=none,id=disk0,file=/var/lib/nox/vms/demo/disk.qcow2,format=qcow2,discard=unmap \
 -device virtio-blk-pci,drive=disk0,bootindex=1 \
@@ -637,6 +699,7 @@ mod tests {
             },
             direct: None,
             incoming: None,
+            chardevs: CHARDEVS,
         })
         .unwrap();
         let j = got.join(" ");
@@ -666,6 +729,7 @@ mod tests {
             firmware: FirmwareArgs::default(),
             direct: None,
             incoming: None,
+            chardevs: CHARDEVS,
         })
         .unwrap();
         assert!(
@@ -697,6 +761,7 @@ mod tests {
                 cmdline: "root=UUID=x ro console=ttyS0".into(),
             }),
             incoming: None,
+            chardevs: CHARDEVS,
         })
         .unwrap();
         let after = |flag: &str| a[a.iter().position(|x| x == flag).unwrap() + 1].clone();
@@ -720,6 +785,7 @@ mod tests {
                 firmware: FirmwareArgs::default(),
                 direct: None,
                 incoming: None,
+                chardevs: CHARDEVS,
             })
             .unwrap();
             let i = a.iter().position(|x| x == "-netdev").unwrap();
@@ -759,6 +825,7 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
                 firmware: FirmwareArgs::default(),
                 direct: None,
                 incoming,
+                chardevs: CHARDEVS,
             })
             .unwrap()
         };
@@ -788,6 +855,24 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
             "{shape}"
         );
         assert!(shape.contains("-m 1024M"));
+        // How a chardev reaches the host is not machine state: a template
+        // saved by an older nox (socket paths) still loads.
+        assert!(
+            shape.contains("-chardev socket,id=serial0,logappend=on "),
+            "{shape}"
+        );
+        let old: Vec<String> = machine_shape(&src)
+            .into_iter()
+            .map(|v| match v.as_str() {
+                "socket,id=qmp0" => "socket,id=qmp0,path=*,server=on,wait=off".into(),
+                "socket,id=serial0,logappend=on" => {
+                    "socket,id=serial0,path=*,server=on,wait=off,logfile=*,logappend=on".into()
+                }
+                _ => v,
+            })
+            .collect();
+        assert_ne!(old, machine_shape(&src));
+        assert_eq!(upgrade_shape(&old), machine_shape(&src));
         // slirp has state of its own; memory and CPUs are the machine.
         let slirp = launch(
             "x",
@@ -810,6 +895,7 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
             firmware: FirmwareArgs::default(),
             direct: None,
             incoming: None,
+            chardevs: CHARDEVS,
         })
         .unwrap();
         assert_ne!(machine_shape(&src), machine_shape(&big));

@@ -7,17 +7,25 @@
 //! carry a numeric `id`, a reader task matches replies by that id, and every
 //! event is passed on raw (name, data, timestamp). The event receiver ends when
 //! the connection closes, which is how a supervisor learns that qemu exited.
+//!
+//! qemu is jailed because it is assumed compromised, so what is read from it
+//! is bounded: a line longer than [`MAX_LINE`] ends the session, and at most
+//! [`EVENT_QUEUE`] events wait for their consumer (more are dropped, counted).
+//! A socket found by path is spoken to only once its peer's credentials
+//! passed the caller's check ([`Qmp::connect_checked`]).
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+use tokio::net::unix::UCred;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -32,6 +40,19 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_MIN: Duration = Duration::from_secs(2);
 /// Pause between connection attempts while qemu creates its socket.
 const RETRY_INTERVAL: Duration = Duration::from_millis(20);
+/// The longest line read from qemu (a reply or an event), newline
+/// excluded. nox's replies are small (query-status, query-migrate, the block
+/// nodes of a snapshot); a longer line ends the session instead of growing a
+/// root process's buffer without end.
+pub const MAX_LINE: usize = 4 << 20;
+/// Events waiting for their consumer. A guest can make qemu emit events
+/// faster than they are handled; past this many, new ones are dropped
+/// (counted in the log) rather than queued without end. Replies are never
+/// dropped: they go to their waiting command, not to this queue.
+pub const EVENT_QUEUE: usize = 256;
+
+/// The event stream of a session; ends when the connection closes.
+pub type Events = mpsc::Receiver<Event>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -39,6 +60,8 @@ pub enum QmpError {
     Connect { path: PathBuf, source: io::Error },
     #[error("QMP greeting from {path}: {reason}")]
     Greeting { path: PathBuf, reason: String },
+    #[error("QMP socket {path}: refused to speak to its peer: {reason}")]
+    Peer { path: PathBuf, reason: String },
     #[error("QMP {command}: i/o error")]
     Io { command: String, source: io::Error },
     #[error("QMP {command}: connection closed")]
@@ -67,7 +90,7 @@ impl QmpError {
     /// The QMP command this error is about (`None` for connect/greeting errors).
     pub fn command(&self) -> Option<&str> {
         match self {
-            QmpError::Connect { .. } | QmpError::Greeting { .. } => None,
+            QmpError::Connect { .. } | QmpError::Greeting { .. } | QmpError::Peer { .. } => None,
             QmpError::Io { command, .. }
             | QmpError::Closed { command }
             | QmpError::Timeout { command, .. }
@@ -239,14 +262,23 @@ async fn connect_retry(path: &Path, deadline: Instant) -> Result<UnixStream, Qmp
     }
 }
 
-async fn read_json_line(
-    reader: &mut BufReader<OwnedReadHalf>,
+/// Reads the next JSON line (blank and non-JSON lines are skipped), at
+/// most [`MAX_LINE`] bytes of it: a longer line is an `InvalidData` error.
+async fn read_json_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
     buf: &mut Vec<u8>,
 ) -> io::Result<Option<Value>> {
     loop {
         buf.clear();
-        if reader.read_until(b'\n', buf).await? == 0 {
+        let limit = MAX_LINE as u64 + 1;
+        if (&mut *reader).take(limit).read_until(b'\n', buf).await? == 0 {
             return Ok(None);
+        }
+        if buf.len() > MAX_LINE && buf.last() != Some(&b'\n') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("qemu sent a line longer than {MAX_LINE} bytes"),
+            ));
         }
         let line = buf.trim_ascii();
         if line.is_empty() {
@@ -255,7 +287,8 @@ async fn read_json_line(
         match serde_json::from_slice(line) {
             Ok(v) => return Ok(Some(v)),
             Err(e) => {
-                tracing::warn!(error = %e, line = %String::from_utf8_lossy(line), "QMP: skipping non-JSON line")
+                let shown = &line[..line.len().min(200)];
+                tracing::warn!(error = %e, line = %String::from_utf8_lossy(shown), "QMP: skipping non-JSON line")
             }
         }
     }
@@ -264,14 +297,19 @@ async fn read_json_line(
 async fn reader_loop(
     mut reader: BufReader<OwnedReadHalf>,
     pending: Arc<Mutex<Pending>>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
 ) {
     let mut buf = Vec::new();
+    let mut dropped = 0u64;
     loop {
         let v = match read_json_line(&mut reader, &mut buf).await {
             Ok(Some(v)) => v,
             Ok(None) => {
                 tracing::debug!("QMP: connection closed");
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                tracing::warn!("QMP: {e}; closing the session");
                 break;
             }
             Err(e) => {
@@ -282,8 +320,19 @@ async fn reader_loop(
         match parse_message(v) {
             Message::Event(ev) => {
                 tracing::debug!(event = %ev.name, data = %ev.data, "QMP event");
-                // Nobody listening is fine: commands still work.
-                let _ = events.send(ev);
+                // Nobody listening is fine: commands still work. A full
+                // queue drops the event: the reader never waits for the
+                // consumer, so replies keep flowing.
+                if let Err(mpsc::error::TrySendError::Full(ev)) = events.try_send(ev) {
+                    dropped += 1;
+                    if dropped.is_power_of_two() {
+                        tracing::warn!(
+                            "QMP: {dropped} event(s) dropped ({EVENT_QUEUE} already queued), \
+                             the latest {}",
+                            ev.name
+                        );
+                    }
+                }
             }
             Message::Reply { id, result } => {
                 let waiter = id.and_then(|id| lock(&pending).waiters.remove(&id));
@@ -308,12 +357,46 @@ impl Qmp {
     ///
     /// The receiver yields every event; it ends (`None`) when the connection
     /// closes, i.e. when qemu exited, or when the last `Qmp` clone is dropped.
-    pub async fn connect(
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<(Qmp, Events), QmpError> {
+        Qmp::connect_checked(path, timeout, |_| Ok(())).await
+    }
+
+    /// [`Qmp::connect`], but nothing is read or sent before `check` has
+    /// accepted the peer's credentials (`SO_PEERCRED`): a socket found by
+    /// path may not be the one it should be.
+    pub async fn connect_checked(
         path: &Path,
         timeout: Duration,
-    ) -> Result<(Qmp, mpsc::UnboundedReceiver<Event>), QmpError> {
+        check: impl Fn(&UCred) -> Result<(), String>,
+    ) -> Result<(Qmp, Events), QmpError> {
         let deadline = Instant::now() + timeout;
         let stream = connect_retry(path, deadline).await?;
+        let peer = |reason: String| QmpError::Peer {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let cred = stream
+            .peer_cred()
+            .map_err(|e| peer(format!("cannot read its credentials: {e}")))?;
+        check(&cred).map_err(peer)?;
+        Qmp::handshake(stream, path, deadline).await
+    }
+
+    /// A session on a connected stream (one end of a socketpair whose other
+    /// end qemu inherited): nothing to find by path, nobody else to reach.
+    pub async fn from_stream(
+        stream: UnixStream,
+        label: &Path,
+        timeout: Duration,
+    ) -> Result<(Qmp, Events), QmpError> {
+        Qmp::handshake(stream, label, Instant::now() + timeout).await
+    }
+
+    async fn handshake(
+        stream: UnixStream,
+        path: &Path,
+        deadline: Instant,
+    ) -> Result<(Qmp, Events), QmpError> {
         let handshake = deadline
             .saturating_duration_since(Instant::now())
             .max(HANDSHAKE_MIN);
@@ -334,7 +417,7 @@ impl Qmp {
             .ok_or_else(|| greeting_err(format!("not a QMP greeting: {greeting}")))?;
 
         let pending = Arc::new(Mutex::new(Pending::default()));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let task = tokio::spawn(reader_loop(reader, pending.clone(), tx));
         let qmp = Qmp {
             inner: Arc::new(Inner {
@@ -387,6 +470,26 @@ impl Qmp {
         args: Value,
         t: Duration,
     ) -> Result<Value, QmpError> {
+        self.exchange(name, args, None, t).await
+    }
+
+    /// Hands qemu a descriptor (`SCM_RIGHTS`, sent with the command) under
+    /// `fdname`, for commands that take one (`migrate` to `fd:NAME`): qemu
+    /// gets an open file instead of a path it would open itself.
+    pub async fn send_fd(&self, fdname: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        let args = serde_json::json!({ "fdname": fdname });
+        self.exchange("getfd", args, Some(fd), DEFAULT_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
+    async fn exchange(
+        &self,
+        name: &str,
+        args: Value,
+        fd: Option<BorrowedFd<'_>>,
+        t: Duration,
+    ) -> Result<Value, QmpError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let closed = || QmpError::Closed {
             command: name.into(),
@@ -418,7 +521,12 @@ impl Qmp {
                 let mut w = self.inner.writer.lock().await;
                 tracing::debug!(command = name, id, "QMP ->");
                 let write = async {
-                    w.write_all(&line).await?;
+                    let mut rest = &line[..];
+                    if let Some(fd) = fd {
+                        let sent = send_with_fd(w.as_ref(), rest, fd).await?;
+                        rest = &rest[sent..];
+                    }
+                    w.write_all(rest).await?;
                     w.flush().await
                 };
                 if let Err(source) = write.await {
@@ -484,6 +592,30 @@ impl Qmp {
                 Ok(())
             }
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// Sends the start of `data` with `fd` attached; returns how much was sent.
+async fn send_with_fd(s: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let fds = [fd.as_raw_fd()];
+    loop {
+        s.writable().await?;
+        let sent = s.try_io(tokio::io::Interest::WRITABLE, || {
+            sendmsg::<()>(
+                s.as_raw_fd(),
+                &[io::IoSlice::new(data)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(io::Error::from)
+        });
+        match sent {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }
@@ -813,6 +945,131 @@ mod tests {
             took >= Duration::from_millis(250) && took < Duration::from_secs(2),
             "{took:?}"
         );
+    }
+
+    /// A qemu sending a line without end: the session ends once the line
+    /// passes MAX_LINE, with no more than that buffered.
+    #[tokio::test]
+    async fn an_over_long_line_ends_the_session() {
+        let (_dir, path) = fake_server(|mut c| async move {
+            let id = c.expect("query-status").await;
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..(MAX_LINE >> 20) + 2 {
+                if c.w.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            // Too late: the reader gave up before this reply.
+            let _ = c.w.write_all(b"\n").await;
+            c.send(status_reply(id, "running")).await;
+            let _ = c.lines.next_line().await;
+        })
+        .await;
+        let (qmp, mut events) = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        let r = qmp.query_status().await;
+        assert!(matches!(r, Err(QmpError::Closed { .. })), "{r:?}");
+        assert!(events.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_line_of_exactly_max_line_is_read() {
+        let mut data = vec![b' '; MAX_LINE - 2];
+        data[0] = b'{';
+        data[MAX_LINE - 3] = b'}';
+        data.push(b'\n');
+        let mut r = BufReader::new(&data[..]);
+        let mut buf = vec![];
+        let v = read_json_line(&mut r, &mut buf).await.unwrap();
+        assert_eq!(v, Some(json!({})));
+        let mut long = vec![b' '; MAX_LINE + 1];
+        long.push(b'\n');
+        let mut r = BufReader::new(&long[..]);
+        let e = read_json_line(&mut r, &mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(buf.len() <= MAX_LINE + 1);
+    }
+
+    /// A flood of events nobody consumes: at most EVENT_QUEUE wait, the rest
+    /// are dropped, and replies still arrive.
+    #[tokio::test]
+    async fn an_event_flood_is_bounded_and_replies_still_come() {
+        let (_dir, path) = fake_server(|mut c| async move {
+            for i in 0..EVENT_QUEUE * 4 {
+                c.send(json!({"event": "RTC_CHANGE", "data": {"offset": i}}))
+                    .await;
+            }
+            let id = c.expect("query-status").await;
+            c.send(status_reply(id, "running")).await;
+            let _ = c.lines.next_line().await;
+        })
+        .await;
+        let (qmp, mut events) = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(qmp.query_status().await.unwrap(), "running");
+        let mut n = 0;
+        while let Ok(Some(ev)) =
+            tokio::time::timeout(Duration::from_millis(200), events.recv()).await
+        {
+            // The oldest are kept: the queue was full when the rest came.
+            assert_eq!(ev.data["offset"], n);
+            n += 1;
+        }
+        assert_eq!(n, EVENT_QUEUE);
+    }
+
+    /// A descriptor handed over with `getfd` arrives with the command.
+    #[tokio::test]
+    async fn send_fd_passes_a_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+            use std::io::Write;
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 0, \"major\": 10}}}}\n")
+                .unwrap();
+            let mut got_fd = None;
+            let mut text = vec![];
+            let mut answered = 0;
+            // qmp_capabilities, then getfd with the descriptor.
+            while answered < 2 {
+                let mut buf = [0u8; 4096];
+                let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                let msg =
+                    recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+                        .unwrap();
+                for c in msg.cmsgs().unwrap() {
+                    if let ControlMessageOwned::ScmRights(fds) = c {
+                        got_fd = fds.first().copied();
+                    }
+                }
+                let n = msg.bytes;
+                assert!(n > 0, "client hung up");
+                text.extend_from_slice(&buf[..n]);
+                while let Some(nl) = text.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = text.drain(..=nl).collect();
+                    let v: Value = serde_json::from_slice(&line).unwrap();
+                    let reply = format!("{{\"return\": {{}}, \"id\": {}}}\n", v["id"]);
+                    s.write_all(reply.as_bytes()).unwrap();
+                    answered += 1;
+                }
+            }
+            let fd = got_fd.expect("a descriptor came with getfd");
+            // SAFETY: received just now, owned by nobody else.
+            let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            f.write_all(b"through the fd").unwrap();
+        });
+        let (qmp, _events) = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        qmp.send_fd("x", std::os::fd::AsFd::as_fd(&theirs))
+            .await
+            .unwrap();
+        drop(theirs);
+        server.join().unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut ours, &mut got).unwrap();
+        assert_eq!(got, "through the fd");
     }
 
     #[tokio::test]

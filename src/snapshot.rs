@@ -571,7 +571,7 @@ impl Op {
 const JOB_TIMEOUT: Duration = Duration::from_secs(1800);
 
 async fn connect(vm: &VmPaths) -> Result<Qmp, SnapshotError> {
-    Qmp::connect(&vm.ctl_socket(), Duration::from_secs(5))
+    crate::rundir::connect_ctl(vm, Duration::from_secs(5))
         .await
         .map(|(q, _events)| q)
         .map_err(|e| SnapshotError::Connect(vm.name.clone(), e))

@@ -9,7 +9,8 @@
 //!   events/NAME.jsonl[.1]    the VM's event log (see crate::events); outlives the VM
 //!   vms/NAME/                one VM: spec.json, state.json, disk.qcow2, seed.img, keys, logs
 //!   vms/.new-NAME-XXXX/      a create in progress (invisible; removed by the next create)
-//! RUN/NAME/                  /run/nox (root), ROOT/run otherwise: qmp.sock, ctl.sock, serial.sock
+//! RUN/NAME/                  /run/nox (root), ROOT/run otherwise: ctl.sock, serial.sock, jail/
+//!                            (nox's own, never qemu's: see crate::rundir)
 //! ```
 //!
 //! Every path of this layout is built here; other modules get them from
@@ -347,25 +348,22 @@ impl VmPaths {
     pub fn log(&self) -> PathBuf {
         self.dir.join("nox.log")
     }
-    pub fn qmp_socket(&self) -> PathBuf {
-        self.run.join("qmp.sock")
-    }
     /// A second QMP monitor for clients (`nox stop`), since a QMP socket
-    /// serves one client at a time and the supervisor holds the first.
+    /// serves one client at a time and the supervisor holds the first (on a
+    /// socketpair, crate::rundir).
     pub fn ctl_socket(&self) -> PathBuf {
         self.run.join("ctl.sock")
     }
     pub fn serial_socket(&self) -> PathBuf {
         self.run.join("serial.sock")
     }
+    /// passt's own directory (its pid file), handed to the uid passt runs as.
+    pub fn passt_dir(&self) -> PathBuf {
+        self.run.join("passt")
+    }
     /// The VM's event log (`crate::events`); outside the VM's directory.
     pub fn events(&self) -> &Path {
         &self.events
-    }
-    /// The FIFO qemu writes the console log into; the supervisor copies it
-    /// to [`VmPaths::console_log`], capped (crate::console).
-    pub fn console_pipe(&self) -> PathBuf {
-        self.run.join("console.pipe")
     }
     /// UEFI variable store (per VM, writable), qcow2 so that it can be
     /// snapshotted with the disk (see crate::firmware::prepare_vars).
@@ -409,7 +407,7 @@ impl VmPaths {
 
     /// Checks the socket paths fit in sockaddr_un.
     pub fn check_socket_paths(&self) -> Result<(), StoreError> {
-        for p in [self.qmp_socket(), self.ctl_socket(), self.serial_socket()] {
+        for p in [self.ctl_socket(), self.serial_socket()] {
             if p.as_os_str().len() >= 108 {
                 return Err(StoreError::SocketPath(p));
             }

@@ -12,14 +12,12 @@
 //! file is a lifecycle [`Event`] given to the [`Recorder`], which checks it
 //! against the allowed transitions.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -27,7 +25,7 @@ use crate::jail;
 use crate::net::attach::{Attached, attach};
 use crate::net::discover::Addresses;
 use crate::qemu::{self, Accel};
-use crate::qmp::{self, Qmp};
+use crate::qmp::{self, Events, Qmp};
 use crate::spec::{RestartPolicy, VmSpec};
 use crate::state::{self, Event, Phase, RecordError, Recorder, State};
 use crate::store::{self, StoreError, VmPaths};
@@ -62,6 +60,8 @@ pub enum SupervisorError {
     Jail(#[from] jail::JailError),
     #[error(transparent)]
     Console(#[from] crate::console::ConsoleError),
+    #[error(transparent)]
+    RunDir(#[from] crate::rundir::RunDirError),
     #[error("cannot record the VM's state")]
     State(#[source] RecordError),
     #[error("cannot load the snapshot a restore asked for")]
@@ -186,9 +186,12 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
     let _lock = take_lock(vm)
         .await?
         .ok_or_else(|| SupervisorError::AlreadyRunning(spec.name.to_string()))?;
-    // Everything qemu creates (sockets, console log) is private.
+    // Everything we create (sockets, logs) is private.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     vm.check_socket_paths()?;
+    // nox.log, capped: qemu's output and, when our stderr is that file, ours.
+    let log = crate::console::Sink::new(&vm.log(), crate::console::LOG_SIZE);
+    crate::console::log_supervisor_to(&log);
     let choice = qemu::choose_accel(spec.accel, spec.arch, &qemu::probe_kvm())?;
     if let Some(w) = &choice.warning {
         warn!("{w}");
@@ -198,7 +201,7 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
     let mut restarts = 0u32;
     loop {
         let started = std::time::Instant::now();
-        let result = run_once(vm, &spec, choice.accel, &mut rec, &mut signals).await;
+        let result = run_once(vm, &spec, choice.accel, &log, &mut rec, &mut signals).await;
         cleanup_runtime(vm);
         record(&mut rec, ended(&result));
         let again = match &result {
@@ -280,6 +283,8 @@ struct Qemu {
     /// qemu's own pid.
     pid: u32,
     _jail: jail::Guard,
+    /// Copies qemu's stdout/stderr into nox.log, capped.
+    output: crate::console::Copier,
 }
 
 fn spawn_qemu(
@@ -287,25 +292,35 @@ fn spawn_qemu(
     argv: &[String],
     vm: &VmPaths,
     jail: &jail::Jail,
+    log: &crate::console::Sink,
+    keep: [std::os::fd::RawFd; 4],
 ) -> Result<Qemu, SupervisorError> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(vm.log())
-        .map_err(store::io(&vm.log()))?;
+    // Through a pipe: qemu never holds nox.log itself, so it cannot grow it
+    // past the cap.
+    let (output, tx) = log.pipe()?;
     let mut cmd = tokio::process::Command::new(binary);
     cmd.args(&argv[1..])
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
+        .stdout(Stdio::from(tx.try_clone()?))
+        .stderr(Stdio::from(tx))
         .kill_on_drop(true);
+    // Its channels (crate::rundir): qemu inherits them, nothing else does.
+    // SAFETY: `inherit` only calls fcntl, async-signal-safe, on descriptors
+    // the caller keeps open until the spawn returns.
+    unsafe {
+        cmd.pre_exec(move || crate::rundir::inherit(&keep));
+    }
     // Confinement, and PR_SET_PDEATHSIG so qemu dies with us (crate::jail).
     let launch = jail.apply(&mut cmd, vm, binary, argv)?;
-    let (child, pid, guard) = launch.finish(cmd.spawn())?;
+    let spawned = cmd.spawn();
+    // Our copies of the pipe's write end go, or it never ends.
+    drop(cmd);
+    let (child, pid, guard) = launch.finish(spawned)?;
     Ok(Qemu {
         child,
         pid,
         _jail: guard,
+        output,
     })
 }
 
@@ -326,13 +341,15 @@ async fn run_once(
     vm: &VmPaths,
     spec: &VmSpec,
     accel: Accel,
+    log: &crate::console::Sink,
     rec: &mut Recorder<'_>,
     signals: &mut Signals,
 ) -> Result<Outcome, SupervisorError> {
-    let mut live = launch(vm, spec, accel, rec).await?;
+    let mut live = launch(vm, spec, accel, log, rec).await?;
     let (exit, verdict) = supervise(&mut live, vm, spec, rec, signals).await?;
     let outcome = finish(&mut live.events, verdict, exit).await;
     live.console.finish().await;
+    live.q.output.finish().await;
     Ok(outcome)
 }
 
@@ -341,7 +358,7 @@ async fn run_once(
 struct Live {
     q: Qemu,
     qmp: Qmp,
-    events: UnboundedReceiver<qmp::Event>,
+    events: Events,
     net: Attached,
     /// This boot's timeline (`nox info --boot`).
     watch: timeline::Watch,
@@ -424,6 +441,7 @@ async fn launch(
     vm: &VmPaths,
     spec: &VmSpec,
     accel: Accel,
+    log: &crate::console::Sink,
     rec: &mut Recorder<'_>,
 ) -> Result<Live, SupervisorError> {
     // First: a bad uid range refuses the start before anything is made.
@@ -456,6 +474,7 @@ async fn launch(
                 &firmware,
                 direct.clone(),
                 &jail,
+                log,
                 rec,
                 Some(w),
             )
@@ -470,7 +489,7 @@ async fn launch(
                     warn!("{}: booting cold: {why}", spec.name);
                     warm_refused = Some(why);
                     spawn_connected(
-                        vm, spec, accel, &binary, &firmware, direct, &jail, rec, None,
+                        vm, spec, accel, &binary, &firmware, direct, &jail, log, rec, None,
                     )
                     .await?
                 }
@@ -479,14 +498,11 @@ async fn launch(
         }
         None => {
             spawn_connected(
-                vm, spec, accel, &binary, &firmware, direct, &jail, rec, None,
+                vm, spec, accel, &binary, &firmware, direct, &jail, log, rec, None,
             )
             .await?
         }
     };
-    for sock in [vm.qmp_socket(), vm.ctl_socket(), vm.serial_socket()] {
-        let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
-    }
     // `nox snapshot restore` of a RAM snapshot into a stopped VM: load it
     // into the paused guest, which then resumes where the snapshot was taken.
     let pending = crate::snapshot::take_pending(vm).map_err(SupervisorError::Restore)?;
@@ -533,6 +549,7 @@ async fn spawn_connected(
     firmware: &qemu::FirmwareArgs,
     direct: Option<crate::boot::DirectBoot>,
     jail: &jail::Jail,
+    log: &crate::console::Sink,
     rec: &mut Recorder<'_>,
     warm: Option<&crate::warm::Pending>,
 ) -> Result<Live, SupervisorError> {
@@ -540,13 +557,18 @@ async fn spawn_connected(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        cleanup_runtime(vm);
-        store::mkdir_private(&vm.run)?;
-        // qemu writes the console into a FIFO; we keep it, capped.
-        crate::console::make_fifo(&vm.console_pipe())?;
-        let log = crate::console::RotatingLog::new(&vm.console_log(), spec.console_log_size);
-        let console = crate::console::Copier::start(&vm.console_pipe(), log)?;
-        let mut net = attach(spec, &vm.log()).await?;
+        // A fresh run directory of ours; qemu gets descriptors, no paths.
+        let channels = crate::rundir::prepare(vm)?;
+        // qemu writes the console into a pipe; we keep it, capped.
+        let console_log =
+            crate::console::RotatingLog::new(&vm.console_log(), spec.console_log_size);
+        let console = crate::console::Copier::start(channels.console, console_log)?;
+        let passt = crate::net::passt::Place {
+            log,
+            dir: &vm.passt_dir(),
+            runas: jail.passt_ids().map(|i| (i.uid, i.gid)),
+        };
+        let mut net = attach(spec, &passt).await?;
         let mut launch = qemu::Launch {
             spec,
             paths: vm,
@@ -555,6 +577,7 @@ async fn spawn_connected(
             firmware: firmware.clone(),
             direct: direct.clone(),
             incoming: None,
+            chardevs: channels.child.chardevs(),
         };
         let mut argv = qemu::argv(&launch)?;
         let mut incoming = None;
@@ -570,10 +593,11 @@ async fn spawn_connected(
             warn!("{}", crate::error_chain(&e));
         }
         let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
-        let spawned = spawn_qemu(binary, &argv, vm, jail);
+        let spawned = spawn_qemu(binary, &argv, vm, jail, log, channels.child.raw());
         // qemu holds its copies now; ours must not leak into anything else.
         net.child_fds.clear();
         drop(incoming.take());
+        drop(channels.child);
         let mut q = spawned?;
         let net_facts = network(spec, &net);
         let event = Event::Spawned {
@@ -581,7 +605,7 @@ async fn spawn_connected(
             net: net_facts,
         };
         record(rec, event);
-        match connect(vm, &mut q).await {
+        match connect(channels.qmp, vm, &mut q).await {
             Ok((qmp, events)) => {
                 if let Some(w) = warm {
                     let loaded = tokio::select! {
@@ -614,6 +638,8 @@ async fn spawn_connected(
             }
             Err(failed) => {
                 let (status, by_itself) = reap_failed_start(&mut q).await;
+                // qemu is gone: its last words are in the pipe, copy them.
+                q.output.finish().await;
                 let log = store::tail(&vm.log(), log_start, 20);
                 if attempt < 3 && log.contains("hostfwd") {
                     warn!("SSH forward port was taken, retrying");
@@ -675,15 +701,20 @@ fn warm_state_fd(
     crate::warm::open_state(&w.warm).map_err(|e| crate::error_chain(&e))
 }
 
-/// The QMP session of a freshly spawned qemu. `Err(None)`: qemu exited
-/// first; `Err(Some(_))`: QMP failed.
+/// The QMP session of a freshly spawned qemu, on our end of its socketpair.
+/// `Err(None)`: qemu exited first; `Err(Some(_))`: QMP failed.
 async fn connect(
+    ours: std::os::unix::net::UnixStream,
     vm: &VmPaths,
     q: &mut Qemu,
-) -> Result<(Qmp, UnboundedReceiver<qmp::Event>), Option<SupervisorError>> {
-    let path = vm.qmp_socket();
+) -> Result<(Qmp, Events), Option<SupervisorError>> {
+    let label = vm.run.join("qmp (socketpair)");
+    let stream = ours
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(ours))
+        .map_err(|e| Some(SupervisorError::Io(e)))?;
     tokio::select! {
-        r = Qmp::connect(&path, Duration::from_secs(30)) => {
+        r = Qmp::from_stream(stream, &label, Duration::from_secs(30)) => {
             r.map_err(|e| Some(SupervisorError::Qmp(e)))
         }
         _ = q.child.wait() => Err(None),
@@ -854,11 +885,7 @@ impl Verdict {
 
 /// After qemu exited: what it said just before (SHUTDOWN and its reason)
 /// may still be in flight, so read its events to the end, then decide.
-async fn finish(
-    events: &mut UnboundedReceiver<qmp::Event>,
-    mut verdict: Verdict,
-    exit: ExitStatus,
-) -> Outcome {
+async fn finish(events: &mut Events, mut verdict: Verdict, exit: ExitStatus) -> Outcome {
     info!("qemu exited: {}", describe_exit(exit));
     while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
         info!("event {} {}", ev.name, ev.data);

@@ -2,7 +2,7 @@
 //! the stable `--json` view of a VM.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,6 @@ use thiserror::Error;
 
 use crate::ident::{Arch, Cidr, MacAddr, UserName, VmName};
 use crate::image::{self, Cache};
-use crate::qmp::Qmp;
 use crate::seed::{self, SeedConfig};
 use crate::spec::{self, AccelRequest, FirmwareKind, ImageRef, NetworkSpec, RestartPolicy, VmSpec};
 use crate::sshkeys::{self, KeyPair};
@@ -605,13 +604,19 @@ pub async fn stop(
             return Ok(Stopped::Gracefully);
         }
     }
-    let ctl = Qmp::connect(&vm.ctl_socket(), Duration::from_secs(2))
-        .await
-        .ok();
+    // Checked: the socket must be this VM's qemu's (crate::rundir). A run
+    // directory of an older nox is refused; its supervisor gets SIGTERM.
+    let ctl = match crate::rundir::connect_ctl(&vm, Duration::from_secs(2)).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::info!("{}", crate::error_chain(&e));
+            None
+        }
+    };
     if ctl.is_none() {
         // No qemu to talk to (starting up, or waiting to restart): the
         // supervisor stops on SIGTERM.
-        if let Some(pid) = st.pid.filter(|p| is_our_supervisor(*p, name)) {
+        if let Some(pid) = st.pid.filter(|p| is_our_supervisor(*p, &vm)) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGTERM,
@@ -641,7 +646,7 @@ pub async fn stop(
         return Ok(Stopped::Forced(why));
     }
     // qemu does not answer: kill it (only if it really is this VM's qemu).
-    if let Some(pid) = st.qemu_pid.filter(|p| is_our_qemu(*p, name)) {
+    if let Some(pid) = st.qemu_pid.filter(|p| is_our_qemu(*p, &vm)) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,
@@ -657,33 +662,55 @@ pub async fn stop(
     })
 }
 
-/// Whether `pid` is the supervisor of VM `name` (`nox run NAME`).
-fn is_our_supervisor(pid: u32, name: &str) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.windows(2)
-        .any(|w| w[0] == b"run" && w[1] == name.as_bytes())
+/// The arguments of process `pid`.
+fn cmdline(pid: u32) -> Option<Vec<Vec<u8>>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(raw.split(|b| *b == 0).map(<[u8]>::to_vec).collect())
 }
 
-/// Whether `pid` is a qemu started for VM `name` (its argv has the `-name`
-/// value [`crate::qemu::name_arg`] builds).
-pub fn is_our_qemu(pid: u32, name: &str) -> bool {
-    let Ok(name) = name.parse::<VmName>() else {
+/// Whether `pid` is the supervisor of `vm` (`nox run NAME`, holding this
+/// store's lock of the VM open: another store's VM of the same name is
+/// not ours).
+fn is_our_supervisor(pid: u32, vm: &VmPaths) -> bool {
+    let Some(args) = cmdline(pid) else {
         return false;
     };
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+    args.windows(2)
+        .any(|w| w[0] == b"run" && w[1] == vm.name.as_str().as_bytes())
+        && holds_open(pid, &vm.lock())
+}
+
+/// Whether process `pid` has `path` open.
+fn holds_open(pid: u32, path: &Path) -> bool {
+    let Ok(want) = std::fs::canonicalize(path) else {
         return false;
     };
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    // Exactly the value the argv builder wrote for this VM.
-    let want = crate::qemu::name_arg(&name);
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|p| p == want))
+}
+
+/// Whether `pid` is the qemu of `vm`: its argv has the `-name` value
+/// [`crate::qemu::name_arg`] builds and this store's disk of the VM (a VM
+/// of the same name in another state directory has another disk).
+pub fn is_our_qemu(pid: u32, vm: &VmPaths) -> bool {
+    let Some(args) = cmdline(pid) else {
+        return false;
+    };
+    let name = crate::qemu::name_arg(&vm.name);
+    // As qemu::argv writes it: commas doubled in an option value.
+    let disk = format!("file={}", vm.disk().to_string_lossy().replace(',', ",,"));
     args.first()
         .is_some_and(|a| a.windows(11).any(|w| w == b"qemu-system"))
         && args
             .windows(2)
-            .any(|w| w[0] == b"-name" && w[1] == want.as_bytes())
+            .any(|w| w[0] == b"-name" && w[1] == name.as_bytes())
+        && args.windows(2).any(|w| {
+            w[0] == b"-drive"
+                && crate::qemu::split_opts(&String::from_utf8_lossy(&w[1])).contains(&disk)
+        })
 }
 
 /// Waits until nobody holds the VM's lock (its supervisor has exited).
@@ -910,6 +937,68 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in for a VM's qemu: a process whose argv is what qemu::argv
+    /// gives VM `vm` (`sh -c 'sleep 30'` with argv[0] and arguments set).
+    fn fake_qemu(vm: &VmPaths) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let drive = format!(
+            "if=none,id=disk0,file={},format=qcow2",
+            vm.disk().display().to_string().replace(',', ",,")
+        );
+        let child = Command::new("/bin/sh")
+            .arg0("qemu-system-x86_64")
+            .args(["-c", "sleep 30", "-name"])
+            .arg(crate::qemu::name_arg(&vm.name))
+            .args(["-drive", &drive])
+            .spawn()
+            .unwrap();
+        // Until it has exec'd, /proc shows our own argv.
+        while cmdline(child.id()).is_none_or(|a| a[0] != b"qemu-system-x86_64") {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child
+    }
+
+    /// Two state directories, each with a VM named `web`: neither's qemu is
+    /// the other's, so `stop`'s last-resort kill cannot cross stores.
+    #[test]
+    fn two_stores_with_a_vm_of_the_same_name_do_not_cross() {
+        let t = tempfile::tempdir().unwrap();
+        let name: VmName = "web".parse().unwrap();
+        let a = Store::at(t.path().join("a"), t.path().join("a/run")).vm_paths(&name);
+        let b = Store::at(t.path().join("b,x"), t.path().join("b,x/run")).vm_paths(&name);
+        let (mut qa, mut qb) = (fake_qemu(&a), fake_qemu(&b));
+        let checks = [
+            is_our_qemu(qa.id(), &a),
+            is_our_qemu(qb.id(), &b),
+            is_our_qemu(qa.id(), &b),
+            is_our_qemu(qb.id(), &a),
+        ];
+        for q in [&mut qa, &mut qb] {
+            let _ = q.kill();
+            let _ = q.wait();
+        }
+        assert_eq!(checks, [true, true, false, false]);
+        // Not a qemu at all.
+        assert!(!is_our_qemu(std::process::id(), &a));
+    }
+
+    /// A supervisor is ours when it holds this store's lock of the VM open.
+    #[test]
+    fn a_supervisor_is_known_by_the_lock_it_holds() {
+        let t = tempfile::tempdir().unwrap();
+        let name: VmName = "web".parse().unwrap();
+        let st = Store::at(t.path().join("a"), t.path().join("a/run"));
+        let vm = st.vm_paths(&name);
+        std::fs::create_dir_all(&vm.dir).unwrap();
+        let _lock = vm.try_lock().unwrap().unwrap();
+        assert!(holds_open(std::process::id(), &vm.lock()));
+        let other = Store::at(t.path().join("b"), t.path().join("b/run")).vm_paths(&name);
+        std::fs::create_dir_all(&other.dir).unwrap();
+        std::fs::write(other.lock(), "").unwrap();
+        assert!(!holds_open(std::process::id(), &other.lock()));
+    }
 
     #[test]
     fn disk_targets_only_grow() {

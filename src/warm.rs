@@ -198,10 +198,11 @@ pub fn incompatible(
         ));
     }
     let shape = crate::qemu::machine_shape(argv);
-    if shape != w.shape {
+    let recorded = crate::qemu::upgrade_shape(&w.shape);
+    if shape != recorded {
         let differs = shape
             .iter()
-            .zip(w.shape.iter())
+            .zip(recorded.iter())
             .find(|(a, b)| a != b)
             .map(|(a, b)| format!("{a:?} where the template had {b:?}"))
             .unwrap_or_else(|| "a different number of arguments".into());
@@ -363,27 +364,30 @@ pub struct Saved {
 }
 
 /// Pauses the running VM and has its qemu migrate into `dest` (created
-/// 0400). The guest stays paused, its disks flushed and released by qemu:
+/// 0400), through a socket qemu is handed. The guest stays paused, its disks flushed and released by qemu:
 /// the caller copies the disk now, then [`resume`]s or stops the VM.
 pub async fn save(vm: &VmPaths, dest: &Path) -> Result<Saved, WarmError> {
     let name = vm.name.clone();
-    let (q, _events) = Qmp::connect(&vm.ctl_socket(), Duration::from_secs(5))
+    let (q, _events) = crate::rundir::connect_ctl(vm, Duration::from_secs(5))
         .await
         .map_err(|e| WarmError::Connect(name.clone(), e))?;
     let t = Instant::now();
     let qerr = |e| WarmError::Qmp(vm.name.clone(), e);
+    // The stream holds at most the guest's RAM and its devices' state: a
+    // qemu sending more is not saving this VM, and must not fill the disk.
+    let cap = vm.load_spec()?.memory.saturating_mul(2) + (1 << 30);
     q.execute_raw("stop", Value::Null, crate::qmp::DEFAULT_TIMEOUT)
         .await
         .map_err(qerr)?;
-    // qemu connects to a socket nox listens on: it gets no file of ours.
-    let sock = vm.run.join("migrate.sock");
-    let _ = std::fs::remove_file(&sock);
-    let listener = tokio::net::UnixListener::bind(&sock).map_err(io(&sock))?;
-    let _gone = RemoveOnDrop(sock.clone());
-    if let Ok(md) = std::fs::metadata(&vm.run) {
-        // The jailed qemu runs as the owner of its runtime directory.
-        let _ = std::os::unix::fs::chown(&sock, Some(md.uid()), Some(md.gid()));
-    }
+    // qemu gets one end of a socketpair (SCM_RIGHTS over QMP) and writes
+    // the state into it: no path, no file of ours, nothing to chown.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io(&vm.run))?;
+    q.send_fd(MIGRATE_FD, std::os::fd::AsFd::as_fd(&theirs))
+        .await
+        .map_err(qerr)?;
+    drop(theirs);
+    ours.set_nonblocking(true).map_err(io(&vm.run))?;
+    let mut conn = tokio::net::UnixStream::from_std(ours).map_err(io(&vm.run))?;
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -392,7 +396,6 @@ pub async fn save(vm: &VmPaths, dest: &Path) -> Result<Saved, WarmError> {
         .await
         .map_err(io(dest))?;
     let reader = tokio::spawn(async move {
-        let (mut conn, _) = listener.accept().await?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut n = 0u64;
@@ -405,11 +408,16 @@ pub async fn save(vm: &VmPaths, dest: &Path) -> Result<Saved, WarmError> {
             h.update(&buf[..got]);
             file.write_all(&buf[..got]).await?;
             n += got as u64;
+            if n > cap {
+                return Err(std::io::Error::other(format!(
+                    "more than {cap} bytes, twice the guest's memory and 1 GiB"
+                )));
+            }
         }
         file.sync_all().await?;
         Ok::<_, std::io::Error>((n, hex::encode(h.finalize())))
     });
-    let uri = format!("unix:{}", sock.display());
+    let uri = format!("fd:{MIGRATE_FD}");
     q.execute_raw(
         "migrate",
         json!({ "uri": uri }),
@@ -458,7 +466,7 @@ pub async fn save(vm: &VmPaths, dest: &Path) -> Result<Saved, WarmError> {
 
 /// Resumes a VM [`save`] left paused.
 pub async fn resume(vm: &VmPaths) -> Result<(), WarmError> {
-    let (q, _events) = Qmp::connect(&vm.ctl_socket(), Duration::from_secs(5))
+    let (q, _events) = crate::rundir::connect_ctl(vm, Duration::from_secs(5))
         .await
         .map_err(|e| WarmError::Connect(vm.name.clone(), e))?;
     q.execute_raw("cont", Value::Null, crate::qmp::DEFAULT_TIMEOUT)
@@ -467,13 +475,8 @@ pub async fn resume(vm: &VmPaths) -> Result<(), WarmError> {
         .map_err(|e| WarmError::Qmp(vm.name.clone(), e))
 }
 
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+/// The name qemu knows the migration stream's descriptor by.
+const MIGRATE_FD: &str = "nox-warm-state";
 
 /// Run in the source's guest after its clean-up, before the save: sshd's
 /// memory is saved with the guest, so sshd is switched to a throwaway host

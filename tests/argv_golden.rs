@@ -101,6 +101,12 @@ fn argv_golden_matrix() {
                             ),
                         }),
                         incoming: None,
+                        chardevs: nox::qemu::Chardevs {
+                            qmp: 10,
+                            ctl: 11,
+                            serial: 12,
+                            console: 13,
+                        },
                     })
                     .unwrap();
                     let text = argv.join("\n") + "\n";

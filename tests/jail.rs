@@ -19,6 +19,16 @@ fn status_field(status: &str, key: &str) -> String {
         .to_string()
 }
 
+/// The passt whose argv has `needle` (its SSH forward).
+fn passt_pid(needle: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        (cmd.contains("passt") && cmd.contains(needle)).then_some(pid)
+    })
+}
+
 fn qemu_pid(h: &Home, name: &str) -> u32 {
     let pid = h.info(name)["qemu_pid"].as_u64().unwrap() as u32;
     assert_eq!(
@@ -163,8 +173,7 @@ fn qemu_runs_jailed_and_the_guest_boots() {
     allowed.insert(base.clone());
     for p in tree.iter() {
         let ok = allowed.contains(p)
-            || allowed.iter().chain([&run_a]).any(|a| a.starts_with(p)) // parent dirs
-            || p.starts_with(&run_a)
+            || allowed.iter().any(|a| a.starts_with(p)) // parent dirs
             || p.starts_with("/usr")
             || p.starts_with("/dev")
             || p.starts_with("/etc")
@@ -181,6 +190,8 @@ fn qemu_runs_jailed_and_the_guest_boots() {
         assert!(tree.contains(f), "{} missing from qemu's root", f.display());
     }
     assert!(!tree.iter().any(|p| p.starts_with(&vm_b)), "{tree:?}");
+    // Nor the run directory: qemu has descriptors of its sockets and console.
+    assert!(!tree.iter().any(|p| p.starts_with(&run_a)), "{tree:?}");
     assert!(!tree.contains(&home.join("vms/jail-a/ssh_host_ed25519_key")));
     assert!(!tree.contains(&home.join("vms/jail-a/id_ed25519")));
     let etc: BTreeSet<PathBuf> = tree
@@ -227,9 +238,44 @@ fn qemu_runs_jailed_and_the_guest_boots() {
             "{f}"
         );
     }
-    // The console: qemu writes a FIFO; console.log is the supervisor's (root's).
-    let m = std::fs::metadata(run_a.join("console.pipe")).unwrap();
-    assert_eq!((m.uid(), m.mode() & 0o7777), (uid[0], 0o600));
+    // The run directory is root's, and so is all in it: qemu cannot make,
+    // rename or replace a name there that root would then follow.
+    let m = std::fs::symlink_metadata(&run_a).unwrap();
+    assert!(m.is_dir());
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o700));
+    let mut names = vec![];
+    for e in std::fs::read_dir(&run_a).unwrap().flatten() {
+        let name = e.file_name().into_string().unwrap();
+        let m = e.path().symlink_metadata().unwrap();
+        match name.as_str() {
+            "ctl.sock" | "serial.sock" => assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o600)),
+            "jail" => assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o700)),
+            "passt" => {}
+            other => panic!("unexpected {other} in the run directory"),
+        }
+        names.push(name);
+    }
+    assert!(names.iter().any(|n| n == "ctl.sock"), "{names:?}");
+    // qemu's end of its sockets: inherited descriptors, no paths.
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .replace('\0', " ");
+    assert!(!cmdline.contains(run_a.to_str().unwrap()), "{cmdline}");
+    // passt, when it is the network: an id of the VM's own, not nobody's
+    // and not qemu's, its directory in the (root's) run directory.
+    let port = h.info("jail-a")["ssh_port"].as_u64().unwrap();
+    if let Some(passt) = passt_pid(&format!("127.0.0.1/{port}:22")) {
+        let st = std::fs::read_to_string(format!("/proc/{passt}/status")).unwrap();
+        let puid: u32 = status_field(&st, "Uid")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_ne!(puid, uid[0], "passt is not its qemu");
+        assert!((70000..71000).contains(&puid), "{puid}");
+        let m = std::fs::symlink_metadata(run_a.join("passt")).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o777), (puid, 0o700));
+    }
     let m = std::fs::metadata(vm_a.join("console.log")).unwrap();
     assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o600));
     let m = std::fs::metadata(&base).unwrap();

@@ -5,7 +5,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nox::qmp::{Event, Qmp};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use nox::testing::prereq;
 
@@ -31,7 +30,7 @@ impl Drop for QemuGuard {
     }
 }
 
-async fn next_event(rx: &mut UnboundedReceiver<Event>, name: &str) -> Event {
+async fn next_event(rx: &mut nox::qmp::Events, name: &str) -> Event {
     let wait = async {
         loop {
             match rx.recv().await {

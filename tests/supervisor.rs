@@ -191,11 +191,17 @@ fn readers_never_make_start_say_already_running() {
             assert_eq!(h.info("busy")["state"], "running");
             // Its supervisor killed: state.json still says "running", which
             // is what makes readers look at the lock (a host reboot too).
+            assert_eq!(qemu_pids("busy").len(), 1, "the VM's qemu is found");
             kill9(h.info("busy")["pid"].as_u64().unwrap());
             wait_for("qemu to die with its supervisor", 20, || {
                 qemu_pids("busy").is_empty()
             });
-            assert_eq!(h.info("busy")["state"], "crashed");
+            // The lock goes when the supervisor's last thread has exited,
+            // which may be a moment after its qemu (PDEATHSIG follows the
+            // thread that forked it).
+            wait_for("the supervisor's lock to go", 20, || {
+                h.info("busy")["state"] == "crashed"
+            });
         }
     });
     assert!(qemu_pids("busy").is_empty());

@@ -335,8 +335,14 @@ async fn passt_reports_a_port_it_cannot_bind() {
             .unwrap();
     let (_ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let log = tempfile::NamedTempFile::new().unwrap();
-    let r =
-        nox::net::passt::Passt::spawn(&bin, theirs.into(), free_port(), &[fwd], log.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = nox::console::Sink::new(log.path(), nox::console::LOG_SIZE);
+    let place = nox::net::passt::Place {
+        log: &sink,
+        dir: &dir.path().join("passt"),
+        runas: None,
+    };
+    let r = nox::net::passt::Passt::spawn(&bin, theirs.into(), free_port(), &[fwd], &place).await;
     let e = r.err().expect("passt cannot bind a taken port");
     assert!(
         e.is_bind_failure(&nox::net::passt::option_text(&fwd)),

@@ -5,7 +5,11 @@
 //! gids. The default sits between the Debian-reserved ids (60000–64999; e.g.
 //! libvirt-qemu is 64055), systemd's DynamicUser range (61184–65519),
 //! nobody (65534) and the first subordinate ids useradd hands out (100000).
-//! Each VM gets a stable slot in it, recorded in its state dir (`jail-slot`).
+//! Each VM gets a stable slot in it, recorded in its state dir (`jail-slot`),
+//! and with it a second id, the slot mirrored from the top of the range
+//! ([`UidRange::mirror`]), that its passt runs as: no two VMs' qemus or
+//! passts share a uid, and a VM's passt is not its qemu (each VM holds two
+//! ids, so a range holds `uid_count / 2` VMs).
 //! Before any start the whole range is checked against the passwd and group
 //! databases (through NSS) and /etc/subuid, /etc/subgid: a collision refuses
 //! the start, before anything is chowned.
@@ -163,6 +167,16 @@ impl UidRange {
         Ok(())
     }
 
+    /// The slot paired with `slot` (its passt's ids): counted from the top.
+    pub fn mirror(&self, slot: u32) -> u32 {
+        self.count - 1 - slot.min(self.count - 1)
+    }
+
+    /// The ids a VM in slot `slot` runs its passt as.
+    pub fn passt_ids(&self, slot: u32) -> Ids {
+        self.ids(self.mirror(slot))
+    }
+
     /// The ids of slot `slot`.
     pub fn ids(&self, slot: u32) -> Ids {
         Ids {
@@ -222,13 +236,17 @@ pub fn sub_overlap(text: &str, range: &UidRange) -> Option<(String, u32)> {
     })
 }
 
-/// The lowest slot of `range` not in `taken`, preferring `own` if it is
-/// still valid and unused by another VM.
+/// The lowest slot of `range` free with its mirror (neither is another
+/// VM's slot or its mirror), preferring `own` if it still is.
 pub fn pick_slot(range: &UidRange, own: Option<u32>, taken: &[u32]) -> Option<u32> {
-    if let Some(s) = own.filter(|s| *s < range.count && !taken.contains(s)) {
+    let free = |s: &u32| {
+        let m = range.mirror(*s);
+        *s < range.count && *s != m && !taken.contains(s) && !taken.contains(&m)
+    };
+    if let Some(s) = own.filter(free) {
         return Some(s);
     }
-    (0..range.count).find(|s| !taken.contains(s))
+    (0..range.count).find(free)
 }
 
 fn slot_file(vm_dir: &Path) -> PathBuf {
@@ -344,7 +362,7 @@ mod tests {
     fn slots_are_stable_and_unique() {
         let r = UidRange {
             base: 70000,
-            count: 3,
+            count: 6,
         };
         assert_eq!(pick_slot(&r, None, &[]), Some(0));
         assert_eq!(pick_slot(&r, None, &[0, 2]), Some(1));
@@ -352,7 +370,31 @@ mod tests {
         // Own slot taken by another VM (copied state dir) or out of range.
         assert_eq!(pick_slot(&r, Some(0), &[0]), Some(1));
         assert_eq!(pick_slot(&r, Some(7), &[]), Some(0));
+        // Three VMs fill six ids: each holds its slot and its mirror.
         assert_eq!(pick_slot(&r, None, &[0, 1, 2]), None);
+        // Another VM's passt (the mirror of its slot 0) is no slot for us.
+        assert_eq!(pick_slot(&r, Some(5), &[0]), Some(1));
+        // A slot that is its own mirror has no second id.
+        let odd = UidRange {
+            base: 70000,
+            count: 3,
+        };
+        assert_eq!(pick_slot(&odd, None, &[0]), None);
+    }
+
+    #[test]
+    fn each_vm_runs_passt_as_an_id_of_its_own() {
+        let r = UidRange::default();
+        let mut ids = std::collections::BTreeSet::new();
+        let mut taken = vec![];
+        while let Some(s) = pick_slot(&r, None, &taken) {
+            taken.push(s);
+            assert!(ids.insert(r.ids(s).uid), "qemu uid shared");
+            assert!(ids.insert(r.passt_ids(s).uid), "passt uid shared");
+        }
+        assert_eq!(taken.len(), 500);
+        assert!(ids.iter().all(|u| r.contains(*u)));
+        assert_eq!(r.passt_ids(0).uid, 70999);
     }
 
     #[test]

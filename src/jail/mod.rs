@@ -219,6 +219,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[derive(Debug)]
 pub struct Jail {
     mode: Mode,
+    /// The ids the VM's passt runs as (root only; see [`ids`]).
+    passt: Option<Ids>,
     host: plan::HostFacts,
     cgroup: Result<cgroup::Probe, String>,
     base_image: PathBuf,
@@ -240,13 +242,18 @@ impl Jail {
     /// uid range against the account databases (a collision refuses the
     /// start before anything is made) and takes the VM's slot in it.
     pub fn new(vm: &VmPaths, spec: &VmSpec, accel: Accel) -> Result<Jail, JailError> {
+        let mut passt = None;
         let mode = if nix::unistd::geteuid().is_root() {
             let root = store_root(vm);
             let range = UidRange::load(root)?;
             let config = ids::config_path(root);
             range.check_free(&config)?;
-            let ids = range.ids(ids::vm_slot(root, vm, &range)?);
+            let slot = ids::vm_slot(root, vm, &range)?;
+            let ids = range.ids(slot);
             range.check_ids(ids, &config)?;
+            let net = range.passt_ids(slot);
+            range.check_ids(net, &config)?;
+            passt = Some(net);
             Mode::Root(ids)
         } else if userns_allowed().is_ok() {
             Mode::UserNs(Ids {
@@ -258,6 +265,7 @@ impl Jail {
         };
         Ok(Jail {
             mode,
+            passt,
             host: plan::HostFacts::probe(),
             cgroup: cgroup::probe(),
             base_image: spec.image.path.clone(),
@@ -269,6 +277,13 @@ impl Jail {
 
     pub fn mode(&self) -> &Mode {
         &self.mode
+    }
+
+    /// The uid/gid the VM's passt runs as: an id of its own, neither its
+    /// qemu's nor any other VM's (`None` when nox is not root: passt then
+    /// runs as nox's user).
+    pub fn passt_ids(&self) -> Option<Ids> {
+        self.passt
     }
 
     /// The plan for one start of qemu with this argv.

@@ -216,15 +216,10 @@ impl JailPlan {
             .filter(|(p, w)| *w && p.starts_with(&vm.dir))
             .map(|(p, _)| p)
             .collect();
+        // The run directory stays nox's: qemu gets descriptors of its
+        // sockets and console pipe instead (crate::rundir).
         if rooted {
-            plan.owned.push(Owned {
-                path: vm.run.clone(),
-                mode: 0o700,
-            });
-            for p in [vm.disk(), vm.console_pipe()]
-                .into_iter()
-                .chain(vars.iter().map(|p| p.to_path_buf()))
-            {
+            for p in std::iter::once(vm.disk()).chain(vars.iter().map(|p| p.to_path_buf())) {
                 plan.owned.push(Owned {
                     path: p,
                     mode: 0o600,
@@ -288,13 +283,6 @@ impl JailPlan {
                 ..file("/etc/resolv.conf".into(), false)
             });
         }
-        plan.binds.push(Bind {
-            path: vm.run.clone(),
-            from: None,
-            dir: true,
-            writable: true,
-            exec: false,
-        });
         plan.binds.push(file(vm.disk(), true));
         plan.binds.push(file(vm.seed(), false));
         plan.binds.push(file(base.to_owned(), false));
@@ -427,7 +415,6 @@ mod tests {
         assert_eq!(
             rw,
             [
-                "/run/nox/demo",
                 "/var/lib/nox/vms/demo/disk.qcow2",
                 "/var/lib/nox/vms/demo/efivars.fd",
             ]
@@ -440,6 +427,12 @@ mod tests {
         ] {
             assert!(!bind(&p, ro).unwrap().writable, "{ro}");
         }
+        // Nothing of the run directory but the jail's own mount point.
+        assert!(
+            p.binds.iter().all(|b| !b.path.starts_with("/run/nox")),
+            "{:?}",
+            p.binds
+        );
         // Nothing else of the store, and firmware under /usr comes with /usr.
         let base = Path::new("/var/lib/nox/images/sha256-ab.qcow2");
         assert!(p.binds.iter().all(|b| !b.path.starts_with("/var/lib/nox")
@@ -487,10 +480,8 @@ mod tests {
         assert_eq!(
             owned,
             [
-                ("/run/nox/demo", 0o700),
+                // Not the run directory: it stays root's (crate::rundir).
                 ("/var/lib/nox/vms/demo/disk.qcow2", 0o600),
-                // The console FIFO; console.log itself is the supervisor's.
-                ("/run/nox/demo/console.pipe", 0o600),
                 ("/var/lib/nox/vms/demo/efivars.fd", 0o600),
                 ("/var/lib/nox/vms/demo/seed.img", 0o400),
             ]

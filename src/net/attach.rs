@@ -4,7 +4,6 @@
 //! the watcher that learns the guest's addresses from its own traffic.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -128,7 +127,7 @@ fn vhost_fd() -> Option<OwnedFd> {
 async fn start_passt(
     bin: &passt::Binary,
     publish: &[PortForward],
-    log: &Path,
+    place: &passt::Place<'_>,
 ) -> Result<(Passt, OwnedFd, u16), AttachError> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     let mut attempt = 0;
@@ -143,7 +142,7 @@ async fn start_passt(
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(AttachError::Socket)?;
-        match Passt::spawn(bin, theirs, ssh_port, publish, log).await {
+        match Passt::spawn(bin, theirs, ssh_port, publish, place).await {
             Ok(p) => {
                 // qemu inherits this end.
                 nix::fcntl::fcntl(
@@ -174,7 +173,7 @@ async fn start_passt(
 /// Sets up the VM's network: passt (or qemu's slirp) with the forwards for
 /// user-mode, or a fresh tap on the bridge (a stale tap of a killed run
 /// removed first). passt's messages go to `log`.
-pub async fn attach(spec: &VmSpec, log: &Path) -> Result<Attached, AttachError> {
+pub async fn attach(spec: &VmSpec, place: &passt::Place<'_>) -> Result<Attached, AttachError> {
     let vm: &VmName = &spec.name;
     let vm_mac: MacAddr = spec.mac;
     match &spec.network {
@@ -183,7 +182,7 @@ pub async fn attach(spec: &VmSpec, log: &Path) -> Result<Attached, AttachError> 
             check_publish(&spec.publish)?;
             let (backend, child_fds, ssh_port, passt) = match choice {
                 UserNet::Passt(bin) => {
-                    let (p, fd, ssh_port) = start_passt(&bin, &spec.publish, log).await?;
+                    let (p, fd, ssh_port) = start_passt(&bin, &spec.publish, place).await?;
                     info!("passt {} (pid {}) for {vm}", bin.path.display(), p.pid);
                     let backend = NetBackend::Passt { fd: fd.as_raw_fd() };
                     (backend, vec![fd], ssh_port, Some(p))

@@ -9,8 +9,16 @@
 //! socket path exists for anyone else to connect to, and passt exits as soon
 //! as its peer's end closes: when qemu exits, or when the supervisor dies
 //! before qemu is spawned. [`Passt`] also kills it when dropped.
+//!
+//! As root, each VM's passt runs as an id of its own (crate::jail::ids: not
+//! `nobody`, shared with every other passt and daemon, and not its qemu's),
+//! and its pid file lives in a directory of that id inside the VM's run
+//! directory, which stays root's: passt reaches it through an inherited
+//! descriptor (`/proc/self/fd/N/passt.pid`), and root makes it and hands it
+//! over by descriptor (`fchown`), never by a path another user could swap.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -205,11 +213,25 @@ pub fn args(
     a
 }
 
+/// Where one VM's passt keeps its files, and who it runs as.
+#[derive(Clone)]
+pub struct Place<'a> {
+    /// Where its messages go (`nox.log`, capped: passt parses the guest's
+    /// traffic, and what it prints is not trusted to stay small).
+    pub log: &'a crate::console::Sink,
+    /// Its own directory (made afresh, given to `runas`), for its pid file.
+    pub dir: &'a Path,
+    /// The VM's passt ids when nox is root; `None`: as root, `nobody` (what
+    /// passt itself would pick), else nox's own user.
+    pub runas: Option<(u32, u32)>,
+}
+
 /// A running passt, killed and reaped when dropped.
 pub struct Passt {
     child: tokio::process::Child,
     pub pid: u32,
-    _dir: tempfile::TempDir,
+    /// Copies its output into the log.
+    _output: crate::console::Copier,
 }
 
 impl Drop for Passt {
@@ -220,15 +242,37 @@ impl Drop for Passt {
     }
 }
 
-/// The user passt runs as when nox is root (passt itself refuses root and
-/// drops to nobody by default): named, so its pid file directory can be
-/// given to it.
-fn runas() -> Option<(u32, u32)> {
+/// The user passt runs as when nox is root and was given no ids of the VM
+/// (passt itself refuses root and drops to nobody by default): named, so
+/// its pid file directory can be given to it.
+fn nobody() -> Option<(u32, u32)> {
     if !nix::unistd::geteuid().is_root() {
         return None;
     }
     let u = nix::unistd::User::from_name("nobody").ok().flatten()?;
     Some((u.uid.as_raw(), u.gid.as_raw()))
+}
+
+/// Makes passt's directory afresh (0700) and hands it to `who` through its
+/// descriptor, which passt inherits (no `FD_CLOEXEC`).
+fn make_dir(dir: &Path, who: Option<(u32, u32)>) -> std::io::Result<OwnedFd> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+        .open(dir)?;
+    let md = f.metadata()?;
+    if md.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(std::io::Error::other("not made by us"));
+    }
+    if let Some((uid, gid)) = who {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+    }
+    Ok(OwnedFd::from(f))
 }
 
 impl Passt {
@@ -240,31 +284,27 @@ impl Passt {
         fd: OwnedFd,
         ssh_port: u16,
         publish: &[PortForward],
-        log: &Path,
+        place: &Place<'_>,
     ) -> Result<Passt, PasstError> {
-        let who = runas();
-        let dir = tempfile::Builder::new()
-            .prefix("nox-passt-")
-            .tempdir()
-            .map_err(PasstError::PidDir)?;
-        if let Some((uid, gid)) = who {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
-                .map_err(PasstError::PidDir)?;
-        }
-        let pid_file = dir.path().join("passt.pid");
+        let log = place.log;
+        let who = place.runas.or_else(nobody);
+        let dir = make_dir(place.dir, who).map_err(PasstError::PidDir)?;
+        let dir_raw = dir.as_raw_fd();
+        // Opened by passt through its own copy of the descriptor.
+        let pid_arg = PathBuf::from(format!("/proc/self/fd/{dir_raw}/passt.pid"));
+        let pid_file = place.dir.join("passt.pid");
         let raw = fd.as_raw_fd();
-        let argv = args(raw, &pid_file, who, ssh_port, publish);
+        let argv = args(raw, &pid_arg, who, ssh_port, publish);
         info!("starting {} {}", bin.path.display(), argv.join(" "));
         let spawn_err = |source| PasstError::Spawn {
             path: bin.path.clone(),
             source,
         };
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(spawn_err)?;
-        let log_start = out.metadata().map(|m| m.len()).unwrap_or(0);
+        let log_path = log.path();
+        let log_start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
+        let (output, out) = log
+            .pipe()
+            .map_err(|e| spawn_err(std::io::Error::other(crate::error_chain(&e))))?;
         let mut cmd = tokio::process::Command::new(&bin.path);
         cmd.args(&argv)
             .stdin(Stdio::null())
@@ -275,12 +315,16 @@ impl Passt {
         // prctl are async-signal-safe and touch no memory of the parent.
         unsafe {
             cmd.pre_exec(move || {
-                // Only passt inherits its end of the socketpair.
-                let flags = nix::libc::fcntl(raw, nix::libc::F_GETFD);
-                if flags < 0
-                    || nix::libc::fcntl(raw, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC) < 0
-                {
-                    return Err(std::io::Error::last_os_error());
+                // Only passt inherits its end of the socketpair and its
+                // directory.
+                for fd in [raw, dir_raw] {
+                    let flags = nix::libc::fcntl(fd, nix::libc::F_GETFD);
+                    if flags < 0
+                        || nix::libc::fcntl(fd, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC)
+                            < 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // Cleared again when passt drops root; the socketpair's
                 // closing is what ends it then.
@@ -289,12 +333,17 @@ impl Passt {
             });
         }
         let mut child = cmd.spawn().map_err(spawn_err)?;
+        // Our copies of its output pipe go, or the copy never ends.
+        drop(cmd);
         drop(fd);
+        drop(dir);
         let pid = child.id().unwrap_or(0);
         let limit = Duration::from_secs(10);
         let ready = tokio::time::timeout(limit, async {
             loop {
-                if pid_file.exists() {
+                // lstat: the directory is passt's, what is in it is not
+                // followed.
+                if std::fs::symlink_metadata(&pid_file).is_ok() {
                     return Ok(());
                 }
                 if let Some(st) = child.try_wait().ok().flatten() {
@@ -308,12 +357,16 @@ impl Passt {
             Ok(Ok(())) => Ok(Passt {
                 child,
                 pid,
-                _dir: dir,
+                _output: output,
             }),
-            Ok(Err(status)) => Err(PasstError::Exited {
-                status: status.to_string(),
-                log: passt_errors(&crate::store::tail(log, log_start, 20)),
-            }),
+            Ok(Err(status)) => {
+                // passt is gone: what it said is in the pipe; copy it first.
+                output.finish().await;
+                Err(PasstError::Exited {
+                    status: status.to_string(),
+                    log: passt_errors(&crate::store::tail(&log_path, log_start, 20)),
+                })
+            }
             Err(_) => Err(PasstError::Timeout(limit.as_secs())),
         }
     }

@@ -31,6 +31,7 @@ impl Home {
             .prefix("nox-t")
             .tempdir_in("/tmp")
             .unwrap();
+        homes().push(dir.path().to_path_buf());
         Home {
             dir,
             ns: None,
@@ -176,12 +177,23 @@ pub fn vm_dirs(h: &Home) -> Vec<String> {
     }
 }
 
-/// Pids of live qemu processes whose argv names VM `name`.
+/// Every state directory this test process made ([`Home::new`]).
+fn homes() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    static HOMES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    HOMES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Pids of live qemu processes of a VM `name` in a state directory of this
+/// test process: another test binary's VM of the same name is not counted.
 pub fn qemu_pids(name: &str) -> Vec<u32> {
+    let vms: Vec<nox::store::VmPaths> = homes()
+        .iter()
+        .map(|h| nox::store::Store::at(h.clone(), h.join("run")).vm_paths(&name.parse().unwrap()))
+        .collect();
     let mut pids = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>()
-            && nox::vm::is_our_qemu(pid, name)
+            && vms.iter().any(|vm| nox::vm::is_our_qemu(pid, vm))
         {
             pids.push(pid);
         }
