@@ -8,10 +8,7 @@ use std::time::Instant;
 
 fn prereqs() -> Option<std::path::PathBuf> {
     let img = e2e_prereqs()?;
-    if !prereq(have("dnsmasq"), "dnsmasq not installed") {
-        return None;
-    }
-    Some(img)
+    bridge_prereqs().then_some(img)
 }
 
 fn create(h: &Home, name: &str, img: &std::path::Path, extra: &[&str]) -> serde_json::Value {
@@ -214,8 +211,7 @@ fn static_address_is_reported_and_used() {
 
 #[test]
 fn bad_bridges_are_refused_with_nothing_created() {
-    if !prereq(is_root(), "bridge tests need root") || !prereq(have("qemu-img"), "qemu-img missing")
-    {
+    if !netns_prereqs() || !prereq(have("qemu-img"), "qemu-img missing") {
         return;
     }
     let net = Netns::new("br5", None);

@@ -33,6 +33,10 @@ fn base_prereqs() -> bool {
     prereq(nix::unistd::geteuid().is_root(), "needs root")
         && prereq(has_cmd("ip", "-V"), "needs iproute2 `ip`")
         && prereq(Path::new("/dev/net/tun").exists(), "needs /dev/net/tun")
+        && prereq(
+            Path::new("/proc/self/ns/net").exists(),
+            "needs network namespaces in the kernel",
+        )
 }
 
 fn dhcp_prereqs() -> bool {

@@ -83,7 +83,10 @@ fn ns_http_get(ns: &str, port: u16, path: &str) -> Option<String> {
 #[test]
 fn passt_hides_host_loopback_and_publishes_guest_ports() {
     let Some(img) = e2e_prereqs() else { return };
-    if !have_passt() {
+    if !have_passt()
+        || !netns_prereqs()
+        || !prereq(have("python3"), "python3 not installed (test HTTP servers)")
+    {
         return;
     }
     // Everything runs in a namespace of its own: passt takes the address and

@@ -64,7 +64,7 @@ fn median(mut v: Vec<u64>) -> u64 {
 #[test]
 fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
     let Some(img) = e2e_prereqs() else { return };
-    if !prereq(have("dnsmasq"), "dnsmasq not installed") {
+    if !bridge_prereqs() {
         return;
     }
     let img = img.to_str().unwrap();
