@@ -177,7 +177,15 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
         median(now.clone()),
         median(later.clone())
     );
-    assert!(now.iter().all(|&m| m > 0));
+    // A resumed guest holds only the pages its saved state held (zero pages
+    // are not saved): each warm VM, already used over SSH, stays below the
+    // cold-booted source (README: median 470 vs 752 MiB).
+    for (n, m) in names.iter().zip(&now) {
+        assert!(
+            *m < base_rss,
+            "{n}: qemu RSS {m} MiB, not below the cold-booted guest's {base_rss} MiB"
+        );
+    }
 
     // A warm VM's next start boots its own disk.
     h.ok(&["stop", "w1"]);
