@@ -8,10 +8,7 @@ use std::time::Instant;
 
 fn prereqs() -> Option<std::path::PathBuf> {
     let img = e2e_prereqs()?;
-    if !prereq(have("dnsmasq"), "dnsmasq not installed") {
-        return None;
-    }
-    Some(img)
+    bridge_prereqs().then_some(img)
 }
 
 fn create(h: &Home, name: &str, img: &std::path::Path, extra: &[&str]) -> serde_json::Value {
@@ -36,12 +33,25 @@ fn create(h: &Home, name: &str, img: &std::path::Path, extra: &[&str]) -> serde_
     serde_json::from_str(&h.ok(&args)).unwrap()
 }
 
+/// One bridge, two guests booted together (one configuration, every check
+/// against them): "web" takes its address by DHCP, "fixed" has a static one;
+/// each reaches the other's sshd across the bridge; then web's tap follows
+/// its VM through stop, kill -9 of qemu, kill -9 of the supervisor and delete.
 #[test]
-fn dhcp_address_is_found_ssh_works_and_taps_are_cleaned_up() {
+fn dhcp_and_static_guests_on_one_bridge_reach_each_other_and_taps_are_cleaned_up() {
     let Some(img) = prereqs() else { return };
     let mut net = Netns::new("br1", Some("10.77.0.1/24"));
     let lease_file = net.dnsmasq(&net.name.clone(), "brt", "10.77.0.100,10.77.0.199,1h");
     let h = Home::in_ns(&net.name);
+    // The static guest, outside dnsmasq's range: its address is known at
+    // once, before it has booted. It boots while web does.
+    create(
+        &h,
+        "fixed",
+        &img,
+        &["--ip", "10.77.0.50/24", "--gateway", "10.77.0.1"],
+    );
+    assert_eq!(h.ok(&["ip", "fixed"]).trim(), "10.77.0.50");
     let t0 = Instant::now();
     let info = create(&h, "web", &img, &["--wait", "--timeout", "900"]);
     eprintln!("create --wait on the bridge: {:?}", t0.elapsed());
@@ -75,7 +85,30 @@ fn dhcp_address_is_found_ssh_works_and_taps_are_cleaned_up() {
         "sudo sh -c 'test -c /dev/net/tun && ip tuntap add dev nt0 mode tun && ip -o link show nt0'",
     ]);
     assert!(tun.contains("nt0"), "{tun}");
-    // Exactly one tap while it runs; none after stop.
+
+    // The static guest uses its address.
+    h.ok(&["start", "fixed", "--wait", "--timeout", "900"]);
+    let addrs = h.ok(&["ssh", "fixed", "--", "ip", "-4", "-o", "addr"]);
+    assert!(addrs.contains("10.77.0.50/24"), "{addrs}");
+    // Two VMs on one bridge reach each other, both ways: a TCP connection to
+    // the other's sshd (the test image has no ping), its banner read.
+    for (from, to) in [("web", "10.77.0.50"), ("fixed", ip.as_str())] {
+        let out = h.ok(&[
+            "ssh",
+            from,
+            "--",
+            &format!("timeout 10 bash -c 'exec 3<>/dev/tcp/{to}/22 && head -c 7 <&3'"),
+        ]);
+        assert_eq!(out, "SSH-2.0", "{from} -> {to}: {out}");
+    }
+    // One tap per running VM; a deleted VM's goes.
+    assert_eq!(net.taps().len(), 2, "{:?}", net.taps());
+    h.ok(&["delete", "fixed", "--force"]);
+    wait_for("fixed's tap gone after delete", 10, || {
+        net.taps().len() == 1
+    });
+
+    // Exactly one tap while web runs; none after stop.
     assert_eq!(net.taps().len(), 1, "{:?}", net.taps());
     h.ok(&["stop", "web"]);
     wait_for("tap gone after stop", 10, || net.taps().is_empty());
@@ -108,35 +141,6 @@ fn dhcp_address_is_found_ssh_works_and_taps_are_cleaned_up() {
     assert_eq!(net.taps().len(), 1, "{:?}", net.taps());
     h.ok(&["delete", "web", "--force"]);
     wait_for("tap gone after delete", 10, || net.taps().is_empty());
-}
-
-#[test]
-fn two_vms_on_one_bridge_reach_each_other() {
-    let Some(img) = prereqs() else { return };
-    let mut net = Netns::new("br2", Some("10.78.0.1/24"));
-    net.dnsmasq(&net.name.clone(), "brt", "10.78.0.100,10.78.0.199,1h");
-    let h = Home::in_ns(&net.name);
-    create(&h, "vma", &img, &["--no-start"]);
-    create(&h, "vmb", &img, &["--no-start"]);
-    h.ok(&["start", "vma"]);
-    h.ok(&["start", "vmb"]);
-    h.ok(&["start", "vma", "--wait", "--timeout", "900"]);
-    h.ok(&["start", "vmb", "--wait", "--timeout", "900"]);
-    let ip_b = h
-        .ok(&["ip", "vmb", "--wait"])
-        .lines()
-        .next()
-        .unwrap()
-        .to_string();
-    // vma opens a TCP connection to vmb's sshd across the bridge (the test
-    // image has no ping) and reads its banner.
-    let out = h.ok(&[
-        "ssh",
-        "vma",
-        "--",
-        &format!("timeout 10 bash -c 'exec 3<>/dev/tcp/{ip_b}/22 && head -c 7 <&3'"),
-    ]);
-    assert_eq!(out, "SSH-2.0", "{out}");
 }
 
 #[test]
@@ -196,26 +200,8 @@ fn address_found_on_a_pure_l2_bridge_with_dhcp_elsewhere() {
 }
 
 #[test]
-fn static_address_is_reported_and_used() {
-    let Some(img) = prereqs() else { return };
-    let net = Netns::new("br4", Some("10.80.0.1/24"));
-    let h = Home::in_ns(&net.name);
-    create(
-        &h,
-        "fixed",
-        &img,
-        &["--ip", "10.80.0.50/24", "--gateway", "10.80.0.1"],
-    );
-    assert_eq!(h.ok(&["ip", "fixed"]).trim(), "10.80.0.50");
-    h.ok(&["start", "fixed", "--wait", "--timeout", "900"]);
-    let addrs = h.ok(&["ssh", "fixed", "--", "ip", "-4", "-o", "addr"]);
-    assert!(addrs.contains("10.80.0.50/24"), "{addrs}");
-}
-
-#[test]
 fn bad_bridges_are_refused_with_nothing_created() {
-    if !prereq(is_root(), "bridge tests need root") || !prereq(have("qemu-img"), "qemu-img missing")
-    {
+    if !netns_prereqs() || !prereq(have("qemu-img"), "qemu-img missing") {
         return;
     }
     let net = Netns::new("br5", None);

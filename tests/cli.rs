@@ -240,6 +240,8 @@ fn missing_qemu_binary_is_named() {
     h.ok(&[
         "create",
         "demo",
+        "--network",
+        "user",
         "--image",
         img.to_str().unwrap(),
         "--no-start",

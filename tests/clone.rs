@@ -13,10 +13,7 @@ use std::time::Instant;
 
 fn prereqs() -> Option<std::path::PathBuf> {
     let img = e2e_prereqs()?;
-    if !prereq(have("dnsmasq"), "dnsmasq not installed") {
-        return None;
-    }
-    Some(img)
+    bridge_prereqs().then_some(img)
 }
 
 fn create(h: &Home, name: &str, image: &str, extra: &[&str]) -> serde_json::Value {

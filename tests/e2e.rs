@@ -32,6 +32,8 @@ fn create_wait_ssh_restart_stop_delete() {
     let out = h.ok(&[
         "create",
         "e2e-core",
+        "--network",
+        "user",
         "--image",
         img.to_str().unwrap(),
         "--ssh-key",
@@ -273,6 +275,8 @@ fn qemu_killed_is_recorded_as_crashed() {
     h.ok(&[
         "create",
         "e2e-kill",
+        "--network",
+        "user",
         "--image",
         img.to_str().unwrap(),
         "--accel",
@@ -322,6 +326,8 @@ fn sigterm_to_the_supervisor_powers_the_guest_off() {
     h.ok(&[
         "create",
         "e2e-term",
+        "--network",
+        "user",
         "--image",
         img.to_str().unwrap(),
         "--accel",
@@ -361,6 +367,8 @@ fn amd64_uefi_boot_keeps_its_variable_store() {
     h.ok(&[
         "create",
         "e2e-uefi",
+        "--network",
+        "user",
         "--image",
         img.to_str().unwrap(),
         "--accel",
@@ -418,6 +426,9 @@ fn amd64_uefi_boot_keeps_its_variable_store() {
 
 #[test]
 fn arm64_guest_boots_through_uefi_under_tcg() {
+    if arm64_skipped() {
+        return;
+    }
     if !prereq(is_root(), "needs root")
         || !prereq(
             have("qemu-system-aarch64"),
@@ -439,6 +450,8 @@ fn arm64_guest_boots_through_uefi_under_tcg() {
     let out = h.ok(&[
         "create",
         "e2e-arm",
+        "--network",
+        "user",
         "--image",
         img.to_str().unwrap(),
         "--arch",
@@ -510,6 +523,8 @@ fn catalog_image_pulled_through_a_mirror_boots() {
     let info: serde_json::Value = serde_json::from_str(&h.ok(&[
         "create",
         "e2e-cat",
+        "--network",
+        "user",
         "--image",
         "debian-13",
         "--arch",

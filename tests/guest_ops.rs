@@ -36,6 +36,9 @@ fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn set_then_boot_and_copy_both_ways() {
     let Some(img) = e2e_prereqs() else { return };
+    if !prereq(have("scp"), "scp not installed (nox cp runs it)") {
+        return;
+    }
     let img = img.to_str().unwrap();
     let h = Home::new();
     // The test image is 2 GiB: a disk of exactly that size, so any root

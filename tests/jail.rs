@@ -76,7 +76,16 @@ fn qemu_runs_jailed_and_the_guest_boots() {
     let Some(img) = e2e_prereqs() else { return };
     let h = Home::new();
     let img = img.to_str().unwrap();
-    let common = ["--image", img, "--accel", "tcg", "--disk", "4G"];
+    let common = [
+        "--image",
+        img,
+        "--accel",
+        "tcg",
+        "--disk",
+        "4G",
+        "--network",
+        "user",
+    ];
     // A second VM, only defined: its files must not be in the first one's jail.
     h.ok(&[
         &["create", "jail-b", "--memory", "512M", "--no-start"][..],
@@ -322,6 +331,8 @@ fn uid_range_colliding_with_an_account_is_refused() {
     h.ok(&[
         "create",
         "jail-c",
+        "--network",
+        "user",
         "--image",
         img.to_str().unwrap(),
         "--accel",
@@ -426,6 +437,8 @@ fn ordinary_user_gets_namespaces_and_no_privileges() {
     ok(&[
         "create",
         "jail-u",
+        "--network",
+        "user",
         "--image",
         img.to_str().unwrap(),
         "--no-start",

@@ -33,6 +33,10 @@ fn base_prereqs() -> bool {
     prereq(nix::unistd::geteuid().is_root(), "needs root")
         && prereq(has_cmd("ip", "-V"), "needs iproute2 `ip`")
         && prereq(Path::new("/dev/net/tun").exists(), "needs /dev/net/tun")
+        && prereq(
+            Path::new("/proc/self/ns/net").exists(),
+            "needs network namespaces in the kernel",
+        )
 }
 
 fn dhcp_prereqs() -> bool {
@@ -684,8 +688,54 @@ fn send_raw(ifname: &str, frame: &[u8]) {
     }
 }
 
+/// An IPv6 neighbour solicitation from the guest (source `fe80::n`): evidence the
+/// watch always takes, so seeing it proves every frame sent before it was read.
+fn ipv6_marker(mac: [u8; 6], n: u16) -> (Vec<u8>, std::net::Ipv6Addr) {
+    let src = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, n);
+    let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 8, 58, 255]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&"ff02::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    f.extend_from_slice(&[135, 0, 0, 0, 0, 0, 0, 0]);
+    (f, src)
+}
+
+/// Writes marker `n` as the guest and waits until the watch has read it: every
+/// frame that went through the bridge before it has been read too (the kernel
+/// delivers a sender's frames to the tap's packet socket in order, before the
+/// send returns). With `retry`, the marker is resent until seen (the watch's
+/// socket may not be bound yet).
+async fn sync_watch(
+    tap: &Tap,
+    rx: &mut watch::Receiver<Addresses>,
+    mac: [u8; 6],
+    n: u16,
+    retry: bool,
+) {
+    let (frame, src) = ipv6_marker(mac, n);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        write_as_guest(tap, &frame);
+        let seen = tokio::time::timeout(
+            Duration::from_millis(if retry { 100 } else { 10_000 }),
+            rx.wait_for(|a| a.ipv6.contains(&src)),
+        )
+        .await;
+        if seen.is_ok() {
+            return;
+        }
+        assert!(
+            retry && Instant::now() < deadline,
+            "the watch never read marker {src}"
+        );
+    }
+}
+
 /// Another host on the bridge sends a DHCP ACK for the guest's MAC: ignored, as is
 /// an ACK the guest itself sends; an ACK answering the guest's own request counts.
+/// Each "ignored" is checked once the watch has provably read the frame (a marker
+/// sent after it was seen), not after a sleep.
 #[test]
 fn spoofed_dhcp_ack_from_another_port_is_ignored() {
     if !base_prereqs() {
@@ -711,20 +761,20 @@ fn spoofed_dhcp_ack_from_another_port_is_ignored() {
         bridge::attach(tap.name(), &br).await.unwrap();
         let (tx, mut rx) = watch::channel(Addresses::default());
         let task = tokio::spawn(async move { discover::watch_tap("noxtap0", mac, tx).await });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The watch reads the tap (its socket is bound on the task's first poll).
+        sync_watch(&tap, &mut rx, mac, 1, true).await;
         let learned = |rx: &mut watch::Receiver<Addresses>| rx.borrow_and_update().ipv4;
         // 1. The rogue's ACK, unasked: reaches the tap, proves nothing.
         send_raw("other", &dhcp_frame(rogue, 2, 1, mac, [10, 77, 0, 66], 5));
         // 2. The guest "acking" itself.
         write_as_guest(&tap, &dhcp_frame(mac, 2, 2, mac, [10, 77, 0, 67], 5));
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        sync_watch(&tap, &mut rx, mac, 2, false).await;
         assert_eq!(learned(&mut rx), None);
         // 3. The guest asks (transaction 3); the rogue answers transaction 1 again,
         // the server transaction 3.
         write_as_guest(&tap, &dhcp_frame(mac, 1, 3, mac, [0; 4], 3));
-        tokio::time::sleep(Duration::from_millis(100)).await;
         send_raw("other", &dhcp_frame(rogue, 2, 1, mac, [10, 77, 0, 66], 5));
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        sync_watch(&tap, &mut rx, mac, 3, false).await;
         assert_eq!(learned(&mut rx), None);
         send_raw("other", &dhcp_frame(rogue, 2, 3, mac, [10, 77, 0, 50], 5));
         let a = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|a| a.ipv4.is_some()))

@@ -20,3 +20,18 @@ fn python_client_suite() {
         "pytest failed (output above)"
     );
 }
+
+/// pytest's summary is read for skips, which pytest itself counts as passes.
+#[test]
+fn pytest_skips_are_counted() {
+    assert_eq!(pytest_skipped("..s\n3 passed, 2 skipped in 0.12s\n"), 2);
+    assert_eq!(
+        pytest_skipped("== 1 failed, 4 passed, 1 skipped, 2 warnings in 3.1s ==\n"),
+        1
+    );
+    assert_eq!(pytest_skipped("12 passed in 0.50s\n"), 0);
+    assert_eq!(
+        pytest_skipped("SKIPPED [1] tests/x.py:3: no qemu\n1 skipped in 0.01s"),
+        1
+    );
+}

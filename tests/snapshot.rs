@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use common::{Home, e2e_prereqs, sha256_file, small_image};
+use common::{Home, e2e_prereqs, have, prereq, sha256_file, small_image};
 
 fn list(h: &Home, name: &str) -> serde_json::Value {
     serde_json::from_str(&h.ok(&["snapshot", "list", name, "--json"])).unwrap()
@@ -370,6 +370,9 @@ fn a_raw_uefi_store_of_an_older_nox_is_converted_and_snapshotted() {
 /// taken, not as it is now; no guest boots (qemu-io writes the disk).
 #[test]
 fn a_clone_from_a_snapshot_has_the_disk_of_that_moment() {
+    if !prereq(have("qemu-io"), "qemu-io not installed (qemu-utils)") {
+        return;
+    }
     let h = Home::new();
     let Some(img) = small_image(&h) else { return };
     let vm = "snap-src";

@@ -31,6 +31,8 @@ fn blank_vm(h: &Home, name: &str, extra: &[&str]) {
     let mut args = vec![
         "create",
         name,
+        "--network",
+        "user",
         "--image",
         img.to_str().unwrap(),
         "--no-start",
@@ -321,6 +323,8 @@ fn hundred_cycles_leave_nothing_behind() {
         quiet(&[
             "create",
             &name,
+            "--network",
+            "user",
             "--image",
             img.to_str().unwrap(),
             "--accel",
@@ -398,6 +402,8 @@ fn full_or_read_only_state_dir_gives_clear_errors() {
     let out = nox(&[
         "create",
         "tiny",
+        "--network",
+        "user",
         "--image",
         img.to_str().unwrap(),
         "--no-start",
@@ -423,6 +429,8 @@ fn full_or_read_only_state_dir_gives_clear_errors() {
     let out = nox(&[
         "create",
         "tiny2",
+        "--network",
+        "user",
         "--image",
         img.to_str().unwrap(),
         "--no-start",

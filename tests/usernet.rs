@@ -45,16 +45,16 @@ fn qemu_cmdline(pid: u64) -> String {
         .replace('\0', " ")
 }
 
-/// A python3 http.server on 127.0.0.1:`port` inside namespace `ns`, killed
+/// A python3 http.server on `addr`:`port` inside namespace `ns`, killed
 /// on drop.
 struct NsHttpServer(std::process::Child);
 
 impl NsHttpServer {
-    fn start(ns: &str, dir: &std::path::Path, port: u16) -> NsHttpServer {
+    fn start(ns: &str, dir: &std::path::Path, addr: &str, port: u16) -> NsHttpServer {
         let child = std::process::Command::new("ip")
             .args(["netns", "exec", ns, "python3", "-m", "http.server"])
             .arg(port.to_string())
-            .args(["--bind", "127.0.0.1", "--directory"])
+            .args(["--bind", addr, "--directory"])
             .arg(dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -73,8 +73,13 @@ impl Drop for NsHttpServer {
 
 /// The body of `GET path` from 127.0.0.1:`port` inside namespace `ns`.
 fn ns_http_get(ns: &str, port: u16, path: &str) -> Option<String> {
+    ns_http_get_at(ns, "127.0.0.1", port, path)
+}
+
+/// The body of `GET path` from `addr`:`port` inside namespace `ns`.
+fn ns_http_get_at(ns: &str, addr: &str, port: u16, path: &str) -> Option<String> {
     let script = format!(
-        "import urllib.request\ntry: print(urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=5).read().decode(), end='')\nexcept Exception: print('NO-ANSWER', end='')"
+        "import urllib.request\ntry: print(urllib.request.urlopen('http://{addr}:{port}{path}', timeout=5).read().decode(), end='')\nexcept Exception: print('NO-ANSWER', end='')"
     );
     let out = in_ns_output(ns, &["python3", "-c", &script]);
     (out != "NO-ANSWER").then_some(out)
@@ -83,7 +88,10 @@ fn ns_http_get(ns: &str, port: u16, path: &str) -> Option<String> {
 #[test]
 fn passt_hides_host_loopback_and_publishes_guest_ports() {
     let Some(img) = e2e_prereqs() else { return };
-    if !have_passt() {
+    if !have_passt()
+        || !netns_prereqs()
+        || !prereq(have("python3"), "python3 not installed (test HTTP servers)")
+    {
         return;
     }
     // Everything runs in a namespace of its own: passt takes the address and
@@ -99,9 +107,31 @@ fn passt_hides_host_loopback_and_publishes_guest_ports() {
     let token = "loopback-only-7f3a";
     std::fs::write(www.path().join("secret.txt"), token).unwrap();
     let sport = free_port();
-    let _server = NsHttpServer::start(&ns.name, www.path(), sport);
+    let _server = NsHttpServer::start(&ns.name, www.path(), "127.0.0.1", sport);
     wait_for("the loopback-only server", 30, || {
         ns_http_get(&ns.name, sport, "/secret.txt").as_deref() == Some(token)
+    });
+    // The positive control: a service on a non-loopback address of the
+    // namespace (a veth of its own, off passt's bridge) that the guest must
+    // reach, so "blocked" below is the loopback rule, not a dead network.
+    in_ns(
+        &ns.name,
+        &[
+            "ip", "link", "add", "pub0", "type", "veth", "peer", "name", "pub1",
+        ],
+    );
+    in_ns(
+        &ns.name,
+        &["ip", "addr", "add", "10.79.9.1/24", "dev", "pub0"],
+    );
+    in_ns(&ns.name, &["ip", "link", "set", "pub0", "up"]);
+    in_ns(&ns.name, &["ip", "link", "set", "pub1", "up"]);
+    let pub_www = tempfile::tempdir().unwrap();
+    let pub_token = "non-loopback-ok-91c2";
+    std::fs::write(pub_www.path().join("public.txt"), pub_token).unwrap();
+    let _pub_server = NsHttpServer::start(&ns.name, pub_www.path(), "10.79.9.1", sport);
+    wait_for("the non-loopback server", 30, || {
+        ns_http_get_at(&ns.name, "10.79.9.1", sport, "/public.txt").as_deref() == Some(pub_token)
     });
 
     let h = Home::in_ns(&ns.name);
@@ -135,14 +165,19 @@ fn passt_hides_host_loopback_and_publishes_guest_ports() {
     assert_eq!(passt.len(), 1, "one passt for the VM");
 
     // From the guest: the gateway address (slirp's 10.0.2.2 maps to the
-    // host's 127.0.0.1; passt's would without --no-map-gw) and 10.0.2.2.
+    // host's 127.0.0.1; passt's would without --no-map-gw) and 10.0.2.2 must
+    // not reach the loopback-only file; the non-loopback service must answer.
     let probe = format!(
-        r#"gw=$(ip -4 route show default | awk '{{print $3; exit}}'); echo "gateway $gw"; for a in $gw 10.0.2.2; do python3 -c 'import sys,urllib.request
-try: print(sys.argv[1], "GOT", urllib.request.urlopen("http://%s:{sport}/secret.txt" % sys.argv[1], timeout=8).read().decode())
-except Exception as e: print(sys.argv[1], "blocked:", e)' $a; done"#
+        r#"gw=$(ip -4 route show default | awk '{{print $3; exit}}'); echo "gateway $gw"; get() {{ python3 -c 'import sys,urllib.request
+try: print(sys.argv[1], "GOT", urllib.request.urlopen("http://%s:{sport}/%s" % (sys.argv[1], sys.argv[2]), timeout=8).read().decode())
+except Exception as e: print(sys.argv[1], "blocked:", e)' "$@"; }}; for a in $gw 10.0.2.2; do get $a secret.txt; done; get 10.79.9.1 public.txt"#
     );
     let seen = h.ok(&["ssh", "e2e-usernet", "--", &probe]);
     assert!(seen.contains("gateway 10.78.0.254"), "{seen}");
+    assert!(
+        seen.contains(&format!("10.79.9.1 GOT {pub_token}")),
+        "the guest reached no host service at all (no positive control):\n{seen}"
+    );
     assert_eq!(seen.matches("blocked:").count(), 2, "{seen}");
     assert!(
         !seen.contains(token),

@@ -363,8 +363,15 @@ mod tests {
     use std::process::Command;
 
     /// An ext4 image made by `mkfs.ext4 -d` from a tree `fill` builds;
-    /// `None` when mkfs.ext4 is missing.
+    /// `None` (a printed skip, a failure under `NOX_E2E=require`) when
+    /// mkfs.ext4 is missing. A mkfs.ext4 that fails is a failure.
     fn ext4_image(dir: &Path, fill: impl FnOnce(&Path)) -> Option<PathBuf> {
+        if !crate::testing::prereq(
+            crate::testing::have("mkfs.ext4"),
+            "mkfs.ext4 not installed (e2fsprogs)",
+        ) {
+            return None;
+        }
         let tree = dir.join("tree");
         std::fs::create_dir_all(tree.join("boot")).unwrap();
         fill(&tree);
@@ -381,11 +388,8 @@ mod tests {
             .arg(&img)
             .arg("8M")
             .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("skipped: mkfs.ext4 is missing or failed");
-            return None;
-        }
+            .unwrap_or_else(|e| panic!("mkfs.ext4: {e}"));
+        assert!(ok.success(), "mkfs.ext4 -d {}: {ok}", tree.display());
         Some(img)
     }
 
@@ -613,10 +617,15 @@ no_timer_check ds=NoCloud"
     /// VM's disk is: the kernel GRUB would boot is found.
     #[test]
     fn finds_the_kernel_in_the_test_image_through_an_overlay() {
-        let Some(image) = std::env::var_os("NOX_TEST_IMAGE") else {
-            eprintln!("skipped: NOX_TEST_IMAGE is not set");
+        let image = std::env::var_os("NOX_TEST_IMAGE");
+        if !crate::testing::prereq(
+            image.is_some(),
+            "NOX_TEST_IMAGE is not set (scripts/build-test-image.sh)",
+        ) || !crate::testing::prereq(crate::testing::have("qemu-img"), "qemu-img not installed")
+        {
             return;
-        };
+        }
+        let image = image.unwrap_or_default();
         let d = tempfile::tempdir().unwrap();
         let top = d.path().join("disk.qcow2");
         let ok = Command::new("qemu-img")

@@ -355,8 +355,10 @@ mod tests {
     /// the chain equals the same read of the equivalent raw file.
     #[test]
     fn reads_through_a_compressed_base_and_an_overlay() {
-        if !qemu_img(&["--version"]) {
-            eprintln!("skipped: no qemu-img");
+        use crate::testing::{have, prereq};
+        if !prereq(have("qemu-img"), "qemu-img not installed")
+            || !prereq(have("qemu-io"), "qemu-io not installed (qemu-utils)")
+        {
             return;
         }
         let d = tempfile::tempdir().unwrap();
@@ -395,10 +397,13 @@ mod tests {
         let wrote = Command::new("qemu-io")
             .args(["-c", "write -P 0xab 65536 4096", t])
             .output()
-            .is_ok_and(|o| o.status.success());
-        if wrote {
-            data[65536..65536 + 4096].fill(0xab);
-        }
+            .unwrap_or_else(|e| panic!("qemu-io: {e}"));
+        assert!(
+            wrote.status.success(),
+            "qemu-io write: {}",
+            String::from_utf8_lossy(&wrote.stderr)
+        );
+        data[65536..65536 + 4096].fill(0xab);
         data.resize(4 << 20, 0);
         let mut disk = Disk::open(&top, Some((&base, "qcow2"))).unwrap();
         assert_eq!(disk.size(), 4 << 20);

@@ -689,8 +689,7 @@ mod tests {
             .spawn()
             .unwrap();
         let fd = open(live.id());
-        if fd < 0 {
-            eprintln!("skipped: no pidfd_open on this kernel");
+        if !crate::testing::prereq(fd >= 0, "no pidfd_open on this kernel (Linux 5.3+)") {
             let _ = live.kill();
             let _ = live.wait();
             return;

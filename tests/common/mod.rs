@@ -235,6 +235,38 @@ pub fn e2e_prereqs() -> Option<PathBuf> {
     img
 }
 
+/// What the namespace tests need: root, `ip`, network namespaces in the
+/// kernel and /dev/net/tun (taps); None of them is assumed.
+pub fn netns_prereqs() -> bool {
+    prereq(is_root(), "network namespace tests need root")
+        && prereq(have("ip"), "iproute2 `ip` not installed")
+        && prereq(
+            std::path::Path::new("/proc/self/ns/net").exists(),
+            "this kernel has no network namespaces",
+        )
+        && prereq(
+            std::fs::metadata("/dev/net/tun")
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type())),
+            "/dev/net/tun missing (taps)",
+        )
+}
+
+/// The bridge tests' needs: namespaces (above) and dnsmasq for DHCP.
+pub fn bridge_prereqs() -> bool {
+    netns_prereqs() && prereq(have("dnsmasq"), "dnsmasq not installed")
+}
+
+/// `NOX_SKIP_ARM64=1`: the arm64 guest is skipped on purpose (its image takes
+/// ~17 min to build under qemu-user). An explicit choice, so a printed skip
+/// even under `NOX_E2E=require`.
+pub fn arm64_skipped() -> bool {
+    let skip = std::env::var("NOX_SKIP_ARM64").as_deref() == Ok("1");
+    if skip {
+        eprintln!("skip: NOX_SKIP_ARM64=1 (arm64 guest not tested in this run)");
+    }
+    skip
+}
+
 /// A network namespace with a bridge (optionally with an address and a
 /// dnsmasq DHCP server), removed with everything in it on drop.
 pub struct Netns {
@@ -502,11 +534,13 @@ pub fn python_with_pytest() -> Option<String> {
 }
 
 /// `python3 -m pytest clients/python/tests/FILES -q` against this build's
-/// nox binary, in `h`'s state directory; returns whether it passed.
+/// nox binary, in `h`'s state directory; returns whether it passed. pytest
+/// counts its skips as passes: here they are printed with their reasons
+/// (`-rs`), and under `NOX_E2E=require` a skip fails the run.
 pub fn pytest(py: &str, h: &Home, files: &[&str], env: &[(&str, &str)]) -> bool {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python");
-    let st = Command::new(py)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+    let out = Command::new(py)
+        .args(["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"])
         .args(files.iter().map(|f| format!("tests/{f}")))
         .current_dir(&dir)
         .env("NOX_BIN", env!("CARGO_BIN_EXE_nox"))
@@ -515,9 +549,39 @@ pub fn pytest(py: &str, h: &Home, files: &[&str], env: &[(&str, &str)]) -> bool 
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
-        .status()
+        .output()
         .unwrap();
-    st.success()
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    let skipped = pytest_skipped(&text);
+    if skipped > 0 {
+        // The reasons are in pytest's "short test summary" above.
+        if !prereq(false, &format!("pytest skipped {skipped} test(s)")) {
+            eprintln!("(pytest's skips above are not passes)");
+        }
+    }
+    out.status.success()
+}
+
+/// The number of skipped tests in pytest's final summary line
+/// (`== 3 passed, 2 skipped in 0.12s ==`, or `-q`'s bare `3 passed, 2 skipped in …`).
+pub fn pytest_skipped(output: &str) -> u32 {
+    let Some(summary) = output.lines().rev().find(|l| {
+        l.contains(" in ")
+            && ["passed", "skipped", "failed", "error"]
+                .iter()
+                .any(|w| l.contains(w))
+    }) else {
+        return 0;
+    };
+    summary
+        .split([',', '='])
+        .filter_map(|part| {
+            let mut words = part.split_whitespace();
+            let n = words.next()?.parse::<u32>().ok()?;
+            (words.next() == Some("skipped")).then_some(n)
+        })
+        .sum()
 }
 
 /// Writes the home's config.json as nox trusts it (its owner's, 0600).
