@@ -1050,7 +1050,7 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
         }
         ImageCmd::List { json } => {
             let images = cache.list()?;
-            let templates = crate::template::list(&cache);
+            let templates = crate::templates::list(&cache);
             let rows: Vec<serde_json::Value> = images
                 .iter()
                 .map(|i| {
@@ -1099,7 +1099,7 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
             let img = cache.resolve(&image)?;
             let users = vm::image_users(store, &img.digest);
             cache.remove(&img.digest, &users, force)?;
-            crate::template::forget(&cache, &img.digest);
+            crate::templates::forget(&cache, &img.digest);
             prune_boot_cache(store, &cache);
             if users.is_empty() {
                 println!("Removed {}", img.digest);
@@ -1146,7 +1146,7 @@ async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
             for img in cache.list()? {
                 if vm::image_users(store, &img.digest).is_empty() {
                     cache.remove(&img.digest, &[], false)?;
-                    crate::template::forget(&cache, &img.digest);
+                    crate::templates::forget(&cache, &img.digest);
                     println!(
                         "Removed {} {}",
                         img.digest,

@@ -24,10 +24,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 use tracing::warn;
 
-/// Default cap of `console.log` (and of `console.log.1`).
-pub const DEFAULT_SIZE: u64 = 4 << 20;
-/// The smallest cap accepted: a boot's worth of kernel messages.
-pub const MIN_SIZE: u64 = 64 << 10;
+pub use crate::spec::{CONSOLE_LOG_DEFAULT as DEFAULT_SIZE, CONSOLE_LOG_MIN as MIN_SIZE};
 /// Cap of `nox.log` (and of `nox.log.1`).
 pub const LOG_SIZE: u64 = 4 << 20;
 

@@ -1,7 +1,7 @@
 //! What happens to VMs, as an append-only log per VM (`nox events`).
 //!
 //! Writers are the VM's supervisor (state changes through
-//! [`crate::state::Recorder`], addresses, SSH and cloud-init readiness,
+//! the state recorder, addresses, SSH and cloud-init readiness,
 //! restarts) and the CLI operations that change a VM (create, delete). There
 //! is no daemon: each writer appends one JSON line to
 //! `ROOT/events/NAME.jsonl` under an `flock`, and readers poll the files.
@@ -32,7 +32,7 @@ use thiserror::Error;
 use tracing::warn;
 
 use crate::ident::VmName;
-use crate::state::Phase;
+use crate::lifecycle::Phase;
 use crate::store::{self, Store, StoreError, VmPaths};
 
 /// The version of the line format (`"v"` in every line).

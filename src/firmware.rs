@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::ident::Arch;
-use crate::qemu::opts::{OptError, Opts};
+use crate::qemu_opts::{OptError, Opts};
 
 /// Errors of firmware lookup and NVRAM preparation.
 #[derive(Debug, thiserror::Error)]

@@ -447,6 +447,58 @@ fn check_snap_name(name: &str) -> Result<(), IdentError> {
     Ok(())
 }
 
+/// Per-architecture facts: the one place the argv builder, firmware lookup
+/// and doctor learn what differs between amd64 and arm64.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ArchFacts {
+    pub arch: Arch,
+    pub binary: &'static str,
+    pub package: &'static str,
+    pub machine: &'static str,
+    /// Serial console device name inside the guest.
+    pub console: &'static str,
+    /// Whether the machine has a BIOS (else it boots through UEFI only).
+    pub has_bios: bool,
+    /// Device that reports guest panics to QEMU.
+    pub panic_device: &'static str,
+    /// Most vCPUs the machine nox builds takes (see [`AMD64`], [`ARM64`]).
+    pub max_cpus: u32,
+}
+
+pub const AMD64: ArchFacts = ArchFacts {
+    arch: Arch::Amd64,
+    binary: "qemu-system-x86_64",
+    package: "qemu-system-x86",
+    machine: "q35",
+    console: "ttyS0",
+    has_bios: true,
+    panic_device: "pvpanic",
+    // q35 takes up to 4096 (qemu 10), but an APIC ID above 254 needs x2APIC
+    // with interrupt remapping (`-device intel-iommu,intremap=on,eim=on`
+    // and a split irqchip under KVM), which nox does not add: 255.
+    max_cpus: 255,
+};
+
+pub const ARM64: ArchFacts = ArchFacts {
+    arch: Arch::Arm64,
+    binary: "qemu-system-aarch64",
+    package: "qemu-system-arm",
+    machine: "virt",
+    console: "ttyAMA0",
+    has_bios: false,
+    panic_device: "pvpanic-pci",
+    // `virt`'s own limit with GICv3 (qemu 10's query-machines cpu-max; a
+    // GICv2 host under KVM stops at 8, which qemu itself reports).
+    max_cpus: 512,
+};
+
+pub fn arch_facts(arch: Arch) -> &'static ArchFacts {
+    match arch {
+        Arch::Amd64 => &AMD64,
+        Arch::Arm64 => &ARM64,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

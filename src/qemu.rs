@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-pub mod opts;
+pub use crate::qemu_opts as opts;
 
+use crate::forward::PortForward;
 use crate::ident::{Arch, VmName};
-use crate::net::forward::PortForward;
 use crate::spec::{AccelRequest, VmSpec};
 use crate::store::VmPaths;
 use opts::Opts;
@@ -28,57 +28,7 @@ pub enum QemuError {
     },
 }
 
-/// Per-architecture facts: the one place the argv builder, firmware lookup
-/// and doctor learn what differs between amd64 and arm64.
-#[derive(Debug, PartialEq, Eq)]
-pub struct ArchFacts {
-    pub arch: Arch,
-    pub binary: &'static str,
-    pub package: &'static str,
-    pub machine: &'static str,
-    /// Serial console device name inside the guest.
-    pub console: &'static str,
-    /// Whether the machine has a BIOS (else it boots through UEFI only).
-    pub has_bios: bool,
-    /// Device that reports guest panics to QEMU.
-    pub panic_device: &'static str,
-    /// Most vCPUs the machine nox builds takes (see [`AMD64`], [`ARM64`]).
-    pub max_cpus: u32,
-}
-
-pub const AMD64: ArchFacts = ArchFacts {
-    arch: Arch::Amd64,
-    binary: "qemu-system-x86_64",
-    package: "qemu-system-x86",
-    machine: "q35",
-    console: "ttyS0",
-    has_bios: true,
-    panic_device: "pvpanic",
-    // q35 takes up to 4096 (qemu 10), but an APIC ID above 254 needs x2APIC
-    // with interrupt remapping (`-device intel-iommu,intremap=on,eim=on`
-    // and a split irqchip under KVM), which nox does not add: 255.
-    max_cpus: 255,
-};
-
-pub const ARM64: ArchFacts = ArchFacts {
-    arch: Arch::Arm64,
-    binary: "qemu-system-aarch64",
-    package: "qemu-system-arm",
-    machine: "virt",
-    console: "ttyAMA0",
-    has_bios: false,
-    panic_device: "pvpanic-pci",
-    // `virt`'s own limit with GICv3 (qemu 10's query-machines cpu-max; a
-    // GICv2 host under KVM stops at 8, which qemu itself reports).
-    max_cpus: 512,
-};
-
-pub fn arch_facts(arch: Arch) -> &'static ArchFacts {
-    match arch {
-        Arch::Amd64 => &AMD64,
-        Arch::Arm64 => &ARM64,
-    }
-}
+pub use crate::ident::{AMD64, ARM64, ArchFacts, arch_facts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -189,21 +139,7 @@ pub fn choose_accel(
     }
 }
 
-/// How the guest's NIC is backed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NetBackend {
-    /// qemu's slirp, guest port 22 forwarded from 127.0.0.1:`ssh_port`, and
-    /// the published ports.
-    User {
-        ssh_port: u16,
-        publish: Vec<PortForward>,
-    },
-    /// passt (which holds the forwards), reached through a connected socket
-    /// qemu inherits as file descriptor `fd`.
-    Passt { fd: i32 },
-    /// A tap opened by nox and inherited by qemu as file descriptor `fd`.
-    Tap { fd: i32, vhost_fd: Option<i32> },
-}
+pub use crate::net::NetBackend;
 
 /// Firmware pieces the argv needs (built by [`crate::firmware`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -564,14 +500,7 @@ pub fn firmware_args(
     })
 }
 
-/// Finds a program nox runs: as configured in config.json `binaries`, else
-/// (root) in the system directories, else in PATH (crate::trust::program).
-pub fn which(program: &str) -> Option<PathBuf> {
-    match crate::trust::program(program) {
-        crate::trust::Found::Yes(p) => Some(p),
-        crate::trust::Found::No(_) => None,
-    }
-}
+pub use crate::trust::which;
 
 /// The qemu binary for an architecture, or an error naming the package.
 pub fn find_binary(arch: &ArchFacts) -> Result<PathBuf, QemuError> {

@@ -9,8 +9,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::forward::PortForward;
 use crate::ident::{Arch, Cidr, IdentError, IfName, MacAddr, UserName, VmName};
-use crate::net::forward::PortForward;
 
 /// Smallest memory a cloud image boots in with cloud-init.
 pub const MIN_MEMORY: u64 = 128 << 20;
@@ -215,14 +215,19 @@ pub struct VmSpec {
     pub console_log_size: u64,
 }
 
+/// Default cap of `console.log` (and of `console.log.1`).
+pub const CONSOLE_LOG_DEFAULT: u64 = 4 << 20;
+/// The smallest cap accepted: a boot's worth of kernel messages.
+pub const CONSOLE_LOG_MIN: u64 = 64 << 10;
+
 fn default_console_log_size() -> u64 {
-    crate::console::DEFAULT_SIZE
+    CONSOLE_LOG_DEFAULT
 }
 
-/// `--console-log-size`: at least [`crate::console::MIN_SIZE`].
+/// `--console-log-size`: at least [`CONSOLE_LOG_MIN`].
 pub fn parse_console_log_size(value: &str) -> Result<u64, SpecError> {
     let bytes = parse_size("--console-log-size", value)?;
-    if bytes < crate::console::MIN_SIZE {
+    if bytes < CONSOLE_LOG_MIN {
         return Err(SpecError::Size {
             what: "--console-log-size",
             value: value.into(),
@@ -376,8 +381,8 @@ mod tests {
             e.contains("between 1 and 255") && e.contains("qemu's limit"),
             "{e}"
         );
-        let amd64 = crate::qemu::arch_facts(Arch::Amd64).max_cpus;
-        let arm64 = crate::qemu::arch_facts(Arch::Arm64).max_cpus;
+        let amd64 = crate::ident::arch_facts(Arch::Amd64).max_cpus;
+        let arm64 = crate::ident::arch_facts(Arch::Arm64).max_cpus;
         assert_eq!((amd64, arm64), (255, 512));
     }
 

@@ -31,8 +31,7 @@ use crate::state::{self, Event, Phase, RecordError, Recorder, State};
 use crate::store::{self, StoreError, VmPaths};
 use crate::timeline;
 
-/// Exit code of `nox run` when another supervisor already runs the VM.
-pub const EXIT_ALREADY_RUNNING: i32 = 3;
+pub use crate::lifecycle::EXIT_ALREADY_RUNNING;
 
 #[derive(Debug, Error)]
 pub enum SupervisorError {
@@ -65,7 +64,7 @@ pub enum SupervisorError {
     #[error("cannot record the VM's state")]
     State(#[source] RecordError),
     #[error("cannot load the snapshot a restore asked for")]
-    Restore(#[source] crate::snapshot::SnapshotError),
+    Restore(#[source] crate::snapjob::SnapJobError),
     /// The warm template's state did not load (the launch then boots cold).
     #[error("resuming the warm template failed: {0}")]
     WarmLoad(String),
@@ -505,10 +504,10 @@ async fn launch(
     };
     // `nox snapshot restore` of a RAM snapshot into a stopped VM: load it
     // into the paused guest, which then resumes where the snapshot was taken.
-    let pending = crate::snapshot::take_pending(vm).map_err(SupervisorError::Restore)?;
+    let pending = crate::snapjob::take_pending(vm).map_err(SupervisorError::Restore)?;
     if let Some(snap) = &pending {
         info!("loading snapshot {snap}");
-        crate::snapshot::load_at_launch(&live.qmp, &spec.name, snap)
+        crate::snapjob::load_at_launch(&live.qmp, &spec.name, snap)
             .await
             .map_err(SupervisorError::Restore)?;
     }
@@ -524,7 +523,7 @@ async fn launch(
     live.watch.boot.warm_refused = warm_refused;
     save_boot(vm, &live.watch);
     if (pending.is_some() || live.warm)
-        && let Err(e) = crate::snapshot::announce(&live.qmp, &spec.name).await
+        && let Err(e) = crate::snapjob::announce(&live.qmp, &spec.name).await
     {
         warn!("{}", crate::error_chain(&e));
     }

@@ -96,7 +96,7 @@ pub const CAPABILITIES: &[&str] = &[
 
 /// Exit status of `nox run` that systemd must not answer with a restart
 /// (another supervisor already runs the VM).
-const NO_RESTART_STATUS: i32 = crate::supervisor::EXIT_ALREADY_RUNNING;
+const NO_RESTART_STATUS: i32 = crate::lifecycle::EXIT_ALREADY_RUNNING;
 
 /// The template unit (pure). `exe` is the absolute path of the nox binary.
 ///

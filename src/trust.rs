@@ -271,6 +271,15 @@ pub fn program(name: &str) -> Found {
     )
 }
 
+/// Finds a program nox runs: as configured in config.json `binaries`, else
+/// (root) in the system directories, else in PATH (crate::trust::program).
+pub fn which(name: &str) -> Option<PathBuf> {
+    match program(name) {
+        Found::Yes(p) => Some(p),
+        Found::No(_) => None,
+    }
+}
+
 /// As root, replaces `PATH` with [`SYSTEM_PATH`], so a program run by name
 /// (ssh, systemctl, qemu-img) comes from the system. Call first thing in
 /// `main`, before any thread exists.

@@ -266,7 +266,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<Created, VmError
         console_log_size,
     };
     // A warm template: the first start may resume its booted guest.
-    let warm = crate::template::find(&cache, &o.image)
+    let warm = crate::templates::find(&cache, &o.image)
         .filter(|t| t.digest == base.digest)
         .and_then(|t| t.warm.map(|w| (t.name, w)));
     let mut warm_identity = None;
@@ -312,7 +312,7 @@ pub async fn obtain_image(
     pull: &image::PullOptions,
 ) -> Result<image::Image, VmError> {
     // A template (`nox image commit`) is used like a catalog image.
-    if let Some(img) = crate::template::resolve(cache, source, arch)? {
+    if let Some(img) = crate::templates::resolve(cache, source, arch)? {
         return Ok(img);
     }
     Ok(match image::parse_source(source, arch.as_str())? {

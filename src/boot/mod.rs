@@ -83,7 +83,7 @@ pub struct Found {
 /// an emulated guest on a busy host can fail the kernel's IO-APIC timer
 /// check and panic ("IO-APIC + timer doesn't work!", seen here under load).
 pub fn cmdline(arch: Arch, root_uuid: &str) -> String {
-    let console = crate::qemu::arch_facts(arch).console;
+    let console = crate::ident::arch_facts(arch).console;
     format!(
         "root=UUID={root_uuid} ro console=tty0 console={console},115200 no_timer_check ds=NoCloud"
     )

@@ -15,7 +15,7 @@ use super::forward::PortForward;
 use super::passt::{self, Passt, PasstError};
 use super::{bridge, tap};
 use crate::ident::{MacAddr, VmName};
-use crate::qemu::NetBackend;
+use crate::net::NetBackend;
 use crate::spec::{NetworkSpec, VmSpec};
 
 #[derive(Debug, Error)]
