@@ -585,7 +585,7 @@ fn to_qcow2(src: &Path, format: &str, dst: &Path) -> Result<(), FirmwareError> {
         .tempfile_in(dir)
         .map_err(verr)?
         .into_temp_path();
-    let out = std::process::Command::new("qemu-img")
+    let out = crate::trust::command("qemu-img")
         .args(["convert", "-q", "-f", format, "-O", "qcow2"])
         .arg(src)
         .arg(&*tmp)

@@ -51,12 +51,8 @@ pub struct Pending {
 /// note is removed as it is read: it is loaded by one launch, never again
 /// (a restart after a crash boots from the disk as it then is).
 pub fn take_pending(vm: &VmPaths) -> Result<Option<SnapName>, SnapJobError> {
-    let path = vm.pending_restore();
-    let pending: Result<Option<Pending>, StoreError> = store::read_json(&path);
-    if path.exists() {
-        std::fs::remove_file(&path).map_err(store::io(&path))?;
-    }
-    Ok(pending?.map(|p| p.snap))
+    let pending: Option<Pending> = store::take_json(&vm.pending_restore())?;
+    Ok(pending.map(|p| p.snap))
 }
 
 /// Loads RAM snapshot `snap` into a freshly launched, still paused qemu

@@ -613,6 +613,16 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError
     write_atomic(path, &data, 0o600)
 }
 
+/// Reads a one-shot note (a pending restore, a warm resume) and removes it,
+/// whether or not it parsed: it is acted on by one launch, never again.
+pub fn take_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
+    let v = read_json(path);
+    if path.exists() {
+        fs::remove_file(path).map_err(io(path))?;
+    }
+    v
+}
+
 /// Reads a JSON file; `None` if it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
     match fs::read(path) {

@@ -2,7 +2,6 @@
 //! facts nox needs (is systemd PID 1? is a VM's unit enabled?).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use thiserror::Error;
 
@@ -285,7 +284,7 @@ pub fn unit_name(vm: &str) -> String {
 }
 
 pub fn systemctl(scope: Scope, args: &[&str]) -> Result<String, SystemdError> {
-    let mut cmd = Command::new("systemctl");
+    let mut cmd = crate::trust::command("systemctl");
     if scope == Scope::User {
         cmd.arg("--user");
     }
@@ -305,7 +304,7 @@ pub fn systemctl(scope: Scope, args: &[&str]) -> Result<String, SystemdError> {
 /// Whether a VM's unit is enabled (so start/stop should go through systemd).
 pub fn is_enabled(vm: &str) -> bool {
     booted()
-        && Command::new("systemctl")
+        && crate::trust::command("systemctl")
             .args(["is-enabled", "--quiet", &unit_name(vm)])
             .status()
             .map(|s| s.success())
@@ -315,7 +314,7 @@ pub fn is_enabled(vm: &str) -> bool {
 /// Whether a VM's unit is active (running, starting or stopping) now.
 pub fn is_active(vm: &str) -> bool {
     booted()
-        && Command::new("systemctl")
+        && crate::trust::command("systemctl")
             .args(["is-active", "--quiet", &unit_name(vm)])
             .status()
             .map(|s| s.success())

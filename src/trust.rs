@@ -280,6 +280,16 @@ pub fn which(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// A `Command` for the program nox runs as `name`, resolved by [`program`]
+/// (config.json `binaries`, else the system's directories, else PATH). Not
+/// found: a command by that name, whose spawn then fails naming it.
+pub fn command(name: &str) -> std::process::Command {
+    match program(name) {
+        Found::Yes(p) => std::process::Command::new(p),
+        Found::No(_) => std::process::Command::new(name),
+    }
+}
+
 /// As root, replaces `PATH` with [`SYSTEM_PATH`], so a program run by name
 /// (ssh, systemctl, qemu-img) comes from the system. Call first thing in
 /// `main`, before any thread exists.

@@ -123,12 +123,7 @@ pub fn set_pending(vm: &VmPaths, p: &Pending) -> Result<(), StoreError> {
 /// The warm state the next launch should resume, removed as it is read: a
 /// VM resumes a template once, its later starts boot its own disk.
 pub fn take_pending(vm: &VmPaths) -> Result<Option<Pending>, StoreError> {
-    let path = pending_path(vm);
-    let p: Result<Option<Pending>, StoreError> = store::read_json(&path);
-    if path.exists() {
-        std::fs::remove_file(&path).map_err(store::io(&path))?;
-    }
-    p
+    store::take_json(&pending_path(vm))
 }
 
 /// Why a VM with this spec cannot resume `w` (it then boots cold), or None.

@@ -513,3 +513,63 @@ fn malformed_config_is_refused_naming_file_line_and_field() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key \"defualts\""));
 }
+
+/// Every qemu-img nox runs comes through the resolver that honours
+/// config.json `binaries` (issue 19): a logging wrapper named there sees the
+/// header probe and overlay of create, and the size check and resize of set.
+#[test]
+fn qemu_img_is_the_one_config_json_binaries_names() {
+    if !prereq(
+        is_root(),
+        "needs root (binaries are honoured from a root-owned config.json)",
+    ) {
+        return;
+    }
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let real = Command::new("sh")
+        .args(["-c", "command -v qemu-img"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8(real.stdout).unwrap().trim().to_string();
+    assert!(!real.is_empty(), "qemu-img on PATH");
+    let bin = h.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = h.path().join("qemu-img.log");
+    let wrapper = bin.join("renamed-qemu-img");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$1\" >> {}\nexec {real} \"$@\"\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_config(
+        &h,
+        &serde_json::json!({"binaries": {"qemu-img": wrapper}}).to_string(),
+        0o600,
+    );
+    h.ok(&[
+        "create",
+        "a",
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--disk",
+        "1G",
+        "--no-start",
+    ]);
+    h.ok(&["set", "a", "--disk", "2G"]);
+    let calls = std::fs::read_to_string(&log).unwrap_or_default();
+    let calls: Vec<&str> = calls.lines().collect();
+    for sub in ["info", "create", "resize"] {
+        assert!(
+            calls.contains(&sub),
+            "no qemu-img {sub} through binaries: {calls:?}"
+        );
+    }
+}

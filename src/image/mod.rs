@@ -35,7 +35,6 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::store::{self, Existing};
@@ -712,7 +711,7 @@ pub fn create_overlay(base: &Image, overlay: &Path, size: Option<u64>) -> Result
         .map_err(io_err(dir))?
         .into_temp_path();
     let base_path = std::path::absolute(&base.path).map_err(io_err(&base.path))?;
-    let mut cmd = Command::new("qemu-img");
+    let mut cmd = crate::trust::command("qemu-img");
     cmd.args(["create", "-q", "-f", "qcow2", "-b"])
         .arg(&base_path)
         .args(["-F", &base.format])

@@ -336,7 +336,7 @@ pub fn qemu_img_info_as(path: &Path, format: Sniffed) -> Result<ImgInfo, ImageEr
         path: path.to_path_buf(),
         why,
     };
-    let mut cmd = Command::new("qemu-img");
+    let mut cmd = crate::trust::command("qemu-img");
     cmd.args(["info", "--output=json", "-f", format.format(), "--"])
         .arg(path);
     let shown = format!("qemu-img info -f {} {}", format.format(), path.display());
