@@ -677,17 +677,7 @@ mod tests {
             check_name(&cache, &name),
             Err(TemplateError::CatalogName(_))
         ));
-        let t = Template {
-            name: "web".parse().unwrap(),
-            digest: format!("sha256:{}", "a".repeat(64)),
-            origin: Origin {
-                vm: "base".into(),
-                image: "debian-13".into(),
-                image_digest: "sha256:0".into(),
-                created: "2026-01-01T00:00:00Z".into(),
-            },
-            warm: None,
-        };
+        let t = record("web");
         std::fs::create_dir_all(dir(&cache)).unwrap();
         store::write_json(&record_path(&cache, "web"), &t).unwrap();
         assert_eq!(find(&cache, "web"), Some(t.clone()));

@@ -261,6 +261,15 @@ fn clone_and_template_give_copies_with_identities_of_their_own() {
     assert!(blob.exists());
 }
 
+/// What a VM that starts (in its jail) but boots no guest needs.
+fn jail_prereqs() -> bool {
+    prereq(is_root(), "needs root (the VM's qemu runs in a jail)")
+        && prereq(
+            have("qemu-system-x86_64"),
+            "qemu-system-x86_64 not installed",
+        )
+}
+
 /// A blank-disk VM: it starts (qemu sits in the firmware) but no guest
 /// ever answers.
 fn blank(h: &Home, name: &str, image: &Path) {
@@ -283,12 +292,7 @@ fn blank(h: &Home, name: &str, image: &Path) {
 
 #[test]
 fn bad_clones_and_commits_are_refused_with_nothing_changed() {
-    if !prereq(is_root(), "needs root (the VM's qemu runs in a jail)")
-        || !prereq(
-            have("qemu-system-x86_64"),
-            "qemu-system-x86_64 not installed",
-        )
-    {
+    if !jail_prereqs() {
         return;
     }
     let h = Home::new();
@@ -361,12 +365,7 @@ fn bad_clones_and_commits_are_refused_with_nothing_changed() {
 /// (issue 18 item 1, reproduced without a boot).
 #[test]
 fn a_rewritten_disk_header_is_never_followed_by_root() {
-    if !prereq(is_root(), "needs root (the VM's qemu runs in a jail)")
-        || !prereq(
-            have("qemu-system-x86_64"),
-            "qemu-system-x86_64 not installed",
-        )
-    {
+    if !jail_prereqs() {
         return;
     }
     let h = Home::new();

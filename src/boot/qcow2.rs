@@ -427,22 +427,7 @@ mod tests {
         assert!(qemu_img(&["check", "-q", t]));
         // The jailed qemu rewrites the header to name a FIFO (root would block
         // opening it) or a root-only file: the base nox gives is what is read.
-        // (qemu-img checks the new name exists, so the FIFO replaces a file.)
-        let fifo = d.path().join("fifo");
-        std::fs::write(&fifo, b"").unwrap();
-        assert!(qemu_img(&[
-            "rebase",
-            "-u",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            fifo.to_str().unwrap(),
-            t
-        ]));
-        std::fs::remove_file(&fifo).unwrap();
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        crate::image::vmdisk::tests::point_at_a_fifo(&top, &d.path().join("fifo"));
         let mut disk = Disk::open(&top, Some((&base, "qcow2"))).unwrap();
         let mut buf = vec![0u8; 100_000];
         disk.read_at(3 << 20, &mut buf).unwrap();

@@ -316,7 +316,7 @@ fn read_at_most(file: &File, buf: &mut [u8]) -> Result<usize, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::process::Command;
     use std::time::Instant;
@@ -356,7 +356,7 @@ mod tests {
     }
 
     /// What the jailed qemu can do to its disk: point the header at another file.
-    fn rebase_unsafe(top: &Path, to: &Path) {
+    pub(crate) fn rebase_unsafe(top: &Path, to: &Path) {
         qemu_img(&[
             "rebase",
             "-u",
@@ -368,6 +368,30 @@ mod tests {
             to.to_str().unwrap(),
             top.to_str().unwrap(),
         ]);
+    }
+
+    /// Points `top`'s header at a FIFO made at `fifo` (qemu-img checks the
+    /// new name exists, so the FIFO replaces a file after the rebase).
+    pub(crate) fn point_at_a_fifo(top: &Path, fifo: &Path) {
+        std::fs::write(fifo, b"").unwrap();
+        rebase_unsafe(top, fifo);
+        std::fs::remove_file(fifo).unwrap();
+        nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    }
+
+    /// Flattens `disk` on `base` (raw) into a raw `out` through nox's chain.
+    fn flatten_raw(disk: &VmDisk, base: &Path, out: &Path) {
+        disk.qemu_img(
+            "convert",
+            &["-q", "-O", "raw"],
+            Chain::On {
+                base,
+                format: "raw",
+            },
+            &[out.to_str().unwrap()],
+            Duration::from_secs(60),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -405,43 +429,16 @@ mod tests {
         std::fs::write(&secret, vec![0x5eu8; 1 << 20]).unwrap();
         rebase_unsafe(&top, &secret);
         let out = d.path().join("flat.raw");
-        let disk = VmDisk::open(&top, false).unwrap();
-        disk.qemu_img(
-            "convert",
-            &["-q", "-O", "raw"],
-            Chain::On {
-                base: &base,
-                format: "raw",
-            },
-            &[out.to_str().unwrap()],
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        flatten_raw(&VmDisk::open(&top, false).unwrap(), &base, &out);
         let flat = std::fs::read(&out).unwrap();
         assert!(flat.iter().all(|&b| b == 0x11), "read the header's file");
 
         // A FIFO as the backing name: qemu-img with nox's chain does not open it.
-        // (qemu-img checks the new name exists, so the FIFO replaces a file.)
-        let fifo = d.path().join("fifo");
-        std::fs::write(&fifo, b"").unwrap();
-        rebase_unsafe(&top, &fifo);
-        std::fs::remove_file(&fifo).unwrap();
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        point_at_a_fifo(&top, &d.path().join("fifo"));
         let t = Instant::now();
         let disk = VmDisk::open(&top, false).unwrap();
         assert_eq!(disk.virtual_size().unwrap(), 1 << 20);
-        let copy = d.path().join("copy.raw");
-        disk.qemu_img(
-            "convert",
-            &["-q", "-O", "raw"],
-            Chain::On {
-                base: &base,
-                format: "raw",
-            },
-            &[copy.to_str().unwrap()],
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        flatten_raw(&disk, &base, &d.path().join("copy.raw"));
         assert!(t.elapsed() < Duration::from_secs(30));
         // Snapshots and resize need no backing file at all.
         let disk = VmDisk::open(&top, true).unwrap();
