@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// Lowest first. See README's Design section for what each layer is.
+/// Lowest first. See docs/design.md (Layers) for what each layer is.
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "model",
