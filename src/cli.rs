@@ -1428,8 +1428,9 @@ fn cp(store: &Store, recursive: bool, src: &str, dst: &str) -> Result<i32> {
 fn warn_unknown_config_keys(cfg: &crate::config::Config) {
     for k in &cfg.unknown_keys {
         eprintln!(
-            "warning: {}: unknown key {k:?} (ignored; known: defaults, jail, mirror, mirrors)",
-            cfg.path.display()
+            "warning: {}: unknown key {k:?} (ignored; known: defaults, {})",
+            cfg.path.display(),
+            crate::config::OTHER_KEYS.join(", ")
         );
     }
 }

@@ -26,7 +26,9 @@ pub const BUILTIN_DISK: &str = "10G";
 pub const BUILTIN_USER: &str = "nox";
 
 /// Top-level keys other modules read from the same file.
-const OTHER_KEYS: &[&str] = &["jail", "mirror", "mirrors", "max_image_size"];
+/// Top-level keys other modules read (trust: `binaries`; jail: `jail`;
+/// downloads: `mirror`, `mirrors`, `max_image_size`).
+pub const OTHER_KEYS: &[&str] = &["binaries", "jail", "mirror", "mirrors", "max_image_size"];
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -410,7 +412,8 @@ mod tests {
         let p = write(
             t.path(),
             r#"{"mirror": "http://127.0.0.1:1/", "mirrors": {"debian": "http://x/"},
-                "jail": {"uid_base": 200000, "uid_count": 10},
+                "jail": {"uid_base": 200000, "uid_count": 10}, "binaries": {},
+                "max_image_size": "8G",
                 "defaults": {"image": "debian-12", "cpus": 1, "memory": "1536M", "disk": "20G",
                              "network": "bridge:br1", "ssh_keys": ["/k/id.pub"], "user": "alice"},
                 "defualts": {}}"#,

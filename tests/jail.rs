@@ -405,6 +405,7 @@ fn ordinary_user_gets_namespaces_and_no_privileges() {
         .unwrap();
     std::os::unix::fs::chown(dir.path(), Some(id), Some(id)).unwrap();
     let home = dir.path().join("h");
+    track_home(&home);
     let nox = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_nox"))
             .args(args)

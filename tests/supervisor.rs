@@ -680,7 +680,7 @@ fn qemu_dying_at_start_is_reported_with_its_stderr() {
         &h,
         serde_json::json!({"binaries": {"qemu-system-x86_64": fake, "passt": "/nonexistent/passt"}}),
     );
-    blank_vm(&h, "dies-at-start", &["--network", "user"]);
+    blank_vm(&h, "dies-at-start", &[]);
     let err = h.fails(&["start", "dies-at-start"]);
     assert!(err.contains("could not open kernel file"), "{err}");
     let reason = h.info("dies-at-start")["reason"]

@@ -183,6 +183,12 @@ fn homes() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
     HOMES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Counts a state directory a test made by hand (not through [`Home`]) as
+/// this test process's, for [`qemu_pids`].
+pub fn track_home(root: &Path) {
+    homes().push(root.to_path_buf());
+}
+
 /// Pids of live qemu processes of a VM `name` in a state directory of this
 /// test process: another test binary's VM of the same name is not counted.
 pub fn qemu_pids(name: &str) -> Vec<u32> {

@@ -28,8 +28,34 @@ def chardev_paths(argv):
         opts = dict(
             kv.split("=", 1) for kv in argv[i + 1].split(",")[1:] if "=" in kv
         )
-        out.append((opts.get("path"), opts.get("id") == "serial0", opts.get("logfile")))
+        out.append((opts, opts.get("id") == "serial0", opts.get("logfile")))
     return out
+
+
+def fdsets(argv):
+    """fdset number -> fd, from -add-fd fd=N,set=S."""
+    out = {}
+    for i, a in enumerate(argv[:-1]):
+        if a == "-add-fd":
+            opts = dict(kv.split("=", 1) for kv in argv[i + 1].split(",") if "=" in kv)
+            out[opts.get("set")] = int(opts["fd"])
+    return out
+
+
+def write_log(logfile, sets):
+    """A logfile is a path, or /dev/fdset/S (a descriptor nox passed)."""
+    if logfile.startswith("/dev/fdset/"):
+        fd = sets.get(logfile.rsplit("/", 1)[1])
+        if fd is not None:
+            os.write(fd, b"fake qemu\n")
+        return
+    with open(logfile, "w") as log:
+        log.write("fake qemu\n")
+
+
+def greet(c):
+    send(c, {"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
+                                 "package": ""}, "capabilities": []}})
 
 
 def send(conn, obj):
@@ -58,15 +84,26 @@ def die_at_start(conn):
 def main():
     dies = vm_name(sys.argv).startswith("dies-at-start")
     listeners = {}
-    for path, serial, logfile in chardev_paths(sys.argv):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(path)
-        s.listen(4)
+    conns = {}
+    sets = fdsets(sys.argv)
+    for opts, serial, logfile in chardev_paths(sys.argv):
+        if "fd" in opts:
+            # nox's descriptors: a listening socket (server=on) or, for the
+            # supervisor's QMP, one end of a connected socketpair.
+            s = socket.socket(fileno=int(opts["fd"]))
+            if opts.get("server") != "on":
+                if dies:
+                    die_at_start(s)
+                conns[s] = b""
+                greet(s)
+                continue
+        else:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(opts["path"])
+            s.listen(4)
         listeners[s] = serial
         if logfile:
-            with open(logfile, "w") as log:
-                log.write("fake qemu\n")
-    conns = {}
+            write_log(logfile, sets)
     while True:
         ready, _, _ = select.select(list(listeners) + list(conns), [], [])
         for r in ready:
@@ -78,8 +115,7 @@ def main():
                 if dies:
                     die_at_start(c)
                 conns[c] = b""
-                send(c, {"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
-                                             "package": ""}, "capabilities": []}})
+                greet(c)
                 continue
             data = r.recv(65536)
             if not data:
