@@ -916,7 +916,12 @@ fn print_info(i: &vm::VmInfo) {
     if let Some(a) = &i.accel {
         println!("accel:    {a}");
     }
-    println!("network:  {} (mac {})", i.network, i.mac);
+    let via = match (&i.net_backend, i.passt_pid) {
+        (Some(b), Some(pid)) => format!(" via {b} (pid {pid})"),
+        (Some(b), None) => format!(" via {b}"),
+        _ => String::new(),
+    };
+    println!("network:  {}{via} (mac {})", i.network, i.mac);
     if !i.publish.is_empty() {
         println!("publish:  {}", i.publish.join(", "));
     }
