@@ -179,7 +179,8 @@ pub fn doctor(root: &Path) -> Vec<DoctorLine> {
             Ok(()) => out.push((
                 Status::Ok,
                 "user namespaces",
-                "allowed: qemu gets its own mount, PID and IPC namespaces".into(),
+                "allowed: qemu gets its own mount, PID and IPC namespaces (and network, but for slirp)"
+                    .into(),
             )),
             Err(why) => out.push((
                 Status::Warn,
