@@ -767,7 +767,9 @@ async fn supervise(
                 let why = passt_lost(pid, &how);
                 warn!("{}: {why}", spec.name);
                 verdict.crashed(why);
-                let _ = live.qmp.quit().await;
+                if live.qmp.quit().await.is_err() {
+                    let _ = live.q.child.start_kill();
+                }
             }
             ev = live.events.recv(), if events_open => match ev {
                 None => events_open = false,
