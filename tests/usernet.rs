@@ -403,7 +403,10 @@ fn a_dead_passt_fails_the_vm_with_the_reason() {
         "qemu shares the host's network namespace"
     );
     let text = h.ok(&["info", "lostnet"]);
-    assert!(text.contains(&format!("via passt (pid {passt})")), "{text}");
+    assert!(
+        text.contains(&format!("passt (passt pid {passt})")),
+        "{text}"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(passt as i32),
         nix::sys::signal::Signal::SIGKILL,
