@@ -916,7 +916,15 @@ fn print_info(i: &vm::VmInfo) {
     if let Some(a) = &i.accel {
         println!("accel:    {a}");
     }
-    println!("network:  {} (mac {})", i.network, i.mac);
+    // What carries it now (`user` may be passt or slirp), and passt's pid.
+    let mut via = match &i.net_backend {
+        Some(b) if *b != i.network && !i.network.starts_with("bridge") => format!(" via {b}"),
+        _ => String::new(),
+    };
+    if let Some(pid) = i.passt_pid {
+        via.push_str(&format!(" (passt pid {pid})"));
+    }
+    println!("network:  {}{via} (mac {})", i.network, i.mac);
     if !i.publish.is_empty() {
         println!("publish:  {}", i.publish.join(", "));
     }

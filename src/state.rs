@@ -42,6 +42,12 @@ pub struct State {
     pub tap: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<String>,
+    /// What carries the guest's traffic in this run: `passt`, `slirp` or `tap`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_backend: Option<String>,
+    /// This run's passt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passt_pid: Option<u32>,
     /// Restarts by the supervisor's restart policy since it started.
     #[serde(default)]
     pub restarts: u32,
@@ -65,6 +71,8 @@ impl State {
             ipv6: vec![],
             tap: None,
             bridge: None,
+            net_backend: None,
+            passt_pid: None,
             restarts: 0,
             last_failure: None,
             updated: now(),
@@ -120,6 +128,7 @@ pub fn stale(st: State) -> State {
         ipv6: vec![],
         ssh_port: None,
         tap: None,
+        passt_pid: None,
         ..st
     }
 }
@@ -132,6 +141,9 @@ pub struct Network {
     pub bridge: Option<String>,
     /// The guest's static address, if it has one.
     pub ip: Option<String>,
+    /// `passt`, `slirp` or `tap`.
+    pub backend: Option<String>,
+    pub passt_pid: Option<u32>,
 }
 
 /// Something that happens to a supervised VM and changes its state file.
@@ -274,6 +286,8 @@ fn next_state(st: &State, supervisor: u32, to: Phase, event: &Event) -> State {
             tap: net.tap.clone(),
             bridge: net.bridge.clone(),
             ip: net.ip.clone(),
+            net_backend: net.backend.clone(),
+            passt_pid: net.passt_pid,
             ..st.clone()
         },
         Event::Addresses { ipv4, ipv6 } => State {
@@ -536,6 +550,8 @@ mod tests {
         let net = Network {
             ssh_port: Some(2222),
             ip: Some("10.0.0.5".into()),
+            backend: Some("passt".into()),
+            passt_pid: Some(98),
             ..Network::default()
         };
         rec.apply(&Event::Spawned { qemu_pid: 99, net }).unwrap();
@@ -545,6 +561,10 @@ mod tests {
         assert_eq!(
             (f["qemu_pid"].as_u64(), f["ssh_port"].as_u64()),
             (Some(99), Some(2222))
+        );
+        assert_eq!(
+            (f["net_backend"].as_str(), f["passt_pid"].as_u64()),
+            (Some("passt"), Some(98))
         );
         // Discovery without an IPv4 address keeps the static one.
         let addrs = Event::Addresses {
@@ -564,6 +584,7 @@ mod tests {
         assert_eq!(f["state"], "crashed");
         assert_eq!(f["last_failure"], "qemu killed by SIGKILL");
         assert!(f.get("pid").is_none() && f.get("qemu_pid").is_none(), "{f}");
+        assert!(f.get("passt_pid").is_none() && f.get("net_backend").is_none());
         rec.apply(&Event::BackOff {
             delay_secs: 1,
             restarts: 1,

@@ -726,6 +726,8 @@ fn network(spec: &VmSpec, net: &Attached) -> state::Network {
         ssh_port: net.ssh_port,
         tap: net.tap.as_ref().map(|t| t.name().to_string()),
         bridge: net.bridge.clone(),
+        backend: Some(net.backend_name().into()),
+        passt_pid: net.passt.as_ref().map(|p| p.pid),
         ip: spec
             .static_ip
             .as_ref()
@@ -754,6 +756,19 @@ async fn supervise(
         tokio::select! {
             exit = live.q.child.wait() => {
                 return Ok((exit.map_err(SupervisorError::Wait)?, verdict));
+            }
+            (pid, how) = crate::net::attach::passt_exited(&mut live.net.passt) => {
+                // passt also exits when qemu does (its socket closes): then
+                // qemu's exit is the news.
+                if let Ok(exit) = tokio::time::timeout(PASST_AFTER_QEMU, live.q.child.wait()).await {
+                    return Ok((exit.map_err(SupervisorError::Wait)?, verdict));
+                }
+                let why = passt_lost(pid, &how);
+                warn!("{}: {why}", spec.name);
+                verdict.crashed(why);
+                if live.qmp.quit().await.is_err() {
+                    let _ = live.q.child.start_kill();
+                }
             }
             ev = live.events.recv(), if events_open => match ev {
                 None => events_open = false,
@@ -787,6 +802,19 @@ async fn supervise(
             }
         }
     }
+}
+
+/// How long qemu may take to exit after its passt did, before passt's exit
+/// counts as passt's own failure.
+const PASST_AFTER_QEMU: Duration = Duration::from_secs(1);
+
+/// The VM's failure when its passt ends under a running qemu. It is not
+/// restarted in place: qemu's `-netdev stream` end is an inherited socket
+/// that cannot reconnect, and swapping the netdev would mean unplugging
+/// the guest's NIC. So the run fails with this reason (the restart policy
+/// may start the VM again, with a new passt).
+fn passt_lost(pid: u32, how: &str) -> String {
+    format!("passt (pid {pid}) {how} while the VM ran: the guest lost its network")
 }
 
 /// Acts on a QMP event while qemu runs.
@@ -1026,6 +1054,21 @@ mod tests {
             v.on_event(&ev("SOMETHING_NEW", serde_json::json!({}))),
             Reaction::None
         );
+    }
+
+    /// passt dying under a running VM fails it with that reason (the quit
+    /// the supervisor then sends is not a requested stop), so `on-failure`
+    /// restarts it with a new passt.
+    #[test]
+    fn a_lost_passt_fails_the_run() {
+        let mut v = Verdict::default();
+        v.crashed(passt_lost(4321, "was killed by signal 9"));
+        v.on_event(&shutdown("host-qmp-quit"));
+        let o = v.outcome(exited(0));
+        let want = "passt (pid 4321) was killed by signal 9 while the VM ran: \
+                    the guest lost its network";
+        assert_eq!(o, Outcome::Crashed(want.into()));
+        assert!(should_restart(RestartPolicy::OnFailure, &o));
     }
 
     #[test]

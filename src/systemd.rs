@@ -73,7 +73,7 @@ pub enum Scope {
 /// CAP_NET_ADMIN (taps, bridge ports, vhost-net) and CAP_NET_RAW (AF_PACKET
 /// socket that learns the guest's address on its tap). The rest is for
 /// confining qemu: a per-VM uid/gid (SETUID, SETGID, SETPCAP to drop the
-/// bounding set), new mount/pid/ipc namespaces with a pivot_root'ed tree
+/// bounding set), new mount/pid/ipc(/net) namespaces with a pivot_root'ed tree
 /// (SYS_ADMIN, SYS_CHROOT, MKNOD for its /dev, CHOWN/FOWNER/DAC_OVERRIDE to
 /// hand the VM's files to its uid), KILL (signal qemu under another uid) and
 /// SYS_RESOURCE (its rlimits).
@@ -165,8 +165,9 @@ ProtectKernelModules=yes
 ProtectKernelLogs=yes
 ProtectClock=yes
 ProtectHostname=yes
-# qemu's confinement makes mount, pid and ipc namespaces; nothing else.
-RestrictNamespaces=mnt pid ipc
+# qemu's confinement makes mount, pid and ipc namespaces, and an empty
+# network one for tap and passt VMs; nothing else (no user namespaces).
+RestrictNamespaces=mnt pid ipc net
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
@@ -403,6 +404,9 @@ mod tests {
         }
         assert!(!caps.contains("CAP_SYS_PTRACE") && !caps.contains("CAP_SYS_MODULE"));
         assert!(u.contains("Delegate="));
+        // The supervisor gives tap/passt qemus an empty network namespace;
+        // nothing in the unit may make a user namespace.
+        assert!(u.contains("\nRestrictNamespaces=mnt pid ipc net\n"), "{u}");
         // Delegation needs a writable cgroup tree.
         assert!(!u.contains("ProtectControlGroups=yes"));
         assert!(u.contains(&format!("TimeoutStopSec={TIMEOUT_STOP_SEC}\n")));

@@ -768,6 +768,9 @@ pub struct VmInfo {
     pub disk: u64,
     pub accel: Option<String>,
     pub network: String,
+    /// While it runs: what carries its traffic (`passt`, `slirp`, `tap`).
+    pub net_backend: Option<String>,
+    pub passt_pid: Option<u32>,
     pub mac: MacAddr,
     pub ssh: SshInfo,
     pub ssh_port: Option<u16>,
@@ -824,6 +827,8 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
         disk: spec.disk,
         accel: active.then(|| st.accel.clone()).flatten(),
         network: spec.network.to_string(),
+        net_backend: active.then(|| st.net_backend.clone()).flatten(),
+        passt_pid: active.then_some(st.passt_pid).flatten(),
         mac: spec.mac,
         ssh: SshInfo {
             host: ep.as_ref().map(|e| e.host.clone()),

@@ -115,7 +115,13 @@ fn dhcp_and_static_guests_on_one_bridge_reach_each_other_and_taps_are_cleaned_up
     // kill -9 of qemu: the tap goes with it.
     h.ok(&["start", "web"]);
     assert_eq!(net.taps().len(), 1);
-    let qpid = h.info("web")["qemu_pid"].as_u64().unwrap();
+    let info = h.info("web");
+    let qpid = info["qemu_pid"].as_u64().unwrap();
+    assert_eq!(info["net_backend"], "tap", "{info}");
+    // qemu has only its inherited tap: an empty network namespace, not its
+    // supervisor's (the test's namespace).
+    let ns = |pid: u64| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(ns(qpid), ns(info["pid"].as_u64().unwrap()));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(qpid as i32),
         nix::sys::signal::Signal::SIGKILL,

@@ -40,6 +40,11 @@ fn passt_pids(needle: &str) -> Vec<u32> {
     pids
 }
 
+/// The network namespace of process `pid` (or `self`).
+fn net_ns(pid: &str) -> std::path::PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap()
+}
+
 fn qemu_cmdline(pid: u64) -> String {
     String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
         .replace('\0', " ")
@@ -305,6 +310,11 @@ fn missing_passt_falls_back_to_slirp_with_a_warning() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("slirp"));
     let info = h.info("nopasst");
+    assert_eq!(info["net_backend"], "slirp", "{info}");
+    assert!(info.get("passt_pid").is_none_or(|p| p.is_null()), "{info}");
+    // slirp is qemu's own network stack: qemu keeps the host's namespace.
+    let qemu = info["qemu_pid"].as_u64().unwrap();
+    assert_eq!(net_ns(&qemu.to_string()), net_ns("self"));
     let cmd = qemu_cmdline(info["qemu_pid"].as_u64().unwrap());
     assert!(
         cmd.contains("-netdev user,id=net0,hostfwd=tcp:127.0.0.1:"),
@@ -353,6 +363,67 @@ fn a_published_port_taken_before_start_fails_the_start() {
     );
     assert!(qemu_pids("late").is_empty());
     assert!(passt_pids(&format!("127.0.0.1/{port}:80")).is_empty());
+}
+
+/// passt killed under a running VM (by the pid nox records): the VM fails
+/// with that reason instead of running on without a network. And qemu,
+/// which only needs its inherited socket, has a network namespace of its own.
+#[test]
+fn a_dead_passt_fails_the_vm_with_the_reason() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    if !prereq(
+        have("qemu-system-x86_64"),
+        "qemu-system-x86_64 not installed",
+    ) || !have_passt()
+    {
+        return;
+    }
+    h.ok(&[
+        "create",
+        "lostnet",
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "passt",
+        "--accel",
+        "tcg",
+        "--memory",
+        "256M",
+        "--no-start",
+    ]);
+    h.ok(&["start", "lostnet"]);
+    let info = h.info("lostnet");
+    assert_eq!(info["net_backend"], "passt", "{info}");
+    let passt = info["passt_pid"].as_u64().expect("passt's pid in info");
+    let qemu = info["qemu_pid"].as_u64().unwrap();
+    assert_ne!(
+        net_ns(&qemu.to_string()),
+        net_ns("self"),
+        "qemu shares the host's network namespace"
+    );
+    let text = h.ok(&["info", "lostnet"]);
+    assert!(
+        text.contains(&format!("passt (passt pid {passt})")),
+        "{text}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(passt as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for("the VM to fail", 60, || {
+        h.info("lostnet")["state"] == "crashed"
+    });
+    let info = h.info("lostnet");
+    let reason = info["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("passt (pid {passt}) was killed by signal 9")),
+        "{info}"
+    );
+    wait_for("qemu to exit", 30, || {
+        !std::path::Path::new(&format!("/proc/{qemu}")).exists()
+    });
 }
 
 /// passt's own bind failure (the port taken after nox's check) is

@@ -10,7 +10,7 @@
 //! ```text
 //! supervisor ── fork ──► intermediate: PDEATHSIG, [user ns + id maps], unshare(PID)
 //!                         ── fork ──► qemu-to-be (PID 1 of the new PID ns):
-//!                         │            PDEATHSIG, join cgroup, unshare(mount, IPC),
+//!                         │            PDEATHSIG, join cgroup, unshare(mount, IPC[, net]),
 //!                         │            private propagation, tmpfs root, binds, links,
 //!                         │            mknod, pivot_root, rlimits, setgroups([]),
 //!                         │            setresgid, drop bounding set, setresuid,
@@ -40,7 +40,7 @@ pub const STEPS: &[&str] = &[
     "PID namespace",
     "fork",
     "joining the VM's cgroup",
-    "mount/IPC namespace",
+    "mount/IPC/network namespace",
     "private mount propagation",
     "tmpfs root",
     "mkdir in the jail",
@@ -111,6 +111,8 @@ pub struct Prepared {
     /// Contents of uid_map and gid_map for a new user namespace.
     userns: Option<(Vec<u8>, Vec<u8>)>,
     pidns: bool,
+    /// `CLONE_NEWNET` when qemu gets an empty network namespace, else 0.
+    netns: libc::c_int,
     root: Option<CString>,
     mkdirs: Vec<CString>,
     binds: Vec<BindC>,
@@ -189,6 +191,7 @@ impl Prepared {
             cgroup_procs,
             userns,
             pidns,
+            netns: if plan.netns { libc::CLONE_NEWNET } else { 0 },
             root: plan.root.as_deref().map(cstr).transpose()?,
             mkdirs: plan
                 .dirs
@@ -527,7 +530,7 @@ unsafe fn build_root(p: &Prepared, root: &CStr) -> io::Result<()> {
         check(
             p,
             S_MNTNS,
-            libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC).into(),
+            libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | p.netns).into(),
         )?;
         // Nothing done below may propagate back to the host.
         check(
@@ -767,6 +770,7 @@ mod tests {
             (p.ids, p.pidns, p.setgroups),
             (Some((70000, 70000)), true, true)
         );
+        assert_eq!(p.netns, libc::CLONE_NEWNET, "no slirp: no host network");
         assert!(p.userns.is_none());
     }
 

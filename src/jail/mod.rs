@@ -5,7 +5,9 @@
 //! capabilities (bounding set empty), `no_new_privs`, no supplementary
 //! groups, and a private root holding only this VM's files, the base image,
 //! qemu itself (`/usr` read-only) and a handful of device nodes, entered with
-//! `pivot_root` in new mount, IPC and PID namespaces. cgroup v2 limits are
+//! `pivot_root` in new mount, IPC and PID namespaces, and an empty network
+//! namespace unless it runs slirp (a tap's or passt's descriptor is all
+//! the network it needs; slirp opens host sockets). cgroup v2 limits are
 //! added where nox can use cgroup v2 (see [`cgroup`]).
 //!
 //! The parts:
@@ -177,7 +179,8 @@ pub fn doctor(root: &Path) -> Vec<DoctorLine> {
             Ok(()) => out.push((
                 Status::Ok,
                 "user namespaces",
-                "allowed: qemu gets its own mount, PID and IPC namespaces".into(),
+                "allowed: qemu gets its own mount, PID and IPC namespaces (and network, but for slirp)"
+                    .into(),
             )),
             Err(why) => out.push((
                 Status::Warn,

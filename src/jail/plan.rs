@@ -58,6 +58,10 @@ pub struct JailPlan {
     pub symlinks: Vec<(PathBuf, PathBuf)>,
     pub devices: Vec<Device>,
     pub owned: Vec<Owned>,
+    /// qemu gets an empty network namespace of its own: a tap or passt VM
+    /// reaches its network only through descriptors it inherits. Not with
+    /// slirp, which opens the host's sockets itself, nor in [`Mode::Bare`].
+    pub netns: bool,
     pub nofile: u64,
     pub limits: CgroupLimits,
 }
@@ -203,6 +207,7 @@ impl JailPlan {
             symlinks: vec![],
             devices: vec![],
             owned: vec![],
+            netns: false,
             nofile: NOFILE,
             limits,
         };
@@ -234,6 +239,7 @@ impl JailPlan {
             return plan;
         }
         plan.root = Some(vm.run.join("jail"));
+        plan.netns = !i.user_net;
         let file = |path: PathBuf, writable: bool| Bind {
             path,
             from: None,
@@ -439,8 +445,10 @@ mod tests {
             || b.path.starts_with("/var/lib/nox/vms/demo")
             || b.path == base));
         assert!(bind(&p, "/usr/share/OVMF/OVMF_CODE_4M.fd").is_none());
-        // User-mode net: the host's resolver, at the usual name.
+        // User-mode net (slirp): the host's resolver, at the usual name,
+        // and the host's network namespace, where slirp opens its sockets.
         assert!(bind(&p, "/etc/resolv.conf").is_some());
+        assert!(!p.netns);
         // Only /usr executes.
         assert!(
             p.binds
@@ -505,6 +513,8 @@ mod tests {
         );
         assert!(p.devices.iter().all(|d| d.path != Path::new("/dev/kvm")));
         assert!(bind(&p, "/etc/resolv.conf").is_none());
+        // A tap (or passt's socket) is inherited: no network of the host's.
+        assert!(p.netns);
         let fw = bind(&p, "/var/lib/nox/firmware/my.bin").unwrap();
         assert!(!fw.writable);
         assert_eq!(
@@ -518,6 +528,7 @@ mod tests {
     #[test]
     fn user_namespace_binds_devices_and_chowns_nothing() {
         let p = build(Mode::UserNs(IDS), true, false, &argv(&[]));
+        assert!(p.netns);
         assert!(p.devices.is_empty());
         assert!(p.owned.is_empty());
         for d in ["/dev/null", "/dev/urandom", "/dev/kvm"] {
@@ -529,6 +540,7 @@ mod tests {
     fn bare_mode_has_no_root() {
         let p = build(Mode::Bare, false, true, &argv(&[]));
         assert_eq!(p.root, None);
+        assert!(!p.netns && !build(Mode::Bare, false, false, &argv(&[])).netns);
         assert!(p.binds.is_empty() && p.devices.is_empty() && p.owned.is_empty());
         assert_eq!(p.nofile, NOFILE);
     }

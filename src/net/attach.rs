@@ -92,6 +92,31 @@ pub struct Attached {
     watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
+impl Attached {
+    /// What carries the guest's traffic, as `state.json` and `info` name it.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            NetBackend::Passt { .. } => "passt",
+            NetBackend::User { .. } => "slirp",
+            NetBackend::Tap { .. } => "tap",
+        }
+    }
+}
+
+/// Resolves when a run's passt (`Attached::passt`) has exited, with its pid
+/// and how (never without one). It is then dropped: passt cannot be given
+/// back to a running qemu, whose `-netdev stream` end was an inherited fd
+/// (see the supervisor).
+pub async fn passt_exited(passt: &mut Option<Passt>) -> (u32, String) {
+    let Some(p) = passt.as_mut() else {
+        return std::future::pending().await;
+    };
+    let how = p.exited().await;
+    let pid = p.pid;
+    *passt = None;
+    (pid, how)
+}
+
 impl Drop for Attached {
     fn drop(&mut self) {
         if let Some(w) = self.watcher.take() {
@@ -277,5 +302,46 @@ async fn watch(tap: String, mac: [u8; 6], tx: watch::Sender<Addresses>) {
             }
         }
         _ = fallback => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::prereq;
+
+    /// A passt killed by its recorded pid while qemu's end is still open is
+    /// noticed (what the supervisor waits on), with its pid and how it ended.
+    #[tokio::test]
+    async fn a_killed_passt_is_noticed() {
+        let bin = passt::probe();
+        if !prereq(bin.is_ok(), "needs a usable passt") {
+            return;
+        }
+        let bin = bin.unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let log = crate::console::Sink::new(&t.path().join("nox.log"), 1 << 20);
+        let place = passt::Place {
+            log: &log,
+            dir: &t.path().join("passt"),
+            runas: None,
+        };
+        let (p, _qemu_end, _port) = start_passt(&bin, &[], &place).await.unwrap();
+        let pid = p.pid;
+        let mut slot = Some(p);
+        // Alive (qemu's end open): nothing to report.
+        let early = tokio::time::timeout(Duration::from_millis(300), passt_exited(&mut slot));
+        assert!(early.await.is_err(), "passt ended on its own");
+        assert!(slot.is_some());
+        let pid_t = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid_t, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let (got, how) = tokio::time::timeout(Duration::from_secs(10), passt_exited(&mut slot))
+            .await
+            .expect("passt's death went unnoticed");
+        assert_eq!((got, how.as_str()), (pid, "was killed by signal 9"));
+        assert!(slot.is_none(), "a dead passt is let go");
+        // Without a passt (slirp, bridge) it never resolves.
+        let none = tokio::time::timeout(Duration::from_millis(50), passt_exited(&mut slot));
+        assert!(none.await.is_err());
     }
 }

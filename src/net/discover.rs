@@ -7,9 +7,13 @@
 //!
 //! Which way a frame went decides what it may prove ([`Direction`]): ARP and IPv6
 //! count only when the guest sent them (received on its tap), a DHCP ACK only when it
-//! travels towards the guest (sent on its tap) and carries the transaction id of a
-//! DHCP request the guest itself sent. So another host on the bridge cannot plant an
-//! address by sending an ACK for the guest's MAC, nor the guest by sending one. This needs no address on the bridge and
+//! travels towards the guest (sent on its tap) and is one the guest itself would take
+//! ([`Leases`]): the first answer to a DHCP request the guest sent (same transaction
+//! id), from the server the guest chose when it chose one. So neither the guest nor a
+//! stray second DHCP server on the bridge can plant an address. A host on the same L2
+//! segment that forges the chosen server's answer can (it sees the broadcast request);
+//! then the guest takes that address too, and nox's SSH, pinned to the guest's host
+//! key, fails rather than reach another host. This needs no address on the bridge and
 //! works whoever serves DHCP. [`neighbours`] is the fallback for a guest that went
 //! quiet before watching started: the host's neighbour table, by MAC.
 //!
@@ -74,14 +78,36 @@ pub enum Direction {
     ToGuest,
 }
 
+/// Which DHCPACK the guest takes in one of its transactions (RFC 2131 4.4.1, 4.3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaits {
+    /// A DISCOVER without rapid commit: only OFFERs, no ACK.
+    Offers,
+    /// A REQUEST naming a server (SELECTING, option 54) or sent to it (RENEWING,
+    /// unicast): that server's ACK only.
+    Server(Ipv4Addr),
+    /// A broadcast REQUEST naming none (INIT-REBOOT, REBINDING) or a rapid-commit
+    /// DISCOVER: the first ACK, whoever sends it.
+    Any,
+}
+
 /// One fact read off one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Evidence {
-    /// The guest's own DHCPDISCOVER/DHCPREQUEST: its transaction id.
-    DhcpRequest(u32),
+    /// The guest's own DHCPDISCOVER/DHCPREQUEST: its transaction id and which
+    /// answer it will take.
+    DhcpRequest { xid: u32, awaits: Awaits },
     /// DHCPACK for our MAC, towards the guest: the address the server leased
     /// (authoritative once it answers one of the guest's requests, see [`Leases`]).
-    DhcpAck { ip: Ipv4Addr, xid: u32 },
+    /// `server`: its server identifier (option 54); `src`: the IPv4 source;
+    /// `relay`: giaddr when a relay agent forwarded it (then the relay is the source).
+    DhcpAck {
+        ip: Ipv4Addr,
+        xid: u32,
+        server: Option<Ipv4Addr>,
+        src: Ipv4Addr,
+        relay: Option<Ipv4Addr>,
+    },
     /// ARP sent by the guest: the IPv4 address it uses.
     Arp(Ipv4Addr),
     /// Source of an IPv6 packet sent by the guest.
@@ -161,7 +187,7 @@ fn parse_dhcp(ip: &[u8], mac: [u8; 6], dir: Direction) -> Option<Evidence> {
     }
     let xid = u32::from_be_bytes(bootp.get(4..8)?.try_into().ok()?);
     let mut opts = bootp.get(240..)?;
-    let mut msg_type = None;
+    let (mut msg_type, mut server, mut rapid_commit) = (None, None, false);
     while let Some((&code, rest)) = opts.split_first() {
         match code {
             0 => opts = rest,
@@ -169,18 +195,44 @@ fn parse_dhcp(ip: &[u8], mac: [u8; 6], dir: Direction) -> Option<Evidence> {
             _ => {
                 let (&len, rest) = rest.split_first()?;
                 let value = rest.get(..usize::from(len))?;
-                if code == 53 {
-                    msg_type = value.first().copied();
+                match code {
+                    53 => msg_type = value.first().copied(),
+                    54 if len == 4 => server = v4(value, 0),
+                    80 => rapid_commit = true,
+                    _ => {}
                 }
                 opts = &rest[usize::from(len)..];
             }
         }
     }
+    let (src, dst) = (v4(ip, 12)?, v4(ip, 16)?);
     match (dir, msg_type?) {
-        (Direction::FromGuest, 1 | 3) => Some(Evidence::DhcpRequest(xid)),
+        (Direction::FromGuest, 1) => Some(Evidence::DhcpRequest {
+            xid,
+            awaits: if rapid_commit {
+                Awaits::Any
+            } else {
+                Awaits::Offers
+            },
+        }),
+        (Direction::FromGuest, 3) => {
+            let awaits = match server {
+                Some(s) => Awaits::Server(s),
+                None if usable_v4(dst) => Awaits::Server(dst),
+                None => Awaits::Any,
+            };
+            Some(Evidence::DhcpRequest { xid, awaits })
+        }
         (Direction::ToGuest, 5) => {
             let yiaddr = v4(bootp, 16)?;
-            usable_v4(yiaddr).then_some(Evidence::DhcpAck { ip: yiaddr, xid })
+            let giaddr = v4(bootp, 24)?;
+            usable_v4(yiaddr).then_some(Evidence::DhcpAck {
+                ip: yiaddr,
+                xid,
+                server,
+                src,
+                relay: (!giaddr.is_unspecified()).then_some(giaddr),
+            })
         }
         _ => None,
     }
@@ -190,27 +242,48 @@ fn parse_dhcp(ip: &[u8], mac: [u8; 6], dir: Direction) -> Option<Evidence> {
 /// with new ids; a few suffice).
 const MAX_XIDS: usize = 8;
 
-/// The guest's recent DHCP transactions: an ACK counts only as the answer to one.
+/// The guest's recent DHCP transactions: an ACK counts only where the guest itself
+/// would take it (see [`Awaits`]), and only the first per transaction, as the
+/// guest's client does; frames reach the tap's watch in the order the guest gets them.
 #[derive(Debug, Default)]
 pub struct Leases {
-    xids: std::collections::VecDeque<u32>,
+    xids: std::collections::VecDeque<(u32, Awaits)>,
 }
 
 impl Leases {
-    /// Remembers the guest's requests; lets an ACK through only if it answers one
-    /// of them. Other evidence passes unchanged.
+    /// Remembers the guest's requests; lets an ACK through only if the guest would
+    /// take it as the answer to one of them. Other evidence passes unchanged.
     pub fn admit(&mut self, ev: Evidence) -> Option<Evidence> {
         match ev {
-            Evidence::DhcpRequest(xid) => {
-                if !self.xids.contains(&xid) {
-                    if self.xids.len() == MAX_XIDS {
-                        self.xids.pop_front();
-                    }
-                    self.xids.push_back(xid);
+            Evidence::DhcpRequest { xid, awaits } => {
+                // A REQUEST reuses its DISCOVER's id: the latest message decides.
+                if let Some(at) = self.xids.iter().position(|&(x, _)| x == xid) {
+                    self.xids.remove(at);
+                } else if self.xids.len() == MAX_XIDS {
+                    self.xids.pop_front();
                 }
+                self.xids.push_back((xid, awaits));
                 None
             }
-            Evidence::DhcpAck { xid, .. } if !self.xids.contains(&xid) => None,
+            Evidence::DhcpAck {
+                xid,
+                server,
+                src,
+                relay,
+                ..
+            } => {
+                let at = self.xids.iter().position(|&(x, _)| x == xid)?;
+                let taken = match self.xids[at].1 {
+                    Awaits::Offers => false,
+                    Awaits::Any => true,
+                    Awaits::Server(s) => server == Some(s) && (src == s || relay == Some(src)),
+                };
+                if !taken {
+                    return None;
+                }
+                self.xids.remove(at);
+                Some(ev)
+            }
             ev => Some(ev),
         }
     }
@@ -400,7 +473,7 @@ pub async fn watch_tap(
                         tracing::warn!(
                             ifname,
                             ?ev,
-                            "DHCP ACK for the guest answers none of its requests: ignored"
+                            "DHCP ACK for the guest is not one the guest would take: ignored"
                         );
                     }
                     None => {}
@@ -510,7 +583,8 @@ mod tests {
         p
     }
 
-    /// IPv4/UDP/BOOTP with the given op, chaddr, yiaddr and DHCP message type.
+    /// IPv4/UDP/BOOTP with the given op, chaddr, yiaddr and DHCP message type, from
+    /// 10.0.0.1 (also its server identifier) to the broadcast address.
     fn dhcp(
         op: u8,
         sport: u16,
@@ -520,15 +594,39 @@ mod tests {
         msg: u8,
         ihl_words: u8,
     ) -> Vec<u8> {
+        let opts = [0, 0, 54, 4, 10, 0, 0, 1, 53, 1, msg, 255];
+        let (src, dst) = ([10, 0, 0, 1], [255; 4]);
+        dhcp_raw(
+            op,
+            (sport, dport),
+            chaddr,
+            yiaddr,
+            &opts,
+            (src, dst, [0; 4]),
+            ihl_words,
+        )
+    }
+
+    /// A BOOTP message with these options, IPv4 source, destination and giaddr.
+    fn dhcp_raw(
+        op: u8,
+        (sport, dport): (u16, u16),
+        chaddr: [u8; 6],
+        yiaddr: [u8; 4],
+        opts: &[u8],
+        (src, dst, giaddr): ([u8; 4], [u8; 4], [u8; 4]),
+        ihl_words: u8,
+    ) -> Vec<u8> {
         let mut bootp = vec![0u8; 240];
         bootp[0] = op;
         bootp[1] = 1;
         bootp[2] = 6;
         bootp[4..8].copy_from_slice(&XID.to_be_bytes());
         bootp[16..20].copy_from_slice(&yiaddr);
+        bootp[24..28].copy_from_slice(&giaddr);
         bootp[28..34].copy_from_slice(&chaddr);
         bootp[236..240].copy_from_slice(&[99, 130, 83, 99]);
-        bootp.extend_from_slice(&[0, 0, 54, 4, 10, 0, 0, 1, 53, 1, msg, 255]);
+        bootp.extend_from_slice(opts);
         let mut udp = Vec::new();
         udp.extend_from_slice(&sport.to_be_bytes());
         udp.extend_from_slice(&dport.to_be_bytes());
@@ -541,10 +639,25 @@ mod tests {
         ip[2..4].copy_from_slice(&((hlen + udp.len()) as u16).to_be_bytes());
         ip[8] = 64;
         ip[9] = 17;
-        ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
-        ip[16..20].copy_from_slice(&[255; 4]);
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&dst);
         ip.extend_from_slice(&udp);
         ip
+    }
+
+    /// The evidence `dhcp()` gives for an ACK of `ip`.
+    fn ack_of(ip: [u8; 4]) -> Evidence {
+        ack_in(ip, XID)
+    }
+
+    fn ack_in(ip: [u8; 4], xid: u32) -> Evidence {
+        Evidence::DhcpAck {
+            ip: ip.into(),
+            xid,
+            server: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            src: Ipv4Addr::new(10, 0, 0, 1),
+            relay: None,
+        }
     }
 
     fn ipv6(src: Ipv6Addr, next: u8) -> Vec<u8> {
@@ -658,24 +771,10 @@ mod tests {
     fn dhcp_ack_to_guest() {
         let ip = [10, 0, 0, 50];
         let ack = dhcp(2, 67, 68, GUEST, ip, 5, 5);
-        check(
-            &eth(GUEST, SERVER, 0x0800, &ack),
-            Some(Evidence::DhcpAck {
-                ip: ip.into(),
-                xid: XID,
-            }),
-            true,
-        );
+        check(&eth(GUEST, SERVER, 0x0800, &ack), Some(ack_of(ip)), true);
         // Broadcast delivery, IPv4 options present (IHL 6).
         let ack6 = dhcp(2, 67, 68, GUEST, ip, 5, 6);
-        check(
-            &eth(BCAST, SERVER, 0x0800, &ack6),
-            Some(Evidence::DhcpAck {
-                ip: ip.into(),
-                xid: XID,
-            }),
-            true,
-        );
+        check(&eth(BCAST, SERVER, 0x0800, &ack6), Some(ack_of(ip)), true);
         // OFFER, NAK, an ACK for another client, and the guest's own REQUEST: nothing.
         check(
             &eth(GUEST, SERVER, 0x0800, &dhcp(2, 67, 68, GUEST, ip, 2, 5)),
@@ -694,7 +793,10 @@ mod tests {
         );
         check(
             &eth(BCAST, GUEST, 0x0800, &dhcp(1, 68, 67, GUEST, [0; 4], 3, 5)),
-            Some(Evidence::DhcpRequest(XID)),
+            Some(Evidence::DhcpRequest {
+                xid: XID,
+                awaits: Awaits::Server(Ipv4Addr::new(10, 0, 0, 1)),
+            }),
             true,
         );
         // Other UDP is filtered in the kernel.
@@ -774,23 +876,148 @@ mod tests {
 
     #[test]
     fn an_ack_counts_only_as_the_answer_to_the_guest_s_request() {
-        let ack = |xid| Evidence::DhcpAck {
-            ip: Ipv4Addr::new(10, 0, 0, 50),
+        let ack = |xid| ack_in([10, 0, 0, 50], xid);
+        let req = |xid| Evidence::DhcpRequest {
             xid,
+            awaits: Awaits::Any,
         };
         let mut l = Leases::default();
         assert_eq!(l.admit(ack(XID)), None, "no request seen: spoofed");
-        assert_eq!(l.admit(Evidence::DhcpRequest(XID)), None);
+        assert_eq!(l.admit(req(XID)), None);
         assert_eq!(l.admit(ack(7)), None, "another transaction");
         assert_eq!(l.admit(ack(XID)), Some(ack(XID)));
+        assert_eq!(l.admit(ack(XID)), None, "the guest took the first answer");
         let arp = Evidence::Arp(Ipv4Addr::new(10, 0, 0, 9));
         assert_eq!(l.admit(arp), Some(arp));
         // Only the last few transactions.
+        l.admit(req(XID));
         for x in 100..100 + MAX_XIDS as u32 {
-            l.admit(Evidence::DhcpRequest(x));
+            l.admit(req(x));
         }
         assert_eq!(l.admit(ack(XID)), None);
         assert_eq!(l.admit(ack(100)), Some(ack(100)));
+    }
+
+    /// Frames of one DHCP exchange, parsed as the watch sees them and fed to `l`:
+    /// the guest's message (options, IPv4 destination) then an ACK (options,
+    /// IPv4 source, giaddr). What `l` admits of the ACK.
+    fn exchange(
+        l: &mut Leases,
+        (req_opts, req_dst): (&[u8], [u8; 4]),
+        (ack_opts, ack_src, giaddr): (&[u8], [u8; 4], [u8; 4]),
+    ) -> Option<Evidence> {
+        let req = dhcp_raw(
+            1,
+            (68, 67),
+            GUEST,
+            [0; 4],
+            req_opts,
+            ([0; 4], req_dst, [0; 4]),
+            5,
+        );
+        let ev = parse_frame(&eth(BCAST, GUEST, 0x0800, &req), GUEST, FromGuest);
+        assert!(matches!(ev, Some(Evidence::DhcpRequest { .. })), "{ev:?}");
+        assert_eq!(l.admit(ev?), None);
+        let ack = dhcp_raw(
+            2,
+            (67, 68),
+            GUEST,
+            [10, 0, 0, 50],
+            ack_opts,
+            (ack_src, [255; 4], giaddr),
+            5,
+        );
+        l.admit(parse_frame(
+            &eth(GUEST, SERVER, 0x0800, &ack),
+            GUEST,
+            ToGuest,
+        )?)
+    }
+
+    /// A host on the same segment sees the guest's broadcast REQUEST (so its xid)
+    /// and answers: the guest takes only the server it chose, and so does nox.
+    #[test]
+    fn an_ack_counts_only_from_the_server_the_guest_chose() {
+        const CHOSEN: [u8; 4] = [10, 0, 0, 1];
+        const ROGUE: [u8; 4] = [10, 0, 0, 66];
+        let selecting: &[u8] = &[53, 1, 3, 54, 4, 10, 0, 0, 1, 50, 4, 10, 0, 0, 50, 255];
+        let ack_by = |id: [u8; 4]| [53, 1, 5, 54, 4, id[0], id[1], id[2], id[3], 255];
+        let bcast = [255; 4];
+        let taken = |got: Option<Evidence>| matches!(got, Some(Evidence::DhcpAck { .. }));
+
+        // SELECTING: a REQUEST naming 10.0.0.1 (option 54).
+        let mut l = Leases::default();
+        let rogue = exchange(&mut l, (selecting, bcast), (&ack_by(ROGUE), ROGUE, [0; 4]));
+        assert!(!taken(rogue), "another server's ACK");
+        let forged_id = exchange(&mut l, (selecting, bcast), (&ack_by(CHOSEN), ROGUE, [0; 4]));
+        assert!(
+            !taken(forged_id),
+            "the chosen server's id from another source"
+        );
+        let no_id = exchange(
+            &mut l,
+            (selecting, bcast),
+            (&[53, 1, 5, 255], CHOSEN, [0; 4]),
+        );
+        assert!(!taken(no_id), "an ACK without server identifier");
+        let real = exchange(
+            &mut l,
+            (selecting, bcast),
+            (&ack_by(CHOSEN), CHOSEN, [0; 4]),
+        );
+        assert_eq!(
+            real,
+            Some(Evidence::DhcpAck {
+                ip: Ipv4Addr::new(10, 0, 0, 50),
+                xid: XID,
+                server: Some(CHOSEN.into()),
+                src: CHOSEN.into(),
+                relay: None,
+            })
+        );
+        // Through a relay agent: the source is the relay (giaddr), the id the server's.
+        let relay = [10, 9, 0, 1];
+        let relayed = exchange(&mut l, (selecting, bcast), (&ack_by(CHOSEN), relay, relay));
+        assert!(taken(relayed), "{relayed:?}");
+
+        // RENEWING: unicast to the server, no option 54.
+        let renew: &[u8] = &[53, 1, 3, 255];
+        let to_rogue = exchange(&mut l, (renew, CHOSEN), (&ack_by(ROGUE), ROGUE, [0; 4]));
+        assert!(!taken(to_rogue));
+        let to_chosen = exchange(&mut l, (renew, CHOSEN), (&ack_by(CHOSEN), CHOSEN, [0; 4]));
+        assert!(taken(to_chosen));
+
+        // INIT-REBOOT/REBINDING (broadcast, no server named): the guest takes the
+        // first ACK from anyone; only the first counts.
+        let mut l = Leases::default();
+        let first = exchange(&mut l, (renew, bcast), (&ack_by(ROGUE), ROGUE, [0; 4]));
+        assert!(taken(first));
+        let ack = dhcp_raw(
+            2,
+            (67, 68),
+            GUEST,
+            [10, 0, 0, 51],
+            &ack_by(CHOSEN),
+            (CHOSEN, bcast, [0; 4]),
+            5,
+        );
+        let second = parse_frame(&eth(GUEST, SERVER, 0x0800, &ack), GUEST, ToGuest).unwrap();
+        assert_eq!(l.admit(second), None, "a second answer the guest ignores");
+
+        // DISCOVER: an ACK answers it only with rapid commit (option 80).
+        let mut l = Leases::default();
+        let discover = exchange(
+            &mut l,
+            (&[53, 1, 1, 255], bcast),
+            (&ack_by(CHOSEN), CHOSEN, [0; 4]),
+        );
+        assert!(!taken(discover));
+        let rapid = exchange(
+            &mut l,
+            (&[53, 1, 1, 80, 0, 255], bcast),
+            (&[53, 1, 5, 80, 0, 54, 4, 10, 0, 0, 1, 255], CHOSEN, [0; 4]),
+        );
+        assert!(taken(rapid));
     }
 
     #[test]
@@ -805,7 +1032,7 @@ mod tests {
         let (x, y) = (Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(10, 0, 0, 6));
         assert!(apply(&mut a, Evidence::Arp(x)));
         assert!(!apply(&mut a, Evidence::Arp(y)), "ARP does not replace");
-        let ack = Evidence::DhcpAck { ip: y, xid: XID };
+        let ack = ack_of(y.octets());
         assert!(apply(&mut a, ack), "a lease does");
         assert!(!apply(&mut a, ack));
         assert_eq!(a.ipv4, Some(y));

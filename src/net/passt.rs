@@ -375,6 +375,22 @@ impl Passt {
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Waits until passt exits (reaped by its own `Child`, so the pid is not
+    /// reused under us); how it ended, in words.
+    pub async fn exited(&mut self) -> String {
+        match self.child.wait().await {
+            Ok(st) => match (
+                st.code(),
+                std::os::unix::process::ExitStatusExt::signal(&st),
+            ) {
+                (_, Some(sig)) => format!("was killed by signal {sig}"),
+                (Some(code), _) => format!("exited with status {code}"),
+                _ => format!("ended ({st})"),
+            },
+            Err(e) => format!("cannot be waited for ({e})"),
+        }
+    }
 }
 
 /// passt's own lines from its log output, without the noise it prints when
