@@ -554,6 +554,16 @@ fn a_guest_flooding_its_console_cannot_fill_the_disk() {
     assert!(size(&log) <= 64 << 10);
 }
 
+/// What the tests with the fake qemu (tests/support/fake_qemu.py) need.
+fn fake_qemu_prereqs() -> bool {
+    prereq(is_root(), "needs root (the jail)")
+        && prereq(have("qemu-img"), "qemu-img not installed")
+        && prereq(
+            std::path::Path::new("/usr/bin/python3").exists(),
+            "no /usr/bin/python3",
+        )
+}
+
 /// A Polaris-like host creates and starts 10-20 VMs at once. 20 concurrent
 /// `create` (which starts) of distinct names, three rounds, all succeed and
 /// run; then 20 concurrent deletes. qemu is a fake that only speaks QMP
@@ -562,13 +572,7 @@ fn a_guest_flooding_its_console_cannot_fill_the_disk() {
 #[test]
 fn twenty_concurrent_creates_with_start_all_succeed() {
     use std::os::unix::fs::PermissionsExt;
-    if !prereq(is_root(), "needs root (the jail)")
-        || !prereq(have("qemu-img"), "qemu-img not installed")
-        || !prereq(
-            std::path::Path::new("/usr/bin/python3").exists(),
-            "no /usr/bin/python3",
-        )
-    {
+    if !fake_qemu_prereqs() {
         return;
     }
     let h = Home::new();
@@ -656,13 +660,7 @@ fn twenty_concurrent_creates_with_start_all_succeed() {
 #[test]
 fn qemu_dying_at_start_is_reported_with_its_stderr() {
     use std::os::unix::fs::PermissionsExt;
-    if !prereq(is_root(), "needs root (the jail)")
-        || !prereq(have("qemu-img"), "qemu-img not installed")
-        || !prereq(
-            std::path::Path::new("/usr/bin/python3").exists(),
-            "no /usr/bin/python3",
-        )
-    {
+    if !fake_qemu_prereqs() {
         return;
     }
     let h = Home::new();

@@ -327,15 +327,19 @@ fn missing_passt_falls_back_to_slirp_with_a_warning() {
     h.ok(&["stop", "nopasst", "--force"]);
 }
 
+/// qemu and a passt nox can use.
+fn qemu_and_passt() -> bool {
+    prereq(
+        have("qemu-system-x86_64"),
+        "qemu-system-x86_64 not installed",
+    ) && have_passt()
+}
+
 #[test]
 fn a_published_port_taken_before_start_fails_the_start() {
     let h = Home::new();
     let Some(img) = small_image(&h) else { return };
-    if !prereq(
-        have("qemu-system-x86_64"),
-        "qemu-system-x86_64 not installed",
-    ) || !have_passt()
-    {
+    if !qemu_and_passt() {
         return;
     }
     let port = free_port();
@@ -372,11 +376,7 @@ fn a_published_port_taken_before_start_fails_the_start() {
 fn a_dead_passt_fails_the_vm_with_the_reason() {
     let h = Home::new();
     let Some(img) = small_image(&h) else { return };
-    if !prereq(
-        have("qemu-system-x86_64"),
-        "qemu-system-x86_64 not installed",
-    ) || !have_passt()
-    {
+    if !qemu_and_passt() {
         return;
     }
     h.ok(&[
