@@ -554,6 +554,26 @@ fn a_guest_flooding_its_console_cannot_fill_the_disk() {
     assert!(size(&log) <= 64 << 10);
 }
 
+/// Names a copy of the fake qemu (tests/support/fake_qemu.py) in the home's
+/// root-owned config.json, with no passt (slirp).
+fn use_fake_qemu(h: &Home) {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = h.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = bin.join("qemu-system-x86_64");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_qemu.py"),
+        &fake,
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_config(
+        h,
+        serde_json::json!({"binaries": {"qemu-system-x86_64": fake, "passt": "/nonexistent/passt"}}),
+    );
+}
+
 /// What the tests with the fake qemu (tests/support/fake_qemu.py) need.
 fn fake_qemu_prereqs() -> bool {
     prereq(is_root(), "needs root (the jail)")
@@ -571,26 +591,12 @@ fn fake_qemu_prereqs() -> bool {
 /// real guests would not fit on a CI machine, and booting is not the point.
 #[test]
 fn twenty_concurrent_creates_with_start_all_succeed() {
-    use std::os::unix::fs::PermissionsExt;
     if !fake_qemu_prereqs() {
         return;
     }
     let h = Home::new();
     let Some(img) = small_image(&h) else { return };
-    let bin = h.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let fake = bin.join("qemu-system-x86_64");
-    std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_qemu.py"),
-        &fake,
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    write_config(
-        &h,
-        serde_json::json!({"binaries": {"qemu-system-x86_64": fake, "passt": "/nonexistent/passt"}}),
-    );
+    use_fake_qemu(&h);
     let spawn = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_nox"))
             .args(args)
@@ -659,25 +665,11 @@ fn twenty_concurrent_creates_with_start_all_succeed() {
 /// `dies-at-start*`.
 #[test]
 fn qemu_dying_at_start_is_reported_with_its_stderr() {
-    use std::os::unix::fs::PermissionsExt;
     if !fake_qemu_prereqs() {
         return;
     }
     let h = Home::new();
-    let bin = h.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let fake = bin.join("qemu-system-x86_64");
-    std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_qemu.py"),
-        &fake,
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    write_config(
-        &h,
-        serde_json::json!({"binaries": {"qemu-system-x86_64": fake, "passt": "/nonexistent/passt"}}),
-    );
+    use_fake_qemu(&h);
     blank_vm(&h, "dies-at-start", &[]);
     let err = h.fails(&["start", "dies-at-start"]);
     assert!(err.contains("could not open kernel file"), "{err}");

@@ -282,7 +282,7 @@ impl VmDisk {
 /// external data file. The backing name is not looked at: nox never uses it.
 fn check_header(file: &File) -> Result<(), String> {
     let mut head = [0u8; 8];
-    let n = read_at_most(file, &mut head)?;
+    let n = probe::read_at_most(file, &mut head, 0).map_err(|e| e.to_string())?;
     if !head[..n].starts_with(b"QFI\xfb") {
         return Err("not a qcow2 image".into());
     }
@@ -299,20 +299,6 @@ fn check_header(file: &File) -> Result<(), String> {
         return Err("encrypted".into());
     }
     Ok(())
-}
-
-fn read_at_most(file: &File, buf: &mut [u8]) -> Result<usize, String> {
-    use std::os::unix::fs::FileExt;
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    Ok(done)
 }
 
 #[cfg(test)]
