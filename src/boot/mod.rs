@@ -82,11 +82,30 @@ pub struct Found {
 /// it (so the guest sees the same consoles either way). `no_timer_check`:
 /// an emulated guest on a busy host can fail the kernel's IO-APIC timer
 /// check and panic ("IO-APIC + timer doesn't work!", seen here under load).
+///
+/// `systemd.tty.rows/columns.*`: systemd 257 (Debian 13) sizes a serial
+/// terminal by ANSI queries (`ESC[6n`) when PID 1 takes the console and
+/// when it starts `serial-getty@`, and can block in that read until a key
+/// is typed (systemd#35499, fixed in 260 by #41401). A size given on the
+/// command line is used instead and no query is sent, for `/dev/console`
+/// and for the serial tty by name. 24×80 is the kernel's own default.
 pub fn cmdline(arch: Arch, root_uuid: &str) -> String {
     let console = crate::ident::arch_facts(arch).console;
     format!(
-        "root=UUID={root_uuid} ro console=tty0 console={console},115200 no_timer_check ds=NoCloud"
+        "root=UUID={root_uuid} ro console=tty0 console={console},115200 no_timer_check ds=NoCloud \
+         {}",
+        tty_size_args(console)
     )
+}
+
+/// The rows and columns systemd takes from the command line instead of
+/// asking the terminal (see [`cmdline`]).
+fn tty_size_args(console: &str) -> String {
+    ["console", console]
+        .iter()
+        .map(|tty| format!("systemd.tty.rows.{tty}=24 systemd.tty.columns.{tty}=80"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Finds the kernel and initramfs in a root filesystem (pure lookup, no
@@ -464,7 +483,8 @@ mod tests {
         assert_eq!(
             b.cmdline,
             "root=UUID=0d2a4e71-5f2b-4d55-9c0e-6f6a7b1c2d3e ro console=tty0 console=ttyS0,115200 \
-no_timer_check ds=NoCloud"
+no_timer_check ds=NoCloud systemd.tty.rows.console=24 systemd.tty.columns.console=80 \
+systemd.tty.rows.ttyS0=24 systemd.tty.columns.ttyS0=80"
         );
         // Same content, same entry: for this VM again, and for another.
         assert_eq!(prepare(Arch::Amd64, &img, None, &cache, &vm).unwrap(), b);
@@ -670,7 +690,9 @@ no_timer_check ds=NoCloud"
     fn cmdline_names_root_console_and_datasource() {
         assert_eq!(
             cmdline(Arch::Amd64, "u"),
-            "root=UUID=u ro console=tty0 console=ttyS0,115200 no_timer_check ds=NoCloud"
+            "root=UUID=u ro console=tty0 console=ttyS0,115200 no_timer_check ds=NoCloud \
+             systemd.tty.rows.console=24 systemd.tty.columns.console=80 \
+             systemd.tty.rows.ttyS0=24 systemd.tty.columns.ttyS0=80"
         );
         assert!(cmdline(Arch::Arm64, "u").contains("console=ttyAMA0"));
     }
