@@ -97,18 +97,19 @@ fn create_request(a: CreateArgs, cfg: &crate::config::Config) -> ops::CreateOpti
         user: a.user,
         network: a.network,
     };
-    let rest = ops::CreateOptions {
+    let d = request.resolve(cfg);
+    ops::CreateOptions {
         name: a.name,
-        image: String::new(),
+        image: d.image,
         arch: a.arch,
-        cpus: 0,
-        memory: String::new(),
-        disk: String::new(),
-        ssh_keys: vec![],
-        user: crate::config::builtin_user(),
+        cpus: d.cpus,
+        memory: d.memory,
+        disk: d.disk,
+        ssh_keys: d.ssh_keys,
+        user: d.user,
         user_data: a.user_data,
         accel: a.accel,
-        network: None,
+        network: d.network,
         publish: a.publish,
         stop_timeout: a.stop_timeout,
         console_log_size: a.console_log_size,
@@ -121,8 +122,7 @@ fn create_request(a: CreateArgs, cfg: &crate::config::Config) -> ops::CreateOpti
         checksum: a.checksum,
         insecure: a.insecure,
         refresh: a.refresh,
-    };
-    request.resolve(cfg, rest)
+    }
 }
 
 pub fn start(store: &Store, name: &str, wait: bool, timeout: u64) -> Result<i32> {

@@ -30,12 +30,25 @@ pub struct CreateRequest {
     pub network: Option<NetworkSpec>,
 }
 
+/// The values of a [`CreateRequest`] after the precedence: each from its
+/// flag, else config.json's defaults, else the built-in default.
+#[derive(Debug, Clone)]
+pub struct Defaulted {
+    pub image: String,
+    pub cpus: u32,
+    pub memory: String,
+    pub disk: String,
+    pub ssh_keys: Vec<PathBuf>,
+    pub user: UserName,
+    /// None: chosen at create (bridge br0 when usable, else user-mode).
+    pub network: Option<NetworkSpec>,
+}
+
 impl CreateRequest {
-    /// A flag, then config.json's defaults, then the built-in default;
-    /// `rest` carries everything without a default.
-    pub fn resolve(self, cfg: &Config, rest: CreateOptions) -> CreateOptions {
+    /// A flag, then config.json's defaults, then the built-in default.
+    pub fn resolve(self, cfg: &Config) -> Defaulted {
         let d = cfg.defaults.effective();
-        CreateOptions {
+        Defaulted {
             image: self.image.unwrap_or(d.image.0),
             cpus: self.cpus.unwrap_or(d.cpus.0),
             memory: self.memory.unwrap_or(d.memory.0),
@@ -47,12 +60,12 @@ impl CreateRequest {
             },
             user: self.user.unwrap_or(d.user.0),
             network: self.network.or(d.network.0),
-            ..rest
         }
     }
 }
 
-/// What `nox create` was asked for, defaults applied, before validation.
+/// What `nox create` was asked for, defaults applied ([`Defaulted`]),
+/// before validation.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
     pub name: Option<VmName>,
