@@ -16,6 +16,7 @@ pub mod image;
 pub mod jail;
 pub mod lifecycle;
 pub mod net;
+pub mod ops;
 pub mod qemu;
 pub mod qemu_opts;
 pub mod qmp;

@@ -1,7 +1,6 @@
 //! VM lifecycle operations behind the CLI: create, start, stop, delete, and
 //! the stable `--json` view of a VM.
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,10 +8,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::ident::{Arch, Cidr, MacAddr, UserName, VmName};
+use crate::ident::{Arch, MacAddr, VmName};
 use crate::image::{self, Cache};
 use crate::seed::{self, SeedConfig};
-use crate::spec::{self, AccelRequest, FirmwareKind, ImageRef, NetworkSpec, RestartPolicy, VmSpec};
+use crate::spec::{self, FirmwareKind, NetworkSpec, RestartPolicy, VmSpec};
 use crate::sshkeys::{self, KeyPair};
 use crate::state::{self, Phase, State};
 use crate::store::{self, Store, StoreError, VmPaths};
@@ -68,39 +67,6 @@ pub enum VmError {
     Disk { value: String, why: String },
 }
 
-/// What `nox create` was asked for, before validation.
-#[derive(Debug, Clone)]
-pub struct CreateOptions {
-    pub name: Option<VmName>,
-    pub image: String,
-    pub arch: Option<Arch>,
-    pub cpus: u32,
-    pub memory: String,
-    pub disk: String,
-    pub ssh_keys: Vec<PathBuf>,
-    pub user: UserName,
-    pub user_data: Option<PathBuf>,
-    pub accel: AccelRequest,
-    pub network: Option<NetworkSpec>,
-    /// `--publish`: host ports forwarded into a user-mode guest.
-    pub publish: Vec<crate::net::forward::PortForward>,
-    pub stop_timeout: u64,
-    /// `--console-log-size`, e.g. `4M`.
-    pub console_log_size: String,
-    pub restart: RestartPolicy,
-    pub firmware: Option<FirmwareKind>,
-    pub secure_boot: bool,
-    /// `--ip ADDR/PREFIX` (static address), with `--gateway` and `--dns`.
-    pub ip: Option<Cidr>,
-    pub gateway: Option<IpAddr>,
-    pub dns: Vec<IpAddr>,
-    /// For a URL image: `sha256:HEX` / `sha512:HEX`, or `insecure`.
-    pub checksum: Option<String>,
-    pub insecure: bool,
-    /// Ask upstream for a newer catalog build even when one is cached.
-    pub refresh: bool,
-}
-
 /// A new VM's keys, written into its directory `vm`: nox's login key
 /// (`id_ed25519[.pub]`) and the guest's SSH host key, pinned in its
 /// `known_hosts`. Returns (login key, host key).
@@ -134,172 +100,6 @@ pub fn pin_host_key(vm: &VmPaths, name: &VmName, host: &KeyPair) -> Result<(), V
         0o600,
     )?;
     Ok(())
-}
-
-/// A VM `create` defined.
-#[derive(Debug)]
-pub struct Created {
-    pub spec: VmSpec,
-    /// Lines for the user: which default SSH keys were authorised, which
-    /// were left out and why.
-    pub notes: Vec<String>,
-}
-
-/// Defines a VM atomically: every file is made in a private staging
-/// directory that becomes `vms/NAME` by one rename, so a failure or a kill at
-/// any point leaves nothing `list` shows and nothing that blocks a retry.
-pub async fn create(store: &Store, o: &CreateOptions) -> Result<Created, VmError> {
-    // Validate everything that needs no I/O first.
-    let name = o.name.clone().unwrap_or_else(VmName::generate);
-    let arch = match o.arch {
-        Some(a) => a,
-        None => Arch::host().map_err(spec::SpecError::from)?,
-    };
-    let cpus = spec::validate_cpus(o.cpus, crate::qemu::arch_facts(arch).max_cpus)?;
-    let memory = spec::parse_memory(&o.memory, spec::host_memory())?;
-    let disk = spec::parse_disk(&o.disk)?;
-    let console_log_size = spec::parse_console_log_size(&o.console_log_size)?;
-    let static_ip = match o.ip {
-        Some(ip) => Some(spec::StaticIp::new(ip, o.gateway, o.dns.clone())?),
-        None => None,
-    };
-    let network = match &o.network {
-        Some(n) => n.clone(),
-        None => default_network().await.0,
-    };
-    if !o.publish.is_empty() && !network.is_user_mode() {
-        return Err(VmError::Invalid(format!(
-            "--publish needs user-mode networking (--network user); a bridged guest ({network}) is reachable at its own address"
-        )));
-    }
-    if let NetworkSpec::Bridge { bridge } = &network {
-        // Fail now, with nothing created, rather than at start.
-        crate::net::bridge::check_bridge(bridge)
-            .await
-            .map_err(crate::net::attach::AttachError::from)?;
-    }
-    crate::net::forward::check_unique(&o.publish).map_err(|e| VmError::Invalid(e.to_string()))?;
-    if network.is_user_mode() {
-        // `--network passt` on a host without a usable passt fails here, with
-        // nothing made; `user` falls back to slirp (the CLI warns).
-        crate::net::attach::choose_user_net(&network)?;
-        crate::net::attach::check_publish(&o.publish)?;
-    }
-    if static_ip.is_some() && network.is_user_mode() {
-        return Err(VmError::Invalid(
-            "--ip needs bridged networking (--network bridge[:BR]); user-mode networking has its own DHCP".into(),
-        ));
-    }
-    if o.secure_boot && o.firmware == Some(FirmwareKind::Bios) {
-        return Err(VmError::Invalid(
-            "--secure-boot needs --firmware uefi".into(),
-        ));
-    }
-    let user_keys = user_public_keys(&o.ssh_keys)?;
-    let user_data = match &o.user_data {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|source| VmError::UserData {
-                path: p.clone(),
-                source,
-            })?;
-            seed::check_user_data(&text)?;
-            Some(text)
-        }
-        None => None,
-    };
-
-    if store.vms_dir().join(name.as_str()).exists() {
-        return Err(StoreError::Exists(name.to_string()).into());
-    }
-    let staging = store.stage(&name)?;
-    let vm = store.vm_paths(&name).staged(staging.path());
-
-    let cache = Cache::for_store(store)?;
-    // Until the commit below, this VM's base is in no spec: hold off `image rm`/`prune`.
-    let _bases = cache.hold_bases()?;
-    let pull = image::PullOptions {
-        refresh: o.refresh,
-        insecure: o.insecure,
-        ..image::PullOptions::default()
-    };
-    let base = obtain_image(&cache, &o.image, arch, o.checksum.as_deref(), &pull).await?;
-    image::create_overlay(&base, &vm.disk(), Some(disk))?;
-
-    // nox's own key lets `--wait` and `nox ssh` work without an agent; the
-    // user's keys are authorised beside it.
-    let (own, host) = new_keys(&vm, &name)?;
-    if let Some(ud) = &user_data {
-        store::write_atomic(&vm.user_data(), ud.as_bytes(), 0o600)?;
-    }
-    let mut authorized = vec![own.public_openssh.clone()];
-    authorized.extend(user_keys.keys);
-
-    let spec = VmSpec {
-        name: name.clone(),
-        image: ImageRef {
-            source: o.image.clone(),
-            digest: base.digest.clone(),
-            path: base.path.clone(),
-            format: base.format.clone(),
-        },
-        arch,
-        cpus,
-        memory,
-        disk,
-        user: o.user.clone(),
-        accel: o.accel,
-        network,
-        mac: unique_mac(store),
-        ssh_authorized_keys: authorized,
-        ssh_identity: user_keys.identity,
-        stop_timeout: o.stop_timeout,
-        restart: o.restart,
-        firmware: if o.secure_boot {
-            Some(FirmwareKind::Uefi)
-        } else {
-            o.firmware
-        },
-        secure_boot: o.secure_boot,
-        static_ip,
-        publish: o.publish.clone(),
-        created: state::now(),
-        console_log_size,
-    };
-    // A warm template: the first start may resume its booted guest.
-    let warm = crate::templates::find(&cache, &o.image)
-        .filter(|t| t.digest == base.digest)
-        .and_then(|t| t.warm.map(|w| (t.name, w)));
-    let mut warm_identity = None;
-    if let Some((template, w)) = warm {
-        match crate::warm::unusable(&spec, &w, user_data.is_some()) {
-            None => {
-                warm_identity = Some(seed::WarmIdentity {
-                    old_mac: w.mac,
-                    machine_id: hex::encode(rand::random::<[u8; 16]>()),
-                    entropy: rand::random::<[u8; 64]>().to_vec(),
-                });
-                let pending = crate::warm::Pending {
-                    template: template.to_string(),
-                    warm: w,
-                };
-                crate::warm::set_pending(&vm, &pending)?;
-            }
-            Some(why) => tracing::warn!(
-                "{name} will boot cold: warm template {template} was saved with other settings: {why}"
-            ),
-        }
-    }
-    write_seed(&spec, &vm, &host, user_data, None, warm_identity)?;
-    store::write_json(&vm.spec(), &spec)?;
-    staging.commit()?;
-    let created = crate::events::Kind::Created {
-        image: spec.image.source.clone(),
-        network: spec.network.to_string(),
-    };
-    crate::events::emit(&vm, created);
-    let mut notes = user_keys.report;
-    notes.extend(spec::cpu_overcommit(spec.cpus, spec::host_cpus()));
-    Ok(Created { spec, notes })
 }
 
 /// The base image for a create: a local file is imported into the cache
@@ -430,41 +230,6 @@ pub fn write_seed(
     let s = seed::render(&cfg)?;
     seed::write_image(&s, &vm.seed())?;
     Ok(s)
-}
-
-struct UserKeys {
-    keys: Vec<String>,
-    /// The private key beside the first `.pub` given, if it exists.
-    identity: Option<PathBuf>,
-    /// What to tell the user about the default keys taken or left out.
-    report: Vec<String>,
-}
-
-/// The user's public keys: the `--ssh-key` files, else the default ones
-/// (crate::userkeys: as root, checked and never from `$HOME`).
-fn user_public_keys(files: &[PathBuf]) -> Result<UserKeys, VmError> {
-    if files.is_empty() {
-        let d = crate::userkeys::defaults()?;
-        return Ok(UserKeys {
-            report: d.report(),
-            keys: d.keys,
-            identity: d.identity,
-        });
-    }
-    let mut keys = vec![];
-    for f in files {
-        keys.extend(sshkeys::read_public_keys(f)?);
-    }
-    let identity = files
-        .iter()
-        .map(|f| f.with_extension(""))
-        .find(|p| p.is_file())
-        .and_then(|p| std::path::absolute(p).ok());
-    Ok(UserKeys {
-        keys,
-        identity,
-        report: vec![],
-    })
 }
 
 /// How `start` ended.

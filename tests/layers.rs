@@ -41,7 +41,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("supervisor", &["supervisor"]),
-    ("ops", &["vm", "snapshot", "clone", "template"]),
+    ("ops", &["vm", "snapshot", "clone", "template", "ops"]),
     ("cli", &["cli"]),
 ];
 

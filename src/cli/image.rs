@@ -1,0 +1,171 @@
+//! `nox image …` and `nox snapshot …`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::ident::Arch;
+use crate::image::Cache;
+use crate::ops::{self, PruneEvent};
+use crate::snapshot::{self, Restored};
+use crate::store::Store;
+use crate::vm::{self, Stopped};
+
+use super::render;
+use super::{ImageCmd, SnapshotCmd};
+
+pub async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
+    store.init()?;
+    let cache = Cache::for_store(store)?;
+    match cmd {
+        ImageCmd::Pull {
+            source,
+            checksum,
+            insecure,
+            arch,
+        } => pull(&cache, &source, checksum.as_deref(), insecure, arch).await?,
+        ImageCmd::Import { file, name } => {
+            let img = cache.import_file(&file, name.as_deref())?;
+            println!(
+                "{} {}",
+                img.digest,
+                img.name.as_deref().unwrap_or(&img.source)
+            );
+        }
+        ImageCmd::List { json } => {
+            let rows = ops::image_list(store, &cache)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                render::image_table(&rows);
+            }
+        }
+        ImageCmd::Remove { image, force } => {
+            let r = ops::image_rm(store, &cache, &image, force)?;
+            render::boot_cache(&r.boot_cache);
+            if r.users.is_empty() {
+                println!("Removed {}", r.digest);
+            } else {
+                // The VMs' overlays now lack their base: say which.
+                println!(
+                    "Removed {} (VMs that can no longer start: {})",
+                    r.digest,
+                    r.users.join(", ")
+                );
+            }
+        }
+        ImageCmd::Commit {
+            name,
+            template,
+            warm,
+        } => commit(store, &name, &template, warm).await?,
+        ImageCmd::Prune => ops::image_prune(store, &cache, &mut |e| match e {
+            PruneEvent::Leftover(name) => println!("Removed leftover {name}"),
+            PruneEvent::Image(digest, name) => println!("Removed {digest} {name}"),
+            PruneEvent::BootCache(r) => render::boot_cache(&r),
+        })?,
+    }
+    Ok(0)
+}
+
+async fn pull(
+    cache: &Cache,
+    source: &str,
+    checksum: Option<&str>,
+    insecure: bool,
+    arch: Option<Arch>,
+) -> Result<()> {
+    let arch = match arch {
+        Some(a) => a,
+        None => Arch::host()?,
+    };
+    // `image pull` is the explicit request to ask upstream.
+    let pull = crate::image::PullOptions {
+        refresh: true,
+        insecure,
+        ..crate::image::PullOptions::default()
+    };
+    let img = vm::obtain_image(cache, source, arch, checksum, &pull).await?;
+    println!(
+        "{} {} ({} MiB)",
+        img.digest,
+        img.name.as_deref().unwrap_or(&img.source),
+        img.size >> 20
+    );
+    Ok(())
+}
+
+async fn commit(
+    store: &Store,
+    name: &crate::ident::VmName,
+    template: &crate::ident::TemplateName,
+    warm: bool,
+) -> Result<()> {
+    let c = crate::template::commit(store, name, template, warm)
+        .await
+        .with_context(|| format!("cannot commit {name} as template {template}"))?;
+    if let Stopped::Forced(why) = &c.stopped {
+        eprintln!("warning: {name} did not power off by itself: {why}");
+    }
+    println!(
+        "Committed {name} as template {template}: {} ({} MiB; guest cleaned and stopped in {:.1} s, image written in {:.1} s)",
+        c.image.digest,
+        c.image.size >> 20,
+        c.clean_time.as_secs_f64(),
+        c.convert_time.as_secs_f64()
+    );
+    if let (Some(t), Some(w)) = (c.save_time, &c.template.warm) {
+        println!(
+            "Saved the running guest's machine state ({} MiB in {:.1} s): VMs made from {template} resume it",
+            w.size >> 20,
+            t.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+pub async fn snapshot_cmd(store: &Store, cmd: SnapshotCmd) -> Result<i32> {
+    match cmd {
+        SnapshotCmd::Create { name, snap } => {
+            let c = snapshot::create(store, &name, snap)
+                .await
+                .with_context(|| format!("cannot snapshot {name}"))?;
+            let what = if c.ram { "with RAM, live" } else { "disk only" };
+            println!(
+                "Snapshot {} of {name} taken ({what}, {:.1} s)",
+                c.snap,
+                c.took.as_secs_f64()
+            );
+        }
+        SnapshotCmd::List { name, json } => {
+            let snaps = snapshot::list(&store.vm(&name)?)
+                .with_context(|| format!("cannot list the snapshots of {name}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snaps)?);
+            } else {
+                render::snapshot_table(&snaps);
+            }
+        }
+        SnapshotCmd::Restore {
+            name,
+            snap,
+            timeout,
+        } => {
+            let r = snapshot::restore(store, &name, &snap, Duration::from_secs(timeout))
+                .await
+                .with_context(|| format!("cannot restore {name} to snapshot {snap}"))?;
+            match r {
+                Restored::Live => println!("{name} runs from snapshot {snap}"),
+                Restored::Started => println!("{name} started from snapshot {snap}"),
+                Restored::Disk => println!("{name}'s disk is back at snapshot {snap}"),
+            }
+        }
+        SnapshotCmd::Delete { name, snap } => {
+            snapshot::delete(store, &name, &snap)
+                .await
+                .with_context(|| format!("cannot delete snapshot {snap} of {name}"))?;
+            println!("Deleted snapshot {snap} of {name}");
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,192 @@
+//! start, stop, restart, list, info and set: the VM verbs over
+//! [`crate::vm`], with the warnings and steps a front end shows.
+
+use std::time::Duration;
+
+use crate::spec::{NetworkSpec, VmSpec};
+use crate::store::{Store, VmPaths};
+use crate::vm::{self, Started, Stopped};
+
+use super::OpsError;
+
+/// A step of start/restart, reported as it happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Something the user should know (TCG fallback, slirp fallback).
+    Warning(String),
+    /// The stop half of a restart ended this way.
+    Stopped(Stopped),
+    Started(Started),
+    /// The guest answers on SSH (`--wait`).
+    Ready,
+}
+
+/// The warnings a start of this VM gives before it starts.
+pub fn start_warnings(vmp: &VmPaths) -> Result<Vec<String>, OpsError> {
+    let spec = vmp.load_spec()?;
+    let mut out = vec![];
+    let kvm = crate::qemu::probe_kvm();
+    out.extend(crate::qemu::choose_accel(spec.accel, spec.arch, &kvm)?.warning);
+    out.extend(user_net_warning(&spec));
+    Ok(out)
+}
+
+/// The warning when user-mode networking falls back to qemu's slirp.
+pub fn user_net_warning(spec: &VmSpec) -> Option<String> {
+    if spec.network != NetworkSpec::User {
+        return None;
+    }
+    match crate::net::attach::choose_user_net(&spec.network) {
+        Ok(crate::net::attach::UserNet::Slirp { warning }) => warning,
+        _ => None,
+    }
+}
+
+/// Starts `name` (its supervisor), and with `wait` waits until SSH answers.
+pub fn start(
+    store: &Store,
+    name: &str,
+    wait: bool,
+    timeout: u64,
+    on: &mut dyn FnMut(Event),
+) -> Result<(), OpsError> {
+    let t = Duration::from_secs(timeout);
+    let vmp = store.vm(name)?;
+    for w in start_warnings(&vmp)? {
+        on(Event::Warning(w));
+    }
+    let started = vm::start(store, name, t).map_err(|source| OpsError::Start {
+        name: name.to_string(),
+        source: Box::new(source),
+    })?;
+    on(Event::Started(started));
+    if wait {
+        let spec = vmp.load_spec()?;
+        crate::ssh::wait_ready(&spec, &vmp, t, || crate::state::load(&vmp).ok()).map_err(
+            |source| OpsError::NotReady {
+                name: name.to_string(),
+                source,
+            },
+        )?;
+        on(Event::Ready);
+    }
+    Ok(())
+}
+
+/// Stops `name`: gracefully within `timeout`, then by force (or at once
+/// with `force`).
+pub async fn stop(
+    store: &Store,
+    name: &str,
+    force: bool,
+    timeout: u64,
+) -> Result<Stopped, OpsError> {
+    vm::stop(store, name, force, Duration::from_secs(timeout))
+        .await
+        .map_err(|source| OpsError::Stop {
+            name: name.to_string(),
+            source: Box::new(source),
+        })
+}
+
+/// A graceful stop within the VM's own stop timeout, then a start.
+pub async fn restart(
+    store: &Store,
+    name: &str,
+    wait: bool,
+    timeout: u64,
+    on: &mut dyn FnMut(Event),
+) -> Result<(), OpsError> {
+    let spec = store.vm(name)?.load_spec()?;
+    on(Event::Stopped(
+        stop(store, name, false, spec.stop_timeout).await?,
+    ));
+    start(store, name, wait, timeout, on)
+}
+
+/// Every VM's view; a VM deleted meanwhile is simply not listed.
+pub fn list(store: &Store) -> Result<Vec<vm::VmInfo>, OpsError> {
+    Ok(store
+        .list()?
+        .into_iter()
+        .filter_map(|name| store.vm(&name).ok().and_then(|v| vm::info(&v).ok()))
+        .collect())
+}
+
+/// `nox info`: the VM's view and, with `boot`, its boots' timelines (after
+/// fetching the running guest's latest boot report).
+#[derive(Debug)]
+pub struct InfoView {
+    pub info: vm::VmInfo,
+    pub boots: Option<Vec<crate::timeline::BootView>>,
+}
+
+pub fn info(store: &Store, name: &str, boot: bool) -> Result<InfoView, OpsError> {
+    let vmp = store.vm(name)?;
+    if boot && let (Ok(spec), Ok(st)) = (vmp.load_spec(), crate::state::load(&vmp)) {
+        crate::ssh::fetch_boot_report(&spec, &vmp, &st);
+    }
+    let info = vm::info(&vmp)?;
+    let boots = boot.then(|| crate::timeline::view(&vmp));
+    Ok(InfoView { info, boots })
+}
+
+/// One change `set` made: (new, old) values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Cpus(u32, u32),
+    /// Bytes.
+    Memory(u64, u64),
+    /// Bytes; the root filesystem grows at the next boot.
+    Disk(u64, u64),
+}
+
+/// What `set` did: the changes, and warnings (CPU overcommit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetOutcome {
+    pub changes: Vec<Change>,
+    pub warnings: Vec<String>,
+}
+
+/// Changes a stopped VM's CPUs, memory or disk (an empty outcome: unchanged).
+pub fn set(store: &Store, name: &str, o: &vm::SetOptions) -> Result<SetOutcome, OpsError> {
+    let (old, new) = vm::set(store, name, o).map_err(|source| OpsError::Set {
+        name: name.to_string(),
+        source: Box::new(source),
+    })?;
+    let mut out = SetOutcome {
+        changes: vec![],
+        warnings: vec![],
+    };
+    if old.cpus != new.cpus {
+        out.changes.push(Change::Cpus(new.cpus, old.cpus));
+        let host = crate::spec::host_cpus();
+        out.warnings
+            .extend(crate::spec::cpu_overcommit(new.cpus, host));
+    }
+    if old.memory != new.memory {
+        out.changes.push(Change::Memory(new.memory, old.memory));
+    }
+    if old.disk != new.disk {
+        out.changes.push(Change::Disk(new.disk, old.disk));
+    }
+    Ok(out)
+}
+
+/// What `nox ssh` and `nox cp` connect to: a running VM's spec, paths and
+/// SSH endpoint.
+pub fn ssh_target(
+    store: &Store,
+    name: &str,
+) -> Result<(VmSpec, VmPaths, crate::ssh::Endpoint), OpsError> {
+    let vmp = store.vm(name)?;
+    let spec = vmp.load_spec()?;
+    let st = crate::state::load(&vmp)?;
+    match (st.state, crate::ssh::endpoint(&st)) {
+        (crate::state::Phase::Running, Some(ep)) => Ok((spec, vmp, ep)),
+        (state, _) => Err(OpsError::NotRunning {
+            name: name.to_string(),
+            state,
+        }),
+    }
+}
