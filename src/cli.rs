@@ -663,9 +663,9 @@ fn clone(
 
 async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
     // A flag, then config.json's defaults, then the built-in default.
-    let cfg = crate::config::load(&store.config_path()).context("cannot create the VM")?;
+    let cfg = store.config().context("cannot create the VM")?;
     warn_unknown_config_keys(&cfg);
-    let d = cfg.defaults.effective();
+    let d = cfg.defaults().context("cannot create the VM")?.effective();
     let opts = CreateOptions {
         name: a.name,
         image: a.image.unwrap_or(d.image.0),
@@ -1445,8 +1445,8 @@ fn warn_unknown_config_keys(cfg: &crate::config::Config) {
 
 async fn config_show(store: &Store, json: bool) -> Result<i32> {
     use crate::config::Origin;
-    let cfg = crate::config::load(&store.config_path())?;
-    let e = cfg.defaults.effective();
+    let cfg = store.config()?;
+    let e = cfg.defaults()?.effective();
     warn_unknown_config_keys(&cfg);
     let from = |o: Origin| match o {
         Origin::Config => "config.json",
@@ -1678,7 +1678,7 @@ fn missing_uefi(has_bios: bool) -> Check {
 async fn doctor(store: &Store) -> Result<i32> {
     let mut c = Checks::default();
     let arch = qemu::arch_facts(Arch::host()?);
-    match qemu::find_binary(arch) {
+    match qemu::find_binary(arch, &store.programs()?) {
         Ok(bin) => {
             let version = std::process::Command::new(&bin)
                 .arg("--version")
@@ -1691,7 +1691,7 @@ async fn doctor(store: &Store) -> Result<i32> {
         }
         Err(e) => c.line(false, "qemu", e),
     }
-    match qemu::which("qemu-img") {
+    match store.programs()?.which("qemu-img") {
         Some(p) => c.line(true, "qemu-img", p.display()),
         None => c.line(
             false,
@@ -1765,7 +1765,7 @@ async fn doctor(store: &Store) -> Result<i32> {
         Ok(()) => c.line(true, "state", store.root().display()),
         Err(e) => c.line(false, "state", crate::error_chain(&e)),
     }
-    for (status, what, detail) in crate::jail::doctor(store.root()) {
+    for (status, what, detail) in crate::jail::doctor(&*store.config()?) {
         let check = match status {
             crate::jail::Status::Ok => Check::Ok,
             crate::jail::Status::Warn => Check::Warn,
@@ -1773,7 +1773,7 @@ async fn doctor(store: &Store) -> Result<i32> {
         };
         c.report(check, what, detail);
     }
-    match qemu::which("ssh") {
+    match store.programs()?.which("ssh") {
         Some(p) => c.line(true, "ssh client", p.display()),
         None => c.line(
             false,

@@ -1,13 +1,21 @@
-//! The store's `config.json`: the `defaults` users would otherwise repeat on
-//! every `nox create`, and the owner check every reader of the file uses.
+//! The store's `config.json`, typed and read in one place ([`load`]; the
+//! path is [`crate::store::Store::config_path`], and the store holds the
+//! result): the `defaults` of `nox create`, the `binaries` nox runs, the
+//! `jail` uid range, the image `mirror`/`mirrors` and `max_image_size`.
+//! Every other module receives the typed part it needs from here.
 //!
-//! The file is shared: `jail` is read by [`crate::jail::ids`], `mirror`,
-//! `mirrors` and `max_image_size` by the image catalog and downloads. This loader types only `defaults` (unknown
-//! keys there are errors) and keeps the other top-level keys as they are.
+//! A malformed file is one error naming the file, the line and column and
+//! the field. The parts that choose what nox runs or trusts (`defaults`,
+//! `binaries`, `jail`) count only when the file is owned by the user nox
+//! runs as and not writable by group or others; that is checked when such a
+//! part is asked for, so a file that others may write but that holds only
+//! mirrors is fine.
 //!
-//! Precedence: a flag, then `defaults` here, then nox's built-in default.
+//! Precedence of `defaults`: a flag, then `defaults` here, then nox's
+//! built-in default.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -15,9 +23,11 @@ use thiserror::Error;
 
 use crate::ident::UserName;
 use crate::spec::{self, NetworkSpec};
+use crate::trust::Programs;
 
-/// Image a VM is created from without `--image` or `defaults.image`.
-pub const BUILTIN_IMAGE: &str = crate::image::DEFAULT_IMAGE;
+/// Image a VM is created from without `--image` or `defaults.image` (a
+/// catalog name: `crate::image::DEFAULT_IMAGE` is this one).
+pub const BUILTIN_IMAGE: &str = "debian-13";
 /// Memory without `--memory` or `defaults.memory`.
 pub const BUILTIN_MEMORY: &str = "1G";
 /// Disk without `--disk` or `defaults.disk`.
@@ -25,10 +35,17 @@ pub const BUILTIN_DISK: &str = "10G";
 /// Login user without `--user` or `defaults.user`.
 pub const BUILTIN_USER: &str = "nox";
 
-/// Top-level keys other modules read from the same file.
-/// Top-level keys other modules read (trust: `binaries`; jail: `jail`;
+/// Top-level keys besides `defaults` (trust: `binaries`; jail: `jail`;
 /// downloads: `mirror`, `mirrors`, `max_image_size`).
 pub const OTHER_KEYS: &[&str] = &["binaries", "jail", "mirror", "mirrors", "max_image_size"];
+
+/// The jail's uid range without a `jail` key (see crate::jail::ids).
+pub const DEFAULT_UID_BASE: u32 = 70000;
+pub const DEFAULT_UID_COUNT: u32 = 1000;
+
+/// Default cap on one image download: far above any cloud image (~0.5 GB)
+/// and an installer DVD, far below filling a host's disk by surprise.
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 64 << 30;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -49,10 +66,16 @@ pub enum ConfigError {
         source: serde_json::Error,
     },
     #[error(
-        "{}: its `defaults` are ignored unless the file is owned by uid {uid} and not writable by group or others",
+        "{}: must be owned by the user nox runs as (uid {uid}) and not writable by group or \
+         others: its {key:?} {why}",
         path.display()
     )]
-    Owner { path: PathBuf, uid: u32 },
+    Owner {
+        path: PathBuf,
+        uid: u32,
+        key: &'static str,
+        why: &'static str,
+    },
 }
 
 /// `defaults` in config.json. Every field is optional; a missing one falls
@@ -80,25 +103,220 @@ pub struct Defaults {
     pub user: Option<UserName>,
 }
 
+/// `jail`: the uids/gids jailed qemus and passts run as,
+/// `[uid_base, uid_base + uid_count)` (see crate::jail::ids, which adds the
+/// account-database checks and the slots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct UidRange {
+    #[serde(rename = "uid_base")]
+    pub base: u32,
+    #[serde(rename = "uid_count")]
+    pub count: u32,
+}
+
+impl Default for UidRange {
+    fn default() -> Self {
+        UidRange {
+            base: DEFAULT_UID_BASE,
+            count: DEFAULT_UID_COUNT,
+        }
+    }
+}
+
+impl fmt::Display for UidRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}-{}",
+            self.base,
+            u64::from(self.base) + u64::from(self.count) - 1
+        )
+    }
+}
+
+impl UidRange {
+    /// Why the range cannot be used, if it cannot.
+    pub fn invalid(&self) -> Option<&'static str> {
+        if self.count == 0 {
+            return Some("uid_count must be at least 1");
+        }
+        if self.base == 0 {
+            return Some("uid 0 is root");
+        }
+        // (uid_t)-1 means "unchanged" to setresuid; stay clear of it.
+        if u64::from(self.base) + u64::from(self.count) > u64::from(u32::MAX) {
+            return Some("range ends past 4294967294");
+        }
+        None
+    }
+}
+
+// Checked while the file is read, so a bad range is an error at its place.
+impl<'de> Deserialize<'de> for UidRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<UidRange, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            uid_base: u32,
+            uid_count: u32,
+        }
+        let r = Raw::deserialize(d)?;
+        let range = UidRange {
+            base: r.uid_base,
+            count: r.uid_count,
+        };
+        match range.invalid() {
+            Some(why) => Err(serde::de::Error::custom(format!("{range}: {why}"))),
+            None => Ok(range),
+        }
+    }
+}
+
+/// One entry of `mirrors`: a URL, or `{"url": …, "allow_http": …,
+/// "unsigned": …, "keys": […]}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirrorEntry {
+    pub url: String,
+    /// A plain-HTTP mirror is accepted without `--insecure`.
+    pub allow_http: bool,
+    /// A mirror without the distribution's signatures is accepted (warned).
+    pub unsigned: bool,
+    /// OpenPGP key files trusted for this mirror.
+    pub keys: Vec<PathBuf>,
+}
+
+impl<'de> Deserialize<'de> for MirrorEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MirrorEntry, D::Error> {
+        #[derive(Deserialize)]
+        struct Full {
+            #[serde(default)]
+            url: String,
+            #[serde(default)]
+            allow_http: bool,
+            #[serde(default)]
+            unsigned: bool,
+            #[serde(default)]
+            keys: Vec<PathBuf>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Url(String),
+            Full(Full),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::Url(url) => MirrorEntry {
+                url,
+                ..MirrorEntry::default()
+            },
+            Raw::Full(f) => MirrorEntry {
+                url: f.url,
+                allow_http: f.allow_http,
+                unsigned: f.unsigned,
+                keys: f.keys,
+            },
+        })
+    }
+}
+
+/// `mirror` (one base URL for every distro) and `mirrors` (per distro key:
+/// `debian`, `ubuntu`, …); see crate::image::catalog::mirror_for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mirrors {
+    pub mirror: Option<String>,
+    pub mirrors: BTreeMap<String, MirrorEntry>,
+}
+
 /// The parsed file.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub path: PathBuf,
     /// Whether the file exists.
     pub exists: bool,
-    pub defaults: Defaults,
+    /// Owned by the user nox runs as, not writable by group or others.
+    trusted: bool,
+    defaults: Option<Defaults>,
+    /// Program name → absolute path.
+    binaries: Option<BTreeMap<String, PathBuf>>,
+    jail: Option<UidRange>,
+    pub mirrors: Mirrors,
+    /// The most bytes one image download may bring.
+    pub max_image_size: u64,
     /// Top-level keys no part of nox reads (a typo of `defaults`, say).
     pub unknown_keys: Vec<String>,
 }
 
+impl Config {
+    /// No file: every built-in default.
+    pub fn absent(path: &Path) -> Config {
+        Config {
+            path: path.to_owned(),
+            max_image_size: DEFAULT_MAX_IMAGE_BYTES,
+            ..Config::default()
+        }
+    }
+
+    fn owner_check(&self, key: &'static str, why: &'static str) -> Result<(), ConfigError> {
+        if self.trusted {
+            return Ok(());
+        }
+        Err(ConfigError::Owner {
+            path: self.path.clone(),
+            uid: nix::unistd::geteuid().as_raw(),
+            key,
+            why,
+        })
+    }
+
+    /// `defaults` (none: all built-in). Refused from a file others may write.
+    pub fn defaults(&self) -> Result<Defaults, ConfigError> {
+        match &self.defaults {
+            None => Ok(Defaults::default()),
+            Some(d) => {
+                self.owner_check("defaults", "are the defaults of every create")?;
+                Ok(d.clone())
+            }
+        }
+    }
+
+    /// The programs nox runs: `binaries` over the system's. Refused from a
+    /// file others may write (it would choose what root runs).
+    pub fn programs(&self) -> Result<Programs, ConfigError> {
+        match &self.binaries {
+            None => Ok(Programs::default()),
+            Some(b) => {
+                self.owner_check("binaries", "choose the programs nox runs")?;
+                Ok(Programs::new(b.clone(), self.path.clone()))
+            }
+        }
+    }
+
+    /// The jail's uid range (none: the default). Refused from a file others
+    /// may write (it would choose the uids VMs run as).
+    pub fn jail(&self) -> Result<UidRange, ConfigError> {
+        match self.jail {
+            None => Ok(UidRange::default()),
+            Some(r) => {
+                self.owner_check("jail", "chooses the uids VMs run as")?;
+                Ok(r)
+            }
+        }
+    }
+}
+
+#[derive(Default)]
 struct File {
     defaults: Option<Defaults>,
-    /// `jail`, `mirror`, `mirrors`: read by their own modules.
-    rest: BTreeMap<String, serde_json::Value>,
+    binaries: Option<BTreeMap<String, Binary>>,
+    jail: Option<UidRange>,
+    mirror: Option<String>,
+    mirrors: Option<BTreeMap<String, MirrorEntry>>,
+    max_image_size: Option<MaxImageSize>,
+    /// Keys nothing reads, kept to be named.
+    unknown: Vec<String>,
 }
 
 // By hand rather than `#[serde(flatten)]`, which buffers the whole object
-// and so loses the line and column of an error inside `defaults`.
+// and so loses the line and column of an error inside a value.
 impl<'de> Deserialize<'de> for File {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<File, D::Error> {
         struct V;
@@ -108,16 +326,19 @@ impl<'de> Deserialize<'de> for File {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<File, A::Error> {
-                let mut file = File {
-                    defaults: None,
-                    rest: BTreeMap::new(),
-                };
+                let mut file = File::default();
                 while let Some(key) = m.next_key::<String>()? {
-                    if key == "defaults" {
-                        file.defaults = Some(m.next_value()?);
-                    } else {
-                        let v = m.next_value()?;
-                        file.rest.insert(key, v);
+                    match key.as_str() {
+                        "defaults" => file.defaults = m.next_value()?,
+                        "binaries" => file.binaries = m.next_value()?,
+                        "jail" => file.jail = m.next_value()?,
+                        "mirror" => file.mirror = m.next_value()?,
+                        "mirrors" => file.mirrors = m.next_value()?,
+                        "max_image_size" => file.max_image_size = m.next_value()?,
+                        _ => {
+                            m.next_value::<serde::de::IgnoredAny>()?;
+                            file.unknown.push(key);
+                        }
                     }
                 }
                 Ok(file)
@@ -127,16 +348,61 @@ impl<'de> Deserialize<'de> for File {
     }
 }
 
-/// Reads `path` (absent = no defaults). A malformed file is an error naming
-/// the file, the line and column, and the field.
+/// One `binaries` value: an absolute path.
+struct Binary(PathBuf);
+
+impl<'de> Deserialize<'de> for Binary {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Binary, D::Error> {
+        checked_str(d, |s| {
+            let p = PathBuf::from(s);
+            if p.is_absolute() {
+                Ok(Binary(p))
+            } else {
+                Err(format!("{s:?} must be an absolute path"))
+            }
+        })
+    }
+}
+
+/// `max_image_size`: a size (`"64G"`) or a number of bytes, not 0.
+struct MaxImageSize(u64);
+
+impl<'de> Deserialize<'de> for MaxImageSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MaxImageSize, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = u64;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size (\"64G\") or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u64, E> {
+                Ok(n)
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<u64, E> {
+                spec::parse_size("max_image_size", s).map_err(E::custom)
+            }
+        }
+        let n = d.deserialize_any(V)?;
+        if n == 0 {
+            return Err(serde::de::Error::custom("0 would refuse every image"));
+        }
+        Ok(MaxImageSize(n))
+    }
+}
+
+/// Reads `path` (absent = every built-in default). A malformed file is an
+/// error naming the file, the line and column, and the field.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let data = match std::fs::read(path) {
         Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Config {
-                path: path.to_owned(),
-                ..Config::default()
-            });
+        // No store yet (or none possible: its own error comes later).
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(Config::absent(path));
         }
         Err(source) => {
             return Err(ConfigError::Read {
@@ -146,28 +412,36 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         }
     };
     let file = parse(path, &data)?;
-    if file.defaults.is_some() {
-        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        if !crate::trust::owned_by_us(&meta) {
-            return Err(ConfigError::Owner {
-                path: path.to_owned(),
-                uid: nix::unistd::geteuid().as_raw(),
-            });
-        }
-    }
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(Config {
         path: path.to_owned(),
         exists: true,
-        defaults: file.defaults.unwrap_or_default(),
-        unknown_keys: file
-            .rest
-            .into_keys()
-            .filter(|k| !OTHER_KEYS.contains(&k.as_str()))
-            .collect(),
+        trusted: crate::trust::owned_by_us(&meta),
+        defaults: file.defaults,
+        binaries: file
+            .binaries
+            .map(|b| b.into_iter().map(|(k, v)| (k, v.0)).collect()),
+        jail: file.jail,
+        mirrors: Mirrors {
+            mirror: file.mirror,
+            mirrors: file.mirrors.unwrap_or_default(),
+        },
+        max_image_size: file.max_image_size.map_or(DEFAULT_MAX_IMAGE_BYTES, |m| m.0),
+        unknown_keys: file.unknown,
     })
+}
+
+/// The mirrors of a config.json text (for other modules' tests).
+#[cfg(test)]
+pub(crate) fn test_mirrors(text: &str) -> Mirrors {
+    let f = parse(Path::new("config.json"), text.as_bytes()).unwrap();
+    Mirrors {
+        mirror: f.mirror,
+        mirrors: f.mirrors.unwrap_or_default(),
+    }
 }
 
 fn parse(path: &Path, data: &[u8]) -> Result<File, ConfigError> {
@@ -399,7 +673,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let c = load(&t.path().join("config.json")).unwrap();
         assert!(!c.exists);
-        let e = c.defaults.effective();
+        let e = c.defaults().unwrap().effective();
         assert_eq!(e.image, (BUILTIN_IMAGE.to_string(), Origin::BuiltIn));
         assert_eq!(e.memory.0, "1G");
         assert_eq!(e.user.0.as_str(), "nox");
@@ -420,7 +694,17 @@ mod tests {
         );
         let c = load(&p).unwrap();
         assert_eq!(c.unknown_keys, vec!["defualts".to_string()]);
-        let e = c.defaults.effective();
+        assert_eq!(c.max_image_size, 8 << 30);
+        assert_eq!(
+            c.jail().unwrap(),
+            UidRange {
+                base: 200000,
+                count: 10
+            }
+        );
+        assert_eq!(c.mirrors.mirror.as_deref(), Some("http://127.0.0.1:1/"));
+        assert_eq!(c.mirrors.mirrors["debian"].url, "http://x/");
+        let e = c.defaults().unwrap().effective();
         assert_eq!(e.image, ("debian-12".to_string(), Origin::Config));
         assert_eq!(e.cpus, (1, Origin::Config));
         assert_eq!(e.memory.0, "1536M");
@@ -429,7 +713,7 @@ mod tests {
         assert_eq!(e.ssh_keys.0, vec![PathBuf::from("/k/id.pub")]);
         assert_eq!(e.user.0.as_str(), "alice");
         // Serialised the way it is written.
-        let j = serde_json::to_value(&c.defaults).unwrap();
+        let j = serde_json::to_value(c.defaults().unwrap()).unwrap();
         assert_eq!(j["network"], "bridge:br1");
     }
 
@@ -465,6 +749,31 @@ mod tests {
                 "`defaults.disk`",
             ),
             ("{\n\n  \"defaults\": {,}\n}", "line 3", "not valid JSON"),
+            (
+                "{\"binaries\": {\"sh\": \"bin/sh\"}}",
+                "line 1",
+                "`binaries.sh`",
+            ),
+            (
+                "{\"jail\": {\"uid_base\": 0, \"uid_count\": 5}}",
+                "line 1",
+                "`jail`",
+            ),
+            ("{\"mirror\": 5}", "line 1", "`mirror`"),
+            (
+                "{\"mirrors\": {\"debian\": 5}}",
+                "line 1",
+                "`mirrors.debian`",
+            ),
+            (
+                "{\"max_image_size\": \"lots\"}",
+                "line 1",
+                "`max_image_size`",
+            ),
+            ("{\"max_image_size\": 0}", "line 1", "`max_image_size`"),
+            ("{\"max_image_size\": -1}", "line 1", "`max_image_size`"),
+            ("{\"max_image_size\": true}", "line 1", "`max_image_size`"),
+            ("{\"max_image_size\": \"12\"}", "line 1", "`max_image_size`"),
         ];
         for (text, line, field) in cases {
             let p = write(t.path(), text);
@@ -481,13 +790,30 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = write(t.path(), r#"{"defaults": {"cpus": 1}}"#);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let e = load(&p).unwrap_err().to_string();
+        let e = load(&p).unwrap().defaults().unwrap_err().to_string();
         assert!(e.contains("not writable by group or others"), "{e}");
-        // Only `defaults` is this loader's to refuse: the mirror readers
-        // have no such rule.
+        for text in [
+            r#"{"binaries": {"sh": "/bin/sh"}}"#,
+            r#"{"jail": {"uid_base": 80000, "uid_count": 5}}"#,
+        ] {
+            let p = write(t.path(), text);
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let c = load(&p).unwrap();
+            assert!(c.programs().is_ok() && c.jail().is_ok(), "{text}");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+            let c = load(&p).unwrap();
+            assert!(
+                matches!(c.programs(), Err(ConfigError::Owner { .. }))
+                    || matches!(c.jail(), Err(ConfigError::Owner { .. })),
+                "{text}"
+            );
+        }
+        // Mirrors choose nothing nox runs: no such rule for them.
         let p = write(t.path(), r#"{"mirror": "http://x/"}"#);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
-        assert!(load(&p).is_ok());
+        let c = load(&p).unwrap();
+        assert!(c.defaults().is_ok() && c.programs().is_ok() && c.jail().is_ok());
+        assert_eq!(c.max_image_size, DEFAULT_MAX_IMAGE_BYTES);
     }
 
     #[test]

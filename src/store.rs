@@ -22,13 +22,16 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
+use crate::config::{Config, ConfigError};
 use crate::ident::{IdentError, VmName};
 use crate::spec::VmSpec;
+use crate::trust::Programs;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -60,6 +63,8 @@ pub enum StoreError {
     Name(#[from] IdentError),
     #[error(transparent)]
     Trust(#[from] crate::trust::TrustError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -73,13 +78,55 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ 
 pub struct Store {
     root: PathBuf,
     run: PathBuf,
+    settings: Settings,
 }
+
+/// A store's `config.json` ([`crate::config::load`]), read once, on first
+/// use, and shared by the store's clones and its VMs' [`VmPaths`]: the one
+/// place every setting (defaults, binaries, jail, mirrors) comes from.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    path: PathBuf,
+    loaded: Arc<OnceLock<Arc<Config>>>,
+}
+
+impl Settings {
+    fn new(path: PathBuf) -> Settings {
+        Settings {
+            path,
+            loaded: Arc::default(),
+        }
+    }
+
+    /// The parsed file (a failure is not kept: the next call reads again).
+    pub fn config(&self) -> Result<Arc<Config>, ConfigError> {
+        if let Some(c) = self.loaded.get() {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(crate::config::load(&self.path)?);
+        Ok(self.loaded.get_or_init(|| c).clone())
+    }
+
+    /// The programs nox runs (config.json `binaries` over the system's).
+    pub fn programs(&self) -> Result<Programs, ConfigError> {
+        self.config()?.programs()
+    }
+}
+
+// Two handles on one file are the same settings.
+impl PartialEq for Settings {
+    fn eq(&self, other: &Settings) -> bool {
+        self.path == other.path
+    }
+}
+impl Eq for Settings {}
 
 impl Store {
     /// The store for this process: `NOX_HOME`, else `/var/lib/nox` + `/run/nox`
     /// for root, else `~/.nox`. As root the directories must be root's alone
-    /// ([`crate::trust::check_state_dir`]). The `binaries` of its
-    /// `config.json` become the programs this process runs.
+    /// ([`crate::trust::check_state_dir`]). Its `config.json` is read here
+    /// (as [`Store::at`] reads it on first use), so a malformed one, or
+    /// `binaries` that others may write, refuses every command at once.
     pub fn from_env() -> Result<Store, StoreError> {
         let store = Store::env_paths()?;
         let store = if crate::trust::as_root() {
@@ -92,7 +139,7 @@ impl Store {
         } else {
             store
         };
-        crate::trust::set_programs(crate::trust::Programs::load(&store.config_path())?);
+        store.programs()?;
         Ok(store)
     }
 
@@ -110,7 +157,23 @@ impl Store {
     }
 
     pub fn at(root: PathBuf, run: PathBuf) -> Store {
-        Store { root, run }
+        let settings = Settings::new(root.join("config.json"));
+        Store {
+            root,
+            run,
+            settings,
+        }
+    }
+
+    /// `config.json`, parsed (read once per store).
+    pub fn config(&self) -> Result<Arc<Config>, ConfigError> {
+        self.settings.config()
+    }
+
+    /// The programs nox runs for this store (config.json `binaries`, else
+    /// the system's).
+    pub fn programs(&self) -> Result<Programs, ConfigError> {
+        self.settings.programs()
     }
 
     pub fn root(&self) -> &Path {
@@ -122,9 +185,9 @@ impl Store {
     pub fn vms_dir(&self) -> PathBuf {
         self.root.join("vms")
     }
-    /// Optional settings (`mirror`, `mirrors`); absent is fine.
+    /// Optional settings (crate::config); absent is fine.
     pub fn config_path(&self) -> PathBuf {
-        self.root.join("config.json")
+        self.settings.path.clone()
     }
     /// nox's own QEMU firmware descriptors, the most specific search dir.
     pub fn firmware_dir(&self) -> PathBuf {
@@ -162,6 +225,7 @@ impl Store {
             run: self.run.join(name.as_str()),
             firmware_dir: self.firmware_dir(),
             events: self.events_dir().join(format!("{name}.jsonl")),
+            settings: self.settings.clone(),
         }
     }
 
@@ -293,6 +357,8 @@ pub struct VmPaths {
     pub run: PathBuf,
     firmware_dir: PathBuf,
     events: PathBuf,
+    /// The store's config.json, for what runs a VM (jail range, programs).
+    settings: Settings,
 }
 
 impl VmPaths {
@@ -304,7 +370,16 @@ impl VmPaths {
             run: self.run.clone(),
             firmware_dir: self.firmware_dir.clone(),
             events: self.events.clone(),
+            settings: self.settings.clone(),
         }
+    }
+    /// The store's `config.json` (read once per store).
+    pub fn config(&self) -> Result<Arc<Config>, ConfigError> {
+        self.settings.config()
+    }
+    /// The programs nox runs (config.json `binaries`, else the system's).
+    pub fn programs(&self) -> Result<Programs, ConfigError> {
+        self.settings.programs()
     }
     /// The store's own firmware descriptor directory (shared by all VMs).
     pub fn firmware_dir(&self) -> &Path {

@@ -452,7 +452,7 @@ async fn launch(
     };
     apply(rec, event).map_err(SupervisorError::State)?;
     let arch = qemu::arch_facts(spec.arch);
-    let binary = qemu::find_binary(arch)?;
+    let binary = qemu::find_binary(arch, &vm.programs().map_err(StoreError::from)?)?;
     let firmware = qemu::firmware_args(spec, vm, Some(vm.firmware_dir()))?;
     let (direct, fallback) = direct_boot(vm, spec);
     let mut method = if direct.is_some() {

@@ -285,7 +285,7 @@ pub fn unit_name(vm: &str) -> String {
 }
 
 pub fn systemctl(scope: Scope, args: &[&str]) -> Result<String, SystemdError> {
-    let mut cmd = crate::trust::command("systemctl");
+    let mut cmd = crate::trust::Programs::default().command("systemctl");
     if scope == Scope::User {
         cmd.arg("--user");
     }
@@ -305,7 +305,8 @@ pub fn systemctl(scope: Scope, args: &[&str]) -> Result<String, SystemdError> {
 /// Whether a VM's unit is enabled (so start/stop should go through systemd).
 pub fn is_enabled(vm: &str) -> bool {
     booted()
-        && crate::trust::command("systemctl")
+        && crate::trust::Programs::default()
+            .command("systemctl")
             .args(["is-enabled", "--quiet", &unit_name(vm)])
             .status()
             .map(|s| s.success())
@@ -315,7 +316,8 @@ pub fn is_enabled(vm: &str) -> bool {
 /// Whether a VM's unit is active (running, starting or stopping) now.
 pub fn is_active(vm: &str) -> bool {
     booted()
-        && crate::trust::command("systemctl")
+        && crate::trust::Programs::default()
+            .command("systemctl")
             .args(["is-active", "--quiet", &unit_name(vm)])
             .status()
             .map(|s| s.success())

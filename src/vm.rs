@@ -223,7 +223,7 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<Created, VmError
         ..image::PullOptions::default()
     };
     let base = obtain_image(&cache, &o.image, arch, o.checksum.as_deref(), &pull).await?;
-    image::create_overlay(&base, &vm.disk(), Some(disk))?;
+    image::create_overlay(&base, &vm.disk(), Some(disk), cache.programs())?;
 
     // nox's own key lets `--wait` and `nox ssh` work without an agent; the
     // user's keys are authorised beside it.
@@ -920,9 +920,10 @@ pub fn set(store: &Store, name: &str, o: &SetOptions) -> Result<(VmSpec, VmSpec)
     if let Some(d) = &o.disk {
         // The overlay's own size, not the spec's: they differ if a resize
         // went through and writing spec.json then failed.
-        let current = image::overlay_size(&vm.disk())?.max(old.disk);
+        let programs = vm.programs().map_err(crate::store::StoreError::from)?;
+        let current = image::overlay_size(&vm.disk(), &programs)?.max(old.disk);
         new.disk = disk_target(d, current)?;
-        image::grow_overlay(&vm.disk(), new.disk)?;
+        image::grow_overlay(&vm.disk(), new.disk, &programs)?;
     }
     if new != old {
         store::write_json(&vm.spec(), &new)?;

@@ -105,7 +105,7 @@ fn executable(p: &Path) -> bool {
 /// PATH.
 pub fn find() -> Option<PathBuf> {
     if crate::trust::as_root() {
-        return crate::trust::which("passt");
+        return crate::trust::Programs::default().which("passt");
     }
     if let Some(p) = std::env::var_os(ENV) {
         let p = PathBuf::from(p);
@@ -115,7 +115,7 @@ pub fn find() -> Option<PathBuf> {
         .iter()
         .map(|d| Path::new(d).join("passt"))
         .find(|p| executable(p))
-        .or_else(|| crate::trust::which("passt"))
+        .or_else(|| crate::trust::Programs::default().which("passt"))
 }
 
 /// Finds passt and checks that it has the options nox uses.
