@@ -542,7 +542,8 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let dir = dir
                 .or_else(|| systemd::default_dir(scope))
                 .context("no unit directory; pass --dir")?;
-            let path = systemd::install(&dir, &std::env::current_exe()?, scope)?;
+            let path =
+                systemd::install(&dir, &std::env::current_exe()?, scope, &store.programs()?)?;
             println!("Installed {}", path.display());
             if !systemd::booted() {
                 println!("systemd is not running here; the unit takes effect where it does");
@@ -564,9 +565,10 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let spec = vm.load_spec()?;
             // A VM already running under a supervisor of its own: systemd's
             // would only find it locked. Enable for the next boot only.
+            let programs = store.programs()?;
             let elsewhere =
-                crate::state::load(&vm)?.state.is_active() && !systemd::is_active(&name);
-            systemd::enable(&name, spec.restart, !elsewhere)?;
+                crate::state::load(&vm)?.state.is_active() && !systemd::is_active(&name, &programs);
+            systemd::enable(&name, spec.restart, !elsewhere, &programs)?;
             println!("{name} starts at boot ({})", systemd::unit_name(&name));
             if elsewhere {
                 println!("{name} is running outside systemd; systemd runs it from its next start");
@@ -576,7 +578,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Disable { name } => {
             store.vm(&name)?;
             systemd::check_store(&store, &name)?;
-            systemd::disable(&name)?;
+            systemd::disable(&name, &store.programs()?)?;
             println!("{name} no longer starts at boot");
             Ok(0)
         }
@@ -713,7 +715,7 @@ async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         );
     }
     if a.no_start {
-        if let Some(w) = user_net_warning(&spec) {
+        if let Some(w) = user_net_warning(store, &spec) {
             eprintln!("{w}");
         }
     } else if let Err(e) = start_quiet(store, &name, a.wait, a.timeout, a.json) {
@@ -748,7 +750,7 @@ fn start_quiet(store: &Store, name: &str, wait: bool, timeout: u64, quiet: bool)
     if let Some(w) = accel_warning(&vmp)? {
         eprintln!("{w}");
     }
-    if let Some(w) = user_net_warning(&vmp.load_spec()?) {
+    if let Some(w) = user_net_warning(store, &vmp.load_spec()?) {
         eprintln!("{w}");
     }
     match vm::start(store, name, t).with_context(|| format!("cannot start {name}"))? {
@@ -768,11 +770,13 @@ fn start_quiet(store: &Store, name: &str, wait: bool, timeout: u64, quiet: bool)
 }
 
 /// The warning when user-mode networking falls back to qemu's slirp.
-fn user_net_warning(spec: &crate::spec::VmSpec) -> Option<String> {
+fn user_net_warning(store: &Store, spec: &crate::spec::VmSpec) -> Option<String> {
     if spec.network != NetworkSpec::User {
         return None;
     }
-    match crate::net::attach::choose_user_net(&spec.network) {
+    // A config.json that cannot say which passt: start says so itself.
+    let programs = store.programs().ok()?;
+    match crate::net::attach::choose_user_net(&spec.network, &programs) {
         Ok(crate::net::attach::UserNet::Slirp { warning }) => warning,
         _ => None,
     }
@@ -1725,7 +1729,7 @@ async fn doctor(store: &Store) -> Result<i32> {
     let (net, why) = vm::default_network().await;
     c.report(Check::Ok, "default network", format!("{net} ({why})"));
     // Not a failure: user-mode networking still works through slirp.
-    match crate::net::passt::probe() {
+    match crate::net::passt::probe(&store.programs()?) {
         Ok(b) => c.report(
             Check::Ok,
             "passt",

@@ -552,6 +552,8 @@ async fn spawn_connected(
     rec: &mut Recorder<'_>,
     warm: Option<&crate::warm::Pending>,
 ) -> Result<Live, SupervisorError> {
+    // passt, like qemu, is the store's (config.json `binaries`).
+    let programs = vm.programs().map_err(StoreError::from)?;
     // The port may be taken between our probe and qemu's bind: retry.
     let mut attempt = 0;
     loop {
@@ -567,7 +569,7 @@ async fn spawn_connected(
             dir: &vm.passt_dir(),
             runas: jail.passt_ids().map(|i| (i.uid, i.gid)),
         };
-        let mut net = attach(spec, &passt).await?;
+        let mut net = attach(spec, &passt, &programs).await?;
         let mut launch = qemu::Launch {
             spec,
             paths: vm,

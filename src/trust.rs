@@ -145,6 +145,11 @@ impl Programs {
         Programs { configured, config }
     }
 
+    /// Whether config.json `binaries` names `program`.
+    pub fn configures(&self, program: &str) -> bool {
+        self.configured.contains_key(program)
+    }
+
     /// Where `program` is: configured, else (root) in [`SYSTEM_PATH`], else in `PATH`.
     pub fn find(&self, program: &str, root: bool, path_env: Option<&std::ffi::OsStr>) -> Found {
         if let Some(p) = self.configured.get(program) {

@@ -182,7 +182,8 @@ pub async fn create(store: &Store, o: &CreateOptions) -> Result<Created, VmError
     if network.is_user_mode() {
         // `--network passt` on a host without a usable passt fails here, with
         // nothing made; `user` falls back to slirp (the CLI warns).
-        crate::net::attach::choose_user_net(&network)?;
+        let programs = store.programs().map_err(StoreError::from)?;
+        crate::net::attach::choose_user_net(&network, &programs)?;
         crate::net::attach::check_publish(&o.publish)?;
     }
     if static_ip.is_some() && network.is_user_mode() {
@@ -481,12 +482,14 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
     if state::load(&vm)?.state.is_active() {
         return Ok(Started::AlreadyRunning);
     }
-    if crate::systemd::is_enabled(name) {
+    let programs = store.programs().map_err(StoreError::from)?;
+    if crate::systemd::is_enabled(name, &programs) {
         // systemd owns this VM: start it there so both views agree
         // (Type=notify: systemctl returns once the supervisor is READY).
         crate::systemd::systemctl(
             crate::systemd::Scope::System,
             &["start", &crate::systemd::unit_name(name)],
+            &programs,
         )
         .map_err(|e| VmError::StartFailed {
             name: name.into(),
@@ -594,11 +597,13 @@ pub async fn stop(
     if !st.state.is_active() {
         return Ok(Stopped::AlreadyStopped);
     }
-    if crate::systemd::is_enabled(name) && !force {
+    let programs = store.programs().map_err(StoreError::from)?;
+    if crate::systemd::is_enabled(name, &programs) && !force {
         // Through systemd, so it does not restart what we stop. systemd sends
         // SIGTERM: the supervisor powers the guest down.
         let unit = crate::systemd::unit_name(name);
-        if crate::systemd::systemctl(crate::systemd::Scope::System, &["stop", &unit]).is_ok()
+        if crate::systemd::systemctl(crate::systemd::Scope::System, &["stop", &unit], &programs)
+            .is_ok()
             && wait_unlocked(&vm, timeout).await?
         {
             return Ok(Stopped::Gracefully);
@@ -736,7 +741,8 @@ pub async fn delete(store: &Store, name: &str, force: bool) -> Result<(), VmErro
             // Holding the lock: no supervisor can start while we remove.
             // An enabled unit of a deleted VM would fail at every boot.
             if crate::systemd::manages(store) {
-                crate::systemd::forget(name).map_err(|e| VmError::Systemd {
+                let programs = store.programs().map_err(StoreError::from)?;
+                crate::systemd::forget(name, &programs).map_err(|e| VmError::Systemd {
                     name: name.into(),
                     source: e,
                 })?;
