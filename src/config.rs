@@ -5,7 +5,12 @@
 //! Every other module receives the typed part it needs from here.
 //!
 //! A malformed file is one error naming the file, the line and column and
-//! the field. The parts that choose what nox runs or trusts (`defaults`,
+//! the field. Not valid JSON (or not readable) fails every reader of the
+//! file; a bad value in one top-level part (`defaults`, `binaries`, `jail`,
+//! `mirror`/`mirrors`, `max_image_size`) is kept with that part and fails
+//! only what uses it (`defaults`: `create` and `config show`; mirrors and
+//! `max_image_size`: downloads), so `nox list` works beside a typo in
+//! `defaults`. The parts that choose what nox runs or trusts (`defaults`,
 //! `binaries`, `jail`) count only when the file is owned by the user nox
 //! runs as and not writable by group or others; that is checked when such a
 //! part is asked for, so a file that others may write but that holds only
@@ -14,9 +19,10 @@
 //! Precedence of `defaults`: a flag, then `defaults` here, then nox's
 //! built-in default.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
@@ -76,6 +82,10 @@ pub enum ConfigError {
         key: &'static str,
         why: &'static str,
     },
+    /// A part of the file found invalid when it was read, reported (as it
+    /// was found: a [`ConfigError::Parse`]) when that part is used.
+    #[error(transparent)]
+    Part(Arc<ConfigError>),
 }
 
 /// `defaults` in config.json. Every field is optional; a missing one falls
@@ -238,9 +248,11 @@ pub struct Config {
     /// Program name → absolute path.
     binaries: Option<BTreeMap<String, PathBuf>>,
     jail: Option<UidRange>,
-    pub mirrors: Mirrors,
+    mirrors: Mirrors,
     /// The most bytes one image download may bring.
-    pub max_image_size: u64,
+    max_image_size: u64,
+    /// Top-level keys whose value is invalid (see [`KEYS`]), with why.
+    invalid: BTreeMap<&'static str, Arc<ConfigError>>,
     /// Top-level keys no part of nox reads (a typo of `defaults`, say).
     pub unknown_keys: Vec<String>,
 }
@@ -253,6 +265,26 @@ impl Config {
             max_image_size: DEFAULT_MAX_IMAGE_BYTES,
             ..Config::default()
         }
+    }
+
+    /// Fails if any of `keys` held an invalid value.
+    fn valid(&self, keys: &[&str]) -> Result<(), ConfigError> {
+        match keys.iter().find_map(|k| self.invalid.get(k)) {
+            Some(e) => Err(ConfigError::Part(e.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// `mirror` and `mirrors` (none: upstream).
+    pub fn mirrors(&self) -> Result<&Mirrors, ConfigError> {
+        self.valid(&["mirror", "mirrors"])?;
+        Ok(&self.mirrors)
+    }
+
+    /// The most bytes one image download may bring.
+    pub fn max_image_size(&self) -> Result<u64, ConfigError> {
+        self.valid(&["max_image_size"])?;
+        Ok(self.max_image_size)
     }
 
     fn owner_check(&self, key: &'static str, why: &'static str) -> Result<(), ConfigError> {
@@ -269,6 +301,7 @@ impl Config {
 
     /// `defaults` (none: all built-in). Refused from a file others may write.
     pub fn defaults(&self) -> Result<Defaults, ConfigError> {
+        self.valid(&["defaults"])?;
         match &self.defaults {
             None => Ok(Defaults::default()),
             Some(d) => {
@@ -281,6 +314,7 @@ impl Config {
     /// The programs nox runs: `binaries` over the system's. Refused from a
     /// file others may write (it would choose what root runs).
     pub fn programs(&self) -> Result<Programs, ConfigError> {
+        self.valid(&["binaries"])?;
         match &self.binaries {
             None => Ok(Programs::default()),
             Some(b) => {
@@ -293,6 +327,7 @@ impl Config {
     /// The jail's uid range (none: the default). Refused from a file others
     /// may write (it would choose the uids VMs run as).
     pub fn jail(&self) -> Result<UidRange, ConfigError> {
+        self.valid(&["jail"])?;
         match self.jail {
             None => Ok(UidRange::default()),
             Some(r) => {
@@ -313,14 +348,33 @@ struct File {
     max_image_size: Option<MaxImageSize>,
     /// Keys nothing reads, kept to be named.
     unknown: Vec<String>,
+    /// Keys of [`KEYS`] whose value is invalid, with why.
+    invalid: BTreeMap<&'static str, Arc<ConfigError>>,
+}
+
+/// The top-level keys nox reads, each checked on its own.
+const KEYS: &[&str] = &[
+    "defaults",
+    "binaries",
+    "jail",
+    "mirror",
+    "mirrors",
+    "max_image_size",
+];
+
+/// Reads a [`File`], passing over the values of `skip` (keys already found
+/// invalid).
+struct FileSeed<'a> {
+    skip: &'a BTreeSet<&'static str>,
 }
 
 // By hand rather than `#[serde(flatten)]`, which buffers the whole object
 // and so loses the line and column of an error inside a value.
-impl<'de> Deserialize<'de> for File {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<File, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
+impl<'de> serde::de::DeserializeSeed<'de> for FileSeed<'_> {
+    type Value = File;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<File, D::Error> {
+        struct V<'a>(&'a BTreeSet<&'static str>);
+        impl<'de> serde::de::Visitor<'de> for V<'_> {
             type Value = File;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
@@ -329,6 +383,9 @@ impl<'de> Deserialize<'de> for File {
                 let mut file = File::default();
                 while let Some(key) = m.next_key::<String>()? {
                     match key.as_str() {
+                        k if self.0.contains(k) => {
+                            m.next_value::<serde::de::IgnoredAny>()?;
+                        }
                         "defaults" => file.defaults = m.next_value()?,
                         "binaries" => file.binaries = m.next_value()?,
                         "jail" => file.jail = m.next_value()?,
@@ -344,7 +401,7 @@ impl<'de> Deserialize<'de> for File {
                 Ok(file)
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(V(self.skip))
     }
 }
 
@@ -430,6 +487,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             mirrors: file.mirrors.unwrap_or_default(),
         },
         max_image_size: file.max_image_size.map_or(DEFAULT_MAX_IMAGE_BYTES, |m| m.0),
+        invalid: file.invalid,
         unknown_keys: file.unknown,
     })
 }
@@ -438,31 +496,61 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 #[cfg(test)]
 pub(crate) fn test_mirrors(text: &str) -> Mirrors {
     let f = parse(Path::new("config.json"), text.as_bytes()).unwrap();
+    assert!(f.invalid.is_empty(), "{:?}", f.invalid);
     Mirrors {
         mirror: f.mirror,
         mirrors: f.mirrors.unwrap_or_default(),
     }
 }
 
+/// Parses the file. Not JSON (or not an object) is an error; a bad value
+/// under one of [`KEYS`] is kept in [`File::invalid`] and the file read
+/// again past it, until the rest is read (at most once per key), so each
+/// error keeps serde_json's own line and column.
 fn parse(path: &Path, data: &[u8]) -> Result<File, ConfigError> {
-    let de = &mut serde_json::Deserializer::from_slice(data);
-    let file: File = serde_path_to_error::deserialize(de).map_err(|e| {
-        let field = e.path().to_string();
-        let source = e.into_inner();
-        let what = if source.is_syntax() || source.is_eof() || field == "." {
-            "not valid JSON".to_string()
-        } else {
-            format!("invalid `{field}`")
+    let mut invalid: BTreeMap<&'static str, Arc<ConfigError>> = BTreeMap::new();
+    loop {
+        let skip: BTreeSet<&'static str> = invalid.keys().copied().collect();
+        let mut track = serde_path_to_error::Track::new();
+        let de = &mut serde_json::Deserializer::from_slice(data);
+        let seed = FileSeed { skip: &skip };
+        let source = match serde::de::DeserializeSeed::deserialize(
+            seed,
+            serde_path_to_error::Deserializer::new(de, &mut track),
+        ) {
+            Ok(mut file) => {
+                file.invalid = invalid;
+                return Ok(file);
+            }
+            Err(e) => e,
         };
-        ConfigError::Parse {
+        let field = track.path();
+        let syntax = source.is_syntax() || source.is_eof();
+        let key = match field.iter().next() {
+            Some(serde_path_to_error::Segment::Map { key }) if !syntax => {
+                KEYS.iter().copied().find(|k| k == key)
+            }
+            _ => None,
+        };
+        let what = if key.is_some() {
+            format!("invalid `{field}`")
+        } else {
+            "not valid JSON".to_string()
+        };
+        let e = ConfigError::Parse {
             path: path.to_owned(),
             line: source.line(),
             column: source.column(),
             what,
             source,
+        };
+        match key {
+            Some(k) if !invalid.contains_key(k) => {
+                invalid.insert(k, Arc::new(e));
+            }
+            _ => return Err(e),
         }
-    })?;
-    Ok(file)
+    }
 }
 
 /// Deserialises a string checked by `check` inside the string visitor, so

@@ -125,8 +125,10 @@ impl Store {
     /// The store for this process: `NOX_HOME`, else `/var/lib/nox` + `/run/nox`
     /// for root, else `~/.nox`. As root the directories must be root's alone
     /// ([`crate::trust::check_state_dir`]). Its `config.json` is read here
-    /// (as [`Store::at`] reads it on first use), so a malformed one, or
-    /// `binaries` that others may write, refuses every command at once.
+    /// (as [`Store::at`] reads it on first use), so one that is not JSON,
+    /// or bad or others-writable `binaries` (what every command may run),
+    /// refuses every command at once; a bad value in another part fails
+    /// only the commands that use that part (crate::config).
     pub fn from_env() -> Result<Store, StoreError> {
         let store = Store::env_paths()?;
         let store = if crate::trust::as_root() {

@@ -108,9 +108,14 @@ impl Cache {
         }
     }
 
-    /// The mirror of a distro, from the environment and the store's config.
-    pub fn mirror(&self, distro: Distro) -> Mirror {
-        mirror_for(distro, |k| std::env::var(k).ok(), &self.config.mirrors)
+    /// The mirror of a distro, from the environment and the store's config
+    /// (a bad `mirror`/`mirrors` there fails here, when a download needs it).
+    pub fn mirror(&self, distro: Distro) -> Result<Mirror, ImageError> {
+        Ok(mirror_for(
+            distro,
+            |k| std::env::var(k).ok(),
+            self.config.mirrors()?,
+        ))
     }
 
     /// The image and checksum-file URLs of a catalog image, mirror applied.
@@ -118,7 +123,7 @@ impl Cache {
         let e = super::parse_source(name, arch).and_then(|_| {
             catalog_entry(name).ok_or_else(|| ImageError::NotFound(name.to_string()))
         })?;
-        let base = self.mirror(e.distro).base;
+        let base = self.mirror(e.distro)?.base;
         Ok((
             format!("{base}{}", e.image_path(arch)),
             format!("{base}{}", e.sums_path(arch)),
@@ -142,7 +147,7 @@ impl Cache {
         {
             return Ok(img);
         }
-        let mirror = self.mirror(entry.distro);
+        let mirror = self.mirror(entry.distro)?;
         if mirror.base.starts_with("http://") && !(mirror.allow_http || opts.insecure) {
             return Err(ImageError::InsecureMirror { url: mirror.base });
         }
@@ -343,6 +348,8 @@ impl Cache {
             self.record_download(want, &img)?;
             return self.maybe_name(img, want.name);
         }
+        // A bad `max_image_size` fails here, before anything is downloaded.
+        let max = self.config.max_image_size()?;
         let key = sha256_hex(want.url.as_bytes());
         let part = self.tmp_dir().join(format!("{key}.part"));
         let part_meta = self.tmp_dir().join(format!("{key}.part.json"));
@@ -358,7 +365,6 @@ impl Cache {
             let _ = fs::remove_file(&part);
             super::write_json_atomic(&part_meta, &meta)?;
         }
-        let max = self.config.max_image_size;
         let result = self.download_verify(want, opts, &part, max).await;
         let img = match result {
             Ok((sha256, sha512)) => {
