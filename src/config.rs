@@ -213,7 +213,14 @@ impl<'de> Deserialize<'de> for MirrorEntry {
             Url(String),
             Full(Full),
         }
-        Ok(match Raw::deserialize(d)? {
+        // Untagged's own error ("did not match any variant") says nothing.
+        let raw = Raw::deserialize(d).map_err(|_: D::Error| {
+            serde::de::Error::custom(
+                "expected a URL or {\"url\": …, \"allow_http\": true|false, \
+                 \"unsigned\": true|false, \"keys\": [files]}",
+            )
+        })?;
+        Ok(match raw {
             Raw::Url(url) => MirrorEntry {
                 url,
                 ..MirrorEntry::default()
@@ -805,6 +812,16 @@ mod tests {
         assert_eq!(j["network"], "bridge:br1");
     }
 
+    /// The first error of any part of `c`.
+    fn first_error(c: &Config) -> Option<ConfigError> {
+        c.defaults()
+            .err()
+            .or_else(|| c.programs().err())
+            .or_else(|| c.jail().err())
+            .or_else(|| c.mirrors().err())
+            .or_else(|| c.max_image_size().err())
+    }
+
     #[test]
     fn errors_name_file_line_and_field() {
         let t = tempfile::tempdir().unwrap();
@@ -865,11 +882,104 @@ mod tests {
         ];
         for (text, line, field) in cases {
             let p = write(t.path(), text);
-            let e = load(&p).unwrap_err();
+            // Not JSON: at once; a bad value: when its part is asked for.
+            let e = match load(&p) {
+                Err(e) => e,
+                Ok(c) => first_error(&c).unwrap_or_else(|| panic!("{text}: no error")),
+            };
             let msg = e.to_string();
             assert!(msg.starts_with(&p.display().to_string()), "{msg}");
             assert!(msg.contains(line), "{text}: {msg}");
             assert!(msg.contains(field), "{text}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_bad_part_fails_only_its_own_use() {
+        let t = tempfile::tempdir().unwrap();
+        let p = write(
+            t.path(),
+            "{\n  \"defaults\": {\"memory\": \"12Q\"},\n  \"jail\": {\"uid_base\": 80000, \"uid_count\": 5},\n  \"mirrors\": {\"debian\": 5},\n  \"max_image_size\": \"2G\",\n  \"defualts\": 1\n}",
+        );
+        let c = load(&p).expect("only not-JSON fails the whole file");
+        let e = c.defaults().unwrap_err().to_string();
+        assert!(
+            e.contains("line 2") && e.contains("`defaults.memory`"),
+            "{e}"
+        );
+        let e = c.mirrors().unwrap_err().to_string();
+        assert!(
+            e.contains("line 4") && e.contains("`mirrors.debian`"),
+            "{e}"
+        );
+        // The parts read past the bad ones are intact.
+        assert_eq!(
+            c.jail().unwrap(),
+            UidRange {
+                base: 80000,
+                count: 5
+            }
+        );
+        assert_eq!(c.max_image_size().unwrap(), 2 << 30);
+        assert_eq!(c.programs().unwrap(), Programs::default());
+        assert_eq!(c.unknown_keys, vec!["defualts".to_string()]);
+        // The error found when reading, the same each time it is asked for.
+        assert!(matches!(c.defaults(), Err(ConfigError::Part(_))));
+        assert_eq!(
+            c.defaults().unwrap_err().to_string(),
+            c.defaults().unwrap_err().to_string()
+        );
+        // `mirror` and `mirrors` are one part: either bad fails both.
+        let p = write(
+            t.path(),
+            r#"{"mirror": ["x"], "mirrors": {"debian": "http://d/"}}"#,
+        );
+        let c = load(&p).unwrap();
+        let e = c.mirrors().unwrap_err().to_string();
+        assert!(e.contains("`mirror`"), "{e}");
+        assert!(c.defaults().is_ok() && c.max_image_size().is_ok());
+        // Not JSON anywhere, or not an object: the whole file.
+        for text in [
+            "{\"defaults\": {\"memory\": \"1G\",}}",
+            "{\"mirrors\": {\"debian\": }}",
+            "[1]",
+        ] {
+            let p = write(t.path(), text);
+            match load(&p) {
+                Err(ConfigError::Parse { what, .. }) => {
+                    assert_eq!(what, "not valid JSON", "{text}")
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn max_image_size_as_a_number_or_a_size() {
+        let t = tempfile::tempdir().unwrap();
+        for (text, want) in [
+            (r#"{"max_image_size": 1048576}"#, 1u64 << 20),
+            (r#"{"max_image_size": "1M"}"#, 1 << 20),
+            (r#"{"max_image_size": "100G"}"#, 100 << 30),
+            (r#"{"max_image_size": 18446744073709551615}"#, u64::MAX),
+            ("{}", DEFAULT_MAX_IMAGE_BYTES),
+        ] {
+            let c = load(&write(t.path(), text)).unwrap();
+            assert_eq!(c.max_image_size().unwrap(), want, "{text}");
+        }
+        assert_eq!(
+            Config::absent(Path::new("/none")).max_image_size().unwrap(),
+            DEFAULT_MAX_IMAGE_BYTES
+        );
+        for text in [
+            r#"{"max_image_size": 0}"#,
+            r#"{"max_image_size": "0M"}"#,
+            r#"{"max_image_size": 1.5}"#,
+            r#"{"max_image_size": "12"}"#,
+        ] {
+            let c = load(&write(t.path(), text)).unwrap();
+            let e = c.max_image_size().unwrap_err().to_string();
+            assert!(e.contains("`max_image_size`"), "{text}: {e}");
         }
     }
 

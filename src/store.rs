@@ -743,6 +743,65 @@ mod tests {
         (t, s)
     }
 
+    fn write_config(s: &Store, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(s.root()).unwrap();
+        std::fs::write(s.config_path(), text).unwrap();
+        std::fs::set_permissions(s.config_path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    /// config.json is read once per store, on first use, and that one
+    /// reading is shared by the store's clones and its VMs' paths.
+    #[test]
+    fn config_is_read_once_and_shared() {
+        let (_t, s) = store();
+        assert_eq!(s.config_path(), s.root().join("config.json"));
+        write_config(
+            &s,
+            r#"{"binaries": {"qemu-img": "/opt/q/qemu-img"}, "max_image_size": "1G"}"#,
+        );
+        let clone = s.clone();
+        let vm = s.vm_paths(&n("a"));
+        let first = s.config().unwrap();
+        assert_eq!(first.max_image_size().unwrap(), 1 << 30);
+        assert!(s.programs().unwrap().configures("qemu-img"));
+        // Changed on disk after the first read: this store keeps what it read.
+        write_config(&s, r#"{"max_image_size": "2G"}"#);
+        for c in [
+            s.config().unwrap(),
+            clone.config().unwrap(),
+            vm.config().unwrap(),
+        ] {
+            assert!(Arc::ptr_eq(&c, &first));
+        }
+        assert!(vm.programs().unwrap().configures("qemu-img"));
+        // A new store reads the file anew.
+        let fresh = Store::at(s.root().to_owned(), s.run.clone());
+        assert_eq!(fresh.config().unwrap().max_image_size().unwrap(), 2 << 30);
+        assert!(!fresh.programs().unwrap().configures("qemu-img"));
+        assert_eq!(fresh.settings, s.settings, "same file, same settings");
+    }
+
+    /// A file that cannot be read as JSON is an error each time (not kept):
+    /// fixed, the next use reads it. A bad value in a part is no error of
+    /// the store, only of that part.
+    #[test]
+    fn config_errors_are_not_kept_and_parts_fail_alone() {
+        let (_t, s) = store();
+        // No file: every built-in.
+        assert!(!s.config().unwrap().exists);
+        let (_t, s) = store();
+        write_config(&s, "{\"defaults\": ");
+        assert!(matches!(s.config(), Err(ConfigError::Parse { .. })));
+        assert!(s.programs().is_err());
+        write_config(&s, r#"{"defaults": {"memory": "12Q"}}"#);
+        let c = s.config().expect("read again once fixed");
+        assert!(c.exists);
+        assert!(s.programs().is_ok());
+        let e = c.defaults().unwrap_err().to_string();
+        assert!(e.contains("`defaults.memory`"), "{e}");
+    }
+
     #[test]
     fn staging_is_invisible_until_commit() {
         let (_t, s) = store();

@@ -393,6 +393,31 @@ pub fn forget(vm: &str, programs: &Programs) -> Result<(), SystemdError> {
 mod tests {
     use super::*;
 
+    /// systemctl is the one config.json `binaries` names (the store's
+    /// Programs), not the system's.
+    #[test]
+    fn systemctl_is_the_one_programs_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let fake = t.path().join("my-systemctl");
+        std::fs::write(&fake, "#!/bin/sh\necho \"fake $*\"\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let programs = Programs::new(
+            [("systemctl".to_string(), fake)].into(),
+            t.path().join("config.json"),
+        );
+        let out = systemctl(Scope::User, &["is-enabled", "nox@a.service"], &programs).unwrap();
+        assert_eq!(out, "fake --user is-enabled nox@a.service\n");
+        let out = systemctl(Scope::System, &["daemon-reload"], &programs).unwrap();
+        assert_eq!(out, "fake daemon-reload\n");
+        // Named but absent: an error naming systemctl, no other one run.
+        let gone = Programs::new(
+            [("systemctl".to_string(), t.path().join("gone"))].into(),
+            t.path().join("config.json"),
+        );
+        assert!(systemctl(Scope::System, &["daemon-reload"], &gone).is_err());
+    }
+
     #[test]
     fn unit_shape() {
         let u = unit(Path::new("/usr/local/bin/nox"), Scope::System);

@@ -410,6 +410,35 @@ fn passt_errors(log: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The passt config.json `binaries` names is the one found and probed,
+    /// whatever the system has (for root and others alike).
+    #[test]
+    fn passt_is_the_one_programs_name() {
+        use std::os::unix::fs::PermissionsExt;
+        if std::env::var_os(ENV).is_some() && !crate::trust::as_root() {
+            return; // $NOX_PASST comes first for users.
+        }
+        let t = tempfile::tempdir().unwrap();
+        let fake = t.path().join("my-passt");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\ncase \"$1\" in --version) echo 'passt fake-1';; \
+             *) echo '--no-map-gw --fd';; esac\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = t.path().join("config.json");
+        let programs = Programs::new([("passt".to_string(), fake.clone())].into(), cfg.clone());
+        assert_eq!(find(&programs), Some(fake.clone()));
+        let bin = probe(&programs).unwrap();
+        assert_eq!(bin.path, fake);
+        assert_eq!(bin.version(), "passt fake-1");
+        // Named but absent: missing, not some other passt.
+        let gone = Programs::new([("passt".to_string(), t.path().join("gone"))].into(), cfg);
+        assert_eq!(find(&gone), None);
+        assert!(matches!(probe(&gone), Err(PasstError::Missing)));
+    }
+
     #[test]
     fn argv() {
         let publish: Vec<PortForward> = ["127.0.0.1:8080:80", "[::1]:8443:443", "5353:53/udp"]
