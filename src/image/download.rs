@@ -136,7 +136,7 @@ impl Cache {
         arch: &str,
         opts: &PullOptions,
     ) -> Result<Image, ImageError> {
-        let (url, sums_url) = self.catalog_urls(name, arch)?;
+        super::parse_source(name, arch)?;
         let entry = catalog_entry(name).ok_or_else(|| ImageError::NotFound(name.to_string()))?;
         // The verified pull of this catalog name, whatever dated URL it came from: used as it
         // is, offline too, unless upstream is to be asked for something newer.
@@ -147,6 +147,8 @@ impl Cache {
         {
             return Ok(img);
         }
+        // Only now the mirror: a bad `mirrors` entry fails downloads, not a cached image.
+        let (url, sums_url) = self.catalog_urls(name, arch)?;
         let mirror = self.mirror(entry.distro)?;
         if mirror.base.starts_with("http://") && !(mirror.allow_http || opts.insecure) {
             return Err(ImageError::InsecureMirror { url: mirror.base });
