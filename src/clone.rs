@@ -99,7 +99,7 @@ pub fn clone(
         return Err(CloneError::StaticIp(src.to_string()));
     }
     if let Some(snap) = snapshot {
-        let have = crate::snapshot::names(&src_vm.disk())?;
+        let have = crate::snapshot::names(&src_vm)?;
         if !have.iter().any(|h| h == snap) {
             return Err(CloneError::NoSnapshot {
                 vm: src.to_string(),
@@ -115,7 +115,8 @@ pub fn clone(
 
     let staging = store.stage(new)?;
     let vm = store.vm_paths(new).staged(staging.path());
-    copy_overlay(&src_vm.disk(), &src_spec, snapshot, &vm.disk())?;
+    let programs = vm.programs().map_err(StoreError::from)?;
+    copy_overlay(&src_vm.disk(), &src_spec, snapshot, &vm.disk(), &programs)?;
     if src_vm.efi_vars().exists() {
         // The UEFI boot entries belong with the disk.
         std::fs::copy(src_vm.efi_vars(), vm.efi_vars()).map_err(io(&vm.efi_vars()))?;
@@ -184,6 +185,7 @@ fn copy_overlay(
     spec: &VmSpec,
     snap: Option<&str>,
     dst: &Path,
+    programs: &crate::trust::Programs,
 ) -> Result<(), CloneError> {
     let base = std::path::absolute(&spec.image.path).map_err(io(&spec.image.path))?;
     let base_s = base.to_string_lossy();
@@ -196,7 +198,7 @@ fn copy_overlay(
     }
     pre.extend(["-B", &base_s, "-F", &spec.image.format]);
     let dst_s = dst.to_string_lossy();
-    VmDisk::open(src, false)?.qemu_img(
+    VmDisk::open(src, false, programs)?.qemu_img(
         "convert",
         &pre,
         vmdisk::Chain::On {

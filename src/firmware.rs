@@ -12,6 +12,7 @@
 //! Everything except [`default_search_dirs`] (environment), [`load_descriptors`]
 //! and [`select`] (reading files) and [`prepare_vars`] (writing one) is pure.
 
+use crate::trust::Programs;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
@@ -27,6 +28,8 @@ use crate::qemu_opts::{OptError, Opts};
 /// Errors of firmware lookup and NVRAM preparation.
 #[derive(Debug, thiserror::Error)]
 pub enum FirmwareError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot read firmware descriptor directory {path}")]
     ReadDir { path: PathBuf, source: io::Error },
     #[error("cannot read firmware descriptor {path}")]
@@ -503,7 +506,7 @@ pub fn select(req: &Request, dirs: &[PathBuf]) -> Result<Option<Firmware>, Firmw
 /// place without replacing anything. An existing store is kept (it holds the
 /// guest's boot entries and keys) unless its size shows it was made for
 /// other firmware.
-pub fn prepare_vars(fw: &Firmware, vars: &Path) -> Result<(), FirmwareError> {
+pub fn prepare_vars(fw: &Firmware, vars: &Path, programs: &Programs) -> Result<(), FirmwareError> {
     let Some((template, format)) = vars_template(fw)? else {
         return Ok(());
     };
@@ -514,7 +517,7 @@ pub fn prepare_vars(fw: &Firmware, vars: &Path) -> Result<(), FirmwareError> {
         })?
         .len();
     match fs::metadata(vars) {
-        Ok(_) => return check_existing(vars, template, template_len, format),
+        Ok(_) => return check_existing(vars, template, template_len, format, programs),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => {
             return Err(FirmwareError::Vars {
@@ -523,7 +526,7 @@ pub fn prepare_vars(fw: &Firmware, vars: &Path) -> Result<(), FirmwareError> {
             });
         }
     }
-    to_qcow2(template, format, vars)
+    to_qcow2(template, format, vars, programs)
 }
 
 /// The template a store is made from and its block format.
@@ -548,7 +551,12 @@ fn vars_template(fw: &Firmware) -> Result<Option<(&PathBuf, &str)>, FirmwareErro
 /// all; the old one is removed only once the new one is in place, so a kill
 /// at any point loses nothing (a leftover old store beside a new one is
 /// removed by the next call). Nothing to do without a legacy store.
-pub fn migrate_vars(fw: &Firmware, vars: &Path, legacy: &Path) -> Result<(), FirmwareError> {
+pub fn migrate_vars(
+    fw: &Firmware,
+    vars: &Path,
+    legacy: &Path,
+    programs: &Programs,
+) -> Result<(), FirmwareError> {
     let Some((_, format)) = vars_template(fw)? else {
         return Ok(());
     };
@@ -556,7 +564,7 @@ pub fn migrate_vars(fw: &Firmware, vars: &Path, legacy: &Path) -> Result<(), Fir
         return Ok(());
     }
     if !vars.exists() {
-        to_qcow2(legacy, format, vars)?;
+        to_qcow2(legacy, format, vars, programs)?;
         tracing::info!(
             "converted UEFI variable store {} to qcow2 {}",
             legacy.display(),
@@ -571,7 +579,12 @@ pub fn migrate_vars(fw: &Firmware, vars: &Path, legacy: &Path) -> Result<(), Fir
 
 /// `qemu-img convert -f FORMAT -O qcow2 SRC` into a temporary file linked
 /// into place as `dst` (never replacing an existing `dst`).
-fn to_qcow2(src: &Path, format: &str, dst: &Path) -> Result<(), FirmwareError> {
+fn to_qcow2(
+    src: &Path,
+    format: &str,
+    dst: &Path,
+    programs: &Programs,
+) -> Result<(), FirmwareError> {
     let verr = |source| FirmwareError::Vars {
         path: dst.to_path_buf(),
         source,
@@ -585,7 +598,8 @@ fn to_qcow2(src: &Path, format: &str, dst: &Path) -> Result<(), FirmwareError> {
         .tempfile_in(dir)
         .map_err(verr)?
         .into_temp_path();
-    let out = crate::trust::command("qemu-img")
+    let out = programs
+        .command("qemu-img")
         .args(["convert", "-q", "-f", format, "-O", "qcow2"])
         .arg(src)
         .arg(&*tmp)
@@ -611,8 +625,9 @@ fn check_existing(
     template: &Path,
     expected: u64,
     format: &str,
+    programs: &Programs,
 ) -> Result<(), FirmwareError> {
-    let found = qcow2_virtual_size(vars)?;
+    let found = qcow2_virtual_size(vars, programs)?;
     // A pflash image must match the chip size the firmware expects; a qcow2
     // template's file size says nothing, so only raw templates are compared.
     if format == "raw" && found != expected {
@@ -628,12 +643,12 @@ fn check_existing(
 
 /// The virtual size of the VM's qcow2 variable store `path` (the jailed
 /// qemu's to write: through a checked descriptor, no backing file opened).
-fn qcow2_virtual_size(path: &Path) -> Result<u64, FirmwareError> {
+fn qcow2_virtual_size(path: &Path, programs: &Programs) -> Result<u64, FirmwareError> {
     let bad = |e: crate::image::vmdisk::VmDiskError| FirmwareError::NotQcow2 {
         path: path.to_path_buf(),
         why: crate::error_chain(&e),
     };
-    crate::image::vmdisk::VmDisk::open(path, false)
+    crate::image::vmdisk::VmDisk::open(path, false, programs)
         .and_then(|d| d.virtual_size())
         .map_err(bad)
 }
@@ -1228,7 +1243,7 @@ mod tests {
         let vars = tmp.path().join("vm/efivars.qcow2");
         fs::create_dir(tmp.path().join("vm")).unwrap();
 
-        prepare_vars(&fw, &vars).unwrap();
+        prepare_vars(&fw, &vars, &Programs::default()).unwrap();
         assert_eq!(&fs::read(&vars).unwrap()[..4], b"QFI\xfb");
         assert_eq!(raw_content(&vars), template);
         let mode = fs::metadata(&vars).unwrap().permissions().mode() & 0o777;
@@ -1236,7 +1251,7 @@ mod tests {
 
         // The guest writes its variables; a restart must keep them.
         let before = fs::read(&vars).unwrap();
-        prepare_vars(&fw, &vars).unwrap();
+        prepare_vars(&fw, &vars, &Programs::default()).unwrap();
         assert_eq!(fs::read(&vars).unwrap(), before);
 
         // No temporary files are left behind.
@@ -1257,10 +1272,10 @@ mod tests {
         let mut guest = template.clone();
         guest[5] = 0xee;
         fs::write(&legacy, &guest).unwrap();
-        migrate_vars(&fw, &vars, &legacy).unwrap();
+        migrate_vars(&fw, &vars, &legacy, &Programs::default()).unwrap();
         assert!(!legacy.exists());
         assert_eq!(raw_content(&vars), guest);
-        prepare_vars(&fw, &vars).unwrap();
+        prepare_vars(&fw, &vars, &Programs::default()).unwrap();
         assert_eq!(
             raw_content(&vars),
             guest,
@@ -1268,11 +1283,11 @@ mod tests {
         );
         // A kill between the conversion and the removal: the new store wins.
         fs::write(&legacy, &template).unwrap();
-        migrate_vars(&fw, &vars, &legacy).unwrap();
+        migrate_vars(&fw, &vars, &legacy, &Programs::default()).unwrap();
         assert!(!legacy.exists());
         assert_eq!(raw_content(&vars), guest);
         // Nothing to migrate: nothing happens.
-        migrate_vars(&fw, &vars, &legacy).unwrap();
+        migrate_vars(&fw, &vars, &legacy, &Programs::default()).unwrap();
     }
 
     #[test]
@@ -1284,9 +1299,9 @@ mod tests {
         let fw = fake_firmware(tmp.path(), &[0u8; 4096]);
         let other = fake_firmware(&tmp.path().join("o"), &[0u8; 8192]);
         let vars = tmp.path().join("efivars.qcow2");
-        prepare_vars(&other, &vars).unwrap();
+        prepare_vars(&other, &vars, &Programs::default()).unwrap();
         let before = fs::read(&vars).unwrap();
-        let err = prepare_vars(&fw, &vars).unwrap_err();
+        let err = prepare_vars(&fw, &vars, &Programs::default()).unwrap_err();
         assert!(matches!(
             err,
             FirmwareError::VarsMismatch {
@@ -1298,7 +1313,7 @@ mod tests {
         assert_eq!(fs::read(&vars).unwrap(), before, "left untouched");
         // A store that is not qcow2 at all.
         fs::write(&vars, [0u8; 100]).unwrap();
-        let err = prepare_vars(&fw, &vars).unwrap_err();
+        let err = prepare_vars(&fw, &vars, &Programs::default()).unwrap_err();
         assert!(matches!(err, FirmwareError::NotQcow2 { .. }), "{err}");
     }
 
@@ -1307,14 +1322,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let fw = fake_firmware(tmp.path(), &[1u8; 10]);
         let vars = tmp.path().join("no-such-dir/efivars.fd");
-        let err = prepare_vars(&fw, &vars).unwrap_err();
+        let err = prepare_vars(&fw, &vars, &Programs::default()).unwrap_err();
         assert!(err.to_string().contains("no-such-dir/efivars.fd"), "{err}");
         // Stateless firmware has nothing to prepare.
         let stateless = Firmware {
             mode: Mode::Stateless,
             ..fw
         };
-        prepare_vars(&stateless, &vars).unwrap();
+        prepare_vars(&stateless, &vars, &Programs::default()).unwrap();
         assert!(!vars.exists());
     }
 

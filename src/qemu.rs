@@ -1,6 +1,7 @@
 //! The qemu command line (a pure function of the VM spec and host facts),
 //! accelerator choice, and the per-architecture facts it needs.
 
+use crate::trust::Programs;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -491,8 +492,9 @@ pub fn firmware_args(
     let vars = fw.needs_vars().then(|| paths.efi_vars());
     if let Some(v) = &vars {
         // Raw stores of older versions become qcow2, which can be snapshotted.
-        firmware::migrate_vars(&fw, v, &paths.efi_vars_legacy())?;
-        firmware::prepare_vars(&fw, v)?;
+        let programs = paths.programs()?;
+        firmware::migrate_vars(&fw, v, &paths.efi_vars_legacy(), &programs)?;
+        firmware::prepare_vars(&fw, v, &programs)?;
     }
     Ok(FirmwareArgs {
         args: firmware::qemu_args(&fw, vars.as_deref())?,
@@ -500,11 +502,9 @@ pub fn firmware_args(
     })
 }
 
-pub use crate::trust::which;
-
 /// The qemu binary for an architecture, or an error naming the package.
-pub fn find_binary(arch: &ArchFacts) -> Result<PathBuf, QemuError> {
-    match crate::trust::program(arch.binary) {
+pub fn find_binary(arch: &ArchFacts, programs: &Programs) -> Result<PathBuf, QemuError> {
+    match programs.program(arch.binary) {
         crate::trust::Found::Yes(p) => Ok(p),
         crate::trust::Found::No(looked) => Err(QemuError::NoBinary {
             binary: arch.binary,

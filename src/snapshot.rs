@@ -117,7 +117,7 @@ struct Entry {
 /// VM's disk locked) and changes nothing.
 pub fn list(vm: &VmPaths) -> Result<Vec<SnapshotInfo>, SnapshotError> {
     let meta = load_meta(vm)?;
-    Ok(table(&vm.disk())?
+    Ok(table(&vm.disk(), vm)?
         .into_iter()
         .map(|e| {
             let m = meta.get(&e.name);
@@ -162,7 +162,7 @@ pub async fn create(
     };
     let t0 = Instant::now();
     let hold = Hold::take(&vm).await?;
-    if table(&vm.disk())?.iter().any(|e| e.name == *snap) {
+    if table(&vm.disk(), &vm)?.iter().any(|e| e.name == *snap) {
         return Err(SnapshotError::Exists {
             vm: name.clone(),
             snap,
@@ -174,10 +174,10 @@ pub async fn create(
         Mode::Offline(_) => {
             let mut done: Vec<&Path> = vec![];
             for f in &files {
-                if let Err(e) = qemu_img(&["-c", &snap], f) {
+                if let Err(e) = qemu_img(&["-c", &snap], f, &vm) {
                     // Nothing half-made: undo the files already done.
                     for d in done {
-                        let _ = qemu_img(&["-d", &snap], d);
+                        let _ = qemu_img(&["-d", &snap], d, &vm);
                     }
                     return Err(e);
                 }
@@ -264,8 +264,8 @@ pub async fn restore(
         Mode::Offline(_) => {
             for f in &snapshot_files(&vm, true)? {
                 // A store made after the snapshot keeps its content.
-                if f == &vm.disk() || table(f)?.iter().any(|e| e.name == **snap) {
-                    qemu_img(&["-a", snap], f)?;
+                if f == &vm.disk() || table(f, &vm)?.iter().any(|e| e.name == **snap) {
+                    qemu_img(&["-a", snap], f, &vm)?;
                 }
             }
             told(&vm, "restored", snap);
@@ -287,8 +287,8 @@ pub async fn delete(store: &Store, name: &VmName, snap: &SnapName) -> Result<(),
         }
         Mode::Offline(_) => {
             for f in snapshot_files(&vm, true)? {
-                if table(&f)?.iter().any(|e| e.name == **snap) {
-                    qemu_img(&["-d", snap], &f)?;
+                if table(&f, &vm)?.iter().any(|e| e.name == **snap) {
+                    qemu_img(&["-d", snap], &f, &vm)?;
                 }
             }
         }
@@ -399,10 +399,11 @@ fn snapshot_files(vm: &VmPaths, offline: bool) -> Result<Vec<PathBuf>, SnapshotE
 /// `qemu-img snapshot ARGS FILE` on a stopped VM's file: through a checked
 /// descriptor, the header's backing name unused (the jailed qemu could have
 /// written it; a snapshot table needs no backing file).
-fn qemu_img(args: &[&str], file: &Path) -> Result<(), SnapshotError> {
+fn qemu_img(args: &[&str], file: &Path, vm: &VmPaths) -> Result<(), SnapshotError> {
     let mut pre = vec!["-q"];
     pre.extend_from_slice(args);
-    VmDisk::open(file, true)?.qemu_img(
+    let programs = vm.programs().map_err(StoreError::from)?;
+    VmDisk::open(file, true, &programs)?.qemu_img(
         "snapshot",
         &pre,
         Chain::Alone,
@@ -414,8 +415,9 @@ fn qemu_img(args: &[&str], file: &Path) -> Result<(), SnapshotError> {
 
 /// The qcow2 snapshot table of `file` (`qemu-img info -U`: also while the
 /// VM runs, under a time limit, no backing file opened).
-fn table(file: &Path) -> Result<Vec<Entry>, SnapshotError> {
-    let out = VmDisk::open(file, false)?.qemu_img(
+fn table(file: &Path, vm: &VmPaths) -> Result<Vec<Entry>, SnapshotError> {
+    let programs = vm.programs().map_err(StoreError::from)?;
+    let out = VmDisk::open(file, false, &programs)?.qemu_img(
         "info",
         &["-U", "--output=json"],
         Chain::Alone,
@@ -428,9 +430,9 @@ fn table(file: &Path) -> Result<Vec<Entry>, SnapshotError> {
     })
 }
 
-/// The names of the internal snapshots of the qcow2 file `disk`.
-pub fn names(disk: &Path) -> Result<Vec<String>, SnapshotError> {
-    Ok(table(disk)?.into_iter().map(|e| e.name).collect())
+/// The names of the internal snapshots of the VM's disk.
+pub fn names(vm: &VmPaths) -> Result<Vec<String>, SnapshotError> {
+    Ok(table(&vm.disk(), vm)?.into_iter().map(|e| e.name).collect())
 }
 
 fn parse_table(json: &[u8]) -> Result<Vec<Entry>, String> {
@@ -445,7 +447,7 @@ fn parse_table(json: &[u8]) -> Result<Vec<Entry>, String> {
 }
 
 fn find(vm: &VmPaths, name: &VmName, snap: &SnapName) -> Result<Entry, SnapshotError> {
-    table(&vm.disk())?
+    table(&vm.disk(), vm)?
         .into_iter()
         .find(|e| e.name == **snap)
         .ok_or_else(|| SnapshotError::NotFound {
@@ -475,7 +477,7 @@ fn update_meta(
 ) -> Result<(), SnapshotError> {
     let mut meta = load_meta(vm)?;
     change(&mut meta);
-    let tags: Vec<String> = table(&vm.disk())?.into_iter().map(|e| e.name).collect();
+    let tags: Vec<String> = table(&vm.disk(), vm)?.into_iter().map(|e| e.name).collect();
     meta.retain(|k, _| tags.contains(k));
     store::write_json(&vm.snapshots_meta(), &meta)?;
     Ok(())

@@ -22,13 +22,16 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
+use crate::config::{Config, ConfigError};
 use crate::ident::{IdentError, VmName};
 use crate::spec::VmSpec;
+use crate::trust::Programs;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -60,6 +63,8 @@ pub enum StoreError {
     Name(#[from] IdentError),
     #[error(transparent)]
     Trust(#[from] crate::trust::TrustError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -73,13 +78,57 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ 
 pub struct Store {
     root: PathBuf,
     run: PathBuf,
+    settings: Settings,
 }
+
+/// A store's `config.json` ([`crate::config::load`]), read once, on first
+/// use, and shared by the store's clones and its VMs' [`VmPaths`]: the one
+/// place every setting (defaults, binaries, jail, mirrors) comes from.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    path: PathBuf,
+    loaded: Arc<OnceLock<Arc<Config>>>,
+}
+
+impl Settings {
+    fn new(path: PathBuf) -> Settings {
+        Settings {
+            path,
+            loaded: Arc::default(),
+        }
+    }
+
+    /// The parsed file (a failure is not kept: the next call reads again).
+    pub fn config(&self) -> Result<Arc<Config>, ConfigError> {
+        if let Some(c) = self.loaded.get() {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(crate::config::load(&self.path)?);
+        Ok(self.loaded.get_or_init(|| c).clone())
+    }
+
+    /// The programs nox runs (config.json `binaries` over the system's).
+    pub fn programs(&self) -> Result<Programs, ConfigError> {
+        self.config()?.programs()
+    }
+}
+
+// Two handles on one file are the same settings.
+impl PartialEq for Settings {
+    fn eq(&self, other: &Settings) -> bool {
+        self.path == other.path
+    }
+}
+impl Eq for Settings {}
 
 impl Store {
     /// The store for this process: `NOX_HOME`, else `/var/lib/nox` + `/run/nox`
     /// for root, else `~/.nox`. As root the directories must be root's alone
-    /// ([`crate::trust::check_state_dir`]). The `binaries` of its
-    /// `config.json` become the programs this process runs.
+    /// ([`crate::trust::check_state_dir`]). Its `config.json` is read here
+    /// (as [`Store::at`] reads it on first use), so one that is not JSON,
+    /// or bad or others-writable `binaries` (what every command may run),
+    /// refuses every command at once; a bad value in another part fails
+    /// only the commands that use that part (crate::config).
     pub fn from_env() -> Result<Store, StoreError> {
         let store = Store::env_paths()?;
         let store = if crate::trust::as_root() {
@@ -92,7 +141,7 @@ impl Store {
         } else {
             store
         };
-        crate::trust::set_programs(crate::trust::Programs::load(&store.config_path())?);
+        store.programs()?;
         Ok(store)
     }
 
@@ -110,7 +159,23 @@ impl Store {
     }
 
     pub fn at(root: PathBuf, run: PathBuf) -> Store {
-        Store { root, run }
+        let settings = Settings::new(root.join("config.json"));
+        Store {
+            root,
+            run,
+            settings,
+        }
+    }
+
+    /// `config.json`, parsed (read once per store).
+    pub fn config(&self) -> Result<Arc<Config>, ConfigError> {
+        self.settings.config()
+    }
+
+    /// The programs nox runs for this store (config.json `binaries`, else
+    /// the system's).
+    pub fn programs(&self) -> Result<Programs, ConfigError> {
+        self.settings.programs()
     }
 
     pub fn root(&self) -> &Path {
@@ -122,9 +187,9 @@ impl Store {
     pub fn vms_dir(&self) -> PathBuf {
         self.root.join("vms")
     }
-    /// Optional settings (`mirror`, `mirrors`); absent is fine.
+    /// Optional settings (crate::config); absent is fine.
     pub fn config_path(&self) -> PathBuf {
-        self.root.join("config.json")
+        self.settings.path.clone()
     }
     /// nox's own QEMU firmware descriptors, the most specific search dir.
     pub fn firmware_dir(&self) -> PathBuf {
@@ -162,6 +227,7 @@ impl Store {
             run: self.run.join(name.as_str()),
             firmware_dir: self.firmware_dir(),
             events: self.events_dir().join(format!("{name}.jsonl")),
+            settings: self.settings.clone(),
         }
     }
 
@@ -293,6 +359,8 @@ pub struct VmPaths {
     pub run: PathBuf,
     firmware_dir: PathBuf,
     events: PathBuf,
+    /// The store's config.json, for what runs a VM (jail range, programs).
+    settings: Settings,
 }
 
 impl VmPaths {
@@ -304,7 +372,16 @@ impl VmPaths {
             run: self.run.clone(),
             firmware_dir: self.firmware_dir.clone(),
             events: self.events.clone(),
+            settings: self.settings.clone(),
         }
+    }
+    /// The store's `config.json` (read once per store).
+    pub fn config(&self) -> Result<Arc<Config>, ConfigError> {
+        self.settings.config()
+    }
+    /// The programs nox runs (config.json `binaries`, else the system's).
+    pub fn programs(&self) -> Result<Programs, ConfigError> {
+        self.settings.programs()
     }
     /// The store's own firmware descriptor directory (shared by all VMs).
     pub fn firmware_dir(&self) -> &Path {
@@ -664,6 +741,65 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let s = Store::at(t.path().join("root"), t.path().join("run"));
         (t, s)
+    }
+
+    fn write_config(s: &Store, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(s.root()).unwrap();
+        std::fs::write(s.config_path(), text).unwrap();
+        std::fs::set_permissions(s.config_path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    /// config.json is read once per store, on first use, and that one
+    /// reading is shared by the store's clones and its VMs' paths.
+    #[test]
+    fn config_is_read_once_and_shared() {
+        let (_t, s) = store();
+        assert_eq!(s.config_path(), s.root().join("config.json"));
+        write_config(
+            &s,
+            r#"{"binaries": {"qemu-img": "/opt/q/qemu-img"}, "max_image_size": "1G"}"#,
+        );
+        let clone = s.clone();
+        let vm = s.vm_paths(&n("a"));
+        let first = s.config().unwrap();
+        assert_eq!(first.max_image_size().unwrap(), 1 << 30);
+        assert!(s.programs().unwrap().configures("qemu-img"));
+        // Changed on disk after the first read: this store keeps what it read.
+        write_config(&s, r#"{"max_image_size": "2G"}"#);
+        for c in [
+            s.config().unwrap(),
+            clone.config().unwrap(),
+            vm.config().unwrap(),
+        ] {
+            assert!(Arc::ptr_eq(&c, &first));
+        }
+        assert!(vm.programs().unwrap().configures("qemu-img"));
+        // A new store reads the file anew.
+        let fresh = Store::at(s.root().to_owned(), s.run.clone());
+        assert_eq!(fresh.config().unwrap().max_image_size().unwrap(), 2 << 30);
+        assert!(!fresh.programs().unwrap().configures("qemu-img"));
+        assert_eq!(fresh.settings, s.settings, "same file, same settings");
+    }
+
+    /// A file that cannot be read as JSON is an error each time (not kept):
+    /// fixed, the next use reads it. A bad value in a part is no error of
+    /// the store, only of that part.
+    #[test]
+    fn config_errors_are_not_kept_and_parts_fail_alone() {
+        let (_t, s) = store();
+        // No file: every built-in.
+        assert!(!s.config().unwrap().exists);
+        let (_t, s) = store();
+        write_config(&s, "{\"defaults\": ");
+        assert!(matches!(s.config(), Err(ConfigError::Parse { .. })));
+        assert!(s.programs().is_err());
+        write_config(&s, r#"{"defaults": {"memory": "12Q"}}"#);
+        let c = s.config().expect("read again once fixed");
+        assert!(c.exists);
+        assert!(s.programs().is_ok());
+        let e = c.defaults().unwrap_err().to_string();
+        assert!(e.contains("`defaults.memory`"), "{e}");
     }
 
     #[test]

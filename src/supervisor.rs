@@ -452,7 +452,7 @@ async fn launch(
     };
     apply(rec, event).map_err(SupervisorError::State)?;
     let arch = qemu::arch_facts(spec.arch);
-    let binary = qemu::find_binary(arch)?;
+    let binary = qemu::find_binary(arch, &vm.programs().map_err(StoreError::from)?)?;
     let firmware = qemu::firmware_args(spec, vm, Some(vm.firmware_dir()))?;
     let (direct, fallback) = direct_boot(vm, spec);
     let mut method = if direct.is_some() {
@@ -552,6 +552,8 @@ async fn spawn_connected(
     rec: &mut Recorder<'_>,
     warm: Option<&crate::warm::Pending>,
 ) -> Result<Live, SupervisorError> {
+    // passt, like qemu, is the store's (config.json `binaries`).
+    let programs = vm.programs().map_err(StoreError::from)?;
     // The port may be taken between our probe and qemu's bind: retry.
     let mut attempt = 0;
     loop {
@@ -567,7 +569,7 @@ async fn spawn_connected(
             dir: &vm.passt_dir(),
             runas: jail.passt_ids().map(|i| (i.uid, i.gid)),
         };
-        let mut net = attach(spec, &passt).await?;
+        let mut net = attach(spec, &passt, &programs).await?;
         let mut launch = qemu::Launch {
             spec,
             paths: vm,

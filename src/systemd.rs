@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::spec::RestartPolicy;
+use crate::trust::Programs;
 
 #[derive(Debug, Error)]
 pub enum SystemdError {
@@ -260,9 +261,14 @@ pub fn check_exe(exe: &Path) -> Result<(), SystemdError> {
 }
 
 /// Writes `nox@.service` into `dir` (atomically) and reloads systemd when it
-/// runs. Returns the unit's path. The system unit runs `exe` as root, so
-/// `exe` must pass [`check_exe`].
-pub fn install(dir: &Path, exe: &Path, scope: Scope) -> Result<PathBuf, SystemdError> {
+/// runs (systemctl from `programs`, the store's). Returns the unit's path.
+/// The system unit runs `exe` as root, so `exe` must pass [`check_exe`].
+pub fn install(
+    dir: &Path,
+    exe: &Path,
+    scope: Scope,
+    programs: &Programs,
+) -> Result<PathBuf, SystemdError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| SystemdError::Io { path, source }
@@ -274,7 +280,7 @@ pub fn install(dir: &Path, exe: &Path, scope: Scope) -> Result<PathBuf, SystemdE
     let path = dir.join("nox@.service");
     crate::store::write_atomic(&path, unit(exe, scope).as_bytes(), 0o644)?;
     if booted() {
-        systemctl(scope, &["daemon-reload"])?;
+        systemctl(scope, &["daemon-reload"], programs)?;
     }
     Ok(path)
 }
@@ -284,8 +290,10 @@ pub fn unit_name(vm: &str) -> String {
     format!("nox@{vm}.service")
 }
 
-pub fn systemctl(scope: Scope, args: &[&str]) -> Result<String, SystemdError> {
-    let mut cmd = crate::trust::command("systemctl");
+/// Runs `systemctl args` (the systemctl of `programs`: config.json
+/// `binaries`, else the system's) and returns what it printed.
+pub fn systemctl(scope: Scope, args: &[&str], programs: &Programs) -> Result<String, SystemdError> {
+    let mut cmd = programs.command("systemctl");
     if scope == Scope::User {
         cmd.arg("--user");
     }
@@ -303,9 +311,10 @@ pub fn systemctl(scope: Scope, args: &[&str]) -> Result<String, SystemdError> {
 }
 
 /// Whether a VM's unit is enabled (so start/stop should go through systemd).
-pub fn is_enabled(vm: &str) -> bool {
+pub fn is_enabled(vm: &str, programs: &Programs) -> bool {
     booted()
-        && crate::trust::command("systemctl")
+        && programs
+            .command("systemctl")
             .args(["is-enabled", "--quiet", &unit_name(vm)])
             .status()
             .map(|s| s.success())
@@ -313,9 +322,10 @@ pub fn is_enabled(vm: &str) -> bool {
 }
 
 /// Whether a VM's unit is active (running, starting or stopping) now.
-pub fn is_active(vm: &str) -> bool {
+pub fn is_active(vm: &str, programs: &Programs) -> bool {
     booted()
-        && crate::trust::command("systemctl")
+        && programs
+            .command("systemctl")
             .args(["is-active", "--quiet", &unit_name(vm)])
             .status()
             .map(|s| s.success())
@@ -324,7 +334,12 @@ pub fn is_active(vm: &str) -> bool {
 
 /// Hands a VM to systemd: writes its restart drop-in, reloads, enables its
 /// unit and, with `now`, starts it (returns once the supervisor is READY).
-pub fn enable(vm: &str, policy: RestartPolicy, now: bool) -> Result<(), SystemdError> {
+pub fn enable(
+    vm: &str,
+    policy: RestartPolicy,
+    now: bool,
+    programs: &Programs,
+) -> Result<(), SystemdError> {
     let dir = dropin_dir(vm);
     std::fs::create_dir_all(&dir).map_err(|source| SystemdError::Io {
         path: dir.clone(),
@@ -332,29 +347,29 @@ pub fn enable(vm: &str, policy: RestartPolicy, now: bool) -> Result<(), SystemdE
     })?;
     let path = dir.join(DROPIN_FILE);
     crate::store::write_atomic(&path, restart_dropin(vm, policy).as_bytes(), 0o644)?;
-    systemctl(Scope::System, &["daemon-reload"])?;
+    systemctl(Scope::System, &["daemon-reload"], programs)?;
     let unit = unit_name(vm);
     let mut args = vec!["enable"];
     if now {
         args.push("--now");
     }
     args.push(&unit);
-    systemctl(Scope::System, &args)?;
+    systemctl(Scope::System, &args, programs)?;
     Ok(())
 }
 
 /// Stops starting a VM at boot (a running VM keeps running).
-pub fn disable(vm: &str) -> Result<(), SystemdError> {
-    systemctl(Scope::System, &["disable", &unit_name(vm)])?;
+pub fn disable(vm: &str, programs: &Programs) -> Result<(), SystemdError> {
+    systemctl(Scope::System, &["disable", &unit_name(vm)], programs)?;
     Ok(())
 }
 
 /// Removes what systemd knows of a VM that is being deleted: disables its
 /// unit, removes its drop-in, forgets a failed state. A no-op for a VM that
 /// was never enabled.
-pub fn forget(vm: &str) -> Result<(), SystemdError> {
-    if is_enabled(vm) {
-        disable(vm)?;
+pub fn forget(vm: &str, programs: &Programs) -> Result<(), SystemdError> {
+    if is_enabled(vm, programs) {
+        disable(vm, programs)?;
     }
     let dir = dropin_dir(vm);
     let had_dropin = dir.exists();
@@ -366,9 +381,9 @@ pub fn forget(vm: &str) -> Result<(), SystemdError> {
     }
     if booted() {
         // Nothing to reset is not an error worth reporting.
-        let _ = systemctl(Scope::System, &["reset-failed", &unit_name(vm)]);
+        let _ = systemctl(Scope::System, &["reset-failed", &unit_name(vm)], programs);
         if had_dropin {
-            systemctl(Scope::System, &["daemon-reload"])?;
+            systemctl(Scope::System, &["daemon-reload"], programs)?;
         }
     }
     Ok(())
@@ -377,6 +392,31 @@ pub fn forget(vm: &str) -> Result<(), SystemdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// systemctl is the one config.json `binaries` names (the store's
+    /// Programs), not the system's.
+    #[test]
+    fn systemctl_is_the_one_programs_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let fake = t.path().join("my-systemctl");
+        std::fs::write(&fake, "#!/bin/sh\necho \"fake $*\"\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let programs = Programs::new(
+            [("systemctl".to_string(), fake)].into(),
+            t.path().join("config.json"),
+        );
+        let out = systemctl(Scope::User, &["is-enabled", "nox@a.service"], &programs).unwrap();
+        assert_eq!(out, "fake --user is-enabled nox@a.service\n");
+        let out = systemctl(Scope::System, &["daemon-reload"], &programs).unwrap();
+        assert_eq!(out, "fake daemon-reload\n");
+        // Named but absent: an error naming systemctl, no other one run.
+        let gone = Programs::new(
+            [("systemctl".to_string(), t.path().join("gone"))].into(),
+            t.path().join("config.json"),
+        );
+        assert!(systemctl(Scope::System, &["daemon-reload"], &gone).is_err());
+    }
 
     #[test]
     fn unit_shape() {
@@ -476,7 +516,7 @@ mod tests {
             e.contains("/bin/nox is mode 775: writable by its group"),
             "{e}"
         );
-        let e = install(&units, &exe, Scope::System).unwrap_err();
+        let e = install(&units, &exe, Scope::System, &Programs::default()).unwrap_err();
         assert!(matches!(e, SystemdError::UntrustedExe { .. }), "{e}");
         assert!(!units.exists(), "nothing written");
         chmod(&exe, 0o755);

@@ -273,7 +273,8 @@ async fn commit_warm(
             "nox has no record of its qemu's command line; restart the VM and commit again".into(),
         )
     })?;
-    let binary = crate::qemu::find_binary(crate::qemu::arch_facts(spec.arch))
+    let programs = vmp.programs().map_err(StoreError::from)?;
+    let binary = crate::qemu::find_binary(crate::qemu::arch_facts(spec.arch), &programs)
         .map_err(|e| no_save(crate::error_chain(&e)))?;
     let qemu = warm::qemu_version(&binary)?;
     let accel = st.accel.clone().unwrap_or_default();
@@ -448,7 +449,7 @@ fn flatten(
         base: &base,
         format: &spec.image.format,
     };
-    let overlay = VmDisk::open(disk, false)?;
+    let overlay = VmDisk::open(disk, false, cache.programs())?;
     let (overlay, _copy) = if live {
         let (c, p) = overlay.private_copy(&tmp_dir)?;
         (c, Some(p))

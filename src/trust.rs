@@ -14,14 +14,13 @@
 //!   (see crate::firmware).
 //!
 //! `config.json` is trusted only when owned by the user nox runs as and not
-//! writable by others ([`owned_by_us`], also used for its `jail` settings).
+//! writable by others ([`owned_by_us`], applied by crate::config to its
+//! `binaries`, `jail` and `defaults`).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
-use serde::Deserialize;
 use thiserror::Error;
 
 /// Where root finds the programs nox runs: sudo's default `secure_path` on
@@ -40,17 +39,6 @@ pub enum TrustError {
     StateDir { path: PathBuf, why: String },
     #[error("{0}: cannot check its owner and mode")]
     Stat(PathBuf, #[source] std::io::Error),
-    #[error("{0}: cannot read the settings")]
-    ConfigRead(PathBuf, #[source] std::io::Error),
-    #[error("{0}: not valid JSON")]
-    ConfigParse(PathBuf, #[source] serde_json::Error),
-    #[error(
-        "{0}: must be owned by the user nox runs as and not writable by others \
-         (its \"binaries\" choose the programs nox runs)"
-    )]
-    ConfigOwner(PathBuf),
-    #[error("{path}: \"binaries\": {name:?} must be an absolute path")]
-    RelativeBinary { path: PathBuf, name: String },
 }
 
 /// Whether nox runs as root (and so trusts nothing from its environment).
@@ -141,16 +129,9 @@ pub fn check_state_dir(path: &Path) -> Result<(), TrustError> {
     Ok(())
 }
 
-/// The settings of `config.json` this module reads.
-#[derive(Debug, Default, Deserialize)]
-struct ConfigFile {
-    /// Program name → absolute path, e.g. `"qemu-system-x86_64":
-    /// "/opt/qemu/bin/qemu-system-x86_64"`.
-    #[serde(default)]
-    binaries: Option<BTreeMap<String, PathBuf>>,
-}
-
-/// The programs config.json names; empty without one.
+/// The programs nox runs: those config.json `binaries` names (resolved
+/// once by crate::config, carried by the store), else the system's. Empty:
+/// none configured.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Programs {
     configured: BTreeMap<String, PathBuf>,
@@ -158,41 +139,15 @@ pub struct Programs {
 }
 
 impl Programs {
-    /// Reads `binaries` from `config` (absent file or key: none). The file
-    /// must pass [`owned_by_us`] when it names programs.
-    pub fn load(config: &Path) -> Result<Programs, TrustError> {
-        let data = match std::fs::read(config) {
-            Ok(d) => d,
-            // No store yet (or none possible: its own error comes later).
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-                ) =>
-            {
-                return Ok(Programs::default());
-            }
-            Err(e) => return Err(TrustError::ConfigRead(config.to_owned(), e)),
-        };
-        let cfg: ConfigFile = serde_json::from_slice(&data)
-            .map_err(|e| TrustError::ConfigParse(config.to_owned(), e))?;
-        let Some(configured) = cfg.binaries else {
-            return Ok(Programs::default());
-        };
-        let meta = std::fs::metadata(config).map_err(|e| TrustError::Stat(config.to_owned(), e))?;
-        if !owned_by_us(&meta) {
-            return Err(TrustError::ConfigOwner(config.to_owned()));
-        }
-        if let Some((name, _)) = configured.iter().find(|(_, p)| !p.is_absolute()) {
-            return Err(TrustError::RelativeBinary {
-                path: config.to_owned(),
-                name: name.clone(),
-            });
-        }
-        Ok(Programs {
-            configured,
-            config: config.to_owned(),
-        })
+    /// `configured`: program name → absolute path, from the `binaries` of
+    /// `config` (a file crate::config has found trustworthy).
+    pub fn new(configured: BTreeMap<String, PathBuf>, config: PathBuf) -> Programs {
+        Programs { configured, config }
+    }
+
+    /// Whether config.json `binaries` names `program`.
+    pub fn configures(&self, program: &str) -> bool {
+        self.configured.contains_key(program)
     }
 
     /// Where `program` is: configured, else (root) in [`SYSTEM_PATH`], else in `PATH`.
@@ -254,39 +209,29 @@ fn executable(p: &Path, root: bool) -> bool {
     judge(m.uid(), m.mode(), false).is_ok() && dir_ok
 }
 
-static PROGRAMS: OnceLock<Programs> = OnceLock::new();
-
-/// Makes the store's `config.json` `binaries` this process's (once; the
-/// store is chosen once per process, by `Store::from_env`).
-pub fn set_programs(p: Programs) {
-    let _ = PROGRAMS.set(p);
-}
-
-/// Where the program nox is to run is, or where it was looked for.
-pub fn program(name: &str) -> Found {
-    PROGRAMS.get().cloned().unwrap_or_default().find(
-        name,
-        as_root(),
-        std::env::var_os("PATH").as_deref(),
-    )
-}
-
-/// Finds a program nox runs: as configured in config.json `binaries`, else
-/// (root) in the system directories, else in PATH (crate::trust::program).
-pub fn which(name: &str) -> Option<PathBuf> {
-    match program(name) {
-        Found::Yes(p) => Some(p),
-        Found::No(_) => None,
+impl Programs {
+    /// Where the program nox is to run as `name` is, or where it was
+    /// looked for: configured, else (root) in [`SYSTEM_PATH`], else in PATH.
+    pub fn program(&self, name: &str) -> Found {
+        self.find(name, as_root(), std::env::var_os("PATH").as_deref())
     }
-}
 
-/// A `Command` for the program nox runs as `name`, resolved by [`program`]
-/// (config.json `binaries`, else the system's directories, else PATH). Not
-/// found: a command by that name, whose spawn then fails naming it.
-pub fn command(name: &str) -> std::process::Command {
-    match program(name) {
-        Found::Yes(p) => std::process::Command::new(p),
-        Found::No(_) => std::process::Command::new(name),
+    /// The program's path, if found (see [`Programs::program`]).
+    pub fn which(&self, name: &str) -> Option<PathBuf> {
+        match self.program(name) {
+            Found::Yes(p) => Some(p),
+            Found::No(_) => None,
+        }
+    }
+
+    /// A `Command` for the program nox runs as `name` (see
+    /// [`Programs::program`]). Not found: a command by that name, whose
+    /// spawn then fails naming it.
+    pub fn command(&self, name: &str) -> std::process::Command {
+        match self.program(name) {
+            Found::Yes(p) => std::process::Command::new(p),
+            Found::No(_) => std::process::Command::new(name),
+        }
     }
 }
 
@@ -365,16 +310,14 @@ mod tests {
 
         // config.json names it: that wins, and must exist.
         let cfg = t.path().join("config.json");
-        std::fs::write(
-            &cfg,
-            format!(
-                r#"{{"binaries": {{"sh": "{}", "gone": "/nonexistent/gone"}}}}"#,
-                fake.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let p = Programs::load(&cfg).unwrap();
+        let p = Programs::new(
+            [
+                ("sh".to_string(), fake.clone()),
+                ("gone".to_string(), PathBuf::from("/nonexistent/gone")),
+            ]
+            .into(),
+            cfg,
+        );
         assert_eq!(p.find("sh", false, None), Found::Yes(fake.clone()));
         let Found::No(why) = p.find("gone", false, None) else {
             panic!("a configured program that does not exist was found");
@@ -382,27 +325,6 @@ mod tests {
         assert!(
             why.contains("/nonexistent/gone") && why.contains("config.json"),
             "{why}"
-        );
-
-        // Others may write it: refused.
-        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o666)).unwrap();
-        assert!(matches!(
-            Programs::load(&cfg),
-            Err(TrustError::ConfigOwner(_))
-        ));
-        std::fs::write(&cfg, r#"{"binaries": {"sh": "bin/sh"}}"#).unwrap();
-        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(matches!(
-            Programs::load(&cfg),
-            Err(TrustError::RelativeBinary { .. })
-        ));
-        // No binaries key, no file: nothing configured, no owner check.
-        std::fs::write(&cfg, r#"{"mirror": "https://example.org"}"#).unwrap();
-        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o666)).unwrap();
-        assert_eq!(Programs::load(&cfg).unwrap(), Programs::default());
-        assert_eq!(
-            Programs::load(&t.path().join("none")).unwrap(),
-            Programs::default()
         );
     }
 }

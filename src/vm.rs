@@ -246,12 +246,14 @@ pub fn start(store: &Store, name: &str, timeout: Duration) -> Result<Started, Vm
     if state::load(&vm)?.state.is_active() {
         return Ok(Started::AlreadyRunning);
     }
-    if crate::systemd::is_enabled(name) {
+    let programs = store.programs().map_err(StoreError::from)?;
+    if crate::systemd::is_enabled(name, &programs) {
         // systemd owns this VM: start it there so both views agree
         // (Type=notify: systemctl returns once the supervisor is READY).
         crate::systemd::systemctl(
             crate::systemd::Scope::System,
             &["start", &crate::systemd::unit_name(name)],
+            &programs,
         )
         .map_err(|e| VmError::StartFailed {
             name: name.into(),
@@ -359,11 +361,13 @@ pub async fn stop(
     if !st.state.is_active() {
         return Ok(Stopped::AlreadyStopped);
     }
-    if crate::systemd::is_enabled(name) && !force {
+    let programs = store.programs().map_err(StoreError::from)?;
+    if crate::systemd::is_enabled(name, &programs) && !force {
         // Through systemd, so it does not restart what we stop. systemd sends
         // SIGTERM: the supervisor powers the guest down.
         let unit = crate::systemd::unit_name(name);
-        if crate::systemd::systemctl(crate::systemd::Scope::System, &["stop", &unit]).is_ok()
+        if crate::systemd::systemctl(crate::systemd::Scope::System, &["stop", &unit], &programs)
+            .is_ok()
             && wait_unlocked(&vm, timeout).await?
         {
             return Ok(Stopped::Gracefully);
@@ -501,7 +505,8 @@ pub async fn delete(store: &Store, name: &str, force: bool) -> Result<(), VmErro
             // Holding the lock: no supervisor can start while we remove.
             // An enabled unit of a deleted VM would fail at every boot.
             if crate::systemd::manages(store) {
-                crate::systemd::forget(name).map_err(|e| VmError::Systemd {
+                let programs = store.programs().map_err(StoreError::from)?;
+                crate::systemd::forget(name, &programs).map_err(|e| VmError::Systemd {
                     name: name.into(),
                     source: e,
                 })?;
@@ -685,9 +690,10 @@ pub fn set(store: &Store, name: &str, o: &SetOptions) -> Result<(VmSpec, VmSpec)
     if let Some(d) = &o.disk {
         // The overlay's own size, not the spec's: they differ if a resize
         // went through and writing spec.json then failed.
-        let current = image::overlay_size(&vm.disk())?.max(old.disk);
+        let programs = vm.programs().map_err(crate::store::StoreError::from)?;
+        let current = image::overlay_size(&vm.disk(), &programs)?.max(old.disk);
         new.disk = disk_target(d, current)?;
-        image::grow_overlay(&vm.disk(), new.disk)?;
+        image::grow_overlay(&vm.disk(), new.disk, &programs)?;
     }
     if new != old {
         store::write_json(&vm.spec(), &new)?;

@@ -461,35 +461,48 @@ fn malformed_config_is_refused_naming_file_line_and_field() {
         "user",
         "--no-start",
     ];
-    let cases: &[(&str, u32, &[&str])] = &[
+    // (text, mode, what the error says, whether commands that read no
+    // `defaults` still work: only not-JSON stops them)
+    let cases: &[(&str, u32, &[&str], bool)] = &[
         (
             "{\n  \"defaults\": {\n    \"memory\": \"12Q\",\n    \"cpus\": 1\n  }\n}\n",
             0o600,
             &["line 3", "`defaults.memory`", "12Q"],
+            true,
         ),
         (
             "{\n  \"defaults\": {\n    \"cpus\": 1,\n    \"memroy\": \"1G\"\n  }\n}\n",
             0o600,
             &["line 4", "`defaults.memroy`", "unknown field"],
+            true,
         ),
         (
             "{\n  \"defaults\": {\n    \"network\": \"tap\"\n  }\n}\n",
             0o600,
             &["line 3", "`defaults.network`"],
+            true,
         ),
         (
             "{\n  \"defaults\": {\n    \"image\": \"x\",\n  }\n}\n",
             0o600,
             &["line 4", "not valid JSON"],
+            false,
         ),
         (
             "{\"defaults\": {\"cpus\": 1}}",
             0o666,
             &["not writable by group or others"],
+            true,
         ),
     ];
-    for (text, mode, wants) in cases {
+    for (text, mode, wants, others_work) in cases {
         let path = write_config(&h, text, *mode);
+        let list = h.nox(&["list"]);
+        assert_eq!(
+            list.status.success(),
+            *others_work,
+            "{text}: nox list: {list:?}"
+        );
         for args in [&create[..], &["config", "show"][..]] {
             let err = h.fails(args);
             assert!(
@@ -512,6 +525,81 @@ fn malformed_config_is_refused_naming_file_line_and_field() {
     let out = h.nox(&["config", "show"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key \"defualts\""));
+}
+
+/// A bad value in `defaults` fails only what reads it (create, config
+/// show): the store's other commands go on, and a VM made before can still
+/// be listed, inspected and deleted. A bad mirror fails only a download.
+#[test]
+fn a_bad_config_part_fails_only_its_users() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let img = img.to_str().unwrap();
+    h.ok(&[
+        "create",
+        "old",
+        "--image",
+        img,
+        "--network",
+        "user",
+        "--no-start",
+    ]);
+    let path = write_config(
+        &h,
+        "{\n  \"defaults\": {\n    \"memory\": \"12Q\"\n  },\n  \"mirrors\": {\"debian\": 5}\n}\n",
+        0o600,
+    );
+    assert!(h.ok(&["list"]).contains("old"));
+    h.info("old");
+    let err = h.fails(&["create", "new", "--image", img, "--no-start"]);
+    assert!(
+        err.contains(&path.display().to_string())
+            && err.contains("line 3")
+            && err.contains("`defaults.memory`"),
+        "{err}"
+    );
+    let err = h.fails(&["image", "pull", "debian-13"]);
+    assert!(
+        err.contains("line 5") && err.contains("`mirrors.debian`"),
+        "{err}"
+    );
+    h.ok(&["delete", "old"]);
+    assert!(vm_dirs(&h).is_empty(), "{:?}", vm_dirs(&h));
+}
+
+/// The passt config.json `binaries` names is the one nox uses (issue 19):
+/// doctor names it, not the system's.
+#[test]
+fn passt_is_the_one_config_json_binaries_names() {
+    if std::env::var_os("NOX_PASST").is_some() && !is_root() {
+        return; // $NOX_PASST comes first for users.
+    }
+    let h = Home::new();
+    let bin = h.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = bin.join("renamed-passt");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\ncase \"$1\" in --version) echo 'passt fake-1';; *) echo '--no-map-gw --fd';; esac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_config(
+        &h,
+        &serde_json::json!({"binaries": {"passt": fake}}).to_string(),
+        0o600,
+    );
+    let out = String::from_utf8(h.nox(&["doctor"]).stdout).unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.contains(" passt: "))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("ok")
+            && line.contains(&format!("passt: {} (passt fake-1", fake.display())),
+        "{out}"
+    );
 }
 
 /// Every qemu-img nox runs comes through the resolver that honours

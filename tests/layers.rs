@@ -22,9 +22,12 @@ const LAYERS: &[(&str, &[&str])] = &[
             "spec",
         ],
     ),
-    ("host", &["trust", "console", "sshkeys", "userkeys", "qmp"]),
+    (
+        "host",
+        &["trust", "config", "console", "sshkeys", "userkeys", "qmp"],
+    ),
     ("store", &["store", "events", "state", "timeline"]),
-    ("image, guest", &["image", "seed", "boot", "config"]),
+    ("image, guest", &["image", "seed", "boot"]),
     (
         "vmm",
         &[

@@ -9,7 +9,7 @@ use std::net::TcpListener;
 
 fn have_passt() -> bool {
     prereq(
-        nox::net::passt::probe().is_ok(),
+        nox::net::passt::probe(&nox::trust::Programs::default()).is_ok(),
         "passt not installed (apt install passt)",
     )
 }
@@ -433,7 +433,7 @@ async fn passt_reports_a_port_it_cannot_bind() {
     if !have_passt() {
         return;
     }
-    let bin = nox::net::passt::probe().unwrap();
+    let bin = nox::net::passt::probe(&nox::trust::Programs::default()).unwrap();
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let fwd: nox::net::forward::PortForward =
         format!("127.0.0.1:{}:80", taken.local_addr().unwrap().port())

@@ -24,7 +24,7 @@ pub async fn config_show(store: &Store, json: bool) -> Result<i32> {
     for w in ops::config_warnings(&cfg) {
         eprintln!("{w}");
     }
-    let v = ops::config_show(&cfg);
+    let v = ops::config_show(&cfg)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);

@@ -106,7 +106,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             follow,
         } => term::events(s, name, json, since.as_deref(), follow).await,
         Cmd::Doctor => doctor::doctor(s).await,
-        Cmd::Systemd(SystemdCmd::Install { dir, user }) => verbs::systemd_install(dir, user),
+        Cmd::Systemd(SystemdCmd::Install { dir, user }) => verbs::systemd_install(s, dir, user),
         Cmd::Systemd(SystemdCmd::Unit { user }) => verbs::systemd_unit(user),
         Cmd::Enable { name } => verbs::enable(s, &name),
         Cmd::Disable { name } => verbs::disable(s, &name),

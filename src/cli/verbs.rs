@@ -43,7 +43,7 @@ pub async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         eprintln!("{w}");
     }
     let (json, no_start, wait, timeout) = (a.json, a.no_start, a.wait, a.timeout);
-    let opts = create_request(a, &cfg);
+    let opts = create_request(a, &cfg).context("cannot create the VM")?;
     let created = ops::create(store, &opts)
         .await
         .context("cannot create the VM")?;
@@ -62,7 +62,7 @@ pub async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         );
     }
     if no_start {
-        if let Some(w) = ops::user_net_warning(&spec) {
+        if let Some(w) = ops::user_net_warning(&store.vm(&name)?, &spec) {
             eprintln!("{w}");
         }
     } else if let Err(e) = start_quiet(store, &name, wait, timeout, json) {
@@ -87,7 +87,10 @@ pub async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
 
 /// `create`'s flags as the operation's request, config.json's defaults
 /// applied where a flag is absent.
-fn create_request(a: CreateArgs, cfg: &crate::config::Config) -> ops::CreateOptions {
+fn create_request(
+    a: CreateArgs,
+    cfg: &crate::config::Config,
+) -> Result<ops::CreateOptions, crate::config::ConfigError> {
     let request = ops::CreateRequest {
         image: a.image,
         cpus: a.cpus,
@@ -97,8 +100,8 @@ fn create_request(a: CreateArgs, cfg: &crate::config::Config) -> ops::CreateOpti
         user: a.user,
         network: a.network,
     };
-    let d = request.resolve(cfg);
-    ops::CreateOptions {
+    let d = request.resolve(cfg)?;
+    Ok(ops::CreateOptions {
         name: a.name,
         image: d.image,
         arch: a.arch,
@@ -122,7 +125,7 @@ fn create_request(a: CreateArgs, cfg: &crate::config::Config) -> ops::CreateOpti
         checksum: a.checksum,
         insecure: a.insecure,
         refresh: a.refresh,
-    }
+    })
 }
 
 pub fn start(store: &Store, name: &str, wait: bool, timeout: u64) -> Result<i32> {
@@ -241,9 +244,9 @@ fn scope(user: bool) -> Scope {
     if user { Scope::User } else { Scope::System }
 }
 
-pub fn systemd_install(dir: Option<std::path::PathBuf>, user: bool) -> Result<i32> {
+pub fn systemd_install(store: &Store, dir: Option<std::path::PathBuf>, user: bool) -> Result<i32> {
     let exe = std::env::current_exe()?;
-    let i = ops::systemd_install(dir.as_deref(), &exe, scope(user))?;
+    let i = ops::systemd_install(dir.as_deref(), &exe, scope(user), &store.programs()?)?;
     println!("Installed {}", i.path.display());
     if !i.booted {
         println!("systemd is not running here; the unit takes effect where it does");

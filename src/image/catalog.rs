@@ -1,6 +1,7 @@
 //! The catalog of known cloud images, image source parsing, checksum files. All pure.
 
 use super::ImageError;
+use crate::config::Mirrors;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,7 +268,7 @@ pub fn newest_alpine_file(index_html: &str, pattern: &str) -> Option<String> {
         .map(|(_, n)| n)
 }
 
-pub const DEFAULT_IMAGE: &str = "debian-13";
+pub const DEFAULT_IMAGE: &str = crate::config::BUILTIN_IMAGE;
 const BOTH: &[&str] = &["amd64", "arm64"];
 
 /// Debian's "latest" directories hold undated names beside SHA512SUMS; Ubuntu's release/
@@ -423,45 +424,32 @@ pub struct Mirror {
 pub fn mirror_for(
     distro: Distro,
     env: impl Fn(&str) -> Option<String>,
-    config: Option<&serde_json::Value>,
+    config: &Mirrors,
 ) -> Mirror {
     let per = format!("NOX_MIRROR_{}", distro.key().to_ascii_uppercase());
-    let entry = config.and_then(|c| c.pointer(&format!("/mirrors/{}", distro.key())));
-    let flag = |k: &str| {
-        entry
-            .and_then(|e| e.get(k))
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false)
-    };
-    let from_entry = entry.and_then(|e| e.as_str().or_else(|| e.get("url")?.as_str()));
+    let entry = config
+        .mirrors
+        .get(distro.key())
+        .filter(|e| !e.url.is_empty());
     let from_env = env(&per)
         .or_else(|| env("NOX_MIRROR"))
         .filter(|s| !s.is_empty());
-    let mut m = match (from_env, from_entry.filter(|s| !s.is_empty())) {
+    let mut m = match (from_env, entry) {
         // An environment override carries none of the config entry's allowances.
         (Some(url), _) => Mirror {
             base: url,
             ..Mirror::default()
         },
-        (None, Some(url)) => Mirror {
-            base: url.to_string(),
-            allow_http: flag("allow_http"),
-            unsigned: flag("unsigned"),
-            keys: entry
-                .and_then(|e| e.get("keys"))
-                .and_then(|k| k.as_array())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str())
-                        .map(PathBuf::from)
-                        .collect()
-                })
-                .unwrap_or_default(),
+        (None, Some(e)) => Mirror {
+            base: e.url.clone(),
+            allow_http: e.allow_http,
+            unsigned: e.unsigned,
+            keys: e.keys.clone(),
         },
         (None, None) => Mirror {
             base: config
-                .and_then(|c| c.get("mirror"))
-                .and_then(|v| v.as_str())
+                .mirror
+                .as_deref()
                 .filter(|s| !s.is_empty())
                 .unwrap_or(distro.base_url())
                 .to_string(),
@@ -478,7 +466,7 @@ pub fn mirror_for(
 pub fn mirror_base(
     distro: Distro,
     env: impl Fn(&str) -> Option<String>,
-    config: Option<&serde_json::Value>,
+    config: &Mirrors,
 ) -> String {
     mirror_for(distro, env, config).base
 }
@@ -640,21 +628,25 @@ mod tests {
     #[test]
     fn mirrors() {
         let none = |_: &str| None;
+        let mirrors = |text: &str| crate::config::test_mirrors(text);
+        let no = Mirrors::default();
         assert_eq!(
-            mirror_base(Distro::Debian, none, None),
+            mirror_base(Distro::Debian, none, &no),
             "https://cloud.debian.org/images/cloud/"
         );
         let env = |k: &str| (k == "NOX_MIRROR").then(|| "http://127.0.0.1:8/m".to_string());
         assert_eq!(
-            mirror_base(Distro::Ubuntu, env, None),
+            mirror_base(Distro::Ubuntu, env, &no),
             "http://127.0.0.1:8/m/"
         );
-        let cfg = serde_json::json!({"mirror": "http://a/", "mirrors": {"ubuntu": "http://u"}});
-        assert_eq!(mirror_base(Distro::Debian, none, Some(&cfg)), "http://a/");
-        assert_eq!(mirror_base(Distro::Ubuntu, none, Some(&cfg)), "http://u/");
-        let cfg = serde_json::json!({"mirrors": {"ubuntu": {"url": "http://u", "allow_http": true,
-            "unsigned": true, "keys": ["/etc/k.asc"]}}});
-        let m = mirror_for(Distro::Ubuntu, none, Some(&cfg));
+        let cfg = mirrors(r#"{"mirror": "http://a/", "mirrors": {"ubuntu": "http://u"}}"#);
+        assert_eq!(mirror_base(Distro::Debian, none, &cfg), "http://a/");
+        assert_eq!(mirror_base(Distro::Ubuntu, none, &cfg), "http://u/");
+        let cfg = mirrors(
+            r#"{"mirrors": {"ubuntu": {"url": "http://u", "allow_http": true,
+            "unsigned": true, "keys": ["/etc/k.asc"]}}}"#,
+        );
+        let m = mirror_for(Distro::Ubuntu, none, &cfg);
         assert_eq!(
             m,
             Mirror {
@@ -665,7 +657,7 @@ mod tests {
             }
         );
         // The environment replaces the URL and drops the entry's allowances.
-        let m = mirror_for(Distro::Ubuntu, env, Some(&cfg));
+        let m = mirror_for(Distro::Ubuntu, env, &cfg);
         assert_eq!(m.base, "http://127.0.0.1:8/m/");
         assert!(!m.allow_http && !m.unsigned && m.keys.is_empty());
     }

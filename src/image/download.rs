@@ -108,21 +108,14 @@ impl Cache {
         }
     }
 
-    fn config(&self) -> Option<serde_json::Value> {
-        serde_json::from_slice(&fs::read(self.config.as_ref()?).ok()?).ok()
-    }
-
-    /// The most bytes one image download may bring (`max_image_size`).
-    fn max_image_bytes(&self) -> Result<u64, ImageError> {
-        max_image_bytes(self.config().as_ref()).map_err(|why| ImageError::MaxImageSize {
-            path: self.config.clone().unwrap_or_default(),
-            why,
-        })
-    }
-
-    /// The mirror of a distro, from the environment and the store's config.
-    pub fn mirror(&self, distro: Distro) -> Mirror {
-        mirror_for(distro, |k| std::env::var(k).ok(), self.config().as_ref())
+    /// The mirror of a distro, from the environment and the store's config
+    /// (a bad `mirror`/`mirrors` there fails here, when a download needs it).
+    pub fn mirror(&self, distro: Distro) -> Result<Mirror, ImageError> {
+        Ok(mirror_for(
+            distro,
+            |k| std::env::var(k).ok(),
+            self.config.mirrors()?,
+        ))
     }
 
     /// The image and checksum-file URLs of a catalog image, mirror applied.
@@ -130,7 +123,7 @@ impl Cache {
         let e = super::parse_source(name, arch).and_then(|_| {
             catalog_entry(name).ok_or_else(|| ImageError::NotFound(name.to_string()))
         })?;
-        let base = self.mirror(e.distro).base;
+        let base = self.mirror(e.distro)?.base;
         Ok((
             format!("{base}{}", e.image_path(arch)),
             format!("{base}{}", e.sums_path(arch)),
@@ -143,7 +136,7 @@ impl Cache {
         arch: &str,
         opts: &PullOptions,
     ) -> Result<Image, ImageError> {
-        let (url, sums_url) = self.catalog_urls(name, arch)?;
+        super::parse_source(name, arch)?;
         let entry = catalog_entry(name).ok_or_else(|| ImageError::NotFound(name.to_string()))?;
         // The verified pull of this catalog name, whatever dated URL it came from: used as it
         // is, offline too, unless upstream is to be asked for something newer.
@@ -154,7 +147,9 @@ impl Cache {
         {
             return Ok(img);
         }
-        let mirror = self.mirror(entry.distro);
+        // Only now the mirror: a bad `mirrors` entry fails downloads, not a cached image.
+        let (url, sums_url) = self.catalog_urls(name, arch)?;
+        let mirror = self.mirror(entry.distro)?;
         if mirror.base.starts_with("http://") && !(mirror.allow_http || opts.insecure) {
             return Err(ImageError::InsecureMirror { url: mirror.base });
         }
@@ -355,6 +350,8 @@ impl Cache {
             self.record_download(want, &img)?;
             return self.maybe_name(img, want.name);
         }
+        // A bad `max_image_size` fails here, before anything is downloaded.
+        let max = self.config.max_image_size()?;
         let key = sha256_hex(want.url.as_bytes());
         let part = self.tmp_dir().join(format!("{key}.part"));
         let part_meta = self.tmp_dir().join(format!("{key}.part.json"));
@@ -370,7 +367,6 @@ impl Cache {
             let _ = fs::remove_file(&part);
             super::write_json_atomic(&part_meta, &meta)?;
         }
-        let max = self.max_image_bytes()?;
         let result = self.download_verify(want, opts, &part, max).await;
         let img = match result {
             Ok((sha256, sha512)) => {
@@ -510,33 +506,6 @@ fn redirect_refusal(
     } else {
         None
     }
-}
-
-/// Default cap on one image download: far above any cloud image (~0.5 GB)
-/// and an installer DVD, far below filling a host's disk by surprise.
-pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 64 << 30;
-
-/// `max_image_size` of config.json (`"64G"`, or a number of bytes), else
-/// [`DEFAULT_MAX_IMAGE_BYTES`].
-fn max_image_bytes(config: Option<&serde_json::Value>) -> Result<u64, String> {
-    let max = match config.and_then(|c| c.get("max_image_size")) {
-        None => return Ok(DEFAULT_MAX_IMAGE_BYTES),
-        Some(serde_json::Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| format!("{n} is not a number of bytes"))?,
-        Some(serde_json::Value::String(s)) => {
-            crate::spec::parse_size("max_image_size", s).map_err(|e| e.to_string())?
-        }
-        Some(v) => {
-            return Err(format!(
-                "{v} is neither a size (\"64G\") nor a number of bytes"
-            ));
-        }
-    };
-    if max == 0 {
-        return Err("0 would refuse every image".into());
-    }
-    Ok(max)
 }
 
 /// Whether an image download past the cap must stop: `total`, the length
@@ -971,22 +940,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn image_size_cap_from_config_and_its_checks() {
-        use serde_json::json;
-        assert_eq!(max_image_bytes(None), Ok(64 << 30));
-        assert_eq!(max_image_bytes(Some(&json!({"mirror": "x"}))), Ok(64 << 30));
-        assert_eq!(
-            max_image_bytes(Some(&json!({"max_image_size": "2G"}))),
-            Ok(2 << 30)
-        );
-        assert_eq!(
-            max_image_bytes(Some(&json!({"max_image_size": 4096}))),
-            Ok(4096)
-        );
-        for bad in [json!("lots"), json!(0), json!(-1), json!(true), json!("12")] {
-            let r = max_image_bytes(Some(&json!({ "max_image_size": bad })));
-            assert!(r.is_err(), "{bad}: {r:?}");
-        }
+    fn image_size_cap_checks() {
+        // The cap itself is config.json's `max_image_size` (crate::config).
         let u = "http://m/i.qcow2";
         assert!(over_image_cap(u, Some(100), 0, 100).is_ok());
         assert!(over_image_cap(u, None, 100, 100).is_ok());

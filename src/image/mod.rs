@@ -16,6 +16,7 @@ pub(crate) mod probe;
 mod verify;
 pub mod vmdisk;
 
+use crate::trust::Programs;
 use vmdisk::VmDisk;
 
 pub use catalog::{
@@ -125,6 +126,8 @@ pub enum ImageError {
     },
     #[error(transparent)]
     VmDisk(#[from] vmdisk::VmDiskError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("{}: disk full", path.display())]
     DiskFull { path: PathBuf },
     #[error(
@@ -139,8 +142,6 @@ pub enum ImageError {
          \"max_image_size\" in config.json raises the cap"
     )]
     ImageTooLarge { url: String, max: u64, what: String },
-    #[error("{}: \"max_image_size\": {why}", path.display())]
-    MaxImageSize { path: PathBuf, why: String },
     #[error(
         "{sums} has no signature ({signature} is missing), although {distro} signs its \
          checksum files: refused (a mirror without signatures needs \"unsigned\": true in its \
@@ -199,18 +200,27 @@ pub(crate) struct SourceRecord {
 #[derive(Debug, Clone)]
 pub struct Cache {
     dir: PathBuf,
-    /// The store's `config.json` (mirrors), when the cache belongs to a store.
-    config: Option<PathBuf>,
+    /// The store's `config.json` (mirrors, `max_image_size`); the built-in
+    /// settings for a cache without a store.
+    config: std::sync::Arc<crate::config::Config>,
+    /// The programs the cache runs (qemu-img), as the store resolved them.
+    programs: crate::trust::Programs,
 }
 
 const SUBDIRS: [&str; 5] = ["blobs", "meta", "sources", "tmp", "locks"];
 
 impl Cache {
-    /// Opens the store's cache, which also reads the store's `config.json`.
+    /// Opens the store's cache, with the store's `config.json` settings.
     pub fn for_store(store: &crate::store::Store) -> Result<Cache, ImageError> {
         let mut cache = Cache::open(&store.images_dir())?;
-        cache.config = Some(store.config_path());
+        cache.config = store.config()?;
+        cache.programs = cache.config.programs()?;
         Ok(cache)
+    }
+
+    /// The programs this cache runs (qemu-img).
+    pub fn programs(&self) -> &crate::trust::Programs {
+        &self.programs
     }
 
     /// Opens (creating, mode 0700) the cache at `dir`, without a config file.
@@ -224,7 +234,11 @@ impl Cache {
                 .create(&d)
                 .map_err(io_err(&d))?;
         }
-        let cache = Cache { dir, config: None };
+        let cache = Cache {
+            config: std::sync::Arc::new(crate::config::Config::absent(Path::new("config.json"))),
+            programs: crate::trust::Programs::default(),
+            dir,
+        };
         // Leftovers of killed imports and day-old partial downloads; a failure here must not
         // stop the command that opened the cache.
         if let Err(e) = cache.clean_tmp(std::time::Duration::from_secs(24 * 3600)) {
@@ -447,7 +461,7 @@ impl Cache {
         if let Ok(img) = self.get(hex) {
             return self.maybe_name(img, name);
         }
-        let info = qemu_img_info(tmp)?;
+        let info = qemu_img_info(tmp, &self.programs)?;
         let size = fs::metadata(tmp).map_err(io_err(tmp))?.len();
         fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).map_err(io_err(tmp))?;
         let blob = self.blob_path(hex);
@@ -681,14 +695,19 @@ pub fn parse_img_info(json: &[u8]) -> Result<ImgInfo, String> {
 
 /// Checks a file's header, then runs `qemu-img info` on it with that format, limited
 /// (see [`probe`]).
-pub fn qemu_img_info(path: &Path) -> Result<ImgInfo, ImageError> {
+pub fn qemu_img_info(path: &Path, programs: &Programs) -> Result<ImgInfo, ImageError> {
     let kind = probe::sniff_path(path)?;
-    probe::qemu_img_info_as(path, kind)
+    probe::qemu_img_info_as(path, kind, programs)
 }
 
 /// Creates a qcow2 overlay backed by `base`, `size` bytes large (default: the base's size).
 /// Refuses to shrink below the base and to overwrite an existing file.
-pub fn create_overlay(base: &Image, overlay: &Path, size: Option<u64>) -> Result<(), ImageError> {
+pub fn create_overlay(
+    base: &Image,
+    overlay: &Path,
+    size: Option<u64>,
+    programs: &Programs,
+) -> Result<(), ImageError> {
     if let Some(s) = size
         && s < base.virtual_size
     {
@@ -711,7 +730,7 @@ pub fn create_overlay(base: &Image, overlay: &Path, size: Option<u64>) -> Result
         .map_err(io_err(dir))?
         .into_temp_path();
     let base_path = std::path::absolute(&base.path).map_err(io_err(&base.path))?;
-    let mut cmd = crate::trust::command("qemu-img");
+    let mut cmd = programs.command("qemu-img");
     cmd.args(["create", "-q", "-f", "qcow2", "-b"])
         .arg(&base_path)
         .args(["-F", &base.format])
@@ -745,14 +764,14 @@ pub fn create_overlay(base: &Image, overlay: &Path, size: Option<u64>) -> Result
 
 /// The virtual size of a VM's qcow2 overlay (through a checked descriptor,
 /// no backing file opened: see [`vmdisk`]).
-pub fn overlay_size(overlay: &Path) -> Result<u64, ImageError> {
-    Ok(VmDisk::open(overlay, false)?.virtual_size()?)
+pub fn overlay_size(overlay: &Path, programs: &Programs) -> Result<u64, ImageError> {
+    Ok(VmDisk::open(overlay, false, programs)?.virtual_size()?)
 }
 
 /// Grows a stopped VM's qcow2 overlay to `size` bytes (`qemu-img resize` on
 /// a checked descriptor). Never shrinks: that would cut off the guest's data.
-pub fn grow_overlay(overlay: &Path, size: u64) -> Result<(), ImageError> {
-    let disk = VmDisk::open(overlay, true)?;
+pub fn grow_overlay(overlay: &Path, size: u64, programs: &Programs) -> Result<(), ImageError> {
+    let disk = VmDisk::open(overlay, true, programs)?;
     let current = disk.virtual_size()?;
     if size < current {
         return Err(ImageError::Shrink {

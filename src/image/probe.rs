@@ -331,12 +331,16 @@ pub fn run_with_deadline(mut cmd: Command, timeout: Duration) -> io::Result<Limi
 }
 
 /// `qemu-img info -f FORMAT` on a file whose header was checked, under [`run_limited`].
-pub fn qemu_img_info_as(path: &Path, format: Sniffed) -> Result<ImgInfo, ImageError> {
+pub fn qemu_img_info_as(
+    path: &Path,
+    format: Sniffed,
+    programs: &crate::trust::Programs,
+) -> Result<ImgInfo, ImageError> {
     let refuse = |why: String| ImageError::NotDiskImage {
         path: path.to_path_buf(),
         why,
     };
-    let mut cmd = crate::trust::command("qemu-img");
+    let mut cmd = programs.command("qemu-img");
     cmd.args(["info", "--output=json", "-f", format.format(), "--"])
         .arg(path);
     let shown = format!("qemu-img info -f {} {}", format.format(), path.display());

@@ -29,6 +29,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::probe;
+use crate::trust::Programs;
 
 #[derive(Debug, Error)]
 pub enum VmDiskError {
@@ -83,12 +84,14 @@ pub const DATA_TIMEOUT: Duration = Duration::from_secs(3600);
 pub struct VmDisk {
     file: File,
     path: PathBuf,
+    /// Where qemu-img comes from (config.json `binaries`, else the system's).
+    programs: Programs,
 }
 
 impl VmDisk {
     /// Opens `path` for reading (or reading and writing), refusing anything
     /// but a regular qcow2 file with no external data file and no encryption.
-    pub fn open(path: &Path, writable: bool) -> Result<VmDisk, VmDiskError> {
+    pub fn open(path: &Path, writable: bool, programs: &Programs) -> Result<VmDisk, VmDiskError> {
         let refused = |why: String| VmDiskError::Refused {
             path: path.to_owned(),
             why,
@@ -127,6 +130,7 @@ impl VmDisk {
         Ok(VmDisk {
             file,
             path: path.to_owned(),
+            programs: programs.clone(),
         })
     }
 
@@ -167,7 +171,7 @@ impl VmDisk {
         post: &[&str],
         limit: Duration,
     ) -> Result<Output, VmDiskError> {
-        let bin = match crate::trust::program("qemu-img") {
+        let bin = match self.programs.program("qemu-img") {
             crate::trust::Found::Yes(p) => p,
             crate::trust::Found::No(looked) => return Err(VmDiskError::NoQemuImg(looked)),
         };
@@ -273,7 +277,7 @@ impl VmDisk {
         let mut dst = tmp.as_file();
         io::copy(&mut src, &mut dst).map_err(copy_err)?;
         let tmp = tmp.into_temp_path();
-        let copy = VmDisk::open(&tmp, false)?;
+        let copy = VmDisk::open(&tmp, false, &self.programs)?;
         Ok((copy, tmp))
     }
 }
@@ -415,19 +419,23 @@ pub(crate) mod tests {
         std::fs::write(&secret, vec![0x5eu8; 1 << 20]).unwrap();
         rebase_unsafe(&top, &secret);
         let out = d.path().join("flat.raw");
-        flatten_raw(&VmDisk::open(&top, false).unwrap(), &base, &out);
+        flatten_raw(
+            &VmDisk::open(&top, false, &Programs::default()).unwrap(),
+            &base,
+            &out,
+        );
         let flat = std::fs::read(&out).unwrap();
         assert!(flat.iter().all(|&b| b == 0x11), "read the header's file");
 
         // A FIFO as the backing name: qemu-img with nox's chain does not open it.
         point_at_a_fifo(&top, &d.path().join("fifo"));
         let t = Instant::now();
-        let disk = VmDisk::open(&top, false).unwrap();
+        let disk = VmDisk::open(&top, false, &Programs::default()).unwrap();
         assert_eq!(disk.virtual_size().unwrap(), 1 << 20);
         flatten_raw(&disk, &base, &d.path().join("copy.raw"));
         assert!(t.elapsed() < Duration::from_secs(30));
         // Snapshots and resize need no backing file at all.
-        let disk = VmDisk::open(&top, true).unwrap();
+        let disk = VmDisk::open(&top, true, &Programs::default()).unwrap();
         disk.qemu_img("snapshot", &["-c", "s1"], Chain::Alone, &[], META_TIMEOUT)
             .unwrap();
         disk.qemu_img("resize", &["-q"], Chain::Alone, &["2M"], META_TIMEOUT)
@@ -442,7 +450,7 @@ pub(crate) mod tests {
         }
         let d = tempfile::tempdir().unwrap();
         let (base, top) = base_and_overlay(d.path());
-        let refused = |p: &Path| match VmDisk::open(p, false) {
+        let refused = |p: &Path| match VmDisk::open(p, false, &Programs::default()) {
             Err(VmDiskError::Refused { why, .. }) => why,
             other => panic!("{} not refused: {other:?}", p.display()),
         };
@@ -475,7 +483,7 @@ pub(crate) mod tests {
         }
         let d = tempfile::tempdir().unwrap();
         let (_, top) = base_and_overlay(d.path());
-        let disk = VmDisk::open(&top, false).unwrap();
+        let disk = VmDisk::open(&top, false, &Programs::default()).unwrap();
         let (copy, path) = disk.private_copy(d.path()).unwrap();
         assert_eq!(std::fs::read(&top).unwrap(), std::fs::read(&path).unwrap());
         use std::os::unix::fs::MetadataExt;

@@ -14,44 +14,14 @@
 //! databases (through NSS) and /etc/subuid, /etc/subgid: a collision refuses
 //! the start, before anything is chowned.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
-
-use serde::Deserialize;
 
 use super::JailError;
 use crate::store::{self, VmPaths};
 
-pub const DEFAULT_UID_BASE: u32 = 70000;
-pub const DEFAULT_UID_COUNT: u32 = 1000;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct UidRange {
-    #[serde(rename = "uid_base")]
-    pub base: u32,
-    #[serde(rename = "uid_count")]
-    pub count: u32,
-}
-
-impl Default for UidRange {
-    fn default() -> Self {
-        UidRange {
-            base: DEFAULT_UID_BASE,
-            count: DEFAULT_UID_COUNT,
-        }
-    }
-}
-
-impl fmt::Display for UidRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}-{}",
-            self.base,
-            u64::from(self.base) + u64::from(self.count) - 1
-        )
-    }
-}
+/// The range itself is config.json's `jail` (crate::config, which reads and
+/// checks it); the account checks and the slots are here.
+pub use crate::config::{DEFAULT_UID_BASE, DEFAULT_UID_COUNT, UidRange};
 
 /// The uid and gid one qemu runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,58 +30,12 @@ pub struct Ids {
     pub gid: u32,
 }
 
-pub fn config_path(root: &Path) -> PathBuf {
-    root.join("config.json")
-}
-
-#[derive(Deserialize)]
-struct ConfigFile {
-    #[serde(default)]
-    jail: Option<UidRange>,
-}
-
 impl UidRange {
-    /// The range configured for the store at `root` (the default if
-    /// config.json or its `jail` key is absent).
-    pub fn load(root: &Path) -> Result<UidRange, JailError> {
-        let path = config_path(root);
-        let data = match std::fs::read(&path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(UidRange::default()),
-            Err(source) => return Err(JailError::Config { path, source }),
-        };
-        let cfg: ConfigFile =
-            serde_json::from_slice(&data).map_err(|source| JailError::ConfigParse {
-                path: path.clone(),
-                source,
-            })?;
-        let Some(range) = cfg.jail else {
-            return Ok(UidRange::default());
-        };
-        // The file picks the uids qemu runs as: only its owner may say.
-        let meta = std::fs::metadata(&path).map_err(|source| JailError::Config {
-            path: path.clone(),
-            source,
-        })?;
-        if !crate::trust::owned_by_us(&meta) {
-            return Err(JailError::ConfigOwner { path });
-        }
-        range.validate()?;
-        Ok(range)
-    }
-
     pub fn validate(&self) -> Result<(), JailError> {
-        if self.count == 0 {
-            return Err(JailError::BadRange(*self, "uid_count must be at least 1"));
+        match self.invalid() {
+            Some(why) => Err(JailError::BadRange(*self, why)),
+            None => Ok(()),
         }
-        if self.base == 0 {
-            return Err(JailError::BadRange(*self, "uid 0 is root"));
-        }
-        // (uid_t)-1 means "unchanged" to setresuid; stay clear of it.
-        if u64::from(self.base) + u64::from(self.count) > u64::from(u32::MAX) {
-            return Err(JailError::BadRange(*self, "range ends past 4294967294"));
-        }
-        Ok(())
     }
 
     pub fn contains(&self, id: u32) -> bool {
@@ -417,35 +341,5 @@ mod tests {
             vm_slot(t.path(), &s.vm_paths(&"b".parse().unwrap()), &r).unwrap(),
             1
         );
-    }
-
-    #[test]
-    fn config_is_read_and_checked() {
-        let t = tempfile::tempdir().unwrap();
-        assert_eq!(UidRange::load(t.path()).unwrap(), UidRange::default());
-        let p = t.path().join("config.json");
-        std::fs::write(&p, r#"{"mirror": "x"}"#).unwrap();
-        assert_eq!(UidRange::load(t.path()).unwrap(), UidRange::default());
-        std::fs::write(&p, r#"{"jail": {"uid_base": 80000, "uid_count": 5}}"#).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(
-            UidRange::load(t.path()).unwrap(),
-            UidRange {
-                base: 80000,
-                count: 5
-            }
-        );
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
-        assert!(matches!(
-            UidRange::load(t.path()),
-            Err(JailError::ConfigOwner { .. })
-        ));
-        std::fs::write(&p, r#"{"jail": {"uid_base": 0, "uid_count": 5}}"#).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(matches!(
-            UidRange::load(t.path()),
-            Err(JailError::BadRange(..))
-        ));
     }
 }

@@ -39,23 +39,8 @@ pub use plan::JailPlan;
 
 #[derive(Debug, Error)]
 pub enum JailError {
-    #[error("{path}: cannot read the jail settings")]
-    Config {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: bad jail settings")]
-    ConfigParse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error(
-        "{path}: must be owned by the user nox runs as and not writable by others \
-         (it chooses the uids VMs run as)"
-    )]
-    ConfigOwner { path: PathBuf },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("VM uid range {0}: {1}")]
     BadRange(UidRange, &'static str),
     #[error(
@@ -162,11 +147,13 @@ pub enum Status {
 /// One `nox doctor` line: (status, what, detail).
 pub type DoctorLine = (Status, &'static str, String);
 
-/// What `nox doctor` reports about confinement for the store at `root`.
-pub fn doctor(root: &Path) -> Vec<DoctorLine> {
+/// What `nox doctor` reports about confinement for the store whose
+/// config.json is `config`.
+pub fn doctor(config: &crate::config::Config) -> Vec<DoctorLine> {
     let mut out = vec![];
     if nix::unistd::geteuid().is_root() {
-        match UidRange::load(root).and_then(|r| r.check_free(&ids::config_path(root)).map(|_| r)) {
+        let range = config.jail().map_err(JailError::from);
+        match range.and_then(|r| r.check_free(&config.path).map(|_| r)) {
             Ok(r) => out.push((
                 Status::Ok,
                 "VM uid range",
@@ -248,14 +235,15 @@ impl Jail {
         let mut passt = None;
         let mode = if nix::unistd::geteuid().is_root() {
             let root = store_root(vm);
-            let range = UidRange::load(root)?;
-            let config = ids::config_path(root);
-            range.check_free(&config)?;
+            let settings = vm.config()?;
+            let range = settings.jail()?;
+            let config = &settings.path;
+            range.check_free(config)?;
             let slot = ids::vm_slot(root, vm, &range)?;
             let ids = range.ids(slot);
-            range.check_ids(ids, &config)?;
+            range.check_ids(ids, config)?;
             let net = range.passt_ids(slot);
-            range.check_ids(net, &config)?;
+            range.check_ids(net, config)?;
             passt = Some(net);
             Mode::Root(ids)
         } else if userns_allowed().is_ok() {

@@ -17,6 +17,7 @@ use super::{bridge, tap};
 use crate::ident::{MacAddr, VmName};
 use crate::net::NetBackend;
 use crate::spec::{NetworkSpec, VmSpec};
+use crate::trust::Programs;
 
 #[derive(Debug, Error)]
 pub enum AttachError {
@@ -53,13 +54,14 @@ pub fn slirp_warning(why: &PasstError) -> String {
 
 /// Picks passt or slirp for a user-mode network. `user` falls back to slirp
 /// with a warning when passt is missing or too old; `passt` requires it.
-pub fn choose_user_net(net: &NetworkSpec) -> Result<UserNet, AttachError> {
+/// passt is looked for among `programs` (the store's, see passt::find).
+pub fn choose_user_net(net: &NetworkSpec, programs: &Programs) -> Result<UserNet, AttachError> {
     match net {
         NetworkSpec::Slirp => Ok(UserNet::Slirp { warning: None }),
-        NetworkSpec::Passt => passt::probe()
+        NetworkSpec::Passt => passt::probe(programs)
             .map(UserNet::Passt)
             .map_err(AttachError::Passt),
-        _ => Ok(match passt::probe() {
+        _ => Ok(match passt::probe(programs) {
             Ok(b) => UserNet::Passt(b),
             Err(e) => UserNet::Slirp {
                 warning: Some(slirp_warning(&e)),
@@ -197,13 +199,18 @@ async fn start_passt(
 
 /// Sets up the VM's network: passt (or qemu's slirp) with the forwards for
 /// user-mode, or a fresh tap on the bridge (a stale tap of a killed run
-/// removed first). passt's messages go to `log`.
-pub async fn attach(spec: &VmSpec, place: &passt::Place<'_>) -> Result<Attached, AttachError> {
+/// removed first). passt's messages go to `log`; passt is one of
+/// `programs` (the store's).
+pub async fn attach(
+    spec: &VmSpec,
+    place: &passt::Place<'_>,
+    programs: &Programs,
+) -> Result<Attached, AttachError> {
     let vm: &VmName = &spec.name;
     let vm_mac: MacAddr = spec.mac;
     match &spec.network {
         net @ (NetworkSpec::User | NetworkSpec::Passt | NetworkSpec::Slirp) => {
-            let choice = choose_user_net(net)?;
+            let choice = choose_user_net(net, programs)?;
             check_publish(&spec.publish)?;
             let (backend, child_fds, ssh_port, passt) = match choice {
                 UserNet::Passt(bin) => {
@@ -314,7 +321,7 @@ mod tests {
     /// noticed (what the supervisor waits on), with its pid and how it ended.
     #[tokio::test]
     async fn a_killed_passt_is_noticed() {
-        let bin = passt::probe();
+        let bin = passt::probe(&Programs::default());
         if !prereq(bin.is_ok(), "needs a usable passt") {
             return;
         }

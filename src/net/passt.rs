@@ -27,6 +27,7 @@ use thiserror::Error;
 use tracing::info;
 
 use super::forward::{PortForward, Proto};
+use crate::trust::Programs;
 
 /// Environment variable naming the passt binary to use; a path that does
 /// not exist makes nox act as if passt were not installed.
@@ -100,27 +101,30 @@ fn executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// The passt binary: config.json `binaries`, else as root the system
-/// directories (crate::trust); else `$NOX_PASST`, the system directories,
-/// PATH.
-pub fn find() -> Option<PathBuf> {
+/// The passt binary. As root: config.json `binaries`, else the system
+/// directories (`programs`, crate::trust). Others: `$NOX_PASST` (one
+/// run's choice), then `binaries`, then the system directories, then PATH.
+pub fn find(programs: &Programs) -> Option<PathBuf> {
     if crate::trust::as_root() {
-        return crate::trust::which("passt");
+        return programs.which("passt");
     }
     if let Some(p) = std::env::var_os(ENV) {
         let p = PathBuf::from(p);
         return executable(&p).then_some(p);
     }
+    if programs.configures("passt") {
+        return programs.which("passt");
+    }
     SYSTEM_DIRS
         .iter()
         .map(|d| Path::new(d).join("passt"))
         .find(|p| executable(p))
-        .or_else(|| crate::trust::which("passt"))
+        .or_else(|| programs.which("passt"))
 }
 
-/// Finds passt and checks that it has the options nox uses.
-pub fn probe() -> Result<Binary, PasstError> {
-    let path = find().ok_or(PasstError::Missing)?;
+/// Finds passt (see [`find`]) and checks that it has the options nox uses.
+pub fn probe(programs: &Programs) -> Result<Binary, PasstError> {
+    let path = find(programs).ok_or(PasstError::Missing)?;
     let run = |arg: &str| {
         std::process::Command::new(&path)
             .arg(arg)
@@ -405,6 +409,35 @@ fn passt_errors(log: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The passt config.json `binaries` names is the one found and probed,
+    /// whatever the system has (for root and others alike).
+    #[test]
+    fn passt_is_the_one_programs_name() {
+        use std::os::unix::fs::PermissionsExt;
+        if std::env::var_os(ENV).is_some() && !crate::trust::as_root() {
+            return; // $NOX_PASST comes first for users.
+        }
+        let t = tempfile::tempdir().unwrap();
+        let fake = t.path().join("my-passt");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\ncase \"$1\" in --version) echo 'passt fake-1';; \
+             *) echo '--no-map-gw --fd';; esac\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = t.path().join("config.json");
+        let programs = Programs::new([("passt".to_string(), fake.clone())].into(), cfg.clone());
+        assert_eq!(find(&programs), Some(fake.clone()));
+        let bin = probe(&programs).unwrap();
+        assert_eq!(bin.path, fake);
+        assert_eq!(bin.version(), "passt fake-1");
+        // Named but absent: missing, not some other passt.
+        let gone = Programs::new([("passt".to_string(), t.path().join("gone"))].into(), cfg);
+        assert_eq!(find(&gone), None);
+        assert!(matches!(probe(&gone), Err(PasstError::Missing)));
+    }
 
     #[test]
     fn argv() {

@@ -11,8 +11,8 @@ use crate::store::Store;
 use super::OpsError;
 
 /// The store's config.json (absent: every default built in).
-pub fn load_config(store: &Store) -> Result<Config, OpsError> {
-    Ok(crate::config::load(&store.config_path())?)
+pub fn load_config(store: &Store) -> Result<std::sync::Arc<Config>, OpsError> {
+    Ok(store.config()?)
 }
 
 /// A top-level key nothing reads is most likely a typo of `defaults`.
@@ -63,9 +63,9 @@ pub struct OriginView {
 }
 
 /// The effective defaults of `nox create` in `cfg`.
-pub fn config_show(cfg: &Config) -> ConfigView {
-    let e = cfg.defaults.effective();
-    ConfigView {
+pub fn config_show(cfg: &Config) -> Result<ConfigView, crate::config::ConfigError> {
+    let e = cfg.defaults()?.effective();
+    Ok(ConfigView {
         defaults: DefaultsView {
             cpus: e.cpus.0,
             disk: e.disk.0,
@@ -86,5 +86,5 @@ pub fn config_show(cfg: &Config) -> ConfigView {
             user: e.user.1,
         },
         path: cfg.path.clone(),
-    }
+    })
 }

@@ -46,9 +46,9 @@ pub struct Defaulted {
 
 impl CreateRequest {
     /// A flag, then config.json's defaults, then the built-in default.
-    pub fn resolve(self, cfg: &Config) -> Defaulted {
-        let d = cfg.defaults.effective();
-        Defaulted {
+    pub fn resolve(self, cfg: &Config) -> Result<Defaulted, crate::config::ConfigError> {
+        let d = cfg.defaults()?.effective();
+        Ok(Defaulted {
             image: self.image.unwrap_or(d.image.0),
             cpus: self.cpus.unwrap_or(d.cpus.0),
             memory: self.memory.unwrap_or(d.memory.0),
@@ -60,7 +60,7 @@ impl CreateRequest {
             },
             user: self.user.unwrap_or(d.user.0),
             network: self.network.or(d.network.0),
-        }
+        })
     }
 }
 
@@ -129,7 +129,7 @@ struct Valid {
 }
 
 async fn create_vm(store: &Store, o: &CreateOptions) -> Result<Created, VmError> {
-    let v = validate(o).await?;
+    let v = validate(store, o).await?;
     if store.vms_dir().join(v.name.as_str()).exists() {
         return Err(StoreError::Exists(v.name.to_string()).into());
     }
@@ -163,7 +163,7 @@ async fn create_vm(store: &Store, o: &CreateOptions) -> Result<Created, VmError>
 
 /// Everything that needs no staging, checked first: a bad request makes
 /// nothing.
-async fn validate(o: &CreateOptions) -> Result<Valid, VmError> {
+async fn validate(store: &Store, o: &CreateOptions) -> Result<Valid, VmError> {
     let arch = match o.arch {
         Some(a) => a,
         None => Arch::host().map_err(spec::SpecError::from)?,
@@ -176,7 +176,7 @@ async fn validate(o: &CreateOptions) -> Result<Valid, VmError> {
         Some(ip) => Some(spec::StaticIp::new(ip, o.gateway, o.dns.clone())?),
         None => None,
     };
-    let network = validate_network(o, static_ip.is_some()).await?;
+    let network = validate_network(store, o, static_ip.is_some()).await?;
     if o.secure_boot && o.firmware == Some(FirmwareKind::Bios) {
         return Err(VmError::Invalid(
             "--secure-boot needs --firmware uefi".into(),
@@ -210,7 +210,11 @@ async fn validate(o: &CreateOptions) -> Result<Valid, VmError> {
 
 /// The network (the default one when none is asked for) and the checks
 /// that it fits `--publish` and `--ip`.
-async fn validate_network(o: &CreateOptions, static_ip: bool) -> Result<NetworkSpec, VmError> {
+async fn validate_network(
+    store: &Store,
+    o: &CreateOptions,
+    static_ip: bool,
+) -> Result<NetworkSpec, VmError> {
     let network = match &o.network {
         Some(n) => n.clone(),
         None => vm::default_network().await.0,
@@ -230,7 +234,8 @@ async fn validate_network(o: &CreateOptions, static_ip: bool) -> Result<NetworkS
     if network.is_user_mode() {
         // `--network passt` on a host without a usable passt fails here, with
         // nothing made; `user` falls back to slirp (the CLI warns).
-        crate::net::attach::choose_user_net(&network)?;
+        let programs = store.programs().map_err(crate::store::StoreError::from)?;
+        crate::net::attach::choose_user_net(&network, &programs)?;
         crate::net::attach::check_publish(&o.publish)?;
     }
     if static_ip && network.is_user_mode() {
@@ -255,7 +260,7 @@ async fn fetch_base(
         ..image::PullOptions::default()
     };
     let base = vm::obtain_image(cache, &o.image, arch, o.checksum.as_deref(), &pull).await?;
-    image::create_overlay(&base, &vm.disk(), Some(disk))?;
+    image::create_overlay(&base, &vm.disk(), Some(disk), cache.programs())?;
     Ok(base)
 }
 

@@ -57,14 +57,15 @@ impl Lines {
 pub async fn doctor(store: &Store) -> Result<Vec<CheckLine>, OpsError> {
     let mut c = Lines::default();
     let arch = qemu::arch_facts(Arch::host()?);
-    programs(&mut c, arch)?;
-    network(&mut c).await;
+    let progs = store.programs()?;
+    programs(&mut c, arch, &progs)?;
+    network(&mut c, &progs).await;
     firmware(&mut c, store, arch);
     match store.init() {
         Ok(()) => c.line(true, "state", store.root().display()),
         Err(e) => c.line(false, "state", crate::error_chain(&e)),
     }
-    for (status, what, detail) in crate::jail::doctor(store.root()) {
+    for (status, what, detail) in crate::jail::doctor(&*store.config()?) {
         let check = match status {
             crate::jail::Status::Ok => Check::Ok,
             crate::jail::Status::Warn => Check::Warn,
@@ -72,7 +73,7 @@ pub async fn doctor(store: &Store) -> Result<Vec<CheckLine>, OpsError> {
         };
         c.report(check, what, detail);
     }
-    match qemu::which("ssh") {
+    match progs.which("ssh") {
         Some(p) => c.line(true, "ssh client", p.display()),
         None => c.line(
             false,
@@ -84,8 +85,12 @@ pub async fn doctor(store: &Store) -> Result<Vec<CheckLine>, OpsError> {
 }
 
 /// qemu, qemu-img and the accelerator.
-fn programs(c: &mut Lines, arch: &crate::ident::ArchFacts) -> Result<(), OpsError> {
-    match qemu::find_binary(arch) {
+fn programs(
+    c: &mut Lines,
+    arch: &crate::ident::ArchFacts,
+    progs: &crate::trust::Programs,
+) -> Result<(), OpsError> {
+    match qemu::find_binary(arch, progs) {
         Ok(bin) => {
             let version = std::process::Command::new(&bin)
                 .arg("--version")
@@ -98,7 +103,7 @@ fn programs(c: &mut Lines, arch: &crate::ident::ArchFacts) -> Result<(), OpsErro
         }
         Err(e) => c.line(false, "qemu", e),
     }
-    match qemu::which("qemu-img") {
+    match progs.which("qemu-img") {
         Some(p) => c.line(true, "qemu-img", p.display()),
         None => c.line(
             false,
@@ -117,7 +122,7 @@ fn programs(c: &mut Lines, arch: &crate::ident::ArchFacts) -> Result<(), OpsErro
 }
 
 /// /dev/net/tun, the default network and passt.
-async fn network(c: &mut Lines) {
+async fn network(c: &mut Lines, progs: &crate::trust::Programs) {
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -137,7 +142,7 @@ async fn network(c: &mut Lines) {
     let (net, why) = crate::vm::default_network().await;
     c.report(Check::Ok, "default network", format!("{net} ({why})"));
     // Not a failure: user-mode networking still works through slirp.
-    match crate::net::passt::probe() {
+    match crate::net::passt::probe(progs) {
         Ok(b) => c.report(
             Check::Ok,
             "passt",

@@ -27,16 +27,18 @@ pub fn start_warnings(vmp: &VmPaths) -> Result<Vec<String>, OpsError> {
     let mut out = vec![];
     let kvm = crate::qemu::probe_kvm();
     out.extend(crate::qemu::choose_accel(spec.accel, spec.arch, &kvm)?.warning);
-    out.extend(user_net_warning(&spec));
+    out.extend(user_net_warning(vmp, &spec));
     Ok(out)
 }
 
 /// The warning when user-mode networking falls back to qemu's slirp.
-pub fn user_net_warning(spec: &VmSpec) -> Option<String> {
+pub fn user_net_warning(vmp: &VmPaths, spec: &VmSpec) -> Option<String> {
     if spec.network != NetworkSpec::User {
         return None;
     }
-    match crate::net::attach::choose_user_net(&spec.network) {
+    // A config.json that cannot say which passt: start says so itself.
+    let programs = vmp.programs().ok()?;
+    match crate::net::attach::choose_user_net(&spec.network, &programs) {
         Ok(crate::net::attach::UserNet::Slirp { warning }) => warning,
         _ => None,
     }

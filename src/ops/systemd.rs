@@ -30,8 +30,10 @@ fn booted_store(store: &Store, name: &str) -> Result<crate::store::VmPaths, OpsE
 pub fn enable(store: &Store, name: &str) -> Result<Enabled, OpsError> {
     let vm = booted_store(store, name)?;
     let spec = vm.load_spec()?;
-    let elsewhere = crate::state::load(&vm)?.state.is_active() && !systemd::is_active(name);
-    systemd::enable(name, spec.restart, !elsewhere)?;
+    let programs = store.programs()?;
+    let elsewhere =
+        crate::state::load(&vm)?.state.is_active() && !systemd::is_active(name, &programs);
+    systemd::enable(name, spec.restart, !elsewhere, &programs)?;
     Ok(Enabled {
         unit: systemd::unit_name(name),
         elsewhere,
@@ -41,7 +43,7 @@ pub fn enable(store: &Store, name: &str) -> Result<Enabled, OpsError> {
 /// `name` no longer starts at boot.
 pub fn disable(store: &Store, name: &str) -> Result<(), OpsError> {
     booted_store(store, name)?;
-    systemd::disable(name)?;
+    systemd::disable(name, &store.programs()?)?;
     Ok(())
 }
 
@@ -58,12 +60,13 @@ pub fn systemd_install(
     dir: Option<&Path>,
     exe: &Path,
     scope: Scope,
+    programs: &crate::trust::Programs,
 ) -> Result<Installed, OpsError> {
     let dir = match dir {
         Some(d) => d.to_path_buf(),
         None => systemd::default_dir(scope).ok_or(OpsError::NoUnitDir)?,
     };
-    let path = systemd::install(&dir, exe, scope)?;
+    let path = systemd::install(&dir, exe, scope, programs)?;
     Ok(Installed {
         path,
         booted: systemd::booted(),

@@ -11,7 +11,7 @@ pub fn is_root() -> bool {
 }
 
 pub fn have(program: &str) -> bool {
-    nox::qemu::which(program).is_some()
+    nox::trust::Programs::default().which(program).is_some()
 }
 
 /// A temporary nox home; VMs left in it are force-deleted on drop, so a
