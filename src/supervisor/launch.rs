@@ -16,6 +16,7 @@ use crate::spec::VmSpec;
 use crate::state::{self, Event, Recorder};
 use crate::store::{self, VmPaths};
 use crate::timeline;
+use crate::warm::LoadError;
 
 use super::SupervisorError;
 use super::record::{apply, record};
@@ -213,7 +214,11 @@ pub(super) async fn launch(
                     live
                 }
                 Ok(live) => live,
-                Err(SupervisorError::WarmLoad(why)) => {
+                Err(SupervisorError::WarmLoad { source, log: tail }) => {
+                    let mut why = crate::error_chain(&source);
+                    if !tail.is_empty() {
+                        why = format!("{why}: {tail}");
+                    }
                     warn!("{}: booting cold: {why}", spec.name);
                     warm_refused = Some(why);
                     spawn_connected(
@@ -310,7 +315,12 @@ pub(super) async fn spawn_connected(
         let mut argv = qemu::argv(&launch)?;
         let mut incoming = None;
         if let Some(w) = warm {
-            let fd = warm_state_fd(w, binary, accel, &argv).map_err(SupervisorError::WarmLoad)?;
+            let fd = warm_state_fd(w, binary, accel, &argv).map_err(|source| {
+                SupervisorError::WarmLoad {
+                    source: Box::new(source),
+                    log: String::new(),
+                }
+            })?;
             launch.incoming = Some(std::os::fd::AsRawFd::as_raw_fd(&fd));
             argv = qemu::argv(&launch)?;
             info!("resuming warm template {}", w.template);
@@ -338,7 +348,7 @@ pub(super) async fn spawn_connected(
                 if let Some(w) = warm {
                     let loaded = tokio::select! {
                         r = crate::warm::wait_loaded(&qmp, Duration::from_secs(300)) => r,
-                        _ = q.child.wait() => Err("qemu exited".into()),
+                        _ = q.child.wait() => Err(LoadError::Exited),
                     };
                     match loaded {
                         Ok(took) => info!(
@@ -346,10 +356,13 @@ pub(super) async fn spawn_connected(
                             w.template,
                             took.as_millis()
                         ),
-                        Err(why) => {
+                        Err(source) => {
                             let _ = q.child.kill().await;
                             let log = store::tail(&vm.log(), log_start, 10);
-                            return Err(SupervisorError::WarmLoad(format!("{why}: {log}")));
+                            return Err(SupervisorError::WarmLoad {
+                                source: Box::new(source),
+                                log,
+                            });
                         }
                     }
                 }
@@ -421,12 +434,12 @@ pub(super) fn warm_state_fd(
     binary: &Path,
     accel: Accel,
     argv: &[String],
-) -> Result<std::os::fd::OwnedFd, String> {
-    let version = crate::warm::qemu_version(binary).map_err(|e| crate::error_chain(&e))?;
+) -> Result<std::os::fd::OwnedFd, LoadError> {
+    let version = crate::warm::qemu_version(binary).map_err(LoadError::Version)?;
     if let Some(why) = crate::warm::incompatible(&w.warm, &version, accel.as_str(), argv) {
-        return Err(why);
+        return Err(LoadError::Incompatible(why));
     }
-    crate::warm::open_state(&w.warm).map_err(|e| crate::error_chain(&e))
+    crate::warm::open_state(&w.warm).map_err(LoadError::State)
 }
 
 /// The QMP session of a freshly spawned qemu, on our end of its socketpair.

@@ -60,8 +60,13 @@ pub enum SupervisorError {
     #[error("cannot load the snapshot a restore asked for")]
     Restore(#[source] crate::snapjob::SnapJobError),
     /// The warm template's state did not load (the launch then boots cold).
-    #[error("resuming the warm template failed: {0}")]
-    WarmLoad(String),
+    #[error("resuming the warm template failed")]
+    WarmLoad {
+        #[source]
+        source: Box<crate::warm::LoadError>,
+        /// qemu's last lines, when it ran.
+        log: String,
+    },
     #[error("cannot install the SIGTERM/SIGINT handlers")]
     Signals(#[source] std::io::Error),
     #[error("cannot wait for qemu")]
