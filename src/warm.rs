@@ -38,7 +38,7 @@ use crate::store::{self, StoreError, VmPaths};
 
 #[derive(Debug, Error)]
 pub enum WarmError {
-    #[error(transparent)]
+    #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("{0}: cannot reach qemu's control socket")]
     Connect(VmName, #[source] crate::qmp::QmpError),

@@ -31,9 +31,9 @@ pub use crate::lifecycle::EXIT_ALREADY_RUNNING;
 pub enum SupervisorError {
     #[error("{0} is already running (another supervisor holds its lock)")]
     AlreadyRunning(String),
-    #[error(transparent)]
+    #[error("store: {0}")]
     Store(#[from] StoreError),
-    #[error(transparent)]
+    #[error("qemu: {0}")]
     Qemu(#[from] qemu::QemuError),
     #[error("qemu exited during start-up ({status}):\n{log}")]
     EarlyExit { status: String, log: String },
@@ -45,15 +45,15 @@ pub enum SupervisorError {
         source: qmp::QmpError,
         log: String,
     },
-    #[error(transparent)]
+    #[error("network: {0}")]
     Network(#[from] crate::net::attach::AttachError),
-    #[error(transparent)]
+    #[error("firmware: {0}")]
     Firmware(#[from] crate::firmware::FirmwareError),
-    #[error(transparent)]
+    #[error("jail: {0}")]
     Jail(#[from] jail::JailError),
-    #[error(transparent)]
+    #[error("console: {0}")]
     Console(#[from] crate::console::ConsoleError),
-    #[error(transparent)]
+    #[error("run directory: {0}")]
     RunDir(#[from] crate::rundir::RunDirError),
     #[error("cannot record the VM's state")]
     State(#[source] RecordError),
