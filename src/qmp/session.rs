@@ -147,16 +147,16 @@ impl Qmp {
     /// The receiver yields every event; it ends (`None`) when the connection
     /// closes, i.e. when qemu exited, or when the last `Qmp` clone is dropped.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<(Qmp, Events), QmpError> {
-        Qmp::connect_checked(path, timeout, |_| Ok(())).await
+        Qmp::connect_checked(path, timeout, |_| Ok::<_, std::convert::Infallible>(())).await
     }
 
     /// [`Qmp::connect`], but nothing is read or sent before `check` has
     /// accepted the peer's credentials (`SO_PEERCRED`): a socket found by
     /// path may not be the one it should be.
-    pub async fn connect_checked(
+    pub async fn connect_checked<E: std::fmt::Display>(
         path: &Path,
         timeout: Duration,
-        check: impl Fn(&UCred) -> Result<(), String>,
+        check: impl Fn(&UCred) -> Result<(), E>,
     ) -> Result<(Qmp, Events), QmpError> {
         let deadline = Instant::now() + timeout;
         let stream = connect_retry(path, deadline).await?;
@@ -167,7 +167,7 @@ impl Qmp {
         let cred = stream
             .peer_cred()
             .map_err(|e| peer(format!("cannot read its credentials: {e}")))?;
-        check(&cred).map_err(peer)?;
+        check(&cred).map_err(|why| peer(why.to_string()))?;
         Qmp::handshake(stream, path, deadline).await
     }
 
