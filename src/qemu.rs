@@ -202,15 +202,9 @@ pub fn name_arg(name: &VmName) -> String {
     Opts::new(name).set("debug-threads", "on").into()
 }
 
-/// The full qemu argv (argv[0] is the binary name). Pure: golden-tested.
-/// Every option value goes through [`Opts`], so it is escaped.
-///
-/// The VM starts paused (`-S`); the supervisor resumes it once QMP is up, so
-/// no event of the boot is missed.
-pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
-    let arch = arch_facts(l.spec.arch);
-    let s = l.spec;
-    let p = l.paths;
+/// `-machine`: the board with its accelerator, the host's GIC for arm64
+/// KVM, and the firmware's properties.
+fn machine_arg(arch: &ArchFacts, l: &Launch) -> String {
     let mut machine = Opts::new(arch.machine).set("accel", l.accel.as_str());
     if arch.arch == Arch::Arm64 && l.accel == Accel::Kvm {
         // The host's GIC version, whatever the board has.
@@ -222,13 +216,51 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
         machine.push(',');
         machine.push_str(prop);
     }
+    machine
+}
+
+/// `-netdev` of the guest's one NIC, by backend.
+fn netdev_arg(net: &NetBackend) -> Opts {
+    match net {
+        NetBackend::User { ssh_port, publish } => {
+            let mut o = Opts::new("user")
+                .set("id", "net0")
+                .set("hostfwd", format!("tcp:127.0.0.1:{ssh_port}-:22"));
+            for f in publish {
+                o = o.set("hostfwd", slirp_hostfwd(f));
+            }
+            o
+        }
+        NetBackend::Passt { fd } => Opts::new("stream")
+            .set("id", "net0")
+            .set("addr.type", "fd")
+            .set("addr.str", fd),
+        NetBackend::Tap { fd, vhost_fd } => {
+            let t = Opts::new("tap").set("id", "net0").set("fd", fd);
+            match vhost_fd {
+                Some(v) => t.set("vhost", "on").set("vhostfd", v),
+                None => t,
+            }
+        }
+    }
+}
+
+/// The full qemu argv (argv[0] is the binary name). Pure: golden-tested.
+/// Every option value goes through [`Opts`], so it is escaped.
+///
+/// The VM starts paused (`-S`); the supervisor resumes it once QMP is up, so
+/// no event of the boot is missed.
+pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
+    let arch = arch_facts(l.spec.arch);
+    let s = l.spec;
+    let p = l.paths;
     let cpu = match l.accel {
         Accel::Kvm => "host",
         Accel::Tcg => "max",
     };
     let mut a = Argv(vec![arch.binary.into()]);
     a.opt("-name", name_arg(&s.name));
-    a.opt("-machine", machine);
+    a.opt("-machine", machine_arg(arch, l));
     a.opt("-cpu", cpu);
     a.opt("-smp", s.cpus);
     a.opt("-m", format!("{}M", s.memory >> 20));
@@ -295,29 +327,7 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
         .set("readonly", "on");
     a.opt("-drive", seed);
     a.opt("-device", Opts::new("virtio-blk-pci").set("drive", "seed0"));
-    let netdev = match &l.net {
-        NetBackend::User { ssh_port, publish } => {
-            let mut o = Opts::new("user")
-                .set("id", "net0")
-                .set("hostfwd", format!("tcp:127.0.0.1:{ssh_port}-:22"));
-            for f in publish {
-                o = o.set("hostfwd", slirp_hostfwd(f));
-            }
-            o
-        }
-        NetBackend::Passt { fd } => Opts::new("stream")
-            .set("id", "net0")
-            .set("addr.type", "fd")
-            .set("addr.str", fd),
-        NetBackend::Tap { fd, vhost_fd } => {
-            let t = Opts::new("tap").set("id", "net0").set("fd", fd);
-            match vhost_fd {
-                Some(v) => t.set("vhost", "on").set("vhostfd", v),
-                None => t,
-            }
-        }
-    };
-    a.opt("-netdev", netdev);
+    a.opt("-netdev", netdev_arg(&l.net));
     let nic = Opts::new("virtio-net-pci")
         .set("netdev", "net0")
         .set("mac", s.mac);

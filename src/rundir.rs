@@ -181,15 +181,26 @@ pub fn untrusted(dir: &Path) -> Option<String> {
     }
 }
 
+/// Why a socket's peer is not the VM's qemu.
+#[derive(Debug, thiserror::Error)]
+pub enum NotQemu {
+    #[error("no qemu is recorded in the VM's state")]
+    Unrecorded,
+    #[error("its peer is pid {peer}, not the VM's qemu ({want})")]
+    Other { peer: i32, want: u32 },
+    #[error("its peer's pid is unknown")]
+    Unknown,
+}
+
 /// Whether a socket's peer is `qemu_pid`.
-fn peer_is(peer: Option<i32>, qemu_pid: Option<u32>) -> Result<(), String> {
+fn peer_is(peer: Option<i32>, qemu_pid: Option<u32>) -> Result<(), NotQemu> {
     let Some(want) = qemu_pid else {
-        return Err("no qemu is recorded in the VM's state".into());
+        return Err(NotQemu::Unrecorded);
     };
     match peer {
         Some(p) if u32::try_from(p) == Ok(want) => Ok(()),
-        Some(p) => Err(format!("its peer is pid {p}, not the VM's qemu ({want})")),
-        None => Err("its peer's pid is unknown".into()),
+        Some(peer) => Err(NotQemu::Other { peer, want }),
+        None => Err(NotQemu::Unknown),
     }
 }
 
@@ -229,7 +240,7 @@ pub fn connect_serial(vm: &VmPaths) -> Result<UnixStream, RunDirError> {
     })?;
     let cred = nix::sys::socket::getsockopt(&s.as_fd(), nix::sys::socket::sockopt::PeerCredentials)
         .map_err(|e| untrusted(format!("cannot read its peer's credentials: {e}")))?;
-    peer_is(Some(cred.pid()), qemu_pid).map_err(untrusted)?;
+    peer_is(Some(cred.pid()), qemu_pid).map_err(|e| untrusted(e.to_string()))?;
     Ok(s)
 }
 
@@ -323,6 +334,7 @@ mod tests {
         assert!(
             peer_is(Some(43), Some(42))
                 .unwrap_err()
+                .to_string()
                 .contains("pid 43, not the VM's qemu (42)")
         );
         assert!(peer_is(Some(42), None).is_err());

@@ -41,7 +41,7 @@ use crate::store::{self, Store, StoreError, VmPaths};
 
 #[derive(Debug, Error)]
 pub enum SnapshotError {
-    #[error(transparent)]
+    #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("another snapshot operation on {0} is under way; try again when it is done")]
     Busy(VmName),
@@ -58,13 +58,17 @@ pub enum SnapshotError {
          running guest would corrupt it; stop {vm} first (`nox stop {vm}`), then restore"
     )]
     DiskOnlyWhileRunning { vm: VmName, snap: SnapName },
-    #[error(transparent)]
+    #[error("disk: {0}")]
     Disk(#[from] VmDiskError),
-    #[error("cannot read the snapshot table of {path}: {why}")]
-    Table { path: PathBuf, why: String },
+    #[error("cannot read the snapshot table of {path}")]
+    Table {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("cannot reach the QMP control socket of {0}")]
     Connect(VmName, #[source] QmpError),
-    #[error(transparent)]
+    #[error("live snapshot: {0}")]
     Live(#[from] SnapJobError),
     #[error("cannot start {vm} with snapshot \"{snap}\" loaded")]
     Start {
@@ -424,9 +428,9 @@ fn table(file: &Path, vm: &VmPaths) -> Result<Vec<Entry>, SnapshotError> {
         &[],
         vmdisk::META_TIMEOUT,
     )?;
-    parse_table(&out.stdout).map_err(|why| SnapshotError::Table {
+    parse_table(&out.stdout).map_err(|source| SnapshotError::Table {
         path: file.to_path_buf(),
-        why,
+        source,
     })
 }
 
@@ -435,15 +439,13 @@ pub fn names(vm: &VmPaths) -> Result<Vec<String>, SnapshotError> {
     Ok(table(&vm.disk(), vm)?.into_iter().map(|e| e.name).collect())
 }
 
-fn parse_table(json: &[u8]) -> Result<Vec<Entry>, String> {
+fn parse_table(json: &[u8]) -> Result<Vec<Entry>, serde_json::Error> {
     #[derive(Deserialize)]
     struct Info {
         #[serde(default)]
         snapshots: Vec<Entry>,
     }
-    serde_json::from_slice::<Info>(json)
-        .map(|i| i.snapshots)
-        .map_err(|e| e.to_string())
+    serde_json::from_slice::<Info>(json).map(|i| i.snapshots)
 }
 
 fn find(vm: &VmPaths, name: &VmName, snap: &SnapName) -> Result<Entry, SnapshotError> {

@@ -34,11 +34,11 @@ use crate::vm::{self, Stopped, VmError};
 
 #[derive(Debug, Error)]
 pub enum TemplateError {
-    #[error(transparent)]
+    #[error("store: {0}")]
     Store(#[from] StoreError),
-    #[error(transparent)]
+    #[error("image: {0}")]
     Image(#[from] ImageError),
-    #[error(transparent)]
+    #[error("vm: {0}")]
     Vm(#[from] VmError),
     #[error("{0:?} is a catalog image name; choose another template name")]
     CatalogName(String),
@@ -72,9 +72,9 @@ pub enum TemplateError {
     },
     #[error("{cmd} failed: {stderr}")]
     Command { cmd: String, stderr: String },
-    #[error(transparent)]
+    #[error("warm template: {0}")]
     Warm(#[from] crate::warm::WarmError),
-    #[error(transparent)]
+    #[error("disk: {0}")]
     Disk(#[from] crate::image::vmdisk::VmDiskError),
     #[error(
         "{0} is stopped: a warm template saves a running guest; start it (nox start {0} --wait) and commit again"

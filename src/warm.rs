@@ -38,7 +38,7 @@ use crate::store::{self, StoreError, VmPaths};
 
 #[derive(Debug, Error)]
 pub enum WarmError {
-    #[error(transparent)]
+    #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("{0}: cannot reach qemu's control socket")]
     Connect(VmName, #[source] crate::qmp::QmpError),
@@ -333,18 +333,38 @@ pub fn open_state(w: &WarmState) -> Result<OwnedFd, WarmError> {
     nix::unistd::dup(&f).map_err(|e| io(&w.state)(e.into()))
 }
 
+/// Why a warm template's state did not load into a new qemu (the start
+/// then boots cold, and its timeline says why).
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// The state was saved by another qemu, accelerator or argv
+    /// ([`incompatible`]).
+    #[error("{0}")]
+    Incompatible(String),
+    #[error("cannot tell this qemu's version")]
+    Version(#[source] WarmError),
+    #[error("saved state")]
+    State(#[source] WarmError),
+    #[error("cannot ask qemu whether the state loaded")]
+    Query(#[source] crate::qmp::QmpError),
+    #[error("not loaded after {0:?}")]
+    Timeout(Duration),
+    #[error("qemu exited")]
+    Exited,
+}
+
 /// Waits until a qemu started with `-incoming` has loaded the state
 /// (`inmigrate` left). `Err`: it failed (qemu exits on a failed load).
-pub async fn wait_loaded(qmp: &Qmp, limit: Duration) -> Result<Duration, String> {
+pub async fn wait_loaded(qmp: &Qmp, limit: Duration) -> Result<Duration, LoadError> {
     let t = Instant::now();
     loop {
         match qmp.query_status().await {
             Ok(s) if s == "inmigrate" => {}
             Ok(_) => return Ok(t.elapsed()),
-            Err(e) => return Err(crate::error_chain(&e)),
+            Err(e) => return Err(LoadError::Query(e)),
         }
         if t.elapsed() > limit {
-            return Err(format!("not loaded after {limit:?}"));
+            return Err(LoadError::Timeout(limit));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -33,7 +33,7 @@ use crate::store::{self, StoreError};
 
 #[derive(Debug, Error)]
 pub enum CacheError {
-    #[error(transparent)]
+    #[error("boot cache: {0}")]
     Store(#[from] StoreError),
     #[error("boot cache: {}", path.display())]
     Io {

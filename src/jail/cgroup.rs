@@ -56,12 +56,37 @@ pub fn missing<'a>(controllers: &str, want: &[&'a str]) -> Vec<&'a str> {
     want.iter().copied().filter(|c| !have.contains(c)).collect()
 }
 
+/// Why VMs get no cgroup limits on this host (a host fact, told by `nox
+/// doctor` and logged at start; a VM runs without limits).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    #[error("no cgroup v2 hierarchy is mounted")]
+    NoHierarchy,
+    #[error("this process is in no cgroup v2 cgroup")]
+    NoCgroup,
+    #[error(
+        "systemd manages the cgroup tree and nox is not in a nox@ unit \
+         (run VMs as units, `nox enable`, for cgroup limits)"
+    )]
+    NotDelegated,
+    #[error("not root and not in a systemd unit with a delegated cgroup")]
+    NotRoot,
+    #[error(
+        "cgroup v2 at {} lacks the {} controller(s) (a cgroup v1 or hybrid host)",
+        .at.display(),
+        .lacking.join(", ")
+    )]
+    Controllers { at: PathBuf, lacking: Vec<String> },
+    #[error("{} is not writable", .0.display())]
+    NotWritable(PathBuf),
+}
+
 /// Decides where VM cgroups go, or says why there are none.
-pub fn probe() -> Result<Probe, String> {
+pub fn probe() -> Result<Probe, Unavailable> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mount = cgroup2_mount(&mountinfo).ok_or("no cgroup v2 hierarchy is mounted")?;
+    let mount = cgroup2_mount(&mountinfo).ok_or(Unavailable::NoHierarchy)?;
     let own = own_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default())
-        .ok_or("this process is in no cgroup v2 cgroup")?;
+        .ok_or(Unavailable::NoCgroup)?;
     let own_dir = mount.join(own.trim_start_matches('/'));
     let systemd_unit = std::env::var_os("INVOCATION_ID").is_some() && own.ends_with(".service");
     let (parent, grandparent, leaf, avail_in) = if systemd_unit {
@@ -73,27 +98,22 @@ pub fn probe() -> Result<Probe, String> {
         )
     } else if crate::systemd::booted() {
         // Its tree is systemd's: only a delegated subtree is ours to change.
-        return Err(
-            "systemd manages the cgroup tree and nox is not in a nox@ unit \
-             (run VMs as units, `nox enable`, for cgroup limits)"
-                .into(),
-        );
+        return Err(Unavailable::NotDelegated);
     } else if nix::unistd::geteuid().is_root() {
         (mount.join("nox"), Some(mount.clone()), None, mount.clone())
     } else {
-        return Err("not root and not in a systemd unit with a delegated cgroup".into());
+        return Err(Unavailable::NotRoot);
     };
     let controllers = fs::read_to_string(avail_in.join("cgroup.controllers")).unwrap_or_default();
     let lacking = missing(&controllers, &CONTROLLERS);
     if !lacking.is_empty() {
-        return Err(format!(
-            "cgroup v2 at {} lacks the {} controller(s) (a cgroup v1 or hybrid host)",
-            avail_in.display(),
-            lacking.join(", ")
-        ));
+        return Err(Unavailable::Controllers {
+            at: avail_in,
+            lacking: lacking.into_iter().map(String::from).collect(),
+        });
     }
     if nix::unistd::access(&avail_in, nix::unistd::AccessFlags::W_OK).is_err() {
-        return Err(format!("{} is not writable", avail_in.display()));
+        return Err(Unavailable::NotWritable(avail_in));
     }
     Ok(Probe {
         parent,

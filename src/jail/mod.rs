@@ -114,22 +114,33 @@ pub enum Mode {
     Bare,
 }
 
+/// Why this host refuses unprivileged user namespaces: the sysctl that says
+/// so and its value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{sysctl} is {value}")]
+pub struct UsernsRefused {
+    pub sysctl: &'static str,
+    pub value: &'static str,
+}
+
 /// Whether this host lets an unprivileged process create a user namespace.
 /// `Err` says why not.
-pub fn userns_allowed() -> Result<(), String> {
+pub fn userns_allowed() -> Result<(), UsernsRefused> {
     let read = |p: &str| {
         std::fs::read_to_string(p)
             .ok()
             .map(|s| s.trim().to_string())
     };
-    if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
-        return Err("user.max_user_namespaces is 0".into());
-    }
-    if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
-        return Err("kernel.unprivileged_userns_clone is 0".into());
-    }
-    if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
-        return Err("kernel.apparmor_restrict_unprivileged_userns is 1".into());
+    // (sysctl, the value that refuses); its file is /proc/sys/ with dots as slashes.
+    const REFUSALS: [(&str, &str); 3] = [
+        ("user.max_user_namespaces", "0"),
+        ("kernel.unprivileged_userns_clone", "0"),
+        ("kernel.apparmor_restrict_unprivileged_userns", "1"),
+    ];
+    for (sysctl, value) in REFUSALS {
+        if read(&format!("/proc/sys/{}", sysctl.replace('.', "/"))).as_deref() == Some(value) {
+            return Err(UsernsRefused { sysctl, value });
+        }
     }
     Ok(())
 }
@@ -212,7 +223,7 @@ pub struct Jail {
     /// The ids the VM's passt runs as (root only; see [`ids`]).
     passt: Option<Ids>,
     host: plan::HostFacts,
-    cgroup: Result<cgroup::Probe, String>,
+    cgroup: Result<cgroup::Probe, cgroup::Unavailable>,
     base_image: PathBuf,
     kvm: bool,
     memory: u64,

@@ -196,9 +196,53 @@ pub fn cgroup_limits(memory: u64, cpus: u32, tcg: bool) -> CgroupLimits {
     }
 }
 
+/// What a root jail chowns to the VM's ids: the disk and the firmware
+/// variable stores in the VM's directory (writable), and the seed (it holds
+/// the guest's private host key: theirs to read only). The run directory
+/// stays nox's: qemu gets descriptors of its sockets and console pipe
+/// instead (crate::rundir).
+fn owned_files(vm: &VmPaths, firmware: &[(PathBuf, bool)]) -> Vec<Owned> {
+    let vars = firmware
+        .iter()
+        .filter(|(p, w)| *w && p.starts_with(&vm.dir))
+        .map(|(p, _)| p.clone());
+    let mut owned: Vec<Owned> = std::iter::once(vm.disk())
+        .chain(vars)
+        .map(|path| Owned { path, mode: 0o600 })
+        .collect();
+    owned.push(Owned {
+        path: vm.seed(),
+        mode: 0o400,
+    });
+    owned
+}
+
+impl Bind {
+    /// A file or device node bound at its own path.
+    fn file(path: PathBuf, writable: bool) -> Bind {
+        Bind {
+            path,
+            from: None,
+            dir: false,
+            writable,
+            exec: false,
+        }
+    }
+
+    /// A read-only directory programs may run from.
+    fn program_dir(path: PathBuf) -> Bind {
+        Bind {
+            path,
+            from: None,
+            dir: true,
+            writable: false,
+            exec: true,
+        }
+    }
+}
+
 impl JailPlan {
     pub fn build(i: &Input) -> JailPlan {
-        let limits = cgroup_limits(i.memory, i.cpus, !i.kvm);
         let mut plan = JailPlan {
             mode: i.mode.clone(),
             root: None,
@@ -209,94 +253,72 @@ impl JailPlan {
             owned: vec![],
             netns: false,
             nofile: NOFILE,
-            limits,
+            limits: cgroup_limits(i.memory, i.cpus, !i.kvm),
         };
-        let rooted = matches!(i.mode, Mode::Root(_));
-        let (vm, base) = (i.vm, i.base_image);
-        // Writable files go to the VM's ids; the seed (it holds the guest's
-        // private host key) is theirs to read only.
         let firmware = firmware_files(i.argv);
-        let vars: Vec<&PathBuf> = firmware
-            .iter()
-            .filter(|(p, w)| *w && p.starts_with(&vm.dir))
-            .map(|(p, _)| p)
-            .collect();
-        // The run directory stays nox's: qemu gets descriptors of its
-        // sockets and console pipe instead (crate::rundir).
-        if rooted {
-            for p in std::iter::once(vm.disk()).chain(vars.iter().map(|p| p.to_path_buf())) {
-                plan.owned.push(Owned {
-                    path: p,
-                    mode: 0o600,
-                });
-            }
-            plan.owned.push(Owned {
-                path: vm.seed(),
-                mode: 0o400,
-            });
+        if matches!(i.mode, Mode::Root(_)) {
+            plan.owned = owned_files(i.vm, &firmware);
         }
         if matches!(i.mode, Mode::Bare) {
             return plan;
         }
-        plan.root = Some(vm.run.join("jail"));
+        plan.root = Some(i.vm.run.join("jail"));
         plan.netns = !i.user_net;
-        let file = |path: PathBuf, writable: bool| Bind {
-            path,
-            from: None,
-            dir: false,
-            writable,
-            exec: false,
-        };
-        plan.binds.push(Bind {
-            path: "/usr".into(),
-            from: None,
-            dir: true,
-            writable: false,
-            exec: true,
-        });
+        plan.bind_programs(i);
+        plan.bind_vm_files(i, &firmware);
+        plan.add_devices(i);
+        plan.dirs = plan.parent_dirs();
+        plan
+    }
+
+    /// qemu's programs and libraries: /usr, qemu's own directory when it is
+    /// elsewhere, the host's top-level links into /usr (or the directories),
+    /// the loader cache and, for user networking, the resolver.
+    fn bind_programs(&mut self, i: &Input) {
+        self.binds.push(Bind::program_dir("/usr".into()));
         if !i.binary.starts_with("/usr")
             && let Some(d) = i.binary.parent()
         {
-            plan.binds.push(Bind {
-                path: d.to_owned(),
-                from: None,
-                dir: true,
-                writable: false,
-                exec: true,
-            });
+            self.binds.push(Bind::program_dir(d.to_owned()));
         }
         for (p, target) in &i.host.top {
             match target {
-                Some(t) => plan.symlinks.push((p.clone(), t.clone())),
-                None => plan.binds.push(Bind {
-                    path: p.clone(),
-                    from: None,
-                    dir: true,
-                    writable: false,
-                    exec: true,
-                }),
+                Some(t) => self.symlinks.push((p.clone(), t.clone())),
+                None => self.binds.push(Bind::program_dir(p.clone())),
             }
         }
         if i.host.ld_so_cache {
-            plan.binds.push(file("/etc/ld.so.cache".into(), false));
+            self.binds
+                .push(Bind::file("/etc/ld.so.cache".into(), false));
         }
         if i.user_net
             && let Some(r) = &i.host.resolv_conf
         {
             // Bound at the name libslirp opens, whatever it links to.
-            plan.binds.push(Bind {
+            self.binds.push(Bind {
                 from: Some(r.clone()),
-                ..file("/etc/resolv.conf".into(), false)
+                ..Bind::file("/etc/resolv.conf".into(), false)
             });
         }
-        plan.binds.push(file(vm.disk(), true));
-        plan.binds.push(file(vm.seed(), false));
-        plan.binds.push(file(base.to_owned(), false));
-        for (p, w) in &firmware {
-            if !p.starts_with("/usr") && !plan.binds.iter().any(|b| &b.path == p) {
-                plan.binds.push(file(p.clone(), *w));
+    }
+
+    /// The VM's disk (writable), seed and base image, and the firmware files
+    /// outside /usr (the variable store writable).
+    fn bind_vm_files(&mut self, i: &Input, firmware: &[(PathBuf, bool)]) {
+        self.binds.push(Bind::file(i.vm.disk(), true));
+        self.binds.push(Bind::file(i.vm.seed(), false));
+        self.binds.push(Bind::file(i.base_image.to_owned(), false));
+        for (p, w) in firmware {
+            if !p.starts_with("/usr") && !self.binds.iter().any(|b| &b.path == p) {
+                self.binds.push(Bind::file(p.clone(), *w));
             }
         }
+    }
+
+    /// The harmless character devices and, with KVM, /dev/kvm (the VM's
+    /// own): made as nodes in a root jail, bound from the host otherwise.
+    fn add_devices(&mut self, i: &Input) {
+        let rooted = matches!(i.mode, Mode::Root(_));
         let mut devs: Vec<(PathBuf, u64, u32, bool)> = DEVICES
             .iter()
             .map(|(p, ma, mi)| (PathBuf::from(p), makedev(*ma, *mi), 0o666, false))
@@ -308,7 +330,7 @@ impl JailPlan {
         }
         for (path, rdev, mode, owned) in devs {
             if rooted {
-                plan.devices.push(Device {
+                self.devices.push(Device {
                     path,
                     rdev,
                     mode,
@@ -316,17 +338,22 @@ impl JailPlan {
                 });
             } else {
                 // No mknod in a user namespace: bind the host's node.
-                plan.binds.push(file(path, true));
+                self.binds.push(Bind::file(path, true));
             }
         }
+    }
+
+    /// Every directory above a bind, symlink or device (and /dev), sorted:
+    /// the jail's skeleton.
+    fn parent_dirs(&self) -> Vec<PathBuf> {
         let mut dirs = BTreeSet::new();
         dirs.insert(PathBuf::from("/dev"));
-        let leaves = plan
+        let leaves = self
             .binds
             .iter()
             .map(|b| &b.path)
-            .chain(plan.symlinks.iter().map(|(p, _)| p))
-            .chain(plan.devices.iter().map(|d| &d.path));
+            .chain(self.symlinks.iter().map(|(p, _)| p))
+            .chain(self.devices.iter().map(|d| &d.path));
         for p in leaves {
             for a in p.ancestors().skip(1) {
                 if a != Path::new("/") && !a.as_os_str().is_empty() {
@@ -334,8 +361,7 @@ impl JailPlan {
                 }
             }
         }
-        plan.dirs = dirs.into_iter().collect();
-        plan
+        dirs.into_iter().collect()
     }
 
     /// The VM's ids, when qemu gets ids of its own.

@@ -21,9 +21,9 @@ use crate::trust::Programs;
 
 #[derive(Debug, Error)]
 pub enum AttachError {
-    #[error(transparent)]
+    #[error("bridge: {0}")]
     Bridge(#[from] bridge::BridgeError),
-    #[error(transparent)]
+    #[error("tap: {0}")]
     Tap(#[from] tap::TapError),
     #[error("no free port on 127.0.0.1 for the SSH forward")]
     Port(#[source] std::io::Error),

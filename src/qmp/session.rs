@@ -1,29 +1,16 @@
-//! QMP session: qapi's typed commands over a small transport of our own.
-//!
-//! qapi 0.15's own async stream is built on QEMU 9.1's schema and drops the
-//! whole connection on any event it does not know (QEMU 10 emits such events),
-//! so we only borrow its command structs (`qapi::qmp::*`) and their `Ok` types.
-//! The transport here is newline-delimited JSON on a Unix socket: commands
-//! carry a numeric `id`, a reader task matches replies by that id, and every
-//! event is passed on raw (name, data, timestamp). The event receiver ends when
-//! the connection closes, which is how a supervisor learns that qemu exited.
-//!
-//! qemu is jailed because it is assumed compromised, so what is read from it
-//! is bounded: a line longer than [`MAX_LINE`] ends the session, and at most
-//! [`EVENT_QUEUE`] events wait for their consumer (more are dropped, counted).
-//! A socket found by path is spoken to only once its peer's credentials
-//! passed the caller's check ([`Qmp::connect_checked`]).
+//! A QMP session: the connection, the reader task that matches replies by
+//! id and passes events on, and the typed commands nox sends.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::UCred;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -31,192 +18,26 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-pub use qapi::qmp::QmpCommand;
+use super::wire::{
+    Message, Reply, encode_command, parse_greeting, parse_message, read_json_line,
+    status_from_reply,
+};
+use super::{DEFAULT_TIMEOUT, EVENT_QUEUE, Event, Events, QmpCommand, QmpError};
 
-/// Timeout used by [`Qmp::execute`].
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Greeting and capability negotiation get at least this long, even when
 /// waiting for the socket used up most of the connect timeout.
 const HANDSHAKE_MIN: Duration = Duration::from_secs(2);
 /// Pause between connection attempts while qemu creates its socket.
 const RETRY_INTERVAL: Duration = Duration::from_millis(20);
-/// The longest line read from qemu (a reply or an event), newline
-/// excluded. nox's replies are small (query-status, query-migrate, the block
-/// nodes of a snapshot); a longer line ends the session instead of growing a
-/// root process's buffer without end.
-pub const MAX_LINE: usize = 4 << 20;
-/// Events waiting for their consumer. A guest can make qemu emit events
-/// faster than they are handled; past this many, new ones are dropped
-/// (counted in the log) rather than queued without end. Replies are never
-/// dropped: they go to their waiting command, not to this queue.
-pub const EVENT_QUEUE: usize = 256;
-
-/// The event stream of a session; ends when the connection closes.
-pub type Events = mpsc::Receiver<Event>;
-
-#[derive(Debug, thiserror::Error)]
-pub enum QmpError {
-    #[error("cannot connect to QMP socket {path}")]
-    Connect { path: PathBuf, source: io::Error },
-    #[error("QMP greeting from {path}: {reason}")]
-    Greeting { path: PathBuf, reason: String },
-    #[error("QMP socket {path}: refused to speak to its peer: {reason}")]
-    Peer { path: PathBuf, reason: String },
-    #[error("QMP {command}: i/o error")]
-    Io { command: String, source: io::Error },
-    #[error("QMP {command}: connection closed")]
-    Closed { command: String },
-    #[error("QMP {command}: no reply after {after:?}")]
-    Timeout { command: String, after: Duration },
-    #[error("QMP {command}: {class}: {desc}")]
-    Command {
-        command: String,
-        class: String,
-        desc: String,
-    },
-    #[error("QMP {command}: cannot encode the arguments")]
-    Encode {
-        command: String,
-        source: serde_json::Error,
-    },
-    #[error("QMP {command}: cannot decode the reply")]
-    Decode {
-        command: String,
-        source: serde_json::Error,
-    },
-}
-
-impl QmpError {
-    /// The QMP command this error is about (`None` for connect/greeting errors).
-    pub fn command(&self) -> Option<&str> {
-        match self {
-            QmpError::Connect { .. } | QmpError::Greeting { .. } | QmpError::Peer { .. } => None,
-            QmpError::Io { command, .. }
-            | QmpError::Closed { command }
-            | QmpError::Timeout { command, .. }
-            | QmpError::Command { command, .. }
-            | QmpError::Encode { command, .. }
-            | QmpError::Decode { command, .. } => Some(command),
-        }
-    }
-}
-
-/// An asynchronous QMP event, kept as raw JSON so that events unknown to
-/// qapi's schema pass through untouched.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    pub name: String,
-    /// The event's `data` member; an empty object when QEMU sent none.
-    pub data: Value,
-    /// `(seconds, microseconds)` since the epoch, as QEMU stamped it.
-    pub timestamp: Option<(i64, i64)>,
-}
-
-impl Event {
-    /// `data.reason`, e.g. `"guest-shutdown"` for SHUTDOWN or `"host-qmp-quit"`.
-    pub fn reason(&self) -> Option<&str> {
-        self.data.get("reason").and_then(Value::as_str)
-    }
-
-    /// Decodes the data into qapi's typed event struct when the name matches,
-    /// e.g. `ev.decode::<qapi::qmp::SHUTDOWN>()`. `None` if the name differs or
-    /// the data does not fit the (QEMU 9.1) schema.
-    pub fn decode<E: qapi::Event>(&self) -> Option<E> {
-        if self.name != E::NAME {
-            return None;
-        }
-        serde_json::from_value(self.data.clone()).ok()
-    }
-}
-
-/// What the reader task found in one line from QEMU.
-#[derive(Debug, PartialEq)]
-enum Message {
-    Event(Event),
-    /// A reply: `Ok(return value)` or `Err((class, desc))`.
-    Reply {
-        id: Option<u64>,
-        result: Result<Value, (String, String)>,
-    },
-    /// Valid JSON that is neither (e.g. a second greeting); logged and ignored.
-    Other(Value),
-}
-
-type Reply = Result<Value, (String, String)>;
-
-fn parse_message(v: Value) -> Message {
-    let Value::Object(mut obj) = v else {
-        return Message::Other(v);
-    };
-    if let Some(Value::String(name)) = obj.get("event") {
-        let name = name.clone();
-        let data = match obj.remove("data") {
-            Some(d) => d,
-            None => Value::Object(Default::default()),
-        };
-        let timestamp = obj.get("timestamp").and_then(|t| {
-            Some((
-                t.get("seconds")?.as_i64()?,
-                t.get("microseconds")?.as_i64()?,
-            ))
-        });
-        return Message::Event(Event {
-            name,
-            data,
-            timestamp,
-        });
-    }
-    let id = obj.get("id").and_then(Value::as_u64);
-    if let Some(ret) = obj.remove("return") {
-        return Message::Reply {
-            id,
-            result: Ok(ret),
-        };
-    }
-    if let Some(err) = obj.get("error") {
-        let field = |k: &str| {
-            err.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string()
-        };
-        return Message::Reply {
-            id,
-            result: Err((field("class"), field("desc"))),
-        };
-    }
-    Message::Other(Value::Object(obj))
-}
-
-/// Builds one command line (without the trailing newline).
-fn encode_command(name: &str, args: &Value, id: u64) -> Result<Vec<u8>, serde_json::Error> {
-    let mut msg = serde_json::Map::new();
-    msg.insert("execute".into(), Value::String(name.into()));
-    // Commands without members serialize to `{}`; QEMU accepts that, but leave
-    // it out so the wire looks like what QEMU's own docs show.
-    let empty = matches!(args, Value::Object(m) if m.is_empty()) || args.is_null();
-    if !empty {
-        msg.insert("arguments".into(), args.clone());
-    }
-    msg.insert("id".into(), Value::from(id));
-    serde_json::to_vec(&Value::Object(msg))
-}
-
-/// `"10.0.2"` from a greeting line.
-fn parse_greeting(v: &Value) -> Option<String> {
-    let q = v.get("QMP")?.get("version")?.get("qemu")?;
-    let n = |k: &str| q.get(k).and_then(Value::as_u64);
-    Some(format!("{}.{}.{}", n("major")?, n("minor")?, n("micro")?))
-}
 
 #[derive(Default)]
-struct Pending {
+pub(super) struct Pending {
     waiters: HashMap<u64, oneshot::Sender<Reply>>,
     /// Set by the reader on EOF; later commands fail at once with `Closed`.
     closed: bool,
 }
 
-struct Inner {
+pub(super) struct Inner {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     pending: Arc<Mutex<Pending>>,
     next_id: AtomicU64,
@@ -237,13 +58,13 @@ pub struct Qmp {
     inner: Arc<Inner>,
 }
 
-fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+pub(super) fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
     // A poisoned lock only means another thread panicked mid-update of a map
     // of senders; the map itself is still usable.
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn connect_retry(path: &Path, deadline: Instant) -> Result<UnixStream, QmpError> {
+pub(super) async fn connect_retry(path: &Path, deadline: Instant) -> Result<UnixStream, QmpError> {
     loop {
         match UnixStream::connect(path).await {
             Ok(s) => return Ok(s),
@@ -262,39 +83,7 @@ async fn connect_retry(path: &Path, deadline: Instant) -> Result<UnixStream, Qmp
     }
 }
 
-/// Reads the next JSON line (blank and non-JSON lines are skipped), at
-/// most [`MAX_LINE`] bytes of it: a longer line is an `InvalidData` error.
-async fn read_json_line<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
-    buf: &mut Vec<u8>,
-) -> io::Result<Option<Value>> {
-    loop {
-        buf.clear();
-        let limit = MAX_LINE as u64 + 1;
-        if (&mut *reader).take(limit).read_until(b'\n', buf).await? == 0 {
-            return Ok(None);
-        }
-        if buf.len() > MAX_LINE && buf.last() != Some(&b'\n') {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("qemu sent a line longer than {MAX_LINE} bytes"),
-            ));
-        }
-        let line = buf.trim_ascii();
-        if line.is_empty() {
-            continue;
-        }
-        match serde_json::from_slice(line) {
-            Ok(v) => return Ok(Some(v)),
-            Err(e) => {
-                let shown = &line[..line.len().min(200)];
-                tracing::warn!(error = %e, line = %String::from_utf8_lossy(shown), "QMP: skipping non-JSON line")
-            }
-        }
-    }
-}
-
-async fn reader_loop(
+pub(super) async fn reader_loop(
     mut reader: BufReader<OwnedReadHalf>,
     pending: Arc<Mutex<Pending>>,
     events: mpsc::Sender<Event>,
@@ -358,16 +147,16 @@ impl Qmp {
     /// The receiver yields every event; it ends (`None`) when the connection
     /// closes, i.e. when qemu exited, or when the last `Qmp` clone is dropped.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<(Qmp, Events), QmpError> {
-        Qmp::connect_checked(path, timeout, |_| Ok(())).await
+        Qmp::connect_checked(path, timeout, |_| Ok::<_, std::convert::Infallible>(())).await
     }
 
     /// [`Qmp::connect`], but nothing is read or sent before `check` has
     /// accepted the peer's credentials (`SO_PEERCRED`): a socket found by
     /// path may not be the one it should be.
-    pub async fn connect_checked(
+    pub async fn connect_checked<E: std::fmt::Display>(
         path: &Path,
         timeout: Duration,
-        check: impl Fn(&UCred) -> Result<(), String>,
+        check: impl Fn(&UCred) -> Result<(), E>,
     ) -> Result<(Qmp, Events), QmpError> {
         let deadline = Instant::now() + timeout;
         let stream = connect_retry(path, deadline).await?;
@@ -378,7 +167,7 @@ impl Qmp {
         let cred = stream
             .peer_cred()
             .map_err(|e| peer(format!("cannot read its credentials: {e}")))?;
-        check(&cred).map_err(peer)?;
+        check(&cred).map_err(|why| peer(why.to_string()))?;
         Qmp::handshake(stream, path, deadline).await
     }
 
@@ -597,7 +386,11 @@ impl Qmp {
 }
 
 /// Sends the start of `data` with `fd` attached; returns how much was sent.
-async fn send_with_fd(s: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
+pub(super) async fn send_with_fd(
+    s: &UnixStream,
+    data: &[u8],
+    fd: BorrowedFd<'_>,
+) -> io::Result<usize> {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     let fds = [fd.as_raw_fd()];
     loop {
@@ -620,15 +413,7 @@ async fn send_with_fd(s: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::Re
     }
 }
 
-fn status_from_reply(ret: Value) -> Result<String, serde_json::Error> {
-    #[derive(serde::Deserialize)]
-    struct Raw {
-        status: String,
-    }
-    serde_json::from_value::<Raw>(ret).map(|r| r.status)
-}
-
-struct WaiterGuard<'a> {
+pub(super) struct WaiterGuard<'a> {
     pending: &'a Mutex<Pending>,
     id: u64,
 }
@@ -642,92 +427,11 @@ impl Drop for WaiterGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qmp::MAX_LINE;
     use serde_json::json;
+    use std::path::PathBuf;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::UnixListener;
-
-    #[test]
-    fn parses_event_with_timestamp_and_reason() {
-        let m = parse_message(json!({"event": "SHUTDOWN",
-            "data": {"guest": true, "reason": "guest-shutdown"},
-            "timestamp": {"seconds": 1700000000, "microseconds": 42}}));
-        let Message::Event(ev) = m else {
-            panic!("not an event: {m:?}")
-        };
-        assert_eq!(ev.name, "SHUTDOWN");
-        assert_eq!(ev.reason(), Some("guest-shutdown"));
-        assert_eq!(ev.timestamp, Some((1700000000, 42)));
-        let typed = ev.decode::<qapi::qmp::SHUTDOWN>().expect("typed SHUTDOWN");
-        assert!(typed.guest);
-        assert!(ev.decode::<qapi::qmp::STOP>().is_none());
-    }
-
-    #[test]
-    fn event_without_data_gets_empty_object() {
-        let Message::Event(ev) = parse_message(json!({"event": "STOP"})) else {
-            panic!()
-        };
-        assert_eq!(ev.data, json!({}));
-        assert_eq!(ev.timestamp, None);
-        assert_eq!(ev.reason(), None);
-        assert!(ev.decode::<qapi::qmp::STOP>().is_some());
-    }
-
-    #[test]
-    fn parses_replies() {
-        assert_eq!(
-            parse_message(json!({"return": {}, "id": 7})),
-            Message::Reply {
-                id: Some(7),
-                result: Ok(json!({}))
-            }
-        );
-        assert_eq!(
-            parse_message(json!({"error": {"class": "CommandNotFound", "desc": "nope"}, "id": 3})),
-            Message::Reply {
-                id: Some(3),
-                result: Err(("CommandNotFound".into(), "nope".into()))
-            }
-        );
-        // Replies QEMU sends without an id (e.g. to a malformed command).
-        assert!(matches!(
-            parse_message(json!({"error": {"class": "GenericError", "desc": "x"}})),
-            Message::Reply { id: None, .. }
-        ));
-        assert!(matches!(parse_message(json!([1])), Message::Other(_)));
-    }
-
-    #[test]
-    fn encodes_commands() {
-        let line = encode_command("query-status", &json!({}), 5).unwrap();
-        let v: Value = serde_json::from_slice(&line).unwrap();
-        assert_eq!(v, json!({"execute": "query-status", "id": 5}));
-        let args = serde_json::to_value(qapi::qmp::qmp_capabilities {
-            enable: Some(vec![qapi::qmp::QMPCapability::oob]),
-        })
-        .unwrap();
-        let line = encode_command("qmp_capabilities", &args, 1).unwrap();
-        let v: Value = serde_json::from_slice(&line).unwrap();
-        assert_eq!(
-            v,
-            json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}, "id": 1})
-        );
-    }
-
-    #[test]
-    fn greeting_version() {
-        let g = json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
-            "package": "Debian 1:10.0.2+ds-1"}, "capabilities": ["oob"]}});
-        assert_eq!(parse_greeting(&g).as_deref(), Some("10.0.2"));
-        assert_eq!(parse_greeting(&json!({"return": {}})), None);
-    }
-
-    #[test]
-    fn status_accepts_unknown_run_state() {
-        let r = json!({"running": false, "status": "some-future-state"});
-        assert_eq!(status_from_reply(r).unwrap(), "some-future-state");
-        assert!(status_from_reply(json!({})).is_err());
-    }
 
     // --- a scripted fake QMP server on a Unix socket ---
 
