@@ -1,5 +1,5 @@
 //! qemu's confinement (crate::jail), checked on a real guest: one boot
-//! shared by every assertion.
+//! shared by every assertion, and by the UEFI variable-store checks.
 
 mod common;
 
@@ -71,8 +71,15 @@ fn readable_by(uid: u32, gid: u32, path: &Path) -> bool {
         .success()
 }
 
+/// A variable written by the guest into its UEFI store: survives restarts
+/// only if the per-VM store is kept.
+const EFIVAR: &str = "/sys/firmware/efi/efivars/NoxTest-4e4f5800-0000-4000-8000-000000000001";
+
+/// One UEFI guest, booted once, serves two sets of checks: its confinement
+/// (check "jail") and its UEFI variable store, kept across a restart and
+/// taking part in a live RAM snapshot (check "UEFI"). The stop comes last.
 #[test]
-fn qemu_runs_jailed_and_the_guest_boots() {
+fn uefi_guest_runs_jailed_and_keeps_its_variable_store() {
     let Some(img) = e2e_prereqs() else { return };
     let h = Home::new();
     let img = img.to_str().unwrap();
@@ -86,6 +93,7 @@ fn qemu_runs_jailed_and_the_guest_boots() {
         "--network",
         "user",
     ];
+    let mut check = Check::start("jail");
     // A second VM, only defined: its files must not be in the first one's jail.
     h.ok(&[
         &["create", "jail-b", "--memory", "512M", "--no-start"][..],
@@ -320,7 +328,55 @@ fn qemu_runs_jailed_and_the_guest_boots() {
     assert!(!readable_by(uid_b, uid_b, &vm_a.join("disk.qcow2")));
     h.ok(&["stop", "jail-b", "--force"]);
 
-    // Stopping still works through the jail, and the VM keeps its uid.
+    check.next("UEFI");
+    // Check "UEFI": a variable the guest writes survives a restart (the
+    // per-VM store is kept).
+    assert_eq!(h.info("jail-a")["firmware"], "uefi", "UEFI: firmware");
+    let vars = vm_a.join("efivars.qcow2");
+    assert!(vars.exists(), "UEFI: no {}", vars.display());
+    assert!(
+        h.ok(&[
+            "ssh",
+            "jail-a",
+            "--",
+            "test -d /sys/firmware/efi && echo uefi"
+        ])
+        .contains("uefi"),
+        "UEFI: the guest did not boot through UEFI"
+    );
+    h.ok(&[
+        "ssh",
+        "jail-a",
+        "--",
+        &format!(r#"sudo sh -c 'printf "\007\000\000\000nox" > {EFIVAR}'"#),
+    ]);
+    h.ok(&["restart", "jail-a", "--wait", "--timeout", "900"]);
+    let back = h.ok(&["ssh", "jail-a", "--", &format!("tail -c 3 {EFIVAR}")]);
+    assert_eq!(back, "nox", "UEFI: the variable after a restart");
+
+    // Check "UEFI": a live RAM snapshot of a UEFI guest: its qcow2 variable
+    // store takes part (a raw writable pflash makes qemu refuse); restore
+    // is exact.
+    let out = h.ok(&["snapshot", "create", "jail-a", "u1"]);
+    assert!(out.contains("with RAM"), "UEFI: snapshot: {out}");
+    let vars_snaps = Command::new("qemu-img")
+        .args(["snapshot", "-U", "-l", "-f", "qcow2"])
+        .arg(&vars)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&vars_snaps.stdout).contains("u1"),
+        "UEFI: the variable store has no snapshot u1"
+    );
+    h.ok(&["ssh", "jail-a", "--", "echo x > ~/after-u1; sync"]);
+    h.ok(&["snapshot", "restore", "jail-a", "u1"]);
+    let ls = h.ok(&["ssh", "jail-a", "--", "ls -a ~; echo end"]);
+    assert!(!ls.contains("after-u1"), "UEFI: restore: {ls}");
+    assert_eq!(h.info("jail-a")["state"], "running", "UEFI: after restore");
+
+    check.next("jail: stop");
+    // Check "jail": stopping still works through the jail, and the VM
+    // keeps its uid (across the restart above too).
     h.ok(&["stop", "jail-a"]);
     assert!(qemu_pids("jail-a").is_empty());
     assert_eq!(

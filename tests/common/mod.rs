@@ -455,6 +455,36 @@ impl Drop for HttpServer {
     }
 }
 
+/// The named check a shared-guest test is in (one boot serves several
+/// checks): announced on stderr as it starts, and named again if one of its
+/// assertions fails, so a failure says which check it belongs to.
+pub struct Check(&'static str);
+
+impl Check {
+    pub fn start(name: &'static str) -> Check {
+        eprintln!("=== check {name:?} ===");
+        Check(name)
+    }
+    /// Ends this check (it passed) and starts the next one.
+    pub fn next(&mut self, name: &'static str) {
+        eprintln!("=== check {:?} passed; check {name:?} ===", self.0);
+        self.0 = name;
+    }
+}
+
+impl Drop for Check {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "=== check {:?} FAILED (see the assertion above) ===",
+                self.0
+            );
+        } else {
+            eprintln!("=== check {:?} passed ===", self.0);
+        }
+    }
+}
+
 /// Polls `f` every 50 ms until it holds; panics after `secs`.
 pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
