@@ -344,6 +344,21 @@ fn uefi_guest_runs_jailed_and_keeps_its_variable_store() {
         .contains("uefi"),
         "UEFI: the guest did not boot through UEFI"
     );
+    // Booted by the image's GRUB (no size on nox's command line): the seed's
+    // drop-in gives serial-getty its size, so systemd sends no terminal
+    // query (ESC[6n, systemd#35499) once boot is complete.
+    let size = h.ok(&[
+        "ssh",
+        "jail-a",
+        "--",
+        "systemctl is-system-running --wait; sudo -n stty -F /dev/ttyS0 size",
+    ]);
+    assert!(size.contains("24 80"), "UEFI: serial size {size}");
+    let console = std::fs::read(vm_a.join("console.log")).unwrap();
+    assert!(
+        !console.windows(4).any(|w| w == b"\x1b[6n"),
+        "UEFI: a terminal query (ESC[6n) reached the serial console"
+    );
     h.ok(&[
         "ssh",
         "jail-a",

@@ -145,8 +145,9 @@ pub(super) fn nox_cloud_config(cfg: &SeedConfig) -> Result<Value, SeedError> {
         "growpart": {"mode": "auto", "devices": ["/"]},
         "resize_rootfs": true,
         // DHCP client id from the MAC, not from the machine-id: see
-        // NETWORKD_CLIENT_ID. Every boot (bootcmd), idempotent.
-        "bootcmd": [NETWORKD_CLIENT_ID],
+        // NETWORKD_CLIENT_ID; the serial getty's size: see SERIAL_TTY_SIZE.
+        // Every boot (bootcmd), idempotent.
+        "bootcmd": [NETWORKD_CLIENT_ID, SERIAL_TTY_SIZE],
         "cloud_init_modules": CLOUD_INIT_MODULES,
         "cloud_config_modules": CLOUD_CONFIG_MODULES,
         "cloud_final_modules": CLOUD_FINAL_MODULES,
@@ -159,6 +160,18 @@ pub(super) fn nox_cloud_config(cfg: &SeedConfig) -> Result<Value, SeedError> {
     }
     Ok(cc)
 }
+
+/// systemd 257 (Debian 13) asks a serial terminal its size with ANSI queries
+/// (`ESC[6n`) when it starts `serial-getty@`, and that read can hang the
+/// boot until a key is typed (systemd#35499). Direct boot puts the size on
+/// the kernel command line ([`crate::boot::cmdline`]); a VM booted through
+/// firmware runs its image's GRUB command line, so this gives the getty its
+/// size in a drop-in instead (`TTYRows=`/`TTYColumns=`: no query). bootcmd
+/// runs in cloud-init's network stage, before `systemd-user-sessions` and so
+/// before any getty. The first boot reloads systemd so the drop-in counts at
+/// once (2.4 s under TCG here), unless the command line already has the
+/// size (direct boot: nothing to wait for); later boots find it loaded.
+pub(super) const SERIAL_TTY_SIZE: &str = "d=/etc/systemd/system/serial-getty@.service.d; [ -f \"$d/50-nox-tty-size.conf\" ] || { mkdir -p \"$d\" && printf '# Written by nox: a known size, so systemd does not ask the terminal (systemd#35499).\\n[Service]\\nTTYRows=24\\nTTYColumns=80\\n' >\"$d/50-nox-tty-size.conf\" && { grep -q systemd.tty.rows. /proc/cmdline || systemctl daemon-reload; }; }";
 
 /// cloud-init's networkd renderer (a guest with systemd-networkd and no
 /// netplan) ignores the network-config's `dhcp-identifier: mac`, and
@@ -474,20 +487,22 @@ mod tests {
     fn clone_seed_resets_machine_id_and_revokes_the_source_key_once() {
         let mut cfg = config();
         let plain = json_of(&render(&cfg).unwrap().user_data);
-        assert_eq!(plain["bootcmd"], json!([NETWORKD_CLIENT_ID]));
+        assert_eq!(
+            plain["bootcmd"],
+            json!([NETWORKD_CLIENT_ID, SERIAL_TTY_SIZE])
+        );
         assert!(NETWORKD_CLIENT_ID.contains("ClientIdentifier=mac"));
-        if let Ok(o) = Command::new("sh")
-            .args(["-n", "-c", NETWORKD_CLIENT_ID])
-            .output()
-        {
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        for cmd in [NETWORKD_CLIENT_ID, SERIAL_TTY_SIZE] {
+            if let Ok(o) = Command::new("sh").args(["-n", "-c", cmd]).output() {
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            }
         }
         cfg.reidentify = Some(Reidentify {
             revoke_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOld+/= nox@src".into()],
         });
         let cc = json_of(&render(&cfg).unwrap().user_data);
         assert_eq!(cc["bootcmd"][0], NETWORKD_CLIENT_ID);
-        let cmd = cc["bootcmd"][1].as_str().unwrap();
+        let cmd = cc["bootcmd"][2].as_str().unwrap();
         assert!(cmd.starts_with("cloud-init-per instance nox-reidentify sh -c "));
         // The whole line, and the script it quotes, parse as shell.
         if let Ok(o) = Command::new("sh").args(["-n", "-c", cmd]).output() {
