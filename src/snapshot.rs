@@ -41,8 +41,12 @@ use crate::store::{self, Store, StoreError, VmPaths};
 
 #[derive(Debug, Error)]
 pub enum SnapshotError {
+    /// What the user asked of the store wrong (see
+    /// [`StoreError::is_request`]): said as it is.
+    #[error(transparent)]
+    Request(StoreError),
     #[error("store: {0}")]
-    Store(#[from] StoreError),
+    Store(#[source] StoreError),
     #[error("another snapshot operation on {0} is under way; try again when it is done")]
     Busy(VmName),
     #[error("{0} is held by another operation (a delete or a start); try again")]
@@ -79,6 +83,16 @@ pub enum SnapshotError {
     },
     #[error("cannot prepare the UEFI variable store of {0}")]
     Firmware(VmName, #[source] crate::firmware::FirmwareError),
+}
+
+impl From<StoreError> for SnapshotError {
+    fn from(e: StoreError) -> SnapshotError {
+        if e.is_request() {
+            SnapshotError::Request(e)
+        } else {
+            SnapshotError::Store(e)
+        }
+    }
 }
 
 /// One snapshot as `nox snapshot list` shows it (the `--json` object).

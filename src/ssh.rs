@@ -9,6 +9,7 @@ use thiserror::Error;
 use crate::spec::VmSpec;
 use crate::state::State;
 use crate::store::VmPaths;
+use crate::trust::Programs;
 
 #[derive(Debug, Error)]
 pub enum SshError {
@@ -41,6 +42,10 @@ pub enum SshError {
     Stopped(String),
     #[error("cannot run ssh")]
     Io(#[from] std::io::Error),
+    /// config.json's `binaries`, which may name the ssh client; the
+    /// message names the file.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Where to reach the guest's sshd.
@@ -86,6 +91,16 @@ pub fn argv(
         a.extend(command.iter().cloned());
     }
     a
+}
+
+/// A `Command` for an argv of [`argv`] or [`scp_argv`], whose `a[0]` names
+/// the program (`ssh`, `scp`): found through `programs`, so a config.json
+/// `binaries` entry for it is honoured as for every program nox runs.
+pub fn client_command<S: AsRef<std::ffi::OsStr>>(programs: &Programs, a: &[S]) -> Command {
+    let name = a[0].as_ref().to_string_lossy();
+    let mut c = programs.command(&name);
+    c.args(&a[1..]);
+    c
 }
 
 /// The options `ssh` and `scp` share: the pinned host key and the keys.
@@ -338,9 +353,9 @@ pub fn run_bounded(
 ) -> Result<String, SshError> {
     use std::io::{Read, Seek};
     let a = argv(spec, vm, ep, true, command);
+    let programs = vm.programs()?;
     let mut out = tempfile::tempfile()?;
-    let mut child = Command::new(&a[0])
-        .args(&a[1..])
+    let mut child = client_command(&programs, &a)
         .stdin(Stdio::null())
         .stdout(Stdio::from(out.try_clone()?))
         .stderr(Stdio::null())
@@ -533,8 +548,7 @@ pub fn run(
     limit: Option<Duration>,
 ) -> Result<Option<std::process::Output>, SshError> {
     let a = argv(spec, vm, ep, true, command);
-    let mut child = Command::new(&a[0])
-        .args(&a[1..])
+    let mut child = client_command(&vm.programs()?, &a)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

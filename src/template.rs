@@ -34,8 +34,12 @@ use crate::vm::{self, Stopped, VmError};
 
 #[derive(Debug, Error)]
 pub enum TemplateError {
+    /// What the user asked of the store wrong (see
+    /// [`StoreError::is_request`]): said as it is.
+    #[error(transparent)]
+    Request(StoreError),
     #[error("store: {0}")]
-    Store(#[from] StoreError),
+    Store(#[source] StoreError),
     #[error("image: {0}")]
     Image(#[from] ImageError),
     #[error("vm: {0}")]
@@ -86,6 +90,16 @@ pub enum TemplateError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<StoreError> for TemplateError {
+    fn from(e: StoreError) -> TemplateError {
+        if e.is_request() {
+            TemplateError::Request(e)
+        } else {
+            TemplateError::Store(e)
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {

@@ -235,8 +235,8 @@ impl Programs {
     }
 }
 
-/// As root, replaces `PATH` with [`SYSTEM_PATH`], so a program run by name
-/// (ssh, systemctl, qemu-img) comes from the system. Call first thing in
+/// As root, replaces `PATH` with [`SYSTEM_PATH`], so a program config.json
+/// does not name (ssh, systemctl, qemu-img) comes from the system. Call first thing in
 /// `main`, before any thread exists.
 pub fn sanitize_env() {
     if as_root() {

@@ -15,10 +15,55 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::sys::stat::{Mode, fstatat};
+use thiserror::Error;
 
 use crate::sshkeys::{self, KeyError};
+
+/// Why keys were not taken from an owner or a file (the notes of
+/// [`DefaultKeys::skipped`]).
+#[derive(Debug, Error)]
+pub enum UserKeysError {
+    #[error("SUDO_USER {0:?} is not a valid user name")]
+    SudoUserName(OsString),
+    #[error("cannot look up SUDO_USER {name:?}: {errno}")]
+    SudoUserLookup { name: String, errno: Errno },
+    #[error("SUDO_USER {0:?} is not in the passwd database")]
+    SudoUserUnknown(String),
+    #[error("cannot look up root: {0}")]
+    RootLookup(Errno),
+    #[error("root is not in the passwd database")]
+    RootUnknown,
+    #[error("{name}'s home {home:?} is not an absolute path")]
+    HomeNotAbsolute { name: String, home: PathBuf },
+    #[error("{}: {error}", path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{}: {errno}", path.display())]
+    Sys { path: PathBuf, errno: Errno },
+    /// Not believed: a link, not a regular file, too big, or others may
+    /// write it (see `untrusted`).
+    #[error("{}: {why}", path.display())]
+    Refused { path: PathBuf, why: String },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> UserKeysError + '_ {
+    move |error| UserKeysError::Io {
+        path: path.to_owned(),
+        error,
+    }
+}
+
+fn refused(path: &Path, why: impl Into<String>) -> UserKeysError {
+    UserKeysError::Refused {
+        path: path.to_owned(),
+        why: why.into(),
+    }
+}
 
 /// Bigger than any sane `.pub` file (an 16384-bit RSA key is ~2.8 KB).
 pub const MAX_KEY_FILE: u64 = 64 * 1024;
@@ -74,7 +119,7 @@ pub fn key_owner(
     root: bool,
     sudo_user: Option<&OsStr>,
     home_env: Option<&OsStr>,
-) -> Result<Option<KeyOwner>, String> {
+) -> Result<Option<KeyOwner>, UserKeysError> {
     if !root {
         return Ok(home_env.filter(|h| !h.is_empty()).map(|h| KeyOwner {
             name: "$HOME".into(),
@@ -87,20 +132,23 @@ pub fn key_owner(
         Some(name) => {
             let name = name
                 .to_str()
-                .ok_or_else(|| format!("SUDO_USER {name:?} is not a valid user name"))?;
+                .ok_or_else(|| UserKeysError::SudoUserName(name.to_owned()))?;
             nix::unistd::User::from_name(name)
-                .map_err(|e| format!("cannot look up SUDO_USER {name:?}: {e}"))?
-                .ok_or_else(|| format!("SUDO_USER {name:?} is not in the passwd database"))?
+                .map_err(|errno| UserKeysError::SudoUserLookup {
+                    name: name.to_string(),
+                    errno,
+                })?
+                .ok_or_else(|| UserKeysError::SudoUserUnknown(name.to_string()))?
         }
         None => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(0))
-            .map_err(|e| format!("cannot look up root: {e}"))?
-            .ok_or("root is not in the passwd database")?,
+            .map_err(UserKeysError::RootLookup)?
+            .ok_or(UserKeysError::RootUnknown)?,
     };
     if !user.dir.is_absolute() {
-        return Err(format!(
-            "{}'s home {:?} is not an absolute path",
-            user.name, user.dir
-        ));
+        return Err(UserKeysError::HomeNotAbsolute {
+            name: user.name,
+            home: user.dir,
+        });
     }
     Ok(Some(KeyOwner {
         name: user.name,
@@ -111,7 +159,7 @@ pub fn key_owner(
 }
 
 /// This process's key owner (see [`key_owner`]).
-pub fn current_owner() -> Result<Option<KeyOwner>, String> {
+pub fn current_owner() -> Result<Option<KeyOwner>, UserKeysError> {
     key_owner(
         crate::trust::as_root(),
         std::env::var_os("SUDO_USER").as_deref(),
@@ -130,7 +178,7 @@ pub fn defaults() -> Result<DefaultKeys, KeyError> {
         Ok(Some(owner)) => read_defaults(&owner),
         Ok(None) => Ok(DefaultKeys::default()),
         Err(why) => Ok(DefaultKeys {
-            skipped: vec![why],
+            skipped: vec![why.to_string()],
             ..DefaultKeys::default()
         }),
     }
@@ -159,14 +207,14 @@ pub fn read_defaults(owner: &KeyOwner) -> Result<DefaultKeys, KeyError> {
         Ok(Some(d)) => d,
         Ok(None) => return Ok(out),
         Err(why) => {
-            out.skipped.push(why);
+            out.skipped.push(why.to_string());
             return Ok(out);
         }
     };
     let dir = ssh.path;
     for name in key_names(&ssh.fd) {
         let path = dir.join(&name);
-        match read_key_file(&ssh.fd, &name, owner.uid) {
+        match read_key_file(&ssh.fd, &name, &path, owner.uid) {
             Ok(Some(text)) => {
                 out.keys.extend(sshkeys::parse_public_keys(&path, &text)?);
                 if out.identity.is_none() {
@@ -175,7 +223,7 @@ pub fn read_defaults(owner: &KeyOwner) -> Result<DefaultKeys, KeyError> {
                 out.files.push(path);
             }
             Ok(None) => {}
-            Err(why) => out.skipped.push(format!("{}: {why}", path.display())),
+            Err(why) => out.skipped.push(why.to_string()),
         }
     }
     Ok(out)
@@ -208,23 +256,20 @@ fn untrusted(meta: &Metadata, uid: u32) -> Option<String> {
 /// Opens `owner`'s `~/.ssh` checked (None: there is none). The home's
 /// ancestors must be root's or the owner's and not writable by others
 /// (sticky excepted), so the checked home stays the one opened.
-fn open_ssh_dir(owner: &KeyOwner) -> Result<Option<SshDir>, String> {
-    let home = owner
-        .home
-        .canonicalize()
-        .map_err(|e| format!("{}: {e}", owner.home.display()))?;
+fn open_ssh_dir(owner: &KeyOwner) -> Result<Option<SshDir>, UserKeysError> {
+    let home = owner.home.canonicalize().map_err(io_at(&owner.home))?;
     for a in home.ancestors().skip(1) {
-        let m = std::fs::metadata(a).map_err(|e| format!("{}: {e}", a.display()))?;
+        let m = std::fs::metadata(a).map_err(io_at(a))?;
         if let Some(why) = untrusted(&m, owner.uid).filter(|_| m.mode() & 0o1000 == 0) {
-            return Err(format!("{}: {why}", a.display()));
+            return Err(refused(a, why));
         }
     }
     let home_fd = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
         .open(&home)
-        .map_err(|e| format!("{}: {e}", home.display()))?;
-    check_fd(&home_fd, owner.uid).map_err(|why| format!("{}: {why}", home.display()))?;
+        .map_err(io_at(&home))?;
+    check_fd(&home_fd, &home, owner.uid)?;
     let path = home.join(".ssh");
     let fd = match openat(
         &home_fd,
@@ -235,17 +280,18 @@ fn open_ssh_dir(owner: &KeyOwner) -> Result<Option<SshDir>, String> {
         Ok(fd) => File::from(fd),
         Err(nix::errno::Errno::ENOENT) => return Ok(None),
         Err(nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR) => {
-            return Err(format!("{}: not a directory", path.display()));
+            return Err(refused(&path, "not a directory"));
         }
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(errno) => return Err(UserKeysError::Sys { path, errno }),
     };
-    check_fd(&fd, owner.uid).map_err(|why| format!("{}: {why}", path.display()))?;
+    check_fd(&fd, &path, owner.uid)?;
     Ok(Some(SshDir { fd, path }))
 }
 
-fn check_fd(f: &File, uid: u32) -> Result<(), String> {
-    let m = f.metadata().map_err(|e| e.to_string())?;
-    untrusted(&m, uid).map_or(Ok(()), Err)
+/// Checks the file `f` (opened as `path`) as [`untrusted`] does.
+fn check_fd(f: &File, path: &Path, uid: u32) -> Result<(), UserKeysError> {
+    let m = f.metadata().map_err(io_at(path))?;
+    untrusted(&m, uid).map_or(Ok(()), |why| Err(refused(path, why)))
 }
 
 /// `id_*.pub` names in the directory `dir` (an fd), sorted.
@@ -268,7 +314,12 @@ fn key_names(dir: &File) -> Vec<OsString> {
 
 /// A key file's text; None for a directory (not a key file, as before);
 /// Err with the reason it is left out.
-fn read_key_file(dir: &File, name: &OsStr, uid: u32) -> Result<Option<String>, String> {
+fn read_key_file(
+    dir: &File,
+    name: &OsStr,
+    path: &Path,
+    uid: u32,
+) -> Result<Option<String>, UserKeysError> {
     // O_NONBLOCK: a FIFO must not hang root.
     let fd = openat(
         dir,
@@ -280,27 +331,30 @@ fn read_key_file(dir: &File, name: &OsStr, uid: u32) -> Result<Option<String>, S
             | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| match e {
-        nix::errno::Errno::ELOOP => "a symbolic link".to_string(),
-        e => e.to_string(),
+    .map_err(|errno| match errno {
+        Errno::ELOOP => refused(path, "a symbolic link"),
+        errno => UserKeysError::Sys {
+            path: path.to_owned(),
+            errno,
+        },
     })?;
     let f = File::from(fd);
-    let m = f.metadata().map_err(|e| e.to_string())?;
+    let m = f.metadata().map_err(io_at(path))?;
     if m.is_dir() {
         return Ok(None);
     }
     if !m.is_file() {
-        return Err("not a regular file".into());
+        return Err(refused(path, "not a regular file"));
     }
     if let Some(why) = untrusted(&m, uid) {
-        return Err(why);
+        return Err(refused(path, why));
     }
     let mut text = String::new();
     f.take(MAX_KEY_FILE + 1)
         .read_to_string(&mut text)
-        .map_err(|e| e.to_string())?;
+        .map_err(io_at(path))?;
     if text.len() as u64 > MAX_KEY_FILE {
-        return Err(format!("larger than {MAX_KEY_FILE} bytes"));
+        return Err(refused(path, format!("larger than {MAX_KEY_FILE} bytes")));
     }
     Ok(Some(text))
 }
@@ -345,7 +399,9 @@ mod tests {
             assert_ne!(d.home, PathBuf::from("/tmp/evil"));
             assert_eq!(d.name, "daemon");
         }
-        let err = key_owner(true, Some(OsStr::new("no-such-user-nox")), evil).unwrap_err();
+        let err = key_owner(true, Some(OsStr::new("no-such-user-nox")), evil)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("no-such-user-nox") && err.contains("passwd"),
             "{err}"

@@ -19,24 +19,31 @@ use crate::supervisor::{self, EXIT_ALREADY_RUNNING};
 
 #[derive(Debug, Error)]
 pub enum VmError {
+    /// What the user asked of the store wrong (see
+    /// [`StoreError::is_request`]): said as it is.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Request(StoreError),
+    /// The store failing (a file, a lock).
+    #[error("store: {0}")]
+    Store(#[source] StoreError),
+    /// Settings the user gave (a flag or config.json's `defaults`): the
+    /// message names the setting, so no layer is added to it.
     #[error(transparent)]
     Spec(#[from] spec::SpecError),
-    #[error(transparent)]
+    #[error("image: {0}")]
     Image(#[from] image::ImageError),
-    #[error(transparent)]
+    #[error("seed: {0}")]
     Seed(#[from] seed::SeedError),
-    #[error(transparent)]
+    #[error("ssh keys: {0}")]
     Key(#[from] sshkeys::KeyError),
-    #[error(transparent)]
+    #[error("qemu: {0}")]
     Qemu(#[from] crate::qemu::QemuError),
     #[error("cannot read --user-data {path}")]
     UserData {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(transparent)]
+    #[error("network: {0}")]
     Network(#[from] crate::net::attach::AttachError),
     #[error("{0}")]
     Invalid(String),
@@ -65,6 +72,16 @@ pub enum VmError {
     NotStopped(String),
     #[error("invalid --disk {value:?}: {why}")]
     Disk { value: String, why: String },
+}
+
+impl From<StoreError> for VmError {
+    fn from(e: StoreError) -> VmError {
+        if e.is_request() {
+            VmError::Request(e)
+        } else {
+            VmError::Store(e)
+        }
+    }
 }
 
 /// A new VM's keys, written into its directory `vm`: nox's login key

@@ -661,3 +661,65 @@ fn qemu_img_is_the_one_config_json_binaries_names() {
         );
     }
 }
+
+/// ssh and scp come through the resolver that honours config.json
+/// `binaries` too (issue 19): `nox ssh` and `nox cp` run the recording
+/// fakes named there, not the system's clients. The VM is made to look
+/// running (a state file with an ssh port, its lock held) without booting.
+#[test]
+fn ssh_and_scp_are_the_ones_config_json_binaries_names() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    h.ok(&[
+        "create",
+        "a",
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--no-start",
+    ]);
+    let bin = h.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = h.path().join("clients.log");
+    let mut binaries = serde_json::Map::new();
+    for program in ["ssh", "scp"] {
+        let fake = bin.join(format!("renamed-{program}"));
+        std::fs::write(
+            &fake,
+            format!("#!/bin/sh\necho \"{program} $*\" >> {}\n", log.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        binaries.insert(program.into(), fake.to_str().unwrap().into());
+    }
+    write_config(
+        &h,
+        &serde_json::json!({ "binaries": binaries }).to_string(),
+        0o600,
+    );
+    let vm = h.path().join("vms/a");
+    let mut st = nox::state::State::new(nox::state::Phase::Running);
+    st.ssh_port = Some(2222);
+    nox::store::write_json(&vm.join("state.json"), &st).unwrap();
+    let _lock = nox::store::lock_file(&vm.join("lock"), false)
+        .unwrap()
+        .expect("the VM's lock is free");
+    h.ok(&["ssh", "a", "--", "true"]);
+    h.ok(&["cp", "/etc/hostname", "a:/tmp/x"]);
+    let calls = std::fs::read_to_string(&log).unwrap_or_default();
+    let calls: Vec<&str> = calls.lines().collect();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.starts_with("ssh ") && c.contains("-p 2222")),
+        "no ssh through binaries: {calls:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.starts_with("scp -s ") && c.contains("-P 2222")),
+        "no scp through binaries: {calls:?}"
+    );
+}

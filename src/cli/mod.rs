@@ -57,8 +57,9 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) if pipe::is_closed_output(&e) => pipe::die_of_sigpipe(),
         Err(e) => {
-            // The whole chain on one line: "error: cannot create the VM: invalid VM name ...".
-            eprintln!("error: {e:#}");
+            // The whole chain on one line: "error: cannot create the VM: invalid VM name ...",
+            // each cause once (a wrapper naming its layer also quotes its cause).
+            eprintln!("error: {}", crate::error_chain(e.as_ref()));
             1
         }
     }

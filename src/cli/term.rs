@@ -12,7 +12,7 @@ pub fn ssh_exec(store: &Store, name: &str, command: &[String]) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let (spec, vmp, ep) = crate::ops::ssh_target(store, name)?;
     let a = crate::ssh::argv(&spec, &vmp, &ep, false, command);
-    let err = std::process::Command::new(&a[0]).args(&a[1..]).exec();
+    let err = crate::ssh::client_command(&vmp.programs()?, &a).exec();
     Err(err).context("cannot run ssh (Debian: apt install openssh-client)")
 }
 

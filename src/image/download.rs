@@ -288,25 +288,25 @@ impl Cache {
         };
         let mut keys = match distro {
             Distro::Ubuntu => super::verify::load_keys(super::verify::UBUNTU_CLOUDIMAGE_KEYRING)
-                .map_err(|why| ImageError::Key {
+                .map_err(|e| ImageError::Key {
                     path: PathBuf::from("(pinned ubuntu-cloudimage-keyring)"),
-                    why,
+                    why: e.to_string(),
                 })?,
             _ => Vec::new(),
         };
         for path in &mirror.keys {
             let bytes = read_bounded(path, super::verify::MAX_KEY_BYTES)?;
             keys.extend(
-                super::verify::load_keys(&bytes).map_err(|why| ImageError::Key {
+                super::verify::load_keys(&bytes).map_err(|e| ImageError::Key {
                     path: path.clone(),
-                    why,
+                    why: e.to_string(),
                 })?,
             );
         }
-        let fp = super::verify::verify_detached(&keys, sums, &sig).map_err(|why| {
+        let fp = super::verify::verify_detached(&keys, sums, &sig).map_err(|e| {
             ImageError::BadSignature {
                 url: sig_url.clone(),
-                why,
+                why: e.to_string(),
             }
         })?;
         tracing::info!("{sums_url}: good signature by {fp}");

@@ -25,8 +25,8 @@ pub use catalog::{
     parse_source, parse_sums,
 };
 pub use download::{Progress, PullOptions};
-pub use probe::{PROBE_TIMEOUT, Qcow2Refs, Sniffed, sniff_bytes};
-pub use verify::{UBUNTU_CLOUDIMAGE_KEYRING, load_keys, verify_detached};
+pub use probe::{NotADisk, PROBE_TIMEOUT, Qcow2Refs, Sniffed, sniff_bytes};
+pub use verify::{UBUNTU_CLOUDIMAGE_KEYRING, VerifyError, load_keys, verify_detached};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -666,27 +666,41 @@ pub struct ImgInfo {
     pub virtual_size: u64,
 }
 
+/// Why `qemu-img info`'s answer refuses an image as a base.
+#[derive(Debug, thiserror::Error)]
+pub enum ImgInfoError {
+    #[error("bad qemu-img output: {0}")]
+    Output(serde_json::Error),
+    #[error("format {0:?} (only qcow2 and raw)")]
+    Format(String),
+    #[error("has a backing file {0:?}")]
+    Backing(String),
+    #[error("has an external data file {0:?}")]
+    DataFile(String),
+    #[error("no virtual-size in qemu-img output")]
+    NoVirtualSize,
+}
+
 /// Parses `qemu-img info --output=json`; refuses formats other than qcow2/raw and images that
 /// point at other files (a base must be self-contained).
-pub fn parse_img_info(json: &[u8]) -> Result<ImgInfo, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(json).map_err(|e| format!("bad qemu-img output: {e}"))?;
+pub fn parse_img_info(json: &[u8]) -> Result<ImgInfo, ImgInfoError> {
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(ImgInfoError::Output)?;
     let format = v["format"].as_str().unwrap_or("").to_string();
     if format != "qcow2" && format != "raw" {
-        return Err(format!("format {format:?} (only qcow2 and raw)"));
+        return Err(ImgInfoError::Format(format));
     }
     if let Some(b) = v.get("backing-filename").and_then(|b| b.as_str()) {
-        return Err(format!("has a backing file {b:?}"));
+        return Err(ImgInfoError::Backing(b.to_string()));
     }
     if let Some(d) = v
         .pointer("/format-specific/data/data-file")
         .and_then(|d| d.as_str())
     {
-        return Err(format!("has an external data file {d:?}"));
+        return Err(ImgInfoError::DataFile(d.to_string()));
     }
     let virtual_size = v["virtual-size"]
         .as_u64()
-        .ok_or("no virtual-size in qemu-img output")?;
+        .ok_or(ImgInfoError::NoVirtualSize)?;
     Ok(ImgInfo {
         format,
         virtual_size,
@@ -844,19 +858,29 @@ mod tests {
     fn img_info_parsing() {
         let ok = br#"{"virtual-size": 1073741824, "filename": "x", "format": "qcow2"}"#;
         assert_eq!(
-            parse_img_info(ok),
-            Ok(ImgInfo {
+            parse_img_info(ok).unwrap(),
+            ImgInfo {
                 format: "qcow2".into(),
                 virtual_size: 1 << 30
-            })
+            }
         );
         let vmdk = br#"{"virtual-size": 1, "format": "vmdk"}"#;
         assert!(parse_img_info(vmdk).is_err());
         let backed =
             br#"{"virtual-size": 1, "format": "qcow2", "backing-filename": "/etc/passwd"}"#;
-        assert!(parse_img_info(backed).unwrap_err().contains("backing"));
+        assert!(
+            parse_img_info(backed)
+                .unwrap_err()
+                .to_string()
+                .contains("backing")
+        );
         let ext = br#"{"virtual-size": 1, "format": "qcow2", "format-specific": {"type": "qcow2", "data": {"data-file": "/dev/sda"}}}"#;
-        assert!(parse_img_info(ext).unwrap_err().contains("data file"));
+        assert!(
+            parse_img_info(ext)
+                .unwrap_err()
+                .to_string()
+                .contains("data file")
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use thiserror::Error;
+
 use super::{ImageError, ImgInfo, parse_img_info};
 
 /// Wall-clock limit for one `qemu-img info`.
@@ -66,29 +68,44 @@ const OTHER_FORMATS: &[(usize, &[u8], &str)] = &[
 /// Classifies the first bytes (at least 512): qcow2 magic with version 2 or 3, or 0x55AA at
 /// offset 510 and no other format's magic. Any file is "raw" to qemu, so raw needs a partition
 /// table or boot sector to count as a disk.
-pub fn sniff_bytes(head: &[u8]) -> Result<Sniffed, String> {
+pub fn sniff_bytes(head: &[u8]) -> Result<Sniffed, NotADisk> {
     if head.starts_with(b"QFI\xfb") {
         let version = head
             .get(4..8)
             .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
         return match version {
             Some(2 | 3) => Ok(Sniffed::Qcow2),
-            Some(v) => Err(format!("qcow version {v} (only qcow2 versions 2 and 3)")),
-            None => Err("truncated qcow2 header".into()),
+            Some(v) => Err(NotADisk::QcowVersion(v)),
+            None => Err(NotADisk::TruncatedQcow2),
         };
     }
     if head.len() < 512 {
-        return Err(format!("too small ({} bytes)", head.len()));
+        return Err(NotADisk::TooSmall(head.len()));
     }
     for (off, magic, name) in OTHER_FORMATS {
         if head.get(*off..off + magic.len()) == Some(magic) {
-            return Err(format!("a {name} image (only qcow2 and raw)"));
+            return Err(NotADisk::OtherFormat(name));
         }
     }
     if head[510] == 0x55 && head[511] == 0xAA {
         return Ok(Sniffed::RawDisk);
     }
-    Err("no qcow2 header and no boot signature (55AA at offset 510)".into())
+    Err(NotADisk::NoSignature)
+}
+
+/// Why the first bytes of a file are not a disk image nox takes.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum NotADisk {
+    #[error("qcow version {0} (only qcow2 versions 2 and 3)")]
+    QcowVersion(u32),
+    #[error("truncated qcow2 header")]
+    TruncatedQcow2,
+    #[error("too small ({0} bytes)")]
+    TooSmall(usize),
+    #[error("a {0} image (only qcow2 and raw)")]
+    OtherFormat(&'static str),
+    #[error("no qcow2 header and no boot signature (55AA at offset 510)")]
+    NoSignature,
 }
 
 /// What a qcow2 header says about other files.
@@ -216,7 +233,7 @@ pub fn check_header(file: &File, path: &Path) -> Result<Sniffed, ImageError> {
     };
     let mut head = [0u8; 512];
     let n = read_at_most(file, &mut head, 0).map_err(super::io_err(path))?;
-    let kind = sniff_bytes(&head[..n]).map_err(refuse)?;
+    let kind = sniff_bytes(&head[..n]).map_err(|e| refuse(e.to_string()))?;
     if kind == Sniffed::Qcow2 {
         let refs = qcow2_refs(file).map_err(super::io_err(path))?;
         if let Some(b) = refs.backing_file {
@@ -359,7 +376,7 @@ pub fn qemu_img_info_as(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
-    let info = parse_img_info(&out.stdout).map_err(refuse)?;
+    let info = parse_img_info(&out.stdout).map_err(|e| refuse(e.to_string()))?;
     if info.format != format.format() {
         return Err(refuse(format!(
             "qemu-img reports format {:?}, the header says {:?}",
@@ -381,7 +398,12 @@ mod tests {
         assert_eq!(sniff_bytes(&q), Ok(Sniffed::Qcow2));
         let mut q1 = b"QFI\xfb\0\0\0\x01".to_vec();
         q1.resize(512, 0);
-        assert!(sniff_bytes(&q1).unwrap_err().contains("version 1"));
+        assert!(
+            sniff_bytes(&q1)
+                .unwrap_err()
+                .to_string()
+                .contains("version 1")
+        );
         let mut mbr = vec![0u8; 512];
         mbr[510] = 0x55;
         mbr[511] = 0xAA;
@@ -393,7 +415,7 @@ mod tests {
         vmdk.resize(512, b' ');
         vmdk[510] = 0x55;
         vmdk[511] = 0xAA;
-        assert!(sniff_bytes(&vmdk).unwrap_err().contains("vmdk"));
+        assert!(sniff_bytes(&vmdk).unwrap_err().to_string().contains("vmdk"));
     }
 
     #[test]

@@ -6,6 +6,29 @@
 
 use pgp::composed::{Deserializable, DetachedSignature, SignedPublicKey};
 use pgp::types::KeyDetails;
+use thiserror::Error;
+
+/// Why keys or a signature were not accepted (the caller names the file).
+#[derive(Debug, Error)]
+pub enum VerifyError {
+    #[error("not an OpenPGP public key: {0}")]
+    NotAKey(pgp::errors::Error),
+    #[error("bad OpenPGP public key: {0}")]
+    BadKey(pgp::errors::Error),
+    #[error("key {fingerprint}: bad self-signature: {error}")]
+    SelfSignature {
+        fingerprint: String,
+        error: pgp::errors::Error,
+    },
+    #[error("no OpenPGP public key in it")]
+    NoKey,
+    #[error("not an OpenPGP signature: {0}")]
+    NotASignature(pgp::errors::Error),
+    #[error("no OpenPGP signature in it")]
+    NoSignature,
+    #[error("no good signature by a trusted key ({seen} signature(s) checked against {trusted})")]
+    NoGoodSignature { seen: usize, trusted: String },
+}
 
 /// Ubuntu's cloud-image signing keys, as Debian's `ubuntu-keyring` package ships them
 /// (`/usr/share/keyrings/ubuntu-cloudimage-keyring.gpg`, version 2023.11.28.1):
@@ -17,18 +40,20 @@ pub const UBUNTU_CLOUDIMAGE_KEYRING: &[u8] = include_bytes!("keys/ubuntu-cloudim
 pub const MAX_KEY_BYTES: u64 = 256 << 10;
 
 /// Parses one or more public keys (binary or ASCII-armoured) and checks their self-signatures.
-pub fn load_keys(bytes: &[u8]) -> Result<Vec<SignedPublicKey>, String> {
-    let (iter, _) = SignedPublicKey::from_reader_many(bytes)
-        .map_err(|e| format!("not an OpenPGP public key: {e}"))?;
+pub fn load_keys(bytes: &[u8]) -> Result<Vec<SignedPublicKey>, VerifyError> {
+    let (iter, _) = SignedPublicKey::from_reader_many(bytes).map_err(VerifyError::NotAKey)?;
     let mut keys = Vec::new();
     for k in iter {
-        let k = k.map_err(|e| format!("bad OpenPGP public key: {e}"))?;
+        let k = k.map_err(VerifyError::BadKey)?;
         k.verify_bindings()
-            .map_err(|e| format!("key {}: bad self-signature: {e}", fingerprint(&k)))?;
+            .map_err(|error| VerifyError::SelfSignature {
+                fingerprint: fingerprint(&k),
+                error,
+            })?;
         keys.push(k);
     }
     if keys.is_empty() {
-        return Err("no OpenPGP public key in it".into());
+        return Err(VerifyError::NoKey);
     }
     Ok(keys)
 }
@@ -44,9 +69,9 @@ pub fn verify_detached(
     keys: &[SignedPublicKey],
     data: &[u8],
     signature: &[u8],
-) -> Result<String, String> {
-    let (sigs, _) = DetachedSignature::from_reader_many(signature)
-        .map_err(|e| format!("not an OpenPGP signature: {e}"))?;
+) -> Result<String, VerifyError> {
+    let (sigs, _) =
+        DetachedSignature::from_reader_many(signature).map_err(VerifyError::NotASignature)?;
     let mut seen = 0;
     for sig in sigs {
         let Ok(sig) = sig else { continue };
@@ -60,12 +85,12 @@ pub fn verify_detached(
         }
     }
     if seen == 0 {
-        return Err("no OpenPGP signature in it".into());
+        return Err(VerifyError::NoSignature);
     }
-    Err(format!(
-        "no good signature by a trusted key ({seen} signature(s) checked against {})",
-        keys.iter().map(fingerprint).collect::<Vec<_>>().join(", ")
-    ))
+    Err(VerifyError::NoGoodSignature {
+        seen,
+        trusted: keys.iter().map(fingerprint).collect::<Vec<_>>().join(", "),
+    })
 }
 
 #[cfg(test)]

@@ -126,7 +126,7 @@ impl VmDisk {
             };
             return Err(refused(format!("{what}, not a regular file")));
         }
-        check_header(&file).map_err(refused)?;
+        check_header(&file).map_err(|e| refused(e.to_string()))?;
         Ok(VmDisk {
             file,
             path: path.to_owned(),
@@ -284,25 +284,41 @@ impl VmDisk {
 
 /// Checks a qcow2 header read from `file`: qcow2 v2/v3, not encrypted, no
 /// external data file. The backing name is not looked at: nox never uses it.
-fn check_header(file: &File) -> Result<(), String> {
+fn check_header(file: &File) -> Result<(), BadHeader> {
     let mut head = [0u8; 8];
-    let n = probe::read_at_most(file, &mut head, 0).map_err(|e| e.to_string())?;
+    let n = probe::read_at_most(file, &mut head, 0).map_err(BadHeader::Read)?;
     if !head[..n].starts_with(b"QFI\xfb") {
-        return Err("not a qcow2 image".into());
+        return Err(BadHeader::NotQcow2);
     }
     match probe::sniff_bytes(&head[..n]) {
         Ok(probe::Sniffed::Qcow2) => {}
-        Ok(_) => return Err("not a qcow2 image".into()),
-        Err(e) => return Err(e),
+        Ok(_) => return Err(BadHeader::NotQcow2),
+        Err(e) => return Err(BadHeader::Sniff(e)),
     }
-    let refs = probe::qcow2_refs(file).map_err(|e| e.to_string())?;
+    let refs = probe::qcow2_refs(file).map_err(BadHeader::Read)?;
     if refs.external_data_file {
-        return Err("its header names an external data file".into());
+        return Err(BadHeader::ExternalDataFile);
     }
     if refs.encrypted {
-        return Err("encrypted".into());
+        return Err(BadHeader::Encrypted);
     }
     Ok(())
+}
+
+/// Why a VM disk's header is refused (the message is the `why` of
+/// [`VmDiskError::Refused`]).
+#[derive(Debug, Error)]
+enum BadHeader {
+    #[error("{0}")]
+    Read(io::Error),
+    #[error("not a qcow2 image")]
+    NotQcow2,
+    #[error(transparent)]
+    Sniff(probe::NotADisk),
+    #[error("its header names an external data file")]
+    ExternalDataFile,
+    #[error("encrypted")]
+    Encrypted,
 }
 
 #[cfg(test)]

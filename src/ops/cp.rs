@@ -52,8 +52,8 @@ pub fn cp(store: &Store, recursive: bool, src: &str, dst: &str) -> Result<i32, O
     };
     let (spec, vmp, ep) = super::ssh_target(store, &name)?;
     let a = crate::ssh::scp_argv(&spec, &vmp, &ep, recursive, direction, &local, &remote);
-    let status = std::process::Command::new(&a[0])
-        .args(&a[1..])
+    let programs = vmp.programs()?;
+    let status = crate::ssh::client_command(&programs, &a)
         .status()
         .map_err(OpsError::Scp)?;
     Ok(status.code().unwrap_or(1))

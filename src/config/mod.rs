@@ -19,36 +19,29 @@
 //! Precedence of `defaults`: a flag, then `defaults` here, then nox's
 //! built-in default.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
+mod defaults;
+mod parse;
+mod parts;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
-use crate::ident::UserName;
-use crate::spec::{self, NetworkSpec};
 use crate::trust::Programs;
 
-/// Image a VM is created from without `--image` or `defaults.image` (a
-/// catalog name: `crate::image::DEFAULT_IMAGE` is this one).
-pub const BUILTIN_IMAGE: &str = "debian-13";
-/// Memory without `--memory` or `defaults.memory`.
-pub const BUILTIN_MEMORY: &str = "1G";
-/// Disk without `--disk` or `defaults.disk`.
-pub const BUILTIN_DISK: &str = "10G";
-/// Login user without `--user` or `defaults.user`.
-pub const BUILTIN_USER: &str = "nox";
+pub use defaults::{
+    BUILTIN_DISK, BUILTIN_IMAGE, BUILTIN_MEMORY, BUILTIN_USER, Defaults, Effective, Origin,
+    builtin_cpus, builtin_user,
+};
+pub use parts::{DEFAULT_UID_BASE, DEFAULT_UID_COUNT, MirrorEntry, Mirrors, UidRange};
+
+use parse::parse;
 
 /// Top-level keys besides `defaults` (trust: `binaries`; jail: `jail`;
 /// downloads: `mirror`, `mirrors`, `max_image_size`).
 pub const OTHER_KEYS: &[&str] = &["binaries", "jail", "mirror", "mirrors", "max_image_size"];
-
-/// The jail's uid range without a `jail` key (see crate::jail::ids).
-pub const DEFAULT_UID_BASE: u32 = 70000;
-pub const DEFAULT_UID_COUNT: u32 = 1000;
-
 /// Default cap on one image download: far above any cloud image (~0.5 GB)
 /// and an installer DVD, far below filling a host's disk by surprise.
 pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 64 << 30;
@@ -88,161 +81,6 @@ pub enum ConfigError {
     Part(Arc<ConfigError>),
 }
 
-/// `defaults` in config.json. Every field is optional; a missing one falls
-/// back to nox's built-in default.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Defaults {
-    /// Catalog name, URL or path with a `/`.
-    #[serde(default, deserialize_with = "image")]
-    pub image: Option<String>,
-    #[serde(default, deserialize_with = "cpus")]
-    pub cpus: Option<u32>,
-    /// As on the command line (`2G`); checked when the file is read.
-    #[serde(default, deserialize_with = "memory")]
-    pub memory: Option<String>,
-    #[serde(default, deserialize_with = "disk")]
-    pub disk: Option<String>,
-    /// `user`, `passt`, `slirp`, `bridge` or `bridge:NAME`.
-    #[serde(default, deserialize_with = "network", serialize_with = "display_opt")]
-    pub network: Option<NetworkSpec>,
-    /// Public key files (absolute, or `~/…`) authorised in every new VM.
-    #[serde(default, deserialize_with = "key_files")]
-    pub ssh_keys: Option<Vec<PathBuf>>,
-    #[serde(default)]
-    pub user: Option<UserName>,
-}
-
-/// `jail`: the uids/gids jailed qemus and passts run as,
-/// `[uid_base, uid_base + uid_count)` (see crate::jail::ids, which adds the
-/// account-database checks and the slots).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct UidRange {
-    #[serde(rename = "uid_base")]
-    pub base: u32,
-    #[serde(rename = "uid_count")]
-    pub count: u32,
-}
-
-impl Default for UidRange {
-    fn default() -> Self {
-        UidRange {
-            base: DEFAULT_UID_BASE,
-            count: DEFAULT_UID_COUNT,
-        }
-    }
-}
-
-impl fmt::Display for UidRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}-{}",
-            self.base,
-            u64::from(self.base) + u64::from(self.count) - 1
-        )
-    }
-}
-
-impl UidRange {
-    /// Why the range cannot be used, if it cannot.
-    pub fn invalid(&self) -> Option<&'static str> {
-        if self.count == 0 {
-            return Some("uid_count must be at least 1");
-        }
-        if self.base == 0 {
-            return Some("uid 0 is root");
-        }
-        // (uid_t)-1 means "unchanged" to setresuid; stay clear of it.
-        if u64::from(self.base) + u64::from(self.count) > u64::from(u32::MAX) {
-            return Some("range ends past 4294967294");
-        }
-        None
-    }
-}
-
-// Checked while the file is read, so a bad range is an error at its place.
-impl<'de> Deserialize<'de> for UidRange {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<UidRange, D::Error> {
-        #[derive(Deserialize)]
-        struct Raw {
-            uid_base: u32,
-            uid_count: u32,
-        }
-        let r = Raw::deserialize(d)?;
-        let range = UidRange {
-            base: r.uid_base,
-            count: r.uid_count,
-        };
-        match range.invalid() {
-            Some(why) => Err(serde::de::Error::custom(format!("{range}: {why}"))),
-            None => Ok(range),
-        }
-    }
-}
-
-/// One entry of `mirrors`: a URL, or `{"url": …, "allow_http": …,
-/// "unsigned": …, "keys": […]}`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MirrorEntry {
-    pub url: String,
-    /// A plain-HTTP mirror is accepted without `--insecure`.
-    pub allow_http: bool,
-    /// A mirror without the distribution's signatures is accepted (warned).
-    pub unsigned: bool,
-    /// OpenPGP key files trusted for this mirror.
-    pub keys: Vec<PathBuf>,
-}
-
-impl<'de> Deserialize<'de> for MirrorEntry {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MirrorEntry, D::Error> {
-        #[derive(Deserialize)]
-        struct Full {
-            #[serde(default)]
-            url: String,
-            #[serde(default)]
-            allow_http: bool,
-            #[serde(default)]
-            unsigned: bool,
-            #[serde(default)]
-            keys: Vec<PathBuf>,
-        }
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Url(String),
-            Full(Full),
-        }
-        // Untagged's own error ("did not match any variant") says nothing.
-        let raw = Raw::deserialize(d).map_err(|_: D::Error| {
-            serde::de::Error::custom(
-                "expected a URL or {\"url\": …, \"allow_http\": true|false, \
-                 \"unsigned\": true|false, \"keys\": [files]}",
-            )
-        })?;
-        Ok(match raw {
-            Raw::Url(url) => MirrorEntry {
-                url,
-                ..MirrorEntry::default()
-            },
-            Raw::Full(f) => MirrorEntry {
-                url: f.url,
-                allow_http: f.allow_http,
-                unsigned: f.unsigned,
-                keys: f.keys,
-            },
-        })
-    }
-}
-
-/// `mirror` (one base URL for every distro) and `mirrors` (per distro key:
-/// `debian`, `ubuntu`, …); see crate::image::catalog::mirror_for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Mirrors {
-    pub mirror: Option<String>,
-    pub mirrors: BTreeMap<String, MirrorEntry>,
-}
-
 /// The parsed file.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
@@ -258,7 +96,7 @@ pub struct Config {
     mirrors: Mirrors,
     /// The most bytes one image download may bring.
     max_image_size: u64,
-    /// Top-level keys whose value is invalid (see [`KEYS`]), with why.
+    /// Top-level keys whose value is invalid (see `parse::KEYS`), with why.
     invalid: BTreeMap<&'static str, Arc<ConfigError>>,
     /// Top-level keys no part of nox reads (a typo of `defaults`, say).
     pub unknown_keys: Vec<String>,
@@ -345,115 +183,6 @@ impl Config {
     }
 }
 
-#[derive(Default)]
-struct File {
-    defaults: Option<Defaults>,
-    binaries: Option<BTreeMap<String, Binary>>,
-    jail: Option<UidRange>,
-    mirror: Option<String>,
-    mirrors: Option<BTreeMap<String, MirrorEntry>>,
-    max_image_size: Option<MaxImageSize>,
-    /// Keys nothing reads, kept to be named.
-    unknown: Vec<String>,
-    /// Keys of [`KEYS`] whose value is invalid, with why.
-    invalid: BTreeMap<&'static str, Arc<ConfigError>>,
-}
-
-/// The top-level keys nox reads, each checked on its own.
-const KEYS: &[&str] = &[
-    "defaults",
-    "binaries",
-    "jail",
-    "mirror",
-    "mirrors",
-    "max_image_size",
-];
-
-/// Reads a [`File`], passing over the values of `skip` (keys already found
-/// invalid).
-struct FileSeed<'a> {
-    skip: &'a BTreeSet<&'static str>,
-}
-
-// By hand rather than `#[serde(flatten)]`, which buffers the whole object
-// and so loses the line and column of an error inside a value.
-impl<'de> serde::de::DeserializeSeed<'de> for FileSeed<'_> {
-    type Value = File;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<File, D::Error> {
-        struct V<'a>(&'a BTreeSet<&'static str>);
-        impl<'de> serde::de::Visitor<'de> for V<'_> {
-            type Value = File;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<File, A::Error> {
-                let mut file = File::default();
-                while let Some(key) = m.next_key::<String>()? {
-                    match key.as_str() {
-                        k if self.0.contains(k) => {
-                            m.next_value::<serde::de::IgnoredAny>()?;
-                        }
-                        "defaults" => file.defaults = m.next_value()?,
-                        "binaries" => file.binaries = m.next_value()?,
-                        "jail" => file.jail = m.next_value()?,
-                        "mirror" => file.mirror = m.next_value()?,
-                        "mirrors" => file.mirrors = m.next_value()?,
-                        "max_image_size" => file.max_image_size = m.next_value()?,
-                        _ => {
-                            m.next_value::<serde::de::IgnoredAny>()?;
-                            file.unknown.push(key);
-                        }
-                    }
-                }
-                Ok(file)
-            }
-        }
-        d.deserialize_map(V(self.skip))
-    }
-}
-
-/// One `binaries` value: an absolute path.
-struct Binary(PathBuf);
-
-impl<'de> Deserialize<'de> for Binary {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Binary, D::Error> {
-        checked_str(d, |s| {
-            let p = PathBuf::from(s);
-            if p.is_absolute() {
-                Ok(Binary(p))
-            } else {
-                Err(format!("{s:?} must be an absolute path"))
-            }
-        })
-    }
-}
-
-/// `max_image_size`: a size (`"64G"`) or a number of bytes, not 0.
-struct MaxImageSize(u64);
-
-impl<'de> Deserialize<'de> for MaxImageSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MaxImageSize, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = u64;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a size (\"64G\") or a number of bytes")
-            }
-            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u64, E> {
-                Ok(n)
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<u64, E> {
-                spec::parse_size("max_image_size", s).map_err(E::custom)
-            }
-        }
-        let n = d.deserialize_any(V)?;
-        if n == 0 {
-            return Err(serde::de::Error::custom("0 would refuse every image"));
-        }
-        Ok(MaxImageSize(n))
-    }
-}
-
 /// Reads `path` (absent = every built-in default). A malformed file is an
 /// error naming the file, the line and column, and the field.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -508,247 +237,6 @@ pub(crate) fn test_mirrors(text: &str) -> Mirrors {
         mirror: f.mirror,
         mirrors: f.mirrors.unwrap_or_default(),
     }
-}
-
-/// Parses the file. Not JSON (or not an object) is an error; a bad value
-/// under one of [`KEYS`] is kept in [`File::invalid`] and the file read
-/// again past it, until the rest is read (at most once per key), so each
-/// error keeps serde_json's own line and column.
-fn parse(path: &Path, data: &[u8]) -> Result<File, ConfigError> {
-    let mut invalid: BTreeMap<&'static str, Arc<ConfigError>> = BTreeMap::new();
-    loop {
-        let skip: BTreeSet<&'static str> = invalid.keys().copied().collect();
-        let mut track = serde_path_to_error::Track::new();
-        let de = &mut serde_json::Deserializer::from_slice(data);
-        let seed = FileSeed { skip: &skip };
-        let source = match serde::de::DeserializeSeed::deserialize(
-            seed,
-            serde_path_to_error::Deserializer::new(de, &mut track),
-        ) {
-            Ok(mut file) => {
-                file.invalid = invalid;
-                return Ok(file);
-            }
-            Err(e) => e,
-        };
-        let field = track.path();
-        let syntax = source.is_syntax() || source.is_eof();
-        let key = match field.iter().next() {
-            Some(serde_path_to_error::Segment::Map { key }) if !syntax => {
-                KEYS.iter().copied().find(|k| k == key)
-            }
-            _ => None,
-        };
-        let what = if key.is_some() {
-            format!("invalid `{field}`")
-        } else {
-            "not valid JSON".to_string()
-        };
-        let e = ConfigError::Parse {
-            path: path.to_owned(),
-            line: source.line(),
-            column: source.column(),
-            what,
-            source,
-        };
-        match key {
-            Some(k) if !invalid.contains_key(k) => {
-                invalid.insert(k, Arc::new(e));
-            }
-            _ => return Err(e),
-        }
-    }
-}
-
-/// Deserialises a string checked by `check` inside the string visitor, so
-/// serde_json reports the error at the value's own line and column (an
-/// error raised after `String::deserialize` returns gets the position of
-/// the end of the enclosing object instead).
-fn checked_str<'de, D, T>(d: D, check: fn(&str) -> Result<T, String>) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-{
-    struct V<T>(fn(&str) -> Result<T, String>);
-    impl<T> serde::de::Visitor<'_> for V<T> {
-        type Value = T;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a string")
-        }
-        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
-            (self.0)(s).map_err(E::custom)
-        }
-    }
-    d.deserialize_str(V(check))
-}
-
-fn image<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    checked_str(d, |s| {
-        if s.trim().is_empty() {
-            Err("empty image name".into())
-        } else {
-            Ok(Some(s.to_string()))
-        }
-    })
-}
-
-fn cpus<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    struct V;
-    impl serde::de::Visitor<'_> for V {
-        type Value = u32;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a number of vCPUs")
-        }
-        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u32, E> {
-            let n = u32::try_from(n).unwrap_or(u32::MAX);
-            // qemu's bound (per architecture) is checked at create.
-            spec::validate_cpus(n, u32::MAX).map_err(E::custom)
-        }
-    }
-    d.deserialize_u64(V).map(Some)
-}
-
-fn memory<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    checked_str(d, |s| {
-        spec::parse_memory(s, None).map_err(|e| e.to_string())?;
-        Ok(Some(s.to_string()))
-    })
-}
-
-fn disk<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    checked_str(d, |s| {
-        spec::parse_disk(s).map_err(|e| e.to_string())?;
-        Ok(Some(s.to_string()))
-    })
-}
-
-fn network<'de, D: Deserializer<'de>>(d: D) -> Result<Option<NetworkSpec>, D::Error> {
-    checked_str(d, |s| {
-        s.parse()
-            .map(Some)
-            .map_err(|e: spec::SpecError| e.to_string())
-    })
-}
-
-fn display_opt<S: serde::Serializer, T: std::fmt::Display>(
-    v: &Option<T>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match v {
-        Some(v) => s.collect_str(v),
-        None => s.serialize_none(),
-    }
-}
-
-fn key_files<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<PathBuf>>, D::Error> {
-    struct V;
-    impl<'de> serde::de::Visitor<'de> for V {
-        type Value = Vec<PathBuf>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a list of public key files")
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(
-            self,
-            mut a: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut out = vec![];
-            while let Some(p) = a.next_element::<KeyFile>()? {
-                out.push(p.0);
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_seq(V).map(Some)
-}
-
-/// One `ssh_keys` entry, `~/` expanded.
-struct KeyFile(PathBuf);
-
-impl<'de> Deserialize<'de> for KeyFile {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<KeyFile, D::Error> {
-        checked_str(d, |s| {
-            // As root `~` is the key owner's passwd home, never `$HOME`.
-            let home = crate::userkeys::tilde_home();
-            expand_home(s, home.as_deref()).map(KeyFile)
-        })
-    }
-}
-
-/// `~/x` → `$HOME/x`; an absolute path as it is; anything else is refused
-/// (relative to which directory?).
-fn expand_home(s: &str, home: Option<&Path>) -> Result<PathBuf, String> {
-    if let Some(rest) = s.strip_prefix("~/") {
-        return home
-            .map(|h| h.join(rest))
-            .ok_or_else(|| format!("{s:?}: HOME is not set"));
-    }
-    let p = PathBuf::from(s);
-    if p.is_absolute() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "{s:?}: give an absolute path or one starting with ~/"
-        ))
-    }
-}
-
-/// Where an effective value came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Origin {
-    Config,
-    BuiltIn,
-}
-
-/// The defaults `nox create` applies where no flag is given.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Effective {
-    pub image: (String, Origin),
-    /// None: the built-in (`min(2, host CPUs)`), decided per host.
-    pub cpus: (u32, Origin),
-    pub memory: (String, Origin),
-    pub disk: (String, Origin),
-    /// None: chosen at each create (bridge br0 when usable, else user).
-    pub network: (Option<NetworkSpec>, Origin),
-    /// Empty: `~/.ssh/id_*.pub`.
-    pub ssh_keys: (Vec<PathBuf>, Origin),
-    pub user: (UserName, Origin),
-}
-
-fn pick<T>(v: Option<T>, builtin: impl FnOnce() -> T) -> (T, Origin) {
-    match v {
-        Some(v) => (v, Origin::Config),
-        None => (builtin(), Origin::BuiltIn),
-    }
-}
-
-impl Defaults {
-    /// These defaults over nox's built-in ones.
-    pub fn effective(&self) -> Effective {
-        Effective {
-            image: pick(self.image.clone(), || BUILTIN_IMAGE.into()),
-            cpus: pick(self.cpus, builtin_cpus),
-            memory: pick(self.memory.clone(), || BUILTIN_MEMORY.into()),
-            disk: pick(self.disk.clone(), || BUILTIN_DISK.into()),
-            network: match &self.network {
-                Some(n) => (Some(n.clone()), Origin::Config),
-                None => (None, Origin::BuiltIn),
-            },
-            ssh_keys: pick(self.ssh_keys.clone(), Vec::new),
-            user: pick(self.user.clone(), builtin_user),
-        }
-    }
-}
-
-/// The login user without `--user` or `defaults.user`.
-pub fn builtin_user() -> UserName {
-    BUILTIN_USER
-        .parse()
-        .expect("the built-in user name is a valid user name")
-}
-
-/// vCPUs without `--cpus` or `defaults.cpus`.
-pub fn builtin_cpus() -> u32 {
-    spec::host_cpus().min(2)
 }
 
 #[cfg(test)]
@@ -1012,20 +500,5 @@ mod tests {
         let c = load(&p).unwrap();
         assert!(c.defaults().is_ok() && c.programs().is_ok() && c.jail().is_ok());
         assert_eq!(c.max_image_size, DEFAULT_MAX_IMAGE_BYTES);
-    }
-
-    #[test]
-    fn home_expansion() {
-        let h = Some(Path::new("/home/u"));
-        assert_eq!(
-            expand_home("~/.ssh/a.pub", h).unwrap(),
-            PathBuf::from("/home/u/.ssh/a.pub")
-        );
-        assert_eq!(
-            expand_home("/a.pub", None).unwrap(),
-            PathBuf::from("/a.pub")
-        );
-        assert!(expand_home("a.pub", h).is_err());
-        assert!(expand_home("~/a.pub", None).is_err());
     }
 }
