@@ -106,14 +106,13 @@ pub struct Pending {
     pub warm: WarmState,
 }
 
-/// The argv of the VM's running qemu, written by the supervisor at each
-/// spawn (in the VM's root-owned directory, not the jail-owned runtime one).
+/// The argv of the VM's running qemu (see [`VmPaths::qemu_argv`]).
 pub fn argv_path(vm: &VmPaths) -> PathBuf {
-    vm.dir.join("qemu-argv.json")
+    vm.qemu_argv()
 }
 
 fn pending_path(vm: &VmPaths) -> PathBuf {
-    vm.dir.join("warm.json")
+    vm.warm_pending()
 }
 
 pub fn set_pending(vm: &VmPaths, p: &Pending) -> Result<(), StoreError> {

@@ -122,6 +122,16 @@ impl VmPaths {
     pub fn pending_restore(&self) -> PathBuf {
         self.dir.join("restore.json")
     }
+    /// The warm template the VM's first start may resume (written by create,
+    /// taken by that start).
+    pub fn warm_pending(&self) -> PathBuf {
+        self.dir.join("warm.json")
+    }
+    /// The argv of the VM's running qemu, written by the supervisor at each
+    /// spawn (root's directory, not the run directory).
+    pub fn qemu_argv(&self) -> PathBuf {
+        self.dir.join("qemu-argv.json")
+    }
 
     pub fn load_spec(&self) -> Result<VmSpec, StoreError> {
         read_json(&self.spec())?.ok_or_else(|| StoreError::NotFound(self.name.to_string()))
