@@ -171,7 +171,8 @@ pub(super) fn nox_cloud_config(cfg: &SeedConfig) -> Result<Value, SeedError> {
 /// before any getty. The first boot reloads systemd so the drop-in counts at
 /// once (2.4 s under TCG here), unless the command line already has the
 /// size (direct boot: nothing to wait for); later boots find it loaded.
-pub(super) const SERIAL_TTY_SIZE: &str = "d=/etc/systemd/system/serial-getty@.service.d; [ -f \"$d/50-nox-tty-size.conf\" ] || { mkdir -p \"$d\" && printf '# Written by nox: a known size, so systemd does not ask the terminal (systemd#35499).\\n[Service]\\nTTYRows=24\\nTTYColumns=80\\n' >\"$d/50-nox-tty-size.conf\" && { grep -q systemd.tty.rows. /proc/cmdline || systemctl daemon-reload; }; }";
+/// Guests without systemd as init (Alpine) are left alone.
+pub(super) const SERIAL_TTY_SIZE: &str = "d=/etc/systemd/system/serial-getty@.service.d; if [ -d /run/systemd/system ] && [ ! -f \"$d/50-nox-tty-size.conf\" ]; then mkdir -p \"$d\" && printf '# Written by nox: a known size, so systemd does not ask the terminal (systemd#35499).\\n[Service]\\nTTYRows=24\\nTTYColumns=80\\n' >\"$d/50-nox-tty-size.conf\" && { grep -q systemd.tty.rows. /proc/cmdline || systemctl daemon-reload; }; fi";
 
 /// cloud-init's networkd renderer (a guest with systemd-networkd and no
 /// netplan) ignores the network-config's `dhcp-identifier: mac`, and
