@@ -164,7 +164,7 @@ struct CleanMark {
 }
 
 fn clean_mark_path(vm: &store::VmPaths) -> PathBuf {
-    vm.dir.join("template-clean.json")
+    vm.template_clean()
 }
 
 fn disk_mark(disk: &Path) -> Result<CleanMark, TemplateError> {

@@ -252,6 +252,8 @@ impl Store {
             run: self.run.join(name.as_str()),
             firmware_dir: self.firmware_dir(),
             events: self.events_dir().join(format!("{name}.jsonl")),
+            images: self.images_dir(),
+            vms: self.vms_dir(),
             settings: self.settings.clone(),
         }
     }

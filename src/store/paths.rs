@@ -17,6 +17,10 @@ pub struct VmPaths {
     pub run: PathBuf,
     pub(super) firmware_dir: PathBuf,
     pub(super) events: PathBuf,
+    /// The store's image cache and its VMs' directory (the direct-boot
+    /// kernel cache and the records of which VM boots which kernel).
+    pub(super) images: PathBuf,
+    pub(super) vms: PathBuf,
     /// The store's config.json, for what runs a VM (jail range, programs).
     pub(super) settings: Settings,
 }
@@ -30,6 +34,8 @@ impl VmPaths {
             run: self.run.clone(),
             firmware_dir: self.firmware_dir.clone(),
             events: self.events.clone(),
+            images: self.images.clone(),
+            vms: self.vms.clone(),
             settings: self.settings.clone(),
         }
     }
@@ -121,6 +127,20 @@ impl VmPaths {
     /// A RAM snapshot the next launch loads before resuming the guest.
     pub fn pending_restore(&self) -> PathBuf {
         self.dir.join("restore.json")
+    }
+    /// The store's image cache (`images/`).
+    pub fn images_dir(&self) -> &Path {
+        &self.images
+    }
+    /// The directory of every VM of the store (`vms/`).
+    pub fn vms_dir(&self) -> &Path {
+        &self.vms
+    }
+    /// Written when nox cleaned the guest for `image commit` and stopped it:
+    /// the disk's size and time then, so a later commit of the stopped VM
+    /// knows the disk is still the cleaned one.
+    pub fn template_clean(&self) -> PathBuf {
+        self.dir.join("template-clean.json")
     }
     /// The warm template the VM's first start may resume (written by create,
     /// taken by that start).

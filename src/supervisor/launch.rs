@@ -132,16 +132,18 @@ pub(super) fn direct_boot(
     if spec.firmware.is_some() || spec.secure_boot {
         return (None, None);
     }
-    // The image cache: images/blobs/sha256-HEX -> images/boot/.
-    let Some(cache) = spec.image.path.parent().and_then(Path::parent) else {
+    // Kernels are cached beside the images (images/boot/); which entries
+    // are in use: the records of the store's VMs.
+    if !spec.image.path.starts_with(vm.images_dir()) {
         return (
             None,
             Some("the base image is not in nox's image cache".into()),
         );
-    };
-    // Which entries are in use: the records beside this VM's.
-    let vms = vm.dir.parent().unwrap_or(&vm.dir).to_owned();
-    let boot_cache = crate::boot::cache::BootCache::new(cache.join("boot"), vms);
+    }
+    let boot_cache = crate::boot::cache::BootCache::new(
+        vm.images_dir().join("boot"),
+        vm.vms_dir().to_path_buf(),
+    );
     match crate::boot::prepare(
         spec.arch,
         &vm.disk(),
