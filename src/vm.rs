@@ -410,10 +410,19 @@ pub async fn stop(
         }
     }
     if !force {
-        if let Some((q, _)) = &ctl {
-            let _ = q.powerdown().await;
-        }
-        if wait_unlocked(&vm, timeout).await? {
+        let off = match &ctl {
+            Some((q, _)) => q
+                .powerdown_until(
+                    wait_unlocked(&vm, timeout),
+                    timeout,
+                    crate::qmp::POWERDOWN_REPEAT,
+                )
+                .await
+                .transpose()?
+                .unwrap_or(false),
+            None => wait_unlocked(&vm, timeout).await?,
+        };
+        if off {
             return Ok(Stopped::Gracefully);
         }
     }

@@ -154,3 +154,71 @@ async fn real_qemu_session() {
          query-status round trip {rtt:?} (mean of {n}); quit->exit {quit_time:?}"
     );
 }
+
+/// A stop presses the power button again while the guest has not powered
+/// off: a guest still booting loses a single press. qemu with no guest
+/// ignores every press, so each one shows as its own POWERDOWN event, and
+/// the wait ends at its deadline with nothing done.
+#[tokio::test]
+async fn an_unanswered_power_button_is_pressed_again() {
+    if !prereq(have_qemu(), "qemu-system-x86_64 not runnable") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-qmp",
+        ])
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn qemu");
+    let mut qemu = QemuGuard(child);
+    let (qmp, mut events) = Qmp::connect(&sock, Duration::from_secs(10))
+        .await
+        .expect("connect");
+
+    let t = Instant::now();
+    let never = std::future::pending::<()>();
+    let out = qmp
+        .powerdown_until(
+            never,
+            Duration::from_millis(1900),
+            Duration::from_millis(500),
+        )
+        .await;
+    assert!(out.is_none(), "the wait ends at its deadline");
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(1900), "{waited:?}");
+    let mut presses = 0;
+    while let Ok(ev) = events.try_recv() {
+        presses += usize::from(ev.name == "POWERDOWN");
+    }
+    // Pressed at 0, 0.5, 1.0 and 1.5 s.
+    assert_eq!(presses, 4, "presses within 1.9 s at a 0.5 s interval");
+
+    // A wait that completes returns its output at once.
+    let t = Instant::now();
+    let out = qmp
+        .powerdown_until(
+            async { 7 },
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(out, Some(7));
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    qmp.quit().await.unwrap();
+    assert!(qemu.0.wait().unwrap().success());
+}

@@ -25,6 +25,10 @@ pub use qapi::qmp::QmpCommand;
 
 /// Timeout used by [`Qmp::execute`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a stop presses the ACPI power button again while the guest has
+/// not powered off ([`Qmp::powerdown_until`]).
+pub const POWERDOWN_REPEAT: Duration = Duration::from_secs(10);
 /// The longest line read from qemu (a reply or an event), newline
 /// excluded. nox's replies are small (query-status, query-migrate, the block
 /// nodes of a snapshot); a longer line ends the session instead of growing a

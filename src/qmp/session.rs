@@ -367,6 +367,37 @@ impl Qmp {
         self.execute(qapi::qmp::system_powerdown {}).await.map(drop)
     }
 
+    /// Presses the ACPI power button, and again every `every`, until `done`
+    /// completes (its output) or `within` has passed (`None`). One press is
+    /// not enough: the button is an edge, and a guest still booting (under
+    /// load its sshd can answer before systemd-logind listens) loses it.
+    /// A guest already shutting down ignores the later presses.
+    pub async fn powerdown_until<F: std::future::Future>(
+        &self,
+        done: F,
+        within: Duration,
+        every: Duration,
+    ) -> Option<F::Output> {
+        let deadline = tokio::time::Instant::now() + within;
+        tokio::pin!(done);
+        loop {
+            // Bounded: a qemu that does not answer must not eat the wait.
+            let press = tokio::time::timeout(every, self.powerdown());
+            tokio::select! {
+                out = &mut done => return Some(out),
+                _ = press => {}
+            }
+            let next = (tokio::time::Instant::now() + every).min(deadline);
+            tokio::select! {
+                out = &mut done => return Some(out),
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            if next >= deadline {
+                return None;
+            }
+        }
+    }
+
     /// Makes qemu exit. QEMU may close the connection before its reply
     /// arrives; that counts as success.
     pub async fn quit(&self) -> Result<(), QmpError> {

@@ -240,9 +240,12 @@ pub(super) async fn graceful_stop(spec: &VmSpec, rec: &mut Recorder<'_>, qmp: &Q
         "stopping: ACPI powerdown, waiting up to {}s",
         spec.stop_timeout
     );
-    let _ = qmp.powerdown().await;
     let wait = Duration::from_secs(spec.stop_timeout);
-    if tokio::time::timeout(wait, q.child.wait()).await.is_ok() {
+    if qmp
+        .powerdown_until(q.child.wait(), wait, qmp::POWERDOWN_REPEAT)
+        .await
+        .is_some()
+    {
         return;
     }
     warn!(
