@@ -463,6 +463,9 @@ pub struct ArchFacts {
     pub panic_device: &'static str,
     /// Most vCPUs the machine nox builds takes (see [`AMD64`], [`ARM64`]).
     pub max_cpus: u32,
+    /// The name of the machine's main RAM block (a saved state names it;
+    /// a file-backed RAM must keep it: see `qemu::RamFile`).
+    pub ram_id: &'static str,
 }
 
 pub const AMD64: ArchFacts = ArchFacts {
@@ -470,6 +473,7 @@ pub const AMD64: ArchFacts = ArchFacts {
     binary: "qemu-system-x86_64",
     package: "qemu-system-x86",
     machine: "q35",
+    ram_id: "pc.ram",
     console: "ttyS0",
     has_bios: true,
     panic_device: "pvpanic",
@@ -484,6 +488,7 @@ pub const ARM64: ArchFacts = ArchFacts {
     binary: "qemu-system-aarch64",
     package: "qemu-system-arm",
     machine: "virt",
+    ram_id: "mach-virt.ram",
     console: "ttyAMA0",
     has_bios: false,
     panic_device: "pvpanic-pci",

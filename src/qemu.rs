@@ -165,8 +165,27 @@ pub struct Launch<'a> {
     /// Warm start: a template's saved machine state, which qemu reads from
     /// this inherited file descriptor instead of booting.
     pub incoming: Option<i32>,
+    /// The guest's RAM as a file instead of anonymous memory (a warm
+    /// template's shared RAM image). With it, the incoming state is loaded
+    /// on request (`-incoming defer`), once `x-ignore-shared` is set.
+    pub ram: Option<RamFile>,
     /// qemu's channels to the host, inherited descriptors (crate::rundir).
     pub chardevs: Chardevs,
+    /// The TCG translation cache, in bytes (config.json `tcg_tb_size`;
+    /// None: qemu's default). Not used under KVM.
+    pub tb_size: Option<u64>,
+}
+
+/// A guest RAM backed by a file (crate::warm's RAM image).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamFile {
+    pub path: std::path::PathBuf,
+    /// `true`: qemu writes the file (`share=on`): a template's RAM being
+    /// made. `false`: the file is mapped privately and read-only
+    /// (MAP_PRIVATE of an O_RDONLY file), so the guest's writes go to its
+    /// own copy-on-write pages and every other page is the file's, shared
+    /// through the page cache by all VMs that map it.
+    pub shared: bool,
 }
 
 /// The inherited descriptors of qemu's monitors, serial port and console
@@ -205,10 +224,18 @@ pub fn name_arg(name: &VmName) -> String {
 /// `-machine`: the board with its accelerator, the host's GIC for arm64
 /// KVM, and the firmware's properties.
 fn machine_arg(arch: &ArchFacts, l: &Launch) -> String {
-    let mut machine = Opts::new(arch.machine).set("accel", l.accel.as_str());
+    let mut machine = Opts::new(arch.machine);
+    // The accelerator's own options need `-accel` ([`accel_arg`]), which
+    // `-machine accel=` excludes.
+    if accel_arg(l).is_none() {
+        machine = machine.set("accel", l.accel.as_str());
+    }
     if arch.arch == Arch::Arm64 && l.accel == Accel::Kvm {
         // The host's GIC version, whatever the board has.
         machine = machine.set("gic-version", "host");
+    }
+    if l.ram.is_some() {
+        machine = machine.set("memory-backend", arch.ram_id);
     }
     let mut machine = machine.to_string();
     for prop in &l.firmware.machine_props {
@@ -217,6 +244,15 @@ fn machine_arg(arch: &ArchFacts, l: &Launch) -> String {
         machine.push_str(prop);
     }
     machine
+}
+
+/// `-accel`, when the accelerator takes options: TCG with a translation
+/// cache size (MiB, at least 1).
+fn accel_arg(l: &Launch) -> Option<Opts> {
+    match (l.accel, l.tb_size) {
+        (Accel::Tcg, Some(bytes)) => Some(Opts::new("tcg").set("tb-size", (bytes >> 20).max(1))),
+        _ => None,
+    }
 }
 
 /// `-netdev` of the guest's one NIC, by backend.
@@ -261,9 +297,15 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
     let mut a = Argv(vec![arch.binary.into()]);
     a.opt("-name", name_arg(&s.name));
     a.opt("-machine", machine_arg(arch, l));
+    if let Some(accel) = accel_arg(l) {
+        a.opt("-accel", accel);
+    }
     a.opt("-cpu", cpu);
     a.opt("-smp", s.cpus);
     a.opt("-m", format!("{}M", s.memory >> 20));
+    if let Some(ram) = &l.ram {
+        a.opt("-object", ram_object(arch, s.memory, ram)?);
+    }
     a.flag("-nodefaults");
     a.flag("-no-user-config");
     a.opt("-display", "none");
@@ -357,9 +399,36 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
                 .set("set", INCOMING_FDSET)
                 .set("opaque", "warm-state"),
         );
-        a.opt("-incoming", format!("file:/dev/fdset/{INCOMING_FDSET}"));
+        if l.ram.is_some() {
+            // x-ignore-shared is a migration capability, not a -global:
+            // set over QMP before the load ([`incoming_uri`]).
+            a.opt("-incoming", "defer");
+        } else {
+            a.opt("-incoming", incoming_uri());
+        }
     }
     Ok(a.0)
+}
+
+/// Where qemu reads a warm start's state: the inherited descriptor's fd set.
+pub fn incoming_uri() -> String {
+    format!("file:/dev/fdset/{INCOMING_FDSET}")
+}
+
+/// `-object memory-backend-file` of a file-backed guest RAM, with the id of
+/// the machine's own RAM block so that a saved state's RAM loads into it.
+fn ram_object(arch: &ArchFacts, memory: u64, ram: &RamFile) -> Result<Opts, QemuError> {
+    let o = Opts::new("memory-backend-file")
+        .set("id", arch.ram_id)
+        .set("size", format!("{}M", memory >> 20))
+        .path("mem-path", &ram.path)?;
+    Ok(if ram.shared {
+        o.set("share", "on")
+    } else {
+        o.set("share", "off")
+            .set("readonly", "on")
+            .set("rom", "off")
+    })
 }
 
 /// The fd set holding a warm start's saved state.
@@ -389,7 +458,13 @@ pub fn machine_shape(argv: &[String]) -> Vec<String> {
             continue;
         };
         let shaped = match flag.as_str() {
-            "-incoming" | "-add-fd" => continue,
+            // The accelerator is checked on its own (crate::warm); its
+            // options (the translation cache) are no machine state.
+            "-incoming" | "-add-fd" | "-accel" => continue,
+            // Where the RAM lives is not machine state (a warm clone maps
+            // its template's RAM image; the template's source had plain RAM).
+            "-object" if value.starts_with("memory-backend-file,") => continue,
+            "-machine" => machine_shape_of(value),
             "-name" | "-kernel" | "-initrd" => "*".to_string(),
             "-netdev" if value.starts_with("user,") => "user".into(),
             "-netdev" => "other".into(),
@@ -407,6 +482,13 @@ pub fn machine_shape(argv: &[String]) -> Vec<String> {
         out.push(shaped);
     }
     out
+}
+
+/// Whether a [`machine_shape`] has qemu's slirp (whose state is its own).
+pub fn shape_has_slirp(shape: &[String]) -> bool {
+    shape
+        .windows(2)
+        .any(|w| w[0] == "-netdev" && w[1] == "user")
 }
 
 /// A chardev without how it reaches the host (a path or an inherited
@@ -427,11 +509,25 @@ fn chardev_shape(value: &str) -> String {
 pub fn upgrade_shape(shape: &[String]) -> Vec<String> {
     let mut out: Vec<String> = shape.to_vec();
     for i in 1..out.len() {
-        if out[i - 1] == "-chardev" {
-            out[i] = chardev_shape(&out[i]);
+        match out[i - 1].as_str() {
+            "-chardev" => out[i] = chardev_shape(&out[i]),
+            // Recorded before the accelerator left the machine's shape.
+            "-machine" => out[i] = machine_shape_of(&out[i]),
+            _ => {}
         }
     }
     out
+}
+
+/// `-machine` without what is not machine state: the accelerator (checked
+/// on its own) and where the RAM lives (a warm clone maps its template's
+/// RAM image; the template's source had plain RAM).
+fn machine_shape_of(value: &str) -> String {
+    split_opts(value)
+        .into_iter()
+        .filter(|item| !item.starts_with("memory-backend=") && !item.starts_with("accel="))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Splits a qemu option string at its unescaped commas (`,,` is a comma
@@ -592,7 +688,9 @@ mod tests {
             firmware: FirmwareArgs::default(),
             direct: None,
             incoming: None,
+            ram: None,
             chardevs: CHARDEVS,
+            tb_size: None,
         })
         .unwrap()
         .join(" ");
@@ -638,7 +736,9 @@ mod tests {
             },
             direct: None,
             incoming: None,
+            ram: None,
             chardevs: CHARDEVS,
+            tb_size: None,
         })
         .unwrap();
         let j = got.join(" ");
@@ -668,7 +768,9 @@ mod tests {
             firmware: FirmwareArgs::default(),
             direct: None,
             incoming: None,
+            ram: None,
             chardevs: CHARDEVS,
+            tb_size: None,
         })
         .unwrap();
         assert!(
@@ -700,7 +802,9 @@ mod tests {
                 cmdline: "root=UUID=x ro console=ttyS0".into(),
             }),
             incoming: None,
+            ram: None,
             chardevs: CHARDEVS,
+            tb_size: None,
         })
         .unwrap();
         let after = |flag: &str| a[a.iter().position(|x| x == flag).unwrap() + 1].clone();
@@ -724,7 +828,9 @@ mod tests {
                 firmware: FirmwareArgs::default(),
                 direct: None,
                 incoming: None,
+                ram: None,
                 chardevs: CHARDEVS,
+                tb_size: None,
             })
             .unwrap();
             let i = a.iter().position(|x| x == "-netdev").unwrap();
@@ -748,6 +854,67 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
         );
     }
 
+    /// A warm template's RAM image: written by the qemu that makes it,
+    /// mapped privately and read-only by the VMs made from it, whose state
+    /// then loads on request (x-ignore-shared is set over QMP first). Where
+    /// the RAM lives is not machine state.
+    #[test]
+    fn a_file_backed_ram_keeps_the_machine_ram_block_name() {
+        let st = Store::at("/var/lib/nox".into(), "/run/nox".into());
+        let s = spec(Arch::Amd64);
+        let paths = st.vm_paths(&s.name);
+        let with = |ram: Option<RamFile>, incoming| {
+            argv(&Launch {
+                spec: &s,
+                paths: &paths,
+                accel: Accel::Tcg,
+                net: NetBackend::Passt { fd: 5 },
+                firmware: FirmwareArgs::default(),
+                direct: None,
+                incoming,
+                ram,
+                chardevs: CHARDEVS,
+                tb_size: None,
+            })
+            .unwrap()
+        };
+        let plain = with(None, None);
+        let path = std::path::PathBuf::from("/var/lib/nox/images/templates/a,b.ram");
+        let make = with(
+            Some(RamFile {
+                path: path.clone(),
+                shared: true,
+            }),
+            Some(9),
+        );
+        let joined = make.join(" ");
+        assert!(
+            joined.contains("-machine q35,accel=tcg,memory-backend=pc.ram "),
+            "{joined}"
+        );
+        assert!(
+            joined.contains(
+                "-object memory-backend-file,id=pc.ram,size=1024M,mem-path=/var/lib/nox/images/templates/a,,b.ram,share=on "
+            ),
+            "{joined}"
+        );
+        assert!(joined.contains("-incoming defer"), "{joined}");
+        let clone = with(
+            Some(RamFile {
+                path,
+                shared: false,
+            }),
+            Some(9),
+        )
+        .join(" ");
+        assert!(
+            clone.contains("a,,b.ram,share=off,readonly=on,rom=off "),
+            "{clone}"
+        );
+        assert_eq!(machine_shape(&plain), machine_shape(&make));
+        assert_eq!(incoming_uri(), "file:/dev/fdset/1");
+    }
+
     #[test]
     fn machine_shape_keeps_the_machine_and_masks_the_vm() {
         let st = Store::at("/var/lib/nox".into(), "/run/nox".into());
@@ -764,7 +931,9 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
                 firmware: FirmwareArgs::default(),
                 direct: None,
                 incoming,
+                ram: None,
                 chardevs: CHARDEVS,
+                tb_size: None,
             })
             .unwrap()
         };
@@ -789,6 +958,7 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
         );
         assert_eq!(machine_shape(&src), machine_shape(&warm));
         let shape = machine_shape(&src).join(" ");
+        assert!(!shape_has_slirp(&machine_shape(&src)));
         assert!(
             shape.contains("virtio-net-pci,netdev=net0,mac=*"),
             "{shape}"
@@ -834,7 +1004,9 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
             firmware: FirmwareArgs::default(),
             direct: None,
             incoming: None,
+            ram: None,
             chardevs: CHARDEVS,
+            tb_size: None,
         })
         .unwrap();
         assert_ne!(machine_shape(&src), machine_shape(&big));

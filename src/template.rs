@@ -120,6 +120,8 @@ pub struct Committed {
     pub convert_time: Duration,
     /// Saving the machine state (`--warm`).
     pub save_time: Option<Duration>,
+    /// Making the shared RAM image from it (`--warm`), if one was made.
+    pub share_time: Option<Duration>,
 }
 
 /// `images/templates`, made 0700 if missing.
@@ -238,6 +240,7 @@ pub async fn commit(
         clean_time,
         convert_time,
         save_time: None,
+        share_time: None,
     })
 }
 
@@ -348,7 +351,9 @@ async fn commit_warm(
         disk: spec.disk,
         mac: spec.mac,
         user: spec.user.clone(),
+        ram: None,
     };
+    let (w, expand_time) = share_ram(vmp, spec, cache, as_, w).await;
     let template = save_record(cache, as_, spec, &image, Some(w))?;
     Ok(Committed {
         template,
@@ -357,7 +362,71 @@ async fn commit_warm(
         clean_time,
         convert_time,
         save_time: Some(saved.took),
+        share_time: expand_time,
     })
+}
+
+/// Turns a warm template's full state into a shared RAM image and a
+/// device-only state (crate::supervisor::expand), so that the VMs made from
+/// it share the RAM they do not write. Best effort: the full state works,
+/// only without the sharing, so a failure is told and the template kept.
+async fn share_ram(
+    vmp: &store::VmPaths,
+    spec: &VmSpec,
+    cache: &Cache,
+    as_: &TemplateName,
+    w: crate::warm::WarmState,
+) -> (crate::warm::WarmState, Option<Duration>) {
+    // The VM must not start while its qemu is borrowed for this.
+    let lock = match vmp.try_lock() {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            tracing::warn!(
+                "{}: started again before its RAM could be shared; VMs made from {as_} will not share their RAM",
+                spec.name
+            );
+            return (w, None);
+        }
+        Err(e) => {
+            tracing::warn!("{}", crate::error_chain(&e));
+            return (w, None);
+        }
+    };
+    let ram = crate::templates::ram_path(cache, as_);
+    let dev = dir(cache).join(format!(".{as_}.dev.tmp"));
+    let _ = std::fs::remove_file(&ram);
+    let _ = std::fs::remove_file(&dev);
+    let out = crate::supervisor::expand::expand(vmp, spec, &w, &ram, &dev).await;
+    drop(lock);
+    let done = match out {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(
+                "VMs made from {as_} will not share their RAM: {}",
+                crate::error_chain(&e)
+            );
+            return (w, None);
+        }
+    };
+    // The device state replaces the full one (the RAM is in the image now).
+    if let Err(e) = std::fs::rename(&dev, &w.state)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            crate::warm::set_verified(&w.state, &done.state.sha256).map_err(|e| e.to_string())
+        })
+    {
+        tracing::warn!("{}: {e}", w.state.display());
+        let _ = std::fs::remove_file(&ram);
+        let _ = std::fs::remove_file(&dev);
+        return (w, None);
+    }
+    let shared = crate::warm::WarmState {
+        size: done.state.size,
+        sha256: done.state.sha256,
+        ram: Some(done.ram),
+        ..w
+    };
+    (shared, Some(done.took))
 }
 
 /// After a warm commit: the source's host key was in its guest's RAM until

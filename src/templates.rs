@@ -117,6 +117,11 @@ pub fn forget(cache: &Cache, digest: &str) {
         if let Some(w) = &t.warm {
             let _ = std::fs::remove_file(&w.state);
             let _ = std::fs::remove_file(crate::warm::verified_path(&w.state));
+            // VMs running from it keep their mappings of an unlinked file.
+            if let Some(ram) = &w.ram {
+                let _ = std::fs::remove_file(&ram.path);
+                let _ = std::fs::remove_file(crate::warm::ram_verified_path(&ram.path));
+            }
         }
         let _ = std::fs::remove_file(record_path(cache, &t.name));
     }
@@ -124,4 +129,9 @@ pub fn forget(cache: &Cache, digest: &str) {
 
 pub fn state_path(cache: &Cache, name: &str) -> PathBuf {
     dir(cache).join(format!("{name}.state"))
+}
+
+/// A warm template's RAM image (crate::supervisor::expand).
+pub fn ram_path(cache: &Cache, name: &str) -> PathBuf {
+    dir(cache).join(format!("{name}.ram"))
 }

@@ -97,6 +97,22 @@ pub struct WarmState {
     pub mac: MacAddr,
     /// The login user that exists in the guest.
     pub user: UserName,
+    /// The guest's RAM as a file every VM made from the template maps
+    /// privately (then `state` holds the device state only, saved with
+    /// `x-ignore-shared`). None: `state` holds the RAM too (an older
+    /// template, or one whose RAM image could not be made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram: Option<RamImage>,
+}
+
+/// A warm template's RAM image (`T.ram`, root, 0444): the guest's RAM as
+/// qemu's file-backed memory holds it, sparse where the guest never wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamImage {
+    pub path: PathBuf,
+    pub size: u64,
+    /// `sha256:HEX` of the file.
+    pub sha256: String,
 }
 
 /// What a VM's first start may resume (`warm.json`, written by create).
@@ -253,17 +269,27 @@ pub fn verified_path(state: &Path) -> PathBuf {
     state.with_extension("verified")
 }
 
-/// Notes that `state` (as it is now) has SHA-256 `sha256`: the commit that
-/// has just streamed it through the hash says so.
-pub fn set_verified(state: &Path, sha256: &str) -> Result<(), WarmError> {
-    let md = std::fs::symlink_metadata(state).map_err(io(state))?;
-    store::write_json(&verified_path(state), &Verified::of(&md, sha256))?;
+/// Where a RAM image's [`Verified`] record is kept (`T.ram-verified`).
+pub fn ram_verified_path(ram: &Path) -> PathBuf {
+    ram.with_extension("ram-verified")
+}
+
+/// Notes that `file` (as it is now) has SHA-256 `sha256`, in its record at
+/// `stamp`: the commit that has just streamed it through the hash says so.
+pub fn set_verified_at(file: &Path, stamp: &Path, sha256: &str) -> Result<(), WarmError> {
+    let md = std::fs::symlink_metadata(file).map_err(io(file))?;
+    store::write_json(stamp, &Verified::of(&md, sha256))?;
     Ok(())
+}
+
+/// [`set_verified_at`] for a state file.
+pub fn set_verified(state: &Path, sha256: &str) -> Result<(), WarmError> {
+    set_verified_at(state, &verified_path(state), sha256)
 }
 
 /// SHA-256 of an open file, read with pread (the descriptor's offset,
 /// shared with the copy qemu inherits, stays at 0).
-fn sha256_at(f: &std::fs::File, path: &Path) -> Result<String, WarmError> {
+pub fn sha256_at(f: &std::fs::File, path: &Path) -> Result<String, WarmError> {
     use std::os::unix::fs::FileExt;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -281,53 +307,73 @@ fn sha256_at(f: &std::fs::File, path: &Path) -> Result<String, WarmError> {
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }
 
-/// Checks the open state file against the template's recorded SHA-256,
-/// unless the same unchanged file was checked before. `Ok(true)`: it was
-/// hashed now.
-fn verify(f: &std::fs::File, w: &WarmState) -> Result<bool, WarmError> {
-    let md = f.metadata().map_err(io(&w.state))?;
-    let now = Verified::of(&md, &w.sha256);
-    let stamp = verified_path(&w.state);
-    if store::read_json::<Verified>(&stamp).ok().flatten() == Some(now.clone()) {
+/// Checks an open file of a template (`path`) against its recorded SHA-256,
+/// unless the same unchanged file was checked before (its stamp at
+/// `stamp`). `Ok(true)`: it was hashed now.
+fn verify(f: &std::fs::File, path: &Path, sha256: &str, stamp: &Path) -> Result<bool, WarmError> {
+    let md = f.metadata().map_err(io(path))?;
+    let now = Verified::of(&md, sha256);
+    if store::read_json::<Verified>(stamp).ok().flatten() == Some(now.clone()) {
         return Ok(false);
     }
-    let got = sha256_at(f, &w.state)?;
-    if got != w.sha256 {
-        let _ = std::fs::remove_file(&stamp);
+    let got = sha256_at(f, path)?;
+    if got != sha256 {
+        let _ = std::fs::remove_file(stamp);
         return Err(WarmError::Tampered {
-            path: w.state.clone(),
-            want: w.sha256.clone(),
+            path: path.to_path_buf(),
+            want: sha256.into(),
             got,
         });
     }
     // A record that cannot be written costs the next start a hash, no more.
-    if let Err(e) = store::write_json(&stamp, &now) {
+    if let Err(e) = store::write_json(stamp, &now) {
         tracing::warn!("{}", crate::error_chain(&e));
     }
     Ok(true)
 }
 
-/// Opens the state for qemu: a descriptor it inherits (no FD_CLOEXEC). The
-/// file must still be the one recorded (size, SHA-256: [`verify`]), and a
-/// regular file.
-pub fn open_state(w: &WarmState) -> Result<OwnedFd, WarmError> {
+/// Opens a template's file read-only, refusing a symlink, anything but a
+/// regular file, and a size other than the recorded one, then checks its
+/// hash ([`verify`]).
+fn open_checked(
+    path: &Path,
+    size: u64,
+    sha256: &str,
+    stamp: &Path,
+) -> Result<std::fs::File, WarmError> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&w.state)
-        .map_err(io(&w.state))?;
-    let md = f.metadata().map_err(io(&w.state))?;
-    if !md.is_file() || md.len() != w.size {
+        .open(path)
+        .map_err(io(path))?;
+    let md = f.metadata().map_err(io(path))?;
+    if !md.is_file() || md.len() != size {
         return Err(WarmError::Io {
-            path: w.state.clone(),
+            path: path.to_path_buf(),
             source: std::io::Error::other(format!(
-                "is {} bytes, the template recorded {}",
-                md.len(),
-                w.size
+                "is {} bytes, the template recorded {size}",
+                md.len()
             )),
         });
     }
-    verify(&f, w)?;
+    verify(&f, path, sha256, stamp)?;
+    Ok(f)
+}
+
+/// Opens the state for qemu: a descriptor it inherits (no FD_CLOEXEC). The
+/// file must still be the one recorded (size, SHA-256: [`verify`]), and a
+/// regular file; so must the RAM image, if the template has one (qemu maps
+/// it by path, read-only: its check here is all root does with it).
+pub fn open_state(w: &WarmState) -> Result<OwnedFd, WarmError> {
+    let f = open_checked(&w.state, w.size, &w.sha256, &verified_path(&w.state))?;
+    if let Some(ram) = &w.ram {
+        open_checked(
+            &ram.path,
+            ram.size,
+            &ram.sha256,
+            &ram_verified_path(&ram.path),
+        )?;
+    }
     // dup(2) never sets FD_CLOEXEC on the new descriptor.
     nix::unistd::dup(&f).map_err(|e| io(&w.state)(e.into()))
 }
@@ -350,6 +396,42 @@ pub enum LoadError {
     Timeout(Duration),
     #[error("qemu exited")]
     Exited,
+}
+
+/// Has a qemu started with `-incoming` load the warm state: with a shared
+/// RAM image (`-incoming defer`), sets `x-ignore-shared` and starts the
+/// load (the stream has no RAM pages: the guest's RAM is the image's);
+/// then waits for it ([`wait_loaded`]).
+pub async fn load(qmp: &Qmp, shared_ram: bool, limit: Duration) -> Result<Duration, LoadError> {
+    if shared_ram {
+        ignore_shared(qmp).await.map_err(LoadError::Query)?;
+        start_incoming(qmp).await.map_err(LoadError::Query)?;
+    }
+    wait_loaded(qmp, limit).await
+}
+
+/// Sets the `x-ignore-shared` migration capability: a stream saved with it
+/// skips file-backed shared RAM, and a load needs it set exactly when the
+/// stream was saved with it.
+pub async fn ignore_shared(qmp: &Qmp) -> Result<(), crate::qmp::QmpError> {
+    qmp.execute_raw(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+        crate::qmp::DEFAULT_TIMEOUT,
+    )
+    .await
+    .map(drop)
+}
+
+/// Starts the load of a qemu started with `-incoming defer`.
+pub async fn start_incoming(qmp: &Qmp) -> Result<(), crate::qmp::QmpError> {
+    qmp.execute_raw(
+        "migrate-incoming",
+        json!({"uri": crate::qemu::incoming_uri()}),
+        crate::qmp::DEFAULT_TIMEOUT,
+    )
+    .await
+    .map(drop)
 }
 
 /// Waits until a qemu started with `-incoming` has loaded the state
@@ -381,27 +463,40 @@ pub struct Saved {
 /// 0400), through a socket qemu is handed. The guest stays paused, its disks flushed and released by qemu:
 /// the caller copies the disk now, then [`resume`]s or stops the VM.
 pub async fn save(vm: &VmPaths, dest: &Path) -> Result<Saved, WarmError> {
-    let name = vm.name.clone();
     let (q, _events) = crate::rundir::connect_ctl(vm, Duration::from_secs(5))
         .await
-        .map_err(|e| WarmError::Connect(name.clone(), e))?;
-    let t = Instant::now();
-    let qerr = |e| WarmError::Qmp(vm.name.clone(), e);
+        .map_err(|e| WarmError::Connect(vm.name.clone(), e))?;
     // The stream holds at most the guest's RAM and its devices' state: a
     // qemu sending more is not saving this VM, and must not fill the disk.
     let cap = vm.load_spec()?.memory.saturating_mul(2) + (1 << 30);
     q.execute_raw("stop", Value::Null, crate::qmp::DEFAULT_TIMEOUT)
         .await
-        .map_err(qerr)?;
+        .map_err(|e| WarmError::Qmp(vm.name.clone(), e))?;
+    save_stream(&q, &vm.name, &vm.run, dest, cap).await
+}
+
+/// Has the (paused) qemu behind `q` migrate into `dest` (created 0400, at
+/// most `cap` bytes), hashing the stream as it is written. `scratch` names
+/// where the socketpair lives in errors.
+pub async fn save_stream(
+    q: &Qmp,
+    name: &VmName,
+    scratch: &Path,
+    dest: &Path,
+    cap: u64,
+) -> Result<Saved, WarmError> {
+    let name = name.clone();
+    let t = Instant::now();
+    let qerr = |e| WarmError::Qmp(name.clone(), e);
     // qemu gets one end of a socketpair (SCM_RIGHTS over QMP) and writes
     // the state into it: no path, no file of ours, nothing to chown.
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io(&vm.run))?;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io(scratch))?;
     q.send_fd(MIGRATE_FD, std::os::fd::AsFd::as_fd(&theirs))
         .await
         .map_err(qerr)?;
     drop(theirs);
-    ours.set_nonblocking(true).map_err(io(&vm.run))?;
-    let mut conn = tokio::net::UnixStream::from_std(ours).map_err(io(&vm.run))?;
+    ours.set_nonblocking(true).map_err(io(scratch))?;
+    let mut conn = tokio::net::UnixStream::from_std(ours).map_err(io(scratch))?;
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -635,6 +730,7 @@ mod tests {
             disk: 10 << 30,
             mac: "52:54:00:00:00:01".parse().unwrap(),
             user: "nox".parse().unwrap(),
+            ram: None,
         }
     }
 
@@ -717,8 +813,15 @@ mod tests {
         w.size = data.len() as u64;
         w.sha256 = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
         let f = std::fs::File::open(&state).unwrap();
-        assert!(verify(&f, &w).unwrap(), "hashed the first time");
-        assert!(!verify(&f, &w).unwrap(), "not hashed again");
+        let stamp = verified_path(&state);
+        assert!(
+            verify(&f, &state, &w.sha256, &stamp).unwrap(),
+            "hashed the first time"
+        );
+        assert!(
+            !verify(&f, &state, &w.sha256, &stamp).unwrap(),
+            "not hashed again"
+        );
         assert!(open_state(&w).is_ok());
         // The same size, one byte changed (a clock tick later: file times
         // have that granularity).
@@ -736,7 +839,36 @@ mod tests {
         // A commit's own record counts as a check.
         std::fs::write(&state, &data).unwrap();
         set_verified(&state, &w.sha256).unwrap();
-        assert!(!verify(&std::fs::File::open(&state).unwrap(), &w).unwrap());
+        let f = std::fs::File::open(&state).unwrap();
+        assert!(!verify(&f, &state, &w.sha256, &stamp).unwrap());
+
+        // A RAM image is checked the same way, by its own record.
+        let ram = d.path().join("t.ram");
+        std::fs::write(&ram, &data).unwrap();
+        w.ram = Some(RamImage {
+            path: ram.clone(),
+            size: data.len() as u64,
+            sha256: w.sha256.clone(),
+        });
+        assert!(open_state(&w).is_ok());
+        assert!(ram_verified_path(&ram).exists());
+        assert_ne!(ram_verified_path(&ram), verified_path(&state));
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&ram)
+            .unwrap()
+            .write_all_at(&[8], 1 << 20)
+            .unwrap();
+        let e = open_state(&w).unwrap_err();
+        assert!(
+            matches!(e, WarmError::Tampered { ref path, .. } if *path == ram),
+            "{e}"
+        );
+        // A symlink in its place is refused, not followed.
+        std::fs::remove_file(&ram).unwrap();
+        std::os::unix::fs::symlink(&state, &ram).unwrap();
+        assert!(open_state(&w).is_err());
     }
 
     #[test]

@@ -101,12 +101,14 @@ fn argv_golden_matrix() {
                             ),
                         }),
                         incoming: None,
+                        ram: None,
                         chardevs: nox::qemu::Chardevs {
                             qmp: 10,
                             ctl: 11,
                             serial: 12,
                             console: 13,
                         },
+                        tb_size: None,
                     })
                     .unwrap();
                     let text = argv.join("\n") + "\n";

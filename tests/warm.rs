@@ -56,6 +56,20 @@ fn rss_mib(vm: &str) -> u64 {
         >> 10
 }
 
+/// qemu's proportional set size (shared pages divided among their users),
+/// in MiB.
+fn pss_mib(vm: &str) -> u64 {
+    let pid = qemu_pids(vm)[0];
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap()
+        >> 10
+}
+
 /// What each warm VM is asked, read in one SSH session as `key=value` lines.
 #[derive(Debug)]
 struct GuestFacts(std::collections::BTreeMap<String, String>);
@@ -65,7 +79,8 @@ impl GuestFacts {
         echo macs=$(cat /sys/class/net/*/address); echo machine-id=$(cat /etc/machine-id); \
         echo hostkey=$(cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub); \
         echo identity-applied=$(sudo dmesg | grep -c 'nox-warm: identity applied'); \
-        echo now=$(date +%s)";
+        echo now=$(date +%s); \
+        echo shm=$(cat /dev/shm/nox-ram-marker); hostname >/dev/shm/nox-ram-marker";
 
     fn read(h: &Home, vm: &str) -> GuestFacts {
         let out = guest(h, vm, Self::SCRIPT);
@@ -104,7 +119,13 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
     create(&h, "base", img, "512M", &["--wait", "--timeout", "1200"]);
     let cold = t0.elapsed();
     eprintln!("MEASURE cold create -> SSH + cloud-init done: {cold:?}");
-    guest(&h, "base", "echo hello-from-base >~/hello && sync");
+    // A file in the guest's RAM (tmpfs): the clones find it in the pages
+    // they share with the template, and each overwrites it in its own.
+    guest(
+        &h,
+        "base",
+        "echo hello-from-base >~/hello && sync && echo base >/dev/shm/nox-ram-marker",
+    );
     let base_mac = h.info("base")["mac"].as_str().unwrap().to_string();
     let base_rss = rss_mib("base");
     eprintln!("MEASURE qemu RSS of the cold-booted idle guest: {base_rss} MiB");
@@ -124,6 +145,28 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&state).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o400, "the saved state is read-only");
+    // The RAM is an image of its own, shared by the VMs made from it: the
+    // state holds the devices only.
+    assert!(out.contains("RAM image"), "{out}");
+    let ram_image = h.path().join("images/templates/warm-t.ram");
+    let md = std::fs::metadata(&ram_image).unwrap();
+    assert_eq!(md.len(), 512 << 20, "the RAM image is the guest's RAM");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o777,
+        0o444
+    );
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&md), 0, "root's");
+    let state_size = std::fs::metadata(&state).unwrap().len();
+    assert!(
+        state_size < 32 << 20,
+        "device state only: {state_size} bytes"
+    );
+    eprintln!(
+        "MEASURE warm template: RAM image {} MiB on disk, device state {} KiB",
+        std::os::unix::fs::MetadataExt::blocks(&md) * 512 >> 20,
+        state_size >> 10
+    );
+    let ram_sum = sha256_file(&ram_image);
     // The saved RAM may hold the source's host key (freed pages): the
     // source has a new one, so that key is pinned for no VM.
     let pin_after = std::fs::read_to_string(h.path().join("vms/base/known_hosts")).unwrap();
@@ -136,7 +179,8 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
     // freed pages are not cleared).
     let secret = ssh_key::PrivateKey::from_openssh(&base_key).unwrap();
     let seed = secret.key_data().ed25519().unwrap().private.to_bytes();
-    let ram = std::fs::read(&state).unwrap();
+    let mut ram = std::fs::read(&state).unwrap();
+    ram.extend(std::fs::read(&ram_image).unwrap());
     let found = ram.windows(seed.len()).filter(|w| *w == seed).count();
     eprintln!("MEASURE the old pinned host key's secret found {found} times in the saved RAM");
     drop(ram);
@@ -180,6 +224,9 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
         let facts = GuestFacts::read(&h, n);
         assert_eq!(facts.get("hostname"), *n, "{facts:?}");
         assert_eq!(facts.get("hello"), "hello-from-base", "{facts:?}");
+        // The template's RAM, as the template left it: no other VM's write
+        // (every VM made from it wrote its name there) is seen.
+        assert_eq!(facts.get("shm"), "base", "{n}: {facts:?}");
         let macs = facts.get("macs");
         assert!(
             macs.split_whitespace().any(|m| m == mac),
@@ -223,10 +270,17 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
     }
 
     // Density: qemu's resident memory per idle VM, now and 20 s later
-    // (free page reporting hands freed guest pages back).
+    // (free page reporting hands freed guest pages back), and what they
+    // take together: the sum of their proportional set sizes, in which a
+    // page of the RAM image they share counts once.
     let now: Vec<u64> = names.iter().map(|n| rss_mib(n)).collect();
     std::thread::sleep(Duration::from_secs(20));
     let later: Vec<u64> = names.iter().map(|n| rss_mib(n)).collect();
+    let pss: Vec<u64> = names.iter().map(|n| pss_mib(n)).collect();
+    eprintln!(
+        "MEASURE sum of PSS of the {VMS} warm VMs' qemu: {} MiB {pss:?}",
+        pss.iter().sum::<u64>()
+    );
     eprintln!(
         "MEASURE qemu RSS per warm VM ({VMS} running): median {} MiB {now:?}; 20 s later median {} MiB {later:?}; cold-booted guest {base_rss} MiB",
         median(now.clone()),
@@ -242,6 +296,17 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
         );
     }
 
+    // Each VM wrote into its own copy of the shared page: not into the
+    // template's, nor another VM's.
+    for n in &names[..2] {
+        assert_eq!(guest(&h, n, "cat /dev/shm/nox-ram-marker"), *n);
+    }
+    assert_eq!(
+        sha256_file(&ram_image),
+        ram_sum,
+        "the RAM image changed while VMs ran from it"
+    );
+
     // A warm VM's next start boots its own disk.
     h.ok(&["stop", "w1"]);
     assert!(!h.path().join("vms/w1/warm.json").exists());
@@ -250,4 +315,5 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
     }
     h.ok(&["image", "rm", "warm-t"]);
     assert!(!state.exists(), "the saved state went with the template");
+    assert!(!ram_image.exists(), "the RAM image went with the template");
 }

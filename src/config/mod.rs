@@ -41,7 +41,14 @@ use parse::parse;
 
 /// Top-level keys besides `defaults` (trust: `binaries`; jail: `jail`;
 /// downloads: `mirror`, `mirrors`, `max_image_size`).
-pub const OTHER_KEYS: &[&str] = &["binaries", "jail", "mirror", "mirrors", "max_image_size"];
+pub const OTHER_KEYS: &[&str] = &[
+    "binaries",
+    "jail",
+    "mirror",
+    "mirrors",
+    "max_image_size",
+    "tcg_tb_size",
+];
 /// Default cap on one image download: far above any cloud image (~0.5 GB)
 /// and an installer DVD, far below filling a host's disk by surprise.
 pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 64 << 30;
@@ -96,6 +103,8 @@ pub struct Config {
     mirrors: Mirrors,
     /// The most bytes one image download may bring.
     max_image_size: u64,
+    /// qemu's TCG translation cache, in bytes (None: qemu's default).
+    tcg_tb_size: Option<u64>,
     /// Top-level keys whose value is invalid (see `parse::KEYS`), with why.
     invalid: BTreeMap<&'static str, Arc<ConfigError>>,
     /// Top-level keys no part of nox reads (a typo of `defaults`, say).
@@ -130,6 +139,13 @@ impl Config {
     pub fn max_image_size(&self) -> Result<u64, ConfigError> {
         self.valid(&["max_image_size"])?;
         Ok(self.max_image_size)
+    }
+
+    /// The TCG translation cache size for VMs run without KVM, in bytes
+    /// (None: qemu's default).
+    pub fn tcg_tb_size(&self) -> Result<Option<u64>, ConfigError> {
+        self.valid(&["tcg_tb_size"])?;
+        Ok(self.tcg_tb_size)
     }
 
     fn owner_check(&self, key: &'static str, why: &'static str) -> Result<(), ConfigError> {
@@ -223,6 +239,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             mirrors: file.mirrors.unwrap_or_default(),
         },
         max_image_size: file.max_image_size.map_or(DEFAULT_MAX_IMAGE_BYTES, |m| m.0),
+        tcg_tb_size: file.tcg_tb_size.map(|t| t.0),
         invalid: file.invalid,
         unknown_keys: file.unknown,
     })
@@ -270,7 +287,7 @@ mod tests {
             t.path(),
             r#"{"mirror": "http://127.0.0.1:1/", "mirrors": {"debian": "http://x/"},
                 "jail": {"uid_base": 200000, "uid_count": 10}, "binaries": {},
-                "max_image_size": "8G",
+                "max_image_size": "8G", "tcg_tb_size": "64M",
                 "defaults": {"image": "debian-12", "cpus": 1, "memory": "1536M", "disk": "20G",
                              "network": "bridge:br1", "ssh_keys": ["/k/id.pub"], "user": "alice"},
                 "defualts": {}}"#,
@@ -278,6 +295,7 @@ mod tests {
         let c = load(&p).unwrap();
         assert_eq!(c.unknown_keys, vec!["defualts".to_string()]);
         assert_eq!(c.max_image_size, 8 << 30);
+        assert_eq!(c.tcg_tb_size().unwrap(), Some(64 << 20));
         assert_eq!(
             c.jail().unwrap(),
             UidRange {
@@ -308,6 +326,7 @@ mod tests {
             .or_else(|| c.jail().err())
             .or_else(|| c.mirrors().err())
             .or_else(|| c.max_image_size().err())
+            .or_else(|| c.tcg_tb_size().err())
     }
 
     #[test]
@@ -358,6 +377,8 @@ mod tests {
                 "line 1",
                 "`mirrors.debian`",
             ),
+            ("{\"tcg_tb_size\": \"512K\"}", "line 1", "`tcg_tb_size`"),
+            ("{\"tcg_tb_size\": true}", "line 1", "`tcg_tb_size`"),
             (
                 "{\"max_image_size\": \"lots\"}",
                 "line 1",

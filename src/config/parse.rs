@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::Deserializer;
 
-use super::parts::{Binary, MaxImageSize, MirrorEntry, UidRange};
+use super::parts::{Binary, MaxImageSize, MirrorEntry, TbSize, UidRange};
 use super::{ConfigError, Defaults};
 
 #[derive(Default)]
@@ -19,6 +19,7 @@ pub(super) struct File {
     pub(super) mirror: Option<String>,
     pub(super) mirrors: Option<BTreeMap<String, MirrorEntry>>,
     pub(super) max_image_size: Option<MaxImageSize>,
+    pub(super) tcg_tb_size: Option<TbSize>,
     /// Keys nothing reads, kept to be named.
     pub(super) unknown: Vec<String>,
     /// Keys of [`KEYS`] whose value is invalid, with why.
@@ -33,6 +34,7 @@ const KEYS: &[&str] = &[
     "mirror",
     "mirrors",
     "max_image_size",
+    "tcg_tb_size",
 ];
 
 /// Reads a [`File`], passing over the values of `skip` (keys already found
@@ -65,6 +67,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for FileSeed<'_> {
                         "mirror" => file.mirror = m.next_value()?,
                         "mirrors" => file.mirrors = m.next_value()?,
                         "max_image_size" => file.max_image_size = m.next_value()?,
+                        "tcg_tb_size" => file.tcg_tb_size = m.next_value()?,
                         _ => {
                             m.next_value::<serde::de::IgnoredAny>()?;
                             file.unknown.push(key);

@@ -162,6 +162,38 @@ impl<'de> Deserialize<'de> for Binary {
     }
 }
 
+/// `tcg_tb_size`: the size of qemu's TCG translation cache for every VM
+/// run without KVM, a size (`"64M"`) or a number of bytes, 1 MiB to 4 GiB.
+/// None: qemu's default (up to 1 GiB on a 64-bit host). See
+/// docs/performance.md for the trade: a small cache saves memory per VM
+/// and costs boot time.
+pub(super) struct TbSize(pub(super) u64);
+
+impl<'de> Deserialize<'de> for TbSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TbSize, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = u64;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size (\"64M\") or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u64, E> {
+                Ok(n)
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<u64, E> {
+                spec::parse_size("tcg_tb_size", s).map_err(E::custom)
+            }
+        }
+        let n = d.deserialize_any(V)?;
+        if !(1 << 20..=4 << 30).contains(&n) {
+            return Err(serde::de::Error::custom(
+                "the translation cache takes 1M to 4G",
+            ));
+        }
+        Ok(TbSize(n))
+    }
+}
+
 /// `max_image_size`: a size (`"64G"`) or a number of bytes, not 0.
 pub(super) struct MaxImageSize(pub(super) u64);
 

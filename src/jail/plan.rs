@@ -140,9 +140,10 @@ const DEVICES: [(&str, u64, u64); 4] = [
     ("/dev/urandom", 1, 9),
 ];
 
-/// The firmware files a qemu argv loads: `-bios FILE`, a direct boot's
-/// `-kernel`/`-initrd`, and pflash drives' `file=` (with whether the drive is
-/// writable).
+/// The files besides the disks a qemu argv loads: `-bios FILE`, a direct
+/// boot's `-kernel`/`-initrd`, pflash drives' `file=`, and a file-backed
+/// RAM's `mem-path=` (crate::warm's RAM image), each with whether qemu
+/// writes it (a writable pflash; a RAM file with `share=on`).
 pub fn firmware_files(argv: &[String]) -> Vec<(PathBuf, bool)> {
     let mut out = vec![];
     for w in argv.windows(2) {
@@ -150,6 +151,13 @@ pub fn firmware_files(argv: &[String]) -> Vec<(PathBuf, bool)> {
             "-bios" => out.push((PathBuf::from(&w[1]), false)),
             // Built by qemu::argv with `,` doubled (opts::verbatim_path).
             "-kernel" | "-initrd" => out.push((PathBuf::from(w[1].replace(",,", ",")), false)),
+            "-object" if w[1].starts_with("memory-backend-file,") => {
+                let opts = split_opts(&w[1]);
+                let shared = opts.iter().any(|o| o == "share=on");
+                if let Some(f) = opts.iter().find_map(|o| o.strip_prefix("mem-path=")) {
+                    out.push((PathBuf::from(f), shared));
+                }
+            }
             "-drive" => {
                 let opts = split_opts(&w[1]);
                 if !opts.iter().any(|o| o == "if=pflash") {
@@ -586,6 +594,10 @@ mod tests {
             "/img/boot/k,,1.vmlinuz",
             "-initrd",
             "/img/boot/k.initrd",
+            "-object",
+            "memory-backend-file,id=pc.ram,size=512M,mem-path=/t/a,,b.ram,share=off,readonly=on",
+            "-object",
+            "memory-backend-file,id=pc.ram,size=512M,mem-path=/t/new.ram,share=on",
         ]);
         assert_eq!(
             firmware_files(&a),
@@ -595,6 +607,8 @@ mod tests {
                 (PathBuf::from("/bios.bin"), false),
                 (PathBuf::from("/img/boot/k,1.vmlinuz"), false),
                 (PathBuf::from("/img/boot/k.initrd"), false),
+                (PathBuf::from("/t/a,b.ram"), false),
+                (PathBuf::from("/t/new.ram"), true),
             ]
         );
     }

@@ -294,6 +294,10 @@ pub(super) async fn spawn_connected(
     // The port may be taken between our probe and qemu's bind: retry.
     // passt, like qemu, is the store's (config.json `binaries`).
     let programs = vm.programs().map_err(crate::store::StoreError::from)?;
+    let tb_size = vm
+        .config()
+        .and_then(|c| c.tcg_tb_size())
+        .map_err(crate::store::StoreError::from)?;
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -317,7 +321,9 @@ pub(super) async fn spawn_connected(
             firmware: firmware.clone(),
             direct: direct.clone(),
             incoming: None,
+            ram: None,
             chardevs: channels.child.chardevs(),
+            tb_size,
         };
         let mut argv = qemu::argv(&launch)?;
         let mut incoming = None;
@@ -329,6 +335,11 @@ pub(super) async fn spawn_connected(
                 }
             })?;
             launch.incoming = Some(std::os::fd::AsRawFd::as_raw_fd(&fd));
+            // The template's RAM image, mapped privately (copy-on-write).
+            launch.ram = w.warm.ram.as_ref().map(|r| qemu::RamFile {
+                path: r.path.clone(),
+                shared: false,
+            });
             argv = qemu::argv(&launch)?;
             info!("resuming warm template {}", w.template);
             incoming = Some(fd);
@@ -354,7 +365,7 @@ pub(super) async fn spawn_connected(
             Ok((qmp, events)) => {
                 if let Some(w) = warm {
                     let loaded = tokio::select! {
-                        r = crate::warm::wait_loaded(&qmp, Duration::from_secs(300)) => r,
+                        r = crate::warm::load(&qmp, w.warm.ram.is_some(), Duration::from_secs(300)) => r,
                         _ = q.child.wait() => Err(LoadError::Exited),
                     };
                     match loaded {

@@ -88,6 +88,7 @@ pub enum Outcome {
     Crashed(String),
 }
 
+pub mod expand;
 mod launch;
 mod record;
 mod supervise;
