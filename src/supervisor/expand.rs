@@ -50,7 +50,7 @@ pub enum ExpandError {
     #[error("qemu could not load the saved state into a RAM file{}", tail(.log))]
     Load {
         #[source]
-        source: warm::LoadError,
+        source: Box<warm::LoadError>,
         /// qemu's last lines.
         log: String,
     },
@@ -228,7 +228,7 @@ async fn expand_inner(
             let _ = tokio::time::timeout(Duration::from_secs(2), q.child.wait()).await;
             q.output.finish().await;
             return Err(ExpandError::Load {
-                source,
+                source: Box::new(source),
                 log: crate::store::tail(&vm.log(), log_start, 10),
             });
         }
