@@ -163,7 +163,7 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
     );
     eprintln!(
         "MEASURE warm template: RAM image {} MiB on disk, device state {} KiB",
-        std::os::unix::fs::MetadataExt::blocks(&md) * 512 >> 20,
+        (std::os::unix::fs::MetadataExt::blocks(&md) * 512) >> 20,
         state_size >> 10
     );
     let ram_sum = sha256_file(&ram_image);
