@@ -62,6 +62,15 @@ pub enum SnapshotError {
          running guest would corrupt it; stop {vm} first (`nox stop {vm}`), then restore"
     )]
     DiskOnlyWhileRunning { vm: VmName, snap: SnapName },
+    #[error(
+        "{vm} has host devices ({devices}): qemu cannot save or load the state of a passed-through \
+         device, so {what}; a disk-only snapshot of the stopped VM works (nox stop {vm})"
+    )]
+    HostDevices {
+        vm: VmName,
+        devices: String,
+        what: &'static str,
+    },
     #[error("disk: {0}")]
     Disk(#[from] VmDiskError),
     #[error("cannot read the snapshot table of {path}")]
@@ -186,6 +195,9 @@ pub async fn create(
             snap,
         });
     }
+    if matches!(hold.mode, Mode::Live) {
+        refuse_host_devices(&vm, "it gets no live snapshot (with RAM)")?;
+    }
     let files = snapshot_files(&vm, matches!(hold.mode, Mode::Offline(_)))?;
     let before = allocated(&files);
     let ram = match &hold.mode {
@@ -225,6 +237,26 @@ pub async fn create(
     })
 }
 
+/// A VM with host devices (`--device`) has no machine state nox can save or
+/// load: qemu blocks it for VFIO devices, and a USB device's state is in
+/// the device. `what` says what is refused.
+fn refuse_host_devices(vm: &VmPaths, what: &'static str) -> Result<(), SnapshotError> {
+    let spec = vm.load_spec()?;
+    if spec.devices.is_empty() {
+        return Ok(());
+    }
+    Err(SnapshotError::HostDevices {
+        vm: spec.name,
+        devices: spec
+            .devices
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        what,
+    })
+}
+
 /// How a restore went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Restored {
@@ -248,6 +280,9 @@ pub async fn restore(
     let vm = store.vm(name)?;
     let hold = Hold::take(&vm).await?;
     let entry = find(&vm, name, snap)?;
+    if entry.vm_state_size > 0 {
+        refuse_host_devices(&vm, "a snapshot with RAM cannot be restored into it")?;
+    }
     match hold.mode {
         Mode::Live => {
             if entry.vm_state_size == 0 {

@@ -68,6 +68,11 @@ pub enum JailError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{}: the host has no such device node (a host device's: is it still there, and is its driver loaded?)",
+        .0.display()
+    )]
+    NoDeviceNode(PathBuf),
     #[error("{0}: path has a NUL byte")]
     Nul(PathBuf),
     #[error("cannot start {binary}")]
@@ -97,6 +102,9 @@ pub const MEMORY_OVERHEAD: u64 = 512 << 20;
 /// Extra allowance under TCG: the translated-code cache (qemu's default
 /// `tb-size` is up to 1 GiB on 64-bit hosts).
 pub const TCG_OVERHEAD: u64 = 1 << 30;
+/// RLIMIT_MEMLOCK on top of guest RAM for a qemu with a VFIO device, which
+/// pins all guest RAM and some of its own (libvirt allows the same 1 GiB).
+pub const MEMLOCK_OVERHEAD: u64 = 1 << 30;
 /// RLIMIT_NOFILE of a jailed qemu: it needs a few dozen descriptors (disk,
 /// sockets, tap, eventfds per virtqueue); 4096 leaves room for many queues.
 pub const NOFILE: u64 = 4096;
@@ -228,6 +236,7 @@ pub struct Jail {
     kvm: bool,
     memory: u64,
     cpus: u32,
+    devices: Vec<crate::device::Passthrough>,
 }
 
 /// The store root of a VM (`ROOT/vms/NAME`).
@@ -242,7 +251,19 @@ impl Jail {
     /// Decides the confinement of VM `vm`. As root: checks the configured
     /// uid range against the account databases (a collision refuses the
     /// start before anything is made) and takes the VM's slot in it.
-    pub fn new(vm: &VmPaths, spec: &VmSpec, accel: Accel) -> Result<Jail, JailError> {
+    /// `devices`: the VM's host devices for this start, whose nodes the
+    /// jail holds (a node the host lacks refuses the start).
+    pub fn new(
+        vm: &VmPaths,
+        spec: &VmSpec,
+        accel: Accel,
+        devices: &[crate::device::Passthrough],
+    ) -> Result<Jail, JailError> {
+        let nodes = crate::device::nodes(devices);
+        let host = plan::HostFacts::probe(&nodes);
+        if let Some(missing) = host.missing(&nodes) {
+            return Err(JailError::NoDeviceNode(missing.to_owned()));
+        }
         let mut passt = None;
         let mode = if nix::unistd::geteuid().is_root() {
             let root = store_root(vm);
@@ -268,13 +289,19 @@ impl Jail {
         Ok(Jail {
             mode,
             passt,
-            host: plan::HostFacts::probe(),
+            host,
             cgroup: cgroup::probe(),
             base_image: spec.image.path.clone(),
             kvm: accel == Accel::Kvm,
             memory: spec.memory,
             cpus: spec.cpus,
+            devices: devices.to_vec(),
         })
+    }
+
+    /// The host devices this jail holds the nodes of.
+    pub fn devices(&self) -> &[crate::device::Passthrough] {
+        &self.devices
     }
 
     pub fn mode(&self) -> &Mode {
@@ -301,6 +328,7 @@ impl Jail {
             memory: self.memory,
             cpus: self.cpus,
             host: &self.host,
+            devices: &self.devices,
         })
     }
 

@@ -175,8 +175,10 @@ pub(super) async fn launch(
     log: &crate::console::Sink,
     rec: &mut Recorder<'_>,
 ) -> Result<Live, SupervisorError> {
-    // First: a bad uid range refuses the start before anything is made.
-    let jail = jail::Jail::new(vm, spec, accel)?;
+    // First: a host device that is missing, held or in use, or a bad uid
+    // range, refuses the start before anything is made.
+    let devices = super::hostdevs::prepare(vm, spec)?;
+    let jail = jail::Jail::new(vm, spec, accel, &devices)?;
     // Nothing is live yet: a state file nobody can read means nobody could
     // see or stop this VM, so fail here rather than run it blind.
     let event = Event::Launch {
@@ -318,6 +320,7 @@ pub(super) async fn spawn_connected(
             direct: direct.clone(),
             incoming: None,
             chardevs: channels.child.chardevs(),
+            devices: jail.devices().to_vec(),
         };
         let mut argv = qemu::argv(&launch)?;
         let mut incoming = None;

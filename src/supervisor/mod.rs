@@ -51,6 +51,8 @@ pub enum SupervisorError {
     Firmware(#[from] crate::firmware::FirmwareError),
     #[error("jail: {0}")]
     Jail(#[from] jail::JailError),
+    #[error(transparent)]
+    Devices(#[from] crate::hostdev::HostDevError),
     #[error("console: {0}")]
     Console(#[from] crate::console::ConsoleError),
     #[error("run directory: {0}")]
@@ -88,6 +90,7 @@ pub enum Outcome {
     Crashed(String),
 }
 
+mod hostdevs;
 mod launch;
 mod record;
 mod supervise;
