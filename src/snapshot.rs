@@ -546,6 +546,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_vm_with_host_devices_has_no_ram_snapshots() {
+        let t = tempfile::tempdir().unwrap();
+        let st = Store::at(t.path().to_owned(), t.path().join("run"));
+        let vm = st.vm_paths(&"hw".parse().unwrap());
+        std::fs::create_dir_all(&vm.dir).unwrap();
+        let mut spec = serde_json::json!({
+            "name": "hw", "image": {"source": "x", "digest": "sha256:0", "path": "/i", "format": "qcow2"},
+            "arch": "amd64", "cpus": 1, "memory": 1073741824u64, "disk": 10737418240u64, "user": "nox",
+            "accel": "auto", "network": {"mode": "user"}, "mac": "52:54:00:00:00:01",
+            "ssh_authorized_keys": [], "stop_timeout": 60, "created": 0,
+        });
+        store::write_json(&vm.spec(), &spec).unwrap();
+        assert!(refuse_host_devices(&vm, "x").is_ok());
+        spec["devices"] = serde_json::json!(["pci:0000:03:00.0", "usb:046d:c52b"]);
+        store::write_json(&vm.spec(), &spec).unwrap();
+        let e = refuse_host_devices(&vm, "it gets no live snapshot (with RAM)")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("hw has host devices (pci:0000:03:00.0, usb:046d:c52b)")
+                && e.contains("it gets no live snapshot (with RAM)")
+                && e.contains("nox stop hw"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn parses_qemu_img_snapshot_tables() {
         let info = br#"{"virtual-size": 1, "snapshots": [
             {"vm-clock-nsec": 874606606, "name": "s1", "date-sec": 1795328568,

@@ -251,19 +251,7 @@ impl Jail {
     /// Decides the confinement of VM `vm`. As root: checks the configured
     /// uid range against the account databases (a collision refuses the
     /// start before anything is made) and takes the VM's slot in it.
-    /// `devices`: the VM's host devices for this start, whose nodes the
-    /// jail holds (a node the host lacks refuses the start).
-    pub fn new(
-        vm: &VmPaths,
-        spec: &VmSpec,
-        accel: Accel,
-        devices: &[crate::device::Passthrough],
-    ) -> Result<Jail, JailError> {
-        let nodes = crate::device::nodes(devices);
-        let host = plan::HostFacts::probe(&nodes);
-        if let Some(missing) = host.missing(&nodes) {
-            return Err(JailError::NoDeviceNode(missing.to_owned()));
-        }
+    pub fn new(vm: &VmPaths, spec: &VmSpec, accel: Accel) -> Result<Jail, JailError> {
         let mut passt = None;
         let mode = if nix::unistd::geteuid().is_root() {
             let root = store_root(vm);
@@ -289,14 +277,30 @@ impl Jail {
         Ok(Jail {
             mode,
             passt,
-            host,
+            host: plan::HostFacts::probe(&[]),
             cgroup: cgroup::probe(),
             base_image: spec.image.path.clone(),
             kvm: accel == Accel::Kvm,
             memory: spec.memory,
             cpus: spec.cpus,
-            devices: devices.to_vec(),
+            devices: vec![],
         })
+    }
+
+    /// Gives the jail the VM's host devices for this start: their device
+    /// nodes are probed on the host, and one the host lacks refuses the start.
+    pub fn hold_devices(
+        &mut self,
+        devices: &[crate::device::Passthrough],
+    ) -> Result<(), JailError> {
+        let nodes = crate::device::nodes(devices);
+        let probed = plan::HostFacts::probe(&nodes);
+        if let Some(missing) = probed.missing(&nodes) {
+            return Err(JailError::NoDeviceNode(missing.to_owned()));
+        }
+        self.host.nodes = probed.nodes;
+        self.devices = devices.to_vec();
+        Ok(())
     }
 
     /// The host devices this jail holds the nodes of.

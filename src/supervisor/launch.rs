@@ -175,16 +175,19 @@ pub(super) async fn launch(
     log: &crate::console::Sink,
     rec: &mut Recorder<'_>,
 ) -> Result<Live, SupervisorError> {
-    // First: a host device that is missing, held or in use, or a bad uid
-    // range, refuses the start before anything is made.
-    let devices = super::hostdevs::prepare(vm, spec)?;
-    let jail = jail::Jail::new(vm, spec, accel, &devices)?;
+    // First: a bad uid range refuses the start before anything is made.
+    let mut jail = jail::Jail::new(vm, spec, accel)?;
     // Nothing is live yet: a state file nobody can read means nobody could
     // see or stop this VM, so fail here rather than run it blind.
     let event = Event::Launch {
         accel: accel.as_str().into(),
     };
     apply(rec, event).map_err(SupervisorError::State)?;
+    // Host devices: missing, held by a host driver or in use by another
+    // VM refuses the start (recorded as its failure); unbound PCI devices
+    // are bound to vfio-pci.
+    let devices = super::hostdevs::prepare(vm, spec)?;
+    jail.hold_devices(&devices)?;
     let arch = qemu::arch_facts(spec.arch);
     let binary = qemu::find_binary(
         arch,
