@@ -813,6 +813,30 @@ mod tests {
         child
     }
 
+    #[test]
+    fn set_adds_and_removes_devices() {
+        let d = |s: &str| -> HostDevice { s.parse().unwrap() };
+        let (a, b, c) = (
+            d("pci:0000:03:00.0"),
+            d("usb:046d:c52b"),
+            d("usb:1d6b:0002"),
+        );
+        assert_eq!(devices_after("vm", &[a], &[b, a], &[]).unwrap(), [a, b]);
+        assert_eq!(devices_after("vm", &[a, b], &[c], &[a]).unwrap(), [b, c]);
+        let e = devices_after("vm", &[a], &[], &[b])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "--remove-device usb:046d:c52b: vm does not have it");
+        let e = devices_after("vm", &[a], &[a], &[a])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("choose one"), "{e}");
+        let e = devices_after("vm", &[], &[b, b], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("given twice"), "{e}");
+    }
+
     /// Two state directories, each with a VM named `web`: neither's qemu is
     /// the other's, so `stop`'s last-resort kill cannot cross stores.
     #[test]
