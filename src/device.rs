@@ -63,7 +63,10 @@ pub enum DeviceError {
         member: String,
         driver: String,
     },
-    #[error("--device {dev}: still not bound to vfio-pci after binding it (driver: {driver})")]
+    #[error(
+        "--device {dev}: the kernel did not bind it to vfio-pci (driver_override and drivers_probe \
+         were written; its driver now: {driver})"
+    )]
     NotBound { dev: HostDevice, driver: String },
     #[error("--device {0}: no USB device with this vendor and product id on this host (see lsusb)")]
     UsbMissing(HostDevice),

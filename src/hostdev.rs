@@ -222,9 +222,9 @@ pub fn bind_vfio(sys: &Path, addr: PciAddr) -> Result<(), HostDevError> {
     write(sys.join("bus/pci/drivers_probe"), format!("{addr}\n"))
 }
 
-/// Builders of fake sysfs trees, for nox's tests.
-#[doc(hidden)]
-pub mod fake {
+/// Builders of fake sysfs trees, for the tests.
+#[cfg(test)]
+pub(crate) mod fake {
     use std::os::unix::fs::symlink;
     use std::path::Path;
 

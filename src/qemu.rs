@@ -367,8 +367,10 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
     Ok(a.0)
 }
 
-/// `-device` for each host device: VFIO PCI devices by their address, USB
-/// devices as `usb-host` on one xHCI controller (added with the first).
+/// `-device` for each host device: VFIO PCI devices by their address (qemu
+/// reads the device's `iommu_group` link under /sys/bus/pci/devices/ADDR,
+/// which the jail binds read-only, and opens /dev/vfio/GROUP), USB devices
+/// as `usb-host` on one xHCI controller (added with the first).
 ///
 /// A USB device is named by its usbfs node (`hostdevice=`), not by
 /// `hostbus`/`hostaddr` or `vendorid`/`productid`: those make qemu's
