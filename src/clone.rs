@@ -72,6 +72,10 @@ pub struct Cloned {
     /// Published ports of the source the clone did not take over (they would
     /// collide with the source's).
     pub dropped_publish: Vec<String>,
+    /// Host devices of the source the clone did not take over: a device
+    /// goes to one running VM at a time, and a clone is a new machine
+    /// (`nox set NEW --device ...` gives it one).
+    pub dropped_devices: Vec<String>,
     pub elapsed: Duration,
 }
 
@@ -147,6 +151,7 @@ pub fn clone(
         mac: vm::unique_mac(store),
         ssh_authorized_keys: authorized,
         publish: vec![],
+        devices: vec![],
         created: crate::state::now(),
         ..src_spec.clone()
     };
@@ -167,6 +172,7 @@ pub fn clone(
         spec,
         disk_bytes,
         dropped_publish: src_spec.publish.iter().map(|p| p.to_string()).collect(),
+        dropped_devices: src_spec.devices.iter().map(|d| d.to_string()).collect(),
         elapsed: t0.elapsed(),
     })
 }

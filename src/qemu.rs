@@ -8,6 +8,7 @@ use thiserror::Error;
 
 pub use crate::qemu_opts as opts;
 
+use crate::device::Passthrough;
 use crate::forward::PortForward;
 use crate::ident::{Arch, VmName};
 use crate::spec::{AccelRequest, VmSpec};
@@ -171,6 +172,9 @@ pub struct Launch<'a> {
     pub ram: Option<RamFile>,
     /// qemu's channels to the host, inherited descriptors (crate::rundir).
     pub chardevs: Chardevs,
+    /// The spec's host devices as found on the host for this start
+    /// (crate::hostdev::prepare).
+    pub devices: Vec<Passthrough>,
     /// The TCG translation cache, in bytes (config.json `tcg_tb_size`;
     /// None: qemu's default). Not used under KVM.
     pub tb_size: Option<u64>,
@@ -390,6 +394,7 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
         // vmgenid.
         a.opt("-device", Opts::new("vmgenid").set("guid", "auto"));
     }
+    host_devices(&mut a, &l.devices)?;
     if let Some(fd) = l.incoming {
         // An inherited descriptor as an fd set: qemu reads the file
         // without being able to open anything in nox's cache.
@@ -429,6 +434,45 @@ fn ram_object(arch: &ArchFacts, memory: u64, ram: &RamFile) -> Result<Opts, Qemu
             .set("readonly", "on")
             .set("rom", "off")
     })
+}
+
+/// `-device` for each host device: VFIO PCI devices by their address (qemu
+/// reads the device's `iommu_group` link under /sys/bus/pci/devices/ADDR,
+/// which the jail binds read-only, and opens /dev/vfio/GROUP), USB devices
+/// as `usb-host` on one xHCI controller (added with the first).
+///
+/// A USB device is named by its usbfs node (`hostdevice=`), not by
+/// `hostbus`/`hostaddr` or `vendorid`/`productid`: those make qemu's
+/// libusb enumerate the host's USB devices (sysfs, /dev/bus/usb) and keep
+/// scanning for a match, and the jail shows qemu neither; with
+/// `hostdevice` qemu opens exactly the one node the jail holds. nox finds
+/// the node from the vendor and product id at every start.
+fn host_devices(a: &mut Argv, devices: &[Passthrough]) -> Result<(), QemuError> {
+    let (mut pci, mut usb) = (0, 0);
+    for d in devices {
+        match d {
+            Passthrough::Pci { addr, .. } => {
+                let dev = Opts::new("vfio-pci")
+                    .set("host", addr)
+                    .set("id", format!("hostpci{pci}"));
+                a.opt("-device", dev);
+                pci += 1;
+            }
+            Passthrough::Usb { bus, dev, .. } => {
+                if usb == 0 {
+                    a.opt("-device", Opts::new("qemu-xhci").set("id", "xhci"));
+                }
+                let node = Passthrough::usb_node(*bus, *dev);
+                let dev = Opts::new("usb-host")
+                    .set("bus", "xhci.0")
+                    .path("hostdevice", &node)?
+                    .set("id", format!("hostusb{usb}"));
+                a.opt("-device", dev);
+                usb += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The fd set holding a warm start's saved state.
@@ -661,6 +705,7 @@ mod tests {
             publish: vec![],
             created: 0,
             console_log_size: crate::console::DEFAULT_SIZE,
+            devices: vec![],
         }
     }
 
@@ -691,6 +736,7 @@ mod tests {
             ram: None,
             chardevs: CHARDEVS,
             tb_size: None,
+            devices: vec![],
         })
         .unwrap()
         .join(" ");
@@ -739,6 +785,7 @@ mod tests {
             ram: None,
             chardevs: CHARDEVS,
             tb_size: None,
+            devices: vec![],
         })
         .unwrap();
         let j = got.join(" ");
@@ -750,6 +797,59 @@ mod tests {
             j.ends_with("-device pvpanic-pci -device virtio-balloon-pci,free-page-reporting=on")
         );
         assert!(!j.contains("vmgenid"));
+    }
+
+    #[test]
+    fn host_devices_are_vfio_and_usb_host_on_one_xhci() {
+        let st = Store::at("/var/lib/nox".into(), "/run/nox".into());
+        let paths = st.vm_paths(&"demo".parse().unwrap());
+        let s = spec(Arch::Amd64);
+        let usb = |bus, dev| Passthrough::Usb {
+            id: "046d:c52b".parse().unwrap(),
+            bus,
+            dev,
+        };
+        let a = argv(&Launch {
+            spec: &s,
+            paths: &paths,
+            accel: Accel::Kvm,
+            net: NetBackend::Passt { fd: 5 },
+            firmware: FirmwareArgs::default(),
+            direct: None,
+            incoming: None,
+            ram: None,
+            chardevs: CHARDEVS,
+            tb_size: None,
+            devices: vec![
+                Passthrough::Pci {
+                    addr: "0000:03:00.0".parse().unwrap(),
+                    group: 14,
+                },
+                usb(1, 5),
+                Passthrough::Pci {
+                    addr: "0000:03:00.1".parse().unwrap(),
+                    group: 14,
+                },
+                usb(3, 12),
+            ],
+        })
+        .unwrap();
+        let devices: Vec<&str> = a
+            .windows(2)
+            .filter(|w| w[0] == "-device")
+            .map(|w| w[1].as_str())
+            .skip_while(|d| !d.starts_with("vfio-pci") && !d.starts_with("qemu-xhci"))
+            .collect();
+        assert_eq!(
+            devices,
+            [
+                "vfio-pci,host=0000:03:00.0,id=hostpci0",
+                "qemu-xhci,id=xhci",
+                "usb-host,bus=xhci.0,hostdevice=/dev/bus/usb/001/005,id=hostusb0",
+                "vfio-pci,host=0000:03:00.1,id=hostpci1",
+                "usb-host,bus=xhci.0,hostdevice=/dev/bus/usb/003/012,id=hostusb1",
+            ]
+        );
     }
 
     #[test]
@@ -771,6 +871,7 @@ mod tests {
             ram: None,
             chardevs: CHARDEVS,
             tb_size: None,
+            devices: vec![],
         })
         .unwrap();
         assert!(
@@ -805,6 +906,7 @@ mod tests {
             ram: None,
             chardevs: CHARDEVS,
             tb_size: None,
+            devices: vec![],
         })
         .unwrap();
         let after = |flag: &str| a[a.iter().position(|x| x == flag).unwrap() + 1].clone();
@@ -831,6 +933,7 @@ mod tests {
                 ram: None,
                 chardevs: CHARDEVS,
                 tb_size: None,
+                devices: vec![],
             })
             .unwrap();
             let i = a.iter().position(|x| x == "-netdev").unwrap();
@@ -875,6 +978,7 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
                 ram,
                 chardevs: CHARDEVS,
                 tb_size: None,
+                devices: vec![],
             })
             .unwrap()
         };
@@ -934,6 +1038,7 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
                 ram: None,
                 chardevs: CHARDEVS,
                 tb_size: None,
+                devices: vec![],
             })
             .unwrap()
         };
@@ -1007,6 +1112,7 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
             ram: None,
             chardevs: CHARDEVS,
             tb_size: None,
+            devices: vec![],
         })
         .unwrap();
         assert_ne!(machine_shape(&src), machine_shape(&big));

@@ -62,6 +62,15 @@ pub enum SnapshotError {
          running guest would corrupt it; stop {vm} first (`nox stop {vm}`), then restore"
     )]
     DiskOnlyWhileRunning { vm: VmName, snap: SnapName },
+    #[error(
+        "{vm} has host devices ({devices}): qemu cannot save or load the state of a passed-through \
+         device, so {what}; a disk-only snapshot of the stopped VM works (nox stop {vm})"
+    )]
+    HostDevices {
+        vm: VmName,
+        devices: String,
+        what: &'static str,
+    },
     #[error("disk: {0}")]
     Disk(#[from] VmDiskError),
     #[error("cannot read the snapshot table of {path}")]
@@ -186,6 +195,9 @@ pub async fn create(
             snap,
         });
     }
+    if matches!(hold.mode, Mode::Live) {
+        refuse_host_devices(&vm, "it gets no live snapshot (with RAM)")?;
+    }
     let files = snapshot_files(&vm, matches!(hold.mode, Mode::Offline(_)))?;
     let before = allocated(&files);
     let ram = match &hold.mode {
@@ -225,6 +237,26 @@ pub async fn create(
     })
 }
 
+/// A VM with host devices (`--device`) has no machine state nox can save or
+/// load: qemu blocks it for VFIO devices, and a USB device's state is in
+/// the device. `what` says what is refused.
+fn refuse_host_devices(vm: &VmPaths, what: &'static str) -> Result<(), SnapshotError> {
+    let spec = vm.load_spec()?;
+    if spec.devices.is_empty() {
+        return Ok(());
+    }
+    Err(SnapshotError::HostDevices {
+        vm: spec.name,
+        devices: spec
+            .devices
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        what,
+    })
+}
+
 /// How a restore went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Restored {
@@ -248,6 +280,9 @@ pub async fn restore(
     let vm = store.vm(name)?;
     let hold = Hold::take(&vm).await?;
     let entry = find(&vm, name, snap)?;
+    if entry.vm_state_size > 0 {
+        refuse_host_devices(&vm, "a snapshot with RAM cannot be restored into it")?;
+    }
     match hold.mode {
         Mode::Live => {
             if entry.vm_state_size == 0 {
@@ -509,6 +544,33 @@ async fn connect(vm: &VmPaths) -> Result<Qmp, SnapshotError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vm_with_host_devices_has_no_ram_snapshots() {
+        let t = tempfile::tempdir().unwrap();
+        let st = Store::at(t.path().to_owned(), t.path().join("run"));
+        let vm = st.vm_paths(&"hw".parse().unwrap());
+        std::fs::create_dir_all(&vm.dir).unwrap();
+        let mut spec = serde_json::json!({
+            "name": "hw", "image": {"source": "x", "digest": "sha256:0", "path": "/i", "format": "qcow2"},
+            "arch": "amd64", "cpus": 1, "memory": 1073741824u64, "disk": 10737418240u64, "user": "nox",
+            "accel": "auto", "network": {"mode": "user"}, "mac": "52:54:00:00:00:01",
+            "ssh_authorized_keys": [], "stop_timeout": 60, "created": 0,
+        });
+        store::write_json(&vm.spec(), &spec).unwrap();
+        assert!(refuse_host_devices(&vm, "x").is_ok());
+        spec["devices"] = serde_json::json!(["pci:0000:03:00.0", "usb:046d:c52b"]);
+        store::write_json(&vm.spec(), &spec).unwrap();
+        let e = refuse_host_devices(&vm, "it gets no live snapshot (with RAM)")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("hw has host devices (pci:0000:03:00.0, usb:046d:c52b)")
+                && e.contains("it gets no live snapshot (with RAM)")
+                && e.contains("nox stop hw"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn parses_qemu_img_snapshot_tables() {

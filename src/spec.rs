@@ -9,6 +9,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::device::HostDevice;
 use crate::forward::PortForward;
 use crate::ident::{Arch, Cidr, IdentError, IfName, MacAddr, UserName, VmName};
 
@@ -213,6 +214,10 @@ pub struct VmSpec {
     /// Bytes of console.log kept before it is rotated to console.log.1.
     #[serde(default = "default_console_log_size")]
     pub console_log_size: u64,
+    /// Host devices given to the guest (`--device`: VFIO PCI, USB), found
+    /// and checked on the host at every start (crate::hostdev).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<HostDevice>,
 }
 
 /// Default cap of `console.log` (and of `console.log.1`).

@@ -84,6 +84,12 @@ pub enum TemplateError {
         "{0} is stopped: a warm template saves a running guest; start it (nox start {0} --wait) and commit again"
     )]
     WarmStopped(String),
+    #[error(
+        "{vm} has host devices ({devices}): a warm template saves the guest's machine state, which \
+         qemu cannot save with a passed-through device; commit without --warm (the template gets \
+         the disk only, never the devices)"
+    )]
+    WarmDevices { vm: String, devices: String },
     #[error("{}", path.display())]
     Io {
         path: PathBuf,
@@ -195,6 +201,17 @@ pub async fn commit(
     if warm {
         if spec.arch != Arch::Amd64 {
             return Err(crate::warm::WarmError::NoVmgenid.into());
+        }
+        if !spec.devices.is_empty() {
+            return Err(TemplateError::WarmDevices {
+                vm: name.to_string(),
+                devices: spec
+                    .devices
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
         }
         if !st.state.is_active() {
             return Err(TemplateError::WarmStopped(name.to_string()));

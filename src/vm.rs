@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::device::HostDevice;
 use crate::ident::{Arch, MacAddr, VmName};
 use crate::image::{self, Cache};
 use crate::seed::{self, SeedConfig};
@@ -45,6 +46,9 @@ pub enum VmError {
     },
     #[error("network: {0}")]
     Network(#[from] crate::net::attach::AttachError),
+    /// `--device`: the message names the device.
+    #[error(transparent)]
+    Devices(#[from] crate::hostdev::HostDevError),
     #[error("{0}")]
     Invalid(String),
     #[error("{0} is running; stop it first, or use --force")]
@@ -572,6 +576,8 @@ pub struct VmInfo {
     pub ssh_port: Option<u16>,
     /// Published ports, `[ADDR:]HOSTPORT:GUESTPORT/PROTO`.
     pub publish: Vec<String>,
+    /// Host devices given to the guest: `pci:DOMAIN:BUS:SLOT.FN`, `usb:VID:PID`.
+    pub devices: Vec<String>,
     pub ip: Option<String>,
     pub ipv6: Vec<String>,
     pub bridge: Option<String>,
@@ -636,6 +642,7 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
         // What a program needs with `ip`: 22 on a bridge, the forward otherwise.
         ssh_port: ep.as_ref().map(|e| e.port),
         publish: spec.publish.iter().map(|p| p.to_string()).collect(),
+        devices: spec.devices.iter().map(|d| d.to_string()).collect(),
         ip: active.then(|| st.ip.clone()).flatten(),
         ipv6: if active { st.ipv6.clone() } else { vec![] },
         bridge: match &spec.network {
@@ -661,6 +668,41 @@ pub struct SetOptions {
     pub memory: Option<String>,
     /// An absolute size (`20G`) or growth (`+5G`).
     pub disk: Option<String>,
+    /// Host devices to add (`--device`); one the VM has is left as it is.
+    pub add_devices: Vec<HostDevice>,
+    /// Host devices to take away (`--remove-device`); each must be the VM's.
+    pub remove_devices: Vec<HostDevice>,
+}
+
+/// The VM's devices after `set`'s additions and removals. Pure.
+pub fn devices_after(
+    name: &str,
+    have: &[HostDevice],
+    add: &[HostDevice],
+    remove: &[HostDevice],
+) -> Result<Vec<HostDevice>, VmError> {
+    crate::device::check_unique(add).map_err(crate::hostdev::HostDevError::from)?;
+    let mut out: Vec<HostDevice> = have.to_vec();
+    for r in remove {
+        if add.contains(r) {
+            return Err(VmError::Invalid(format!(
+                "--device {r} and --remove-device {r}: choose one"
+            )));
+        }
+        let before = out.len();
+        out.retain(|d| d != r);
+        if out.len() == before {
+            return Err(VmError::Invalid(format!(
+                "--remove-device {r}: {name} does not have it"
+            )));
+        }
+    }
+    for a in add {
+        if !out.contains(a) {
+            out.push(*a);
+        }
+    }
+    Ok(out)
 }
 
 /// The disk size `value` asks for, given the current size: `+SIZE` grows
@@ -713,6 +755,15 @@ pub fn set(store: &Store, name: &str, o: &SetOptions) -> Result<(VmSpec, VmSpec)
     if let Some(m) = &o.memory {
         new.memory = spec::parse_memory(m, spec::host_memory())?;
     }
+    new.devices = devices_after(name, &old.devices, &o.add_devices, &o.remove_devices)?;
+    let added: Vec<HostDevice> = new
+        .devices
+        .iter()
+        .filter(|d| !old.devices.contains(d))
+        .copied()
+        .collect();
+    // As at create: the host must have what is added.
+    crate::hostdev::check(Path::new(crate::hostdev::SYSFS), &added)?;
     if let Some(d) = &o.disk {
         // The overlay's own size, not the spec's: they differ if a resize
         // went through and writing spec.json then failed.
@@ -760,6 +811,30 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         child
+    }
+
+    #[test]
+    fn set_adds_and_removes_devices() {
+        let d = |s: &str| -> HostDevice { s.parse().unwrap() };
+        let (a, b, c) = (
+            d("pci:0000:03:00.0"),
+            d("usb:046d:c52b"),
+            d("usb:1d6b:0002"),
+        );
+        assert_eq!(devices_after("vm", &[a], &[b, a], &[]).unwrap(), [a, b]);
+        assert_eq!(devices_after("vm", &[a, b], &[c], &[a]).unwrap(), [b, c]);
+        let e = devices_after("vm", &[a], &[], &[b])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "--remove-device usb:046d:c52b: vm does not have it");
+        let e = devices_after("vm", &[a], &[a], &[a])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("choose one"), "{e}");
+        let e = devices_after("vm", &[], &[b, b], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("given twice"), "{e}");
     }
 
     /// Two state directories, each with a VM named `web`: neither's qemu is

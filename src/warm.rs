@@ -180,6 +180,9 @@ pub fn unusable(spec: &VmSpec, w: &WarmState, user_data: bool) -> Option<String>
     if spec.firmware.is_some() || spec.secure_boot {
         why.push("--firmware/--secure-boot".into());
     }
+    if !spec.devices.is_empty() {
+        why.push("--device (a saved machine state cannot take a host device)".into());
+    }
     if why.is_empty() {
         None
     } else {
@@ -748,6 +751,11 @@ mod tests {
         ] {
             assert!(why.contains(want), "{why}");
         }
+        // Host devices: always cold.
+        let mut s = spec();
+        s.devices = vec!["usb:046d:c52b".parse().unwrap()];
+        let why = unusable(&s, &warm(), false).unwrap();
+        assert!(why.contains("--device"), "{why}");
     }
 
     #[test]

@@ -45,6 +45,73 @@ fn firmware_args(
     }
 }
 
+const CHARDEVS: nox::qemu::Chardevs = nox::qemu::Chardevs {
+    qmp: 10,
+    ctl: 11,
+    serial: 12,
+    console: 13,
+};
+
+/// Compares `argv` with the golden file `name` (or rewrites it).
+fn golden(name: &str, argv: &[String]) {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    let text = argv.join("\n") + "\n";
+    if std::env::var_os("NOX_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&file, &text).unwrap();
+    }
+    let want = std::fs::read_to_string(&file)
+        .unwrap_or_else(|_| panic!("{} missing (NOX_UPDATE_GOLDEN=1)", file.display()));
+    assert_eq!(text, want, "{}", file.display());
+}
+
+/// A VM with host devices (`--device`): two VFIO PCI functions and a USB
+/// device on qemu's xHCI controller, the rest as in the matrix.
+#[test]
+fn argv_golden_host_devices() {
+    use nox::device::Passthrough;
+    let store = Store::at("/var/lib/nox".into(), "/run/nox".into());
+    let paths = store.vm_paths(&"demo".parse().unwrap());
+    let mut s = spec("amd64");
+    s.devices = ["pci:0000:03:00.0", "pci:0000:03:00.1", "usb:046d:c52b"]
+        .iter()
+        .map(|d| d.parse().unwrap())
+        .collect();
+    let argv = qemu::argv(&Launch {
+        spec: &s,
+        paths: &paths,
+        accel: Accel::Kvm,
+        net: NetBackend::Tap {
+            fd: 3,
+            vhost_fd: Some(4),
+        },
+        firmware: FirmwareArgs::default(),
+        direct: None,
+        incoming: None,
+        ram: None,
+        chardevs: CHARDEVS,
+        tb_size: None,
+        devices: vec![
+            Passthrough::Pci {
+                addr: "0000:03:00.0".parse().unwrap(),
+                group: 14,
+            },
+            Passthrough::Pci {
+                addr: "0000:03:00.1".parse().unwrap(),
+                group: 14,
+            },
+            Passthrough::Usb {
+                id: "046d:c52b".parse().unwrap(),
+                bus: 1,
+                dev: 5,
+            },
+        ],
+    })
+    .unwrap();
+    golden("amd64-bios-kvm-tap-devices.argv", &argv);
+}
+
 #[test]
 fn argv_golden_matrix() {
     let store = Store::at("/var/lib/nox".into(), "/run/nox".into());
@@ -102,12 +169,8 @@ fn argv_golden_matrix() {
                         }),
                         incoming: None,
                         ram: None,
-                        chardevs: nox::qemu::Chardevs {
-                            qmp: 10,
-                            ctl: 11,
-                            serial: 12,
-                            console: 13,
-                        },
+                        chardevs: CHARDEVS,
+                        devices: vec![],
                         tb_size: None,
                     })
                     .unwrap();

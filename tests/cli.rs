@@ -669,3 +669,132 @@ fn a_closed_output_pipe_ends_commands_quietly() {
         );
     }
 }
+
+/// `--device`: malformed values are refused by the parser, and a device
+/// this host cannot give (no IOMMU here, no USB devices) is refused by
+/// create and set before anything is made; `info` shows a VM's devices and
+/// a start refuses a device the host lacks. Nothing here touches a real
+/// device: the PCI address is one no host has, and USB checks only read.
+#[test]
+fn host_devices_are_checked_before_anything_is_made() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let img = img.to_str().unwrap();
+    let iommu = std::fs::read_dir("/sys/kernel/iommu_groups").is_ok_and(|mut d| d.next().is_some());
+    let pci_refusal = if iommu {
+        "no such PCI device"
+    } else {
+        "this host has no IOMMU"
+    };
+    fn with_devices<'a>(img: &'a str, dev: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec![
+            "create",
+            "hw",
+            "--image",
+            img,
+            "--no-start",
+            "--network",
+            "user",
+        ];
+        for d in dev {
+            a.extend(["--device", d]);
+        }
+        a
+    }
+    let create = |dev: &[&'static str]| with_devices(img, dev);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            create(&["pci:03:00.0"]),
+            "with the domain, e.g. 0000:03:00.0",
+        ),
+        (create(&["pci:0000:03:00.8"]), "invalid --device"),
+        (create(&["pci:0000:03:20.0"]), "above 0x1f"),
+        (create(&["usb:46d:c52b"]), "four hex digits each"),
+        (create(&["scsi:0:0"]), "use pci:DOMAIN:BUS:SLOT.FUNCTION"),
+        (create(&["pci:0000:ff:1f.7"]), pci_refusal),
+        (create(&["usb:ffff:fffe"]), "no USB device with this vendor"),
+        (
+            create(&["usb:ffff:fffe", "usb:FFFF:FFFE"]),
+            "--device usb:ffff:fffe is given twice",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = h.fails(&args);
+        assert!(err.contains(want), "nox {args:?}: want {want:?} in {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            vm_dirs(&h).is_empty(),
+            "nox {args:?} left {:?}",
+            vm_dirs(&h)
+        );
+    }
+
+    // set: the same checks, and spec.json unchanged.
+    h.ok(&[
+        "create",
+        "hw",
+        "--image",
+        img,
+        "--no-start",
+        "--network",
+        "user",
+    ]);
+    let spec_path = h.path().join("vms/hw/spec.json");
+    let before = std::fs::read(&spec_path).unwrap();
+    assert_eq!(h.info("hw")["devices"], serde_json::json!([]));
+    for (args, want) in [
+        (
+            vec!["set", "hw", "--device", "pci:0000:ff:1f.7"],
+            pci_refusal,
+        ),
+        (
+            vec!["set", "hw", "--device", "usb:ffff:fffe"],
+            "no USB device",
+        ),
+        (vec!["set", "hw", "--device", "usb:1:2"], "invalid --device"),
+        (
+            vec!["set", "hw", "--remove-device", "usb:ffff:fffe"],
+            "--remove-device usb:ffff:fffe: hw does not have it",
+        ),
+    ] {
+        let err = h.fails(&args);
+        assert!(err.contains(want), "nox {args:?}: want {want:?} in {err}");
+        assert_eq!(std::fs::read(&spec_path).unwrap(), before, "nox {args:?}");
+    }
+
+    // A spec that names a device (as set would write it): shown, and a
+    // start refuses it while the host lacks it, starting nothing.
+    let mut spec: serde_json::Value = serde_json::from_slice(&before).unwrap();
+    spec["devices"] = serde_json::json!(["usb:ffff:fffe"]);
+    std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+    assert_eq!(
+        h.info("hw")["devices"],
+        serde_json::json!(["usb:ffff:fffe"])
+    );
+    let text = h.ok(&["info", "hw"]);
+    assert!(text.contains("devices:  usb:ffff:fffe"), "{text}");
+    let err = h.fails(&["start", "hw", "--timeout", "60"]);
+    assert!(err.contains("no USB device with this vendor"), "{err}");
+    // Recorded as the run's failure; no qemu was started.
+    let info = h.info("hw");
+    assert_eq!(info["state"], "crashed", "{info}");
+    assert!(info["qemu_pid"].is_null(), "{info}");
+    let failure = info["last_failure"].as_str().unwrap_or_default();
+    assert!(failure.contains("usb:ffff:fffe"), "{info}");
+    // No warm template of it (its machine state cannot be saved) ...
+    let err = h.fails(&["image", "commit", "hw", "--as", "hwt", "--warm"]);
+    assert!(err.contains("hw has host devices (usb:ffff:fffe)"), "{err}");
+    // ... but disk-only snapshots of the stopped VM, as any VM's.
+    h.ok(&["snapshot", "create", "hw", "s1"]);
+    // A clone is a new machine: without the source's devices.
+    let out = h.ok(&["clone", "hw", "hw2"]);
+    assert!(
+        out.contains("hw2 does not have hw's host devices (usb:ffff:fffe)"),
+        "{out}"
+    );
+    assert_eq!(h.info("hw2")["devices"], serde_json::json!([]));
+    // Taken away again.
+    let out = h.ok(&["set", "hw", "--remove-device", "usb:ffff:fffe"]);
+    assert!(out.contains("devices none (was usb:ffff:fffe)"), "{out}");
+    assert_eq!(h.info("hw")["devices"], serde_json::json!([]));
+}

@@ -20,11 +20,14 @@ const LAYERS: &[(&str, &[&str])] = &[
             "text",
             "testing",
             "spec",
+            "device",
         ],
     ),
     (
         "host",
-        &["trust", "config", "console", "sshkeys", "userkeys", "qmp"],
+        &[
+            "trust", "config", "console", "sshkeys", "userkeys", "qmp", "hostdev",
+        ],
     ),
     ("store", &["store", "events", "state", "timeline"]),
     ("image, guest", &["image", "seed", "boot"]),

@@ -151,7 +151,8 @@ pub enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
-    /// Change a stopped VM's vCPUs, memory or disk size (disks only grow)
+    /// Change a stopped VM's vCPUs, memory, disk size (disks only grow) or
+    /// host devices
     Set(SetArgs),
     /// Copy files between the host and a running VM over its pinned SSH
     /// connection: `nox cp ./f web:/tmp/`, `nox cp -r web:dir ./dir`
@@ -227,6 +228,13 @@ pub struct SetArgs {
     /// root filesystem follows at its next boot
     #[arg(long, group = "change", allow_hyphen_values = true)]
     pub disk: Option<String>,
+    /// Give the guest a host device: pci:DOMAIN:BUS:SLOT.FN (VFIO) or
+    /// usb:VENDOR:PRODUCT (repeatable; see docs/devices.md)
+    #[arg(long, group = "change", value_name = "pci:ADDR|usb:VID:PID")]
+    pub device: Vec<crate::device::HostDevice>,
+    /// Take a host device away from the guest (repeatable)
+    #[arg(long, group = "change", value_name = "pci:ADDR|usb:VID:PID")]
+    pub remove_device: Vec<crate::device::HostDevice>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -354,6 +362,11 @@ pub struct CreateArgs {
     /// (repeatable; without ADDR every host address; user-mode networking)
     #[arg(long, value_name = "[ADDR:]HOSTPORT:GUESTPORT[/PROTO]")]
     pub publish: Vec<crate::net::forward::PortForward>,
+    /// Give the guest a host device: pci:DOMAIN:BUS:SLOT.FN (VFIO
+    /// passthrough; needs an IOMMU) or usb:VENDOR:PRODUCT (repeatable; see
+    /// docs/devices.md)
+    #[arg(long, value_name = "pci:ADDR|usb:VID:PID")]
+    pub device: Vec<crate::device::HostDevice>,
     /// Only define the VM
     #[arg(long)]
     pub no_start: bool,

@@ -62,6 +62,9 @@ pub fn info(i: &vm::VmInfo) {
     if !i.publish.is_empty() {
         println!("publish:  {}", i.publish.join(", "));
     }
+    if !i.devices.is_empty() {
+        println!("devices:  {}", i.devices.join(", "));
+    }
     if let Some(t) = &i.tap {
         println!("tap:      {t}");
     }
@@ -99,7 +102,7 @@ pub fn set(name: &str, out: &SetOutcome) {
     let changes: Vec<String> = out
         .changes
         .iter()
-        .map(|c| match *c {
+        .map(|c| match c {
             Change::Cpus(new, old) => format!("{new} CPUs (was {old})"),
             Change::Memory(new, old) => {
                 format!("{} MiB memory (was {})", new >> 20, old >> 20)
@@ -109,6 +112,19 @@ pub fn set(name: &str, out: &SetOutcome) {
                 new >> 20,
                 old >> 20
             ),
+            Change::Devices(new, old) => {
+                let list = |d: &[crate::device::HostDevice]| {
+                    if d.is_empty() {
+                        "none".to_string()
+                    } else {
+                        d.iter()
+                            .map(|x| x.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    }
+                };
+                format!("devices {} (was {})", list(new), list(old))
+            }
         })
         .collect();
     println!("{name}: {}", changes.join(", "));

@@ -114,6 +114,7 @@ fn create_request(
         accel: a.accel,
         network: d.network,
         publish: a.publish,
+        devices: a.device,
         stop_timeout: a.stop_timeout,
         console_log_size: a.console_log_size,
         restart: a.restart,
@@ -207,6 +208,12 @@ pub fn clone(
             c.dropped_publish.join(", ")
         );
     }
+    if !c.dropped_devices.is_empty() {
+        println!(
+            "{new} does not have {src}'s host devices ({}): give it its own with nox set {new} --device",
+            c.dropped_devices.join(", ")
+        );
+    }
     if start {
         start_quiet(store, new, wait, timeout, false)?;
     }
@@ -218,6 +225,8 @@ pub fn set(store: &Store, a: &super::SetArgs) -> Result<i32> {
         cpus: a.cpus,
         memory: a.memory.clone(),
         disk: a.disk.clone(),
+        add_devices: a.device.clone(),
+        remove_devices: a.remove_device.clone(),
     };
     let out = ops::set(store, &a.name, &opts)?;
     render::set(&a.name, &out);

@@ -123,6 +123,8 @@ pub struct Prepared {
     privileged: bool,
     setgroups: bool,
     nofile: u64,
+    /// RLIMIT_MEMLOCK (soft and hard), for a qemu that pins guest RAM (VFIO).
+    memlock: Option<u64>,
     last_cap: libc::c_int,
     /// The supervisor: the intermediate's parent, checked after each
     /// PDEATHSIG (a parent dead before it was set sends no signal).
@@ -223,6 +225,7 @@ impl Prepared {
             privileged,
             setgroups: matches!(plan.mode, Mode::Root(_)),
             nofile: plan.nofile,
+            memlock: plan.memlock,
             last_cap,
             supervisor: nix::unistd::getpid().as_raw(),
         })
@@ -457,6 +460,19 @@ unsafe fn confine(p: &Prepared, parent: libc::c_int) -> io::Result<()> {
             S_RLIMIT,
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim).into(),
         )?;
+        // Before the capabilities go: raising the hard limit needs
+        // CAP_SYS_RESOURCE.
+        if let Some(m) = p.memlock {
+            let lim = libc::rlimit {
+                rlim_cur: m,
+                rlim_max: m,
+            };
+            check(
+                p,
+                S_RLIMIT,
+                libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim).into(),
+            )?;
+        }
         if let Some((uid, gid)) = p.ids {
             if p.setgroups {
                 check(p, S_SETGROUPS, libc::setgroups(0, std::ptr::null()).into())?;
@@ -740,6 +756,7 @@ mod tests {
             memory: 1 << 30,
             cpus: 1,
             host: &HostFacts::default(),
+            devices: &[],
         });
         let p = Prepared::new(&plan, 9, None).unwrap();
         assert_eq!(p.root.as_deref(), Some(c"/r/demo/jail"));

@@ -68,6 +68,11 @@ pub enum JailError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{}: the host has no such device node (a host device's: is it still there, and is its driver loaded?)",
+        .0.display()
+    )]
+    NoDeviceNode(PathBuf),
     #[error("{0}: path has a NUL byte")]
     Nul(PathBuf),
     #[error("cannot start {binary}")]
@@ -97,6 +102,9 @@ pub const MEMORY_OVERHEAD: u64 = 512 << 20;
 /// Extra allowance under TCG: the translated-code cache (qemu's default
 /// `tb-size` is up to 1 GiB on 64-bit hosts).
 pub const TCG_OVERHEAD: u64 = 1 << 30;
+/// RLIMIT_MEMLOCK on top of guest RAM for a qemu with a VFIO device, which
+/// pins all guest RAM and some of its own (libvirt allows the same 1 GiB).
+pub const MEMLOCK_OVERHEAD: u64 = 1 << 30;
 /// RLIMIT_NOFILE of a jailed qemu: it needs a few dozen descriptors (disk,
 /// sockets, tap, eventfds per virtqueue); 4096 leaves room for many queues.
 pub const NOFILE: u64 = 4096;
@@ -228,6 +236,7 @@ pub struct Jail {
     kvm: bool,
     memory: u64,
     cpus: u32,
+    devices: Vec<crate::device::Passthrough>,
 }
 
 /// The store root of a VM (`ROOT/vms/NAME`).
@@ -268,13 +277,35 @@ impl Jail {
         Ok(Jail {
             mode,
             passt,
-            host: plan::HostFacts::probe(),
+            host: plan::HostFacts::probe(&[]),
             cgroup: cgroup::probe(),
             base_image: spec.image.path.clone(),
             kvm: accel == Accel::Kvm,
             memory: spec.memory,
             cpus: spec.cpus,
+            devices: vec![],
         })
+    }
+
+    /// Gives the jail the VM's host devices for this start: their device
+    /// nodes are probed on the host, and one the host lacks refuses the start.
+    pub fn hold_devices(
+        &mut self,
+        devices: &[crate::device::Passthrough],
+    ) -> Result<(), JailError> {
+        let nodes = crate::device::nodes(devices);
+        let probed = plan::HostFacts::probe(&nodes);
+        if let Some(missing) = probed.missing(&nodes) {
+            return Err(JailError::NoDeviceNode(missing.to_owned()));
+        }
+        self.host.nodes = probed.nodes;
+        self.devices = devices.to_vec();
+        Ok(())
+    }
+
+    /// The host devices this jail holds the nodes of.
+    pub fn devices(&self) -> &[crate::device::Passthrough] {
+        &self.devices
     }
 
     pub fn mode(&self) -> &Mode {
@@ -301,6 +332,7 @@ impl Jail {
             memory: self.memory,
             cpus: self.cpus,
             host: &self.host,
+            devices: &self.devices,
         })
     }
 

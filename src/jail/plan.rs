@@ -4,7 +4,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::{Ids, MEMORY_OVERHEAD, Mode, NOFILE, TCG_OVERHEAD};
+use super::{Ids, MEMLOCK_OVERHEAD, MEMORY_OVERHEAD, Mode, NOFILE, TCG_OVERHEAD};
+use crate::device::{self, DevNode, Passthrough};
 use crate::store::VmPaths;
 
 /// A bind mount: host `path` at the same absolute path inside the jail.
@@ -63,6 +64,11 @@ pub struct JailPlan {
     /// slirp, which opens the host's sockets itself, nor in [`Mode::Bare`].
     pub netns: bool,
     pub nofile: u64,
+    /// RLIMIT_MEMLOCK for qemu, when it must lock guest RAM: VFIO pins every
+    /// page of it for the device's DMA. Set only in a root jail (raising a
+    /// hard limit needs CAP_SYS_RESOURCE in the host's user namespace); an
+    /// ordinary user's qemu keeps the user's own limit.
+    pub memlock: Option<u64>,
     pub limits: CgroupLimits,
 }
 
@@ -79,10 +85,15 @@ pub struct HostFacts {
     pub resolv_conf: Option<PathBuf>,
     /// /dev/kvm's device number.
     pub kvm: Option<u64>,
+    /// The device numbers of the host device nodes a VM's `--device`s need
+    /// (VFIO container and groups, usbfs nodes), by path.
+    pub nodes: Vec<(PathBuf, u64)>,
 }
 
 impl HostFacts {
-    pub fn probe() -> HostFacts {
+    /// Probes the host, with the device numbers of `nodes` (those that
+    /// exist: [`HostFacts::missing`] names the others).
+    pub fn probe(nodes: &[DevNode]) -> HostFacts {
         use std::os::unix::fs::MetadataExt;
         let top = ["/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin"]
             .into_iter()
@@ -103,7 +114,29 @@ impl HostFacts {
                 .ok()
                 .filter(|p| p.is_file()),
             kvm: std::fs::metadata("/dev/kvm").ok().map(|m| m.rdev()),
+            nodes: nodes
+                .iter()
+                .filter_map(|n| {
+                    let m = std::fs::metadata(&n.path).ok()?;
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type()
+                        .is_char_device()
+                        .then(|| (n.path.clone(), m.rdev()))
+                })
+                .collect(),
         }
+    }
+
+    /// The first of `nodes` the host lacks (not a character device).
+    pub fn missing<'a>(&self, nodes: &'a [DevNode]) -> Option<&'a Path> {
+        nodes
+            .iter()
+            .find(|n| !self.nodes.iter().any(|(p, _)| *p == n.path))
+            .map(|n| n.path.as_path())
+    }
+
+    fn rdev(&self, path: &Path) -> Option<u64> {
+        self.nodes.iter().find(|(p, _)| p == path).map(|(_, r)| *r)
     }
 }
 
@@ -122,6 +155,8 @@ pub struct Input<'a> {
     pub memory: u64,
     pub cpus: u32,
     pub host: &'a HostFacts,
+    /// The VM's host devices for this start (`--device`).
+    pub devices: &'a [Passthrough],
 }
 
 const fn makedev(major: u64, minor: u64) -> u64 {
@@ -261,8 +296,16 @@ impl JailPlan {
             owned: vec![],
             netns: false,
             nofile: NOFILE,
+            memlock: None,
             limits: cgroup_limits(i.memory, i.cpus, !i.kvm),
         };
+        let vfio = i
+            .devices
+            .iter()
+            .any(|d| matches!(d, Passthrough::Pci { .. }));
+        if vfio && matches!(i.mode, Mode::Root(_)) {
+            plan.memlock = Some(i.memory + MEMLOCK_OVERHEAD);
+        }
         let firmware = firmware_files(i.argv);
         if matches!(i.mode, Mode::Root(_)) {
             plan.owned = owned_files(i.vm, &firmware);
@@ -275,6 +318,7 @@ impl JailPlan {
         plan.bind_programs(i);
         plan.bind_vm_files(i, &firmware);
         plan.add_devices(i);
+        plan.bind_pci_sysfs(i);
         plan.dirs = plan.parent_dirs();
         plan
     }
@@ -336,6 +380,20 @@ impl JailPlan {
         {
             devs.push(("/dev/kvm".into(), rdev, 0o600, true));
         }
+        // Host devices: the VFIO container stays as on the host (root's,
+        // 0666: it grants nothing without a group); a group's node and a
+        // USB device's node are the VM's alone, like /dev/kvm. A node the
+        // host lacks was refused by Jail::new.
+        for n in device::nodes(i.devices) {
+            if let Some(rdev) = i.host.rdev(&n.path) {
+                let (mode, owned) = if n.shared {
+                    (0o666, false)
+                } else {
+                    (0o600, true)
+                };
+                devs.push((n.path, rdev, mode, owned));
+            }
+        }
         for (path, rdev, mode, owned) in devs {
             if rooted {
                 self.devices.push(Device {
@@ -347,6 +405,21 @@ impl JailPlan {
             } else {
                 // No mknod in a user namespace: bind the host's node.
                 self.binds.push(Bind::file(path, true));
+            }
+        }
+    }
+
+    /// qemu's vfio-pci finds a device's IOMMU group through its sysfs
+    /// directory (`host=ADDR` is `/sys/bus/pci/devices/ADDR`, whose
+    /// `iommu_group` link it reads): that one directory, read-only, and no
+    /// other part of the host's sysfs.
+    fn bind_pci_sysfs(&mut self, i: &Input) {
+        for d in i.devices {
+            if let Passthrough::Pci { addr, .. } = d {
+                self.binds.push(Bind {
+                    dir: true,
+                    ..Bind::file(PathBuf::from(format!("/sys/bus/pci/devices/{addr}")), false)
+                });
             }
         }
     }
@@ -396,6 +469,11 @@ mod tests {
             ld_so_cache: true,
             resolv_conf: Some("/run/systemd/resolve/stub-resolv.conf".into()),
             kvm: Some(makedev(10, 232)),
+            nodes: vec![
+                ("/dev/vfio/vfio".into(), makedev(10, 196)),
+                ("/dev/vfio/14".into(), makedev(243, 0)),
+                ("/dev/bus/usb/001/005".into(), makedev(189, 4)),
+            ],
         }
     }
 
@@ -428,6 +506,7 @@ mod tests {
             memory: 1 << 30,
             cpus: 2,
             host: &h,
+            devices: &[],
         })
     }
 
@@ -571,6 +650,87 @@ mod tests {
     }
 
     #[test]
+    fn host_devices_get_their_nodes_and_vfio_its_memlock() {
+        let st = Store::at("/var/lib/nox".into(), "/run/nox".into());
+        let vm = st.vm_paths(&"demo".parse().unwrap());
+        let h = host();
+        let devices = [
+            Passthrough::Pci {
+                addr: "0000:03:00.0".parse().unwrap(),
+                group: 14,
+            },
+            Passthrough::Usb {
+                id: "046d:c52b".parse().unwrap(),
+                bus: 1,
+                dev: 5,
+            },
+        ];
+        let build = |mode: Mode, devices: &[Passthrough]| {
+            JailPlan::build(&Input {
+                mode: &mode,
+                vm: &vm,
+                base_image: Path::new("/var/lib/nox/images/sha256-ab.qcow2"),
+                binary: Path::new("/usr/bin/qemu-system-x86_64"),
+                argv: &argv(&[]),
+                kvm: true,
+                user_net: false,
+                memory: 1 << 30,
+                cpus: 2,
+                host: &h,
+                devices,
+            })
+        };
+        let p = build(Mode::Root(IDS), &devices);
+        let devs: Vec<(&str, u64, u32, bool)> = p
+            .devices
+            .iter()
+            .skip(5)
+            .map(|d| (d.path.to_str().unwrap(), d.rdev, d.mode, d.owned))
+            .collect();
+        assert_eq!(
+            devs,
+            [
+                ("/dev/vfio/vfio", makedev(10, 196), 0o666, false),
+                ("/dev/vfio/14", makedev(243, 0), 0o600, true),
+                ("/dev/bus/usb/001/005", makedev(189, 4), 0o600, true),
+            ]
+        );
+        assert!(p.dirs.contains(&"/dev/bus/usb/001".into()));
+        assert_eq!(p.memlock, Some((1 << 30) + MEMLOCK_OVERHEAD));
+        // The PCI device's own sysfs directory, read-only; nothing else of /sys.
+        let sys: Vec<&Bind> = p
+            .binds
+            .iter()
+            .filter(|b| b.path.starts_with("/sys"))
+            .collect();
+        assert_eq!(sys.len(), 1);
+        assert_eq!(sys[0].path, Path::new("/sys/bus/pci/devices/0000:03:00.0"));
+        assert!(sys[0].dir && !sys[0].writable && !sys[0].exec);
+        // USB alone pins nothing and needs no sysfs.
+        let p = build(Mode::Root(IDS), &devices[1..]);
+        assert_eq!(p.memlock, None);
+        assert!(p.binds.iter().all(|b| !b.path.starts_with("/sys")));
+        assert_eq!(
+            p.devices.last().unwrap().path,
+            Path::new("/dev/bus/usb/001/005")
+        );
+        // A user's qemu: the host's nodes bound, its own memlock limit.
+        let p = build(Mode::UserNs(IDS), &devices);
+        for d in ["/dev/vfio/vfio", "/dev/vfio/14", "/dev/bus/usb/001/005"] {
+            assert!(bind(&p, d).unwrap().writable, "{d}");
+        }
+        assert_eq!(p.memlock, None);
+        // No devices: nothing of them.
+        let p = build(Mode::Root(IDS), &[]);
+        assert!(p.devices.iter().all(|d| !d.path.starts_with("/dev/vfio")));
+        assert_eq!(p.memlock, None);
+        let nodes = device::nodes(&devices);
+        assert_eq!(h.missing(&nodes), None);
+        let bare = HostFacts::default();
+        assert_eq!(bare.missing(&nodes), Some(Path::new("/dev/vfio/vfio")));
+    }
+
+    #[test]
     fn bare_mode_has_no_root() {
         let p = build(Mode::Bare, false, true, &argv(&[]));
         assert_eq!(p.root, None);
@@ -629,6 +789,7 @@ mod tests {
             memory: 1 << 30,
             cpus: 1,
             host: &h,
+            devices: &[],
         });
         assert!(bind(&p, "/opt/qemu/bin").unwrap().exec);
     }

@@ -81,6 +81,8 @@ pub struct CreateOptions {
     pub network: Option<NetworkSpec>,
     /// `--publish`: host ports forwarded into a user-mode guest.
     pub publish: Vec<crate::net::forward::PortForward>,
+    /// `--device`: host devices given to the guest (VFIO PCI, USB).
+    pub devices: Vec<crate::device::HostDevice>,
     pub stop_timeout: u64,
     /// `--console-log-size`, e.g. `4M`.
     pub console_log_size: String,
@@ -182,6 +184,9 @@ async fn validate(store: &Store, o: &CreateOptions) -> Result<Valid, VmError> {
             "--secure-boot needs --firmware uefi".into(),
         ));
     }
+    // The host must have them now (and an IOMMU for PCI); whether another
+    // VM uses one is a question for the start.
+    crate::hostdev::check(std::path::Path::new(crate::hostdev::SYSFS), &o.devices)?;
     let user_keys = user_public_keys(&o.ssh_keys)?;
     let user_data = match &o.user_data {
         Some(p) => {
@@ -304,6 +309,7 @@ fn build_spec(
         publish: o.publish.clone(),
         created: state::now(),
         console_log_size: v.console_log_size,
+        devices: o.devices.clone(),
     };
     (spec, v.user_keys.report)
 }

@@ -141,6 +141,11 @@ pub enum Change {
     Memory(u64, u64),
     /// Bytes; the root filesystem grows at the next boot.
     Disk(u64, u64),
+    /// Host devices (`--device`, `--remove-device`).
+    Devices(
+        Vec<crate::device::HostDevice>,
+        Vec<crate::device::HostDevice>,
+    ),
 }
 
 /// What `set` did: the changes, and warnings (CPU overcommit).
@@ -171,6 +176,10 @@ pub fn set(store: &Store, name: &str, o: &vm::SetOptions) -> Result<SetOutcome, 
     }
     if old.disk != new.disk {
         out.changes.push(Change::Disk(new.disk, old.disk));
+    }
+    if old.devices != new.devices {
+        out.changes
+            .push(Change::Devices(new.devices.clone(), old.devices.clone()));
     }
     Ok(out)
 }

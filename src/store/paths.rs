@@ -39,6 +39,20 @@ impl VmPaths {
             settings: self.settings.clone(),
         }
     }
+    /// The paths of VM `name` of the same store.
+    pub fn sibling(&self, name: &VmName) -> VmPaths {
+        let parent = |p: &Path| p.parent().map(Path::to_path_buf).unwrap_or_default();
+        VmPaths {
+            name: name.clone(),
+            dir: self.vms.join(name.as_str()),
+            run: parent(&self.run).join(name.as_str()),
+            firmware_dir: self.firmware_dir.clone(),
+            events: parent(&self.events).join(format!("{name}.jsonl")),
+            images: self.images.clone(),
+            vms: self.vms.clone(),
+            settings: self.settings.clone(),
+        }
+    }
     /// The store's `config.json` (read once per store).
     pub fn config(&self) -> Result<Arc<Config>, ConfigError> {
         self.settings.config()

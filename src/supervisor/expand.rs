@@ -196,6 +196,8 @@ async fn expand_inner(
         chardevs: channels.child.chardevs(),
         // Never runs the guest: no code to translate.
         tb_size: Some(1 << 20),
+        // A VM with host devices is never committed warm.
+        devices: vec![],
     };
     let argv = qemu::argv(&launch).map_err(SupervisorError::from)?;
     let version = warm::qemu_version(&binary)?;

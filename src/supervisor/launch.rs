@@ -176,13 +176,18 @@ pub(super) async fn launch(
     rec: &mut Recorder<'_>,
 ) -> Result<Live, SupervisorError> {
     // First: a bad uid range refuses the start before anything is made.
-    let jail = jail::Jail::new(vm, spec, accel)?;
+    let mut jail = jail::Jail::new(vm, spec, accel)?;
     // Nothing is live yet: a state file nobody can read means nobody could
     // see or stop this VM, so fail here rather than run it blind.
     let event = Event::Launch {
         accel: accel.as_str().into(),
     };
     apply(rec, event).map_err(SupervisorError::State)?;
+    // Host devices: missing, held by a host driver or in use by another
+    // VM refuses the start (recorded as its failure); unbound PCI devices
+    // are bound to vfio-pci.
+    let devices = super::hostdevs::prepare(vm, spec)?;
+    jail.hold_devices(&devices)?;
     let arch = qemu::arch_facts(spec.arch);
     let binary = qemu::find_binary(
         arch,
@@ -324,6 +329,7 @@ pub(super) async fn spawn_connected(
             ram: None,
             chardevs: channels.child.chardevs(),
             tb_size,
+            devices: jail.devices().to_vec(),
         };
         let mut argv = qemu::argv(&launch)?;
         let mut incoming = None;

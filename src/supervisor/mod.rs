@@ -51,6 +51,8 @@ pub enum SupervisorError {
     Firmware(#[from] crate::firmware::FirmwareError),
     #[error("jail: {0}")]
     Jail(#[from] jail::JailError),
+    #[error(transparent)]
+    Devices(#[from] crate::hostdev::HostDevError),
     #[error("console: {0}")]
     Console(#[from] crate::console::ConsoleError),
     #[error("run directory: {0}")]
@@ -89,6 +91,7 @@ pub enum Outcome {
 }
 
 pub mod expand;
+mod hostdevs;
 mod launch;
 mod record;
 mod supervise;
