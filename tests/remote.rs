@@ -32,7 +32,16 @@ fn free_port() -> u16 {
 
 fn keygen(path: &Path) {
     let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "nox-remote-test", "-f"])
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "nox-remote-test",
+            "-f",
+        ])
         .arg(path)
         .status()
         .unwrap();
@@ -141,7 +150,10 @@ impl Sshd {
             if let Ok(Some(st)) = s.child.try_wait() {
                 panic!("sshd exited: {st}");
             }
-            assert!(t0.elapsed() < Duration::from_secs(10), "sshd did not listen");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "sshd did not listen"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Some(s)
@@ -404,7 +416,10 @@ fn version_mismatch_missing_nox_and_unreachable_host_are_clear() {
     );
     assert!(o.stdout.is_empty());
     let calls = std::fs::read_to_string(d.join("old-nox.calls")).unwrap();
-    assert_eq!(calls, "--host= version --json\n", "only the version was asked");
+    assert_eq!(
+        calls, "--host= version --json\n",
+        "only the version was asked"
+    );
 
     let h = sshd.local(&["/nonexistent/nox"]);
     let o = h.nox(&with_host(&url, &["list"]));
