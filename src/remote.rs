@@ -149,9 +149,9 @@ fn check_user(url: &str, u: &str) -> Result<String, RemoteError> {
         Some("starts with '-'")
     } else if !u
         .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"._-$".contains(&b))
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
     {
-        Some("only letters, digits, '.', '_', '-' (and a final '$')")
+        Some("only letters, digits, '.', '_', '-'")
     } else {
         None
     };
@@ -194,8 +194,7 @@ fn split_host_port<'a>(url: &str, hp: &'a str) -> Result<(String, Option<&'a str
         return Ok((addr.into(), port));
     }
     let (host, port) = match hp.split_once(':') {
-        Some((h, p)) if p.contains(':') => {
-            let _ = (h, p);
+        Some((_, p)) if p.contains(':') => {
             return Err(bad(
                 hp,
                 "an IPv6 address goes in brackets: ssh://[::1]:2222",
