@@ -451,3 +451,60 @@ fn version_mismatch_missing_nox_and_unreachable_host_are_clear() {
         "{err}"
     );
 }
+
+/// The verbs that hold the terminal get one on the other side when this
+/// side has one (under `script`, a pty); the others, and every verb without
+/// a terminal here, run without (their output byte-exact).
+#[test]
+fn terminal_verbs_get_a_terminal_there() {
+    let Some(sshd) = Sshd::start() else { return };
+    if !prereq(have("script"), "no script (util-linux)") {
+        return;
+    }
+    let d = sshd.dir.path();
+    let fake = d.join("tty-nox");
+    write_exec(
+        &fake,
+        &format!(
+            "#!/bin/sh\n\
+             if [ \"$2\" = version ]; then echo '{{\"version\":\"{v}\"}}'; exit 0; fi\n\
+             if [ -t 0 ] && [ -t 1 ]; then echo \"tty $2\"; else echo \"no tty $2\"; fi\n",
+            v = env!("CARGO_PKG_VERSION"),
+        ),
+    );
+    let h = sshd.local(&[fake.to_str().unwrap()]);
+    let url = sshd.url();
+    let in_pty = |args: &[&str]| -> String {
+        let t0 = Instant::now();
+        let mut line = vec![env!("CARGO_BIN_EXE_nox"), "--host", &url];
+        line.extend_from_slice(args);
+        let out = Command::new("script")
+            .args(["-q", "-e", "-c", &quote(&line), "/dev/null"])
+            .env("NOX_HOME", h.path())
+            .envs(h.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        // script echoes the end of its (empty) input as "^@" or "^D".
+        let text = String::from_utf8_lossy(&out.stdout)
+            .replace('\r', "")
+            .replace("^@", "")
+            .replace("^D", "");
+        eprintln!("{args:?} in a pty ({:?}): {text}", t0.elapsed());
+        text
+    };
+    for (args, want) in [
+        (&["ssh", "vm"][..], "tty ssh"),
+        (&["console", "vm"], "tty console"),
+        (&["logs", "-f", "vm"], "tty logs"),
+        (&["events", "-f"], "tty events"),
+        (&["logs", "vm"], "no tty logs"),
+        (&["list"], "no tty list"),
+    ] {
+        assert!(
+            in_pty(args).lines().any(|l| l == want),
+            "{args:?}: want {want:?}"
+        );
+    }
+    assert_eq!(h.ok(&with_host(&url, &["ssh", "vm"])), "no tty ssh\n");
+}
