@@ -62,6 +62,8 @@ struct Sshd {
     child: Child,
     dir: tempfile::TempDir,
     port: u16,
+    /// Also listening on [::1] (where this host has IPv6 loopback).
+    v6: bool,
 }
 
 impl Sshd {
@@ -87,10 +89,11 @@ impl Sshd {
         // sshd's privilege separation directory (the ssh unit makes it).
         std::fs::create_dir_all("/run/sshd").unwrap();
         let port = free_port();
+        let v6 = TcpListener::bind(("::1", port)).is_ok();
         std::fs::write(
             d.join("sshd_config"),
             format!(
-                "ListenAddress 127.0.0.1:{port}\n\
+                "ListenAddress 127.0.0.1:{port}\n{listen6}\
                  HostKey {d}/host_key\n\
                  PidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\n\
@@ -100,14 +103,19 @@ impl Sshd {
                  KbdInteractiveAuthentication no\n\
                  UsePAM no\n\
                  LogLevel ERROR\n",
-                d = d.display()
+                d = d.display(),
+                listen6 = if v6 {
+                    format!("ListenAddress [::1]:{port}\n")
+                } else {
+                    String::new()
+                },
             ),
         )
         .unwrap();
         let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
         std::fs::write(
             d.join("known_hosts"),
-            format!("[127.0.0.1]:{port} {host_pub}"),
+            format!("[127.0.0.1]:{port} {host_pub}[::1]:{port} {host_pub}"),
         )
         .unwrap();
         std::fs::write(
@@ -144,7 +152,12 @@ impl Sshd {
             })
         };
         let child = cmd.spawn().unwrap();
-        let mut s = Sshd { child, dir, port };
+        let mut s = Sshd {
+            child,
+            dir,
+            port,
+            v6,
+        };
         let t0 = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(st)) = s.child.try_wait() {
@@ -257,6 +270,16 @@ fn list_info_and_failures_are_the_same_as_locally() {
         remote.ok(&["list", "--json"])
     );
     assert_eq!(via_env.ok(&["--host=", "list", "--json"]), "[]\n");
+    // An IPv6 host in brackets.
+    if sshd.v6 {
+        let url6 = format!("ssh://root@[::1]:{}", sshd.port);
+        assert_eq!(
+            h.ok(&with_host(&url6, &["list", "--json"])),
+            remote.ok(&["list", "--json"])
+        );
+    } else {
+        eprintln!("no IPv6 loopback here: ssh://[::1] not tried");
+    }
 
     // A failing command: the same exit code and stderr as locally.
     for args in [
