@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs what nox needs on a Debian 12/13 host (qemu, firmware, ssh client,
+# sshd for the `nox --host` tests (tests/remote.rs runs its own on 127.0.0.1),
 # dnsmasq for the network tests, the test-image builder's tools, systemd-nspawn
 # for the systemd-as-PID-1 tests, pytest for the Python client's tests), then
 # builds and installs nox to /usr/local/bin. Run as root. Non-interactive.
@@ -20,7 +21,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${apt_t[@]}" \
     qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64
 apt-get install -y -qq --no-install-recommends \
-    openssh-client dnsmasq-base iproute2 mtools dosfstools systemd \
+    openssh-client openssh-server dnsmasq-base iproute2 mtools dosfstools systemd \
     busybox-static python3 python3-pytest util-linux coreutils passt bash-completion \
     systemd-container mmdebstrap debian-archive-keyring
 

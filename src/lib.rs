@@ -22,6 +22,7 @@ pub mod ops;
 pub mod qemu;
 pub mod qemu_opts;
 pub mod qmp;
+pub mod remote;
 pub mod rundir;
 pub mod seed;
 pub mod snapjob;

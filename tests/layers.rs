@@ -19,6 +19,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "qemu_opts",
             "text",
             "testing",
+            "remote",
             "spec",
             "device",
         ],

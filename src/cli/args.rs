@@ -15,6 +15,12 @@ use crate::spec::{AccelRequest, FirmwareKind, NetworkSpec, RestartPolicy};
     about = "Cloud-image VMs on qemu + KVM, without libvirt"
 )]
 pub struct Cli {
+    /// Run the command on another host, through ssh (keys, agent and ssh
+    /// config as for ssh itself); given before the command. The nox there
+    /// must be this version: `nox` on its PATH, or NOX_REMOTE_BIN. Empty:
+    /// this host
+    #[arg(long, env = "NOX_HOST", value_name = "ssh://[USER@]HOST[:PORT]")]
+    pub host: Option<crate::remote::Target>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -173,6 +179,11 @@ pub enum Cmd {
     Completions {
         #[arg(value_enum)]
         shell: CompletionShell,
+    },
+    /// Print nox's version (--json: what `nox --host` compares)
+    Version {
+        #[arg(long)]
+        json: bool,
     },
     /// Print the man page nox.1, or write nox.1 and nox-COMMAND.1 into --dir
     Man {

@@ -12,6 +12,7 @@ mod complete;
 mod doctor;
 mod image;
 mod pipe;
+mod remote;
 mod render;
 mod term;
 mod verbs;
@@ -30,6 +31,10 @@ pub fn main() -> i32 {
     // print the candidates and exit.
     clap_complete::CompleteEnv::with_factory(command).complete();
     let cli = Cli::parse();
+    // Another host's nox runs it; nothing more happens here.
+    if let Some(crate::remote::Target::Ssh(host)) = &cli.host {
+        return remote::main(host, &cli.cmd);
+    }
     let is_run = matches!(cli.cmd, Cmd::Run { .. });
     let filter = tracing_subscriber::EnvFilter::try_from_env("NOX_LOG")
         .unwrap_or_else(|_| if is_run { "info" } else { "warn" }.into());
@@ -67,6 +72,11 @@ pub fn main() -> i32 {
 
 /// One function per verb.
 async fn dispatch(cli: Cli) -> Result<i32> {
+    // Before the store: `nox --host` asks for it, and a store that cannot
+    // be opened must not hide which version answers.
+    if let Cmd::Version { json } = cli.cmd {
+        return verbs::version(json);
+    }
     let store = Store::from_env()?;
     let s = &store;
     match cli.cmd {
@@ -137,5 +147,6 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Config(ConfigCmd::Show { json }) => doctor::config_show(s, json).await,
         Cmd::Completions { shell } => complete::completions(shell),
         Cmd::Man { dir } => complete::man(dir.as_deref()),
+        Cmd::Version { json } => verbs::version(json),
     }
 }

@@ -302,3 +302,15 @@ pub async fn run(store: &Store, name: &str) -> Result<i32> {
         Err(e) => Err(e).with_context(|| format!("supervisor of {name}")),
     }
 }
+
+/// `nox version`: `nox 0.1.0`, or `{"version": "0.1.0"}` with `--json`,
+/// which `nox --host` reads from the other host before running anything.
+pub fn version(json: bool) -> Result<i32> {
+    let v = env!("CARGO_PKG_VERSION");
+    if json {
+        println!("{}", serde_json::json!({ "version": v }));
+    } else {
+        println!("nox {v}");
+    }
+    Ok(0)
+}

@@ -52,8 +52,11 @@ impl Home {
             }
             None => Command::new(env!("CARGO_BIN_EXE_nox")),
         };
+        // A developer's NOX_HOST would send every command elsewhere.
         c.env("NOX_HOME", self.path())
             .env("HOME", self.path().join("home"))
+            .env_remove("NOX_HOST")
+            .env_remove("NOX_REMOTE_BIN")
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }

@@ -13,9 +13,10 @@ Python objects; nothing but the standard library is used (Python >= 3.9).
 
 Every failure of nox is raised as :class:`NoxError`, carrying nox's own
 message (its ``error: ...`` line) and exit code. Use :class:`Nox` to choose
-the binary (``binary=``, default ``$NOX_BIN`` or ``nox`` on PATH) and the
-state directory (``home=``, i.e. ``NOX_HOME``); the module-level functions
-use a default :class:`Nox`.
+the binary (``binary=``, default ``$NOX_BIN`` or ``nox`` on PATH), the
+state directory (``home=``, i.e. ``NOX_HOME``) and the host (``host=``,
+``ssh://[USER@]HOST[:PORT]``: nox runs there, ``nox --host``); the
+module-level functions use a default :class:`Nox`.
 """
 
 from __future__ import annotations
@@ -160,23 +161,33 @@ def _size(v: Union[str, int]) -> str:
 
 
 class Nox:
-    """A nox installation: which binary, which state directory."""
+    """A nox installation: which binary, which state directory, which host.
+
+    ``host``: ``ssh://[USER@]HOST[:PORT]`` runs every command on that host's
+    nox (``nox --host``; see docs/multi-host.md); ``""`` is this host even
+    when ``$NOX_HOST`` is set; None leaves ``$NOX_HOST`` to decide. With a
+    host, ``home`` is still this host's state directory (whose config.json
+    may name the ssh to use); the other host uses its own."""
 
     def __init__(
         self,
         binary: Optional[PathLike] = None,
         home: Optional[PathLike] = None,
         env: Optional[Mapping[str, str]] = None,
+        host: Optional[str] = None,
     ):
         self.binary = os.fspath(binary) if binary is not None else os.environ.get("NOX_BIN", "nox")
         self.env = dict(os.environ if env is None else env)
+        self.host = host
         if home is not None:
             self.env["NOX_HOME"] = os.fspath(home)
 
     # -- running nox -------------------------------------------------------
 
     def _argv(self, args: Iterable[Any]) -> List[str]:
-        return [self.binary] + [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args]
+        # --host goes before the command's name (nox reads it only there).
+        host = [] if self.host is None else [f"--host={self.host}"]
+        return [self.binary, *host] + [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args]
 
     def run(self, *args: Any) -> str:
         """Runs ``nox ARGS...``; returns its stdout, raises NoxError on failure."""

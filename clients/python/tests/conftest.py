@@ -37,6 +37,9 @@ def nox(nox_bin, home):
     """A client on a private state directory; VMs left in it are deleted."""
     env = dict(os.environ)
     env["HOME"] = str(home / "home")
+    # A developer's NOX_HOST would send every command elsewhere.
+    env.pop("NOX_HOST", None)
+    env.pop("NOX_REMOTE_BIN", None)
     n = noxvm.Nox(nox_bin, home=home, env=env)
     yield n
     for vm in (home / "vms").glob("[!.]*"):

@@ -64,6 +64,22 @@ def test_a_missing_binary_is_a_nox_error(home):
         next(n.events())
 
 
+def test_host_is_passed_before_the_command(nox_bin, home):
+    n = noxvm.Nox(nox_bin, home=home, host="ssh://ops@[::1]:2222")
+    assert n._argv(["list", "--json"]) == [nox_bin, "--host=ssh://ops@[::1]:2222", "list", "--json"]
+    assert noxvm.Nox(nox_bin, host="")._argv(["list"]) == [nox_bin, "--host=", "list"]
+    assert noxvm.Nox(nox_bin)._argv(["list"]) == [nox_bin, "list"]
+    # Nothing listens on port 1: nox's own error, ssh's exit code.
+    n = noxvm.Nox(nox_bin, home=home, host="ssh://127.0.0.1:1")
+    with pytest.raises(noxvm.NoxError) as e:
+        n.list()
+    assert e.value.returncode == 255
+    assert e.value.message.startswith("cannot reach ssh://127.0.0.1:1 over ssh"), e.value.message
+    with pytest.raises(noxvm.NoxError) as e:
+        noxvm.Nox(nox_bin, home=home, host="http://x").list()
+    assert e.value.returncode == 2 and "unsupported scheme" in e.value.message
+
+
 def test_events_history_and_follow(nox, blank_image):
     t0 = datetime.now(timezone.utc) - timedelta(seconds=1)
     nox.create("ev-a", image=str(blank_image), network="user", start=False)
