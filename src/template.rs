@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::ident::{Arch, TemplateName, VmName};
+use crate::ident::{TemplateName, VmName};
 use crate::image::vmdisk::{self, VmDisk};
 use crate::image::{self, Cache, Image, ImageError};
 use crate::spec::VmSpec;
@@ -199,9 +199,6 @@ pub async fn commit(
     let spec = vmp.load_spec()?;
     let st = crate::state::load(&vmp)?;
     if warm {
-        if spec.arch != Arch::Amd64 {
-            return Err(crate::warm::WarmError::NoVmgenid.into());
-        }
         if !spec.devices.is_empty() {
             return Err(TemplateError::WarmDevices {
                 vm: name.to_string(),

@@ -683,3 +683,67 @@ fn qemu_dying_at_start_is_reported_with_its_stderr() {
     );
     assert!(reason.contains("exited during start-up"), "{reason}");
 }
+
+/// config.json `tcg_tb_size` reaches qemu's argv as `-accel tcg,tb-size=N`
+/// (MiB), and `-machine` then names no accelerator (qemu refuses both).
+#[test]
+fn the_configured_translation_cache_size_reaches_qemu() {
+    if !fake_qemu_prereqs() {
+        return;
+    }
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    use_fake_qemu(&h);
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(h.path().join("config.json")).unwrap())
+            .unwrap();
+    config["tcg_tb_size"] = "64M".into();
+    write_config(&h, config);
+    h.ok(&[
+        "create",
+        "tb",
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--accel",
+        "tcg",
+        "--cpus",
+        "1",
+        "--memory",
+        "128M",
+    ]);
+    let argv: Vec<String> = serde_json::from_str(
+        &std::fs::read_to_string(h.path().join("vms/tb/qemu-argv.json")).unwrap(),
+    )
+    .unwrap();
+    let after = |flag: &str| {
+        let i = argv.iter().position(|a| a == flag).unwrap();
+        argv[i + 1].clone()
+    };
+    assert_eq!(after("-accel"), "tcg,tb-size=64", "{argv:?}");
+    assert_eq!(after("-machine"), "q35", "{argv:?}");
+    h.ok(&["delete", "tb", "--force"]);
+    // A bad value fails the start, naming the key.
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(h.path().join("config.json")).unwrap())
+            .unwrap();
+    config["tcg_tb_size"] = "512K".into();
+    write_config(&h, config);
+    let out = h.nox(&[
+        "create",
+        "tb2",
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--accel",
+        "tcg",
+        "--memory",
+        "128M",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tcg_tb_size"), "{err}");
+    let _ = h.nox(&["delete", "tb2", "--force"]);
+}

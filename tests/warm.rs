@@ -193,6 +193,47 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
     );
     assert!(!h.path().join("vms/coldvm/warm.json").exists());
     h.ok(&["delete", "coldvm"]);
+    // create --json says how the first start is meant to go, and why.
+    let first = |name: &str, memory: &str| -> serde_json::Value {
+        let out = h.nox(&[
+            "create",
+            name,
+            "--image",
+            "warm-t",
+            "--network",
+            "bridge:brt",
+            "--accel",
+            "tcg",
+            "--cpus",
+            "1",
+            "--memory",
+            memory,
+            "--disk",
+            "4G",
+            "--no-start",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let cold = first("coldvm", "640M");
+    assert_eq!(cold["boot"], "cold", "{cold}");
+    assert!(
+        cold["boot_why"].as_str().unwrap().contains("--memory 640M"),
+        "{cold}"
+    );
+    h.ok(&["delete", "coldvm"]);
+    let warm = first("warmvm", "512M");
+    assert_eq!(warm["boot"], "warm", "{warm}");
+    assert!(
+        warm["boot_why"].as_str().unwrap().contains("warm-t"),
+        "{warm}"
+    );
+    h.ok(&["delete", "warmvm"]);
 
     // One alone: create -> SSH.
     let t0 = Instant::now();

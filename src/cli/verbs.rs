@@ -51,6 +51,7 @@ pub async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         eprintln!("{n}");
     }
     let spec = created.spec;
+    let first_boot = created.first_boot;
     let name = spec.name.clone();
     if !json {
         println!(
@@ -74,15 +75,26 @@ pub async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
             .and_then(|v| vm::info(&v).ok())
             .filter(|i| i.state.is_active());
         if json && let Some(info) = running {
-            println!("{}", serde_json::to_string_pretty(&info)?);
+            println!("{}", created_json(&info, &first_boot)?);
         }
         return Err(e);
     }
     if json {
         let info = vm::info(&store.vm(&name)?)?;
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        println!("{}", created_json(&info, &first_boot)?);
     }
     Ok(0)
+}
+
+/// `create --json`: the VM's info, and how its first start was meant to go.
+fn created_json(info: &vm::VmInfo, first: &ops::FirstBoot) -> Result<String> {
+    let mut v = serde_json::to_value(info)?;
+    if let (Some(obj), serde_json::Value::Object(f)) =
+        (v.as_object_mut(), serde_json::to_value(first)?)
+    {
+        obj.extend(f);
+    }
+    Ok(serde_json::to_string_pretty(&v)?)
 }
 
 /// `create`'s flags as the operation's request, config.json's defaults

@@ -104,9 +104,23 @@ pub struct CreateOptions {
 #[derive(Debug)]
 pub struct Created {
     pub spec: VmSpec,
+    /// How the first start is meant to go: resume a warm template's guest,
+    /// or boot cold, and why.
+    pub first_boot: FirstBoot,
     /// Lines for the user: which default SSH keys were authorised, which
     /// were left out and why.
     pub notes: Vec<String>,
+}
+
+/// How a new VM's first start is meant to go (`create --json`'s `boot` and
+/// `boot_why`). A warm one can still boot cold at start (another qemu, a
+/// changed state file): `info --boot` then says why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FirstBoot {
+    /// `warm` or `cold`.
+    pub boot: &'static str,
+    /// The warm template it resumes, or why it boots cold.
+    pub boot_why: String,
 }
 
 /// Defines a VM atomically: every file is made in a private staging
@@ -149,7 +163,7 @@ async fn create_vm(store: &Store, o: &CreateOptions) -> Result<Created, VmError>
     }
     let user_data = v.user_data.clone();
     let (spec, report) = build_spec(store, o, v, &base, &own);
-    let warm = decide_warm(&cache, &o.image, &base, &spec, &vm, user_data.is_some())?;
+    let (warm, first_boot) = decide_warm(&cache, &o.image, &base, &spec, &vm, user_data.is_some())?;
     vm::write_seed(&spec, &vm, &host, user_data, None, warm)?;
     store::write_json(&vm.spec(), &spec)?;
     staging.commit()?;
@@ -160,7 +174,11 @@ async fn create_vm(store: &Store, o: &CreateOptions) -> Result<Created, VmError>
     crate::events::emit(&vm, created);
     let mut notes = report;
     notes.extend(spec::cpu_overcommit(spec.cpus, spec::host_cpus()));
-    Ok(Created { spec, notes })
+    Ok(Created {
+        spec,
+        first_boot,
+        notes,
+    })
 }
 
 /// Everything that needs no staging, checked first: a bad request makes
@@ -324,19 +342,21 @@ fn decide_warm(
     spec: &VmSpec,
     vm: &VmPaths,
     user_data: bool,
-) -> Result<Option<seed::WarmIdentity>, VmError> {
+) -> Result<(Option<seed::WarmIdentity>, FirstBoot), VmError> {
+    let cold = |why: String| FirstBoot {
+        boot: "cold",
+        boot_why: why,
+    };
     let warm = crate::templates::find(cache, source)
         .filter(|t| t.digest == base.digest)
         .and_then(|t| t.warm.map(|w| (t.name, w)));
     let Some((template, w)) = warm else {
-        return Ok(None);
+        return Ok((None, cold(format!("{source} is not a warm template"))));
     };
     if let Some(why) = crate::warm::unusable(spec, &w, user_data) {
-        tracing::warn!(
-            "{} will boot cold: warm template {template} was saved with other settings: {why}",
-            spec.name
-        );
-        return Ok(None);
+        let why = format!("warm template {template} was saved with other settings: {why}");
+        tracing::warn!("{} will boot cold: {why}", spec.name);
+        return Ok((None, cold(why)));
     }
     let identity = seed::WarmIdentity {
         old_mac: w.mac,
@@ -348,7 +368,11 @@ fn decide_warm(
         warm: w,
     };
     crate::warm::set_pending(vm, &pending)?;
-    Ok(Some(identity))
+    let first = FirstBoot {
+        boot: "warm",
+        boot_why: format!("resumes warm template {}", pending.template),
+    };
+    Ok((Some(identity), first))
 }
 
 struct UserKeys {

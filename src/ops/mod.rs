@@ -19,7 +19,7 @@ mod systemd;
 
 pub use config::{ConfigView, DefaultsView, OriginView, config_show, config_warnings, load_config};
 pub use cp::{CpPath, cp, parse_cp_path};
-pub use create::{CreateOptions, CreateRequest, Created, Defaulted, create};
+pub use create::{CreateOptions, CreateRequest, Created, Defaulted, FirstBoot, create};
 pub use doctor::{Check, CheckLine, doctor, exit_code, missing_uefi};
 pub use error::OpsError;
 pub use image::{
