@@ -114,6 +114,12 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
     let mut net = Netns::new("wm1", Some("10.82.0.1/24"));
     let lease_file = net.dnsmasq(&net.name.clone(), "brt", "10.82.0.100,10.82.0.199,1h");
     let h = Home::in_ns(&net.name);
+    // A measurement knob: the translation cache every VM of this test gets
+    // (docs/performance.md compares the density with and without).
+    if let Ok(tb) = std::env::var("NOX_TEST_TB_SIZE") {
+        write_config(&h, serde_json::json!({ "tcg_tb_size": tb }));
+        eprintln!("MEASURE with tcg_tb_size {tb}");
+    }
 
     let t0 = Instant::now();
     create(&h, "base", img, "512M", &["--wait", "--timeout", "1200"]);
