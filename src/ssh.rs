@@ -237,7 +237,13 @@ pub fn wait_ready(
         if Instant::now() >= deadline {
             return Err(timed_out("SSH"));
         }
-        std::thread::sleep(Duration::from_millis(500));
+        // A resumed guest's sshd serves its new key within a second or
+        // two: look more often than for a boot.
+        std::thread::sleep(if crate::timeline::resumed_warm(vm) {
+            Duration::from_millis(150)
+        } else {
+            Duration::from_millis(500)
+        });
     };
     // A resumed warm template's guest finished cloud-init before it was
     // saved; its identity is proven by the pinned host key SSH just checked.
