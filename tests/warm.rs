@@ -226,11 +226,11 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
         );
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    let cold = first("coldvm", "640M");
-    assert_eq!(cold["boot"], "cold", "{cold}");
+    let cold_vm = first("coldvm", "640M");
+    assert_eq!(cold_vm["boot"], "cold", "{cold_vm}");
     assert!(
-        cold["boot_why"].as_str().unwrap().contains("--memory 640M"),
-        "{cold}"
+        cold_vm["boot_why"].as_str().unwrap().contains("--memory 640M"),
+        "{cold_vm}"
     );
     h.ok(&["delete", "coldvm"]);
     let warm = first("warmvm", "512M");
