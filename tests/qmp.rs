@@ -30,6 +30,29 @@ impl Drop for QemuGuard {
     }
 }
 
+/// A qemu with no guest and no devices, QMP on `sock`.
+fn bare_qemu(sock: &std::path::Path, extra: &[&str]) -> QemuGuard {
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+        ])
+        .args(extra)
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn qemu");
+    QemuGuard(child)
+}
+
 async fn next_event(rx: &mut nox::qmp::Events, name: &str) -> Event {
     let wait = async {
         loop {
@@ -53,25 +76,7 @@ async fn real_qemu_session() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("qmp.sock");
     let t_spawn = Instant::now();
-    let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35",
-            "-accel",
-            "tcg",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-S",
-            "-qmp",
-        ])
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn qemu");
-    let mut qemu = QemuGuard(child);
+    let mut qemu = bare_qemu(&sock, &["-S"]);
 
     // Connect while qemu is still creating its socket (exercises the retry).
     let (qmp, mut events) = Qmp::connect(&sock, Duration::from_secs(10))
@@ -166,24 +171,7 @@ async fn an_unanswered_power_button_is_pressed_again() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("qmp.sock");
-    let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35",
-            "-accel",
-            "tcg",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-qmp",
-        ])
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn qemu");
-    let mut qemu = QemuGuard(child);
+    let mut qemu = bare_qemu(&sock, &[]);
     let (qmp, mut events) = Qmp::connect(&sock, Duration::from_secs(10))
         .await
         .expect("connect");

@@ -43,31 +43,27 @@ fn guest(h: &Home, vm: &str, cmd: &str) -> String {
     h.ok(&["ssh", vm, "--", cmd]).trim().to_string()
 }
 
-/// qemu's resident memory, in MiB.
-fn rss_mib(vm: &str) -> u64 {
+/// A `KEY:  N kB` line of a /proc file of the VM's qemu, in MiB.
+fn proc_mib(vm: &str, file: &str, key: &str) -> u64 {
     let pid = qemu_pids(vm)[0];
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|kb| kb.parse::<u64>().ok())
         .unwrap()
         >> 10
 }
 
+/// qemu's resident memory, in MiB.
+fn rss_mib(vm: &str) -> u64 {
+    proc_mib(vm, "status", "VmRSS:")
+}
+
 /// qemu's proportional set size (shared pages divided among their users),
 /// in MiB.
 fn pss_mib(vm: &str) -> u64 {
-    let pid = qemu_pids(vm)[0];
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .unwrap()
-        >> 10
+    proc_mib(vm, "smaps_rollup", "Pss:")
 }
 
 /// What each warm VM is asked, read in one SSH session as `key=value` lines.
@@ -229,7 +225,10 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
     let cold_vm = first("coldvm", "640M");
     assert_eq!(cold_vm["boot"], "cold", "{cold_vm}");
     assert!(
-        cold_vm["boot_why"].as_str().unwrap().contains("--memory 640M"),
+        cold_vm["boot_why"]
+            .as_str()
+            .unwrap()
+            .contains("--memory 640M"),
         "{cold_vm}"
     );
     h.ok(&["delete", "coldvm"]);
