@@ -245,6 +245,11 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
     create(&h, "w1", "warm-t", "512M", &["--wait", "--timeout", "600"]);
     let first = t0.elapsed();
     eprintln!("MEASURE warm create -> SSH (alone): {first:?} (cold: {cold:?})");
+    // A resumed guest gets a smaller translation cache than a boot.
+    let argv = std::fs::read_to_string(h.path().join("vms/w1/qemu-argv.json")).unwrap();
+    if std::env::var("NOX_TEST_TB_SIZE").is_err() {
+        assert!(argv.contains("\"tcg,tb-size=64\""), "{argv}");
+    }
     // Then nine more at once.
     let names: Vec<String> = (1..=VMS).map(|i| format!("w{i}")).collect();
     let t0 = Instant::now();

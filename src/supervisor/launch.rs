@@ -341,6 +341,9 @@ pub(super) async fn spawn_connected(
                 }
             })?;
             launch.incoming = Some(std::os::fd::AsRawFd::as_raw_fd(&fd));
+            // A resumed guest translates only what it runs from here on:
+            // under TCG it gets a smaller translation cache than a boot.
+            launch.tb_size = launch.tb_size.or(Some(crate::warm::WARM_TB_SIZE));
             // The template's RAM image, mapped privately (copy-on-write).
             launch.ram = w.warm.ram.as_ref().map(|r| qemu::RamFile {
                 path: r.path.clone(),
