@@ -243,6 +243,20 @@ impl BootCache {
         Some((k, i))
     }
 
+    /// Whether the kernel the VM is about to boot is likely cached already:
+    /// the entry it booted last is there, or it booted none yet and the
+    /// cache holds some entry (VMs made from one image share theirs). A
+    /// guess, deciding only how the kernel is read ([`super::prepare`]).
+    pub fn likely_cached(&self, vm_dir: &Path) -> bool {
+        match self.record(vm_dir).ok().and_then(|r| r.key) {
+            Some(key) => {
+                let (k, i) = self.paths(&key);
+                k.is_file() && i.is_file()
+            }
+            None => self.entries().is_ok_and(|e| !e.is_empty()),
+        }
+    }
+
     /// The VM's record (none yet: empty).
     pub fn record(&self, vm_dir: &Path) -> Result<VmRecord, CacheError> {
         Ok(store::read_json(&record_path(vm_dir))?.unwrap_or_default())
