@@ -406,6 +406,26 @@ mod tests {
     }
 
     #[test]
+    fn likely_cached_guesses_from_the_record_and_the_entries() {
+        let t = tempfile::tempdir().unwrap();
+        let (vms, vm) = (t.path().join("vms"), t.path().join("vms/a"));
+        std::fs::create_dir_all(&vm).unwrap();
+        let c = BootCache::new(t.path().join("boot"), vms);
+        // No cache directory yet, no record: a first start extracts.
+        assert!(!c.likely_cached(&vm));
+        let _lock = c.lock().unwrap();
+        assert!(!c.likely_cached(&vm), "an empty cache");
+        let (k, i) = c.paths("k1");
+        std::fs::write(&k, b"kernel").unwrap();
+        std::fs::write(&i, b"initrd").unwrap();
+        assert!(c.likely_cached(&vm), "another VM's entry, maybe ours");
+        c.set(&vm, c.record(&vm).unwrap(), "k1").unwrap();
+        assert!(c.likely_cached(&vm), "our entry");
+        std::fs::remove_file(&k).unwrap();
+        assert!(!c.likely_cached(&vm), "our entry evicted");
+    }
+
+    #[test]
     fn a_vm_brings_a_bounded_number_of_new_kernels() {
         let l = Limits {
             total: 100,
