@@ -243,6 +243,20 @@ impl BootCache {
         Some((k, i))
     }
 
+    /// Whether the kernel the VM is about to boot is likely cached already:
+    /// the entry it booted last is there, or it booted none yet and the
+    /// cache holds some entry (VMs made from one image share theirs). A
+    /// guess, deciding only how the kernel is read ([`super::prepare`]).
+    pub fn likely_cached(&self, vm_dir: &Path) -> bool {
+        match self.record(vm_dir).ok().and_then(|r| r.key) {
+            Some(key) => {
+                let (k, i) = self.paths(&key);
+                k.is_file() && i.is_file()
+            }
+            None => self.entries().is_ok_and(|e| !e.is_empty()),
+        }
+    }
+
     /// The VM's record (none yet: empty).
     pub fn record(&self, vm_dir: &Path) -> Result<VmRecord, CacheError> {
         Ok(store::read_json(&record_path(vm_dir))?.unwrap_or_default())
@@ -389,6 +403,26 @@ mod tests {
             size,
             used: SystemTime::now() - Duration::from_secs(age),
         }
+    }
+
+    #[test]
+    fn likely_cached_guesses_from_the_record_and_the_entries() {
+        let t = tempfile::tempdir().unwrap();
+        let (vms, vm) = (t.path().join("vms"), t.path().join("vms/a"));
+        std::fs::create_dir_all(&vm).unwrap();
+        let c = BootCache::new(t.path().join("boot"), vms);
+        // No cache directory yet, no record: a first start extracts.
+        assert!(!c.likely_cached(&vm));
+        let _lock = c.lock().unwrap();
+        assert!(!c.likely_cached(&vm), "an empty cache");
+        let (k, i) = c.paths("k1");
+        std::fs::write(&k, b"kernel").unwrap();
+        std::fs::write(&i, b"initrd").unwrap();
+        assert!(c.likely_cached(&vm), "another VM's entry, maybe ours");
+        c.set(&vm, c.record(&vm).unwrap(), "k1").unwrap();
+        assert!(c.likely_cached(&vm), "our entry");
+        std::fs::remove_file(&k).unwrap();
+        assert!(!c.likely_cached(&vm), "our entry evicted");
     }
 
     #[test]

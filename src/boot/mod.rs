@@ -303,13 +303,14 @@ fn stream(
     Ok((h.finalize().to_vec(), head))
 }
 
-/// Streams `path` into the temporary file `to`; returns its SHA-256.
+/// Streams `path` into the temporary file `to`; returns its SHA-256 and
+/// its first KiB.
 fn copy_into(
     fs: &Ext4,
     path: &str,
     cap: u64,
     to: &mut tempfile::NamedTempFile,
-) -> Result<Vec<u8>, BootError> {
+) -> Result<(Vec<u8>, Vec<u8>), BootError> {
     let tmp = to.path().to_owned();
     let mut write = |b: &[u8]| {
         to.write_all(b).map_err(|source| {
@@ -319,7 +320,7 @@ fn copy_into(
             })
         })
     };
-    Ok(stream(fs, path, cap, &mut write)?.0)
+    stream(fs, path, cap, &mut write)
 }
 
 /// Finds the kernel on the VM's disk (`disk`, read through its qcow2
@@ -338,33 +339,63 @@ pub fn prepare(
         return Err(BootError::Arch);
     }
     let (fs, found) = open_root(disk, base)?;
-    // First pass: the content's key, nothing written.
-    let mut nothing = |_: &[u8]| Ok(());
-    let (k_sum, head) = stream(&fs, &found.kernel, MAX_KERNEL, &mut nothing)?;
-    if !is_bzimage(&head) {
-        return Err(unusual(&found.kernel, "not an x86 bzImage"));
-    }
-    let (i_sum, _) = stream(&fs, &found.initrd, MAX_INITRD, &mut nothing)?;
+    let bzimage = |head: &[u8]| match is_bzimage(head) {
+        true => Ok(()),
+        false => Err(unusual(&found.kernel, "not an x86 bzImage")),
+    };
+    // The content's key needs one read of both files. A kernel the cache
+    // likely holds is only hashed (nothing written); one it likely lacks
+    // (a VM's first start on a new image) is copied into temporaries as it
+    // is hashed, so it is read once rather than twice. The lock is taken
+    // first then (it makes the directory the temporaries go in).
+    let likely = cache.likely_cached(vm_dir);
+    let early = if likely { None } else { Some(cache.lock()?) };
+    let mut copied = None;
+    let (k_sum, i_sum) = if likely {
+        let mut nothing = |_: &[u8]| Ok(());
+        let (k_sum, head) = stream(&fs, &found.kernel, MAX_KERNEL, &mut nothing)?;
+        bzimage(&head)?;
+        let (i_sum, _) = stream(&fs, &found.initrd, MAX_INITRD, &mut nothing)?;
+        (k_sum, i_sum)
+    } else {
+        let mut k = cache.temp()?;
+        let (k_sum, head) = copy_into(&fs, &found.kernel, MAX_KERNEL, &mut k)?;
+        bzimage(&head)?;
+        let mut i = cache.temp()?;
+        let (i_sum, _) = copy_into(&fs, &found.initrd, MAX_INITRD, &mut i)?;
+        copied = Some((k, i));
+        (k_sum, i_sum)
+    };
     let key = cache::key(&k_sum, &i_sum);
     let cmdline = cmdline(arch, &fs.uuid().to_string());
 
-    let _lock = cache.lock()?;
+    let _lock = match early {
+        Some(l) => l,
+        None => cache.lock()?,
+    };
     let rec = cache.record(vm_dir)?;
     cache.admit(&rec, &key)?;
     let (kernel, initrd) = match cache.get(&key) {
+        // Unused temporaries are deleted as they drop.
         Some(paths) => paths,
         None => {
             let size = |p: &str| fs.metadata(p).map(|m| m.len()).map_err(ext4(p));
             let need = size(&found.kernel)?.saturating_add(size(&found.initrd)?);
             cache.make_room(need, &key)?;
-            let mut k = cache.temp()?;
-            let mut i = cache.temp()?;
-            if copy_into(&fs, &found.kernel, MAX_KERNEL, &mut k)? != k_sum {
-                return Err(BootError::Changed { path: found.kernel });
-            }
-            if copy_into(&fs, &found.initrd, MAX_INITRD, &mut i)? != i_sum {
-                return Err(BootError::Changed { path: found.initrd });
-            }
+            let (k, i) = match copied {
+                Some(pair) => pair,
+                None => {
+                    let mut k = cache.temp()?;
+                    let mut i = cache.temp()?;
+                    if copy_into(&fs, &found.kernel, MAX_KERNEL, &mut k)?.0 != k_sum {
+                        return Err(BootError::Changed { path: found.kernel });
+                    }
+                    if copy_into(&fs, &found.initrd, MAX_INITRD, &mut i)?.0 != i_sum {
+                        return Err(BootError::Changed { path: found.initrd });
+                    }
+                    (k, i)
+                }
+            };
             cache.put(&key, k, i)?
         }
     };

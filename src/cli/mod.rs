@@ -36,6 +36,9 @@ pub fn main() -> i32 {
         return remote::main(host, &cli.cmd);
     }
     let is_run = matches!(cli.cmd, Cmd::Run { .. });
+    if is_run {
+        crate::supervisor::tune_allocator();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("NOX_LOG")
         .unwrap_or_else(|_| if is_run { "info" } else { "warn" }.into());
     tracing_subscriber::fmt()

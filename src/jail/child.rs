@@ -15,7 +15,8 @@
 //!                         │            mknod, pivot_root, rlimits, setgroups([]),
 //!                         │            setresgid, drop bounding set, setresuid,
 //!                         │            capset(0), PDEATHSIG again, no_new_privs ──► exec
-//!                         reports qemu's pid on a pipe, waits, exits with its status
+//!                         reports qemu's pid on a pipe, re-executes nox as a bare
+//!                         waiter ([`waiter`]), waits, exits with qemu's status
 //! ```
 //! A new PID namespace only takes effect for children, hence the second
 //! fork. The intermediate dies with the supervisor (PDEATHSIG) and qemu dies
@@ -129,6 +130,8 @@ pub struct Prepared {
     /// The supervisor: the intermediate's parent, checked after each
     /// PDEATHSIG (a parent dead before it was set sends no signal).
     supervisor: libc::pid_t,
+    /// The same pid in decimal: the re-executed intermediate's argument.
+    supervisor_arg: CString,
 }
 
 fn cstr(p: &Path) -> Result<CString, super::JailError> {
@@ -228,6 +231,8 @@ impl Prepared {
             memlock: plan.memlock,
             last_cap,
             supervisor: nix::unistd::getpid().as_raw(),
+            supervisor_arg: CString::new(nix::unistd::getpid().as_raw().to_string())
+                .expect("digits have no NUL"),
         })
     }
 }
@@ -355,6 +360,14 @@ fn exited(pidfd: libc::c_int) -> bool {
 
 /// The intermediate: reports qemu's pid, then lives exactly as long as qemu
 /// and exits with its status.
+///
+/// It is a fork of the supervisor: every page the supervisor writes later
+/// would stay behind in it as a private copy (~3 MiB of anonymous memory
+/// per VM). So it re-executes nox (`/proc/self/exe`, the very binary even
+/// if replaced since) as [`waiter`], which holds only a fresh process's few
+/// pages. PDEATHSIG, the ignored signals, RLIMIT_CORE and the child survive
+/// the exec (nox is not set-id, so the exec is not a secure one). Should the
+/// exec fail, the fork waits itself.
 unsafe fn intermediate(p: &Prepared, pid: libc::pid_t) -> ! {
     // SAFETY: async-signal-safe syscalls only; never returns into std.
     unsafe {
@@ -372,10 +385,30 @@ unsafe fn intermediate(p: &Prepared, pid: libc::pid_t) -> ! {
                 libc::close(fd);
             }
         }
+        let argv = [
+            c"nox-jail".as_ptr(),
+            WAITER_C.as_ptr(),
+            p.supervisor_arg.as_ptr(),
+            std::ptr::null(),
+        ];
+        let envp = [std::ptr::null::<libc::c_char>()];
+        libc::execve(c"/proc/self/exe".as_ptr(), argv.as_ptr(), envp.as_ptr());
+        wait_and_exit(pid)
+    }
+}
+
+/// argv[1] of nox re-executed as the intermediate ([`waiter`]).
+const WAITER_C: &CStr = c"__nox-jail-wait";
+
+/// Waits for child `pid` (-1: the only one) and exits the way it did.
+/// Async-signal-safe.
+unsafe fn wait_and_exit(pid: libc::pid_t) -> ! {
+    // SAFETY: async-signal-safe syscalls only.
+    unsafe {
         let mut status = 0;
         loop {
             let r = libc::waitpid(pid, &mut status, 0);
-            if r == pid {
+            if r > 0 {
                 break;
             }
             if r < 0 && errno() != libc::EINTR {
@@ -393,6 +426,34 @@ unsafe fn intermediate(p: &Prepared, pid: libc::pid_t) -> ! {
             libc::_exit(128 + sig);
         }
         libc::_exit(127)
+    }
+}
+
+/// `nox __nox-jail-wait SUPERVISOR_PID`, the intermediate after its exec:
+/// when argv says so, waits for its only child (qemu) and exits with its
+/// status; otherwise returns. Called first thing in `main`.
+pub fn waiter() {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref().map(OsStrExt::as_bytes) != Some(WAITER_C.to_bytes()) {
+        return;
+    }
+    let supervisor: libc::pid_t = match args.next().and_then(|a| a.to_str()?.parse().ok()) {
+        Some(p) => p,
+        None => std::process::exit(2),
+    };
+    // SAFETY: plain syscalls in a single-threaded process.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, c"nox-jail".as_ptr());
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(s, libc::SIG_IGN);
+        }
+        // Kept across the exec; set again so it cannot depend on that.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+        if libc::getppid() != supervisor {
+            // Orphaned: exiting takes qemu down (its own PDEATHSIG).
+            libc::_exit(1);
+        }
+        wait_and_exit(-1)
     }
 }
 

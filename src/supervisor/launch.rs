@@ -144,6 +144,7 @@ pub(super) fn direct_boot(
         vm.images_dir().join("boot"),
         vm.vms_dir().to_path_buf(),
     );
+    let t = std::time::Instant::now();
     match crate::boot::prepare(
         spec.arch,
         &vm.disk(),
@@ -151,7 +152,11 @@ pub(super) fn direct_boot(
         &boot_cache,
         &vm.dir,
     ) {
-        Ok(d) => (Some(d), None),
+        Ok(d) => {
+            // The start's biggest step (the kernel is hashed each time).
+            tracing::debug!("direct boot: kernel ready in {:?}", t.elapsed());
+            (Some(d), None)
+        }
         Err(e) => {
             let why = crate::error_chain(&e);
             info!("booting through the image's bootloader: {why}");
@@ -176,7 +181,9 @@ pub(super) async fn launch(
     rec: &mut Recorder<'_>,
 ) -> Result<Live, SupervisorError> {
     // First: a bad uid range refuses the start before anything is made.
+    let t = std::time::Instant::now();
     let mut jail = jail::Jail::new(vm, spec, accel)?;
+    tracing::debug!("jail decided in {:?}", t.elapsed());
     // Nothing is live yet: a state file nobody can read means nobody could
     // see or stop this VM, so fail here rather than run it blind.
     let event = Event::Launch {
