@@ -395,6 +395,15 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
         a.opt("-device", Opts::new("vmgenid").set("guid", "auto"));
     }
     host_devices(&mut a, &l.devices)?;
+    hotplug_ports(&mut a);
+    for d in &s.disks {
+        let file = p.extra_disk(&d.name);
+        let file = file
+            .to_str()
+            .ok_or_else(|| opts::OptError::NonUtf8(file.clone()))?;
+        a.opt("-blockdev", blockdev(&d.name, file));
+        a.opt("-device", disk_device(&d.name));
+    }
     if let Some(fd) = l.incoming {
         // An inherited descriptor as an fd set: qemu reads the file
         // without being able to open anything in nox's cache.
@@ -433,6 +442,76 @@ fn ram_object(arch: &ArchFacts, memory: u64, ram: &RamFile) -> Result<Opts, Qemu
         o.set("share", "off")
             .set("readonly", "on")
             .set("rom", "off")
+    })
+}
+
+/// Free PCIe root ports, where `nox disk add` plugs a disk into the running
+/// VM: a device on the root bus (q35's pcie.0, virt's) cannot be hotplugged.
+/// All in one slot as functions of a multifunction device, so they take one
+/// of the root bus's slots whatever their number; no I/O window (virtio
+/// needs none, and the 64K of I/O space would run out).
+pub const HOTPLUG_PORTS: u8 = 8;
+/// The root bus slot of the hotplug ports (free on q35 and virt: nox sets
+/// no other address).
+const HOTPLUG_SLOT: u8 = 0x1c;
+
+/// The id of hotplug port `i`.
+pub fn hotplug_port(i: u8) -> String {
+    format!("nox-hp{i}")
+}
+
+fn hotplug_ports(a: &mut Argv) {
+    for i in 0..HOTPLUG_PORTS {
+        let mut port = Opts::new("pcie-root-port")
+            .set("id", hotplug_port(i))
+            .set("chassis", u32::from(i) + 1)
+            .set("addr", format!("{HOTPLUG_SLOT:#x}.{i:#x}"))
+            .set("io-reserve", 0);
+        if i == 0 {
+            port = port.set("multifunction", "on");
+        }
+        a.opt("-device", port);
+    }
+}
+
+/// The block node of extra disk `name` on `filename` (a path, or
+/// `/dev/fdset/N` for a file handed to a running qemu), as JSON: qemu's
+/// `-blockdev` takes it as is, and QMP's `blockdev-add` takes the same
+/// object. `backing: null`: whatever backing file the qcow2 header comes to
+/// name (a compromised qemu can write its own files' headers), qemu opens
+/// none.
+pub fn blockdev_json(name: &crate::disk::DiskName, filename: &str) -> serde_json::Value {
+    serde_json::json!({
+        "driver": "qcow2",
+        "node-name": name.node_name(),
+        "discard": "unmap",
+        "backing": null,
+        "file": {"driver": "file", "filename": filename, "discard": "unmap"},
+    })
+}
+
+fn blockdev(name: &crate::disk::DiskName, filename: &str) -> String {
+    blockdev_json(name, filename).to_string()
+}
+
+/// The virtio-blk device of extra disk `name`. The serial is the name: the
+/// guest finds the disk as /dev/disk/by-id/virtio-NAME, whatever /dev/vdX
+/// it gets.
+fn disk_device(name: &crate::disk::DiskName) -> Opts {
+    Opts::new("virtio-blk-pci")
+        .set("drive", name.node_name())
+        .set("id", name.device_id())
+        .set("serial", name)
+}
+
+/// [`disk_device`] as QMP's `device_add` takes it, on hotplug port `bus`.
+pub fn disk_device_json(name: &crate::disk::DiskName, bus: &str) -> serde_json::Value {
+    serde_json::json!({
+        "driver": "virtio-blk-pci",
+        "drive": name.node_name(),
+        "id": name.device_id(),
+        "serial": name.as_str(),
+        "bus": bus,
     })
 }
 

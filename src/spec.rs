@@ -218,6 +218,10 @@ pub struct VmSpec {
     /// and checked on the host at every start (crate::hostdev).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<HostDevice>,
+    /// Extra disks (`nox disk add`), each `disks/NAME.qcow2` in the VM's
+    /// directory; absent from older specs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::disk::ExtraDisk>,
 }
 
 /// Default cap of `console.log` (and of `console.log.1`).

@@ -1,0 +1,245 @@
+//! Extra disks plugged into and out of a running qemu, over its checked
+//! `ctl.sock` (crate::rundir::connect_ctl).
+//!
+//! qemu's jail (its mount namespace) was fixed when it started, so a disk
+//! made since is not in it: root opens the file and hands qemu the
+//! descriptor (`add-fd`, SCM_RIGHTS) in an fd set, the block node is made on
+//! `/dev/fdset/N`, and the virtio-blk device goes on one of the VM's free
+//! hotplug ports (crate::qemu::HOTPLUG_PORTS). Removal is the reverse: the
+//! guest is asked to release the device (`device_del`, answered by
+//! `DEVICE_DELETED`), then the node and the fd set go.
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use thiserror::Error;
+
+use crate::disk::DiskName;
+use crate::ident::VmName;
+use crate::qmp::{DEFAULT_TIMEOUT, Events, Qmp, QmpError};
+use crate::store::VmPaths;
+
+/// How long the guest gets to release an unplugged disk.
+pub const UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum PlugError {
+    #[error("cannot reach {0}'s qemu")]
+    Connect(VmName, #[source] QmpError),
+    #[error("{vm}: {step}")]
+    Qmp {
+        vm: VmName,
+        step: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    #[error(
+        "{0} has no free hotplug port (qemu has {n} per start); stop and start it, then add \
+         the disk (or add it while it is stopped: it is plugged at the next start)",
+        n = crate::qemu::HOTPLUG_PORTS
+    )]
+    NoFreePort(VmName),
+    #[error(
+        "{vm}: the guest did not release disk {disk} within {} s (its OS must support PCIe \
+         hotplug); it stays attached and recorded", .after.as_secs()
+    )]
+    NotReleased {
+        vm: VmName,
+        disk: DiskName,
+        after: Duration,
+    },
+}
+
+/// Plugs disk `name`, whose file is `file` (opened by root, owned by the
+/// VM's ids), into the running VM. On failure nothing stays in qemu.
+pub async fn attach(vm: &VmPaths, name: &DiskName, file: &std::fs::File) -> Result<(), PlugError> {
+    let (q, _events) = crate::rundir::connect_ctl(vm, Duration::from_secs(5))
+        .await
+        .map_err(|e| PlugError::Connect(vm.name.clone(), e))?;
+    let err = |step| {
+        let vm = vm.name.clone();
+        move |source| PlugError::Qmp { vm, step, source }
+    };
+    let pci = q
+        .execute_raw("query-pci", Value::Null, DEFAULT_TIMEOUT)
+        .await
+        .map_err(err("query-pci"))?;
+    let port = free_port(&pci).ok_or_else(|| PlugError::NoFreePort(vm.name.clone()))?;
+    let node = name.node_name();
+    let fdset = q.add_fd(&node, file.as_fd()).await.map_err(err("add-fd"))?;
+    let added = q
+        .execute_raw(
+            "blockdev-add",
+            crate::qemu::blockdev_json(name, &format!("/dev/fdset/{fdset}")),
+            DEFAULT_TIMEOUT,
+        )
+        .await
+        .map_err(err("blockdev-add"));
+    if let Err(e) = added {
+        remove_fdset(&q, fdset).await;
+        return Err(e);
+    }
+    let plugged = q
+        .execute_raw(
+            "device_add",
+            crate::qemu::disk_device_json(name, &port),
+            DEFAULT_TIMEOUT,
+        )
+        .await
+        .map_err(err("device_add"));
+    if let Err(e) = plugged {
+        let _ = q
+            .execute_raw(
+                "blockdev-del",
+                json!({ "node-name": node }),
+                DEFAULT_TIMEOUT,
+            )
+            .await;
+        remove_fdset(&q, fdset).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Unplugs disk `name` from the running VM: the guest releases the device,
+/// then its node and (for a disk plugged while it ran) its fd set go. A
+/// device already gone is not an error.
+pub async fn detach(vm: &VmPaths, name: &DiskName, timeout: Duration) -> Result<(), PlugError> {
+    let (q, mut events) = crate::rundir::connect_ctl(vm, Duration::from_secs(5))
+        .await
+        .map_err(|e| PlugError::Connect(vm.name.clone(), e))?;
+    let err = |step| {
+        let vm = vm.name.clone();
+        move |source| PlugError::Qmp { vm, step, source }
+    };
+    let id = name.device_id();
+    match q
+        .execute_raw("device_del", json!({ "id": id }), DEFAULT_TIMEOUT)
+        .await
+    {
+        Ok(_) => {
+            if !deleted(&mut events, &id, timeout).await {
+                return Err(PlugError::NotReleased {
+                    vm: vm.name.clone(),
+                    disk: name.clone(),
+                    after: timeout,
+                });
+            }
+        }
+        Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {}
+        Err(e) => return Err(err("device_del")(e)),
+    }
+    let node = name.node_name();
+    match q
+        .execute_raw(
+            "blockdev-del",
+            json!({ "node-name": node }),
+            DEFAULT_TIMEOUT,
+        )
+        .await
+    {
+        Ok(_) => {}
+        // Gone already (an earlier removal that failed after this step).
+        Err(QmpError::Command { desc, .. }) if desc.contains("Failed to find node") => {}
+        Err(e) => return Err(err("blockdev-del")(e)),
+    }
+    let sets = q
+        .execute_raw("query-fdsets", Value::Null, DEFAULT_TIMEOUT)
+        .await
+        .map_err(err("query-fdsets"))?;
+    for fdset in fdsets_tagged(&sets, &node) {
+        remove_fdset(&q, fdset).await;
+    }
+    Ok(())
+}
+
+/// Waits for `DEVICE_DELETED` of device `id`.
+async fn deleted(events: &mut Events, id: &str, timeout: Duration) -> bool {
+    let wait = async {
+        while let Some(ev) = events.recv().await {
+            if ev.name == "DEVICE_DELETED" && ev.data["device"] == id {
+                return true;
+            }
+        }
+        false
+    };
+    tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+}
+
+async fn remove_fdset(q: &Qmp, fdset: u64) {
+    if let Err(e) = q
+        .execute_raw("remove-fd", json!({ "fdset-id": fdset }), DEFAULT_TIMEOUT)
+        .await
+    {
+        tracing::warn!("remove-fd {fdset}: {e}");
+    }
+}
+
+/// The first of nox's hotplug ports with nothing behind it, from
+/// `query-pci`'s reply (root ports list the devices of their bus).
+fn free_port(pci: &Value) -> Option<String> {
+    let mut ports: Vec<(String, bool)> = vec![];
+    for bus in pci.as_array().into_iter().flatten() {
+        for dev in bus["devices"].as_array().into_iter().flatten() {
+            let Some(id) = dev["qdev_id"].as_str() else {
+                continue;
+            };
+            if (0..crate::qemu::HOTPLUG_PORTS).any(|i| crate::qemu::hotplug_port(i) == id) {
+                let busy = dev["pci_bridge"]["devices"]
+                    .as_array()
+                    .is_some_and(|d| !d.is_empty());
+                ports.push((id.to_string(), busy));
+            }
+        }
+    }
+    ports.sort();
+    ports.into_iter().find(|(_, busy)| !busy).map(|(id, _)| id)
+}
+
+/// The fd sets whose descriptors are tagged `opaque`, from `query-fdsets`.
+fn fdsets_tagged(sets: &Value, opaque: &str) -> Vec<u64> {
+    sets.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| {
+            s["fds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|f| f["opaque"] == opaque)
+        })
+        .filter_map(|s| s["fdset-id"].as_u64())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_free_port() {
+        let port = |id: &str, devs: Value| json!({"qdev_id": id, "pci_bridge": {"bus": {"number": 1}, "devices": devs}});
+        let pci = json!([{"bus": 0, "devices": [
+            {"qdev_id": ""},
+            port("nox-hp0", json!([{"qdev_id": "xdev-a"}])),
+            port("nox-hp1", json!([])),
+            port("nox-hp2", json!([])),
+        ]}]);
+        assert_eq!(free_port(&pci).as_deref(), Some("nox-hp1"));
+        let full = json!([{"bus": 0, "devices": [port("nox-hp0", json!([{"qdev_id": "x"}]))]}]);
+        assert_eq!(free_port(&full), None);
+        assert_eq!(free_port(&json!([])), None);
+    }
+
+    #[test]
+    fn finds_fdsets_by_tag() {
+        let sets = json!([
+            {"fdset-id": 2, "fds": [{"fd": 5, "opaque": "console-log"}]},
+            {"fdset-id": 3, "fds": [{"fd": 7, "opaque": "xdisk-data"}]},
+            {"fdset-id": 4, "fds": [{"fd": 8}]},
+        ]);
+        assert_eq!(fdsets_tagged(&sets, "xdisk-data"), vec![3]);
+        assert!(fdsets_tagged(&sets, "xdisk-x").is_empty());
+    }
+}
