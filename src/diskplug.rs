@@ -61,11 +61,10 @@ pub async fn attach(vm: &VmPaths, name: &DiskName, file: &std::fs::File) -> Resu
         let vm = vm.name.clone();
         move |source| PlugError::Qmp { vm, step, source }
     };
-    let pci = q
-        .execute_raw("query-pci", Value::Null, DEFAULT_TIMEOUT)
+    let port = free_port(&q)
         .await
-        .map_err(err("query-pci"))?;
-    let port = free_port(&pci).ok_or_else(|| PlugError::NoFreePort(vm.name.clone()))?;
+        .map_err(err("qom-list"))?
+        .ok_or_else(|| PlugError::NoFreePort(vm.name.clone()))?;
     let node = name.node_name();
     let fdset = q.add_fd(&node, file.as_fd()).await.map_err(err("add-fd"))?;
     let added = q
@@ -176,25 +175,54 @@ async fn remove_fdset(q: &Qmp, fdset: u64) {
     }
 }
 
-/// The first of nox's hotplug ports with nothing behind it, from
-/// `query-pci`'s reply (root ports list the devices of their bus).
-fn free_port(pci: &Value) -> Option<String> {
-    let mut ports: Vec<(String, bool)> = vec![];
-    for bus in pci.as_array().into_iter().flatten() {
-        for dev in bus["devices"].as_array().into_iter().flatten() {
-            let Some(id) = dev["qdev_id"].as_str() else {
-                continue;
-            };
-            if (0..crate::qemu::HOTPLUG_PORTS).any(|i| crate::qemu::hotplug_port(i) == id) {
-                let busy = dev["pci_bridge"]["devices"]
-                    .as_array()
-                    .is_some_and(|d| !d.is_empty());
-                ports.push((id.to_string(), busy));
-            }
+/// The first of nox's hotplug ports no device sits on. A port's bus is
+/// named after it (`/machine/peripheral/nox-hp0/nox-hp0`); every device
+/// with an id is under /machine/peripheral with its `parent_bus`. (Not
+/// `query-pci`: it lists no device behind a port the guest has not
+/// numbered yet.)
+async fn free_port(q: &Qmp) -> Result<Option<String>, QmpError> {
+    let list = q
+        .execute_raw(
+            "qom-list",
+            json!({ "path": "/machine/peripheral" }),
+            DEFAULT_TIMEOUT,
+        )
+        .await?;
+    let mut buses = vec![];
+    for child in peripherals(&list) {
+        let bus = q
+            .execute_raw(
+                "qom-get",
+                json!({ "path": format!("/machine/peripheral/{child}"), "property": "parent_bus" }),
+                DEFAULT_TIMEOUT,
+            )
+            .await?;
+        if let Some(b) = bus.as_str() {
+            buses.push(b.to_string());
         }
     }
-    ports.sort();
-    ports.into_iter().find(|(_, busy)| !busy).map(|(id, _)| id)
+    Ok(first_free(&buses))
+}
+
+/// The ids of the devices in a `qom-list` of /machine/peripheral.
+fn peripherals(list: &Value) -> Vec<String> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// The first hotplug port whose bus is none of `buses`.
+fn first_free(buses: &[String]) -> Option<String> {
+    (0..crate::qemu::HOTPLUG_PORTS)
+        .map(crate::qemu::hotplug_port)
+        .find(|port| {
+            !buses
+                .iter()
+                .any(|b| b.rsplit('/').next() == Some(port.as_str()))
+        })
 }
 
 /// The fd sets whose descriptors are tagged `opaque`, from `query-fdsets`.
@@ -219,17 +247,25 @@ mod tests {
 
     #[test]
     fn finds_a_free_port() {
-        let port = |id: &str, devs: Value| json!({"qdev_id": id, "pci_bridge": {"bus": {"number": 1}, "devices": devs}});
-        let pci = json!([{"bus": 0, "devices": [
-            {"qdev_id": ""},
-            port("nox-hp0", json!([{"qdev_id": "xdev-a"}])),
-            port("nox-hp1", json!([])),
-            port("nox-hp2", json!([])),
-        ]}]);
-        assert_eq!(free_port(&pci).as_deref(), Some("nox-hp1"));
-        let full = json!([{"bus": 0, "devices": [port("nox-hp0", json!([{"qdev_id": "x"}]))]}]);
-        assert_eq!(free_port(&full), None);
-        assert_eq!(free_port(&json!([])), None);
+        let list = json!([
+            {"name": "type", "type": "string"},
+            {"name": "nox-hp1", "type": "child<pcie-root-port>"},
+            {"name": "xdev-b", "type": "child<virtio-blk-pci>"},
+            {"name": "nox-hp0", "type": "child<pcie-root-port>"},
+        ]);
+        assert_eq!(peripherals(&list), ["nox-hp1", "xdev-b", "nox-hp0"]);
+        let on = |p: &str| format!("/machine/peripheral/{p}/{p}");
+        assert_eq!(first_free(&[]).as_deref(), Some("nox-hp0"));
+        let buses = vec![
+            "/machine/q35/pcie.0".to_string(),
+            on("nox-hp0"),
+            on("nox-hp2"),
+        ];
+        assert_eq!(first_free(&buses).as_deref(), Some("nox-hp1"));
+        let all: Vec<String> = (0..crate::qemu::HOTPLUG_PORTS)
+            .map(|i| on(&crate::qemu::hotplug_port(i)))
+            .collect();
+        assert_eq!(first_free(&all), None);
     }
 
     #[test]
