@@ -785,6 +785,7 @@ mod tests {
             created: 0,
             console_log_size: crate::console::DEFAULT_SIZE,
             devices: vec![],
+            disks: vec![],
         }
     }
 
@@ -834,7 +835,15 @@ mod tests {
 -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 \
 -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56 \
 -device virtio-rng-pci -device pvpanic -device virtio-balloon-pci,free-page-reporting=on \
--device vmgenid,guid=auto";
+-device vmgenid,guid=auto \
+-device pcie-root-port,id=nox-hp0,chassis=1,addr=0x1c.0x0,io-reserve=0,multifunction=on \
+-device pcie-root-port,id=nox-hp1,chassis=2,addr=0x1c.0x1,io-reserve=0 \
+-device pcie-root-port,id=nox-hp2,chassis=3,addr=0x1c.0x2,io-reserve=0 \
+-device pcie-root-port,id=nox-hp3,chassis=4,addr=0x1c.0x3,io-reserve=0 \
+-device pcie-root-port,id=nox-hp4,chassis=5,addr=0x1c.0x4,io-reserve=0 \
+-device pcie-root-port,id=nox-hp5,chassis=6,addr=0x1c.0x5,io-reserve=0 \
+-device pcie-root-port,id=nox-hp6,chassis=7,addr=0x1c.0x6,io-reserve=0 \
+-device pcie-root-port,id=nox-hp7,chassis=8,addr=0x1c.0x7,io-reserve=0";
         assert_eq!(got, want);
     }
 
@@ -873,8 +882,9 @@ mod tests {
         assert!(j.contains("-drive if=pflash,unit=0,file=/fw,readonly=on"));
         assert!(j.contains("-netdev tap,id=net0,fd=3,vhost=on,vhostfd=4"));
         assert!(
-            j.ends_with("-device pvpanic-pci -device virtio-balloon-pci,free-page-reporting=on")
+            j.contains("-device pvpanic-pci -device virtio-balloon-pci,free-page-reporting=on")
         );
+        assert!(j.ends_with("pcie-root-port,id=nox-hp7,chassis=8,addr=0x1c.0x7,io-reserve=0"));
         assert!(!j.contains("vmgenid"));
     }
 
@@ -918,6 +928,7 @@ mod tests {
             .filter(|w| w[0] == "-device")
             .map(|w| w[1].as_str())
             .skip_while(|d| !d.starts_with("vfio-pci") && !d.starts_with("qemu-xhci"))
+            .filter(|d| !d.starts_with("pcie-root-port"))
             .collect();
         assert_eq!(
             devices,
@@ -928,6 +939,25 @@ mod tests {
                 "vfio-pci,host=0000:03:00.1,id=hostpci1",
                 "usb-host,bus=xhci.0,hostdevice=/dev/bus/usb/003/012,id=hostusb1",
             ]
+        );
+    }
+
+    #[test]
+    fn extra_disks_have_no_backing_file_and_hotplug_json_matches() {
+        let name: crate::disk::DiskName = "data".parse().unwrap();
+        let b = blockdev_json(&name, "/dev/fdset/7");
+        assert_eq!(b["backing"], serde_json::Value::Null);
+        assert!(b.as_object().unwrap().contains_key("backing"));
+        assert_eq!(b["node-name"], "xdisk-data");
+        assert_eq!(b["file"]["filename"], "/dev/fdset/7");
+        let d = disk_device_json(&name, "nox-hp3");
+        assert_eq!(d["drive"], "xdisk-data");
+        assert_eq!(d["id"], "xdev-data");
+        assert_eq!(d["serial"], "data");
+        assert_eq!(d["bus"], "nox-hp3");
+        assert_eq!(
+            disk_device(&name).to_string(),
+            "virtio-blk-pci,drive=xdisk-data,id=xdev-data,serial=data"
         );
     }
 

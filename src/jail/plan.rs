@@ -761,6 +761,39 @@ mod tests {
     }
 
     #[test]
+    fn extra_disks_are_bound_writable_and_owned_only_in_the_vms_disks_dir() {
+        let st = Store::at("/var/lib/nox".into(), "/run/nox".into());
+        let vm = st.vm_paths(&"demo".parse().unwrap());
+        let json = |f: &str| {
+            format!(r#"{{"driver":"qcow2","file":{{"driver":"file","filename":"{f}"}}}}"#)
+        };
+        let argv: Vec<String> = [
+            "qemu".to_string(),
+            "-blockdev".into(),
+            json("/var/lib/nox/vms/demo/disks/data.qcow2"),
+            "-blockdev".into(),
+            json("/elsewhere/x.qcow2"),
+        ]
+        .into();
+        let files = extra_disk_files(&argv);
+        assert_eq!(files.len(), 2);
+        let owned = owned_files(&vm, &[], &files);
+        let paths: Vec<&Path> = owned.iter().map(|o| o.path.as_path()).collect();
+        assert!(paths.contains(&Path::new("/var/lib/nox/vms/demo/disks/data.qcow2")));
+        assert!(!paths.contains(&Path::new("/elsewhere/x.qcow2")));
+        let mut plan = build(Mode::Root(IDS), true, true, &argv);
+        assert!(
+            plan.owned
+                .iter()
+                .any(|o| o.path.ends_with("disks/data.qcow2") && o.mode == 0o600)
+        );
+        plan.binds
+            .retain(|b| b.path.starts_with("/var/lib/nox/vms/demo/disks"));
+        assert_eq!(plan.binds.len(), 1);
+        assert!(plan.binds[0].writable);
+    }
+
+    #[test]
     fn firmware_files_from_argv() {
         let a = argv(&[
             "-drive",
