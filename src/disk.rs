@@ -2,18 +2,15 @@
 //! name, its record in the spec, the limits, and the names qemu knows it by.
 //!
 //! The file of disk `D` is always `vms/NAME/disks/D.qcow2`, made by nox
-//! (crate::store::VmPaths::extra_disk); the spec records only the name and
+//! (crate::store::VmPaths::extra_disk); its size is parsed by
+//! crate::spec::parse_extra_disk. The spec records only the name and
 //! the virtual size, so a spec can never point qemu at another file.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::spec::{self, SpecError};
-
 /// At most this many extra disks per VM.
 pub const MAX_EXTRA_DISKS: usize = 16;
-/// The smallest extra disk: anything smaller is a typo.
-pub const MIN_DISK: u64 = 1 << 20;
 /// A disk name's longest form: virtio-blk's serial (what the guest sees in
 /// /dev/disk/by-id/virtio-NAME) holds 20 bytes.
 pub const MAX_DISK_NAME: usize = 20;
@@ -22,8 +19,6 @@ pub const MAX_DISK_NAME: usize = 20;
 pub enum DiskError {
     #[error("invalid disk name {name:?}: {why}")]
     Name { name: String, why: &'static str },
-    #[error(transparent)]
-    Size(#[from] SpecError),
     #[error("{vm} already has a disk named {disk}")]
     Exists { vm: String, disk: DiskName },
     #[error("{vm} has no disk named {disk} (nox disk list {vm})")]
@@ -118,23 +113,6 @@ pub struct ExtraDisk {
     pub size: u64,
 }
 
-/// `--size` of `nox disk add`: at least 1M, at most [`spec::MAX_DISK`].
-pub fn parse_size(value: &str) -> Result<u64, DiskError> {
-    let bytes = spec::parse_size("--size", value)?;
-    let err = |why: &str| SpecError::Size {
-        what: "--size",
-        value: value.into(),
-        why: why.into(),
-    };
-    if bytes < MIN_DISK {
-        return Err(err("at least 1M").into());
-    }
-    if bytes > spec::MAX_DISK {
-        return Err(err("more than 64T").into());
-    }
-    Ok(bytes)
-}
-
 /// Whether `disk` may join `disks` of VM `vm`: a new name, within the limit.
 pub fn check_add(vm: &str, disks: &[ExtraDisk], name: &DiskName) -> Result<(), DiskError> {
     if disks.iter().any(|d| &d.name == name) {
@@ -206,25 +184,6 @@ mod tests {
         let j = serde_json::to_string(&n("data")).unwrap();
         assert_eq!(j, "\"data\"");
         assert!(serde_json::from_str::<DiskName>("\"../x\"").is_err());
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
-        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
-        assert!(
-            parse_size("512K")
-                .unwrap_err()
-                .to_string()
-                .contains("at least 1M")
-        );
-        assert!(parse_size("65T").unwrap_err().to_string().contains("64T"));
-        assert!(
-            parse_size("1024")
-                .unwrap_err()
-                .to_string()
-                .contains("1024M")
-        );
     }
 
     #[test]

@@ -326,7 +326,7 @@ pub async fn disk_cmd(store: &Store, cmd: super::DiskCmd) -> Result<i32> {
         } => {
             let source = match (size, file) {
                 (Some(s), _) => ops::DiskSource::Blank(
-                    crate::disk::parse_size(&s).context("cannot add the disk")?,
+                    crate::spec::parse_extra_disk(&s).context("cannot add the disk")?,
                 ),
                 (None, Some(f)) => ops::DiskSource::File(f),
                 // clap requires one of them.
