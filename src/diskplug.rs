@@ -35,8 +35,9 @@ pub enum PlugError {
         source: QmpError,
     },
     #[error(
-        "{0} has no free hotplug port (qemu has {n} per start); stop and start it, then add \
-         the disk (or add it while it is stopped: it is plugged at the next start)",
+        "{0} has no free hotplug port (qemu gets {n} free ones per start, none if an older nox \
+         started it); stop and start it, then add the disk (or add it while it is stopped: it \
+         is plugged in at the next start)",
         n = crate::qemu::HOTPLUG_PORTS
     )]
     NoFreePort(VmName),
@@ -188,8 +189,9 @@ async fn free_port(q: &Qmp) -> Result<Option<String>, QmpError> {
             DEFAULT_TIMEOUT,
         )
         .await?;
+    let devices = peripherals(&list);
     let mut buses = vec![];
-    for child in peripherals(&list) {
+    for child in &devices {
         let bus = q
             .execute_raw(
                 "qom-get",
@@ -201,7 +203,7 @@ async fn free_port(q: &Qmp) -> Result<Option<String>, QmpError> {
             buses.push(b.to_string());
         }
     }
-    Ok(first_free(&buses))
+    Ok(first_free(&devices, &buses))
 }
 
 /// The ids of the devices in a `qom-list` of /machine/peripheral.
@@ -214,15 +216,24 @@ fn peripherals(list: &Value) -> Vec<String> {
         .collect()
 }
 
-/// The first hotplug port whose bus is none of `buses`.
-fn first_free(buses: &[String]) -> Option<String> {
-    (0..crate::qemu::HOTPLUG_PORTS)
-        .map(crate::qemu::hotplug_port)
+/// The first of nox's ports among `devices` (the peripherals' ids) whose
+/// bus is none of `buses`: the free ones, and those whose disk was
+/// unplugged (a disk present at the start has a port of its own).
+fn first_free(devices: &[String], buses: &[String]) -> Option<String> {
+    let mut ports: Vec<(usize, &String)> = devices
+        .iter()
+        .filter_map(|d| Some((d.strip_prefix("nox-hp")?.parse().ok()?, d)))
+        .collect();
+    ports.sort();
+    ports
+        .into_iter()
+        .map(|(_, p)| p)
         .find(|port| {
             !buses
                 .iter()
                 .any(|b| b.rsplit('/').next() == Some(port.as_str()))
         })
+        .cloned()
 }
 
 /// The fd sets whose descriptors are tagged `opaque`, from `query-fdsets`.
@@ -255,17 +266,23 @@ mod tests {
         ]);
         assert_eq!(peripherals(&list), ["nox-hp1", "xdev-b", "nox-hp0"]);
         let on = |p: &str| format!("/machine/peripheral/{p}/{p}");
-        assert_eq!(first_free(&[]).as_deref(), Some("nox-hp0"));
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let devices = ids(&[
+            "nox-hp10", "nox-hp9", "nox-hp2", "nox-hp1", "nox-hp0", "xdev-a",
+        ]);
+        assert_eq!(first_free(&devices, &[]).as_deref(), Some("nox-hp0"));
         let buses = vec![
             "/machine/q35/pcie.0".to_string(),
             on("nox-hp0"),
-            on("nox-hp2"),
+            on("nox-hp1"),
         ];
-        assert_eq!(first_free(&buses).as_deref(), Some("nox-hp1"));
-        let all: Vec<String> = (0..crate::qemu::HOTPLUG_PORTS)
-            .map(|i| on(&crate::qemu::hotplug_port(i)))
-            .collect();
-        assert_eq!(first_free(&all), None);
+        assert_eq!(first_free(&devices, &buses).as_deref(), Some("nox-hp2"));
+        let all: Vec<String> = devices.iter().map(|d| on(d)).collect();
+        assert_eq!(first_free(&devices, &all), None);
+        // Numerically: hp9 before hp10.
+        let buses = ids(&[&on("nox-hp0"), &on("nox-hp1"), &on("nox-hp2")]);
+        assert_eq!(first_free(&devices, &buses).as_deref(), Some("nox-hp9"));
+        assert_eq!(first_free(&[], &[]), None);
     }
 
     #[test]

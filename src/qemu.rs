@@ -395,14 +395,17 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
         a.opt("-device", Opts::new("vmgenid").set("guid", "auto"));
     }
     host_devices(&mut a, &l.devices)?;
-    hotplug_ports(&mut a);
-    for d in &s.disks {
+    hotplug_ports(&mut a, HOTPLUG_PORTS + s.disks.len());
+    for (i, d) in s.disks.iter().enumerate() {
         let file = p.extra_disk(&d.name);
         let file = file
             .to_str()
             .ok_or_else(|| opts::OptError::NonUtf8(file.clone()))?;
         a.opt("-blockdev", blockdev(&d.name, file));
-        a.opt("-device", disk_device(&d.name));
+        a.opt(
+            "-device",
+            disk_device(&d.name).set("bus", hotplug_port(HOTPLUG_PORTS + i)),
+        );
     }
     if let Some(fd) = l.incoming {
         // An inherited descriptor as an fd set: qemu reads the file
@@ -446,28 +449,32 @@ fn ram_object(arch: &ArchFacts, memory: u64, ram: &RamFile) -> Result<Opts, Qemu
 }
 
 /// Free PCIe root ports, where `nox disk add` plugs a disk into the running
-/// VM: a device on the root bus (q35's pcie.0, virt's) cannot be hotplugged.
-/// All in one slot as functions of a multifunction device, so they take one
-/// of the root bus's slots whatever their number; no I/O window (virtio
-/// needs none, and the 64K of I/O space would run out).
-pub const HOTPLUG_PORTS: u8 = 8;
-/// The root bus slot of the hotplug ports (free on q35 and virt: nox sets
-/// no other address).
-const HOTPLUG_SLOT: u8 = 0x1c;
+/// VM: a device on the root bus (q35's pcie.0, virt's) can be neither
+/// hotplugged nor unplugged. So every extra disk present at the start sits
+/// on a port of its own too (ports `HOTPLUG_PORTS..`), and `nox disk rm`
+/// can unplug it. Eight ports share one root bus slot as functions of a
+/// multifunction device, so the ports take at most 3 slots (8 free + 16
+/// disks); no I/O window (virtio needs none, and the 64K of I/O space
+/// would run out).
+pub const HOTPLUG_PORTS: usize = 8;
+/// The root bus slot of the first eight ports (0x1c..=0x1e are free on q35
+/// and virt: nox sets no other address).
+const HOTPLUG_SLOT: usize = 0x1c;
 
 /// The id of hotplug port `i`.
-pub fn hotplug_port(i: u8) -> String {
+pub fn hotplug_port(i: usize) -> String {
     format!("nox-hp{i}")
 }
 
-fn hotplug_ports(a: &mut Argv) {
-    for i in 0..HOTPLUG_PORTS {
+fn hotplug_ports(a: &mut Argv, count: usize) {
+    for i in 0..count {
+        let (slot, func) = (HOTPLUG_SLOT + i / 8, i % 8);
         let mut port = Opts::new("pcie-root-port")
             .set("id", hotplug_port(i))
-            .set("chassis", u32::from(i) + 1)
-            .set("addr", format!("{HOTPLUG_SLOT:#x}.{i:#x}"))
+            .set("chassis", i + 1)
+            .set("addr", format!("{slot:#x}.{func:#x}"))
             .set("io-reserve", 0);
-        if i == 0 {
+        if func == 0 {
             port = port.set("multifunction", "on");
         }
         a.opt("-device", port);
@@ -958,6 +965,20 @@ mod tests {
         assert_eq!(
             disk_device(&name).to_string(),
             "virtio-blk-pci,drive=xdisk-data,id=xdev-data,serial=data"
+        );
+        // At most 8 free ports and 16 disks' ports: slots 0x1c to 0x1e, as
+        // 8 functions each, function 0 multifunction.
+        let mut a = Argv(vec![]);
+        hotplug_ports(&mut a, HOTPLUG_PORTS + crate::disk::MAX_EXTRA_DISKS);
+        let ports: Vec<&String> = a.0.iter().skip(1).step_by(2).collect();
+        assert_eq!(ports.len(), 24);
+        assert_eq!(
+            ports[8].as_str(),
+            "pcie-root-port,id=nox-hp8,chassis=9,addr=0x1d.0x0,io-reserve=0,multifunction=on"
+        );
+        assert_eq!(
+            ports[23].as_str(),
+            "pcie-root-port,id=nox-hp23,chassis=24,addr=0x1e.0x7,io-reserve=0"
         );
     }
 
