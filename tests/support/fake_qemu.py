@@ -6,8 +6,9 @@ not fit on a CI machine (nox's config.json "binaries" points at a copy).
 Answers qmp_capabilities, cont, query-status (running); system_powerdown
 emits POWERDOWN then SHUTDOWN (guest-shutdown) and exits 0; quit emits
 SHUTDOWN (host-qmp-quit) and exits 0. Disk hotplug: add-fd returns a new
-fd set (kept for query-fdsets, dropped by remove-fd), qom-list of the
-peripherals is empty, device_del emits DEVICE_DELETED. Other commands: an
+fd set (kept for query-fdsets, dropped by remove-fd), qom-list and qom-get
+parent_bus answer from the argv's -device ids and buses, device_add and
+device_del change them (device_del emits DEVICE_DELETED). Other commands: an
 empty return.
 
 A VM named dies-at-start*: like a qemu that fails after making its sockets
@@ -42,6 +43,17 @@ def fdsets(argv):
         if a == "-add-fd":
             opts = dict(kv.split("=", 1) for kv in argv[i + 1].split(",") if "=" in kv)
             out[opts.get("set")] = int(opts["fd"])
+    return out
+
+
+def peripherals(argv):
+    """id -> bus of every -device with an id (the root bus by default)."""
+    out = {}
+    for i, a in enumerate(argv[:-1]):
+        if a == "-device":
+            opts = dict(kv.split("=", 1) for kv in argv[i + 1].split(",") if "=" in kv)
+            if "id" in opts:
+                out[opts["id"]] = opts.get("bus", "pcie.0")
     return out
 
 
@@ -90,6 +102,7 @@ def main():
     conns = {}
     sets = fdsets(sys.argv)
     added = {}
+    devices = peripherals(sys.argv)
     for opts, serial, logfile in chardev_paths(sys.argv):
         if "fd" in opts:
             # nox's descriptors: a listening socket (server=on) or, for the
@@ -150,7 +163,15 @@ def main():
                 elif name == "remove-fd":
                     added.pop(args.get("fdset-id"), None)
                 elif name == "qom-list":
-                    ret = []
+                    ret = [{"name": d, "type": "child<device>"} for d in devices]
+                elif name == "qom-get":
+                    d = args.get("path", "").rsplit("/", 1)[-1]
+                    bus = devices.get(d, "pcie.0")
+                    ret = f"/machine/peripheral/{bus}/{bus}"
+                elif name == "device_add":
+                    devices[args.get("id")] = args.get("bus", "pcie.0")
+                elif name == "device_del":
+                    devices.pop(args.get("id"), None)
                 reply = {"return": ret}
                 if cid is not None:
                     reply["id"] = cid
