@@ -36,6 +36,11 @@ pub enum CloneError {
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("{0} is running: a clone copies a stopped VM's disk; stop it first (nox stop {0})")]
     Running(String),
+    #[error(
+        "{vm} has extra disks ({disks}): a clone copies the root disk only; remove them first \
+         (nox disk rm {vm} D), or add disks to the clone afterwards (nox disk add NEW --file ...)"
+    )]
+    ExtraDisks { vm: String, disks: String },
     #[error("{vm} has no snapshot {snapshot:?} (it has: {have})")]
     NoSnapshot {
         vm: String,
@@ -99,6 +104,12 @@ pub fn clone(
         return Err(CloneError::Running(src.to_string()));
     };
     let src_spec = src_vm.load_spec()?;
+    if !src_spec.disks.is_empty() {
+        return Err(CloneError::ExtraDisks {
+            vm: src.to_string(),
+            disks: crate::disk::names(&src_spec.disks),
+        });
+    }
     if src_spec.static_ip.is_some() {
         return Err(CloneError::StaticIp(src.to_string()));
     }

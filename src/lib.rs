@@ -9,6 +9,8 @@ pub mod clone;
 pub mod config;
 pub mod console;
 pub mod device;
+pub mod disk;
+pub mod diskplug;
 pub mod events;
 pub mod firmware;
 pub mod forward;

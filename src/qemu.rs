@@ -395,6 +395,18 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
         a.opt("-device", Opts::new("vmgenid").set("guid", "auto"));
     }
     host_devices(&mut a, &l.devices)?;
+    hotplug_ports(&mut a, HOTPLUG_PORTS + s.disks.len());
+    for (i, d) in s.disks.iter().enumerate() {
+        let file = p.extra_disk(&d.name);
+        let file = file
+            .to_str()
+            .ok_or_else(|| opts::OptError::NonUtf8(file.clone()))?;
+        a.opt("-blockdev", blockdev(&d.name, file));
+        a.opt(
+            "-device",
+            disk_device(&d.name).set("bus", hotplug_port(HOTPLUG_PORTS + i)),
+        );
+    }
     if let Some(fd) = l.incoming {
         // An inherited descriptor as an fd set: qemu reads the file
         // without being able to open anything in nox's cache.
@@ -433,6 +445,80 @@ fn ram_object(arch: &ArchFacts, memory: u64, ram: &RamFile) -> Result<Opts, Qemu
         o.set("share", "off")
             .set("readonly", "on")
             .set("rom", "off")
+    })
+}
+
+/// Free PCIe root ports, where `nox disk add` plugs a disk into the running
+/// VM: a device on the root bus (q35's pcie.0, virt's) can be neither
+/// hotplugged nor unplugged. So every extra disk present at the start sits
+/// on a port of its own too (ports `HOTPLUG_PORTS..`), and `nox disk rm`
+/// can unplug it. Eight ports share one root bus slot as functions of a
+/// multifunction device, so the ports take at most 3 slots (8 free + 16
+/// disks); no I/O window (virtio needs none, and the 64K of I/O space
+/// would run out).
+pub const HOTPLUG_PORTS: usize = 8;
+/// The root bus slot of the first eight ports (0x1c..=0x1e are free on q35
+/// and virt: nox sets no other address).
+const HOTPLUG_SLOT: usize = 0x1c;
+
+/// The id of hotplug port `i`.
+pub fn hotplug_port(i: usize) -> String {
+    format!("nox-hp{i}")
+}
+
+fn hotplug_ports(a: &mut Argv, count: usize) {
+    for i in 0..count {
+        let (slot, func) = (HOTPLUG_SLOT + i / 8, i % 8);
+        let mut port = Opts::new("pcie-root-port")
+            .set("id", hotplug_port(i))
+            .set("chassis", i + 1)
+            .set("addr", format!("{slot:#x}.{func:#x}"))
+            .set("io-reserve", 0);
+        if func == 0 {
+            port = port.set("multifunction", "on");
+        }
+        a.opt("-device", port);
+    }
+}
+
+/// The block node of extra disk `name` on `filename` (a path, or
+/// `/dev/fdset/N` for a file handed to a running qemu), as JSON: qemu's
+/// `-blockdev` takes it as is, and QMP's `blockdev-add` takes the same
+/// object. `backing: null`: whatever backing file the qcow2 header comes to
+/// name (a compromised qemu can write its own files' headers), qemu opens
+/// none.
+pub fn blockdev_json(name: &crate::disk::DiskName, filename: &str) -> serde_json::Value {
+    serde_json::json!({
+        "driver": "qcow2",
+        "node-name": name.node_name(),
+        "discard": "unmap",
+        "backing": null,
+        "file": {"driver": "file", "filename": filename, "discard": "unmap"},
+    })
+}
+
+fn blockdev(name: &crate::disk::DiskName, filename: &str) -> String {
+    blockdev_json(name, filename).to_string()
+}
+
+/// The virtio-blk device of extra disk `name`. The serial is the name: the
+/// guest finds the disk as /dev/disk/by-id/virtio-NAME, whatever /dev/vdX
+/// it gets.
+fn disk_device(name: &crate::disk::DiskName) -> Opts {
+    Opts::new("virtio-blk-pci")
+        .set("drive", name.node_name())
+        .set("id", name.device_id())
+        .set("serial", name)
+}
+
+/// [`disk_device`] as QMP's `device_add` takes it, on hotplug port `bus`.
+pub fn disk_device_json(name: &crate::disk::DiskName, bus: &str) -> serde_json::Value {
+    serde_json::json!({
+        "driver": "virtio-blk-pci",
+        "drive": name.node_name(),
+        "id": name.device_id(),
+        "serial": name.as_str(),
+        "bus": bus,
     })
 }
 
@@ -706,6 +792,7 @@ mod tests {
             created: 0,
             console_log_size: crate::console::DEFAULT_SIZE,
             devices: vec![],
+            disks: vec![],
         }
     }
 
@@ -755,7 +842,15 @@ mod tests {
 -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 \
 -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56 \
 -device virtio-rng-pci -device pvpanic -device virtio-balloon-pci,free-page-reporting=on \
--device vmgenid,guid=auto";
+-device vmgenid,guid=auto \
+-device pcie-root-port,id=nox-hp0,chassis=1,addr=0x1c.0x0,io-reserve=0,multifunction=on \
+-device pcie-root-port,id=nox-hp1,chassis=2,addr=0x1c.0x1,io-reserve=0 \
+-device pcie-root-port,id=nox-hp2,chassis=3,addr=0x1c.0x2,io-reserve=0 \
+-device pcie-root-port,id=nox-hp3,chassis=4,addr=0x1c.0x3,io-reserve=0 \
+-device pcie-root-port,id=nox-hp4,chassis=5,addr=0x1c.0x4,io-reserve=0 \
+-device pcie-root-port,id=nox-hp5,chassis=6,addr=0x1c.0x5,io-reserve=0 \
+-device pcie-root-port,id=nox-hp6,chassis=7,addr=0x1c.0x6,io-reserve=0 \
+-device pcie-root-port,id=nox-hp7,chassis=8,addr=0x1c.0x7,io-reserve=0";
         assert_eq!(got, want);
     }
 
@@ -794,8 +889,9 @@ mod tests {
         assert!(j.contains("-drive if=pflash,unit=0,file=/fw,readonly=on"));
         assert!(j.contains("-netdev tap,id=net0,fd=3,vhost=on,vhostfd=4"));
         assert!(
-            j.ends_with("-device pvpanic-pci -device virtio-balloon-pci,free-page-reporting=on")
+            j.contains("-device pvpanic-pci -device virtio-balloon-pci,free-page-reporting=on")
         );
+        assert!(j.ends_with("pcie-root-port,id=nox-hp7,chassis=8,addr=0x1c.0x7,io-reserve=0"));
         assert!(!j.contains("vmgenid"));
     }
 
@@ -839,6 +935,7 @@ mod tests {
             .filter(|w| w[0] == "-device")
             .map(|w| w[1].as_str())
             .skip_while(|d| !d.starts_with("vfio-pci") && !d.starts_with("qemu-xhci"))
+            .filter(|d| !d.starts_with("pcie-root-port"))
             .collect();
         assert_eq!(
             devices,
@@ -849,6 +946,39 @@ mod tests {
                 "vfio-pci,host=0000:03:00.1,id=hostpci1",
                 "usb-host,bus=xhci.0,hostdevice=/dev/bus/usb/003/012,id=hostusb1",
             ]
+        );
+    }
+
+    #[test]
+    fn extra_disks_have_no_backing_file_and_hotplug_json_matches() {
+        let name: crate::disk::DiskName = "data".parse().unwrap();
+        let b = blockdev_json(&name, "/dev/fdset/7");
+        assert_eq!(b["backing"], serde_json::Value::Null);
+        assert!(b.as_object().unwrap().contains_key("backing"));
+        assert_eq!(b["node-name"], "xdisk-data");
+        assert_eq!(b["file"]["filename"], "/dev/fdset/7");
+        let d = disk_device_json(&name, "nox-hp3");
+        assert_eq!(d["drive"], "xdisk-data");
+        assert_eq!(d["id"], "xdev-data");
+        assert_eq!(d["serial"], "data");
+        assert_eq!(d["bus"], "nox-hp3");
+        assert_eq!(
+            disk_device(&name).to_string(),
+            "virtio-blk-pci,drive=xdisk-data,id=xdev-data,serial=data"
+        );
+        // At most 8 free ports and 16 disks' ports: slots 0x1c to 0x1e, as
+        // 8 functions each, function 0 multifunction.
+        let mut a = Argv(vec![]);
+        hotplug_ports(&mut a, HOTPLUG_PORTS + crate::disk::MAX_EXTRA_DISKS);
+        let ports: Vec<&String> = a.0.iter().skip(1).step_by(2).collect();
+        assert_eq!(ports.len(), 24);
+        assert_eq!(
+            ports[8].as_str(),
+            "pcie-root-port,id=nox-hp8,chassis=9,addr=0x1d.0x0,io-reserve=0,multifunction=on"
+        );
+        assert_eq!(
+            ports[23].as_str(),
+            "pcie-root-port,id=nox-hp23,chassis=24,addr=0x1e.0x7,io-reserve=0"
         );
     }
 

@@ -71,6 +71,12 @@ pub enum SnapshotError {
         devices: String,
         what: &'static str,
     },
+    #[error(
+        "{vm} has extra disks ({disks}): nox snapshots cover only a VM's root disk, and a \
+         snapshot that leaves out some of its disks would not restore the machine it was; \
+         remove them first (nox disk rm {vm} D) or copy their data another way"
+    )]
+    ExtraDisks { vm: VmName, disks: String },
     #[error("disk: {0}")]
     Disk(#[from] VmDiskError),
     #[error("cannot read the snapshot table of {path}")]
@@ -189,6 +195,7 @@ pub async fn create(
     };
     let t0 = Instant::now();
     let hold = Hold::take(&vm).await?;
+    refuse_extra_disks(&vm)?;
     if table(&vm.disk(), &vm)?.iter().any(|e| e.name == *snap) {
         return Err(SnapshotError::Exists {
             vm: name.clone(),
@@ -237,6 +244,20 @@ pub async fn create(
     })
 }
 
+/// A VM with extra disks (`nox disk add`) gets no snapshot and no restore:
+/// a snapshot holds the root disk only (and the RAM of a live one, which
+/// refers to every disk).
+fn refuse_extra_disks(vm: &VmPaths) -> Result<(), SnapshotError> {
+    let spec = vm.load_spec()?;
+    if spec.disks.is_empty() {
+        return Ok(());
+    }
+    Err(SnapshotError::ExtraDisks {
+        vm: spec.name,
+        disks: crate::disk::names(&spec.disks),
+    })
+}
+
 /// A VM with host devices (`--device`) has no machine state nox can save or
 /// load: qemu blocks it for VFIO devices, and a USB device's state is in
 /// the device. `what` says what is refused.
@@ -279,6 +300,7 @@ pub async fn restore(
 ) -> Result<Restored, SnapshotError> {
     let vm = store.vm(name)?;
     let hold = Hold::take(&vm).await?;
+    refuse_extra_disks(&vm)?;
     let entry = find(&vm, name, snap)?;
     if entry.vm_state_size > 0 {
         refuse_host_devices(&vm, "a snapshot with RAM cannot be restored into it")?;
@@ -559,6 +581,15 @@ mod tests {
         });
         store::write_json(&vm.spec(), &spec).unwrap();
         assert!(refuse_host_devices(&vm, "x").is_ok());
+        assert!(refuse_extra_disks(&vm).is_ok());
+        let mut with_disks = spec.clone();
+        with_disks["disks"] = serde_json::json!([{"name": "data1", "size": 1073741824u64}]);
+        store::write_json(&vm.spec(), &with_disks).unwrap();
+        let e = refuse_extra_disks(&vm).unwrap_err().to_string();
+        assert!(
+            e.starts_with("hw has extra disks (data1)") && e.contains("nox disk rm hw"),
+            "{e}"
+        );
         spec["devices"] = serde_json::json!(["pci:0000:03:00.0", "usb:046d:c52b"]);
         store::write_json(&vm.spec(), &spec).unwrap();
         let e = refuse_host_devices(&vm, "it gets no live snapshot (with RAM)")

@@ -218,6 +218,10 @@ pub struct VmSpec {
     /// and checked on the host at every start (crate::hostdev).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<HostDevice>,
+    /// Extra disks (`nox disk add`), each `disks/NAME.qcow2` in the VM's
+    /// directory; absent from older specs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::disk::ExtraDisk>,
 }
 
 /// Default cap of `console.log` (and of `console.log.1`).
@@ -301,6 +305,26 @@ pub fn parse_disk(value: &str) -> Result<u64, SpecError> {
     Ok(bytes)
 }
 
+/// The smallest extra disk (`nox disk add --size`): anything smaller is a typo.
+pub const MIN_EXTRA_DISK: u64 = 1 << 20;
+
+/// `--size` of `nox disk add`: at least 1M, at most [`MAX_DISK`].
+pub fn parse_extra_disk(value: &str) -> Result<u64, SpecError> {
+    let bytes = parse_size("--size", value)?;
+    let err = |why: &str| SpecError::Size {
+        what: "--size",
+        value: value.into(),
+        why: why.into(),
+    };
+    if bytes < MIN_EXTRA_DISK {
+        return Err(err("at least 1M"));
+    }
+    if bytes > MAX_DISK {
+        return Err(err("more than 64T"));
+    }
+    Ok(bytes)
+}
+
 /// vCPUs: at least 1, at most `max` (qemu's bound for the machine,
 /// `ArchFacts::max_cpus`). More than the host has is allowed (overcommit,
 /// as libvirt, Lima and Multipass allow): see [`cpu_overcommit`].
@@ -368,6 +392,40 @@ mod tests {
         assert_eq!(parse_memory("1G", Some(8 << 30)).unwrap(), 1 << 30);
         assert!(parse_disk("100M").is_err());
         assert!(parse_disk("100T").is_err());
+    }
+
+    #[test]
+    fn extra_disk_sizes() {
+        assert_eq!(parse_extra_disk("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_extra_disk("1M").unwrap(), 1 << 20);
+        let e = |v: &str| parse_extra_disk(v).unwrap_err().to_string();
+        assert!(e("512K").contains("at least 1M"));
+        assert!(e("65T").contains("64T"));
+        assert!(e("1024").contains("1024M"));
+    }
+
+    #[test]
+    fn old_specs_load_without_disks() {
+        let old = serde_json::json!({
+            "name": "old", "image": {"source": "x", "digest": "sha256:0", "path": "/i", "format": "qcow2"},
+            "arch": "amd64", "cpus": 1, "memory": 1073741824u64, "disk": 10737418240u64, "user": "nox",
+            "accel": "auto", "network": {"mode": "user"}, "mac": "52:54:00:00:00:01",
+            "ssh_authorized_keys": [], "stop_timeout": 60, "created": 0,
+        });
+        let mut s: VmSpec = serde_json::from_value(old).unwrap();
+        assert!(s.disks.is_empty());
+        // Written back without the field while there are none.
+        assert!(!serde_json::to_string(&s).unwrap().contains("disks"));
+        s.disks.push(crate::disk::ExtraDisk {
+            name: "data1".parse().unwrap(),
+            size: 1 << 30,
+        });
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            j["disks"],
+            serde_json::json!([{"name": "data1", "size": 1073741824u64}])
+        );
+        assert_eq!(serde_json::from_value::<VmSpec>(j).unwrap(), s);
     }
 
     #[test]

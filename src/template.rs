@@ -90,6 +90,12 @@ pub enum TemplateError {
          the disk only, never the devices)"
     )]
     WarmDevices { vm: String, devices: String },
+    #[error(
+        "{vm} has extra disks ({disks}): a warm template saves the guest's machine state, which \
+         would refer to disks its clones do not have; commit without --warm (the template gets \
+         the root disk only)"
+    )]
+    WarmDisks { vm: String, disks: String },
     #[error("{}", path.display())]
     Io {
         path: PathBuf,
@@ -128,6 +134,9 @@ pub struct Committed {
     pub save_time: Option<Duration>,
     /// Making the shared RAM image from it (`--warm`), if one was made.
     pub share_time: Option<Duration>,
+    /// The VM's extra disks, which the template does not take (it is made
+    /// of the root disk only).
+    pub left_out_disks: Vec<String>,
 }
 
 /// `images/templates`, made 0700 if missing.
@@ -210,6 +219,12 @@ pub async fn commit(
                     .join(", "),
             });
         }
+        if !spec.disks.is_empty() {
+            return Err(TemplateError::WarmDisks {
+                vm: name.to_string(),
+                disks: crate::disk::names(&spec.disks),
+            });
+        }
         if !st.state.is_active() {
             return Err(TemplateError::WarmStopped(name.to_string()));
         }
@@ -255,6 +270,7 @@ pub async fn commit(
         convert_time,
         save_time: None,
         share_time: None,
+        left_out_disks: spec.disks.iter().map(|d| d.name.to_string()).collect(),
     })
 }
 
@@ -377,6 +393,8 @@ async fn commit_warm(
         convert_time,
         save_time: Some(saved.took),
         share_time: expand_time,
+        // Refused above: a warm commit has none.
+        left_out_disks: vec![],
     })
 }
 

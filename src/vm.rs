@@ -578,6 +578,8 @@ pub struct VmInfo {
     pub publish: Vec<String>,
     /// Host devices given to the guest: `pci:DOMAIN:BUS:SLOT.FN`, `usb:VID:PID`.
     pub devices: Vec<String>,
+    /// Extra disks (`nox disk add`).
+    pub disks: Vec<DiskInfo>,
     pub ip: Option<String>,
     pub ipv6: Vec<String>,
     pub bridge: Option<String>,
@@ -590,6 +592,27 @@ pub struct VmInfo {
     pub restarts: u32,
     pub last_failure: Option<String>,
     pub created: u64,
+}
+
+/// An extra disk as `nox info`/`nox disk list` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskInfo {
+    pub name: String,
+    /// Bytes (virtual size).
+    pub size: u64,
+    /// Its qcow2 file on the host.
+    pub file: PathBuf,
+    /// Where the guest finds it, whatever /dev/vdX it gets.
+    pub guest_path: String,
+}
+
+pub fn disk_info(vm: &VmPaths, d: &crate::disk::ExtraDisk) -> DiskInfo {
+    DiskInfo {
+        name: d.name.to_string(),
+        size: d.size,
+        file: vm.extra_disk(&d.name),
+        guest_path: format!("/dev/disk/by-id/virtio-{}", d.name),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -643,6 +666,7 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
         ssh_port: ep.as_ref().map(|e| e.port),
         publish: spec.publish.iter().map(|p| p.to_string()).collect(),
         devices: spec.devices.iter().map(|d| d.to_string()).collect(),
+        disks: spec.disks.iter().map(|d| disk_info(vm, d)).collect(),
         ip: active.then(|| st.ip.clone()).flatten(),
         ipv6: if active { st.ipv6.clone() } else { vec![] },
         bridge: match &spec.network {

@@ -179,6 +179,9 @@ pub fn unusable(spec: &VmSpec, w: &WarmState, user_data: bool) -> Option<String>
     if !spec.devices.is_empty() {
         why.push("--device (a saved machine state cannot take a host device)".into());
     }
+    if !spec.disks.is_empty() {
+        why.push("extra disks (nox disk add: the saved machine state has none)".into());
+    }
     if why.is_empty() {
         None
     } else {

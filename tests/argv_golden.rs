@@ -112,6 +112,37 @@ fn argv_golden_host_devices() {
     golden("amd64-bios-kvm-tap-devices.argv", &argv);
 }
 
+/// A VM with two extra disks (`nox disk add`): a qcow2 `-blockdev` (JSON,
+/// no backing file) and a virtio-blk device each, after the hotplug ports.
+#[test]
+fn argv_golden_extra_disks() {
+    let store = Store::at("/var/lib/nox".into(), "/run/nox".into());
+    let paths = store.vm_paths(&"demo".parse().unwrap());
+    let mut s = spec("amd64");
+    s.disks = ["data1", "logs"]
+        .iter()
+        .map(|d| nox::disk::ExtraDisk {
+            name: d.parse().unwrap(),
+            size: 10 << 30,
+        })
+        .collect();
+    let argv = qemu::argv(&Launch {
+        spec: &s,
+        paths: &paths,
+        accel: Accel::Kvm,
+        net: NetBackend::Passt { fd: 3 },
+        firmware: FirmwareArgs::default(),
+        direct: None,
+        incoming: None,
+        ram: None,
+        chardevs: CHARDEVS,
+        tb_size: None,
+        devices: vec![],
+    })
+    .unwrap();
+    golden("amd64-bios-kvm-passt-disks.argv", &argv);
+}
+
 #[test]
 fn argv_golden_matrix() {
     let store = Store::at("/var/lib/nox".into(), "/run/nox".into());

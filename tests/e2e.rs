@@ -267,6 +267,40 @@ fn one_user_network_guest_through_its_life() {
     assert!(!out.status.success());
     bad.pop();
 
+    check.next("extra disks");
+    // Plugged into the running guest at once (a new /dev/vdX with the
+    // disk's name as serial), given a file system and data here, kept
+    // across the restart below (then unplugged again).
+    let out = h.ok(&[
+        "disk", "add", "e2e-core", "--size", "1G", "--name", "scratch",
+    ]);
+    assert!(out.contains("plugged in now"), "{out}");
+    let by_id = "/dev/disk/by-id/virtio-scratch";
+    let guest_sees = |want: bool| {
+        let ssh = h.nox(&["ssh", "e2e-core", "--", "test", "-e", by_id]);
+        ssh.status.success() == want
+    };
+    wait_for("the guest to see the plugged disk", 60, || guest_sees(true));
+    let lsblk = h.ok(&["ssh", "e2e-core", "--", "lsblk", "-dno", "NAME,SERIAL,SIZE"]);
+    assert!(
+        lsblk
+            .lines()
+            .any(|l| l.starts_with("vd") && l.contains("scratch") && l.contains("1G")),
+        "{lsblk}"
+    );
+    h.ok(&[
+        "ssh",
+        "e2e-core",
+        "--",
+        &format!(
+            "sudo -n mkfs.ext4 -q {by_id} && sudo -n mkdir -p /mnt/scratch && \
+             sudo -n mount {by_id} /mnt/scratch && echo on-scratch | sudo -n tee /mnt/scratch/f && \
+             sudo -n umount /mnt/scratch && sync"
+        ),
+    ]);
+    let info = h.info("e2e-core");
+    assert_eq!(info["disks"][0]["name"], "scratch", "{info}");
+
     check.next("restart");
     // A file survives a restart, and cloud-init's per-instance steps do not rerun.
     // ssh joins the command words with spaces, as plain ssh does.
@@ -287,6 +321,22 @@ fn one_user_network_guest_through_its_life() {
         "persisted"
     );
     assert_eq!(h.ok(&["ssh", "e2e-core", "--", SEMS]), sems_before);
+    // The plugged disk came back with the restart (now on qemu's command
+    // line), its data intact; then it is unplugged from the running guest.
+    let on_disk = h.ok(&[
+        "ssh",
+        "e2e-core",
+        "--",
+        &format!("sudo -n mount {by_id} /mnt/scratch && cat /mnt/scratch/f && sudo -n umount /mnt/scratch"),
+    ]);
+    assert_eq!(on_disk.trim(), "on-scratch");
+    let out = h.ok(&["disk", "rm", "e2e-core", "scratch"]);
+    assert!(out.contains("(unplugged)"), "{out}");
+    wait_for("the guest to lose the unplugged disk", 60, || {
+        guest_sees(false)
+    });
+    assert!(!vmdir.join("disks/scratch.qcow2").exists());
+    assert_eq!(h.info("e2e-core")["disks"], serde_json::json!([]));
     assert_eq!(
         h.ok(&[
             "ssh",

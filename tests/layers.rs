@@ -22,6 +22,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "remote",
             "spec",
             "device",
+            "disk",
         ],
     ),
     (
@@ -43,6 +44,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "rundir",
             "warm",
             "snapjob",
+            "diskplug",
             "systemd",
             "templates",
         ],

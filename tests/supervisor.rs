@@ -684,6 +684,152 @@ fn qemu_dying_at_start_is_reported_with_its_stderr() {
     assert!(reason.contains("exited during start-up"), "{reason}");
 }
 
+/// The qemu argv of a running VM, from its qemu's /proc/PID/cmdline.
+fn running_argv(h: &Home, name: &str) -> Vec<String> {
+    let pid = h.info(name)["qemu_pid"].as_u64().expect("a qemu pid");
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// `nox disk`: refusals, a stopped VM's disks (added, listed, in `info`,
+/// plugged at the next start: in qemu's argv, chowned to the VM's uid),
+/// hotplug into and out of the running (fake) qemu, snapshot and clone
+/// refusals, and delete taking the disks with the VM.
+#[test]
+fn extra_disks_stopped_and_running_with_a_fake_qemu() {
+    if !fake_qemu_prereqs() {
+        return;
+    }
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    use_fake_qemu(&h);
+    let img = img.to_str().unwrap();
+    let create = [
+        "create",
+        "dk",
+        "--image",
+        img,
+        "--network",
+        "user",
+        "--accel",
+        "tcg",
+    ];
+    h.ok(&[&create[..], &["--no-start", "--memory", "128M"]].concat());
+    // Refusals change nothing.
+    let spec = || std::fs::read(h.path().join("vms/dk/spec.json")).unwrap();
+    let before = spec();
+    for (args, want) in [
+        (&["disk", "add", "dk", "--size", "512K"][..], "at least 1M"),
+        (&["disk", "add", "dk", "--size", "1024"][..], "1024M"),
+        (
+            &["disk", "add", "dk", "--size", "1G", "--name", "Bad_Name"][..],
+            "invalid",
+        ),
+        (&["disk", "add", "nosuch", "--size", "1G"][..], "nosuch"),
+        (
+            &["disk", "rm", "dk", "data1"][..],
+            "dk has no disk named data1",
+        ),
+    ] {
+        let e = h.fails(args);
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    let e = h.fails(&["disk", "add", "dk"]);
+    assert!(e.contains("--size") && e.contains("--file"), "{e}");
+    // A file with a backing file is refused; a symlink too.
+    let backed = h.path().join("backed.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", img])
+        .arg(&backed)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let e = h.fails(&["disk", "add", "dk", "--file", backed.to_str().unwrap()]);
+    assert!(e.contains("backing file"), "{e}");
+    let link = h.path().join("link.qcow2");
+    std::os::unix::fs::symlink(img, &link).unwrap();
+    let e = h.fails(&["disk", "add", "dk", "--file", link.to_str().unwrap()]);
+    assert!(e.contains("symbolic link"), "{e}");
+    assert_eq!(spec(), before);
+
+    // Stopped: added, listed, shown, in the next start's argv.
+    let out = h.ok(&["disk", "add", "dk", "--size", "2G"]);
+    assert!(
+        out.contains("Added disk data1 to dk (2G, plugged in at its next start)"),
+        "{out}"
+    );
+    let out = h.ok(&["disk", "add", "dk", "--file", img, "--name", "copy"]);
+    assert!(out.contains("Added disk copy"), "{out}");
+    let e = h.fails(&["disk", "add", "dk", "--size", "1G", "--name", "copy"]);
+    assert!(e.contains("dk already has a disk named copy"), "{e}");
+    let list: serde_json::Value =
+        serde_json::from_str(&h.ok(&["disk", "list", "dk", "--json"])).unwrap();
+    assert_eq!(list[0]["name"], "data1");
+    assert_eq!(list[0]["size"], 2u64 << 30);
+    assert_eq!(list[1]["name"], "copy");
+    assert_eq!(list[1]["size"], 1u64 << 30);
+    assert_eq!(list[1]["guest_path"], "/dev/disk/by-id/virtio-copy");
+    let file = h.path().join("vms/dk/disks/data1.qcow2");
+    assert_eq!(list[0]["file"], file.to_str().unwrap());
+    assert_eq!(h.info("dk")["disks"], list);
+    assert!(
+        h.ok(&["info", "dk"])
+            .contains("disks:    data1 (2G), copy (1G)")
+    );
+    let e = h.fails(&["snapshot", "create", "dk"]);
+    assert!(e.contains("dk has extra disks (data1, copy)"), "{e}");
+    let e = h.fails(&["clone", "dk", "dk2"]);
+    assert!(e.contains("dk has extra disks (data1, copy)"), "{e}");
+    h.ok(&["disk", "rm", "dk", "copy"]);
+    assert!(!h.path().join("vms/dk/disks/copy.qcow2").exists());
+
+    h.ok(&["start", "dk"]);
+    let argv = running_argv(&h, "dk");
+    let i = argv
+        .iter()
+        .position(|a| a.contains("xdisk-data1"))
+        .expect("data1 in argv");
+    assert_eq!(argv[i - 1], "-blockdev");
+    assert!(argv[i].contains(file.to_str().unwrap()), "{}", argv[i]);
+    assert!(!argv.iter().any(|a| a.contains("xdisk-copy")), "{argv:?}");
+    // Chowned to the VM's uid like its root disk.
+    use std::os::unix::fs::MetadataExt;
+    let disk_uid = std::fs::metadata(h.path().join("vms/dk/disk.qcow2"))
+        .unwrap()
+        .uid();
+    assert_eq!(std::fs::metadata(&file).unwrap().uid(), disk_uid);
+    assert_ne!(disk_uid, 0);
+
+    // Running: plugged in and out at once (the fake qemu answers QMP).
+    let out = h.ok(&["disk", "add", "dk", "--size", "1G", "--name", "hot"]);
+    assert!(
+        out.contains("Added disk hot to dk (1G, plugged in now)"),
+        "{out}"
+    );
+    let hot = h.path().join("vms/dk/disks/hot.qcow2");
+    assert_eq!(std::fs::metadata(&hot).unwrap().uid(), disk_uid);
+    assert_eq!(h.info("dk")["disks"][1]["name"], "hot");
+    let out = h.ok(&["disk", "rm", "dk", "data1"]);
+    assert!(
+        out.contains("Removed disk data1 of dk (unplugged)"),
+        "{out}"
+    );
+    assert!(!file.exists());
+    assert_eq!(h.info("dk")["disks"].as_array().unwrap().len(), 1);
+
+    h.ok(&["stop", "dk", "--force"]);
+    h.ok(&["start", "dk"]);
+    let argv = running_argv(&h, "dk");
+    assert!(argv.iter().any(|a| a.contains("xdisk-hot")), "{argv:?}");
+    assert!(!argv.iter().any(|a| a.contains("xdisk-data1")), "{argv:?}");
+    h.ok(&["stop", "dk", "--force"]);
+    h.ok(&["delete", "dk", "--force"]);
+    assert!(!h.path().join("vms/dk").exists());
+}
+
 /// config.json `tcg_tb_size` reaches qemu's argv as `-accel tcg,tb-size=N`
 /// (MiB), and `-machine` then names no accelerator (qemu refuses both).
 #[test]

@@ -193,6 +193,43 @@ pub enum Cmd {
     /// Snapshots of a VM: live with RAM while it runs, of its disk when stopped
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Extra disks of a VM: plugged in at once while it runs, at its next
+    /// start when stopped (see docs/disks.md)
+    #[command(subcommand)]
+    Disk(DiskCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCmd {
+    /// Add a disk: blank (--size) or a copy of an image (--file)
+    #[command(group(clap::ArgGroup::new("source").required(true)))]
+    Add {
+        name: VmName,
+        /// Size of a new blank disk, e.g. 10G
+        #[arg(long, group = "source")]
+        size: Option<String>,
+        /// An image (qcow2, or raw with a partition table) copied into the
+        /// VM's directory; the file itself is never used
+        #[arg(long, group = "source", value_name = "IMAGE")]
+        file: Option<PathBuf>,
+        /// The disk's name (default: data1, data2, ...); the guest sees
+        /// /dev/disk/by-id/virtio-NAME
+        #[arg(long = "name", value_name = "D")]
+        disk: Option<crate::disk::DiskName>,
+    },
+    /// List a VM's extra disks
+    #[command(alias = "ls")]
+    List {
+        name: VmName,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a disk (unplugged first while the VM runs) and delete its file
+    #[command(alias = "remove")]
+    Rm {
+        name: VmName,
+        disk: crate::disk::DiskName,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -107,6 +107,12 @@ async fn commit(
     if let Stopped::Forced(why) = &c.stopped {
         eprintln!("warning: {name} did not power off by itself: {why}");
     }
+    if !c.left_out_disks.is_empty() {
+        eprintln!(
+            "note: the template holds {name}'s root disk only, not its extra disks ({})",
+            c.left_out_disks.join(", ")
+        );
+    }
     println!(
         "Committed {name} as template {template}: {} ({} MiB; guest cleaned and stopped in {:.1} s, image written in {:.1} s)",
         c.image.digest,

@@ -104,6 +104,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Info { name, json, boot } => verbs::info(s, &name, json, boot),
         Cmd::Image(cmd) => image::image_cmd(s, cmd).await,
         Cmd::Snapshot(cmd) => image::snapshot_cmd(s, cmd).await,
+        Cmd::Disk(cmd) => verbs::disk_cmd(s, cmd).await,
         Cmd::Ip {
             name,
             wait,

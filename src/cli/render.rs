@@ -65,6 +65,14 @@ pub fn info(i: &vm::VmInfo) {
     if !i.devices.is_empty() {
         println!("devices:  {}", i.devices.join(", "));
     }
+    if !i.disks.is_empty() {
+        let disks: Vec<String> = i
+            .disks
+            .iter()
+            .map(|d| format!("{} ({})", d.name, bytes(d.size)))
+            .collect();
+        println!("disks:    {}", disks.join(", "));
+    }
     if let Some(t) = &i.tap {
         println!("tap:      {t}");
     }
@@ -159,6 +167,28 @@ pub fn image_table(rows: &[ImageRow]) {
 }
 
 /// `nox snapshot ls`.
+/// A size as the user wrote it: whole GiB or MiB where exact, else bytes.
+pub fn bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b => format!("{b} bytes"),
+    }
+}
+
+pub fn disk_table(disks: &[crate::vm::DiskInfo]) {
+    println!("{:<20} {:>8}  {:<36} FILE", "NAME", "SIZE", "IN THE GUEST");
+    for d in disks {
+        println!(
+            "{:<20} {:>8}  {:<36} {}",
+            d.name,
+            bytes(d.size),
+            d.guest_path,
+            d.file.display()
+        );
+    }
+}
+
 pub fn snapshot_table(snaps: &[crate::snapshot::SnapshotInfo]) {
     println!(
         "{:<24} {:<20} {:<4} {:<8} {:>9} {:>9}",

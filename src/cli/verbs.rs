@@ -326,3 +326,56 @@ pub fn version(json: bool) -> Result<i32> {
     }
     Ok(0)
 }
+
+pub async fn disk_cmd(store: &Store, cmd: super::DiskCmd) -> Result<i32> {
+    use super::DiskCmd;
+    match cmd {
+        DiskCmd::Add {
+            name,
+            size,
+            file,
+            disk,
+        } => {
+            let source = match (size, file) {
+                (Some(s), _) => ops::DiskSource::Blank(
+                    crate::spec::parse_extra_disk(&s).context("cannot add the disk")?,
+                ),
+                (None, Some(f)) => ops::DiskSource::File(f),
+                // clap requires one of them.
+                (None, None) => anyhow::bail!("give --size or --file"),
+            };
+            let a = ops::disk_add(store, &name, &source, disk)
+                .await
+                .with_context(|| format!("cannot add a disk to {name}"))?;
+            let d = &a.disk;
+            let when = if a.live {
+                "plugged in now"
+            } else {
+                "plugged in at its next start"
+            };
+            println!(
+                "Added disk {} to {name} ({}, {when}): the guest sees {}",
+                d.name,
+                render::bytes(d.size),
+                d.guest_path
+            );
+        }
+        DiskCmd::List { name, json } => {
+            let disks = ops::disk_list(store, &name)
+                .with_context(|| format!("cannot list the disks of {name}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&disks)?);
+            } else {
+                render::disk_table(&disks);
+            }
+        }
+        DiskCmd::Rm { name, disk } => {
+            let live = ops::disk_rm(store, &name, &disk)
+                .await
+                .with_context(|| format!("cannot remove disk {disk} of {name}"))?;
+            let how = if live { " (unplugged)" } else { "" };
+            println!("Removed disk {disk} of {name}{how}");
+        }
+    }
+    Ok(0)
+}

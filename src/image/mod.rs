@@ -12,6 +12,7 @@
 
 mod catalog;
 mod download;
+pub mod extra;
 pub(crate) mod probe;
 mod verify;
 pub mod vmdisk;

@@ -209,6 +209,16 @@ pub fn firmware_files(argv: &[String]) -> Vec<(PathBuf, bool)> {
     out
 }
 
+/// The files of the extra disks a qemu argv opens: `-blockdev` JSON
+/// objects with a `file.filename` (crate::qemu::blockdev_json). qemu writes them.
+pub fn extra_disk_files(argv: &[String]) -> Vec<PathBuf> {
+    argv.windows(2)
+        .filter(|w| w[0] == "-blockdev")
+        .filter_map(|w| serde_json::from_str::<serde_json::Value>(&w[1]).ok())
+        .filter_map(|v| v["file"]["filename"].as_str().map(PathBuf::from))
+        .collect()
+}
+
 /// Splits a qemu option string on `,` (`,,` is a literal comma).
 fn split_opts(s: &str) -> Vec<String> {
     let mut out = vec![String::new()];
@@ -239,18 +249,25 @@ pub fn cgroup_limits(memory: u64, cpus: u32, tcg: bool) -> CgroupLimits {
     }
 }
 
-/// What a root jail chowns to the VM's ids: the disk and the firmware
-/// variable stores in the VM's directory (writable), and the seed (it holds
+/// What a root jail chowns to the VM's ids: the disk, its extra disks and
+/// the firmware variable stores in the VM's directory (writable), and the seed (it holds
 /// the guest's private host key: theirs to read only). The run directory
 /// stays nox's: qemu gets descriptors of its sockets and console pipe
 /// instead (crate::rundir).
-fn owned_files(vm: &VmPaths, firmware: &[(PathBuf, bool)]) -> Vec<Owned> {
+fn owned_files(vm: &VmPaths, firmware: &[(PathBuf, bool)], disks: &[PathBuf]) -> Vec<Owned> {
     let vars = firmware
         .iter()
         .filter(|(p, w)| *w && p.starts_with(&vm.dir))
         .map(|(p, _)| p.clone());
+    // Extra disks: only those in the VM's own disks directory (where nox
+    // makes them), whatever an argv says.
+    let disks = disks
+        .iter()
+        .filter(|p| p.parent() == Some(vm.disks_dir().as_path()))
+        .cloned();
     let mut owned: Vec<Owned> = std::iter::once(vm.disk())
         .chain(vars)
+        .chain(disks)
         .map(|path| Owned { path, mode: 0o600 })
         .collect();
     owned.push(Owned {
@@ -307,8 +324,9 @@ impl JailPlan {
             plan.memlock = Some(i.memory + MEMLOCK_OVERHEAD);
         }
         let firmware = firmware_files(i.argv);
+        let disks = extra_disk_files(i.argv);
         if matches!(i.mode, Mode::Root(_)) {
-            plan.owned = owned_files(i.vm, &firmware);
+            plan.owned = owned_files(i.vm, &firmware, &disks);
         }
         if matches!(i.mode, Mode::Bare) {
             return plan;
@@ -316,7 +334,7 @@ impl JailPlan {
         plan.root = Some(i.vm.run.join("jail"));
         plan.netns = !i.user_net;
         plan.bind_programs(i);
-        plan.bind_vm_files(i, &firmware);
+        plan.bind_vm_files(i, &firmware, &disks);
         plan.add_devices(i);
         plan.bind_pci_sysfs(i);
         plan.dirs = plan.parent_dirs();
@@ -354,10 +372,13 @@ impl JailPlan {
         }
     }
 
-    /// The VM's disk (writable), seed and base image, and the firmware files
-    /// outside /usr (the variable store writable).
-    fn bind_vm_files(&mut self, i: &Input, firmware: &[(PathBuf, bool)]) {
+    /// The VM's disk and extra disks (writable), seed and base image, and
+    /// the firmware files outside /usr (the variable store writable).
+    fn bind_vm_files(&mut self, i: &Input, firmware: &[(PathBuf, bool)], disks: &[PathBuf]) {
         self.binds.push(Bind::file(i.vm.disk(), true));
+        for d in disks {
+            self.binds.push(Bind::file(d.clone(), true));
+        }
         self.binds.push(Bind::file(i.vm.seed(), false));
         self.binds.push(Bind::file(i.base_image.to_owned(), false));
         for (p, w) in firmware {
@@ -737,6 +758,39 @@ mod tests {
         assert!(!p.netns && !build(Mode::Bare, false, false, &argv(&[])).netns);
         assert!(p.binds.is_empty() && p.devices.is_empty() && p.owned.is_empty());
         assert_eq!(p.nofile, NOFILE);
+    }
+
+    #[test]
+    fn extra_disks_are_bound_writable_and_owned_only_in_the_vms_disks_dir() {
+        let st = Store::at("/var/lib/nox".into(), "/run/nox".into());
+        let vm = st.vm_paths(&"demo".parse().unwrap());
+        let json = |f: &str| {
+            format!(r#"{{"driver":"qcow2","file":{{"driver":"file","filename":"{f}"}}}}"#)
+        };
+        let argv: Vec<String> = [
+            "qemu".to_string(),
+            "-blockdev".into(),
+            json("/var/lib/nox/vms/demo/disks/data.qcow2"),
+            "-blockdev".into(),
+            json("/elsewhere/x.qcow2"),
+        ]
+        .into();
+        let files = extra_disk_files(&argv);
+        assert_eq!(files.len(), 2);
+        let owned = owned_files(&vm, &[], &files);
+        let paths: Vec<&Path> = owned.iter().map(|o| o.path.as_path()).collect();
+        assert!(paths.contains(&Path::new("/var/lib/nox/vms/demo/disks/data.qcow2")));
+        assert!(!paths.contains(&Path::new("/elsewhere/x.qcow2")));
+        let mut plan = build(Mode::Root(IDS), true, true, &argv);
+        assert!(
+            plan.owned
+                .iter()
+                .any(|o| o.path.ends_with("disks/data.qcow2") && o.mode == 0o600)
+        );
+        plan.binds
+            .retain(|b| b.path.starts_with("/var/lib/nox/vms/demo/disks"));
+        assert_eq!(plan.binds.len(), 1);
+        assert!(plan.binds[0].writable);
     }
 
     #[test]

@@ -328,6 +328,7 @@ fn build_spec(
         created: state::now(),
         console_log_size: v.console_log_size,
         devices: o.devices.clone(),
+        disks: vec![],
     };
     (spec, v.user_keys.report)
 }

@@ -71,6 +71,12 @@ pub enum OpsError {
     NoUnitDir,
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
+    #[error(transparent)]
+    Plug(#[from] crate::diskplug::PlugError),
+    #[error("another disk or snapshot operation on {name} is under way; try again when it ends")]
+    DiskBusy { name: String },
 }
 
 // Boxed: VmError is large, and every operation's result carries OpsError.

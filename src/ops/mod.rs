@@ -10,6 +10,7 @@
 mod config;
 mod cp;
 mod create;
+mod disk;
 mod doctor;
 mod error;
 mod image;
@@ -20,6 +21,7 @@ mod systemd;
 pub use config::{ConfigView, DefaultsView, OriginView, config_show, config_warnings, load_config};
 pub use cp::{CpPath, cp, parse_cp_path};
 pub use create::{CreateOptions, CreateRequest, Created, Defaulted, FirstBoot, create};
+pub use disk::{DiskAdded, DiskSource, disk_add, disk_list, disk_rm};
 pub use doctor::{Check, CheckLine, doctor, exit_code, missing_uefi};
 pub use error::OpsError;
 pub use image::{

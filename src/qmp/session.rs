@@ -272,6 +272,24 @@ impl Qmp {
             .map(drop)
     }
 
+    /// Adds a descriptor (`SCM_RIGHTS`, sent with the command) to a new fd
+    /// set, tagged `opaque`, and returns the set's id: qemu opens
+    /// `/dev/fdset/ID` as a dup of it (a block file it could not open by
+    /// path in its jail).
+    pub async fn add_fd(&self, opaque: &str, fd: BorrowedFd<'_>) -> Result<u64, QmpError> {
+        let args = serde_json::json!({ "opaque": opaque });
+        let ret = self
+            .exchange("add-fd", args, Some(fd), DEFAULT_TIMEOUT)
+            .await?;
+        ret.get("fdset-id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| QmpError::Command {
+                command: "add-fd".into(),
+                class: "nox".into(),
+                desc: format!("no fdset-id in the reply {ret}"),
+            })
+    }
+
     async fn exchange(
         &self,
         name: &str,

@@ -77,6 +77,14 @@ impl VmPaths {
     pub fn disk(&self) -> PathBuf {
         self.dir.join("disk.qcow2")
     }
+    /// Where the extra disks live (made by `nox disk add`, root's, 0700).
+    pub fn disks_dir(&self) -> PathBuf {
+        self.dir.join("disks")
+    }
+    /// The file of extra disk `name`: always here, never a path from the spec.
+    pub fn extra_disk(&self, name: &crate::disk::DiskName) -> PathBuf {
+        self.disks_dir().join(format!("{name}.qcow2"))
+    }
     pub fn seed(&self) -> PathBuf {
         self.dir.join("seed.img")
     }

@@ -179,6 +179,12 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
     let mut restarts = 0u32;
     loop {
         let started = std::time::Instant::now();
+        // Extra disks change while the VM runs (`nox disk add|rm` plug
+        // them in and out): a restart starts with the spec's disks of now.
+        let mut spec = spec.clone();
+        if let Ok(now) = vm.load_spec() {
+            spec.disks = now.disks;
+        }
         let result = run_once(vm, &spec, choice.accel, &log, &mut rec, &mut signals).await;
         cleanup_runtime(vm);
         record(&mut rec, ended(&result));

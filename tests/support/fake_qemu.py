@@ -5,7 +5,11 @@ not fit on a CI machine (nox's config.json "binaries" points at a copy).
 
 Answers qmp_capabilities, cont, query-status (running); system_powerdown
 emits POWERDOWN then SHUTDOWN (guest-shutdown) and exits 0; quit emits
-SHUTDOWN (host-qmp-quit) and exits 0. Other commands: an empty return.
+SHUTDOWN (host-qmp-quit) and exits 0. Disk hotplug: add-fd returns a new
+fd set (kept for query-fdsets, dropped by remove-fd), qom-list and qom-get
+parent_bus answer from the argv's -device ids and buses, device_add and
+device_del change them (device_del emits DEVICE_DELETED). Other commands: an
+empty return.
 
 A VM named dies-at-start*: like a qemu that fails after making its sockets
 (e.g. a kernel file it cannot open), it accepts the first QMP connection,
@@ -39,6 +43,17 @@ def fdsets(argv):
         if a == "-add-fd":
             opts = dict(kv.split("=", 1) for kv in argv[i + 1].split(",") if "=" in kv)
             out[opts.get("set")] = int(opts["fd"])
+    return out
+
+
+def peripherals(argv):
+    """id -> bus of every -device with an id (the root bus by default)."""
+    out = {}
+    for i, a in enumerate(argv[:-1]):
+        if a == "-device":
+            opts = dict(kv.split("=", 1) for kv in argv[i + 1].split(",") if "=" in kv)
+            if "id" in opts:
+                out[opts["id"]] = opts.get("bus", "pcie.0")
     return out
 
 
@@ -86,6 +101,8 @@ def main():
     listeners = {}
     conns = {}
     sets = fdsets(sys.argv)
+    added = {}
+    devices = peripherals(sys.argv)
     for opts, serial, logfile in chardev_paths(sys.argv):
         if "fd" in opts:
             # nox's descriptors: a listening socket (server=on) or, for the
@@ -97,6 +114,9 @@ def main():
                 conns[s] = b""
                 greet(s)
                 continue
+            # As qemu does: listen() again, so a client's SO_PEERCRED
+            # names this process (nox checks it: crate::rundir).
+            s.listen(4)
         else:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.bind(opts["path"])
@@ -130,13 +150,36 @@ def main():
                 cmd = json.loads(line)
                 name, cid = cmd.get("execute"), cmd.get("id")
                 ret = {}
+                args = cmd.get("arguments") or {}
                 if name == "query-status":
                     ret = {"status": "running", "running": True, "singlestep": False}
+                elif name == "add-fd":
+                    fdset = 10 + len(added)
+                    added[fdset] = args.get("opaque", "")
+                    ret = {"fdset-id": fdset, "fd": 100 + fdset}
+                elif name == "query-fdsets":
+                    ret = [{"fdset-id": k, "fds": [{"fd": 100 + k, "opaque": v}]}
+                           for k, v in added.items()]
+                elif name == "remove-fd":
+                    added.pop(args.get("fdset-id"), None)
+                elif name == "qom-list":
+                    ret = [{"name": d, "type": "child<device>"} for d in devices]
+                elif name == "qom-get":
+                    d = args.get("path", "").rsplit("/", 1)[-1]
+                    bus = devices.get(d, "pcie.0")
+                    ret = f"/machine/peripheral/{bus}/{bus}"
+                elif name == "device_add":
+                    devices[args.get("id")] = args.get("bus", "pcie.0")
+                elif name == "device_del":
+                    devices.pop(args.get("id"), None)
                 reply = {"return": ret}
                 if cid is not None:
                     reply["id"] = cid
                 send(r, reply)
                 ts = {"seconds": 0, "microseconds": 0}
+                if name == "device_del":
+                    send(r, {"event": "DEVICE_DELETED", "timestamp": ts,
+                             "data": {"device": args.get("id"), "path": "/x"}})
                 if name in ("system_powerdown", "quit"):
                     events = [("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})]
                     if name == "system_powerdown":
