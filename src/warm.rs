@@ -682,23 +682,10 @@ echo "$host" >/etc/hostname
 hostname "$host"
 [ -n "$old" ] && sed -i "s/\(127\.0\.1\.1[[:space:]]\+\)$old\b/\1$host/" /etc/hosts
 val MACHINE_ID >/etc/machine-id
-rm -f /etc/ssh/ssh_host_*
-umask 077
-b64 HOST_KEY >/etc/ssh/ssh_host_ed25519_key
-umask 022
-b64 HOST_KEY_PUB >/etc/ssh/ssh_host_ed25519_key.pub
-user=$(val USER)
-home=$(getent passwd "$user" | cut -d: -f6)
-if [ -n "$home" ]; then
-  mkdir -p "$home/.ssh"
-  b64 AUTHORIZED_KEYS >>"$home/.ssh/authorized_keys"
-  chown -R "$user:" "$home/.ssh"
-  chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
-fi
-systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service 2>/dev/null
+# The network before the host key: a VM answers SSH with its pinned key
+# only once its NIC is its own (--wait then finds it on its own address).
 old_mac=$(val OLD_MAC)
 mac=$(val MAC)
-umount "$seed"
 # Every file a network renderer wrote that names the template's MAC names
 # this VM's: networkd's (cloud-init's own, or netplan's in /run), netplan's
 # YAML, ifupdown's, NetworkManager's, udev's naming rules.
@@ -739,6 +726,21 @@ for i in /sys/class/net/*; do
     ifup "$ifc"
   fi
 done
+rm -f /etc/ssh/ssh_host_*
+umask 077
+b64 HOST_KEY >/etc/ssh/ssh_host_ed25519_key
+umask 022
+b64 HOST_KEY_PUB >/etc/ssh/ssh_host_ed25519_key.pub
+user=$(val USER)
+home=$(getent passwd "$user" | cut -d: -f6)
+if [ -n "$home" ]; then
+  mkdir -p "$home/.ssh"
+  b64 AUTHORIZED_KEYS >>"$home/.ssh/authorized_keys"
+  chown -R "$user:" "$home/.ssh"
+  chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
+fi
+systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service 2>/dev/null
+umount "$seed"
 echo "nox-warm: identity applied" >/dev/kmsg
 "#;
     // Started, never enabled: it runs in the template's saved guest (and so
