@@ -8,8 +8,8 @@
 #   ${NOX_TEST_CACHE:-/var/cache/nox-test}/debian-<suite>-<arch>-<sha256(this script)[:12]>.qcow2
 # An existing cached image is reused at once.
 #
-# Guest: trixie, linux-image-cloud-<arch>, cloud-init (NoCloud first), systemd-networkd +
-# systemd-resolved, openssh-server (no host keys baked in), cloud-guest-utils (growpart), empty
+# Guest: trixie, linux-image-cloud-<arch>, cloud-init (NoCloud first), netplan.io rendering for
+# systemd-networkd + systemd-resolved, openssh-server (no host keys baked in), cloud-guest-utils (growpart), empty
 # /etc/machine-id, locked root, fstab by UUID, C.UTF-8/en_US.UTF-8 generated, no docs/man pages.
 # amd64: GPT p14 BIOS boot (GRUB i386-pc) + p15 ESP (EFI/BOOT/BOOTX64.EFI) + p1 ext4 root,
 # console=ttyS0,115200. arm64: p15 ESP (EFI/BOOT/BOOTAA64.EFI) + p1 root, console=ttyAMA0,115200.
@@ -71,10 +71,12 @@ UUID=$NOX_TI_ROOT_UUID / ext4 rw,discard,errors=remount-ro,x-systemd.growfs 0 1
 UUID=$NOX_TI_ESP_UUID /boot/efi vfat umask=0077 0 0
 EOF
 
-    # Network: systemd-networkd (cloud-init renders its config there) + systemd-resolved, as in
-    # Debian 13's cloud images. Not ifupdown + isc-dhcp-client: cloud-init 25's fallback config
-    # asks for DHCPv6 too, and `ifup` then blocks the boot for dhclient's 300 s timeout on any
-    # network without a DHCPv6 server (slirp, nox's bridges).
+    # Network: netplan.io + systemd-networkd + systemd-resolved, as in Debian 13's cloud images:
+    # cloud-init renders /etc/netplan/50-cloud-init.yaml, and netplan's generator turns it into
+    # /run/systemd/network/10-netplan-*.network, which matches the NIC by its permanent MAC.
+    # Not ifupdown + isc-dhcp-client: cloud-init 25's fallback config asks for DHCPv6 too, and
+    # `ifup` then blocks the boot for dhclient's 300 s timeout on any network without a DHCPv6
+    # server (slirp, nox's bridges).
     chroot "$R" systemctl enable systemd-networkd.service >&2
     ln -sfn ../run/systemd/resolve/stub-resolv.conf "$R/etc/resolv.conf"
 
@@ -350,7 +352,7 @@ esac
 PACKAGES=(
     systemd-sysv udev dbus "$KERNEL" initramfs-tools cloud-init cloud-guest-utils fdisk
     openssh-server e2fsprogs locales systemd-resolved iproute2 netbase sudo ca-certificates
-    procps less "${GRUB_PKGS[@]}"
+    procps less netplan.io "${GRUB_PKGS[@]}"
 )
 
 # The empty GPT disk (grub-bios-setup writes into it during the hook).

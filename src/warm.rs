@@ -14,7 +14,9 @@
 //!   hook the commit installed ([`hook_install_script`]) sees the seed disk
 //!   change and applies the identity nox put in it (`nox-warm.env`, see
 //!   [`crate::seed::WarmIdentity`]): hostname, machine-id, pinned host key,
-//!   login keys, MAC (networkd then takes a new lease), clock.
+//!   login keys, clock, and MAC: the renderers' files rewritten and the NIC
+//!   re-probed, so the guest's kernel has the VM's MAC as its permanent
+//!   address too (netplan matches that) and configures a new NIC.
 //! - State saved by another qemu, for another machine shape
 //!   ([`crate::qemu::machine_shape`]) or accelerator cannot be loaded: the
 //!   VM boots cold from the same disk (a normal first boot through
@@ -625,6 +627,14 @@ pub const APPLIED: &str = "nox-warm: identity applied";
 /// seed check also works on arm64, which has no vmgenid.)
 /// The guest is the executor: every value comes from nox's seed, base64
 /// where it is not a plain token. Runs with `sh` (dash on Debian).
+///
+/// The MAC: a resumed virtio-net device and the guest kernel both keep the
+/// template's MAC as the NIC's permanent address, which netplan's networkd
+/// files and NetworkManager match; `ip link set address` alone left such a
+/// NIC unmanaged. Rebinding the NIC's driver resets the device, so qemu
+/// puts back the MAC of its `-device` argument (this VM's) and the kernel
+/// probes a new NIC with that permanent address, which the rewritten files
+/// match whatever rendered them.
 pub fn hook_install_script() -> String {
     let hook = r#"#!/bin/sh
 # Installed by nox (warm template). Started while the template's guest is
@@ -675,6 +685,50 @@ echo "$host" >/etc/hostname
 hostname "$host"
 [ -n "$old" ] && sed -i "s/\(127\.0\.1\.1[[:space:]]\+\)$old\b/\1$host/" /etc/hosts
 val MACHINE_ID >/etc/machine-id
+# The network before the host key: a VM answers SSH with its pinned key
+# only once its NIC is its own (--wait then finds it on its own address).
+old_mac=$(val OLD_MAC)
+mac=$(val MAC)
+# Every file a network renderer wrote that names the template's MAC names
+# this VM's: networkd's (cloud-init's own, or netplan's in /run), netplan's
+# YAML, ifupdown's, NetworkManager's, udev's naming rules.
+for f in /etc/systemd/network/* /run/systemd/network/* /etc/netplan/*.yaml \
+  /etc/network/interfaces /etc/network/interfaces.d/* \
+  /etc/NetworkManager/system-connections/* /run/NetworkManager/system-connections/* \
+  /etc/udev/rules.d/*.rules; do
+  [ -f "$f" ] && grep -qiF "$old_mac" "$f" && sed -i "s/$old_mac/$mac/I" "$f"
+done
+udevadm control --reload 2>/dev/null
+networkctl reload 2>/dev/null
+nmcli connection reload 2>/dev/null
+# The NIC becomes this VM's: its driver is unbound and bound again, which
+# resets the device, so qemu gives it this VM's MAC and the kernel reads
+# that as the permanent address too (netplan and NetworkManager match the
+# permanent address: a resumed device keeps the template's). Whatever
+# manages the network then sees a new NIC appear and configures it.
+for i in /sys/class/net/*; do
+  [ "$(cat "$i/address" 2>/dev/null)" = "$old_mac" ] || continue
+  ifc=${i##*/}
+  dev=$(readlink -f "$i/device")
+  drv=$(readlink -f "$dev/driver")
+  ip link set dev "$ifc" down
+  if [ -n "$dev" ] && [ -w "$drv/unbind" ] && echo "${dev##*/}" >"$drv/unbind"; then
+    echo "${dev##*/}" >"$drv/bind"
+    udevadm settle -t 10 2>/dev/null
+    n=0
+    while [ $n -lt 50 ] && ! ls "$dev/net" >/dev/null 2>&1; do sleep 0.2; n=$((n + 1)); done
+    ifc=$(ls "$dev/net" 2>/dev/null | head -n 1)
+  else
+    ip link set dev "$ifc" address "$mac"
+  fi
+  [ -n "$ifc" ] || continue
+  ip link set dev "$ifc" up
+  networkctl reconfigure "$ifc" 2>/dev/null
+  if command -v ifup >/dev/null && grep -qs "^iface $ifc " /etc/network/interfaces /etc/network/interfaces.d/*; then
+    ifdown --force "$ifc" 2>/dev/null
+    ifup "$ifc"
+  fi
+done
 rm -f /etc/ssh/ssh_host_*
 umask 077
 b64 HOST_KEY >/etc/ssh/ssh_host_ed25519_key
@@ -689,20 +743,7 @@ if [ -n "$home" ]; then
   chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
 fi
 systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service 2>/dev/null
-old_mac=$(val OLD_MAC)
-mac=$(val MAC)
 umount "$seed"
-for f in /etc/systemd/network/*.network /run/systemd/network/*.network /etc/netplan/*.yaml; do
-  [ -f "$f" ] && sed -i "s/$old_mac/$mac/I" "$f"
-done
-for i in /sys/class/net/*; do
-  [ "$(cat "$i/address" 2>/dev/null)" = "$old_mac" ] || continue
-  ifc=${i##*/}
-  ip link set dev "$ifc" down
-  ip link set dev "$ifc" address "$mac"
-  ip link set dev "$ifc" up
-  networkctl reload 2>/dev/null && networkctl reconfigure "$ifc" 2>/dev/null
-done
 echo "nox-warm: identity applied" >/dev/kmsg
 "#;
     // Started, never enabled: it runs in the template's saved guest (and so
@@ -816,6 +857,10 @@ mod tests {
         let s = hook_install_script();
         assert!(s.contains("iflag=direct"));
         assert!(s.contains(APPLIED));
+        // The NIC is re-probed, not only given a new address (netplan
+        // matches the permanent one), and netplan's own files are rewritten.
+        assert!(s.contains("/unbind") && s.contains("/bind"));
+        assert!(s.contains("/run/systemd/network/*") && s.contains("/etc/netplan/*.yaml"));
         if let Ok(o) = std::process::Command::new("sh")
             .args(["-n", "-c", &s])
             .output()

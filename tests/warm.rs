@@ -1,9 +1,13 @@
-//! Warm start (`nox image commit --warm`) on the real test guest: one guest
-//! boots and becomes a warm template; ten VMs made from it resume that guest
-//! at once on a bridge with dnsmasq in the test's own namespace, and each
-//! must be itself (hostname, machine-id, pinned host key, MAC, DHCP lease,
-//! login key) while keeping the template's files. A VM whose settings the
-//! saved machine does not fit boots cold and is told so.
+//! Warm start (`nox image commit --warm`) on the real test guest, whose
+//! cloud-init renders through netplan as Debian's own cloud images do (the
+//! NIC matched by its permanent MAC). On a bridge: one guest boots and
+//! becomes a warm template; ten VMs made from it resume that guest at once
+//! with dnsmasq in the test's own namespace, and each must be itself
+//! (hostname, machine-id, pinned host key, MAC, DHCP lease, login key)
+//! while keeping the template's files. A VM whose settings the saved
+//! machine does not fit boots cold and is told so. On user networking
+//! (passt, the default without a bridge): a template saved there, and
+//! clones each with their own SSH forward and published port.
 
 mod common;
 
@@ -75,6 +79,9 @@ impl GuestFacts {
         echo macs=$(cat /sys/class/net/*/address); echo machine-id=$(cat /etc/machine-id); \
         echo hostkey=$(cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub); \
         echo identity-applied=$(sudo dmesg | grep -c 'nox-warm: identity applied'); \
+        echo permaddr=$(ip -o link | grep -o 'permaddr [0-9a-f:]*'); \
+        echo nic=$(networkctl list --no-legend --no-pager | grep -v ' loopback '); \
+        echo netplan=$(ls /run/systemd/network/ | grep -c '^10-netplan-.*[.]network$'); \
         echo now=$(date +%s); \
         echo shm=$(cat /dev/shm/nox-ram-marker); hostname >/dev/shm/nox-ram-marker";
 
@@ -92,6 +99,46 @@ impl GuestFacts {
         self.0
             .get(key)
             .unwrap_or_else(|| panic!("the guest did not report {key}: {self:?}"))
+    }
+
+    /// What every warm VM must be, on any network: its own hostname and MAC
+    /// (the kernel's permanent address too: netplan matches that), its NIC
+    /// configured by networkd through netplan's files, the identity hook's
+    /// line in the kernel log, the template's files, the host's clock.
+    fn check(&self, vm: &str, mac: &str, template_mac: &str) {
+        assert_eq!(self.get("hostname"), vm, "{self:?}");
+        assert_eq!(self.get("hello"), "hello-from-base", "{self:?}");
+        let macs = self.get("macs");
+        assert!(
+            macs.split_whitespace().any(|m| m == mac),
+            "{vm}: {macs} (want {mac})"
+        );
+        assert!(!macs.contains(template_mac), "{vm} kept the template's MAC");
+        assert_eq!(
+            self.get("permaddr"),
+            "",
+            "{vm}: a NIC's permanent address is not its address (the template's?)"
+        );
+        assert_ne!(
+            self.get("netplan"),
+            "0",
+            "{vm}: the test image renders no netplan files (scripts/build-test-image.sh installs netplan.io, as Debian's cloud images have it)"
+        );
+        let nic = self.get("nic");
+        assert!(
+            nic.contains(" configured") && !nic.contains("unmanaged"),
+            "{vm}: networkd does not manage its NIC: {nic}"
+        );
+        assert_ne!(self.get("identity-applied"), "0", "{vm}: {self:?}");
+        let guest_now: i64 = self.get("now").parse().unwrap();
+        let host_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(
+            (guest_now - host_now).abs() < 30,
+            "{vm}: clock {guest_now} vs {host_now}"
+        );
     }
 }
 
@@ -273,17 +320,10 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
         // Everything asked of the guest in one SSH session (each session
         // costs seconds under TCG; ten VMs).
         let facts = GuestFacts::read(&h, n);
-        assert_eq!(facts.get("hostname"), *n, "{facts:?}");
-        assert_eq!(facts.get("hello"), "hello-from-base", "{facts:?}");
+        facts.check(n, &mac, &base_mac);
         // The template's RAM, as the template left it: no other VM's write
         // (every VM made from it wrote its name there) is seen.
         assert_eq!(facts.get("shm"), "base", "{n}: {facts:?}");
-        let macs = facts.get("macs");
-        assert!(
-            macs.split_whitespace().any(|m| m == mac),
-            "{n}: {macs} (want {mac})"
-        );
-        assert!(!macs.contains(&base_mac), "{n} kept the template's MAC");
         let mid = facts.get("machine-id").to_string();
         assert_eq!(mid.len(), 32, "{n}: {mid}");
         let key = facts.get("hostkey").to_string();
@@ -292,18 +332,6 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
         assert!(
             !key.is_empty() && pinned.contains(&key),
             "{n}: host key not the pinned one"
-        );
-        // "nox-warm: identity applied" is in the kernel log.
-        assert_ne!(facts.get("identity-applied"), "0", "{n}: {facts:?}");
-        // The guest's clock was stepped to the host's.
-        let guest_now: i64 = facts.get("now").parse().unwrap();
-        let host_now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        assert!(
-            (guest_now - host_now).abs() < 30,
-            "{n}: clock {guest_now} vs {host_now}"
         );
         let boot: serde_json::Value =
             serde_json::from_str(&h.ok(&["info", n, "--boot", "--json"])).unwrap();
@@ -367,4 +395,104 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
     h.ok(&["image", "rm", "warm-t"]);
     assert!(!state.exists(), "the saved state went with the template");
     assert!(!ram_image.exists(), "the RAM image went with the template");
+}
+
+fn have_passt() -> bool {
+    prereq(
+        nox::net::passt::probe(&nox::trust::Programs::default()).is_ok(),
+        "passt not installed (apt install passt)",
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The body of `GET path` from 127.0.0.1:`port`, if anything answers.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+/// User networking (passt), the default where there is no bridge: a
+/// template saved from a guest on passt, and two VMs resumed from it at
+/// once, each with passt of its own. Each must reach SSH through its own
+/// forward, publish its own port, and be itself (passt learns its MAC from
+/// its traffic; the guest's NIC must really have that MAC).
+#[test]
+fn warm_vms_on_user_networking_get_their_own_forwards() {
+    let Some(img) = e2e_prereqs() else { return };
+    if !have_passt() {
+        return;
+    }
+    let img = img.to_str().unwrap();
+    let h = Home::new();
+    let user = |name: &str, image: &str, extra: &[&str]| {
+        let mut args = vec![
+            "create", name, "--image", image, "--accel", "tcg", "--cpus", "1", "--memory", "512M",
+            "--disk", "4G",
+        ];
+        args.extend_from_slice(extra);
+        h.ok(&args);
+        h.info(name)
+    };
+    let t0 = Instant::now();
+    let base = user("ubase", img, &["--wait", "--timeout", "1200"]);
+    eprintln!("MEASURE cold create -> SSH on passt: {:?}", t0.elapsed());
+    assert_eq!(base["net_backend"], "passt", "{base}");
+    let base_mac = base["mac"].as_str().unwrap().to_string();
+    guest(&h, "ubase", "echo hello-from-base >~/hello && sync");
+    h.ok(&["image", "commit", "ubase", "--as", "warm-u", "--warm"]);
+
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:8000");
+    let t0 = Instant::now();
+    let u1 = user(
+        "u1",
+        "warm-u",
+        &["--publish", &publish, "--wait", "--timeout", "600"],
+    );
+    eprintln!("MEASURE warm create -> SSH on passt: {:?}", t0.elapsed());
+    let u2 = user("u2", "warm-u", &["--wait", "--timeout", "600"]);
+    for (n, info) in [("u1", &u1), ("u2", &u2)] {
+        assert_eq!(info["net_backend"], "passt", "{info}");
+        let boot: serde_json::Value =
+            serde_json::from_str(&h.ok(&["info", n, "--boot", "--json"])).unwrap();
+        assert_eq!(boot["boot"][0]["method"], "warm", "{n}: {boot}");
+        let facts = GuestFacts::read(&h, n);
+        facts.check(n, info["mac"].as_str().unwrap(), &base_mac);
+    }
+    // Each its own SSH forward (and its own passt).
+    let ports: Vec<u64> = [&base, &u1, &u2]
+        .iter()
+        .map(|i| i["ssh"]["port"].as_u64().unwrap())
+        .collect();
+    assert!(
+        ports[0] != ports[1] && ports[1] != ports[2] && ports[0] != ports[2],
+        "{ports:?}"
+    );
+    assert_ne!(u1["passt_pid"], u2["passt_pid"]);
+    assert_eq!(u1["publish"][0], format!("{publish}/tcp"));
+    // u1's published port reaches a server in u1.
+    guest(
+        &h,
+        "u1",
+        "setsid -f python3 -m http.server 8000 --directory ~ </dev/null >/dev/null 2>&1",
+    );
+    wait_for("u1's published port", 120, || {
+        http_get(port, "/hello").is_some_and(|b| b.trim() == "hello-from-base")
+    });
+    for n in ["u1", "u2", "ubase"] {
+        h.ok(&["delete", n, "--force"]);
+    }
+    h.ok(&["image", "rm", "warm-u"]);
 }
