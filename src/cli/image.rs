@@ -124,7 +124,7 @@ async fn pull(store: &Store, cache: &Cache, r: &ops::PullRequest) -> Result<()> 
                 r.source
             )
         }
-        PullEvent::Warning(w) => eprintln!("warning: {w}"),
+        PullEvent::Warning(w) => eprintln!("{w}"),
     })
     .await?;
     Ok(())

@@ -137,12 +137,18 @@ async fn make_warm(
         && let Err(e) = vm::delete(store, builder.as_str(), true).await
     {
         on(PullEvent::Warning(format!(
-            "cannot delete the builder VM {builder}: {}",
+            "warning: cannot delete the builder VM {builder}: {}",
             crate::error_chain(&e)
         )));
     }
     drop(watch);
-    out
+    // Said as what it is: the builder's trouble, and it is gone now.
+    out.map_err(|e| {
+        OpsError::Warm(format!(
+            "cannot make the warm template {tname} (the builder VM {builder} is deleted): {}",
+            crate::error_chain(&e).replace("; the VM is left running", "")
+        ))
+    })
 }
 
 /// Whether the template `IMAGE-warm` found in the cache is ours and of an
