@@ -65,9 +65,20 @@ pub async fn image_pull(
         Some(a) => a,
         None => Arch::host()?,
     };
+    // A bad `defaults` fails only what needs it (docs/configuration.md): a
+    // plain pull goes on without the warm template, and says so.
     let warm = match r.warm {
         Some(w) => w,
-        None => cfg.defaults()?.effective().warm.0,
+        None => match cfg.defaults() {
+            Ok(d) => d.effective().warm.0,
+            Err(e) => {
+                on(PullEvent::Warning(format!(
+                    "warning: no warm template (defaults.warm unread): {}",
+                    crate::error_chain(&e)
+                )));
+                false
+            }
+        },
     };
     // `image pull` is the explicit request to ask upstream.
     let pull = crate::image::PullOptions {
