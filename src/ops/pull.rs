@@ -102,10 +102,13 @@ fn warm_target(source: &str, img: &Image, cache: &Cache) -> Result<TemplateName,
             "it is a template; commit a VM with `nox image commit VM --as NAME --warm` instead",
         ));
     }
-    if img.name.as_deref() != Some(source) {
-        return Err(no(
-            "--warm needs a catalog image or a named image (import it with --name)",
-        ));
+    // What `create --image NAME` resolves to the same image: a catalog name
+    // (the cached image may carry another name, the same content imported).
+    if crate::image::catalog_entry(source).is_none() {
+        return Err(no(&format!(
+            "--warm needs a catalog image name, not {}",
+            img.name.as_deref().unwrap_or("a URL or a path")
+        )));
     }
     crate::templates::warm_name(source).ok_or_else(|| no("NAME-warm is no valid template name"))
 }
@@ -121,7 +124,7 @@ async fn make_warm(
 ) -> Result<(), OpsError> {
     let tname = warm_target(&r.source, img, cache)?;
     if let Some(t) = crate::template::find(cache, &tname) {
-        match stale(&t, img) {
+        match stale(&t, &r.source, img) {
             Ok(true) => {
                 super::image_rm(store, cache, &t.digest, false).map_err(|e| {
                     OpsError::Warm(format!(
@@ -164,15 +167,13 @@ async fn make_warm(
 
 /// Whether the template `IMAGE-warm` found in the cache is ours and of an
 /// older build (Ok(true)), ours and current (Ok(false)), or not ours (Err).
-fn stale(t: &Template, img: &Image) -> Result<bool, String> {
+fn stale(t: &Template, source: &str, img: &Image) -> Result<bool, String> {
     match (&t.warms, &t.warm) {
         (Some(d), Some(_)) => Ok(*d != img.digest),
         _ => Err(format!(
             "a template named {} exists already and is not the warm template of {} \
              (`nox image rm {}` removes it)",
-            t.name,
-            img.name.as_deref().unwrap_or(&img.source),
-            t.name
+            t.name, source, t.name
         )),
     }
 }
