@@ -292,6 +292,7 @@ fn save_record(
             created: image::rfc3339(SystemTime::now()),
         },
         warm,
+        warms: None,
     };
     make_dir(cache)?;
     store::write_json(&record_path(cache, as_), &template)?;
@@ -382,6 +383,8 @@ async fn commit_warm(
         mac: spec.mac,
         user: spec.user.clone(),
         ram: None,
+        // The first key is nox's own of the source, which the clean-up removed.
+        keys: spec.ssh_authorized_keys.iter().skip(1).cloned().collect(),
     };
     let (w, expand_time) = share_ram(vmp, spec, cache, as_, w).await;
     let template = save_record(cache, as_, spec, &image, Some(w))?;
@@ -712,6 +715,7 @@ mod tests {
                 created: "2026-01-01T00:00:00Z".into(),
             },
             warm: None,
+            warms: None,
         }
     }
 

@@ -22,6 +22,10 @@ pub struct Template {
     /// the booted guest ([`crate::warm`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<crate::warm::WarmState>,
+    /// The image (`sha256:HEX`) this template warms: made by `image pull
+    /// IMAGE --warm`, so `create --image IMAGE` resumes it when it fits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warms: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +131,71 @@ pub fn forget(cache: &Cache, digest: &str) {
     }
 }
 
+/// The warm template `image pull IMAGE --warm` makes: `IMAGE-warm` (None
+/// when that is no valid template name).
+pub fn warm_name(image: &str) -> Option<TemplateName> {
+    format!("{image}-warm").parse().ok()
+}
+
+/// The warm template that warms `image` (a catalog or cached image name)
+/// as pulled with `--warm`, if one is recorded.
+pub fn warming(cache: &Cache, image: &str) -> Option<Template> {
+    find(cache, &warm_name(image)?).filter(|t| t.warms.is_some() && t.warm.is_some())
+}
+
+/// Rewrites a template's record (e.g. to note what it warms).
+pub fn save(cache: &Cache, t: &Template) -> Result<(), crate::store::StoreError> {
+    crate::store::write_json(&record_path(cache, &t.name), t)
+}
+
+/// Whether a new VM of `image` (a catalog or cached image, no template;
+/// no `--user-data` when `!user_data`) resumes `t`, the warm template
+/// [`warming`] found for it: Ok, or why it boots cold. Pure. The VM's spec
+/// is as built over `image` (`digest` its base): the template must warm
+/// that very build, have its shape ([`crate::warm::unusable`]), and keep
+/// the same login keys authorised, since the resumed guest keeps the ones
+/// it was saved with (the hook only adds the VM's own).
+pub fn auto_warm(
+    image: &str,
+    digest: &str,
+    t: Option<&Template>,
+    spec: &crate::spec::VmSpec,
+    user_data: bool,
+) -> Result<(), String> {
+    let (Some(t), Some(w)) = (t, t.and_then(|t| t.warm.as_ref())) else {
+        return Err(match warm_name(image) {
+            Some(n) => {
+                format!("{image} has no warm template (nox image pull {image} --warm makes {n})")
+            }
+            None => format!("{image} is not a warm template"),
+        });
+    };
+    let name = &t.name;
+    if t.warms.as_deref() != Some(digest) {
+        return Err(format!(
+            "the warm template {name} was made from another build of {image}; nox image pull {image} --warm makes it anew"
+        ));
+    }
+    if let Some(why) = crate::warm::unusable(spec, w, user_data) {
+        return Err(format!(
+            "the warm template {name} was saved with other settings: {why}"
+        ));
+    }
+    // nox's own key of this VM comes first; the user's follow.
+    let mut asked: Vec<&String> = spec.ssh_authorized_keys.iter().skip(1).collect();
+    let mut kept: Vec<&String> = w.keys.iter().collect();
+    asked.sort();
+    kept.sort();
+    if asked != kept {
+        return Err(format!(
+            "the warm template {name}'s guest authorises other login keys ({}) than this VM asks for ({})",
+            kept.len(),
+            asked.len()
+        ));
+    }
+    Ok(())
+}
+
 pub fn state_path(cache: &Cache, name: &str) -> PathBuf {
     dir(cache).join(format!("{name}.state"))
 }
@@ -134,4 +203,126 @@ pub fn state_path(cache: &Cache, name: &str) -> PathBuf {
 /// A warm template's RAM image (crate::supervisor::expand).
 pub fn ram_path(cache: &Cache, name: &str) -> PathBuf {
     dir(cache).join(format!("{name}.ram"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::VmSpec;
+    use crate::warm::WarmState;
+
+    const KEY: &str = "ssh-ed25519 AAAAuser me@laptop";
+
+    fn spec(cpus: u32) -> VmSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "web-1", "image": {"source": "debian-13", "digest": "sha256:base", "path": "/i", "format": "qcow2"},
+            "arch": "amd64", "cpus": cpus, "memory": 1073741824u64, "disk": 10737418240u64, "user": "nox",
+            "accel": "auto", "network": {"mode": "user"}, "mac": "52:54:00:00:00:02",
+            "ssh_authorized_keys": ["ssh-ed25519 AAAAnox nox@web-1", KEY], "stop_timeout": 60, "created": 0
+        }))
+        .unwrap()
+    }
+
+    fn template(warms: &str) -> Template {
+        Template {
+            name: "debian-13-warm".parse().unwrap(),
+            digest: "sha256:tpl".into(),
+            origin: Origin {
+                vm: "warm-build-1".into(),
+                image: "debian-13".into(),
+                image_digest: "sha256:base".into(),
+                created: "2026-01-01T00:00:00Z".into(),
+            },
+            warm: Some(WarmState {
+                state: "/s".into(),
+                size: 1,
+                sha256: "sha256:0".into(),
+                qemu: "QEMU emulator version 10.0.2".into(),
+                accel: "tcg".into(),
+                shape: vec![],
+                cpus: 1,
+                memory: 1 << 30,
+                disk: 10 << 30,
+                mac: "52:54:00:00:00:01".parse().unwrap(),
+                user: "nox".parse().unwrap(),
+                ram: None,
+                keys: vec![KEY.into()],
+            }),
+            warms: Some(warms.into()),
+        }
+    }
+
+    #[test]
+    fn the_default_shape_resumes_the_images_warm_template() {
+        let t = template("sha256:base");
+        assert_eq!(
+            auto_warm("debian-13", "sha256:base", Some(&t), &spec(1), false),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn anything_else_boots_cold_and_says_why() {
+        let t = template("sha256:base");
+        let why = |r: Result<(), String>| r.unwrap_err();
+        let no = why(auto_warm("debian-13", "sha256:base", None, &spec(1), false));
+        assert!(
+            no.contains("nox image pull debian-13 --warm makes debian-13-warm"),
+            "{no}"
+        );
+        let cpus = why(auto_warm(
+            "debian-13",
+            "sha256:base",
+            Some(&t),
+            &spec(2),
+            false,
+        ));
+        assert!(
+            cpus.contains("debian-13-warm") && cpus.contains("--cpus 2 (the template has 1)"),
+            "{cpus}"
+        );
+        let ud = why(auto_warm(
+            "debian-13",
+            "sha256:base",
+            Some(&t),
+            &spec(1),
+            true,
+        ));
+        assert!(ud.contains("--user-data"), "{ud}");
+        let old = why(auto_warm(
+            "debian-13",
+            "sha256:newer",
+            Some(&t),
+            &spec(1),
+            false,
+        ));
+        assert!(old.contains("another build of debian-13"), "{old}");
+        let mut other = spec(1);
+        other.ssh_authorized_keys[1] = "ssh-ed25519 AAAAother you@there".into();
+        let keys = why(auto_warm(
+            "debian-13",
+            "sha256:base",
+            Some(&t),
+            &other,
+            false,
+        ));
+        assert!(keys.contains("other login keys"), "{keys}");
+        other.ssh_authorized_keys.truncate(1);
+        assert!(auto_warm("debian-13", "sha256:base", Some(&t), &other, false).is_err());
+    }
+
+    #[test]
+    fn records_without_the_new_fields_still_read() {
+        let mut v = serde_json::to_value(template("sha256:base")).unwrap();
+        v.as_object_mut().unwrap().remove("warms");
+        v["warm"].as_object_mut().unwrap().remove("keys");
+        let t: Template = serde_json::from_value(v).unwrap();
+        assert_eq!((t.warms, t.warm.unwrap().keys), (None, vec![]));
+    }
+
+    #[test]
+    fn warm_template_names() {
+        assert_eq!(warm_name("debian-13").unwrap().as_str(), "debian-13-warm");
+        assert!(warm_name("https://x/y.qcow2").is_none());
+    }
 }

@@ -101,6 +101,11 @@ pub struct WarmState {
     /// template, or one whose RAM image could not be made).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ram: Option<RamImage>,
+    /// The user's login keys the saved guest keeps authorised (the
+    /// commit's clean-up removes only nox's own key of the source; the hook
+    /// adds a resumed VM's keys beside these). Empty in an older record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
 }
 
 /// A warm template's RAM image (`T.ram`, root, 0444): the guest's RAM as
@@ -793,6 +798,7 @@ mod tests {
             mac: "52:54:00:00:00:01".parse().unwrap(),
             user: "nox".parse().unwrap(),
             ram: None,
+            keys: vec![],
         }
     }
 

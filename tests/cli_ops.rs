@@ -356,6 +356,7 @@ fn config_defaults_apply_and_flags_win() {
     assert_eq!(show["defaults"]["image"], "debian-13");
     assert_eq!(show["defaults"]["memory"], "1G");
     assert_eq!(show["origin"]["memory"], "built-in");
+    assert_eq!(show["defaults"]["warm"], false);
 
     let cfg = format!(
         r#"{{
@@ -367,7 +368,8 @@ fn config_defaults_apply_and_flags_win() {
     "disk": "3G",
     "network": "slirp",
     "ssh_keys": ["~/keys/me.pub"],
-    "user": "alice"
+    "user": "alice",
+    "warm": true
   }}
 }}
 "#
@@ -381,6 +383,8 @@ fn config_defaults_apply_and_flags_win() {
     assert_eq!(show["defaults"]["network"], "slirp");
     assert_eq!(show["defaults"]["user"], "alice");
     assert_eq!(show["origin"]["disk"], "config");
+    assert_eq!(show["defaults"]["warm"], true);
+    assert_eq!(show["origin"]["warm"], "config");
     let text = h.ok(&["config", "show"]);
     assert!(
         text.contains("256M") && text.contains("config.json"),

@@ -496,3 +496,128 @@ fn warm_vms_on_user_networking_get_their_own_forwards() {
     }
     h.ok(&["image", "rm", "warm-u"]);
 }
+
+/// Warm by default: `image pull debian-13 --warm` (through the loopback
+/// catalog mirror) makes `debian-13-warm` from a builder of config.json's
+/// default shape, which it deletes; a plain `create --image debian-13`
+/// then resumes it, and one asking for another shape boots cold and says
+/// why. `image rm debian-13` keeps the warm template while a VM uses it.
+#[test]
+fn image_pull_warm_makes_the_default_create_resume() {
+    let Some(img) = e2e_prereqs() else { return };
+    if !prereq(have("python3"), "python3 not installed (test HTTP server)") {
+        return;
+    }
+    let mirror = CatalogMirror::debian13(&img);
+    let mut h = Home::new();
+    h.env.push(("NOX_MIRROR".into(), mirror.url.clone()));
+    let keydir = h.path().join("keys");
+    std::fs::create_dir_all(&keydir).unwrap();
+    let key = keydir.join("user");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let pubkey = key.with_extension("pub");
+    write_config(
+        &h,
+        serde_json::json!({ "defaults": {
+            "cpus": 1, "memory": "512M", "disk": "4G", "network": "user",
+            "ssh_keys": [pubkey.to_str().unwrap()],
+        }}),
+    );
+
+    let t0 = Instant::now();
+    let out = h.ok(&[
+        "image",
+        "pull",
+        "debian-13",
+        "--arch",
+        "amd64",
+        "--insecure",
+        "--warm",
+    ]);
+    eprintln!(
+        "MEASURE image pull --warm: {:?}; {}",
+        t0.elapsed(),
+        out.trim()
+    );
+    assert!(out.contains("Made warm template debian-13-warm"), "{out}");
+    let list = h.ok(&["list", "--json"]);
+    assert!(!list.contains("warm-build"), "the builder is gone: {list}");
+    let images = h.ok(&["image", "ls", "--json"]);
+    assert!(images.contains("debian-13-warm"), "{images}");
+    // Pulled again: of this build already, nothing made.
+    let again = h.ok(&["image", "pull", "debian-13", "--insecure", "--warm"]);
+    assert!(again.contains("of this build already"), "{again}");
+
+    let t0 = Instant::now();
+    let out = h.ok(&[
+        "create",
+        "w1",
+        "--image",
+        "debian-13",
+        "--wait",
+        "--timeout",
+        "900",
+        "--json",
+    ]);
+    let took = t0.elapsed();
+    eprintln!("MEASURE create --image debian-13 (auto-warm) -> SSH: {took:?}");
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["boot"], "warm", "{info}");
+    assert!(
+        info["boot_why"]
+            .as_str()
+            .unwrap()
+            .contains("debian-13-warm"),
+        "{info}"
+    );
+    assert_eq!(guest(&h, "w1", "hostname"), "w1");
+    // The user's own key logs in too (the template kept it).
+    let port = info["ssh"]["port"].as_u64().unwrap().to_string();
+    let o = std::process::Command::new("ssh")
+        .args(["-i", key.to_str().unwrap(), "-p", &port])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "BatchMode=yes", "nox@127.0.0.1", "true"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let out = h.ok(&[
+        "create",
+        "c1",
+        "--image",
+        "debian-13",
+        "--cpus",
+        "2",
+        "--no-start",
+        "--json",
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["boot"], "cold", "{info}");
+    let why = info["boot_why"].as_str().unwrap();
+    assert!(
+        why.contains("debian-13-warm") && why.contains("--cpus 2 (the template has 1)"),
+        "{why}"
+    );
+    assert_eq!(info["image"]["source"], "debian-13");
+
+    h.ok(&["delete", "c1"]);
+    let o = h.nox(&["image", "rm", "debian-13"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("kept its warm template debian-13-warm"),
+        "{err}"
+    );
+    h.ok(&["delete", "w1", "--force"]);
+    h.ok(&["image", "rm", "debian-13-warm"]);
+}

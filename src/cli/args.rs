@@ -317,6 +317,13 @@ pub enum ImageCmd {
         /// Architecture (amd64, arm64); the host's by default
         #[arg(long)]
         arch: Option<Arch>,
+        /// Also make its warm template IMAGE-warm, which `create --image IMAGE` of the
+        /// default shape resumes (docs/warm-start.md) [default: config.json's defaults.warm]
+        #[arg(long, overrides_with = "no_warm")]
+        warm: bool,
+        /// Do not make the warm template, whatever config.json says
+        #[arg(long)]
+        no_warm: bool,
     },
     /// List cached images
     #[command(alias = "ls")]

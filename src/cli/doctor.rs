@@ -59,5 +59,6 @@ pub async fn config_show(store: &Store, json: bool) -> Result<i32> {
     };
     println!("ssh_keys: {:<24} {}", keys, from(o.ssh_keys));
     println!("user:     {:<24} {}", d.user, from(o.user));
+    println!("warm:     {:<24} {}", d.warm, from(o.warm));
     Ok(0)
 }

@@ -4,12 +4,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::ident::Arch;
 use crate::image::Cache;
-use crate::ops::{self, PruneEvent};
+use crate::ops::{self, PruneEvent, PullEvent};
 use crate::snapshot::{self, Restored};
 use crate::store::Store;
-use crate::vm::{self, Stopped};
+use crate::vm::Stopped;
 
 use super::render;
 use super::{ImageCmd, SnapshotCmd};
@@ -23,7 +22,22 @@ pub async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
             checksum,
             insecure,
             arch,
-        } => pull(&cache, &source, checksum.as_deref(), insecure, arch).await?,
+            warm,
+            no_warm,
+        } => {
+            let r = ops::PullRequest {
+                source,
+                checksum,
+                insecure,
+                arch,
+                warm: match (warm, no_warm) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
+            };
+            pull(store, &cache, &r).await?
+        }
         ImageCmd::Import { file, name } => {
             let img = cache.import_file(&file, name.as_deref())?;
             println!(
@@ -43,6 +57,11 @@ pub async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
         ImageCmd::Remove { image, force } => {
             let r = ops::image_rm(store, &cache, &image, force)?;
             render::boot_cache(&r.boot_cache);
+            match &r.warm {
+                Some(Ok(t)) => println!("Removed its warm template {t}"),
+                Some(Err(why)) => eprintln!("warning: {why}"),
+                None => {}
+            }
             if r.users.is_empty() {
                 println!("Removed {}", r.digest);
             } else {
@@ -68,30 +87,46 @@ pub async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
     Ok(0)
 }
 
-async fn pull(
-    cache: &Cache,
-    source: &str,
-    checksum: Option<&str>,
-    insecure: bool,
-    arch: Option<Arch>,
-) -> Result<()> {
-    let arch = match arch {
-        Some(a) => a,
-        None => Arch::host()?,
-    };
-    // `image pull` is the explicit request to ask upstream.
-    let pull = crate::image::PullOptions {
-        refresh: true,
-        insecure,
-        ..crate::image::PullOptions::default()
-    };
-    let img = vm::obtain_image(cache, source, arch, checksum, &pull).await?;
-    println!(
-        "{} {} ({} MiB)",
-        img.digest,
-        img.name.as_deref().unwrap_or(&img.source),
-        img.size >> 20
-    );
+async fn pull(store: &Store, cache: &Cache, r: &ops::PullRequest) -> Result<()> {
+    let cfg = ops::load_config(store).context("cannot pull the image")?;
+    for w in ops::config_warnings(&cfg) {
+        eprintln!("{w}");
+    }
+    ops::image_pull(store, cache, &cfg, r, &mut |e| match e {
+        PullEvent::Pulled(img) => println!(
+            "{} {} ({} MiB)",
+            img.digest,
+            img.name.as_deref().unwrap_or(&img.source),
+            img.size >> 20
+        ),
+        PullEvent::UpToDate(t) => println!("Warm template {t} is of this build already"),
+        PullEvent::Replaced(t, d) => println!("Removed warm template {t} ({d}) of an older build"),
+        PullEvent::Builder(vm, notes) => {
+            for n in notes {
+                eprintln!("{n}");
+            }
+            println!("Making warm template: booting builder VM {vm}");
+        }
+        PullEvent::BuilderReady(vm, t) => {
+            println!("{vm} is ready ({:.1} s); committing it --warm", t.as_secs_f64())
+        }
+        PullEvent::Committed(c) => {
+            let t = &c.template;
+            println!(
+                "Made warm template {}: {} ({} MiB; saved in {:.1} s). `nox create --image {}` of this shape resumes it",
+                t.name,
+                c.image.digest,
+                c.image.size >> 20,
+                c.clean_time.as_secs_f64()
+                    + c.convert_time.as_secs_f64()
+                    + c.save_time.map_or(0.0, |d| d.as_secs_f64())
+                    + c.share_time.map_or(0.0, |d| d.as_secs_f64()),
+                r.source
+            )
+        }
+        PullEvent::Warning(w) => eprintln!("{w}"),
+    })
+    .await?;
     Ok(())
 }
 

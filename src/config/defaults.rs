@@ -43,6 +43,9 @@ pub struct Defaults {
     pub ssh_keys: Option<Vec<PathBuf>>,
     #[serde(default)]
     pub user: Option<UserName>,
+    /// `image pull` also makes the image's warm template (as `--warm`).
+    #[serde(default)]
+    pub warm: Option<bool>,
 }
 
 fn image<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -176,6 +179,8 @@ pub struct Effective {
     /// Empty: `~/.ssh/id_*.pub`.
     pub ssh_keys: (Vec<PathBuf>, Origin),
     pub user: (UserName, Origin),
+    /// `image pull` makes a warm template too (docs/warm-start.md).
+    pub warm: (bool, Origin),
 }
 
 fn pick<T>(v: Option<T>, builtin: impl FnOnce() -> T) -> (T, Origin) {
@@ -199,6 +204,7 @@ impl Defaults {
             },
             ssh_keys: pick(self.ssh_keys.clone(), Vec::new),
             user: pick(self.user.clone(), builtin_user),
+            warm: pick(self.warm, || false),
         }
     }
 }

@@ -48,6 +48,7 @@ pub struct DefaultsView {
     pub network: Option<String>,
     pub ssh_keys: Vec<PathBuf>,
     pub user: crate::ident::UserName,
+    pub warm: bool,
 }
 
 /// Where each default comes from.
@@ -60,6 +61,7 @@ pub struct OriginView {
     pub network: Origin,
     pub ssh_keys: Origin,
     pub user: Origin,
+    pub warm: Origin,
 }
 
 /// The effective defaults of `nox create` in `cfg`.
@@ -74,6 +76,7 @@ pub fn config_show(cfg: &Config) -> Result<ConfigView, crate::config::ConfigErro
             network: e.network.0.as_ref().map(|n| n.to_string()),
             ssh_keys: e.ssh_keys.0,
             user: e.user.0,
+            warm: e.warm.0,
         },
         exists: cfg.exists,
         origin: OriginView {
@@ -84,6 +87,7 @@ pub fn config_show(cfg: &Config) -> Result<ConfigView, crate::config::ConfigErro
             network: e.network.1,
             ssh_keys: e.ssh_keys.1,
             user: e.user.1,
+            warm: e.warm.1,
         },
         path: cfg.path.clone(),
     })

@@ -154,7 +154,7 @@ async fn create_vm(store: &Store, o: &CreateOptions) -> Result<Created, VmError>
     let cache = Cache::for_store(store)?;
     // Until the commit below, this VM's base is in no spec: hold off `image rm`/`prune`.
     let _bases = cache.hold_bases()?;
-    let base = fetch_base(&cache, o, v.arch, &vm, v.disk).await?;
+    let base = fetch_base(&cache, o, v.arch).await?;
     // nox's own key lets `--wait` and `nox ssh` work without an agent; the
     // user's keys are authorised beside it.
     let (own, host) = vm::new_keys(&vm, &v.name)?;
@@ -162,8 +162,21 @@ async fn create_vm(store: &Store, o: &CreateOptions) -> Result<Created, VmError>
         store::write_atomic(&vm.user_data(), ud.as_bytes(), 0o600)?;
     }
     let user_data = v.user_data.clone();
+    let disk = v.disk;
     let (spec, report) = build_spec(store, o, v, &base, &own);
-    let (warm, first_boot) = decide_warm(&cache, &o.image, &base, &spec, &vm, user_data.is_some())?;
+    let (spec, base, auto_cold) = auto_warm(&cache, spec, base, user_data.is_some())?;
+    image::create_overlay(&base, &vm.disk(), Some(disk), cache.programs())?;
+    let (warm, mut first_boot) = decide_warm(
+        &cache,
+        &spec.image.source,
+        &base,
+        &spec,
+        &vm,
+        user_data.is_some(),
+    )?;
+    if let Some(why) = auto_cold {
+        first_boot.boot_why = why;
+    }
     vm::write_seed(&spec, &vm, &host, user_data, None, warm)?;
     store::write_json(&vm.spec(), &spec)?;
     staging.commit()?;
@@ -269,22 +282,54 @@ async fn validate_network(
     Ok(network)
 }
 
-/// The base image (pulled or imported on demand) and the VM's disk over it.
-async fn fetch_base(
-    cache: &Cache,
-    o: &CreateOptions,
-    arch: Arch,
-    vm: &VmPaths,
-    disk: u64,
-) -> Result<image::Image, VmError> {
+/// The base image (pulled or imported on demand).
+async fn fetch_base(cache: &Cache, o: &CreateOptions, arch: Arch) -> Result<image::Image, VmError> {
     let pull = image::PullOptions {
         refresh: o.refresh,
         insecure: o.insecure,
         ..image::PullOptions::default()
     };
-    let base = vm::obtain_image(cache, &o.image, arch, o.checksum.as_deref(), &pull).await?;
-    image::create_overlay(&base, &vm.disk(), Some(disk), cache.programs())?;
-    Ok(base)
+    vm::obtain_image(cache, &o.image, arch, o.checksum.as_deref(), &pull).await
+}
+
+/// Warm by default: a VM of an image (no template) whose warm template
+/// (`image pull IMAGE --warm`) fits it is made from that template instead,
+/// as `create --image IMAGE-warm` would be. Returns the spec and base to
+/// use, and, when the image has a warm template this VM cannot resume, why
+/// (for `create --json`'s `boot_why`).
+fn auto_warm(
+    cache: &Cache,
+    spec: VmSpec,
+    base: image::Image,
+    user_data: bool,
+) -> Result<(VmSpec, image::Image, Option<String>), VmError> {
+    let source = spec.image.source.clone();
+    if crate::templates::find(cache, &source).is_some() {
+        return Ok((spec, base, None));
+    }
+    let t = crate::templates::warming(cache, &source);
+    if let Err(why) =
+        crate::templates::auto_warm(&source, &base.digest, t.as_ref(), &spec, user_data)
+    {
+        if t.is_some() {
+            tracing::info!("{} will boot cold: {why}", spec.name);
+        }
+        return Ok((spec, base, Some(why)));
+    }
+    let Some(t) = t else {
+        return Ok((spec, base, None));
+    };
+    let img = cache.get(&t.digest).map_err(vm::VmError::from)?;
+    let spec = VmSpec {
+        image: ImageRef {
+            source: t.name.to_string(),
+            digest: img.digest.clone(),
+            path: img.path.clone(),
+            format: img.format.clone(),
+        },
+        ..spec
+    };
+    Ok((spec, img, None))
 }
 
 /// The spec of the new VM, and the notes about the user's keys.

@@ -70,6 +70,10 @@ pub enum OpsError {
     #[error("no unit directory; pass --dir")]
     NoUnitDir,
     #[error(transparent)]
+    Template(#[from] crate::template::TemplateError),
+    #[error("{0}")]
+    Warm(String),
+    #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error(transparent)]
     Disk(#[from] crate::disk::DiskError),

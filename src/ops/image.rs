@@ -65,6 +65,9 @@ pub struct Removed {
     pub users: Vec<String>,
     /// Bytes of extracted kernels no VM boots any more, or why not pruned.
     pub boot_cache: Result<u64, String>,
+    /// Its warm template (`image pull IMAGE --warm`): removed with it (its
+    /// name), or kept and why (VMs are based on it).
+    pub warm: Option<Result<String, String>>,
 }
 
 /// Removes one image (by digest or name); with `force` even when VMs use it.
@@ -79,10 +82,46 @@ pub fn image_rm(
     let users = vm::image_users(store, &img.digest);
     cache.remove(&img.digest, &users, force)?;
     crate::templates::forget(cache, &img.digest);
+    let warm = remove_warm(store, cache, &img);
     Ok(Removed {
         digest: img.digest,
         users,
         boot_cache: prune_boot_cache(store, cache),
+        warm,
+    })
+}
+
+/// `image rm IMAGE` also removes `IMAGE-warm`, the warm template `image
+/// pull --warm` made of that build: it only serves creates of IMAGE. Kept
+/// (and said) while VMs are based on it, which `--force` does not override:
+/// remove it by its own name.
+fn remove_warm(
+    store: &Store,
+    cache: &Cache,
+    img: &crate::image::Image,
+) -> Option<Result<String, String>> {
+    let t = crate::templates::warming(cache, img.name.as_deref()?)?;
+    if t.warms.as_deref() != Some(img.digest.as_str()) {
+        return None;
+    }
+    let users = vm::image_users(store, &t.digest);
+    if !users.is_empty() {
+        return Some(Err(format!(
+            "kept its warm template {}: VMs are based on it ({})",
+            t.name,
+            users.join(", ")
+        )));
+    }
+    Some(match cache.remove(&t.digest, &[], false) {
+        Ok(_) => {
+            crate::templates::forget(cache, &t.digest);
+            Ok(t.name.to_string())
+        }
+        Err(e) => Err(format!(
+            "cannot remove its warm template {}: {}",
+            t.name,
+            crate::error_chain(&e)
+        )),
     })
 }
 

@@ -16,6 +16,7 @@ mod error;
 mod image;
 mod lifecycle;
 mod net;
+mod pull;
 mod systemd;
 
 pub use config::{ConfigView, DefaultsView, OriginView, config_show, config_warnings, load_config};
@@ -32,4 +33,5 @@ pub use lifecycle::{
     start_warnings, stop, user_net_warning,
 };
 pub use net::{IpView, ip};
+pub use pull::{PullEvent, PullRequest, image_pull};
 pub use systemd::{Enabled, Installed, disable, enable, systemd_install};

@@ -630,3 +630,37 @@ pub fn write_config(h: &Home, config: serde_json::Value) {
     std::fs::write(&p, config.to_string()).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
+
+/// The test image served as the catalog's `debian-13` (amd64) in Debian's
+/// layout, with its SHA512SUMS, by a loopback HTTP mirror: set `url` as
+/// `NOX_MIRROR` (and pull with `--insecure`, the mirror is plain http).
+pub struct CatalogMirror {
+    _dir: tempfile::TempDir,
+    _server: HttpServer,
+    pub url: String,
+}
+
+impl CatalogMirror {
+    pub fn debian13(img: &Path) -> CatalogMirror {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = nox::image::catalog_entry("debian-13").unwrap();
+        let file = dir.path().join(entry.image_path("amd64"));
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::copy(img, &file).unwrap();
+        let out = Command::new("sha512sum").arg(&file).output().unwrap();
+        let sum = String::from_utf8(out.stdout).unwrap();
+        let sum = sum.split_whitespace().next().unwrap();
+        std::fs::write(
+            dir.path().join(entry.sums),
+            format!("{sum}  {}\n", entry.file_name("amd64")),
+        )
+        .unwrap();
+        let server = HttpServer::start(dir.path());
+        let url = format!("http://127.0.0.1:{}/", server.port);
+        CatalogMirror {
+            _dir: dir,
+            _server: server,
+            url,
+        }
+    }
+}
