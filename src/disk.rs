@@ -61,28 +61,17 @@ impl DiskName {
 impl std::str::FromStr for DiskName {
     type Err = DiskError;
     fn from_str(name: &str) -> Result<DiskName, DiskError> {
-        let err = |why| {
-            Err(DiskError::Name {
+        match crate::ident::label_problem(
+            name,
+            MAX_DISK_NAME,
+            "longer than 20 characters (the guest sees it as the disk's serial)",
+        ) {
+            Some(why) => Err(DiskError::Name {
                 name: name.into(),
                 why,
-            })
-        };
-        if name.is_empty() {
-            return err("it is empty");
+            }),
+            None => Ok(DiskName(name.into())),
         }
-        if name.len() > MAX_DISK_NAME {
-            return err("longer than 20 characters (the guest sees it as the disk's serial)");
-        }
-        if !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            return err("use only lowercase letters, digits and '-'");
-        }
-        if name.starts_with('-') || name.ends_with('-') {
-            return err("it must not start or end with '-'");
-        }
-        Ok(DiskName(name.into()))
     }
 }
 

@@ -104,28 +104,38 @@ pub struct VmName(String);
 string_ident!(VmName, check_vm_name);
 
 fn check_vm_name(name: &str) -> Result<(), IdentError> {
-    let err = |why| {
-        Err(IdentError::VmName {
+    match label_problem(
+        name,
+        MAX_VM_NAME,
+        "longer than 63 characters (it becomes the guest's hostname)",
+    ) {
+        Some(why) => Err(IdentError::VmName {
             name: name.into(),
             why,
-        })
-    };
-    if name.is_empty() {
-        return err("it is empty");
+        }),
+        None => Ok(()),
     }
-    if name.len() > MAX_VM_NAME {
-        return err("longer than 63 characters (it becomes the guest's hostname)");
+}
+
+/// Why `name` is not a label of at most `max` bytes (lowercase letters,
+/// digits, and '-' inside), or None; `too_long` says why the bound.
+pub fn label_problem(name: &str, max: usize, too_long: &'static str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("it is empty");
+    }
+    if name.len() > max {
+        return Some(too_long);
     }
     if !name
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return err("use only lowercase letters, digits and '-'");
+        return Some("use only lowercase letters, digits and '-'");
     }
     if name.starts_with('-') || name.ends_with('-') {
-        return err("it must not start or end with '-'");
+        return Some("it must not start or end with '-'");
     }
-    Ok(())
+    None
 }
 
 impl VmName {
