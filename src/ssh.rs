@@ -200,6 +200,9 @@ pub fn wait_ready(
     // Phase 1: sshd answers and accepts our key.
     let ssh_at;
     let mut route_checked = None;
+    // Whether this boot resumed a warm template (its timeline, saved before
+    // the guest runs): read once.
+    let mut resumed = None;
     let ep = loop {
         let st = state().ok_or_else(|| SshError::Stopped("no state".into()))?;
         if !st.state.is_active() {
@@ -239,15 +242,17 @@ pub fn wait_ready(
         }
         // A resumed guest's sshd serves its new key within a second or
         // two: look more often than for a boot.
-        std::thread::sleep(if crate::timeline::resumed_warm(vm) {
-            Duration::from_millis(150)
-        } else {
-            Duration::from_millis(500)
-        });
+        std::thread::sleep(
+            if *resumed.get_or_insert_with(|| crate::timeline::resumed_warm(vm)) {
+                Duration::from_millis(150)
+            } else {
+                Duration::from_millis(500)
+            },
+        );
     };
     // A resumed warm template's guest finished cloud-init before it was
     // saved; its identity is proven by the pinned host key SSH just checked.
-    if crate::timeline::resumed_warm(vm) {
+    if resumed.unwrap_or_else(|| crate::timeline::resumed_warm(vm)) {
         report_boot(vm, ssh_at, crate::timeline::now_ms());
         return Ok(());
     }
