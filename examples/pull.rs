@@ -1,8 +1,8 @@
 //! Pulls one image into a cache directory: `pull CACHE_DIR SOURCE [--checksum ALGO:HEX]
 //! [--insecure] [--arch ARCH] [--quiet]`. Used by scripts/bench-download.sh.
 
-use nox::ident::Arch;
 use nox::image::{Cache, Progress, PullOptions, Source, parse_checksum, parse_source};
+use nox::model::ident::Arch;
 use std::time::Instant;
 
 #[tokio::main]

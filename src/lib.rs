@@ -2,49 +2,21 @@
 //!
 //! The binary (`src/main.rs`) is a thin shell around [`cli::main`]; every
 //! module here is usable on its own by tests and other programs.
+//!
+//! The modules are layers, lowest first; a layer imports only from itself
+//! and the layers below it (`tests/layers.rs` enforces it, docs/design.md
+//! says what each holds).
 
-pub mod boot;
 pub mod cli;
-pub mod clone;
-pub mod config;
-pub mod console;
-pub mod device;
-pub mod disk;
-pub mod diskplug;
-pub mod events;
-pub mod firmware;
-pub mod forward;
-pub mod hostdev;
-pub mod ident;
+pub mod guest;
+pub mod host;
 pub mod image;
-pub mod jail;
-pub mod lifecycle;
-pub mod net;
+pub mod model;
 pub mod ops;
-pub mod qemu;
-pub mod qemu_opts;
-pub mod qmp;
-pub mod remote;
-pub mod rundir;
-pub mod seed;
-pub mod snapjob;
-pub mod snapshot;
-pub mod spec;
-pub mod ssh;
-pub mod sshkeys;
-pub mod state;
 pub mod store;
 pub mod supervisor;
-pub mod systemd;
-pub mod template;
-pub mod templates;
 #[doc(hidden)]
 pub mod testing;
-pub mod text;
-pub mod timeline;
-pub mod trust;
-pub mod userkeys;
-pub mod vm;
-pub mod warm;
+pub mod vmm;
 
-pub use text::error_chain;
+pub use model::text::error_chain;

@@ -5,10 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use nox::firmware::{self, Interface, Request};
-use nox::qemu::{self, Accel, FirmwareArgs, Launch, NetBackend};
-use nox::spec::VmSpec;
+use nox::model::spec::VmSpec;
 use nox::store::Store;
+use nox::vmm::firmware::{self, Interface, Request};
+use nox::vmm::qemu::{self, Accel, FirmwareArgs, Launch, NetBackend};
 
 fn spec(arch: &str) -> VmSpec {
     serde_json::from_value(serde_json::json!({
@@ -45,7 +45,7 @@ fn firmware_args(
     }
 }
 
-const CHARDEVS: nox::qemu::Chardevs = nox::qemu::Chardevs {
+const CHARDEVS: nox::vmm::qemu::Chardevs = nox::vmm::qemu::Chardevs {
     qmp: 10,
     ctl: 11,
     serial: 12,
@@ -70,7 +70,7 @@ fn golden(name: &str, argv: &[String]) {
 /// device on qemu's xHCI controller, the rest as in the matrix.
 #[test]
 fn argv_golden_host_devices() {
-    use nox::device::Passthrough;
+    use nox::model::device::Passthrough;
     let store = Store::at("/var/lib/nox".into(), "/run/nox".into());
     let paths = store.vm_paths(&"demo".parse().unwrap());
     let mut s = spec("amd64");
@@ -121,7 +121,7 @@ fn argv_golden_extra_disks() {
     let mut s = spec("amd64");
     s.disks = ["data1", "logs"]
         .iter()
-        .map(|d| nox::disk::ExtraDisk {
+        .map(|d| nox::model::disk::ExtraDisk {
             name: d.parse().unwrap(),
             size: 10 << 30,
         })
@@ -190,10 +190,10 @@ fn argv_golden_matrix() {
                         accel,
                         net,
                         firmware: firmware_args(arch, *interface, *secure, &paths.efi_vars()),
-                        direct: (*fw_name == "direct").then(|| nox::boot::DirectBoot {
+                        direct: (*fw_name == "direct").then(|| nox::guest::boot::DirectBoot {
                             kernel: "/var/lib/nox/images/boot/0123abcd.vmlinuz".into(),
                             initrd: "/var/lib/nox/images/boot/0123abcd.initrd".into(),
-                            cmdline: nox::boot::cmdline(
+                            cmdline: nox::guest::boot::cmdline(
                                 arch.arch,
                                 "e870bd57-b535-42e8-b207-b626bec60fb5",
                             ),

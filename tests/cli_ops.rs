@@ -190,7 +190,7 @@ fn set_refusals_change_nothing() {
     drop(held);
 
     // Then it works: relative, then absolute growth.
-    let cpus = if nox::spec::host_cpus() >= 2 {
+    let cpus = if nox::model::spec::host_cpus() >= 2 {
         "2"
     } else {
         "1"
@@ -212,7 +212,7 @@ fn set_refusals_change_nothing() {
 
     // More vCPUs than the host has: overcommit, allowed with a warning
     // (issue 18 item 12); qemu's bound for the machine stays the limit.
-    let over = (nox::spec::host_cpus() + 1).to_string();
+    let over = (nox::model::spec::host_cpus() + 1).to_string();
     let out = h.nox(&["set", "web", "--cpus", &over]);
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -704,7 +704,7 @@ fn ssh_and_scp_are_the_ones_config_json_binaries_names() {
         0o600,
     );
     let vm = h.path().join("vms/a");
-    let mut st = nox::state::State::new(nox::state::Phase::Running);
+    let mut st = nox::store::state::State::new(nox::store::state::Phase::Running);
     st.ssh_port = Some(2222);
     nox::store::write_json(&vm.join("state.json"), &st).unwrap();
     let _lock = nox::store::lock_file(&vm.join("lock"), false)

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nox::firmware::{self, Interface, Request};
+use nox::vmm::firmware::{self, Interface, Request};
 
 use nox::testing::prereq;
 
@@ -137,7 +137,7 @@ fn x86_64_uefi_boots_and_keeps_its_variables() {
     let fw = select("x86_64", "q35", false);
     let dir = tempfile::tempdir().unwrap();
     let vars = vars_in(&dir);
-    firmware::prepare_vars(&fw, &vars, &nox::trust::Programs::default()).unwrap();
+    firmware::prepare_vars(&fw, &vars, &nox::host::trust::Programs::default()).unwrap();
     let (secs, _) = boot_until(
         "qemu-system-x86_64",
         "q35",
@@ -156,7 +156,7 @@ fn x86_64_uefi_boots_and_keeps_its_variables() {
         written, template,
         "firmware did not write its variable store"
     );
-    firmware::prepare_vars(&fw, &vars, &nox::trust::Programs::default()).unwrap();
+    firmware::prepare_vars(&fw, &vars, &nox::host::trust::Programs::default()).unwrap();
     assert_eq!(content(&vars), written);
 }
 
@@ -168,7 +168,7 @@ fn x86_64_secure_boot_refuses_unsigned_code() {
     let fw = select("x86_64", "q35", true);
     let dir = tempfile::tempdir().unwrap();
     let vars = vars_in(&dir);
-    firmware::prepare_vars(&fw, &vars, &nox::trust::Programs::default()).unwrap();
+    firmware::prepare_vars(&fw, &vars, &nox::host::trust::Programs::default()).unwrap();
     // With Microsoft's keys enrolled, edk2's own (unsigned) shell is refused.
     let (secs, console) = boot_until(
         "qemu-system-x86_64",
@@ -190,7 +190,7 @@ fn aarch64_uefi_boots() {
     let fw = select("aarch64", "virt", false);
     let dir = tempfile::tempdir().unwrap();
     let vars = vars_in(&dir);
-    firmware::prepare_vars(&fw, &vars, &nox::trust::Programs::default()).unwrap();
+    firmware::prepare_vars(&fw, &vars, &nox::host::trust::Programs::default()).unwrap();
     // The 64 MiB store is almost all zeros: its qcow2 holds only the rest.
     let len = std::fs::metadata(&vars).unwrap().len();
     let template = std::fs::metadata(fw.nvram_template.as_ref().unwrap()).unwrap();

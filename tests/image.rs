@@ -142,7 +142,13 @@ fn overlay_leaves_base_untouched() {
     let before = sha256_file(&img.path);
 
     let ov = td.path().join("vm1.qcow2");
-    create_overlay(&img, &ov, Some(1 << 30), &nox::trust::Programs::default()).unwrap();
+    create_overlay(
+        &img,
+        &ov,
+        Some(1 << 30),
+        &nox::host::trust::Programs::default(),
+    )
+    .unwrap();
     let info = Command::new("qemu-img")
         .args(["info", "--output=json"])
         .arg(&ov)
@@ -155,16 +161,21 @@ fn overlay_leaves_base_untouched() {
 
     // Refuses to overwrite and to shrink.
     assert!(matches!(
-        create_overlay(&img, &ov, None, &nox::trust::Programs::default()),
+        create_overlay(&img, &ov, None, &nox::host::trust::Programs::default()),
         Err(ImageError::Exists(_))
     ));
     let ov2 = td.path().join("vm2.qcow2");
     assert!(matches!(
-        create_overlay(&img, &ov2, Some(1 << 20), &nox::trust::Programs::default()),
+        create_overlay(
+            &img,
+            &ov2,
+            Some(1 << 20),
+            &nox::host::trust::Programs::default()
+        ),
         Err(ImageError::Shrink { .. })
     ));
     assert!(!ov2.exists());
-    create_overlay(&img, &ov2, None, &nox::trust::Programs::default()).unwrap();
+    create_overlay(&img, &ov2, None, &nox::host::trust::Programs::default()).unwrap();
 
     if prereq(
         have("qemu-io"),
@@ -1400,7 +1411,7 @@ fn prune_and_rm_spare_the_base_of_a_create_in_progress() {
         &img,
         &staging.join("disk.qcow2"),
         None,
-        &nox::trust::Programs::default(),
+        &nox::host::trust::Programs::default(),
     )
     .unwrap();
 

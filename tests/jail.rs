@@ -1,4 +1,4 @@
-//! qemu's confinement (crate::jail), checked on a real guest: one boot
+//! qemu's confinement (crate::vmm::jail), checked on a real guest: one boot
 //! shared by every assertion, and by the UEFI variable-store checks.
 
 mod common;
@@ -167,7 +167,7 @@ fn uefi_guest_runs_jailed_and_keeps_its_variable_store() {
         .unwrap();
     assert_eq!(
         nofile.split_whitespace().nth(3),
-        Some(nox::jail::NOFILE.to_string().as_str())
+        Some(nox::vmm::jail::NOFILE.to_string().as_str())
     );
     let rss_kib: u64 = status_field(&status, "VmRSS")
         .trim_end_matches(" kB")
@@ -464,7 +464,7 @@ fn ordinary_user_gets_namespaces_and_no_privileges() {
         || !prereq(have("qemu-system-x86_64"), "qemu not installed")
         || !prereq(have("qemu-img"), "qemu-img not installed")
         || !prereq(
-            nox::jail::userns_allowed().is_ok(),
+            nox::vmm::jail::userns_allowed().is_ok(),
             "unprivileged user namespaces are refused here",
         )
     {

@@ -12,10 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sched::CloneFlags;
-use nox::ident::MacAddr;
-use nox::net::bridge::{self, BridgeError};
-use nox::net::discover::{self, Addresses};
-use nox::net::tap::{Tap, TapError, tap_name};
+use nox::model::ident::MacAddr;
+use nox::vmm::net::bridge::{self, BridgeError};
+use nox::vmm::net::discover::{self, Addresses};
+use nox::vmm::net::tap::{Tap, TapError, tap_name};
 use tokio::sync::watch;
 
 use nox::testing::prereq;

@@ -4,7 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nox::qmp::{Event, Qmp};
+use nox::host::qmp::{Event, Qmp};
 
 use nox::testing::prereq;
 
@@ -53,7 +53,7 @@ fn bare_qemu(sock: &std::path::Path, extra: &[&str]) -> QemuGuard {
     QemuGuard(child)
 }
 
-async fn next_event(rx: &mut nox::qmp::Events, name: &str) -> Event {
+async fn next_event(rx: &mut nox::host::qmp::Events, name: &str) -> Event {
     let wait = async {
         loop {
             match rx.recv().await {
@@ -119,7 +119,7 @@ async fn real_qemu_session() {
         )
         .await
     {
-        Err(nox::qmp::QmpError::Command { class, desc, .. }) => {
+        Err(nox::host::qmp::QmpError::Command { class, desc, .. }) => {
             assert_eq!(class, "CommandNotFound");
             assert!(desc.contains("no-such-command"), "{desc}");
         }
@@ -151,7 +151,7 @@ async fn real_qemu_session() {
     assert!(status.success(), "qemu exit: {status}");
     assert!(matches!(
         qmp.query_status().await,
-        Err(nox::qmp::QmpError::Closed { .. })
+        Err(nox::host::qmp::QmpError::Closed { .. })
     ));
 
     eprintln!(

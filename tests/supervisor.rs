@@ -175,7 +175,7 @@ fn readers_never_make_start_say_already_running() {
         for _ in 0..2 {
             sc.spawn(|| {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = nox::state::load(&vm);
+                    let _ = nox::store::state::load(&vm);
                 }
             });
         }

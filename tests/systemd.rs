@@ -122,7 +122,7 @@ fn system_install_refuses_a_binary_others_can_write() {
 #[test]
 fn enable_without_systemd_is_a_clear_error() {
     if !prereq(
-        !nox::systemd::booted(),
+        !nox::vmm::systemd::booted(),
         "systemd is PID 1 here: enable would really enable",
     ) {
         return;

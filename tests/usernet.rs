@@ -9,7 +9,7 @@ use std::net::TcpListener;
 
 fn have_passt() -> bool {
     prereq(
-        nox::net::passt::probe(&nox::trust::Programs::default()).is_ok(),
+        nox::vmm::net::passt::probe(&nox::host::trust::Programs::default()).is_ok(),
         "passt not installed (apt install passt)",
     )
 }
@@ -433,25 +433,26 @@ async fn passt_reports_a_port_it_cannot_bind() {
     if !have_passt() {
         return;
     }
-    let bin = nox::net::passt::probe(&nox::trust::Programs::default()).unwrap();
+    let bin = nox::vmm::net::passt::probe(&nox::host::trust::Programs::default()).unwrap();
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-    let fwd: nox::net::forward::PortForward =
+    let fwd: nox::vmm::net::forward::PortForward =
         format!("127.0.0.1:{}:80", taken.local_addr().unwrap().port())
             .parse()
             .unwrap();
     let (_ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let log = tempfile::NamedTempFile::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let sink = nox::console::Sink::new(log.path(), nox::console::LOG_SIZE);
-    let place = nox::net::passt::Place {
+    let sink = nox::host::console::Sink::new(log.path(), nox::host::console::LOG_SIZE);
+    let place = nox::vmm::net::passt::Place {
         log: &sink,
         dir: &dir.path().join("passt"),
         runas: None,
     };
-    let r = nox::net::passt::Passt::spawn(&bin, theirs.into(), free_port(), &[fwd], &place).await;
+    let r =
+        nox::vmm::net::passt::Passt::spawn(&bin, theirs.into(), free_port(), &[fwd], &place).await;
     let e = r.err().expect("passt cannot bind a taken port");
     assert!(
-        e.is_bind_failure(&nox::net::passt::option_text(&fwd)),
+        e.is_bind_failure(&nox::vmm::net::passt::option_text(&fwd)),
         "{e:?}"
     );
 }

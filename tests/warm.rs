@@ -399,7 +399,7 @@ fn ten_vms_resume_one_warm_template_each_with_its_own_identity() {
 
 fn have_passt() -> bool {
     prereq(
-        nox::net::passt::probe(&nox::trust::Programs::default()).is_ok(),
+        nox::vmm::net::passt::probe(&nox::host::trust::Programs::default()).is_ok(),
         "passt not installed (apt install passt)",
     )
 }

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::ident::{Arch, Cidr, UserName, VmName};
-use crate::spec::{AccelRequest, FirmwareKind, NetworkSpec, RestartPolicy};
+use crate::model::ident::{Arch, Cidr, UserName, VmName};
+use crate::model::spec::{AccelRequest, FirmwareKind, NetworkSpec, RestartPolicy};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,7 +20,7 @@ pub struct Cli {
     /// must be this version: `nox` on its PATH, or NOX_REMOTE_BIN. Empty:
     /// this host
     #[arg(long, env = "NOX_HOST", value_name = "ssh://[USER@]HOST[:PORT]")]
-    pub host: Option<crate::remote::Target>,
+    pub host: Option<crate::model::remote::Target>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -147,7 +147,7 @@ pub enum Cmd {
         new: VmName,
         /// Clone the disk as it was at this internal snapshot of SRC
         #[arg(long)]
-        snapshot: Option<crate::ident::SnapName>,
+        snapshot: Option<crate::model::ident::SnapName>,
         /// Start the clone
         #[arg(long)]
         start: bool,
@@ -215,7 +215,7 @@ pub enum DiskCmd {
         /// The disk's name (default: data1, data2, ...); the guest sees
         /// /dev/disk/by-id/virtio-NAME
         #[arg(long = "name", value_name = "D")]
-        disk: Option<crate::disk::DiskName>,
+        disk: Option<crate::model::disk::DiskName>,
     },
     /// List a VM's extra disks
     #[command(alias = "ls")]
@@ -228,7 +228,7 @@ pub enum DiskCmd {
     #[command(alias = "remove")]
     Rm {
         name: VmName,
-        disk: crate::disk::DiskName,
+        disk: crate::model::disk::DiskName,
     },
 }
 
@@ -237,7 +237,7 @@ pub enum SnapshotCmd {
     /// Take a snapshot (default name: snap-YYYYMMDD-HHMMSS, UTC)
     Create {
         name: VmName,
-        snap: Option<crate::ident::SnapName>,
+        snap: Option<crate::model::ident::SnapName>,
     },
     /// List a VM's snapshots
     #[command(alias = "ls")]
@@ -249,7 +249,7 @@ pub enum SnapshotCmd {
     /// Go back to a snapshot (a RAM snapshot starts a stopped VM)
     Restore {
         name: VmName,
-        snap: crate::ident::SnapName,
+        snap: crate::model::ident::SnapName,
         /// How long a start from a RAM snapshot may take
         #[arg(long, default_value_t = 600)]
         timeout: u64,
@@ -258,7 +258,7 @@ pub enum SnapshotCmd {
     #[command(alias = "rm")]
     Delete {
         name: VmName,
-        snap: crate::ident::SnapName,
+        snap: crate::model::ident::SnapName,
     },
 }
 
@@ -279,10 +279,10 @@ pub struct SetArgs {
     /// Give the guest a host device: pci:DOMAIN:BUS:SLOT.FN (VFIO) or
     /// usb:VENDOR:PRODUCT (repeatable; see docs/devices.md)
     #[arg(long, group = "change", value_name = "pci:ADDR|usb:VID:PID")]
-    pub device: Vec<crate::device::HostDevice>,
+    pub device: Vec<crate::model::device::HostDevice>,
     /// Take a host device away from the guest (repeatable)
     #[arg(long, group = "change", value_name = "pci:ADDR|usb:VID:PID")]
-    pub remove_device: Vec<crate::device::HostDevice>,
+    pub remove_device: Vec<crate::model::device::HostDevice>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -353,7 +353,7 @@ pub enum ImageCmd {
         name: VmName,
         /// The template's name, for `create --image NAME`
         #[arg(long = "as", value_name = "TEMPLATE")]
-        template: crate::ident::TemplateName,
+        template: crate::model::ident::TemplateName,
         /// Also save the booted guest's RAM and devices: VMs made from the
         /// template resume it (seconds) instead of booting (amd64)
         #[arg(long)]
@@ -416,12 +416,12 @@ pub struct CreateArgs {
     /// Forward a host port into the guest: [ADDR:]HOSTPORT:GUESTPORT[/tcp|/udp]
     /// (repeatable; without ADDR every host address; user-mode networking)
     #[arg(long, value_name = "[ADDR:]HOSTPORT:GUESTPORT[/PROTO]")]
-    pub publish: Vec<crate::net::forward::PortForward>,
+    pub publish: Vec<crate::vmm::net::forward::PortForward>,
     /// Give the guest a host device: pci:DOMAIN:BUS:SLOT.FN (VFIO
     /// passthrough; needs an IOMMU) or usb:VENDOR:PRODUCT (repeatable; see
     /// docs/devices.md)
     #[arg(long, value_name = "pci:ADDR|usb:VID:PID")]
-    pub device: Vec<crate::device::HostDevice>,
+    pub device: Vec<crate::model::device::HostDevice>,
     /// Only define the VM
     #[arg(long)]
     pub no_start: bool,

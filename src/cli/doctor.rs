@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use crate::config::Origin;
+use crate::host::config::Origin;
 use crate::ops::{self, Check};
 use crate::store::Store;
 
@@ -45,7 +45,7 @@ pub async fn config_show(store: &Store, json: bool) -> Result<i32> {
     println!("disk:     {:<24} {}", d.disk, from(o.disk));
     let network = match &d.network {
         Some(n) => n.clone(),
-        None => format!("auto ({})", crate::vm::default_network().await.1),
+        None => format!("auto ({})", crate::ops::vm::default_network().await.1),
     };
     println!("network:  {:<24} {}", network, from(o.network));
     let keys = if d.ssh_keys.is_empty() {

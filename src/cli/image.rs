@@ -5,10 +5,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::image::Cache;
+use crate::ops::snapshot::{self, Restored};
+use crate::ops::vm::Stopped;
 use crate::ops::{self, PruneEvent, PullEvent};
-use crate::snapshot::{self, Restored};
 use crate::store::Store;
-use crate::vm::Stopped;
 
 use super::render;
 use super::{ImageCmd, SnapshotCmd};
@@ -132,11 +132,11 @@ async fn pull(store: &Store, cache: &Cache, r: &ops::PullRequest) -> Result<()> 
 
 async fn commit(
     store: &Store,
-    name: &crate::ident::VmName,
-    template: &crate::ident::TemplateName,
+    name: &crate::model::ident::VmName,
+    template: &crate::model::ident::TemplateName,
     warm: bool,
 ) -> Result<()> {
-    let c = crate::template::commit(store, name, template, warm)
+    let c = crate::ops::template::commit(store, name, template, warm)
         .await
         .with_context(|| format!("cannot commit {name} as template {template}"))?;
     if let Stopped::Forced(why) = &c.stopped {

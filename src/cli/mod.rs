@@ -24,7 +24,7 @@ pub use complete::command;
 /// causes, returns the exit code.
 pub fn main() -> i32 {
     // First, while single-threaded: as root, PATH is not the caller's.
-    crate::trust::sanitize_env();
+    crate::host::trust::sanitize_env();
     // `nox … | head -1`: end quietly, as a closed pipe conventionally does.
     pipe::install_hook();
     // `COMPLETE=bash nox -- WORDS…` (what the completion script runs):
@@ -32,7 +32,7 @@ pub fn main() -> i32 {
     clap_complete::CompleteEnv::with_factory(command).complete();
     let cli = Cli::parse();
     // Another host's nox runs it; nothing more happens here.
-    if let Some(crate::remote::Target::Ssh(host)) = &cli.host {
+    if let Some(crate::model::remote::Target::Ssh(host)) = &cli.host {
         return remote::main(host, &cli.cmd);
     }
     let is_run = matches!(cli.cmd, Cmd::Run { .. });
@@ -43,9 +43,9 @@ pub fn main() -> i32 {
         .unwrap_or_else(|_| if is_run { "info" } else { "warn" }.into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        // The supervisor's lines go to its capped nox.log (crate::console),
+        // The supervisor's lines go to its capped nox.log (crate::host::console),
         // whose tail start errors quote: colour codes only on a terminal.
-        .with_writer(crate::console::supervisor_writer)
+        .with_writer(crate::host::console::supervisor_writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();

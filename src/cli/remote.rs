@@ -1,6 +1,6 @@
 //! `nox --host ssh://…`: this command runs on the other host's nox, through
 //! the ssh config.json `binaries` names (else the system's). The URL, the
-//! ssh argv and the version check's verdict are [`crate::remote`]'s; here
+//! ssh argv and the version check's verdict are [`crate::model::remote`]'s; here
 //! they are run: the version check first (its output captured), then ssh
 //! replaces this process, so the remote nox's stdout, stderr and exit code
 //! are this command's, and signals reach ssh as they would reach nox.
@@ -12,7 +12,7 @@ use std::process::Stdio;
 use anyhow::{Context, Result, anyhow};
 
 use super::Cmd;
-use crate::remote::{self, Host, Session};
+use crate::model::remote::{self, Host, Session};
 use crate::store::Store;
 
 /// Exit code when nox could not be run on the other host (unreachable,

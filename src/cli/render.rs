@@ -1,8 +1,8 @@
 //! Text renderings of what the operations return: tables and summaries.
 
+use crate::model::spec::RestartPolicy;
+use crate::ops::vm::{self, Stopped};
 use crate::ops::{Change, ImageRow, SetOutcome};
-use crate::spec::RestartPolicy;
-use crate::vm::{self, Stopped};
 
 /// How a stop ended.
 pub fn stopped(name: &str, s: &Stopped) {
@@ -121,7 +121,7 @@ pub fn set(name: &str, out: &SetOutcome) {
                 old >> 20
             ),
             Change::Devices(new, old) => {
-                let list = |d: &[crate::device::HostDevice]| {
+                let list = |d: &[crate::model::device::HostDevice]| {
                     if d.is_empty() {
                         "none".to_string()
                     } else {
@@ -176,7 +176,7 @@ pub fn bytes(b: u64) -> String {
     }
 }
 
-pub fn disk_table(disks: &[crate::vm::DiskInfo]) {
+pub fn disk_table(disks: &[crate::ops::vm::DiskInfo]) {
     println!("{:<20} {:>8}  {:<36} FILE", "NAME", "SIZE", "IN THE GUEST");
     for d in disks {
         println!(
@@ -189,7 +189,7 @@ pub fn disk_table(disks: &[crate::vm::DiskInfo]) {
     }
 }
 
-pub fn snapshot_table(snaps: &[crate::snapshot::SnapshotInfo]) {
+pub fn snapshot_table(snaps: &[crate::ops::snapshot::SnapshotInfo]) {
     println!(
         "{:<24} {:<20} {:<4} {:<8} {:>9} {:>9}",
         "NAME", "CREATED", "RAM", "STATE", "RAM SIZE", "SIZE"

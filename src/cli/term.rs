@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::ident::VmName;
+use crate::model::ident::VmName;
 use crate::store::Store;
 
 pub fn ssh_exec(store: &Store, name: &str, command: &[String]) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let (spec, vmp, ep) = crate::ops::ssh_target(store, name)?;
-    let a = crate::ssh::argv(&spec, &vmp, &ep, false, command);
-    let err = crate::ssh::client_command(&vmp.programs()?, &a).exec();
+    let a = crate::vmm::ssh::argv(&spec, &vmp, &ep, false, command);
+    let err = crate::vmm::ssh::client_command(&vmp.programs()?, &a).exec();
     Err(err).context("cannot run ssh (Debian: apt install openssh-client)")
 }
 
@@ -58,7 +58,7 @@ impl AsFdOwned for std::io::Stdin {
 
 pub fn console(store: &Store, name: &str) -> Result<i32> {
     let vmp = store.vm(name)?;
-    let sock = crate::rundir::connect_serial(&vmp)
+    let sock = crate::vmm::rundir::connect_serial(&vmp)
         .with_context(|| format!("cannot attach to {name}'s console (is it running?)"))?;
     eprintln!("Connected to {name}'s serial console; Ctrl-] detaches.\r");
     let mut out = sock.try_clone()?;
@@ -98,7 +98,7 @@ pub fn logs(store: &Store, name: &str, follow: bool, raw: bool) -> Result<i32> {
     let mut inode = None;
     loop {
         if let Ok(mut f) = std::fs::File::open(&path) {
-            // Rotated (crate::console): a new file, read from its start.
+            // Rotated (crate::host::console): a new file, read from its start.
             let ino = std::os::unix::fs::MetadataExt::ino(&f.metadata()?);
             if inode.replace(ino).is_some_and(|old| old != ino) {
                 pos = 0;
@@ -111,7 +111,7 @@ pub fn logs(store: &Store, name: &str, follow: bool, raw: bool) -> Result<i32> {
                 }
                 pos += n as u64;
                 if escape {
-                    out.write_all(crate::text::printable(&buf[..n]).as_bytes())?;
+                    out.write_all(crate::model::text::printable(&buf[..n]).as_bytes())?;
                 } else {
                     out.write_all(&buf[..n])?;
                 }
@@ -136,7 +136,7 @@ pub async fn events(
     since: Option<&str>,
     follow: bool,
 ) -> Result<i32> {
-    use crate::events::{self, Reader};
+    use crate::store::events::{self, Reader};
     let since = since
         .map(|s| events::parse_since(s, chrono::Utc::now()))
         .transpose()?;
@@ -159,7 +159,11 @@ pub async fn events(
                 writeln!(out, "{}", l.json())?;
             } else if terminal {
                 // Guest-controlled text (cloud-init's detail) is shown escaped.
-                writeln!(out, "{}", crate::text::printable(l.human().as_bytes()))?;
+                writeln!(
+                    out,
+                    "{}",
+                    crate::model::text::printable(l.human().as_bytes())
+                )?;
             } else {
                 writeln!(out, "{}", l.human())?;
             }

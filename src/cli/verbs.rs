@@ -2,12 +2,12 @@
 
 use anyhow::{Context, Result};
 
-use crate::ident::VmName;
+use crate::model::ident::VmName;
+use crate::ops::vm::{self, Started};
 use crate::ops::{self, Event};
 use crate::store::Store;
-use crate::systemd::{self, Scope};
-use crate::vm::{self, Started};
-use crate::{supervisor, timeline};
+use crate::vmm::systemd::{self, Scope};
+use crate::{store::timeline, supervisor};
 
 use super::CreateArgs;
 use super::render;
@@ -101,8 +101,8 @@ fn created_json(info: &vm::VmInfo, first: &ops::FirstBoot) -> Result<String> {
 /// applied where a flag is absent.
 fn create_request(
     a: CreateArgs,
-    cfg: &crate::config::Config,
-) -> Result<ops::CreateOptions, crate::config::ConfigError> {
+    cfg: &crate::host::config::Config,
+) -> Result<ops::CreateOptions, crate::host::config::ConfigError> {
     let request = ops::CreateRequest {
         image: a.image,
         cpus: a.cpus,
@@ -203,7 +203,7 @@ pub fn clone(
     wait: bool,
     timeout: u64,
 ) -> Result<i32> {
-    let c = crate::clone::clone(store, src, new, snapshot)
+    let c = crate::ops::clone::clone(store, src, new, snapshot)
         .with_context(|| format!("cannot clone {src} to {new}"))?;
     println!(
         "Cloned {src}{} to {new} in {:.1} s: disk {:.1} MiB (on {})",
@@ -338,7 +338,7 @@ pub async fn disk_cmd(store: &Store, cmd: super::DiskCmd) -> Result<i32> {
         } => {
             let source = match (size, file) {
                 (Some(s), _) => ops::DiskSource::Blank(
-                    crate::spec::parse_extra_disk(&s).context("cannot add the disk")?,
+                    crate::model::spec::parse_extra_disk(&s).context("cannot add the disk")?,
                 ),
                 (None, Some(f)) => ops::DiskSource::File(f),
                 // clap requires one of them.

@@ -1,7 +1,7 @@
 //! The catalog of known cloud images, image source parsing, checksum files. All pure.
 
 use super::ImageError;
-use crate::config::Mirrors;
+use crate::host::config::Mirrors;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,7 +268,7 @@ pub fn newest_alpine_file(index_html: &str, pattern: &str) -> Option<String> {
         .map(|(_, n)| n)
 }
 
-pub const DEFAULT_IMAGE: &str = crate::config::BUILTIN_IMAGE;
+pub const DEFAULT_IMAGE: &str = crate::host::config::BUILTIN_IMAGE;
 const BOTH: &[&str] = &["amd64", "arm64"];
 
 /// Debian's "latest" directories hold undated names beside SHA512SUMS; Ubuntu's release/
@@ -628,7 +628,7 @@ mod tests {
     #[test]
     fn mirrors() {
         let none = |_: &str| None;
-        let mirrors = |text: &str| crate::config::test_mirrors(text);
+        let mirrors = |text: &str| crate::host::config::test_mirrors(text);
         let no = Mirrors::default();
         assert_eq!(
             mirror_base(Distro::Debian, none, &no),

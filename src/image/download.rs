@@ -941,7 +941,7 @@ mod tests {
 
     #[test]
     fn image_size_cap_checks() {
-        // The cap itself is config.json's `max_image_size` (crate::config).
+        // The cap itself is config.json's `max_image_size` (crate::host::config).
         let u = "http://m/i.qcow2";
         assert!(over_image_cap(u, Some(100), 0, 100).is_ok());
         assert!(over_image_cap(u, None, 100, 100).is_ok());

@@ -10,8 +10,8 @@ use std::path::Path;
 
 use super::probe::{self, Limited, Sniffed};
 use super::{ImageError, io_err};
+use crate::host::trust::Programs;
 use crate::store::{self, Existing};
-use crate::trust::Programs;
 
 /// Wall-clock limit of the conversion of a raw image to qcow2.
 const CONVERT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);

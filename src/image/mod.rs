@@ -17,7 +17,7 @@ pub(crate) mod probe;
 mod verify;
 pub mod vmdisk;
 
-use crate::trust::Programs;
+use crate::host::trust::Programs;
 use vmdisk::VmDisk;
 
 pub use catalog::{
@@ -128,7 +128,7 @@ pub enum ImageError {
     #[error(transparent)]
     VmDisk(#[from] vmdisk::VmDiskError),
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] crate::host::config::ConfigError),
     #[error("{}: disk full", path.display())]
     DiskFull { path: PathBuf },
     #[error(
@@ -203,9 +203,9 @@ pub struct Cache {
     dir: PathBuf,
     /// The store's `config.json` (mirrors, `max_image_size`); the built-in
     /// settings for a cache without a store.
-    config: std::sync::Arc<crate::config::Config>,
+    config: std::sync::Arc<crate::host::config::Config>,
     /// The programs the cache runs (qemu-img), as the store resolved them.
-    programs: crate::trust::Programs,
+    programs: crate::host::trust::Programs,
 }
 
 const SUBDIRS: [&str; 5] = ["blobs", "meta", "sources", "tmp", "locks"];
@@ -220,7 +220,7 @@ impl Cache {
     }
 
     /// The programs this cache runs (qemu-img).
-    pub fn programs(&self) -> &crate::trust::Programs {
+    pub fn programs(&self) -> &crate::host::trust::Programs {
         &self.programs
     }
 
@@ -236,8 +236,10 @@ impl Cache {
                 .map_err(io_err(&d))?;
         }
         let cache = Cache {
-            config: std::sync::Arc::new(crate::config::Config::absent(Path::new("config.json"))),
-            programs: crate::trust::Programs::default(),
+            config: std::sync::Arc::new(crate::host::config::Config::absent(Path::new(
+                "config.json",
+            ))),
+            programs: crate::host::trust::Programs::default(),
             dir,
         };
         // Leftovers of killed imports and day-old partial downloads; a failure here must not

@@ -351,7 +351,7 @@ pub fn run_with_deadline(mut cmd: Command, timeout: Duration) -> io::Result<Limi
 pub fn qemu_img_info_as(
     path: &Path,
     format: Sniffed,
-    programs: &crate::trust::Programs,
+    programs: &crate::host::trust::Programs,
 ) -> Result<ImgInfo, ImageError> {
     let refuse = |why: String| ImageError::NotDiskImage {
         path: path.to_path_buf(),

@@ -29,7 +29,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::probe;
-use crate::trust::Programs;
+use crate::host::trust::Programs;
 
 #[derive(Debug, Error)]
 pub enum VmDiskError {
@@ -172,8 +172,8 @@ impl VmDisk {
         limit: Duration,
     ) -> Result<Output, VmDiskError> {
         let bin = match self.programs.program("qemu-img") {
-            crate::trust::Found::Yes(p) => p,
-            crate::trust::Found::No(looked) => return Err(VmDiskError::NoQemuImg(looked)),
+            crate::host::trust::Found::Yes(p) => p,
+            crate::host::trust::Found::No(looked) => return Err(VmDiskError::NoQemuImg(looked)),
         };
         let shown = format!(
             "qemu-img {subcommand} {} {} {}",
@@ -216,7 +216,7 @@ impl VmDisk {
         if !out.status.success() {
             return Err(VmDiskError::Failed {
                 cmd: shown,
-                stderr: crate::text::printable(
+                stderr: crate::model::text::printable(
                     String::from_utf8_lossy(&out.stderr).trim().as_bytes(),
                 ),
             });

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::config::{Config, Origin};
+use crate::host::config::{Config, Origin};
 use crate::store::Store;
 
 use super::OpsError;
@@ -23,7 +23,7 @@ pub fn config_warnings(cfg: &Config) -> Vec<String> {
             format!(
                 "warning: {}: unknown key {k:?} (ignored; known: defaults, {})",
                 cfg.path.display(),
-                crate::config::OTHER_KEYS.join(", ")
+                crate::host::config::OTHER_KEYS.join(", ")
             )
         })
         .collect()
@@ -47,7 +47,7 @@ pub struct DefaultsView {
     pub memory: String,
     pub network: Option<String>,
     pub ssh_keys: Vec<PathBuf>,
-    pub user: crate::ident::UserName,
+    pub user: crate::model::ident::UserName,
     pub warm: bool,
 }
 
@@ -65,7 +65,7 @@ pub struct OriginView {
 }
 
 /// The effective defaults of `nox create` in `cfg`.
-pub fn config_show(cfg: &Config) -> Result<ConfigView, crate::config::ConfigError> {
+pub fn config_show(cfg: &Config) -> Result<ConfigView, crate::host::config::ConfigError> {
     let e = cfg.defaults()?.effective();
     Ok(ConfigView {
         defaults: DefaultsView {

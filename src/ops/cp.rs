@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use crate::ident::VmName;
-use crate::ssh::Direction;
+use crate::model::ident::VmName;
 use crate::store::Store;
+use crate::vmm::ssh::Direction;
 
 use super::OpsError;
 
@@ -51,9 +51,9 @@ pub fn cp(store: &Store, recursive: bool, src: &str, dst: &str) -> Result<i32, O
         }
     };
     let (spec, vmp, ep) = super::ssh_target(store, &name)?;
-    let a = crate::ssh::scp_argv(&spec, &vmp, &ep, recursive, direction, &local, &remote);
+    let a = crate::vmm::ssh::scp_argv(&spec, &vmp, &ep, recursive, direction, &local, &remote);
     let programs = vmp.programs()?;
-    let status = crate::ssh::client_command(&programs, &a)
+    let status = crate::vmm::ssh::client_command(&programs, &a)
         .status()
         .map_err(OpsError::Scp)?;
     Ok(status.code().unwrap_or(1))

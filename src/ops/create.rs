@@ -5,15 +5,17 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use crate::config::Config;
-use crate::ident::{Arch, Cidr, UserName, VmName};
+use crate::guest::seed;
+use crate::host::config::Config;
+use crate::host::sshkeys::{self, KeyPair};
 use crate::image::{self, Cache};
-use crate::seed;
-use crate::spec::{self, AccelRequest, FirmwareKind, ImageRef, NetworkSpec, RestartPolicy, VmSpec};
-use crate::sshkeys::{self, KeyPair};
-use crate::state;
+use crate::model::ident::{Arch, Cidr, UserName, VmName};
+use crate::model::spec::{
+    self, AccelRequest, FirmwareKind, ImageRef, NetworkSpec, RestartPolicy, VmSpec,
+};
+use crate::ops::vm::{self, VmError};
+use crate::store::state;
 use crate::store::{self, Store, StoreError, VmPaths};
-use crate::vm::{self, VmError};
 
 use super::OpsError;
 
@@ -46,7 +48,7 @@ pub struct Defaulted {
 
 impl CreateRequest {
     /// A flag, then config.json's defaults, then the built-in default.
-    pub fn resolve(self, cfg: &Config) -> Result<Defaulted, crate::config::ConfigError> {
+    pub fn resolve(self, cfg: &Config) -> Result<Defaulted, crate::host::config::ConfigError> {
         let d = cfg.defaults()?.effective();
         Ok(Defaulted {
             image: self.image.unwrap_or(d.image.0),
@@ -80,9 +82,9 @@ pub struct CreateOptions {
     pub accel: AccelRequest,
     pub network: Option<NetworkSpec>,
     /// `--publish`: host ports forwarded into a user-mode guest.
-    pub publish: Vec<crate::net::forward::PortForward>,
+    pub publish: Vec<crate::vmm::net::forward::PortForward>,
     /// `--device`: host devices given to the guest (VFIO PCI, USB).
-    pub devices: Vec<crate::device::HostDevice>,
+    pub devices: Vec<crate::model::device::HostDevice>,
     pub stop_timeout: u64,
     /// `--console-log-size`, e.g. `4M`.
     pub console_log_size: String,
@@ -180,11 +182,11 @@ async fn create_vm(store: &Store, o: &CreateOptions) -> Result<Created, VmError>
     vm::write_seed(&spec, &vm, &host, user_data, None, warm)?;
     store::write_json(&vm.spec(), &spec)?;
     staging.commit()?;
-    let created = crate::events::Kind::Created {
+    let created = crate::store::events::Kind::Created {
         image: spec.image.source.clone(),
         network: spec.network.to_string(),
     };
-    crate::events::emit(&vm, created);
+    crate::store::events::emit(&vm, created);
     let mut notes = report;
     notes.extend(spec::cpu_overcommit(spec.cpus, spec::host_cpus()));
     Ok(Created {
@@ -201,7 +203,7 @@ async fn validate(store: &Store, o: &CreateOptions) -> Result<Valid, VmError> {
         Some(a) => a,
         None => Arch::host().map_err(spec::SpecError::from)?,
     };
-    let cpus = spec::validate_cpus(o.cpus, crate::qemu::arch_facts(arch).max_cpus)?;
+    let cpus = spec::validate_cpus(o.cpus, crate::vmm::qemu::arch_facts(arch).max_cpus)?;
     let memory = spec::parse_memory(&o.memory, spec::host_memory())?;
     let disk = spec::parse_disk(&o.disk)?;
     let console_log_size = spec::parse_console_log_size(&o.console_log_size)?;
@@ -217,7 +219,10 @@ async fn validate(store: &Store, o: &CreateOptions) -> Result<Valid, VmError> {
     }
     // The host must have them now (and an IOMMU for PCI); whether another
     // VM uses one is a question for the start.
-    crate::hostdev::check(std::path::Path::new(crate::hostdev::SYSFS), &o.devices)?;
+    crate::host::hostdev::check(
+        std::path::Path::new(crate::host::hostdev::SYSFS),
+        &o.devices,
+    )?;
     let user_keys = user_public_keys(&o.ssh_keys)?;
     let user_data = match &o.user_data {
         Some(p) => {
@@ -262,17 +267,18 @@ async fn validate_network(
     }
     if let NetworkSpec::Bridge { bridge } = &network {
         // Fail now, with nothing created, rather than at start.
-        crate::net::bridge::check_bridge(bridge)
+        crate::vmm::net::bridge::check_bridge(bridge)
             .await
-            .map_err(crate::net::attach::AttachError::from)?;
+            .map_err(crate::vmm::net::attach::AttachError::from)?;
     }
-    crate::net::forward::check_unique(&o.publish).map_err(|e| VmError::Invalid(e.to_string()))?;
+    crate::vmm::net::forward::check_unique(&o.publish)
+        .map_err(|e| VmError::Invalid(e.to_string()))?;
     if network.is_user_mode() {
         // `--network passt` on a host without a usable passt fails here, with
         // nothing made; `user` falls back to slirp (the CLI warns).
         let programs = store.programs().map_err(crate::store::StoreError::from)?;
-        crate::net::attach::choose_user_net(&network, &programs)?;
-        crate::net::attach::check_publish(&o.publish)?;
+        crate::vmm::net::attach::choose_user_net(&network, &programs)?;
+        crate::vmm::net::attach::check_publish(&o.publish)?;
     }
     if static_ip && network.is_user_mode() {
         return Err(VmError::Invalid(
@@ -304,12 +310,12 @@ fn auto_warm(
     user_data: bool,
 ) -> Result<(VmSpec, image::Image, Option<String>), VmError> {
     let source = spec.image.source.clone();
-    if crate::templates::find(cache, &source).is_some() {
+    if crate::vmm::templates::find(cache, &source).is_some() {
         return Ok((spec, base, None));
     }
-    let t = crate::templates::warming(cache, &source);
+    let t = crate::vmm::templates::warming(cache, &source);
     if let Err(why) =
-        crate::templates::auto_warm(&source, &base.digest, t.as_ref(), &spec, user_data)
+        crate::vmm::templates::auto_warm(&source, &base.digest, t.as_ref(), &spec, user_data)
     {
         if t.is_some() {
             tracing::info!("{} will boot cold: {why}", spec.name);
@@ -393,13 +399,13 @@ fn decide_warm(
         boot: "cold",
         boot_why: why,
     };
-    let warm = crate::templates::find(cache, source)
+    let warm = crate::vmm::templates::find(cache, source)
         .filter(|t| t.digest == base.digest)
         .and_then(|t| t.warm.map(|w| (t.name, w)));
     let Some((template, w)) = warm else {
         return Ok((None, cold(format!("{source} is not a warm template"))));
     };
-    if let Some(why) = crate::warm::unusable(spec, &w, user_data) {
+    if let Some(why) = crate::vmm::warm::unusable(spec, &w, user_data) {
         let why = format!("warm template {template} was saved with other settings: {why}");
         tracing::warn!("{} will boot cold: {why}", spec.name);
         return Ok((None, cold(why)));
@@ -409,11 +415,11 @@ fn decide_warm(
         machine_id: hex::encode(rand::random::<[u8; 16]>()),
         entropy: rand::random::<[u8; 64]>().to_vec(),
     };
-    let pending = crate::warm::Pending {
+    let pending = crate::vmm::warm::Pending {
         template: template.to_string(),
         warm: w,
     };
-    crate::warm::set_pending(vm, &pending)?;
+    crate::vmm::warm::set_pending(vm, &pending)?;
     let first = FirstBoot {
         boot: "warm",
         boot_why: format!("resumes warm template {}", pending.template),
@@ -430,10 +436,10 @@ struct UserKeys {
 }
 
 /// The user's public keys: the `--ssh-key` files, else the default ones
-/// (crate::userkeys: as root, checked and never from `$HOME`).
+/// (crate::host::userkeys: as root, checked and never from `$HOME`).
 fn user_public_keys(files: &[PathBuf]) -> Result<UserKeys, VmError> {
     if files.is_empty() {
-        let d = crate::userkeys::defaults()?;
+        let d = crate::host::userkeys::defaults()?;
         return Ok(UserKeys {
             report: d.report(),
             keys: d.keys,

@@ -1,16 +1,16 @@
 //! `nox disk add|list|rm`: a VM's extra disks. A stopped VM's spec changes
-//! and its next start plugs the disks (crate::qemu::argv, the jail binds
+//! and its next start plugs the disks (crate::vmm::qemu::argv, the jail binds
 //! them); a running VM gets them plugged in or out at once
-//! (crate::diskplug), and its spec records the change for its next start.
+//! (crate::vmm::diskplug), and its spec records the change for its next start.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::disk::{self, DiskName, ExtraDisk};
-use crate::lifecycle::Phase;
+use crate::model::disk::{self, DiskName, ExtraDisk};
+use crate::model::lifecycle::Phase;
+use crate::ops::vm::DiskInfo;
 use crate::store::{self, Store, VmPaths};
-use crate::vm::DiskInfo;
 
 use super::OpsError;
 
@@ -52,7 +52,7 @@ async fn hold(vm: &VmPaths) -> Result<Hold, OpsError> {
                 stopped: Some(l),
             });
         }
-        let st = crate::state::load_raw(vm)?;
+        let st = crate::store::state::load_raw(vm)?;
         match st.state {
             Phase::Running => {
                 return Ok(Hold {
@@ -128,7 +128,7 @@ pub async fn disk_add(
     spec.disks.push(disk.clone());
     store::write_json(&vm.spec(), &spec)?;
     Ok(DiskAdded {
-        disk: crate::vm::disk_info(&vm, &disk),
+        disk: crate::ops::vm::disk_info(&vm, &disk),
         live,
     })
 }
@@ -144,7 +144,7 @@ async fn plug(vm: &VmPaths, name: &DiskName, file: &std::path::Path) -> Result<(
         .open(file)?;
     let owner = std::fs::symlink_metadata(vm.disk())?;
     std::os::unix::fs::fchown(&f, Some(owner.uid()), Some(owner.gid()))?;
-    crate::diskplug::attach(vm, name, &f).await?;
+    crate::vmm::diskplug::attach(vm, name, &f).await?;
     Ok(())
 }
 
@@ -155,7 +155,7 @@ pub fn disk_list(store: &Store, name: &str) -> Result<Vec<DiskInfo>, OpsError> {
     Ok(spec
         .disks
         .iter()
-        .map(|d| crate::vm::disk_info(&vm, d))
+        .map(|d| crate::ops::vm::disk_info(&vm, d))
         .collect())
 }
 
@@ -168,7 +168,7 @@ pub async fn disk_rm(store: &Store, name: &str, disk: &DiskName) -> Result<bool,
     let rest = disk::without(name, &spec.disks, disk)?;
     let live = held.stopped.is_none();
     if live {
-        crate::diskplug::detach(&vm, disk, crate::diskplug::UNPLUG_TIMEOUT).await?;
+        crate::vmm::diskplug::detach(&vm, disk, crate::vmm::diskplug::UNPLUG_TIMEOUT).await?;
     }
     spec.disks = rest;
     store::write_json(&vm.spec(), &spec)?;

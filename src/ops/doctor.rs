@@ -1,10 +1,10 @@
 //! `nox doctor`: probes the host for what nox needs and says how each
 //! check came out; the front end renders the lines.
 
-use crate::ident::Arch;
-use crate::qemu;
-use crate::spec::AccelRequest;
+use crate::model::ident::Arch;
+use crate::model::spec::AccelRequest;
 use crate::store::Store;
+use crate::vmm::qemu;
 
 use super::OpsError;
 
@@ -65,11 +65,11 @@ pub async fn doctor(store: &Store) -> Result<Vec<CheckLine>, OpsError> {
         Ok(()) => c.line(true, "state", store.root().display()),
         Err(e) => c.line(false, "state", crate::error_chain(&e)),
     }
-    for (status, what, detail) in crate::jail::doctor(&*store.config()?) {
+    for (status, what, detail) in crate::vmm::jail::doctor(&*store.config()?) {
         let check = match status {
-            crate::jail::Status::Ok => Check::Ok,
-            crate::jail::Status::Warn => Check::Warn,
-            crate::jail::Status::Fail => Check::Fail,
+            crate::vmm::jail::Status::Ok => Check::Ok,
+            crate::vmm::jail::Status::Warn => Check::Warn,
+            crate::vmm::jail::Status::Fail => Check::Fail,
         };
         c.report(check, what, detail);
     }
@@ -87,8 +87,8 @@ pub async fn doctor(store: &Store) -> Result<Vec<CheckLine>, OpsError> {
 /// qemu, qemu-img and the accelerator.
 fn programs(
     c: &mut Lines,
-    arch: &crate::ident::ArchFacts,
-    progs: &crate::trust::Programs,
+    arch: &crate::model::ident::ArchFacts,
+    progs: &crate::host::trust::Programs,
 ) -> Result<(), OpsError> {
     match qemu::find_binary(arch, progs) {
         Ok(bin) => {
@@ -122,7 +122,7 @@ fn programs(
 }
 
 /// /dev/net/tun, the default network and passt.
-async fn network(c: &mut Lines, progs: &crate::trust::Programs) {
+async fn network(c: &mut Lines, progs: &crate::host::trust::Programs) {
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -139,10 +139,10 @@ async fn network(c: &mut Lines, progs: &crate::trust::Programs) {
             format!("{} (only user-mode networking)", crate::error_chain(&e)),
         ),
     }
-    let (net, why) = crate::vm::default_network().await;
+    let (net, why) = crate::ops::vm::default_network().await;
     c.report(Check::Ok, "default network", format!("{net} ({why})"));
     // Not a failure: user-mode networking still works through slirp.
-    match crate::net::passt::probe(progs) {
+    match crate::vmm::net::passt::probe(progs) {
         Ok(b) => c.report(
             Check::Ok,
             "passt",
@@ -165,15 +165,15 @@ async fn network(c: &mut Lines, progs: &crate::trust::Programs) {
 
 /// UEFI firmware: the same search the supervisor does, the store's own
 /// directory included.
-fn firmware(c: &mut Lines, store: &Store, arch: &crate::ident::ArchFacts) {
-    let req = crate::firmware::Request {
+fn firmware(c: &mut Lines, store: &Store, arch: &crate::model::ident::ArchFacts) {
+    let req = crate::vmm::firmware::Request {
         arch: arch.arch,
         machine: arch.machine,
-        interface: crate::firmware::Interface::Uefi,
+        interface: crate::vmm::firmware::Interface::Uefi,
         secure_boot: false,
     };
-    let dirs = crate::firmware::search_dirs_with(Some(&store.firmware_dir()));
-    match crate::firmware::select(&req, &dirs) {
+    let dirs = crate::vmm::firmware::search_dirs_with(Some(&store.firmware_dir()));
+    match crate::vmm::firmware::select(&req, &dirs) {
         Ok(Some(fw)) => c.report(Check::Ok, "UEFI firmware", fw.executable.display()),
         Ok(None) => c.report(Check::Ok, "UEFI firmware", "qemu built-in"),
         Err(e) => c.report(

@@ -5,45 +5,45 @@
 
 use thiserror::Error;
 
-use crate::state::Phase;
+use crate::store::state::Phase;
 
 #[derive(Debug, Error)]
 pub enum OpsError {
     #[error(transparent)]
-    Vm(Box<crate::vm::VmError>),
+    Vm(Box<crate::ops::vm::VmError>),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] crate::host::config::ConfigError),
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
     #[error(transparent)]
-    Qemu(#[from] crate::qemu::QemuError),
+    Qemu(#[from] crate::vmm::qemu::QemuError),
     #[error(transparent)]
-    Ident(#[from] crate::ident::IdentError),
+    Ident(#[from] crate::model::ident::IdentError),
     #[error(transparent)]
-    Systemd(#[from] crate::systemd::SystemdError),
+    Systemd(#[from] crate::vmm::systemd::SystemdError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("cannot start {name}")]
     Start {
         name: String,
-        source: Box<crate::vm::VmError>,
+        source: Box<crate::ops::vm::VmError>,
     },
     #[error("{name} is not ready")]
     NotReady {
         name: String,
-        source: crate::ssh::SshError,
+        source: crate::vmm::ssh::SshError,
     },
     #[error("cannot stop {name}")]
     Stop {
         name: String,
-        source: Box<crate::vm::VmError>,
+        source: Box<crate::ops::vm::VmError>,
     },
     #[error("cannot change {name}")]
     Set {
         name: String,
-        source: Box<crate::vm::VmError>,
+        source: Box<crate::ops::vm::VmError>,
     },
     #[error(
         "{name} uses user-mode networking: it has no address of its own on the host's network \
@@ -59,7 +59,7 @@ pub enum OpsError {
     #[error("{arg:?}: not NAME:PATH (a host path with ':' is ./{arg})")]
     CpPath {
         arg: String,
-        source: crate::ident::IdentError,
+        source: crate::model::ident::IdentError,
     },
     #[error("both {src:?} and {dst:?} are in VMs; copy through the host, one side at a time")]
     CpBothInVms { src: String, dst: String },
@@ -70,22 +70,22 @@ pub enum OpsError {
     #[error("no unit directory; pass --dir")]
     NoUnitDir,
     #[error(transparent)]
-    Template(#[from] crate::template::TemplateError),
+    Template(#[from] crate::ops::template::TemplateError),
     #[error("{0}")]
     Warm(String),
     #[error(transparent)]
-    Snapshot(#[from] crate::snapshot::SnapshotError),
+    Snapshot(#[from] crate::ops::snapshot::SnapshotError),
     #[error(transparent)]
-    Disk(#[from] crate::disk::DiskError),
+    Disk(#[from] crate::model::disk::DiskError),
     #[error(transparent)]
-    Plug(#[from] crate::diskplug::PlugError),
+    Plug(#[from] crate::vmm::diskplug::PlugError),
     #[error("another disk or snapshot operation on {name} is under way; try again when it ends")]
     DiskBusy { name: String },
 }
 
 // Boxed: VmError is large, and every operation's result carries OpsError.
-impl From<crate::vm::VmError> for OpsError {
-    fn from(e: crate::vm::VmError) -> OpsError {
+impl From<crate::ops::vm::VmError> for OpsError {
+    fn from(e: crate::ops::vm::VmError) -> OpsError {
         OpsError::Vm(Box::new(e))
     }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::image::Cache;
+use crate::ops::vm;
 use crate::store::Store;
-use crate::vm;
 
 use super::OpsError;
 
@@ -25,7 +25,7 @@ pub struct ImageRow {
     pub size: u64,
     pub source: String,
     /// The template it is (`nox image commit`), if any.
-    pub template: Option<crate::templates::Origin>,
+    pub template: Option<crate::vmm::templates::Origin>,
     /// The VMs (and creates in progress) whose disks are based on it.
     pub used_by: Vec<String>,
     pub virtual_size: u64,
@@ -33,7 +33,7 @@ pub struct ImageRow {
 
 /// The cached images, each with its users and template origin.
 pub fn image_list(store: &Store, cache: &Cache) -> Result<Vec<ImageRow>, OpsError> {
-    let templates = crate::templates::list(cache);
+    let templates = crate::vmm::templates::list(cache);
     Ok(cache
         .list()?
         .into_iter()
@@ -81,7 +81,7 @@ pub fn image_rm(
     let img = cache.resolve(image)?;
     let users = vm::image_users(store, &img.digest);
     cache.remove(&img.digest, &users, force)?;
-    crate::templates::forget(cache, &img.digest);
+    crate::vmm::templates::forget(cache, &img.digest);
     let warm = remove_warm(store, cache, &img);
     Ok(Removed {
         digest: img.digest,
@@ -100,7 +100,7 @@ fn remove_warm(
     cache: &Cache,
     img: &crate::image::Image,
 ) -> Option<Result<String, String>> {
-    let t = crate::templates::warming(cache, img.name.as_deref()?)?;
+    let t = crate::vmm::templates::warming(cache, img.name.as_deref()?)?;
     if t.warms.as_deref() != Some(img.digest.as_str()) {
         return None;
     }
@@ -114,7 +114,7 @@ fn remove_warm(
     }
     Some(match cache.remove(&t.digest, &[], false) {
         Ok(_) => {
-            crate::templates::forget(cache, &t.digest);
+            crate::vmm::templates::forget(cache, &t.digest);
             Ok(t.name.to_string())
         }
         Err(e) => Err(format!(
@@ -150,7 +150,7 @@ pub fn image_prune(
     for img in cache.list()? {
         if vm::image_users(store, &img.digest).is_empty() {
             cache.remove(&img.digest, &[], false)?;
-            crate::templates::forget(cache, &img.digest);
+            crate::vmm::templates::forget(cache, &img.digest);
             on(PruneEvent::Image(
                 img.digest.clone(),
                 img.name.unwrap_or(img.source),
@@ -163,6 +163,6 @@ pub fn image_prune(
 
 /// `image rm`/`prune`: the extracted kernels no VM boots go with the images.
 pub fn prune_boot_cache(store: &Store, cache: &Cache) -> Result<u64, String> {
-    let boot = crate::boot::cache::BootCache::new(cache.dir().join("boot"), store.vms_dir());
-    crate::boot::cache::prune(&boot).map_err(|e| crate::error_chain(&e))
+    let boot = crate::guest::boot::cache::BootCache::new(cache.dir().join("boot"), store.vms_dir());
+    crate::guest::boot::cache::prune(&boot).map_err(|e| crate::error_chain(&e))
 }

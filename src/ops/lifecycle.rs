@@ -1,11 +1,11 @@
 //! start, stop, restart, list, info and set: the VM verbs over
-//! [`crate::vm`], with the warnings and steps a front end shows.
+//! [`crate::ops::vm`], with the warnings and steps a front end shows.
 
 use std::time::Duration;
 
-use crate::spec::{NetworkSpec, VmSpec};
+use crate::model::spec::{NetworkSpec, VmSpec};
+use crate::ops::vm::{self, Started, Stopped};
 use crate::store::{Store, VmPaths};
-use crate::vm::{self, Started, Stopped};
 
 use super::OpsError;
 
@@ -25,8 +25,8 @@ pub enum Event {
 pub fn start_warnings(vmp: &VmPaths) -> Result<Vec<String>, OpsError> {
     let spec = vmp.load_spec()?;
     let mut out = vec![];
-    let kvm = crate::qemu::probe_kvm();
-    out.extend(crate::qemu::choose_accel(spec.accel, spec.arch, &kvm)?.warning);
+    let kvm = crate::vmm::qemu::probe_kvm();
+    out.extend(crate::vmm::qemu::choose_accel(spec.accel, spec.arch, &kvm)?.warning);
     out.extend(user_net_warning(vmp, &spec));
     Ok(out)
 }
@@ -38,8 +38,8 @@ pub fn user_net_warning(vmp: &VmPaths, spec: &VmSpec) -> Option<String> {
     }
     // A config.json that cannot say which passt: start says so itself.
     let programs = vmp.programs().ok()?;
-    match crate::net::attach::choose_user_net(&spec.network, &programs) {
-        Ok(crate::net::attach::UserNet::Slirp { warning }) => warning,
+    match crate::vmm::net::attach::choose_user_net(&spec.network, &programs) {
+        Ok(crate::vmm::net::attach::UserNet::Slirp { warning }) => warning,
         _ => None,
     }
 }
@@ -64,12 +64,11 @@ pub fn start(
     on(Event::Started(started));
     if wait {
         let spec = vmp.load_spec()?;
-        crate::ssh::wait_ready(&spec, &vmp, t, || crate::state::load(&vmp).ok()).map_err(
-            |source| OpsError::NotReady {
+        crate::vmm::ssh::wait_ready(&spec, &vmp, t, || crate::store::state::load(&vmp).ok())
+            .map_err(|source| OpsError::NotReady {
                 name: name.to_string(),
                 source,
-            },
-        )?;
+            })?;
         on(Event::Ready);
     }
     Ok(())
@@ -120,16 +119,16 @@ pub fn list(store: &Store) -> Result<Vec<vm::VmInfo>, OpsError> {
 #[derive(Debug)]
 pub struct InfoView {
     pub info: vm::VmInfo,
-    pub boots: Option<Vec<crate::timeline::BootView>>,
+    pub boots: Option<Vec<crate::store::timeline::BootView>>,
 }
 
 pub fn info(store: &Store, name: &str, boot: bool) -> Result<InfoView, OpsError> {
     let vmp = store.vm(name)?;
-    if boot && let (Ok(spec), Ok(st)) = (vmp.load_spec(), crate::state::load(&vmp)) {
-        crate::ssh::fetch_boot_report(&spec, &vmp, &st);
+    if boot && let (Ok(spec), Ok(st)) = (vmp.load_spec(), crate::store::state::load(&vmp)) {
+        crate::vmm::ssh::fetch_boot_report(&spec, &vmp, &st);
     }
     let info = vm::info(&vmp)?;
-    let boots = boot.then(|| crate::timeline::view(&vmp));
+    let boots = boot.then(|| crate::store::timeline::view(&vmp));
     Ok(InfoView { info, boots })
 }
 
@@ -143,8 +142,8 @@ pub enum Change {
     Disk(u64, u64),
     /// Host devices (`--device`, `--remove-device`).
     Devices(
-        Vec<crate::device::HostDevice>,
-        Vec<crate::device::HostDevice>,
+        Vec<crate::model::device::HostDevice>,
+        Vec<crate::model::device::HostDevice>,
     ),
 }
 
@@ -167,9 +166,9 @@ pub fn set(store: &Store, name: &str, o: &vm::SetOptions) -> Result<SetOutcome, 
     };
     if old.cpus != new.cpus {
         out.changes.push(Change::Cpus(new.cpus, old.cpus));
-        let host = crate::spec::host_cpus();
+        let host = crate::model::spec::host_cpus();
         out.warnings
-            .extend(crate::spec::cpu_overcommit(new.cpus, host));
+            .extend(crate::model::spec::cpu_overcommit(new.cpus, host));
     }
     if old.memory != new.memory {
         out.changes.push(Change::Memory(new.memory, old.memory));
@@ -189,12 +188,12 @@ pub fn set(store: &Store, name: &str, o: &vm::SetOptions) -> Result<SetOutcome, 
 pub fn ssh_target(
     store: &Store,
     name: &str,
-) -> Result<(VmSpec, VmPaths, crate::ssh::Endpoint), OpsError> {
+) -> Result<(VmSpec, VmPaths, crate::vmm::ssh::Endpoint), OpsError> {
     let vmp = store.vm(name)?;
     let spec = vmp.load_spec()?;
-    let st = crate::state::load(&vmp)?;
-    match (st.state, crate::ssh::endpoint(&st)) {
-        (crate::state::Phase::Running, Some(ep)) => Ok((spec, vmp, ep)),
+    let st = crate::store::state::load(&vmp)?;
+    match (st.state, crate::vmm::ssh::endpoint(&st)) {
+        (crate::store::state::Phase::Running, Some(ep)) => Ok((spec, vmp, ep)),
         (state, _) => Err(OpsError::NotRunning {
             name: name.to_string(),
             state,

@@ -7,6 +7,7 @@
 //! restart, image prune) report them through a callback of typed events
 //! rather than returning them at the end.
 
+pub mod clone;
 mod config;
 mod cp;
 mod create;
@@ -17,7 +18,10 @@ mod image;
 mod lifecycle;
 mod net;
 mod pull;
+pub mod snapshot;
 mod systemd;
+pub mod template;
+pub mod vm;
 
 pub use config::{ConfigView, DefaultsView, OriginView, config_show, config_warnings, load_config};
 pub use cp::{CpPath, cp, parse_cp_path};

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::ops::vm;
 use crate::store::Store;
-use crate::vm;
 
 use super::OpsError;
 
@@ -17,7 +17,7 @@ pub struct IpView {
     pub bridge: Option<String>,
     pub ip: Option<String>,
     pub ipv6: Vec<String>,
-    pub mac: crate::ident::MacAddr,
+    pub mac: crate::model::ident::MacAddr,
     pub name: String,
     pub tap: Option<String>,
 }

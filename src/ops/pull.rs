@@ -11,13 +11,13 @@
 
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
-use crate::ident::{Arch, TemplateName, VmName};
+use crate::host::config::Config;
 use crate::image::{Cache, Image};
-use crate::spec::AccelRequest;
+use crate::model::ident::{Arch, TemplateName, VmName};
+use crate::model::spec::AccelRequest;
+use crate::ops::template::{self, Committed, Template};
+use crate::ops::vm;
 use crate::store::Store;
-use crate::template::{self, Committed, Template};
-use crate::vm;
 
 use super::OpsError;
 use super::create::{CreateOptions, CreateRequest};
@@ -97,7 +97,7 @@ pub async fn image_pull(
 /// The image's name a `create --image` gives, which names its template.
 fn warm_target(source: &str, img: &Image, cache: &Cache) -> Result<TemplateName, OpsError> {
     let no = |why: &str| OpsError::Warm(format!("cannot make a warm template of {source}: {why}"));
-    if crate::templates::find(cache, source).is_some() {
+    if crate::vmm::templates::find(cache, source).is_some() {
         return Err(no(
             "it is a template; commit a VM with `nox image commit VM --as NAME --warm` instead",
         ));
@@ -110,7 +110,8 @@ fn warm_target(source: &str, img: &Image, cache: &Cache) -> Result<TemplateName,
             img.name.as_deref().unwrap_or("a URL or a path")
         )));
     }
-    crate::templates::warm_name(source).ok_or_else(|| no("NAME-warm is no valid template name"))
+    crate::vmm::templates::warm_name(source)
+        .ok_or_else(|| no("NAME-warm is no valid template name"))
 }
 
 async fn make_warm(
@@ -123,7 +124,7 @@ async fn make_warm(
     on: &mut dyn FnMut(PullEvent),
 ) -> Result<(), OpsError> {
     let tname = warm_target(&r.source, img, cache)?;
-    if let Some(t) = crate::template::find(cache, &tname) {
+    if let Some(t) = crate::ops::template::find(cache, &tname) {
         match stale(&t, &r.source, img) {
             Ok(true) => {
                 super::image_rm(store, cache, &t.digest, false).map_err(|e| {
@@ -223,7 +224,7 @@ async fn build(
         devices: vec![],
         stop_timeout: 60,
         console_log_size: "4M".into(),
-        restart: crate::spec::RestartPolicy::No,
+        restart: crate::model::spec::RestartPolicy::No,
         firmware: None,
         secure_boot: false,
         ip: None,
@@ -250,7 +251,7 @@ async fn build(
     on(PullEvent::BuilderReady(builder.clone(), t.elapsed()));
     let mut c = template::commit(store, builder, tname, true).await?;
     c.template.warms = Some(img.digest.clone());
-    crate::templates::save(&Cache::for_store(store)?, &c.template)?;
+    crate::vmm::templates::save(&Cache::for_store(store)?, &c.template)?;
     on(PullEvent::Committed(Box::new(c)));
     Ok(())
 }

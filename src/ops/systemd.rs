@@ -1,10 +1,10 @@
 //! `nox enable`/`disable` and `nox systemd install`: the rules over
-//! [`crate::systemd`].
+//! [`crate::vmm::systemd`].
 
 use std::path::{Path, PathBuf};
 
 use crate::store::Store;
-use crate::systemd::{self, Scope, SystemdError};
+use crate::vmm::systemd::{self, Scope, SystemdError};
 
 use super::OpsError;
 
@@ -32,7 +32,7 @@ pub fn enable(store: &Store, name: &str) -> Result<Enabled, OpsError> {
     let spec = vm.load_spec()?;
     let programs = store.programs()?;
     let elsewhere =
-        crate::state::load(&vm)?.state.is_active() && !systemd::is_active(name, &programs);
+        crate::store::state::load(&vm)?.state.is_active() && !systemd::is_active(name, &programs);
     systemd::enable(name, spec.restart, !elsewhere, &programs)?;
     Ok(Enabled {
         unit: systemd::unit_name(name),
@@ -60,7 +60,7 @@ pub fn systemd_install(
     dir: Option<&Path>,
     exe: &Path,
     scope: Scope,
-    programs: &crate::trust::Programs,
+    programs: &crate::host::trust::Programs,
 ) -> Result<Installed, OpsError> {
     let dir = match dir {
         Some(d) => d.to_path_buf(),

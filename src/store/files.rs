@@ -14,14 +14,14 @@ use super::{StoreError, io};
 
 /// Creates a directory (and missing parents) 0700. An existing one is left
 /// as it is: never chmod-ed behind the operator's back; as root it must be
-/// root's alone ([`crate::trust::check_state_dir`]), else it is refused.
+/// root's alone ([`crate::host::trust::check_state_dir`]), else it is refused.
 pub fn mkdir_private(dir: &Path) -> Result<(), StoreError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(io(dir))?;
-    crate::trust::check_state_dir(dir)?;
+    crate::host::trust::check_state_dir(dir)?;
     Ok(())
 }
 

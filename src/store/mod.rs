@@ -3,14 +3,14 @@
 //! ```text
 //! ROOT/                      /var/lib/nox (root), ~/.nox (user), $NOX_HOME
 //!   config.json              optional settings (e.g. `mirror`, see crate::image)
-//!   firmware/                nox's own QEMU firmware descriptors (see crate::firmware)
+//!   firmware/                nox's own QEMU firmware descriptors (see crate::vmm::firmware)
 //!   images/                  shared base images (see crate::image)
 //!   stage.lock               held for moments while a create makes its staging dir
-//!   events/NAME.jsonl[.1]    the VM's event log (see crate::events); outlives the VM
+//!   events/NAME.jsonl[.1]    the VM's event log (see crate::store::events); outlives the VM
 //!   vms/NAME/                one VM: spec.json, state.json, disk.qcow2, seed.img, keys, logs
 //!   vms/.new-NAME-XXXX/      a create in progress (invisible; removed by the next create)
 //! RUN/NAME/                  /run/nox (root), ROOT/run otherwise: ctl.sock, serial.sock, jail/
-//!                            (nox's own, never qemu's: see crate::rundir)
+//!                            (nox's own, never qemu's: see crate::vmm::rundir)
 //! ```
 //!
 //! Every path of this layout is built here; other modules get them from
@@ -18,9 +18,12 @@
 //! [`write_atomic_with`] / [`commit_file`] underneath it), the one atomic
 //! write, and logs are read back with the bounded [`tail`].
 
+pub mod events;
 mod files;
 mod lock;
 mod paths;
+pub mod state;
+pub mod timeline;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -29,9 +32,9 @@ use std::sync::{Arc, OnceLock};
 
 use thiserror::Error;
 
-use crate::config::{Config, ConfigError};
-use crate::ident::{IdentError, VmName};
-use crate::trust::Programs;
+use crate::host::config::{Config, ConfigError};
+use crate::host::trust::Programs;
+use crate::model::ident::{IdentError, VmName};
 
 pub use files::{
     Existing, TAIL_BYTES, commit_file, mkdir_private, read_json, sync_dir, tail, take_json,
@@ -69,7 +72,7 @@ pub enum StoreError {
     #[error(transparent)]
     Name(#[from] IdentError),
     #[error(transparent)]
-    Trust(#[from] crate::trust::TrustError),
+    Trust(#[from] crate::host::trust::TrustError),
     #[error(transparent)]
     Config(#[from] ConfigError),
 }
@@ -106,7 +109,7 @@ pub struct Store {
     settings: Settings,
 }
 
-/// A store's `config.json` ([`crate::config::load`]), read once, on first
+/// A store's `config.json` ([`crate::host::config::load`]), read once, on first
 /// use, and shared by the store's clones and its VMs' [`VmPaths`]: the one
 /// place every setting (defaults, binaries, jail, mirrors) comes from.
 #[derive(Debug, Clone)]
@@ -128,7 +131,7 @@ impl Settings {
         if let Some(c) = self.loaded.get() {
             return Ok(c.clone());
         }
-        let c = Arc::new(crate::config::load(&self.path)?);
+        let c = Arc::new(crate::host::config::load(&self.path)?);
         Ok(self.loaded.get_or_init(|| c).clone())
     }
 
@@ -149,19 +152,19 @@ impl Eq for Settings {}
 impl Store {
     /// The store for this process: `NOX_HOME`, else `/var/lib/nox` + `/run/nox`
     /// for root, else `~/.nox`. As root the directories must be root's alone
-    /// ([`crate::trust::check_state_dir`]). Its `config.json` is read here
+    /// ([`crate::host::trust::check_state_dir`]). Its `config.json` is read here
     /// (as [`Store::at`] reads it on first use), so one that is not JSON,
     /// or bad or others-writable `binaries` (what every command may run),
     /// refuses every command at once; a bad value in another part fails
-    /// only the commands that use that part (crate::config).
+    /// only the commands that use that part (crate::host::config).
     pub fn from_env() -> Result<Store, StoreError> {
         let store = Store::env_paths()?;
-        let store = if crate::trust::as_root() {
+        let store = if crate::host::trust::as_root() {
             // Checked as resolved, and used as checked.
-            let root = crate::trust::resolve(&store.root);
-            let run = crate::trust::resolve(&store.run);
-            crate::trust::check_state_dir(&root)?;
-            crate::trust::check_state_dir(&run)?;
+            let root = crate::host::trust::resolve(&store.root);
+            let run = crate::host::trust::resolve(&store.run);
+            crate::host::trust::check_state_dir(&root)?;
+            crate::host::trust::check_state_dir(&run)?;
             Store::at(root, run)
         } else {
             store
@@ -175,7 +178,7 @@ impl Store {
             let root = std::path::absolute(PathBuf::from(home)).map_err(io(Path::new(".")))?;
             return Ok(Store::at(root.clone(), root.join("run")));
         }
-        if crate::trust::as_root() {
+        if crate::host::trust::as_root() {
             return Ok(Store::at("/var/lib/nox".into(), "/run/nox".into()));
         }
         let home = std::env::var_os("HOME").ok_or(StoreError::NoHome)?;
@@ -212,7 +215,7 @@ impl Store {
     pub fn vms_dir(&self) -> PathBuf {
         self.root.join("vms")
     }
-    /// Optional settings (crate::config); absent is fine.
+    /// Optional settings (crate::host::config); absent is fine.
     pub fn config_path(&self) -> PathBuf {
         self.settings.path.clone()
     }
@@ -220,7 +223,7 @@ impl Store {
     pub fn firmware_dir(&self) -> PathBuf {
         self.root.join("firmware")
     }
-    /// The VMs' event logs (`crate::events`), kept apart from `vms/` so a
+    /// The VMs' event logs (`crate::store::events`), kept apart from `vms/` so a
     /// deleted VM's log, with its `deleted` event, stays readable.
     pub fn events_dir(&self) -> PathBuf {
         self.root.join("events")

@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{Lock, Settings, StoreError, is_locked, lock_file, read_json};
-use crate::config::{Config, ConfigError};
-use crate::ident::VmName;
-use crate::spec::VmSpec;
-use crate::trust::Programs;
+use crate::host::config::{Config, ConfigError};
+use crate::host::trust::Programs;
+use crate::model::ident::VmName;
+use crate::model::spec::VmSpec;
 
 /// Where one VM's files live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +82,7 @@ impl VmPaths {
         self.dir.join("disks")
     }
     /// The file of extra disk `name`: always here, never a path from the spec.
-    pub fn extra_disk(&self, name: &crate::disk::DiskName) -> PathBuf {
+    pub fn extra_disk(&self, name: &crate::model::disk::DiskName) -> PathBuf {
         self.disks_dir().join(format!("{name}.qcow2"))
     }
     pub fn seed(&self) -> PathBuf {
@@ -113,7 +113,7 @@ impl VmPaths {
     }
     /// A second QMP monitor for clients (`nox stop`), since a QMP socket
     /// serves one client at a time and the supervisor holds the first (on a
-    /// socketpair, crate::rundir).
+    /// socketpair, crate::vmm::rundir).
     pub fn ctl_socket(&self) -> PathBuf {
         self.run.join("ctl.sock")
     }
@@ -124,12 +124,12 @@ impl VmPaths {
     pub fn passt_dir(&self) -> PathBuf {
         self.run.join("passt")
     }
-    /// The VM's event log (`crate::events`); outside the VM's directory.
+    /// The VM's event log (`crate::store::events`); outside the VM's directory.
     pub fn events(&self) -> &Path {
         &self.events
     }
     /// UEFI variable store (per VM, writable), qcow2 so that it can be
-    /// snapshotted with the disk (see crate::firmware::prepare_vars).
+    /// snapshotted with the disk (see crate::vmm::firmware::prepare_vars).
     pub fn efi_vars(&self) -> PathBuf {
         self.dir.join("efivars.qcow2")
     }
@@ -137,7 +137,7 @@ impl VmPaths {
     pub fn efi_vars_legacy(&self) -> PathBuf {
         self.dir.join("efivars.fd")
     }
-    /// Held by a snapshot operation for its whole run (crate::snapshot).
+    /// Held by a snapshot operation for its whole run (crate::ops::snapshot).
     pub fn snapshot_lock(&self) -> PathBuf {
         self.dir.join("snapshot.lock")
     }

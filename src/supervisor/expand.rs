@@ -7,7 +7,7 @@
 //! machine's own RAM block name), which then saves again with the
 //! `x-ignore-shared` capability: that second stream holds the devices only,
 //! and the file holds the RAM. Each VM made from the template then maps the
-//! file privately and read-only (crate::qemu::RamFile): it pays only for the
+//! file privately and read-only (crate::vmm::qemu::RamFile): it pays only for the
 //! pages it writes, and all share the rest through the page cache.
 //!
 //! That qemu parses a stream a guest's qemu wrote, so it runs exactly as the
@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::jail::{self, Mode};
-use crate::qemu::{self, Accel, NetBackend};
-use crate::spec::VmSpec;
+use crate::model::spec::VmSpec;
 use crate::store::VmPaths;
-use crate::warm::{self, RamImage, Saved, WarmError, WarmState};
+use crate::vmm::jail::{self, Mode};
+use crate::vmm::qemu::{self, Accel, NetBackend};
+use crate::vmm::warm::{self, RamImage, Saved, WarmError, WarmState};
 
 use super::SupervisorError;
 use super::launch::{connect, direct_boot, spawn_qemu};
@@ -74,7 +74,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExpandError + '_ {
 /// The host end of the loading qemu's network, held until it exits.
 #[expect(dead_code, reason = "held, never read")]
 enum NetKeep {
-    Tap(crate::net::tap::Tap),
+    Tap(crate::vmm::net::tap::Tap),
     Stream(std::os::unix::net::UnixStream),
 }
 
@@ -122,7 +122,7 @@ async fn expand_inner(
         "kvm" => Accel::Kvm,
         _ => Accel::Tcg,
     };
-    if crate::qemu::shape_has_slirp(&w.shape) {
+    if crate::vmm::qemu::shape_has_slirp(&w.shape) {
         // slirp's own state (its connections) is part of the stream and
         // cannot be recreated by a qemu that never runs the guest.
         return Err(ExpandError::Refused(
@@ -161,9 +161,10 @@ async fn expand_inner(
     // needs vnet headers, which only a tap has. The tap is the VM's own
     // name (the VM is stopped), down, on no bridge, gone with its last fd.
     let (_keep, net_fd, net) = match &spec.network {
-        crate::spec::NetworkSpec::Bridge { .. } => {
-            let tap = crate::net::tap::Tap::create(&crate::net::tap::tap_name(&spec.name))
-                .map_err(|e| ExpandError::Refused(format!("a tap for the load: {e}")))?;
+        crate::model::spec::NetworkSpec::Bridge { .. } => {
+            let tap =
+                crate::vmm::net::tap::Tap::create(&crate::vmm::net::tap::tap_name(&spec.name))
+                    .map_err(|e| ExpandError::Refused(format!("a tap for the load: {e}")))?;
             let fd = tap
                 .fd_for_child()
                 .map_err(|e| ExpandError::Refused(format!("a tap for the load: {e}")))?;
@@ -180,7 +181,7 @@ async fn expand_inner(
             (NetKeep::Stream(ours), fd, net)
         }
     };
-    let channels = crate::rundir::prepare(vm).map_err(SupervisorError::from)?;
+    let channels = crate::vmm::rundir::prepare(vm).map_err(SupervisorError::from)?;
     let launch = qemu::Launch {
         spec,
         paths: vm,
@@ -205,7 +206,7 @@ async fn expand_inner(
         return Err(ExpandError::Refused(why));
     }
     tracing::info!("making a RAM image: {}", argv.join(" "));
-    let log = crate::console::Sink::new(&vm.log(), crate::console::LOG_SIZE);
+    let log = crate::host::console::Sink::new(&vm.log(), crate::host::console::LOG_SIZE);
     let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
     let spawned = spawn_qemu(&binary, &argv, vm, &jail, &log, channels.child.raw());
     drop((stream, net_fd, channels.child));

@@ -1,6 +1,6 @@
 //! A start's host devices (`--device`): checked against the host and the
 //! store's other running VMs, unbound PCI devices bound to vfio-pci, each
-//! found for qemu's argv and the jail (crate::hostdev).
+//! found for qemu's argv and the jail (crate::host::hostdev).
 //!
 //! Two VMs starting at the same moment with the same device may both pass
 //! the "in use" check; the kernel then refuses the second qemu (a VFIO group
@@ -8,9 +8,9 @@
 
 use std::path::Path;
 
-use crate::device::{HostDevice, Passthrough};
-use crate::ident::VmName;
-use crate::spec::VmSpec;
+use crate::model::device::{HostDevice, Passthrough};
+use crate::model::ident::VmName;
+use crate::model::spec::VmSpec;
 use crate::store::VmPaths;
 
 use super::SupervisorError;
@@ -21,8 +21,8 @@ pub(super) fn prepare(vm: &VmPaths, spec: &VmSpec) -> Result<Vec<Passthrough>, S
         return Ok(vec![]);
     }
     let others = running_others(vm);
-    Ok(crate::hostdev::prepare(
-        Path::new(crate::hostdev::SYSFS),
+    Ok(crate::host::hostdev::prepare(
+        Path::new(crate::host::hostdev::SYSFS),
         &spec.devices,
         &others,
     )?)
@@ -53,7 +53,7 @@ fn running_others(vm: &VmPaths) -> Vec<(String, Vec<HostDevice>)> {
         if spec.devices.is_empty() {
             continue;
         }
-        if crate::state::load(&other).is_ok_and(|st| st.state.is_active()) {
+        if crate::store::state::load(&other).is_ok_and(|st| st.state.is_active()) {
             out.push((name.to_string(), spec.devices));
         }
     }
@@ -64,8 +64,8 @@ fn running_others(vm: &VmPaths) -> Vec<(String, Vec<HostDevice>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Phase, State};
     use crate::store::Store;
+    use crate::store::state::{Phase, State};
 
     /// VM `name` of store `st` with `devices`, in `phase` (its lock held
     /// while it is active, as its supervisor would).

@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::jail;
-use crate::net::attach::{Attached, attach};
-use crate::qemu::{self, Accel};
-use crate::qmp::{Events, Qmp};
-use crate::spec::VmSpec;
-use crate::state::{self, Event, Recorder};
+use crate::host::qmp::{Events, Qmp};
+use crate::model::spec::VmSpec;
+use crate::store::state::{self, Event, Recorder};
+use crate::store::timeline;
 use crate::store::{self, VmPaths};
-use crate::timeline;
-use crate::warm::LoadError;
+use crate::vmm::jail;
+use crate::vmm::net::attach::{Attached, attach};
+use crate::vmm::qemu::{self, Accel};
+use crate::vmm::warm::LoadError;
 
 use super::SupervisorError;
 use super::record::{apply, record};
@@ -28,7 +28,7 @@ pub(super) struct Qemu {
     pub(super) pid: u32,
     pub(super) _jail: jail::Guard,
     /// Copies qemu's stdout/stderr into nox.log, capped.
-    pub(super) output: crate::console::Copier,
+    pub(super) output: crate::host::console::Copier,
 }
 
 pub(super) fn spawn_qemu(
@@ -36,7 +36,7 @@ pub(super) fn spawn_qemu(
     argv: &[String],
     vm: &VmPaths,
     jail: &jail::Jail,
-    log: &crate::console::Sink,
+    log: &crate::host::console::Sink,
     keep: [std::os::fd::RawFd; 4],
 ) -> Result<Qemu, SupervisorError> {
     // Through a pipe: qemu never holds nox.log itself, so it cannot grow it
@@ -48,13 +48,13 @@ pub(super) fn spawn_qemu(
         .stdout(Stdio::from(tx.try_clone()?))
         .stderr(Stdio::from(tx))
         .kill_on_drop(true);
-    // Its channels (crate::rundir): qemu inherits them, nothing else does.
+    // Its channels (crate::vmm::rundir): qemu inherits them, nothing else does.
     // SAFETY: `inherit` only calls fcntl, async-signal-safe, on descriptors
     // the caller keeps open until the spawn returns.
     unsafe {
-        cmd.pre_exec(move || crate::rundir::inherit(&keep));
+        cmd.pre_exec(move || crate::vmm::rundir::inherit(&keep));
     }
-    // Confinement, and PR_SET_PDEATHSIG so qemu dies with us (crate::jail).
+    // Confinement, and PR_SET_PDEATHSIG so qemu dies with us (crate::vmm::jail).
     let launch = jail.apply(&mut cmd, vm, binary, argv)?;
     let spawned = cmd.spawn();
     // Our copies of the pipe's write end go, or it never ends.
@@ -90,12 +90,12 @@ pub(super) struct Live {
     pub(super) watch: timeline::Watch,
     pub(super) _ready: Option<Readiness>,
     /// Copies the console into console.log until qemu is gone.
-    pub(super) console: crate::console::Copier,
+    pub(super) console: crate::host::console::Copier,
     /// The guest was resumed from a warm template's state.
     pub(super) warm: bool,
 }
 
-/// The run's readiness watch ([`crate::ssh::watch_readiness`]), on a thread
+/// The run's readiness watch ([`crate::vmm::ssh::watch_readiness`]), on a thread
 /// of its own; told to end when the run ends.
 pub(super) struct Readiness(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
@@ -105,7 +105,7 @@ impl Readiness {
         let (vm, spec, flag) = (vm.clone(), spec.clone(), cancel.clone());
         let spawned = std::thread::Builder::new()
             .name("readiness".into())
-            .spawn(move || crate::ssh::watch_readiness(&spec, &vm, qemu_pid, &flag));
+            .spawn(move || crate::vmm::ssh::watch_readiness(&spec, &vm, qemu_pid, &flag));
         match spawned {
             Ok(_) => Some(Readiness(cancel)),
             Err(e) => {
@@ -128,7 +128,7 @@ impl Drop for Readiness {
 pub(super) fn direct_boot(
     vm: &VmPaths,
     spec: &VmSpec,
-) -> (Option<crate::boot::DirectBoot>, Option<String>) {
+) -> (Option<crate::guest::boot::DirectBoot>, Option<String>) {
     if spec.firmware.is_some() || spec.secure_boot {
         return (None, None);
     }
@@ -140,12 +140,12 @@ pub(super) fn direct_boot(
             Some("the base image is not in nox's image cache".into()),
         );
     }
-    let boot_cache = crate::boot::cache::BootCache::new(
+    let boot_cache = crate::guest::boot::cache::BootCache::new(
         vm.images_dir().join("boot"),
         vm.vms_dir().to_path_buf(),
     );
     let t = std::time::Instant::now();
-    match crate::boot::prepare(
+    match crate::guest::boot::prepare(
         spec.arch,
         &vm.disk(),
         Some((&spec.image.path, &spec.image.format)),
@@ -177,7 +177,7 @@ pub(super) async fn launch(
     vm: &VmPaths,
     spec: &VmSpec,
     accel: Accel,
-    log: &crate::console::Sink,
+    log: &crate::host::console::Sink,
     rec: &mut Recorder<'_>,
 ) -> Result<Live, SupervisorError> {
     // First: a bad uid range refuses the start before anything is made.
@@ -208,7 +208,7 @@ pub(super) async fn launch(
         "firmware"
     };
     // The first start of a VM made from a warm template resumes its guest.
-    let warm = crate::warm::take_pending(vm)?;
+    let warm = crate::vmm::warm::take_pending(vm)?;
     let mut warm_refused = None;
     let mut live = match &warm {
         Some(w) => {
@@ -255,10 +255,10 @@ pub(super) async fn launch(
     };
     // `nox snapshot restore` of a RAM snapshot into a stopped VM: load it
     // into the paused guest, which then resumes where the snapshot was taken.
-    let pending = crate::snapjob::take_pending(vm).map_err(SupervisorError::Restore)?;
+    let pending = crate::vmm::snapjob::take_pending(vm).map_err(SupervisorError::Restore)?;
     if let Some(snap) = &pending {
         info!("loading snapshot {snap}");
-        crate::snapjob::load_at_launch(&live.qmp, &spec.name, snap)
+        crate::vmm::snapjob::load_at_launch(&live.qmp, &spec.name, snap)
             .await
             .map_err(SupervisorError::Restore)?;
     }
@@ -274,7 +274,7 @@ pub(super) async fn launch(
     live.watch.boot.warm_refused = warm_refused;
     save_boot(vm, &live.watch);
     if (pending.is_some() || live.warm)
-        && let Err(e) = crate::snapjob::announce(&live.qmp, &spec.name).await
+        && let Err(e) = crate::vmm::snapjob::announce(&live.qmp, &spec.name).await
     {
         warn!("{}", crate::error_chain(&e));
     }
@@ -297,11 +297,11 @@ pub(super) async fn spawn_connected(
     accel: Accel,
     binary: &Path,
     firmware: &qemu::FirmwareArgs,
-    direct: Option<crate::boot::DirectBoot>,
+    direct: Option<crate::guest::boot::DirectBoot>,
     jail: &jail::Jail,
-    log: &crate::console::Sink,
+    log: &crate::host::console::Sink,
     rec: &mut Recorder<'_>,
-    warm: Option<&crate::warm::Pending>,
+    warm: Option<&crate::vmm::warm::Pending>,
 ) -> Result<Live, SupervisorError> {
     // The port may be taken between our probe and qemu's bind: retry.
     // passt, like qemu, is the store's (config.json `binaries`).
@@ -314,12 +314,12 @@ pub(super) async fn spawn_connected(
     loop {
         attempt += 1;
         // A fresh run directory of ours; qemu gets descriptors, no paths.
-        let channels = crate::rundir::prepare(vm)?;
+        let channels = crate::vmm::rundir::prepare(vm)?;
         // qemu writes the console into a pipe; we keep it, capped.
         let console_log =
-            crate::console::RotatingLog::new(&vm.console_log(), spec.console_log_size);
-        let console = crate::console::Copier::start(channels.console, console_log)?;
-        let passt = crate::net::passt::Place {
+            crate::host::console::RotatingLog::new(&vm.console_log(), spec.console_log_size);
+        let console = crate::host::console::Copier::start(channels.console, console_log)?;
+        let passt = crate::vmm::net::passt::Place {
             log,
             dir: &vm.passt_dir(),
             runas: jail.passt_ids().map(|i| (i.uid, i.gid)),
@@ -350,7 +350,7 @@ pub(super) async fn spawn_connected(
             launch.incoming = Some(std::os::fd::AsRawFd::as_raw_fd(&fd));
             // A resumed guest translates only what it runs from here on:
             // under TCG it gets a smaller translation cache than a boot.
-            launch.tb_size = launch.tb_size.or(Some(crate::warm::WARM_TB_SIZE));
+            launch.tb_size = launch.tb_size.or(Some(crate::vmm::warm::WARM_TB_SIZE));
             // The template's RAM image, mapped privately (copy-on-write).
             launch.ram = w.warm.ram.as_ref().map(|r| qemu::RamFile {
                 path: r.path.clone(),
@@ -361,7 +361,7 @@ pub(super) async fn spawn_connected(
             incoming = Some(fd);
         }
         info!("starting {}", argv.join(" "));
-        if let Err(e) = store::write_json(&crate::warm::argv_path(vm), &argv) {
+        if let Err(e) = store::write_json(&crate::vmm::warm::argv_path(vm), &argv) {
             warn!("{}", crate::error_chain(&e));
         }
         let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
@@ -381,7 +381,7 @@ pub(super) async fn spawn_connected(
             Ok((qmp, events)) => {
                 if let Some(w) = warm {
                     let loaded = tokio::select! {
-                        r = crate::warm::load(&qmp, w.warm.ram.is_some(), Duration::from_secs(300)) => r,
+                        r = crate::vmm::warm::load(&qmp, w.warm.ram.is_some(), Duration::from_secs(300)) => r,
                         _ = q.child.wait() => Err(LoadError::Exited),
                     };
                     match loaded {
@@ -464,16 +464,16 @@ pub(super) fn start_error(
 /// The warm template's state as a descriptor for qemu, if this qemu and
 /// argv can load it; else why not.
 pub(super) fn warm_state_fd(
-    w: &crate::warm::Pending,
+    w: &crate::vmm::warm::Pending,
     binary: &Path,
     accel: Accel,
     argv: &[String],
 ) -> Result<std::os::fd::OwnedFd, LoadError> {
-    let version = crate::warm::qemu_version(binary).map_err(LoadError::Version)?;
-    if let Some(why) = crate::warm::incompatible(&w.warm, &version, accel.as_str(), argv) {
+    let version = crate::vmm::warm::qemu_version(binary).map_err(LoadError::Version)?;
+    if let Some(why) = crate::vmm::warm::incompatible(&w.warm, &version, accel.as_str(), argv) {
         return Err(LoadError::Incompatible(why));
     }
-    crate::warm::open_state(&w.warm).map_err(LoadError::State)
+    crate::vmm::warm::open_state(&w.warm).map_err(LoadError::State)
 }
 
 /// The QMP session of a freshly spawned qemu, on our end of its socketpair.
@@ -514,7 +514,7 @@ pub(super) fn network(spec: &VmSpec, net: &Attached) -> state::Network {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmp;
+    use crate::host::qmp;
 
     #[test]
     fn a_qemu_dying_at_start_is_reported_in_its_own_words() {

@@ -18,14 +18,14 @@ use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::warn;
 
-use crate::jail;
-use crate::qemu::{self, Accel};
-use crate::qmp;
-use crate::spec::{RestartPolicy, VmSpec};
-use crate::state::{self, Event, RecordError, Recorder};
+use crate::host::qmp;
+use crate::model::spec::{RestartPolicy, VmSpec};
+use crate::store::state::{self, Event, RecordError, Recorder};
 use crate::store::{self, StoreError, VmPaths};
+use crate::vmm::jail;
+use crate::vmm::qemu::{self, Accel};
 
-pub use crate::lifecycle::EXIT_ALREADY_RUNNING;
+pub use crate::model::lifecycle::EXIT_ALREADY_RUNNING;
 
 #[derive(Debug, Error)]
 pub enum SupervisorError {
@@ -46,26 +46,26 @@ pub enum SupervisorError {
         log: String,
     },
     #[error("network: {0}")]
-    Network(#[from] crate::net::attach::AttachError),
+    Network(#[from] crate::vmm::net::attach::AttachError),
     #[error("firmware: {0}")]
-    Firmware(#[from] crate::firmware::FirmwareError),
+    Firmware(#[from] crate::vmm::firmware::FirmwareError),
     #[error("jail: {0}")]
     Jail(#[from] jail::JailError),
     #[error(transparent)]
-    Devices(#[from] crate::hostdev::HostDevError),
+    Devices(#[from] crate::host::hostdev::HostDevError),
     #[error("console: {0}")]
-    Console(#[from] crate::console::ConsoleError),
+    Console(#[from] crate::host::console::ConsoleError),
     #[error("run directory: {0}")]
-    RunDir(#[from] crate::rundir::RunDirError),
+    RunDir(#[from] crate::vmm::rundir::RunDirError),
     #[error("cannot record the VM's state")]
     State(#[source] RecordError),
     #[error("cannot load the snapshot a restore asked for")]
-    Restore(#[source] crate::snapjob::SnapJobError),
+    Restore(#[source] crate::vmm::snapjob::SnapJobError),
     /// The warm template's state did not load (the launch then boots cold).
     #[error("resuming the warm template failed")]
     WarmLoad {
         #[source]
-        source: Box<crate::warm::LoadError>,
+        source: Box<crate::vmm::warm::LoadError>,
         /// qemu's last lines, when it ran.
         log: String,
     },
@@ -168,8 +168,8 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     vm.check_socket_paths()?;
     // nox.log, capped: qemu's output and, when our stderr is that file, ours.
-    let log = crate::console::Sink::new(&vm.log(), crate::console::LOG_SIZE);
-    crate::console::log_supervisor_to(&log);
+    let log = crate::host::console::Sink::new(&vm.log(), crate::host::console::LOG_SIZE);
+    crate::host::console::log_supervisor_to(&log);
     let choice = qemu::choose_accel(spec.accel, spec.arch, &qemu::probe_kvm())?;
     if let Some(w) = &choice.warning {
         warn!("{w}");
@@ -266,7 +266,7 @@ async fn run_once(
     vm: &VmPaths,
     spec: &VmSpec,
     accel: Accel,
-    log: &crate::console::Sink,
+    log: &crate::host::console::Sink,
     rec: &mut Recorder<'_>,
     signals: &mut Signals,
 ) -> Result<Outcome, SupervisorError> {

@@ -3,11 +3,11 @@
 
 use tracing::{error, warn};
 
-use crate::state::{Event, Phase, RecordError, Recorder, State};
+use crate::store::state::{Event, Phase, RecordError, Recorder, State};
 
 /// Tells systemd (when it started us) what is going on. A no-op elsewhere.
 pub(super) fn notify(lines: &[&str]) {
-    if let Err(e) = crate::systemd::notify(lines) {
+    if let Err(e) = crate::vmm::systemd::notify(lines) {
         warn!("sd_notify: {}", crate::error_chain(&e));
     }
 }

@@ -7,11 +7,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::net::discover::Addresses;
-use crate::qmp::{self, Events, Qmp};
-use crate::spec::VmSpec;
-use crate::state::{Event, Recorder};
+use crate::host::qmp::{self, Events, Qmp};
+use crate::model::spec::VmSpec;
 use crate::store::VmPaths;
+use crate::store::state::{Event, Recorder};
+use crate::vmm::net::discover::Addresses;
 
 use super::launch::{Live, Qemu, describe_exit, save_boot};
 use super::record::{notify, record};
@@ -26,7 +26,7 @@ pub(super) async fn supervise(
     rec: &mut Recorder<'_>,
     signals: &mut Signals,
 ) -> Result<(ExitStatus, Verdict), SupervisorError> {
-    let watchdog = crate::systemd::watchdog_interval();
+    let watchdog = crate::vmm::systemd::watchdog_interval();
     let mut wd_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     // The console log is read for the boot's phases until the login prompt.
@@ -39,7 +39,7 @@ pub(super) async fn supervise(
             exit = live.q.child.wait() => {
                 return Ok((exit.map_err(SupervisorError::Wait)?, verdict));
             }
-            (pid, how) = crate::net::attach::passt_exited(&mut live.net.passt) => {
+            (pid, how) = crate::vmm::net::attach::passt_exited(&mut live.net.passt) => {
                 // passt also exits when qemu does (its socket closes): then
                 // qemu's exit is the news.
                 if let Ok(exit) = tokio::time::timeout(PASST_AFTER_QEMU, live.q.child.wait()).await {
@@ -266,7 +266,7 @@ pub(super) async fn graceful_stop(spec: &VmSpec, rec: &mut Recorder<'_>, qmp: &Q
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::RestartPolicy;
+    use crate::model::spec::RestartPolicy;
     use crate::supervisor::should_restart;
     use std::os::unix::process::ExitStatusExt;
 

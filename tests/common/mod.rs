@@ -11,7 +11,9 @@ pub fn is_root() -> bool {
 }
 
 pub fn have(program: &str) -> bool {
-    nox::trust::Programs::default().which(program).is_some()
+    nox::host::trust::Programs::default()
+        .which(program)
+        .is_some()
 }
 
 /// A temporary nox home; VMs left in it are force-deleted on drop, so a
@@ -202,7 +204,7 @@ pub fn qemu_pids(name: &str) -> Vec<u32> {
     let mut pids = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>()
-            && vms.iter().any(|vm| nox::vm::is_our_qemu(pid, vm))
+            && vms.iter().any(|vm| nox::ops::vm::is_our_qemu(pid, vm))
         {
             pids.push(pid);
         }

@@ -1,0 +1,969 @@
+//! Warm start: a template that also holds its booted guest's machine state
+//! (RAM and devices, qemu's migration stream), so that a VM made from it
+//! resumes an already-booted guest instead of booting one.
+//!
+//! - `nox image commit VM --as T --warm` pauses the cleaned guest, has qemu
+//!   migrate into a socket nox reads into `images/templates/T.state`, and
+//!   flattens the disk at that very instant (qemu has flushed and released
+//!   it), so disk and RAM agree.
+//! - `nox create --image T` notes (`warm.json`) that its first start may
+//!   resume that state; the supervisor gives qemu the file as an inherited
+//!   descriptor (`-add-fd` + `-incoming file:/dev/fdset/N`), so the jailed qemu never opens the cache.
+//! - The resumed guest takes its own identity itself: qemu's vmgenid device
+//!   gets a new generation id, so the guest kernel reseeds its RNG, and the
+//!   hook the commit installed ([`hook_install_script`]) sees the seed disk
+//!   change and applies the identity nox put in it (`nox-warm.env`, see
+//!   [`crate::guest::seed::WarmIdentity`]): hostname, machine-id, pinned host key,
+//!   login keys, clock, and MAC: the renderers' files rewritten and the NIC
+//!   re-probed, so the guest's kernel has the VM's MAC as its permanent
+//!   address too (netplan matches that) and configures a new NIC.
+//! - State saved by another qemu, for another machine shape
+//!   ([`crate::vmm::qemu::machine_shape`]) or accelerator cannot be loaded: the
+//!   VM boots cold from the same disk (a normal first boot through
+//!   cloud-init) and nox says why.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+
+use crate::host::qmp::Qmp;
+use crate::model::ident::{MacAddr, UserName, VmName};
+use crate::model::spec::VmSpec;
+use crate::store::{self, StoreError, VmPaths};
+
+#[derive(Debug, Error)]
+pub enum WarmError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}: cannot reach qemu's control socket")]
+    Connect(VmName, #[source] crate::host::qmp::QmpError),
+    #[error("{0}: QMP")]
+    Qmp(VmName, #[source] crate::host::qmp::QmpError),
+    #[error("{vm}: saving the machine state failed: {why}")]
+    Save { vm: VmName, why: String },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{}: its SHA-256 is {got}, the template recorded {want}: the saved state changed after the commit",
+        path.display()
+    )]
+    Tampered {
+        path: PathBuf,
+        want: String,
+        got: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WarmError + '_ {
+    move |source| WarmError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A warm template's saved machine and what it can be loaded into (kept in
+/// the template's record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmState {
+    /// qemu's migration stream (root, 0400).
+    pub state: PathBuf,
+    pub size: u64,
+    /// `sha256:HEX` of the stream.
+    pub sha256: String,
+    /// The first line of `qemu-system-* --version` that saved it.
+    pub qemu: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// [`crate::vmm::qemu::machine_shape`] of the saving qemu's argv.
+    pub shape: Vec<String>,
+    pub cpus: u32,
+    pub memory: u64,
+    /// Virtual disk size (the guest knows it).
+    pub disk: u64,
+    /// The source's MAC, which the guest's network config names.
+    pub mac: MacAddr,
+    /// The login user that exists in the guest.
+    pub user: UserName,
+    /// The guest's RAM as a file every VM made from the template maps
+    /// privately (then `state` holds the device state only, saved with
+    /// `x-ignore-shared`). None: `state` holds the RAM too (an older
+    /// template, or one whose RAM image could not be made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram: Option<RamImage>,
+    /// The user's login keys the saved guest keeps authorised (the
+    /// commit's clean-up removes only nox's own key of the source; the hook
+    /// adds a resumed VM's keys beside these). Empty in an older record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+}
+
+/// A warm template's RAM image (`T.ram`, root, 0444): the guest's RAM as
+/// qemu's file-backed memory holds it, sparse where the guest never wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamImage {
+    pub path: PathBuf,
+    pub size: u64,
+    /// `sha256:HEX` of the file.
+    pub sha256: String,
+}
+
+/// What a VM's first start may resume (`warm.json`, written by create).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub template: String,
+    pub warm: WarmState,
+}
+
+/// The argv of the VM's running qemu (see [`VmPaths::qemu_argv`]).
+pub fn argv_path(vm: &VmPaths) -> PathBuf {
+    vm.qemu_argv()
+}
+
+fn pending_path(vm: &VmPaths) -> PathBuf {
+    vm.warm_pending()
+}
+
+pub fn set_pending(vm: &VmPaths, p: &Pending) -> Result<(), StoreError> {
+    store::write_json(&pending_path(vm), p)
+}
+
+/// The warm state the next launch should resume, removed as it is read: a
+/// VM resumes a template once, its later starts boot its own disk.
+pub fn take_pending(vm: &VmPaths) -> Result<Option<Pending>, StoreError> {
+    store::take_json(&pending_path(vm))
+}
+
+/// Why a VM with this spec cannot resume `w` (it then boots cold), or None.
+/// Pure: the checks create can make before anything runs.
+pub fn unusable(spec: &VmSpec, w: &WarmState, user_data: bool) -> Option<String> {
+    let mut why = vec![];
+    if spec.cpus != w.cpus {
+        why.push(format!(
+            "--cpus {} (the template has {})",
+            spec.cpus, w.cpus
+        ));
+    }
+    if spec.memory != w.memory {
+        why.push(format!(
+            "--memory {}M (the template has {}M)",
+            spec.memory >> 20,
+            w.memory >> 20
+        ));
+    }
+    if spec.disk != w.disk {
+        why.push(format!(
+            "--disk {}G (the template has {}G)",
+            spec.disk >> 30,
+            w.disk >> 30
+        ));
+    }
+    if spec.user != w.user {
+        why.push(format!(
+            "--user {} (the template's guest has {})",
+            spec.user, w.user
+        ));
+    }
+    if user_data {
+        why.push("--user-data (cloud-init runs only on a cold boot)".into());
+    }
+    if spec.static_ip.is_some() {
+        why.push("--ip (a static address is cloud-init's work)".into());
+    }
+    if spec.firmware.is_some() || spec.secure_boot {
+        why.push("--firmware/--secure-boot".into());
+    }
+    if !spec.devices.is_empty() {
+        why.push("--device (a saved machine state cannot take a host device)".into());
+    }
+    if !spec.disks.is_empty() {
+        why.push("extra disks (nox disk add: the saved machine state has none)".into());
+    }
+    if why.is_empty() {
+        None
+    } else {
+        Some(why.join(", "))
+    }
+}
+
+/// Why the saved state cannot load into this qemu (binary version and
+/// argv), or None. Pure.
+pub fn incompatible(
+    w: &WarmState,
+    qemu_version: &str,
+    accel: &str,
+    argv: &[String],
+) -> Option<String> {
+    if w.qemu != qemu_version {
+        return Some(format!(
+            "the state was saved by {:?}, this is {:?}",
+            w.qemu, qemu_version
+        ));
+    }
+    if w.accel != accel {
+        return Some(format!(
+            "the state was saved under {}, this start uses {}",
+            w.accel, accel
+        ));
+    }
+    let shape = crate::vmm::qemu::machine_shape(argv);
+    let recorded = crate::vmm::qemu::upgrade_shape(&w.shape);
+    if shape != recorded {
+        let differs = shape
+            .iter()
+            .zip(recorded.iter())
+            .find(|(a, b)| a != b)
+            .map(|(a, b)| format!("{a:?} where the template had {b:?}"))
+            .unwrap_or_else(|| "a different number of arguments".into());
+        return Some(format!(
+            "the machine differs from the template's: {differs}"
+        ));
+    }
+    None
+}
+
+/// The first line of `BINARY --version`.
+pub fn qemu_version(binary: &Path) -> Result<String, WarmError> {
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .map_err(io(binary))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}
+
+/// What a state file was when its SHA-256 was last found to be the
+/// recorded one (`T.verified`, beside `T.state`): the same file unchanged
+/// (device, inode, size, times) is not hashed again at the next start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Verified {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    sha256: String,
+}
+
+impl Verified {
+    fn of(md: &std::fs::Metadata, sha256: &str) -> Verified {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Verified {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.len(),
+            mtime_ns: ns(md.mtime(), md.mtime_nsec()),
+            ctime_ns: ns(md.ctime(), md.ctime_nsec()),
+            sha256: sha256.into(),
+        }
+    }
+}
+
+/// Where a state file's [`Verified`] record is kept.
+pub fn verified_path(state: &Path) -> PathBuf {
+    state.with_extension("verified")
+}
+
+/// Where a RAM image's [`Verified`] record is kept (`T.ram-verified`).
+pub fn ram_verified_path(ram: &Path) -> PathBuf {
+    ram.with_extension("ram-verified")
+}
+
+/// Notes that `file` (as it is now) has SHA-256 `sha256`, in its record at
+/// `stamp`: the commit that has just streamed it through the hash says so.
+pub fn set_verified_at(file: &Path, stamp: &Path, sha256: &str) -> Result<(), WarmError> {
+    let md = std::fs::symlink_metadata(file).map_err(io(file))?;
+    store::write_json(stamp, &Verified::of(&md, sha256))?;
+    Ok(())
+}
+
+/// [`set_verified_at`] for a state file.
+pub fn set_verified(state: &Path, sha256: &str) -> Result<(), WarmError> {
+    set_verified_at(state, &verified_path(state), sha256)
+}
+
+/// SHA-256 of an open file, read with pread (the descriptor's offset,
+/// shared with the copy qemu inherits, stays at 0).
+pub fn sha256_at(f: &std::fs::File, path: &Path) -> Result<String, WarmError> {
+    use std::os::unix::fs::FileExt;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let n = match f.read_at(&mut buf, at) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(path)(e)),
+        };
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// Checks an open file of a template (`path`) against its recorded SHA-256,
+/// unless the same unchanged file was checked before (its stamp at
+/// `stamp`). `Ok(true)`: it was hashed now.
+fn verify(f: &std::fs::File, path: &Path, sha256: &str, stamp: &Path) -> Result<bool, WarmError> {
+    let md = f.metadata().map_err(io(path))?;
+    let now = Verified::of(&md, sha256);
+    if store::read_json::<Verified>(stamp).ok().flatten() == Some(now.clone()) {
+        return Ok(false);
+    }
+    let got = sha256_at(f, path)?;
+    if got != sha256 {
+        let _ = std::fs::remove_file(stamp);
+        return Err(WarmError::Tampered {
+            path: path.to_path_buf(),
+            want: sha256.into(),
+            got,
+        });
+    }
+    // A record that cannot be written costs the next start a hash, no more.
+    if let Err(e) = store::write_json(stamp, &now) {
+        tracing::warn!("{}", crate::error_chain(&e));
+    }
+    Ok(true)
+}
+
+/// Opens a template's file read-only, refusing a symlink, anything but a
+/// regular file, and a size other than the recorded one, then checks its
+/// hash ([`verify`]).
+fn open_checked(
+    path: &Path,
+    size: u64,
+    sha256: &str,
+    stamp: &Path,
+) -> Result<std::fs::File, WarmError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io(path))?;
+    let md = f.metadata().map_err(io(path))?;
+    if !md.is_file() || md.len() != size {
+        return Err(WarmError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "is {} bytes, the template recorded {size}",
+                md.len()
+            )),
+        });
+    }
+    verify(&f, path, sha256, stamp)?;
+    Ok(f)
+}
+
+/// Opens the state for qemu: a descriptor it inherits (no FD_CLOEXEC). The
+/// file must still be the one recorded (size, SHA-256: [`verify`]), and a
+/// regular file; so must the RAM image, if the template has one (qemu maps
+/// it by path, read-only: its check here is all root does with it).
+pub fn open_state(w: &WarmState) -> Result<OwnedFd, WarmError> {
+    let f = open_checked(&w.state, w.size, &w.sha256, &verified_path(&w.state))?;
+    if let Some(ram) = &w.ram {
+        open_checked(
+            &ram.path,
+            ram.size,
+            &ram.sha256,
+            &ram_verified_path(&ram.path),
+        )?;
+    }
+    // dup(2) never sets FD_CLOEXEC on the new descriptor.
+    nix::unistd::dup(&f).map_err(|e| io(&w.state)(e.into()))
+}
+
+/// Why a warm template's state did not load into a new qemu (the start
+/// then boots cold, and its timeline says why).
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// The state was saved by another qemu, accelerator or argv
+    /// ([`incompatible`]).
+    #[error("{0}")]
+    Incompatible(String),
+    #[error("cannot tell this qemu's version")]
+    Version(#[source] WarmError),
+    #[error("saved state")]
+    State(#[source] WarmError),
+    #[error("cannot ask qemu whether the state loaded")]
+    Query(#[source] crate::host::qmp::QmpError),
+    #[error("not loaded after {0:?}")]
+    Timeout(Duration),
+    #[error("qemu exited")]
+    Exited,
+}
+
+/// Has a qemu started with `-incoming` load the warm state: with a shared
+/// RAM image (`-incoming defer`), sets `x-ignore-shared` and starts the
+/// load (the stream has no RAM pages: the guest's RAM is the image's);
+/// then waits for it ([`wait_loaded`]).
+pub async fn load(qmp: &Qmp, shared_ram: bool, limit: Duration) -> Result<Duration, LoadError> {
+    if shared_ram {
+        ignore_shared(qmp).await.map_err(LoadError::Query)?;
+        start_incoming(qmp).await.map_err(LoadError::Query)?;
+    }
+    wait_loaded(qmp, limit).await
+}
+
+/// Sets the `x-ignore-shared` migration capability: a stream saved with it
+/// skips file-backed shared RAM, and a load needs it set exactly when the
+/// stream was saved with it.
+pub async fn ignore_shared(qmp: &Qmp) -> Result<(), crate::host::qmp::QmpError> {
+    qmp.execute_raw(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+        crate::host::qmp::DEFAULT_TIMEOUT,
+    )
+    .await
+    .map(drop)
+}
+
+/// Starts the load of a qemu started with `-incoming defer`.
+pub async fn start_incoming(qmp: &Qmp) -> Result<(), crate::host::qmp::QmpError> {
+    qmp.execute_raw(
+        "migrate-incoming",
+        json!({"uri": crate::vmm::qemu::incoming_uri()}),
+        crate::host::qmp::DEFAULT_TIMEOUT,
+    )
+    .await
+    .map(drop)
+}
+
+/// Waits until a qemu started with `-incoming` has loaded the state
+/// (`inmigrate` left). `Err`: it failed (qemu exits on a failed load).
+pub async fn wait_loaded(qmp: &Qmp, limit: Duration) -> Result<Duration, LoadError> {
+    let t = Instant::now();
+    loop {
+        match qmp.query_status().await {
+            Ok(s) if s == "inmigrate" => {}
+            Ok(_) => return Ok(t.elapsed()),
+            Err(e) => return Err(LoadError::Query(e)),
+        }
+        if t.elapsed() > limit {
+            return Err(LoadError::Timeout(limit));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What [`save`] wrote.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub size: u64,
+    pub sha256: String,
+    pub took: Duration,
+}
+
+/// Pauses the running VM and has its qemu migrate into `dest` (created
+/// 0400), through a socket qemu is handed. The guest stays paused, its disks flushed and released by qemu:
+/// the caller copies the disk now, then [`resume`]s or stops the VM.
+pub async fn save(vm: &VmPaths, dest: &Path) -> Result<Saved, WarmError> {
+    let (q, _events) = crate::vmm::rundir::connect_ctl(vm, Duration::from_secs(5))
+        .await
+        .map_err(|e| WarmError::Connect(vm.name.clone(), e))?;
+    // The stream holds at most the guest's RAM and its devices' state: a
+    // qemu sending more is not saving this VM, and must not fill the disk.
+    let cap = vm.load_spec()?.memory.saturating_mul(2) + (1 << 30);
+    q.execute_raw("stop", Value::Null, crate::host::qmp::DEFAULT_TIMEOUT)
+        .await
+        .map_err(|e| WarmError::Qmp(vm.name.clone(), e))?;
+    save_stream(&q, &vm.name, &vm.run, dest, cap).await
+}
+
+/// Has the (paused) qemu behind `q` migrate into `dest` (created 0400, at
+/// most `cap` bytes), hashing the stream as it is written. `scratch` names
+/// where the socketpair lives in errors.
+pub async fn save_stream(
+    q: &Qmp,
+    name: &VmName,
+    scratch: &Path,
+    dest: &Path,
+    cap: u64,
+) -> Result<Saved, WarmError> {
+    let name = name.clone();
+    let t = Instant::now();
+    let qerr = |e| WarmError::Qmp(name.clone(), e);
+    // qemu gets one end of a socketpair (SCM_RIGHTS over QMP) and writes
+    // the state into it: no path, no file of ours, nothing to chown.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io(scratch))?;
+    q.send_fd(MIGRATE_FD, std::os::fd::AsFd::as_fd(&theirs))
+        .await
+        .map_err(qerr)?;
+    drop(theirs);
+    ours.set_nonblocking(true).map_err(io(scratch))?;
+    let mut conn = tokio::net::UnixStream::from_std(ours).map_err(io(scratch))?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(dest)
+        .await
+        .map_err(io(dest))?;
+    let reader = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            use tokio::io::AsyncReadExt;
+            let got = conn.read(&mut buf).await?;
+            if got == 0 {
+                break;
+            }
+            h.update(&buf[..got]);
+            file.write_all(&buf[..got]).await?;
+            n += got as u64;
+            if n > cap {
+                return Err(std::io::Error::other(format!(
+                    "more than {cap} bytes, twice the guest's memory and 1 GiB"
+                )));
+            }
+        }
+        file.sync_all().await?;
+        Ok::<_, std::io::Error>((n, hex::encode(h.finalize())))
+    });
+    let uri = format!("fd:{MIGRATE_FD}");
+    q.execute_raw(
+        "migrate",
+        json!({ "uri": uri }),
+        crate::host::qmp::DEFAULT_TIMEOUT,
+    )
+    .await
+    .map_err(qerr)?;
+    let failed = |why: String| WarmError::Save {
+        vm: name.clone(),
+        why,
+    };
+    loop {
+        let r = q
+            .execute_raw(
+                "query-migrate",
+                Value::Null,
+                crate::host::qmp::DEFAULT_TIMEOUT,
+            )
+            .await
+            .map_err(|e| WarmError::Qmp(name.clone(), e))?;
+        match r["status"].as_str().unwrap_or("") {
+            "completed" => break,
+            "failed" | "cancelled" => {
+                reader.abort();
+                return Err(failed(
+                    r["error-desc"]
+                        .as_str()
+                        .unwrap_or("qemu gave no reason")
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        if t.elapsed() > Duration::from_secs(1800) {
+            reader.abort();
+            return Err(failed("not done after 30 minutes".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (size, hex) = reader
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(format!("reading qemu's stream: {e}")))?;
+    Ok(Saved {
+        size,
+        sha256: format!("sha256:{hex}"),
+        took: t.elapsed(),
+    })
+}
+
+/// Resumes a VM [`save`] left paused.
+pub async fn resume(vm: &VmPaths) -> Result<(), WarmError> {
+    let (q, _events) = crate::vmm::rundir::connect_ctl(vm, Duration::from_secs(5))
+        .await
+        .map_err(|e| WarmError::Connect(vm.name.clone(), e))?;
+    q.execute_raw("cont", Value::Null, crate::host::qmp::DEFAULT_TIMEOUT)
+        .await
+        .map(drop)
+        .map_err(|e| WarmError::Qmp(vm.name.clone(), e))
+}
+
+/// The TCG translation cache of a VM resumed warm, unless config.json
+/// `tcg_tb_size` says otherwise: ten idle warm VMs took 1700 MiB (sum of
+/// PSS) with it against 2718 MiB with qemu's default, with no slower
+/// create → SSH (docs/performance.md). A boot keeps qemu's default (64 MiB
+/// made a cold boot ~1.6× slower).
+pub const WARM_TB_SIZE: u64 = 64 << 20;
+
+/// The name qemu knows the migration stream's descriptor by.
+const MIGRATE_FD: &str = "nox-warm-state";
+
+/// Run in the source's guest after its clean-up, before the save: sshd's
+/// memory is saved with the guest, so sshd is switched to a throwaway host
+/// key that no VM pins (every resumed VM installs its own, a cold boot's
+/// cloud-init deletes it). Waits (10 s at most) until the listener serves
+/// it, i.e. has re-executed and dropped the pinned key.
+pub fn throwaway_host_key_script() -> String {
+    "rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub\n\
+     ssh-keygen -q -t ed25519 -N '' -C nox-throwaway -f /etc/ssh/ssh_host_ed25519_key\n\
+     pub=$(cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub)\n\
+     systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service 2>/dev/null\n\
+     i=0\n\
+     while [ $i -lt 40 ]; do\n\
+     \x20 ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | grep -qF \"$pub\" && break\n\
+     \x20 sleep 0.25; i=$((i + 1))\n\
+     done\n"
+        .into()
+}
+
+/// Written to the kernel log (so to the serial console, where the boot
+/// timeline reads it) when a warm clone has taken its identity.
+pub const APPLIED: &str = "nox-warm: identity applied";
+
+/// The guest side, installed and started (as root, over SSH) by a warm
+/// commit: a unit that waits for the seed disk to become another VM's and
+/// then applies its `nox-warm.env`. (The vmgenid uevent would be the
+/// natural trigger, but this guest's udev never ran a rule on it here; the
+/// seed check also works on arm64, which has no vmgenid.)
+/// The guest is the executor: every value comes from nox's seed, base64
+/// where it is not a plain token. Runs with `sh` (dash on Debian).
+///
+/// The MAC: a resumed virtio-net device and the guest kernel both keep the
+/// template's MAC as the NIC's permanent address, which netplan's networkd
+/// files and NetworkManager match; `ip link set address` alone left such a
+/// NIC unmanaged. Rebinding the NIC's driver resets the device, so qemu
+/// puts back the MAC of its `-device` argument (this VM's) and the kernel
+/// probes a new NIC with that permanent address, which the rewritten files
+/// match whatever rendered them.
+pub fn hook_install_script() -> String {
+    let hook = r#"#!/bin/sh
+# Installed by nox (warm template). Started while the template's guest is
+# saved, it watches the seed disk's FAT volume id, which differs for every
+# VM: a VM resumed from the saved state sees its own seed, and takes its
+# identity from it (nox-warm.env). Reads with O_DIRECT: no stale cache.
+set -u
+seed_dev() {
+  for d in /dev/vd? /dev/sd?; do
+    [ -b "$d" ] || continue
+    label=$(dd if="$d" bs=512 count=1 iflag=direct 2>/dev/null | od -An -c -j43 -N6 | tr -d ' ')
+    [ "$label" = cidata ] && { echo "$d"; return; }
+  done
+}
+volid() { dd if="$1" bs=512 count=1 iflag=direct 2>/dev/null | od -An -tx1 -j39 -N4; }
+dev=$(seed_dev)
+[ -n "$dev" ] || exit 0
+mine=$(volid "$dev")
+# A resumed VM's first look sees its own seed: the interval only costs the
+# template's source the seconds between this start and the save.
+while [ "$(volid "$dev")" = "$mine" ]; do sleep 0.1; done
+seed=/run/nox-seed
+mkdir -p "$seed"
+blockdev --flushbufs "$dev" 2>/dev/null
+mount -o ro "$dev" "$seed" || exit 1
+env="$seed/nox-warm.env"
+if [ ! -f "$env" ]; then umount "$seed"; exit 0; fi
+val() { sed -n "s/^$1=//p" "$env" | head -n 1; }
+b64() { val "$1" | base64 -d; }
+# The clock: the RTC follows the host; the resumed kernel's clock does not.
+if [ -r /sys/class/rtc/rtc0/since_epoch ]; then
+  date -s "@$(cat /sys/class/rtc/rtc0/since_epoch)" >/dev/null
+fi
+b64 ENTROPY >/dev/urandom
+# Credit the seed's entropy and reseed the kernel's CRNG at once
+# (RNDADDENTROPY, RNDRESEEDCRNG): where no vmgenid told the kernel it was
+# resumed (arm64), VMs resumed from one state would share its CRNG until
+# its next scheduled reseed. perl (Essential in Debian) makes the ioctls.
+if b64 ENTROPY | perl -e 'binmode STDIN; local $/; my $d = <STDIN>;
+  open(my $f, "+<", "/dev/urandom") or die "$!";
+  ioctl($f, 0x40085203, pack("ii", 8 * length($d), length($d)) . $d) or die "RNDADDENTROPY: $!";
+  ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";'; then
+  echo "nox-warm: crng reseeded" >/dev/kmsg
+fi
+host=$(val HOSTNAME)
+old=$(hostname)
+echo "$host" >/etc/hostname
+hostname "$host"
+[ -n "$old" ] && sed -i "s/\(127\.0\.1\.1[[:space:]]\+\)$old\b/\1$host/" /etc/hosts
+val MACHINE_ID >/etc/machine-id
+# The network before the host key: a VM answers SSH with its pinned key
+# only once its NIC is its own (--wait then finds it on its own address).
+old_mac=$(val OLD_MAC)
+mac=$(val MAC)
+# Every file a network renderer wrote that names the template's MAC names
+# this VM's: networkd's (cloud-init's own, or netplan's in /run), netplan's
+# YAML, ifupdown's, NetworkManager's, udev's naming rules.
+for f in /etc/systemd/network/* /run/systemd/network/* /etc/netplan/*.yaml \
+  /etc/network/interfaces /etc/network/interfaces.d/* \
+  /etc/NetworkManager/system-connections/* /run/NetworkManager/system-connections/* \
+  /etc/udev/rules.d/*.rules; do
+  [ -f "$f" ] && grep -qiF "$old_mac" "$f" && sed -i "s/$old_mac/$mac/I" "$f"
+done
+udevadm control --reload 2>/dev/null
+networkctl reload 2>/dev/null
+nmcli connection reload 2>/dev/null
+# The NIC becomes this VM's: its driver is unbound and bound again, which
+# resets the device, so qemu gives it this VM's MAC and the kernel reads
+# that as the permanent address too (netplan and NetworkManager match the
+# permanent address: a resumed device keeps the template's). Whatever
+# manages the network then sees a new NIC appear and configures it.
+for i in /sys/class/net/*; do
+  [ "$(cat "$i/address" 2>/dev/null)" = "$old_mac" ] || continue
+  ifc=${i##*/}
+  dev=$(readlink -f "$i/device")
+  drv=$(readlink -f "$dev/driver")
+  ip link set dev "$ifc" down
+  if [ -n "$dev" ] && [ -w "$drv/unbind" ] && echo "${dev##*/}" >"$drv/unbind"; then
+    echo "${dev##*/}" >"$drv/bind"
+    udevadm settle -t 10 2>/dev/null
+    n=0
+    while [ $n -lt 50 ] && ! ls "$dev/net" >/dev/null 2>&1; do sleep 0.2; n=$((n + 1)); done
+    ifc=$(ls "$dev/net" 2>/dev/null | head -n 1)
+  else
+    ip link set dev "$ifc" address "$mac"
+  fi
+  [ -n "$ifc" ] || continue
+  ip link set dev "$ifc" up
+  networkctl reconfigure "$ifc" 2>/dev/null
+  if command -v ifup >/dev/null && grep -qs "^iface $ifc " /etc/network/interfaces /etc/network/interfaces.d/*; then
+    ifdown --force "$ifc" 2>/dev/null
+    ifup "$ifc"
+  fi
+done
+rm -f /etc/ssh/ssh_host_*
+umask 077
+b64 HOST_KEY >/etc/ssh/ssh_host_ed25519_key
+umask 022
+b64 HOST_KEY_PUB >/etc/ssh/ssh_host_ed25519_key.pub
+user=$(val USER)
+home=$(getent passwd "$user" | cut -d: -f6)
+if [ -n "$home" ]; then
+  mkdir -p "$home/.ssh"
+  b64 AUTHORIZED_KEYS >>"$home/.ssh/authorized_keys"
+  chown -R "$user:" "$home/.ssh"
+  chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
+fi
+systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service 2>/dev/null
+umount "$seed"
+echo "nox-warm: identity applied" >/dev/kmsg
+"#;
+    // Started, never enabled: it runs in the template's saved guest (and so
+    // in every VM resumed from it), not on any cold boot.
+    let unit = "[Unit]\n\
+        Description=nox warm start: take this VM's own identity when resumed\n\
+        [Service]\n\
+        Type=simple\n\
+        ExecStart=/usr/local/sbin/nox-warm-identity\n";
+    format!(
+        "mkdir -p /usr/local/sbin\n\
+         cat >/usr/local/sbin/nox-warm-identity <<'NOX_HOOK'\n{hook}NOX_HOOK\n\
+         chmod 755 /usr/local/sbin/nox-warm-identity\n\
+         cat >/etc/systemd/system/nox-warm-identity.service <<'NOX_UNIT'\n{unit}NOX_UNIT\n\
+         systemctl daemon-reload\n\
+         systemctl restart nox-warm-identity.service\n\
+         sleep 1\n\
+         systemctl is-active --quiet nox-warm-identity.service\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        serde_json::from_value(json!({
+            "name": "web-1", "image": {"source": "t", "digest": "sha256:0", "path": "/i", "format": "qcow2"},
+            "arch": "amd64", "cpus": 2, "memory": 1073741824u64, "disk": 10737418240u64, "user": "nox",
+            "accel": "auto", "network": {"mode": "user"}, "mac": "52:54:00:00:00:02",
+            "ssh_authorized_keys": [], "stop_timeout": 60, "created": 0
+        }))
+        .unwrap()
+    }
+
+    fn warm() -> WarmState {
+        WarmState {
+            state: "/s".into(),
+            size: 1,
+            sha256: "sha256:0".into(),
+            qemu: "QEMU emulator version 10.0.2".into(),
+            accel: "tcg".into(),
+            shape: vec!["-m".into(), "1024M".into()],
+            cpus: 2,
+            memory: 1 << 30,
+            disk: 10 << 30,
+            mac: "52:54:00:00:00:01".parse().unwrap(),
+            user: "nox".parse().unwrap(),
+            ram: None,
+            keys: vec![],
+        }
+    }
+
+    #[test]
+    fn a_spec_unlike_the_template_boots_cold_and_says_why() {
+        assert_eq!(unusable(&spec(), &warm(), false), None);
+        let mut s = spec();
+        s.memory = 2 << 30;
+        s.user = "other".parse().unwrap();
+        let why = unusable(&s, &warm(), true).unwrap();
+        for want in [
+            "--memory 2048M (the template has 1024M)",
+            "--user other",
+            "--user-data",
+        ] {
+            assert!(why.contains(want), "{why}");
+        }
+        // Host devices: always cold.
+        let mut s = spec();
+        s.devices = vec!["usb:046d:c52b".parse().unwrap()];
+        let why = unusable(&s, &warm(), false).unwrap();
+        assert!(why.contains("--device"), "{why}");
+    }
+
+    #[test]
+    fn another_qemu_or_machine_cannot_load_the_state() {
+        let w = warm();
+        let argv: Vec<String> = ["qemu", "-m", "1024M"].map(String::from).into();
+        assert_eq!(incompatible(&w, &w.qemu, "tcg", &argv), None);
+        assert!(
+            incompatible(&w, "QEMU emulator version 9.2.0", "tcg", &argv)
+                .unwrap()
+                .contains("9.2.0")
+        );
+        assert!(
+            incompatible(&w, &w.qemu, "kvm", &argv)
+                .unwrap()
+                .contains("tcg")
+        );
+        let big: Vec<String> = ["qemu", "-m", "2048M"].map(String::from).into();
+        assert!(
+            incompatible(&w, &w.qemu, "tcg", &big)
+                .unwrap()
+                .contains("2048M")
+        );
+    }
+
+    #[test]
+    fn the_throwaway_key_script_is_valid_shell() {
+        let s = throwaway_host_key_script();
+        assert!(s.contains("ssh-keygen -q -t ed25519"));
+        if let Ok(o) = std::process::Command::new("sh")
+            .args(["-n", "-c", &s])
+            .output()
+        {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+
+    #[test]
+    fn the_hook_installs_as_a_valid_shell_script() {
+        let s = hook_install_script();
+        assert!(s.contains("iflag=direct"));
+        assert!(s.contains(APPLIED));
+        // The NIC is re-probed, not only given a new address (netplan
+        // matches the permanent one), and netplan's own files are rewritten.
+        assert!(s.contains("/unbind") && s.contains("/bind"));
+        assert!(s.contains("/run/systemd/network/*") && s.contains("/etc/netplan/*.yaml"));
+        if let Ok(o) = std::process::Command::new("sh")
+            .args(["-n", "-c", &s])
+            .output()
+        {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+
+    /// A state file changed after the commit is refused (the VM then boots
+    /// cold); an unchanged one is hashed once, later starts trust the
+    /// record of that check.
+    #[test]
+    fn a_tampered_state_is_refused() {
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("t.state");
+        let data = vec![7u8; 3 << 20];
+        std::fs::write(&state, &data).unwrap();
+        let mut w = warm();
+        w.state = state.clone();
+        w.size = data.len() as u64;
+        w.sha256 = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+        let f = std::fs::File::open(&state).unwrap();
+        let stamp = verified_path(&state);
+        assert!(
+            verify(&f, &state, &w.sha256, &stamp).unwrap(),
+            "hashed the first time"
+        );
+        assert!(
+            !verify(&f, &state, &w.sha256, &stamp).unwrap(),
+            "not hashed again"
+        );
+        assert!(open_state(&w).is_ok());
+        // The same size, one byte changed (a clock tick later: file times
+        // have that granularity).
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&state)
+            .unwrap()
+            .write_all_at(&[8], 1 << 20)
+            .unwrap();
+        let e = open_state(&w).unwrap_err();
+        assert!(matches!(e, WarmError::Tampered { .. }), "{e}");
+        assert!(e.to_string().contains("changed after the commit"), "{e}");
+        assert!(!verified_path(&state).exists());
+        // A commit's own record counts as a check.
+        std::fs::write(&state, &data).unwrap();
+        set_verified(&state, &w.sha256).unwrap();
+        let f = std::fs::File::open(&state).unwrap();
+        assert!(!verify(&f, &state, &w.sha256, &stamp).unwrap());
+
+        // A RAM image is checked the same way, by its own record.
+        let ram = d.path().join("t.ram");
+        std::fs::write(&ram, &data).unwrap();
+        w.ram = Some(RamImage {
+            path: ram.clone(),
+            size: data.len() as u64,
+            sha256: w.sha256.clone(),
+        });
+        assert!(open_state(&w).is_ok());
+        assert!(ram_verified_path(&ram).exists());
+        assert_ne!(ram_verified_path(&ram), verified_path(&state));
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&ram)
+            .unwrap()
+            .write_all_at(&[8], 1 << 20)
+            .unwrap();
+        let e = open_state(&w).unwrap_err();
+        assert!(
+            matches!(e, WarmError::Tampered { ref path, .. } if *path == ram),
+            "{e}"
+        );
+        // A symlink in its place is refused, not followed.
+        std::fs::remove_file(&ram).unwrap();
+        std::os::unix::fs::symlink(&state, &ram).unwrap();
+        assert!(open_state(&w).is_err());
+    }
+
+    #[test]
+    fn a_pending_warm_start_is_taken_once() {
+        let d = tempfile::tempdir().unwrap();
+        let st = crate::store::Store::at(d.path().join("lib"), d.path().join("run"));
+        let vm = st.vm_paths(&"web-1".parse().unwrap());
+        std::fs::create_dir_all(&vm.dir).unwrap();
+        let p = Pending {
+            template: "t".into(),
+            warm: warm(),
+        };
+        set_pending(&vm, &p).unwrap();
+        assert_eq!(take_pending(&vm).unwrap(), Some(p));
+        assert_eq!(take_pending(&vm).unwrap(), None);
+    }
+}
