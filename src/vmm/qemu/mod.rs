@@ -11,7 +11,7 @@ pub use crate::model::qemu_opts as opts;
 use crate::model::device::Passthrough;
 use crate::model::forward::PortForward;
 use crate::model::ident::{Arch, VmName};
-use crate::model::spec::{AccelRequest, VmSpec};
+use crate::model::spec::VmSpec;
 use crate::store::VmPaths;
 use opts::Opts;
 
@@ -32,114 +32,13 @@ pub enum QemuError {
 
 pub use crate::model::ident::{AMD64, ARM64, ArchFacts, arch_facts};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
-
-/// What the host offers for KVM, probed once ([`probe_kvm`]) and fed to the
-/// pure [`choose_accel`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KvmFacts {
-    /// The host's architecture, if nox knows it.
-    pub host_arch: Option<Arch>,
-    /// /dev/kvm exists and opens read-write.
-    pub dev_kvm: bool,
-    /// Loaded KVM flavour modules: kvm_intel, kvm_amd, kvm_pvm.
-    pub modules: Vec<String>,
-}
-
-pub fn probe_kvm() -> KvmFacts {
-    let dev_kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let modules = ["kvm_intel", "kvm_amd", "kvm_pvm"]
-        .into_iter()
-        .filter(|m| Path::new("/sys/module").join(m).exists())
-        .map(String::from)
-        .collect();
-    KvmFacts {
-        host_arch: Arch::host().ok(),
-        dev_kvm,
-        modules,
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccelChoice {
-    pub accel: Accel,
-    /// Why, in one line (shown by `nox doctor` and `nox info`).
-    pub why: String,
-    /// Set when `auto` fell back to TCG: the one-line warning to print.
-    pub warning: Option<String>,
-}
-
-/// Picks the accelerator. `auto` uses KVM only where it boots stock guest
-/// kernels: hardware KVM (kvm_intel/kvm_amd on x86, any KVM on arm64), for a
-/// guest of the host's own architecture. A paravirtual KVM (kvm_pvm) starts
-/// but cannot run stock kernels, so `auto` never picks it.
-pub fn choose_accel(
-    req: AccelRequest,
-    guest_arch: Arch,
-    host: &KvmFacts,
-) -> Result<AccelChoice, QemuError> {
-    let hw = |m: &str| host.modules.iter().any(|x| x == m);
-    let native = host.host_arch == Some(guest_arch);
-    let usable: Result<&str, String> = if !native {
-        Err(format!(
-            "a {guest_arch} guest on a {} host needs emulation",
-            host.host_arch.map_or(std::env::consts::ARCH, Arch::as_str)
-        ))
-    } else if !host.dev_kvm {
-        Err("/dev/kvm is missing or not accessible".into())
-    } else if hw("kvm_intel") {
-        Ok("hardware KVM (kvm_intel)")
-    } else if hw("kvm_amd") {
-        Ok("hardware KVM (kvm_amd)")
-    } else if hw("kvm_pvm") {
-        Err("/dev/kvm is paravirtual KVM (kvm_pvm), which cannot boot stock guest kernels".into())
-    } else if guest_arch == Arch::Arm64 {
-        Ok("KVM on arm64")
-    } else {
-        Err("/dev/kvm has no hardware KVM module (kvm_intel/kvm_amd) behind it".into())
-    };
-    match (req, usable) {
-        (AccelRequest::Tcg, _) => Ok(AccelChoice {
-            accel: Accel::Tcg,
-            why: "TCG (software emulation), as requested".into(),
-            warning: None,
-        }),
-        (AccelRequest::Auto | AccelRequest::Kvm, Ok(why)) => Ok(AccelChoice {
-            accel: Accel::Kvm,
-            why: why.into(),
-            warning: None,
-        }),
-        (AccelRequest::Auto, Err(why)) => Ok(AccelChoice {
-            accel: Accel::Tcg,
-            warning: Some(format!("warning: {why}; using TCG (slow)")),
-            why: format!("TCG, because {why}"),
-        }),
-        // Explicit kvm on a PVM host: the user asked, let them try.
-        (AccelRequest::Kvm, Err(why)) if host.dev_kvm && native => Ok(AccelChoice {
-            accel: Accel::Kvm,
-            warning: Some(format!("warning: {why}; using KVM as requested")),
-            why: format!("KVM as requested, although {why}"),
-        }),
-        (AccelRequest::Kvm, Err(why)) => Err(QemuError::NoKvm(why)),
-    }
-}
+mod accel;
+mod devices;
+mod shape;
+pub use accel::{Accel, AccelChoice, KvmFacts, choose_accel, probe_kvm};
+pub use devices::{HOTPLUG_PORTS, blockdev_json, disk_device_json, hotplug_port};
+use devices::{blockdev, disk_device, host_devices, hotplug_ports};
+pub use shape::{machine_shape, shape_has_slirp, split_opts, upgrade_shape};
 
 pub use crate::vmm::net::NetBackend;
 
@@ -448,239 +347,10 @@ fn ram_object(arch: &ArchFacts, memory: u64, ram: &RamFile) -> Result<Opts, Qemu
     })
 }
 
-/// Free PCIe root ports, where `nox disk add` plugs a disk into the running
-/// VM: a device on the root bus (q35's pcie.0, virt's) can be neither
-/// hotplugged nor unplugged. So every extra disk present at the start sits
-/// on a port of its own too (ports `HOTPLUG_PORTS..`), and `nox disk rm`
-/// can unplug it. Eight ports share one root bus slot as functions of a
-/// multifunction device, so the ports take at most 3 slots (8 free + 16
-/// disks); no I/O window (virtio needs none, and the 64K of I/O space
-/// would run out).
-pub const HOTPLUG_PORTS: usize = 8;
-/// The root bus slot of the first eight ports (0x1c..=0x1e are free on q35
-/// and virt: nox sets no other address).
-const HOTPLUG_SLOT: usize = 0x1c;
-
-/// The id of hotplug port `i`.
-pub fn hotplug_port(i: usize) -> String {
-    format!("nox-hp{i}")
-}
-
-fn hotplug_ports(a: &mut Argv, count: usize) {
-    for i in 0..count {
-        let (slot, func) = (HOTPLUG_SLOT + i / 8, i % 8);
-        let mut port = Opts::new("pcie-root-port")
-            .set("id", hotplug_port(i))
-            .set("chassis", i + 1)
-            .set("addr", format!("{slot:#x}.{func:#x}"))
-            .set("io-reserve", 0);
-        if func == 0 {
-            port = port.set("multifunction", "on");
-        }
-        a.opt("-device", port);
-    }
-}
-
-/// The block node of extra disk `name` on `filename` (a path, or
-/// `/dev/fdset/N` for a file handed to a running qemu), as JSON: qemu's
-/// `-blockdev` takes it as is, and QMP's `blockdev-add` takes the same
-/// object. `backing: null`: whatever backing file the qcow2 header comes to
-/// name (a compromised qemu can write its own files' headers), qemu opens
-/// none.
-pub fn blockdev_json(name: &crate::model::disk::DiskName, filename: &str) -> serde_json::Value {
-    serde_json::json!({
-        "driver": "qcow2",
-        "node-name": name.node_name(),
-        "discard": "unmap",
-        "backing": null,
-        "file": {"driver": "file", "filename": filename, "discard": "unmap"},
-    })
-}
-
-fn blockdev(name: &crate::model::disk::DiskName, filename: &str) -> String {
-    blockdev_json(name, filename).to_string()
-}
-
-/// The virtio-blk device of extra disk `name`. The serial is the name: the
-/// guest finds the disk as /dev/disk/by-id/virtio-NAME, whatever /dev/vdX
-/// it gets.
-fn disk_device(name: &crate::model::disk::DiskName) -> Opts {
-    Opts::new("virtio-blk-pci")
-        .set("drive", name.node_name())
-        .set("id", name.device_id())
-        .set("serial", name)
-}
-
-/// [`disk_device`] as QMP's `device_add` takes it, on hotplug port `bus`.
-pub fn disk_device_json(name: &crate::model::disk::DiskName, bus: &str) -> serde_json::Value {
-    serde_json::json!({
-        "driver": "virtio-blk-pci",
-        "drive": name.node_name(),
-        "id": name.device_id(),
-        "serial": name.as_str(),
-        "bus": bus,
-    })
-}
-
-/// `-device` for each host device: VFIO PCI devices by their address (qemu
-/// reads the device's `iommu_group` link under /sys/bus/pci/devices/ADDR,
-/// which the jail binds read-only, and opens /dev/vfio/GROUP), USB devices
-/// as `usb-host` on one xHCI controller (added with the first).
-///
-/// A USB device is named by its usbfs node (`hostdevice=`), not by
-/// `hostbus`/`hostaddr` or `vendorid`/`productid`: those make qemu's
-/// libusb enumerate the host's USB devices (sysfs, /dev/bus/usb) and keep
-/// scanning for a match, and the jail shows qemu neither; with
-/// `hostdevice` qemu opens exactly the one node the jail holds. nox finds
-/// the node from the vendor and product id at every start.
-fn host_devices(a: &mut Argv, devices: &[Passthrough]) -> Result<(), QemuError> {
-    let (mut pci, mut usb) = (0, 0);
-    for d in devices {
-        match d {
-            Passthrough::Pci { addr, .. } => {
-                let dev = Opts::new("vfio-pci")
-                    .set("host", addr)
-                    .set("id", format!("hostpci{pci}"));
-                a.opt("-device", dev);
-                pci += 1;
-            }
-            Passthrough::Usb { bus, dev, .. } => {
-                if usb == 0 {
-                    a.opt("-device", Opts::new("qemu-xhci").set("id", "xhci"));
-                }
-                let node = Passthrough::usb_node(*bus, *dev);
-                let dev = Opts::new("usb-host")
-                    .set("bus", "xhci.0")
-                    .path("hostdevice", &node)?
-                    .set("id", format!("hostusb{usb}"));
-                a.opt("-device", dev);
-                usb += 1;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The fd set holding a warm start's saved state.
 const INCOMING_FDSET: u32 = 1;
 /// The fd set holding the console log's pipe.
 const CONSOLE_FDSET: u32 = 2;
-
-/// What of an argv must be equal for a saved machine state to load into
-/// it: the argv with every per-VM value (paths, names, MAC, descriptors,
-/// forwarded ports, the generation id) replaced by `*`, `-incoming`
-/// dropped, and a netdev reduced to whether it is qemu's slirp (the only
-/// backend with state of its own). Pure.
-pub fn machine_shape(argv: &[String]) -> Vec<String> {
-    const PER_VM: [&str; 9] = [
-        "path", "file", "logfile", "mac", "fd", "vhostfd", "addr.str", "hostfwd", "guid",
-    ];
-    let mut out = vec![];
-    let mut it = argv.iter().skip(1);
-    while let Some(flag) = it.next() {
-        if !flag.starts_with('-') {
-            out.push(flag.clone());
-            continue;
-        }
-        let takes_value = !matches!(flag.as_str(), "-S" | "-nodefaults" | "-no-user-config");
-        let Some(value) = it.next().filter(|_| takes_value) else {
-            out.push(flag.clone());
-            continue;
-        };
-        let shaped = match flag.as_str() {
-            // The accelerator is checked on its own (crate::vmm::warm); its
-            // options (the translation cache) are no machine state.
-            "-incoming" | "-add-fd" | "-accel" => continue,
-            // Where the RAM lives is not machine state (a warm clone maps
-            // its template's RAM image; the template's source had plain RAM).
-            "-object" if value.starts_with("memory-backend-file,") => continue,
-            "-machine" => machine_shape_of(value),
-            "-name" | "-kernel" | "-initrd" => "*".to_string(),
-            "-netdev" if value.starts_with("user,") => "user".into(),
-            "-netdev" => "other".into(),
-            "-chardev" => chardev_shape(value),
-            _ => split_opts(value)
-                .into_iter()
-                .map(|item| match item.split_once('=') {
-                    Some((k, _)) if PER_VM.contains(&k) => format!("{k}=*"),
-                    _ => item,
-                })
-                .collect::<Vec<_>>()
-                .join(","),
-        };
-        out.push(flag.clone());
-        out.push(shaped);
-    }
-    out
-}
-
-/// Whether a [`machine_shape`] has qemu's slirp (whose state is its own).
-pub fn shape_has_slirp(shape: &[String]) -> bool {
-    shape
-        .windows(2)
-        .any(|w| w[0] == "-netdev" && w[1] == "user")
-}
-
-/// A chardev without how it reaches the host (a path or an inherited
-/// descriptor, as server or client, its log file): none of that is machine
-/// state, and older nox versions gave qemu socket paths where it now gets
-/// descriptors.
-fn chardev_shape(value: &str) -> String {
-    const ADDRESS: [&str; 5] = ["path", "fd", "server", "wait", "logfile"];
-    split_opts(value)
-        .into_iter()
-        .filter(|item| !matches!(item.split_once('='), Some((k, _)) if ADDRESS.contains(&k)))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// A shape recorded by an older nox, in today's terms (its chardevs
-/// reduced as [`machine_shape`] now does), so its warm templates still load.
-pub fn upgrade_shape(shape: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = shape.to_vec();
-    for i in 1..out.len() {
-        match out[i - 1].as_str() {
-            "-chardev" => out[i] = chardev_shape(&out[i]),
-            // Recorded before the accelerator left the machine's shape.
-            "-machine" => out[i] = machine_shape_of(&out[i]),
-            _ => {}
-        }
-    }
-    out
-}
-
-/// `-machine` without what is not machine state: the accelerator (checked
-/// on its own) and where the RAM lives (a warm clone maps its template's
-/// RAM image; the template's source had plain RAM).
-fn machine_shape_of(value: &str) -> String {
-    split_opts(value)
-        .into_iter()
-        .filter(|item| !item.starts_with("memory-backend=") && !item.starts_with("accel="))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Splits a qemu option string at its unescaped commas (`,,` is a comma
-/// inside a value, and stays `,,` in the item).
-pub fn split_opts(s: &str) -> Vec<String> {
-    let mut items = vec![String::new()];
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                if let Some(i) = items.last_mut() {
-                    i.push_str(",,");
-                }
-            } else {
-                items.push(String::new());
-            }
-        } else if let Some(i) = items.last_mut() {
-            i.push(c);
-        }
-    }
-    items
-}
 
 /// slirp's `hostfwd` value for a published port: `PROTO:[ADDR]:HOST-:GUEST`.
 fn slirp_hostfwd(f: &PortForward) -> String {
@@ -753,7 +423,7 @@ pub fn find_binary(arch: &ArchFacts, programs: &Programs) -> Result<PathBuf, Qem
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::spec::{ImageRef, NetworkSpec};
+    use crate::model::spec::{AccelRequest, ImageRef, NetworkSpec};
     use crate::store::Store;
 
     /// Descriptor numbers as a supervisor might hand them to qemu.
@@ -793,14 +463,6 @@ mod tests {
             console_log_size: crate::host::console::DEFAULT_SIZE,
             devices: vec![],
             disks: vec![],
-        }
-    }
-
-    fn host(arch: Arch, dev: bool, modules: &[&str]) -> KvmFacts {
-        KvmFacts {
-            host_arch: Some(arch),
-            dev_kvm: dev,
-            modules: modules.iter().map(|m| m.to_string()).collect(),
         }
     }
 
@@ -1247,41 +909,5 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
         .unwrap();
         assert_ne!(machine_shape(&src), machine_shape(&big));
         assert_eq!(split_opts("a,b=c,,d,e"), ["a", "b=c,,d", "e"]);
-    }
-
-    #[test]
-    fn accel_choice() {
-        use AccelRequest::*;
-        let intel = host(Arch::Amd64, true, &["kvm_intel"]);
-        let pvm = host(Arch::Amd64, true, &["kvm_pvm"]);
-        let none = host(Arch::Amd64, false, &[]);
-        let arm = host(Arch::Arm64, true, &[]);
-        assert_eq!(
-            choose_accel(Auto, Arch::Amd64, &intel).unwrap().accel,
-            Accel::Kvm
-        );
-        let c = choose_accel(Auto, Arch::Amd64, &pvm).unwrap();
-        assert_eq!(c.accel, Accel::Tcg);
-        assert!(c.warning.unwrap().contains("kvm_pvm"));
-        assert_eq!(
-            choose_accel(Auto, Arch::Amd64, &none).unwrap().accel,
-            Accel::Tcg
-        );
-        assert_eq!(
-            choose_accel(Auto, Arch::Arm64, &arm).unwrap().accel,
-            Accel::Kvm
-        );
-        // Foreign architecture: emulation only.
-        assert_eq!(
-            choose_accel(Auto, Arch::Arm64, &intel).unwrap().accel,
-            Accel::Tcg
-        );
-        assert!(choose_accel(Kvm, Arch::Arm64, &intel).is_err());
-        assert!(choose_accel(Kvm, Arch::Amd64, &none).is_err());
-        let forced = choose_accel(Kvm, Arch::Amd64, &pvm).unwrap();
-        assert_eq!(forced.accel, Accel::Kvm);
-        assert!(forced.warning.is_some());
-        let t = choose_accel(Tcg, Arch::Amd64, &intel).unwrap();
-        assert_eq!((t.accel, t.warning), (Accel::Tcg, None));
     }
 }
