@@ -41,12 +41,10 @@ use crate::vmm::snapjob::{Op, Pending, SnapJobError, announce, run_job, writable
 
 #[derive(Debug, Error)]
 pub enum SnapshotError {
-    /// What the user asked of the store wrong (see
-    /// [`StoreError::is_request`]): said as it is.
+    /// The store: what the user asked wrong ("no VM named …") or a file
+    /// failing; its messages name the file, so no layer is added.
     #[error(transparent)]
-    Request(StoreError),
-    #[error("store: {0}")]
-    Store(#[source] StoreError),
+    Store(#[from] StoreError),
     #[error("another snapshot operation on {0} is under way; try again when it is done")]
     Busy(VmName),
     #[error("{0} is held by another operation (a delete or a start); try again")]
@@ -98,16 +96,6 @@ pub enum SnapshotError {
     },
     #[error("cannot prepare the UEFI variable store of {0}")]
     Firmware(VmName, #[source] crate::vmm::firmware::FirmwareError),
-}
-
-impl From<StoreError> for SnapshotError {
-    fn from(e: StoreError) -> SnapshotError {
-        if e.is_request() {
-            SnapshotError::Request(e)
-        } else {
-            SnapshotError::Store(e)
-        }
-    }
 }
 
 /// One snapshot as `nox snapshot list` shows it (the `--json` object).

@@ -34,12 +34,10 @@ use crate::vmm::templates::{dir, record_path, state_path};
 
 #[derive(Debug, Error)]
 pub enum TemplateError {
-    /// What the user asked of the store wrong (see
-    /// [`StoreError::is_request`]): said as it is.
+    /// The store: what the user asked wrong ("no VM named …") or a file
+    /// failing; its messages name the file, so no layer is added.
     #[error(transparent)]
-    Request(StoreError),
-    #[error("store: {0}")]
-    Store(#[source] StoreError),
+    Store(#[from] StoreError),
     #[error("image: {0}")]
     Image(#[from] ImageError),
     #[error("vm: {0}")]
@@ -102,16 +100,6 @@ pub enum TemplateError {
         #[source]
         source: std::io::Error,
     },
-}
-
-impl From<StoreError> for TemplateError {
-    fn from(e: StoreError) -> TemplateError {
-        if e.is_request() {
-            TemplateError::Request(e)
-        } else {
-            TemplateError::Store(e)
-        }
-    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {

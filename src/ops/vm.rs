@@ -20,13 +20,10 @@ use crate::supervisor::{self, EXIT_ALREADY_RUNNING};
 
 #[derive(Debug, Error)]
 pub enum VmError {
-    /// What the user asked of the store wrong (see
-    /// [`StoreError::is_request`]): said as it is.
+    /// The store: what the user asked wrong ("no VM named …") or a file
+    /// failing; its messages name the file, so no layer is added.
     #[error(transparent)]
-    Request(StoreError),
-    /// The store failing (a file, a lock).
-    #[error("store: {0}")]
-    Store(#[source] StoreError),
+    Store(#[from] StoreError),
     /// Settings the user gave (a flag or config.json's `defaults`): the
     /// message names the setting, so no layer is added to it.
     #[error(transparent)]
@@ -76,16 +73,6 @@ pub enum VmError {
     NotStopped(String),
     #[error("invalid --disk {value:?}: {why}")]
     Disk { value: String, why: String },
-}
-
-impl From<StoreError> for VmError {
-    fn from(e: StoreError) -> VmError {
-        if e.is_request() {
-            VmError::Request(e)
-        } else {
-            VmError::Store(e)
-        }
-    }
 }
 
 /// A new VM's keys, written into its directory `vm`: nox's login key

@@ -77,24 +77,6 @@ pub enum StoreError {
     Config(#[from] ConfigError),
 }
 
-impl StoreError {
-    /// Whether this says what the user asked wrong or must fix (no VM of
-    /// that name, a name taken or invalid, no home, a config.json to
-    /// correct) rather than the store failing: the layers above show it as
-    /// it is, naming no layer ("no VM named …", never "store: no VM …").
-    pub fn is_request(&self) -> bool {
-        matches!(
-            self,
-            StoreError::NotFound(_)
-                | StoreError::Exists(_)
-                | StoreError::NoHome
-                | StoreError::SocketPath(_)
-                | StoreError::Name(_)
-                | StoreError::Config(_)
-        )
-    }
-}
-
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_owned(),

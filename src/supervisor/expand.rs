@@ -110,6 +110,51 @@ pub async fn expand(
     out
 }
 
+/// The RAM file: made by root, handed to the VM's uid for the load only.
+fn make_ram_file(ram_dest: &Path, size: u64, jail: &jail::Jail) -> Result<(), ExpandError> {
+    let ram = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(ram_dest)
+        .map_err(io(ram_dest))?;
+    ram.set_len(size).map_err(io(ram_dest))?;
+    if let Mode::Root(ids) = jail.mode() {
+        std::os::unix::fs::fchown(&ram, Some(ids.uid), Some(ids.gid)).map_err(io(ram_dest))?;
+    }
+    Ok(())
+}
+
+/// A network backend with no state of its own and nothing behind it (the
+/// guest never runs), but of the source's kind: a tap's virtio-net state
+/// needs vnet headers, which only a tap has. The tap is the VM's own
+/// name (the VM is stopped), down, on no bridge, gone with its last fd.
+fn load_net(vm: &VmPaths, spec: &VmSpec) -> Result<(NetKeep, OwnedFd, NetBackend), ExpandError> {
+    Ok(match &spec.network {
+        crate::model::spec::NetworkSpec::Bridge { .. } => {
+            let tap =
+                crate::vmm::net::tap::Tap::create(&crate::vmm::net::tap::tap_name(&spec.name))
+                    .map_err(|e| ExpandError::Refused(format!("a tap for the load: {e}")))?;
+            let fd = tap
+                .fd_for_child()
+                .map_err(|e| ExpandError::Refused(format!("a tap for the load: {e}")))?;
+            let net = NetBackend::Tap {
+                fd: fd.as_raw_fd(),
+                vhost_fd: None,
+            };
+            (NetKeep::Tap(tap), fd, net)
+        }
+        _ => {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io(&vm.run))?;
+            let fd: OwnedFd = nix::unistd::dup(&theirs).map_err(|e| io(&vm.run)(e.into()))?;
+            let net = NetBackend::Passt { fd: fd.as_raw_fd() };
+            (NetKeep::Stream(ours), fd, net)
+        }
+    })
+}
+
 async fn expand_inner(
     vm: &VmPaths,
     spec: &VmSpec,
@@ -140,47 +185,10 @@ async fn expand_inner(
         qemu::firmware_args(spec, vm, Some(vm.firmware_dir())).map_err(SupervisorError::from)?;
     let (direct, _) = direct_boot(vm, spec);
 
-    // The RAM file: made by root, handed to the VM's uid for the load only.
-    let ram = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(ram_dest)
-        .map_err(io(ram_dest))?;
-    ram.set_len(spec.memory).map_err(io(ram_dest))?;
-    if let Mode::Root(ids) = jail.mode() {
-        std::os::unix::fs::fchown(&ram, Some(ids.uid), Some(ids.gid)).map_err(io(ram_dest))?;
-    }
-    drop(ram);
+    make_ram_file(ram_dest, spec.memory, &jail)?;
 
     let stream = warm::open_state(w)?;
-    // A network backend with no state of its own and nothing behind it (the
-    // guest never runs), but of the source's kind: a tap's virtio-net state
-    // needs vnet headers, which only a tap has. The tap is the VM's own
-    // name (the VM is stopped), down, on no bridge, gone with its last fd.
-    let (_keep, net_fd, net) = match &spec.network {
-        crate::model::spec::NetworkSpec::Bridge { .. } => {
-            let tap =
-                crate::vmm::net::tap::Tap::create(&crate::vmm::net::tap::tap_name(&spec.name))
-                    .map_err(|e| ExpandError::Refused(format!("a tap for the load: {e}")))?;
-            let fd = tap
-                .fd_for_child()
-                .map_err(|e| ExpandError::Refused(format!("a tap for the load: {e}")))?;
-            let net = NetBackend::Tap {
-                fd: fd.as_raw_fd(),
-                vhost_fd: None,
-            };
-            (NetKeep::Tap(tap), fd, net)
-        }
-        _ => {
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io(&vm.run))?;
-            let fd: OwnedFd = nix::unistd::dup(&theirs).map_err(|e| io(&vm.run)(e.into()))?;
-            let net = NetBackend::Passt { fd: fd.as_raw_fd() };
-            (NetKeep::Stream(ours), fd, net)
-        }
-    };
+    let (_keep, net_fd, net) = load_net(vm, spec)?;
     let channels = crate::vmm::rundir::prepare(vm).map_err(SupervisorError::from)?;
     let launch = qemu::Launch {
         spec,

@@ -31,7 +31,7 @@ pub use crate::model::lifecycle::EXIT_ALREADY_RUNNING;
 pub enum SupervisorError {
     #[error("{0} is already running (another supervisor holds its lock)")]
     AlreadyRunning(String),
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("qemu: {0}")]
     Qemu(#[from] qemu::QemuError),

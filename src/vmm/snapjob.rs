@@ -15,7 +15,7 @@ use crate::store::{self, StoreError, VmPaths};
 
 #[derive(Debug, Error)]
 pub enum SnapJobError {
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("QMP session with the qemu of {0}")]
     Qmp(VmName, #[source] QmpError),

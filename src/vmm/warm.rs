@@ -40,7 +40,7 @@ use crate::store::{self, StoreError, VmPaths};
 
 #[derive(Debug, Error)]
 pub enum WarmError {
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}: cannot reach qemu's control socket")]
     Connect(VmName, #[source] crate::host::qmp::QmpError),
