@@ -28,9 +28,9 @@ use crate::model::ident::{TemplateName, VmName};
 use crate::model::spec::VmSpec;
 use crate::ops::vm::{self, Stopped, VmError};
 use crate::store::{self, Store, StoreError};
-use crate::vmm::ssh;
 pub use crate::vmm::templates::{Origin, Template, find, forget, list, resolve};
 use crate::vmm::templates::{dir, record_path, state_path};
+use crate::vmm::{ssh, warm};
 
 #[derive(Debug, Error)]
 pub enum TemplateError {
@@ -180,10 +180,15 @@ fn disk_mark(disk: &Path) -> Result<CleanMark, TemplateError> {
     })
 }
 
-/// Turns VM `name` into template `as_`. A running VM's guest cleans itself
-/// over SSH, then is powered off; a stopped VM is accepted only if nox did
-/// that and the disk has not changed since. Every check that can refuse
-/// runs before the guest is touched.
+/// Turns VM `name` into template `as_`, in one pipeline for both kinds:
+/// every check that can refuse runs before the guest is touched; the
+/// guest cleans itself over SSH (a stopped VM is accepted for a cold
+/// commit only if nox cleaned it and the disk has not changed since); the
+/// disk is frozen (cold: the VM powered off and locked; warm: the guest
+/// paused and its machine state saved at that instant); the disk is
+/// flattened into the cache; the VM is thawed (warm: resumed, powered off,
+/// given a new host key, the state kept beside the template and its RAM
+/// shared); the record is written.
 pub async fn commit(
     store: &Store,
     name: &VmName,
@@ -195,7 +200,83 @@ pub async fn commit(
     let vmp = store.vm(name)?;
     let spec = vmp.load_spec()?;
     let st = crate::store::state::load(&vmp)?;
-    if warm {
+    let source = match warm {
+        true => Some(WarmSource::check(&vmp, &spec, &st)?),
+        false => None,
+    };
+
+    let t_clean = Instant::now();
+    let already_stopped = !st.state.is_active();
+    if already_stopped {
+        check_clean_mark(&vmp, name)?;
+    } else {
+        let script = match source {
+            Some(_) => format!(
+                "set -e\n{}{}{}echo {CLEAN_DONE}\n",
+                warm::hook_install_script(),
+                clean_steps(&spec),
+                warm::throwaway_host_key_script()
+            ),
+            None => clean_script(&spec),
+        };
+        clean_guest(&spec, &vmp, &st, &script)?;
+    }
+    let clean_time = t_clean.elapsed();
+
+    let frozen = freeze(store, &cache, &vmp, &spec, as_, source, already_stopped).await?;
+    let t_convert = Instant::now();
+    let image = flatten(&cache, &vmp.disk(), name, as_, &spec, warm);
+    let convert_time = t_convert.elapsed();
+    let thawed = thaw(store, &cache, &vmp, &spec, as_, frozen, image.is_ok()).await?;
+    let image = image?;
+    let template = save_record(&cache, as_, &spec, &image, thawed.warm)?;
+    if !warm {
+        // A second commit needs a fresh clean: the same content would only
+        // give the same image again.
+        let _ = std::fs::remove_file(clean_mark_path(&vmp));
+    }
+    Ok(Committed {
+        template,
+        image,
+        stopped: thawed.stopped,
+        clean_time,
+        convert_time,
+        save_time: thawed.save_time,
+        share_time: thawed.share_time,
+        // Refused for a warm commit; a cold one takes the root disk only.
+        left_out_disks: spec.disks.iter().map(|d| d.name.to_string()).collect(),
+    })
+}
+
+/// A stopped VM is committed cold only as nox's clean left it.
+fn check_clean_mark(vmp: &store::VmPaths, name: &VmName) -> Result<(), TemplateError> {
+    let mark: Option<CleanMark> = store::read_json(&clean_mark_path(vmp))?;
+    let now = disk_mark(&vmp.disk()).unwrap_or(CleanMark {
+        size: 0,
+        mtime_ns: 0,
+    });
+    match mark {
+        Some(m) if m == now => Ok(()),
+        _ => Err(TemplateError::Stopped(name.to_string())),
+    }
+}
+
+/// What a warm commit needs from its running source, checked before the
+/// guest is touched.
+struct WarmSource {
+    /// The source qemu's command line, for the machine's shape.
+    argv: Vec<String>,
+    qemu: String,
+    accel: String,
+}
+
+impl WarmSource {
+    fn check(
+        vmp: &store::VmPaths,
+        spec: &VmSpec,
+        st: &crate::store::state::State,
+    ) -> Result<WarmSource, TemplateError> {
+        let name = &spec.name;
         if !spec.devices.is_empty() {
             return Err(TemplateError::WarmDevices {
                 vm: name.to_string(),
@@ -216,49 +297,164 @@ pub async fn commit(
         if !st.state.is_active() {
             return Err(TemplateError::WarmStopped(name.to_string()));
         }
-        return commit_warm(store, &cache, &vmp, &spec, &st, as_).await;
+        let no_save = |why: String| warm::WarmError::Save {
+            vm: name.clone(),
+            why,
+        };
+        let argv: Vec<String> = store::read_json(&warm::argv_path(vmp))?.ok_or_else(|| {
+            no_save(
+                "nox has no record of its qemu's command line; restart the VM and commit again"
+                    .into(),
+            )
+        })?;
+        let programs = vmp.programs().map_err(StoreError::from)?;
+        let binary =
+            crate::vmm::qemu::find_binary(crate::vmm::qemu::arch_facts(spec.arch), &programs)
+                .map_err(|e| no_save(crate::error_chain(&e)))?;
+        Ok(WarmSource {
+            argv,
+            qemu: warm::qemu_version(&binary)?,
+            accel: st.accel.clone().unwrap_or_default(),
+        })
     }
+}
 
-    let t_clean = Instant::now();
-    let stopped = if st.state.is_active() {
-        clean_guest(&spec, &vmp, &st, &clean_script(&spec))?;
-        let stopped = vm::stop(store, name, false, Duration::from_secs(spec.stop_timeout)).await?;
-        store::write_json(&clean_mark_path(&vmp), &disk_mark(&vmp.disk())?)?;
-        stopped
-    } else {
-        let mark: Option<CleanMark> = store::read_json(&clean_mark_path(&vmp))?;
-        if mark.is_none_or(|m| {
-            m != disk_mark(&vmp.disk()).unwrap_or(CleanMark {
-                size: 0,
-                mtime_ns: 0,
-            })
-        }) {
-            return Err(TemplateError::Stopped(name.to_string()));
+/// The disk held still for the flatten.
+enum Frozen {
+    /// Cold: the guest is off and the VM locked (no start while the disk is
+    /// read).
+    Off {
+        stopped: Stopped,
+        _lock: store::Lock,
+    },
+    /// Warm: the guest is paused, its machine state saved at this instant.
+    Paused {
+        source: WarmSource,
+        tmp: PathBuf,
+        saved: warm::Saved,
+    },
+}
+
+async fn freeze(
+    store: &Store,
+    cache: &Cache,
+    vmp: &store::VmPaths,
+    spec: &VmSpec,
+    as_: &TemplateName,
+    source: Option<WarmSource>,
+    already_stopped: bool,
+) -> Result<Frozen, TemplateError> {
+    let name = &spec.name;
+    let Some(source) = source else {
+        let stopped = if already_stopped {
+            Stopped::AlreadyStopped
+        } else {
+            let stopped =
+                vm::stop(store, name, false, Duration::from_secs(spec.stop_timeout)).await?;
+            store::write_json(&clean_mark_path(vmp), &disk_mark(&vmp.disk())?)?;
+            stopped
+        };
+        let Some(lock) = vmp.try_lock()? else {
+            return Err(VmError::Running(name.to_string()).into());
+        };
+        return Ok(Frozen::Off {
+            stopped,
+            _lock: lock,
+        });
+    };
+    let tmp = make_dir(cache)?.join(format!(".{as_}.state.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    match warm::save(vmp, &tmp).await {
+        Ok(saved) => Ok(Frozen::Paused { source, tmp, saved }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            resume(vmp).await;
+            Err(e.into())
         }
-        Stopped::AlreadyStopped
-    };
-    let clean_time = t_clean.elapsed();
+    }
+}
 
-    // No start while the disk is read.
-    let Some(_lock) = vmp.try_lock()? else {
-        return Err(VmError::Running(name.to_string()).into());
+async fn resume(vmp: &store::VmPaths) {
+    if let Err(e) = warm::resume(vmp).await {
+        tracing::warn!("{}", crate::error_chain(&e));
+    }
+}
+
+/// What thawing the VM gave.
+struct Thawed {
+    stopped: Stopped,
+    warm: Option<warm::WarmState>,
+    save_time: Option<Duration>,
+    share_time: Option<Duration>,
+}
+
+/// Lets the VM go after the flatten (`flattened`: whether it succeeded; a
+/// warm commit's paused guest resumes either way, its state kept only on
+/// success).
+async fn thaw(
+    store: &Store,
+    cache: &Cache,
+    vmp: &store::VmPaths,
+    spec: &VmSpec,
+    as_: &TemplateName,
+    frozen: Frozen,
+    flattened: bool,
+) -> Result<Thawed, TemplateError> {
+    let (source, tmp, saved) = match frozen {
+        Frozen::Off { stopped, .. } => {
+            return Ok(Thawed {
+                stopped,
+                warm: None,
+                save_time: None,
+                share_time: None,
+            });
+        }
+        Frozen::Paused { source, tmp, saved } => (source, tmp, saved),
     };
-    let t_convert = Instant::now();
-    let image = flatten(&cache, &vmp.disk(), name, as_, &spec, false)?;
-    let convert_time = t_convert.elapsed();
-    let template = save_record(&cache, as_, &spec, &image, None)?;
-    // A second commit needs a fresh clean: the same content would only give
-    // the same image again.
-    let _ = std::fs::remove_file(clean_mark_path(&vmp));
-    Ok(Committed {
-        template,
-        image,
+    resume(vmp).await;
+    if !flattened {
+        let _ = std::fs::remove_file(&tmp);
+        return Ok(Thawed {
+            stopped: Stopped::AlreadyStopped,
+            warm: None,
+            save_time: None,
+            share_time: None,
+        });
+    }
+    let stopped = vm::stop(
+        store,
+        &spec.name,
+        false,
+        Duration::from_secs(spec.stop_timeout),
+    )
+    .await?;
+    new_host_key(vmp, spec)?;
+    let state = state_path(cache, as_);
+    std::fs::rename(&tmp, &state).map_err(io(&state))?;
+    // Hashed as it was written: the first start need not hash it again.
+    warm::set_verified(&state, &saved.sha256)?;
+    let w = warm::WarmState {
+        state,
+        size: saved.size,
+        sha256: saved.sha256,
+        qemu: source.qemu,
+        accel: source.accel,
+        shape: crate::vmm::qemu::machine_shape(&source.argv),
+        cpus: spec.cpus,
+        memory: spec.memory,
+        disk: spec.disk,
+        mac: spec.mac,
+        user: spec.user.clone(),
+        ram: None,
+        // The first key is nox's own of the source, which the clean-up removed.
+        keys: spec.ssh_authorized_keys.iter().skip(1).cloned().collect(),
+    };
+    let (w, share_time) = share_ram(vmp, spec, cache, as_, w).await;
+    Ok(Thawed {
         stopped,
-        clean_time,
-        convert_time,
-        save_time: None,
-        share_time: None,
-        left_out_disks: spec.disks.iter().map(|d| d.name.to_string()).collect(),
+        warm: Some(w),
+        save_time: Some(saved.took),
+        share_time,
     })
 }
 
@@ -285,108 +481,6 @@ fn save_record(
     make_dir(cache)?;
     store::write_json(&record_path(cache, as_), &template)?;
     Ok(template)
-}
-
-/// `commit --warm`: the guest cleans itself and gets the warm hook, then is
-/// paused and its machine state saved while its disk is flattened at that
-/// same instant; then it is resumed and powered off like a cold commit's.
-async fn commit_warm(
-    store: &Store,
-    cache: &Cache,
-    vmp: &store::VmPaths,
-    spec: &VmSpec,
-    st: &crate::store::state::State,
-    as_: &TemplateName,
-) -> Result<Committed, TemplateError> {
-    use crate::vmm::warm::{self, WarmError};
-    let name = &spec.name;
-    let no_save = |why: String| WarmError::Save {
-        vm: name.clone(),
-        why,
-    };
-    let argv: Vec<String> = store::read_json(&warm::argv_path(vmp))?.ok_or_else(|| {
-        no_save(
-            "nox has no record of its qemu's command line; restart the VM and commit again".into(),
-        )
-    })?;
-    let programs = vmp.programs().map_err(StoreError::from)?;
-    let binary = crate::vmm::qemu::find_binary(crate::vmm::qemu::arch_facts(spec.arch), &programs)
-        .map_err(|e| no_save(crate::error_chain(&e)))?;
-    let qemu = warm::qemu_version(&binary)?;
-    let accel = st.accel.clone().unwrap_or_default();
-
-    let t_clean = Instant::now();
-    let script = format!(
-        "set -e\n{}{}{}echo {CLEAN_DONE}\n",
-        warm::hook_install_script(),
-        clean_steps(spec),
-        warm::throwaway_host_key_script()
-    );
-    clean_guest(spec, vmp, st, &script)?;
-    let clean_time = t_clean.elapsed();
-
-    let d = make_dir(cache)?;
-    let tmp = d.join(format!(".{as_}.state.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let resume = || async {
-        if let Err(e) = warm::resume(vmp).await {
-            tracing::warn!("{}", crate::error_chain(&e));
-        }
-    };
-    let saved = match warm::save(vmp, &tmp).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            resume().await;
-            return Err(e.into());
-        }
-    };
-    let t_convert = Instant::now();
-    let image = match flatten(cache, &vmp.disk(), name, as_, spec, true) {
-        Ok(i) => i,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            resume().await;
-            return Err(e);
-        }
-    };
-    let convert_time = t_convert.elapsed();
-    resume().await;
-    let stopped = vm::stop(store, name, false, Duration::from_secs(spec.stop_timeout)).await?;
-    new_host_key(vmp, spec)?;
-    let state = state_path(cache, as_);
-    std::fs::rename(&tmp, &state).map_err(io(&state))?;
-    // Hashed as it was written: the first start need not hash it again.
-    warm::set_verified(&state, &saved.sha256)?;
-    let w = warm::WarmState {
-        state,
-        size: saved.size,
-        sha256: saved.sha256,
-        qemu,
-        accel,
-        shape: crate::vmm::qemu::machine_shape(&argv),
-        cpus: spec.cpus,
-        memory: spec.memory,
-        disk: spec.disk,
-        mac: spec.mac,
-        user: spec.user.clone(),
-        ram: None,
-        // The first key is nox's own of the source, which the clean-up removed.
-        keys: spec.ssh_authorized_keys.iter().skip(1).cloned().collect(),
-    };
-    let (w, expand_time) = share_ram(vmp, spec, cache, as_, w).await;
-    let template = save_record(cache, as_, spec, &image, Some(w))?;
-    Ok(Committed {
-        template,
-        image,
-        stopped,
-        clean_time,
-        convert_time,
-        save_time: Some(saved.took),
-        share_time: expand_time,
-        // Refused above: a warm commit has none.
-        left_out_disks: vec![],
-    })
 }
 
 /// Turns a warm template's full state into a shared RAM image and a
