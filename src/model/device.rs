@@ -205,6 +205,15 @@ impl FromStr for HostDevice {
     }
 }
 
+/// The devices' values, comma-separated (for refusals).
+pub fn names(devices: &[HostDevice]) -> String {
+    devices
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl fmt::Display for HostDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -256,12 +256,7 @@ fn refuse_host_devices(vm: &VmPaths, what: &'static str) -> Result<(), SnapshotE
     }
     Err(SnapshotError::HostDevices {
         vm: spec.name,
-        devices: spec
-            .devices
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        devices: crate::model::device::names(&spec.devices),
         what,
     })
 }

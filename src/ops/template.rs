@@ -280,12 +280,7 @@ impl WarmSource {
         if !spec.devices.is_empty() {
             return Err(TemplateError::WarmDevices {
                 vm: name.to_string(),
-                devices: spec
-                    .devices
-                    .iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                devices: crate::model::device::names(&spec.devices),
             });
         }
         if !spec.disks.is_empty() {

@@ -22,20 +22,11 @@ pub(super) struct File {
     pub(super) tcg_tb_size: Option<TbSize>,
     /// Keys nothing reads, kept to be named.
     pub(super) unknown: Vec<String>,
-    /// Keys of [`KEYS`] whose value is invalid, with why.
+    /// Keys (`defaults` and [`super::OTHER_KEYS`]) whose value is invalid, with why.
     pub(super) invalid: BTreeMap<&'static str, Arc<ConfigError>>,
 }
 
 /// The top-level keys nox reads, each checked on its own.
-const KEYS: &[&str] = &[
-    "defaults",
-    "binaries",
-    "jail",
-    "mirror",
-    "mirrors",
-    "max_image_size",
-    "tcg_tb_size",
-];
 
 /// Reads a [`File`], passing over the values of `skip` (keys already found
 /// invalid).
@@ -82,7 +73,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for FileSeed<'_> {
 }
 
 /// Parses the file. Not JSON (or not an object) is an error; a bad value
-/// under one of [`KEYS`] is kept in [`File::invalid`] and the file read
+/// under one of the known keys (`defaults`, [`super::OTHER_KEYS`]) is kept in [`File::invalid`] and the file read
 /// again past it, until the rest is read (at most once per key), so each
 /// error keeps serde_json's own line and column.
 pub(super) fn parse(path: &Path, data: &[u8]) -> Result<File, ConfigError> {
@@ -106,7 +97,9 @@ pub(super) fn parse(path: &Path, data: &[u8]) -> Result<File, ConfigError> {
         let syntax = source.is_syntax() || source.is_eof();
         let key = match field.iter().next() {
             Some(serde_path_to_error::Segment::Map { key }) if !syntax => {
-                KEYS.iter().copied().find(|k| k == key)
+                std::iter::once("defaults")
+                    .chain(super::OTHER_KEYS.iter().copied())
+                    .find(|k| k == key)
             }
             _ => None,
         };
