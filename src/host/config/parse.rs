@@ -26,8 +26,6 @@ pub(super) struct File {
     pub(super) invalid: BTreeMap<&'static str, Arc<ConfigError>>,
 }
 
-/// The top-level keys nox reads, each checked on its own.
-
 /// Reads a [`File`], passing over the values of `skip` (keys already found
 /// invalid).
 struct FileSeed<'a> {
