@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use nox::model::spec::VmSpec;
 use nox::store::Store;
 use nox::vmm::firmware::{self, Interface, Request};
-use nox::vmm::qemu::{self, Accel, FirmwareArgs, Launch, NetBackend};
+use nox::vmm::net::NetBackend;
+use nox::vmm::qemu::{self, Accel, FirmwareArgs, Launch};
 
 fn spec(arch: &str) -> VmSpec {
     serde_json::from_value(serde_json::json!({
@@ -21,7 +22,7 @@ fn spec(arch: &str) -> VmSpec {
 }
 
 fn firmware_args(
-    arch: &qemu::ArchFacts,
+    arch: &nox::model::ident::ArchFacts,
     interface: Option<Interface>,
     secure: bool,
     vars: &Path,
@@ -151,7 +152,7 @@ fn argv_golden_matrix() {
     let update = std::env::var_os("NOX_UPDATE_GOLDEN").is_some();
     let mut checked = 0;
     for arch_name in ["amd64", "arm64"] {
-        let arch = qemu::arch_facts(arch_name.parse().unwrap());
+        let arch = nox::model::ident::arch_facts(arch_name.parse().unwrap());
         let fws: &[(&str, Option<Interface>, bool)] = if arch.has_bios {
             &[
                 ("bios", None, false),

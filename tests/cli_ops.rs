@@ -704,7 +704,7 @@ fn ssh_and_scp_are_the_ones_config_json_binaries_names() {
         0o600,
     );
     let vm = h.path().join("vms/a");
-    let mut st = nox::store::state::State::new(nox::store::state::Phase::Running);
+    let mut st = nox::store::state::State::new(nox::model::lifecycle::Phase::Running);
     st.ssh_port = Some(2222);
     nox::store::write_json(&vm.join("state.json"), &st).unwrap();
     let _lock = nox::store::lock_file(&vm.join("lock"), false)

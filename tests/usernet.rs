@@ -435,7 +435,7 @@ async fn passt_reports_a_port_it_cannot_bind() {
     }
     let bin = nox::vmm::net::passt::probe(&nox::host::trust::Programs::default()).unwrap();
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-    let fwd: nox::vmm::net::forward::PortForward =
+    let fwd: nox::model::forward::PortForward =
         format!("127.0.0.1:{}:80", taken.local_addr().unwrap().port())
             .parse()
             .unwrap();

@@ -416,7 +416,7 @@ pub struct CreateArgs {
     /// Forward a host port into the guest: [ADDR:]HOSTPORT:GUESTPORT[/tcp|/udp]
     /// (repeatable; without ADDR every host address; user-mode networking)
     #[arg(long, value_name = "[ADDR:]HOSTPORT:GUESTPORT[/PROTO]")]
-    pub publish: Vec<crate::vmm::net::forward::PortForward>,
+    pub publish: Vec<crate::model::forward::PortForward>,
     /// Give the guest a host device: pci:DOMAIN:BUS:SLOT.FN (VFIO
     /// passthrough; needs an IOMMU) or usb:VENDOR:PRODUCT (repeatable; see
     /// docs/devices.md)

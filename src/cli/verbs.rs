@@ -309,7 +309,7 @@ pub async fn run(store: &Store, name: &str) -> Result<i32> {
         }
         Err(supervisor::SupervisorError::AlreadyRunning(n)) => {
             eprintln!("{n} is already running");
-            Ok(supervisor::EXIT_ALREADY_RUNNING)
+            Ok(crate::model::lifecycle::EXIT_ALREADY_RUNNING)
         }
         Err(e) => Err(e).with_context(|| format!("supervisor of {name}")),
     }

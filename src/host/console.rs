@@ -24,7 +24,6 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 use tracing::warn;
 
-pub use crate::model::spec::{CONSOLE_LOG_DEFAULT as DEFAULT_SIZE, CONSOLE_LOG_MIN as MIN_SIZE};
 /// Cap of `nox.log` (and of `nox.log.1`).
 pub const LOG_SIZE: u64 = 4 << 20;
 

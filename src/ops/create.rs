@@ -82,7 +82,7 @@ pub struct CreateOptions {
     pub accel: AccelRequest,
     pub network: Option<NetworkSpec>,
     /// `--publish`: host ports forwarded into a user-mode guest.
-    pub publish: Vec<crate::vmm::net::forward::PortForward>,
+    pub publish: Vec<crate::model::forward::PortForward>,
     /// `--device`: host devices given to the guest (VFIO PCI, USB).
     pub devices: Vec<crate::model::device::HostDevice>,
     pub stop_timeout: u64,
@@ -203,7 +203,7 @@ async fn validate(store: &Store, o: &CreateOptions) -> Result<Valid, VmError> {
         Some(a) => a,
         None => Arch::host().map_err(spec::SpecError::from)?,
     };
-    let cpus = spec::validate_cpus(o.cpus, crate::vmm::qemu::arch_facts(arch).max_cpus)?;
+    let cpus = spec::validate_cpus(o.cpus, crate::model::ident::arch_facts(arch).max_cpus)?;
     let memory = spec::parse_memory(&o.memory, spec::host_memory())?;
     let disk = spec::parse_disk(&o.disk)?;
     let console_log_size = spec::parse_console_log_size(&o.console_log_size)?;
@@ -271,8 +271,7 @@ async fn validate_network(
             .await
             .map_err(crate::vmm::net::attach::AttachError::from)?;
     }
-    crate::vmm::net::forward::check_unique(&o.publish)
-        .map_err(|e| VmError::Invalid(e.to_string()))?;
+    crate::model::forward::check_unique(&o.publish).map_err(|e| VmError::Invalid(e.to_string()))?;
     if network.is_user_mode() {
         // `--network passt` on a host without a usable passt fails here, with
         // nothing made; `user` falls back to slirp (the CLI warns).

@@ -56,7 +56,7 @@ impl Lines {
 /// Every check, in the order `nox doctor` shows them.
 pub async fn doctor(store: &Store) -> Result<Vec<CheckLine>, OpsError> {
     let mut c = Lines::default();
-    let arch = qemu::arch_facts(Arch::host()?);
+    let arch = crate::model::ident::arch_facts(Arch::host()?);
     let progs = store.programs()?;
     programs(&mut c, arch, &progs)?;
     network(&mut c, &progs).await;
@@ -195,7 +195,7 @@ mod tests {
         c.report(Check::Warn, "/dev/net/tun", "absent");
         assert_eq!(exit_code(&c.0), 0);
         // arm64 (no BIOS) without UEFI firmware cannot boot anything.
-        let arm64 = qemu::arch_facts(Arch::Arm64);
+        let arm64 = crate::model::ident::arch_facts(Arch::Arm64);
         c.report(missing_uefi(arm64.has_bios), "UEFI firmware", "none");
         assert_eq!(exit_code(&c.0), 1);
         c.report(Check::Ok, "state", "/var/lib/nox");
@@ -204,9 +204,9 @@ mod tests {
 
     #[test]
     fn missing_uefi_only_warns_where_bios_boots() {
-        let amd64 = qemu::arch_facts(Arch::Amd64);
+        let amd64 = crate::model::ident::arch_facts(Arch::Amd64);
         assert_eq!(missing_uefi(amd64.has_bios), Check::Warn);
-        let arm64 = qemu::arch_facts(Arch::Arm64);
+        let arm64 = crate::model::ident::arch_facts(Arch::Arm64);
         assert_eq!(missing_uefi(arm64.has_bios), Check::Fail);
     }
 }

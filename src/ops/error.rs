@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-use crate::store::state::Phase;
+use crate::model::lifecycle::Phase;
 
 #[derive(Debug, Error)]
 pub enum OpsError {

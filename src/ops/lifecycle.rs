@@ -193,7 +193,7 @@ pub fn ssh_target(
     let spec = vmp.load_spec()?;
     let st = crate::store::state::load(&vmp)?;
     match (st.state, crate::vmm::ssh::endpoint(&st)) {
-        (crate::store::state::Phase::Running, Some(ep)) => Ok((spec, vmp, ep)),
+        (crate::model::lifecycle::Phase::Running, Some(ep)) => Ok((spec, vmp, ep)),
         (state, _) => Err(OpsError::NotRunning {
             name: name.to_string(),
             state,

@@ -35,7 +35,8 @@ use thiserror::Error;
 use crate::host::qmp::{Qmp, QmpError};
 use crate::image::vmdisk::{self, Chain, VmDisk, VmDiskError};
 use crate::model::ident::{SnapName, VmName};
-use crate::store::state::{self, Phase};
+use crate::model::lifecycle::Phase;
+use crate::store::state;
 use crate::store::{self, Store, StoreError, VmPaths};
 use crate::vmm::snapjob::{Op, Pending, SnapJobError, announce, run_job, writable_nodes};
 

@@ -304,7 +304,7 @@ impl WarmSource {
         })?;
         let programs = vmp.programs().map_err(StoreError::from)?;
         let binary =
-            crate::vmm::qemu::find_binary(crate::vmm::qemu::arch_facts(spec.arch), &programs)
+            crate::vmm::qemu::find_binary(crate::model::ident::arch_facts(spec.arch), &programs)
                 .map_err(|e| no_save(crate::error_chain(&e)))?;
         Ok(WarmSource {
             argv,

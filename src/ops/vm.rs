@@ -13,10 +13,12 @@ use crate::host::sshkeys::{self, KeyPair};
 use crate::image::{self, Cache};
 use crate::model::device::HostDevice;
 use crate::model::ident::{Arch, MacAddr, VmName};
+use crate::model::lifecycle::EXIT_ALREADY_RUNNING;
+use crate::model::lifecycle::Phase;
 use crate::model::spec::{self, FirmwareKind, NetworkSpec, RestartPolicy, VmSpec};
-use crate::store::state::{self, Phase, State};
+use crate::store::state::{self, State};
 use crate::store::{self, Store, StoreError, VmPaths};
-use crate::supervisor::{self, EXIT_ALREADY_RUNNING};
+use crate::supervisor;
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -665,7 +667,7 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
             _ => None,
         },
         tap: active.then(|| st.tap.clone()).flatten(),
-        firmware: crate::vmm::qemu::firmware_kind(spec, crate::vmm::qemu::arch_facts(spec.arch)),
+        firmware: crate::vmm::qemu::firmware_kind(spec, crate::model::ident::arch_facts(spec.arch)),
         secure_boot: spec.secure_boot,
         pid: active.then_some(st.pid).flatten(),
         qemu_pid: active.then_some(st.qemu_pid).flatten(),
@@ -765,7 +767,7 @@ pub fn set(store: &Store, name: &str, o: &SetOptions) -> Result<(VmSpec, VmSpec)
     let old = vm.load_spec()?;
     let mut new = old.clone();
     if let Some(c) = o.cpus {
-        new.cpus = spec::validate_cpus(c, crate::vmm::qemu::arch_facts(old.arch).max_cpus)?;
+        new.cpus = spec::validate_cpus(c, crate::model::ident::arch_facts(old.arch).max_cpus)?;
     }
     if let Some(m) = &o.memory {
         new.memory = spec::parse_memory(m, spec::host_memory())?;

@@ -9,12 +9,11 @@
 //! allowed (phase, event) pairs, and tells the VM's event log
 //! ([`crate::store::events`]) what changed ([`told`]).
 
+use crate::model::lifecycle::Phase;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::store::{self, StoreError, VmPaths};
-
-pub use crate::model::lifecycle::Phase;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {

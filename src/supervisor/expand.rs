@@ -27,7 +27,8 @@ use thiserror::Error;
 use crate::model::spec::VmSpec;
 use crate::store::VmPaths;
 use crate::vmm::jail::{self, Mode};
-use crate::vmm::qemu::{self, Accel, NetBackend};
+use crate::vmm::net::NetBackend;
+use crate::vmm::qemu::{self, Accel};
 use crate::vmm::warm::{self, RamImage, Saved, WarmError, WarmState};
 
 use super::SupervisorError;
@@ -179,8 +180,8 @@ async fn expand_inner(
         .programs()
         .map_err(crate::store::StoreError::from)
         .map_err(SupervisorError::from)?;
-    let binary =
-        qemu::find_binary(qemu::arch_facts(spec.arch), &programs).map_err(SupervisorError::from)?;
+    let binary = qemu::find_binary(crate::model::ident::arch_facts(spec.arch), &programs)
+        .map_err(SupervisorError::from)?;
     let firmware =
         qemu::firmware_args(spec, vm, Some(vm.firmware_dir())).map_err(SupervisorError::from)?;
     let (direct, _) = direct_boot(vm, spec);

@@ -64,8 +64,9 @@ fn running_others(vm: &VmPaths) -> Vec<(String, Vec<HostDevice>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::lifecycle::Phase;
     use crate::store::Store;
-    use crate::store::state::{Phase, State};
+    use crate::store::state::State;
 
     /// VM `name` of store `st` with `devices`, in `phase` (its lock held
     /// while it is active, as its supervisor would).

@@ -195,7 +195,7 @@ pub(super) async fn launch(
     // are bound to vfio-pci.
     let devices = super::hostdevs::prepare(vm, spec)?;
     jail.hold_devices(&devices)?;
-    let arch = qemu::arch_facts(spec.arch);
+    let arch = crate::model::ident::arch_facts(spec.arch);
     let binary = qemu::find_binary(
         arch,
         &vm.programs().map_err(crate::store::StoreError::from)?,

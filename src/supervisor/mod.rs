@@ -25,8 +25,6 @@ use crate::store::{self, StoreError, VmPaths};
 use crate::vmm::jail;
 use crate::vmm::qemu::{self, Accel};
 
-pub use crate::model::lifecycle::EXIT_ALREADY_RUNNING;
-
 #[derive(Debug, Error)]
 pub enum SupervisorError {
     #[error("{0} is already running (another supervisor holds its lock)")]

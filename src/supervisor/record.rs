@@ -3,7 +3,8 @@
 
 use tracing::{error, warn};
 
-use crate::store::state::{Event, Phase, RecordError, Recorder, State};
+use crate::model::lifecycle::Phase;
+use crate::store::state::{Event, RecordError, Recorder, State};
 
 /// Tells systemd (when it started us) what is going on. A no-op elsewhere.
 pub(super) fn notify(lines: &[&str]) {

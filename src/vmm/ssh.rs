@@ -589,8 +589,8 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::lifecycle::Phase;
     use crate::store::Store;
-    use crate::store::state::Phase;
 
     #[test]
     fn a_free_looking_address_is_suggested_for_the_bridge() {

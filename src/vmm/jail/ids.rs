@@ -14,14 +14,14 @@
 //! databases (through NSS) and /etc/subuid, /etc/subgid: a collision refuses
 //! the start, before anything is chowned.
 
+use crate::host::config::UidRange;
 use std::path::{Path, PathBuf};
 
 use super::JailError;
 use crate::store::{self, VmPaths};
 
-/// The range itself is config.json's `jail` (crate::host::config, which reads and
-/// checks it); the account checks and the slots are here.
-pub use crate::host::config::{DEFAULT_UID_BASE, DEFAULT_UID_COUNT, UidRange};
+// The range itself is config.json's `jail` (crate::host::config, which reads and
+// checks it); the account checks and the slots are here.
 
 /// The uid and gid one qemu runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

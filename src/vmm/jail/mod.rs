@@ -34,7 +34,8 @@ use crate::model::spec::VmSpec;
 use crate::store::VmPaths;
 use crate::vmm::qemu::Accel;
 
-pub use ids::{Ids, UidRange};
+use crate::host::config::UidRange;
+pub use ids::Ids;
 pub use plan::JailPlan;
 
 #[derive(Debug, Error)]

@@ -11,10 +11,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::discover::{self, Addresses};
-use super::forward::PortForward;
 use super::passt::{self, Passt, PasstError};
 use super::{bridge, tap};
 use crate::host::trust::Programs;
+use crate::model::forward::PortForward;
 use crate::model::ident::{MacAddr, VmName};
 use crate::model::spec::{NetworkSpec, VmSpec};
 use crate::vmm::net::NetBackend;

@@ -4,7 +4,6 @@
 pub mod attach;
 pub mod bridge;
 pub mod discover;
-pub use crate::model::forward;
 use crate::model::forward::PortForward;
 pub mod passt;
 pub mod tap;

@@ -26,8 +26,8 @@ use std::time::Duration;
 use thiserror::Error;
 use tracing::info;
 
-use super::forward::{PortForward, Proto};
 use crate::host::trust::Programs;
+use crate::model::forward::{PortForward, Proto};
 
 /// Environment variable naming the passt binary to use; a path that does
 /// not exist makes nox act as if passt were not installed.

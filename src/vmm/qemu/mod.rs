@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-pub use crate::model::qemu_opts as opts;
-
 use crate::model::device::Passthrough;
 use crate::model::forward::PortForward;
 use crate::model::ident::{Arch, VmName};
+use crate::model::ident::{ArchFacts, arch_facts};
+use crate::model::qemu_opts::{self as opts, Opts};
 use crate::model::spec::VmSpec;
 use crate::store::VmPaths;
-use opts::Opts;
+use crate::vmm::net::NetBackend;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum QemuError {
@@ -30,8 +30,6 @@ pub enum QemuError {
     },
 }
 
-pub use crate::model::ident::{AMD64, ARM64, ArchFacts, arch_facts};
-
 mod accel;
 mod devices;
 mod shape;
@@ -39,8 +37,6 @@ pub use accel::{Accel, AccelChoice, KvmFacts, choose_accel, probe_kvm};
 pub use devices::{HOTPLUG_PORTS, blockdev_json, disk_device_json, hotplug_port};
 use devices::{blockdev, disk_device, host_devices, hotplug_ports};
 pub use shape::{machine_shape, shape_has_slirp, split_opts, upgrade_shape};
-
-pub use crate::vmm::net::NetBackend;
 
 /// Firmware pieces the argv needs (built by [`crate::vmm::firmware`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -460,7 +456,7 @@ mod tests {
             static_ip: None,
             publish: vec![],
             created: 0,
-            console_log_size: crate::host::console::DEFAULT_SIZE,
+            console_log_size: crate::model::spec::CONSOLE_LOG_DEFAULT,
             devices: vec![],
             disks: vec![],
         }
