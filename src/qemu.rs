@@ -789,6 +789,7 @@ mod tests {
             secure_boot: false,
             static_ip: None,
             publish: vec![],
+            ssh_port: None,
             created: 0,
             console_log_size: crate::console::DEFAULT_SIZE,
             devices: vec![],

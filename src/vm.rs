@@ -574,6 +574,8 @@ pub struct VmInfo {
     pub mac: MacAddr,
     pub ssh: SshInfo,
     pub ssh_port: Option<u16>,
+    /// The SSH forward's host port fixed by `--ssh-port` (while stopped too).
+    pub fixed_ssh_port: Option<u16>,
     /// Published ports, `[ADDR:]HOSTPORT:GUESTPORT/PROTO`.
     pub publish: Vec<String>,
     /// Host devices given to the guest: `pci:DOMAIN:BUS:SLOT.FN`, `usb:VID:PID`.
@@ -664,6 +666,7 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
         },
         // What a program needs with `ip`: 22 on a bridge, the forward otherwise.
         ssh_port: ep.as_ref().map(|e| e.port),
+        fixed_ssh_port: spec.ssh_port,
         publish: spec.publish.iter().map(|p| p.to_string()).collect(),
         devices: spec.devices.iter().map(|d| d.to_string()).collect(),
         disks: spec.disks.iter().map(|d| disk_info(vm, d)).collect(),
@@ -806,9 +809,10 @@ pub fn set(store: &Store, name: &str, o: &SetOptions) -> Result<(VmSpec, VmSpec)
 pub async fn run(
     store: &Store,
     name: &str,
+    ready: Option<supervisor::probe::ReadyAddr>,
 ) -> Result<supervisor::Outcome, supervisor::SupervisorError> {
     let vm = store.vm(name)?;
-    supervisor::run(&vm).await
+    supervisor::run_with(&vm, ready).await
 }
 
 #[cfg(test)]

@@ -62,6 +62,9 @@ pub fn info(i: &vm::VmInfo) {
     if !i.publish.is_empty() {
         println!("publish:  {}", i.publish.join(", "));
     }
+    if let Some(p) = i.fixed_ssh_port {
+        println!("ssh port: 127.0.0.1:{p} (fixed)");
+    }
     if !i.devices.is_empty() {
         println!("devices:  {}", i.devices.join(", "));
     }
