@@ -357,7 +357,7 @@ mod tests {
             dir: &t.path().join("passt"),
             runas: None,
         };
-        let (p, _qemu_end, _port) = start_passt(&bin, &[], &place).await.unwrap();
+        let (p, _qemu_end, _port) = start_passt(&bin, &[], None, &place).await.unwrap();
         let pid = p.pid;
         let mut slot = Some(p);
         // Alive (qemu's end open): nothing to report.
