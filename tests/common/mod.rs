@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 pub use nox::testing::prereq;
 
+pub mod nspawn;
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
