@@ -142,7 +142,7 @@ fn sorted<T: std::fmt::Display>(items: &[T]) -> String {
 }
 
 fn bytes(b: u64) -> String {
-    if b % (1 << 30) == 0 {
+    if b.is_multiple_of(1 << 30) {
         format!("{}G", b >> 30)
     } else {
         format!("{}M", b >> 20)
@@ -158,7 +158,7 @@ mod tests {
             "name": "web",
             "image": {"source": "debian-13", "digest": "sha256:00", "path": "/x", "format": "qcow2"},
             "arch": "amd64", "cpus": 2, "memory": 1u64 << 30, "disk": 10u64 << 30,
-            "user": "nox", "accel": "auto", "network": "user",
+            "user": "nox", "accel": "auto", "network": {"mode": "user"},
             "mac": "52:54:00:12:34:56", "ssh_authorized_keys": [], "stop_timeout": 60,
             "created": 0, "ssh_port": 2222, "publish": ["8080:80/tcp"]
         }))
