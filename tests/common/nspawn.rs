@@ -76,8 +76,10 @@ mkdir -p /run/systemd/nspawn
 mount -t tmpfs -o mode=0755 tmpfs /run/systemd/nspawn
 shift 2
 exec systemd-nspawn "$@""#;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns])
+        // nsenter --net rather than `ip netns exec`, which mounts a sysfs of
+        // its own over /sys and hides the cgroup hierarchy nspawn needs.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.netns))
             .args([
                 "unshare",
                 "-m",
@@ -119,7 +121,7 @@ exec systemd-nspawn "$@""#;
             });
         }
         let child = cmd.spawn().unwrap();
-        // ip, unshare and sh exec: this pid is nspawn's.
+        // nsenter, unshare and sh exec: this pid is nspawn's.
         let pid = child.id();
         self.nspawn = Some(child);
         let mut leader = None;
