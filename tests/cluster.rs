@@ -81,6 +81,38 @@ fn nox_state(c: &Container) -> String {
     v["state"].as_str().unwrap_or("?").to_string()
 }
 
+/// What the cluster and nox say on each node, for a failure's message.
+fn diagnose(nodes: &[&Container]) {
+    for c in nodes {
+        eprintln!("==== {}: vm1 {}", c.name, nox_state(c));
+        for cmd in [
+            &["corosync-cfgtool", "-s"][..],
+            &["crm_mon", "-1", "-r"],
+            &["journalctl", "--no-pager", "-n", "60"],
+        ] {
+            let out = c.run(cmd);
+            eprintln!(
+                "$ {}\n{}{}",
+                cmd.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// Waits for `f`, up to `secs`; on a timeout shows each node's view and fails.
+fn until(nodes: &[&Container], what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        if Instant::now() > deadline {
+            diagnose(nodes);
+            panic!("timed out after {secs}s waiting for {what}");
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 /// Waits until vm1 runs on `on` (nox and pacemaker agree) and on no other
 /// node; returns the seconds it took.
 fn runs_only_on(nodes: &[&Container], on: &str, secs: u64) -> f64 {
@@ -95,25 +127,7 @@ fn runs_only_on(nodes: &[&Container], on: &str, secs: u64) -> f64 {
             }
         })
     };
-    let deadline = Instant::now() + std::time::Duration::from_secs(secs);
-    while !ok() {
-        if Instant::now() > deadline {
-            for c in nodes {
-                let status = c.run(&["pcs", "status", "--full"]);
-                eprintln!(
-                    "{}: vm1 {}\n{}{}",
-                    c.name,
-                    nox_state(c),
-                    String::from_utf8_lossy(&status.stdout),
-                    String::from_utf8_lossy(&status.stderr)
-                );
-                let log = c.run(&["journalctl", "--no-pager", "-n", "80"]);
-                eprintln!("{}", String::from_utf8_lossy(&log.stdout));
-            }
-            panic!("vm1 did not come to run on {on} alone within {secs}s");
-        }
-        std::thread::sleep(std::time::Duration::from_secs(1));
-    }
+    until(nodes, &format!("vm1 to run on {on} alone"), secs, ok);
     t.elapsed().as_secs_f64()
 }
 
@@ -186,7 +200,7 @@ fn pacemaker_places_moves_and_fails_over_a_vm() {
         c.ok(&["systemctl", "start", "corosync", "pacemaker"]);
     }
     let t = Instant::now();
-    wait_for("both nodes online in pacemaker", 180, || {
+    until(&[&a, &b], "both nodes online in pacemaker", 180, || {
         let out = a.run(&["crm_mon", "-1"]);
         let s = String::from_utf8_lossy(&out.stdout);
         s.lines()
