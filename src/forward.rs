@@ -199,6 +199,29 @@ pub fn check_ssh_port(port: u16, publish: &[PortForward]) -> Result<(), ForwardE
     }
 }
 
+/// `nox set --ssh-port PORT|auto`: a fixed port, or None (a free one at
+/// each start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SshPortSetting(pub Option<u16>);
+
+impl FromStr for SshPortSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SshPortSetting, String> {
+        match s {
+            "auto" => Ok(SshPortSetting(None)),
+            _ => match s.parse::<u16>() {
+                Ok(p) if p > 0 => Ok(SshPortSetting(Some(p))),
+                _ => Err(format!("{s:?} is neither a port (1-65535) nor auto")),
+            },
+        }
+    }
+}
+
+/// Whether 127.0.0.1:`port` can be bound now (the fixed SSH forward's).
+pub fn check_ssh_port_free(port: u16) -> std::io::Result<()> {
+    TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).map(drop)
+}
+
 /// Refuses two forwards of the same host port and protocol.
 pub fn check_unique(fwds: &[PortForward]) -> Result<(), ForwardError> {
     for (i, a) in fwds.iter().enumerate() {

@@ -699,6 +699,26 @@ pub struct SetOptions {
     pub add_devices: Vec<HostDevice>,
     /// Host devices to take away (`--remove-device`); each must be the VM's.
     pub remove_devices: Vec<HostDevice>,
+    /// `--ssh-port PORT|auto`: Some(None) is auto (a free port each start).
+    pub ssh_port: Option<Option<u16>>,
+}
+
+/// `set --ssh-port PORT`: as at create, user-mode only, not a published
+/// port, free now.
+fn check_ssh_port(port: u16, spec: &VmSpec) -> Result<(), VmError> {
+    if !spec.network.is_user_mode() {
+        return Err(VmError::Invalid(format!(
+            "--ssh-port needs user-mode networking; {} is bridged ({})",
+            spec.name, spec.network
+        )));
+    }
+    crate::net::forward::check_ssh_port(port, &spec.publish)
+        .map_err(|e| VmError::Invalid(e.to_string()))?;
+    crate::net::forward::check_ssh_port_free(port).map_err(|e| {
+        VmError::Invalid(format!(
+            "--ssh-port {port}: 127.0.0.1:{port} is in use ({e})"
+        ))
+    })
 }
 
 /// The VM's devices after `set`'s additions and removals. Pure.
@@ -791,6 +811,12 @@ pub fn set(store: &Store, name: &str, o: &SetOptions) -> Result<(VmSpec, VmSpec)
         .collect();
     // As at create: the host must have what is added.
     crate::hostdev::check(Path::new(crate::hostdev::SYSFS), &added)?;
+    if let Some(port) = o.ssh_port {
+        new.ssh_port = port;
+        if let Some(p) = port.filter(|p| old.ssh_port != Some(*p)) {
+            check_ssh_port(p, &old)?;
+        }
+    }
     if let Some(d) = &o.disk {
         // The overlay's own size, not the spec's: they differ if a resize
         // went through and writing spec.json then failed.

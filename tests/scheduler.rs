@@ -216,6 +216,22 @@ fn ssh_port_is_chosen_from_outside() {
     drop(taken);
     h.fails(&["create", "zero", "--ssh-port", "0"]);
     assert_eq!(vm_dirs(&h), ["fixed"]);
+    // `set`: back to a free port at each start, then another fixed one.
+    let out = h.ok(&["set", "fixed", "--ssh-port", "auto"]);
+    assert!(
+        out.contains(&format!("ssh port auto (was {port})")),
+        "{out}"
+    );
+    assert!(h.info("fixed")["fixed_ssh_port"].is_null());
+    let other = free_port();
+    h.ok(&["set", "fixed", "--ssh-port", &other.to_string()]);
+    assert_eq!(h.info("fixed")["fixed_ssh_port"], other);
+    h.fails(&["set", "fixed", "--ssh-port", "none"]);
+    h.ok(&["start", "fixed"]);
+    assert_eq!(h.info("fixed")["ssh_port"], other);
+    // Not while it runs (as every `set`).
+    h.fails(&["set", "fixed", "--ssh-port", "auto"]);
+    h.ok(&["stop", "fixed", "--force"]);
 }
 
 #[test]

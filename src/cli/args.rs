@@ -291,6 +291,10 @@ pub struct SetArgs {
     /// Take a host device away from the guest (repeatable)
     #[arg(long, group = "change", value_name = "pci:ADDR|usb:VID:PID")]
     pub remove_device: Vec<crate::device::HostDevice>,
+    /// The SSH forward's host port on 127.0.0.1 (user-mode networking), or
+    /// auto: a free one at each start
+    #[arg(long, group = "change", value_name = "PORT|auto")]
+    pub ssh_port: Option<crate::net::forward::SshPortSetting>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -123,6 +123,10 @@ pub fn set(name: &str, out: &SetOutcome) {
                 new >> 20,
                 old >> 20
             ),
+            Change::SshPort(new, old) => {
+                let port = |p: &Option<u16>| p.map_or("auto".to_string(), |p| p.to_string());
+                format!("ssh port {} (was {})", port(new), port(old))
+            }
             Change::Devices(new, old) => {
                 let list = |d: &[crate::device::HostDevice]| {
                     if d.is_empty() {

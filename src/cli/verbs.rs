@@ -277,6 +277,7 @@ pub fn set(store: &Store, a: &super::SetArgs) -> Result<i32> {
         disk: a.disk.clone(),
         add_devices: a.device.clone(),
         remove_devices: a.remove_device.clone(),
+        ssh_port: a.ssh_port.map(|s| s.0),
     };
     let out = ops::set(store, &a.name, &opts)?;
     render::set(&a.name, &out);

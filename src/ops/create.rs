@@ -301,13 +301,11 @@ fn check_ssh_port(
     }
     crate::net::forward::check_ssh_port(port, publish)
         .map_err(|e| VmError::Invalid(e.to_string()))?;
-    std::net::TcpListener::bind(("127.0.0.1", port))
-        .map(drop)
-        .map_err(|e| {
-            VmError::Invalid(format!(
-                "--ssh-port {port}: 127.0.0.1:{port} is in use ({e})"
-            ))
-        })
+    crate::net::forward::check_ssh_port_free(port).map_err(|e| {
+        VmError::Invalid(format!(
+            "--ssh-port {port}: 127.0.0.1:{port} is in use ({e})"
+        ))
+    })
 }
 
 /// The base image (pulled or imported on demand).
