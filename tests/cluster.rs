@@ -295,9 +295,9 @@ fn pacemaker_places_moves_and_fails_over_a_vm() {
 }
 
 /// allow-migrate=true and `pcs resource move` back to A: pacemaker calls
-/// migrate_to on B (`nox migrate vm1 --to ssh://root@A`) and migrate_from
-/// on A. The nodes trust each other's root keys; A's stale definition of
-/// vm1 (from the placement) is removed first, as a live move brings its own.
+/// migrate_to on B (`nox migrate vm1 --to ssh://root@A`, after deleting
+/// A's stale stopped vm1 from the placement: the VM is stateless) and
+/// migrate_from on A. The nodes trust each other's root keys.
 fn live_move_back(a: &Container, b: &Container, names: &[String; 2]) {
     let hosts = format!("10.78.0.1 {}\n10.78.0.2 {}\n", names[0], names[1]);
     for c in [a, b] {
@@ -320,7 +320,6 @@ fn live_move_back(a: &Container, b: &Container, names: &[String; 2]) {
         let scan = from.ok(&["ssh-keyscan", "-t", "ed25519", &to.name]);
         from.write("/root/.ssh/known_hosts", &scan);
     }
-    a.ok(&["nox", "delete", "vm1"]);
     a.ok(&[
         "pcs",
         "resource",
@@ -335,6 +334,8 @@ fn live_move_back(a: &Container, b: &Container, names: &[String; 2]) {
     // By migrate_to on B, not by a stop and a start.
     let log = b.ok(&["journalctl", "--no-pager"]);
     assert!(log.contains("moving VM vm1 to"), "no migrate_to on B");
+    assert!(log.contains("deleting the stale stopped vm1"), "{log}");
+    assert_eq!(nox_state(b), "absent", "the source keeps no copy");
     a.ok(&[
         "pcs",
         "resource",
