@@ -13,7 +13,11 @@
 # trixie's does not), systemd-sysv, dbus, qemu-system-x86 + qemu-utils from bookworm-backports
 # (10.0.x, as on the test hosts), seabios, ovmf, openssh-client, iproute2, procps. No nox: the
 # test binds the freshly built binary in. Root is locked; the console gets no getty (the tests
-# drive the container with nsenter).
+# drive the container with nsenter). The Linux HA stack for the two-node cluster test
+# (tests/cluster.rs): corosync, pacemaker (with its CLI tools), pcs (its CLI; pcsd is masked, the test writes
+# corosync.conf itself) and resource-agents; corosync and pacemaker are disabled at boot (the
+# test starts them once corosync.conf is written); openssh-server for `nox migrate` between the
+# nodes.
 #
 # Build-host Debian packages (installed when missing): mmdebstrap debian-archive-keyring.
 set -euo pipefail
@@ -69,7 +73,7 @@ log "mmdebstrap $SUITE into $R"
 # qemu comes from backports with `-t` in a hook, so that nothing else (systemd above all) is
 # taken from backports: bookworm's qemu 7.2 is older than the hosts' 10.0.x.
 mmdebstrap --variant=minbase --mode=root \
-    --include=systemd,systemd-sysv,dbus,iproute2,procps,openssh-client,seabios,ovmf,ca-certificates \
+    --include=systemd,systemd-sysv,dbus,iproute2,procps,openssh-client,seabios,ovmf,ca-certificates,corosync,pacemaker,pacemaker-cli-utils,pcs,resource-agents,openssh-server \
     --customize-hook='chroot "$1" apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils' \
     --customize-hook='chroot "$1" apt-get clean' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/usr/share/doc/* "$1"/usr/share/man/*' \
@@ -86,6 +90,9 @@ chroot "$R" systemctl mask console-getty.service getty@.service \
     systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer >&2 2>&1 || true
 # A container with nothing listening for network-online: make it reached at once.
 chroot "$R" systemctl mask systemd-networkd-wait-online.service >&2 2>&1 || true
+# The cluster stack starts when the cluster test has configured it; pcsd is not used.
+chroot "$R" systemctl disable corosync.service pacemaker.service >&2 2>&1 || true
+chroot "$R" systemctl mask pcsd.service pcsd-ruby.service >&2 2>&1 || true
 
 "$R/usr/bin/qemu-system-x86_64" --version >/dev/null 2>&1 ||
     chroot "$R" qemu-system-x86_64 --version >&2 || die "qemu-system-x86_64 does not run in the root"

@@ -2,8 +2,10 @@
 # Installs what nox needs on a Debian 12/13 host (qemu, firmware, ssh client,
 # sshd for the `nox --host` tests (tests/remote.rs runs its own on 127.0.0.1),
 # dnsmasq for the network tests, the test-image builder's tools, systemd-nspawn
-# for the systemd-as-PID-1 tests, pytest for the Python client's tests), then
-# builds and installs nox to /usr/local/bin. Run as root. Non-interactive.
+# for the systemd-as-PID-1 tests, pytest for the Python client's tests,
+# resource-agents for the OCF agent and its ocf-tester test), then builds and
+# installs nox to /usr/local/bin and its OCF resource agent (deploy/ocf/nox) as
+# /usr/lib/ocf/resource.d/nox/vm (ocf:nox:vm). Run as root. Non-interactive.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -23,7 +25,7 @@ apt-get install -y -qq --no-install-recommends "${apt_t[@]}" \
 apt-get install -y -qq --no-install-recommends \
     openssh-client openssh-server dnsmasq-base iproute2 mtools dosfstools systemd \
     busybox-static python3 python3-pytest util-linux coreutils passt bash-completion \
-    systemd-container mmdebstrap debian-archive-keyring
+    systemd-container mmdebstrap debian-archive-keyring resource-agents libxml2-utils
 
 if [ "${NOX_SKIP_INSTALL:-}" != 1 ]; then
     cargo build --release --locked
@@ -35,4 +37,7 @@ if [ "${NOX_SKIP_INSTALL:-}" != 1 ]; then
     /usr/local/bin/nox completions bash > /usr/share/bash-completion/completions/nox
     /usr/local/bin/nox man --dir /usr/local/share/man/man1 > /dev/null
     echo "installed /usr/share/bash-completion/completions/nox and /usr/local/share/man/man1/nox.1"
+    # The pacemaker resource agent ocf:nox:vm (docs/multi-host.md, "Cluster managers").
+    install -D -m 0755 deploy/ocf/nox /usr/lib/ocf/resource.d/nox/vm
+    echo "installed /usr/lib/ocf/resource.d/nox/vm"
 fi

@@ -18,7 +18,8 @@ if [ "$(id -u)" = 0 ]; then
         export NOX_TEST_IMAGE_ARM64
     fi
     # A bookworm root that systemd-nspawn boots with systemd as PID 1
-    # (tests/systemd_pid1.rs), cached the same way.
+    # (tests/systemd_pid1.rs, and with its cluster stack tests/cluster.rs),
+    # cached the same way.
     if [ -z "${NOX_SYSTEMD_ROOT:-}" ]; then
         NOX_SYSTEMD_ROOT=$(scripts/build-systemd-root.sh | tail -n 1)
         export NOX_SYSTEMD_ROOT

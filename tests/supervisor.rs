@@ -554,36 +554,6 @@ fn a_guest_flooding_its_console_cannot_fill_the_disk() {
     assert!(size(&log) <= 64 << 10);
 }
 
-/// Names a copy of the fake qemu (tests/support/fake_qemu.py) in the home's
-/// root-owned config.json, with no passt (slirp).
-fn use_fake_qemu(h: &Home) {
-    use std::os::unix::fs::PermissionsExt;
-    let bin = h.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let fake = bin.join("qemu-system-x86_64");
-    std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_qemu.py"),
-        &fake,
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    write_config(
-        h,
-        serde_json::json!({"binaries": {"qemu-system-x86_64": fake, "passt": "/nonexistent/passt"}}),
-    );
-}
-
-/// What the tests with the fake qemu (tests/support/fake_qemu.py) need.
-fn fake_qemu_prereqs() -> bool {
-    prereq(is_root(), "needs root (the jail)")
-        && prereq(have("qemu-img"), "qemu-img not installed")
-        && prereq(
-            std::path::Path::new("/usr/bin/python3").exists(),
-            "no /usr/bin/python3",
-        )
-}
-
 /// A Polaris-like host creates and starts 10-20 VMs at once. 20 concurrent
 /// `create` (which starts) of distinct names, three rounds, all succeed and
 /// run; then 20 concurrent deletes. qemu is a fake that only speaks QMP

@@ -131,8 +131,16 @@ pub enum Cmd {
     },
     /// Check this host: qemu, accelerator, /dev/net/tun, state directory
     Doctor,
-    /// Run a VM's supervisor in the foreground (what nox@NAME.service runs)
-    Run { name: String },
+    /// Run a VM's supervisor in the foreground (what nox@NAME.service runs;
+    /// for schedulers such as Nomad's raw_exec): SIGTERM or SIGINT stops
+    /// the VM gracefully and exits 0; a crash exits 1
+    Run {
+        name: String,
+        /// Answer HTTP readiness probes here while the VM runs: 200 once its
+        /// SSH server answers, 503 before (PORT means 127.0.0.1:PORT)
+        #[arg(long, value_name = "[ADDR:]PORT")]
+        ready_listen: Option<crate::supervisor::probe::ReadyAddr>,
+    },
     /// systemd integration
     #[command(subcommand)]
     Systemd(SystemdCmd),
@@ -283,6 +291,10 @@ pub struct SetArgs {
     /// Take a host device away from the guest (repeatable)
     #[arg(long, group = "change", value_name = "pci:ADDR|usb:VID:PID")]
     pub remove_device: Vec<crate::model::device::HostDevice>,
+    /// The SSH forward's host port on 127.0.0.1 (user-mode networking), or
+    /// auto: a free one at each start
+    #[arg(long, group = "change", value_name = "PORT|auto")]
+    pub ssh_port: Option<crate::model::forward::SshPortSetting>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -417,11 +429,21 @@ pub struct CreateArgs {
     /// (repeatable; without ADDR every host address; user-mode networking)
     #[arg(long, value_name = "[ADDR:]HOSTPORT:GUESTPORT[/PROTO]")]
     pub publish: Vec<crate::model::forward::PortForward>,
+    /// Host port (on 127.0.0.1) of the guest's SSH forward, the same at
+    /// every start (user-mode networking; default: a free port at each
+    /// start), e.g. for a scheduler that hands out ports
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub ssh_port: Option<u16>,
     /// Give the guest a host device: pci:DOMAIN:BUS:SLOT.FN (VFIO
     /// passthrough; needs an IOMMU) or usb:VENDOR:PRODUCT (repeatable; see
     /// docs/devices.md)
     #[arg(long, value_name = "pci:ADDR|usb:VID:PID")]
     pub device: Vec<crate::model::device::HostDevice>,
+    /// Idempotent: when NAME exists with these settings, keep it (and start
+    /// it unless --no-start) and exit 0; other settings are an error naming
+    /// them (SSH keys and user-data are not compared)
+    #[arg(long, requires = "name")]
+    pub if_absent: bool,
     /// Only define the VM
     #[arg(long)]
     pub no_start: bool,

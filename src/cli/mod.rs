@@ -141,7 +141,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             wait,
             timeout,
         ),
-        Cmd::Run { name } => verbs::run(s, &name).await,
+        Cmd::Run { name, ready_listen } => verbs::run(s, &name, ready_listen).await,
         Cmd::Set(a) => verbs::set(s, &a),
         Cmd::Cp {
             recursive,

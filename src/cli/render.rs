@@ -62,6 +62,9 @@ pub fn info(i: &vm::VmInfo) {
     if !i.publish.is_empty() {
         println!("publish:  {}", i.publish.join(", "));
     }
+    if let Some(p) = i.fixed_ssh_port {
+        println!("ssh port: 127.0.0.1:{p} (fixed)");
+    }
     if !i.devices.is_empty() {
         println!("devices:  {}", i.devices.join(", "));
     }
@@ -120,6 +123,10 @@ pub fn set(name: &str, out: &SetOutcome) {
                 new >> 20,
                 old >> 20
             ),
+            Change::SshPort(new, old) => {
+                let port = |p: &Option<u16>| p.map_or("auto".to_string(), |p| p.to_string());
+                format!("ssh port {} (was {})", port(new), port(old))
+            }
             Change::Devices(new, old) => {
                 let list = |d: &[crate::model::device::HostDevice]| {
                     if d.is_empty() {

@@ -43,10 +43,23 @@ pub async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
         eprintln!("{w}");
     }
     let (json, no_start, wait, timeout) = (a.json, a.no_start, a.wait, a.timeout);
+    let if_absent = a.if_absent;
     let opts = create_request(a, &cfg).context("cannot create the VM")?;
-    let created = ops::create(store, &opts)
-        .await
-        .context("cannot create the VM")?;
+    let created = if if_absent {
+        match ops::create_if_absent(store, &opts)
+            .await
+            .context("cannot create the VM")?
+        {
+            ops::Ensured::Created(c) => c,
+            ops::Ensured::Exists(spec) => {
+                return existing(store, &spec, no_start, wait, timeout, json);
+            }
+        }
+    } else {
+        ops::create(store, &opts)
+            .await
+            .context("cannot create the VM")?
+    };
     for n in &created.notes {
         eprintln!("{n}");
     }
@@ -82,6 +95,30 @@ pub async fn create(store: &Store, a: CreateArgs) -> Result<i32> {
     if json {
         let info = vm::info(&store.vm(&name)?)?;
         println!("{}", created_json(&info, &first_boot)?);
+    }
+    Ok(0)
+}
+
+/// `create --if-absent` of a VM that exists as asked: started unless
+/// --no-start (a running one stays as it is), then shown.
+fn existing(
+    store: &Store,
+    spec: &crate::model::spec::VmSpec,
+    no_start: bool,
+    wait: bool,
+    timeout: u64,
+    json: bool,
+) -> Result<i32> {
+    let name = spec.name.as_str();
+    if !json {
+        println!("{name} exists with these settings");
+    }
+    if !no_start {
+        start_quiet(store, name, wait, timeout, json)?;
+    }
+    if json {
+        let info = vm::info(&store.vm(name)?)?;
+        println!("{}", serde_json::to_string_pretty(&info)?);
     }
     Ok(0)
 }
@@ -126,6 +163,7 @@ fn create_request(
         accel: a.accel,
         network: d.network,
         publish: a.publish,
+        ssh_port: a.ssh_port,
         devices: a.device,
         stop_timeout: a.stop_timeout,
         console_log_size: a.console_log_size,
@@ -239,6 +277,7 @@ pub fn set(store: &Store, a: &super::SetArgs) -> Result<i32> {
         disk: a.disk.clone(),
         add_devices: a.device.clone(),
         remove_devices: a.remove_device.clone(),
+        ssh_port: a.ssh_port.map(|s| s.0),
     };
     let out = ops::set(store, &a.name, &opts)?;
     render::set(&a.name, &out);
@@ -297,8 +336,12 @@ pub fn disable(store: &Store, name: &str) -> Result<i32> {
 
 /// `nox run`: the supervisor in the foreground; its exit code says how the
 /// VM ended.
-pub async fn run(store: &Store, name: &str) -> Result<i32> {
-    match vm::run(store, name).await {
+pub async fn run(
+    store: &Store,
+    name: &str,
+    ready: Option<supervisor::probe::ReadyAddr>,
+) -> Result<i32> {
+    match vm::run(store, name, ready).await {
         Ok(supervisor::Outcome::Stopped { reason, .. }) => {
             tracing::info!("{name} stopped ({reason})");
             Ok(0)

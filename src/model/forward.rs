@@ -15,6 +15,8 @@ pub enum ForwardError {
         "invalid --publish {value:?}: {why} (expected [ADDR:]HOSTPORT:GUESTPORT[/tcp|/udp], an IPv6 ADDR in brackets)"
     )]
     Syntax { value: String, why: &'static str },
+    #[error("--ssh-port {port} is also the host port of --publish {publish}")]
+    SshPortPublished { port: u16, publish: PortForward },
     #[error("--publish {a} and {b} both use host port {port}/{proto}")]
     Duplicate {
         a: PortForward,
@@ -182,6 +184,44 @@ impl PortForward {
     }
 }
 
+/// Refuses a fixed SSH forward port (`--ssh-port`, bound on 127.0.0.1)
+/// that a TCP `--publish` of the same VM also binds there.
+pub fn check_ssh_port(port: u16, publish: &[PortForward]) -> Result<(), ForwardError> {
+    let ssh = PortForward {
+        addr: Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+        host_port: port,
+        guest_port: 22,
+        proto: Proto::Tcp,
+    };
+    match publish.iter().find(|p| p.clashes(&ssh)) {
+        Some(p) => Err(ForwardError::SshPortPublished { port, publish: *p }),
+        None => Ok(()),
+    }
+}
+
+/// `nox set --ssh-port PORT|auto`: a fixed port, or None (a free one at
+/// each start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SshPortSetting(pub Option<u16>);
+
+impl FromStr for SshPortSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SshPortSetting, String> {
+        match s {
+            "auto" => Ok(SshPortSetting(None)),
+            _ => match s.parse::<u16>() {
+                Ok(p) if p > 0 => Ok(SshPortSetting(Some(p))),
+                _ => Err(format!("{s:?} is neither a port (1-65535) nor auto")),
+            },
+        }
+    }
+}
+
+/// Whether 127.0.0.1:`port` can be bound now (the fixed SSH forward's).
+pub fn check_ssh_port_free(port: u16) -> std::io::Result<()> {
+    TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).map(drop)
+}
+
 /// Refuses two forwards of the same host port and protocol.
 pub fn check_unique(fwds: &[PortForward]) -> Result<(), ForwardError> {
     for (i, a) in fwds.iter().enumerate() {
@@ -199,6 +239,23 @@ pub fn check_unique(fwds: &[PortForward]) -> Result<(), ForwardError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_fixed_ssh_port_must_not_be_published() {
+        let p = |s: &str| s.parse::<PortForward>().unwrap();
+        assert!(check_ssh_port(2222, &[p("8080:80"), p("2222:53/udp")]).is_ok());
+        assert!(check_ssh_port(2222, &[p("10.1.2.3:2222:22")]).is_ok());
+        for clash in ["2222:80", "127.0.0.1:2222:80"] {
+            let e = check_ssh_port(2222, &[p(clash)]).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "--ssh-port 2222 is also the host port of --publish {}",
+                    p(clash)
+                )
+            );
+        }
+    }
+
     use super::*;
 
     fn pf(s: &str) -> PortForward {

@@ -206,6 +206,10 @@ pub struct VmSpec {
     /// Host ports forwarded into the guest (user-mode networking).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<PortForward>,
+    /// `--ssh-port`: the host port (on 127.0.0.1) of the SSH forward of a
+    /// user-mode guest; None: a free one picked at each start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_port: Option<u16>,
     /// A fixed address instead of DHCP (bridged networking).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub static_ip: Option<StaticIp>,

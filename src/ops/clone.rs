@@ -162,6 +162,8 @@ pub fn clone(
         mac: vm::unique_mac(store),
         ssh_authorized_keys: authorized,
         publish: vec![],
+        // The port is the source's, as its published ones are.
+        ssh_port: None,
         devices: vec![],
         created: crate::store::state::now(),
         ..src_spec.clone()

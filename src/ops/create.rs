@@ -83,6 +83,8 @@ pub struct CreateOptions {
     pub network: Option<NetworkSpec>,
     /// `--publish`: host ports forwarded into a user-mode guest.
     pub publish: Vec<crate::model::forward::PortForward>,
+    /// `--ssh-port`: the SSH forward's host port (user-mode), fixed.
+    pub ssh_port: Option<u16>,
     /// `--device`: host devices given to the guest (VFIO PCI, USB).
     pub devices: Vec<crate::model::device::HostDevice>,
     pub stop_timeout: u64,
@@ -272,6 +274,9 @@ async fn validate_network(
             .map_err(crate::vmm::net::attach::AttachError::from)?;
     }
     crate::model::forward::check_unique(&o.publish).map_err(|e| VmError::Invalid(e.to_string()))?;
+    if let Some(port) = o.ssh_port {
+        check_ssh_port(port, &network, &o.publish)?;
+    }
     if network.is_user_mode() {
         // `--network passt` on a host without a usable passt fails here, with
         // nothing made; `user` falls back to slirp (the CLI warns).
@@ -285,6 +290,27 @@ async fn validate_network(
         ));
     }
     Ok(network)
+}
+
+/// `--ssh-port`: user-mode networking only, not a published port, and free
+/// on 127.0.0.1 now (it is bound again at every start).
+fn check_ssh_port(
+    port: u16,
+    network: &NetworkSpec,
+    publish: &[crate::model::forward::PortForward],
+) -> Result<(), VmError> {
+    if !network.is_user_mode() {
+        return Err(VmError::Invalid(format!(
+            "--ssh-port needs user-mode networking (--network user); a bridged guest ({network}) is reached at its own address on port 22"
+        )));
+    }
+    crate::model::forward::check_ssh_port(port, publish)
+        .map_err(|e| VmError::Invalid(e.to_string()))?;
+    crate::model::forward::check_ssh_port_free(port).map_err(|e| {
+        VmError::Invalid(format!(
+            "--ssh-port {port}: 127.0.0.1:{port} is in use ({e})"
+        ))
+    })
 }
 
 /// The base image (pulled or imported on demand).
@@ -375,6 +401,7 @@ fn build_spec(
         secure_boot: o.secure_boot,
         static_ip: v.static_ip,
         publish: o.publish.clone(),
+        ssh_port: o.ssh_port,
         created: state::now(),
         console_log_size: v.console_log_size,
         devices: o.devices.clone(),

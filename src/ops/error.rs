@@ -25,6 +25,10 @@ pub enum OpsError {
     Systemd(#[from] crate::vmm::systemd::SystemdError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error("--if-absent needs the VM's NAME")]
+    IfAbsentNeedsName,
+    #[error("{name} exists with other settings: {diffs}")]
+    Differs { name: String, diffs: String },
     #[error("cannot start {name}")]
     Start {
         name: String,

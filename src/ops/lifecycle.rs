@@ -140,6 +140,8 @@ pub enum Change {
     Memory(u64, u64),
     /// Bytes; the root filesystem grows at the next boot.
     Disk(u64, u64),
+    /// The SSH forward's fixed host port (None: a free one each start).
+    SshPort(Option<u16>, Option<u16>),
     /// Host devices (`--device`, `--remove-device`).
     Devices(
         Vec<crate::model::device::HostDevice>,
@@ -175,6 +177,10 @@ pub fn set(store: &Store, name: &str, o: &vm::SetOptions) -> Result<SetOutcome, 
     }
     if old.disk != new.disk {
         out.changes.push(Change::Disk(new.disk, old.disk));
+    }
+    if old.ssh_port != new.ssh_port {
+        out.changes
+            .push(Change::SshPort(new.ssh_port, old.ssh_port));
     }
     if old.devices != new.devices {
         out.changes

@@ -13,6 +13,7 @@ mod cp;
 mod create;
 mod disk;
 mod doctor;
+mod ensure;
 mod error;
 mod image;
 mod lifecycle;
@@ -28,6 +29,7 @@ pub use cp::{CpPath, cp, parse_cp_path};
 pub use create::{CreateOptions, CreateRequest, Created, Defaulted, FirstBoot, create};
 pub use disk::{DiskAdded, DiskSource, disk_add, disk_list, disk_rm};
 pub use doctor::{Check, CheckLine, doctor, exit_code, missing_uefi};
+pub use ensure::{Ensured, create_if_absent, differences};
 pub use error::OpsError;
 pub use image::{
     ImageRow, PruneEvent, Removed, image_list, image_prune, image_rm, prune_boot_cache,

@@ -221,6 +221,7 @@ async fn build(
         accel: AccelRequest::Auto,
         network: d.network,
         publish: vec![],
+        ssh_port: None,
         devices: vec![],
         stop_timeout: 60,
         console_log_size: "4M".into(),

@@ -567,6 +567,8 @@ pub struct VmInfo {
     pub mac: MacAddr,
     pub ssh: SshInfo,
     pub ssh_port: Option<u16>,
+    /// The SSH forward's host port fixed by `--ssh-port` (while stopped too).
+    pub fixed_ssh_port: Option<u16>,
     /// Published ports, `[ADDR:]HOSTPORT:GUESTPORT/PROTO`.
     pub publish: Vec<String>,
     /// Host devices given to the guest: `pci:DOMAIN:BUS:SLOT.FN`, `usb:VID:PID`.
@@ -657,6 +659,7 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
         },
         // What a program needs with `ip`: 22 on a bridge, the forward otherwise.
         ssh_port: ep.as_ref().map(|e| e.port),
+        fixed_ssh_port: spec.ssh_port,
         publish: spec.publish.iter().map(|p| p.to_string()).collect(),
         devices: spec.devices.iter().map(|d| d.to_string()).collect(),
         disks: spec.disks.iter().map(|d| disk_info(vm, d)).collect(),
@@ -689,6 +692,26 @@ pub struct SetOptions {
     pub add_devices: Vec<HostDevice>,
     /// Host devices to take away (`--remove-device`); each must be the VM's.
     pub remove_devices: Vec<HostDevice>,
+    /// `--ssh-port PORT|auto`: Some(None) is auto (a free port each start).
+    pub ssh_port: Option<Option<u16>>,
+}
+
+/// `set --ssh-port PORT`: as at create, user-mode only, not a published
+/// port, free now.
+fn check_ssh_port(port: u16, spec: &VmSpec) -> Result<(), VmError> {
+    if !spec.network.is_user_mode() {
+        return Err(VmError::Invalid(format!(
+            "--ssh-port needs user-mode networking; {} is bridged ({})",
+            spec.name, spec.network
+        )));
+    }
+    crate::model::forward::check_ssh_port(port, &spec.publish)
+        .map_err(|e| VmError::Invalid(e.to_string()))?;
+    crate::model::forward::check_ssh_port_free(port).map_err(|e| {
+        VmError::Invalid(format!(
+            "--ssh-port {port}: 127.0.0.1:{port} is in use ({e})"
+        ))
+    })
 }
 
 /// The VM's devices after `set`'s additions and removals. Pure.
@@ -781,6 +804,12 @@ pub fn set(store: &Store, name: &str, o: &SetOptions) -> Result<(VmSpec, VmSpec)
         .collect();
     // As at create: the host must have what is added.
     crate::host::hostdev::check(Path::new(crate::host::hostdev::SYSFS), &added)?;
+    if let Some(port) = o.ssh_port {
+        new.ssh_port = port;
+        if let Some(p) = port.filter(|p| old.ssh_port != Some(*p)) {
+            check_ssh_port(p, &old)?;
+        }
+    }
     if let Some(d) = &o.disk {
         // The overlay's own size, not the spec's: they differ if a resize
         // went through and writing spec.json then failed.
@@ -799,9 +828,10 @@ pub fn set(store: &Store, name: &str, o: &SetOptions) -> Result<(VmSpec, VmSpec)
 pub async fn run(
     store: &Store,
     name: &str,
+    ready: Option<supervisor::probe::ReadyAddr>,
 ) -> Result<supervisor::Outcome, supervisor::SupervisorError> {
     let vm = store.vm(name)?;
-    supervisor::run(&vm).await
+    supervisor::run_with(&vm, ready).await
 }
 
 #[cfg(test)]

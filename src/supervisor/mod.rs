@@ -67,6 +67,8 @@ pub enum SupervisorError {
         /// qemu's last lines, when it ran.
         log: String,
     },
+    #[error(transparent)]
+    Probe(#[from] probe::ProbeError),
     #[error("cannot install the SIGTERM/SIGINT handlers")]
     Signals(#[source] std::io::Error),
     #[error("cannot wait for qemu")]
@@ -91,6 +93,7 @@ pub enum Outcome {
 pub mod expand;
 mod hostdevs;
 mod launch;
+pub mod probe;
 mod record;
 mod supervise;
 
@@ -158,10 +161,25 @@ pub fn should_restart(policy: RestartPolicy, outcome: &Outcome) -> bool {
 /// policy). Holds the VM's lock throughout; its [`Recorder`] writes the
 /// state file at every change.
 pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
+    run_with(vm, None).await
+}
+
+/// [`run`], answering readiness probes at `ready` ([`probe`]) for as long
+/// as the supervisor runs. The address is bound before anything starts.
+pub async fn run_with(
+    vm: &VmPaths,
+    ready: Option<probe::ReadyAddr>,
+) -> Result<Outcome, SupervisorError> {
     let spec = vm.load_spec()?;
+    let listener = match ready {
+        Some(a) => Some(probe::bind(a).await?),
+        None => None,
+    };
     let _lock = take_lock(vm)
         .await?
         .ok_or_else(|| SupervisorError::AlreadyRunning(spec.name.to_string()))?;
+    // Aborted when this function returns, however it returns.
+    let _probes = listener.map(|l| AbortOnDrop(tokio::spawn(probe::serve(l, vm.clone()))));
     // Everything we create (sockets, logs) is private.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     vm.check_socket_paths()?;
@@ -219,6 +237,15 @@ pub async fn run(vm: &VmPaths) -> Result<Outcome, SupervisorError> {
                 return Ok(Outcome::Stopped { reason, requested: true });
             }
         }
+    }
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -489,7 +489,7 @@ pub fn watch_readiness(
 /// Whether an SSH server answers at `ep` (its banner starts with `SSH-`).
 /// We send our identification first, as RFC 4253 allows: through passt the
 /// guest's sshd was seen to say nothing until the client spoke.
-fn banner(ep: &Endpoint) -> bool {
+pub fn banner(ep: &Endpoint) -> bool {
     use std::io::{Read, Write};
     let Ok(ip) = ep.host.parse::<std::net::IpAddr>() else {
         return false;

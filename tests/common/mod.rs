@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 pub use nox::testing::prereq;
 
+pub mod nspawn;
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -665,4 +667,34 @@ impl CatalogMirror {
             url,
         }
     }
+}
+
+/// Names a copy of the fake qemu (tests/support/fake_qemu.py) in the home's
+/// root-owned config.json, with no passt (slirp).
+pub fn use_fake_qemu(h: &Home) {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = h.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = bin.join("qemu-system-x86_64");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_qemu.py"),
+        &fake,
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_config(
+        h,
+        serde_json::json!({"binaries": {"qemu-system-x86_64": fake, "passt": "/nonexistent/passt"}}),
+    );
+}
+
+/// What the tests with the fake qemu (tests/support/fake_qemu.py) need.
+pub fn fake_qemu_prereqs() -> bool {
+    prereq(is_root(), "needs root (the jail)")
+        && prereq(have("qemu-img"), "qemu-img not installed")
+        && prereq(
+            std::path::Path::new("/usr/bin/python3").exists(),
+            "no /usr/bin/python3",
+        )
 }

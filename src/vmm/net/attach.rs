@@ -27,6 +27,10 @@ pub enum AttachError {
     Tap(#[from] tap::TapError),
     #[error("no free port on 127.0.0.1 for the SSH forward")]
     Port(#[source] std::io::Error),
+    #[error("the SSH forward's port 127.0.0.1:{0} (--ssh-port) is in use")]
+    SshPortInUse(u16, #[source] std::io::Error),
+    #[error("the SSH forward's port 127.0.0.1:{0} (--ssh-port) is in use")]
+    SshPortPasst(u16, #[source] PasstError),
     #[error("cannot publish {0}: the host port is in use or the address is not this host's")]
     PortInUse(PortForward, #[source] std::io::Error),
     #[error("cannot publish {0}: passt could not bind the host port")]
@@ -149,18 +153,31 @@ fn vhost_fd() -> Option<OwnedFd> {
     .ok()
 }
 
+/// The SSH forward's host port: the VM's fixed one (`--ssh-port`, which
+/// must be free), else a free one.
+fn ssh_forward_port(fixed: Option<u16>) -> Result<u16, AttachError> {
+    match fixed {
+        Some(p) => std::net::TcpListener::bind(("127.0.0.1", p))
+            .map(|_| p)
+            .map_err(|e| AttachError::SshPortInUse(p, e)),
+        None => free_port().map_err(AttachError::Port),
+    }
+}
+
 /// passt on one end of a fresh socketpair, qemu's end returned with it.
-/// A taken SSH port (picked free a moment before) is retried with another.
+/// A taken SSH port (picked free a moment before) is retried with another,
+/// unless it is the VM's fixed one.
 async fn start_passt(
     bin: &passt::Binary,
     publish: &[PortForward],
+    fixed_ssh_port: Option<u16>,
     place: &passt::Place<'_>,
 ) -> Result<(Passt, OwnedFd, u16), AttachError> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let ssh_port = free_port().map_err(AttachError::Port)?;
+        let ssh_port = ssh_forward_port(fixed_ssh_port)?;
         // Close-on-exec until passt runs: neither end may leak into it twice.
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -178,6 +195,12 @@ async fn start_passt(
                 )
                 .map_err(AttachError::Socket)?;
                 return Ok((p, ours, ssh_port));
+            }
+            Err(e)
+                if fixed_ssh_port.is_some()
+                    && e.is_bind_failure(&passt::ssh_option_text(ssh_port)) =>
+            {
+                return Err(AttachError::SshPortPasst(ssh_port, e));
             }
             Err(e) if attempt < 3 && e.is_bind_failure(&passt::ssh_option_text(ssh_port)) => {
                 warn!("SSH forward port {ssh_port} was taken, retrying");
@@ -214,7 +237,8 @@ pub async fn attach(
             check_publish(&spec.publish)?;
             let (backend, child_fds, ssh_port, passt) = match choice {
                 UserNet::Passt(bin) => {
-                    let (p, fd, ssh_port) = start_passt(&bin, &spec.publish, place).await?;
+                    let (p, fd, ssh_port) =
+                        start_passt(&bin, &spec.publish, spec.ssh_port, place).await?;
                     info!("passt {} (pid {}) for {vm}", bin.path.display(), p.pid);
                     let backend = NetBackend::Passt { fd: fd.as_raw_fd() };
                     (backend, vec![fd], ssh_port, Some(p))
@@ -223,7 +247,7 @@ pub async fn attach(
                     if let Some(w) = warning {
                         warn!("{w}");
                     }
-                    let ssh_port = free_port().map_err(AttachError::Port)?;
+                    let ssh_port = ssh_forward_port(spec.ssh_port)?;
                     let backend = NetBackend::User {
                         ssh_port,
                         publish: spec.publish.clone(),
@@ -333,7 +357,7 @@ mod tests {
             dir: &t.path().join("passt"),
             runas: None,
         };
-        let (p, _qemu_end, _port) = start_passt(&bin, &[], &place).await.unwrap();
+        let (p, _qemu_end, _port) = start_passt(&bin, &[], None, &place).await.unwrap();
         let pid = p.pid;
         let mut slot = Some(p);
         // Alive (qemu's end open): nothing to report.

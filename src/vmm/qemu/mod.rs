@@ -455,6 +455,7 @@ mod tests {
             secure_boot: false,
             static_ip: None,
             publish: vec![],
+            ssh_port: None,
             created: 0,
             console_log_size: crate::model::spec::CONSOLE_LOG_DEFAULT,
             devices: vec![],
