@@ -27,6 +27,8 @@ pub mod qmp;
 pub mod remote;
 pub mod rundir;
 pub mod seed;
+pub mod share;
+pub mod sharehost;
 pub mod snapjob;
 pub mod snapshot;
 pub mod spec;

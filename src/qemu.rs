@@ -395,6 +395,7 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
         a.opt("-device", Opts::new("vmgenid").set("guid", "auto"));
     }
     host_devices(&mut a, &l.devices)?;
+    shares(&mut a, &s.mounts)?;
     hotplug_ports(&mut a, HOTPLUG_PORTS + s.disks.len());
     for (i, d) in s.disks.iter().enumerate() {
         let file = p.extra_disk(&d.name);
@@ -557,6 +558,44 @@ fn host_devices(a: &mut Argv, devices: &[Passthrough]) -> Result<(), QemuError> 
                 usb += 1;
             }
         }
+    }
+    Ok(())
+}
+
+/// `-fsdev local` and `virtio-9p-pci` for each shared folder: qemu serves
+/// the directory itself, at its own path inside the jail (crate::jail binds
+/// it there, idmapped as root). `mapped-xattr`: the guest's owners, modes
+/// and special files are kept in the files' `user.virtfs.*` xattrs, so the
+/// guest can neither chown a host file to anyone nor make a device node
+/// on the host (its mknod is a regular file with an xattr), and what it
+/// creates is 0600/0700 on the host. `multidevs=forbid`: nothing of
+/// another filesystem below the directory is served (the jail's copy of the
+/// mount has none anyway).
+fn shares(a: &mut Argv, mounts: &[crate::share::Mount]) -> Result<(), QemuError> {
+    for (i, m) in mounts.iter().enumerate() {
+        let mut fsdev = Opts::new("local")
+            .set("id", crate::share::fsdev_id(i))
+            .path("path", &m.host)?
+            .set("security_model", "mapped-xattr")
+            .set("multidevs", "forbid");
+        if m.readonly {
+            fsdev = fsdev.set("readonly", "on");
+        }
+        a.opt("-fsdev", fsdev);
+        a.opt(
+            "-device",
+            Opts::new("virtio-9p-pci")
+                .set("fsdev", crate::share::fsdev_id(i))
+                .set("mount_tag", crate::share::tag(i)),
+        );
+    }
+    if !mounts.is_empty() {
+        // Where the guest mounts each (crate::share::GUEST_MOUNT_SCRIPT).
+        a.opt(
+            "-fw_cfg",
+            Opts::kv("name", crate::share::FW_CFG_NAME)
+                .set("string", crate::share::guest_table(mounts)),
+        );
     }
     Ok(())
 }
@@ -793,6 +832,7 @@ mod tests {
             console_log_size: crate::console::DEFAULT_SIZE,
             devices: vec![],
             disks: vec![],
+            mounts: vec![],
         }
     }
 

@@ -96,6 +96,12 @@ pub enum TemplateError {
          the root disk only)"
     )]
     WarmDisks { vm: String, disks: String },
+    #[error(
+        "{vm} has shared folders ({mounts}): a warm template saves the guest's machine state, which \
+         qemu's 9p cannot save while the guest has a share mounted (it blocks migration); commit \
+         without --warm (the template gets the root disk only, never the shares)"
+    )]
+    WarmShares { vm: String, mounts: String },
     #[error("{}", path.display())]
     Io {
         path: PathBuf,
@@ -223,6 +229,12 @@ pub async fn commit(
             return Err(TemplateError::WarmDisks {
                 vm: name.to_string(),
                 disks: crate::disk::names(&spec.disks),
+            });
+        }
+        if !spec.mounts.is_empty() {
+            return Err(TemplateError::WarmShares {
+                vm: name.to_string(),
+                mounts: crate::share::names(&spec.mounts),
             });
         }
         if !st.state.is_active() {

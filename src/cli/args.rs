@@ -157,8 +157,8 @@ pub enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
-    /// Change a stopped VM's vCPUs, memory, disk size (disks only grow) or
-    /// host devices
+    /// Change a stopped VM's vCPUs, memory, disk size (disks only grow),
+    /// host devices or shared folders
     Set(SetArgs),
     /// Copy files between the host and a running VM over its pinned SSH
     /// connection: `nox cp ./f web:/tmp/`, `nox cp -r web:dir ./dir`
@@ -283,6 +283,14 @@ pub struct SetArgs {
     /// Take a host device away from the guest (repeatable)
     #[arg(long, group = "change", value_name = "pci:ADDR|usb:VID:PID")]
     pub remove_device: Vec<crate::device::HostDevice>,
+    /// Share a host directory with the guest, mounted at GUESTDIR at every
+    /// boot; `:ro` for read-only; one at a GUESTDIR the VM shares replaces
+    /// it (repeatable; see docs/shared-folders.md)
+    #[arg(long, group = "change", value_name = "HOSTDIR:GUESTDIR[:ro]")]
+    pub mount: Vec<crate::share::Mount>,
+    /// Stop sharing the folder mounted at GUESTDIR (repeatable)
+    #[arg(long, group = "change", value_name = "GUESTDIR")]
+    pub remove_mount: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -422,6 +430,10 @@ pub struct CreateArgs {
     /// docs/devices.md)
     #[arg(long, value_name = "pci:ADDR|usb:VID:PID")]
     pub device: Vec<crate::device::HostDevice>,
+    /// Share a host directory with the guest, mounted at GUESTDIR at every
+    /// boot; `:ro` for read-only (repeatable; see docs/shared-folders.md)
+    #[arg(long, value_name = "HOSTDIR:GUESTDIR[:ro]")]
+    pub mount: Vec<crate::share::Mount>,
     /// Only define the VM
     #[arg(long)]
     pub no_start: bool,

@@ -127,6 +127,7 @@ fn create_request(
         network: d.network,
         publish: a.publish,
         devices: a.device,
+        mounts: a.mount,
         stop_timeout: a.stop_timeout,
         console_log_size: a.console_log_size,
         restart: a.restart,
@@ -239,6 +240,8 @@ pub fn set(store: &Store, a: &super::SetArgs) -> Result<i32> {
         disk: a.disk.clone(),
         add_devices: a.device.clone(),
         remove_devices: a.remove_device.clone(),
+        add_mounts: a.mount.clone(),
+        remove_mounts: a.remove_mount.clone(),
     };
     let out = ops::set(store, &a.name, &opts)?;
     render::set(&a.name, &out);

@@ -83,6 +83,8 @@ pub struct CreateOptions {
     pub publish: Vec<crate::net::forward::PortForward>,
     /// `--device`: host devices given to the guest (VFIO PCI, USB).
     pub devices: Vec<crate::device::HostDevice>,
+    /// `--mount HOSTDIR:GUESTDIR[:ro]`: shared folders.
+    pub mounts: Vec<crate::share::Mount>,
     pub stop_timeout: u64,
     /// `--console-log-size`, e.g. `4M`.
     pub console_log_size: String,
@@ -142,6 +144,8 @@ struct Valid {
     network: NetworkSpec,
     user_keys: UserKeys,
     user_data: Option<String>,
+    /// HOSTDIRs canonical.
+    mounts: Vec<crate::share::Mount>,
 }
 
 async fn create_vm(store: &Store, o: &CreateOptions) -> Result<Created, VmError> {
@@ -218,6 +222,11 @@ async fn validate(store: &Store, o: &CreateOptions) -> Result<Valid, VmError> {
     // The host must have them now (and an IOMMU for PCI); whether another
     // VM uses one is a question for the start.
     crate::hostdev::check(std::path::Path::new(crate::hostdev::SYSFS), &o.devices)?;
+    let mounts = vm::check_mounts(
+        store,
+        o.name.as_ref().map_or("the VM", |n| n.as_str()),
+        &o.mounts,
+    )?;
     let user_keys = user_public_keys(&o.ssh_keys)?;
     let user_data = match &o.user_data {
         Some(p) => {
@@ -241,6 +250,7 @@ async fn validate(store: &Store, o: &CreateOptions) -> Result<Valid, VmError> {
         network,
         user_keys,
         user_data,
+        mounts,
     })
 }
 
@@ -374,6 +384,7 @@ fn build_spec(
         console_log_size: v.console_log_size,
         devices: o.devices.clone(),
         disks: vec![],
+        mounts: v.mounts,
     };
     (spec, v.user_keys.report)
 }

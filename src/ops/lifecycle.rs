@@ -146,6 +146,8 @@ pub enum Change {
         Vec<crate::device::HostDevice>,
         Vec<crate::device::HostDevice>,
     ),
+    /// Shared folders (`--mount`, `--remove-mount`).
+    Mounts(Vec<crate::share::Mount>, Vec<crate::share::Mount>),
 }
 
 /// What `set` did: the changes, and warnings (CPU overcommit).
@@ -180,6 +182,10 @@ pub fn set(store: &Store, name: &str, o: &vm::SetOptions) -> Result<SetOutcome, 
     if old.devices != new.devices {
         out.changes
             .push(Change::Devices(new.devices.clone(), old.devices.clone()));
+    }
+    if old.mounts != new.mounts {
+        out.changes
+            .push(Change::Mounts(new.mounts.clone(), old.mounts.clone()));
     }
     Ok(out)
 }

@@ -221,6 +221,7 @@ async fn build(
         network: d.network,
         publish: vec![],
         devices: vec![],
+        mounts: vec![],
         stop_timeout: 60,
         console_log_size: "4M".into(),
         restart: crate::spec::RestartPolicy::No,
