@@ -78,7 +78,9 @@ pub enum SnapshotError {
     )]
     ExtraDisks { vm: VmName, disks: String },
     #[error(
-        "{vm} has shared folders ({mounts}): qemu's 9p cannot save or load the state of a share          the guest has mounted (it blocks migration), so {what}; a disk-only snapshot of the          stopped VM works (nox stop {vm})"
+        "{vm} has shared folders ({mounts}): qemu's 9p cannot save or load the state of a share \
+         the guest has mounted (it blocks migration), so {what}; a disk-only snapshot of the \
+         stopped VM works (nox stop {vm})"
     )]
     Shares {
         vm: VmName,
@@ -616,7 +618,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("hw has shared folders (/mnt/a)") && e.contains("disk-only snapshot"),
+            e.starts_with("hw has shared folders (/mnt/a)")
+                && e.contains("of a share the guest has mounted")
+                && e.contains("disk-only snapshot of the stopped VM"),
             "{e}"
         );
         store::write_json(&vm.spec(), &spec).unwrap();
