@@ -60,6 +60,7 @@ pub const STEPS: &[&str] = &[
     "capset",
     "no_new_privs",
     "attaching a shared folder",
+    "mounting /proc",
 ];
 
 const S_PDEATH: u8 = 0;
@@ -87,6 +88,7 @@ const S_SETUID: u8 = 21;
 const S_CAPSET: u8 = 22;
 const S_NNP: u8 = 23;
 const S_SHARE: u8 = 24;
+const S_PROC: u8 = 25;
 
 /// Message tags on the report pipe.
 pub const MSG_PID: u8 = b'P';
@@ -122,6 +124,8 @@ pub struct Prepared {
     /// Shared folders: where each goes and the idmapped detached tree
     /// (crate::jail::idmap) that is attached there.
     shares: Vec<(CString, RawFd)>,
+    /// The jail's /proc, when it gets one (see [`JailPlan::proc`]).
+    proc: Option<CString>,
     symlinks: Vec<(CString, CString)>,
     devices: Vec<DeviceC>,
     ids: Option<(libc::uid_t, libc::gid_t)>,
@@ -217,6 +221,11 @@ impl Prepared {
                 .zip(trees)
                 .map(|(b, fd)| Ok((under(&b.path)?, *fd)))
                 .collect::<Result<_, super::JailError>>()?,
+            proc: if plan.proc && plan.root.is_some() {
+                Some(under(Path::new("/proc"))?)
+            } else {
+                None
+            },
             symlinks: plan
                 .symlinks
                 .iter()
@@ -713,6 +722,25 @@ unsafe fn build_root(p: &Prepared, root: &CStr) -> io::Result<()> {
                     dst.as_ptr(),
                     MOVE_MOUNT_F_EMPTY_PATH,
                 ),
+            )?;
+        }
+        if let Some(proc) = &p.proc {
+            if libc::mkdir(proc.as_ptr(), 0o555) < 0 && errno() != libc::EEXIST {
+                return Err(fail(p, S_MKDIR));
+            }
+            // Of the new PID namespace (we are its PID 1): only the
+            // jail's own processes, and nothing but their directories.
+            check(
+                p,
+                S_PROC,
+                libc::mount(
+                    c"proc".as_ptr(),
+                    proc.as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"subset=pid,hidepid=invisible".as_ptr().cast(),
+                )
+                .into(),
             )?;
         }
         for (target, link) in &p.symlinks {

@@ -60,6 +60,11 @@ pub struct JailPlan {
     /// and attached at its path inside the jail. (Without root they are
     /// ordinary binds, in `binds`: qemu then runs as the user.)
     pub shares: Vec<Bind>,
+    /// A `/proc` of the jail's own PID namespace (`subset=pid`: process
+    /// directories only, no /proc/sys), for a qemu serving a shared
+    /// folder: its 9p server reaches files through `/proc/self/fd/N/NAME`
+    /// (setxattr, chmod and friends without following a symlink).
+    pub proc: bool,
     /// `(path, target)`: merged-/usr links such as /lib -> usr/lib.
     pub symlinks: Vec<(PathBuf, PathBuf)>,
     pub devices: Vec<Device>,
@@ -328,6 +333,7 @@ impl JailPlan {
             dirs: vec![],
             binds: vec![],
             shares: vec![],
+            proc: false,
             symlinks: vec![],
             devices: vec![],
             owned: vec![],
@@ -470,6 +476,7 @@ impl JailPlan {
     /// set-id files meaning nothing (see [`Bind`]'s flags and
     /// crate::jail::idmap): idmapped as root, plain binds otherwise.
     fn bind_shares(&mut self, i: &Input) {
+        self.proc = !share_dirs(i.argv).is_empty();
         for (path, writable) in share_dirs(i.argv) {
             let b = Bind {
                 dir: true,
@@ -828,6 +835,7 @@ mod tests {
             ]
         );
         assert!(root.dirs.contains(&PathBuf::from("/srv")));
+        assert!(root.proc && !build(Mode::Root(IDS), false, false, &argv(&[])).proc);
         // Nothing of a share is chowned to the VM.
         assert!(!root.owned.iter().any(|o| o.path.starts_with("/srv")));
         let user = build(Mode::UserNs(IDS), false, false, &a);
