@@ -144,6 +144,43 @@ fn argv_golden_extra_disks() {
     golden("amd64-bios-kvm-passt-disks.argv", &argv);
 }
 
+/// A VM with two shared folders (`--mount`), one read-only, one with a comma
+/// in its path: `-fsdev local` (mapped-xattr, multidevs=forbid) and a
+/// `virtio-9p-pci` each, and the guest's mount table as fw_cfg.
+#[test]
+fn argv_golden_shares() {
+    let store = Store::at("/var/lib/nox".into(), "/run/nox".into());
+    let paths = store.vm_paths(&"demo".parse().unwrap());
+    let mut s = spec("amd64");
+    s.mounts = ["/srv/src,x:/home/nox/src", "/srv/data:/mnt/data:ro"]
+        .iter()
+        .map(|m| m.parse().unwrap())
+        .collect();
+    let argv = qemu::argv(&Launch {
+        spec: &s,
+        paths: &paths,
+        accel: Accel::Kvm,
+        net: NetBackend::Passt { fd: 3 },
+        firmware: FirmwareArgs::default(),
+        direct: None,
+        incoming: None,
+        ram: None,
+        chardevs: CHARDEVS,
+        tb_size: None,
+        devices: vec![],
+    })
+    .unwrap();
+    golden("amd64-bios-kvm-passt-shares.argv", &argv);
+    // The jail finds what qemu serves in the argv, commas and all.
+    assert_eq!(
+        nox::vmm::jail::plan::share_dirs(&argv),
+        vec![
+            (PathBuf::from("/srv/src,x"), true),
+            (PathBuf::from("/srv/data"), false)
+        ]
+    );
+}
+
 #[test]
 fn argv_golden_matrix() {
     let store = Store::at("/var/lib/nox".into(), "/run/nox".into());

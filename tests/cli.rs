@@ -798,3 +798,143 @@ fn host_devices_are_checked_before_anything_is_made() {
     assert!(out.contains("devices none (was usb:ffff:fffe)"), "{out}");
     assert_eq!(h.info("hw")["devices"], serde_json::json!([]));
 }
+
+/// `--mount`: bad values refused before anything is made, HOSTDIR stored
+/// canonical, `info` and `--json` show the shares, `set` adds, replaces and
+/// removes them, a warm commit is refused with the reason and a disk-only
+/// snapshot of the stopped VM works.
+#[test]
+fn shared_folders_are_checked_shown_and_changed() {
+    let h = Home::new();
+    let Some(img) = small_image(&h) else { return };
+    let img = img.to_str().unwrap();
+    // Outside the store (NOX_HOME), which no share may touch.
+    let host = tempfile::Builder::new()
+        .prefix("nox-mnt")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let src = host.path().join("src");
+    let data = host.path().join("data");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::create_dir(&data).unwrap();
+    if is_root() {
+        // A writable share of a root-owned directory is refused (below).
+        std::os::unix::fs::chown(&src, Some(4321), Some(4321)).unwrap();
+    }
+    std::os::unix::fs::symlink(&src, host.path().join("link")).unwrap();
+    std::fs::write(host.path().join("file"), "x").unwrap();
+    let p = |n: &str| host.path().join(n).to_str().unwrap().to_string();
+    let store = h.path().join("vms");
+    std::fs::create_dir_all(&store).unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        ("relative:/mnt/x".into(), "absolute"),
+        (
+            format!("{}:mnt", p("src")),
+            "GUESTDIR must be an absolute path",
+        ),
+        (
+            format!("{}:/etc", p("src")),
+            "system directory of the guest",
+        ),
+        (format!("{}:/mnt/../etc", p("src")), "'..'"),
+        (format!("{}:/mnt/x:rx", p("src")), "unknown option \"rx\""),
+        (format!("{}:/mnt/x", p("none")), "cannot use it"),
+        (format!("{}:/mnt/x", p("file")), "not a directory"),
+        ("/:/mnt/x".into(), "system directory of the host"),
+        (
+            "/etc/ssl:/mnt/x".into(),
+            "/etc belongs to the host's system",
+        ),
+        (
+            format!("{}:/mnt/x", store.to_str().unwrap()),
+            "nox's state directory",
+        ),
+        (
+            format!("{}:/mnt/a --mount {}:/mnt/a:ro", p("src"), p("data")),
+            "/mnt/a is given twice",
+        ),
+    ];
+    for (mount, want) in &cases {
+        let mut args = vec!["create", "sh", "--image", img, "--no-start"];
+        let words: Vec<&str> = mount.split(" --mount ").collect();
+        for w in &words {
+            args.extend(["--mount", w]);
+        }
+        let err = h.fails(&args);
+        assert!(
+            err.contains(want),
+            "--mount {mount}: want {want:?} in {err}"
+        );
+        assert!(h.nox(&["info", "sh"]).status.code() != Some(0));
+    }
+    if is_root() {
+        let err = h.fails(&[
+            "create",
+            "sh",
+            "--image",
+            img,
+            "--no-start",
+            "--mount",
+            &format!("{}:/mnt/d", p("data")),
+        ]);
+        assert!(
+            err.contains("owned by root") && err.contains(":ro"),
+            "{err}"
+        );
+    }
+    // Through a symlink: stored as the canonical directory.
+    h.ok(&[
+        "create",
+        "sh",
+        "--image",
+        img,
+        "--no-start",
+        "--network",
+        "user",
+        "--mount",
+        &format!("{}:/home/nox/src", p("link")),
+        "--mount",
+        &format!("{}:/mnt/data:ro", p("data")),
+    ]);
+    let canon = std::fs::canonicalize(&src).unwrap();
+    let info = h.info("sh");
+    assert_eq!(
+        info["mounts"],
+        serde_json::json!([
+            {"host": canon, "guest": "/home/nox/src", "readonly": false, "transport": "9p", "tag": "nox0"},
+            {"host": std::fs::canonicalize(&data).unwrap(), "guest": "/mnt/data", "readonly": true, "transport": "9p", "tag": "nox1"},
+        ])
+    );
+    let text = h.ok(&["info", "sh"]);
+    assert!(
+        text.contains(&format!(
+            "mounts:   {} -> /home/nox/src (rw, 9p)",
+            canon.display()
+        )),
+        "{text}"
+    );
+    // set: replace the share at /mnt/data, then remove it.
+    let out = h.ok(&[
+        "set",
+        "sh",
+        "--mount",
+        &format!("{}:/mnt/data:ro", p("src")),
+    ]);
+    assert!(
+        out.contains("mounts ") && out.contains("next start"),
+        "{out}"
+    );
+    assert_eq!(h.info("sh")["mounts"][1]["host"], serde_json::json!(canon));
+    let err = h.fails(&["set", "sh", "--remove-mount", "/mnt/none"]);
+    assert!(err.contains("sh has no share there"), "{err}");
+    h.ok(&["set", "sh", "--remove-mount", "/mnt/data"]);
+    assert_eq!(h.info("sh")["mounts"].as_array().unwrap().len(), 1);
+    // No warm template (9p blocks saving the machine state) ...
+    let err = h.fails(&["image", "commit", "sh", "--as", "sht", "--warm"]);
+    assert!(
+        err.contains("sh has shared folders (/home/nox/src)") && err.contains("without --warm"),
+        "{err}"
+    );
+    // ... but a disk-only snapshot of the stopped VM, as any VM's.
+    h.ok(&["snapshot", "create", "sh", "s1"]);
+}

@@ -165,8 +165,8 @@ pub enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
-    /// Change a stopped VM's vCPUs, memory, disk size (disks only grow) or
-    /// host devices
+    /// Change a stopped VM's vCPUs, memory, disk size (disks only grow),
+    /// host devices or shared folders
     Set(SetArgs),
     /// Copy files between the host and a running VM over its pinned SSH
     /// connection: `nox cp ./f web:/tmp/`, `nox cp -r web:dir ./dir`
@@ -295,6 +295,14 @@ pub struct SetArgs {
     /// auto: a free one at each start
     #[arg(long, group = "change", value_name = "PORT|auto")]
     pub ssh_port: Option<crate::model::forward::SshPortSetting>,
+    /// Share a host directory with the guest, mounted at GUESTDIR at every
+    /// boot; `:ro` for read-only; one at a GUESTDIR the VM shares replaces
+    /// it (repeatable; see docs/shared-folders.md)
+    #[arg(long, group = "change", value_name = "HOSTDIR:GUESTDIR[:ro]")]
+    pub mount: Vec<crate::model::share::Mount>,
+    /// Stop sharing the folder mounted at GUESTDIR (repeatable)
+    #[arg(long, group = "change", value_name = "GUESTDIR")]
+    pub remove_mount: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -444,6 +452,10 @@ pub struct CreateArgs {
     /// them (SSH keys and user-data are not compared)
     #[arg(long, requires = "name")]
     pub if_absent: bool,
+    /// Share a host directory with the guest, mounted at GUESTDIR at every
+    /// boot; `:ro` for read-only (repeatable; see docs/shared-folders.md)
+    #[arg(long, value_name = "HOSTDIR:GUESTDIR[:ro]")]
+    pub mount: Vec<crate::model::share::Mount>,
     /// Only define the VM
     #[arg(long)]
     pub no_start: bool,

@@ -76,6 +76,22 @@ pub fn info(i: &vm::VmInfo) {
             .collect();
         println!("disks:    {}", disks.join(", "));
     }
+    if !i.mounts.is_empty() {
+        let mounts: Vec<String> = i
+            .mounts
+            .iter()
+            .map(|m| {
+                let mode = if m.readonly { "ro" } else { "rw" };
+                format!(
+                    "{} -> {} ({mode}, {})",
+                    m.host.display(),
+                    m.guest,
+                    m.transport
+                )
+            })
+            .collect();
+        println!("mounts:   {}", mounts.join(", "));
+    }
     if let Some(t) = &i.tap {
         println!("tap:      {t}");
     }
@@ -139,6 +155,23 @@ pub fn set(name: &str, out: &SetOutcome) {
                     }
                 };
                 format!("devices {} (was {})", list(new), list(old))
+            }
+            Change::Mounts(new, old) => {
+                let list = |m: &[crate::model::share::Mount]| {
+                    if m.is_empty() {
+                        "none".to_string()
+                    } else {
+                        m.iter()
+                            .map(|x| x.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    }
+                };
+                format!(
+                    "mounts {} (was {}; the guest mounts them at its next start)",
+                    list(new),
+                    list(old)
+                )
             }
         })
         .collect();

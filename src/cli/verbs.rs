@@ -165,6 +165,7 @@ fn create_request(
         publish: a.publish,
         ssh_port: a.ssh_port,
         devices: a.device,
+        mounts: a.mount,
         stop_timeout: a.stop_timeout,
         console_log_size: a.console_log_size,
         restart: a.restart,
@@ -278,6 +279,8 @@ pub fn set(store: &Store, a: &super::SetArgs) -> Result<i32> {
         add_devices: a.device.clone(),
         remove_devices: a.remove_device.clone(),
         ssh_port: a.ssh_port.map(|s| s.0),
+        add_mounts: a.mount.clone(),
+        remove_mounts: a.remove_mount.clone(),
     };
     let out = ops::set(store, &a.name, &opts)?;
     render::set(&a.name, &out);

@@ -4,6 +4,7 @@ pub mod config;
 pub mod console;
 pub mod hostdev;
 pub mod qmp;
+pub mod sharehost;
 pub mod sshkeys;
 pub mod trust;
 pub mod userkeys;

@@ -7,5 +7,6 @@ pub mod ident;
 pub mod lifecycle;
 pub mod qemu_opts;
 pub mod remote;
+pub mod share;
 pub mod spec;
 pub mod text;

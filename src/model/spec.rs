@@ -226,6 +226,10 @@ pub struct VmSpec {
     /// directory; absent from older specs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<crate::model::disk::ExtraDisk>,
+    /// Shared folders (`--mount HOSTDIR:GUESTDIR[:ro]`), HOSTDIR canonical;
+    /// absent from older specs (crate::model::share).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<crate::model::share::Mount>,
 }
 
 /// Default cap of `console.log` (and of `console.log.1`).

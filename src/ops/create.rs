@@ -87,6 +87,8 @@ pub struct CreateOptions {
     pub ssh_port: Option<u16>,
     /// `--device`: host devices given to the guest (VFIO PCI, USB).
     pub devices: Vec<crate::model::device::HostDevice>,
+    /// `--mount HOSTDIR:GUESTDIR[:ro]`: shared folders.
+    pub mounts: Vec<crate::model::share::Mount>,
     pub stop_timeout: u64,
     /// `--console-log-size`, e.g. `4M`.
     pub console_log_size: String,
@@ -146,6 +148,8 @@ struct Valid {
     network: NetworkSpec,
     user_keys: UserKeys,
     user_data: Option<String>,
+    /// HOSTDIRs canonical.
+    mounts: Vec<crate::model::share::Mount>,
 }
 
 async fn create_vm(store: &Store, o: &CreateOptions) -> Result<Created, VmError> {
@@ -225,6 +229,11 @@ async fn validate(store: &Store, o: &CreateOptions) -> Result<Valid, VmError> {
         std::path::Path::new(crate::host::hostdev::SYSFS),
         &o.devices,
     )?;
+    let mounts = vm::check_mounts(
+        store,
+        o.name.as_ref().map_or("the VM", |n| n.as_str()),
+        &o.mounts,
+    )?;
     let user_keys = user_public_keys(&o.ssh_keys)?;
     let user_data = match &o.user_data {
         Some(p) => {
@@ -248,6 +257,7 @@ async fn validate(store: &Store, o: &CreateOptions) -> Result<Valid, VmError> {
         network,
         user_keys,
         user_data,
+        mounts,
     })
 }
 
@@ -406,6 +416,7 @@ fn build_spec(
         console_log_size: v.console_log_size,
         devices: o.devices.clone(),
         disks: vec![],
+        mounts: v.mounts,
     };
     (spec, v.user_keys.report)
 }

@@ -8,7 +8,8 @@
 //! Compared: image, arch (when given), vCPUs, memory, disk (the VM's may
 //! have grown: `nox set --disk` only grows it), user, network (when given or
 //! configured), published ports, SSH port, accelerator, firmware, Secure
-//! Boot, static address, restart policy, stop timeout, host devices. Not
+//! Boot, static address, restart policy, stop timeout, host devices, shared
+//! folders. Not
 //! compared: SSH keys and user-data (the guest read them at its first boot;
 //! what it has now is the guest's business) and the console log's size.
 
@@ -128,6 +129,16 @@ pub fn differences(spec: &VmSpec, o: &CreateOptions) -> Vec<String> {
         o.stop_timeout.to_string(),
     );
     differ("device", sorted(&spec.devices), sorted(&o.devices));
+    // The spec holds each HOSTDIR canonical; the request as typed.
+    let asked: Vec<crate::model::share::Mount> = o
+        .mounts
+        .iter()
+        .map(|m| crate::model::share::Mount {
+            host: std::fs::canonicalize(&m.host).unwrap_or_else(|_| m.host.clone()),
+            ..m.clone()
+        })
+        .collect();
+    differ("mount", sorted(&spec.mounts), sorted(&asked));
     d
 }
 
@@ -181,6 +192,7 @@ mod tests {
             publish: vec!["8080:80".parse().unwrap()],
             ssh_port: Some(2222),
             devices: vec![],
+            mounts: vec![],
             stop_timeout: 60,
             console_log_size: "4M".into(),
             restart: spec::RestartPolicy::No,

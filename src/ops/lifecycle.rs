@@ -147,6 +147,11 @@ pub enum Change {
         Vec<crate::model::device::HostDevice>,
         Vec<crate::model::device::HostDevice>,
     ),
+    /// Shared folders (`--mount`, `--remove-mount`).
+    Mounts(
+        Vec<crate::model::share::Mount>,
+        Vec<crate::model::share::Mount>,
+    ),
 }
 
 /// What `set` did: the changes, and warnings (CPU overcommit).
@@ -185,6 +190,10 @@ pub fn set(store: &Store, name: &str, o: &vm::SetOptions) -> Result<SetOutcome, 
     if old.devices != new.devices {
         out.changes
             .push(Change::Devices(new.devices.clone(), old.devices.clone()));
+    }
+    if old.mounts != new.mounts {
+        out.changes
+            .push(Change::Mounts(new.mounts.clone(), old.mounts.clone()));
     }
     Ok(out)
 }

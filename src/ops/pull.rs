@@ -223,6 +223,7 @@ async fn build(
         publish: vec![],
         ssh_port: None,
         devices: vec![],
+        mounts: vec![],
         stop_timeout: 60,
         console_log_size: "4M".into(),
         restart: crate::model::spec::RestartPolicy::No,

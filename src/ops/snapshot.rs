@@ -76,6 +76,16 @@ pub enum SnapshotError {
          remove them first (nox disk rm {vm} D) or copy their data another way"
     )]
     ExtraDisks { vm: VmName, disks: String },
+    #[error(
+        "{vm} has shared folders ({mounts}): qemu's 9p cannot save or load the state of a share \
+         the guest has mounted (it blocks migration), so {what}; a disk-only snapshot of the \
+         stopped VM works (nox stop {vm})"
+    )]
+    Shares {
+        vm: VmName,
+        mounts: String,
+        what: &'static str,
+    },
     #[error("disk: {0}")]
     Disk(#[from] VmDiskError),
     #[error("cannot read the snapshot table of {path}")]
@@ -193,6 +203,7 @@ pub async fn create(
     }
     if matches!(hold.mode, Mode::Live) {
         refuse_host_devices(&vm, "it gets no live snapshot (with RAM)")?;
+        refuse_shares(&vm, "it gets no live snapshot (with RAM)")?;
     }
     let files = snapshot_files(&vm, matches!(hold.mode, Mode::Offline(_)))?;
     let before = allocated(&files);
@@ -262,6 +273,22 @@ fn refuse_host_devices(vm: &VmPaths, what: &'static str) -> Result<(), SnapshotE
     })
 }
 
+/// A VM with shared folders (`--mount`) has no machine state nox can save
+/// or load: qemu's 9p device blocks migration (and so `snapshot-save`)
+/// while the guest has the share mounted, and a RAM image of a guest
+/// holding 9p fids would not match the host directory it came back to.
+fn refuse_shares(vm: &VmPaths, what: &'static str) -> Result<(), SnapshotError> {
+    let spec = vm.load_spec()?;
+    if spec.mounts.is_empty() {
+        return Ok(());
+    }
+    Err(SnapshotError::Shares {
+        vm: spec.name,
+        mounts: crate::model::share::names(&spec.mounts),
+        what,
+    })
+}
+
 /// How a restore went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Restored {
@@ -288,6 +315,7 @@ pub async fn restore(
     let entry = find(&vm, name, snap)?;
     if entry.vm_state_size > 0 {
         refuse_host_devices(&vm, "a snapshot with RAM cannot be restored into it")?;
+        refuse_shares(&vm, "a snapshot with RAM cannot be restored into it")?;
     }
     match hold.mode {
         Mode::Live => {
@@ -565,6 +593,21 @@ mod tests {
         });
         store::write_json(&vm.spec(), &spec).unwrap();
         assert!(refuse_host_devices(&vm, "x").is_ok());
+        assert!(refuse_shares(&vm, "x").is_ok());
+        let mut with_mounts = spec.clone();
+        with_mounts["mounts"] =
+            serde_json::json!([{"host": "/srv/a", "guest": "/mnt/a", "readonly": false}]);
+        store::write_json(&vm.spec(), &with_mounts).unwrap();
+        let e = refuse_shares(&vm, "it gets no live snapshot (with RAM)")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("hw has shared folders (/mnt/a)")
+                && e.contains("of a share the guest has mounted")
+                && e.contains("disk-only snapshot of the stopped VM"),
+            "{e}"
+        );
+        store::write_json(&vm.spec(), &spec).unwrap();
         assert!(refuse_extra_disks(&vm).is_ok());
         let mut with_disks = spec.clone();
         with_disks["disks"] = serde_json::json!([{"name": "data1", "size": 1073741824u64}]);

@@ -94,6 +94,12 @@ pub enum TemplateError {
          the root disk only)"
     )]
     WarmDisks { vm: String, disks: String },
+    #[error(
+        "{vm} has shared folders ({mounts}): a warm template saves the guest's machine state, which \
+         qemu's 9p cannot save while the guest has a share mounted (it blocks migration); commit \
+         without --warm (the template gets the root disk only, never the shares)"
+    )]
+    WarmShares { vm: String, mounts: String },
     #[error("{}", path.display())]
     Io {
         path: PathBuf,
@@ -287,6 +293,12 @@ impl WarmSource {
             return Err(TemplateError::WarmDisks {
                 vm: name.to_string(),
                 disks: crate::model::disk::names(&spec.disks),
+            });
+        }
+        if !spec.mounts.is_empty() {
+            return Err(TemplateError::WarmShares {
+                vm: name.to_string(),
+                mounts: crate::model::share::names(&spec.mounts),
             });
         }
         if !st.state.is_active() {

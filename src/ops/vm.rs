@@ -48,6 +48,11 @@ pub enum VmError {
     /// `--device`: the message names the device.
     #[error(transparent)]
     Devices(#[from] crate::host::hostdev::HostDevError),
+    /// `--mount`: the message names the share.
+    #[error(transparent)]
+    Share(#[from] crate::model::share::ShareError),
+    #[error(transparent)]
+    ShareHost(#[from] crate::host::sharehost::ShareHostError),
     #[error("{0}")]
     Invalid(String),
     #[error("{0} is running; stop it first, or use --force")]
@@ -575,6 +580,8 @@ pub struct VmInfo {
     pub devices: Vec<String>,
     /// Extra disks (`nox disk add`).
     pub disks: Vec<DiskInfo>,
+    /// Shared folders (`--mount`).
+    pub mounts: Vec<MountInfo>,
     pub ip: Option<String>,
     pub ipv6: Vec<String>,
     pub bridge: Option<String>,
@@ -608,6 +615,46 @@ pub fn disk_info(vm: &VmPaths, d: &crate::model::disk::ExtraDisk) -> DiskInfo {
         file: vm.extra_disk(&d.name),
         guest_path: format!("/dev/disk/by-id/virtio-{}", d.name),
     }
+}
+
+/// A shared folder as `nox info` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MountInfo {
+    /// The host directory (canonical).
+    pub host: PathBuf,
+    /// Where the guest mounts it.
+    pub guest: String,
+    pub readonly: bool,
+    /// How it reaches the guest (`9p`).
+    pub transport: &'static str,
+    /// The mount tag the guest mounts it by.
+    pub tag: String,
+}
+
+pub fn mount_info(i: usize, m: &crate::model::share::Mount) -> MountInfo {
+    MountInfo {
+        host: m.host.clone(),
+        guest: m.guest.clone(),
+        readonly: m.readonly,
+        transport: "9p",
+        tag: crate::model::share::tag(i),
+    }
+}
+
+/// `--mount`s as given, checked on this host: each HOSTDIR canonical and
+/// allowed (crate::host::sharehost), the list as a whole (crate::model::share).
+pub fn check_mounts(
+    store: &Store,
+    vm: &str,
+    mounts: &[crate::model::share::Mount],
+) -> Result<Vec<crate::model::share::Mount>, VmError> {
+    let state = store.state_dirs();
+    let out = mounts
+        .iter()
+        .map(|m| crate::host::sharehost::check(m, &state, crate::host::trust::as_root()))
+        .collect::<Result<Vec<_>, _>>()?;
+    crate::model::share::check_all(vm, &out)?;
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -663,6 +710,12 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
         publish: spec.publish.iter().map(|p| p.to_string()).collect(),
         devices: spec.devices.iter().map(|d| d.to_string()).collect(),
         disks: spec.disks.iter().map(|d| disk_info(vm, d)).collect(),
+        mounts: spec
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| mount_info(i, m))
+            .collect(),
         ip: active.then(|| st.ip.clone()).flatten(),
         ipv6: if active { st.ipv6.clone() } else { vec![] },
         bridge: match &spec.network {
@@ -694,6 +747,11 @@ pub struct SetOptions {
     pub remove_devices: Vec<HostDevice>,
     /// `--ssh-port PORT|auto`: Some(None) is auto (a free port each start).
     pub ssh_port: Option<Option<u16>>,
+    /// Shared folders to add (`--mount`); one at a guest directory the VM
+    /// already shares replaces it.
+    pub add_mounts: Vec<crate::model::share::Mount>,
+    /// Shared folders to take away, by guest directory (`--remove-mount`).
+    pub remove_mounts: Vec<String>,
 }
 
 /// `set --ssh-port PORT`: as at create, user-mode only, not a published
@@ -809,6 +867,10 @@ pub fn set(store: &Store, name: &str, o: &SetOptions) -> Result<(VmSpec, VmSpec)
         if let Some(p) = port.filter(|p| old.ssh_port != Some(*p)) {
             check_ssh_port(p, &old)?;
         }
+    }
+    if !o.add_mounts.is_empty() || !o.remove_mounts.is_empty() {
+        let added = check_mounts(store, name, &o.add_mounts)?;
+        new.mounts = crate::model::share::after(name, &old.mounts, &added, &o.remove_mounts)?;
     }
     if let Some(d) = &o.disk {
         // The overlay's own size, not the spec's: they differ if a resize

@@ -211,6 +211,12 @@ impl Store {
         self.root.join("events")
     }
 
+    /// nox's own directories (state and run), which no shared folder may
+    /// hold or be inside (crate::host::sharehost).
+    pub fn state_dirs(&self) -> Vec<PathBuf> {
+        vec![self.root.clone(), self.run.clone()]
+    }
+
     /// Creates the top-level directories (0700).
     pub fn init(&self) -> Result<(), StoreError> {
         for d in [&self.root, &self.vms_dir(), &self.images_dir(), &self.run] {

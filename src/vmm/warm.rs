@@ -189,6 +189,9 @@ pub fn unusable(spec: &VmSpec, w: &WarmState, user_data: bool) -> Option<String>
     if !spec.disks.is_empty() {
         why.push("extra disks (nox disk add: the saved machine state has none)".into());
     }
+    if !spec.mounts.is_empty() {
+        why.push("--mount (a saved machine state has no shared folder)".into());
+    }
     if why.is_empty() {
         None
     } else {

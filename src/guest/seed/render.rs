@@ -158,6 +158,11 @@ pub(super) fn nox_cloud_config(cfg: &SeedConfig) -> Result<Value, SeedError> {
             a.push(json!(cmd));
         }
     }
+    // Shared folders, at every boot: the list comes from qemu (fw_cfg),
+    // so `nox set --mount` applies at the next start without a new seed.
+    if let Some(a) = cc["bootcmd"].as_array_mut() {
+        a.push(json!(crate::model::share::GUEST_MOUNT_SCRIPT));
+    }
     Ok(cc)
 }
 
@@ -490,10 +495,18 @@ mod tests {
         let plain = json_of(&render(&cfg).unwrap().user_data);
         assert_eq!(
             plain["bootcmd"],
-            json!([NETWORKD_CLIENT_ID, SERIAL_TTY_SIZE])
+            json!([
+                NETWORKD_CLIENT_ID,
+                SERIAL_TTY_SIZE,
+                crate::model::share::GUEST_MOUNT_SCRIPT
+            ])
         );
         assert!(NETWORKD_CLIENT_ID.contains("ClientIdentifier=mac"));
-        for cmd in [NETWORKD_CLIENT_ID, SERIAL_TTY_SIZE] {
+        for cmd in [
+            NETWORKD_CLIENT_ID,
+            SERIAL_TTY_SIZE,
+            crate::model::share::GUEST_MOUNT_SCRIPT,
+        ] {
             if let Ok(o) = Command::new("sh").args(["-n", "-c", cmd]).output() {
                 assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             }

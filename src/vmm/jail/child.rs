@@ -59,6 +59,8 @@ pub const STEPS: &[&str] = &[
     "setresuid",
     "capset",
     "no_new_privs",
+    "attaching a shared folder",
+    "mounting /proc",
 ];
 
 const S_PDEATH: u8 = 0;
@@ -85,6 +87,8 @@ const S_BOUNDING: u8 = 20;
 const S_SETUID: u8 = 21;
 const S_CAPSET: u8 = 22;
 const S_NNP: u8 = 23;
+const S_SHARE: u8 = 24;
+const S_PROC: u8 = 25;
 
 /// Message tags on the report pipe.
 pub const MSG_PID: u8 = b'P';
@@ -117,6 +121,11 @@ pub struct Prepared {
     root: Option<CString>,
     mkdirs: Vec<CString>,
     binds: Vec<BindC>,
+    /// Shared folders: where each goes and the idmapped detached tree
+    /// (crate::vmm::jail::idmap) that is attached there.
+    shares: Vec<(CString, RawFd)>,
+    /// The jail's /proc, when it gets one (see [`JailPlan::proc`]).
+    proc: Option<CString>,
     symlinks: Vec<(CString, CString)>,
     devices: Vec<DeviceC>,
     ids: Option<(libc::uid_t, libc::gid_t)>,
@@ -140,11 +149,13 @@ fn cstr(p: &Path) -> Result<CString, super::JailError> {
 
 impl Prepared {
     /// `report`: write end of the report pipe; `cgroup_procs`: the VM
-    /// cgroup's `cgroup.procs`, open for writing.
+    /// cgroup's `cgroup.procs`, open for writing; `trees`: one detached
+    /// tree per `plan.shares`, in order.
     pub fn new(
         plan: &JailPlan,
         report: RawFd,
         cgroup_procs: Option<RawFd>,
+        trees: &[RawFd],
     ) -> Result<Prepared, super::JailError> {
         let under = |p: &Path| -> Result<CString, super::JailError> {
             let root = plan.root.as_deref().unwrap_or(Path::new("/"));
@@ -204,6 +215,17 @@ impl Prepared {
                 .map(|d| under(d))
                 .collect::<Result<_, _>>()?,
             binds,
+            shares: plan
+                .shares
+                .iter()
+                .zip(trees)
+                .map(|(b, fd)| Ok((under(&b.path)?, *fd)))
+                .collect::<Result<_, super::JailError>>()?,
+            proc: if plan.proc && plan.root.is_some() {
+                Some(under(Path::new("/proc"))?)
+            } else {
+                None
+            },
             symlinks: plan
                 .symlinks
                 .iter()
@@ -681,6 +703,46 @@ unsafe fn build_root(p: &Prepared, root: &CStr) -> io::Result<()> {
                 libc::mount(null, b.dst.as_ptr(), null, flags, std::ptr::null()).into(),
             )?;
         }
+        // Attached after the binds: a share's path may lie below a bound
+        // directory's (never the other way round: nox refuses shares of
+        // the directories qemu needs).
+        for (dst, tree) in &p.shares {
+            if libc::mkdir(dst.as_ptr(), 0o755) < 0 && errno() != libc::EEXIST {
+                return Err(fail(p, S_MKDIR));
+            }
+            const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+            check(
+                p,
+                S_SHARE,
+                libc::syscall(
+                    libc::SYS_move_mount,
+                    *tree,
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    MOVE_MOUNT_F_EMPTY_PATH,
+                ),
+            )?;
+        }
+        if let Some(proc) = &p.proc {
+            if libc::mkdir(proc.as_ptr(), 0o555) < 0 && errno() != libc::EEXIST {
+                return Err(fail(p, S_MKDIR));
+            }
+            // Of the new PID namespace (we are its PID 1): only the
+            // jail's own processes, and nothing but their directories.
+            check(
+                p,
+                S_PROC,
+                libc::mount(
+                    c"proc".as_ptr(),
+                    proc.as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"subset=pid,hidepid=invisible".as_ptr().cast(),
+                )
+                .into(),
+            )?;
+        }
         for (target, link) in &p.symlinks {
             check(
                 p,
@@ -819,7 +881,7 @@ mod tests {
             host: &HostFacts::default(),
             devices: &[],
         });
-        let p = Prepared::new(&plan, 9, None).unwrap();
+        let p = Prepared::new(&plan, 9, None, &[]).unwrap();
         assert_eq!(p.root.as_deref(), Some(c"/r/demo/jail"));
         let bind = |src: &CStr| p.binds.iter().find(|b| b.src.as_c_str() == src).unwrap();
         let usr = bind(c"/usr");

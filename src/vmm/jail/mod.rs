@@ -22,6 +22,7 @@
 
 pub mod cgroup;
 pub mod child;
+pub mod idmap;
 pub mod ids;
 pub mod plan;
 
@@ -74,6 +75,13 @@ pub enum JailError {
         .0.display()
     )]
     NoDeviceNode(PathBuf),
+    #[error("shared folder {}: {why}", path.display())]
+    Share {
+        path: PathBuf,
+        why: String,
+        #[source]
+        source: Option<std::io::Error>,
+    },
     #[error("{0}: path has a NUL byte")]
     Nul(PathBuf),
     #[error("cannot start {binary}")]
@@ -367,10 +375,13 @@ impl Jail {
                 path: vm.run.clone(),
                 source: e.into(),
             })?;
+        let trees = share_trees(&plan)?;
+        let tree_fds: Vec<std::os::fd::RawFd> = trees.iter().map(|t| t.as_raw_fd()).collect();
         let prepared = child::Prepared::new(
             &plan,
             write.as_raw_fd(),
             cgroup.as_ref().map(|c| c.procs_fd()),
+            &tree_fds,
         )?;
         // SAFETY: `enter` makes only async-signal-safe system calls on data
         // prepared above, as required between fork and exec.
@@ -380,10 +391,46 @@ impl Jail {
         Ok(Launch {
             read: read.into(),
             write: Some(write),
+            _trees: trees,
             cgroup,
             binary: binary.to_owned(),
         })
     }
+}
+
+/// The idmapped trees of the plan's shared folders (root only): each
+/// directory opened without following a symlink, its owner checked again
+/// (a writable share of a root-owned directory is refused, as at create),
+/// and mapped to the VM's ids (crate::vmm::jail::idmap).
+fn share_trees(plan: &JailPlan) -> Result<Vec<OwnedFd>, JailError> {
+    let Mode::Root(ids) = &plan.mode else {
+        return Ok(vec![]);
+    };
+    let mut out = vec![];
+    for b in &plan.shares {
+        let err = |why: &str, source: Option<std::io::Error>| JailError::Share {
+            path: b.path.clone(),
+            why: why.into(),
+            source,
+        };
+        let (dir, uid, gid) = crate::host::sharehost::open_dir(&b.path)
+            .map_err(|e| err("cannot open it without following a symlink", Some(e)))?;
+        if b.writable && uid == 0 {
+            return Err(err(
+                "owned by root: a writable share lands the guest's files as its owner; chown it or share it :ro",
+                None,
+            ));
+        }
+        let tree = idmap::idmapped_tree(&dir, (uid, gid), (ids.uid, ids.gid), !b.writable)
+            .map_err(|e| {
+                err(
+                    "cannot make its idmapped mount (does its filesystem support idmapped mounts?)",
+                    Some(e),
+                )
+            })?;
+        out.push(tree);
+    }
+    Ok(out)
 }
 
 /// Hands the VM's files to its ids (root) and makes the jail's mount point.
@@ -415,6 +462,9 @@ fn prepare_files(plan: &JailPlan, base: &Path) -> Result<(), JailError> {
 pub struct Launch {
     read: std::fs::File,
     write: Option<OwnedFd>,
+    /// The shared folders' detached trees, kept open until the child has
+    /// attached them (they are close-on-exec: qemu never holds one).
+    _trees: Vec<OwnedFd>,
     cgroup: Option<cgroup::VmCgroup>,
     binary: PathBuf,
 }

@@ -55,6 +55,16 @@ pub struct JailPlan {
     /// Directories made inside the new root, parents first.
     pub dirs: Vec<PathBuf>,
     pub binds: Vec<Bind>,
+    /// Shared folders (`--mount`) when nox is root: each an idmapped copy
+    /// of the directory's mount made before the fork (crate::vmm::jail::idmap)
+    /// and attached at its path inside the jail. (Without root they are
+    /// ordinary binds, in `binds`: qemu then runs as the user.)
+    pub shares: Vec<Bind>,
+    /// A `/proc` of the jail's own PID namespace (`subset=pid`: process
+    /// directories only, no /proc/sys), for a qemu serving a shared
+    /// folder: its 9p server reaches files through `/proc/self/fd/N/NAME`
+    /// (setxattr, chmod and friends without following a symlink).
+    pub proc: bool,
     /// `(path, target)`: merged-/usr links such as /lib -> usr/lib.
     pub symlinks: Vec<(PathBuf, PathBuf)>,
     pub devices: Vec<Device>,
@@ -219,6 +229,20 @@ pub fn extra_disk_files(argv: &[String]) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The shared folders a qemu argv serves: `-fsdev local` with its `path=`
+/// (crate::vmm::qemu's 9p shares), each with whether it is writable.
+pub fn share_dirs(argv: &[String]) -> Vec<(PathBuf, bool)> {
+    argv.windows(2)
+        .filter(|w| w[0] == "-fsdev" && w[1].starts_with("local,"))
+        .filter_map(|w| {
+            let opts = split_opts(&w[1]);
+            let ro = opts.iter().any(|o| o == "readonly=on");
+            let path = opts.iter().find_map(|o| o.strip_prefix("path="))?;
+            Some((PathBuf::from(path), !ro))
+        })
+        .collect()
+}
+
 /// Splits a qemu option string on `,` (`,,` is a literal comma).
 fn split_opts(s: &str) -> Vec<String> {
     let mut out = vec![String::new()];
@@ -308,6 +332,8 @@ impl JailPlan {
             root: None,
             dirs: vec![],
             binds: vec![],
+            shares: vec![],
+            proc: false,
             symlinks: vec![],
             devices: vec![],
             owned: vec![],
@@ -337,6 +363,7 @@ impl JailPlan {
         plan.bind_vm_files(i, &firmware, &disks);
         plan.add_devices(i);
         plan.bind_pci_sysfs(i);
+        plan.bind_shares(i);
         plan.dirs = plan.parent_dirs();
         plan
     }
@@ -445,6 +472,23 @@ impl JailPlan {
         }
     }
 
+    /// The shared folders at their own paths, never executable, devices or
+    /// set-id files meaning nothing (see [`Bind`]'s flags and
+    /// crate::vmm::jail::idmap): idmapped as root, plain binds otherwise.
+    fn bind_shares(&mut self, i: &Input) {
+        self.proc = !share_dirs(i.argv).is_empty();
+        for (path, writable) in share_dirs(i.argv) {
+            let b = Bind {
+                dir: true,
+                ..Bind::file(path, writable)
+            };
+            match i.mode {
+                Mode::Root(_) => self.shares.push(b),
+                _ => self.binds.push(b),
+            }
+        }
+    }
+
     /// Every directory above a bind, symlink or device (and /dev), sorted:
     /// the jail's skeleton.
     fn parent_dirs(&self) -> Vec<PathBuf> {
@@ -453,6 +497,7 @@ impl JailPlan {
         let leaves = self
             .binds
             .iter()
+            .chain(&self.shares)
             .map(|b| &b.path)
             .chain(self.symlinks.iter().map(|(p, _)| p))
             .chain(self.devices.iter().map(|d| &d.path));
@@ -758,6 +803,47 @@ mod tests {
         assert!(!p.netns && !build(Mode::Bare, false, false, &argv(&[])).netns);
         assert!(p.binds.is_empty() && p.devices.is_empty() && p.owned.is_empty());
         assert_eq!(p.nofile, NOFILE);
+    }
+
+    #[test]
+    fn shares_are_idmapped_as_root_and_bound_otherwise() {
+        let a = argv(&[
+            "-fsdev",
+            "local,id=fsdev0,path=/srv/a,,b,security_model=mapped-xattr,multidevs=forbid",
+            "-fsdev",
+            "local,id=fsdev1,path=/srv/ro,security_model=mapped-xattr,multidevs=forbid,readonly=on",
+        ]);
+        assert_eq!(
+            share_dirs(&a),
+            vec![
+                (PathBuf::from("/srv/a,b"), true),
+                (PathBuf::from("/srv/ro"), false)
+            ]
+        );
+        let root = build(Mode::Root(IDS), false, false, &a);
+        assert!(bind(&root, "/srv/ro").is_none());
+        let paths: Vec<(&Path, bool, bool)> = root
+            .shares
+            .iter()
+            .map(|b| (b.path.as_path(), b.writable, b.exec))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                (Path::new("/srv/a,b"), true, false),
+                (Path::new("/srv/ro"), false, false)
+            ]
+        );
+        assert!(root.dirs.contains(&PathBuf::from("/srv")));
+        assert!(root.proc && !build(Mode::Root(IDS), false, false, &argv(&[])).proc);
+        // Nothing of a share is chowned to the VM.
+        assert!(!root.owned.iter().any(|o| o.path.starts_with("/srv")));
+        let user = build(Mode::UserNs(IDS), false, false, &a);
+        assert!(user.shares.is_empty());
+        let ro = bind(&user, "/srv/ro").unwrap();
+        assert!(ro.dir && !ro.writable && !ro.exec);
+        assert!(bind(&user, "/srv/a,b").unwrap().writable);
+        assert!(build(Mode::Bare, false, false, &a).shares.is_empty());
     }
 
     #[test]

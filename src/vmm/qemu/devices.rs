@@ -117,3 +117,41 @@ pub(super) fn host_devices(a: &mut Argv, devices: &[Passthrough]) -> Result<(), 
     }
     Ok(())
 }
+
+/// `-fsdev local` and `virtio-9p-pci` for each shared folder: qemu serves
+/// the directory itself, at its own path inside the jail (crate::vmm::jail binds
+/// it there, idmapped as root). `mapped-xattr`: the guest's owners, modes
+/// and special files are kept in the files' `user.virtfs.*` xattrs, so the
+/// guest can neither chown a host file to anyone nor make a device node
+/// on the host (its mknod is a regular file with an xattr), and what it
+/// creates is 0600/0700 on the host. `multidevs=forbid`: nothing of
+/// another filesystem below the directory is served (the jail's copy of the
+/// mount has none anyway).
+pub(super) fn shares(a: &mut Argv, mounts: &[crate::model::share::Mount]) -> Result<(), QemuError> {
+    for (i, m) in mounts.iter().enumerate() {
+        let mut fsdev = Opts::new("local")
+            .set("id", crate::model::share::fsdev_id(i))
+            .path("path", &m.host)?
+            .set("security_model", "mapped-xattr")
+            .set("multidevs", "forbid");
+        if m.readonly {
+            fsdev = fsdev.set("readonly", "on");
+        }
+        a.opt("-fsdev", fsdev);
+        a.opt(
+            "-device",
+            Opts::new("virtio-9p-pci")
+                .set("fsdev", crate::model::share::fsdev_id(i))
+                .set("mount_tag", crate::model::share::tag(i)),
+        );
+    }
+    if !mounts.is_empty() {
+        // Where the guest mounts each (crate::model::share::GUEST_MOUNT_SCRIPT).
+        a.opt(
+            "-fw_cfg",
+            Opts::kv("name", crate::model::share::FW_CFG_NAME)
+                .set("string", crate::model::share::guest_table(mounts)),
+        );
+    }
+    Ok(())
+}

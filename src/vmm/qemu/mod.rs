@@ -35,7 +35,7 @@ mod devices;
 mod shape;
 pub use accel::{Accel, AccelChoice, KvmFacts, choose_accel, probe_kvm};
 pub use devices::{HOTPLUG_PORTS, blockdev_json, disk_device_json, hotplug_port};
-use devices::{blockdev, disk_device, host_devices, hotplug_ports};
+use devices::{blockdev, disk_device, host_devices, hotplug_ports, shares};
 pub use shape::{machine_shape, shape_has_slirp, split_opts, upgrade_shape};
 
 /// Firmware pieces the argv needs (built by [`crate::vmm::firmware`]).
@@ -290,6 +290,7 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
         a.opt("-device", Opts::new("vmgenid").set("guid", "auto"));
     }
     host_devices(&mut a, &l.devices)?;
+    shares(&mut a, &s.mounts)?;
     hotplug_ports(&mut a, HOTPLUG_PORTS + s.disks.len());
     for (i, d) in s.disks.iter().enumerate() {
         let file = p.extra_disk(&d.name);
@@ -460,6 +461,7 @@ mod tests {
             console_log_size: crate::model::spec::CONSOLE_LOG_DEFAULT,
             devices: vec![],
             disks: vec![],
+            mounts: vec![],
         }
     }
 
