@@ -20,6 +20,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "text",
             "testing",
             "remote",
+            "migwire",
             "spec",
             "device",
             "disk",
@@ -47,10 +48,11 @@ const LAYERS: &[(&str, &[&str])] = &[
             "diskplug",
             "systemd",
             "templates",
+            "migration",
         ],
     ),
     ("supervisor", &["supervisor"]),
-    ("ops", &["vm", "snapshot", "clone", "template", "ops"]),
+    ("ops", &["vm", "snapshot", "clone", "template", "migrate", "ops"]),
     ("cli", &["cli"]),
 ];
 

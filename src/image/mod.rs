@@ -13,6 +13,7 @@
 mod catalog;
 mod download;
 pub mod extra;
+mod receive;
 pub(crate) mod probe;
 mod verify;
 pub mod vmdisk;

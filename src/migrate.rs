@@ -1,0 +1,970 @@
+//! `nox migrate NAME --to ssh://[USER@]HOST[:PORT] [--offline]`: moves a VM
+//! to another host's nox, over ssh (BatchMode, the user's keys and config).
+//!
+//! - The control channel is the ssh session of the target's hidden
+//!   `nox --host= __migrate-in NAME` (messages: crate::migwire). The spec,
+//!   keys, seed (and offline the disks) travel on it, each verified by
+//!   SHA-256; the base image only when the target's cache lacks its digest,
+//!   verified by that digest on arrival.
+//! - Live, two more ssh sessions carry qemu's streams: each runs the
+//!   target's `nox __migrate-pipe NAME nbd|stream`, which joins its stdio
+//!   to a socket the target nox listens on; here ssh's stdin and stdout are
+//!   one end of a socketpair whose other end the source qemu gets by
+//!   `getfd`. So the data is encrypted and authenticated by ssh, and both
+//!   qemus get descriptors, never paths (crate::migration).
+//! - The target stages everything under a `.new-` directory; live, it puts
+//!   the VM in place, starts its supervisor with `-incoming defer`
+//!   (crate::supervisor::incoming) and exports the empty overlay over NBD.
+//!   Any failure, or the channel closing, and the target quits its qemu and
+//!   removes the VM: nothing is left there. The source removes its VM only
+//!   once the target says its guest runs; before that, a failure cancels
+//!   the mirror and the migration and resumes the source's guest.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::ident::VmName;
+use crate::migration::{self, Measured};
+use crate::migwire::{self, Base, Digests, FileEntry, Hello, Mode, Reply, WireError};
+use crate::remote::{self, Host, Session};
+use crate::spec::VmSpec;
+use crate::store::{self, Store, StoreError, VmPaths};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot run ssh")]
+    Ssh(#[source] std::io::Error),
+    #[error("the migration channel to {host}")]
+    Wire {
+        host: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("{host} refused: {message}")]
+    Target { host: String, message: String },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
+    VmDisk(#[from] crate::image::vmdisk::VmDiskError),
+    #[error("cannot reach the VM's qemu")]
+    Qmp(#[source] crate::qmp::QmpError),
+    #[error("{source}{}", rollback_note(.left))]
+    Migration {
+        #[source]
+        source: migration::MigrationError,
+        /// What the roll-back could not undo (empty: the VM runs here as before).
+        left: Vec<String>,
+    },
+    #[error(
+        "{name}'s state was handed over to {host} but {host} did not confirm that it runs ({why}); \
+         the VM is left paused here, not resumed, so that it never runs twice: check \
+         `nox --host {host} list`, then `nox delete --force {name}` here if it runs there, \
+         else `nox stop --force {name}` and start it again here"
+    )]
+    Unconfirmed {
+        name: String,
+        host: String,
+        why: String,
+    },
+    #[error("the target's supervisor")]
+    Start(String),
+}
+
+fn rollback_note(left: &[String]) -> String {
+    if left.is_empty() {
+        "; the VM keeps running here".into()
+    } else {
+        format!("; undoing it here left: {}", left.join("; "))
+    }
+}
+
+impl MigrateError {
+    /// The exit code: 255 when the other host's nox could not be reached
+    /// (as `--host`), 3 when the VM's state was handed over unconfirmed
+    /// (it is paused here: a cluster agent must look before acting), else 1
+    /// (refused or failed: the VM is where it was, as it was).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            MigrateError::Remote(_) => 255,
+            MigrateError::Unconfirmed { .. } => 3,
+            _ => 1,
+        }
+    }
+}
+
+fn ioe(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrateError {
+    let what = what.into();
+    move |source| MigrateError::Io { what, source }
+}
+
+/// What happened, as it happens (for the CLI's progress lines).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// The target accepted the VM; `base`: its base image is sent too.
+    Accepted { base: bool, bytes: u64 },
+    /// Files sent and verified.
+    Sent { bytes: u64 },
+    /// Live: the disk mirror is in sync.
+    Mirrored,
+    /// Live: qemu's migration completed.
+    Migrated(Measured),
+    /// The VM runs (or, offline, is) at the target.
+    Arrived,
+    /// The source's copy is gone.
+    Removed,
+}
+
+/// How a migration went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moved {
+    pub name: String,
+    pub to: String,
+    pub mode: Mode,
+    pub took: Duration,
+    pub base_sent: bool,
+    pub bytes_sent: u64,
+    pub measured: Option<Measured>,
+}
+
+/// How long a live step may take (disk copy, migration).
+const STEP_LIMIT: Duration = Duration::from_secs(3600);
+
+/// The ssh commands for `host`.
+struct Ssh {
+    host: Host,
+    bin: Vec<String>,
+    programs: crate::trust::Programs,
+}
+
+impl Ssh {
+    fn command(&self, args: &[&str], stdin: bool) -> Result<Command, MigrateError> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let words = remote::remote_words(&self.bin, &args);
+        let session = Session { tty: false, stdin };
+        let mut c = self.programs.command("ssh");
+        c.args(remote::ssh_args(&self.host, session, &words)?);
+        Ok(c)
+    }
+
+    /// The other nox must be this one's version (as `--host` checks).
+    fn check_version(&self) -> Result<(), MigrateError> {
+        let out = self
+            .command(&["version", "--json"], false)?
+            .stdin(Stdio::null())
+            .output()
+            .map_err(MigrateError::Ssh)?;
+        remote::check_version(
+            &self.host,
+            &self.bin,
+            out.status.code(),
+            &out.stdout,
+            &out.stderr,
+            env!("CARGO_PKG_VERSION"),
+        )?;
+        Ok(())
+    }
+
+    /// `ssh HOST nox __migrate-pipe NAME WHICH` with its stdin and stdout
+    /// on one end of a socketpair; the other end is returned (for qemu).
+    fn pipe(&self, name: &VmName, which: &str) -> Result<(Child, OwnedFd), MigrateError> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(ioe("socketpair"))?;
+        let theirs = OwnedFd::from(theirs);
+        let dup = theirs.try_clone().map_err(ioe("dup"))?;
+        let child = self
+            .command(&["__migrate-pipe", name.as_str(), which], true)?
+            .stdin(Stdio::from(dup))
+            .stdout(Stdio::from(theirs))
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(MigrateError::Ssh)?;
+        Ok((child, OwnedFd::from(ours)))
+    }
+}
+
+/// The control session: ssh running the target's `__migrate-in`.
+struct Control {
+    child: Child,
+    to: std::process::ChildStdin,
+    from: BufReader<std::process::ChildStdout>,
+    host: String,
+}
+
+impl Control {
+    fn send<T: serde::Serialize>(&mut self, m: &T) -> Result<(), MigrateError> {
+        migwire::send(&mut self.to, m).map_err(|e| self.lost(e))
+    }
+
+    fn reply(&mut self) -> Result<Reply, MigrateError> {
+        match migwire::recv::<Reply>(&mut self.from) {
+            Ok(Reply::Error { message }) => Err(MigrateError::Target {
+                host: self.host.clone(),
+                message,
+            }),
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.lost(e)),
+        }
+    }
+
+    fn expect(&mut self, want: Reply) -> Result<(), MigrateError> {
+        let got = self.reply()?;
+        if got == want {
+            Ok(())
+        } else {
+            Err(MigrateError::Target {
+                host: self.host.clone(),
+                message: format!("answered {got:?} where {want:?} was expected"),
+            })
+        }
+    }
+
+    /// A broken channel, with what the other side said on stderr (ssh's
+    /// own error, the remote nox's `error: …`) once it has ended.
+    fn lost(&mut self, e: WireError) -> MigrateError {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut err = String::new();
+        if let Some(mut s) = self.child.stderr.take() {
+            let _ = s.read_to_string(&mut err);
+        }
+        let said = crate::text::printable(err.trim().as_bytes());
+        if said.is_empty() {
+            return MigrateError::Wire {
+                host: self.host.clone(),
+                source: e,
+            };
+        }
+        MigrateError::Target {
+            host: self.host.clone(),
+            message: said.replace('\n', "; "),
+        }
+    }
+
+    fn finish(mut self) {
+        drop(self.to);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Ends a pipe's ssh (ours, by its child handle).
+fn end(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+fn open_nofollow(path: &Path) -> Result<std::fs::File, MigrateError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(ioe(format!("{}", path.display())))
+}
+
+/// Moves VM `name` to `to`. `mode`: live (a running VM) or offline (a
+/// stopped one).
+pub async fn migrate(
+    store: &Store,
+    name: &VmName,
+    to: &Host,
+    mode: Mode,
+    progress: &mut dyn FnMut(Step),
+) -> Result<Moved, MigrateError> {
+    let t0 = Instant::now();
+    let vm = store.vm(name.as_str())?;
+    let spec = vm.load_spec()?;
+    let programs = store.programs().map_err(StoreError::from)?;
+    // Offline: the lock, held to the end, keeps the VM from starting (and
+    // writing its disk) while it is copied.
+    let lock = match mode {
+        Mode::Offline => vm.try_lock()?,
+        Mode::Live => None,
+    };
+    let facts = facts(&vm, &spec, &programs, mode == Mode::Offline && lock.is_none())?;
+    if let Some(why) = migwire::refusal(name, &spec, mode, &facts) {
+        return Err(MigrateError::Refused(why));
+    }
+    let ssh = Ssh {
+        host: to.clone(),
+        bin: remote::remote_bin(std::env::var(remote::BIN_ENV).ok().as_deref())?,
+        programs,
+    };
+    ssh.check_version()?;
+
+    let files = migwire::files(&spec, mode, |f| vm.dir.join(f).exists());
+    let mut entries = vec![];
+    let mut opened = vec![];
+    for f in &files {
+        let path = vm.dir.join(f);
+        // The disks are VM-writable: opened and checked as such.
+        let file = if f.ends_with(".qcow2") {
+            crate::image::vmdisk::VmDisk::open(&path, false, &ssh.programs)?
+                .file()
+                .try_clone()
+                .map_err(ioe(path.display().to_string()))?
+        } else {
+            open_nofollow(&path)?
+        };
+        let size = file
+            .metadata()
+            .map_err(ioe(path.display().to_string()))?
+            .len();
+        entries.push(FileEntry {
+            name: f.clone(),
+            size,
+        });
+        opened.push(file);
+    }
+    let base_file = open_nofollow(&spec.image.path)?;
+    let base_size = base_file
+        .metadata()
+        .map_err(ioe(spec.image.path.display().to_string()))?
+        .len();
+
+    let mut child = ssh
+        .command(&["__migrate-in", name.as_str()], true)?
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(MigrateError::Ssh)?;
+    let mut ctl = Control {
+        to: child.stdin.take().expect("piped"),
+        from: BufReader::new(child.stdout.take().expect("piped")),
+        child,
+        host: to.to_string(),
+    };
+    ctl.send(&Hello {
+        version: env!("CARGO_PKG_VERSION").into(),
+        mode,
+        spec: spec.clone(),
+        base: Base {
+            digest: spec.image.digest.clone(),
+            size: base_size,
+            format: spec.image.format.clone(),
+        },
+        files: entries.clone(),
+    })?;
+    let need_base = match ctl.reply()? {
+        Reply::Accepted { need_base } => need_base,
+        other => {
+            return Err(MigrateError::Target {
+                host: ctl.host.clone(),
+                message: format!("answered {other:?} to the VM's description"),
+            });
+        }
+    };
+    progress(Step::Accepted {
+        base: need_base,
+        bytes: base_size,
+    });
+    let mut sent = 0u64;
+    if need_base {
+        sent += copy_exact(base_file, base_size, &mut ctl)?.0;
+    }
+    let mut sums = BTreeMap::new();
+    for (file, e) in opened.into_iter().zip(&entries) {
+        let (n, sum) = copy_exact(file, e.size, &mut ctl)?;
+        sent += n;
+        sums.insert(e.name.clone(), sum);
+    }
+    ctl.send(&Digests { sha256: sums })?;
+    progress(Step::Sent { bytes: sent });
+
+    let measured = match mode {
+        Mode::Offline => {
+            ctl.expect(Reply::Done)?;
+            progress(Step::Arrived);
+            ctl.finish();
+            // Still under the lock taken at the start.
+            store.remove(&vm)?;
+            drop(lock);
+            None
+        }
+        Mode::Live => {
+            ctl.expect(Reply::Ready)?;
+            let m = live(&vm, &ssh, &mut ctl, progress).await?;
+            progress(Step::Arrived);
+            ctl.finish();
+            remove_migrated(store, &vm).await?;
+            Some(m)
+        }
+    };
+    crate::events::emit(&vm, crate::events::Kind::Deleted {});
+    progress(Step::Removed);
+    Ok(Moved {
+        name: name.to_string(),
+        to: to.to_string(),
+        mode,
+        took: t0.elapsed(),
+        base_sent: need_base,
+        bytes_sent: sent,
+        measured,
+    })
+}
+
+/// What the source knows of the VM beyond its spec.
+fn facts(
+    vm: &VmPaths,
+    spec: &VmSpec,
+    programs: &crate::trust::Programs,
+    locked_elsewhere: bool,
+) -> Result<migwire::Facts, MigrateError> {
+    let running = locked_elsewhere || crate::state::load(vm)?.state.is_active();
+    let snapshots = if vm.disk().exists() {
+        crate::snapshot::names(vm).unwrap_or_default()
+    } else {
+        vec![]
+    };
+    let warm_ram = running
+        && std::fs::read_to_string(vm.qemu_argv())
+            .map(|a| a.contains("memory-backend-file"))
+            .unwrap_or(false);
+    let _ = spec;
+    Ok(migwire::Facts {
+        running,
+        enabled: crate::systemd::is_enabled(vm.name.as_str(), programs),
+        snapshots,
+        warm_pending: vm.warm_pending().exists(),
+        warm_ram,
+        efi_vars: vm.efi_vars().exists() || vm.efi_vars_legacy().exists(),
+    })
+}
+
+/// Sends exactly `size` bytes of `file` on the channel: (bytes, SHA-256).
+fn copy_exact(
+    file: std::fs::File,
+    size: u64,
+    ctl: &mut Control,
+) -> Result<(u64, String), MigrateError> {
+    let mut r = file.take(size);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let got = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(g) => g,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ioe("reading a file to send")(e)),
+        };
+        h.update(&buf[..got]);
+        if let Err(e) = ctl.to.write_all(&buf[..got]) {
+            return Err(ctl.lost(WireError::Io(e)));
+        }
+        n += got as u64;
+    }
+    if n != size {
+        return Err(MigrateError::Io {
+            what: "a file to send".into(),
+            source: std::io::Error::other(format!("it shrank to {n} of {size} bytes")),
+        });
+    }
+    Ok((n, hex::encode(h.finalize())))
+}
+
+/// The live part, once the target is ready: mirror, migrate, hand over.
+async fn live(
+    vm: &VmPaths,
+    ssh: &Ssh,
+    ctl: &mut Control,
+    progress: &mut dyn FnMut(Step),
+) -> Result<Measured, MigrateError> {
+    let (q, _events) = crate::rundir::connect_ctl(vm, Duration::from_secs(5))
+        .await
+        .map_err(MigrateError::Qmp)?;
+    let mut pipes: [Option<Child>; 2] = [None, None];
+    let result = async {
+        let (c, nbd) = ssh.pipe(&vm.name, "nbd")?;
+        pipes[0] = Some(c);
+        let (c, stream) = ssh.pipe(&vm.name, "stream")?;
+        pipes[1] = Some(c);
+        let fail = |source| MigrateError::Migration {
+            source,
+            left: vec![],
+        };
+        migration::source_mirror(&q, &nbd, STEP_LIMIT)
+            .await
+            .map_err(fail)?;
+        progress(Step::Mirrored);
+        let m = migration::source_migrate(&q, &stream, STEP_LIMIT)
+            .await
+            .map_err(fail)?;
+        migration::source_end_mirror(&q).await.map_err(fail)?;
+        progress(Step::Migrated(m));
+        Ok::<_, MigrateError>(m)
+    }
+    .await;
+    let m = match result {
+        Ok(m) => m,
+        Err(e) => {
+            // Tell the target first (it removes what it made), then undo
+            // here: the guest runs on.
+            let _ = migwire::send(
+                &mut ctl.to,
+                &migwire::Handover::Abort {
+                    message: crate::error_chain(&e),
+                },
+            );
+            let left = migration::source_rollback(&q).await;
+            pipes.iter_mut().for_each(end);
+            return Err(match e {
+                MigrateError::Migration { source, .. } => MigrateError::Migration { source, left },
+                e if left.is_empty() => e,
+                e => MigrateError::Migration {
+                    source: migration::MigrationError::Failed(crate::error_chain(&e)),
+                    left,
+                },
+            });
+        }
+    };
+    // The state and the whole disk are the target's now; from here the
+    // source never resumes by itself.
+    let handed = ctl
+        .send(&migwire::Handover::Go {
+            total_ms: m.total_ms,
+            downtime_ms: m.downtime_ms,
+        })
+        .and_then(|()| ctl.expect(Reply::Running));
+    pipes.iter_mut().for_each(end);
+    if let Err(e) = handed {
+        return Err(MigrateError::Unconfirmed {
+            name: vm.name.to_string(),
+            host: ctl.host.clone(),
+            why: crate::error_chain(&e),
+        });
+    }
+    Ok(m)
+}
+
+/// After a live migration: the source's qemu (paused, its state handed
+/// over) quits, its supervisor ends without restarting it (a requested
+/// stop), and the VM's directories go.
+async fn remove_migrated(store: &Store, vm: &VmPaths) -> Result<(), MigrateError> {
+    if let Ok((q, _)) = crate::rundir::connect_ctl(vm, Duration::from_secs(5)).await {
+        let _ = q.quit().await;
+    }
+    let t = Instant::now();
+    loop {
+        if let Some(_lock) = vm.try_lock()? {
+            store.remove(vm)?;
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err(MigrateError::Start(format!(
+                "{} runs at the target, but its supervisor here did not end within 60 s: \
+                 `nox delete --force {}`",
+                vm.name, vm.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------- target
+
+/// The private directory of a migration's sockets at the target: beside
+/// the VM's run directory, which its supervisor remakes at each start.
+pub fn sockets_dir(vm: &VmPaths) -> PathBuf {
+    vm.run.with_file_name(format!(".migrate-{}", vm.name))
+}
+
+fn socket_path(vm: &VmPaths, which: &str) -> Result<PathBuf, MigrateError> {
+    match which {
+        "nbd" | "stream" => Ok(sockets_dir(vm).join(format!("{which}.sock"))),
+        _ => Err(MigrateError::Refused(format!(
+            "{which:?} is not a migration stream (nbd, stream)"
+        ))),
+    }
+}
+
+/// `nox __migrate-pipe NAME nbd|stream` (the target, run by the source over
+/// ssh): joins this process's stdin and stdout to the migration's socket.
+pub fn pipe(store: &Store, name: &VmName, which: &str) -> Result<(), MigrateError> {
+    let vm = store.vm_paths(name);
+    let path = socket_path(&vm, which)?;
+    if let Some(why) = crate::rundir::untrusted(&sockets_dir(&vm)) {
+        return Err(MigrateError::Refused(format!(
+            "{}: {why}",
+            sockets_dir(&vm).display()
+        )));
+    }
+    let sock = std::os::unix::net::UnixStream::connect(&path)
+        .map_err(ioe(format!("{}", path.display())))?;
+    let mut w = sock.try_clone().map_err(ioe("dup"))?;
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut w);
+        let _ = w.shutdown(std::net::Shutdown::Write);
+    });
+    let mut r = sock;
+    let mut out = std::io::stdout().lock();
+    let _ = std::io::copy(&mut r, &mut out);
+    let _ = out.flush();
+    Ok(())
+}
+
+/// `nox __migrate-in NAME` (the target, run by the source over ssh): the
+/// protocol of crate::migwire on stdin/stdout. Errors are also sent to the
+/// source as `Error` replies; whatever was made here is removed.
+pub async fn receive(store: &Store, name: &VmName) -> Result<(), MigrateError> {
+    let mut input = BufReader::new(std::io::stdin().lock());
+    let mut output = std::io::stdout().lock();
+    let mut made = Made::default();
+    let r = receive_on(store, name, &mut input, &mut output, &mut made).await;
+    if let Err(e) = &r {
+        let _ = migwire::send(
+            &mut output,
+            &Reply::Error {
+                message: crate::error_chain(e),
+            },
+        );
+        made.undo(store).await;
+    }
+    r
+}
+
+/// What the target made so far, for the undo.
+#[derive(Default)]
+struct Made {
+    /// The VM is in place (vms/NAME).
+    vm: Option<VmPaths>,
+    /// Its supervisor runs.
+    started: bool,
+    sockets: Option<PathBuf>,
+}
+
+impl Made {
+    async fn undo(self, store: &Store) {
+        if let Some(d) = &self.sockets {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        let Some(vm) = self.vm else { return };
+        if self.started
+            && let Ok((q, _)) = crate::rundir::connect_ctl(&vm, Duration::from_secs(2)).await
+        {
+            let _ = q.quit().await;
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_lock)) = vm.try_lock() {
+                let _ = store.remove(&vm);
+                crate::events::emit(&vm, crate::events::Kind::Deleted {});
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::warn!("{}: its supervisor did not end; not removed", vm.name);
+    }
+}
+
+async fn receive_on(
+    store: &Store,
+    name: &VmName,
+    input: &mut impl BufRead,
+    output: &mut impl Write,
+    made: &mut Made,
+) -> Result<(), MigrateError> {
+    let wire = |source| MigrateError::Wire {
+        host: "the source".into(),
+        source,
+    };
+    let hello: Hello = migwire::recv(input).map_err(wire)?;
+    if hello.version != env!("CARGO_PKG_VERSION") {
+        return Err(MigrateError::Refused(format!(
+            "this host has nox {}, the source nox {}",
+            env!("CARGO_PKG_VERSION"),
+            hello.version
+        )));
+    }
+    if &hello.spec.name != name {
+        return Err(MigrateError::Refused(format!(
+            "the VM described is {}, not {name}",
+            hello.spec.name
+        )));
+    }
+    // The name is reserved by the staging directory (a create of the same
+    // name waits or fails), and checked again at the commit.
+    let staging = store.stage(name)?;
+    let vm = store.vm_paths(name).staged(staging.path());
+    let cache = crate::image::Cache::for_store(store)?;
+    let cached = cache.get(&hello.base.digest).ok();
+    migwire::send(
+        output,
+        &Reply::Accepted {
+            need_base: cached.is_none(),
+        },
+    )
+    .map_err(wire)?;
+    let base = match cached {
+        Some(b) => b,
+        None => cache.receive(
+            input,
+            hello.base.size,
+            &hello.base.digest,
+            format!("migrated with {name}"),
+        )?,
+    };
+    let mut sums = BTreeMap::new();
+    for f in &hello.files {
+        migwire::check_file(&f.name).map_err(wire)?;
+        let path = vm.dir.join(&f.name);
+        if let Some(parent) = path.parent() {
+            store::mkdir_private(parent)?;
+        }
+        sums.insert(f.name.clone(), receive_file(input, &path, f.size)?);
+    }
+    let digests: Digests = migwire::recv(input).map_err(wire)?;
+    if digests.sha256 != sums {
+        return Err(MigrateError::Refused(
+            "the files received are not the ones sent (SHA-256 differs)".into(),
+        ));
+    }
+    let mut spec = hello.spec.clone();
+    spec.image.path = base.path.clone();
+    spec.image.format = base.format.clone();
+    store::write_json(&vm.spec(), &spec)?;
+    let programs = store.programs().map_err(StoreError::from)?;
+    match hello.mode {
+        Mode::Offline => {
+            if vm.disk().exists() {
+                // The disk's header names the source's cache: point it at
+                // this host's copy of the same base (metadata only).
+                let disk = crate::image::vmdisk::VmDisk::open(&vm.disk(), true, &programs)?;
+                let b = base.path.to_string_lossy();
+                disk.qemu_img(
+                    "rebase",
+                    &["-u", "-b", &b, "-F", &base.format],
+                    crate::image::vmdisk::Chain::Alone,
+                    &[],
+                    crate::image::vmdisk::META_TIMEOUT,
+                )?;
+            }
+            staging.commit()?;
+            migwire::send(output, &Reply::Done).map_err(wire)?;
+            Ok(())
+        }
+        Mode::Live => {
+            crate::image::create_overlay(&base, &vm.disk(), Some(spec.disk), &programs)?;
+            crate::supervisor::incoming::set(
+                &vm,
+                &crate::supervisor::incoming::Incoming {
+                    from: "nox migrate".into(),
+                },
+            )?;
+            staging.commit()?;
+            let vm = store.vm_paths(name);
+            made.vm = Some(vm.clone());
+            receive_live(&vm, input, output, made).await
+        }
+    }
+}
+
+/// Writes exactly `size` bytes from `r` into a new file `path` (0600),
+/// returning their SHA-256.
+fn receive_file(r: &mut impl Read, path: &Path, size: u64) -> Result<String, MigrateError> {
+    let shown = path.display().to_string();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(ioe(shown.clone()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let got = match r.read(&mut buf[..want]) {
+            Ok(0) => {
+                return Err(MigrateError::Wire {
+                    host: "the source".into(),
+                    source: WireError::Closed,
+                });
+            }
+            Ok(g) => g,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ioe("reading the migration channel")(e)),
+        };
+        h.update(&buf[..got]);
+        f.write_all(&buf[..got]).map_err(ioe(shown.clone()))?;
+        left -= got as u64;
+    }
+    f.sync_all().map_err(ioe(shown))?;
+    Ok(hex::encode(h.finalize()))
+}
+
+async fn receive_live(
+    vm: &VmPaths,
+    input: &mut impl BufRead,
+    output: &mut impl Write,
+    made: &mut Made,
+) -> Result<(), MigrateError> {
+    let wire = |source| MigrateError::Wire {
+        host: "the source".into(),
+        source,
+    };
+    // Listening sockets of ours, for the pipes; qemu gets descriptors.
+    let dir = sockets_dir(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+    store::mkdir_private(&dir)?;
+    made.sockets = Some(dir.clone());
+    let listen = |which: &str| -> Result<std::os::unix::net::UnixListener, MigrateError> {
+        let p = socket_path(vm, which)?;
+        std::os::unix::net::UnixListener::bind(&p).map_err(ioe(p.display().to_string()))
+    };
+    let nbd = OwnedFd::from(listen("nbd")?);
+    let stream = listen("stream")?;
+
+    made.started = true;
+    let q = start_supervisor(vm).await?;
+    migration::target_export(&q, &nbd).await.map_err(|source| {
+        MigrateError::Migration {
+            source,
+            left: vec![],
+        }
+    })?;
+    migwire::send(output, &Reply::Ready).map_err(wire)?;
+    // The source opens both pipes at once, before it copies the disk.
+    let conn = accept(&stream, Duration::from_secs(120))?;
+    migration::target_incoming(&q, &conn)
+        .await
+        .map_err(|source| MigrateError::Migration {
+            source,
+            left: vec![],
+        })?;
+    drop(conn);
+    match migwire::recv::<migwire::Handover>(input).map_err(wire)? {
+        migwire::Handover::Abort { message } => Err(MigrateError::Refused(format!(
+            "the source gave up: {message}"
+        ))),
+        migwire::Handover::Go {
+            total_ms,
+            downtime_ms,
+        } => {
+            let fail = |source| MigrateError::Migration {
+                source,
+                left: vec![],
+            };
+            migration::target_wait_loaded(&q, Duration::from_secs(120))
+                .await
+                .map_err(fail)?;
+            migration::target_resume(&q).await.map_err(fail)?;
+            tracing::info!(
+                "{} migrated in: {total_ms} ms, {downtime_ms} ms down",
+                vm.name
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+            // From here the VM is this host's: no undo.
+            migwire::send(output, &Reply::Running).map_err(wire)?;
+            Ok(())
+        }
+    }
+}
+
+fn accept(l: &std::os::unix::net::UnixListener, limit: Duration) -> Result<OwnedFd, MigrateError> {
+    l.set_nonblocking(true).map_err(ioe("listen"))?;
+    let t = Instant::now();
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).map_err(ioe("accept"))?;
+                return Ok(OwnedFd::from(s));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(ioe("accept")(e)),
+        }
+        if t.elapsed() > limit {
+            return Err(MigrateError::Refused(format!(
+                "the source did not connect its migration stream within {} s",
+                limit.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Spawns the VM's supervisor (`nox run NAME`, detached, which takes the
+/// incoming mark) and connects to its qemu's `ctl.sock` once it waits.
+async fn start_supervisor(vm: &VmPaths) -> Result<crate::qmp::Qmp, MigrateError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(vm.log())
+        .map_err(ioe(vm.log().display().to_string()))?;
+    let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
+    let exe = std::env::current_exe().map_err(ioe("this program"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("run")
+        .arg(vm.name.as_str())
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().map_err(ioe("log"))?))
+        .stderr(Stdio::from(log));
+    // SAFETY: setsid in the forked child before exec (async-signal-safe):
+    // the supervisor outlives this ssh session.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().map_err(ioe("nox run"))?;
+    let pid = child.id();
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().map_err(ioe("nox run"))? {
+            let state = crate::state::load_raw(vm)?;
+            return Err(MigrateError::Start(format!(
+                "{} ({st}): {}",
+                state.reason.unwrap_or_default(),
+                store::tail(&vm.log(), log_start, 15)
+            )));
+        }
+        let st = crate::state::load_raw(vm)?;
+        if st.pid == Some(pid)
+            && st.qemu_pid.is_some()
+            && let Ok((q, _)) = crate::rundir::connect_ctl(vm, Duration::from_secs(2)).await
+            && matches!(q.query_status().await.as_deref(), Ok("inmigrate"))
+        {
+            return Ok(q);
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            return Err(MigrateError::Start(format!(
+                "its qemu did not wait for the migration within 120 s: {}",
+                store::tail(&vm.log(), log_start, 15)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
