@@ -417,7 +417,9 @@ pub async fn migrate(
             Some(m)
         }
     };
-    crate::events::emit(&vm, crate::events::Kind::Deleted {});
+    // Nothing of the VM stays here, its event log neither (the target's
+    // log starts with its arrival).
+    let _ = std::fs::remove_file(vm.events());
     progress(Step::Removed);
     Ok(Moved {
         name: name.to_string(),
@@ -675,7 +677,8 @@ impl Made {
         while t.elapsed() < Duration::from_secs(30) {
             if let Ok(Some(_lock)) = vm.try_lock() {
                 let _ = store.remove(&vm);
-                crate::events::emit(&vm, crate::events::Kind::Deleted {});
+                // The failed attempt's events too: nothing of it stays.
+                let _ = std::fs::remove_file(vm.events());
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
