@@ -307,7 +307,12 @@ pub async fn migrate(
         Mode::Offline => vm.try_lock()?,
         Mode::Live => None,
     };
-    let facts = facts(&vm, &spec, &programs, mode == Mode::Offline && lock.is_none())?;
+    let facts = facts(
+        &vm,
+        &spec,
+        &programs,
+        mode == Mode::Offline && lock.is_none(),
+    )?;
     if let Some(why) = migwire::refusal(name, &spec, mode, &facts) {
         return Err(MigrateError::Refused(why));
     }
@@ -848,12 +853,12 @@ async fn receive_live(
 
     made.started = true;
     let q = start_supervisor(vm).await?;
-    migration::target_export(&q, &nbd).await.map_err(|source| {
-        MigrateError::Migration {
+    migration::target_export(&q, &nbd)
+        .await
+        .map_err(|source| MigrateError::Migration {
             source,
             left: vec![],
-        }
-    })?;
+        })?;
     migwire::send(output, &Reply::Ready).map_err(wire)?;
     // The source opens both pipes at once, before it copies the disk.
     let conn = accept(&stream, Duration::from_secs(120))?;

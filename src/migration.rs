@@ -105,7 +105,12 @@ pub async fn target_incoming(q: &Qmp, conn: &OwnedFd) -> Result<(), MigrationErr
     q.send_fd(STREAM_FD, conn.as_fd())
         .await
         .map_err(qmp("getfd"))?;
-    exec(q, "migrate-incoming", json!({"uri": format!("fd:{STREAM_FD}")})).await?;
+    exec(
+        q,
+        "migrate-incoming",
+        json!({"uri": format!("fd:{STREAM_FD}")}),
+    )
+    .await?;
     Ok(())
 }
 
@@ -164,7 +169,10 @@ pub async fn source_mirror(q: &Qmp, conn: &OwnedFd, limit: Duration) -> Result<(
             Some(j) if j["ready"] == true => return Ok(()),
             Some(j) if j["status"] == "concluded" || j["status"] == "aborting" => {
                 return Err(MigrationError::Mirror(
-                    j["error"].as_str().unwrap_or("ended before it was ready").into(),
+                    j["error"]
+                        .as_str()
+                        .unwrap_or("ended before it was ready")
+                        .into(),
                 ));
             }
             Some(_) => {}
@@ -203,7 +211,11 @@ pub struct Measured {
 
 /// Source: migrates the guest into `conn` (connected) and waits until qemu
 /// completes (the source guest is then paused, its disk released).
-pub async fn source_migrate(q: &Qmp, conn: &OwnedFd, limit: Duration) -> Result<Measured, MigrationError> {
+pub async fn source_migrate(
+    q: &Qmp,
+    conn: &OwnedFd,
+    limit: Duration,
+) -> Result<Measured, MigrationError> {
     // qemu's default cap (128 MiB/s) would make a busy guest's migration
     // slower than the link; the link (ssh) is the limit.
     exec(
@@ -229,7 +241,10 @@ pub async fn source_migrate(q: &Qmp, conn: &OwnedFd, limit: Duration) -> Result<
             }
             "failed" | "cancelled" => {
                 return Err(MigrationError::Failed(
-                    r["error-desc"].as_str().unwrap_or("qemu gave no reason").into(),
+                    r["error-desc"]
+                        .as_str()
+                        .unwrap_or("qemu gave no reason")
+                        .into(),
                 ));
             }
             _ => {}
@@ -299,7 +314,12 @@ pub async fn source_rollback(q: &Qmp) -> Vec<String> {
     }
     if let Ok(Some(_)) = mirror_job(q).await {
         // force: a mirror to a target that is gone cannot flush.
-        let _ = exec(q, "block-job-cancel", json!({"device": MIRROR_JOB, "force": true})).await;
+        let _ = exec(
+            q,
+            "block-job-cancel",
+            json!({"device": MIRROR_JOB, "force": true}),
+        )
+        .await;
         if let Err(e) = wait_mirror_gone(q, Duration::from_secs(60)).await {
             left.push(crate::error_chain(&e));
         }
@@ -319,7 +339,10 @@ pub async fn source_rollback(q: &Qmp) -> Vec<String> {
         // its disk released: `cont` takes the disk back and runs it.
         Ok(s) if matches!(s.as_str(), "postmigrate" | "finish-migrate" | "paused") => {
             if let Err(e) = exec(q, "cont", Value::Null).await {
-                left.push(format!("the guest stays paused ({s}): {}", crate::error_chain(&e)));
+                left.push(format!(
+                    "the guest stays paused ({s}): {}",
+                    crate::error_chain(&e)
+                ));
             }
         }
         Ok(_) => {}

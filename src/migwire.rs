@@ -94,14 +94,18 @@ pub struct Hello {
 pub enum Reply {
     /// The name is free and the VM acceptable: send the base's bytes first
     /// when `need_base`.
-    Accepted { need_base: bool },
+    Accepted {
+        need_base: bool,
+    },
     /// Offline: the VM is in place at the target.
     Done,
     /// Live: the target's qemu waits for the disk (NBD) and the state.
     Ready,
     /// Live: the target's guest runs.
     Running,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// Sent after the files: the SHA-256 (hex) of each, by name.
@@ -266,7 +270,10 @@ pub fn refusal(name: &VmName, spec: &VmSpec, mode: Mode, f: &Facts) -> Option<St
                 ));
             }
             if f.efi_vars {
-                why.push("it has UEFI variables (a writable flash store): stop it and use --offline".into());
+                why.push(
+                    "it has UEFI variables (a writable flash store): stop it and use --offline"
+                        .into(),
+                );
             }
             if !spec.devices.is_empty() {
                 why.push("it holds host devices (--device), which stay with this host".into());
@@ -305,19 +312,33 @@ mod tests {
     fn messages_round_trip_one_per_line() {
         let mut buf = vec![];
         send(&mut buf, &Reply::Accepted { need_base: true }).unwrap();
-        send(&mut buf, &Reply::Error { message: "no\nroom".into() }).unwrap();
+        send(
+            &mut buf,
+            &Reply::Error {
+                message: "no\nroom".into(),
+            },
+        )
+        .unwrap();
         assert_eq!(buf.iter().filter(|b| **b == b'\n').count(), 2);
         let mut r = std::io::Cursor::new(buf);
-        assert_eq!(recv::<Reply>(&mut r).unwrap(), Reply::Accepted { need_base: true });
         assert_eq!(
             recv::<Reply>(&mut r).unwrap(),
-            Reply::Error { message: "no\nroom".into() }
+            Reply::Accepted { need_base: true }
+        );
+        assert_eq!(
+            recv::<Reply>(&mut r).unwrap(),
+            Reply::Error {
+                message: "no\nroom".into()
+            }
         );
         assert!(matches!(recv::<Reply>(&mut r), Err(WireError::Closed)));
         let mut half = std::io::Cursor::new(b"{\"reply\":".to_vec());
         assert!(matches!(recv::<Reply>(&mut half), Err(WireError::Closed)));
         let mut bad = std::io::Cursor::new(b"{\"reply\":\"nope\"}\n".to_vec());
-        assert!(matches!(recv::<Reply>(&mut bad), Err(WireError::Bad { .. })));
+        assert!(matches!(
+            recv::<Reply>(&mut bad),
+            Err(WireError::Bad { .. })
+        ));
     }
 
     #[test]
@@ -333,7 +354,14 @@ mod tests {
             check_file(f).unwrap();
         }
         check_file("disks/data.qcow2").unwrap();
-        for bad in ["../x", "spec.json", "state.json", "disks/../../x.qcow2", "/etc/passwd", "disks/a/b.qcow2"] {
+        for bad in [
+            "../x",
+            "spec.json",
+            "state.json",
+            "disks/../../x.qcow2",
+            "/etc/passwd",
+            "disks/a/b.qcow2",
+        ] {
             assert!(check_file(bad).is_err(), "{bad}");
         }
     }
@@ -362,16 +390,28 @@ mod tests {
             enabled: true,
             ..running.clone()
         };
-        assert!(refusal(&n, &s, Mode::Live, &enabled).unwrap().contains("nox disable web"));
+        assert!(
+            refusal(&n, &s, Mode::Live, &enabled)
+                .unwrap()
+                .contains("nox disable web")
+        );
         let warm = Facts {
             warm_pending: true,
             ..Facts::default()
         };
-        assert!(refusal(&n, &s, Mode::Offline, &warm).unwrap().contains("warm template"));
+        assert!(
+            refusal(&n, &s, Mode::Offline, &warm)
+                .unwrap()
+                .contains("warm template")
+        );
         let ram = Facts {
             warm_ram: true,
             ..running
         };
-        assert!(refusal(&n, &s, Mode::Live, &ram).unwrap().contains("RAM image"));
+        assert!(
+            refusal(&n, &s, Mode::Live, &ram)
+                .unwrap()
+                .contains("RAM image")
+        );
     }
 }

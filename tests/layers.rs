@@ -52,7 +52,10 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("supervisor", &["supervisor"]),
-    ("ops", &["vm", "snapshot", "clone", "template", "migrate", "ops"]),
+    (
+        "ops",
+        &["vm", "snapshot", "clone", "template", "migrate", "ops"],
+    ),
     ("cli", &["cli"]),
 ];
 

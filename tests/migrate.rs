@@ -35,7 +35,16 @@ fn free_port() -> u16 {
 
 fn keygen(path: &Path) {
     let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "nox-migrate-test", "-f"])
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "nox-migrate-test",
+            "-f",
+        ])
         .arg(path)
         .status()
         .unwrap();
@@ -97,7 +106,11 @@ impl Sshd {
         )
         .unwrap();
         let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
-        std::fs::write(d.join("known_hosts"), format!("[127.0.0.1]:{port} {host_pub}")).unwrap();
+        std::fs::write(
+            d.join("known_hosts"),
+            format!("[127.0.0.1]:{port} {host_pub}"),
+        )
+        .unwrap();
         std::fs::write(
             d.join("ssh_config"),
             format!(
@@ -136,7 +149,10 @@ impl Sshd {
             if let Ok(Some(st)) = s.child.try_wait() {
                 panic!("sshd exited: {st}");
             }
-            assert!(t0.elapsed() < Duration::from_secs(10), "sshd did not listen");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "sshd did not listen"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Some(s)
@@ -222,7 +238,13 @@ fn offline_moves_and_refusals_without_a_guest() {
     let url = sshd.url();
     let img = small_image(&src).unwrap();
     src.ok(&[
-        "create", "web", "--image", img.to_str().unwrap(), "--network", "user", "--no-start",
+        "create",
+        "web",
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--no-start",
     ]);
     let before = src.info("web");
     let key = std::fs::read(src.path().join("vms/web/ssh_host_ed25519_key")).unwrap();
@@ -234,7 +256,11 @@ fn offline_moves_and_refusals_without_a_guest() {
     // A stopped VM does not move live.
     let o = src.nox(&["migrate", "web", "--to", &url]);
     assert_eq!(code(&o), Some(1));
-    assert!(stderr(&o).contains("is not running: move it with --offline"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is not running: move it with --offline"),
+        "{}",
+        stderr(&o)
+    );
     // An unreachable host: 255, as --host.
     let closed = format!("ssh://root@127.0.0.1:{}", free_port());
     let o = src.nox(&["migrate", "web", "--offline", "--to", &closed]);
@@ -242,15 +268,29 @@ fn offline_moves_and_refusals_without_a_guest() {
     assert!(stderr(&o).contains("cannot reach"), "{}", stderr(&o));
     // The name is taken at the target.
     dst.ok(&[
-        "create", "web", "--image", img.to_str().unwrap(), "--network", "user", "--no-start",
+        "create",
+        "web",
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--no-start",
     ]);
     let o = src.nox(&["migrate", "web", "--offline", "--to", &url]);
     assert_eq!(code(&o), Some(1));
-    assert!(stderr(&o).contains("already exists") || stderr(&o).contains("exists"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("already exists") || stderr(&o).contains("exists"),
+        "{}",
+        stderr(&o)
+    );
     dst.ok(&["delete", "web"]);
     dst.ok(&["image", "prune"]);
     assert!(traces(&dst, "web").is_empty(), "{:?}", traces(&dst, "web"));
-    assert_eq!(src.info("web")["state"], "stopped", "the source is untouched");
+    assert_eq!(
+        src.info("web")["state"],
+        "stopped",
+        "the source is untouched"
+    );
 
     // Offline, there and back.
     let out = src.ok(&["migrate", "web", "--offline", "--to", &url, "--json"]);
@@ -309,7 +349,11 @@ fn running_here(src: &Home, dst: &Home, pid: &str, why: &str) {
         !dst.path().join("events/mig.jsonl").exists(),
         "{why}: the target keeps an event log of the attempt"
     );
-    assert_eq!(src.info("mig")["state"], "running", "{why}: the VM runs at the source");
+    assert_eq!(
+        src.info("mig")["state"],
+        "running",
+        "{why}: the VM runs at the source"
+    );
     assert!(alive(src, pid).contains("ticks"), "{why}: the process runs");
     assert!(
         traces(dst, "mig").is_empty(),
@@ -330,8 +374,8 @@ fn pipe_pids(home: &Path, which: &str) -> Vec<i32> {
         let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
         let words: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
         let home_var = format!("NOX_HOME={}", home.display());
-        if words.iter().any(|w| *w == b"__migrate-pipe")
-            && words.iter().any(|w| *w == which.as_bytes())
+        if words.contains(&&b"__migrate-pipe"[..])
+            && words.contains(&which.as_bytes())
             && env.split(|b| *b == 0).any(|v| v == home_var.as_bytes())
         {
             out.push(pid);
@@ -352,7 +396,13 @@ impl Tmpfs {
             .unwrap()
             .keep();
         let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(&d)
             .status()
             .unwrap();
@@ -383,8 +433,21 @@ fn a_booted_guest_moves_live_and_back() {
     let mut check = Check::start("boot");
     let t0 = Instant::now();
     src.ok(&[
-        "create", "mig", "--image", img.to_str().unwrap(), "--accel", "tcg", "--cpus", "1",
-        "--memory", "1G", "--disk", "4G", "--wait", "--timeout", "1200",
+        "create",
+        "mig",
+        "--image",
+        img.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--cpus",
+        "1",
+        "--memory",
+        "1G",
+        "--disk",
+        "4G",
+        "--wait",
+        "--timeout",
+        "1200",
     ]);
     eprintln!("MEASURE boot: {:?}", t0.elapsed());
     let mac = src.info("mig")["mac"].clone();
@@ -404,7 +467,10 @@ fn a_booted_guest_moves_live_and_back() {
         let bad = Home::new();
         let fake = bad.path().join("fake-qemu");
         write_exec(&fake, "#!/bin/sh\necho 'fake qemu refuses' >&2\nexit 1\n");
-        write_config(&bad, serde_json::json!({"binaries": {"qemu-system-x86_64": fake}}));
+        write_config(
+            &bad,
+            serde_json::json!({"binaries": {"qemu-system-x86_64": fake}}),
+        );
         sshd.join(&mut src, &bad);
         let o = src.nox(&["migrate", "mig", "--to", &url]);
         assert_eq!(code(&o), Some(1), "{}", stderr(&o));
@@ -453,7 +519,10 @@ fn a_booted_guest_moves_live_and_back() {
             if !p.is_empty() {
                 break p;
             }
-            assert!(t.elapsed() < Duration::from_secs(120), "no migration stream appeared");
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "no migration stream appeared"
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         std::thread::sleep(Duration::from_millis(300));
@@ -464,7 +533,9 @@ fn a_booted_guest_moves_live_and_back() {
         eprintln!("{}", stderr(&o));
         assert_eq!(code(&o), Some(1), "{}", stderr(&o));
         assert!(stderr(&o).contains("keeps running here"), "{}", stderr(&o));
-        wait_for("the target to clean up", 60, || traces(&dst, "mig").is_empty());
+        wait_for("the target to clean up", 60, || {
+            traces(&dst, "mig").is_empty()
+        });
         running_here(&src, &dst, &pid, "network cut");
     }
 
@@ -481,10 +552,21 @@ fn a_booted_guest_moves_live_and_back() {
         m["migration"]["ram_bytes"].as_u64().unwrap_or(0) >> 20
     );
     assert_eq!(m["mode"], "live");
-    assert_eq!(src.ok(&["list", "--json"]), "[]\n", "gone from the source's list");
+    assert_eq!(
+        src.ok(&["list", "--json"]),
+        "[]\n",
+        "gone from the source's list"
+    );
     assert!(traces(&src, "mig").is_empty(), "{:?}", traces(&src, "mig"));
-    assert!(!src.path().join("events/mig.jsonl").exists(), "the source's event log");
-    assert!(qemu_pids("mig").len() == 1, "one qemu left: {:?}", qemu_pids("mig"));
+    assert!(
+        !src.path().join("events/mig.jsonl").exists(),
+        "the source's event log"
+    );
+    assert!(
+        qemu_pids("mig").len() == 1,
+        "one qemu left: {:?}",
+        qemu_pids("mig")
+    );
     let there = dst.info("mig");
     assert_eq!(there["state"], "running");
     assert_eq!(there["mac"], mac);
@@ -494,7 +576,14 @@ fn a_booted_guest_moves_live_and_back() {
     assert!(a.contains("ticks"), "{a}");
     std::thread::sleep(Duration::from_secs(2));
     let b = alive(&dst, &pid);
-    let n = |s: &str| s.lines().last().unwrap_or("0").trim().parse::<u64>().unwrap_or(0);
+    let n = |s: &str| {
+        s.lines()
+            .last()
+            .unwrap_or("0")
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
     assert!(n(&b) > n(&a), "the process still writes: {a} then {b}");
 
     check.next("offline back");

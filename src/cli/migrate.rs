@@ -10,7 +10,13 @@ use crate::migwire::Mode;
 use crate::remote::Host;
 use crate::store::Store;
 
-pub async fn migrate(store: &Store, name: &VmName, to: &Host, offline: bool, json: bool) -> Result<i32> {
+pub async fn migrate(
+    store: &Store,
+    name: &VmName,
+    to: &Host,
+    offline: bool,
+    json: bool,
+) -> Result<i32> {
     let mode = if offline { Mode::Offline } else { Mode::Live };
     let mut progress = |s: Step| {
         let line = match s {

@@ -13,8 +13,8 @@
 mod catalog;
 mod download;
 pub mod extra;
-mod receive;
 pub(crate) mod probe;
+mod receive;
 mod verify;
 pub mod vmdisk;
 
