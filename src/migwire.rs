@@ -302,7 +302,7 @@ mod tests {
         serde_json::from_value(serde_json::json!({
             "name": "web", "image": {"source": "x", "digest": "sha256:00", "path": "/b", "format": "qcow2"},
             "arch": "amd64", "cpus": 1, "memory": 536870912u64, "disk": 4294967296u64, "user": "debian",
-            "accel": "auto", "network": "user", "mac": "52:54:00:12:34:56",
+            "accel": "auto", "network": {"mode": "user"}, "mac": "52:54:00:12:34:56",
             "ssh_authorized_keys": [], "stop_timeout": 60, "created": 0
         }))
         .unwrap()
