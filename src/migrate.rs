@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -55,6 +55,10 @@ pub enum MigrateError {
     },
     #[error("{host} refused: {message}")]
     Target { host: String, message: String },
+    #[error("the migration channel to {host} broke: {said}")]
+    Lost { host: String, said: String },
+    #[error("{0}")]
+    Incoming(#[source] migration::MigrationError),
     #[error("{what}")]
     Io {
         what: String,
@@ -193,7 +197,7 @@ impl Ssh {
             .command(&["__migrate-pipe", name.as_str(), which], true)?
             .stdin(Stdio::from(dup))
             .stdout(Stdio::from(theirs))
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .map_err(MigrateError::Ssh)?;
         Ok((child, OwnedFd::from(ours)))
@@ -252,9 +256,20 @@ impl Control {
                 source: e,
             };
         }
-        MigrateError::Target {
+        MigrateError::Lost {
             host: self.host.clone(),
-            message: said.replace('\n', "; "),
+            said: said.replace('\n', "; "),
+        }
+    }
+
+    /// Waits (at most `limit`) for the other side to end the session.
+    fn wait_end(&mut self, limit: Duration) {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -542,6 +557,8 @@ async fn live(
             );
             let left = migration::source_rollback(&q).await;
             pipes.iter_mut().for_each(end);
+            // The target undoes what it made, then ends its session.
+            ctl.wait_end(Duration::from_secs(90));
             return Err(match e {
                 MigrateError::Migration { source, .. } => MigrateError::Migration { source, left },
                 e if left.is_empty() => e,
@@ -561,6 +578,15 @@ async fn live(
         })
         .and_then(|()| ctl.expect(Reply::Running));
     pipes.iter_mut().for_each(end);
+    if let Err(e @ MigrateError::Target { .. }) = handed {
+        // The target said it failed, after removing all it made (it
+        // undoes before it answers): the guest is this host's again.
+        let left = migration::source_rollback(&q).await;
+        return Err(MigrateError::Migration {
+            source: migration::MigrationError::Failed(crate::error_chain(&e)),
+            left,
+        });
+    }
     if let Err(e) = handed {
         return Err(MigrateError::Unconfirmed {
             name: vm.name.to_string(),
@@ -626,15 +652,39 @@ pub fn pipe(store: &Store, name: &VmName, which: &str) -> Result<(), MigrateErro
     let sock = std::os::unix::net::UnixStream::connect(&path)
         .map_err(ioe(format!("{}", path.display())))?;
     let mut w = sock.try_clone().map_err(ioe("dup"))?;
+    // The raw descriptors: std's stdout buffers by line, which would hold
+    // a binary stream's bytes back.
+    let (stdin, stdout) = (
+        std::io::stdin().as_fd().try_clone_to_owned(),
+        std::io::stdout().as_fd().try_clone_to_owned(),
+    );
+    let mut stdin = std::fs::File::from(stdin.map_err(ioe("stdin"))?);
+    let mut stdout = std::fs::File::from(stdout.map_err(ioe("stdout"))?);
     std::thread::spawn(move || {
-        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut w);
+        let _ = shovel(&mut stdin, &mut w);
         let _ = w.shutdown(std::net::Shutdown::Write);
     });
     let mut r = sock;
-    let mut out = std::io::stdout().lock();
-    let _ = std::io::copy(&mut r, &mut out);
-    let _ = out.flush();
+    let _ = shovel(&mut r, &mut stdout);
     Ok(())
+}
+
+/// Copies until end of file with read and write: `std::io::copy` would
+/// splice(2) between these descriptors, and spliced bytes were seen lost
+/// on sshd's pipes.
+fn shovel(r: &mut impl Read, w: &mut impl Write) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut n = 0u64;
+    loop {
+        let got = match r.read(&mut buf) {
+            Ok(0) => return Ok(n),
+            Ok(g) => g,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..got])?;
+        n += got as u64;
+    }
 }
 
 /// `nox __migrate-in NAME` (the target, run by the source over ssh): the
@@ -646,13 +696,15 @@ pub async fn receive(store: &Store, name: &VmName) -> Result<(), MigrateError> {
     let mut made = Made::default();
     let r = receive_on(store, name, &mut input, &mut output, &mut made).await;
     if let Err(e) = &r {
+        // Undone first: when the source hears of the failure, nothing of
+        // the VM is left here.
+        made.undo(store).await;
         let _ = migwire::send(
             &mut output,
             &Reply::Error {
                 message: crate::error_chain(e),
             },
         );
-        made.undo(store).await;
     }
     r
 }
@@ -855,19 +907,13 @@ async fn receive_live(
     let q = start_supervisor(vm).await?;
     migration::target_export(&q, &nbd)
         .await
-        .map_err(|source| MigrateError::Migration {
-            source,
-            left: vec![],
-        })?;
+        .map_err(MigrateError::Incoming)?;
     migwire::send(output, &Reply::Ready).map_err(wire)?;
     // The source opens both pipes at once, before it copies the disk.
     let conn = accept(&stream, Duration::from_secs(120))?;
     migration::target_incoming(&q, &conn)
         .await
-        .map_err(|source| MigrateError::Migration {
-            source,
-            left: vec![],
-        })?;
+        .map_err(MigrateError::Incoming)?;
     drop(conn);
     match migwire::recv::<migwire::Handover>(input).map_err(wire)? {
         migwire::Handover::Abort { message } => Err(MigrateError::Refused(format!(
@@ -877,10 +923,7 @@ async fn receive_live(
             total_ms,
             downtime_ms,
         } => {
-            let fail = |source| MigrateError::Migration {
-                source,
-                left: vec![],
-            };
+            let fail = MigrateError::Incoming;
             migration::target_wait_loaded(&q, Duration::from_secs(120))
                 .await
                 .map_err(fail)?;

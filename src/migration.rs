@@ -52,6 +52,8 @@ pub const NBD_NODE: &str = "nox-mig-nbd";
 pub const MIRROR_JOB: &str = "nox-mig-mirror";
 pub const EXPORT_ID: &str = "nox-mig";
 pub const EXPORT_NAME: &str = "disk0";
+/// How long the NBD handshake may take through a new ssh session.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The VM's disk as its argv names it (`-drive id=disk0`).
 const DISK: &str = "disk0";
 
@@ -137,7 +139,14 @@ pub async fn target_wait_loaded(q: &Qmp, limit: Duration) -> Result<(), Migratio
 
 /// Target: the disk is complete: stops serving it and runs the guest.
 pub async fn target_resume(q: &Qmp) -> Result<(), MigrationError> {
-    exec(q, "block-export-del", json!({"id": EXPORT_ID})).await?;
+    // hard: the source's NBD client is done (its mirror ended before it
+    // said go) but its connection may not have closed yet.
+    exec(
+        q,
+        "block-export-del",
+        json!({"id": EXPORT_ID, "mode": "hard"}),
+    )
+    .await?;
     exec(q, "nbd-server-stop", Value::Null).await?;
     exec(q, "cont", Value::Null).await?;
     Ok(())
@@ -149,13 +158,16 @@ pub async fn source_mirror(q: &Qmp, conn: &OwnedFd, limit: Duration) -> Result<(
     q.send_fd(NBD_FD, conn.as_fd())
         .await
         .map_err(qmp("getfd"))?;
-    exec(
-        q,
+    // The NBD handshake crosses the ssh session just started (a login,
+    // the remote nox): longer than a local command.
+    q.execute_raw(
         "blockdev-add",
         json!({"driver": "nbd", "node-name": NBD_NODE,
                "server": {"type": "fd", "str": NBD_FD}, "export": EXPORT_NAME}),
+        CONNECT_TIMEOUT,
     )
-    .await?;
+    .await
+    .map_err(qmp("blockdev-add"))?;
     exec(
         q,
         "blockdev-mirror",

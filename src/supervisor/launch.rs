@@ -214,7 +214,17 @@ pub(super) async fn launch(
     if let Some(inc) = super::incoming::take(vm)? {
         info!("waiting for {} to migrate in from {}", spec.name, inc.from);
         let mut live = spawn_connected(
-            vm, spec, accel, &binary, &firmware, direct.clone(), &jail, log, rec, None, true,
+            vm,
+            spec,
+            accel,
+            &binary,
+            &firmware,
+            direct.clone(),
+            &jail,
+            log,
+            rec,
+            None,
+            true,
         )
         .await?;
         live.watch = timeline::Watch::new("migrated", None, 0);
