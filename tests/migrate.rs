@@ -488,7 +488,11 @@ fn a_booted_guest_moves_live_and_back() {
         src.env.push(("NOX_REMOTE_BIN".into(), remote_bin(&fs.0)));
         let o = src.nox(&["migrate", "mig", "--to", &url]);
         assert_eq!(code(&o), Some(1), "{}", stderr(&o));
-        assert!(stderr(&o).contains("No space left"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("No space left") || stderr(&o).contains("disk full"),
+            "{}",
+            stderr(&o)
+        );
         for sub in ["vms", "images/tmp", "images/blobs", "run"] {
             let left: Vec<_> = std::fs::read_dir(fs.0.join(sub))
                 .map(|d| d.flatten().map(|e| e.file_name()).collect())
@@ -597,10 +601,11 @@ fn a_booted_guest_moves_live_and_back() {
     check.next("done");
 }
 
-/// The live path end to end on a guest with nothing to boot (a blank disk:
-/// the firmware spins), fast enough to run without the test image: the
-/// target's qemu waits, the disk is mirrored, the state migrated, the
-/// source removed; then the source's name is free to come back.
+/// The live path end to end on a guest with nothing to boot (its disk has
+/// no OS: the firmware spins), fast enough to run without the test image:
+/// first the interrupted cases (each leaves it running here, nothing
+/// there), then the move (the target's qemu waits, the disk is mirrored,
+/// the state migrated, the source removed), then back.
 #[test]
 fn live_moves_a_firmware_only_guest() {
     if !prereq(
@@ -615,7 +620,26 @@ fn live_moves_a_firmware_only_guest() {
     sshd.join(&mut src, &dst);
     sshd.join(&mut dst, &src);
     let url = sshd.url();
-    let img = small_image(&src).unwrap();
+    // 8 MiB of data in the base, so that a 4 MiB target is full.
+    let img = src.path().join("data.qcow2");
+    assert!(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("1G")
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        Command::new("qemu-io")
+            .args(["-c", "write -P 0x5a 0 8M"])
+            .arg(&img)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    );
     src.ok(&[
         "create",
         "blank",
@@ -629,7 +653,86 @@ fn live_moves_a_firmware_only_guest() {
         "256M",
     ]);
     let mac = src.info("blank")["mac"].clone();
-    assert_eq!(src.info("blank")["state"], "running");
+    let still_here = |src: &Home, dst: &Path, why: &str| {
+        assert_eq!(src.info("blank")["state"], "running", "{why}");
+        for sub in ["vms", "run", "images/tmp"] {
+            let left: Vec<_> = std::fs::read_dir(dst.join(sub))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(
+                left.is_empty(),
+                "{why}: left in the target's {sub}: {left:?}"
+            );
+        }
+        assert!(
+            !dst.join("events/blank.jsonl").exists(),
+            "{why}: an event log left"
+        );
+    };
+
+    // The target's qemu refuses to start.
+    let bad = Home::new();
+    let fake = bad.path().join("fake-qemu");
+    write_exec(&fake, "#!/bin/sh\necho 'fake qemu refuses' >&2\nexit 1\n");
+    write_config(
+        &bad,
+        serde_json::json!({"binaries": {"qemu-system-x86_64": fake}}),
+    );
+    sshd.join(&mut src, &bad);
+    let o = src.nox(&["migrate", "blank", "--to", &url]);
+    assert_eq!(code(&o), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("refused: "), "{}", stderr(&o));
+    still_here(&src, bad.path(), "target qemu refusing");
+
+    // The target is full (a 4 MiB tmpfs as its state directory).
+    let fs = Tmpfs::new("4m");
+    track_home(&fs.0);
+    src.env.retain(|(k, _)| k != "NOX_REMOTE_BIN");
+    src.env.push(("NOX_REMOTE_BIN".into(), remote_bin(&fs.0)));
+    let o = src.nox(&["migrate", "blank", "--to", &url]);
+    assert_eq!(code(&o), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("No space left") || stderr(&o).contains("disk full"),
+        "{}",
+        stderr(&o)
+    );
+    still_here(&src, &fs.0, "target full");
+    drop(fs);
+
+    // The stream's ssh cut as it starts.
+    sshd.join(&mut src, &dst);
+    let child = Command::new(env!("CARGO_BIN_EXE_nox"))
+        .args(["migrate", "blank", "--to", &url])
+        .env("NOX_HOME", src.path())
+        .env("HOME", src.path().join("home"))
+        .env_remove("NOX_HOST")
+        .envs(src.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let pids = loop {
+        let p = pipe_pids(dst.path(), "stream");
+        if !p.is_empty() {
+            break p;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no migration stream appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    for p in pids {
+        signal(p as u64, nix::sys::signal::Signal::SIGKILL);
+    }
+    let o = child.wait_with_output().unwrap();
+    eprintln!("network cut: {}", stderr(&o));
+    assert_eq!(code(&o), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("keeps running here"), "{}", stderr(&o));
+    still_here(&src, dst.path(), "network cut");
+
     let out = src.ok(&["migrate", "blank", "--to", &url, "--json"]);
     let m: serde_json::Value = serde_json::from_str(&out).unwrap();
     eprintln!(
@@ -638,13 +741,15 @@ fn live_moves_a_firmware_only_guest() {
         m["took_ms"], m["migration"]["total_ms"], m["migration"]["downtime_ms"]
     );
     assert_eq!(m["mode"], "live");
-    assert_eq!(m["base_sent"], true);
+    // The cut attempt's base arrived whole and verified: it stays cached.
+    assert_eq!(m["base_sent"], false);
     assert_eq!(src.ok(&["list", "--json"]), "[]\n");
     assert!(
         traces(&src, "blank").is_empty(),
         "{:?}",
         traces(&src, "blank")
     );
+    assert!(!src.path().join("events/blank.jsonl").exists());
     let there = dst.info("blank");
     assert_eq!(there["state"], "running", "{there}");
     assert_eq!(there["mac"], mac);

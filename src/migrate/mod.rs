@@ -93,7 +93,7 @@ pub enum MigrateError {
         host: String,
         why: String,
     },
-    #[error("the target's supervisor")]
+    #[error("the target's supervisor: {0}")]
     Start(String),
 }
 
@@ -247,6 +247,8 @@ impl Control {
     /// A broken channel, with what the other side said on stderr (ssh's
     /// own error, the remote nox's `error: …`) once it has ended.
     fn lost(&mut self, e: WireError) -> MigrateError {
+        // The other side undoes what it made before it ends: wait for it.
+        self.wait_end(Duration::from_secs(90));
         let _ = self.child.kill();
         let _ = self.child.wait();
         let mut err = String::new();

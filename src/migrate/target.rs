@@ -306,8 +306,20 @@ async fn receive_live(
         .await
         .map_err(MigrateError::Incoming)?;
     migwire::send(output, &Reply::Ready).map_err(wire)?;
-    // The source opens both pipes at once, before it copies the disk.
-    let conn = accept(&stream, Duration::from_secs(120))?;
+    // The source opens both pipes at once, before it copies the disk; if
+    // it gives up meanwhile, its word (or the channel's end) comes first.
+    let Some(conn) = accept(&stream, Duration::from_secs(120), 0)? else {
+        return Err(
+            match migwire::recv::<migwire::Handover>(input).map_err(wire)? {
+                migwire::Handover::Abort { message } => {
+                    MigrateError::Refused(format!("the source gave up: {message}"))
+                }
+                other => MigrateError::Refused(format!(
+                    "the source sent {other:?} before its migration stream"
+                )),
+            },
+        );
+    };
     migration::target_incoming(&q, &conn)
         .await
         .map_err(MigrateError::Incoming)?;
@@ -337,14 +349,21 @@ async fn receive_live(
     }
 }
 
-fn accept(l: &std::os::unix::net::UnixListener, limit: Duration) -> Result<OwnedFd, MigrateError> {
+/// The next connection on `l`, or None as soon as the descriptor
+/// `control` (the source's channel) has something to say.
+fn accept(
+    l: &std::os::unix::net::UnixListener,
+    limit: Duration,
+    control: std::os::fd::RawFd,
+) -> Result<Option<OwnedFd>, MigrateError> {
+    use std::os::fd::AsRawFd;
     l.set_nonblocking(true).map_err(ioe("listen"))?;
     let t = Instant::now();
     loop {
         match l.accept() {
             Ok((s, _)) => {
                 s.set_nonblocking(false).map_err(ioe("accept"))?;
-                return Ok(OwnedFd::from(s));
+                return Ok(Some(OwnedFd::from(s)));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(ioe("accept")(e)),
@@ -355,7 +374,25 @@ fn accept(l: &std::os::unix::net::UnixListener, limit: Duration) -> Result<Owned
                 limit.as_secs()
             )));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        use nix::libc::{POLLIN, poll, pollfd};
+        let mut fds = [
+            pollfd {
+                fd: l.as_raw_fd(),
+                events: POLLIN,
+                revents: 0,
+            },
+            pollfd {
+                fd: control,
+                events: POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll(2) on an array of ours, for its length; no memory
+        // is kept past the call.
+        unsafe { poll(fds.as_mut_ptr(), 2, 200) };
+        if fds[1].revents != 0 {
+            return Ok(None);
+        }
     }
 }
 
