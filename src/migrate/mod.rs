@@ -34,7 +34,6 @@ use crate::ident::VmName;
 use crate::migration::{self, Measured};
 use crate::migwire::{self, Base, Digests, FileEntry, Hello, Mode, Reply, WireError};
 use crate::remote::{self, Host, Session};
-use crate::spec::VmSpec;
 use crate::store::{Store, StoreError, VmPaths};
 
 mod target;
@@ -328,12 +327,7 @@ pub async fn migrate(
         Mode::Offline => vm.try_lock()?,
         Mode::Live => None,
     };
-    let facts = facts(
-        &vm,
-        &spec,
-        &programs,
-        mode == Mode::Offline && lock.is_none(),
-    )?;
+    let facts = facts(&vm, &programs, mode == Mode::Offline && lock.is_none())?;
     if let Some(why) = migwire::refusal(name, &spec, mode, &facts) {
         return Err(MigrateError::Refused(why));
     }
@@ -461,7 +455,6 @@ pub async fn migrate(
 /// What the source knows of the VM beyond its spec.
 fn facts(
     vm: &VmPaths,
-    spec: &VmSpec,
     programs: &crate::trust::Programs,
     locked_elsewhere: bool,
 ) -> Result<migwire::Facts, MigrateError> {
@@ -475,7 +468,6 @@ fn facts(
         && std::fs::read_to_string(vm.qemu_argv())
             .map(|a| a.contains("memory-backend-file"))
             .unwrap_or(false);
-    let _ = spec;
     Ok(migwire::Facts {
         running,
         enabled: crate::systemd::is_enabled(vm.name.as_str(), programs),
