@@ -141,6 +141,28 @@ pub enum Cmd {
         #[arg(long, value_name = "[ADDR:]PORT")]
         ready_listen: Option<crate::supervisor::probe::ReadyAddr>,
     },
+    /// Move a VM to another host's nox over ssh: live (memory and disk
+    /// copied while the guest runs) when it runs; --offline for a stopped
+    /// one. It keeps its MAC, keys and pinned host key; the source's copy
+    /// goes once the target has it
+    Migrate {
+        name: VmName,
+        /// The target host (ssh as for --host: BatchMode, your keys and
+        /// config; the same nox version there)
+        #[arg(long, value_name = "ssh://[USER@]HOST[:PORT]")]
+        to: crate::model::remote::Host,
+        /// Move a stopped VM (its disks copied), instead of a running one
+        #[arg(long)]
+        offline: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The target side of `nox migrate` (run by the source over ssh)
+    #[command(name = "__migrate-in", hide = true)]
+    MigrateIn { name: VmName },
+    /// A stream of `nox migrate` joined to stdio (run by the source over ssh)
+    #[command(name = "__migrate-pipe", hide = true)]
+    MigratePipe { name: VmName, which: String },
     /// systemd integration
     #[command(subcommand)]
     Systemd(SystemdCmd),

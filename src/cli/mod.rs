@@ -11,6 +11,7 @@ mod args;
 mod complete;
 mod doctor;
 mod image;
+mod migrate;
 mod pipe;
 mod remote;
 mod render;
@@ -142,6 +143,14 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             timeout,
         ),
         Cmd::Run { name, ready_listen } => verbs::run(s, &name, ready_listen).await,
+        Cmd::Migrate {
+            name,
+            to,
+            offline,
+            json,
+        } => migrate::migrate(s, &name, &to, offline, json).await,
+        Cmd::MigrateIn { name } => migrate::migrate_in(s, &name).await,
+        Cmd::MigratePipe { name, which } => migrate::pipe(s, &name, &which),
         Cmd::Set(a) => verbs::set(s, &a),
         Cmd::Cp {
             recursive,

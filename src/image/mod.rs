@@ -14,6 +14,7 @@ mod catalog;
 mod download;
 pub mod extra;
 pub(crate) mod probe;
+mod receive;
 mod verify;
 pub mod vmdisk;
 

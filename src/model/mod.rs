@@ -5,6 +5,7 @@ pub mod disk;
 pub mod forward;
 pub mod ident;
 pub mod lifecycle;
+pub mod migwire;
 pub mod qemu_opts;
 pub mod remote;
 pub mod share;

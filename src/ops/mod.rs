@@ -17,6 +17,7 @@ mod ensure;
 mod error;
 mod image;
 mod lifecycle;
+pub mod migrate;
 mod net;
 mod pull;
 pub mod snapshot;

@@ -174,6 +174,12 @@ impl VmPaths {
     pub fn qemu_argv(&self) -> PathBuf {
         self.dir.join("qemu-argv.json")
     }
+    /// Written by the target of a live migration (`nox __migrate-in`): the
+    /// supervisor's next start waits for the incoming state instead of
+    /// booting (taken by that start).
+    pub fn migrate_incoming(&self) -> PathBuf {
+        self.dir.join("incoming.json")
+    }
 
     pub fn load_spec(&self) -> Result<VmSpec, StoreError> {
         read_json(&self.spec())?.ok_or_else(|| StoreError::NotFound(self.name.to_string()))

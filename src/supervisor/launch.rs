@@ -93,6 +93,9 @@ pub(super) struct Live {
     pub(super) console: crate::host::console::Copier,
     /// The guest was resumed from a warm template's state.
     pub(super) warm: bool,
+    /// A live migration's target: qemu waits paused for the incoming
+    /// state, and the run is "running" at qemu's RESUME (super::incoming).
+    pub(super) awaiting_resume: bool,
 }
 
 /// The run's readiness watch ([`crate::vmm::ssh::watch_readiness`]), on a thread
@@ -100,7 +103,7 @@ pub(super) struct Live {
 pub(super) struct Readiness(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
 impl Readiness {
-    fn spawn(vm: &VmPaths, spec: &VmSpec, qemu_pid: u32) -> Option<Readiness> {
+    pub(super) fn spawn(vm: &VmPaths, spec: &VmSpec, qemu_pid: u32) -> Option<Readiness> {
         let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (vm, spec, flag) = (vm.clone(), spec.clone(), cancel.clone());
         let spawned = std::thread::Builder::new()
@@ -207,6 +210,27 @@ pub(super) async fn launch(
     } else {
         "firmware"
     };
+    // A live migration's target: qemu waits for the incoming state.
+    if let Some(inc) = super::incoming::take(vm)? {
+        info!("waiting for {} to migrate in from {}", spec.name, inc.from);
+        let mut live = spawn_connected(
+            vm,
+            spec,
+            accel,
+            &binary,
+            &firmware,
+            direct.clone(),
+            &jail,
+            log,
+            rec,
+            None,
+            true,
+        )
+        .await?;
+        live.watch = timeline::Watch::new("migrated", None, 0);
+        live.awaiting_resume = true;
+        return Ok(live);
+    }
     // The first start of a VM made from a warm template resumes its guest.
     let warm = crate::vmm::warm::take_pending(vm)?;
     let mut warm_refused = None;
@@ -223,6 +247,7 @@ pub(super) async fn launch(
                 log,
                 rec,
                 Some(w),
+                false,
             )
             .await;
             match tried {
@@ -239,7 +264,7 @@ pub(super) async fn launch(
                     warn!("{}: booting cold: {why}", spec.name);
                     warm_refused = Some(why);
                     spawn_connected(
-                        vm, spec, accel, &binary, &firmware, direct, &jail, log, rec, None,
+                        vm, spec, accel, &binary, &firmware, direct, &jail, log, rec, None, false,
                     )
                     .await?
                 }
@@ -248,7 +273,7 @@ pub(super) async fn launch(
         }
         None => {
             spawn_connected(
-                vm, spec, accel, &binary, &firmware, direct, &jail, log, rec, None,
+                vm, spec, accel, &binary, &firmware, direct, &jail, log, rec, None, false,
             )
             .await?
         }
@@ -302,6 +327,7 @@ pub(super) async fn spawn_connected(
     log: &crate::host::console::Sink,
     rec: &mut Recorder<'_>,
     warm: Option<&crate::vmm::warm::Pending>,
+    migrate_in: bool,
 ) -> Result<Live, SupervisorError> {
     // The port may be taken between our probe and qemu's bind: retry.
     // passt, like qemu, is the store's (config.json `binaries`).
@@ -360,6 +386,9 @@ pub(super) async fn spawn_connected(
             info!("resuming warm template {}", w.template);
             incoming = Some(fd);
         }
+        if migrate_in {
+            argv.extend(super::incoming::args());
+        }
         info!("starting {}", argv.join(" "));
         if let Err(e) = store::write_json(&crate::vmm::warm::argv_path(vm), &argv) {
             warn!("{}", crate::error_chain(&e));
@@ -401,6 +430,7 @@ pub(super) async fn spawn_connected(
                     }
                 }
                 return Ok(Live {
+                    awaiting_resume: false,
                     warm: warm.is_some(),
                     q,
                     qmp,

@@ -92,6 +92,7 @@ pub enum Outcome {
 
 pub mod expand;
 mod hostdevs;
+pub mod incoming;
 mod launch;
 pub mod probe;
 mod record;
@@ -201,10 +202,31 @@ pub async fn run_with(
         if let Ok(now) = vm.load_spec() {
             spec.disks = now.disks;
         }
-        let result = run_once(vm, &spec, choice.accel, &log, &mut rec, &mut signals).await;
+        let mut unresumed = false;
+        let result = run_once(
+            vm,
+            &spec,
+            choice.accel,
+            &log,
+            &mut rec,
+            &mut signals,
+            &mut unresumed,
+        )
+        .await;
         cleanup_runtime(vm);
-        record(&mut rec, ended(&result));
+        let end = match &result {
+            // From "starting", the only way out is a crash: the incoming
+            // guest never ran.
+            Ok(o) if unresumed => Event::Crashed {
+                reason: format!("the migration in did not complete ({})", describe(o)),
+            },
+            _ => ended(&result),
+        };
+        record(&mut rec, end);
         let again = match &result {
+            // A migration's target whose guest never ran has nothing to
+            // restart (super::incoming).
+            Ok(_) if unresumed => false,
             Ok(o) => should_restart(spec.restart, o),
             // Start-up errors (bad config, missing qemu) repeat: don't loop.
             Err(_) => false,
@@ -277,6 +299,12 @@ fn ended(result: &Result<Outcome, SupervisorError>) -> Event {
     }
 }
 
+fn describe(o: &Outcome) -> &str {
+    match o {
+        Outcome::Stopped { reason, .. } | Outcome::Crashed(reason) => reason,
+    }
+}
+
 /// Removes the VM's runtime directory (sockets) if qemu left it behind.
 fn cleanup_runtime(vm: &VmPaths) {
     if let Err(e) = std::fs::remove_dir_all(&vm.run)
@@ -294,9 +322,11 @@ async fn run_once(
     log: &crate::host::console::Sink,
     rec: &mut Recorder<'_>,
     signals: &mut Signals,
+    unresumed: &mut bool,
 ) -> Result<Outcome, SupervisorError> {
     let mut live = launch(vm, spec, accel, log, rec).await?;
     let (exit, verdict) = supervise(&mut live, vm, spec, rec, signals).await?;
+    *unresumed = live.awaiting_resume;
     let outcome = finish(&mut live.events, verdict, exit).await;
     live.console.finish().await;
     live.q.output.finish().await;

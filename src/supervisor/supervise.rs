@@ -54,7 +54,17 @@ pub(super) async fn supervise(
             }
             ev = live.events.recv(), if events_open => match ev {
                 None => events_open = false,
-                Some(ev) => react(live, rec, &mut verdict, &ev).await,
+                Some(ev) => {
+                    if ev.name == "RESUME" && live.awaiting_resume {
+                        // A live migration's target: `nox __migrate-in` ran
+                        // the guest (super::incoming).
+                        live.awaiting_resume = false;
+                        record(rec, Event::Resumed);
+                        live._ready = super::launch::Readiness::spawn(vm, spec, live.q.pid);
+                        info!("{} running, migrated in (qemu pid {})", spec.name, live.q.pid);
+                    }
+                    react(live, rec, &mut verdict, &ev).await
+                }
             },
             _ = tick.tick(), if events_open => check_stuck(&live.qmp, &mut verdict).await,
             _ = console_tick.tick(), if !live.watch.done() => {

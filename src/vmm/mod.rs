@@ -3,6 +3,7 @@
 pub mod diskplug;
 pub mod firmware;
 pub mod jail;
+pub mod migration;
 pub mod net;
 pub mod qemu;
 pub mod rundir;

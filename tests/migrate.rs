@@ -1,0 +1,767 @@
+//! `nox migrate` between two "hosts" on this machine: two nox state
+//! directories, the target reached through a real sshd on 127.0.0.1 with
+//! its own keys (as tests/remote.rs does; the local nox finds the test's
+//! ssh through config.json `binaries`, NOX_REMOTE_BIN runs this build's nox
+//! on the other state directory). Root only (sshd). The booted test
+//! (`a_booted_guest_moves_live_and_back`, one TCG guest for every check)
+//! needs qemu and the test image; NOX_E2E=require makes a skip a failure.
+//!
+//! Not simulated: two kernels. Both qemus share this host's jail ids and
+//! cgroup names (the target's runs without cgroup limits while the source's
+//! holds `nox/NAME`), and user-mode networking (passt) stands in for a
+//! shared bridge, so "the same address on a shared L2" is not checked; the
+//! MAC and the pinned host key are.
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn keygen(path: &Path) {
+    let st = Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "nox-migrate-test",
+            "-f",
+        ])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success(), "ssh-keygen failed");
+}
+
+fn write_exec(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// sshd on 127.0.0.1:PORT and an ssh that trusts it, with the test's keys.
+struct Sshd {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Sshd {
+    fn start() -> Option<Sshd> {
+        if !prereq(is_root(), "not root (sshd logs users in only as root)")
+            || !prereq(
+                Path::new(SSHD).exists(),
+                "no /usr/sbin/sshd (apt-get install openssh-server)",
+            )
+            || !prereq(have("ssh-keygen"), "no ssh-keygen (openssh-client)")
+            || !prereq(have("ssh"), "no ssh (openssh-client)")
+            || !prereq(have("qemu-img"), "no qemu-img")
+        {
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("nox-sshd")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path();
+        keygen(&d.join("host_key"));
+        keygen(&d.join("id"));
+        std::fs::copy(d.join("id.pub"), d.join("authorized_keys")).unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let port = free_port();
+        std::fs::write(
+            d.join("sshd_config"),
+            format!(
+                "ListenAddress 127.0.0.1:{port}\n\
+                 HostKey {d}/host_key\n\
+                 PidFile {d}/sshd.pid\n\
+                 AuthorizedKeysFile {d}/authorized_keys\n\
+                 StrictModes no\n\
+                 PermitRootLogin prohibit-password\n\
+                 PasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\n\
+                 UsePAM no\n\
+                 MaxSessions 20\n\
+                 MaxStartups 50\n\
+                 LogLevel ERROR\n",
+                d = d.display(),
+            ),
+        )
+        .unwrap();
+        let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
+        std::fs::write(
+            d.join("known_hosts"),
+            format!("[127.0.0.1]:{port} {host_pub}"),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("ssh_config"),
+            format!(
+                "Host *\n  IdentityFile {d}/id\n  IdentitiesOnly yes\n  \
+                 UserKnownHostsFile {d}/known_hosts\n  GlobalKnownHostsFile /dev/null\n  \
+                 StrictHostKeyChecking yes\n",
+                d = d.display()
+            ),
+        )
+        .unwrap();
+        write_exec(
+            &d.join("ssh"),
+            &format!(
+                "#!/bin/sh\nexec ssh -F {} \"$@\"\n",
+                d.join("ssh_config").display()
+            ),
+        );
+        let log = std::fs::File::create(d.join("sshd.log")).unwrap();
+        let mut cmd = Command::new(SSHD);
+        cmd.args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: prctl only, async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                    .map_err(std::io::Error::from)
+            })
+        };
+        let child = cmd.spawn().unwrap();
+        let mut s = Sshd { child, dir, port };
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = s.child.try_wait() {
+                panic!("sshd exited: {st}");
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "sshd did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(s)
+    }
+
+    fn url(&self) -> String {
+        format!("ssh://root@127.0.0.1:{}", self.port)
+    }
+
+    /// Makes `from` reach `to` through this sshd: config.json names the
+    /// test's ssh, NOX_REMOTE_BIN runs this build's nox on `to`'s home.
+    /// `extra`: more of `from`'s config.json.
+    fn join(&self, from: &mut Home, to: &Home) {
+        let cfg = from.path().join("config.json");
+        let mut v: serde_json::Value = std::fs::read(&cfg)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_else(|| serde_json::json!({}));
+        v["binaries"]["ssh"] = self.dir.path().join("ssh").to_string_lossy().into();
+        std::fs::write(&cfg, v.to_string()).unwrap();
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+        from.env.retain(|(k, _)| k != "NOX_REMOTE_BIN");
+        from.env
+            .push(("NOX_REMOTE_BIN".into(), remote_bin(to.path())));
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.path().join("sshd.log"));
+            eprintln!("sshd's log:\n{}", log.unwrap_or_default());
+        }
+    }
+}
+
+fn code(o: &Output) -> Option<i32> {
+    o.status.code()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// What a home holds of VM `name`: its directory (staging ones too), its
+/// run directory, its migration sockets.
+fn traces(h: &Home, name: &str) -> Vec<String> {
+    let mut out: Vec<String> = vm_dirs(h)
+        .into_iter()
+        .filter(|d| d.contains(name))
+        .collect();
+    for p in [
+        h.path().join("run").join(name),
+        h.path().join("run").join(format!(".migrate-{name}")),
+    ] {
+        if p.exists() {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
+
+fn backing(disk: &Path) -> String {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(disk)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["backing-filename"].as_str().unwrap_or("").to_string()
+}
+
+/// Refusals and the offline move, no guest booted.
+#[test]
+fn offline_moves_and_refusals_without_a_guest() {
+    let Some(sshd) = Sshd::start() else { return };
+    let mut src = Home::new();
+    let mut dst = Home::new();
+    sshd.join(&mut src, &dst);
+    sshd.join(&mut dst, &src);
+    let url = sshd.url();
+    let img = small_image(&src).unwrap();
+    src.ok(&[
+        "create",
+        "web",
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--no-start",
+    ]);
+    let before = src.info("web");
+    let key = std::fs::read(src.path().join("vms/web/ssh_host_ed25519_key")).unwrap();
+
+    // Usage: a bad URL is refused before anything (exit 2, clap's).
+    let o = src.nox(&["migrate", "web", "--to", "http://x"]);
+    assert_eq!(code(&o), Some(2));
+    assert!(stderr(&o).contains("unsupported scheme"), "{}", stderr(&o));
+    // A stopped VM does not move live.
+    let o = src.nox(&["migrate", "web", "--to", &url]);
+    assert_eq!(code(&o), Some(1));
+    assert!(
+        stderr(&o).contains("is not running: move it with --offline"),
+        "{}",
+        stderr(&o)
+    );
+    // An unreachable host: 255, as --host.
+    let closed = format!("ssh://root@127.0.0.1:{}", free_port());
+    let o = src.nox(&["migrate", "web", "--offline", "--to", &closed]);
+    assert_eq!(code(&o), Some(255), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot reach"), "{}", stderr(&o));
+    // The name is taken at the target.
+    dst.ok(&[
+        "create",
+        "web",
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--no-start",
+    ]);
+    let o = src.nox(&["migrate", "web", "--offline", "--to", &url]);
+    assert_eq!(code(&o), Some(1));
+    assert!(
+        stderr(&o).contains("already exists") || stderr(&o).contains("exists"),
+        "{}",
+        stderr(&o)
+    );
+    dst.ok(&["delete", "web"]);
+    dst.ok(&["image", "prune"]);
+    assert!(traces(&dst, "web").is_empty(), "{:?}", traces(&dst, "web"));
+    assert_eq!(
+        src.info("web")["state"],
+        "stopped",
+        "the source is untouched"
+    );
+
+    // Offline, there and back.
+    let out = src.ok(&["migrate", "web", "--offline", "--to", &url, "--json"]);
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(m["mode"], "offline");
+    assert_eq!(m["base_sent"], true, "the target's cache lacked the base");
+    assert!(traces(&src, "web").is_empty(), "{:?}", traces(&src, "web"));
+    assert_eq!(src.ok(&["list", "--json"]), "[]\n");
+    let there = dst.info("web");
+    assert_eq!(there["mac"], before["mac"]);
+    assert_eq!(there["state"], "stopped");
+    assert_eq!(
+        std::fs::read(dst.path().join("vms/web/ssh_host_ed25519_key")).unwrap(),
+        key,
+        "the pinned host key moved"
+    );
+    let b = backing(&dst.path().join("vms/web/disk.qcow2"));
+    assert!(b.starts_with(dst.path().to_str().unwrap()), "backing {b}");
+    // Back: the base is cached there already.
+    let dst_url = url.clone();
+    let out = dst.ok(&["migrate", "web", "--offline", "--to", &dst_url, "--json"]);
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(m["base_sent"], false);
+    assert!(traces(&dst, "web").is_empty(), "{:?}", traces(&dst, "web"));
+    let b = backing(&src.path().join("vms/web/disk.qcow2"));
+    assert!(b.starts_with(src.path().to_str().unwrap()), "backing {b}");
+    assert_eq!(src.info("web")["mac"], before["mac"]);
+}
+
+/// The words that run this build's nox on the state directory `home`.
+fn remote_bin(home: &Path) -> String {
+    shlex::try_join([
+        "env",
+        &format!("NOX_HOME={}", home.display()),
+        &format!("HOME={}", home.join("home").display()),
+        env!("CARGO_BIN_EXE_nox"),
+    ])
+    .unwrap()
+}
+
+/// The guest's process `pid` runs with its file open: its fd 3 and the
+/// file's line count.
+fn alive(h: &Home, pid: &str) -> String {
+    h.ok(&[
+        "ssh",
+        "mig",
+        "--",
+        &format!("kill -0 {pid} && readlink /proc/{pid}/fd/3 && wc -l < $HOME/ticks"),
+    ])
+}
+
+/// After an interrupted migration: the VM runs at the source as before,
+/// nothing of it is at the target.
+fn running_here(src: &Home, dst: &Home, pid: &str, why: &str) {
+    assert!(
+        !dst.path().join("events/mig.jsonl").exists(),
+        "{why}: the target keeps an event log of the attempt"
+    );
+    assert_eq!(
+        src.info("mig")["state"],
+        "running",
+        "{why}: the VM runs at the source"
+    );
+    assert!(alive(src, pid).contains("ticks"), "{why}: the process runs");
+    assert!(
+        traces(dst, "mig").is_empty(),
+        "{why}: left at the target: {:?}",
+        traces(dst, "mig")
+    );
+}
+
+/// The target's nox processes of a migration stream (`__migrate-pipe`),
+/// found by their command line and their NOX_HOME (this test's).
+fn pipe_pids(home: &Path, which: &str) -> Vec<i32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        let words: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let home_var = format!("NOX_HOME={}", home.display());
+        if words.contains(&&b"__migrate-pipe"[..])
+            && words.contains(&which.as_bytes())
+            && env.split(|b| *b == 0).any(|v| v == home_var.as_bytes())
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A tmpfs of `size` mounted at a new directory (the "full" target's
+/// home), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(size: &str) -> Tmpfs {
+        let d = tempfile::Builder::new()
+            .prefix("nox-full")
+            .tempdir_in("/tmp")
+            .unwrap()
+            .keep();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&d)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        Tmpfs(d)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// One booted guest: the interrupted cases (each leaves it running here and
+/// nothing there), then a live move with a process holding a file open,
+/// then an offline move back.
+#[test]
+fn a_booted_guest_moves_live_and_back() {
+    let Some(img) = e2e_prereqs() else { return };
+    let Some(sshd) = Sshd::start() else { return };
+    let mut src = Home::new();
+    let mut dst = Home::new();
+    sshd.join(&mut src, &dst);
+    sshd.join(&mut dst, &src);
+    let url = sshd.url();
+    let mut check = Check::start("boot");
+    let t0 = Instant::now();
+    src.ok(&[
+        "create",
+        "mig",
+        "--image",
+        img.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--cpus",
+        "1",
+        "--memory",
+        "1G",
+        "--disk",
+        "4G",
+        "--wait",
+        "--timeout",
+        "1200",
+    ]);
+    eprintln!("MEASURE boot: {:?}", t0.elapsed());
+    let mac = src.info("mig")["mac"].clone();
+    // A process with a file open, writing a line a second.
+    let pid = src
+        .ok(&[
+            "ssh", "mig", "--",
+            "nohup sh -c 'exec 3>>$HOME/ticks; while :; do echo x >&3; sleep 1; done' >/dev/null 2>&1 & echo $!",
+        ])
+        .trim()
+        .to_string();
+    assert!(pid.parse::<u32>().is_ok(), "{pid}");
+    eprintln!("{}", alive(&src, &pid));
+
+    check.next("target qemu refusing");
+    {
+        let bad = Home::new();
+        let fake = bad.path().join("fake-qemu");
+        write_exec(&fake, "#!/bin/sh\necho 'fake qemu refuses' >&2\nexit 1\n");
+        write_config(
+            &bad,
+            serde_json::json!({"binaries": {"qemu-system-x86_64": fake}}),
+        );
+        sshd.join(&mut src, &bad);
+        let o = src.nox(&["migrate", "mig", "--to", &url]);
+        assert_eq!(code(&o), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains("refused: "), "{}", stderr(&o));
+        assert!(traces(&bad, "mig").is_empty(), "{:?}", traces(&bad, "mig"));
+        sshd.join(&mut src, &dst);
+        running_here(&src, &dst, &pid, "target qemu refusing");
+    }
+
+    check.next("target full");
+    {
+        let fs = Tmpfs::new("48m");
+        track_home(&fs.0);
+        src.env.retain(|(k, _)| k != "NOX_REMOTE_BIN");
+        src.env.push(("NOX_REMOTE_BIN".into(), remote_bin(&fs.0)));
+        let o = src.nox(&["migrate", "mig", "--to", &url]);
+        assert_eq!(code(&o), Some(1), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("No space left") || stderr(&o).contains("disk full"),
+            "{}",
+            stderr(&o)
+        );
+        for sub in ["vms", "images/tmp", "images/blobs", "run"] {
+            let left: Vec<_> = std::fs::read_dir(fs.0.join(sub))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(left.is_empty(), "left in the full target's {sub}: {left:?}");
+        }
+        sshd.join(&mut src, &dst);
+        running_here(&src, &dst, &pid, "target full");
+    }
+
+    check.next("network cut");
+    {
+        let child = Command::new(env!("CARGO_BIN_EXE_nox"))
+            .args(["migrate", "mig", "--to", &url])
+            .env("NOX_HOME", src.path())
+            .env("HOME", src.path().join("home"))
+            .env_remove("NOX_HOST")
+            .envs(src.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The disk stream's far end, once it exists: the cut.
+        let t = Instant::now();
+        let pids = loop {
+            let p = pipe_pids(dst.path(), "nbd");
+            if !p.is_empty() {
+                break p;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "no migration stream appeared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        for p in pids {
+            signal(p as u64, nix::sys::signal::Signal::SIGKILL);
+        }
+        let o = child.wait_with_output().unwrap();
+        eprintln!("{}", stderr(&o));
+        assert_eq!(code(&o), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains("keeps running here"), "{}", stderr(&o));
+        wait_for("the target to clean up", 60, || {
+            traces(&dst, "mig").is_empty()
+        });
+        running_here(&src, &dst, &pid, "network cut");
+    }
+
+    check.next("live");
+    let out = src.ok(&["migrate", "mig", "--to", &url, "--json"]);
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    eprintln!(
+        "MEASURE live migration of a 1 GiB TCG guest: {} ms in all ({} MiB sent before), \
+         qemu total-time {} ms, downtime {} ms, RAM sent {} MiB",
+        m["took_ms"],
+        m["bytes_sent"].as_u64().unwrap_or(0) >> 20,
+        m["migration"]["total_ms"],
+        m["migration"]["downtime_ms"],
+        m["migration"]["ram_bytes"].as_u64().unwrap_or(0) >> 20
+    );
+    assert_eq!(m["mode"], "live");
+    assert_eq!(
+        src.ok(&["list", "--json"]),
+        "[]\n",
+        "gone from the source's list"
+    );
+    assert!(traces(&src, "mig").is_empty(), "{:?}", traces(&src, "mig"));
+    assert!(
+        !src.path().join("events/mig.jsonl").exists(),
+        "the source's event log"
+    );
+    assert!(
+        qemu_pids("mig").len() == 1,
+        "one qemu left: {:?}",
+        qemu_pids("mig")
+    );
+    let there = dst.info("mig");
+    assert_eq!(there["state"], "running");
+    assert_eq!(there["mac"], mac);
+    // The same process, its file still open, still writing; SSH with the
+    // pinned key (nox ssh refuses another host key).
+    let a = alive(&dst, &pid);
+    assert!(a.contains("ticks"), "{a}");
+    std::thread::sleep(Duration::from_secs(2));
+    let b = alive(&dst, &pid);
+    let n = |s: &str| {
+        s.lines()
+            .last()
+            .unwrap_or("0")
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    assert!(n(&b) > n(&a), "the process still writes: {a} then {b}");
+
+    check.next("offline back");
+    dst.ok(&["stop", "mig"]);
+    let out = dst.ok(&["migrate", "mig", "--offline", "--to", &url, "--json"]);
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(m["base_sent"], false);
+    assert!(traces(&dst, "mig").is_empty(), "{:?}", traces(&dst, "mig"));
+    assert_eq!(src.info("mig")["state"], "stopped");
+    assert_eq!(src.info("mig")["mac"], mac);
+    check.next("done");
+}
+
+/// The live path end to end on a guest with nothing to boot (its disk has
+/// no OS: the firmware spins), fast enough to run without the test image:
+/// first the interrupted cases (each leaves it running here, nothing
+/// there), then the move (the target's qemu waits, the disk is mirrored,
+/// the state migrated, the source removed), then back.
+#[test]
+fn live_moves_a_firmware_only_guest() {
+    if !prereq(
+        have("qemu-system-x86_64"),
+        "qemu-system-x86_64 not installed",
+    ) {
+        return;
+    }
+    let Some(sshd) = Sshd::start() else { return };
+    let mut src = Home::new();
+    let mut dst = Home::new();
+    sshd.join(&mut src, &dst);
+    sshd.join(&mut dst, &src);
+    let url = sshd.url();
+    // 8 MiB of data in the base, so that a 4 MiB target is full.
+    let img = src.path().join("data.qcow2");
+    assert!(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("1G")
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        Command::new("qemu-io")
+            .args(["-c", "write -P 0x5a 0 8M"])
+            .arg(&img)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    );
+    src.ok(&[
+        "create",
+        "blank",
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--accel",
+        "tcg",
+        "--memory",
+        "256M",
+    ]);
+    let mac = src.info("blank")["mac"].clone();
+    let still_here = |src: &Home, dst: &Path, why: &str| {
+        assert_eq!(src.info("blank")["state"], "running", "{why}");
+        for sub in ["vms", "run", "images/tmp"] {
+            let left: Vec<_> = std::fs::read_dir(dst.join(sub))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(
+                left.is_empty(),
+                "{why}: left in the target's {sub}: {left:?}"
+            );
+        }
+        assert!(
+            !dst.join("events/blank.jsonl").exists(),
+            "{why}: an event log left"
+        );
+    };
+
+    // The target's qemu refuses to start.
+    let bad = Home::new();
+    let fake = bad.path().join("fake-qemu");
+    write_exec(&fake, "#!/bin/sh\necho 'fake qemu refuses' >&2\nexit 1\n");
+    write_config(
+        &bad,
+        serde_json::json!({"binaries": {"qemu-system-x86_64": fake}}),
+    );
+    sshd.join(&mut src, &bad);
+    let o = src.nox(&["migrate", "blank", "--to", &url]);
+    assert_eq!(code(&o), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("refused: "), "{}", stderr(&o));
+    still_here(&src, bad.path(), "target qemu refusing");
+
+    // The target is full (a 4 MiB tmpfs as its state directory).
+    let fs = Tmpfs::new("4m");
+    track_home(&fs.0);
+    src.env.retain(|(k, _)| k != "NOX_REMOTE_BIN");
+    src.env.push(("NOX_REMOTE_BIN".into(), remote_bin(&fs.0)));
+    let o = src.nox(&["migrate", "blank", "--to", &url]);
+    assert_eq!(code(&o), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("No space left") || stderr(&o).contains("disk full"),
+        "{}",
+        stderr(&o)
+    );
+    still_here(&src, &fs.0, "target full");
+    drop(fs);
+
+    // The stream's ssh cut as it starts.
+    sshd.join(&mut src, &dst);
+    let child = Command::new(env!("CARGO_BIN_EXE_nox"))
+        .args(["migrate", "blank", "--to", &url])
+        .env("NOX_HOME", src.path())
+        .env("HOME", src.path().join("home"))
+        .env_remove("NOX_HOST")
+        .envs(src.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let pids = loop {
+        let p = pipe_pids(dst.path(), "stream");
+        if !p.is_empty() {
+            break p;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no migration stream appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    for p in pids {
+        signal(p as u64, nix::sys::signal::Signal::SIGKILL);
+    }
+    let o = child.wait_with_output().unwrap();
+    eprintln!("network cut: {}", stderr(&o));
+    assert_eq!(code(&o), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("keeps running here"), "{}", stderr(&o));
+    still_here(&src, dst.path(), "network cut");
+
+    let out = src.ok(&["migrate", "blank", "--to", &url, "--json"]);
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    eprintln!(
+        "MEASURE live migration of a 256 MiB firmware-only TCG guest: {} ms in all, qemu \
+         total-time {} ms, downtime {} ms",
+        m["took_ms"], m["migration"]["total_ms"], m["migration"]["downtime_ms"]
+    );
+    assert_eq!(m["mode"], "live");
+    // The cut attempt's base arrived whole and verified: it stays cached.
+    assert_eq!(m["base_sent"], false);
+    assert_eq!(src.ok(&["list", "--json"]), "[]\n");
+    assert!(
+        traces(&src, "blank").is_empty(),
+        "{:?}",
+        traces(&src, "blank")
+    );
+    assert!(!src.path().join("events/blank.jsonl").exists());
+    let there = dst.info("blank");
+    assert_eq!(there["state"], "running", "{there}");
+    assert_eq!(there["mac"], mac);
+    assert_eq!(qemu_pids("blank").len(), 1, "{:?}", qemu_pids("blank"));
+    // And back, live: the base is cached here already.
+    let out = dst.ok(&["migrate", "blank", "--to", &url, "--json"]);
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(m["base_sent"], false);
+    assert_eq!(src.info("blank")["state"], "running");
+    assert!(
+        traces(&dst, "blank").is_empty(),
+        "{:?}",
+        traces(&dst, "blank")
+    );
+}
