@@ -385,6 +385,8 @@ async fn commit_warm(
         ram: None,
         // The first key is nox's own of the source, which the clean-up removed.
         keys: spec.ssh_authorized_keys.iter().skip(1).cloned().collect(),
+        // The hook the clean-up above installed.
+        hook: warm::HOOK_VERSION,
     };
     let (w, expand_time) = share_ram(vmp, spec, cache, as_, w).await;
     let template = save_record(cache, as_, spec, &image, Some(w))?;
