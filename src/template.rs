@@ -282,6 +282,14 @@ fn save_record(
     image: &Image,
     warm: Option<crate::warm::WarmState>,
 ) -> Result<Template, TemplateError> {
+    // The first start of every VM made from the template reads no kernel
+    // (boot::pristine); best effort, like `image import`'s.
+    if spec.arch == crate::ident::Arch::Amd64
+        && let Err(e) =
+            crate::boot::pristine::prime(&cache.dir().join("boot"), &image.path, &image.format)
+    {
+        tracing::debug!("boot cache not primed: {}", crate::error_chain(&e));
+    }
     let template = Template {
         name: as_.clone(),
         digest: image.digest.clone(),
