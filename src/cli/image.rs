@@ -40,6 +40,7 @@ pub async fn image_cmd(store: &Store, cmd: ImageCmd) -> Result<i32> {
         }
         ImageCmd::Import { file, name } => {
             let img = cache.import_file(&file, name.as_deref())?;
+            ops::prime_boot(&cache, &img);
             println!(
                 "{} {}",
                 img.digest,

@@ -161,6 +161,21 @@ pub fn image_prune(
     Ok(())
 }
 
+/// After an image lands in the cache (`image import`, `image pull`,
+/// `image commit`): its kernel is put in the boot cache and recorded, so a
+/// VM's first start on it reads none (`boot::pristine`). Best effort: a
+/// failure costs that first start the read, no more.
+pub fn prime_boot(cache: &Cache, img: &crate::image::Image) {
+    if img.arch.as_deref().is_some_and(|a| a != "amd64") {
+        return;
+    }
+    let t = std::time::Instant::now();
+    match crate::guest::boot::pristine::prime(&cache.dir().join("boot"), &img.path, &img.format) {
+        Ok(done) => tracing::debug!("boot cache primed ({done}) in {:?}", t.elapsed()),
+        Err(e) => tracing::debug!("boot cache not primed: {}", crate::error_chain(&e)),
+    }
+}
+
 /// `image rm`/`prune`: the extracted kernels no VM boots go with the images.
 pub fn prune_boot_cache(store: &Store, cache: &Cache) -> Result<u64, String> {
     let boot = crate::guest::boot::cache::BootCache::new(cache.dir().join("boot"), store.vms_dir());

@@ -33,7 +33,7 @@ pub use doctor::{Check, CheckLine, doctor, exit_code, missing_uefi};
 pub use ensure::{Ensured, create_if_absent, differences};
 pub use error::OpsError;
 pub use image::{
-    ImageRow, PruneEvent, Removed, image_list, image_prune, image_rm, prune_boot_cache,
+    ImageRow, PruneEvent, Removed, image_list, image_prune, image_rm, prime_boot, prune_boot_cache,
 };
 pub use lifecycle::{
     Change, Event, InfoView, SetOutcome, info, list, restart, set, ssh_target, start,

@@ -87,6 +87,7 @@ pub async fn image_pull(
         ..crate::image::PullOptions::default()
     };
     let img = vm::obtain_image(cache, &r.source, arch, r.checksum.as_deref(), &pull).await?;
+    super::prime_boot(cache, &img);
     on(PullEvent::Pulled(img.clone()));
     if warm {
         make_warm(store, cache, cfg, r, arch, &img, on).await?;

@@ -455,6 +455,8 @@ async fn thaw(
         ram: None,
         // The first key is nox's own of the source, which the clean-up removed.
         keys: spec.ssh_authorized_keys.iter().skip(1).cloned().collect(),
+        // The hook the clean-up installed.
+        hook: warm::HOOK_VERSION,
     };
     let (w, share_time) = share_ram(vmp, spec, cache, as_, w).await;
     Ok(Thawed {
@@ -473,6 +475,17 @@ fn save_record(
     image: &Image,
     warm: Option<crate::vmm::warm::WarmState>,
 ) -> Result<Template, TemplateError> {
+    // The first start of every VM made from the template reads no kernel
+    // (boot::pristine); best effort, like `image import`'s.
+    if spec.arch == crate::model::ident::Arch::Amd64
+        && let Err(e) = crate::guest::boot::pristine::prime(
+            &cache.dir().join("boot"),
+            &image.path,
+            &image.format,
+        )
+    {
+        tracing::debug!("boot cache not primed: {}", crate::error_chain(&e));
+    }
     let template = Template {
         name: as_.clone(),
         digest: image.digest.clone(),

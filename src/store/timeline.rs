@@ -52,7 +52,13 @@ pub enum Mark {
     CloudInitFinished,
     /// A getty login prompt on the serial console.
     Login,
+    /// A guest resumed from a warm template has taken its identity and
+    /// SSH can answer (the identity hook's last line, [`WARM_READY_LINE`]).
+    WarmReady,
 }
+
+/// The warm identity hook's last line (`crate::vmm::warm::APPLIED`).
+pub const WARM_READY_LINE: &str = "nox-warm: identity applied";
 
 impl Mark {
     pub fn label(self) -> &'static str {
@@ -68,6 +74,7 @@ impl Mark {
             Mark::CloudInitFinal => "cloud-init final",
             Mark::CloudInitFinished => "cloud-init finished",
             Mark::Login => "login prompt",
+            Mark::WarmReady => "warm identity applied (SSH can answer)",
         }
     }
 }
@@ -101,6 +108,9 @@ pub fn mark(line: &str) -> Option<Mark> {
     let l = l.trim_end_matches(['\r', '\n']);
     if l.contains("Linux version ") {
         return Some(Mark::Kernel);
+    }
+    if l.contains(WARM_READY_LINE) {
+        return Some(Mark::WarmReady);
     }
     if l.contains("Run /init as init process") {
         return Some(Mark::Initramfs);
@@ -164,6 +174,10 @@ pub struct Boot {
     /// When the supervisor first learned the guest's address (bridge).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_known_ms: Option<u64>,
+    /// A warm boot whose identity hook announces on the console when SSH
+    /// can answer ([`Mark::WarmReady`]): `--wait` waits for that first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub announces: bool,
 }
 
 pub fn now_ms() -> u64 {
@@ -193,6 +207,7 @@ impl Watch {
                 warm_refused: None,
                 phases: vec![],
                 ip_known_ms: None,
+                announces: false,
             },
             offset,
             partial: vec![],
@@ -250,7 +265,9 @@ impl Watch {
     /// so the console need no longer be read.
     pub fn done(&self) -> bool {
         let seen = |m| self.boot.phases.iter().any(|(p, _)| *p == m);
-        (seen(Mark::CloudInitFinished) && seen(Mark::Login)) || self.elapsed() > 30 * 60 * 1000
+        (seen(Mark::CloudInitFinished) && seen(Mark::Login))
+            || seen(Mark::WarmReady)
+            || self.elapsed() > 30 * 60 * 1000
     }
 
     /// The guest's address became known; true the first time.
@@ -526,6 +543,11 @@ mod tests {
                 Some(Mark::Kernel),
             ),
             (
+                "[  371.204610] nox-warm: identity applied",
+                Some(Mark::WarmReady),
+            ),
+            ("[  370.9] nox-warm: crng reseeded", None),
+            (
                 "[    5.598510] Run /init as init process",
                 Some(Mark::Initramfs),
             ),
@@ -655,6 +677,7 @@ Finished stage: (init-local) 00.26000 seconds\n"
                 warm_refused: Some("t.state: its SHA-256 is \x1b[2J...".into()),
                 phases: vec![(Mark::Kernel, 1500)],
                 ip_known_ms: None,
+                announces: false,
             },
             guest: Some(GuestReport {
                 started_ms: 1,

@@ -297,6 +297,8 @@ pub(super) async fn launch(
         .map_err(SupervisorError::Qmp)?;
     live.watch = timeline::Watch::new(method, fallback, console_at);
     live.watch.boot.warm_refused = warm_refused;
+    // The resumed guest's hook says on the console when SSH can answer.
+    live.watch.boot.announces = live.warm && warm.as_ref().is_some_and(|w| w.warm.hook >= 2);
     save_boot(vm, &live.watch);
     if (pending.is_some() || live.warm)
         && let Err(e) = crate::vmm::snapjob::announce(&live.qmp, &spec.name).await

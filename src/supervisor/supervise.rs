@@ -29,8 +29,14 @@ pub(super) async fn supervise(
     let watchdog = crate::vmm::systemd::watchdog_interval();
     let mut wd_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut tick = tokio::time::interval(Duration::from_secs(5));
-    // The console log is read for the boot's phases until the login prompt.
-    let mut console_tick = tokio::time::interval(Duration::from_millis(250));
+    // The console log is read for the boot's phases until the login prompt
+    // (a warm guest's ready line: `--wait` waits for it, so more often).
+    let mut console_tick =
+        tokio::time::interval(Duration::from_millis(if live.watch.boot.announces {
+            50
+        } else {
+            250
+        }));
     let console = vm.console_log();
     let mut verdict = Verdict::default();
     let mut events_open = true;

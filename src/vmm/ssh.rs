@@ -199,6 +199,7 @@ pub fn wait_ready(
             crate::store::tail(&vm.console_log(), 0, 20).as_bytes(),
         ),
     };
+    wait_announced(vm, deadline, &state)?;
     // Phase 1: sshd answers and accepts our key.
     let ssh_at;
     let mut route_checked = None;
@@ -284,6 +285,45 @@ pub fn wait_ready(
             None if Instant::now() >= deadline => return Err(timed_out("cloud-init")),
             None => std::thread::sleep(Duration::from_secs(1)),
         }
+    }
+}
+
+/// How long `--wait` waits for a resumed guest's hook to announce that SSH
+/// can answer before probing anyway (the hook took 12 s under load here).
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(120);
+
+/// A guest resumed from a warm template whose hook announces on the console
+/// when SSH can answer ([`crate::store::timeline::Mark::WarmReady`]): no SSH
+/// attempt before that line (through passt, a probe into a guest that does
+/// not answer yet made passt busy-loop and the probe wait out its
+/// ConnectTimeout). Bounded by [`ANNOUNCE_WAIT`]; other boots return at once.
+fn wait_announced(
+    vm: &VmPaths,
+    deadline: Instant,
+    state: &impl Fn() -> Option<State>,
+) -> Result<(), SshError> {
+    use crate::store::timeline::{self, Mark};
+    let current = || timeline::load(vm).boots.pop();
+    let Some(boot) = current().filter(|b| b.method == "warm" && b.announces) else {
+        return Ok(());
+    };
+    let limit = Instant::now() + ANNOUNCE_WAIT.min(remaining(deadline));
+    loop {
+        let announced = current().is_none_or(|b| {
+            b.started_ms != boot.started_ms || b.phases.iter().any(|(m, _)| *m == Mark::WarmReady)
+        });
+        if announced || Instant::now() >= limit {
+            return Ok(());
+        }
+        let st = state().ok_or_else(|| SshError::Stopped("no state".into()))?;
+        if !st.state.is_active() {
+            return Err(SshError::Stopped(format!(
+                "{}: {}",
+                st.state,
+                st.reason.unwrap_or_default()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

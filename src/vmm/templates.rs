@@ -247,6 +247,7 @@ mod tests {
                 user: "nox".parse().unwrap(),
                 ram: None,
                 keys: vec![KEY.into()],
+                hook: 0,
             }),
             warms: Some(warms.into()),
         }

@@ -106,6 +106,14 @@ pub struct WarmState {
     /// adds a resumed VM's keys beside these). Empty in an older record.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<String>,
+    /// The identity hook's [`HOOK_VERSION`] in the saved guest (0: a
+    /// template committed before there were versions).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hook: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A warm template's RAM image (`T.ram`, root, 0444): the guest's RAM as
@@ -628,9 +636,19 @@ pub fn throwaway_host_key_script() -> String {
         .into()
 }
 
-/// Written to the kernel log (so to the serial console, where the boot
-/// timeline reads it) when a warm clone has taken its identity.
-pub const APPLIED: &str = "nox-warm: identity applied";
+/// Written to the kernel log at error level (so to the serial console,
+/// where the boot timeline reads it: [`crate::store::timeline::Mark::WarmReady`])
+/// when a warm clone has taken its identity and SSH can answer.
+pub const APPLIED: &str = crate::store::timeline::WARM_READY_LINE;
+
+/// The guest's identity hook (see [`hook_install_script`]).
+const HOOK: &str = include_str!("warm_hook.sh");
+
+/// What the hook a commit installs tells the host: 2 = [`APPLIED`] reaches
+/// the serial console once SSH can answer, so `--wait` waits for that line
+/// before its first SSH attempt. Templates committed before have 0 (absent
+/// in their record): `--wait` probes from the start, as before.
+pub const HOOK_VERSION: u32 = 2;
 
 /// The guest side, installed and started (as root, over SSH) by a warm
 /// commit: a unit that waits for the seed disk to become another VM's and
@@ -648,116 +666,8 @@ pub const APPLIED: &str = "nox-warm: identity applied";
 /// probes a new NIC with that permanent address, which the rewritten files
 /// match whatever rendered them.
 pub fn hook_install_script() -> String {
-    let hook = r#"#!/bin/sh
-# Installed by nox (warm template). Started while the template's guest is
-# saved, it watches the seed disk's FAT volume id, which differs for every
-# VM: a VM resumed from the saved state sees its own seed, and takes its
-# identity from it (nox-warm.env). Reads with O_DIRECT: no stale cache.
-set -u
-seed_dev() {
-  for d in /dev/vd? /dev/sd?; do
-    [ -b "$d" ] || continue
-    label=$(dd if="$d" bs=512 count=1 iflag=direct 2>/dev/null | od -An -c -j43 -N6 | tr -d ' ')
-    [ "$label" = cidata ] && { echo "$d"; return; }
-  done
-}
-volid() { dd if="$1" bs=512 count=1 iflag=direct 2>/dev/null | od -An -tx1 -j39 -N4; }
-dev=$(seed_dev)
-[ -n "$dev" ] || exit 0
-mine=$(volid "$dev")
-# A resumed VM's first look sees its own seed: the interval only costs the
-# template's source the seconds between this start and the save.
-while [ "$(volid "$dev")" = "$mine" ]; do sleep 0.1; done
-seed=/run/nox-seed
-mkdir -p "$seed"
-blockdev --flushbufs "$dev" 2>/dev/null
-mount -o ro "$dev" "$seed" || exit 1
-env="$seed/nox-warm.env"
-if [ ! -f "$env" ]; then umount "$seed"; exit 0; fi
-val() { sed -n "s/^$1=//p" "$env" | head -n 1; }
-b64() { val "$1" | base64 -d; }
-# The clock: the RTC follows the host; the resumed kernel's clock does not.
-if [ -r /sys/class/rtc/rtc0/since_epoch ]; then
-  date -s "@$(cat /sys/class/rtc/rtc0/since_epoch)" >/dev/null
-fi
-b64 ENTROPY >/dev/urandom
-# Credit the seed's entropy and reseed the kernel's CRNG at once
-# (RNDADDENTROPY, RNDRESEEDCRNG): where no vmgenid told the kernel it was
-# resumed (arm64), VMs resumed from one state would share its CRNG until
-# its next scheduled reseed. perl (Essential in Debian) makes the ioctls.
-if b64 ENTROPY | perl -e 'binmode STDIN; local $/; my $d = <STDIN>;
-  open(my $f, "+<", "/dev/urandom") or die "$!";
-  ioctl($f, 0x40085203, pack("ii", 8 * length($d), length($d)) . $d) or die "RNDADDENTROPY: $!";
-  ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";'; then
-  echo "nox-warm: crng reseeded" >/dev/kmsg
-fi
-host=$(val HOSTNAME)
-old=$(hostname)
-echo "$host" >/etc/hostname
-hostname "$host"
-[ -n "$old" ] && sed -i "s/\(127\.0\.1\.1[[:space:]]\+\)$old\b/\1$host/" /etc/hosts
-val MACHINE_ID >/etc/machine-id
-# The network before the host key: a VM answers SSH with its pinned key
-# only once its NIC is its own (--wait then finds it on its own address).
-old_mac=$(val OLD_MAC)
-mac=$(val MAC)
-# Every file a network renderer wrote that names the template's MAC names
-# this VM's: networkd's (cloud-init's own, or netplan's in /run), netplan's
-# YAML, ifupdown's, NetworkManager's, udev's naming rules.
-for f in /etc/systemd/network/* /run/systemd/network/* /etc/netplan/*.yaml \
-  /etc/network/interfaces /etc/network/interfaces.d/* \
-  /etc/NetworkManager/system-connections/* /run/NetworkManager/system-connections/* \
-  /etc/udev/rules.d/*.rules; do
-  [ -f "$f" ] && grep -qiF "$old_mac" "$f" && sed -i "s/$old_mac/$mac/I" "$f"
-done
-udevadm control --reload 2>/dev/null
-networkctl reload 2>/dev/null
-nmcli connection reload 2>/dev/null
-# The NIC becomes this VM's: its driver is unbound and bound again, which
-# resets the device, so qemu gives it this VM's MAC and the kernel reads
-# that as the permanent address too (netplan and NetworkManager match the
-# permanent address: a resumed device keeps the template's). Whatever
-# manages the network then sees a new NIC appear and configures it.
-for i in /sys/class/net/*; do
-  [ "$(cat "$i/address" 2>/dev/null)" = "$old_mac" ] || continue
-  ifc=${i##*/}
-  dev=$(readlink -f "$i/device")
-  drv=$(readlink -f "$dev/driver")
-  ip link set dev "$ifc" down
-  if [ -n "$dev" ] && [ -w "$drv/unbind" ] && echo "${dev##*/}" >"$drv/unbind"; then
-    echo "${dev##*/}" >"$drv/bind"
-    udevadm settle -t 10 2>/dev/null
-    n=0
-    while [ $n -lt 50 ] && ! ls "$dev/net" >/dev/null 2>&1; do sleep 0.2; n=$((n + 1)); done
-    ifc=$(ls "$dev/net" 2>/dev/null | head -n 1)
-  else
-    ip link set dev "$ifc" address "$mac"
-  fi
-  [ -n "$ifc" ] || continue
-  ip link set dev "$ifc" up
-  networkctl reconfigure "$ifc" 2>/dev/null
-  if command -v ifup >/dev/null && grep -qs "^iface $ifc " /etc/network/interfaces /etc/network/interfaces.d/*; then
-    ifdown --force "$ifc" 2>/dev/null
-    ifup "$ifc"
-  fi
-done
-rm -f /etc/ssh/ssh_host_*
-umask 077
-b64 HOST_KEY >/etc/ssh/ssh_host_ed25519_key
-umask 022
-b64 HOST_KEY_PUB >/etc/ssh/ssh_host_ed25519_key.pub
-user=$(val USER)
-home=$(getent passwd "$user" | cut -d: -f6)
-if [ -n "$home" ]; then
-  mkdir -p "$home/.ssh"
-  b64 AUTHORIZED_KEYS >>"$home/.ssh/authorized_keys"
-  chown -R "$user:" "$home/.ssh"
-  chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
-fi
-systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service 2>/dev/null
-umount "$seed"
-echo "nox-warm: identity applied" >/dev/kmsg
-"#;
+    let hook = HOOK;
+    debug_assert!(hook.contains(APPLIED));
     // Started, never enabled: it runs in the template's saved guest (and so
     // in every VM resumed from it), not on any cold boot.
     let unit = "[Unit]\n\
@@ -806,6 +716,7 @@ mod tests {
             user: "nox".parse().unwrap(),
             ram: None,
             keys: vec![],
+            hook: 0,
         }
     }
 

@@ -206,6 +206,11 @@ impl BootCache {
         }
     }
 
+    /// The cache's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The entry's kernel and initrd paths.
     pub fn paths(&self, key: &str) -> (PathBuf, PathBuf) {
         (

@@ -16,6 +16,7 @@
 //! memory), and writes them only when the cache has no such entry.
 
 pub mod cache;
+pub mod pristine;
 pub mod qcow2;
 
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -338,6 +339,30 @@ pub fn prepare(
     if arch != Arch::Amd64 {
         return Err(BootError::Arch);
     }
+    // A disk that is still its base image boots the kernel recorded for
+    // that image, unread ([`pristine`]).
+    let looked = std::time::SystemTime::now();
+    let pristine = match base {
+        Some((b, format)) if Disk::open(disk, base)?.is_pristine() => {
+            pristine::Stamp::of_trusted(b).map(|st| (b, format, st))
+        }
+        _ => None,
+    };
+    if let Some((b, format, st)) = &pristine
+        && let Some(known) = pristine::lookup(cache.dir(), b, format, st)
+    {
+        let _lock = cache.lock()?;
+        if let Some((kernel, initrd)) = cache.get(&known.key) {
+            let rec = cache.record(vm_dir)?;
+            cache.admit(&rec, &known.key)?;
+            cache.set(vm_dir, rec, &known.key)?;
+            return Ok(DirectBoot {
+                kernel,
+                initrd,
+                cmdline: cmdline(arch, &known.root_uuid),
+            });
+        }
+    }
     let (fs, found) = open_root(disk, base)?;
     let bzimage = |head: &[u8]| match is_bzimage(head) {
         true => Ok(()),
@@ -367,7 +392,8 @@ pub fn prepare(
         (k_sum, i_sum)
     };
     let key = cache::key(&k_sum, &i_sum);
-    let cmdline = cmdline(arch, &fs.uuid().to_string());
+    let root_uuid = fs.uuid().to_string();
+    let cmdline = cmdline(arch, &root_uuid);
 
     let _lock = match early {
         Some(l) => l,
@@ -400,6 +426,9 @@ pub fn prepare(
         }
     };
     cache.set(vm_dir, rec, &key)?;
+    if let Some((b, format, st)) = &pristine {
+        pristine::remember(cache.dir(), b, format, st, looked, &key, &root_uuid);
+    }
     Ok(DirectBoot {
         kernel,
         initrd,
@@ -487,18 +516,85 @@ mod tests {
         (cache::BootCache::new(dir.join("boot"), vms), vm)
     }
 
-    /// The cache's files, without its lock.
+    /// The cache's files, without its lock and its record of base images.
     fn cached(cache: &cache::BootCache) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&cache.dir)
             .map(|rd| {
                 rd.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n != ".lock")
+                    .filter(|n| n != ".lock" && n != "bases.json")
                     .collect()
             })
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    /// A disk that is still its base (a qcow2 overlay without clusters)
+    /// boots the kernel recorded for the base, unread; once the guest wrote
+    /// its disk, the kernel is read from it again. Made by root only (the
+    /// record trusts only root's files).
+    #[test]
+    fn a_pristine_disk_boots_its_bases_recorded_kernel() {
+        if !crate::testing::prereq(
+            Command::new("qemu-io").arg("--version").output().is_ok(),
+            "qemu-io is missing",
+        ) {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let Some(base) = ext4_image(d.path(), debian_layout) else {
+            return;
+        };
+        if pristine::Stamp::of_trusted(&base).is_none() {
+            eprintln!("skipped: not root");
+            return;
+        }
+        let overlay = |name: &str| {
+            let disk = d.path().join(format!("{name}.qcow2"));
+            let ok = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .arg(&base)
+                .arg(&disk)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "qemu-img create");
+            assert!(
+                Disk::open(&disk, Some((&base, "raw")))
+                    .unwrap()
+                    .is_pristine()
+            );
+            disk
+        };
+        std::thread::sleep(pristine::SETTLED * 2);
+        let (cache, a) = cache_and_vm(d.path(), "a");
+        let first = prepare(Arch::Amd64, &overlay("a"), Some((&base, "raw")), &cache, &a).unwrap();
+        let st = pristine::Stamp::of_trusted(&base).unwrap();
+        let known = pristine::lookup(&cache.dir, &base, "raw", &st).expect("recorded");
+        assert_eq!(first.kernel, cache.paths(&known.key).0);
+        // Another VM on the same base: the recorded entry, and its record.
+        let (_, b) = cache_and_vm(d.path(), "b");
+        let disk_b = overlay("b");
+        let second = prepare(Arch::Amd64, &disk_b, Some((&base, "raw")), &cache, &b).unwrap();
+        assert_eq!(second, first);
+        assert_eq!(cache.record(&b).unwrap().key, Some(known.key.clone()));
+        // The guest wrote its disk: no longer pristine, read again.
+        qemu_io(&disk_b, "write -P 0x11 0 512");
+        assert!(
+            !Disk::open(&disk_b, Some((&base, "raw")))
+                .unwrap()
+                .is_pristine()
+        );
+        let third = prepare(Arch::Amd64, &disk_b, Some((&base, "raw")), &cache, &b).unwrap();
+        assert_eq!(third.kernel, first.kernel);
+        // A recorded entry gone from the cache: read and cached again.
+        for p in [&first.kernel, &first.initrd] {
+            std::fs::remove_file(p).unwrap();
+        }
+        let (_, c) = cache_and_vm(d.path(), "c");
+        let again = prepare(Arch::Amd64, &overlay("c"), Some((&base, "raw")), &cache, &c).unwrap();
+        assert_eq!(again, first);
+        assert!(first.kernel.exists());
     }
 
     #[test]

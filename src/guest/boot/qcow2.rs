@@ -199,6 +199,15 @@ impl Disk {
         })))
     }
 
+    /// Whether this is a qcow2 overlay on a base that maps no cluster of its
+    /// own (no L2 table at all): every read is the base's (zero-extended).
+    pub fn is_pristine(&self) -> bool {
+        match self {
+            Disk::Raw { .. } => false,
+            Disk::Qcow2(q) => q.backing.is_some() && q.l1.iter().all(|e| e & L1_OFFSET_MASK == 0),
+        }
+    }
+
     /// The virtual size in bytes.
     pub fn size(&self) -> u64 {
         match self {

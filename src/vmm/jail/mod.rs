@@ -450,7 +450,13 @@ fn prepare_files(plan: &JailPlan, base: &Path) -> Result<(), JailError> {
         }
         // Shared by every VM using it: world-readable, written by no one.
         // Only its own file is bound into a jail; the images dir stays 0700.
-        mode(base, 0o444)?;
+        // Changed only when it is not so already: a chmod moves the file's
+        // ctime, on which the record of the base's kernel is keyed
+        // (boot::pristine).
+        let current = std::fs::metadata(base).map(|m| m.permissions().mode() & 0o7777);
+        if current.ok() != Some(0o444) {
+            mode(base, 0o444)?;
+        }
     }
     match std::fs::create_dir(root) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(prep_err(root)(e)),

@@ -1,0 +1,174 @@
+#!/bin/sh
+# Installed by nox (warm template). Started while the template's guest is
+# saved, it watches the seed disk's FAT volume id, which differs for every
+# VM: a VM resumed from the saved state sees its own seed, and takes its
+# identity from it (nox-warm.env). Reads with O_DIRECT: no stale cache.
+#
+# Under TCG every process the hook starts costs tens of milliseconds, so
+# values are read with the shell's own `read`, and what can overlap does:
+# the CRNG reseed and the SSH identity run beside the NIC's re-probe. The
+# NIC is down from before sshd serves this VM's key until it is this VM's
+# own, so nothing reaches the guest half-made. The last line, "identity
+# applied", is written at error level so it reaches the serial console:
+# nox's --wait waits for it before its first SSH attempt (a probe into a
+# guest that does not answer yet costs passt a busy loop, and --wait a
+# retry). Progress lines ("nox-warm: ...") go to the kernel log only.
+set -u
+step() { echo "nox-warm: $1" >/dev/kmsg; }
+seed_dev() {
+  for d in /dev/vd? /dev/sd?; do
+    [ -b "$d" ] || continue
+    label=$(dd if="$d" bs=512 count=1 iflag=direct 2>/dev/null | od -An -c -j43 -N6 | tr -d ' ')
+    [ "$label" = cidata ] && { echo "$d"; return; }
+  done
+}
+volid() { dd if="$1" bs=512 count=1 iflag=direct 2>/dev/null | od -An -tx1 -j39 -N4; }
+dev=$(seed_dev)
+[ -n "$dev" ] || exit 0
+mine=$(volid "$dev")
+# A resumed VM's first look sees its own seed: the interval only costs the
+# template's source the seconds between this start and the save.
+while [ "$(volid "$dev")" = "$mine" ]; do sleep 0.1; done
+step "seed changed"
+seed=/run/nox-seed
+mkdir -p "$seed"
+blockdev --flushbufs "$dev" 2>/dev/null
+mount -o ro "$dev" "$seed" || exit 1
+env="$seed/nox-warm.env"
+if [ ! -f "$env" ]; then umount "$seed"; exit 0; fi
+host='' user='' mac='' old_mac='' machine_id='' host_key='' host_key_pub='' keys='' entropy=''
+while IFS= read -r line; do
+  case "$line" in
+  HOSTNAME=*) host=${line#*=} ;;
+  USER=*) user=${line#*=} ;;
+  MAC=*) mac=${line#*=} ;;
+  OLD_MAC=*) old_mac=${line#*=} ;;
+  MACHINE_ID=*) machine_id=${line#*=} ;;
+  HOST_KEY=*) host_key=${line#*=} ;;
+  HOST_KEY_PUB=*) host_key_pub=${line#*=} ;;
+  AUTHORIZED_KEYS=*) keys=${line#*=} ;;
+  ENTROPY=*) entropy=${line#*=} ;;
+  esac
+done <"$env"
+umount "$seed"
+# The clock: the RTC follows the host; the resumed kernel's clock does not.
+if read -r now </sys/class/rtc/rtc0/since_epoch 2>/dev/null; then
+  date -s "@$now" >/dev/null
+fi
+printf '%s' "$entropy" | base64 -d >/dev/urandom
+# Credit the seed's entropy and reseed the kernel's CRNG at once
+# (RNDADDENTROPY, RNDRESEEDCRNG): where no vmgenid told the kernel it was
+# resumed (arm64), VMs resumed from one state would share its CRNG until
+# its next scheduled reseed. perl (Essential in Debian) makes the ioctls;
+# it runs beside what follows, and the NIC comes up only after it.
+(
+  printf '%s' "$entropy" | base64 -d | perl -e 'binmode STDIN; local $/; my $d = <STDIN>;
+    open(my $f, "+<", "/dev/urandom") or die "$!";
+    ioctl($f, 0x40085203, pack("ii", 8 * length($d), length($d)) . $d) or die "RNDADDENTROPY: $!";
+    ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";' && step "crng reseeded"
+) &
+reseed=$!
+# The NICs that still have the template's MAC: down until they are this
+# VM's (below).
+nics=''
+for i in /sys/class/net/*; do
+  read -r a <"$i/address" 2>/dev/null || continue
+  [ "$a" = "$old_mac" ] || continue
+  nics="$nics ${i##*/}"
+  ip link set dev "${i##*/}" down
+done
+read -r old </proc/sys/kernel/hostname || old=''
+echo "$host" >/etc/hostname
+echo "$host" >/proc/sys/kernel/hostname
+[ -n "$old" ] && sed -i "s/\(127\.0\.1\.1[[:space:]]\+\)$old\b/\1$host/" /etc/hosts
+echo "$machine_id" >/etc/machine-id
+# The SSH identity, beside the NIC's re-probe: the pinned host key, the
+# login keys, sshd reloaded, then until it listens again (a new socket:
+# sshd re-executes on SIGHUP). Nothing reaches it from outside before the
+# NIC is up.
+listener() {
+  while read -r _ local _ st _ _ _ _ _ ino _; do
+    [ "$st" = 0A ] && case "$local" in *:0016) echo "$ino"; return ;; esac
+  done </proc/net/tcp
+}
+(
+  rm -f /etc/ssh/ssh_host_*
+  umask 077
+  printf '%s' "$host_key" | base64 -d >/etc/ssh/ssh_host_ed25519_key
+  umask 022
+  printf '%s' "$host_key_pub" | base64 -d >/etc/ssh/ssh_host_ed25519_key.pub
+  home=$(getent passwd "$user" | cut -d: -f6)
+  if [ -n "$home" ]; then
+    mkdir -p "$home/.ssh"
+    printf '%s' "$keys" | base64 -d >>"$home/.ssh/authorized_keys"
+    chown -R "$user:" "$home/.ssh"
+    chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
+  fi
+  before=$(listener)
+  systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service 2>/dev/null
+  # Socket activation (ssh.socket): systemd keeps the listener, nothing
+  # to wait for.
+  n=0
+  systemctl is-active --quiet ssh.socket 2>/dev/null && n=40
+  while [ $n -lt 40 ]; do
+    l=$(listener)
+    [ -n "$l" ] && [ "$l" != "$before" ] && break
+    sleep 0.05; n=$((n + 1))
+  done
+  step "sshd serves this VM's host key"
+) &
+sshd=$!
+# The network: every file a network renderer wrote that names the
+# template's MAC names this VM's: networkd's (cloud-init's own, or
+# netplan's in /run), netplan's YAML, ifupdown's, NetworkManager's, udev's
+# naming rules.
+grep -lisF "$old_mac" /etc/systemd/network/* /run/systemd/network/* /etc/netplan/*.yaml \
+  /etc/network/interfaces /etc/network/interfaces.d/* \
+  /etc/NetworkManager/system-connections/* /run/NetworkManager/system-connections/* \
+  /etc/udev/rules.d/*.rules 2>/dev/null |
+  while IFS= read -r f; do sed -i "s/$old_mac/$mac/I" "$f"; done
+udevadm control --reload 2>/dev/null
+networkctl reload 2>/dev/null
+command -v nmcli >/dev/null && nmcli connection reload 2>/dev/null
+step "network config names this VM's MAC"
+wait "$reseed"
+# The NIC becomes this VM's: its driver is unbound and bound again, which
+# resets the device, so qemu gives it this VM's MAC and the kernel reads
+# that as the permanent address too (netplan and NetworkManager match the
+# permanent address: a resumed device keeps the template's). Whatever
+# manages the network then sees a new NIC appear and configures it.
+up=''
+for ifc in $nics; do
+  dev=$(readlink -f "/sys/class/net/$ifc/device")
+  drv=$(readlink -f "$dev/driver")
+  if [ -n "$dev" ] && [ -w "$drv/unbind" ] && echo "${dev##*/}" >"$drv/unbind"; then
+    echo "${dev##*/}" >"$drv/bind"
+    udevadm settle -t 10 2>/dev/null
+    n=0
+    while [ $n -lt 50 ] && ! ls "$dev/net" >/dev/null 2>&1; do sleep 0.2; n=$((n + 1)); done
+    ifc=$(ls "$dev/net" 2>/dev/null | head -n 1)
+    [ -n "$ifc" ] || continue
+    ip link set dev "$ifc" up
+  else
+    # No re-probe: the address only, and the link configured again.
+    ip link set dev "$ifc" address "$mac"
+    ip link set dev "$ifc" up
+    networkctl reconfigure "$ifc" 2>/dev/null
+  fi
+  if command -v ifup >/dev/null && grep -qs "^iface $ifc " /etc/network/interfaces /etc/network/interfaces.d/*; then
+    ifdown --force "$ifc" 2>/dev/null
+    ifup "$ifc"
+  fi
+  up="$up $ifc"
+done
+step "NIC re-probed with this VM's MAC"
+wait "$sshd"
+# SSH answers once the NIC has an address (DHCP's, at most 20 s here).
+for ifc in $up; do
+  n=0
+  while [ $n -lt 200 ]; do
+    case "$(ip -4 -o addr show dev "$ifc" scope global 2>/dev/null)" in *inet*) break ;; esac
+    sleep 0.1; n=$((n + 1))
+  done
+done
+echo "<3>nox-warm: identity applied" >/dev/kmsg
