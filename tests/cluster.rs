@@ -20,7 +20,7 @@
 
 mod common;
 
-use common::nspawn::{BridgeNetns, Container};
+use common::nspawn::{self, BridgeNetns, Container};
 use common::*;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -134,16 +134,7 @@ fn runs_only_on(nodes: &[&Container], on: &str, secs: u64) -> f64 {
 #[test]
 fn pacemaker_places_moves_and_fails_over_a_vm() {
     let t0 = Instant::now();
-    if !prereq(is_root(), "cluster tests need root")
-        || !prereq(
-            have("systemd-nspawn") && have("unshare") && have("nsenter") && have("ip"),
-            "systemd-nspawn (package systemd-container), unshare, nsenter or ip missing",
-        )
-        || !prereq(
-            Path::new("/dev/kvm").exists() && Path::new("/dev/net/tun").exists(),
-            "/dev/kvm or /dev/net/tun missing (bound into the containers)",
-        )
-    {
+    if !nspawn::host_ready() || !prereq(have("ip"), "ip (package iproute2) missing") {
         return;
     }
     let image = test_image();

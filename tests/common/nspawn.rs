@@ -1,16 +1,55 @@
 //! A Debian root (scripts/build-systemd-root.sh) booted with systemd-nspawn,
 //! systemd as its PID 1, on a throw-away overlay, driven with `nsenter`.
-//! The same recipe as tests/systemd_pid1.rs (see its comment for why each
-//! option is there), with the network made by the caller: the container
-//! runs in a network namespace of the test's (`ip netns`) and its `host0`
-//! is a veth on a bridge there (`--network-bridge`), so several containers
-//! share one link and everything goes away with the namespace.
+//! Used by tests/systemd_pid1.rs and tests/cluster.rs.
+//!
+//! Why the container is set up this way (this host has no systemd as PID 1
+//! and /run on a disk file system):
+//! - `--register=no --keep-unit`: nothing on the host to register with or to
+//!   allocate a scope.
+//! - The root is an overlayfs (cached root as lower layer) mounted in a
+//!   private mount namespace (`unshare -m`) of the nspawn process, so it
+//!   disappears with it and the cache is never written.
+//! - A tmpfs on /run/systemd/nspawn in that namespace: nspawn refuses to
+//!   clean up its propagation directory on a disk file system.
+//! - `--kill-signal=SIGKILL`: SIGTERM to nspawn (our drop, or the test
+//!   dying) ends the container at once rather than by an orderly shutdown.
+//! - A reboot: nspawn exits with 133 (a systemd-nspawn@.service would
+//!   restart it on that status); we boot the same overlay again.
+//!
+//! The network is either the container's own (`--private-network`: only
+//! what the test makes in it, gone with it), or made by the caller: the
+//! container runs in a network namespace of the test's (`ip netns`) and its
+//! `host0` is a veth on a bridge there (`--network-bridge`), so several
+//! containers share one link and everything goes away with the namespace.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::wait_for;
+use super::{have, is_root, prereq, wait_for};
+
+/// Whether this host can boot a container (else says why, as
+/// [`prereq`] does).
+pub fn host_ready() -> bool {
+    prereq(is_root(), "systemd-nspawn containers need root")
+        && prereq(
+            have("systemd-nspawn") && have("unshare") && have("nsenter"),
+            "systemd-nspawn (package systemd-container), unshare or nsenter missing",
+        )
+        // Bound into the container (--bind fails on a missing source).
+        && prereq(
+            Path::new("/dev/kvm").exists() && Path::new("/dev/net/tun").exists(),
+            "/dev/kvm or /dev/net/tun missing (bound into the container)",
+        )
+}
+
+/// Where a container's network comes from.
+enum Net {
+    /// `--private-network`: a namespace of its own, with only `lo`.
+    Private,
+    /// Its `host0` a veth on `bridge` in the test's namespace `netns`.
+    Bridge { netns: String, bridge: String },
+}
 
 /// A booted container. Dropping it kills it (its PID 1, so the kernel kills
 /// everything in its pid namespace, qemu included) and removes the overlay.
@@ -18,8 +57,7 @@ pub struct Container {
     dir: tempfile::TempDir,
     lower: PathBuf,
     pub name: String,
-    netns: String,
-    bridge: String,
+    net: Net,
     /// `--bind-ro=` arguments: (host path, path in the container).
     binds: Vec<(PathBuf, String)>,
     nspawn: Option<Child>,
@@ -37,6 +75,20 @@ impl Container {
         bridge: &str,
         binds: &[(&Path, &str)],
     ) -> Container {
+        let net = Net::Bridge {
+            netns: netns.into(),
+            bridge: bridge.into(),
+        };
+        Container::boot_with(lower, name, net, binds)
+    }
+
+    /// Boots `lower` as machine `name` with a network namespace of its own
+    /// (`--private-network`); otherwise as [`Container::boot`].
+    pub fn boot_private(lower: &Path, name: &str, binds: &[(&Path, &str)]) -> Container {
+        Container::boot_with(lower, name, Net::Private, binds)
+    }
+
+    fn boot_with(lower: &Path, name: &str, net: Net, binds: &[(&Path, &str)]) -> Container {
         let dir = tempfile::Builder::new()
             .prefix("nox-nspawn-")
             .tempdir_in("/var/tmp")
@@ -52,8 +104,7 @@ impl Container {
             dir,
             lower: lower.to_owned(),
             name: name.into(),
-            netns: netns.into(),
-            bridge: bridge.into(),
+            net,
             binds: all,
             nspawn: None,
             leader: 0,
@@ -62,6 +113,8 @@ impl Container {
         c
     }
 
+    /// Starts nspawn on the overlay and waits until systemd in it has
+    /// finished booting.
     fn start(&mut self) {
         let t = Instant::now();
         let d = self.dir.path();
@@ -76,20 +129,18 @@ mkdir -p /run/systemd/nspawn
 mount -t tmpfs -o mode=0755 tmpfs /run/systemd/nspawn
 shift 2
 exec systemd-nspawn "$@""#;
-        // nsenter --net rather than `ip netns exec`, which mounts a sysfs of
-        // its own over /sys and hides the cgroup hierarchy nspawn needs.
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.netns))
-            .args([
-                "unshare",
-                "-m",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                script,
-                "sh",
-            ])
+        let mut cmd = match &self.net {
+            Net::Private => Command::new("unshare"),
+            // nsenter --net rather than `ip netns exec`, which mounts a sysfs
+            // of its own over /sys and hides the cgroup hierarchy nspawn
+            // needs.
+            Net::Bridge { netns, .. } => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{netns}")).arg("unshare");
+                c
+            }
+        };
+        cmd.args(["-m", "--propagation", "private", "sh", "-c", script, "sh"])
             .arg(&self.lower)
             .arg(d)
             .args([
@@ -102,7 +153,10 @@ exec systemd-nspawn "$@""#;
             .arg(format!("--machine={}", self.name))
             .arg("-D")
             .arg(d.join("root"))
-            .arg(format!("--network-bridge={}", self.bridge))
+            .arg(match &self.net {
+                Net::Private => "--private-network".to_string(),
+                Net::Bridge { bridge, .. } => format!("--network-bridge={bridge}"),
+            })
             .args(["--bind=/dev/kvm", "--bind=/dev/net/tun"]);
         for (host, inside) in &self.binds {
             cmd.arg(format!("--bind-ro={}:{inside}", host.display()));
@@ -121,7 +175,8 @@ exec systemd-nspawn "$@""#;
             });
         }
         let child = cmd.spawn().unwrap();
-        // nsenter, unshare and sh exec: this pid is nspawn's.
+        // nsenter, unshare and sh exec: this pid is nspawn's; the
+        // container's PID 1 is its child.
         let pid = child.id();
         self.nspawn = Some(child);
         let mut leader = None;
@@ -143,6 +198,29 @@ exec systemd-nspawn "$@""#;
             self.name,
             t.elapsed().as_secs_f64()
         );
+    }
+
+    /// `systemctl reboot` in the container, then boots it again (the same
+    /// overlay, so what was written in it stays).
+    pub fn reboot(&mut self) {
+        let _ = self.run(&["systemctl", "reboot"]);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(s) = self.nspawn.as_mut().unwrap().try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container {} did not reboot:\n{}",
+                self.name,
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        self.nspawn = None;
+        // 133: the container asked for a reboot.
+        assert_eq!(status.code(), Some(133), "{}", self.console());
+        self.start();
     }
 
     pub fn console(&self) -> String {
@@ -247,7 +325,8 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-/// The container's PID 1: the child of nspawn that runs systemd.
+/// The container's PID 1: the child of nspawn that runs systemd (nspawn's
+/// other children, and the mount commands before it, are not).
 fn container_init(nspawn: u32) -> Option<u32> {
     children(nspawn).into_iter().find(|c| {
         std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|s| s.trim() == "systemd")
@@ -267,7 +346,10 @@ impl Drop for Container {
             );
         }
         let nspawn = self.nspawn.as_ref().unwrap();
-        // nspawn passes SIGTERM on as SIGKILL to the container's PID 1.
+        // nspawn passes SIGTERM on as SIGKILL to the container's PID 1,
+        // which ends its pid namespace (qemu included); nspawn then exits
+        // and its mount namespace (the overlay) with it. kill() makes sure
+        // of it: never orphan the container.
         let pid = nix::unistd::Pid::from_raw(nspawn.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         self.kill();
