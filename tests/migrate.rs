@@ -14,181 +14,19 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::sshd::{Sshd, free_port, write_exec};
 use common::*;
 
-const SSHD: &str = "/usr/sbin/sshd";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn keygen(path: &Path) {
-    let st = Command::new("ssh-keygen")
-        .args([
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "nox-migrate-test",
-            "-f",
-        ])
-        .arg(path)
-        .status()
-        .unwrap();
-    assert!(st.success(), "ssh-keygen failed");
-}
-
-fn write_exec(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-/// sshd on 127.0.0.1:PORT and an ssh that trusts it, with the test's keys.
-struct Sshd {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Sshd {
-    fn start() -> Option<Sshd> {
-        if !prereq(is_root(), "not root (sshd logs users in only as root)")
-            || !prereq(
-                Path::new(SSHD).exists(),
-                "no /usr/sbin/sshd (apt-get install openssh-server)",
-            )
-            || !prereq(have("ssh-keygen"), "no ssh-keygen (openssh-client)")
-            || !prereq(have("ssh"), "no ssh (openssh-client)")
-            || !prereq(have("qemu-img"), "no qemu-img")
-        {
-            return None;
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("nox-sshd")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let d = dir.path();
-        keygen(&d.join("host_key"));
-        keygen(&d.join("id"));
-        std::fs::copy(d.join("id.pub"), d.join("authorized_keys")).unwrap();
-        std::fs::create_dir_all("/run/sshd").unwrap();
-        let port = free_port();
-        std::fs::write(
-            d.join("sshd_config"),
-            format!(
-                "ListenAddress 127.0.0.1:{port}\n\
-                 HostKey {d}/host_key\n\
-                 PidFile {d}/sshd.pid\n\
-                 AuthorizedKeysFile {d}/authorized_keys\n\
-                 StrictModes no\n\
-                 PermitRootLogin prohibit-password\n\
-                 PasswordAuthentication no\n\
-                 KbdInteractiveAuthentication no\n\
-                 UsePAM no\n\
-                 MaxSessions 20\n\
-                 MaxStartups 50\n\
-                 LogLevel ERROR\n",
-                d = d.display(),
-            ),
-        )
-        .unwrap();
-        let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
-        std::fs::write(
-            d.join("known_hosts"),
-            format!("[127.0.0.1]:{port} {host_pub}"),
-        )
-        .unwrap();
-        std::fs::write(
-            d.join("ssh_config"),
-            format!(
-                "Host *\n  IdentityFile {d}/id\n  IdentitiesOnly yes\n  \
-                 UserKnownHostsFile {d}/known_hosts\n  GlobalKnownHostsFile /dev/null\n  \
-                 StrictHostKeyChecking yes\n",
-                d = d.display()
-            ),
-        )
-        .unwrap();
-        write_exec(
-            &d.join("ssh"),
-            &format!(
-                "#!/bin/sh\nexec ssh -F {} \"$@\"\n",
-                d.join("ssh_config").display()
-            ),
-        );
-        let log = std::fs::File::create(d.join("sshd.log")).unwrap();
-        let mut cmd = Command::new(SSHD);
-        cmd.args(["-D", "-e", "-f"])
-            .arg(d.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        // SAFETY: prctl only, async-signal-safe, between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                    .map_err(std::io::Error::from)
-            })
-        };
-        let child = cmd.spawn().unwrap();
-        let mut s = Sshd { child, dir, port };
-        let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(st)) = s.child.try_wait() {
-                panic!("sshd exited: {st}");
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "sshd did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(s)
+/// The test sshd, once qemu-img (the offline copy's rebase) is here too.
+fn sshd() -> Option<Sshd> {
+    if !prereq(have("qemu-img"), "no qemu-img") {
+        return None;
     }
-
-    fn url(&self) -> String {
-        format!("ssh://root@127.0.0.1:{}", self.port)
-    }
-
-    /// Makes `from` reach `to` through this sshd: config.json names the
-    /// test's ssh, NOX_REMOTE_BIN runs this build's nox on `to`'s home.
-    /// `extra`: more of `from`'s config.json.
-    fn join(&self, from: &mut Home, to: &Home) {
-        let cfg = from.path().join("config.json");
-        let mut v: serde_json::Value = std::fs::read(&cfg)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_else(|| serde_json::json!({}));
-        v["binaries"]["ssh"] = self.dir.path().join("ssh").to_string_lossy().into();
-        std::fs::write(&cfg, v.to_string()).unwrap();
-        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
-        from.env.retain(|(k, _)| k != "NOX_REMOTE_BIN");
-        from.env
-            .push(("NOX_REMOTE_BIN".into(), remote_bin(to.path())));
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.dir.path().join("sshd.log"));
-            eprintln!("sshd's log:\n{}", log.unwrap_or_default());
-        }
-    }
+    Sshd::start()
 }
 
 fn code(o: &Output) -> Option<i32> {
@@ -230,7 +68,7 @@ fn backing(disk: &Path) -> String {
 /// Refusals and the offline move, no guest booted.
 #[test]
 fn offline_moves_and_refusals_without_a_guest() {
-    let Some(sshd) = Sshd::start() else { return };
+    let Some(sshd) = sshd() else { return };
     let mut src = Home::new();
     let mut dst = Home::new();
     sshd.join(&mut src, &dst);
@@ -318,17 +156,6 @@ fn offline_moves_and_refusals_without_a_guest() {
     let b = backing(&src.path().join("vms/web/disk.qcow2"));
     assert!(b.starts_with(src.path().to_str().unwrap()), "backing {b}");
     assert_eq!(src.info("web")["mac"], before["mac"]);
-}
-
-/// The words that run this build's nox on the state directory `home`.
-fn remote_bin(home: &Path) -> String {
-    shlex::try_join([
-        "env",
-        &format!("NOX_HOME={}", home.display()),
-        &format!("HOME={}", home.join("home").display()),
-        env!("CARGO_BIN_EXE_nox"),
-    ])
-    .unwrap()
 }
 
 /// The guest's process `pid` runs with its file open: its fd 3 and the
@@ -424,7 +251,7 @@ impl Drop for Tmpfs {
 #[test]
 fn a_booted_guest_moves_live_and_back() {
     let Some(img) = e2e_prereqs() else { return };
-    let Some(sshd) = Sshd::start() else { return };
+    let Some(sshd) = sshd() else { return };
     let mut src = Home::new();
     let mut dst = Home::new();
     sshd.join(&mut src, &dst);
@@ -485,7 +312,8 @@ fn a_booted_guest_moves_live_and_back() {
         let fs = Tmpfs::new("48m");
         track_home(&fs.0);
         src.env.retain(|(k, _)| k != "NOX_REMOTE_BIN");
-        src.env.push(("NOX_REMOTE_BIN".into(), remote_bin(&fs.0)));
+        src.env
+            .push(("NOX_REMOTE_BIN".into(), common::sshd::nox_on(&fs.0)));
         let o = src.nox(&["migrate", "mig", "--to", &url]);
         assert_eq!(code(&o), Some(1), "{}", stderr(&o));
         assert!(
@@ -614,7 +442,7 @@ fn live_moves_a_firmware_only_guest() {
     ) {
         return;
     }
-    let Some(sshd) = Sshd::start() else { return };
+    let Some(sshd) = sshd() else { return };
     let mut src = Home::new();
     let mut dst = Home::new();
     sshd.join(&mut src, &dst);
@@ -688,7 +516,8 @@ fn live_moves_a_firmware_only_guest() {
     let fs = Tmpfs::new("4m");
     track_home(&fs.0);
     src.env.retain(|(k, _)| k != "NOX_REMOTE_BIN");
-    src.env.push(("NOX_REMOTE_BIN".into(), remote_bin(&fs.0)));
+    src.env
+        .push(("NOX_REMOTE_BIN".into(), common::sshd::nox_on(&fs.0)));
     let o = src.nox(&["migrate", "blank", "--to", &url]);
     assert_eq!(code(&o), Some(1), "{}", stderr(&o));
     assert!(

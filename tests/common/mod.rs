@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 pub use nox::testing::prereq;
 
 pub mod nspawn;
+pub mod sshd;
 
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
