@@ -8,9 +8,8 @@
 //! - placement: it runs on the node it prefers, and only there;
 //! - `pcs resource move` with allow-migrate=false: stopped there, started
 //!   on the other node;
-//! - when `nox migrate` exists (issue 21 item 2) a live move back with
-//!   allow-migrate=true (migrate_to/migrate_from); skipped with a note
-//!   before it does;
+//! - a live move back with allow-migrate=true (migrate_to/migrate_from,
+//!   which run `nox migrate`);
 //! - failover: the node running it dies (its container killed, qemu with
 //!   it) and the survivor starts it; its guest then answers SSH.
 //!
@@ -254,12 +253,8 @@ fn pacemaker_places_moves_and_fails_over_a_vm() {
     eprintln!("moved (stop/start) to {} in {s:.1}s", names[1]);
     assert_eq!(nox_state(&a), "stopped");
 
-    // A live move back, once nox has `migrate` (issue 21 item 2).
-    if a.run(&["nox", "migrate", "--help"]).status.success() {
-        live_move_back(&a, &b, &names);
-    } else {
-        eprintln!("skipped the live move: this nox has no `migrate` yet");
-    }
+    // A live move back: pacemaker's migrate_to/migrate_from, `nox migrate`.
+    live_move_back(&a, &b, &names);
 
     // Failover: the node running the VM dies; the survivor starts it.
     let (dead, survivor) = if located(&a).as_deref() == Some(&*names[0]) {
