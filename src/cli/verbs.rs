@@ -272,7 +272,7 @@ pub fn clone(
 }
 
 pub fn set(store: &Store, a: &super::SetArgs) -> Result<i32> {
-    let opts = vm::SetOptions {
+    let opts = crate::ops::change::SetOptions {
         cpus: a.cpus,
         memory: a.memory.clone(),
         disk: a.disk.clone(),

@@ -162,8 +162,12 @@ pub struct SetOutcome {
 }
 
 /// Changes a stopped VM's CPUs, memory or disk (an empty outcome: unchanged).
-pub fn set(store: &Store, name: &str, o: &vm::SetOptions) -> Result<SetOutcome, OpsError> {
-    let (old, new) = vm::set(store, name, o).map_err(|source| OpsError::Set {
+pub fn set(
+    store: &Store,
+    name: &str,
+    o: &crate::ops::change::SetOptions,
+) -> Result<SetOutcome, OpsError> {
+    let (old, new) = crate::ops::change::set(store, name, o).map_err(|source| OpsError::Set {
         name: name.to_string(),
         source: Box::new(source),
     })?;

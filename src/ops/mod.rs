@@ -7,6 +7,7 @@
 //! restart, image prune) report them through a callback of typed events
 //! rather than returning them at the end.
 
+pub mod change;
 pub mod clone;
 mod config;
 mod cp;

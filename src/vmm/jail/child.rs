@@ -622,6 +622,55 @@ unsafe fn confine(p: &Prepared, parent: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// The shared folders' idmapped trees (made by the parent, attached here)
+/// and the `/proc` a 9p server needs. Part of [`build_root`], in the child.
+unsafe fn attach_shares(p: &Prepared) -> io::Result<()> {
+    // SAFETY: as in `confine`: raw syscalls on pointers the parent made.
+    unsafe {
+        // Attached after the binds: a share's path may lie below a bound
+        // directory's (never the other way round: nox refuses shares of
+        // the directories qemu needs).
+        for (dst, tree) in &p.shares {
+            if libc::mkdir(dst.as_ptr(), 0o755) < 0 && errno() != libc::EEXIST {
+                return Err(fail(p, S_MKDIR));
+            }
+            const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+            check(
+                p,
+                S_SHARE,
+                libc::syscall(
+                    libc::SYS_move_mount,
+                    *tree,
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    MOVE_MOUNT_F_EMPTY_PATH,
+                ),
+            )?;
+        }
+        if let Some(proc) = &p.proc {
+            if libc::mkdir(proc.as_ptr(), 0o555) < 0 && errno() != libc::EEXIST {
+                return Err(fail(p, S_MKDIR));
+            }
+            // Of the new PID namespace (we are its PID 1): only the
+            // jail's own processes, and nothing but their directories.
+            check(
+                p,
+                S_PROC,
+                libc::mount(
+                    c"proc".as_ptr(),
+                    proc.as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"subset=pid,hidepid=invisible".as_ptr().cast(),
+                )
+                .into(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 unsafe fn build_root(p: &Prepared, root: &CStr) -> io::Result<()> {
     // SAFETY: as in `confine`.
     unsafe {
@@ -703,46 +752,7 @@ unsafe fn build_root(p: &Prepared, root: &CStr) -> io::Result<()> {
                 libc::mount(null, b.dst.as_ptr(), null, flags, std::ptr::null()).into(),
             )?;
         }
-        // Attached after the binds: a share's path may lie below a bound
-        // directory's (never the other way round: nox refuses shares of
-        // the directories qemu needs).
-        for (dst, tree) in &p.shares {
-            if libc::mkdir(dst.as_ptr(), 0o755) < 0 && errno() != libc::EEXIST {
-                return Err(fail(p, S_MKDIR));
-            }
-            const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-            check(
-                p,
-                S_SHARE,
-                libc::syscall(
-                    libc::SYS_move_mount,
-                    *tree,
-                    c"".as_ptr(),
-                    libc::AT_FDCWD,
-                    dst.as_ptr(),
-                    MOVE_MOUNT_F_EMPTY_PATH,
-                ),
-            )?;
-        }
-        if let Some(proc) = &p.proc {
-            if libc::mkdir(proc.as_ptr(), 0o555) < 0 && errno() != libc::EEXIST {
-                return Err(fail(p, S_MKDIR));
-            }
-            // Of the new PID namespace (we are its PID 1): only the
-            // jail's own processes, and nothing but their directories.
-            check(
-                p,
-                S_PROC,
-                libc::mount(
-                    c"proc".as_ptr(),
-                    proc.as_ptr(),
-                    c"proc".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    c"subset=pid,hidepid=invisible".as_ptr().cast(),
-                )
-                .into(),
-            )?;
-        }
+        attach_shares(p)?;
         for (target, link) in &p.symlinks {
             check(
                 p,
