@@ -66,24 +66,7 @@ fn ocf_tester_passes() {
     }
     let h = Home::new();
     use_fake_qemu(&h);
-    let img = small_image(&h).unwrap();
-    h.ok(&[
-        "create",
-        "ocf1",
-        "--image",
-        img.to_str().unwrap(),
-        "--network",
-        "user",
-        "--accel",
-        "tcg",
-        "--cpus",
-        "1",
-        "--memory",
-        "128M",
-        "--stop-timeout",
-        "5",
-        "--no-start",
-    ]);
+    create_small(&h, "ocf1", &["--no-start"]);
     let home = format!("home={}", h.path().display());
     let binary = format!("binary={}", env!("CARGO_BIN_EXE_nox"));
     let out = Command::new("ocf-tester")

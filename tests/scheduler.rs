@@ -17,29 +17,7 @@ use std::time::{Duration, Instant};
 
 /// A VM of a blank disk, defined, not started, on the fake qemu.
 fn vm(h: &Home, name: &str, extra: &[&str]) -> String {
-    let img = h.path().join("small.qcow2");
-    if !img.exists() {
-        small_image(h).unwrap();
-    }
-    let mut args = vec![
-        "create",
-        name,
-        "--image",
-        img.to_str().unwrap(),
-        "--network",
-        "user",
-        "--accel",
-        "tcg",
-        "--cpus",
-        "1",
-        "--memory",
-        "128M",
-        "--stop-timeout",
-        "5",
-        "--no-start",
-    ];
-    args.extend_from_slice(extra);
-    h.ok(&args)
+    create_small(h, name, &[&["--no-start"], extra].concat())
 }
 
 /// `nox run NAME [extra]` as a scheduler runs it: in the foreground.
@@ -289,24 +267,7 @@ fn create_if_absent_is_idempotent() {
     assert!(err.contains("exists"), "{err}");
     // Without --no-start it also starts the VM, and again is a no-op.
     for _ in 0..2 {
-        let args: Vec<&str> = vec![
-            "create",
-            "same",
-            "--if-absent",
-            "--image",
-            img.to_str().unwrap(),
-            "--network",
-            "user",
-            "--accel",
-            "tcg",
-            "--cpus",
-            "1",
-            "--memory",
-            "128M",
-            "--stop-timeout",
-            "5",
-        ];
-        h.ok(&args);
+        create_small(&h, "same", &["--if-absent"]);
         assert_eq!(h.info("same")["state"], "running");
     }
     h.ok(&["stop", "same", "--force"]);

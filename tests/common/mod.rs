@@ -173,6 +173,34 @@ pub fn small_image(h: &Home) -> Option<PathBuf> {
     Some(p)
 }
 
+/// `nox create NAME` of a small VM on [`small_image`] (user networking,
+/// TCG, 1 vCPU, 128M, a 5 s stop timeout) with `extra` arguments; what a
+/// test on the fake qemu defines. Returns nox's stdout.
+pub fn create_small(h: &Home, name: &str, extra: &[&str]) -> String {
+    let img = h.path().join("small.qcow2");
+    if !img.exists() {
+        small_image(h).unwrap();
+    }
+    let mut args = vec![
+        "create",
+        name,
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "user",
+        "--accel",
+        "tcg",
+        "--cpus",
+        "1",
+        "--memory",
+        "128M",
+        "--stop-timeout",
+        "5",
+    ];
+    args.extend_from_slice(extra);
+    h.ok(&args)
+}
+
 /// The VM directories of a home, staging ones included: after a refused
 /// create there must be none.
 pub fn vm_dirs(h: &Home) -> Vec<String> {
