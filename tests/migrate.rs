@@ -8,9 +8,11 @@
 //!
 //! Not simulated: two kernels. Both qemus share this host's jail ids and
 //! cgroup names (the target's runs without cgroup limits while the source's
-//! holds `nox/NAME`), and user-mode networking (passt) stands in for a
-//! shared bridge, so "the same address on a shared L2" is not checked; the
-//! MAC and the pinned host key are.
+//! holds `nox/NAME`). Most tests use user-mode networking (passt);
+//! `a_bridged_guest_keeps_its_address_on_a_shared_bridge` gives each "host"
+//! its own network namespace and bridge, the two bridges one L2 segment
+//! (a veth), DHCP from a third namespace, and checks that the guest keeps
+//! its address there.
 
 mod common;
 
@@ -161,9 +163,13 @@ fn offline_moves_and_refusals_without_a_guest() {
 /// The guest's process `pid` runs with its file open: its fd 3 and the
 /// file's line count.
 fn alive(h: &Home, pid: &str) -> String {
+    alive_in(h, "mig", pid)
+}
+
+fn alive_in(h: &Home, name: &str, pid: &str) -> String {
     h.ok(&[
         "ssh",
-        "mig",
+        name,
         "--",
         &format!("kill -0 {pid} && readlink /proc/{pid}/fd/3 && wc -l < $HOME/ticks"),
     ])
@@ -426,6 +432,199 @@ fn a_booted_guest_moves_live_and_back() {
     assert!(traces(&dst, "mig").is_empty(), "{:?}", traces(&dst, "mig"));
     assert_eq!(src.info("mig")["state"], "stopped");
     assert_eq!(src.info("mig")["mac"], mac);
+    check.next("done");
+}
+
+/// `nox migrate`'s guarantee on a shared L2 bridge, with one booted guest:
+/// two "hosts", each its own network namespace with bridge `brt` and an
+/// address on it (10.83.0.1 the source, .2 the target), the two bridges
+/// joined by a veth into one segment, dnsmasq in a third namespace on it
+/// (the LAN's DHCP server, neither host's). The target's sshd listens on
+/// its bridge address in its namespace, so the target's nox (run by that
+/// sshd) makes its tap there: the same tap name as the source's, on the
+/// other "host". The guest, with a process holding a file open, moves live
+/// and keeps its MAC, its DHCP lease and its address, where the segment
+/// reaches it and `nox ssh` at the target finds it with the pinned key.
+#[test]
+fn a_bridged_guest_keeps_its_address_on_a_shared_bridge() {
+    let Some(img) = e2e_prereqs() else { return };
+    if !bridge_prereqs() || !prereq(have("qemu-img"), "no qemu-img") {
+        return;
+    }
+    // Dropped in reverse: the homes (their VMs deleted inside their
+    // namespaces), the sshd, then the namespaces with dnsmasq, the veths
+    // and the bridges.
+    let mut here = Netns::new("mga", Some("10.83.0.1/24"));
+    let there = Netns::new("mgb", Some("10.83.0.2/24"));
+    here.link(&there);
+    let router = here.peer("mgr", "10.83.0.254/24");
+    // dnsmasq's shortest lease: the guest renews it a minute after taking it.
+    let lease_file = here.dnsmasq(&router, "eth0", "10.83.0.100,10.83.0.199,2m");
+    let Some(sshd) = Sshd::start_in(Some(&there.name), "10.83.0.2") else {
+        return;
+    };
+    let mut src = Home::in_ns(&here.name);
+    let dst = Home::in_ns(&there.name);
+    sshd.join(&mut src, &dst);
+    let url = sshd.url();
+    let name = "bmig";
+    let tap = nox::vmm::net::tap::tap_name(name);
+    let on_bridge = |ns: &Netns| {
+        in_ns_output(&ns.name, &["ip", "-o", "link", "show", "master", "brt"])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n.starts_with("nox"))
+            .collect::<Vec<_>>()
+    };
+    let mut check = Check::start("boot on the source's bridge");
+    let t0 = Instant::now();
+    let created: serde_json::Value = serde_json::from_str(&src.ok(&[
+        "create",
+        name,
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "bridge:brt",
+        "--accel",
+        "tcg",
+        "--cpus",
+        "1",
+        "--memory",
+        "512M",
+        "--disk",
+        "4G",
+        "--json",
+        "--wait",
+        "--timeout",
+        "1200",
+    ]))
+    .unwrap();
+    eprintln!("MEASURE boot: {:?}", t0.elapsed());
+    let mac = created["mac"].as_str().unwrap().to_string();
+    let ip = src
+        .ok(&["ip", name, "--wait", "--timeout", "120"])
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let lease_of = || -> Vec<String> {
+        leases(&lease_file)
+            .into_iter()
+            .filter(|(m, _)| m.eq_ignore_ascii_case(&mac))
+            .map(|(_, ip)| ip)
+            .collect()
+    };
+    // The lease's expiry (the lease file's first field): it moves on when
+    // the guest renews.
+    let expiry = || -> u64 {
+        std::fs::read_to_string(&lease_file)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().contains(&mac.to_ascii_lowercase()))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    assert_eq!(lease_of(), vec![ip.clone()], "the lease of {mac}");
+    assert_eq!(on_bridge(&here), vec![tap.clone()], "the source's tap");
+    assert!(on_bridge(&there).is_empty(), "{:?}", on_bridge(&there));
+    let pid = src
+        .ok(&[
+            "ssh", name, "--",
+            "nohup sh -c 'exec 3>>$HOME/ticks; while :; do echo x >&3; sleep 1; done' >/dev/null 2>&1 & echo $!",
+        ])
+        .trim()
+        .to_string();
+    assert!(pid.parse::<u32>().is_ok(), "{pid}");
+    eprintln!("{}", alive_in(&src, name, &pid));
+
+    check.next("live move to the other host's bridge");
+    let t0 = Instant::now();
+    let out = src.ok(&["migrate", name, "--to", &url, "--json"]);
+    let took = t0.elapsed();
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(m["mode"], "live");
+    let expiry_at_move = expiry();
+    // The address, as the target's nox learns it from the guest, and the
+    // guest answering on it.
+    let t1 = Instant::now();
+    let ip_there = dst
+        .ok(&["ip", name, "--wait", "--timeout", "60"])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let known = t1.elapsed();
+    assert_eq!(ip_there, ip, "the address at the target");
+    let a = alive_in(&dst, name, &pid);
+    let answered = t1.elapsed();
+    eprintln!(
+        "MEASURE live migration of a 512 MiB TCG guest on a shared bridge: nox migrate {took:?} \
+         ({} ms by --json), qemu total-time {} ms, downtime {} ms; then the address known at \
+         the target after {known:?}, nox ssh answered there after {answered:?}",
+        m["took_ms"], m["migration"]["total_ms"], m["migration"]["downtime_ms"],
+    );
+    assert!(a.contains("ticks"), "the process and its open file: {a}");
+
+    check.next("the same address, MAC and lease; the taps");
+    let info = dst.info(name);
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["mac"], mac.as_str());
+    assert_eq!(info["ip"], ip.as_str());
+    assert_eq!(info["bridge"], "brt");
+    assert_eq!(
+        lease_of(),
+        vec![ip.clone()],
+        "one lease for {mac}, the same"
+    );
+    // Learned there from the guest's own traffic (nothing carries it over):
+    // the target's event log, which starts with the arrival, has it.
+    let events = dst.ok(&["events", name, "--json"]);
+    assert!(
+        events
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|e| e["type"] == "ip" && e["ip"] == ip.as_str()),
+        "no ip event at the target: {events}"
+    );
+    // Reached at that address from the segment (the source host's
+    // namespace, across the veth), not only by nox: sshd's banner.
+    let banner = in_ns_output(
+        &here.name,
+        &[
+            "timeout",
+            "10",
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{ip}/22 && head -c 7 <&3"),
+        ],
+    );
+    assert_eq!(banner, "SSH-2.0", "{ip}:22 from the source's host");
+    wait_for("the source's tap to go", 10, || on_bridge(&here).is_empty());
+    assert_eq!(on_bridge(&there), vec![tap.clone()], "the target's tap");
+    assert_eq!(src.ok(&["list", "--json"]), "[]\n");
+    assert!(traces(&src, name).is_empty(), "{:?}", traces(&src, name));
+    assert_eq!(qemu_pids(name).len(), 1, "{:?}", qemu_pids(name));
+    std::thread::sleep(Duration::from_secs(2));
+    let b = alive_in(&dst, name, &pid);
+    let n = |s: &str| s.lines().last().and_then(|l| l.trim().parse::<u64>().ok());
+    assert!(n(&b) > n(&a), "the process still writes: {a} then {b}");
+
+    check.next("the lease renewed from the target's bridge");
+    // The guest renews with the same server across the segment, now from
+    // behind the target's tap: the same address, still one lease.
+    let t2 = Instant::now();
+    wait_for("the guest to renew its lease", 180, || {
+        expiry() > expiry_at_move
+    });
+    eprintln!("MEASURE lease renewed {:?} after the move", t2.elapsed());
+    assert_eq!(
+        lease_of(),
+        vec![ip.clone()],
+        "one lease for {mac}, the same"
+    );
+    assert_eq!(dst.ok(&["ip", name]).lines().next(), Some(ip.as_str()));
     check.next("done");
 }
 

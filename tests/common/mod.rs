@@ -418,6 +418,34 @@ impl Netns {
         peer
     }
 
+    /// Joins this namespace's bridge and `other`'s into one L2 segment, as
+    /// two hosts' bridges on one switch: a veth pair, one end on each
+    /// (it goes with the namespaces).
+    pub fn link(&self, other: &Netns) {
+        in_ns(
+            &self.name,
+            &[
+                "ip",
+                "link",
+                "add",
+                "seg0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "seg1",
+                "netns",
+                &other.name,
+            ],
+        );
+        for (ns, end, br) in [
+            (&self.name, "seg0", &self.bridge),
+            (&other.name, "seg1", &other.bridge),
+        ] {
+            in_ns(ns, &["ip", "link", "set", end, "master", br, "up"]);
+        }
+    }
+
     /// Names of nox taps attached to the bridge.
     pub fn taps(&self) -> Vec<String> {
         in_ns_output(&self.name, &["ip", "-o", "link", "show"])

@@ -1,7 +1,8 @@
-//! A test sshd on loopback (127.0.0.1 and, where the host has it, [::1])
-//! with its own host key, an ssh that trusts it with the test's key, and
-//! the wiring that makes one nox home reach another through it: the "other
-//! host" of tests/remote.rs and tests/migrate.rs.
+//! A test sshd on loopback (127.0.0.1 and, where the host has it, [::1]),
+//! or on an address inside a network namespace the test made, with its own
+//! host key, an ssh that trusts it with the test's key, and the wiring that
+//! makes one nox home reach another through it: the "other host" of
+//! tests/remote.rs and tests/migrate.rs.
 
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -52,17 +53,44 @@ pub fn quote(words: &[&str]) -> String {
     shlex::try_join(words.iter().copied()).unwrap()
 }
 
-/// sshd on 127.0.0.1:PORT and an ssh that trusts it, with the test's keys.
+/// Whether a TCP connection to `addr:port` succeeds from network namespace
+/// `ns` (None: this process's), tried on a thread that entered it.
+fn connects(ns: Option<&str>, addr: &str, port: u16) -> bool {
+    let Some(ns) = ns else {
+        return TcpStream::connect((addr, port)).is_ok();
+    };
+    let (path, addr) = (format!("/run/netns/{ns}"), addr.to_string());
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        TcpStream::connect((addr.as_str(), port)).is_ok()
+    })
+    .join()
+    .unwrap()
+}
+
+/// sshd on 127.0.0.1:PORT (or an address in a namespace) and an ssh that
+/// trusts it, with the test's keys.
 pub struct Sshd {
     child: Child,
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The IPv4 address it listens on.
+    pub addr: String,
     /// Also listening on [::1] (where this host has IPv6 loopback).
     pub v6: bool,
 }
 
 impl Sshd {
+    /// On loopback, in this process's network namespace.
     pub fn start() -> Option<Sshd> {
+        Self::start_in(None, "127.0.0.1")
+    }
+
+    /// In network namespace `ns` (None: this process's), listening on
+    /// `addr` (IPv4, one of that namespace's): the nox that its sessions
+    /// run lives in that namespace, as on another host.
+    pub fn start_in(ns: Option<&str>, addr: &str) -> Option<Sshd> {
         if !prereq(is_root(), "not root (sshd logs users in only as root)")
             || !prereq(
                 Path::new(SSHD).exists(),
@@ -84,11 +112,11 @@ impl Sshd {
         // sshd's privilege separation directory (the ssh unit makes it).
         std::fs::create_dir_all("/run/sshd").unwrap();
         let port = free_port();
-        let v6 = TcpListener::bind(("::1", port)).is_ok();
+        let v6 = ns.is_none() && addr == "127.0.0.1" && TcpListener::bind(("::1", port)).is_ok();
         std::fs::write(
             d.join("sshd_config"),
             format!(
-                "ListenAddress 127.0.0.1:{port}\n{listen6}\
+                "ListenAddress {addr}:{port}\n{listen6}\
                  HostKey {d}/host_key\n\
                  PidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\n\
@@ -112,7 +140,7 @@ impl Sshd {
         let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
         std::fs::write(
             d.join("known_hosts"),
-            format!("[127.0.0.1]:{port} {host_pub}[::1]:{port} {host_pub}"),
+            format!("[{addr}]:{port} {host_pub}[::1]:{port} {host_pub}"),
         )
         .unwrap();
         std::fs::write(
@@ -133,7 +161,14 @@ impl Sshd {
             ),
         );
         let log = std::fs::File::create(d.join("sshd.log")).unwrap();
-        let mut cmd = Command::new(SSHD);
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, SSHD]);
+                c
+            }
+            None => Command::new(SSHD),
+        };
         cmd.args(["-D", "-e", "-f"])
             .arg(d.join("sshd_config"))
             .stdin(Stdio::null())
@@ -141,7 +176,8 @@ impl Sshd {
             .stderr(log);
         // SAFETY: prctl only, async-signal-safe, between fork and exec.
         // Should this test process die without unwinding (killed), sshd
-        // goes with it rather than listening on.
+        // goes with it rather than listening on (`ip netns exec` execs sshd:
+        // the setting survives that exec).
         unsafe {
             cmd.pre_exec(|| {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
@@ -153,10 +189,11 @@ impl Sshd {
             child,
             dir,
             port,
+            addr: addr.to_string(),
             v6,
         };
         let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while !connects(ns, addr, port) {
             if let Ok(Some(st)) = s.child.try_wait() {
                 panic!("sshd exited: {st}");
             }
@@ -170,7 +207,7 @@ impl Sshd {
     }
 
     pub fn url(&self) -> String {
-        format!("ssh://root@127.0.0.1:{}", self.port)
+        format!("ssh://root@{}:{}", self.addr, self.port)
     }
 
     /// A local nox home whose config.json names the test's ssh, and whose
