@@ -3,7 +3,9 @@
 # sshd for the `nox --host` tests (tests/remote.rs runs its own on 127.0.0.1),
 # dnsmasq for the network tests, the test-image builder's tools, systemd-nspawn
 # for the systemd-as-PID-1 tests, pytest for the Python client's tests,
-# resource-agents for the OCF agent and its ocf-tester test), then builds and
+# resource-agents for the OCF agent and its ocf-tester test, virtiofsd for
+# `--mount` shares: Debian 13's package, else built from crates.io into
+# /usr/local/bin), then builds and
 # installs nox to /usr/local/bin and its OCF resource agent (deploy/ocf/nox) as
 # /usr/lib/ocf/resource.d/nox/vm (ocf:nox:vm). Run as root. Non-interactive.
 set -euo pipefail
@@ -26,6 +28,18 @@ apt-get install -y -qq --no-install-recommends \
     openssh-client openssh-server dnsmasq-base iproute2 mtools dosfstools systemd \
     busybox-static python3 python3-pytest util-linux coreutils passt bash-completion \
     systemd-container mmdebstrap debian-archive-keyring resource-agents libxml2-utils
+
+# virtiofsd (docs/shared-folders.md): Debian packages it from 13 on
+# (/usr/libexec/virtiofsd); Debian 12 has only qemu's old C one, so build
+# the Rust one (the same project's) from crates.io, pinned.
+VIRTIOFSD_VERSION=1.14.0
+if [ -n "$(apt-cache policy virtiofsd 2>/dev/null | awk '/Candidate:/ && $2 != "(none)"')" ]; then
+    apt-get install -y -qq --no-install-recommends virtiofsd
+elif ! /usr/local/bin/virtiofsd --version 2>/dev/null | grep -qF "$VIRTIOFSD_VERSION"; then
+    apt-get install -y -qq --no-install-recommends libseccomp-dev libcap-ng-dev pkg-config
+    cargo install --locked --quiet --root /usr/local --version "$VIRTIOFSD_VERSION" virtiofsd
+    echo "installed /usr/local/bin/virtiofsd $VIRTIOFSD_VERSION"
+fi
 
 if [ "${NOX_SKIP_INSTALL:-}" != 1 ]; then
     cargo build --release --locked

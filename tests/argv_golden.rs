@@ -108,6 +108,7 @@ fn argv_golden_host_devices() {
                 dev: 5,
             },
         ],
+        virtiofs: None,
     })
     .unwrap();
     golden("amd64-bios-kvm-tap-devices.argv", &argv);
@@ -139,14 +140,16 @@ fn argv_golden_extra_disks() {
         chardevs: CHARDEVS,
         tb_size: None,
         devices: vec![],
+        virtiofs: None,
     })
     .unwrap();
     golden("amd64-bios-kvm-passt-disks.argv", &argv);
 }
 
 /// A VM with two shared folders (`--mount`), one read-only, one with a comma
-/// in its path: `-fsdev local` (mapped-xattr, multidevs=forbid) and a
-/// `virtio-9p-pci` each, and the guest's mount table as fw_cfg.
+/// in its path, over qemu's 9p (where the host has no virtiofsd): `-fsdev
+/// local` (mapped-xattr, multidevs=forbid) and a `virtio-9p-pci` each, and
+/// the guest's mount table as fw_cfg.
 #[test]
 fn argv_golden_shares() {
     let store = Store::at("/var/lib/nox".into(), "/run/nox".into());
@@ -168,6 +171,7 @@ fn argv_golden_shares() {
         chardevs: CHARDEVS,
         tb_size: None,
         devices: vec![],
+        virtiofs: None,
     })
     .unwrap();
     golden("amd64-bios-kvm-passt-shares.argv", &argv);
@@ -179,6 +183,44 @@ fn argv_golden_shares() {
             (PathBuf::from("/srv/data"), false)
         ]
     );
+}
+
+/// The same shares over virtio-fs: qemu gets each share's connected
+/// vhost-user socket (`-chardev socket,fd=`) and a `vhost-user-fs-pci`,
+/// its RAM becomes shared memory (memfd) for virtiofsd, and it serves and
+/// holds no directory at all (its jail gets none).
+#[test]
+fn argv_golden_shares_virtiofs() {
+    let store = Store::at("/var/lib/nox".into(), "/run/nox".into());
+    let paths = store.vm_paths(&"demo".parse().unwrap());
+    let mut s = spec("amd64");
+    s.mounts = ["/srv/src,x:/home/nox/src", "/srv/data:/mnt/data:ro"]
+        .iter()
+        .map(|m| m.parse().unwrap())
+        .collect();
+    let argv = qemu::argv(&Launch {
+        spec: &s,
+        paths: &paths,
+        accel: Accel::Kvm,
+        net: NetBackend::Passt { fd: 3 },
+        firmware: FirmwareArgs::default(),
+        direct: None,
+        incoming: None,
+        ram: None,
+        chardevs: CHARDEVS,
+        tb_size: None,
+        devices: vec![],
+        virtiofs: Some(vec![20, 21]),
+    })
+    .unwrap();
+    golden("amd64-bios-kvm-passt-virtiofs.argv", &argv);
+    assert!(nox::vmm::jail::plan::share_dirs(&argv).is_empty());
+    let joined = argv.join(" ");
+    assert!(
+        joined.contains("-machine q35,accel=kvm,memory-backend=pc.ram"),
+        "{joined}"
+    );
+    assert!(!joined.contains("/srv/"), "{joined}");
 }
 
 #[test]
@@ -241,6 +283,7 @@ fn argv_golden_matrix() {
                         chardevs: CHARDEVS,
                         devices: vec![],
                         tb_size: None,
+                        virtiofs: None,
                     })
                     .unwrap();
                     let text = argv.join("\n") + "\n";

@@ -192,6 +192,12 @@ pub enum Found {
 
 /// An executable file; for root also root's, in a root's directory, neither
 /// writable by others (what root runs must be as safe as root itself).
+/// Whether `p` is a program nox may run from a fixed place outside the
+/// system PATH (e.g. /usr/libexec): as [`Programs::find`] judges those in it.
+pub fn trusted_program(p: &Path) -> bool {
+    executable(p, as_root())
+}
+
 fn executable(p: &Path, root: bool) -> bool {
     let Ok(m) = std::fs::metadata(p) else {
         return false;

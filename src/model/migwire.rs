@@ -245,6 +245,16 @@ pub fn refusal(name: &VmName, spec: &VmSpec, mode: Mode, f: &Facts) -> Option<St
              (or create it on the target)"
         ));
     }
+    if !spec.mounts.is_empty() {
+        // Live or not: the spec names this host's directories, and a live
+        // guest's share is held by a process of this host.
+        return Some(format!(
+            "{name} has shared folders ({}), directories of this host: `nox set {name} \
+             --remove-mount GUESTDIR` for each first, and add the target's own with `nox set \
+             --mount` there",
+            crate::model::share::names(&spec.mounts)
+        ));
+    }
     match mode {
         Mode::Offline if f.running => Some(format!(
             "{name} is running: `nox migrate {name} --to URL` moves it live, or stop it first \
@@ -413,5 +423,14 @@ mod tests {
                 .unwrap()
                 .contains("RAM image")
         );
+        let mut shared = s.clone();
+        shared.mounts = vec!["/srv/a:/mnt/a".parse().unwrap()];
+        for (mode, f) in [(Mode::Live, &ram), (Mode::Offline, &Facts::default())] {
+            let e = refusal(&n, &shared, mode, f).unwrap();
+            assert!(
+                e.contains("shared folders (/mnt/a)") && e.contains("--remove-mount"),
+                "{e}"
+            );
+        }
     }
 }

@@ -4,14 +4,45 @@
 //! its canonical form, the roots nox refuses) is crate::host::sharehost's; how a
 //! share reaches the guest is docs/shared-folders.md.
 //!
-//! A share is qemu's 9p (virtio-9p-pci, `-fsdev local`): the jailed qemu
-//! serves the directory, which its jail holds as an idmapped bind mount
-//! (crate::vmm::jail), so nothing else of the host is in reach.
+//! A share reaches the guest over virtio-fs ([`Transport::VirtioFs`]: one
+//! virtiofsd per share, jailed, crate::vmm::virtiofs) where the host has
+//! virtiofsd, else over qemu's own 9p ([`Transport::NineP`]: the jailed
+//! qemu serves it). Either way the serving process's jail holds the
+//! directory as an idmapped bind mount (crate::vmm::jail), so nothing else
+//! of the host is in reach.
 
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+/// How a share reaches the guest; decided at each start by what the host
+/// has (crate::vmm::virtiofs::transport).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Transport {
+    /// vhost-user-fs: a virtiofsd per share, the guest's `virtiofs`
+    /// filesystem (Debian's cloud kernels have it; they have no 9p).
+    #[serde(rename = "virtiofs")]
+    VirtioFs,
+    /// qemu's virtio-9p: no second process, but many distribution cloud
+    /// kernels lack 9p.
+    #[serde(rename = "9p")]
+    NineP,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::VirtioFs => "virtiofs",
+            Transport::NineP => "9p",
+        }
+    }
+}
+
+/// The guest uid and gid a virtio-fs share's files appear as: the first
+/// user cloud-init makes (nox's login user). What the guest writes lands
+/// as HOSTDIR's owner whoever writes it (docs/shared-folders.md, Owners).
+pub const GUEST_OWNER: u32 = 1000;
 
 /// At most this many shared folders per VM.
 pub const MAX_MOUNTS: usize = 8;
@@ -156,43 +187,49 @@ pub fn fsdev_id(index: usize) -> String {
     format!("fsdev{index}")
 }
 
-/// The guest's line for the share at `index`: `TAG GUESTDIR OPTIONS`, what
-/// [`GUEST_MOUNT_SCRIPT`] mounts. 9p over virtio, the share's own modes and
-/// owners (qemu's `mapped-xattr`), nodev/nosuid (a device node or set-id
-/// file in the share is the host's business, never a way into the guest's
-/// devices or root), ro for a read-only share.
-pub fn guest_line(index: usize, m: &Mount) -> String {
+/// The guest's line for the share at `index`: `TAG GUESTDIR FSTYPE
+/// OPTIONS`, what [`GUEST_MOUNT_SCRIPT`] mounts. nodev/nosuid (a device
+/// node or set-id file in the share is the host's business, never a way
+/// into the guest's devices or root), ro for a read-only share; for 9p the
+/// transport's own options (virtio, 9p2000.L, the largest msize).
+pub fn guest_line(index: usize, m: &Mount, transport: Transport) -> String {
     let ro = if m.readonly { ",ro" } else { "" };
-    format!(
-        "{} {} trans=virtio,version=9p2000.L,msize={MSIZE},nodev,nosuid{ro}",
-        tag(index),
-        m.guest
-    )
+    let opts = match transport {
+        Transport::VirtioFs => format!("nodev,nosuid{ro}"),
+        Transport::NineP => {
+            format!("trans=virtio,version=9p2000.L,msize={MSIZE},nodev,nosuid{ro}")
+        }
+    };
+    format!("{} {} {} {opts}", tag(index), m.guest, transport.as_str())
 }
 
 /// What qemu hands the guest through fw_cfg ([`FW_CFG_NAME`]): one
 /// [`guest_line`] per share. Through qemu, not the seed, so that `nox set
 /// --mount` needs no new seed (and no new cloud-init instance): the next
 /// start's qemu carries the new list.
-pub fn guest_table(mounts: &[Mount]) -> String {
+pub fn guest_table(mounts: &[Mount], transport: Transport) -> String {
     mounts
         .iter()
         .enumerate()
-        .map(|(i, m)| guest_line(i, m) + "\n")
+        .map(|(i, m)| guest_line(i, m, transport) + "\n")
         .collect()
 }
 
-/// The fw_cfg item holding [`guest_table`].
-pub const FW_CFG_NAME: &str = "opt/org.nox/mounts";
+/// The fw_cfg item holding [`guest_table`]. (`opt/org.nox/mounts`, the
+/// first nox with shares, had 9p lines of three fields.)
+pub const FW_CFG_NAME: &str = "opt/org.nox/shares";
 
 /// The seed's bootcmd (every boot, every VM; nothing in it is per VM):
 /// mounts what [`guest_table`] lists, if qemu gave a table. The lines are
 /// nox's (checked: [`check_guest`]), read as data, never run.
 pub const GUEST_MOUNT_SCRIPT: &str = "modprobe -q qemu_fw_cfg 2>/dev/null; \
-t=/sys/firmware/qemu_fw_cfg/by_name/opt/org.nox/mounts/raw; \
-if [ -r \"$t\" ]; then modprobe -q 9pnet_virtio 2>/dev/null; modprobe -q 9p 2>/dev/null; \
-while read -r tag dir opts; do [ -n \"$dir\" ] || continue; mkdir -p \"$dir\"; \
-mountpoint -q \"$dir\" || mount -t 9p -o \"$opts\" \"$tag\" \"$dir\" || echo \"nox: cannot mount $tag on $dir\" >&2; \
+t=/sys/firmware/qemu_fw_cfg/by_name/opt/org.nox/shares/raw; \
+if [ -r \"$t\" ]; then \
+while read -r tag dir fs opts; do [ -n \"$opts\" ] || continue; \
+case $fs in virtiofs) modprobe -q virtiofs 2>/dev/null;; \
+9p) modprobe -q 9pnet_virtio 2>/dev/null; modprobe -q 9p 2>/dev/null;; *) continue;; esac; \
+mkdir -p \"$dir\"; \
+mountpoint -q \"$dir\" || mount -t \"$fs\" -o \"$opts\" \"$tag\" \"$dir\" || echo \"nox: cannot mount $tag on $dir\" >&2; \
 done < \"$t\"; fi";
 
 /// `mounts` with `add` replacing any share at the same guest directory,
@@ -334,14 +371,14 @@ mod tests {
         assert_eq!(tag(0), "nox0");
         assert_eq!(fsdev_id(3), "fsdev3");
         assert_eq!(
-            guest_line(1, &m("/b:/mnt/b:ro")),
-            "nox1 /mnt/b trans=virtio,version=9p2000.L,msize=512000,nodev,nosuid,ro"
+            guest_line(1, &m("/b:/mnt/b:ro"), Transport::NineP),
+            "nox1 /mnt/b 9p trans=virtio,version=9p2000.L,msize=512000,nodev,nosuid,ro"
         );
         assert_eq!(
-            guest_table(&[m("/a:/mnt/a"), m("/b:/mnt/b:ro")]),
-            "nox0 /mnt/a trans=virtio,version=9p2000.L,msize=512000,nodev,nosuid\n\
-             nox1 /mnt/b trans=virtio,version=9p2000.L,msize=512000,nodev,nosuid,ro\n"
+            guest_table(&[m("/a:/mnt/a"), m("/b:/mnt/b:ro")], Transport::VirtioFs),
+            "nox0 /mnt/a virtiofs nodev,nosuid\n\
+             nox1 /mnt/b virtiofs nodev,nosuid,ro\n"
         );
-        assert_eq!(guest_table(&[]), "");
+        assert_eq!(guest_table(&[], Transport::VirtioFs), "");
     }
 }

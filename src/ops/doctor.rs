@@ -161,6 +161,27 @@ async fn network(c: &mut Lines, progs: &crate::host::trust::Programs) {
             ),
         ),
     }
+    shares(c, progs);
+}
+
+/// How `--mount` shares reach guests here: virtiofsd, else qemu's 9p
+/// (which Debian's cloud kernels cannot mount).
+fn shares(c: &mut Lines, progs: &crate::host::trust::Programs) {
+    match crate::vmm::virtiofs::host_usable(progs) {
+        Ok(path) => c.report(
+            Check::Ok,
+            "shared folders",
+            format!("virtio-fs ({}, jailed, its sandbox on)", path.display()),
+        ),
+        Err(why) => c.report(
+            Check::Warn,
+            "shared folders",
+            format!(
+                "qemu's 9p: {why}; guests whose kernel has no 9p (Debian's cloud kernels) cannot \
+                 mount --mount shares"
+            ),
+        ),
+    }
 }
 
 /// UEFI firmware: the same search the supervisor does, the store's own

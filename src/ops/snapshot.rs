@@ -77,9 +77,9 @@ pub enum SnapshotError {
     )]
     ExtraDisks { vm: VmName, disks: String },
     #[error(
-        "{vm} has shared folders ({mounts}): qemu's 9p cannot save or load the state of a share \
-         the guest has mounted (it blocks migration), so {what}; a disk-only snapshot of the \
-         stopped VM works (nox stop {vm})"
+        "{vm} has shared folders ({mounts}): the state of a share the guest has mounted lives in \
+         its server (virtiofsd, or qemu's 9p) and cannot be saved with the machine, so {what}; a \
+         disk-only snapshot of the stopped VM works (nox stop {vm})"
     )]
     Shares {
         vm: VmName,

@@ -95,9 +95,10 @@ pub enum TemplateError {
     )]
     WarmDisks { vm: String, disks: String },
     #[error(
-        "{vm} has shared folders ({mounts}): a warm template saves the guest's machine state, which \
-         qemu's 9p cannot save while the guest has a share mounted (it blocks migration); commit \
-         without --warm (the template gets the root disk only, never the shares)"
+        "{vm} has shared folders ({mounts}): a warm template saves the guest's machine state, and \
+         the state of a mounted share lives in its server (virtiofsd, or qemu's 9p), which cannot \
+         be saved with it; commit without --warm (the template gets the root disk only, never \
+         the shares)"
     )]
     WarmShares { vm: String, mounts: String },
     #[error("{}", path.display())]

@@ -624,18 +624,22 @@ pub struct MountInfo {
     /// Where the guest mounts it.
     pub guest: String,
     pub readonly: bool,
-    /// How it reaches the guest (`9p`).
+    /// How it reaches the guest on this host (`virtiofs` or `9p`).
     pub transport: &'static str,
     /// The mount tag the guest mounts it by.
     pub tag: String,
 }
 
-pub fn mount_info(i: usize, m: &crate::model::share::Mount) -> MountInfo {
+pub fn mount_info(
+    i: usize,
+    m: &crate::model::share::Mount,
+    transport: crate::model::share::Transport,
+) -> MountInfo {
     MountInfo {
         host: m.host.clone(),
         guest: m.guest.clone(),
         readonly: m.readonly,
-        transport: "9p",
+        transport: transport.as_str(),
         tag: crate::model::share::tag(i),
     }
 }
@@ -673,10 +677,21 @@ pub struct SshInfo {
 pub fn info(vm: &VmPaths) -> Result<VmInfo, VmError> {
     let spec = vm.load_spec()?;
     let st = state::load(vm)?;
-    Ok(info_of(&spec, vm, &st))
+    let transport = if spec.mounts.is_empty() {
+        crate::model::share::Transport::VirtioFs
+    } else {
+        crate::vmm::virtiofs::host_transport(&vm.programs().map_err(StoreError::from)?)
+    };
+    Ok(info_of(&spec, vm, &st, transport))
 }
 
-pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
+/// `transport`: how this host serves the VM's shares.
+pub fn info_of(
+    spec: &VmSpec,
+    vm: &VmPaths,
+    st: &State,
+    transport: crate::model::share::Transport,
+) -> VmInfo {
     let active = st.state.is_active();
     let ep = active.then(|| crate::vmm::ssh::endpoint(st)).flatten();
     VmInfo {
@@ -713,7 +728,7 @@ pub fn info_of(spec: &VmSpec, vm: &VmPaths, st: &State) -> VmInfo {
             .mounts
             .iter()
             .enumerate()
-            .map(|(i, m)| mount_info(i, m))
+            .map(|(i, m)| mount_info(i, m, transport))
             .collect(),
         ip: active.then(|| st.ip.clone()).flatten(),
         ipv6: if active { st.ipv6.clone() } else { vec![] },

@@ -208,6 +208,7 @@ async fn expand_inner(
         tb_size: Some(1 << 20),
         // A VM with host devices is never committed warm.
         devices: vec![],
+        virtiofs: None,
     };
     let argv = qemu::argv(&launch).map_err(SupervisorError::from)?;
     let version = warm::qemu_version(&binary)?;
@@ -217,7 +218,14 @@ async fn expand_inner(
     tracing::info!("making a RAM image: {}", argv.join(" "));
     let log = crate::host::console::Sink::new(&vm.log(), crate::host::console::LOG_SIZE);
     let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
-    let spawned = spawn_qemu(&binary, &argv, vm, &jail, &log, channels.child.raw());
+    let spawned = spawn_qemu(
+        &binary,
+        &argv,
+        vm,
+        &jail,
+        &log,
+        channels.child.raw().to_vec(),
+    );
     drop((stream, net_fd, channels.child));
     let mut q = spawned?;
     let _console = channels.console;

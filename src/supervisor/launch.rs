@@ -37,7 +37,7 @@ pub(super) fn spawn_qemu(
     vm: &VmPaths,
     jail: &jail::Jail,
     log: &crate::host::console::Sink,
-    keep: [std::os::fd::RawFd; 4],
+    keep: Vec<std::os::fd::RawFd>,
 ) -> Result<Qemu, SupervisorError> {
     // Through a pipe: qemu never holds nox.log itself, so it cannot grow it
     // past the cap.
@@ -96,6 +96,9 @@ pub(super) struct Live {
     /// A live migration's target: qemu waits paused for the incoming
     /// state, and the run is "running" at qemu's RESUME (super::incoming).
     pub(super) awaiting_resume: bool,
+    /// The shares' virtiofsds (crate::vmm::virtiofs): each ends by itself
+    /// when qemu closes its socket, and is killed if the run is dropped.
+    pub(super) _fs: Option<crate::vmm::virtiofs::Servers>,
 }
 
 /// The run's readiness watch ([`crate::vmm::ssh::watch_readiness`]), on a thread
@@ -338,6 +341,7 @@ pub(super) async fn spawn_connected(
         .config()
         .and_then(|c| c.tcg_tb_size())
         .map_err(crate::store::StoreError::from)?;
+    let virtiofsd = shares_over_virtiofs(spec, &programs, jail);
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -353,6 +357,10 @@ pub(super) async fn spawn_connected(
             runas: jail.passt_ids().map(|i| (i.uid, i.gid)),
         };
         let mut net = attach(spec, &passt, &programs).await?;
+        let mut fs = virtiofsd
+            .as_deref()
+            .map(|b| crate::vmm::virtiofs::start(vm, spec, jail, b, log))
+            .transpose()?;
         let mut launch = qemu::Launch {
             spec,
             paths: vm,
@@ -365,6 +373,7 @@ pub(super) async fn spawn_connected(
             chardevs: channels.child.chardevs(),
             tb_size,
             devices: jail.devices().to_vec(),
+            virtiofs: fs.as_ref().map(|f| f.qemu_fds()),
         };
         let mut argv = qemu::argv(&launch)?;
         let mut incoming = None;
@@ -396,9 +405,14 @@ pub(super) async fn spawn_connected(
             warn!("{}", crate::error_chain(&e));
         }
         let log_start = std::fs::metadata(vm.log()).map(|m| m.len()).unwrap_or(0);
-        let spawned = spawn_qemu(binary, &argv, vm, jail, log, channels.child.raw());
+        let mut keep = channels.child.raw().to_vec();
+        keep.extend(launch.virtiofs.iter().flatten());
+        let spawned = spawn_qemu(binary, &argv, vm, jail, log, keep);
         // qemu holds its copies now; ours must not leak into anything else.
         net.child_fds.clear();
+        if let Some(f) = &mut fs {
+            f.release_qemu_ends();
+        }
         drop(incoming.take());
         drop(channels.child);
         let mut q = spawned?;
@@ -441,6 +455,7 @@ pub(super) async fn spawn_connected(
                     watch: timeline::Watch::new("", None, 0),
                     _ready: None,
                     console,
+                    _fs: fs,
                 });
             }
             Err(failed) => {
@@ -454,6 +469,25 @@ pub(super) async fn spawn_connected(
                 }
                 return Err(start_error(failed, by_itself, status, log));
             }
+        }
+    }
+}
+
+/// virtiofsd for the spec's shares, where the host has it and the shares
+/// can use it; else they are qemu's 9p, and the log says why.
+fn shares_over_virtiofs(
+    spec: &VmSpec,
+    programs: &crate::host::trust::Programs,
+    jail: &jail::Jail,
+) -> Option<std::path::PathBuf> {
+    if spec.mounts.is_empty() {
+        return None;
+    }
+    match crate::vmm::virtiofs::usable(programs, jail.mode()) {
+        Ok(path) => Some(path),
+        Err(why) => {
+            warn!("{}: shared folders over 9p: {why}", spec.name);
+            None
         }
     }
 }

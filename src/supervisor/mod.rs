@@ -51,6 +51,8 @@ pub enum SupervisorError {
     Jail(#[from] jail::JailError),
     #[error(transparent)]
     Devices(#[from] crate::host::hostdev::HostDevError),
+    #[error(transparent)]
+    Virtiofs(#[from] crate::vmm::virtiofs::VirtiofsError),
     #[error("console: {0}")]
     Console(#[from] crate::host::console::ConsoleError),
     #[error("run directory: {0}")]

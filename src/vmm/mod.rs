@@ -11,4 +11,5 @@ pub mod snapjob;
 pub mod ssh;
 pub mod systemd;
 pub mod templates;
+pub mod virtiofs;
 pub mod warm;

@@ -153,8 +153,26 @@ fn cg_err(path: &Path) -> impl FnOnce(std::io::Error) -> JailError + '_ {
     }
 }
 
-/// Makes the VM's cgroup with its limits.
-pub fn setup(p: &Probe, name: &str, l: &CgroupLimits) -> Result<VmCgroup, JailError> {
+/// The cgroup directory's name: under a unit's own cgroup `vm` (qemu) or
+/// the role; in nox's shared one the VM's name, and `NAME.ROLE` for a
+/// helper (no VM name holds a '.').
+fn leaf(in_unit: bool, name: &str, role: Option<&str>) -> String {
+    match (in_unit, role) {
+        (true, None) => "vm".into(),
+        (true, Some(r)) => r.into(),
+        (false, None) => name.into(),
+        (false, Some(r)) => format!("{name}.{r}"),
+    }
+}
+
+/// Makes the VM's cgroup with its limits: qemu's, or with `role` that of
+/// one of the VM's helpers (`fs0`: a share's virtiofsd), beside qemu's.
+pub fn setup(
+    p: &Probe,
+    name: &str,
+    role: Option<&str>,
+    l: &CgroupLimits,
+) -> Result<VmCgroup, JailError> {
     let enable = CONTROLLERS.map(|c| format!("+{c}")).join(" ");
     if let Some(gp) = &p.grandparent {
         write(&gp.join("cgroup.subtree_control"), &enable)?;
@@ -165,11 +183,7 @@ pub fn setup(p: &Probe, name: &str, l: &CgroupLimits) -> Result<VmCgroup, JailEr
         write(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
     }
     write(&p.parent.join("cgroup.subtree_control"), &enable)?;
-    let dir = p.parent.join(if p.supervisor_leaf.is_some() {
-        "vm".to_string()
-    } else {
-        name.to_string()
-    });
+    let dir = p.parent.join(leaf(p.supervisor_leaf.is_some(), name, role));
     // Left over by a killed supervisor: empty, so removable.
     let _ = fs::remove_dir(&dir);
     fs::create_dir(&dir).map_err(cg_err(&dir))?;
@@ -215,6 +229,15 @@ mod tests {
             Some("/system.slice/nox@a.service")
         );
         assert_eq!(own_cgroup("4:memory:/x\n"), None);
+    }
+
+    #[test]
+    fn helpers_get_a_cgroup_beside_qemus() {
+        assert_eq!(leaf(true, "web", None), "vm");
+        assert_eq!(leaf(true, "web", Some("fs0")), "fs0");
+        assert_eq!(leaf(false, "web", None), "web");
+        // No VM name holds a '.', so no VM's cgroup is a helper's.
+        assert_eq!(leaf(false, "web", Some("fs0")), "web.fs0");
     }
 
     #[test]

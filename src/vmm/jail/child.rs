@@ -61,6 +61,7 @@ pub const STEPS: &[&str] = &[
     "no_new_privs",
     "attaching a shared folder",
     "mounting /proc",
+    "the set-id filter",
 ];
 
 const S_PDEATH: u8 = 0;
@@ -89,6 +90,7 @@ const S_CAPSET: u8 = 22;
 const S_NNP: u8 = 23;
 const S_SHARE: u8 = 24;
 const S_PROC: u8 = 25;
+const S_FILTER: u8 = 26;
 
 /// Message tags on the report pipe.
 pub const MSG_PID: u8 = b'P';
@@ -125,7 +127,7 @@ pub struct Prepared {
     /// (crate::vmm::jail::idmap) that is attached there.
     shares: Vec<(CString, RawFd)>,
     /// The jail's /proc, when it gets one (see [`JailPlan::proc`]).
-    proc: Option<CString>,
+    proc: Option<(CString, &'static CStr)>,
     symlinks: Vec<(CString, CString)>,
     devices: Vec<DeviceC>,
     ids: Option<(libc::uid_t, libc::gid_t)>,
@@ -135,6 +137,8 @@ pub struct Prepared {
     nofile: u64,
     /// RLIMIT_MEMLOCK (soft and hard), for a qemu that pins guest RAM (VFIO).
     memlock: Option<u64>,
+    /// The set-id filter's program (crate::vmm::jail::nosetid), installed last.
+    no_setid: Option<seccompiler::BpfProgram>,
     last_cap: libc::c_int,
     /// The supervisor: the intermediate's parent, checked after each
     /// PDEATHSIG (a parent dead before it was set sends no signal).
@@ -221,10 +225,9 @@ impl Prepared {
                 .zip(trees)
                 .map(|(b, fd)| Ok((under(&b.path)?, *fd)))
                 .collect::<Result<_, super::JailError>>()?,
-            proc: if plan.proc && plan.root.is_some() {
-                Some(under(Path::new("/proc"))?)
-            } else {
-                None
+            proc: match (plan.proc, &plan.root) {
+                (Some(view), Some(_)) => Some((under(Path::new("/proc"))?, proc_options(view))),
+                _ => None,
             },
             symlinks: plan
                 .symlinks
@@ -251,6 +254,11 @@ impl Prepared {
             setgroups: matches!(plan.mode, Mode::Root(_)),
             nofile: plan.nofile,
             memlock: plan.memlock,
+            no_setid: if plan.no_setid {
+                Some(super::nosetid::program()?)
+            } else {
+                None
+            },
             last_cap,
             supervisor: nix::unistd::getpid().as_raw(),
             supervisor_arg: CString::new(nix::unistd::getpid().as_raw().to_string())
@@ -534,15 +542,26 @@ unsafe fn confine(p: &Prepared, parent: libc::c_int) -> io::Result<()> {
         if let Some(root) = &p.root {
             build_root(p, root)?;
         }
-        let lim = libc::rlimit {
+        let mut lim = libc::rlimit {
             rlim_cur: p.nofile,
             rlim_max: p.nofile,
         };
-        check(
-            p,
-            S_RLIMIT,
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim).into(),
-        )?;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) < 0 {
+            // Above the hard limit without CAP_SYS_RESOURCE (a container
+            // may withhold it): as many as the hard limit allows.
+            let mut have = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut have);
+            lim.rlim_cur = p.nofile.min(have.rlim_max);
+            lim.rlim_max = lim.rlim_cur;
+            check(
+                p,
+                S_RLIMIT,
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim).into(),
+            )?;
+        }
         // Before the capabilities go: raising the hard limit needs
         // CAP_SYS_RESOURCE.
         if let Some(m) = p.memlock {
@@ -618,6 +637,23 @@ unsafe fn confine(p: &Prepared, parent: libc::c_int) -> io::Result<()> {
             )
             .into(),
         )?;
+        if let Some(prog) = &p.no_setid {
+            let fprog = libc::sock_fprog {
+                len: prog.len() as libc::c_ushort,
+                // seccompiler's sock_filter is the kernel's layout.
+                filter: prog.as_ptr() as *mut libc::sock_filter,
+            };
+            check(
+                p,
+                S_FILTER,
+                libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0 as libc::c_ulong,
+                    &fprog as *const libc::sock_fprog,
+                ),
+            )?;
+        }
         Ok(())
     }
 }
@@ -648,12 +684,12 @@ unsafe fn attach_shares(p: &Prepared) -> io::Result<()> {
                 ),
             )?;
         }
-        if let Some(proc) = &p.proc {
+        if let Some((proc, options)) = &p.proc {
             if libc::mkdir(proc.as_ptr(), 0o555) < 0 && errno() != libc::EEXIST {
                 return Err(fail(p, S_MKDIR));
             }
             // Of the new PID namespace (we are its PID 1): only the
-            // jail's own processes, and nothing but their directories.
+            // jail's own processes ([`proc_options`]).
             check(
                 p,
                 S_PROC,
@@ -662,13 +698,21 @@ unsafe fn attach_shares(p: &Prepared) -> io::Result<()> {
                     proc.as_ptr(),
                     c"proc".as_ptr(),
                     libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    c"subset=pid,hidepid=invisible".as_ptr().cast(),
+                    options.as_ptr().cast(),
                 )
                 .into(),
             )?;
         }
     }
     Ok(())
+}
+
+/// The mount options of a jail's /proc.
+fn proc_options(view: super::plan::ProcView) -> &'static CStr {
+    match view {
+        super::plan::ProcView::Pids => c"subset=pid,hidepid=invisible",
+        super::plan::ProcView::Full => c"hidepid=invisible",
+    }
 }
 
 unsafe fn build_root(p: &Prepared, root: &CStr) -> io::Result<()> {

@@ -24,6 +24,7 @@ pub mod cgroup;
 pub mod child;
 pub mod idmap;
 pub mod ids;
+pub mod nosetid;
 pub mod plan;
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -90,6 +91,8 @@ pub enum JailError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot build the set-id filter")]
+    Filter(#[from] seccompiler::BackendError),
     #[error("cannot confine qemu: {step} failed")]
     Setup {
         step: &'static str,
@@ -356,9 +359,39 @@ impl Jail {
         argv: &[String],
     ) -> Result<Launch, JailError> {
         let plan = self.plan(vm, binary, argv);
-        prepare_files(&plan, &self.base_image)?;
+        prepare_files(&plan, Some(&self.base_image))?;
+        self.install(cmd, vm, &plan, None, binary)
+    }
+
+    /// [`Jail::apply`] for the virtiofsd serving the VM's share `index`
+    /// (`share`: the host directory, and whether the guest may write it),
+    /// in a jail of its own ([`JailPlan::file_server`]) and a cgroup of its
+    /// own beside qemu's.
+    pub fn apply_server(
+        &self,
+        cmd: &mut tokio::process::Command,
+        vm: &VmPaths,
+        index: usize,
+        binary: &Path,
+        share: (&Path, bool),
+    ) -> Result<Launch, JailError> {
+        let plan = JailPlan::file_server(&self.mode, vm, index, binary, share, &self.host);
+        prepare_files(&plan, None)?;
+        self.install(cmd, vm, &plan, Some(&format!("fs{index}")), binary)
+    }
+
+    /// The cgroup (`role`: a helper's beside the VM's qemu) and the
+    /// confinement of `plan`, installed on `cmd`.
+    fn install(
+        &self,
+        cmd: &mut tokio::process::Command,
+        vm: &VmPaths,
+        plan: &JailPlan,
+        role: Option<&str>,
+        binary: &Path,
+    ) -> Result<Launch, JailError> {
         let cgroup = match &self.cgroup {
-            Ok(p) => match cgroup::setup(p, &vm.name, &plan.limits) {
+            Ok(p) => match cgroup::setup(p, &vm.name, role, &plan.limits) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::warn!("no cgroup limits for {}: {}", vm.name, error_chain(&e));
@@ -375,10 +408,10 @@ impl Jail {
                 path: vm.run.clone(),
                 source: e.into(),
             })?;
-        let trees = share_trees(&plan)?;
+        let trees = share_trees(plan)?;
         let tree_fds: Vec<std::os::fd::RawFd> = trees.iter().map(|t| t.as_raw_fd()).collect();
         let prepared = child::Prepared::new(
-            &plan,
+            plan,
             write.as_raw_fd(),
             cgroup.as_ref().map(|c| c.procs_fd()),
             &tree_fds,
@@ -433,8 +466,9 @@ fn share_trees(plan: &JailPlan) -> Result<Vec<OwnedFd>, JailError> {
     Ok(out)
 }
 
-/// Hands the VM's files to its ids (root) and makes the jail's mount point.
-fn prepare_files(plan: &JailPlan, base: &Path) -> Result<(), JailError> {
+/// Hands the VM's files to its ids (root) and makes the jail's mount point;
+/// `base`: qemu's base image, made world-readable.
+fn prepare_files(plan: &JailPlan, base: Option<&Path>) -> Result<(), JailError> {
     use std::os::unix::fs::PermissionsExt;
     let Some(root) = &plan.root else {
         return Ok(());
@@ -453,9 +487,11 @@ fn prepare_files(plan: &JailPlan, base: &Path) -> Result<(), JailError> {
         // Changed only when it is not so already: a chmod moves the file's
         // ctime, on which the record of the base's kernel is keyed
         // (boot::pristine).
-        let current = std::fs::metadata(base).map(|m| m.permissions().mode() & 0o7777);
-        if current.ok() != Some(0o444) {
-            mode(base, 0o444)?;
+        if let Some(base) = base {
+            let current = std::fs::metadata(base).map(|m| m.permissions().mode() & 0o7777);
+            if current.ok() != Some(0o444) {
+                mode(base, 0o444)?;
+            }
         }
     }
     match std::fs::create_dir(root) {

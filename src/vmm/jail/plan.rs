@@ -60,11 +60,9 @@ pub struct JailPlan {
     /// and attached at its path inside the jail. (Without root they are
     /// ordinary binds, in `binds`: qemu then runs as the user.)
     pub shares: Vec<Bind>,
-    /// A `/proc` of the jail's own PID namespace (`subset=pid`: process
-    /// directories only, no /proc/sys), for a qemu serving a shared
-    /// folder: its 9p server reaches files through `/proc/self/fd/N/NAME`
-    /// (setxattr, chmod and friends without following a symlink).
-    pub proc: bool,
+    /// A `/proc` of the jail's own PID namespace, for a process serving a
+    /// shared folder (see [`ProcView`]).
+    pub proc: Option<ProcView>,
     /// `(path, target)`: merged-/usr links such as /lib -> usr/lib.
     pub symlinks: Vec<(PathBuf, PathBuf)>,
     pub devices: Vec<Device>,
@@ -79,7 +77,25 @@ pub struct JailPlan {
     /// hard limit needs CAP_SYS_RESOURCE in the host's user namespace); an
     /// ordinary user's qemu keeps the user's own limit.
     pub memlock: Option<u64>,
+    /// No set-uid/set-gid file may be made (crate::vmm::jail::nosetid): a
+    /// file server writing as HOSTDIR's owner for the guest.
+    pub no_setid: bool,
     pub limits: CgroupLimits,
+}
+
+/// The `/proc` a jail gets (always of its own PID namespace, `hidepid=
+/// invisible`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcView {
+    /// `subset=pid`: process directories only, no /proc/sys. For qemu's 9p
+    /// server, which reaches files through `/proc/self/fd/N/NAME` (setxattr,
+    /// chmod and friends without following a symlink).
+    Pids,
+    /// The whole of it, for virtiofsd: its own sandbox mounts a fresh
+    /// /proc in a user namespace, which the kernel allows only where a
+    /// /proc is fully visible, and it reads /proc/sys/fs/nr_open. Nothing
+    /// of it stays visible once its sandbox has pivoted into the share.
+    Full,
 }
 
 /// What the plan needs to know about the host (probed by [`HostFacts::probe`]).
@@ -262,6 +278,21 @@ fn split_opts(s: &str) -> Vec<String> {
     out
 }
 
+/// A virtiofsd's cgroup limits: it holds no guest RAM (it maps the guest's
+/// buffers from qemu's shared memory, charged to qemu), only its inode
+/// table, a few threads and request buffers.
+pub const SERVER_LIMITS: CgroupLimits = CgroupLimits {
+    memory_max: 512 << 20,
+    pids_max: 64,
+    cpu_weight: 100,
+};
+
+/// A virtiofsd's RLIMIT_NOFILE: it holds an `O_PATH` descriptor for every
+/// inode the guest has looked up and not yet forgotten (file handles need
+/// CAP_DAC_READ_SEARCH, which it never gets), so a guest walking a large
+/// tree needs many; the kernel's default `fs.nr_open`.
+pub const SERVER_NOFILE: u64 = 1 << 20;
+
 pub fn cgroup_limits(memory: u64, cpus: u32, tcg: bool) -> CgroupLimits {
     CgroupLimits {
         memory_max: memory + MEMORY_OVERHEAD + if tcg { TCG_OVERHEAD } else { 0 },
@@ -333,13 +364,14 @@ impl JailPlan {
             dirs: vec![],
             binds: vec![],
             shares: vec![],
-            proc: false,
+            proc: None,
             symlinks: vec![],
             devices: vec![],
             owned: vec![],
             netns: false,
             nofile: NOFILE,
             memlock: None,
+            no_setid: false,
             limits: cgroup_limits(i.memory, i.cpus, !i.kvm),
         };
         let vfio = i
@@ -359,7 +391,7 @@ impl JailPlan {
         }
         plan.root = Some(i.vm.run.join("jail"));
         plan.netns = !i.user_net;
-        plan.bind_programs(i);
+        plan.bind_programs(i.binary, i.host, i.user_net);
         plan.bind_vm_files(i, &firmware, &disks);
         plan.add_devices(i);
         plan.bind_pci_sysfs(i);
@@ -368,29 +400,94 @@ impl JailPlan {
         plan
     }
 
+    /// The jail of the virtiofsd serving one shared folder (`share`, the
+    /// host directory, writable or not) with `binary`: its program and
+    /// libraries, the share at its own path (idmapped as root, like qemu's
+    /// 9p share), /dev/null, a full /proc of its own PID namespace
+    /// ([`ProcView::Full`]) and an empty network namespace. Nothing of the
+    /// VM: no disk, no seed, no KVM; its root is `RUN/NAME/jail-fsN`.
+    pub fn file_server(
+        mode: &Mode,
+        vm: &VmPaths,
+        index: usize,
+        binary: &Path,
+        share: (&Path, bool),
+        host: &HostFacts,
+    ) -> JailPlan {
+        let mut plan = JailPlan {
+            mode: mode.clone(),
+            root: None,
+            dirs: vec![],
+            binds: vec![],
+            shares: vec![],
+            proc: None,
+            symlinks: vec![],
+            devices: vec![],
+            owned: vec![],
+            netns: false,
+            // Raising the hard limit needs root (CAP_SYS_RESOURCE in the
+            // host's user namespace); an ordinary user's gets what qemu gets.
+            nofile: if matches!(mode, Mode::Root(_)) {
+                SERVER_NOFILE
+            } else {
+                NOFILE
+            },
+            memlock: None,
+            no_setid: true,
+            limits: SERVER_LIMITS,
+        };
+        if matches!(mode, Mode::Bare) {
+            return plan;
+        }
+        plan.root = Some(vm.run.join(format!("jail-fs{index}")));
+        plan.netns = true;
+        plan.proc = Some(ProcView::Full);
+        plan.bind_programs(binary, host, false);
+        let (path, writable) = share;
+        let b = Bind {
+            dir: true,
+            ..Bind::file(path.to_owned(), writable)
+        };
+        match mode {
+            Mode::Root(_) => {
+                plan.shares.push(b);
+                plan.devices.push(Device {
+                    path: "/dev/null".into(),
+                    rdev: makedev(1, 3),
+                    mode: 0o666,
+                    owned: false,
+                });
+            }
+            _ => {
+                plan.binds.push(b);
+                plan.binds.push(Bind::file("/dev/null".into(), true));
+            }
+        }
+        plan.dirs = plan.parent_dirs();
+        plan
+    }
+
     /// qemu's programs and libraries: /usr, qemu's own directory when it is
     /// elsewhere, the host's top-level links into /usr (or the directories),
     /// the loader cache and, for user networking, the resolver.
-    fn bind_programs(&mut self, i: &Input) {
+    fn bind_programs(&mut self, binary: &Path, host: &HostFacts, user_net: bool) {
         self.binds.push(Bind::program_dir("/usr".into()));
-        if !i.binary.starts_with("/usr")
-            && let Some(d) = i.binary.parent()
+        if !binary.starts_with("/usr")
+            && let Some(d) = binary.parent()
         {
             self.binds.push(Bind::program_dir(d.to_owned()));
         }
-        for (p, target) in &i.host.top {
+        for (p, target) in &host.top {
             match target {
                 Some(t) => self.symlinks.push((p.clone(), t.clone())),
                 None => self.binds.push(Bind::program_dir(p.clone())),
             }
         }
-        if i.host.ld_so_cache {
+        if host.ld_so_cache {
             self.binds
                 .push(Bind::file("/etc/ld.so.cache".into(), false));
         }
-        if i.user_net
-            && let Some(r) = &i.host.resolv_conf
-        {
+        if user_net && let Some(r) = &host.resolv_conf {
             // Bound at the name libslirp opens, whatever it links to.
             self.binds.push(Bind {
                 from: Some(r.clone()),
@@ -476,7 +573,7 @@ impl JailPlan {
     /// set-id files meaning nothing (see [`Bind`]'s flags and
     /// crate::vmm::jail::idmap): idmapped as root, plain binds otherwise.
     fn bind_shares(&mut self, i: &Input) {
-        self.proc = !share_dirs(i.argv).is_empty();
+        self.proc = (!share_dirs(i.argv).is_empty()).then_some(ProcView::Pids);
         for (path, writable) in share_dirs(i.argv) {
             let b = Bind {
                 dir: true,
@@ -835,7 +932,8 @@ mod tests {
             ]
         );
         assert!(root.dirs.contains(&PathBuf::from("/srv")));
-        assert!(root.proc && !build(Mode::Root(IDS), false, false, &argv(&[])).proc);
+        assert_eq!(root.proc, Some(ProcView::Pids));
+        assert_eq!(build(Mode::Root(IDS), false, false, &argv(&[])).proc, None);
         // Nothing of a share is chowned to the VM.
         assert!(!root.owned.iter().any(|o| o.path.starts_with("/srv")));
         let user = build(Mode::UserNs(IDS), false, false, &a);
@@ -844,6 +942,57 @@ mod tests {
         assert!(ro.dir && !ro.writable && !ro.exec);
         assert!(bind(&user, "/srv/a,b").unwrap().writable);
         assert!(build(Mode::Bare, false, false, &a).shares.is_empty());
+    }
+
+    #[test]
+    fn a_file_servers_jail_holds_its_share_and_nothing_of_the_vm() {
+        let st = Store::at("/var/lib/nox".into(), "/run/nox".into());
+        let vm = st.vm_paths(&"demo".parse().unwrap());
+        let h = host();
+        let bin = Path::new("/usr/local/bin/virtiofsd");
+        let root = JailPlan::file_server(
+            &Mode::Root(IDS),
+            &vm,
+            1,
+            bin,
+            (Path::new("/srv/a"), true),
+            &h,
+        );
+        assert_eq!(root.root, Some(PathBuf::from("/run/nox/demo/jail-fs1")));
+        let shares: Vec<(&Path, bool)> = root
+            .shares
+            .iter()
+            .map(|b| (b.path.as_path(), b.writable))
+            .collect();
+        assert_eq!(shares, [(Path::new("/srv/a"), true)]);
+        assert_eq!(root.proc, Some(ProcView::Full));
+        assert!(root.netns && root.no_setid && root.owned.is_empty());
+        assert_eq!(root.nofile, SERVER_NOFILE);
+        assert_eq!(root.limits, SERVER_LIMITS);
+        // Its program (/usr, read-only), /dev/null, and no VM file or KVM.
+        assert!(bind(&root, "/usr").is_some_and(|b| b.exec && !b.writable));
+        let devices: Vec<&Path> = root.devices.iter().map(|d| d.path.as_path()).collect();
+        assert_eq!(devices, [Path::new("/dev/null")]);
+        assert!(
+            !root
+                .binds
+                .iter()
+                .any(|b| b.path.starts_with("/var/lib/nox") || b.path.starts_with("/run/nox"))
+        );
+        // An ordinary user's: a plain bind, read-only for :ro; qemu's nofile.
+        let user = JailPlan::file_server(
+            &Mode::UserNs(IDS),
+            &vm,
+            0,
+            bin,
+            (Path::new("/srv/ro"), false),
+            &h,
+        );
+        assert!(user.shares.is_empty());
+        assert!(bind(&user, "/srv/ro").is_some_and(|b| b.dir && !b.writable && !b.exec));
+        assert_eq!(user.nofile, NOFILE);
+        let bare = JailPlan::file_server(&Mode::Bare, &vm, 0, bin, (Path::new("/srv/a"), true), &h);
+        assert_eq!(bare.root, None);
     }
 
     #[test]

@@ -118,6 +118,55 @@ pub(super) fn host_devices(a: &mut Argv, devices: &[Passthrough]) -> Result<(), 
     Ok(())
 }
 
+/// The shared folders: over virtio-fs when `virtiofs` holds qemu's end of
+/// each share's vhost-user socket ([`vhost_user_fs`]), else qemu's own 9p
+/// ([`nine_p`]); and the guest's mount table, through fw_cfg.
+pub(super) fn shares(
+    a: &mut Argv,
+    mounts: &[crate::model::share::Mount],
+    virtiofs: Option<&[i32]>,
+) -> Result<(), QemuError> {
+    use crate::model::share::{FW_CFG_NAME, Transport, guest_table};
+    if mounts.is_empty() {
+        return Ok(());
+    }
+    let transport = match virtiofs {
+        Some(fds) => {
+            vhost_user_fs(a, fds);
+            Transport::VirtioFs
+        }
+        None => {
+            nine_p(a, mounts)?;
+            Transport::NineP
+        }
+    };
+    // Where the guest mounts each (crate::model::share::GUEST_MOUNT_SCRIPT).
+    a.opt(
+        "-fw_cfg",
+        Opts::kv("name", FW_CFG_NAME).set("string", guest_table(mounts, transport)),
+    );
+    Ok(())
+}
+
+/// `vhost-user-fs-pci` per share, its chardev the connected socket nox made
+/// (`fd=`): qemu opens no path, and virtiofsd, not qemu, holds the
+/// directory. The guest's RAM is shared memory for it (`memfd_object`).
+fn vhost_user_fs(a: &mut Argv, fds: &[i32]) {
+    for (i, fd) in fds.iter().enumerate() {
+        let chardev = format!("vfs{i}");
+        a.opt(
+            "-chardev",
+            Opts::new("socket").set("id", &chardev).set("fd", fd),
+        );
+        a.opt(
+            "-device",
+            Opts::new("vhost-user-fs-pci")
+                .set("chardev", &chardev)
+                .set("tag", crate::model::share::tag(i)),
+        );
+    }
+}
+
 /// `-fsdev local` and `virtio-9p-pci` for each shared folder: qemu serves
 /// the directory itself, at its own path inside the jail (crate::vmm::jail binds
 /// it there, idmapped as root). `mapped-xattr`: the guest's owners, modes
@@ -127,7 +176,7 @@ pub(super) fn host_devices(a: &mut Argv, devices: &[Passthrough]) -> Result<(), 
 /// creates is 0600/0700 on the host. `multidevs=forbid`: nothing of
 /// another filesystem below the directory is served (the jail's copy of the
 /// mount has none anyway).
-pub(super) fn shares(a: &mut Argv, mounts: &[crate::model::share::Mount]) -> Result<(), QemuError> {
+fn nine_p(a: &mut Argv, mounts: &[crate::model::share::Mount]) -> Result<(), QemuError> {
     for (i, m) in mounts.iter().enumerate() {
         let mut fsdev = Opts::new("local")
             .set("id", crate::model::share::fsdev_id(i))
@@ -143,14 +192,6 @@ pub(super) fn shares(a: &mut Argv, mounts: &[crate::model::share::Mount]) -> Res
             Opts::new("virtio-9p-pci")
                 .set("fsdev", crate::model::share::fsdev_id(i))
                 .set("mount_tag", crate::model::share::tag(i)),
-        );
-    }
-    if !mounts.is_empty() {
-        // Where the guest mounts each (crate::model::share::GUEST_MOUNT_SCRIPT).
-        a.opt(
-            "-fw_cfg",
-            Opts::kv("name", crate::model::share::FW_CFG_NAME)
-                .set("string", crate::model::share::guest_table(mounts)),
         );
     }
     Ok(())

@@ -73,6 +73,10 @@ pub struct Launch<'a> {
     /// The TCG translation cache, in bytes (config.json `tcg_tb_size`;
     /// None: qemu's default). Not used under KVM.
     pub tb_size: Option<u64>,
+    /// The shared folders over virtio-fs: qemu's end of each share's
+    /// vhost-user socket, connected, in the spec's order
+    /// (crate::vmm::virtiofs). `None`: the shares are qemu's own 9p.
+    pub virtiofs: Option<Vec<i32>>,
 }
 
 /// A guest RAM backed by a file (crate::vmm::warm's RAM image).
@@ -133,7 +137,7 @@ fn machine_arg(arch: &ArchFacts, l: &Launch) -> String {
         // The host's GIC version, whatever the board has.
         machine = machine.set("gic-version", "host");
     }
-    if l.ram.is_some() {
+    if l.ram.is_some() || shared_ram(l) {
         machine = machine.set("memory-backend", arch.ram_id);
     }
     let mut machine = machine.to_string();
@@ -204,6 +208,8 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
     a.opt("-m", format!("{}M", s.memory >> 20));
     if let Some(ram) = &l.ram {
         a.opt("-object", ram_object(arch, s.memory, ram)?);
+    } else if shared_ram(l) {
+        a.opt("-object", memfd_object(arch, s.memory));
     }
     a.flag("-nodefaults");
     a.flag("-no-user-config");
@@ -290,7 +296,7 @@ pub fn argv(l: &Launch) -> Result<Vec<String>, QemuError> {
         a.opt("-device", Opts::new("vmgenid").set("guid", "auto"));
     }
     host_devices(&mut a, &l.devices)?;
-    shares(&mut a, &s.mounts)?;
+    shares(&mut a, &s.mounts, l.virtiofs.as_deref())?;
     hotplug_ports(&mut a, HOTPLUG_PORTS + s.disks.len());
     for (i, d) in s.disks.iter().enumerate() {
         let file = p.extra_disk(&d.name);
@@ -342,6 +348,22 @@ fn ram_object(arch: &ArchFacts, memory: u64, ram: &RamFile) -> Result<Opts, Qemu
             .set("readonly", "on")
             .set("rom", "off")
     })
+}
+
+/// Whether the guest's RAM must be shared memory: a vhost-user device
+/// (virtiofsd) reads and writes the guest's buffers in it directly.
+fn shared_ram(l: &Launch) -> bool {
+    l.virtiofs.as_ref().is_some_and(|f| !f.is_empty())
+}
+
+/// `-object memory-backend-memfd,share=on`: anonymous memory that qemu can
+/// hand to virtiofsd by descriptor (vhost-user maps it), with the id of the
+/// machine's own RAM block.
+fn memfd_object(arch: &ArchFacts, memory: u64) -> Opts {
+    Opts::new("memory-backend-memfd")
+        .set("id", arch.ram_id)
+        .set("size", format!("{}M", memory >> 20))
+        .set("share", "on")
 }
 
 /// The fd set holding a warm start's saved state.
@@ -485,6 +507,7 @@ mod tests {
             chardevs: CHARDEVS,
             tb_size: None,
             devices: vec![],
+            virtiofs: None,
         })
         .unwrap()
         .join(" ");
@@ -542,6 +565,7 @@ mod tests {
             chardevs: CHARDEVS,
             tb_size: None,
             devices: vec![],
+            virtiofs: None,
         })
         .unwrap();
         let j = got.join(" ");
@@ -589,6 +613,7 @@ mod tests {
                 },
                 usb(3, 12),
             ],
+            virtiofs: None,
         })
         .unwrap();
         let devices: Vec<&str> = a
@@ -663,6 +688,7 @@ mod tests {
             chardevs: CHARDEVS,
             tb_size: None,
             devices: vec![],
+            virtiofs: None,
         })
         .unwrap();
         assert!(
@@ -698,6 +724,7 @@ mod tests {
             chardevs: CHARDEVS,
             tb_size: None,
             devices: vec![],
+            virtiofs: None,
         })
         .unwrap();
         let after = |flag: &str| a[a.iter().position(|x| x == flag).unwrap() + 1].clone();
@@ -725,6 +752,7 @@ mod tests {
                 chardevs: CHARDEVS,
                 tb_size: None,
                 devices: vec![],
+                virtiofs: None,
             })
             .unwrap();
             let i = a.iter().position(|x| x == "-netdev").unwrap();
@@ -770,6 +798,7 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
                 chardevs: CHARDEVS,
                 tb_size: None,
                 devices: vec![],
+                virtiofs: None,
             })
             .unwrap()
         };
@@ -830,6 +859,7 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
                 chardevs: CHARDEVS,
                 tb_size: None,
                 devices: vec![],
+                virtiofs: None,
             })
             .unwrap()
         };
@@ -904,6 +934,7 @@ hostfwd=tcp:[::1]:8443-:443,hostfwd=udp::5353-:53"
             chardevs: CHARDEVS,
             tb_size: None,
             devices: vec![],
+            virtiofs: None,
         })
         .unwrap();
         assert_ne!(machine_shape(&src), machine_shape(&big));
