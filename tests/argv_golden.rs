@@ -150,8 +150,9 @@ fn argv_golden_extra_disks() {
 /// in its path, over qemu's 9p (where the host has no virtiofsd): `-fsdev
 /// local` (mapped-xattr, multidevs=forbid) and a `virtio-9p-pci` each, and
 /// the guest's mount table as fw_cfg.
-#[test]
-fn argv_golden_shares() {
+/// The demo VM with two shares (`,` in a path) over `virtiofs` (qemu's
+/// ends of their sockets) or, with `None`, qemu's 9p.
+fn shares_argv(virtiofs: Option<Vec<i32>>) -> Vec<String> {
     let store = Store::at("/var/lib/nox".into(), "/run/nox".into());
     let paths = store.vm_paths(&"demo".parse().unwrap());
     let mut s = spec("amd64");
@@ -159,7 +160,7 @@ fn argv_golden_shares() {
         .iter()
         .map(|m| m.parse().unwrap())
         .collect();
-    let argv = qemu::argv(&Launch {
+    qemu::argv(&Launch {
         spec: &s,
         paths: &paths,
         accel: Accel::Kvm,
@@ -171,9 +172,14 @@ fn argv_golden_shares() {
         chardevs: CHARDEVS,
         tb_size: None,
         devices: vec![],
-        virtiofs: None,
+        virtiofs,
     })
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn argv_golden_shares() {
+    let argv = shares_argv(None);
     golden("amd64-bios-kvm-passt-shares.argv", &argv);
     // The jail finds what qemu serves in the argv, commas and all.
     assert_eq!(
@@ -191,28 +197,7 @@ fn argv_golden_shares() {
 /// holds no directory at all (its jail gets none).
 #[test]
 fn argv_golden_shares_virtiofs() {
-    let store = Store::at("/var/lib/nox".into(), "/run/nox".into());
-    let paths = store.vm_paths(&"demo".parse().unwrap());
-    let mut s = spec("amd64");
-    s.mounts = ["/srv/src,x:/home/nox/src", "/srv/data:/mnt/data:ro"]
-        .iter()
-        .map(|m| m.parse().unwrap())
-        .collect();
-    let argv = qemu::argv(&Launch {
-        spec: &s,
-        paths: &paths,
-        accel: Accel::Kvm,
-        net: NetBackend::Passt { fd: 3 },
-        firmware: FirmwareArgs::default(),
-        direct: None,
-        incoming: None,
-        ram: None,
-        chardevs: CHARDEVS,
-        tb_size: None,
-        devices: vec![],
-        virtiofs: Some(vec![20, 21]),
-    })
-    .unwrap();
+    let argv = shares_argv(Some(vec![20, 21]));
     golden("amd64-bios-kvm-passt-virtiofs.argv", &argv);
     assert!(nox::vmm::jail::plan::share_dirs(&argv).is_empty());
     let joined = argv.join(" ");

@@ -11,28 +11,6 @@ fn prereqs() -> Option<std::path::PathBuf> {
     bridge_prereqs().then_some(img)
 }
 
-fn create(h: &Home, name: &str, img: &std::path::Path, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec![
-        "create",
-        name,
-        "--image",
-        img.to_str().unwrap(),
-        "--network",
-        "bridge:brt",
-        "--accel",
-        "tcg",
-        "--cpus",
-        "1",
-        "--memory",
-        "512M",
-        "--disk",
-        "4G",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    serde_json::from_str(&h.ok(&args)).unwrap()
-}
-
 /// One bridge, two guests booted together (one configuration, every check
 /// against them): "web" takes its address by DHCP, "fixed" has a static one;
 /// each reaches the other's sshd across the bridge; then web's tap follows
@@ -45,7 +23,7 @@ fn dhcp_and_static_guests_on_one_bridge_reach_each_other_and_taps_are_cleaned_up
     let h = Home::in_ns(&net.name);
     // The static guest, outside dnsmasq's range: its address is known at
     // once, before it has booted. It boots while web does.
-    create(
+    create_bridged(
         &h,
         "fixed",
         &img,
@@ -53,7 +31,7 @@ fn dhcp_and_static_guests_on_one_bridge_reach_each_other_and_taps_are_cleaned_up
     );
     assert_eq!(h.ok(&["ip", "fixed"]).trim(), "10.77.0.50");
     let t0 = Instant::now();
-    let info = create(&h, "web", &img, &["--wait", "--timeout", "900"]);
+    let info = create_bridged(&h, "web", &img, &["--wait", "--timeout", "900"]);
     eprintln!("create --wait on the bridge: {:?}", t0.elapsed());
     assert_eq!(info["bridge"], "brt");
     let mac = info["mac"].as_str().unwrap().to_string();

@@ -479,27 +479,7 @@ fn a_bridged_guest_keeps_its_address_on_a_shared_bridge() {
     };
     let mut check = Check::start("boot on the source's bridge");
     let t0 = Instant::now();
-    let created: serde_json::Value = serde_json::from_str(&src.ok(&[
-        "create",
-        name,
-        "--image",
-        img.to_str().unwrap(),
-        "--network",
-        "bridge:brt",
-        "--accel",
-        "tcg",
-        "--cpus",
-        "1",
-        "--memory",
-        "512M",
-        "--disk",
-        "4G",
-        "--json",
-        "--wait",
-        "--timeout",
-        "1200",
-    ]))
-    .unwrap();
+    let created = create_bridged(&src, name, &img, &["--wait", "--timeout", "1200"]);
     eprintln!("MEASURE boot: {:?}", t0.elapsed());
     let mac = created["mac"].as_str().unwrap().to_string();
     let ip = src

@@ -755,3 +755,27 @@ pub fn fake_qemu_prereqs() -> bool {
             "no /usr/bin/python3",
         )
 }
+
+/// `nox create NAME` of a small TCG guest (1 vCPU, 512M, 4G) on the test
+/// bridge `brt` (a [`Netns`]'s), `--json`, with `extra` flags; its JSON.
+pub fn create_bridged(h: &Home, name: &str, img: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "create",
+        name,
+        "--image",
+        img.to_str().unwrap(),
+        "--network",
+        "bridge:brt",
+        "--accel",
+        "tcg",
+        "--cpus",
+        "1",
+        "--memory",
+        "512M",
+        "--disk",
+        "4G",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&h.ok(&args)).unwrap()
+}

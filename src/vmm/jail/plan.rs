@@ -358,22 +358,7 @@ impl Bind {
 
 impl JailPlan {
     pub fn build(i: &Input) -> JailPlan {
-        let mut plan = JailPlan {
-            mode: i.mode.clone(),
-            root: None,
-            dirs: vec![],
-            binds: vec![],
-            shares: vec![],
-            proc: None,
-            symlinks: vec![],
-            devices: vec![],
-            owned: vec![],
-            netns: false,
-            nofile: NOFILE,
-            memlock: None,
-            no_setid: false,
-            limits: cgroup_limits(i.memory, i.cpus, !i.kvm),
-        };
+        let mut plan = JailPlan::bare(i.mode, NOFILE, cgroup_limits(i.memory, i.cpus, !i.kvm));
         let vfio = i
             .devices
             .iter()
@@ -400,6 +385,26 @@ impl JailPlan {
         plan
     }
 
+    /// A plan with nothing in it yet: no root, mounts or devices.
+    fn bare(mode: &Mode, nofile: u64, limits: CgroupLimits) -> JailPlan {
+        JailPlan {
+            mode: mode.clone(),
+            root: None,
+            dirs: vec![],
+            binds: vec![],
+            shares: vec![],
+            proc: None,
+            symlinks: vec![],
+            devices: vec![],
+            owned: vec![],
+            netns: false,
+            nofile,
+            memlock: None,
+            no_setid: false,
+            limits,
+        }
+    }
+
     /// The jail of the virtiofsd serving one shared folder (`share`, the
     /// host directory, writable or not) with `binary`: its program and
     /// libraries, the share at its own path (idmapped as root, like qemu's
@@ -414,28 +419,15 @@ impl JailPlan {
         share: (&Path, bool),
         host: &HostFacts,
     ) -> JailPlan {
-        let mut plan = JailPlan {
-            mode: mode.clone(),
-            root: None,
-            dirs: vec![],
-            binds: vec![],
-            shares: vec![],
-            proc: None,
-            symlinks: vec![],
-            devices: vec![],
-            owned: vec![],
-            netns: false,
-            // Raising the hard limit needs root (CAP_SYS_RESOURCE in the
-            // host's user namespace); an ordinary user's gets what qemu gets.
-            nofile: if matches!(mode, Mode::Root(_)) {
-                SERVER_NOFILE
-            } else {
-                NOFILE
-            },
-            memlock: None,
-            no_setid: true,
-            limits: SERVER_LIMITS,
+        // Raising the hard limit needs root (CAP_SYS_RESOURCE in the
+        // host's user namespace); an ordinary user's gets what qemu gets.
+        let nofile = if matches!(mode, Mode::Root(_)) {
+            SERVER_NOFILE
+        } else {
+            NOFILE
         };
+        let mut plan = JailPlan::bare(mode, nofile, SERVER_LIMITS);
+        plan.no_setid = true;
         if matches!(mode, Mode::Bare) {
             return plan;
         }
