@@ -113,20 +113,25 @@ pub fn host_transport(programs: &Programs) -> Transport {
 /// virtiofsd's arguments (after its name) for share `m`, listening on the
 /// inherited `fd`, running as `uid`/`gid`. Pure.
 ///
-/// - `--sandbox namespace`: its own user, mount, PID and network namespaces,
-///   and `pivot_root` into the share: nothing but the share is left to it.
+/// - `--sandbox namespace` (`own_sandbox`): its own user, mount, PID and
+///   network namespaces, and `pivot_root` into the share: nothing but the
+///   share is left to it. Where the host refuses unprivileged user
+///   namespaces it cannot make one (it has no capability), and nox's jail
+///   (the share, /usr read-only, no network, its own PID namespace) is
+///   its sandbox: `--sandbox none`.
 /// - owners: it cannot change its own ids, so whatever the guest writes is
 ///   its uid's, which the jail's idmapped mount makes HOSTDIR's owner; the
 ///   guest sees that owner's files as [`GUEST_OWNER`] (nox's login user)
 ///   and every other owner as nobody.
 /// - `--inode-file-handles=never`: file handles need a capability it never
 ///   has; `--rlimit-nofile 0` keeps the jail's limit.
-pub fn args(m: &Mount, fd: RawFd, uid: u32, gid: u32) -> Vec<String> {
+pub fn args(m: &Mount, fd: RawFd, uid: u32, gid: u32, own_sandbox: bool) -> Vec<String> {
+    let sandbox = if own_sandbox { "namespace" } else { "none" };
     let mut a: Vec<String> = vec![
         format!("--fd={fd}"),
         "--shared-dir".into(),
         m.host.to_string_lossy().into_owned(),
-        "--sandbox=namespace".into(),
+        format!("--sandbox={sandbox}"),
         "--seccomp=kill".into(),
         "--inode-file-handles=never".into(),
         "--rlimit-nofile=0".into(),
@@ -184,6 +189,7 @@ pub fn start(
             nix::unistd::getgid().as_raw(),
         ),
     };
+    let own_sandbox = jail::userns_allowed().is_ok();
     let mut out = Servers {
         qemu_ends: vec![],
         servers: vec![],
@@ -193,7 +199,7 @@ pub fn start(
         let fd = listener.as_raw_fd();
         let (output, tx) = log.pipe()?;
         let mut cmd = tokio::process::Command::new(binary);
-        cmd.args(args(m, fd, uid, gid))
+        cmd.args(args(m, fd, uid, gid, own_sandbox))
             .stdin(Stdio::null())
             .stdout(Stdio::from(tx.try_clone().map_err(|source| {
                 VirtiofsError::Socket {
@@ -255,7 +261,7 @@ mod tests {
     #[test]
     fn virtiofsd_args_sandbox_it_and_map_owners() {
         let m: Mount = "/srv/data:/mnt/data:ro".parse().unwrap();
-        let a = args(&m, 7, 70001, 70001);
+        let a = args(&m, 7, 70001, 70001, true);
         let j = a.join(" ");
         assert!(j.starts_with("--fd=7 --shared-dir /srv/data --sandbox=namespace --seccomp=kill"));
         assert!(j.contains("--translate-uid=squash-guest:0:70001:4294967295"));
@@ -263,7 +269,8 @@ mod tests {
         assert!(j.contains("--translate-gid=host:70001:1000:1"));
         assert!(j.ends_with("--readonly"));
         let rw: Mount = "/srv/a,b:/mnt/a".parse().unwrap();
-        let a = args(&rw, 3, 5, 6);
+        let a = args(&rw, 3, 5, 6, false);
+        assert_eq!(a[3], "--sandbox=none");
         // A path is one argument, whatever it holds: no shell, no option syntax.
         assert_eq!(a[2], "/srv/a,b");
         assert!(!a.contains(&"--readonly".to_string()));
