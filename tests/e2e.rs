@@ -591,5 +591,40 @@ fn arm64_guest_boots_through_uefi_under_tcg() {
     assert_eq!(facts, ["arm-w1", "1", "1"], "hostname, reseeded, applied");
     h.ok(&["delete", "arm-w1", "--force"]);
     h.ok(&["image", "rm", "arm-warm"]);
+
+    // A shared folder on arm64 (virtio-fs on the virt board, its RAM a
+    // shared memfd), where the host has virtiofsd; a restart of the same
+    // guest, no first boot.
+    if have("virtiofsd") || std::path::Path::new("/usr/libexec/virtiofsd").exists() {
+        let dir = tempfile::Builder::new()
+            .prefix("nox-arm-share")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::write(dir.path().join("hello.txt"), "from the host\n").unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        h.ok(&["stop", "e2e-arm"]);
+        h.ok(&[
+            "set",
+            "e2e-arm",
+            "--mount",
+            &format!("{}:/mnt/host:ro", dir.path().display()),
+        ]);
+        let t0 = Instant::now();
+        h.ok(&["start", "e2e-arm", "--wait", "--timeout", "1500"]);
+        eprintln!("arm64 restart with a share: {:?}", t0.elapsed());
+        let out = h.ok(&[
+            "ssh",
+            "e2e-arm",
+            "--",
+            "grep -c ' /mnt/host virtiofs ro' /proc/mounts; cat /mnt/host/hello.txt",
+        ]);
+        assert_eq!(out, "1\nfrom the host\n");
+    } else {
+        eprintln!("skipped (arm64 share): virtiofsd not installed");
+    }
     h.ok(&["delete", "e2e-arm", "--force"]);
 }
