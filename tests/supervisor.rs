@@ -863,3 +863,104 @@ fn the_configured_translation_cache_size_reaches_qemu() {
     assert!(err.contains("tcg_tb_size"), "{err}");
     let _ = h.nox(&["delete", "tb2", "--force"]);
 }
+
+/// The processes whose command line has `--shared-dir DIR`: a share's
+/// virtiofsd (in nox's jail, and its own sandbox's child).
+fn serving(dir: &std::path::Path) -> Vec<u32> {
+    let want = dir.to_str().unwrap().as_bytes();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.windows(2)
+                .any(|w| w[0] == b"--shared-dir" && w[1] == want)
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// Shares on a real qemu with a blank disk (no guest needed for the host
+/// side): with virtiofsd, one jailed virtiofsd per share before qemu, qemu
+/// with a vhost-user-fs device each and no directory on its argv, all
+/// gone with the VM; with `binaries.virtiofsd` pointing nowhere, qemu's
+/// 9p, and the log says why.
+#[test]
+fn shares_start_virtiofsd_or_fall_back_to_9p() {
+    if !prereqs() {
+        return;
+    }
+    let virtiofsd = have("virtiofsd") || std::path::Path::new("/usr/libexec/virtiofsd").exists();
+    if !prereq(virtiofsd, "virtiofsd not installed (scripts/setup-host.sh)") {
+        return;
+    }
+    let h = Home::new();
+    let top = tempfile::Builder::new()
+        .prefix("nox-sup-share")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (rw, ro) = (top.path().join("rw"), top.path().join("ro"));
+    for d in [&rw, &ro] {
+        std::fs::create_dir(d).unwrap();
+        std::os::unix::fs::chown(d, Some(4321), Some(4321)).unwrap();
+    }
+    std::fs::set_permissions(
+        top.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let rw_m = format!("{}:/mnt/rw", rw.display());
+    let ro_m = format!("{}:/mnt/ro:ro", ro.display());
+    blank_vm(&h, "fs", &["--mount", &rw_m, "--mount", &ro_m]);
+    h.ok(&["start", "fs"]);
+    let argv = running_argv(&h, "fs");
+    let joined = argv.join(" ");
+    assert_eq!(
+        joined.matches("vhost-user-fs-pci,chardev=vfs").count(),
+        2,
+        "{joined}"
+    );
+    assert!(
+        joined.contains("memory-backend-memfd,id=pc.ram"),
+        "{joined}"
+    );
+    assert!(!joined.contains(top.path().to_str().unwrap()), "{joined}");
+    for d in [&rw, &ro] {
+        // nox's jail's process and its sandbox's child.
+        assert_eq!(serving(d).len(), 2, "virtiofsd for {}", d.display());
+    }
+    assert_eq!(h.info("fs")["mounts"][1]["transport"], "virtiofs");
+    // The channel's socket is gone from the run directory once handed over.
+    let names: Vec<String> = std::fs::read_dir(h.path().join("run/fs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n == "jail-fs1"), "{names:?}");
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("fs") && n.ends_with(".sock")),
+        "{names:?}"
+    );
+    h.ok(&["stop", "fs"]);
+    wait_for("the virtiofsds to end", 20, || {
+        serving(&rw).is_empty() && serving(&ro).is_empty()
+    });
+
+    // No usable virtiofsd: qemu's 9p, and the log says why.
+    write_config(
+        &h,
+        serde_json::json!({"binaries": {"virtiofsd": "/nonexistent/virtiofsd"}}),
+    );
+    h.ok(&["start", "fs"]);
+    let joined = running_argv(&h, "fs").join(" ");
+    assert_eq!(joined.matches("virtio-9p-pci").count(), 2, "{joined}");
+    assert!(!joined.contains("memory-backend-memfd"), "{joined}");
+    let log = std::fs::read_to_string(h.path().join("vms/fs/nox.log")).unwrap();
+    assert!(log.contains("shared folders over 9p"), "{log}");
+    assert_eq!(h.info("fs")["mounts"][0]["transport"], "9p");
+    h.ok(&["delete", "fs", "--force"]);
+}
