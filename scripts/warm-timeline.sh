@@ -27,7 +27,7 @@ ssh_ms=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("ss
 echo "$(ms "$cont") host: boot timeline starts (after cont)"
 [ -n "$ssh_ms" ] && echo "$(ms $((cont + ssh_ms))) host: --wait's SSH probe succeeded"
 $NOX ssh "$VM" -- sudo journalctl -b -o short-monotonic --no-pager 2>/dev/null |
-    grep -E 'crng reseeded|nox-warm|systemd-networkd\[|sshd\[|dhcp|DHCP' |
+    grep -E 'crng reseeded|nox-warm|systemd-networkd\[|sshd(-session)?\[|systemd-logind\[|User Manager|user@|dhcp|DHCP' |
     awk -v cont="$(ms "$cont")" '
         { t = substr($0, index($0, "[") + 1); t = substr(t, 1, index(t, "]") - 1) + 0 }
         /crng reseeded due to virtual machine fork/ && !anchor { anchor = t }
