@@ -27,12 +27,12 @@ volid() { dd if="$1" bs=512 count=1 iflag=direct 2>/dev/null | od -An -tx1 -j39 
 dev=$(seed_dev)
 [ -n "$dev" ] || exit 0
 mine=$(volid "$dev")
+seed=/run/nox-seed
+mkdir -p "$seed"
 # A resumed VM's first look sees its own seed: the interval only costs the
 # template's source the seconds between this start and the save.
 while [ "$(volid "$dev")" = "$mine" ]; do sleep 0.1; done
 step "seed changed"
-seed=/run/nox-seed
-mkdir -p "$seed"
 blockdev --flushbufs "$dev" 2>/dev/null
 mount -o ro "$dev" "$seed" || exit 1
 env="$seed/nox-warm.env"
@@ -59,13 +59,23 @@ umount "$seed"
 # and the kernel reads that as the permanent address too: netplan and
 # NetworkManager match the permanent address, and a resumed device keeps
 # the template's. Paths resolved with `cd -P`: no process.
-rebind='' downs=''
+rebind='' downs='' managed=''
 for i in /sys/class/net/*; do
-  read -r a <"$i/address" 2>/dev/null || continue
+  read -r a 2>/dev/null <"$i/address" || continue
   [ "$a" = "$old_mac" ] || continue
+  # networkd (its state file says so) or NetworkManager (its device file)
+  # manages it: they bring the new NIC up themselves.
+  if read -r x 2>/dev/null <"$i/ifindex"; then
+    [ -e "/run/NetworkManager/devices/$x" ] && managed="$managed ${i##*/}"
+    while IFS= read -r y; do
+      [ "$y" = ADMIN_STATE=configured ] && managed="$managed ${i##*/}"
+    done 2>/dev/null <"/run/systemd/netif/links/$x"
+  fi
   if cd -P "$i/device" 2>/dev/null && d=$PWD && cd -P driver 2>/dev/null &&
     [ -w unbind ] && echo "${d##*/}" >unbind; then
     rebind="$rebind $PWD/${d##*/}"
+    # The NIC a managed NIC's device comes back as.
+    case " $managed " in *" ${i##*/} "*) managed="$managed ${d##*/}" ;; esac
   else
     # No re-probe: down until it has this VM's address (below).
     ip link set dev "${i##*/}" down
@@ -74,7 +84,7 @@ for i in /sys/class/net/*; do
 done
 cd /
 # The clock: the RTC follows the host; the resumed kernel's clock does not.
-if read -r now </sys/class/rtc/rtc0/since_epoch 2>/dev/null; then
+if read -r now 2>/dev/null </sys/class/rtc/rtc0/since_epoch; then
   date -s "@$now" >/dev/null
 fi
 printf '%s' "$entropy" | base64 -d >/dev/urandom
@@ -115,7 +125,13 @@ listener() {
   done </proc/net/tcp
 }
 (
-  rm -f /etc/ssh/ssh_host_*
+  # The commit left only the throwaway ed25519 key (overwritten below).
+  for f in /etc/ssh/ssh_host_*; do
+    case "$f" in
+    */ssh_host_ed25519_key | */ssh_host_ed25519_key.pub) ;;
+    *) [ -e "$f" ] && rm -f "$f" ;;
+    esac
+  done
   umask 077
   printf '%s' "$host_key" | base64 -d >/etc/ssh/ssh_host_ed25519_key
   umask 022
@@ -125,20 +141,24 @@ listener() {
     [ "$u" = "$user" ] && { home=$h; break; }
   done </etc/passwd
   [ -n "$home" ] || home=$(getent passwd "$user" | cut -d: -f6)
-  if [ -n "$home" ]; then
+  ak="$home/.ssh/authorized_keys"
+  if [ -n "$home" ] && [ -d "$home/.ssh" ] && [ -f "$ak" ] && [ ! -L "$ak" ]; then
+    # The template's own (cloud-init made it, owner and modes right).
+    [ -n "$keys" ] && printf '%s' "$keys" | base64 -d >>"$ak"
+  elif [ -n "$home" ]; then
     mkdir -p "$home/.ssh"
-    printf '%s' "$keys" | base64 -d >>"$home/.ssh/authorized_keys"
+    printf '%s' "$keys" | base64 -d >>"$ak"
     chown -R "$user:" "$home/.ssh"
     chmod 700 "$home/.ssh"
-    chmod 600 "$home/.ssh/authorized_keys"
+    chmod 600 "$ak"
   fi
   listener
   before=$l
   # sshd's own SIGHUP (what `systemctl reload` sends after `sshd -t`, two
   # processes more), if the pid file names a running sshd; else systemd.
   pid='' comm=''
-  read -r pid </run/sshd.pid 2>/dev/null
-  [ -n "$pid" ] && read -r comm </proc/"$pid"/comm 2>/dev/null
+  read -r pid 2>/dev/null </run/sshd.pid
+  [ -n "$pid" ] && read -r comm 2>/dev/null </proc/"$pid"/comm
   n=0
   if [ "$comm" = sshd ] && kill -HUP "$pid" 2>/dev/null; then
     :
@@ -183,10 +203,11 @@ step "network config names this VM's MAC"
 [ -n "$reseed" ] && wait "$reseed"
 # The NICs come back as new devices; whatever manages the network
 # configures them from the rewritten files. Where ifupdown configures one,
-# or nothing does, it is brought up here, after udev named it (beside the
-# wait for its address below).
+# or nothing known does, it is brought up here, after udev named it
+# (beside the wait for its address below).
 for x in $rebind; do
   echo "${x##*/}" >"${x%/*}/bind" || continue
+  case " $managed " in *" ${x##*/} "*) continue ;; esac
   (
     udevadm settle -t 10 2>/dev/null
     for n in /sys/bus/*/devices/"${x##*/}"/net/*; do
