@@ -7,12 +7,16 @@
 # answered); guest side from the guest's journal over SSH, monotonic, put
 # on the host's clock by taking the kernel's vmgenid reseed ("crng
 # reseeded due to virtual machine fork", at resume) as the moment `cont`
-# returned (amd64; else the hook's first line). NOX: the nox binary.
+# returned (amd64; else the hook's first line). NOX: the nox binary;
+# NOX_TIMELINE_ALL=1: every journal line of the guest, not only the hook's,
+# networkd's, sshd's and logind's.
 set -euo pipefail
 VM=$1 T0=$2
 NOX=${NOX:-nox}
 D=${NOX_HOME:-/var/lib/nox}/vms/$VM
 t0_ms=$((T0 / 1000000))
+LINES=60
+[ -n "${NOX_TIMELINE_ALL:-}" ] && LINES=400
 ms() { echo $(($1 - t0_ms)); }
 stamp_ms() { date -d "$1" +%s%3N; }
 while read -r ts rest; do
@@ -27,7 +31,7 @@ ssh_ms=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("ss
 echo "$(ms "$cont") host: boot timeline starts (after cont)"
 [ -n "$ssh_ms" ] && echo "$(ms $((cont + ssh_ms))) host: --wait's SSH probe succeeded"
 $NOX ssh "$VM" -- sudo journalctl -b -o short-monotonic --no-pager 2>/dev/null |
-    grep -E 'crng reseeded|nox-warm|systemd-networkd\[|sshd\[|dhcp|DHCP' |
+    grep -E "${NOX_TIMELINE_ALL:+.|}"'crng reseeded|nox-warm|systemd-networkd\[|sshd(-session)?\[|systemd-logind\[|User Manager|user@|dhcp|DHCP' |
     awk -v cont="$(ms "$cont")" '
         { t = substr($0, index($0, "[") + 1); t = substr(t, 1, index(t, "]") - 1) + 0 }
         /crng reseeded due to virtual machine fork/ && !anchor { anchor = t }
@@ -36,4 +40,4 @@ $NOX ssh "$VM" -- sudo journalctl -b -o short-monotonic --no-pager 2>/dev/null |
             line = substr($0, index($0, "]") + 2)
             sub(/^[^ ]+ /, "", line)
             printf "%d guest: %s\n", cont + (t - anchor) * 1000, substr(line, 1, 110)
-        }' | head -n 60
+        }' | head -n "$LINES"

@@ -292,6 +292,29 @@ pub fn wait_ready(
 /// can answer before probing anyway (the hook took 12 s under load here).
 const ANNOUNCE_WAIT: Duration = Duration::from_secs(120);
 
+/// How long the readiness watch leaves a warm guest that announced to a
+/// `--wait` that may be logging in (its report says when it did).
+const WAIT_LOGIN: Duration = Duration::from_secs(3);
+
+/// The newest boot's start if it resumed a warm template whose hook
+/// announces when SSH can answer.
+fn warm_announcing(vm: &VmPaths) -> Option<u64> {
+    crate::store::timeline::load(vm)
+        .boots
+        .pop()
+        .filter(|b| b.method == "warm" && b.announces)
+        .map(|b| b.started_ms)
+}
+
+/// Whether the boot that started at `started` has announced (or is no
+/// longer the newest boot).
+fn announced(vm: &VmPaths, started: u64) -> bool {
+    use crate::store::timeline::{self, Mark};
+    timeline::load(vm).boots.pop().is_none_or(|b| {
+        b.started_ms != started || b.phases.iter().any(|(m, _)| *m == Mark::WarmReady)
+    })
+}
+
 /// A guest resumed from a warm template whose hook announces on the console
 /// when SSH can answer ([`crate::store::timeline::Mark::WarmReady`]): no SSH
 /// attempt before that line (through passt, a probe into a guest that does
@@ -302,17 +325,12 @@ fn wait_announced(
     deadline: Instant,
     state: &impl Fn() -> Option<State>,
 ) -> Result<(), SshError> {
-    use crate::store::timeline::{self, Mark};
-    let current = || timeline::load(vm).boots.pop();
-    let Some(boot) = current().filter(|b| b.method == "warm" && b.announces) else {
+    let Some(started) = warm_announcing(vm) else {
         return Ok(());
     };
     let limit = Instant::now() + ANNOUNCE_WAIT.min(remaining(deadline));
     loop {
-        let announced = current().is_none_or(|b| {
-            b.started_ms != boot.started_ms || b.phases.iter().any(|(m, _)| *m == Mark::WarmReady)
-        });
-        if announced || Instant::now() >= limit {
+        if announced(vm, started) || Instant::now() >= limit {
             return Ok(());
         }
         let st = state().ok_or_else(|| SshError::Stopped("no state".into()))?;
@@ -457,6 +475,39 @@ pub fn watch_readiness(
             std::thread::sleep(Duration::from_millis(100));
         }
     };
+    // A resumed warm guest is left alone until its hook announces (see
+    // [`wait_announced`]): before, its NIC is being re-probed, and a probe
+    // costs the guest an sshd child and passt a busy loop, CPU taken from
+    // the hook. After it, `--wait`'s own login proves the same thing, so
+    // the watch takes its word for it rather than log in beside it.
+    if let Some(started) = warm_announcing(vm) {
+        let limit = Instant::now() + ANNOUNCE_WAIT;
+        while !announced(vm, started) && Instant::now() < limit {
+            if !live() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let limit = Instant::now() + WAIT_LOGIN;
+        while Instant::now() < limit && live() {
+            let waited = crate::store::timeline::load_guest(vm)
+                .is_some_and(|g| g.started_ms == started && g.ssh_ms.is_some());
+            let ep = crate::store::state::load_raw(vm)
+                .ok()
+                .and_then(|st| endpoint(&st));
+            if let (true, Some(ep)) = (waited, ep) {
+                events::emit(
+                    vm,
+                    Kind::SshReady {
+                        host: ep.host.clone(),
+                        port: ep.port,
+                    },
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     let mut delay = Duration::from_millis(500);
     let ep = loop {
         if !live() {

@@ -783,7 +783,7 @@ mod tests {
         assert!(s.contains(APPLIED));
         // The NIC is re-probed, not only given a new address (netplan
         // matches the permanent one), and netplan's own files are rewritten.
-        assert!(s.contains("/unbind") && s.contains("/bind"));
+        assert!(s.contains(">unbind") && s.contains("/bind"));
         assert!(s.contains("/run/systemd/network/*") && s.contains("/etc/netplan/*.yaml"));
         if let Ok(o) = std::process::Command::new("sh")
             .args(["-n", "-c", &s])

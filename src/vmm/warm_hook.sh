@@ -5,10 +5,11 @@
 # identity from it (nox-warm.env). Reads with O_DIRECT: no stale cache.
 #
 # Under TCG every process the hook starts costs tens of milliseconds, so
-# values are read with the shell's own `read`, and what can overlap does:
-# the CRNG reseed and the SSH identity run beside the NIC's re-probe. The
-# NIC is down from before sshd serves this VM's key until it is this VM's
-# own, so nothing reaches the guest half-made. The last line, "identity
+# values are read with the shell's own `read` (files, /proc, /sys; paths
+# with `cd -P`), and what can overlap does: the CRNG reseed and the SSH
+# identity run beside the NIC's re-probe. The NIC is unbound from before
+# sshd serves this VM's key until it is this VM's own, so nothing reaches
+# the guest half-made. The last line, "identity
 # applied", is written at error level so it reaches the serial console:
 # nox's --wait waits for it before its first SSH attempt (a probe into a
 # guest that does not answer yet costs passt a busy loop, and --wait a
@@ -26,12 +27,12 @@ volid() { dd if="$1" bs=512 count=1 iflag=direct 2>/dev/null | od -An -tx1 -j39 
 dev=$(seed_dev)
 [ -n "$dev" ] || exit 0
 mine=$(volid "$dev")
+seed=/run/nox-seed
+mkdir -p "$seed"
 # A resumed VM's first look sees its own seed: the interval only costs the
 # template's source the seconds between this start and the save.
 while [ "$(volid "$dev")" = "$mine" ]; do sleep 0.1; done
 step "seed changed"
-seed=/run/nox-seed
-mkdir -p "$seed"
 blockdev --flushbufs "$dev" 2>/dev/null
 mount -o ro "$dev" "$seed" || exit 1
 env="$seed/nox-warm.env"
@@ -51,32 +52,63 @@ while IFS= read -r line; do
   esac
 done <"$env"
 umount "$seed"
+# The NICs that still have the template's MAC leave at once: their driver
+# is unbound (nothing reaches the guest before the NIC is this VM's), and
+# bound again below once the network config names this VM's MAC. Binding
+# resets the device, so qemu gives it this VM's MAC (its -device argument)
+# and the kernel reads that as the permanent address too: netplan and
+# NetworkManager match the permanent address, and a resumed device keeps
+# the template's. Paths resolved with `cd -P`: no process.
+rebind='' downs='' managed=''
+for i in /sys/class/net/*; do
+  read -r a 2>/dev/null <"$i/address" || continue
+  [ "$a" = "$old_mac" ] || continue
+  # networkd (its state file says so) or NetworkManager (its device file)
+  # manages it: they bring the new NIC up themselves.
+  if read -r x 2>/dev/null <"$i/ifindex"; then
+    [ -e "/run/NetworkManager/devices/$x" ] && managed="$managed ${i##*/}"
+    while IFS= read -r y; do
+      [ "$y" = ADMIN_STATE=configured ] && managed="$managed ${i##*/}"
+    done 2>/dev/null <"/run/systemd/netif/links/$x"
+  fi
+  if cd -P "$i/device" 2>/dev/null && d=$PWD && cd -P driver 2>/dev/null &&
+    [ -w unbind ] && echo "${d##*/}" >unbind; then
+    rebind="$rebind $PWD/${d##*/}"
+    # The NIC a managed NIC's device comes back as.
+    case " $managed " in *" ${i##*/} "*) managed="$managed ${d##*/}" ;; esac
+  else
+    # No re-probe: down until it has this VM's address (below).
+    ip link set dev "${i##*/}" down
+    downs="$downs ${i##*/}"
+  fi
+done
+cd /
 # The clock: the RTC follows the host; the resumed kernel's clock does not.
-if read -r now </sys/class/rtc/rtc0/since_epoch 2>/dev/null; then
+if read -r now 2>/dev/null </sys/class/rtc/rtc0/since_epoch; then
   date -s "@$now" >/dev/null
 fi
 printf '%s' "$entropy" | base64 -d >/dev/urandom
 # Credit the seed's entropy and reseed the kernel's CRNG at once
-# (RNDADDENTROPY, RNDRESEEDCRNG): where no vmgenid told the kernel it was
-# resumed (arm64), VMs resumed from one state would share its CRNG until
-# its next scheduled reseed. perl (Essential in Debian) makes the ioctls;
-# it runs beside what follows, and the NIC comes up only after it.
-(
-  printf '%s' "$entropy" | base64 -d | perl -e 'binmode STDIN; local $/; my $d = <STDIN>;
-    open(my $f, "+<", "/dev/urandom") or die "$!";
-    ioctl($f, 0x40085203, pack("ii", 8 * length($d), length($d)) . $d) or die "RNDADDENTROPY: $!";
-    ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";' && step "crng reseeded"
-) &
-reseed=$!
-# The NICs that still have the template's MAC: down until they are this
-# VM's (below).
-nics=''
-for i in /sys/class/net/*; do
-  read -r a <"$i/address" 2>/dev/null || continue
-  [ "$a" = "$old_mac" ] || continue
-  nics="$nics ${i##*/}"
-  ip link set dev "${i##*/}" down
-done
+# (RNDADDENTROPY, RNDRESEEDCRNG) where no vmgenid did at the resume
+# (arm64: VMs resumed from one state would share its CRNG until its next
+# scheduled reseed). With qemu's vmgenid (amd64) the kernel reseeded
+# before anything in the guest ran ("crng reseeded due to virtual machine
+# fork"), and the seed's entropy is mixed in above: perl, the costliest
+# process here under TCG, is spared. perl (Essential in Debian) makes the
+# ioctls; it runs beside what follows, and the NIC comes up only after it.
+reseed='' vmgenid=''
+for v in /sys/bus/*/drivers/vmgenid/*:*; do [ -e "$v" ] && vmgenid=1; done
+if [ -n "$vmgenid" ]; then
+  step "crng reseeded by vmgenid"
+else
+  (
+    printf '%s' "$entropy" | base64 -d | perl -e 'binmode STDIN; local $/; my $d = <STDIN>;
+      open(my $f, "+<", "/dev/urandom") or die "$!";
+      ioctl($f, 0x40085203, pack("ii", 8 * length($d), length($d)) . $d) or die "RNDADDENTROPY: $!";
+      ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";' && step "crng reseeded"
+  ) &
+  reseed=$!
+fi
 read -r old </proc/sys/kernel/hostname || old=''
 echo "$host" >/etc/hostname
 echo "$host" >/proc/sys/kernel/hostname
@@ -85,33 +117,59 @@ echo "$machine_id" >/etc/machine-id
 # The SSH identity, beside the NIC's re-probe: the pinned host key, the
 # login keys, sshd reloaded, then until it listens again (a new socket:
 # sshd re-executes on SIGHUP). Nothing reaches it from outside before the
-# NIC is up.
+# NIC is up. `listener` sets $l without a subshell.
 listener() {
+  l=''
   while read -r _ local _ st _ _ _ _ _ ino _; do
-    [ "$st" = 0A ] && case "$local" in *:0016) echo "$ino"; return ;; esac
+    [ "$st" = 0A ] && case "$local" in *:0016) l=$ino; return ;; esac
   done </proc/net/tcp
 }
 (
-  rm -f /etc/ssh/ssh_host_*
+  # The commit left only the throwaway ed25519 key (overwritten below).
+  for f in /etc/ssh/ssh_host_*; do
+    case "$f" in
+    */ssh_host_ed25519_key | */ssh_host_ed25519_key.pub) ;;
+    *) [ -e "$f" ] && rm -f "$f" ;;
+    esac
+  done
   umask 077
   printf '%s' "$host_key" | base64 -d >/etc/ssh/ssh_host_ed25519_key
   umask 022
   printf '%s' "$host_key_pub" | base64 -d >/etc/ssh/ssh_host_ed25519_key.pub
-  home=$(getent passwd "$user" | cut -d: -f6)
-  if [ -n "$home" ]; then
+  home=''
+  while IFS=: read -r u _ _ _ _ h _; do
+    [ "$u" = "$user" ] && { home=$h; break; }
+  done </etc/passwd
+  [ -n "$home" ] || home=$(getent passwd "$user" | cut -d: -f6)
+  ak="$home/.ssh/authorized_keys"
+  if [ -n "$home" ] && [ -d "$home/.ssh" ] && [ -f "$ak" ] && [ ! -L "$ak" ]; then
+    # The template's own (cloud-init made it, owner and modes right).
+    [ -n "$keys" ] && printf '%s' "$keys" | base64 -d >>"$ak"
+  elif [ -n "$home" ]; then
     mkdir -p "$home/.ssh"
-    printf '%s' "$keys" | base64 -d >>"$home/.ssh/authorized_keys"
+    printf '%s' "$keys" | base64 -d >>"$ak"
     chown -R "$user:" "$home/.ssh"
-    chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
+    chmod 700 "$home/.ssh"
+    chmod 600 "$ak"
   fi
-  before=$(listener)
-  systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service 2>/dev/null
-  # Socket activation (ssh.socket): systemd keeps the listener, nothing
-  # to wait for.
+  listener
+  before=$l
+  # sshd's own SIGHUP (what `systemctl reload` sends after `sshd -t`, two
+  # processes more), if the pid file names a running sshd; else systemd.
+  pid='' comm=''
+  read -r pid 2>/dev/null </run/sshd.pid
+  [ -n "$pid" ] && read -r comm 2>/dev/null </proc/"$pid"/comm
   n=0
-  systemctl is-active --quiet ssh.socket 2>/dev/null && n=40
+  if [ "$comm" = sshd ] && kill -HUP "$pid" 2>/dev/null; then
+    :
+  else
+    systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service 2>/dev/null
+    # Socket activation (ssh.socket): systemd keeps the listener, nothing
+    # to wait for.
+    systemctl is-active --quiet ssh.socket 2>/dev/null && n=40
+  fi
   while [ $n -lt 40 ]; do
-    l=$(listener)
+    listener
     [ -n "$l" ] && [ "$l" != "$before" ] && break
     sleep 0.05; n=$((n + 1))
   done
@@ -121,54 +179,83 @@ sshd=$!
 # The network: every file a network renderer wrote that names the
 # template's MAC names this VM's: networkd's (cloud-init's own, or
 # netplan's in /run), netplan's YAML, ifupdown's, NetworkManager's, udev's
-# naming rules.
-grep -lisF "$old_mac" /etc/systemd/network/* /run/systemd/network/* /etc/netplan/*.yaml \
+# naming rules. One sed for all of them.
+list=$(grep -lisF "$old_mac" /etc/systemd/network/* /run/systemd/network/* /etc/netplan/*.yaml \
   /etc/network/interfaces /etc/network/interfaces.d/* \
   /etc/NetworkManager/system-connections/* /run/NetworkManager/system-connections/* \
-  /etc/udev/rules.d/*.rules 2>/dev/null |
-  while IFS= read -r f; do sed -i "s/$old_mac/$mac/I" "$f"; done
-udevadm control --reload 2>/dev/null
+  /etc/udev/rules.d/*.rules 2>/dev/null)
+if [ -n "$list" ]; then
+  ifs=$IFS
+  IFS='
+'
+  set -f
+  # shellcheck disable=SC2086 # one file a line
+  set -- $list
+  set +f
+  IFS=$ifs
+  sed -i "s/$old_mac/$mac/I" "$@"
+fi
+udevadm control --reload 2>/dev/null &
 networkctl reload 2>/dev/null
 command -v nmcli >/dev/null && nmcli connection reload 2>/dev/null
+wait $!
 step "network config names this VM's MAC"
-wait "$reseed"
-# The NIC becomes this VM's: its driver is unbound and bound again, which
-# resets the device, so qemu gives it this VM's MAC and the kernel reads
-# that as the permanent address too (netplan and NetworkManager match the
-# permanent address: a resumed device keeps the template's). Whatever
-# manages the network then sees a new NIC appear and configures it.
-up=''
-for ifc in $nics; do
-  dev=$(readlink -f "/sys/class/net/$ifc/device")
-  drv=$(readlink -f "$dev/driver")
-  if [ -n "$dev" ] && [ -w "$drv/unbind" ] && echo "${dev##*/}" >"$drv/unbind"; then
-    echo "${dev##*/}" >"$drv/bind"
+[ -n "$reseed" ] && wait "$reseed"
+# The NICs come back as new devices; whatever manages the network
+# configures them from the rewritten files. Where ifupdown configures one,
+# or nothing known does, it is brought up here, after udev named it
+# (beside the wait for its address below).
+for x in $rebind; do
+  echo "${x##*/}" >"${x%/*}/bind" || continue
+  case " $managed " in *" ${x##*/} "*) continue ;; esac
+  (
     udevadm settle -t 10 2>/dev/null
-    n=0
-    while [ $n -lt 50 ] && ! ls "$dev/net" >/dev/null 2>&1; do sleep 0.2; n=$((n + 1)); done
-    ifc=$(ls "$dev/net" 2>/dev/null | head -n 1)
-    [ -n "$ifc" ] || continue
-    ip link set dev "$ifc" up
-  else
-    # No re-probe: the address only, and the link configured again.
-    ip link set dev "$ifc" address "$mac"
-    ip link set dev "$ifc" up
-    networkctl reconfigure "$ifc" 2>/dev/null
-  fi
+    for n in /sys/bus/*/devices/"${x##*/}"/net/*; do
+      [ -e "$n" ] || continue
+      ifc=${n##*/}
+      ip link set dev "$ifc" up
+      if command -v ifup >/dev/null && grep -qs "^iface $ifc " /etc/network/interfaces /etc/network/interfaces.d/*; then
+        ifdown --force "$ifc" 2>/dev/null
+        ifup "$ifc"
+      fi
+      break
+    done
+  ) &
+done
+for ifc in $downs; do
+  ip link set dev "$ifc" address "$mac"
+  ip link set dev "$ifc" up
+  networkctl reconfigure "$ifc" 2>/dev/null
   if command -v ifup >/dev/null && grep -qs "^iface $ifc " /etc/network/interfaces /etc/network/interfaces.d/*; then
     ifdown --force "$ifc" 2>/dev/null
     ifup "$ifc"
   fi
-  up="$up $ifc"
 done
 step "NIC re-probed with this VM's MAC"
-wait "$sshd"
-# SSH answers once the NIC has an address (DHCP's, at most 20 s here).
-for ifc in $up; do
-  n=0
-  while [ $n -lt 200 ]; do
-    case "$(ip -4 -o addr show dev "$ifc" scope global 2>/dev/null)" in *inet*) break ;; esac
-    sleep 0.1; n=$((n + 1))
+# SSH answers once each NIC has an address (DHCP's, at most 20 s here): a
+# route through it (the address's prefix route), read from /proc/net/route
+# with the shell's own `read`; a re-probed NIC is looked up by its device
+# (udev may rename it meanwhile).
+routed() {
+  while read -r r _; do [ "$r" = "$1" ] && return 0; done </proc/net/route
+  return 1
+}
+names() { # sets $ns (shell functions share the hook's variables)
+  ns="$downs"
+  for y in $rebind; do
+    for p in /sys/bus/*/devices/"${y##*/}"/net/*; do
+      [ -e "$p" ] && ns="$ns ${p##*/}"
+    done
   done
+}
+n=0
+while [ $n -lt 400 ]; do
+  names
+  missing=''
+  for ifc in $ns; do routed "$ifc" || missing=1; done
+  [ -n "$ns" ] && [ -z "$missing" ] && break
+  [ -z "$rebind$downs" ] && break
+  sleep 0.05; n=$((n + 1))
 done
+wait "$sshd"
 echo "<3>nox-warm: identity applied" >/dev/kmsg
