@@ -295,6 +295,26 @@ pub fn load(vm: &VmPaths) -> Boots {
 
 /// Whether the VM's current (newest) boot resumed a warm template: no
 /// cloud-init runs in it, so nothing waits for one.
+/// Whether the newest boot's guest has shown on its console that its
+/// network is up: cloud-init's network stage (it runs once the network is
+/// online) or anything after it. Guest output, so only a hint of when to
+/// start looking (`--wait`), never a proof of anything. A VM with no boot
+/// record (started by an older nox) counts as seen.
+pub fn guest_network_seen(vm: &VmPaths) -> bool {
+    const AFTER: [Mark; 6] = [
+        Mark::CloudInitNetwork,
+        Mark::GuestNetwork,
+        Mark::CloudInitConfig,
+        Mark::CloudInitFinal,
+        Mark::CloudInitFinished,
+        Mark::Login,
+    ];
+    load(vm)
+        .boots
+        .last()
+        .is_none_or(|b| b.phases.iter().any(|(m, _)| AFTER.contains(m)))
+}
+
 pub fn resumed_warm(vm: &VmPaths) -> bool {
     load(vm).boots.last().is_some_and(|b| b.method == "warm")
 }
@@ -716,5 +736,23 @@ Finished stage: (init-local) 00.26000 seconds\n"
         assert_eq!(b.len(), KEEP);
         assert_eq!(b.last().unwrap().started_ms, KEEP as u64 + 2);
         assert_eq!(b[0].phases.len(), 1);
+    }
+
+    #[test]
+    fn the_guests_network_is_seen_from_cloud_inits_network_stage_on() {
+        let d = tempfile::tempdir().unwrap();
+        let st = crate::store::Store::at(d.path().into(), d.path().join("run"));
+        let vm = st.vm_paths(&"a".parse().unwrap());
+        std::fs::create_dir_all(&vm.dir).unwrap();
+        // No record (an older nox's VM): nothing to wait for.
+        assert!(guest_network_seen(&vm));
+        let mut w = Watch::new("direct", None, 0);
+        w.boot.phases.push((Mark::Kernel, 5));
+        w.boot.phases.push((Mark::CloudInitLocal, 9));
+        save(&vm, &w.boot).unwrap();
+        assert!(!guest_network_seen(&vm));
+        w.boot.phases.push((Mark::CloudInitNetwork, 30));
+        save(&vm, &w.boot).unwrap();
+        assert!(guest_network_seen(&vm));
     }
 }
