@@ -26,12 +26,17 @@ fn dhcp_and_static_guests_on_one_bridge_reach_each_other_and_taps_are_cleaned_up
     create_bridged(
         &h,
         "fixed",
-        &img,
+        img.to_str().unwrap(),
         &["--ip", "10.77.0.50/24", "--gateway", "10.77.0.1"],
     );
     assert_eq!(h.ok(&["ip", "fixed"]).trim(), "10.77.0.50");
     let t0 = Instant::now();
-    let info = create_bridged(&h, "web", &img, &["--wait", "--timeout", "900"]);
+    let info = create_bridged(
+        &h,
+        "web",
+        img.to_str().unwrap(),
+        &["--wait", "--timeout", "900"],
+    );
     eprintln!("create --wait on the bridge: {:?}", t0.elapsed());
     assert_eq!(info["bridge"], "brt");
     let mac = info["mac"].as_str().unwrap().to_string();

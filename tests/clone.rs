@@ -16,28 +16,6 @@ fn prereqs() -> Option<std::path::PathBuf> {
     bridge_prereqs().then_some(img)
 }
 
-fn create(h: &Home, name: &str, image: &str, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec![
-        "create",
-        name,
-        "--image",
-        image,
-        "--network",
-        "bridge:brt",
-        "--accel",
-        "tcg",
-        "--cpus",
-        "1",
-        "--memory",
-        "512M",
-        "--disk",
-        "4G",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    serde_json::from_str(&h.ok(&args)).unwrap()
-}
-
 /// Runs a command in the guest (as the login user) and returns its stdout.
 fn guest(h: &Home, vm: &str, cmd: &str) -> String {
     h.ok(&["ssh", vm, "--", cmd]).trim().to_string()
@@ -127,7 +105,7 @@ fn clone_and_template_give_copies_with_identities_of_their_own() {
 
     // The source: a file in the login user's home and a "package" under /opt.
     let t0 = Instant::now();
-    create(&h, "src", img, &["--wait", "--timeout", "1200"]);
+    create_bridged(&h, "src", img, &["--wait", "--timeout", "1200"]);
     let from_image = t0.elapsed();
     eprintln!("MEASURE create --image TEST-IMAGE -> SSH + cloud-init done: {from_image:?}");
     guest(
@@ -228,8 +206,8 @@ fn clone_and_template_give_copies_with_identities_of_their_own() {
 
     // Two VMs from the template boot at once.
     let t0 = Instant::now();
-    create(&h, "t1", "web-base", &["--no-start"]);
-    create(&h, "t2", "web-base", &["--no-start"]);
+    create_bridged(&h, "t1", "web-base", &["--no-start"]);
+    create_bridged(&h, "t2", "web-base", &["--no-start"]);
     h.ok(&["start", "t1"]);
     h.ok(&["start", "t2"]);
     ssh_ready(&h, "t1");

@@ -479,7 +479,12 @@ fn a_bridged_guest_keeps_its_address_on_a_shared_bridge() {
     };
     let mut check = Check::start("boot on the source's bridge");
     let t0 = Instant::now();
-    let created = create_bridged(&src, name, &img, &["--wait", "--timeout", "1200"]);
+    let created = create_bridged(
+        &src,
+        name,
+        img.to_str().unwrap(),
+        &["--wait", "--timeout", "1200"],
+    );
     eprintln!("MEASURE boot: {:?}", t0.elapsed());
     let mac = created["mac"].as_str().unwrap().to_string();
     let ip = src

@@ -756,14 +756,15 @@ pub fn fake_qemu_prereqs() -> bool {
         )
 }
 
-/// `nox create NAME` of a small TCG guest (1 vCPU, 512M, 4G) on the test
-/// bridge `brt` (a [`Netns`]'s), `--json`, with `extra` flags; its JSON.
-pub fn create_bridged(h: &Home, name: &str, img: &Path, extra: &[&str]) -> serde_json::Value {
+/// `nox create NAME --image IMAGE` (a path or a template's name) of a small
+/// TCG guest (1 vCPU, 512M, 4G) on the test bridge `brt` (a [`Netns`]'s),
+/// `--json`, with `extra` flags; its JSON.
+pub fn create_bridged(h: &Home, name: &str, image: &str, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
         "create",
         name,
         "--image",
-        img.to_str().unwrap(),
+        image,
         "--network",
         "bridge:brt",
         "--accel",
