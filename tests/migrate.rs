@@ -195,6 +195,47 @@ fn running_here(src: &Home, dst: &Home, pid: &str, why: &str) {
     );
 }
 
+/// `nox migrate VM --to URL` from `src`, with the target's `which` stream
+/// (`nbd` or `stream`, see [`pipe_pids`]) killed `settle` after it appears:
+/// a network cut mid-migration. Its output.
+fn migrate_with_cut(
+    src: &Home,
+    dst: &Home,
+    vm: &str,
+    url: &str,
+    which: &str,
+    settle: Duration,
+) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_nox"))
+        .args(["migrate", vm, "--to", url])
+        .env("NOX_HOME", src.path())
+        .env("HOME", src.path().join("home"))
+        .env_remove("NOX_HOST")
+        .envs(src.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let pids = loop {
+        let p = pipe_pids(dst.path(), which);
+        if !p.is_empty() {
+            break p;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no migration stream appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    std::thread::sleep(settle);
+    for p in pids {
+        signal(p as u64, nix::sys::signal::Signal::SIGKILL);
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// The target's nox processes of a migration stream (`__migrate-pipe`),
 /// found by their command line and their NOX_HOME (this test's).
 fn pipe_pids(home: &Path, which: &str) -> Vec<i32> {
@@ -339,35 +380,8 @@ fn a_booted_guest_moves_live_and_back() {
 
     check.next("network cut");
     {
-        let child = Command::new(env!("CARGO_BIN_EXE_nox"))
-            .args(["migrate", "mig", "--to", &url])
-            .env("NOX_HOME", src.path())
-            .env("HOME", src.path().join("home"))
-            .env_remove("NOX_HOST")
-            .envs(src.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
         // The disk stream's far end, once it exists: the cut.
-        let t = Instant::now();
-        let pids = loop {
-            let p = pipe_pids(dst.path(), "nbd");
-            if !p.is_empty() {
-                break p;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(120),
-                "no migration stream appeared"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        std::thread::sleep(Duration::from_millis(300));
-        for p in pids {
-            signal(p as u64, nix::sys::signal::Signal::SIGKILL);
-        }
-        let o = child.wait_with_output().unwrap();
+        let o = migrate_with_cut(&src, &dst, "mig", &url, "nbd", Duration::from_millis(300));
         eprintln!("{}", stderr(&o));
         assert_eq!(code(&o), Some(1), "{}", stderr(&o));
         assert!(stderr(&o).contains("keeps running here"), "{}", stderr(&o));
@@ -714,33 +728,7 @@ fn live_moves_a_firmware_only_guest() {
 
     // The stream's ssh cut as it starts.
     sshd.join(&mut src, &dst);
-    let child = Command::new(env!("CARGO_BIN_EXE_nox"))
-        .args(["migrate", "blank", "--to", &url])
-        .env("NOX_HOME", src.path())
-        .env("HOME", src.path().join("home"))
-        .env_remove("NOX_HOST")
-        .envs(src.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    let pids = loop {
-        let p = pipe_pids(dst.path(), "stream");
-        if !p.is_empty() {
-            break p;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "no migration stream appeared"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    for p in pids {
-        signal(p as u64, nix::sys::signal::Signal::SIGKILL);
-    }
-    let o = child.wait_with_output().unwrap();
+    let o = migrate_with_cut(&src, &dst, "blank", &url, "stream", Duration::ZERO);
     eprintln!("network cut: {}", stderr(&o));
     assert_eq!(code(&o), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("keeps running here"), "{}", stderr(&o));
