@@ -206,7 +206,7 @@ pub fn wait_ready(
     let mut route_checked = None;
     // Whether this boot resumed a warm template (its timeline, saved before
     // the guest runs): read once.
-    let mut resumed = None;
+    let resumed = crate::store::timeline::resumed_warm(vm);
     let ep = loop {
         let st = state().ok_or_else(|| SshError::Stopped("no state".into()))?;
         if !st.state.is_active() {
@@ -232,7 +232,7 @@ pub fn wait_ready(
                 });
             }
         }
-        if let Some(ep) = endpoint(&st).filter(|_| worth_probing(vm, &st, started)) {
+        if let Some(ep) = endpoint(&st).filter(|_| resumed || worth_probing(vm, &st, started)) {
             let ok = run(spec, vm, &ep, &["true".into()], Some(remaining(deadline)))?
                 .map(|o| o.status.success())
                 .unwrap_or(false);
@@ -246,17 +246,15 @@ pub fn wait_ready(
         }
         // A resumed guest's sshd serves its new key within a second or
         // two: look more often than for a boot.
-        std::thread::sleep(
-            if *resumed.get_or_insert_with(|| crate::store::timeline::resumed_warm(vm)) {
-                Duration::from_millis(150)
-            } else {
-                Duration::from_millis(500)
-            },
-        );
+        std::thread::sleep(if resumed {
+            Duration::from_millis(150)
+        } else {
+            Duration::from_millis(500)
+        });
     };
     // A resumed warm template's guest finished cloud-init before it was
     // saved; its identity is proven by the pinned host key SSH just checked.
-    if resumed.unwrap_or_else(|| crate::store::timeline::resumed_warm(vm)) {
+    if resumed {
         report_boot(vm, ssh_at, crate::store::timeline::now_ms());
         return Ok(());
     }
@@ -296,11 +294,11 @@ pub fn wait_ready(
 /// boot ~1.4× slower): so not before the console shows the guest's network
 /// up ([`crate::store::timeline::guest_network_seen`]), or [`NETWORK_WAIT`]
 /// has passed for a guest whose console says nothing. A bridged guest's
-/// address is known only once it is up anyway; a warm guest has announced.
+/// address is known only once it is up anyway; a warm guest has announced
+/// (its caller's business).
 fn worth_probing(vm: &VmPaths, st: &State, started: Instant) -> bool {
     st.ssh_port.is_none()
         || started.elapsed() >= NETWORK_WAIT
-        || crate::store::timeline::resumed_warm(vm)
         || crate::store::timeline::guest_network_seen(vm)
 }
 
