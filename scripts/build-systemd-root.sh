@@ -45,8 +45,12 @@ fi
 if ! command -v mmdebstrap >/dev/null || [[ ! -f /usr/share/keyrings/debian-archive-keyring.gpg ]]; then
     log "installing build tools: mmdebstrap debian-archive-keyring"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >&2 </dev/null
-    apt-get install -y -q --no-install-recommends mmdebstrap debian-archive-keyring >&2 </dev/null
+    # Beside the test images' builds (CI): one apt at a time.
+    (
+        flock 9
+        apt-get update -q >&2 </dev/null
+        apt-get install -y -q --no-install-recommends mmdebstrap debian-archive-keyring >&2 </dev/null
+    ) 9>/run/lock/nox-build-tools.lock
 fi
 
 # A private mount namespace: nothing mmdebstrap mounts can outlive the build.

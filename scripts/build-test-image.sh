@@ -262,8 +262,13 @@ ensure_tools() {
     mapfile -t pkgs < <(printf '%s\n' "${need[@]}" | sort -u)
     log "installing build tools: ${pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >&2 </dev/null
-    apt-get install -y -q --no-install-recommends "${pkgs[@]}" >&2 </dev/null
+    # CI builds both arches at once: apt's own lock would fail the second
+    # build at once, so the builds take turns (flock waits).
+    (
+        flock 9
+        apt-get update -q >&2 </dev/null
+        apt-get install -y -q --no-install-recommends "${pkgs[@]}" >&2 </dev/null
+    ) 9>/run/lock/nox-build-tools.lock
 }
 
 # Registers binfmt_misc entry $1 from its systemd-binfmt file (binfmt.d(5): /etc over /run over

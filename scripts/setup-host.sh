@@ -27,7 +27,7 @@ apt-get install -y -qq --no-install-recommends "${apt_t[@]}" \
 apt-get install -y -qq --no-install-recommends \
     openssh-client openssh-server dnsmasq-base iproute2 mtools dosfstools systemd \
     busybox-static python3 python3-pytest util-linux coreutils passt bash-completion \
-    systemd-container mmdebstrap debian-archive-keyring resource-agents libxml2-utils
+    systemd-container mmdebstrap debian-archive-keyring resource-agents libxml2-utils gdisk
 
 # virtiofsd (docs/shared-folders.md): Debian packages it from 13 on
 # (/usr/libexec/virtiofsd); Debian 12 has only qemu's old C one, so build
