@@ -185,6 +185,19 @@ async fn create_vm(store: &Store, o: &CreateOptions) -> Result<Created, VmError>
     if let Some(why) = auto_cold {
         first_boot.boot_why = why;
     }
+    // On user networking the NIC's only peer is the VM's own passt, so its
+    // MAC need not be unique (qemu's user networking gives every VM the
+    // same one): a warm VM keeps its template's, and the resumed guest
+    // keeps its NIC, its network config and its lease, instead of
+    // re-probing the NIC and asking DHCP again (~1 s of a warm start under
+    // TCG, docs/performance.md).
+    let spec = match &warm {
+        Some(w) if spec.network.is_user_mode() => VmSpec {
+            mac: w.old_mac,
+            ..spec
+        },
+        _ => spec,
+    };
     vm::write_seed(&spec, &vm, &host, user_data, None, warm)?;
     store::write_json(&vm.spec(), &spec)?;
     staging.commit()?;

@@ -644,11 +644,14 @@ pub const APPLIED: &str = crate::store::timeline::WARM_READY_LINE;
 /// The guest's identity hook (see [`hook_install_script`]).
 const HOOK: &str = include_str!("warm_hook.sh");
 
-/// What the hook a commit installs tells the host: 2 = [`APPLIED`] reaches
-/// the serial console once SSH can answer, so `--wait` waits for that line
-/// before its first SSH attempt. Templates committed before have 0 (absent
-/// in their record): `--wait` probes from the start, as before.
-pub const HOOK_VERSION: u32 = 2;
+/// What the hook a commit installs tells the host: from 2, [`APPLIED`]
+/// reaches the serial console once SSH can answer, so `--wait` waits for
+/// that line before its first SSH attempt. Templates committed before have
+/// 0 (absent in their record): `--wait` probes from the start, as before.
+/// 3 reads the seed's raw warm block
+/// ([`crate::guest::seed::WARM_BLOCK_OFFSET`]); seeds keep `nox-warm.env`
+/// for hooks 1 and 2.
+pub const HOOK_VERSION: u32 = 3;
 
 /// The guest side, installed and started (as root, over SSH) by a warm
 /// commit: a unit that waits for the seed disk to become another VM's and
@@ -666,8 +669,12 @@ pub const HOOK_VERSION: u32 = 2;
 /// probes a new NIC with that permanent address, which the rewritten files
 /// match whatever rendered them.
 pub fn hook_install_script() -> String {
-    let hook = HOOK;
-    debug_assert!(hook.contains(APPLIED));
+    use crate::guest::seed::{WARM_BLOCK_MAGIC, WARM_BLOCK_MAX, WARM_BLOCK_OFFSET};
+    debug_assert!(HOOK.contains(APPLIED));
+    debug_assert!(HOOK.contains(&format!("\"{WARM_BLOCK_MAGIC}\"*)")));
+    let hook = HOOK
+        .replace("@SKIP@", &(WARM_BLOCK_OFFSET / 512).to_string())
+        .replace("@COUNT@", &WARM_BLOCK_MAX.div_ceil(512).to_string());
     // Started, never enabled: it runs in the template's saved guest (and so
     // in every VM resumed from it), not on any cold boot.
     let unit = "[Unit]\n\
@@ -780,6 +787,9 @@ mod tests {
     fn the_hook_installs_as_a_valid_shell_script() {
         let s = hook_install_script();
         assert!(s.contains("iflag=direct"));
+        // The raw warm block's place, as the seed writes it.
+        assert!(!s.contains("@SKIP@") && !s.contains("@COUNT@"));
+        assert!(s.contains("bs=512 skip=45 count=32 iflag=direct"), "{s}");
         assert!(s.contains(APPLIED));
         // The NIC is re-probed, not only given a new address (netplan
         // matches the permanent one), and netplan's own files are rewritten.

@@ -49,7 +49,10 @@ pub(super) fn build_image(seed: &Seed) -> std::io::Result<Vec<u8>> {
         ("network-config", &seed.network_config),
     ];
     let warm = seed.warm_env.as_ref().map(|w| ("nox-warm.env", w));
-    let files: Vec<(&str, &String)> = files.into_iter().chain(warm).collect();
+    // The warm block first: it then starts the data area, where the hook
+    // reads it raw (super::WARM_BLOCK_OFFSET).
+    let block = seed.warm_block.as_ref().map(|b| ("nox-warm", b));
+    let files: Vec<(&str, &String)> = block.into_iter().chain(files).chain(warm).collect();
     let payload: u64 = files.iter().map(|(_, c)| c.len() as u64).sum();
     // 1 MiB for the usual few KiB; room for FAT overhead if user-data is big.
     let size = (payload + payload / 4 + 256 * 1024).div_ceil(MIB).max(1) * MIB;
@@ -173,6 +176,46 @@ mod tests {
         write_image(&seed, &img).unwrap();
         assert_eq!(std::fs::read(&img).unwrap(), first);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// The hook reads a warm clone's identity raw, at a fixed offset.
+    #[test]
+    fn warm_block_starts_the_data_area() {
+        let mut cfg = config();
+        cfg.warm = Some(super::super::WarmIdentity {
+            old_mac: "52:54:00:00:00:01".parse().unwrap(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            entropy: vec![7; 64],
+        });
+        let seed = render(&cfg).unwrap();
+        let block = seed.warm_block.clone().unwrap();
+        let bytes = build_image(&seed).unwrap();
+        assert_eq!(bytes.len() as u64, MIB);
+        let at = bytes
+            .windows(block.len())
+            .position(|w| w == block.as_bytes())
+            .unwrap() as u64;
+        assert_eq!(at, super::super::WARM_BLOCK_OFFSET);
+        assert!(block.len() as u64 <= super::super::WARM_BLOCK_MAX);
+        // cloud-init still sees its three files (and the two warm ones).
+        let mut disk = std::io::Cursor::new(bytes);
+        let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new()).unwrap();
+        let mut names: Vec<String> = fs
+            .root_dir()
+            .iter()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "meta-data",
+                "network-config",
+                "nox-warm",
+                "nox-warm.env",
+                "user-data"
+            ]
+        );
     }
 
     #[test]

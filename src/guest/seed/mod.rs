@@ -118,9 +118,22 @@ pub struct Seed {
     pub meta_data: String,
     pub user_data: String,
     pub network_config: String,
-    /// `nox-warm.env` for a VM that may resume a warm template.
+    /// `nox-warm.env` for a VM that may resume a warm template (read by
+    /// the hooks of templates committed before [`WARM_BLOCK_OFFSET`]).
     pub warm_env: Option<String>,
+    /// The same identity for today's hook, at [`WARM_BLOCK_OFFSET`] of the
+    /// image (file `nox-warm`).
+    pub warm_block: Option<String>,
 }
+
+/// Where the seed image holds the warm block: the first file written into
+/// the fresh 1 MiB FAT12 volume starts the data area (cluster 2). A warm
+/// clone's seed is always that size (warm refuses user-data); the hook
+/// checks the block's first and last lines and mounts the seed otherwise.
+pub const WARM_BLOCK_OFFSET: u64 = 45 * 512;
+
+/// How many bytes from [`WARM_BLOCK_OFFSET`] the hook reads.
+pub const WARM_BLOCK_MAX: u64 = 16 * 1024;
 
 /// Merge rule for the user's cloud-config part, applied by cloud-init when it
 /// merges that part onto nox's: lists are appended (packages, runcmd,
@@ -136,5 +149,7 @@ mod render;
 mod userdata;
 
 pub use image::write_image;
-pub use render::{CLOUD_CONFIG_MODULES, CLOUD_FINAL_MODULES, CLOUD_INIT_MODULES, render};
+pub use render::{
+    CLOUD_CONFIG_MODULES, CLOUD_FINAL_MODULES, CLOUD_INIT_MODULES, WARM_BLOCK_MAGIC, render,
+};
 pub use userdata::check_user_data;

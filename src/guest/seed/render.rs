@@ -60,12 +60,14 @@ pub fn render(cfg: &SeedConfig) -> Result<Seed, SeedError> {
         }))
     );
     let warm_env = cfg.warm.as_ref().map(|w| warm_env(cfg, w)).transpose()?;
+    let warm_block = cfg.warm.as_ref().map(|w| warm_block(cfg, w)).transpose()?;
     Ok(Seed {
         instance_id,
         meta_data,
         user_data,
         network_config,
         warm_env,
+        warm_block,
     })
 }
 
@@ -111,6 +113,63 @@ pub(super) fn warm_env(cfg: &SeedConfig, w: &WarmIdentity) -> Result<String, See
     .map(|(k, v)| format!("{k}={v}\n"))
     .collect())
 }
+
+/// The warm identity as the hook of [`crate::vmm::warm::HOOK_VERSION`] 3
+/// reads it: from the raw seed disk at [`super::WARM_BLOCK_OFFSET`] with
+/// one `dd`, parsed with the shell's own `read` and written with its own
+/// `printf` (no mount, no base64: under TCG each process the hook starts
+/// costs tens of milliseconds of a warm start). Plain text, one
+/// `KEY=value` a line: the first line is unique to the VM (the hook's
+/// change test), the private host key is one `HOST_KEY=` line per line of
+/// its text, a login key one `AUTHORIZED_KEY=` line each, and `END` says
+/// the block was read whole.
+pub(super) fn warm_block(cfg: &SeedConfig, w: &WarmIdentity) -> Result<String, SeedError> {
+    use base64::Engine;
+    use std::fmt::Write;
+    // Checked by warm_env: 32 hex digits.
+    warm_env(cfg, w)?;
+    let mac = match &cfg.network {
+        Network::Dhcp { mac } | Network::Static { mac, .. } => mac,
+    };
+    let one_line = |what: &str, v: &str| {
+        if v.contains(['\n', '\r']) {
+            Err(SeedError::Invalid(format!("{what} spans lines")))
+        } else {
+            Ok(())
+        }
+    };
+    let mut b = format!("{}{}\n", WARM_BLOCK_MAGIC, w.machine_id);
+    for (k, v) in [
+        ("HOSTNAME", cfg.hostname.to_string()),
+        ("USER", cfg.user.to_string()),
+        ("MAC", mac.to_string()),
+        ("OLD_MAC", w.old_mac.to_string()),
+        ("MACHINE_ID", w.machine_id.clone()),
+        (
+            "ENTROPY",
+            base64::engine::general_purpose::STANDARD.encode(&w.entropy),
+        ),
+        (
+            "HOST_KEY_PUB",
+            cfg.host_key.public_openssh.trim_end().to_string(),
+        ),
+    ] {
+        one_line(k, &v)?;
+        let _ = writeln!(b, "{k}={v}");
+    }
+    for k in &cfg.authorized_keys {
+        one_line("a login key", k)?;
+        let _ = writeln!(b, "AUTHORIZED_KEY={k}");
+    }
+    for l in cfg.host_key.private_openssh.lines() {
+        let _ = writeln!(b, "HOST_KEY={l}");
+    }
+    b.push_str("END\n");
+    Ok(b)
+}
+
+/// The first line of a warm block, before the VM's machine-id.
+pub const WARM_BLOCK_MAGIC: &str = "nox-warm 3 ";
 
 pub(super) fn pretty(v: &Value) -> String {
     // Serialising a Value built with json! cannot fail (string keys only).
