@@ -30,10 +30,11 @@ pub(super) async fn supervise(
     let mut wd_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     // The console log is read for the boot's phases until the login prompt
-    // (a warm guest's ready line: `--wait` waits for it, so more often).
+    // (a warm guest's ready line, within a second: `--wait` waits for it,
+    // so more often).
     let mut console_tick =
         tokio::time::interval(Duration::from_millis(if live.watch.boot.announces {
-            50
+            20
         } else {
             250
         }));

@@ -359,7 +359,7 @@ fn wait_announced(
                 st.reason.unwrap_or_default()
             )));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

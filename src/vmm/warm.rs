@@ -783,6 +783,83 @@ mod tests {
         }
     }
 
+    /// The hook's parser, run by `sh` on the bytes the hook's `dd` reads
+    /// from a seed nox wrote: every value as nox meant it, and nothing of
+    /// the files after the block (the seed's `nox-warm.env` repeats the
+    /// keys in base64).
+    #[test]
+    fn the_hook_parses_the_seed_s_warm_block() {
+        use crate::guest::seed::{self, Network, SeedConfig, WARM_BLOCK_MAX, WARM_BLOCK_OFFSET};
+        let key = crate::host::sshkeys::generate_ed25519("root@w1").unwrap();
+        let cfg = SeedConfig {
+            hostname: "w1".parse().unwrap(),
+            user: "nox".parse().unwrap(),
+            authorized_keys: vec![
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 nox@w1".into(),
+                "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ== a b c".into(),
+            ],
+            host_key: key.clone(),
+            network: Network::Dhcp {
+                mac: "52:54:00:00:00:02".parse().unwrap(),
+            },
+            user_data: None,
+            reidentify: None,
+            guest: seed::GuestFlavour::Standard,
+            warm: Some(seed::WarmIdentity {
+                old_mac: "52:54:00:00:00:01".parse().unwrap(),
+                machine_id: "0123456789abcdef0123456789abcdef".into(),
+                entropy: vec![9; 64],
+            }),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("seed.img");
+        seed::write_image(&seed::render(&cfg).unwrap(), &img).unwrap();
+        let bytes = std::fs::read(&img).unwrap();
+        let at = WARM_BLOCK_OFFSET as usize;
+        let blk = dir.path().join("blk");
+        std::fs::write(&blk, &bytes[at..at + WARM_BLOCK_MAX as usize]).unwrap();
+        let parse = HOOK
+            .split("# parse-block: begin")
+            .nth(1)
+            .and_then(|s| s.split("# parse-block: end").next())
+            .unwrap();
+        let script = format!(
+            "nl='\n'\nblk=\"$1\"\nread -r first <\"$blk\"\n{parse}\n\
+             printf '%s|' \"$whole\" \"$host\" \"$user\" \"$mac\" \"$old_mac\" \"$machine_id\" \"$entropy\"\n\
+             printf '%s' \"$host_key\" >\"$blk.key\"\n\
+             printf '%s' \"$host_key_pub\" >\"$blk.pub\"\n\
+             printf '%s' \"$keys\" >\"$blk.keys\"\n"
+        );
+        let Ok(out) = std::process::Command::new("sh")
+            .args(["-c", &script, "sh"])
+            .arg(&blk)
+            .output()
+        else {
+            return;
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        use base64::Engine;
+        let entropy = base64::engine::general_purpose::STANDARD.encode([9u8; 64]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!(
+                "1|w1|nox|52:54:00:00:00:02|52:54:00:00:00:01|0123456789abcdef0123456789abcdef|{entropy}|"
+            )
+        );
+        let read =
+            |ext: &str| std::fs::read_to_string(dir.path().join(format!("blk.{ext}"))).unwrap();
+        assert_eq!(read("key"), key.private_openssh);
+        assert_eq!(read("pub").trim_end(), key.public_openssh.trim_end());
+        assert_eq!(
+            read("keys"),
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 nox@w1\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ== a b c\n"
+        );
+    }
+
     #[test]
     fn the_hook_installs_as_a_valid_shell_script() {
         let s = hook_install_script();

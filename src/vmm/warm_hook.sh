@@ -50,7 +50,9 @@ done
 step "seed changed"
 nl='
 '
+# parse-block: begin (a unit test runs this part on a seed nox wrote)
 host='' user='' mac='' old_mac='' machine_id='' host_key='' host_key_pub='' keys='' entropy='' whole=''
+# The seed's other files follow the block: nothing after END is its.
 case "$first" in
 "nox-warm 3 "*)
   while IFS= read -r line; do
@@ -64,11 +66,15 @@ case "$first" in
     HOST_KEY_PUB=*) host_key_pub=${line#*=}$nl ;;
     AUTHORIZED_KEY=*) keys=$keys${line#*=}$nl ;;
     ENTROPY=*) entropy=${line#*=} ;;
-    END) whole=1 ;;
+    END)
+      whole=1
+      break
+      ;;
     esac
   done <"$blk"
   ;;
 esac
+# parse-block: end
 rm -f "$blk"
 if [ -z "$whole" ]; then
   # No whole block (a seed of another nox, or keys too many for it): the
