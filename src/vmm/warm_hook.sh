@@ -52,20 +52,27 @@ nl='
 '
 # parse-block: begin (a unit test runs this part on a seed nox wrote)
 host='' user='' mac='' old_mac='' machine_id='' host_key='' host_key_pub='' keys='' entropy='' whole=''
+# Takes a plain value (the same in the block and in nox-warm.env).
+plain() {
+  case "$1" in
+  HOSTNAME=*) host=${1#*=} ;;
+  USER=*) user=${1#*=} ;;
+  MAC=*) mac=${1#*=} ;;
+  OLD_MAC=*) old_mac=${1#*=} ;;
+  MACHINE_ID=*) machine_id=${1#*=} ;;
+  ENTROPY=*) entropy=${1#*=} ;;
+  *) return 1 ;;
+  esac
+}
 # The seed's other files follow the block: nothing after END is its.
 case "$first" in
 "nox-warm 3 "*)
   while IFS= read -r line; do
+    plain "$line" && continue
     case "$line" in
-    HOSTNAME=*) host=${line#*=} ;;
-    USER=*) user=${line#*=} ;;
-    MAC=*) mac=${line#*=} ;;
-    OLD_MAC=*) old_mac=${line#*=} ;;
-    MACHINE_ID=*) machine_id=${line#*=} ;;
     HOST_KEY=*) host_key=$host_key${line#*=}$nl ;;
     HOST_KEY_PUB=*) host_key_pub=${line#*=}$nl ;;
     AUTHORIZED_KEY=*) keys=$keys${line#*=}$nl ;;
-    ENTROPY=*) entropy=${line#*=} ;;
     END)
       whole=1
       break
@@ -86,16 +93,11 @@ if [ -z "$whole" ]; then
   env="$seed/nox-warm.env"
   if [ ! -f "$env" ]; then umount "$seed"; exit 0; fi
   while IFS= read -r line; do
+    plain "$line" && continue
     case "$line" in
-    HOSTNAME=*) host=${line#*=} ;;
-    USER=*) user=${line#*=} ;;
-    MAC=*) mac=${line#*=} ;;
-    OLD_MAC=*) old_mac=${line#*=} ;;
-    MACHINE_ID=*) machine_id=${line#*=} ;;
     HOST_KEY=*) host_key=$(printf '%s' "${line#*=}" | base64 -d)$nl ;;
     HOST_KEY_PUB=*) host_key_pub=$(printf '%s' "${line#*=}" | base64 -d)$nl ;;
     AUTHORIZED_KEYS=*) keys=$(printf '%s' "${line#*=}" | base64 -d)$nl ;;
-    ENTROPY=*) entropy=${line#*=} ;;
     esac
   done <"$env"
   umount "$seed"

@@ -120,6 +120,17 @@ mod tests {
     use std::path::PathBuf;
     use std::process::Command;
 
+    /// The root directory's file names, sorted.
+    fn root_names<T: fatfs::ReadWriteSeek>(fs: &fatfs::FileSystem<T>) -> Vec<String> {
+        let mut names: Vec<String> = fs
+            .root_dir()
+            .iter()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    }
+
     fn read_file(fs: &fatfs::FileSystem<&mut std::fs::File>, name: &str) -> String {
         let mut s = String::new();
         fs.root_dir()
@@ -159,13 +170,10 @@ mod tests {
             fs.read_volume_label_from_root_dir().unwrap().as_deref(),
             Some("cidata")
         );
-        let mut names: Vec<String> = fs
-            .root_dir()
-            .iter()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["meta-data", "network-config", "user-data"]);
+        assert_eq!(
+            root_names(&fs),
+            ["meta-data", "network-config", "user-data"]
+        );
         assert_eq!(read_file(&fs, "meta-data"), seed.meta_data);
         assert_eq!(read_file(&fs, "user-data"), seed.user_data);
         assert_eq!(read_file(&fs, "network-config"), seed.network_config);
@@ -200,14 +208,8 @@ mod tests {
         // cloud-init still sees its three files (and the two warm ones).
         let mut disk = std::io::Cursor::new(bytes);
         let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new()).unwrap();
-        let mut names: Vec<String> = fs
-            .root_dir()
-            .iter()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
         assert_eq!(
-            names,
+            root_names(&fs),
             [
                 "meta-data",
                 "network-config",
