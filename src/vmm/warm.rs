@@ -866,7 +866,14 @@ mod tests {
         assert!(s.contains("iflag=direct"));
         // The raw warm block's place, as the seed writes it.
         assert!(!s.contains("@SKIP@") && !s.contains("@COUNT@"));
-        assert!(s.contains("bs=512 skip=45 count=32 iflag=direct"), "{s}");
+        assert!(
+            s.contains("bs=512 skip=45 count=\"$1\" iflag=direct"),
+            "{s}"
+        );
+        assert!(
+            s.contains("readblk 1\n") && s.contains("readblk 32\n"),
+            "{s}"
+        );
         assert!(s.contains(APPLIED));
         // The NIC is re-probed, not only given a new address (netplan
         // matches the permanent one), and netplan's own files are rewritten.

@@ -33,21 +33,25 @@ dev=$(seed_dev)
 [ -n "$dev" ] || exit 0
 umask 077
 blk=/run/nox-warm.blk
-# Sets $first: the block's first line.
+# Reads $1 sectors of the block; sets $first, its first line. The poll
+# reads the first sector only, which holds nothing secret: the source's
+# own seed may be a warm VM's, and this file is in the RAM the template
+# saves.
 readblk() {
-  dd if="$dev" of="$blk" bs=512 skip=@SKIP@ count=@COUNT@ iflag=direct 2>/dev/null
+  dd if="$dev" of="$blk" bs=512 skip=@SKIP@ count="$1" iflag=direct 2>/dev/null
   first=''
   read -r first 2>/dev/null <"$blk" || :
 }
-readblk
+readblk 1
 mine=$first
 # A resumed VM's first look sees its own seed: the interval only costs the
 # template's source the seconds between this start and the save.
 while [ "$first" = "$mine" ]; do
   sleep 0.05
-  readblk
+  readblk 1
 done
 step "seed changed"
+readblk @COUNT@
 nl='
 '
 # parse-block: begin (a unit test runs this part on a seed nox wrote)

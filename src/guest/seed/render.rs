@@ -146,10 +146,6 @@ pub(super) fn warm_block(cfg: &SeedConfig, w: &WarmIdentity) -> Result<String, S
         ("OLD_MAC", w.old_mac.to_string()),
         ("MACHINE_ID", w.machine_id.clone()),
         (
-            "ENTROPY",
-            base64::engine::general_purpose::STANDARD.encode(&w.entropy),
-        ),
-        (
             "HOST_KEY_PUB",
             cfg.host_key.public_openssh.trim_end().to_string(),
         ),
@@ -157,10 +153,22 @@ pub(super) fn warm_block(cfg: &SeedConfig, w: &WarmIdentity) -> Result<String, S
         one_line(k, &v)?;
         let _ = writeln!(b, "{k}={v}");
     }
+    // The first sector holds nothing secret: the hook polls it in the
+    // template's source, whose own seed may be a warm VM's (its host key
+    // and entropy follow, and are read only once the seed changed).
+    let pad = (WARM_BLOCK_SECTOR as usize)
+        .checked_sub(b.len() + "PAD=\n".len())
+        .ok_or_else(|| SeedError::Invalid("the warm block's first sector overflows".into()))?;
+    let _ = writeln!(b, "PAD={}", "-".repeat(pad));
     for k in &cfg.authorized_keys {
         one_line("a login key", k)?;
         let _ = writeln!(b, "AUTHORIZED_KEY={k}");
     }
+    let _ = writeln!(
+        b,
+        "ENTROPY={}",
+        base64::engine::general_purpose::STANDARD.encode(&w.entropy)
+    );
     for l in cfg.host_key.private_openssh.lines() {
         let _ = writeln!(b, "HOST_KEY={l}");
     }
@@ -170,6 +178,10 @@ pub(super) fn warm_block(cfg: &SeedConfig, w: &WarmIdentity) -> Result<String, S
 
 /// The first line of a warm block, before the VM's machine-id.
 pub const WARM_BLOCK_MAGIC: &str = "nox-warm 3 ";
+
+/// The warm block's first sector (the part the hook polls): the public
+/// values only, padded to its end.
+pub const WARM_BLOCK_SECTOR: u64 = 512;
 
 pub(super) fn pretty(v: &Value) -> String {
     // Serialising a Value built with json! cannot fail (string keys only).
@@ -657,6 +669,32 @@ mod tests {
             f(&mut cfg);
             assert!(matches!(render(&cfg), Err(SeedError::Invalid(_))));
         }
+    }
+
+    /// The warm block's first sector, which the hook polls in a template's
+    /// source, holds no secret, even with the longest names.
+    #[test]
+    fn the_warm_block_s_first_sector_is_public() {
+        let mut cfg = config();
+        cfg.hostname = "h".repeat(63).parse().unwrap();
+        cfg.user = "u".repeat(32).parse().unwrap();
+        cfg.warm = Some(WarmIdentity {
+            old_mac: "52:54:00:00:00:01".parse().unwrap(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            entropy: vec![1; 64],
+        });
+        let b = warm_block(&cfg, cfg.warm.as_ref().unwrap()).unwrap();
+        let (first, rest) = b.split_at(WARM_BLOCK_SECTOR as usize);
+        assert!(
+            first.starts_with(WARM_BLOCK_MAGIC) && first.ends_with('\n'),
+            "{first}"
+        );
+        assert!(first.contains("HOSTNAME=") && first.contains("HOST_KEY_PUB="));
+        for secret in ["HOST_KEY=", "ENTROPY=", "PRIVATE"] {
+            assert!(!first.contains(secret), "{secret} in {first}");
+            assert!(rest.contains(secret), "{secret}");
+        }
+        assert!(rest.ends_with("END\n"));
     }
 
     #[test]
