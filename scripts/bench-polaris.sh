@@ -16,12 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-10}
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
-if [ -n "${NOX_BENCH_BIN:-}" ]; then
-    NOX=$NOX_BENCH_BIN
-else
-    cargo build --release --quiet
-    NOX=${CARGO_TARGET_DIR:-$PWD/target}/release/nox
-fi
+. scripts/bench-lib.sh
+bench_nox
 IMG=${NOX_TEST_IMAGE:-$(scripts/build-test-image.sh | tail -n 1)}
 W=$(mktemp -d /tmp/nox-bench-polaris.XXXXXX)
 export NOX_HOME=$W/nox

@@ -29,12 +29,8 @@ NET=10.78.0
 for t in virt-install virsh libvirtd virtlogd dnsmasq qemu-img ssh; do
     command -v "$t" >/dev/null || { echo "missing $t (libvirt: see shared/TESTING.md)" >&2; exit 1; }
 done
-if [ -n "${NOX_BENCH_BIN:-}" ]; then
-    NOX=$NOX_BENCH_BIN
-else
-    cargo build --release --quiet
-    NOX=${CARGO_TARGET_DIR:-$PWD/target}/release/nox
-fi
+. scripts/bench-lib.sh
+bench_nox
 IMG=${NOX_TEST_IMAGE:-$(scripts/build-test-image.sh | tail -n 1)}
 W=$(mktemp -d /tmp/nox-vs-libvirt.XXXXXX)
 export NOX_HOME=$W/nox
@@ -50,8 +46,7 @@ cleanup() {
         virsh -c qemu:///system destroy "$dom" >/dev/null 2>&1
         virsh -c qemu:///system undefine "$dom" --nvram >/dev/null 2>&1
     done
-    [ -n "$DNSMASQ_PID" ] && kill "$DNSMASQ_PID" 2>/dev/null
-    ip link del "$BR" 2>/dev/null
+    bench_bridge_down "$BR"
     for p in "${STARTED_PIDS[@]}"; do kill "$p" 2>/dev/null; done
     rm -rf "$W" "$LV"
 }
@@ -68,12 +63,7 @@ if ! virsh -c qemu:///system version >/dev/null 2>&1; then
     STARTED_PIDS+=("$(cat "$W/libvirtd.pid")")
 fi
 
-ip link add "$BR" type bridge
-ip addr add "$NET.1/24" dev "$BR"
-ip link set "$BR" up
-dnsmasq --bind-interfaces --interface="$BR" --port=0 --no-ping --dhcp-option=3 \
-    --dhcp-range="$NET.10,$NET.250,1h" --dhcp-leasefile="$W/leases" --pid-file="$W/dnsmasq.pid"
-sleep 0.3; DNSMASQ_PID=$(cat "$W/dnsmasq.pid")
+bench_bridge "$BR" "$NET" "$W"
 
 $NOX image import "$IMG" >/dev/null
 mkdir -p "$LV"

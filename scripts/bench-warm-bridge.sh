@@ -17,12 +17,8 @@ RUNS=${1:-5}
 BR=noxbench1
 NET=10.79.0
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
-if [ -n "${NOX_BENCH_BIN:-}" ]; then
-    NOX=$NOX_BENCH_BIN
-else
-    cargo build --release --quiet
-    NOX=${CARGO_TARGET_DIR:-$PWD/target}/release/nox
-fi
+. scripts/bench-lib.sh
+bench_nox
 IMG=${NOX_TEST_IMAGE:-$(scripts/build-test-image.sh | tail -n 1)}
 W=$(mktemp -d /tmp/nox-bench-warm-bridge.XXXXXX)
 export NOX_HOME=$W/nox
@@ -32,17 +28,11 @@ cleanup() {
     for d in "$NOX_HOME"/vms/*/; do
         [ -d "$d" ] && $NOX delete --force "$(basename "$d")" >/dev/null 2>&1
     done
-    [ -n "$DNSMASQ_PID" ] && kill "$DNSMASQ_PID" 2>/dev/null
-    ip link del "$BR" 2>/dev/null
+    bench_bridge_down "$BR"
     rm -rf "$W"
 }
 trap cleanup EXIT
-ip link add "$BR" type bridge
-ip addr add "$NET.1/24" dev "$BR"
-ip link set "$BR" up
-dnsmasq --bind-interfaces --interface="$BR" --port=0 --no-ping --dhcp-option=3 \
-    --dhcp-range="$NET.10,$NET.250,1h" --dhcp-leasefile="$W/leases" --pid-file="$W/dnsmasq.pid"
-sleep 0.3; DNSMASQ_PID=$(cat "$W/dnsmasq.pid")
+bench_bridge "$BR" "$NET" "$W"
 
 now() { date +%s%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b - a) / 1e9 }'; }

@@ -7,12 +7,8 @@
 # compare in one run); NOX_BENCH_QUICK=1 skips the guest boots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -n "${NOX_BENCH_BIN:-}" ]; then
-    NOX=$NOX_BENCH_BIN
-else
-    cargo build --release --quiet
-    NOX=${CARGO_TARGET_DIR:-$PWD/target}/release/nox
-fi
+. scripts/bench-lib.sh
+bench_nox
 IMG=${NOX_TEST_IMAGE:-$(scripts/build-test-image.sh | tail -n 1)}
 ACCEL=${NOX_BENCH_ACCEL:-auto}
 export NOX_HOME; NOX_HOME=$(mktemp -d /tmp/nox-bench.XXXXXX)

@@ -1,0 +1,28 @@
+# Sourced by the benchmarks (scripts/bench*.sh): what they share.
+
+# Sets NOX: NOX_BENCH_BIN, else a release build of this tree.
+bench_nox() {
+    if [ -n "${NOX_BENCH_BIN:-}" ]; then
+        NOX=$NOX_BENCH_BIN
+    else
+        cargo build --release --quiet
+        NOX=${CARGO_TARGET_DIR:-$PWD/target}/release/nox
+    fi
+}
+
+# bench_bridge BR NET DIR: bridge BR with NET.1/24 and a dnsmasq on it
+# (no router: the guests reach nothing beyond it; leases in DIR/leases);
+# sets DNSMASQ_PID. bench_bridge_down BR removes both.
+bench_bridge() {
+    ip link add "$1" type bridge
+    ip addr add "$2.1/24" dev "$1"
+    ip link set "$1" up
+    dnsmasq --bind-interfaces --interface="$1" --port=0 --no-ping --dhcp-option=3 \
+        --dhcp-range="$2.10,$2.250,1h" --dhcp-leasefile="$3/leases" --pid-file="$3/dnsmasq.pid"
+    sleep 0.3
+    DNSMASQ_PID=$(cat "$3/dnsmasq.pid")
+}
+bench_bridge_down() {
+    [ -n "${DNSMASQ_PID:-}" ] && kill "$DNSMASQ_PID" 2>/dev/null
+    ip link del "$1" 2>/dev/null
+}
