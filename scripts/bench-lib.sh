@@ -26,3 +26,11 @@ bench_bridge_down() {
     [ -n "${DNSMASQ_PID:-}" ] && kill "$DNSMASQ_PID" 2>/dev/null
     ip link del "$1" 2>/dev/null
 }
+
+# Deletes every VM of $NOX_HOME (the benchmarks' clean-up, set +e).
+bench_delete_vms() {
+    local d
+    for d in "$NOX_HOME"/vms/*/; do
+        [ -d "$d" ] && $NOX delete --force "$(basename "$d")" >/dev/null 2>&1
+    done
+}

@@ -24,9 +24,7 @@ export NOX_HOME=$W/nox
 SERVER_PID=""
 cleanup() {
     set +e
-    for d in "$NOX_HOME"/vms/*/; do
-        [ -d "$d" ] && $NOX delete --force "$(basename "$d")" >/dev/null 2>&1
-    done
+    bench_delete_vms
     for d in "$W"/nox-b/vms/*/; do
         [ -d "$d" ] && NOX_HOME=$W/nox-b ${NOX_BENCH_AB:-false} delete --force "$(basename "$d")" >/dev/null 2>&1
     done

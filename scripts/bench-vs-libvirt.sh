@@ -39,9 +39,7 @@ STARTED_PIDS=()
 DNSMASQ_PID=""
 cleanup() {
     set +e
-    for d in "$NOX_HOME"/vms/*/; do
-        [ -d "$d" ] && $NOX delete --force "$(basename "$d")" >/dev/null 2>&1
-    done
+    bench_delete_vms
     for dom in $(virsh -c qemu:///system list --all --name 2>/dev/null | grep '^noxbench-'); do
         virsh -c qemu:///system destroy "$dom" >/dev/null 2>&1
         virsh -c qemu:///system undefine "$dom" --nvram >/dev/null 2>&1

@@ -25,9 +25,7 @@ export NOX_HOME=$W/nox
 DNSMASQ_PID=""
 cleanup() {
     set +e
-    for d in "$NOX_HOME"/vms/*/; do
-        [ -d "$d" ] && $NOX delete --force "$(basename "$d")" >/dev/null 2>&1
-    done
+    bench_delete_vms
     bench_bridge_down "$BR"
     rm -rf "$W"
 }
