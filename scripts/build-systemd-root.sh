@@ -46,6 +46,7 @@ if ! command -v mmdebstrap >/dev/null || [[ ! -f /usr/share/keyrings/debian-arch
     log "installing build tools: mmdebstrap debian-archive-keyring"
     export DEBIAN_FRONTEND=noninteractive
     # Beside the test images' builds (CI): one apt at a time.
+    mkdir -p /run/lock
     (
         flock 9
         apt-get update -q >&2 </dev/null

@@ -264,6 +264,7 @@ ensure_tools() {
     export DEBIAN_FRONTEND=noninteractive
     # CI builds both arches at once: apt's own lock would fail the second
     # build at once, so the builds take turns (flock waits).
+    mkdir -p /run/lock
     (
         flock 9
         apt-get update -q >&2 </dev/null
