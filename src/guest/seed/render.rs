@@ -71,22 +71,28 @@ pub fn render(cfg: &SeedConfig) -> Result<Seed, SeedError> {
     })
 }
 
+/// A warm identity's machine-id: 32 lowercase hex digits.
+fn check_machine_id(w: &WarmIdentity) -> Result<(), SeedError> {
+    if w.machine_id.len() == 32
+        && w.machine_id
+            .bytes()
+            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        Ok(())
+    } else {
+        Err(SeedError::Invalid(format!(
+            "machine-id {:?} is not 32 hex digits",
+            w.machine_id
+        )))
+    }
+}
+
 /// `nox-warm.env`: one `KEY=value` a line, read by the warm hook with sed;
 /// values that are not plain tokens are base64.
 pub(super) fn warm_env(cfg: &SeedConfig, w: &WarmIdentity) -> Result<String, SeedError> {
     use base64::Engine;
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    if w.machine_id.len() != 32
-        || !w
-            .machine_id
-            .bytes()
-            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
-    {
-        return Err(SeedError::Invalid(format!(
-            "machine-id {:?} is not 32 hex digits",
-            w.machine_id
-        )));
-    }
+    check_machine_id(w)?;
     let mac = match &cfg.network {
         Network::Dhcp { mac } | Network::Static { mac, .. } => mac,
     };
@@ -126,8 +132,7 @@ pub(super) fn warm_env(cfg: &SeedConfig, w: &WarmIdentity) -> Result<String, See
 pub(super) fn warm_block(cfg: &SeedConfig, w: &WarmIdentity) -> Result<String, SeedError> {
     use base64::Engine;
     use std::fmt::Write;
-    // Checked by warm_env: 32 hex digits.
-    warm_env(cfg, w)?;
+    check_machine_id(w)?;
     let mac = match &cfg.network {
         Network::Dhcp { mac } | Network::Static { mac, .. } => mac,
     };
