@@ -34,3 +34,12 @@ bench_delete_vms() {
         [ -d "$d" ] && $NOX delete --force "$(basename "$d")" >/dev/null 2>&1
     done
 }
+
+# bench_now: ns since the epoch; bench_secs A B: B - A in seconds, 2
+# decimals; bench_median X...: the median of numbers.
+bench_now() { date +%s%N; }
+bench_secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b - a) / 1e9 }'; }
+bench_median() {
+    printf '%s\n' "$@" | sort -n |
+        awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}

@@ -43,26 +43,23 @@ SERVER_PID=$!
 for _ in $(seq 50); do [ -s "$W/port" ] && break; sleep 0.1; done
 export NOX_MIRROR="http://127.0.0.1:$(head -n 1 "$W/port")/"
 
-now() { date +%s%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b - a) / 1e9 }'; }
 
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 pull() { # NOX_HOME NOX
-    local t0; t0=$(now)
+    local t0; t0=$(bench_now)
     NOX_HOME=$1 $2 image pull debian-13 --arch amd64 --insecure --warm >&2
-    echo "image pull --warm ($2): $(secs "$t0" "$(now)") s" >&2
+    echo "image pull --warm ($2): $(bench_secs "$t0" "$(bench_now)") s" >&2
 }
 create() { # NOX_HOME NOX NAME -> seconds to SSH
-    local t0 s; t0=$(now)
+    local t0 s; t0=$(bench_now)
     NOX_HOME=$1 $2 create "$3" --image debian-13 --wait --timeout 600 >/dev/null
-    s=$(secs "$t0" "$(now)")
+    s=$(bench_secs "$t0" "$(bench_now)")
     echo "$s"
     echo "create $3 --wait ($2): $s s (load $(cut -d' ' -f1 /proc/loadavg))" >&2
     if [ -n "${NOX_BENCH_TIMELINE:-}" ]; then
         NOX_HOME=$1 NOX=$2 scripts/warm-timeline.sh "$3" "$t0" >&2 || true
     fi
 }
-median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 if [ -n "${NOX_BENCH_AB:-}" ]; then
     # A/B: this script's nox (A) against NOX_BENCH_AB (B), each with a warm
@@ -84,7 +81,7 @@ if [ -n "${NOX_BENCH_AB:-}" ]; then
         done
     done
     NOX_HOME=$HOME_B $B image rm debian-13-warm >/dev/null 2>&1 || true
-    ma=$(median "${TA[@]}"); mb=$(median "${TB[@]}")
+    ma=$(bench_median "${TA[@]}"); mb=$(bench_median "${TB[@]}")
     echo "A $NOX: create --wait (warm) -> SSH median $ma s (${TA[*]})"
     echo "B $B: create --wait (warm) -> SSH median $mb s (${TB[*]})"
     awk -v a="$ma" -v b="$mb" 'BEGIN { printf "ratio B/A: %.2f\n", b / a }'
@@ -97,5 +94,5 @@ T=()
 for i in $(seq "$RUNS"); do
     T+=("$(create "$NOX_HOME" "$NOX" "p$i")")
 done
-echo "create --image debian-13 --wait (warm) -> SSH: median $(median "${T[@]}") s of $RUNS (${T[*]})"
+echo "create --image debian-13 --wait (warm) -> SSH: median $(bench_median "${T[@]}") s of $RUNS (${T[*]})"
 echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -7,6 +7,10 @@
 # `--warm`, then RUNS `create --image T --network bridge:... --wait` in a
 # row (the VMs kept running), each timed, and their median.
 #   sudo scripts/bench-warm-bridge.sh [RUNS]      (default 5; root)
+# NOX_BENCH_AB=PATH: A/B instead, this nox against that binary, each with
+# a template of its own making (its own identity hook), RUNS creates of
+# each interleaved (each VM deleted before the next), medians and the
+# ratio B/A.
 # NOX_BENCH_BIN=PATH uses that nox binary (else a release build);
 # NOX_BENCH_TIMELINE=1 prints each create's timeline
 # (scripts/warm-timeline.sh); NOX_TEST_IMAGE the image (else the test
@@ -22,34 +26,67 @@ bench_nox
 IMG=${NOX_TEST_IMAGE:-$(scripts/build-test-image.sh | tail -n 1)}
 W=$(mktemp -d /tmp/nox-bench-warm-bridge.XXXXXX)
 export NOX_HOME=$W/nox
+HOME_B=$W/nox-b
 DNSMASQ_PID=""
 cleanup() {
     set +e
     bench_delete_vms
+    [ -n "${NOX_BENCH_AB:-}" ] && NOX_HOME=$HOME_B NOX=$NOX_BENCH_AB bench_delete_vms
     bench_bridge_down "$BR"
     rm -rf "$W"
 }
 trap cleanup EXIT
 bench_bridge "$BR" "$NET" "$W"
 
-now() { date +%s%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b - a) / 1e9 }'; }
+# template HOME BIN: a VM booted cold on the bridge, committed as warm-br.
+template() {
+    local t0; t0=$(bench_now)
+    NOX_HOME=$1 $2 create base --image "$IMG" --network "bridge:$BR" --wait --timeout 900 >/dev/null
+    echo "cold create base --wait ($2): $(bench_secs "$t0" "$(bench_now)") s" >&2
+    NOX_HOME=$1 $2 image commit base --as warm-br --warm >&2
+}
+# create HOME BIN VM: one timed warm create; prints its seconds.
+create() {
+    local t0 s; t0=$(bench_now)
+    NOX_HOME=$1 $2 create "$3" --image warm-br --network "bridge:$BR" --wait --timeout 600 >/dev/null
+    s=$(bench_secs "$t0" "$(bench_now)")
+    echo "create $3 --wait ($2): $s s (load $(cut -d' ' -f1 /proc/loadavg))" >&2
+    if [ -n "${NOX_BENCH_TIMELINE:-}" ]; then
+        NOX_HOME=$1 NOX=$2 scripts/warm-timeline.sh "$3" "$t0" >&2 || true
+    fi
+    echo "$s"
+}
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-t0=$(now)
-$NOX create base --image "$IMG" --network "bridge:$BR" --wait --timeout 900 >/dev/null
-echo "cold create base --wait: $(secs "$t0" "$(now)") s" >&2
-$NOX image commit base --as warm-br --warm >&2
+
+if [ -n "${NOX_BENCH_AB:-}" ]; then
+    B=$NOX_BENCH_AB
+    template "$NOX_HOME" "$NOX"
+    template "$HOME_B" "$B"
+    TA=() TB=()
+    for i in $(seq "$RUNS"); do
+        if [ $((i % 2)) = 1 ]; then order="a b"; else order="b a"; fi
+        for x in $order; do
+            if [ "$x" = a ]; then
+                TA+=("$(create "$NOX_HOME" "$NOX" "a$i")")
+                NOX_HOME=$NOX_HOME $NOX delete --force "a$i" >/dev/null
+            else
+                TB+=("$(create "$HOME_B" "$B" "b$i")")
+                NOX_HOME=$HOME_B $B delete --force "b$i" >/dev/null
+            fi
+        done
+    done
+    ma=$(bench_median "${TA[@]}") mb=$(bench_median "${TB[@]}")
+    echo "A $NOX: warm create --network bridge --wait -> SSH median $ma s (${TA[*]})"
+    echo "B $B: warm create --network bridge --wait -> SSH median $mb s (${TB[*]})"
+    awk -v a="$ma" -v b="$mb" 'BEGIN { printf "ratio B/A: %.2f\n", b / a }'
+    echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    exit 0
+fi
+
+template "$NOX_HOME" "$NOX"
 T=()
 for i in $(seq "$RUNS"); do
-    t0=$(now)
-    $NOX create "w$i" --image warm-br --network "bridge:$BR" --wait --timeout 600 >/dev/null
-    s=$(secs "$t0" "$(now)")
-    T+=("$s")
-    echo "create w$i --wait: $s s (load $(cut -d' ' -f1 /proc/loadavg))" >&2
-    if [ -n "${NOX_BENCH_TIMELINE:-}" ]; then
-        NOX=$NOX scripts/warm-timeline.sh "w$i" "$t0" >&2 || true
-    fi
+    T+=("$(create "$NOX_HOME" "$NOX" "w$i")")
 done
-median=$(printf '%s\n' "${T[@]}" | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }')
-echo "warm create --network bridge --wait -> SSH: median $median s of $RUNS (${T[*]})"
+echo "warm create --network bridge --wait -> SSH: median $(bench_median "${T[@]}") s of $RUNS (${T[*]})"
 echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

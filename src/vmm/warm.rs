@@ -818,11 +818,7 @@ mod tests {
         let at = WARM_BLOCK_OFFSET as usize;
         let blk = dir.path().join("blk");
         std::fs::write(&blk, &bytes[at..at + WARM_BLOCK_MAX as usize]).unwrap();
-        let parse = HOOK
-            .split("# parse-block: begin")
-            .nth(1)
-            .and_then(|s| s.split("# parse-block: end").next())
-            .unwrap();
+        let parse = hook_part("parse-block");
         let script = format!(
             "nl='\n'\nblk=\"$1\"\nread -r first <\"$blk\"\n{parse}\n\
              printf '%s|' \"$whole\" \"$host\" \"$user\" \"$mac\" \"$old_mac\" \"$machine_id\" \"$entropy\"\n\
@@ -830,20 +826,11 @@ mod tests {
              printf '%s' \"$host_key_pub\" >\"$blk.pub\"\n\
              printf '%s' \"$keys\" >\"$blk.keys\"\n"
         );
-        let out = std::process::Command::new("sh")
-            .args(["-c", &script, "sh"])
-            .arg(&blk)
-            .output()
-            .expect("sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = sh(&script, &blk);
         use base64::Engine;
         let entropy = base64::engine::general_purpose::STANDARD.encode([9u8; 64]);
         assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
+            out,
             format!(
                 "1|w1|nox|52:54:00:00:00:02|52:54:00:00:00:01|0123456789abcdef0123456789abcdef|{entropy}|"
             )
@@ -855,6 +842,95 @@ mod tests {
         assert_eq!(
             read("keys"),
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 nox@w1\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ== a b c\n"
+        );
+    }
+
+    /// The part of the hook between `# NAME: begin` and `# NAME: end`.
+    fn hook_part(name: &str) -> &'static str {
+        HOOK.split(&format!("# {name}: begin"))
+            .nth(1)
+            .and_then(|s| s.split(&format!("# {name}: end")).next())
+            .unwrap_or_else(|| panic!("no {name} part in the hook"))
+    }
+
+    /// Runs `script` with `sh` (its $1: `arg`); its stdout.
+    fn sh(script: &str, arg: &std::path::Path) -> String {
+        let out = std::process::Command::new("sh")
+            .args(["-c", script, "sh"])
+            .arg(arg)
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// On a bridge the NIC leaves as soon as the seed changed: both MACs
+    /// are in the block's first sector, the only part the poll reads.
+    #[test]
+    fn the_hook_finds_both_macs_in_the_first_sector() {
+        use crate::guest::seed::{self, Network, SeedConfig, WARM_BLOCK_OFFSET};
+        let cfg = |mac: &str| SeedConfig {
+            hostname: "w1".parse().unwrap(),
+            user: "nox".parse().unwrap(),
+            authorized_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 nox@w1".into()],
+            host_key: crate::host::sshkeys::generate_ed25519("root@w1").unwrap(),
+            network: Network::Dhcp {
+                mac: mac.parse().unwrap(),
+            },
+            user_data: None,
+            reidentify: None,
+            guest: seed::GuestFlavour::Standard,
+            warm: Some(seed::WarmIdentity {
+                old_mac: "52:54:00:00:00:01".parse().unwrap(),
+                machine_id: "0123456789abcdef0123456789abcdef".into(),
+                entropy: vec![9; 64],
+            }),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "blk=\"$1\"\nleft=no\nleave() {{ left=yes; }}\nread -r first <\"$blk\"\n{}\n\
+             printf '%s|' \"$mac\" \"$old_mac\" \"$left\"\n",
+            hook_part("first-sector")
+        );
+        for (mac, left) in [("52:54:00:00:00:02", "yes"), ("52:54:00:00:00:01", "no")] {
+            let img = dir.path().join("seed.img");
+            seed::write_image(&seed::render(&cfg(mac)).unwrap(), &img).unwrap();
+            let bytes = std::fs::read(&img).unwrap();
+            let at = WARM_BLOCK_OFFSET as usize;
+            let blk = dir.path().join("blk");
+            std::fs::write(&blk, &bytes[at..at + 512]).unwrap();
+            assert_eq!(
+                sh(&script, &blk),
+                format!("{mac}|52:54:00:00:00:01|{left}|")
+            );
+        }
+    }
+
+    /// /etc/hosts: the template's name becomes the VM's wherever cloud-init
+    /// wrote it on the 127.0.1.1 line, and nowhere else.
+    #[test]
+    fn the_hook_renames_the_template_in_etc_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(
+            &hosts,
+            "# base\n127.0.1.1 base base\n127.0.0.1 localhost\n10.0.0.1 base\n\
+             127.0.1.1\tbased base-x base\n",
+        )
+        .unwrap();
+        let script = format!(
+            "old=base host=w1\n{}\nrename_hosts \"$1\"\n",
+            hook_part("hosts-rename")
+        );
+        sh(&script, &hosts);
+        assert_eq!(
+            std::fs::read_to_string(&hosts).unwrap(),
+            "# base\n127.0.1.1 w1 w1\n127.0.0.1 localhost\n10.0.0.1 base\n\
+             127.0.1.1\tbased base-x w1\n"
         );
     }
 
@@ -875,7 +951,7 @@ mod tests {
         assert!(s.contains(APPLIED));
         // The NIC is re-probed, not only given a new address (netplan
         // matches the permanent one), and netplan's own files are rewritten.
-        assert!(s.contains(">unbind") && s.contains("/bind"));
+        assert!(s.contains("/unbind\"") && s.contains("/bind\""));
         assert!(s.contains("/run/systemd/network/*") && s.contains("/etc/netplan/*.yaml"));
         if let Ok(o) = std::process::Command::new("sh")
             .args(["-n", "-c", &s])
