@@ -789,35 +789,18 @@ mod tests {
     /// keys in base64).
     #[test]
     fn the_hook_parses_the_seed_s_warm_block() {
-        use crate::guest::seed::{self, Network, SeedConfig, WARM_BLOCK_MAX, WARM_BLOCK_OFFSET};
+        use crate::guest::seed::WARM_BLOCK_MAX;
         let key = crate::host::sshkeys::generate_ed25519("root@w1").unwrap();
-        let cfg = SeedConfig {
-            hostname: "w1".parse().unwrap(),
-            user: "nox".parse().unwrap(),
-            authorized_keys: vec![
+        let cfg = warm_seed(
+            "52:54:00:00:00:02",
+            vec![
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 nox@w1".into(),
                 "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ== a b c".into(),
             ],
-            host_key: key.clone(),
-            network: Network::Dhcp {
-                mac: "52:54:00:00:00:02".parse().unwrap(),
-            },
-            user_data: None,
-            reidentify: None,
-            guest: seed::GuestFlavour::Standard,
-            warm: Some(seed::WarmIdentity {
-                old_mac: "52:54:00:00:00:01".parse().unwrap(),
-                machine_id: "0123456789abcdef0123456789abcdef".into(),
-                entropy: vec![9; 64],
-            }),
-        };
+            key.clone(),
+        );
         let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("seed.img");
-        seed::write_image(&seed::render(&cfg).unwrap(), &img).unwrap();
-        let bytes = std::fs::read(&img).unwrap();
-        let at = WARM_BLOCK_OFFSET as usize;
-        let blk = dir.path().join("blk");
-        std::fs::write(&blk, &bytes[at..at + WARM_BLOCK_MAX as usize]).unwrap();
+        let blk = warm_block_file(&cfg, dir.path(), WARM_BLOCK_MAX as usize);
         let parse = hook_part("parse-block");
         let script = format!(
             "nl='\n'\nblk=\"$1\"\nread -r first <\"$blk\"\n{parse}\n\
@@ -843,6 +826,50 @@ mod tests {
             read("keys"),
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 nox@w1\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ== a b c\n"
         );
+    }
+
+    /// The seed of warm VM w1 (user nox) with this MAC, whose template's was
+    /// 52:54:00:00:00:01.
+    fn warm_seed(
+        mac: &str,
+        authorized_keys: Vec<String>,
+        host_key: crate::host::sshkeys::KeyPair,
+    ) -> crate::guest::seed::SeedConfig {
+        use crate::guest::seed::{self, Network, SeedConfig};
+        SeedConfig {
+            hostname: "w1".parse().unwrap(),
+            user: "nox".parse().unwrap(),
+            authorized_keys,
+            host_key,
+            network: Network::Dhcp {
+                mac: mac.parse().unwrap(),
+            },
+            user_data: None,
+            reidentify: None,
+            guest: seed::GuestFlavour::Standard,
+            warm: Some(seed::WarmIdentity {
+                old_mac: "52:54:00:00:00:01".parse().unwrap(),
+                machine_id: "0123456789abcdef0123456789abcdef".into(),
+                entropy: vec![9; 64],
+            }),
+        }
+    }
+
+    /// `dir/blk`: the first `len` bytes of the warm block of a seed image
+    /// nox wrote for `cfg`, as the hook's `dd` reads them.
+    fn warm_block_file(
+        cfg: &crate::guest::seed::SeedConfig,
+        dir: &std::path::Path,
+        len: usize,
+    ) -> std::path::PathBuf {
+        use crate::guest::seed::{self, WARM_BLOCK_OFFSET};
+        let img = dir.join("seed.img");
+        seed::write_image(&seed::render(cfg).unwrap(), &img).unwrap();
+        let bytes = std::fs::read(&img).unwrap();
+        let at = WARM_BLOCK_OFFSET as usize;
+        let blk = dir.join("blk");
+        std::fs::write(&blk, &bytes[at..at + len]).unwrap();
+        blk
     }
 
     /// The part of the hook between `# NAME: begin` and `# NAME: end`.
@@ -872,24 +899,6 @@ mod tests {
     /// are in the block's first sector, the only part the poll reads.
     #[test]
     fn the_hook_finds_both_macs_in_the_first_sector() {
-        use crate::guest::seed::{self, Network, SeedConfig, WARM_BLOCK_OFFSET};
-        let cfg = |mac: &str| SeedConfig {
-            hostname: "w1".parse().unwrap(),
-            user: "nox".parse().unwrap(),
-            authorized_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 nox@w1".into()],
-            host_key: crate::host::sshkeys::generate_ed25519("root@w1").unwrap(),
-            network: Network::Dhcp {
-                mac: mac.parse().unwrap(),
-            },
-            user_data: None,
-            reidentify: None,
-            guest: seed::GuestFlavour::Standard,
-            warm: Some(seed::WarmIdentity {
-                old_mac: "52:54:00:00:00:01".parse().unwrap(),
-                machine_id: "0123456789abcdef0123456789abcdef".into(),
-                entropy: vec![9; 64],
-            }),
-        };
         let dir = tempfile::tempdir().unwrap();
         let script = format!(
             "blk=\"$1\"\nleft=no\nleave() {{ left=yes; }}\nread -r first <\"$blk\"\n{}\n\
@@ -897,12 +906,12 @@ mod tests {
             hook_part("first-sector")
         );
         for (mac, left) in [("52:54:00:00:00:02", "yes"), ("52:54:00:00:00:01", "no")] {
-            let img = dir.path().join("seed.img");
-            seed::write_image(&seed::render(&cfg(mac)).unwrap(), &img).unwrap();
-            let bytes = std::fs::read(&img).unwrap();
-            let at = WARM_BLOCK_OFFSET as usize;
-            let blk = dir.path().join("blk");
-            std::fs::write(&blk, &bytes[at..at + 512]).unwrap();
+            let cfg = warm_seed(
+                mac,
+                vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 nox@w1".into()],
+                crate::host::sshkeys::generate_ed25519("root@w1").unwrap(),
+            );
+            let blk = warm_block_file(&cfg, dir.path(), 512);
             assert_eq!(
                 sh(&script, &blk),
                 format!("{mac}|52:54:00:00:00:01|{left}|")
