@@ -9,8 +9,8 @@
 #   sudo scripts/bench-warm-bridge.sh [RUNS]      (default 5; root)
 # NOX_BENCH_AB=PATH: A/B instead, this nox against that binary, each with
 # a template of its own making (its own identity hook), RUNS creates of
-# each interleaved (each VM deleted before the next), medians and the
-# ratio B/A.
+# each interleaved (each VM deleted before the next; with NOX_BENCH_KEEP=1
+# kept running, as without NOX_BENCH_AB), medians and the ratio B/A.
 # NOX_BENCH_BIN=PATH uses that nox binary (else a release build);
 # NOX_BENCH_TIMELINE=1 prints each create's timeline
 # (scripts/warm-timeline.sh); NOX_TEST_IMAGE the image (else the test
@@ -68,10 +68,10 @@ if [ -n "${NOX_BENCH_AB:-}" ]; then
         for x in $order; do
             if [ "$x" = a ]; then
                 TA+=("$(create "$NOX_HOME" "$NOX" "a$i")")
-                NOX_HOME=$NOX_HOME $NOX delete --force "a$i" >/dev/null
+                [ -n "${NOX_BENCH_KEEP:-}" ] || NOX_HOME=$NOX_HOME $NOX delete --force "a$i" >/dev/null
             else
                 TB+=("$(create "$HOME_B" "$B" "b$i")")
-                NOX_HOME=$HOME_B $B delete --force "b$i" >/dev/null
+                [ -n "${NOX_BENCH_KEEP:-}" ] || NOX_HOME=$HOME_B $B delete --force "b$i" >/dev/null
             fi
         done
     done
