@@ -197,8 +197,6 @@ if [ -z "$whole" ]; then
   umount "$seed"
 fi
 [ -n "$host" ] && [ -n "$mac" ] && [ -n "$host_key" ] || exit 1
-same_mac=''
-[ "$mac" = "$old_mac" ] && same_mac=1
 # The NIC leaves as soon as this VM's MAC is known (above, from the first
 # sector; else here, from the seed's file).
 [ -z "$left" ] && [ "$mac" != "$old_mac" ] && leave
