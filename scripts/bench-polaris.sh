@@ -6,7 +6,7 @@
 #   sudo scripts/bench-polaris.sh [RUNS]      (default 10; root)
 # NOX_BENCH_AB=PATH: A/B instead, this nox against that binary, each with
 # its own warm template, RUNS creates of each interleaved (each VM deleted
-# before the next), medians and the ratio B/A.
+# before the next; NOX_BENCH_KEEP=1 keeps them), medians and the ratio B/A.
 # With NOX_BENCH_TIMELINE=1 each VM's warm-start timeline is printed too
 # (scripts/warm-timeline.sh). User networking (passt), config.json's
 # defaults (no config: 2 vCPUs at most, 1 GiB, 10G disk).
@@ -50,16 +50,7 @@ pull() { # NOX_HOME NOX
     NOX_HOME=$1 $2 image pull debian-13 --arch amd64 --insecure --warm >&2
     echo "image pull --warm ($2): $(bench_secs "$t0" "$(bench_now)") s" >&2
 }
-create() { # NOX_HOME NOX NAME -> seconds to SSH
-    local t0 s; t0=$(bench_now)
-    NOX_HOME=$1 $2 create "$3" --image debian-13 --wait --timeout 600 >/dev/null
-    s=$(bench_secs "$t0" "$(bench_now)")
-    echo "$s"
-    echo "create $3 --wait ($2): $s s (load $(cut -d' ' -f1 /proc/loadavg))" >&2
-    if [ -n "${NOX_BENCH_TIMELINE:-}" ]; then
-        NOX_HOME=$1 NOX=$2 scripts/warm-timeline.sh "$3" "$t0" >&2 || true
-    fi
-}
+create() { bench_create "$1" "$2" "$3" --image debian-13; } # NOX_HOME NOX NAME -> seconds to SSH
 
 if [ -n "${NOX_BENCH_AB:-}" ]; then
     # A/B: this script's nox (A) against NOX_BENCH_AB (B), each with a warm
@@ -69,22 +60,8 @@ if [ -n "${NOX_BENCH_AB:-}" ]; then
     HOME_B=$W/nox-b
     pull "$NOX_HOME" "$NOX"
     pull "$HOME_B" "$B"
-    TA=() TB=()
-    for i in $(seq "$RUNS"); do
-        if [ $((i % 2)) = 1 ]; then order="a b"; else order="b a"; fi
-        for x in $order; do
-            if [ "$x" = a ]; then
-                TA+=("$(create "$NOX_HOME" "$NOX" "a$i")"); NOX_HOME=$NOX_HOME $NOX delete --force "a$i" >/dev/null
-            else
-                TB+=("$(create "$HOME_B" "$B" "b$i")"); NOX_HOME=$HOME_B $B delete --force "b$i" >/dev/null
-            fi
-        done
-    done
+    bench_ab "$RUNS" "create --wait (warm) -> SSH" "$HOME_B"
     NOX_HOME=$HOME_B $B image rm debian-13-warm >/dev/null 2>&1 || true
-    ma=$(bench_median "${TA[@]}"); mb=$(bench_median "${TB[@]}")
-    echo "A $NOX: create --wait (warm) -> SSH median $ma s (${TA[*]})"
-    echo "B $B: create --wait (warm) -> SSH median $mb s (${TB[*]})"
-    awk -v a="$ma" -v b="$mb" 'BEGIN { printf "ratio B/A: %.2f\n", b / a }'
     echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     exit 0
 fi

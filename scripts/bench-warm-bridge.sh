@@ -45,40 +45,15 @@ template() {
     echo "cold create base --wait ($2): $(bench_secs "$t0" "$(bench_now)") s" >&2
     NOX_HOME=$1 $2 image commit base --as warm-br --warm >&2
 }
-# create HOME BIN VM: one timed warm create; prints its seconds.
-create() {
-    local t0 s; t0=$(bench_now)
-    NOX_HOME=$1 $2 create "$3" --image warm-br --network "bridge:$BR" --wait --timeout 600 >/dev/null
-    s=$(bench_secs "$t0" "$(bench_now)")
-    echo "create $3 --wait ($2): $s s (load $(cut -d' ' -f1 /proc/loadavg))" >&2
-    if [ -n "${NOX_BENCH_TIMELINE:-}" ]; then
-        NOX_HOME=$1 NOX=$2 scripts/warm-timeline.sh "$3" "$t0" >&2 || true
-    fi
-    echo "$s"
-}
+# create HOME BIN VM: one timed warm create on the bridge; prints its seconds.
+create() { bench_create "$1" "$2" "$3" --image warm-br --network "bridge:$BR"; }
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 if [ -n "${NOX_BENCH_AB:-}" ]; then
     B=$NOX_BENCH_AB
     template "$NOX_HOME" "$NOX"
     template "$HOME_B" "$B"
-    TA=() TB=()
-    for i in $(seq "$RUNS"); do
-        if [ $((i % 2)) = 1 ]; then order="a b"; else order="b a"; fi
-        for x in $order; do
-            if [ "$x" = a ]; then
-                TA+=("$(create "$NOX_HOME" "$NOX" "a$i")")
-                [ -n "${NOX_BENCH_KEEP:-}" ] || NOX_HOME=$NOX_HOME $NOX delete --force "a$i" >/dev/null
-            else
-                TB+=("$(create "$HOME_B" "$B" "b$i")")
-                [ -n "${NOX_BENCH_KEEP:-}" ] || NOX_HOME=$HOME_B $B delete --force "b$i" >/dev/null
-            fi
-        done
-    done
-    ma=$(bench_median "${TA[@]}") mb=$(bench_median "${TB[@]}")
-    echo "A $NOX: warm create --network bridge --wait -> SSH median $ma s (${TA[*]})"
-    echo "B $B: warm create --network bridge --wait -> SSH median $mb s (${TB[*]})"
-    awk -v a="$ma" -v b="$mb" 'BEGIN { printf "ratio B/A: %.2f\n", b / a }'
+    bench_ab "$RUNS" "warm create --network bridge --wait -> SSH" "$HOME_B"
     echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     exit 0
 fi
